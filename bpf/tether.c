@@ -1,0 +1,731 @@
+//go:build ignore
+
+/* tether's kernel data plane.
+ *
+ * Every hook answers one question without a userspace round trip: is the calling process part of a
+ * registered agent, and does that agent's current rule set allow this connect, sendmsg, socket or
+ * exec? The answer comes from pinned maps that the daemon fills:
+ *
+ *   tether_cgroups   cgroup id -> agent slot (hooks walk up TETHER_MAX_ANCESTORS levels)
+ *   tether_agents    slot -> flags (active, killed)
+ *   tether_rulesets  slot -> the agent's rule set, one LPM trie swapped atomically as a whole
+ *   tether_procs     tgid -> lineage (binary, parent) of agent processes
+ *
+ * Cgroup programs are attached at the agent parent cgroups only, so processes outside agents never
+ * run them. The global tracing programs (exec, fork, exit) return at once for a process that is not
+ * in a registered agent; they are the only programs that can signal a process, and they do so only
+ * for a registered agent in enforce mode.
+ */
+
+#include "include/vmlinux.h"
+#include "include/bpf_helpers.h"
+#include "include/bpf_core_read.h"
+#include "include/bpf_tracing.h"
+#include "include/bpf_endian.h"
+#include "tether.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define AF_UNIX 1
+#define AF_INET 2
+#define AF_INET6 10
+#define AF_NETLINK 16
+#define SOCK_STREAM 1
+#define SOCK_DGRAM 2
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define SIGKILL 9
+#define EPERM 1
+#define TETHER_NO_SLOT 0xffffffff
+
+/* Makes clang keep a bounds-checked value in a register the verifier has seen checked. */
+#define tether_barrier_var(v) asm volatile("" : "=r"(v) : "0"(v))
+
+/* Runtime knobs, fixed when the daemon loads the programs. */
+/* Emit one allow event in every tether_allow_sample allows (0: none). Denies are always emitted. */
+const volatile __u32 tether_allow_sample = 0;
+/* Network verdict for a cgroup under an agent parent that is bound to no agent (0: deny). */
+const volatile __u8 tether_unknown_cgroup_allow = 0;
+/* Enforce exec from tp_btf/sched_process_exec with SIGKILL (the LSM program is not attached). */
+const volatile __u8 tether_exec_signal = 1;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TETHER_MAX_CGROUPS);
+	__type(key, __u64);
+	__type(value, struct tether_binding);
+} tether_cgroups SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, TETHER_MAX_AGENTS);
+	__type(key, __u32);
+	__type(value, struct tether_agent);
+} tether_agents SEC(".maps");
+
+struct tether_rules {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, TETHER_MAX_RULES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct tether_rule_key);
+	__type(value, struct tether_rule_value);
+};
+
+/* Types that Go needs but no map or program signature names (the inner map's key and value, the
+ * event, the enums): this pointer keeps them whole in BTF for bpf2go -type. Nothing reads it. */
+struct tether_btf_anchor {
+	struct tether_rule_key rule_key;
+	struct tether_rule_value rule_value;
+	struct tether_event event;
+	enum tether_limits limits;
+	enum tether_rule_kind rule_kind;
+	enum tether_kind kind;
+	enum tether_verdict verdict;
+	enum tether_reason reason;
+	enum tether_mode mode;
+	enum tether_agent_flags agent_flags;
+	enum tether_port_rule_flags port_rule_flags;
+	enum tether_counter counter;
+};
+const struct tether_btf_anchor *const tether_btf_anchor __attribute__((unused)) = 0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, TETHER_MAX_AGENTS);
+	__type(key, __u32);
+	__array(values, struct tether_rules);
+} tether_rulesets SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, TETHER_MAX_PROCS);
+	__type(key, __u32);
+	__type(value, struct tether_proc);
+} tether_procs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 << 20); /* the daemon sets the size from its config */
+} tether_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TETHER_COUNTER_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} tether_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, TETHER_MAX_AGENTS);
+	__type(key, __u32);
+	__type(value, struct tether_agent_counts);
+} tether_agent_counters SEC(".maps");
+
+/* Written and read by the daemon only; see struct tether_agent_info. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, TETHER_MAX_AGENTS);
+	__type(key, __u32);
+	__type(value, struct tether_agent_info);
+} tether_agent_info SEC(".maps");
+
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+
+/* What one hook invocation decided, carried to accounting and the event. */
+struct tether_decision {
+	__u8 addr[16];
+	__u64 cgroup_id;
+	__u64 generation;
+	__u32 slot;
+	__u8 kind;
+	__u8 verdict;
+	__u8 reason;
+	__u8 proto;
+	__u16 dport;
+	__u16 family;
+	__u32 sock_type;
+	__u32 bin_dev;
+	__u64 bin_ino;
+};
+
+static __always_inline void tether_count(__u32 counter)
+{
+	__u64 *v = bpf_map_lookup_elem(&tether_counters, &counter);
+	if (v)
+		*v += 1;
+}
+
+/* tether_find_slot binds the current task to an agent: its own cgroup, else the nearest of
+ * TETHER_MAX_ANCESTORS ancestors that is bound. Returns 0 when the task is in no agent. */
+static __always_inline int tether_find_slot(__u64 *cgroup_id, __u32 *slot)
+{
+	__u64 id = bpf_get_current_cgroup_id();
+	struct tether_binding *b;
+
+	*cgroup_id = id;
+	b = bpf_map_lookup_elem(&tether_cgroups, &id);
+	if (b) {
+		*slot = b->slot;
+		return 1;
+	}
+
+	struct task_struct *task = bpf_get_current_task_btf();
+	int level = BPF_CORE_READ(task, cgroups, dfl_cgrp, level);
+	for (int i = 1; i <= TETHER_MAX_ANCESTORS; i++) {
+		int l = level - i;
+		if (l < 0)
+			break;
+		__u64 ancestor = bpf_get_current_ancestor_cgroup_id(l);
+		b = bpf_map_lookup_elem(&tether_cgroups, &ancestor);
+		if (b) {
+			*slot = b->slot;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+static __always_inline struct tether_rule_value *tether_header(void *rules)
+{
+	struct tether_rule_key key = {};
+
+	key.prefixlen = 8;
+	key.kind = TETHER_RULE_HEADER;
+	return bpf_map_lookup_elem(rules, &key);
+}
+
+static __always_inline void tether_account(struct tether_decision *d)
+{
+	if (d->slot == TETHER_NO_SLOT) {
+		tether_count(TETHER_COUNTER_UNKNOWN_CGROUP);
+		return;
+	}
+	struct tether_agent_counts *c = bpf_map_lookup_elem(&tether_agent_counters, &d->slot);
+	__u32 i = (__u32)d->kind * TETHER_VERDICT_MAX + d->verdict;
+	if (c && i < TETHER_KIND_MAX * TETHER_VERDICT_MAX)
+		__sync_fetch_and_add(&c->n[i], 1);
+}
+
+static __always_inline int tether_should_emit(struct tether_decision *d)
+{
+	if (d->verdict != TETHER_VERDICT_ALLOW)
+		return 1;
+	return tether_allow_sample && bpf_get_prandom_u32() % tether_allow_sample == 0;
+}
+
+/* tether_event_reserve returns a zeroed event filled from d and the current task, or NULL (counted)
+ * when the ring buffer is full. */
+static __always_inline struct tether_event *tether_event_reserve(struct tether_decision *d)
+{
+	struct tether_event *e = bpf_ringbuf_reserve(&tether_events, sizeof(*e), 0);
+	if (!e) {
+		tether_count(TETHER_COUNTER_RINGBUF_DROPS);
+		return NULL;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	e->ts_boot_ns = bpf_ktime_get_boot_ns();
+	e->generation = d->generation;
+	e->cgroup_id = d->cgroup_id;
+	e->slot = d->slot;
+	e->pid = pid_tgid >> 32;
+	e->tid = (__u32)pid_tgid;
+	e->uid = (__u32)bpf_get_current_uid_gid();
+	e->kind = d->kind;
+	e->verdict = d->verdict;
+	e->reason = d->reason;
+	e->proto = d->proto;
+	e->dport = d->dport;
+	e->family = d->family;
+	e->sock_type = d->sock_type;
+	e->bin_dev = d->bin_dev;
+	e->bin_ino = d->bin_ino;
+	__builtin_memcpy(e->daddr, d->addr, sizeof(e->daddr));
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+
+	/* The calling binary and its parents, from lineage. */
+	struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &e->pid);
+	if (p) {
+		if (d->kind != TETHER_KIND_EXEC) {
+			e->bin_dev = p->bin_dev;
+			e->bin_ino = p->bin_ino;
+		}
+		__builtin_memcpy(e->binary, p->path, sizeof(e->binary));
+		__u32 ppid = p->ppid;
+		for (int i = 0; i < TETHER_CHAIN_LEN; i++) {
+			struct tether_proc *pp = bpf_map_lookup_elem(&tether_procs, &ppid);
+			if (!pp)
+				break;
+			e->chain[i].pid = ppid;
+			e->chain[i].bin_dev = pp->bin_dev;
+			e->chain[i].bin_ino = pp->bin_ino;
+			__builtin_memcpy(e->chain[i].comm, pp->comm, sizeof(pp->comm));
+			e->chain_len = i + 1;
+			ppid = pp->ppid;
+		}
+	}
+	return e;
+}
+
+/* tether_finish accounts the decision, emits its event when due and returns the hook's answer
+ * (1 allow, 0 deny) for cgroup programs. */
+static __always_inline int tether_finish(struct tether_decision *d, void *rules)
+{
+	tether_account(d);
+	if (tether_should_emit(d)) {
+		if (d->generation == 0 && rules) {
+			struct tether_rule_value *h = tether_header(rules);
+			if (h)
+				d->generation = h->generation;
+		}
+		struct tether_event *e = tether_event_reserve(d);
+		if (e)
+			bpf_ringbuf_submit(e, 0);
+	}
+	return d->verdict != TETHER_VERDICT_DENY;
+}
+
+/* tether_begin resolves the agent and its rule set. It returns the rule set, or NULL after it has
+ * set d->verdict for the cases that need no rule (not an agent, killed, nothing installed). */
+static __always_inline void *tether_begin(struct tether_decision *d)
+{
+	struct tether_agent *agent;
+	void *rules;
+
+	if (!tether_find_slot(&d->cgroup_id, &d->slot)) {
+		d->slot = TETHER_NO_SLOT;
+		d->reason = TETHER_REASON_UNKNOWN_CGROUP;
+		d->verdict = tether_unknown_cgroup_allow ? TETHER_VERDICT_ALLOW : TETHER_VERDICT_DENY;
+		return NULL;
+	}
+	agent = bpf_map_lookup_elem(&tether_agents, &d->slot);
+	if (agent && (agent->flags & TETHER_AGENT_KILLED)) {
+		d->reason = TETHER_REASON_KILLED;
+		d->verdict = TETHER_VERDICT_DENY;
+		return NULL;
+	}
+	rules = bpf_map_lookup_elem(&tether_rulesets, &d->slot);
+	if (!agent || !(agent->flags & TETHER_AGENT_ACTIVE) || !rules) {
+		d->reason = TETHER_REASON_NO_RULESET;
+		d->verdict = TETHER_VERDICT_DENY;
+		return NULL;
+	}
+	return rules;
+}
+
+/* tether_no_match turns "no rule matched" into deny or, in audit mode, a would-deny. */
+static __always_inline void tether_no_match(struct tether_decision *d, void *rules, __u8 reason)
+{
+	struct tether_rule_value *h = tether_header(rules);
+
+	d->reason = reason;
+	d->verdict = TETHER_VERDICT_DENY;
+	if (h) {
+		d->generation = h->generation;
+		if (h->mode == TETHER_MODE_AUDIT)
+			d->verdict = TETHER_VERDICT_AUDIT;
+	}
+}
+
+static __always_inline int tether_port_rule_match(struct tether_port_rule *r, __u8 proto, __u16 port,
+						  struct tether_proc **proc, int *proc_loaded, __u8 *reason)
+{
+	if (r->proto && r->proto != proto)
+		return 0;
+	if (port < r->port_lo || port > r->port_hi)
+		return 0;
+	if (!(r->flags & TETHER_PORT_RULE_BINARY))
+		return 1;
+	if (!*proc_loaded) {
+		__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+		*proc = bpf_map_lookup_elem(&tether_procs, &tgid);
+		*proc_loaded = 1;
+	}
+	if (!*proc) {
+		*reason = TETHER_REASON_BINARY_UNKNOWN;
+		return 0;
+	}
+	return (*proc)->bin_dev == r->bin_dev && (*proc)->bin_ino == r->bin_ino;
+}
+
+/* tether_egress decides a connect or sendmsg to addr (IPv6 or v4-mapped) and port. */
+static __always_inline int tether_egress(struct tether_decision *d)
+{
+	void *rules = tether_begin(d);
+	if (!rules)
+		return tether_finish(d, NULL);
+
+	struct tether_rule_key key = {};
+	key.prefixlen = 8 + 128;
+	key.kind = TETHER_RULE_EGRESS;
+	__builtin_memcpy(key.data, d->addr, 16);
+
+	struct tether_rule_value *v = bpf_map_lookup_elem(rules, &key);
+	struct tether_proc *proc = NULL;
+	int proc_loaded = 0;
+	__u8 reason = TETHER_REASON_NO_RULE;
+	if (v) {
+		for (int i = 0; i < TETHER_MAX_PORT_RULES; i++) {
+			if (i >= v->count)
+				break;
+			if (tether_port_rule_match(&v->ports[i], d->proto, d->dport, &proc, &proc_loaded,
+						   &reason)) {
+				d->verdict = TETHER_VERDICT_ALLOW;
+				d->reason = TETHER_REASON_RULE;
+				return tether_finish(d, rules);
+			}
+		}
+	}
+	tether_no_match(d, rules, reason);
+	return tether_finish(d, rules);
+}
+
+static __always_inline void tether_addr4(__u8 addr[16], __u32 ip4_net)
+{
+	__builtin_memset(addr, 0, 10);
+	addr[10] = 0xff;
+	addr[11] = 0xff;
+	__builtin_memcpy(addr + 12, &ip4_net, 4);
+}
+
+static __always_inline int tether_inet4(struct bpf_sock_addr *ctx, __u8 kind)
+{
+	struct tether_decision d = {};
+
+	d.kind = kind;
+	d.family = AF_INET;
+	d.proto = ctx->protocol;
+	d.sock_type = ctx->type;
+	d.dport = bpf_ntohs((__u16)ctx->user_port);
+	tether_addr4(d.addr, ctx->user_ip4);
+	return tether_egress(&d);
+}
+
+static __always_inline int tether_inet6(struct bpf_sock_addr *ctx, __u8 kind)
+{
+	struct tether_decision d = {};
+	__u32 *addr = (__u32 *)d.addr;
+
+	d.kind = kind;
+	d.family = AF_INET6;
+	d.proto = ctx->protocol;
+	d.sock_type = ctx->type;
+	d.dport = bpf_ntohs((__u16)ctx->user_port);
+	/* ::ffff:a.b.c.d needs no special case: IPv4 rules are stored in that form. */
+	addr[0] = ctx->user_ip6[0];
+	addr[1] = ctx->user_ip6[1];
+	addr[2] = ctx->user_ip6[2];
+	addr[3] = ctx->user_ip6[3];
+	return tether_egress(&d);
+}
+
+SEC("cgroup/connect4")
+int tether_connect4(struct bpf_sock_addr *ctx)
+{
+	return tether_inet4(ctx, TETHER_KIND_CONNECT4);
+}
+
+SEC("cgroup/connect6")
+int tether_connect6(struct bpf_sock_addr *ctx)
+{
+	return tether_inet6(ctx, TETHER_KIND_CONNECT6);
+}
+
+SEC("cgroup/sendmsg4")
+int tether_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return tether_inet4(ctx, TETHER_KIND_SENDMSG4);
+}
+
+SEC("cgroup/sendmsg6")
+int tether_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return tether_inet6(ctx, TETHER_KIND_SENDMSG6);
+}
+
+/* tether_unix_key fills key->data from the sockaddr_un the caller passed: a pathname up to its first
+ * NUL (the kernel reads no further), or an abstract name as NUL, length, name bytes (its length is
+ * part of its identity). It returns 0 when the address may not match any rule: a pathname with a
+ * ".." component could climb out of a directory that a prefix rule allows. */
+static __always_inline int tether_unix_key(struct tether_rule_key *key, struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock_addr_kern *sa = bpf_cast_to_kern_ctx(ctx);
+	const char *path = (const char *)sa->uaddr + 2; /* offsetof(struct sockaddr_un, sun_path) */
+	__u64 n = sa->uaddrlen;
+
+	if (n <= 2)
+		return 0;
+	n -= 2;
+	if (n > TETHER_UNIX_PATH_LEN)
+		n = TETHER_UNIX_PATH_LEN;
+	tether_barrier_var(n);
+	char first = 0;
+	if (bpf_probe_read_kernel(&first, 1, path))
+		return 0;
+
+	if (first == 0) {
+		__u64 len = n - 1;
+		if (len > TETHER_UNIX_PATH_LEN - 1)
+			len = TETHER_UNIX_PATH_LEN - 1;
+		tether_barrier_var(len);
+		key->data[1] = len;
+		if (len && bpf_probe_read_kernel(&key->data[2], len, path + 1))
+			return 0;
+		return 1;
+	}
+
+	/* Reads at most n + 1 bytes and turns the last one into a NUL: the kernel reads n bytes up
+	 * to the first NUL. The byte past the caller's address is never used. */
+	if (bpf_probe_read_kernel_str(key->data, n + 1, path) < 0)
+		return 0;
+
+	/* w holds the last three bytes; a leading '/' makes a leading ".." count too. */
+	__u32 w = '/';
+	for (int i = 0; i < TETHER_UNIX_PATH_LEN; i++) {
+		__u8 c = key->data[i];
+		if ((w & 0xffffff) == ('/' << 16 | '.' << 8 | '.') && (c == '/' || c == 0))
+			return 0;
+		if (c == 0)
+			break;
+		w = w << 8 | c;
+	}
+	return 1;
+}
+
+static __always_inline void tether_unix_target(char target[TETHER_PATH_LEN], struct tether_rule_key *key)
+{
+	if (key->data[0]) {
+		__builtin_memcpy(target, key->data, TETHER_RULE_DATA);
+		return;
+	}
+	/* Abstract: '@' then the name; NUL bytes inside the name stay NUL. */
+	target[0] = '@';
+	__builtin_memcpy(target + 1, &key->data[2], TETHER_RULE_DATA - 2);
+}
+
+static __always_inline int tether_unix(struct bpf_sock_addr *ctx, __u8 kind)
+{
+	struct tether_decision d = {};
+	struct tether_rule_key key = {};
+	void *rules;
+
+	d.kind = kind;
+	d.family = AF_UNIX;
+	d.sock_type = ctx->type;
+	key.kind = TETHER_RULE_UNIX;
+	key.prefixlen = 8 + 8 * TETHER_RULE_DATA;
+	int matchable = tether_unix_key(&key, ctx);
+
+	rules = tether_begin(&d);
+	if (rules) {
+		if (matchable && bpf_map_lookup_elem(rules, &key)) {
+			d.verdict = TETHER_VERDICT_ALLOW;
+			d.reason = TETHER_REASON_RULE;
+		} else {
+			tether_no_match(&d, rules, TETHER_REASON_NO_RULE);
+		}
+	}
+
+	tether_account(&d);
+	if (!tether_should_emit(&d))
+		return d.verdict != TETHER_VERDICT_DENY;
+	if (d.generation == 0 && rules) {
+		struct tether_rule_value *h = tether_header(rules);
+		if (h)
+			d.generation = h->generation;
+	}
+	struct tether_event *e = tether_event_reserve(&d);
+	if (e) {
+		tether_unix_target(e->target, &key);
+		bpf_ringbuf_submit(e, 0);
+	}
+	return d.verdict != TETHER_VERDICT_DENY;
+}
+
+SEC("cgroup/connect_unix")
+int tether_connect_unix(struct bpf_sock_addr *ctx)
+{
+	return tether_unix(ctx, TETHER_KIND_CONNECT_UNIX);
+}
+
+SEC("cgroup/sendmsg_unix")
+int tether_sendmsg_unix(struct bpf_sock_addr *ctx)
+{
+	return tether_unix(ctx, TETHER_KIND_SENDMSG_UNIX);
+}
+
+/* Sockets whose traffic the address hooks above do not see (raw, packet, ICMP, SCTP, ...) are
+ * refused to agents: TCP and UDP over IP, unix and netlink sockets are what an agent gets. */
+SEC("cgroup/sock_create")
+int tether_sock_create(struct bpf_sock *sk)
+{
+	struct tether_decision d = {};
+	__u32 family = sk->family, type = sk->type, proto = sk->protocol;
+	int ok = family == AF_UNIX || family == AF_NETLINK;
+
+	if (family == AF_INET || family == AF_INET6)
+		ok = (type == SOCK_STREAM && (proto == 0 || proto == IPPROTO_TCP)) ||
+		     (type == SOCK_DGRAM && (proto == 0 || proto == IPPROTO_UDP));
+
+	d.kind = TETHER_KIND_SOCKET;
+	d.family = family;
+	d.sock_type = type;
+	d.proto = proto;
+	void *rules = tether_begin(&d);
+	if (rules) {
+		if (ok) {
+			d.verdict = TETHER_VERDICT_ALLOW;
+			d.reason = TETHER_REASON_RULE;
+		} else {
+			tether_no_match(&d, rules, TETHER_REASON_SOCKET_TYPE);
+		}
+	}
+	/* Creating a socket is not traffic; sample nothing but refusals. */
+	tether_account(&d);
+	if (d.verdict != TETHER_VERDICT_ALLOW) {
+		struct tether_event *e = tether_event_reserve(&d);
+		if (e)
+			bpf_ringbuf_submit(e, 0);
+	}
+	return d.verdict != TETHER_VERDICT_DENY;
+}
+
+/* tether_exec_decide decides an exec of the file bprm->file by the current (agent) task. */
+static __always_inline void tether_exec_decide(struct tether_decision *d, struct linux_binprm *bprm,
+					       void **rules_out)
+{
+	d->kind = TETHER_KIND_EXEC;
+	void *rules = tether_begin(d);
+	*rules_out = rules;
+	if (d->slot == TETHER_NO_SLOT)
+		return;
+
+	struct file *file = BPF_CORE_READ(bprm, file);
+	d->bin_dev = BPF_CORE_READ(file, f_inode, i_sb, s_dev);
+	d->bin_ino = BPF_CORE_READ(file, f_inode, i_ino);
+	if (!rules)
+		return;
+
+	struct tether_rule_key key = {};
+	key.prefixlen = 8 + 8 * 12;
+	key.kind = TETHER_RULE_EXEC;
+	__builtin_memcpy(key.data, &d->bin_dev, 4);
+	__builtin_memcpy(key.data + 4, &d->bin_ino, 8);
+	if (bpf_map_lookup_elem(rules, &key)) {
+		d->verdict = TETHER_VERDICT_ALLOW;
+		d->reason = TETHER_REASON_RULE;
+		return;
+	}
+	tether_no_match(d, rules, TETHER_REASON_NO_RULE);
+}
+
+static __always_inline void tether_exec_event(struct tether_decision *d, void *rules,
+					      struct linux_binprm *bprm)
+{
+	tether_account(d);
+	if (!tether_should_emit(d))
+		return;
+	if (d->generation == 0 && rules) {
+		struct tether_rule_value *h = tether_header(rules);
+		if (h)
+			d->generation = h->generation;
+	}
+	struct tether_event *e = tether_event_reserve(d);
+	if (!e)
+		return;
+	bpf_probe_read_kernel_str(e->target, sizeof(e->target), BPF_CORE_READ(bprm, filename));
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* tether_exec_lineage records the binary an agent process now runs. */
+static __always_inline void tether_exec_lineage(struct task_struct *task, __u32 slot,
+						struct linux_binprm *bprm, struct tether_decision *d)
+{
+	__u32 tgid = BPF_CORE_READ(task, tgid);
+	struct tether_proc *old = bpf_map_lookup_elem(&tether_procs, &tgid);
+	struct tether_proc p = {};
+
+	if (old) {
+		p.ppid = old->ppid;
+		p.start_ns = old->start_ns;
+	} else {
+		p.ppid = BPF_CORE_READ(task, real_parent, tgid);
+		p.start_ns = bpf_ktime_get_boot_ns();
+	}
+	p.slot = slot;
+	p.bin_dev = d->bin_dev;
+	p.bin_ino = d->bin_ino;
+	bpf_get_current_comm(p.comm, sizeof(p.comm));
+	bpf_probe_read_kernel_str(p.path, sizeof(p.path), BPF_CORE_READ(bprm, filename));
+	if (bpf_map_update_elem(&tether_procs, &tgid, &p, BPF_ANY))
+		tether_count(TETHER_COUNTER_LINEAGE_UPDATE_ERRORS);
+}
+
+/* Runs after every successful exec on the host, before the new image runs user code. */
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(tether_exec, struct task_struct *task, pid_t old_pid, struct linux_binprm *bprm)
+{
+	struct tether_decision d = {};
+	void *rules = NULL;
+
+	tether_exec_decide(&d, bprm, &rules);
+	if (d.slot == TETHER_NO_SLOT)
+		return 0; /* not an agent: never touched */
+
+	tether_exec_lineage(task, d.slot, bprm, &d);
+	if (!tether_exec_signal)
+		return 0; /* the LSM program decides and reports */
+
+	if (d.verdict == TETHER_VERDICT_DENY && bpf_send_signal(SIGKILL))
+		tether_count(TETHER_COUNTER_SIGNAL_ERRORS);
+	tether_exec_event(&d, rules, bprm);
+	return 0;
+}
+
+/* Where BPF LSM is active: refuse the exec itself, so the caller gets EPERM. */
+SEC("lsm/bprm_check_security")
+int BPF_PROG(tether_exec_lsm, struct linux_binprm *bprm, int ret)
+{
+	struct tether_decision d = {};
+	void *rules = NULL;
+
+	if (ret)
+		return ret;
+	tether_exec_decide(&d, bprm, &rules);
+	if (d.slot == TETHER_NO_SLOT)
+		return 0;
+	tether_exec_event(&d, rules, bprm);
+	return d.verdict == TETHER_VERDICT_DENY ? -EPERM : 0;
+}
+
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(tether_fork, struct task_struct *parent, struct task_struct *child)
+{
+	__u32 pid = BPF_CORE_READ(child, pid), tgid = BPF_CORE_READ(child, tgid);
+	__u32 ptgid = BPF_CORE_READ(parent, tgid);
+
+	if (pid != tgid)
+		return 0; /* a new thread, not a new process */
+	struct tether_proc *pp = bpf_map_lookup_elem(&tether_procs, &ptgid);
+	if (!pp)
+		return 0; /* the parent is not an agent process */
+	struct tether_proc p = *pp;
+	p.ppid = ptgid;
+	p.start_ns = bpf_ktime_get_boot_ns();
+	if (bpf_map_update_elem(&tether_procs, &tgid, &p, BPF_ANY))
+		tether_count(TETHER_COUNTER_LINEAGE_UPDATE_ERRORS);
+	return 0;
+}
+
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(tether_exit, struct task_struct *task)
+{
+	__u32 tgid = BPF_CORE_READ(task, tgid);
+
+	if (BPF_CORE_READ(task, signal, live.counter) != 0)
+		return 0; /* other threads of the process still run */
+	bpf_map_delete_elem(&tether_procs, &tgid);
+	return 0;
+}

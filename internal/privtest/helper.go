@@ -1,0 +1,239 @@
+package privtest
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// helperEnv names the helper a re-executed test binary runs instead of its tests.
+const helperEnv = "TETHER_TEST_HELPER"
+
+var helpers = map[string]func(args []string) int{
+	"dial":  helperDial,
+	"loop":  helperLoop,
+	"spawn": helperSpawn,
+	"exec":  helperExec,
+	"sleep": helperSleep,
+}
+
+// Main runs the helper the environment names, or the tests. Call it from TestMain.
+func Main(m *testing.M) {
+	if name := os.Getenv(helperEnv); name != "" {
+		f, ok := helpers[name]
+		if !ok {
+			fmt.Fprintf(os.Stderr, "unknown test helper %q\n", name)
+			os.Exit(2)
+		}
+		os.Exit(f(os.Args[1:]))
+	}
+	os.Exit(m.Run())
+}
+
+// Command returns a command that runs helper with args in a re-executed test binary, born inside
+// the cgroup at cgroupPath (clone3 with CLONE_INTO_CGROUP: it never runs anywhere else).
+func Command(t testing.TB, cgroupPath, helper string, args ...string) *exec.Cmd {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(self, args...)
+	cmd.Env = append(os.Environ(), helperEnv+"="+helper)
+	cmd.Stderr = os.Stderr
+	if cgroupPath != "" {
+		dir, err := os.Open(cgroupPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { dir.Close() })
+		cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
+	}
+	return cmd
+}
+
+// Run runs helper in the cgroup and returns its output lines.
+func Run(t testing.TB, cgroupPath, helper string, args ...string) []string {
+	t.Helper()
+	out, err := Command(t, cgroupPath, helper, args...).Output()
+	if err != nil {
+		t.Fatalf("helper %s %v: %v", helper, args, err)
+	}
+	return strings.Fields(strings.TrimSpace(string(out)))
+}
+
+// Dial runs the dial helper in the cgroup for each "network address" pair and returns one result
+// per pair: "ok", "eperm", or "error:..." for anything else.
+func Dial(t testing.TB, cgroupPath string, targets ...string) []string {
+	t.Helper()
+	return Run(t, cgroupPath, "dial", targets...)
+}
+
+// Result classifies the outcome of a connect or send.
+func Result(err error) string {
+	switch {
+	case err == nil:
+		return "ok"
+	case errors.Is(err, syscall.EPERM):
+		return "eperm"
+	}
+	return "error:" + strings.ReplaceAll(err.Error(), " ", "_")
+}
+
+// dialOne connects (tcp, udp, unix, unixgram) or sends an unconnected datagram (udpsend to
+// host:port, unixgramsend to a path), exercising connect or sendmsg hooks respectively.
+func dialOne(network, address string) error {
+	switch network {
+	case "udpsend":
+		c, err := net.ListenPacket("udp", ":0")
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		ua, err := net.ResolveUDPAddr("udp", address)
+		if err != nil {
+			return err
+		}
+		_, err = c.WriteTo([]byte("x"), ua)
+		return err
+	case "tcp4mapped", "udp4mapped":
+		return dialMapped(network, address)
+	case "socket":
+		return socketOf(address)
+	case "unixgramsend":
+		fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_DGRAM, 0)
+		if err != nil {
+			return err
+		}
+		defer syscall.Close(fd)
+		return syscall.Sendto(fd, []byte("x"), 0, &syscall.SockaddrUnix{Name: address})
+	}
+	c, err := net.DialTimeout(network, address, 2*time.Second)
+	if err != nil {
+		return err
+	}
+	if network == "udp" || network == "unixgram" {
+		_, err = c.Write([]byte("x"))
+	}
+	c.Close()
+	return err
+}
+
+// dialMapped connects a dual-stack AF_INET6 socket to an IPv4 address written as
+// ::ffff:a.b.c.d, the form a v4-mapped bypass would use.
+func dialMapped(network, address string) error {
+	ap, err := netip.ParseAddrPort(address)
+	if err != nil {
+		return err
+	}
+	typ := syscall.SOCK_STREAM
+	if network == "udp4mapped" {
+		typ = syscall.SOCK_DGRAM
+	}
+	fd, err := syscall.Socket(syscall.AF_INET6, typ, 0)
+	if err != nil {
+		return err
+	}
+	defer syscall.Close(fd)
+	if err := syscall.SetsockoptInt(fd, syscall.IPPROTO_IPV6, syscall.IPV6_V6ONLY, 0); err != nil {
+		return err
+	}
+	mapped := netip.AddrFrom16(ap.Addr().As16())
+	return syscall.Connect(fd, &syscall.SockaddrInet6{Port: int(ap.Port()), Addr: mapped.As16()})
+}
+
+// socketOf creates (and closes) a socket of the kind named: raw4, packet, icmp4, tcp4, udp6.
+func socketOf(kind string) error {
+	args := map[string][3]int{
+		"raw4":   {syscall.AF_INET, syscall.SOCK_RAW, syscall.IPPROTO_ICMP},
+		"packet": {syscall.AF_PACKET, syscall.SOCK_RAW, 0},
+		"icmp4":  {syscall.AF_INET, syscall.SOCK_DGRAM, syscall.IPPROTO_ICMP},
+		"tcp4":   {syscall.AF_INET, syscall.SOCK_STREAM, 0},
+		"udp6":   {syscall.AF_INET6, syscall.SOCK_DGRAM, 0},
+	}
+	a, ok := args[kind]
+	if !ok {
+		return fmt.Errorf("unknown socket kind %q", kind)
+	}
+	fd, err := syscall.Socket(a[0], a[1], a[2])
+	if err != nil {
+		return err
+	}
+	return syscall.Close(fd)
+}
+
+// helperDial: args are network, address pairs; prints one result per pair.
+func helperDial(args []string) int {
+	if len(args)%2 != 0 {
+		fmt.Fprintln(os.Stderr, "dial: want network address pairs")
+		return 2
+	}
+	for i := 0; i < len(args); i += 2 {
+		fmt.Println(Result(dialOne(args[i], args[i+1])))
+	}
+	return 0
+}
+
+// helperLoop connects UDP sockets to each address in turn until stdin closes, printing
+// "index result" for every connect. UDP connect sends nothing, so it only exercises the hook.
+func helperLoop(args []string) int {
+	stop := make(chan struct{})
+	go func() {
+		bufio.NewReader(os.Stdin).ReadString('\n')
+		close(stop)
+	}()
+	w := bufio.NewWriter(os.Stdout)
+	defer w.Flush()
+	for {
+		for i, a := range args {
+			select {
+			case <-stop:
+				return 0
+			default:
+			}
+			c, err := net.Dial("udp", a)
+			if err == nil {
+				c.Close()
+			}
+			fmt.Fprintf(w, "%d %s\n", i, Result(err))
+		}
+	}
+}
+
+// helperExec replaces the process with args[0] (argv args). If exec returns, it prints why.
+func helperExec(args []string) int {
+	err := syscall.Exec(args[0], args, os.Environ())
+	fmt.Println(Result(err))
+	return 0
+}
+
+// helperSpawn runs the helper named by args[0] with args[1:] as a child process (the test binary
+// again) and copies its output: a two-process chain inside the agent.
+func helperSpawn(args []string) int {
+	self, err := os.Executable()
+	if err != nil {
+		fmt.Println(Result(err))
+		return 1
+	}
+	cmd := exec.Command(self, args[1:]...)
+	cmd.Env = append(os.Environ(), helperEnv+"="+args[0])
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	if err := cmd.Run(); err != nil {
+		fmt.Println(Result(err))
+	}
+	return 0
+}
+
+// helperSleep blocks until stdin closes.
+func helperSleep([]string) int {
+	bufio.NewReader(os.Stdin).ReadString('\n')
+	return 0
+}

@@ -1,0 +1,157 @@
+package privtest
+
+import (
+	"crypto/rand"
+	"fmt"
+	"net"
+	"net/netip"
+	"runtime"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// Host is a test host: a network namespace reached from the test's namespace over a veth pair.
+// Traffic to it never leaves the machine.
+type Host struct {
+	ns     netns.NsHandle
+	V4, V6 netip.Addr // the host's addresses
+}
+
+// NewHost creates a network namespace joined to the current one by a veth pair, with addresses
+// in 198.18.0.0/15 (reserved for benchmarking) and in a random ULA /64. Removed at test end.
+func NewHost(t testing.TB) *Host {
+	t.Helper()
+	var r [4]byte
+	rand.Read(r[:])
+	// A /30 in 198.18.0.0/15: .1 on our side, .2 on the host.
+	base := [4]byte{198, 18 | (r[0] & 1), r[1], r[2] &^ 3}
+	ours4 := netip.AddrFrom4([4]byte{base[0], base[1], base[2], base[3] | 1})
+	h := &Host{V4: netip.AddrFrom4([4]byte{base[0], base[1], base[2], base[3] | 2})}
+	v6 := [16]byte{0xfd, 0x74, 0x65, 0x74, r[0], r[1], r[2], r[3]}
+	v6[15] = 1
+	ours6 := netip.AddrFrom16(v6)
+	v6[15] = 2
+	h.V6 = netip.AddrFrom16(v6)
+
+	hostName := fmt.Sprintf("tt%x", r)
+	peerName := fmt.Sprintf("tp%x", r)
+
+	runtime.LockOSThread()
+	origin, err := netns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		t.Fatal(err)
+	}
+	ns, err := netns.New() // switches this thread into the new namespace
+	if err != nil {
+		runtime.UnlockOSThread()
+		t.Fatalf("creating network namespace: %v", err)
+	}
+	if err := netns.Set(origin); err != nil {
+		// Leave the thread locked: it dies with the goroutine instead of serving others.
+		t.Fatalf("returning to the original network namespace: %v", err)
+	}
+	runtime.UnlockOSThread()
+	origin.Close()
+	h.ns = ns
+	t.Cleanup(func() { ns.Close() }) // the last reference: the namespace and the veth pair go
+
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: hostName}, PeerName: peerName, PeerNamespace: netlink.NsFd(int(ns))}
+	if err := netlink.LinkAdd(veth); err != nil {
+		t.Fatalf("creating veth pair: %v", err)
+	}
+	t.Cleanup(func() { netlink.LinkDel(veth) })
+	ours, err := netlink.LinkByName(hostName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	configure(t, netlink.Handle{}, ours, ours4, 30, ours6)
+
+	in, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	lo, err := in.LinkByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := in.LinkSetUp(lo); err != nil {
+		t.Fatal(err)
+	}
+	peer, err := in.LinkByName(peerName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	configure(t, *in, peer, h.V4, 30, h.V6)
+	return h
+}
+
+func configure(t testing.TB, h netlink.Handle, l netlink.Link, v4 netip.Addr, bits4 int, v6 netip.Addr) {
+	t.Helper()
+	a4 := &netlink.Addr{IPNet: &net.IPNet{IP: v4.AsSlice(), Mask: net.CIDRMask(bits4, 32)}}
+	a6 := &netlink.Addr{IPNet: &net.IPNet{IP: v6.AsSlice(), Mask: net.CIDRMask(64, 128)}, Flags: unix.IFA_F_NODAD}
+	for _, a := range []*netlink.Addr{a4, a6} {
+		if err := h.AddrAdd(l, a); err != nil {
+			t.Fatalf("adding %s: %v", a.IPNet, err)
+		}
+	}
+	if err := h.LinkSetUp(l); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// in runs f with the calling goroutine's thread inside the host's namespace. Sockets f creates
+// stay in that namespace.
+func (h *Host) in(f func() error) error {
+	runtime.LockOSThread()
+	origin, err := netns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return err
+	}
+	defer origin.Close()
+	if err := netns.Set(h.ns); err != nil {
+		runtime.UnlockOSThread()
+		return err
+	}
+	ferr := f()
+	if err := netns.Set(origin); err != nil {
+		return fmt.Errorf("returning to the original network namespace: %w", err) // thread stays locked
+	}
+	runtime.UnlockOSThread()
+	return ferr
+}
+
+// ListenTCP listens on the host at addr:0 and returns the listener (closed at test end).
+func (h *Host) ListenTCP(t testing.TB, addr netip.Addr) *net.TCPListener {
+	t.Helper()
+	var l *net.TCPListener
+	err := h.in(func() (err error) {
+		l, err = net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.AddrPortFrom(addr, 0)))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	return l
+}
+
+// ListenUDP listens on the host at addr:0 (closed at test end).
+func (h *Host) ListenUDP(t testing.TB, addr netip.Addr) *net.UDPConn {
+	t.Helper()
+	var c *net.UDPConn
+	err := h.in(func() (err error) {
+		c, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(addr, 0)))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}

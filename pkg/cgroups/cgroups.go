@@ -1,0 +1,236 @@
+// Package cgroups finds the cgroup2 hierarchy and creates, inspects and removes the cgroups that
+// tether owns. Agents are cgroup subtrees; this package knows nothing about agents, it hands cgroup
+// paths and ids to the stages that bind them.
+package cgroups
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Mount returns the mount point of the cgroup2 hierarchy, read from /proc/self/mountinfo. On a
+// hybrid host it is where the unified hierarchy is mounted (often /sys/fs/cgroup/unified).
+func Mount() (string, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	return parseMountInfo(f)
+}
+
+// parseMountInfo returns the first cgroup2 mount point listed in r (mountinfo format).
+func parseMountInfo(r io.Reader) (string, error) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	for sc.Scan() {
+		// 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw
+		line := sc.Text()
+		pre, post, ok := strings.Cut(line, " - ")
+		if !ok {
+			continue
+		}
+		fsType, _, _ := strings.Cut(post, " ")
+		if fsType != "cgroup2" {
+			continue
+		}
+		fields := strings.Fields(pre)
+		if len(fields) < 5 {
+			return "", fmt.Errorf("malformed mountinfo line %q", line)
+		}
+		return unescapeMountPath(fields[4]), nil
+	}
+	if err := sc.Err(); err != nil {
+		return "", err
+	}
+	return "", errors.New("no cgroup2 hierarchy is mounted (tether needs cgroup v2; mount it with `mount -t cgroup2 none /sys/fs/cgroup`)")
+}
+
+// unescapeMountPath undoes mountinfo's octal escapes (\040 for a space, ...).
+func unescapeMountPath(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// ID returns the id of the cgroup2 directory at path (its inode number, which is what
+// bpf_get_current_cgroup_id reports).
+func ID(path string) (uint64, error) {
+	var fs unix.Statfs_t
+	if err := unix.Statfs(path, &fs); err != nil {
+		return 0, fmt.Errorf("cgroup %s: %w", path, err)
+	}
+	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
+		return 0, fmt.Errorf("%s is not in a cgroup2 hierarchy", path)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, fmt.Errorf("cgroup %s: %w", path, err)
+	}
+	return st.Ino, nil
+}
+
+// Level is the depth of path below the hierarchy's root mount (the root is level 0).
+func Level(mount, path string) (int, error) {
+	rel, err := filepath.Rel(mount, path)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+		return 0, fmt.Errorf("%s is not below the cgroup2 mount %s", path, mount)
+	}
+	if rel == "." {
+		return 0, nil
+	}
+	return strings.Count(rel, "/") + 1, nil
+}
+
+// Create makes the cgroup directory (and missing parents) and returns its id. An existing
+// directory is not an error.
+func Create(path string) (uint64, error) {
+	if err := os.MkdirAll(path, 0o755); err != nil {
+		return 0, fmt.Errorf("creating cgroup: %w", err)
+	}
+	return ID(path)
+}
+
+// Populated reports whether any process lives in the cgroup or below it.
+func Populated(path string) (bool, error) {
+	b, err := os.ReadFile(filepath.Join(path, "cgroup.events"))
+	if err != nil {
+		return false, err
+	}
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		if v, ok := bytes.CutPrefix(line, []byte("populated ")); ok {
+			return string(v) == "1", nil
+		}
+	}
+	return false, fmt.Errorf("%s/cgroup.events has no populated field", path)
+}
+
+// Kill kills every process in the cgroup and below it (cgroup.kill, or SIGKILL to each listed
+// process on kernels before 5.14). Only call it on a cgroup tether created.
+func Kill(path string) error {
+	err := os.WriteFile(filepath.Join(path, "cgroup.kill"), []byte("1"), 0)
+	if err == nil || !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return filepath.WalkDir(path, func(p string, d os.DirEntry, err error) error {
+		if err != nil || !d.IsDir() {
+			return err
+		}
+		for _, pid := range Procs(p) {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+		return nil
+	})
+}
+
+// Procs lists the processes directly in the cgroup.
+func Procs(path string) []int {
+	b, err := os.ReadFile(filepath.Join(path, "cgroup.procs"))
+	if err != nil {
+		return nil
+	}
+	var pids []int
+	for _, f := range strings.Fields(string(b)) {
+		if pid, err := strconv.Atoi(f); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// WaitEmpty waits until no process lives in the cgroup or below it.
+func WaitEmpty(path string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		populated, err := Populated(path)
+		if err != nil {
+			return err
+		}
+		if !populated {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("cgroup %s still has processes after %s", path, timeout)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// Remove kills what still runs in the cgroup, waits for it to be empty and removes it with its
+// child cgroups. A cgroup that is already gone is not an error. Only call it on a cgroup tether
+// created.
+func Remove(path string, timeout time.Duration) error {
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if populated, err := Populated(path); err != nil {
+		return err
+	} else if populated {
+		if err := Kill(path); err != nil {
+			return fmt.Errorf("killing processes of %s: %w", path, err)
+		}
+		if err := WaitEmpty(path, timeout); err != nil {
+			return err
+		}
+	}
+	var dirs []string
+	err := filepath.WalkDir(path, func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() {
+			dirs = append(dirs, p)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for i := len(dirs) - 1; i >= 0; i-- {
+		if err := unix.Rmdir(dirs[i]); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("removing cgroup %s: %w", dirs[i], err)
+		}
+	}
+	return nil
+}
+
+// PathOf returns the cgroup2 path of process pid, relative to the hierarchy's root.
+func PathOf(pid int) (string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		return "", err
+	}
+	return parseProcCgroup(b)
+}
+
+func parseProcCgroup(b []byte) (string, error) {
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "0::"); ok {
+			return rest, nil
+		}
+	}
+	return "", errors.New("process is in no cgroup2 cgroup")
+}

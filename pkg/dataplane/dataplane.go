@@ -1,0 +1,278 @@
+// Package dataplane holds the types that cross the boundary to the kernel: the compiled rule set
+// of one agent (what compile produces and kernel installs), the per-agent state the kernel checks
+// first, and the decision events the kernel reports. It has no dependency on cilium/ebpf, so every
+// stage above the kernel layer can be tested against a fake Dataplane.
+package dataplane
+
+import (
+	"fmt"
+	"net/netip"
+	"time"
+)
+
+// Limits of the kernel maps. pkg/kernel checks them against the generated C enum tether_limits.
+const (
+	MaxAgents     = 4096
+	MaxCgroups    = 16384
+	MaxAncestors  = 16
+	MaxRules      = 8192
+	MaxPortRules  = 16
+	MaxUnixPath   = 107 // sun_path holds 108 bytes including the terminating NUL
+	MaxIDLen      = 255
+	MaxCgroupPath = 255
+)
+
+// Slot is the kernel's index of an agent.
+type Slot uint32
+
+// Mode says whether an agent's denials are enforced or only reported.
+type Mode uint8
+
+const (
+	ModeEnforce Mode = 0
+	ModeAudit   Mode = 1
+)
+
+func (m Mode) String() string {
+	switch m {
+	case ModeEnforce:
+		return "enforce"
+	case ModeAudit:
+		return "audit"
+	}
+	return fmt.Sprintf("mode(%d)", uint8(m))
+}
+
+// ParseMode accepts "enforce" and "audit".
+func ParseMode(s string) (Mode, error) {
+	switch s {
+	case "enforce":
+		return ModeEnforce, nil
+	case "audit":
+		return ModeAudit, nil
+	}
+	return 0, fmt.Errorf("unknown mode %q (want enforce or audit)", s)
+}
+
+// Proto is an IP protocol number; ProtoAny matches TCP and UDP.
+type Proto uint8
+
+const (
+	ProtoAny Proto = 0
+	ProtoTCP Proto = 6
+	ProtoUDP Proto = 17
+)
+
+func (p Proto) String() string {
+	switch p {
+	case ProtoAny:
+		return "any"
+	case ProtoTCP:
+		return "tcp"
+	case ProtoUDP:
+		return "udp"
+	}
+	return fmt.Sprintf("proto(%d)", uint8(p))
+}
+
+// FileID names a file the way the kernel sees it: st_dev (userspace encoding, as stat returns it)
+// and inode number.
+type FileID struct {
+	Dev uint64
+	Ino uint64
+}
+
+func (f FileID) IsZero() bool { return f == FileID{} }
+
+// PortRule allows one protocol and port range, optionally only for one calling binary.
+type PortRule struct {
+	Proto  Proto
+	Lo, Hi uint16
+	Binary FileID // zero: any binary
+}
+
+// Egress is one entry of the kernel's egress trie: a prefix in 16-byte form (IPv4 as
+// ::ffff:a.b.c.d/96+n) and every port rule that applies to addresses whose longest matching
+// prefix it is, inherited rules included.
+type Egress struct {
+	Prefix netip.Prefix
+	Ports  []PortRule
+}
+
+// Unix allows connecting or sending to a unix socket address. Path starting with "@" is an
+// abstract name (matched exactly); otherwise an absolute pathname, matched exactly or, with
+// Prefix, as a string prefix.
+type Unix struct {
+	Path   string
+	Prefix bool
+}
+
+// RuleSet is one agent's complete, compiled rule set. The kernel installs it as one unit.
+type RuleSet struct {
+	Mode       Mode
+	Generation uint64
+	Egress     []Egress
+	Exec       []FileID
+	Unix       []Unix
+}
+
+// Entries is the number of kernel map entries the rule set needs (the header included).
+func (rs *RuleSet) Entries() int {
+	return 1 + len(rs.Egress) + len(rs.Exec) + len(rs.Unix)
+}
+
+// AgentFlags is the state the kernel checks before any rule.
+type AgentFlags uint32
+
+const (
+	AgentActive AgentFlags = 1 << 0
+	AgentKilled AgentFlags = 1 << 1
+	AgentFrozen AgentFlags = 1 << 2
+)
+
+// Info is what the daemon records, in a pinned map, about the agent in a slot, so that a restarted
+// daemon knows whom the kernel state belongs to.
+type Info struct {
+	SpiffeID     string
+	CgroupPath   string
+	CgroupID     uint64
+	Generation   uint64
+	Registered   time.Time
+	Launched     bool  // tetherd created the cgroup and removes it when the agent exits
+	ModeOverride *Mode // set through the API; overrides the grants' mode
+}
+
+// Kind is what a hook was asked to do.
+type Kind uint8
+
+const (
+	KindConnect4 Kind = iota
+	KindConnect6
+	KindSendmsg4
+	KindSendmsg6
+	KindConnectUnix
+	KindSendmsgUnix
+	KindExec
+	KindSocket
+	numKinds
+)
+
+// NumKinds is the number of kinds the kernel counts.
+const NumKinds = int(numKinds)
+
+var kindNames = [...]string{"connect4", "connect6", "sendmsg4", "sendmsg6", "connect_unix", "sendmsg_unix", "exec", "socket"}
+
+func (k Kind) String() string {
+	if int(k) < len(kindNames) {
+		return kindNames[k]
+	}
+	return fmt.Sprintf("kind(%d)", uint8(k))
+}
+
+// Verdict is what the kernel did.
+type Verdict uint8
+
+const (
+	VerdictAllow Verdict = iota
+	VerdictDeny
+	VerdictAudit // audit mode: would have denied, allowed
+	numVerdicts
+)
+
+// NumVerdicts is the number of verdicts the kernel counts.
+const NumVerdicts = int(numVerdicts)
+
+var verdictNames = [...]string{"allow", "deny", "audit-deny"}
+
+func (v Verdict) String() string {
+	if int(v) < len(verdictNames) {
+		return verdictNames[v]
+	}
+	return fmt.Sprintf("verdict(%d)", uint8(v))
+}
+
+// Reason is why the kernel reached a verdict.
+type Reason uint8
+
+const (
+	ReasonRule Reason = iota
+	ReasonNoRule
+	ReasonKilled
+	ReasonUnknownCgroup
+	ReasonNoRuleSet
+	ReasonSocketType
+	ReasonBinaryUnknown
+)
+
+var reasonNames = [...]string{"rule", "no-rule", "killed", "unknown-cgroup", "no-ruleset", "socket-type", "binary-unknown"}
+
+func (r Reason) String() string {
+	if int(r) < len(reasonNames) {
+		return reasonNames[r]
+	}
+	return fmt.Sprintf("reason(%d)", uint8(r))
+}
+
+// NoSlot is the slot of an event from a cgroup bound to no agent.
+const NoSlot Slot = 0xffffffff
+
+// Process is one link of a process chain.
+type Process struct {
+	PID    uint32
+	Comm   string
+	Binary FileID
+}
+
+// Event is one decision the kernel reported.
+type Event struct {
+	Time       time.Time
+	Generation uint64
+	CgroupID   uint64
+	Slot       Slot
+	PID, TID   uint32
+	UID        uint32
+	Kind       Kind
+	Verdict    Verdict
+	Reason     Reason
+	Proto      Proto
+	Family     uint16
+	SockType   uint32
+	Addr       netip.Addr // connect and sendmsg; IPv4 unmapped
+	Port       uint16
+	Comm       string
+	Binary     FileID // the calling binary; for exec, the executable
+	BinaryPath string // as the calling process was exec'd
+	Target     string // exec: filename; unix: socket path
+	Chain      []Process
+}
+
+// Counters are the kernel's global counters (summed over CPUs).
+type Counters struct {
+	RingBufferDrops     uint64
+	LineageUpdateErrors uint64
+	SignalErrors        uint64
+	UnknownCgroup       uint64
+}
+
+// AgentCounts are one agent's decisions by kind and verdict.
+type AgentCounts [NumKinds][NumVerdicts]uint64
+
+// Dataplane is the kernel side as the stages above it see it. pkg/kernel implements it; tests of
+// those stages use a fake.
+type Dataplane interface {
+	// Bind makes processes in the cgroup (and its descendants) part of the agent in slot.
+	Bind(cgroupID uint64, slot Slot) error
+	Unbind(cgroupID uint64) error
+	Bindings() (map[uint64]Slot, error)
+	// SetFlags replaces the agent's state flags.
+	SetFlags(slot Slot, flags AgentFlags) error
+	Flags(slot Slot) (AgentFlags, error)
+	// Install replaces the agent's whole rule set at once.
+	Install(slot Slot, rs *RuleSet) error
+	// Clear removes everything the kernel holds for slot.
+	Clear(slot Slot) error
+	PutInfo(slot Slot, info Info) error
+	Infos() (map[Slot]Info, error)
+	Counters() (Counters, error)
+	AgentCounts(slot Slot) (AgentCounts, error)
+}

@@ -1,0 +1,121 @@
+package kernel
+
+import (
+	"errors"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/dataplane"
+)
+
+func killedBySignal(err error) bool {
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) {
+		return false
+	}
+	ws, ok := ee.Sys().(syscall.WaitStatus)
+	return ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL
+}
+
+// execResult runs the exec helper in the agent: "ran" when the target ran, "eperm" when exec
+// failed with EPERM (LSM mode), "killed" when the process was SIGKILLed (signal mode).
+func execResult(t *testing.T, cgroup string, argv ...string) string {
+	t.Helper()
+	out, err := privtest.Command(t, cgroup, "exec", argv...).Output()
+	switch {
+	case killedBySignal(err):
+		return "killed"
+	case err != nil:
+		t.Fatalf("exec helper %v: %v (output %q)", argv, err, out)
+	}
+	if s := strings.TrimSpace(string(out)); s != "" {
+		return s
+	}
+	return "ran"
+}
+
+func (f *fixture) denied() string {
+	if f.k.Features().ExecMode == ExecLSM {
+		return "eperm"
+	}
+	return "killed"
+}
+
+// TestPrivilegedExec checks that an agent may exec only what its rule set allows, in nested
+// cgroups too, and that the global exec program leaves other processes alone.
+func TestPrivilegedExec(t *testing.T) {
+	f := newFixture(t, Options{})
+	trueBin, err := exec.LookPath("true")
+	if err != nil {
+		t.Fatal(err)
+	}
+	falseBin, err := exec.LookPath("false")
+	if err != nil {
+		t.Fatal(err)
+	}
+	agent := f.agent(t, "agent", 10, dataplane.RuleSet{Exec: []dataplane.FileID{fileID(t, trueBin)}})
+	nested, _ := privtest.SubCgroup(t, agent, "child")
+	events := f.events(t)
+
+	if got := execResult(t, agent, trueBin); got != "ran" {
+		t.Errorf("allowed exec: %s", got)
+	}
+	if got := execResult(t, agent, falseBin); got != f.denied() {
+		t.Errorf("denied exec: %s, want %s", got, f.denied())
+	}
+	if got := execResult(t, nested, falseBin); got != f.denied() {
+		t.Errorf("denied exec in a child cgroup: %s, want %s", got, f.denied())
+	}
+	e := events.wait(t, "exec deny event", func(e dataplane.Event) bool {
+		return e.Kind == dataplane.KindExec && e.Verdict == dataplane.VerdictDeny && e.Slot == 10
+	})
+	if e.Binary != fileID(t, falseBin) || e.Target != falseBin {
+		t.Errorf("exec event names %+v %q, want %s", e.Binary, e.Target, falseBin)
+	}
+
+	// Outside agents the same exec runs: false exits with status 1 instead of being killed.
+	outside := privtest.Cgroup(t)
+	cmd := privtest.Command(t, outside, "exec", falseBin)
+	err = cmd.Run()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 {
+		t.Errorf("exec outside agents: %v, want exit status 1 from false", err)
+	}
+}
+
+// TestPrivilegedExecAudit checks audit mode for exec: the exec runs and a would-deny is reported.
+func TestPrivilegedExecAudit(t *testing.T) {
+	f := newFixture(t, Options{})
+	trueBin, _ := exec.LookPath("true")
+	agent := f.agent(t, "agent", 11, dataplane.RuleSet{Mode: dataplane.ModeAudit})
+	events := f.events(t)
+	if got := execResult(t, agent, trueBin); got != "ran" {
+		t.Errorf("audit exec: %s", got)
+	}
+	events.wait(t, "exec audit event", func(e dataplane.Event) bool {
+		return e.Kind == dataplane.KindExec && e.Verdict == dataplane.VerdictAudit && e.Slot == 11
+	})
+}
+
+// TestPrivilegedLineage checks that events name the calling binary and its parent chain.
+func TestPrivilegedLineage(t *testing.T) {
+	f := newFixture(t, Options{})
+	h := privtest.NewHost(t)
+	p := port(t, h.ListenTCP(t, h.V4).Addr())
+	agent := f.agent(t, "agent", 12, dataplane.RuleSet{})
+	events := f.events(t)
+	out := privtest.Run(t, agent, "spawn", "dial", "tcp", hostPort(h.V4, p))
+	expect(t, "child dial", out, []string{"eperm"})
+	e := events.wait(t, "deny from the spawned child", func(e dataplane.Event) bool {
+		return e.Kind == dataplane.KindConnect4 && e.Slot == 12
+	})
+	if len(e.Chain) < 1 || e.Chain[0].Binary != f.self {
+		t.Fatalf("chain %+v: want the spawning helper (the test binary) as parent", e.Chain)
+	}
+	if !strings.HasSuffix(e.BinaryPath, ".test") {
+		t.Errorf("binary path %q: want the test binary", e.BinaryPath)
+	}
+}

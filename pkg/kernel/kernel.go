@@ -1,0 +1,282 @@
+// Package kernel is tether's kernel layer: it loads the BPF programs of bpf/, pins their maps and
+// links under a bpffs directory, attaches them (the cgroup programs at the agent parent cgroups
+// only), and implements dataplane.Dataplane by turning compiled rule sets into map entries. The
+// decisions the programs report come out of an EventReader.
+//
+// Pins outlive the daemon: a crash or an upgrade leaves enforcement in place, and Open adopts what
+// is pinned (maps are reused, links are updated to the newly loaded programs).
+//
+// It is the only package of tether that imports cilium/ebpf.
+package kernel
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+
+	"github.com/tether-sh/tether/pkg/bpffs"
+)
+
+// ExecMode is how exec is enforced.
+type ExecMode string
+
+const (
+	// ExecAuto picks ExecLSM where BPF LSM works, else ExecSignal.
+	ExecAuto ExecMode = "auto"
+	// ExecLSM refuses a denied exec in lsm/bprm_check_security: the caller gets EPERM.
+	ExecLSM ExecMode = "lsm"
+	// ExecSignal kills a process with SIGKILL from tp_btf/sched_process_exec, after the point
+	// of no return of a denied exec and before the new image runs user code.
+	ExecSignal ExecMode = "signal"
+	// ExecOff enforces no exec rule (lineage is still tracked).
+	ExecOff ExecMode = "off"
+)
+
+// ParseExecMode accepts auto, lsm, signal and off.
+func ParseExecMode(s string) (ExecMode, error) {
+	switch m := ExecMode(s); m {
+	case ExecAuto, ExecLSM, ExecSignal, ExecOff:
+		return m, nil
+	}
+	return "", fmt.Errorf("unknown exec mode %q (want auto, lsm, signal or off)", s)
+}
+
+// DefaultPinDir is where tetherd pins its maps and links.
+const DefaultPinDir = "/sys/fs/bpf/tether"
+
+// Options configure Open.
+type Options struct {
+	// PinDir is a directory on a bpf filesystem; created if missing. If the bpf filesystem is
+	// not mounted and PinDir is under /sys/fs/bpf, it is mounted there.
+	PinDir string
+	// RingBufferSize is the size of the event ring buffer in bytes: a power of two and a
+	// multiple of the page size. 0 means 4 MiB.
+	RingBufferSize uint32
+	// AllowSample emits one allow event in every AllowSample allows; 0 emits none.
+	AllowSample uint32
+	// UnknownCgroupAllow allows network access to processes under an agent parent that are in
+	// no agent; by default they are denied.
+	UnknownCgroupAllow bool
+	// Exec chooses how exec is enforced.
+	Exec ExecMode
+	// AllowRootAttach permits attaching the cgroup programs at the cgroup2 root, which hooks
+	// every process of the host. Only for nodes where that is the intent.
+	AllowRootAttach bool
+	Logger          *slog.Logger
+}
+
+// Kernel is the loaded and attached data plane.
+type Kernel struct {
+	log      *slog.Logger
+	pinDir   string
+	opts     Options
+	features Features
+
+	coll          *ebpf.Collection
+	cgroups       *ebpf.Map
+	agents        *ebpf.Map
+	rulesets      *ebpf.Map
+	procs         *ebpf.Map
+	events        *ebpf.Map
+	counters      *ebpf.Map
+	agentCounters *ebpf.Map
+	agentInfo     *ebpf.Map
+	innerSpec     *ebpf.MapSpec
+	bootTime      time.Time
+
+	mu      sync.Mutex // guards everything below and serialises rule-set installs
+	global  []link.Link
+	parents map[uint64][]link.Link // by cgroup id
+	closed  bool
+}
+
+// Open probes the kernel, loads the programs (reusing pinned maps), and attaches the global
+// programs (exec, fork, exit). Cgroup programs are attached by AttachParent.
+func Open(opts Options) (_ *Kernel, err error) {
+	if opts.PinDir == "" {
+		opts.PinDir = DefaultPinDir
+	}
+	if opts.RingBufferSize == 0 {
+		opts.RingBufferSize = 4 << 20
+	}
+	if opts.Exec == "" {
+		opts.Exec = ExecAuto
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if err := checkRingBufferSize(opts.RingBufferSize); err != nil {
+		return nil, err
+	}
+	if err := bpffs.Ensure(opts.PinDir); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Join(opts.PinDir, "links"), 0o700); err != nil {
+		return nil, fmt.Errorf("creating pin directory: %w", err)
+	}
+
+	k := &Kernel{log: opts.Logger, pinDir: opts.PinDir, opts: opts, parents: map[uint64][]link.Link{}}
+	defer func() {
+		if err != nil {
+			k.Close()
+		}
+	}()
+	k.bootTime = bootTime()
+	k.features = probe(opts.Exec, opts.Logger)
+	if k.features.ExecMode == ExecLSM && opts.Exec == ExecLSM && !k.features.LSMUsable {
+		return nil, fmt.Errorf("exec mode lsm requested, but BPF LSM is not usable here: %s", k.features.ExecReason)
+	}
+	if err := k.load(); err != nil {
+		return nil, err
+	}
+	if err := k.attachGlobal(); err != nil {
+		return nil, err
+	}
+	return k, nil
+}
+
+func checkRingBufferSize(n uint32) error {
+	page := uint32(os.Getpagesize())
+	if n < page || n&(n-1) != 0 {
+		return fmt.Errorf("ring buffer size %d: must be a power of two of at least %d bytes", n, page)
+	}
+	return nil
+}
+
+// replaceableMaps hold nothing that must survive an incompatible change (a new ring buffer
+// size): a pinned one that does not fit is replaced instead of refusing to start.
+var replaceableMaps = map[string]bool{bpfMapTetherEvents: true}
+
+func (k *Kernel) load() error {
+	spec, err := loadBpf()
+	if err != nil {
+		return fmt.Errorf("reading embedded BPF objects: %w", err)
+	}
+	sets := map[string]any{
+		bpfVarTetherAllowSample:        k.opts.AllowSample,
+		bpfVarTetherUnknownCgroupAllow: boolByte(k.opts.UnknownCgroupAllow),
+		bpfVarTetherExecSignal:         boolByte(k.features.ExecMode == ExecSignal),
+	}
+	for name, v := range sets {
+		if err := spec.Variables[name].Set(v); err != nil {
+			return fmt.Errorf("setting %s: %w", name, err)
+		}
+	}
+	spec.Maps[bpfMapTetherEvents].MaxEntries = k.opts.RingBufferSize
+	for name := range spec.Programs {
+		if !k.features.wantProgram(name) {
+			delete(spec.Programs, name)
+		}
+	}
+	for name, m := range spec.Maps {
+		if !strings.HasPrefix(name, "tether_") {
+			continue // .rodata belongs to this load of the programs
+		}
+		m.Pinning = ebpf.PinByName
+		if err := k.checkPinned(m); err != nil {
+			return err
+		}
+	}
+	k.innerSpec = spec.Maps[bpfMapTetherRulesets].InnerMap.Copy()
+
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
+		Maps: ebpf.MapOptions{PinPath: k.pinDir},
+	})
+	if err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return fmt.Errorf("loading BPF programs: %+v", ve)
+		}
+		return fmt.Errorf("loading BPF programs: %w", err)
+	}
+	k.coll = coll
+	k.cgroups = coll.Maps[bpfMapTetherCgroups]
+	k.agents = coll.Maps[bpfMapTetherAgents]
+	k.rulesets = coll.Maps[bpfMapTetherRulesets]
+	k.procs = coll.Maps[bpfMapTetherProcs]
+	k.events = coll.Maps[bpfMapTetherEvents]
+	k.counters = coll.Maps[bpfMapTetherCounters]
+	k.agentCounters = coll.Maps[bpfMapTetherAgentCounters]
+	k.agentInfo = coll.Maps[bpfMapTetherAgentInfo]
+	return nil
+}
+
+// checkPinned refuses to start on a pinned map this build cannot use (its state would be lost),
+// except for maps whose content may go, which are replaced.
+func (k *Kernel) checkPinned(spec *ebpf.MapSpec) error {
+	path := filepath.Join(k.pinDir, spec.Name)
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("opening pinned map %s: %w", path, err)
+	}
+	defer m.Close()
+	cerr := spec.Compatible(m)
+	if cerr == nil {
+		return nil
+	}
+	if replaceableMaps[spec.Name] {
+		k.log.Info("replacing pinned map", "map", spec.Name, "reason", cerr)
+		return m.Unpin()
+	}
+	return fmt.Errorf("pinned map %s was made by an incompatible tether (%v): stop tetherd and run "+
+		"`tetherd --remove-pins` to drop the old state (this removes enforcement until tetherd starts again)", path, cerr)
+}
+
+func boolByte(b bool) uint8 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// Features reports what the running kernel supports and what Open chose.
+func (k *Kernel) Features() Features { return k.features }
+
+// PinDir is the directory holding the pins.
+func (k *Kernel) PinDir() string { return k.pinDir }
+
+// Close releases this process's handles. Pinned maps and links stay, so enforcement continues.
+// It closes in reverse order of creation and may be called more than once.
+func (k *Kernel) Close() error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.closed {
+		return nil
+	}
+	k.closed = true
+	var errs []error
+	for _, ls := range k.parents {
+		for _, l := range ls {
+			errs = append(errs, l.Close())
+		}
+	}
+	for _, l := range k.global {
+		errs = append(errs, l.Close())
+	}
+	if k.coll != nil {
+		k.coll.Close()
+	}
+	return errors.Join(errs...)
+}
+
+// bootTime is the wall-clock time at which CLOCK_BOOTTIME was zero; events carry boot time.
+func bootTime() time.Time {
+	var ts unix.Timespec
+	now := time.Now()
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		return now
+	}
+	return now.Add(-time.Duration(ts.Nano()))
+}

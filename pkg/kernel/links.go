@@ -1,0 +1,194 @@
+package kernel
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+)
+
+// rootCgroupID is the id of every cgroup2 hierarchy's root.
+const rootCgroupID = 1
+
+func (k *Kernel) linkPath(name string) string { return filepath.Join(k.pinDir, "links", name) }
+
+// adoptLink makes the pinned link at path run prog: a pinned link is updated in place (cgroup
+// links) or replaced by a new one that is attached before the old one goes (tracing links), so
+// enforcement never lapses. Without a pinned link it attaches a new one and pins it.
+func (k *Kernel) adoptLink(path string, prog *ebpf.Program, attach func() (link.Link, error)) (link.Link, error) {
+	old, err := link.LoadPinnedLink(path, nil)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		k.log.Warn("pinned link unusable, replacing it", "pin", path, "error", err)
+		os.Remove(path)
+		old = nil
+	}
+	if old != nil {
+		if err := old.Update(prog); err == nil {
+			return old, nil
+		} else if !errors.Is(err, link.ErrNotSupported) && !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EINVAL) {
+			old.Close()
+			return nil, fmt.Errorf("updating pinned link %s: %w", path, err)
+		}
+	}
+	l, err := attach()
+	if err != nil {
+		if old != nil {
+			old.Close()
+		}
+		return nil, err
+	}
+	tmp := path + "_new" // bpffs refuses names with a dot
+	os.Remove(tmp)
+	if err := l.Pin(tmp); err != nil {
+		l.Close()
+		if old != nil {
+			old.Close()
+		}
+		return nil, fmt.Errorf("pinning link %s: %w", tmp, err)
+	}
+	if old != nil {
+		// The new link runs already; dropping the old pin and handle detaches the old one.
+		if err := old.Unpin(); err != nil {
+			k.log.Warn("unpinning replaced link", "pin", path, "error", err)
+		}
+		old.Close()
+	}
+	if err := l.Pin(path); err != nil {
+		return l, fmt.Errorf("renaming link pin to %s: %w", path, err)
+	}
+	return l, nil
+}
+
+func (k *Kernel) attachGlobal() error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for _, h := range hookSpecs {
+		if h.cgroup {
+			continue
+		}
+		path := k.linkPath(h.name)
+		prog := k.coll.Programs[h.prog]
+		if prog == nil {
+			// Not loaded in this mode (the LSM program without BPF LSM): drop a stale pin.
+			if err := os.Remove(path); err == nil {
+				k.log.Info("detached stale link", "hook", h.name)
+			}
+			continue
+		}
+		attach := func() (link.Link, error) {
+			if h.name == "exec_lsm" {
+				return link.AttachLSM(link.LSMOptions{Program: prog})
+			}
+			return link.AttachTracing(link.TracingOptions{Program: prog})
+		}
+		l, err := k.adoptLink(path, prog, attach)
+		if err != nil {
+			var ve *ebpf.VerifierError
+			if errors.As(err, &ve) {
+				return fmt.Errorf("attaching %s: %+v", h.section, ve)
+			}
+			return fmt.Errorf("attaching %s: %w", h.section, err)
+		}
+		k.global = append(k.global, l)
+	}
+	return nil
+}
+
+// AttachParent attaches the cgroup programs at the cgroup2 directory path, so that they run for
+// every process below it. Calling it again for the same cgroup updates the links to the programs
+// of this load. The cgroup2 root is refused unless Options.AllowRootAttach.
+func (k *Kernel) AttachParent(path string) error {
+	id, err := cgroupID(path)
+	if err != nil {
+		return err
+	}
+	if id == rootCgroupID && !k.opts.AllowRootAttach {
+		return fmt.Errorf("refusing to attach at the cgroup2 root %s: it would hook every process of the host (set allow_root_attach to do it anyway)", path)
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.closed {
+		return errors.New("kernel closed")
+	}
+	var links []link.Link
+	for _, h := range hookSpecs {
+		prog := k.coll.Programs[h.prog]
+		if !h.cgroup || prog == nil {
+			continue
+		}
+		l, err := k.adoptLink(k.linkPath(fmt.Sprintf("cg-%d-%s", id, h.name)), prog, func() (link.Link, error) {
+			return link.AttachCgroup(link.CgroupOptions{Path: path, Attach: h.attach, Program: prog})
+		})
+		if err != nil {
+			for _, l := range links {
+				l.Close()
+			}
+			return fmt.Errorf("attaching %s at %s: %w", h.section, path, err)
+		}
+		links = append(links, l)
+	}
+	for _, l := range k.parents[id] {
+		l.Close()
+	}
+	k.parents[id] = links
+	return nil
+}
+
+// DetachStaleParents detaches the cgroup programs from every cgroup that has pinned links but is
+// not in keep (cgroup ids), and returns the ids it detached.
+func (k *Kernel) DetachStaleParents(keep map[uint64]bool) ([]uint64, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	entries, err := os.ReadDir(filepath.Join(k.pinDir, "links"))
+	if err != nil {
+		return nil, err
+	}
+	var gone []uint64
+	var errs []error
+	seen := map[uint64]bool{}
+	for _, e := range entries {
+		rest, ok := strings.CutPrefix(e.Name(), "cg-")
+		if !ok {
+			continue
+		}
+		idStr, _, _ := strings.Cut(rest, "-")
+		id, err := strconv.ParseUint(idStr, 10, 64)
+		if err != nil || keep[id] {
+			continue
+		}
+		if err := os.Remove(k.linkPath(e.Name())); err != nil {
+			errs = append(errs, err)
+		}
+		if !seen[id] {
+			seen[id] = true
+			gone = append(gone, id)
+		}
+		for _, l := range k.parents[id] {
+			l.Close()
+		}
+		delete(k.parents, id)
+	}
+	return gone, errors.Join(errs...)
+}
+
+// cgroupID is the id of the cgroup2 directory at path: its inode number.
+func cgroupID(path string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, fmt.Errorf("cgroup %s: %w", path, err)
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(path, &fs); err != nil {
+		return 0, fmt.Errorf("cgroup %s: %w", path, err)
+	}
+	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
+		return 0, fmt.Errorf("%s is not a cgroup2 directory", path)
+	}
+	return st.Ino, nil
+}

@@ -1,0 +1,393 @@
+package kernel
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/tether-sh/tether/pkg/dataplane"
+)
+
+var _ dataplane.Dataplane = (*Kernel)(nil)
+
+// Bind makes processes in the cgroup (and below it) part of the agent in slot.
+func (k *Kernel) Bind(cgroupID uint64, slot dataplane.Slot) error {
+	if err := checkSlot(slot); err != nil {
+		return err
+	}
+	if err := k.cgroups.Update(cgroupID, bpfTetherBinding{Slot: uint32(slot)}, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("binding cgroup %d to slot %d: %w", cgroupID, slot, err)
+	}
+	return nil
+}
+
+// Unbind removes the cgroup's binding; a missing binding is not an error.
+func (k *Kernel) Unbind(cgroupID uint64) error {
+	if err := k.cgroups.Delete(cgroupID); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("unbinding cgroup %d: %w", cgroupID, err)
+	}
+	return nil
+}
+
+// Bindings lists every cgroup bound to an agent.
+func (k *Kernel) Bindings() (map[uint64]dataplane.Slot, error) {
+	out := map[uint64]dataplane.Slot{}
+	var id uint64
+	var b bpfTetherBinding
+	it := k.cgroups.Iterate()
+	for it.Next(&id, &b) {
+		out[id] = dataplane.Slot(b.Slot)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("reading cgroup bindings: %w", err)
+	}
+	return out, nil
+}
+
+// SetFlags replaces the state flags of the agent in slot.
+func (k *Kernel) SetFlags(slot dataplane.Slot, flags dataplane.AgentFlags) error {
+	if err := checkSlot(slot); err != nil {
+		return err
+	}
+	if err := k.agents.Update(uint32(slot), bpfTetherAgent{Flags: uint32(flags)}, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("setting flags of slot %d: %w", slot, err)
+	}
+	return nil
+}
+
+// Flags reads the state flags of the agent in slot.
+func (k *Kernel) Flags(slot dataplane.Slot) (dataplane.AgentFlags, error) {
+	if err := checkSlot(slot); err != nil {
+		return 0, err
+	}
+	var a bpfTetherAgent
+	if err := k.agents.Lookup(uint32(slot), &a); err != nil {
+		return 0, fmt.Errorf("reading flags of slot %d: %w", slot, err)
+	}
+	return dataplane.AgentFlags(a.Flags), nil
+}
+
+// Install builds rs in a new trie and then swaps it in for the agent's current one with a single
+// map update, so a concurrent hook sees either the whole old or the whole new rule set.
+func (k *Kernel) Install(slot dataplane.Slot, rs *dataplane.RuleSet) error {
+	if err := checkSlot(slot); err != nil {
+		return err
+	}
+	if n := rs.Entries(); n > dataplane.MaxRules {
+		return fmt.Errorf("rule set of slot %d has %d entries, the kernel holds %d", slot, n, dataplane.MaxRules)
+	}
+	inner, err := k.buildRuleSet(rs)
+	if err != nil {
+		return fmt.Errorf("building rule set of slot %d: %w", slot, err)
+	}
+	defer inner.Close()
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if err := k.rulesets.Update(uint32(slot), inner, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("installing rule set of slot %d: %w", slot, err)
+	}
+	return nil
+}
+
+func (k *Kernel) buildRuleSet(rs *dataplane.RuleSet) (*ebpf.Map, error) {
+	inner, err := ebpf.NewMap(k.innerSpec)
+	if err != nil {
+		return nil, fmt.Errorf("creating rule trie: %w", err)
+	}
+	put := func(key bpfTetherRuleKey, v *bpfTetherRuleValue) error {
+		if err := inner.Update(&key, v, ebpf.UpdateNoExist); err != nil {
+			return fmt.Errorf("rule %s: %w", describeKey(key), err)
+		}
+		return nil
+	}
+	var errs []error
+	header := bpfTetherRuleValue{Generation: rs.Generation, Mode: uint32(rs.Mode)}
+	errs = append(errs, put(headerKey(), &header))
+	for _, e := range rs.Egress {
+		v, err := egressValue(e)
+		if err == nil {
+			err = put(egressKey(e.Prefix), v)
+		}
+		errs = append(errs, err)
+	}
+	empty := &bpfTetherRuleValue{}
+	for _, f := range rs.Exec {
+		errs = append(errs, put(execKey(f), empty))
+	}
+	for _, u := range rs.Unix {
+		key, err := unixKey(u)
+		if err == nil {
+			err = put(key, empty)
+		}
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		inner.Close()
+		return nil, err
+	}
+	return inner, nil
+}
+
+func headerKey() bpfTetherRuleKey {
+	return bpfTetherRuleKey{Prefixlen: 8, Kind: uint8(bpfTetherRuleKindTETHER_RULE_HEADER)}
+}
+
+// egressKey encodes a prefix in the kernel's 16-byte form (IPv4 as ::ffff:a.b.c.d).
+func egressKey(p netip.Prefix) bpfTetherRuleKey {
+	bits := p.Bits()
+	if p.Addr().Is4() {
+		bits += 96
+	}
+	k := bpfTetherRuleKey{Prefixlen: 8 + uint32(bits), Kind: uint8(bpfTetherRuleKindTETHER_RULE_EGRESS)}
+	a := p.Masked().Addr().As16()
+	copy(k.Data[:], a[:])
+	return k
+}
+
+func egressValue(e dataplane.Egress) (*bpfTetherRuleValue, error) {
+	if len(e.Ports) > dataplane.MaxPortRules {
+		return nil, fmt.Errorf("prefix %s has %d port rules, the kernel holds %d", e.Prefix, len(e.Ports), dataplane.MaxPortRules)
+	}
+	v := &bpfTetherRuleValue{Count: uint32(len(e.Ports))}
+	for i, p := range e.Ports {
+		r := &v.Ports[i]
+		r.PortLo, r.PortHi, r.Proto = p.Lo, p.Hi, uint8(p.Proto)
+		if !p.Binary.IsZero() {
+			r.Flags = uint8(bpfTetherPortRuleFlagsTETHER_PORT_RULE_BINARY)
+			r.BinDev = kernelDev(p.Binary.Dev)
+			r.BinIno = p.Binary.Ino
+		}
+	}
+	return v, nil
+}
+
+func execKey(f dataplane.FileID) bpfTetherRuleKey {
+	k := bpfTetherRuleKey{Prefixlen: 8 + 8*12, Kind: uint8(bpfTetherRuleKindTETHER_RULE_EXEC)}
+	binary.NativeEndian.PutUint32(k.Data[0:4], kernelDev(f.Dev))
+	binary.NativeEndian.PutUint64(k.Data[4:12], f.Ino)
+	return k
+}
+
+// unixKey encodes a unix socket address the way tether_unix_key in the BPF program reads it.
+func unixKey(u dataplane.Unix) (bpfTetherRuleKey, error) {
+	k := bpfTetherRuleKey{Kind: uint8(bpfTetherRuleKindTETHER_RULE_UNIX)}
+	if name, ok := cutAbstract(u.Path); ok {
+		if u.Prefix {
+			return k, fmt.Errorf("unix %q: abstract socket names match exactly, not as a prefix", u.Path)
+		}
+		if len(name) > dataplane.MaxUnixPath-1 {
+			return k, fmt.Errorf("unix %q: abstract name longer than %d bytes", u.Path, dataplane.MaxUnixPath-1)
+		}
+		k.Data[0], k.Data[1] = 0, uint8(len(name))
+		copy(k.Data[2:], name)
+		k.Prefixlen = 8 + 8*uint32(2+len(name))
+		return k, nil
+	}
+	if len(u.Path) == 0 || len(u.Path) > dataplane.MaxUnixPath || bytes.IndexByte([]byte(u.Path), 0) >= 0 {
+		return k, fmt.Errorf("unix %q: a pathname of 1 to %d bytes without NUL", u.Path, dataplane.MaxUnixPath)
+	}
+	copy(k.Data[:], u.Path)
+	n := len(u.Path)
+	if !u.Prefix {
+		n++ // the terminating NUL makes the match exact
+	}
+	k.Prefixlen = 8 + 8*uint32(n)
+	return k, nil
+}
+
+func cutAbstract(path string) (string, bool) {
+	if len(path) > 0 && path[0] == '@' {
+		return path[1:], true
+	}
+	return "", false
+}
+
+func describeKey(k bpfTetherRuleKey) string {
+	switch bpfTetherRuleKind(k.Kind) {
+	case bpfTetherRuleKindTETHER_RULE_HEADER:
+		return "header"
+	case bpfTetherRuleKindTETHER_RULE_EGRESS:
+		a := netip.AddrFrom16([16]byte(k.Data[:16]))
+		return fmt.Sprintf("egress %s/%d", a, k.Prefixlen-8)
+	case bpfTetherRuleKindTETHER_RULE_EXEC:
+		return fmt.Sprintf("exec dev %#x inode %d", binary.NativeEndian.Uint32(k.Data[0:4]), binary.NativeEndian.Uint64(k.Data[4:12]))
+	case bpfTetherRuleKindTETHER_RULE_UNIX:
+		return fmt.Sprintf("unix %q", bytes.TrimRight(k.Data[:], "\x00"))
+	}
+	return fmt.Sprintf("kind %d", k.Kind)
+}
+
+// kernelDev converts st_dev as stat(2) returns it into the kernel's internal dev_t encoding
+// (MKDEV: major << 20 | minor), which is what the programs read from super_block.s_dev.
+func kernelDev(dev uint64) uint32 {
+	return unix.Major(dev)<<20 | unix.Minor(dev)
+}
+
+// userDev converts a kernel dev_t back into the stat(2) encoding.
+func userDev(kdev uint32) uint64 {
+	return unix.Mkdev(kdev>>20, kdev&(1<<20-1))
+}
+
+// Clear removes everything the kernel holds for slot: bindings, rule set, flags, counters, info.
+func (k *Kernel) Clear(slot dataplane.Slot) error {
+	if err := checkSlot(slot); err != nil {
+		return err
+	}
+	bindings, err := k.Bindings()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for id, s := range bindings {
+		if s == slot {
+			errs = append(errs, k.Unbind(id))
+		}
+	}
+	// Flags first: from here on the slot denies everything until it is reused.
+	errs = append(errs, k.agents.Update(uint32(slot), bpfTetherAgent{}, ebpf.UpdateAny))
+	if err := k.rulesets.Delete(uint32(slot)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		errs = append(errs, err)
+	}
+	errs = append(errs, k.agentCounters.Update(uint32(slot), bpfTetherAgentCounts{}, ebpf.UpdateAny))
+	errs = append(errs, k.agentInfo.Update(uint32(slot), bpfTetherAgentInfo{}, ebpf.UpdateAny))
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("clearing slot %d: %w", slot, err)
+	}
+	return nil
+}
+
+const (
+	infoInUse    = 1 << 0
+	infoLaunched = 1 << 1
+)
+
+// PutInfo records who the agent in slot is.
+func (k *Kernel) PutInfo(slot dataplane.Slot, info dataplane.Info) error {
+	if err := checkSlot(slot); err != nil {
+		return err
+	}
+	if len(info.SpiffeID) > dataplane.MaxIDLen || len(info.CgroupPath) > dataplane.MaxCgroupPath {
+		return fmt.Errorf("agent info of slot %d: SPIFFE ID or cgroup path longer than %d bytes", slot, dataplane.MaxIDLen)
+	}
+	v := bpfTetherAgentInfo{
+		CgroupId:       info.CgroupID,
+		Generation:     info.Generation,
+		RegisteredUnix: uint64(info.Registered.Unix()),
+		Flags:          infoInUse,
+	}
+	if info.Launched {
+		v.Flags |= infoLaunched
+	}
+	if info.ModeOverride != nil {
+		v.ModeOverride = 1 + uint32(*info.ModeOverride)
+	}
+	putCString(v.SpiffeId[:], info.SpiffeID)
+	putCString(v.CgroupPath[:], info.CgroupPath)
+	if err := k.agentInfo.Update(uint32(slot), &v, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("writing agent info of slot %d: %w", slot, err)
+	}
+	return nil
+}
+
+// Infos returns the info of every slot in use.
+func (k *Kernel) Infos() (map[dataplane.Slot]dataplane.Info, error) {
+	out := map[dataplane.Slot]dataplane.Info{}
+	var slot uint32
+	var v bpfTetherAgentInfo
+	it := k.agentInfo.Iterate()
+	for it.Next(&slot, &v) {
+		if v.Flags&infoInUse == 0 {
+			continue
+		}
+		info := dataplane.Info{
+			SpiffeID:   cString(v.SpiffeId[:]),
+			CgroupPath: cString(v.CgroupPath[:]),
+			CgroupID:   v.CgroupId,
+			Generation: v.Generation,
+			Registered: time.Unix(int64(v.RegisteredUnix), 0),
+			Launched:   v.Flags&infoLaunched != 0,
+		}
+		if v.ModeOverride != 0 {
+			m := dataplane.Mode(v.ModeOverride - 1)
+			info.ModeOverride = &m
+		}
+		out[dataplane.Slot(slot)] = info
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("reading agent info: %w", err)
+	}
+	return out, nil
+}
+
+// Counters sums the kernel's global counters over CPUs.
+func (k *Kernel) Counters() (dataplane.Counters, error) {
+	sum := func(c bpfTetherCounter) (uint64, error) {
+		var per []uint64
+		if err := k.counters.Lookup(uint32(c), &per); err != nil {
+			return 0, fmt.Errorf("reading counter %d: %w", c, err)
+		}
+		var n uint64
+		for _, v := range per {
+			n += v
+		}
+		return n, nil
+	}
+	var c dataplane.Counters
+	var errs [4]error
+	c.RingBufferDrops, errs[0] = sum(bpfTetherCounterTETHER_COUNTER_RINGBUF_DROPS)
+	c.LineageUpdateErrors, errs[1] = sum(bpfTetherCounterTETHER_COUNTER_LINEAGE_UPDATE_ERRORS)
+	c.SignalErrors, errs[2] = sum(bpfTetherCounterTETHER_COUNTER_SIGNAL_ERRORS)
+	c.UnknownCgroup, errs[3] = sum(bpfTetherCounterTETHER_COUNTER_UNKNOWN_CGROUP)
+	return c, errors.Join(errs[:]...)
+}
+
+// AgentCounts reads the decisions of the agent in slot.
+func (k *Kernel) AgentCounts(slot dataplane.Slot) (dataplane.AgentCounts, error) {
+	var out dataplane.AgentCounts
+	if err := checkSlot(slot); err != nil {
+		return out, err
+	}
+	var v bpfTetherAgentCounts
+	if err := k.agentCounters.Lookup(uint32(slot), &v); err != nil {
+		return out, fmt.Errorf("reading counters of slot %d: %w", slot, err)
+	}
+	for kind := range dataplane.NumKinds {
+		for verdict := range dataplane.NumVerdicts {
+			out[kind][verdict] = v.N[kind*dataplane.NumVerdicts+verdict]
+		}
+	}
+	return out, nil
+}
+
+func checkSlot(slot dataplane.Slot) error {
+	if slot >= dataplane.MaxAgents {
+		return fmt.Errorf("slot %d out of range (the kernel holds %d agents)", slot, dataplane.MaxAgents)
+	}
+	return nil
+}
+
+func putCString(dst []int8, s string) {
+	for i := range dst {
+		dst[i] = 0
+	}
+	for i := 0; i < len(s) && i < len(dst)-1; i++ {
+		dst[i] = int8(s[i])
+	}
+}
+
+func cString(src []int8) string {
+	b := make([]byte, 0, len(src))
+	for _, c := range src {
+		if c == 0 {
+			break
+		}
+		b = append(b, byte(c))
+	}
+	return string(b)
+}

@@ -1,0 +1,195 @@
+package kernel
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+)
+
+// Hook is one BPF program and whether it runs here.
+type Hook struct {
+	Name    string `json:"name"`
+	Section string `json:"section"`
+	Active  bool   `json:"active"`
+	Reason  string `json:"reason,omitempty"`
+}
+
+// Features is what the running kernel supports, found by trial loads, and what Open chose.
+type Features struct {
+	ExecMode   ExecMode `json:"exec_mode"`
+	ExecReason string   `json:"exec_reason"`
+	LSMUsable  bool     `json:"lsm_usable"`
+	ActiveLSMs string   `json:"active_lsms"`
+	Hooks      []Hook   `json:"hooks"`
+}
+
+type hookSpec struct {
+	name, prog, section string
+	cgroup              bool
+	attach              ebpf.AttachType // cgroup hooks
+	optional            bool            // trial-loaded; skipped where the kernel lacks it
+}
+
+var hookSpecs = []hookSpec{
+	{name: "connect4", prog: bpfProgTetherConnect4, section: "cgroup/connect4", cgroup: true, attach: ebpf.AttachCGroupInet4Connect},
+	{name: "connect6", prog: bpfProgTetherConnect6, section: "cgroup/connect6", cgroup: true, attach: ebpf.AttachCGroupInet6Connect},
+	{name: "sendmsg4", prog: bpfProgTetherSendmsg4, section: "cgroup/sendmsg4", cgroup: true, attach: ebpf.AttachCGroupUDP4Sendmsg},
+	{name: "sendmsg6", prog: bpfProgTetherSendmsg6, section: "cgroup/sendmsg6", cgroup: true, attach: ebpf.AttachCGroupUDP6Sendmsg},
+	{name: "connect_unix", prog: bpfProgTetherConnectUnix, section: "cgroup/connect_unix", cgroup: true, attach: ebpf.AttachCgroupUnixConnect, optional: true},
+	{name: "sendmsg_unix", prog: bpfProgTetherSendmsgUnix, section: "cgroup/sendmsg_unix", cgroup: true, attach: ebpf.AttachCgroupUnixSendmsg, optional: true},
+	{name: "sock_create", prog: bpfProgTetherSockCreate, section: "cgroup/sock_create", cgroup: true, attach: ebpf.AttachCGroupInetSockCreate},
+	{name: "exec", prog: bpfProgTetherExec, section: "tp_btf/sched_process_exec"},
+	{name: "fork", prog: bpfProgTetherFork, section: "tp_btf/sched_process_fork"},
+	{name: "exit", prog: bpfProgTetherExit, section: "tp_btf/sched_process_exit"},
+	{name: "exec_lsm", prog: bpfProgTetherExecLsm, section: "lsm/bprm_check_security"},
+}
+
+func (f *Features) hook(name string) *Hook {
+	for i := range f.Hooks {
+		if f.Hooks[i].Name == name {
+			return &f.Hooks[i]
+		}
+	}
+	return nil
+}
+
+// wantProgram says whether the program named prog is loaded.
+func (f *Features) wantProgram(prog string) bool {
+	for _, h := range hookSpecs {
+		if h.prog == prog {
+			return f.hook(h.name).Active
+		}
+	}
+	return false
+}
+
+// probe finds which hooks this kernel runs and how exec is enforced.
+func probe(want ExecMode, log *slog.Logger) Features {
+	var f Features
+	for _, h := range hookSpecs {
+		hook := Hook{Name: h.name, Section: h.section, Active: true}
+		if h.optional {
+			if err := probeCgroupAttach(h.attach); err != nil {
+				hook.Active, hook.Reason = false, fmt.Sprintf("not supported by this kernel: %v", err)
+			}
+		}
+		f.Hooks = append(f.Hooks, hook)
+	}
+
+	f.ActiveLSMs, _ = activeLSMs()
+	lsmErr := probeLSM()
+	switch {
+	case lsmErr != nil:
+		f.ExecReason = fmt.Sprintf("BPF LSM programs cannot be attached: %v", lsmErr)
+	case !hasLSM(f.ActiveLSMs, "bpf"):
+		f.ExecReason = fmt.Sprintf("BPF LSM programs attach but never run: bpf is not in the active LSMs (%q); boot with lsm=...,bpf", f.ActiveLSMs)
+	default:
+		f.LSMUsable = true
+		f.ExecReason = "BPF LSM is active"
+	}
+
+	switch {
+	case want == ExecOff:
+		f.ExecMode, f.ExecReason = ExecOff, "exec enforcement is turned off by configuration"
+	case want == ExecSignal:
+		f.ExecMode, f.ExecReason = ExecSignal, "exec mode signal is configured"
+	case f.LSMUsable:
+		f.ExecMode = ExecLSM
+	default:
+		f.ExecMode = ExecSignal
+		f.ExecReason += "; denied execs are killed with SIGKILL before they run user code"
+	}
+	lsm := f.hook("exec_lsm")
+	lsm.Active = f.ExecMode == ExecLSM
+	if !lsm.Active {
+		lsm.Reason = f.ExecReason
+	}
+	log.Info("probed kernel", "exec_mode", f.ExecMode, "exec_reason", f.ExecReason, "active_lsms", f.ActiveLSMs)
+	return f
+}
+
+// probeCgroupAttach trial-loads a program for a cgroup sock_addr attach type.
+func probeCgroupAttach(at ebpf.AttachType) error {
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:         ebpf.CGroupSockAddr,
+		AttachType:   at,
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()},
+		License:      "GPL",
+	})
+	if err != nil {
+		return err
+	}
+	return prog.Close()
+}
+
+// probeLSM trial-loads and attaches an LSM program that allows everything, then detaches it.
+func probeLSM() error {
+	if err := features.HaveProgramType(ebpf.LSM); err != nil {
+		return err
+	}
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:         ebpf.LSM,
+		AttachType:   ebpf.AttachLSMMac,
+		AttachTo:     "bprm_check_security",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
+		License:      "GPL",
+	})
+	if err != nil {
+		return fmt.Errorf("loading: %w", err)
+	}
+	defer prog.Close()
+	l, err := link.AttachLSM(link.LSMOptions{Program: prog})
+	if err != nil {
+		return fmt.Errorf("attaching: %w", err)
+	}
+	return l.Close()
+}
+
+const securityfs = "/sys/kernel/security"
+
+// activeLSMs reads the active LSM list, mounting securityfs if nothing is mounted there.
+func activeLSMs() (string, error) {
+	b, err := os.ReadFile(securityfs + "/lsm")
+	if errors.Is(err, os.ErrNotExist) {
+		var st unix.Statfs_t
+		if serr := unix.Statfs(securityfs, &st); serr == nil && st.Type != unix.SECURITYFS_MAGIC {
+			if merr := unix.Mount("securityfs", securityfs, "securityfs", 0, ""); merr != nil {
+				return "", fmt.Errorf("mounting securityfs: %w", merr)
+			}
+			b, err = os.ReadFile(securityfs + "/lsm")
+		}
+	}
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+func hasLSM(list, name string) bool {
+	for _, l := range strings.Split(list, ",") {
+		if l == name {
+			return true
+		}
+	}
+	return false
+}
+
+// ProbeBPF reports whether this process may load BPF programs at all (root, BPF syscall).
+func ProbeBPF() error {
+	if err := features.HaveProgramType(ebpf.CGroupSockAddr); err != nil {
+		return err
+	}
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1})
+	if err != nil {
+		return err
+	}
+	return m.Close()
+}

@@ -1,0 +1,159 @@
+package kernel
+
+import (
+	"log/slog"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/dataplane"
+)
+
+func TestMain(m *testing.M) { privtest.Main(m) }
+
+type fixture struct {
+	k      *Kernel
+	pin    string
+	parent string
+	self   dataplane.FileID // the test binary, which helpers run as
+}
+
+// openKernel opens the programs with pins in pin; the caller closes the handle.
+func openKernel(t *testing.T, pin string, opts Options) *Kernel {
+	t.Helper()
+	opts.PinDir = pin
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	}
+	k, err := Open(opts)
+	if err != nil {
+		t.Fatalf("%+v", err)
+	}
+	return k
+}
+
+// newFixture loads the programs with test pins and attaches them at a fresh test cgroup.
+func newFixture(t *testing.T, opts Options) *fixture {
+	t.Helper()
+	privtest.Gate(t)
+	f := &fixture{pin: privtest.PinDir(t), parent: privtest.Cgroup(t), self: selfID(t)}
+	if opts.AllowSample == 0 {
+		opts.AllowSample = 1
+	}
+	f.k = openKernel(t, f.pin, opts)
+	// Registered before any agent: runs after their cleanups, which use f.k (which a test may
+	// replace with a reopened handle).
+	t.Cleanup(func() { f.k.Close() })
+	if err := f.k.AttachParent(f.parent); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+func selfID(t *testing.T) dataplane.FileID {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fileID(t, exe)
+}
+
+func fileID(t *testing.T, path string) dataplane.FileID {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return dataplane.FileID{Dev: st.Dev, Ino: st.Ino}
+}
+
+// agent creates a cgroup under the fixture's parent bound to slot with rule set rs (which
+// always allows exec of the test binary, so helpers can run). It returns the cgroup path.
+func (f *fixture) agent(t *testing.T, name string, slot dataplane.Slot, rs dataplane.RuleSet) string {
+	t.Helper()
+	path, id := privtest.SubCgroup(t, f.parent, name)
+	rs.Exec = append(rs.Exec, f.self)
+	if err := f.k.Install(slot, &rs); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.k.SetFlags(slot, dataplane.AgentActive); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.k.Bind(id, slot); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := f.k.Clear(slot); err != nil {
+			t.Errorf("clearing slot %d: %v", slot, err)
+		}
+	})
+	return path
+}
+
+func prefix(s string) netip.Prefix { return netip.MustParsePrefix(s) }
+
+func allowAll(p string, proto dataplane.Proto) dataplane.Egress {
+	return dataplane.Egress{Prefix: prefix(p), Ports: []dataplane.PortRule{{Proto: proto, Lo: 0, Hi: 65535}}}
+}
+
+// eventLog collects the kernel's events for the length of a test.
+type eventLog struct {
+	mu     sync.Mutex
+	events []dataplane.Event
+}
+
+func (f *fixture) events(t *testing.T) *eventLog {
+	t.Helper()
+	rd, err := f.k.NewEventReader()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &eventLog{}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			e, err := rd.Read()
+			if err != nil {
+				return
+			}
+			l.mu.Lock()
+			l.events = append(l.events, e)
+			l.mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() { rd.Close(); <-done })
+	return l
+}
+
+// wait returns the first event matching match, failing the test after a few seconds.
+func (l *eventLog) wait(t *testing.T, what string, match func(dataplane.Event) bool) dataplane.Event {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		l.mu.Lock()
+		for _, e := range l.events {
+			if match(e) {
+				l.mu.Unlock()
+				return e
+			}
+		}
+		l.mu.Unlock()
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("no event: %s", what)
+	return dataplane.Event{}
+}
+
+func expect(t *testing.T, what string, got, want []string) {
+	t.Helper()
+	if !slices.Equal(got, want) {
+		t.Errorf("%s:\n got  %v\n want %v", what, got, want)
+	}
+}

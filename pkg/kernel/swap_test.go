@@ -1,0 +1,183 @@
+package kernel
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net/netip"
+	"testing"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/dataplane"
+)
+
+// swapSets returns two rule sets for 127.0.0.1 that both allow UDP port p0 (A through
+// 127.0.0.0/8, B through 127.0.0.1/32), A also p1, B also p2, neither p3; each with 2000 filler
+// prefixes so that building one takes a while.
+func swapSets(p0, p1, p2 uint16) (a, b dataplane.RuleSet) {
+	udp := func(ports ...uint16) []dataplane.PortRule {
+		var r []dataplane.PortRule
+		for _, p := range ports {
+			r = append(r, dataplane.PortRule{Proto: dataplane.ProtoUDP, Lo: p, Hi: p})
+		}
+		return r
+	}
+	for i := range 2000 {
+		a.Egress = append(a.Egress, dataplane.Egress{Prefix: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}), 32), Ports: udp(9)})
+		b.Egress = append(b.Egress, dataplane.Egress{Prefix: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 32), Ports: udp(9)})
+	}
+	a.Egress = append(a.Egress, dataplane.Egress{Prefix: prefix("127.0.0.0/8"), Ports: udp(p0, p1)})
+	b.Egress = append(b.Egress, dataplane.Egress{Prefix: prefix("127.0.0.1/32"), Ports: udp(p0, p2)})
+	a.Generation, b.Generation = 1, 2
+	return a, b
+}
+
+// hammer runs the loop helper in the agent against dests while swap runs, and returns, per dest,
+// how often each result was seen.
+func hammer(t *testing.T, agent string, dests []string, swap func()) []map[string]int {
+	t.Helper()
+	cmd := privtest.Command(t, agent, "loop", dests...)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	counts := make([]map[string]int, len(dests))
+	for i := range counts {
+		counts[i] = map[string]int{}
+	}
+	done := make(chan error)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			var i int
+			var res string
+			if _, err := fmt.Sscanf(sc.Text(), "%d %s", &i, &res); err != nil || i >= len(dests) {
+				done <- fmt.Errorf("bad helper line %q", sc.Text())
+				io.Copy(io.Discard, stdout)
+				return
+			}
+			counts[i][res]++
+		}
+		done <- sc.Err()
+	}()
+	swap()
+	stdin.Close()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	return counts
+}
+
+func loopDests(ports ...uint16) []string {
+	var d []string
+	for _, p := range ports {
+		d = append(d, fmt.Sprintf("127.0.0.1:%d", p))
+	}
+	return d
+}
+
+// TestPrivilegedAtomicSwap hammers UDP connects while the agent's rule set is swapped between
+// two sets, and checks that every verdict is one that A or B gives: the destination both allow is
+// never denied, the one neither allows never allowed. A negative control swaps the same sets by
+// editing the live trie in place and must be caught by the same check.
+func TestPrivilegedAtomicSwap(t *testing.T) {
+	f := newFixture(t, Options{AllowSample: 0})
+	a, b := swapSets(40000, 40001, 40002)
+	agent := f.agent(t, "agent", 14, a)
+	a.Exec, b.Exec = []dataplane.FileID{f.self}, []dataplane.FileID{f.self}
+	dests := loopDests(40000, 40001, 40002, 40003)
+
+	check := func(counts []map[string]int) (violations int) {
+		violations = counts[0]["eperm"] + counts[3]["ok"]
+		for i, c := range counts {
+			for res := range c {
+				if res != "ok" && res != "eperm" {
+					t.Errorf("dest %d: unexpected result %q", i, res)
+				}
+			}
+		}
+		return violations
+	}
+
+	t.Run("install", func(t *testing.T) {
+		counts := hammer(t, agent, dests, func() {
+			for i := range 60 {
+				rs := a
+				if i%2 == 0 {
+					rs = b
+				}
+				if err := f.k.Install(14, &rs); err != nil {
+					t.Fatal(err)
+				}
+			}
+		})
+		t.Logf("results per destination: %v", counts)
+		if v := check(counts); v != 0 {
+			t.Errorf("%d verdicts belong to neither rule set: %v", v, counts)
+		}
+		// Both sets were really in force while connects ran.
+		if counts[1]["ok"] == 0 || counts[1]["eperm"] == 0 || counts[2]["ok"] == 0 || counts[2]["eperm"] == 0 {
+			t.Errorf("swaps not observed: %v", counts)
+		}
+	})
+
+	t.Run("in-place control", func(t *testing.T) {
+		if err := f.k.Install(14, &a); err != nil {
+			t.Fatal(err)
+		}
+		counts := hammer(t, agent, dests, func() {
+			for i := range 60 {
+				from, to := a, b
+				if i%2 == 1 {
+					from, to = b, a
+				}
+				f.rewriteInPlace(t, 14, &from, &to)
+			}
+		})
+		if v := check(counts); v == 0 {
+			t.Errorf("in-place rewrites produced no verdict outside A and B (%v): the check cannot fail", counts)
+		} else {
+			t.Logf("control: %d mixed verdicts caught, as expected", v)
+		}
+	})
+}
+
+// rewriteInPlace edits the installed trie entry by entry, deleting from's entries and then adding
+// to's: what Install exists to avoid.
+func (f *fixture) rewriteInPlace(t *testing.T, slot dataplane.Slot, from, to *dataplane.RuleSet) {
+	t.Helper()
+	var id ebpf.MapID
+	if err := f.k.rulesets.Lookup(uint32(slot), &id); err != nil {
+		t.Fatal(err)
+	}
+	live, err := ebpf.NewMapFromID(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer live.Close()
+	for _, e := range from.Egress {
+		k := egressKey(e.Prefix)
+		if err := live.Delete(&k); err != nil {
+			t.Fatalf("%s: %v", e.Prefix, err)
+		}
+	}
+	for _, e := range to.Egress {
+		v, _ := egressValue(e)
+		k := egressKey(e.Prefix)
+		if err := live.Update(&k, v, ebpf.UpdateAny); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

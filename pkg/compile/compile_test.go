@@ -1,0 +1,247 @@
+package compile
+
+import (
+	"net/netip"
+	"os"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/grants"
+)
+
+// fakeFiles is a file system of a few paths.
+type fakeFiles struct {
+	files    map[string]dataplane.FileID
+	dirs     map[string]bool
+	writable map[string]bool
+}
+
+func (f fakeFiles) Stat(path string) (dataplane.FileID, bool, error) {
+	if id, ok := f.files[path]; ok {
+		return id, true, nil
+	}
+	if f.dirs[path] {
+		return dataplane.FileID{Dev: 1, Ino: 999}, false, nil
+	}
+	return dataplane.FileID{}, false, &os.PathError{Op: "stat", Path: path, Err: os.ErrNotExist}
+}
+
+func (f fakeFiles) Glob(pattern string) ([]string, error) {
+	var out []string
+	for p := range f.files {
+		if ok, _ := matchPath(pattern, p); ok {
+			out = append(out, p)
+		}
+	}
+	return out, nil
+}
+
+func matchPath(pattern, p string) (bool, error) {
+	prefix, _ := strings.CutSuffix(pattern, "*")
+	return strings.HasPrefix(p, prefix) && !strings.Contains(p[len(prefix):], "/"), nil
+}
+
+func (f fakeFiles) WorldWritable(dir string) bool { return f.writable[dir] }
+
+var files = fakeFiles{
+	files: map[string]dataplane.FileID{
+		"/usr/bin/curl": {Dev: 1, Ino: 10},
+		"/usr/bin/git":  {Dev: 1, Ino: 11},
+		"/usr/bin/sh":   {Dev: 1, Ino: 12},
+		"/opt/x/a":      {Dev: 2, Ino: 1},
+		"/opt/x/b":      {Dev: 2, Ino: 2},
+	},
+	dirs:     map[string]bool{"/usr/bin": true},
+	writable: map[string]bool{"/tmp": true},
+}
+
+func pr(s string) netip.Prefix {
+	p, err := parsePrefix(s)
+	if err != nil {
+		panic(err)
+	}
+	return p
+}
+
+func ports(lo, hi uint16, proto dataplane.Proto) dataplane.PortRule {
+	return dataplane.PortRule{Proto: proto, Lo: lo, Hi: hi}
+}
+
+func TestCompileEgress(t *testing.T) {
+	all := ports(0, 65535, dataplane.ProtoAny)
+	curl := dataplane.FileID{Dev: 1, Ino: 10}
+	tests := []struct {
+		name   string
+		egress []grants.Egress
+		want   []dataplane.Egress
+	}{{
+		name:   "address and defaults",
+		egress: []grants.Egress{{CIDR: "10.0.0.1"}},
+		want:   []dataplane.Egress{{Prefix: pr("10.0.0.1/32"), Ports: []dataplane.PortRule{all}}},
+	}, {
+		name: "covering prefix ports are merged into the more specific one",
+		egress: []grants.Egress{
+			{CIDR: "10.0.0.0/8", Ports: []grants.PortRange{{Lo: 443, Hi: 443}}, Protocol: "tcp"},
+			{CIDR: "10.1.0.0/16", Ports: []grants.PortRange{{Lo: 22, Hi: 22}}, Protocol: "tcp"},
+		},
+		want: []dataplane.Egress{
+			{Prefix: pr("10.0.0.0/8"), Ports: []dataplane.PortRule{ports(443, 443, dataplane.ProtoTCP)}},
+			{Prefix: pr("10.1.0.0/16"), Ports: []dataplane.PortRule{ports(22, 22, dataplane.ProtoTCP), ports(443, 443, dataplane.ProtoTCP)}},
+		},
+	}, {
+		name: "an IPv6 prefix spanning the IPv4 space gets a guard that grants IPv4 nothing",
+		egress: []grants.Egress{
+			{CIDR: "::/0", Ports: []grants.PortRange{{Lo: 443, Hi: 443}}},
+			{CIDR: "192.0.2.0/24", Ports: []grants.PortRange{{Lo: 80, Hi: 80}}},
+		},
+		want: []dataplane.Egress{
+			{Prefix: pr("::/0"), Ports: []dataplane.PortRule{ports(443, 443, dataplane.ProtoAny)}},
+			{Prefix: pr("::ffff:0:0/96"), Ports: nil},
+			{Prefix: pr("192.0.2.0/24"), Ports: []dataplane.PortRule{ports(80, 80, dataplane.ProtoAny)}},
+		},
+	}, {
+		name:   "IPv4 written as v4-mapped IPv6 is IPv4",
+		egress: []grants.Egress{{CIDR: "::ffff:192.0.2.0/120", Protocol: "udp", Ports: []grants.PortRange{{Lo: 53, Hi: 53}}}},
+		want:   []dataplane.Egress{{Prefix: pr("192.0.2.0/24"), Ports: []dataplane.PortRule{ports(53, 53, dataplane.ProtoUDP)}}},
+	}, {
+		name: "0.0.0.0/0 is the IPv4 space, and is what the guard carries",
+		egress: []grants.Egress{
+			{CIDR: "0.0.0.0/0", Ports: []grants.PortRange{{Lo: 53, Hi: 53}}},
+			{CIDR: "::/0", Ports: []grants.PortRange{{Lo: 443, Hi: 443}}},
+		},
+		want: []dataplane.Egress{
+			{Prefix: pr("::/0"), Ports: []dataplane.PortRule{ports(443, 443, dataplane.ProtoAny)}},
+			{Prefix: pr("0.0.0.0/0"), Ports: []dataplane.PortRule{ports(53, 53, dataplane.ProtoAny)}},
+		},
+	}, {
+		name: "overlapping and adjacent ranges join; narrower rules inside wider ones go",
+		egress: []grants.Egress{{CIDR: "10.0.0.0/8", Protocol: "tcp", Ports: []grants.PortRange{{Lo: 80, Hi: 90}, {Lo: 91, Hi: 100}, {Lo: 85, Hi: 95}}},
+			{CIDR: "10.0.0.0/8", Ports: []grants.PortRange{{Lo: 443, Hi: 443}}},
+			{CIDR: "10.0.0.0/8", Protocol: "tcp", Ports: []grants.PortRange{{Lo: 443, Hi: 443}}},
+			{CIDR: "10.0.0.0/8", Protocol: "tcp", Binary: "/usr/bin/curl", Ports: []grants.PortRange{{Lo: 443, Hi: 443}, {Lo: 8443, Hi: 8443}}},
+		},
+		want: []dataplane.Egress{{Prefix: pr("10.0.0.0/8"), Ports: []dataplane.PortRule{
+			ports(443, 443, dataplane.ProtoAny), ports(80, 100, dataplane.ProtoTCP),
+			{Proto: dataplane.ProtoTCP, Lo: 8443, Hi: 8443, Binary: curl},
+		}}},
+	}}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			res, err := Compile(grants.Grants{Egress: tt.egress}, files)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(res.RuleSet.Egress, tt.want) {
+				t.Errorf("got\n%v\nwant\n%v", res.RuleSet.Egress, tt.want)
+			}
+		})
+	}
+}
+
+func TestCompileErrors(t *testing.T) {
+	many := make([]grants.PortRange, 0, 17)
+	for i := range 17 {
+		many = append(many, grants.PortRange{Lo: uint16(1000 + 2*i), Hi: uint16(1000 + 2*i)})
+	}
+	tests := []struct {
+		name string
+		g    grants.Grants
+		want string
+	}{
+		{"mode", grants.Grants{Mode: "permissive"}, `mode "permissive"`},
+		{"fqdn is refused, not dropped", grants.Grants{Egress: []grants.Egress{{FQDN: "example.com"}}}, "egress[0]: fqdn"},
+		{"missing cidr", grants.Grants{Egress: []grants.Egress{{}}}, "egress[0]: needs a cidr"},
+		{"bad cidr", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.300/8"}}}, `cidr "10.0.0.300/8"`},
+		{"host bits", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.1/8"}}}, "did you mean 10.0.0.0/8"},
+		{"zone", grants.Grants{Egress: []grants.Egress{{CIDR: "fe80::1%eth0"}}}, "zones"},
+		{"protocol", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Protocol: "sctp"}}}, `protocol "sctp"`},
+		{"reversed range", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Ports: []grants.PortRange{{Lo: 9, Hi: 1}}}}}, "start is above end"},
+		{"too many port rules", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Ports: many}}}, "17 distinct port rules"},
+		{"inherited rules count", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Ports: many[:9]}, {CIDR: "10.1.0.0/16", Ports: many[9:]}}}, "egress to 10.1.0.0/16: 17"},
+		{"relative binary", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Binary: "curl"}}}, "absolute"},
+		{"exec directory", grants.Grants{Exec: []grants.Exec{{Path: "/usr/bin"}}}, "not a regular file"},
+		{"exec relative", grants.Grants{Exec: []grants.Exec{{Path: "bin/sh"}}}, "absolute"},
+		{"unix relative", grants.Grants{Unix: []grants.Unix{{Path: "run/x.sock"}}}, "absolute"},
+		{"unix dotdot", grants.Grants{Unix: []grants.Unix{{Path: "/run/../x.sock"}}}, "clean path"},
+		{"unix wildcard", grants.Grants{Unix: []grants.Unix{{Path: "/run/*.sock"}}}, "trailing /*"},
+		{"unix too long", grants.Grants{Unix: []grants.Unix{{Path: "/" + strings.Repeat("a", 107)}}}, "longer than 107"},
+		{"abstract wildcard", grants.Grants{Unix: []grants.Unix{{Path: "@x*"}}}, "exactly"},
+		{"errors are all reported", grants.Grants{Mode: "x", Exec: []grants.Exec{{Path: "y"}}}, "exec[0]"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Compile(tt.g, files)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("error %v, want one containing %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestCompileExecAndUnix(t *testing.T) {
+	res, err := Compile(grants.Grants{
+		Mode: "audit",
+		Exec: []grants.Exec{{Path: "/usr/bin/curl"}, {Path: "/opt/x/*"}, {Path: "/usr/bin/curl"}, {Path: "/usr/bin/kubectl"}},
+		Unix: []grants.Unix{{Path: "/run/a.sock"}, {Path: "/run/agent/*"}, {Path: "@name"}, {Path: "/tmp/x.sock"}},
+		Egress: []grants.Egress{
+			{CIDR: "10.0.0.0/8", Binary: "/usr/bin/missing"},
+		},
+	}, files)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs := res.RuleSet
+	if rs.Mode != dataplane.ModeAudit {
+		t.Errorf("mode %v", rs.Mode)
+	}
+	wantExec := []dataplane.FileID{{Dev: 1, Ino: 10}, {Dev: 2, Ino: 1}, {Dev: 2, Ino: 2}}
+	if !reflect.DeepEqual(rs.Exec, wantExec) {
+		t.Errorf("exec %v, want %v", rs.Exec, wantExec)
+	}
+	wantUnix := []dataplane.Unix{{Path: "/run/a.sock"}, {Path: "/run/agent/", Prefix: true}, {Path: "/tmp/x.sock"}, {Path: "@name"}}
+	if !reflect.DeepEqual(rs.Unix, wantUnix) {
+		t.Errorf("unix %v, want %v", rs.Unix, wantUnix)
+	}
+	if len(rs.Egress) != 0 {
+		t.Errorf("a rule for a missing binary allowed %v", rs.Egress)
+	}
+	joined := strings.Join(res.Warnings, "\n")
+	for _, w := range []string{"/usr/bin/kubectl", "/usr/bin/missing", "world-writable directory /tmp"} {
+		if !strings.Contains(joined, w) {
+			t.Errorf("no warning about %s in %q", w, joined)
+		}
+	}
+}
+
+// FuzzCompile feeds arbitrary CIDRs, ports and paths through the compiler: it must return a rule
+// set the kernel can take or an error, never panic.
+func FuzzCompile(f *testing.F) {
+	f.Add("10.0.0.0/8", "443", "tcp", "/run/x.sock")
+	f.Add("::/0", "1-65535", "", "@abstract")
+	f.Add("::ffff:1.2.3.4", "0", "udp", "/run/dir/*")
+	f.Fuzz(func(t *testing.T, cidr, port, proto, unixPath string) {
+		var pr []grants.PortRange
+		if r, err := grants.ParsePortRange(port); err == nil {
+			pr = append(pr, r)
+		}
+		res, err := Compile(grants.Grants{
+			Egress: []grants.Egress{{CIDR: cidr, Ports: pr, Protocol: proto}, {CIDR: "0.0.0.0/0", Ports: pr}},
+			Unix:   []grants.Unix{{Path: unixPath}},
+		}, files)
+		if err != nil {
+			return
+		}
+		for _, e := range res.RuleSet.Egress {
+			if !e.Prefix.Addr().Is6() || len(e.Ports) > dataplane.MaxPortRules {
+				t.Fatalf("bad entry %v", e)
+			}
+		}
+		for _, u := range res.RuleSet.Unix {
+			if len(u.Path) == 0 || len(u.Path) > dataplane.MaxUnixPath {
+				t.Fatalf("bad unix entry %q", u.Path)
+			}
+		}
+	})
+}

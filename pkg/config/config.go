@@ -1,0 +1,275 @@
+// Package config reads tetherd's YAML configuration: where agents live (cgroups), how the kernel
+// side is set up, who may use the control API and launch which identities, what each identity
+// is granted (until policy takes over), and where decisions are logged. Every error names the
+// file and line of the setting that is wrong.
+package config
+
+import (
+	_ "embed"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/goccy/go-yaml"
+	"github.com/goccy/go-yaml/ast"
+	"github.com/goccy/go-yaml/parser"
+
+	"github.com/tether-sh/tether/pkg/compile"
+	"github.com/tether-sh/tether/pkg/grants"
+	"github.com/tether-sh/tether/pkg/identity"
+)
+
+// DefaultYAML is the configuration tetherd runs with when given none.
+//
+//go:embed default.yaml
+var DefaultYAML []byte
+
+// Config is tetherd's configuration.
+type Config struct {
+	Cgroup      Cgroup                   `json:"cgroup"`
+	BPF         BPF                      `json:"bpf"`
+	API         API                      `json:"api"`
+	Launch      []LaunchRule             `json:"launch"`
+	Grants      map[string]grants.Grants `json:"grants"`
+	DecisionLog DecisionLog              `json:"decision_log"`
+	Log         Log                      `json:"log"`
+}
+
+// Cgroup says where agents live.
+type Cgroup struct {
+	// Root is the cgroup2 mount point; empty means the one /proc/self/mountinfo lists.
+	Root string `json:"root"`
+	// AgentParents are the cgroups (relative to Root, or absolute) under which agents live.
+	// The cgroup programs attach here, so processes elsewhere are not hooked at all.
+	AgentParents []string `json:"agent_parents"`
+	// LaunchParent is where `tetherctl run` creates agent cgroups; it must be an agent parent
+	// or below one.
+	LaunchParent string `json:"launch_parent"`
+	// AllowRootAttach permits an agent parent at the cgroup2 root (every process is hooked).
+	AllowRootAttach bool `json:"allow_root_attach"`
+}
+
+// BPF configures the kernel side.
+type BPF struct {
+	// PinDir holds the pinned maps and links; it survives tetherd restarts.
+	PinDir string `json:"pin_dir"`
+	// ExecMode is auto, lsm, signal or off.
+	ExecMode string `json:"exec_mode"`
+	// RingBufferBytes is the event ring buffer size: a power of two, at least a page.
+	RingBufferBytes uint32 `json:"ring_buffer_bytes"`
+	// AllowSample logs one allow in every AllowSample allows (0: none). Denies are all logged.
+	AllowSample uint32 `json:"allow_sample"`
+	// UnknownCgroup is the network verdict (deny or allow) for processes under an agent parent
+	// that belong to no agent.
+	UnknownCgroup string `json:"unknown_cgroup"`
+}
+
+// API configures the control socket.
+type API struct {
+	// Socket is the unix socket path. Mode 0660 when Group is set, else 0600.
+	Socket string `json:"socket"`
+	// Group owns the socket, so its members can reach it (they still need a launch rule or
+	// admin rights for each call).
+	Group string `json:"group"`
+	// AdminUIDs and AdminGIDs may call every verb. Root always may.
+	AdminUIDs []uint32 `json:"admin_uids"`
+	AdminGIDs []uint32 `json:"admin_gids"`
+}
+
+// LaunchRule lets callers with one of UIDs or GIDs launch agents whose SPIFFE ID matches one
+// of IDs (path.Match patterns).
+type LaunchRule struct {
+	IDs  []string `json:"ids"`
+	UIDs []uint32 `json:"uids"`
+	GIDs []uint32 `json:"gids"`
+}
+
+// DecisionLog says where decision events go as JSON lines.
+type DecisionLog struct {
+	// Path is a file, "-" for standard output, or empty for nowhere.
+	Path string `json:"path"`
+}
+
+// Log configures tetherd's own log (standard error).
+type Log struct {
+	Level  string `json:"level"`  // debug, info, warn, error
+	Format string `json:"format"` // text or json
+}
+
+// Defaults are the settings a configuration file starts from.
+func Defaults() Config {
+	return Config{
+		Cgroup: Cgroup{AgentParents: []string{"tether"}, LaunchParent: "tether"},
+		BPF: BPF{
+			PinDir:          "/sys/fs/bpf/tether",
+			ExecMode:        "auto",
+			RingBufferBytes: 4 << 20,
+			AllowSample:     100,
+			UnknownCgroup:   "deny",
+		},
+		API:         API{Socket: "/run/tether/tether.sock", AdminUIDs: []uint32{0}},
+		DecisionLog: DecisionLog{Path: "-"},
+		Log:         Log{Level: "info", Format: "text"},
+	}
+}
+
+// Loaded is a valid configuration and what checking it noticed.
+type Loaded struct {
+	Config
+	Source   string // file name, or "embedded defaults"
+	Warnings []string
+}
+
+// Load reads the file at path, or the embedded defaults when path is empty.
+func Load(path string) (*Loaded, error) {
+	if path == "" {
+		return Parse("embedded defaults", DefaultYAML)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading configuration: %w", err)
+	}
+	return Parse(path, b)
+}
+
+// Parse decodes and checks a configuration. Unknown keys are errors.
+func Parse(name string, b []byte) (*Loaded, error) {
+	cfg := Defaults()
+	if err := yaml.UnmarshalWithOptions(b, &cfg, yaml.Strict(), yaml.UseJSONUnmarshaler()); err != nil {
+		return nil, fmt.Errorf("%s: %s", name, strings.TrimSpace(yaml.FormatError(err, false, true)))
+	}
+	l := &Loaded{Config: cfg, Source: name}
+	errs := l.check()
+	if len(errs) == 0 {
+		return l, nil
+	}
+	file, _ := parser.ParseBytes(b, 0)
+	var out []error
+	for _, e := range errs {
+		out = append(out, fmt.Errorf("%s%s: %s: %s", name, lineOf(file, e.path), e.field, e.msg))
+	}
+	return nil, errors.Join(out...)
+}
+
+type fieldError struct {
+	path  string // YAML path: $.bpf.exec_mode
+	field string // as the user reads it: bpf.exec_mode
+	msg   string
+}
+
+// lineOf finds the line of a YAML path in the file, as ":N", or "" when it is not there (a
+// default that is wrong in combination with something else).
+func lineOf(file *ast.File, path string) string {
+	if file == nil {
+		return ""
+	}
+	p, err := yaml.PathString(path)
+	if err != nil {
+		return ""
+	}
+	node, err := p.FilterFile(file)
+	if err != nil || node == nil || node.GetToken() == nil {
+		return ""
+	}
+	return fmt.Sprintf(":%d", node.GetToken().Position.Line)
+}
+
+func (l *Loaded) check() []fieldError {
+	c := &l.Config
+	var errs []fieldError
+	bad := func(path, field, format string, args ...any) {
+		errs = append(errs, fieldError{path, field, fmt.Sprintf(format, args...)})
+	}
+
+	if c.Cgroup.Root != "" && !filepath.IsAbs(c.Cgroup.Root) {
+		bad("$.cgroup.root", "cgroup.root", "%q: must be an absolute path", c.Cgroup.Root)
+	}
+	if len(c.Cgroup.AgentParents) == 0 {
+		bad("$.cgroup.agent_parents", "cgroup.agent_parents", "at least one agent parent is needed")
+	}
+	for i, p := range c.Cgroup.AgentParents {
+		if p == "" || strings.Contains("/"+p+"/", "/../") {
+			bad(fmt.Sprintf("$.cgroup.agent_parents[%d]", i), "cgroup.agent_parents", "%q: a cgroup path without .. components", p)
+		}
+	}
+	if c.Cgroup.LaunchParent != "" && !slices.ContainsFunc(c.Cgroup.AgentParents, func(p string) bool {
+		return c.Cgroup.LaunchParent == p || strings.HasPrefix(c.Cgroup.LaunchParent, strings.TrimSuffix(p, "/")+"/")
+	}) {
+		bad("$.cgroup.launch_parent", "cgroup.launch_parent", "%q is not an agent parent or below one, so launched agents would not be hooked", c.Cgroup.LaunchParent)
+	}
+	if !filepath.IsAbs(c.BPF.PinDir) {
+		bad("$.bpf.pin_dir", "bpf.pin_dir", "%q: must be an absolute path", c.BPF.PinDir)
+	}
+	switch c.BPF.ExecMode {
+	case "auto", "lsm", "signal", "off":
+	default:
+		bad("$.bpf.exec_mode", "bpf.exec_mode", "%q: want auto, lsm, signal or off", c.BPF.ExecMode)
+	}
+	if n := c.BPF.RingBufferBytes; n < 4096 || n&(n-1) != 0 {
+		bad("$.bpf.ring_buffer_bytes", "bpf.ring_buffer_bytes", "%d: want a power of two of at least 4096", n)
+	}
+	switch c.BPF.UnknownCgroup {
+	case "deny", "allow":
+	default:
+		bad("$.bpf.unknown_cgroup", "bpf.unknown_cgroup", "%q: want deny or allow", c.BPF.UnknownCgroup)
+	}
+	if !filepath.IsAbs(c.API.Socket) {
+		bad("$.api.socket", "api.socket", "%q: must be an absolute path", c.API.Socket)
+	} else if len(c.API.Socket) > 107 {
+		bad("$.api.socket", "api.socket", "%q: longer than a unix socket path can be (107 bytes)", c.API.Socket)
+	}
+	for i, r := range c.Launch {
+		where := fmt.Sprintf("$.launch[%d]", i)
+		if len(r.IDs) == 0 || len(r.UIDs)+len(r.GIDs) == 0 {
+			bad(where, fmt.Sprintf("launch[%d]", i), "a launch rule needs ids and uids or gids")
+		}
+		for j, id := range r.IDs {
+			if err := identity.ValidPattern(id); err != nil || !strings.HasPrefix(id, "spiffe://") {
+				bad(fmt.Sprintf("%s.ids[%d]", where, j), fmt.Sprintf("launch[%d].ids", i), "%q: want a SPIFFE ID pattern (spiffe://trust-domain/path, * for a segment)", id)
+			}
+		}
+	}
+	ids := make([]string, 0, len(c.Grants))
+	for id := range c.Grants {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	for _, id := range ids {
+		where := fmt.Sprintf("$.grants.'%s'", strings.ReplaceAll(id, "'", `\'`))
+		field := fmt.Sprintf("grants[%s]", id)
+		if _, err := identity.Parse(id); err != nil {
+			bad(where, field, "%v", err)
+			continue
+		}
+		res, err := compile.Compile(c.Grants[id], compile.OS{})
+		if err != nil {
+			bad(where, field, "%s", strings.ReplaceAll(err.Error(), "\n", "; "))
+			continue
+		}
+		for _, w := range res.Warnings {
+			l.Warnings = append(l.Warnings, fmt.Sprintf("%s: %s", field, w))
+		}
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("$.log.level", "log.level", "%q: want debug, info, warn or error", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "text", "json":
+	default:
+		bad("$.log.format", "log.format", "%q: want text or json", c.Log.Format)
+	}
+	return errs
+}
+
+// CgroupPath resolves a configured cgroup (relative to root, or absolute) to a directory.
+func CgroupPath(root, p string) string {
+	if filepath.IsAbs(p) {
+		return filepath.Clean(p)
+	}
+	return filepath.Join(root, p)
+}

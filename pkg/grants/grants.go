@@ -1,0 +1,112 @@
+// Package grants is what an agent may do, as configuration (and, later, policy) states it: the
+// input of the compile stage, which turns it into kernel rule sets. The JSON form here is the
+// contract with policy: data.tether.grants evaluates to this shape.
+package grants
+
+import (
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Grants is an agent's complete set of rights; anything not granted is denied.
+type Grants struct {
+	// Mode is "enforce" (the default) or "audit" (denials are reported, not enforced).
+	Mode   string   `json:"mode,omitempty"`
+	Egress []Egress `json:"egress,omitempty"`
+	Exec   []Exec   `json:"exec,omitempty"`
+	Unix   []Unix   `json:"unix,omitempty"`
+	// ValidUntil, when set, is when these grants end; tether re-evaluates then.
+	ValidUntil *time.Time `json:"valid_until,omitempty"`
+}
+
+// Egress allows outbound connections and datagrams.
+type Egress struct {
+	// CIDR is an IPv4 or IPv6 prefix, or a single address.
+	CIDR string `json:"cidr,omitempty"`
+	// FQDN is a DNS name. Not enforceable yet: compiling it is an error, never a silent drop.
+	FQDN string `json:"fqdn,omitempty"`
+	// Ports are single ports or ranges; none means every port.
+	Ports []PortRange `json:"ports,omitempty"`
+	// Protocol is tcp, udp, or any (the default).
+	Protocol string `json:"protocol,omitempty"`
+	// Binary restricts the rule to processes running this executable.
+	Binary string `json:"binary,omitempty"`
+}
+
+// Exec allows executing a file, named by an absolute path or a glob of them.
+type Exec struct {
+	Path string `json:"path"`
+}
+
+// Unix allows connecting or sending to a unix socket: an absolute path, a directory prefix
+// written "/dir/*", or an abstract name written "@name".
+type Unix struct {
+	Path string `json:"path"`
+}
+
+// PortRange is an inclusive range of ports. Its JSON form is a number (443) or a string
+// ("443" or "8000-8100").
+type PortRange struct {
+	Lo, Hi uint16
+}
+
+func (p PortRange) String() string {
+	if p.Lo == p.Hi {
+		return strconv.Itoa(int(p.Lo))
+	}
+	return fmt.Sprintf("%d-%d", p.Lo, p.Hi)
+}
+
+// ParsePortRange parses "443" or "8000-8100".
+func ParsePortRange(s string) (PortRange, error) {
+	lo, hi, isRange := strings.Cut(strings.TrimSpace(s), "-")
+	l, err := parsePort(lo)
+	if err != nil {
+		return PortRange{}, fmt.Errorf("port range %q: %w", s, err)
+	}
+	h := l
+	if isRange {
+		if h, err = parsePort(hi); err != nil {
+			return PortRange{}, fmt.Errorf("port range %q: %w", s, err)
+		}
+	}
+	if l > h {
+		return PortRange{}, fmt.Errorf("port range %q: start is above end", s)
+	}
+	return PortRange{Lo: l, Hi: h}, nil
+}
+
+func parsePort(s string) (uint16, error) {
+	n, err := strconv.ParseUint(strings.TrimSpace(s), 10, 16)
+	if err != nil {
+		return 0, fmt.Errorf("%q is not a port number (0-65535)", s)
+	}
+	return uint16(n), nil
+}
+
+func (p PortRange) MarshalJSON() ([]byte, error) {
+	if p.Lo == p.Hi {
+		return []byte(strconv.Itoa(int(p.Lo))), nil
+	}
+	return json.Marshal(p.String())
+}
+
+func (p *PortRange) UnmarshalJSON(b []byte) error {
+	var s string
+	if len(b) > 0 && b[0] == '"' {
+		if err := json.Unmarshal(b, &s); err != nil {
+			return err
+		}
+	} else {
+		s = string(b)
+	}
+	r, err := ParsePortRange(s)
+	if err != nil {
+		return err
+	}
+	*p = r
+	return nil
+}

@@ -21,6 +21,7 @@ var helpers = map[string]func(args []string) int{
 	"dial":  helperDial,
 	"loop":  helperLoop,
 	"spawn": helperSpawn,
+	"tcploop": helperTCPLoop,
 	"exec":  helperExec,
 	"sleep": helperSleep,
 }
@@ -206,6 +207,38 @@ func helperLoop(args []string) int {
 			fmt.Fprintf(w, "%d %s\n", i, Result(err))
 		}
 	}
+}
+
+// helperTCPLoop connects over TCP to each address in turn, every 2ms, until stdin closes; then
+// prints one line per address: "ADDRESS ok=N eperm=N other=N".
+func helperTCPLoop(args []string) int {
+	stop := make(chan struct{})
+	go func() {
+		bufio.NewReader(os.Stdin).ReadString('\n')
+		close(stop)
+	}()
+	counts := make([]map[string]int, len(args))
+	for i := range counts {
+		counts[i] = map[string]int{}
+	}
+	for running := true; running; {
+		for i, a := range args {
+			res := Result(dialOne("tcp", a))
+			if res != "ok" && res != "eperm" {
+				res = "other"
+			}
+			counts[i][res]++
+		}
+		select {
+		case <-stop:
+			running = false
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+	for i, a := range args {
+		fmt.Printf("%s ok=%d eperm=%d other=%d\n", a, counts[i]["ok"], counts[i]["eperm"], counts[i]["other"])
+	}
+	return 0
 }
 
 // helperExec replaces the process with args[0] (argv args). If exec returns, it prints why.

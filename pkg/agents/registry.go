@@ -41,6 +41,7 @@ type Agent struct {
 	Cgroup       string            `json:"cgroup"`
 	CgroupID     uint64            `json:"cgroup_id"`
 	Launched     bool              `json:"launched"`
+	Launcher     *uint32           `json:"launcher_uid,omitempty"`
 	Registered   time.Time         `json:"registered"`
 	Mode         string            `json:"mode"`
 	ModeOverride string            `json:"mode_override,omitempty"`
@@ -95,8 +96,17 @@ type Registry struct {
 
 	mu     sync.Mutex
 	agents map[dataplane.Slot]*agent
+	// retired remembers who last held a free slot, so that events the kernel wrote before an
+	// agent was unregistered are still attributed to it; slots are reused round-robin.
+	retired  map[dataplane.Slot]retiredAgent
+	nextSlot dataplane.Slot
 
 	failures, retries, compileErrors atomic.Uint64
+}
+
+type retiredAgent struct {
+	id   string
+	mode dataplane.Mode
 }
 
 type agent struct {
@@ -106,7 +116,8 @@ type agent struct {
 	flags    dataplane.AgentFlags
 	synced   bool // the kernel holds rs, flags, info and the binding
 	warnings []string
-	err      error // last compile or kernel error
+	err      error   // last compile or kernel error
+	launcher *uint32 // not kept across restarts: then only admins end the agent
 }
 
 // New returns an empty registry; call Adopt to take over what the kernel already holds.
@@ -117,7 +128,7 @@ func New(opts Options) *Registry {
 	if opts.Cgroups == nil {
 		opts.Cgroups = realCgroups{}
 	}
-	return &Registry{opts: opts, log: opts.Logger, agents: map[dataplane.Slot]*agent{}}
+	return &Registry{opts: opts, log: opts.Logger, agents: map[dataplane.Slot]*agent{}, retired: map[dataplane.Slot]retiredAgent{}}
 }
 
 // Stats returns the registry's counters.
@@ -169,6 +180,10 @@ type Registration struct {
 	Cgroup string
 	// Launch creates the cgroup under the launch parent and removes it when the agent ends.
 	Launch bool
+	// Launcher is the uid that asked for the launch; it may end the agent.
+	Launcher *uint32
+	// LauncherPID is the process that asked for the launch (it starts the command).
+	LauncherPID int32
 }
 
 // Register binds a cgroup to an identity and installs its rule set before returning.
@@ -191,7 +206,7 @@ func (r *Registry) Register(req Registration) (Agent, error) {
 	} else if err := r.checkCgroup(path); err != nil {
 		return Agent{}, err
 	}
-	a, err := r.register(id, path, req.Launch)
+	a, err := r.register(id, path, req.Launch, req.Launcher)
 	if err != nil && req.Launch {
 		r.opts.Cgroups.Remove(path)
 	}
@@ -236,7 +251,7 @@ func (r *Registry) checkCgroup(path string) error {
 	return err
 }
 
-func (r *Registry) register(id, path string, launched bool) (Agent, error) {
+func (r *Registry) register(id, path string, launched bool, launcher *uint32) (Agent, error) {
 	cgid, err := r.opts.Cgroups.ID(path)
 	if err != nil {
 		return Agent{}, err
@@ -262,6 +277,7 @@ func (r *Registry) register(id, path string, launched bool) (Agent, error) {
 		rs:       rs,
 		flags:    dataplane.AgentActive,
 		warnings: warnings,
+		launcher: launcher,
 		info: dataplane.Info{SpiffeID: id, CgroupPath: path, CgroupID: cgid,
 			Registered: time.Now(), Launched: launched},
 	}
@@ -285,9 +301,14 @@ func randomSuffix() string {
 	return hex.EncodeToString(b[:])
 }
 
+// freeSlot returns the next free slot after the last one handed out, so that a slot is reused
+// as late as possible.
 func (r *Registry) freeSlot() (dataplane.Slot, bool) {
-	for s := dataplane.Slot(0); s < dataplane.MaxAgents; s++ {
+	for i := range dataplane.Slot(dataplane.MaxAgents) {
+		s := (r.nextSlot + i) % dataplane.MaxAgents
 		if _, used := r.agents[s]; !used {
+			r.nextSlot = s + 1
+			delete(r.retired, s)
 			return s, true
 		}
 	}
@@ -333,6 +354,10 @@ func (r *Registry) Unregister(slot dataplane.Slot) error {
 	}
 	r.mu.Lock()
 	delete(r.agents, slot)
+	r.retired[slot] = retiredAgent{id: a.info.SpiffeID}
+	if a.rs != nil {
+		r.retired[slot] = retiredAgent{id: a.info.SpiffeID, mode: a.rs.Mode}
+	}
 	r.mu.Unlock()
 	r.log.Info("agent unregistered", "slot", slot, "spiffe_id", a.info.SpiffeID)
 	return nil
@@ -450,6 +475,7 @@ func (r *Registry) Adopt() error {
 		}
 		a := &agent{slot: slot, info: info, flags: flags | dataplane.AgentActive}
 		r.agents[slot] = a
+		r.nextSlot = max(r.nextSlot, slot+1)
 		if _, err := r.recompile(a); err != nil {
 			errs = append(errs, err)
 		}
@@ -474,14 +500,15 @@ func (r *Registry) Get(slot dataplane.Slot) (Agent, bool) {
 	return r.view(a), true
 }
 
-// Identity returns the SPIFFE ID of the agent in slot, for attributing events; it reads no
-// kernel state.
+// Identity returns the SPIFFE ID of the agent in slot (or of the agent that last held it), for
+// attributing events; it reads no kernel state.
 func (r *Registry) Identity(slot dataplane.Slot) (id string, mode dataplane.Mode, ok bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	a, ok := r.agents[slot]
 	if !ok {
-		return "", 0, false
+		old, ok := r.retired[slot]
+		return old.id, old.mode, ok
 	}
 	if a.rs != nil {
 		mode = a.rs.Mode
@@ -528,7 +555,7 @@ func (r *Registry) Launched() map[dataplane.Slot]string {
 func (r *Registry) view(a *agent) Agent {
 	v := Agent{
 		Slot: a.slot, SpiffeID: a.info.SpiffeID, Cgroup: a.info.CgroupPath, CgroupID: a.info.CgroupID,
-		Launched: a.info.Launched, Registered: a.info.Registered, Killed: a.flags&dataplane.AgentKilled != 0,
+		Launched: a.info.Launched, Launcher: a.launcher, Registered: a.info.Registered, Killed: a.flags&dataplane.AgentKilled != 0,
 		Generation: a.info.Generation, Synced: a.synced, Warnings: a.warnings,
 	}
 	if a.rs != nil {

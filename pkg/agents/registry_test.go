@@ -303,3 +303,19 @@ func TestUnregisterRemovesLaunchedCgroup(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+func TestSlotsAreReusedLast(t *testing.T) {
+	e := newEnv(t)
+	a, _ := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Launch: true})
+	if err := e.reg.Unregister(a.Slot); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/b", Launch: true})
+	if b.Slot == a.Slot {
+		t.Errorf("slot %d reused at once", a.Slot)
+	}
+	// Late events of the ended agent are still its own.
+	if id, _, ok := e.reg.Identity(a.Slot); !ok || id != "spiffe://example.org/a" {
+		t.Errorf("identity of the retired slot: %q %v", id, ok)
+	}
+}

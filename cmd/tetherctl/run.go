@@ -1,0 +1,182 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"os/user"
+	"runtime"
+	"strconv"
+	"syscall"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+
+	"github.com/tether-sh/tether/pkg/api"
+)
+
+// droppedCaps leave an agent's capability bounding set unless --keep-caps: with them a root
+// agent could detach tether's programs (BPF, SYS_ADMIN, PERFMON), open packet sockets the
+// address hooks never see (NET_RAW), reconfigure the network (NET_ADMIN), tamper with processes
+// outside the agent (SYS_PTRACE) or load kernel code (SYS_MODULE).
+var droppedCaps = []uintptr{
+	unix.CAP_SYS_ADMIN, unix.CAP_BPF, unix.CAP_PERFMON, unix.CAP_NET_ADMIN, unix.CAP_NET_RAW,
+	unix.CAP_SYS_PTRACE, unix.CAP_SYS_MODULE,
+}
+
+type runFlags struct {
+	id       string
+	user     string
+	keepCaps bool
+}
+
+func newRun(g *globals) *cobra.Command {
+	f := &runFlags{}
+	cmd := &cobra.Command{
+		Use:   "run --id SPIFFE_ID [--user USER] -- COMMAND [ARGS...]",
+		Short: "Run a command as an agent with the given identity",
+		Long: `run asks tetherd for a new agent cgroup bound to the identity, then starts COMMAND
+directly inside it (clone3 with CLONE_INTO_CGROUP): the agent's rule set is in force before its
+first instruction. When COMMAND exits, whatever it left running is killed and the cgroup removed.
+tetherctl exits with COMMAND's status.
+
+SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 are passed to COMMAND. SIGINT and SIGQUIT from the terminal
+reach COMMAND directly; tetherctl ignores them.
+
+An agent running as root could leave its cgroup (root may write any cgroup.procs): run agents
+as an unprivileged user with --user.`,
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if f.id == "" {
+				return errors.New("--id is required")
+			}
+			return runAgent(g.client(), f, args)
+		},
+	}
+	cmd.Flags().StringVar(&f.id, "id", "", "SPIFFE ID of the agent")
+	cmd.Flags().StringVar(&f.user, "user", "", "run COMMAND as this user (name or uid)")
+	cmd.Flags().BoolVar(&f.keepCaps, "keep-caps", false, "keep CAP_SYS_ADMIN, CAP_BPF, CAP_NET_RAW and the other capabilities run drops")
+	return cmd
+}
+
+func runAgent(c *api.Client, f *runFlags, args []string) error {
+	path, err := exec.LookPath(args[0])
+	if err != nil {
+		return err
+	}
+	var cred *syscall.Credential
+	if f.user != "" {
+		if cred, err = credential(f.user); err != nil {
+			return err
+		}
+	}
+
+	agent, err := c.Register(api.RegisterRequest{SpiffeID: f.id, Launch: true})
+	if err != nil {
+		return err
+	}
+	unregister := func() {
+		if err := c.Unregister(agent.Slot); err != nil {
+			fmt.Fprintf(os.Stderr, "tetherctl: removing agent %d: %v (tetherd removes it once it sees it ended)\n", agent.Slot, err)
+		}
+	}
+	dir, err := os.Open(agent.Cgroup)
+	if err != nil {
+		unregister()
+		return fmt.Errorf("opening agent cgroup: %w", err)
+	}
+	defer dir.Close()
+
+	cmd := exec.Command(path, args[1:]...)
+	cmd.Args[0] = args[0]
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.Env = append(os.Environ(), "TETHER_SPIFFE_ID="+agent.SpiffeID, "TETHER_AGENT_SLOT="+strconv.Itoa(int(agent.Slot)))
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd()), Credential: cred}
+
+	signal.Ignore(syscall.SIGINT, syscall.SIGQUIT)
+	forward := make(chan os.Signal, 4)
+	signal.Notify(forward, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGUSR2)
+	defer signal.Stop(forward)
+
+	if err := start(cmd, !f.keepCaps); err != nil {
+		unregister()
+		return fmt.Errorf("starting %s: %w", args[0], err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	var waitErr error
+	for waiting := true; waiting; {
+		select {
+		case s := <-forward:
+			cmd.Process.Signal(s)
+		case waitErr = <-done:
+			waiting = false
+		}
+	}
+	unregister()
+
+	var ee *exec.ExitError
+	switch {
+	case waitErr == nil:
+		return nil
+	case errors.As(waitErr, &ee):
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			fmt.Fprintf(os.Stderr, "tetherctl: %s ended by signal %v\n", args[0], ws.Signal())
+			return exitCode(128 + int(ws.Signal()))
+		}
+		return exitCode(ee.ExitCode())
+	}
+	return waitErr
+}
+
+// start starts cmd from a thread whose capability bounding set lacks droppedCaps (a bounding set
+// belongs to a thread and is inherited by the child). That thread is never given back to the
+// Go scheduler: it ends with the goroutine.
+func start(cmd *exec.Cmd, dropCaps bool) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // not unlocked: the thread's reduced capabilities die with it
+		if dropCaps {
+			for _, c := range droppedCaps {
+				if err := unix.Prctl(unix.PR_CAPBSET_DROP, c, 0, 0, 0); err != nil && !errors.Is(err, unix.EINVAL) {
+					if os.Geteuid() == 0 {
+						errc <- fmt.Errorf("dropping capability %d: %w", c, err)
+						return
+					}
+					break // without CAP_SETPCAP there are no capabilities to drop
+				}
+			}
+		}
+		errc <- cmd.Start()
+	}()
+	return <-errc
+}
+
+func credential(name string) (*syscall.Credential, error) {
+	u, err := user.Lookup(name)
+	if err != nil {
+		if _, numErr := strconv.Atoi(name); numErr == nil {
+			u, err = user.LookupId(name)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("user %q: %w", name, err)
+		}
+	}
+	uid, err1 := strconv.ParseUint(u.Uid, 10, 32)
+	gid, err2 := strconv.ParseUint(u.Gid, 10, 32)
+	if err := errors.Join(err1, err2); err != nil {
+		return nil, fmt.Errorf("user %q: %w", name, err)
+	}
+	cred := &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
+	gids, err := u.GroupIds()
+	if err == nil {
+		for _, g := range gids {
+			if n, err := strconv.ParseUint(g, 10, 32); err == nil {
+				cred.Groups = append(cred.Groups, uint32(n))
+			}
+		}
+	}
+	return cred, nil
+}

@@ -1,0 +1,207 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/dataplane"
+)
+
+type fakeService struct {
+	mu     sync.Mutex
+	agents map[dataplane.Slot]agents.Agent
+	calls  []string
+}
+
+func newFakeService() *fakeService {
+	launcher := uint32(1000)
+	return &fakeService{agents: map[dataplane.Slot]agents.Agent{
+		1: {Slot: 1, SpiffeID: "spiffe://x/a", Launched: true, Launcher: &launcher},
+		2: {Slot: 2, SpiffeID: "spiffe://x/b"},
+	}}
+}
+
+func (f *fakeService) record(c string) { f.mu.Lock(); f.calls = append(f.calls, c); f.mu.Unlock() }
+
+func (f *fakeService) Status() Status { return Status{Version: "test", Agents: len(f.agents)} }
+func (f *fakeService) Agents() []agents.Agent {
+	return []agents.Agent{f.agents[1], f.agents[2]}
+}
+func (f *fakeService) Agent(s dataplane.Slot) (agents.Agent, bool) {
+	a, ok := f.agents[s]
+	return a, ok
+}
+func (f *fakeService) Register(r agents.Registration) (agents.Agent, error) {
+	f.record("register " + r.SpiffeID)
+	if r.SpiffeID == "spiffe://x/fail" {
+		return agents.Agent{}, errors.New("compile error")
+	}
+	return agents.Agent{Slot: 3, SpiffeID: r.SpiffeID, Launcher: r.Launcher}, nil
+}
+func (f *fakeService) Unregister(s dataplane.Slot) error { f.record("unregister"); return nil }
+func (f *fakeService) SetMode(s dataplane.Slot, m *dataplane.Mode) (agents.Agent, error) {
+	f.record("mode")
+	if _, ok := f.agents[s]; !ok {
+		return agents.Agent{}, agents.ErrNotFound
+	}
+	return f.agents[s], nil
+}
+func (f *fakeService) SetKilled(s dataplane.Slot, k bool) (agents.Agent, error) {
+	f.record("killed")
+	return f.agents[s], nil
+}
+
+var testPolicy = &Policy{
+	AdminUIDs: []uint32{500},
+	AdminGIDs: []uint32{600},
+	Launch:    []LaunchRule{{IDs: []string{"spiffe://x/team/*"}, UIDs: []uint32{1000}, GIDs: []uint32{2000}}},
+	Confined:  func(pid int32) bool { return pid == 666 },
+}
+
+// call runs one request as caller c through the whole handler chain.
+func call(t *testing.T, svc Service, c Caller, method, path, body string) (int, string) {
+	t.Helper()
+	s := NewServer(svc, func() *Policy { return testPolicy }, slog.New(slog.DiscardHandler))
+	req := httptest.NewRequest(method, path, strings.NewReader(body))
+	req = req.WithContext(context.WithValue(req.Context(), callerKey{}, c))
+	rec := httptest.NewRecorder()
+	s.srv.Handler.ServeHTTP(rec, req)
+	return rec.Code, rec.Body.String()
+}
+
+func TestAuthorization(t *testing.T) {
+	root := Caller{PID: 1, UID: 0}
+	admin := Caller{PID: 2, UID: 500}
+	adminGroup := Caller{PID: 2, UID: 501, GID: 7, Groups: []uint32{600}}
+	launcher := Caller{PID: 3, UID: 1000}
+	groupLauncher := Caller{PID: 3, UID: 1001, Groups: []uint32{2000}}
+	nobody := Caller{PID: 4, UID: 65534}
+	agent := Caller{PID: 666, UID: 0}
+	tests := []struct {
+		name         string
+		c            Caller
+		method, path string
+		body         string
+		code         int
+		want         string
+	}{
+		{"status for anyone", nobody, "GET", "/v1/status", "", 200, `"version":"test"`},
+		{"nothing from inside an agent, even root", agent, "GET", "/v1/status", "", 403, "inside agents"},
+		{"root registers a cgroup", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","cgroup":"/cg/tether/a"}`, 201, `"slot":3`},
+		{"admin uid registers a cgroup", admin, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","cgroup":"/cg/tether/a"}`, 201, ""},
+		{"admin group registers a cgroup", adminGroup, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","cgroup":"/cg/tether/a"}`, 201, ""},
+		{"launcher may not bind cgroups", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","cgroup":"/cg/tether/a"}`, 403, "not an admin"},
+		{"launcher launches its identities", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true}`, 201, `"launcher_uid":1000`},
+		{"group launcher too", groupLauncher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true}`, 201, ""},
+		{"but not others", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/admin","launch":true}`, 403, "may not launch spiffe://x/admin"},
+		{"nobody launches nothing", nobody, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true}`, 403, "no launch rule"},
+		{"launch and cgroup together", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"cgroup":"/x"}`, 400, "either"},
+		{"neither", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a"}`, 400, "either"},
+		{"missing id", root, "POST", "/v1/agents", `{"launch":true}`, 400, "spiffe_id is required"},
+		{"unknown field", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"admin":true}`, 400, "unknown field"},
+		{"trailing data", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true} {}`, 400, "after the JSON"},
+		{"not JSON", root, "POST", "/v1/agents", `spiffe_id=x`, 400, "request body"},
+		{"huge body", root, "POST", "/v1/agents", `{"spiffe_id":"` + strings.Repeat("a", maxBody) + `"}`, 400, "over"},
+		{"service error is reported", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/fail","launch":true}`, 400, "compile error"},
+		{"launcher ends its agent", launcher, "DELETE", "/v1/agents/1", "", 204, ""},
+		{"but not another", launcher, "DELETE", "/v1/agents/2", "", 403, "not an admin"},
+		{"admin ends any", admin, "DELETE", "/v1/agents/2", "", 204, ""},
+		{"unknown slot", root, "DELETE", "/v1/agents/9", "", 404, "no agent in slot 9"},
+		{"bad slot", root, "DELETE", "/v1/agents/x", "", 400, "want a number"},
+		{"slot out of range", root, "GET", "/v1/agents/99999", "", 400, "below 4096"},
+		{"mode by admin", admin, "PUT", "/v1/agents/1/mode", `{"mode":"audit"}`, 200, ""},
+		{"mode cleared", admin, "PUT", "/v1/agents/1/mode", `{"mode":null}`, 200, ""},
+		{"mode by launcher refused", launcher, "PUT", "/v1/agents/1/mode", `{"mode":"audit"}`, 403, ""},
+		{"bad mode", admin, "PUT", "/v1/agents/1/mode", `{"mode":"off"}`, 400, "unknown mode"},
+		{"mode of unknown agent", admin, "PUT", "/v1/agents/7/mode", `{"mode":"audit"}`, 404, "no such agent"},
+		{"killed needs a value", admin, "PUT", "/v1/agents/1/killed", `{}`, 400, "required"},
+		{"killed by admin", admin, "PUT", "/v1/agents/1/killed", `{"killed":true}`, 200, ""},
+		{"killed by nobody", nobody, "PUT", "/v1/agents/1/killed", `{"killed":true}`, 403, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, body := call(t, newFakeService(), tt.c, tt.method, tt.path, tt.body)
+			if code != tt.code || !strings.Contains(body, tt.want) {
+				t.Errorf("%s %s as uid %d: %d %s, want %d with %q", tt.method, tt.path, tt.c.UID, code, body, tt.code, tt.want)
+			}
+		})
+	}
+}
+
+func TestRefusedRequestsChangeNothing(t *testing.T) {
+	svc := newFakeService()
+	nobody := Caller{PID: 4, UID: 65534}
+	call(t, svc, nobody, "PUT", "/v1/agents/1/killed", `{"killed":true}`)
+	call(t, svc, nobody, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","cgroup":"/x"}`)
+	call(t, svc, Caller{UID: 0}, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","cgroup":"/x","extra":1}`)
+	if len(svc.calls) != 0 {
+		t.Errorf("refused requests reached the service: %v", svc.calls)
+	}
+}
+
+// TestSocket serves on a real unix socket and checks that the caller is who the kernel says.
+func TestSocket(t *testing.T) {
+	dir, err := os.MkdirTemp("", "tapi")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	path := filepath.Join(dir, "s.sock")
+	l, err := Listen(path, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode %v", fi.Mode().Perm())
+	}
+	var seen Caller
+	pol := &Policy{Confined: func(pid int32) bool { return false }}
+	s := NewServer(newFakeService(), func() *Policy { return pol }, slog.New(slog.DiscardHandler))
+	inner := s.srv.Handler
+	s.srv.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		seen, _ = r.Context().Value(callerKey{}).(Caller)
+		inner.ServeHTTP(w, r)
+	})
+	go s.Serve(l)
+	defer s.Shutdown(context.Background())
+
+	st, err := NewClient(path).Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Version != "test" || seen.PID != int32(os.Getpid()) || seen.UID != uint32(os.Getuid()) {
+		t.Errorf("status %+v, caller %+v", st, seen)
+	}
+	if _, err := Listen(path, ""); err == nil || !strings.Contains(err.Error(), "another tetherd") {
+		t.Errorf("second listener: %v", err)
+	}
+	_, err = NewClient(path).SetMode(7, nil)
+	if err == nil || !strings.Contains(err.Error(), "tetherd: ") {
+		t.Errorf("error from the server: %v", err)
+	}
+}
+
+// FuzzDecodeRegister: the request decoder refuses or accepts, never panics, and what it accepts
+// round-trips.
+func FuzzDecodeRegister(f *testing.F) {
+	f.Add([]byte(`{"spiffe_id":"spiffe://x/a","launch":true}`))
+	f.Add([]byte(`{"spiffe_id":1}`))
+	f.Add([]byte(`[]`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var r RegisterRequest
+		if DecodeJSON(b, &r) != nil {
+			return
+		}
+		var m ModeRequest
+		DecodeJSON(b, &m)
+	})
+}

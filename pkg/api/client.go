@@ -1,0 +1,104 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/dataplane"
+)
+
+// Client calls a tetherd over its unix socket.
+type Client struct {
+	socket string
+	http   *http.Client
+}
+
+// NewClient returns a client for the socket at path.
+func NewClient(path string) *Client {
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		},
+	}
+	return &Client{socket: path, http: &http.Client{Transport: tr, Timeout: 30 * time.Second}}
+}
+
+func (c *Client) do(method, path string, body, out any) error {
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return err
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequest(method, "http://tetherd"+path, rd)
+	if err != nil {
+		return err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("reaching tetherd at %s: %w", c.socket, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return fmt.Errorf("reading tetherd's answer: %w", err)
+	}
+	if resp.StatusCode >= 300 {
+		var e Error
+		if json.Unmarshal(b, &e) == nil && e.Error != "" {
+			return fmt.Errorf("tetherd: %s", e.Error)
+		}
+		return fmt.Errorf("tetherd: %s", resp.Status)
+	}
+	if out != nil {
+		if err := json.Unmarshal(b, out); err != nil {
+			return fmt.Errorf("decoding tetherd's answer: %w", err)
+		}
+	}
+	return nil
+}
+
+func (c *Client) Status() (Status, error) {
+	var s Status
+	return s, c.do(http.MethodGet, "/v1/status", nil, &s)
+}
+
+func (c *Client) Agents() ([]agents.Agent, error) {
+	var a []agents.Agent
+	return a, c.do(http.MethodGet, "/v1/agents", nil, &a)
+}
+
+func (c *Client) Agent(slot dataplane.Slot) (agents.Agent, error) {
+	var a agents.Agent
+	return a, c.do(http.MethodGet, fmt.Sprintf("/v1/agents/%d", slot), nil, &a)
+}
+
+func (c *Client) Register(req RegisterRequest) (agents.Agent, error) {
+	var a agents.Agent
+	return a, c.do(http.MethodPost, "/v1/agents", req, &a)
+}
+
+func (c *Client) Unregister(slot dataplane.Slot) error {
+	return c.do(http.MethodDelete, fmt.Sprintf("/v1/agents/%d", slot), nil, nil)
+}
+
+// SetMode sets the agent's mode; nil follows its grants again.
+func (c *Client) SetMode(slot dataplane.Slot, mode *string) (agents.Agent, error) {
+	var a agents.Agent
+	return a, c.do(http.MethodPut, fmt.Sprintf("/v1/agents/%d/mode", slot), ModeRequest{Mode: mode}, &a)
+}
+
+func (c *Client) SetKilled(slot dataplane.Slot, killed bool) (agents.Agent, error) {
+	var a agents.Agent
+	return a, c.do(http.MethodPut, fmt.Sprintf("/v1/agents/%d/killed", slot), KilledRequest{Killed: &killed}, &a)
+}

@@ -1,0 +1,409 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/user"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/identity"
+)
+
+// Caller is the process on the other end of a connection, as the kernel reports it.
+type Caller struct {
+	PID    int32
+	UID    uint32
+	GID    uint32
+	Groups []uint32
+}
+
+// Policy decides who may call what.
+type Policy struct {
+	AdminUIDs []uint32
+	AdminGIDs []uint32
+	Launch    []LaunchRule
+	// Confined reports whether the process runs inside an agent (or elsewhere below an agent
+	// parent). Such callers are refused every verb.
+	Confined func(pid int32) bool
+}
+
+// LaunchRule lets UIDs or GIDs launch agents whose SPIFFE ID matches one of IDs.
+type LaunchRule struct {
+	IDs  []string
+	UIDs []uint32
+	GIDs []uint32
+}
+
+func (c Caller) inGroup(gids []uint32) bool {
+	return slices.Contains(gids, c.GID) || slices.ContainsFunc(c.Groups, func(g uint32) bool { return slices.Contains(gids, g) })
+}
+
+// IsAdmin reports whether c may call every verb. Root always may.
+func (p *Policy) IsAdmin(c Caller) bool {
+	return c.UID == 0 || slices.Contains(p.AdminUIDs, c.UID) || c.inGroup(p.AdminGIDs)
+}
+
+// MayLaunch reports whether c may launch an agent with the SPIFFE ID id.
+func (p *Policy) MayLaunch(c Caller, id string) bool {
+	if p.IsAdmin(c) {
+		return true
+	}
+	for _, r := range p.Launch {
+		if (slices.Contains(r.UIDs, c.UID) || c.inGroup(r.GIDs)) &&
+			slices.ContainsFunc(r.IDs, func(pat string) bool { return identity.Match(pat, id) }) {
+			return true
+		}
+	}
+	return false
+}
+
+// Server serves the API.
+type Server struct {
+	svc    Service
+	policy func() *Policy // read per request: a reload swaps it
+	log    *slog.Logger
+	srv    *http.Server
+}
+
+type callerKey struct{}
+
+// NewServer returns a server for svc; policy is called for every request.
+func NewServer(svc Service, policy func() *Policy, log *slog.Logger) *Server {
+	s := &Server{svc: svc, policy: policy, log: log}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", s.status)
+	mux.HandleFunc("GET /v1/agents", s.list)
+	mux.HandleFunc("POST /v1/agents", s.register)
+	mux.HandleFunc("GET /v1/agents/{slot}", s.get)
+	mux.HandleFunc("DELETE /v1/agents/{slot}", s.unregister)
+	mux.HandleFunc("PUT /v1/agents/{slot}/mode", s.setMode)
+	mux.HandleFunc("PUT /v1/agents/{slot}/killed", s.setKilled)
+	s.srv = &http.Server{
+		Handler:           s.guard(mux),
+		ReadHeaderTimeout: 10 * time.Second,
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			caller, err := peer(c)
+			if err != nil {
+				log.Warn("reading peer credentials", "error", err)
+				return ctx // no caller: guard refuses every request on this connection
+			}
+			return context.WithValue(ctx, callerKey{}, caller)
+		},
+	}
+	return s
+}
+
+// Listen creates the socket at path with mode 0600, or 0660 owned by group. A stale socket
+// (nobody answers on it) is replaced; a live one is an error.
+func Listen(path, group string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("creating socket directory: %w", err)
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket", path)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("another tetherd is serving %s", path)
+		}
+		os.Remove(path)
+	}
+	old := syscall.Umask(0o177)
+	l, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w", path, err)
+	}
+	if group != "" {
+		g, err := user.LookupGroup(group)
+		if err == nil {
+			var gid int
+			gid, err = strconv.Atoi(g.Gid)
+			if err == nil {
+				err = os.Chown(path, 0, gid)
+			}
+		}
+		if err == nil {
+			err = os.Chmod(path, 0o660)
+		}
+		if err != nil {
+			l.Close()
+			return nil, fmt.Errorf("giving %s to group %s: %w", path, group, err)
+		}
+	}
+	return l, nil
+}
+
+// Serve serves until Shutdown.
+func (s *Server) Serve(l net.Listener) error {
+	if err := s.srv.Serve(l); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// Shutdown stops accepting and waits for requests in flight.
+func (s *Server) Shutdown(ctx context.Context) error { return s.srv.Shutdown(ctx) }
+
+// peer reads the credentials the kernel recorded for the other end of a unix connection.
+func peer(c net.Conn) (Caller, error) {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return Caller{}, fmt.Errorf("not a unix connection: %T", c)
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return Caller{}, err
+	}
+	var caller Caller
+	var serr error
+	err = raw.Control(func(fd uintptr) {
+		var cred *unix.Ucred
+		if cred, serr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); serr != nil {
+			return
+		}
+		caller = Caller{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid}
+		caller.Groups, serr = peerGroups(int(fd))
+	})
+	return caller, errors.Join(err, serr)
+}
+
+// peerGroups reads SO_PEERGROUPS: the supplementary groups of the peer when it connected.
+func peerGroups(fd int) ([]uint32, error) {
+	buf := make([]uint32, 64)
+	for {
+		n := uint32(len(buf) * 4)
+		_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_PEERGROUPS,
+			uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&n)), 0)
+		switch errno {
+		case 0:
+			return buf[:n/4], nil
+		case unix.ERANGE:
+			buf = make([]uint32, n/4+1)
+		default:
+			return nil, fmt.Errorf("SO_PEERGROUPS: %w", errno)
+		}
+	}
+}
+
+// guard refuses requests without credentials or from inside agents.
+func (s *Server) guard(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, ok := r.Context().Value(callerKey{}).(Caller)
+		if !ok {
+			refuse(w, http.StatusForbidden, errors.New("the caller's credentials could not be read"))
+			return
+		}
+		if p := s.policy(); p.Confined != nil && p.Confined(c.PID) {
+			s.log.Warn("API call from inside an agent refused", "pid", c.PID, "uid", c.UID, "path", r.URL.Path)
+			refuse(w, http.StatusForbidden, errors.New("processes inside agents may not use the control API"))
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func caller(r *http.Request) Caller { return r.Context().Value(callerKey{}).(Caller) }
+
+func (s *Server) admin(w http.ResponseWriter, r *http.Request) bool {
+	if c := caller(r); !s.policy().IsAdmin(c) {
+		refuse(w, http.StatusForbidden, fmt.Errorf("uid %d is not an admin (api.admin_uids, api.admin_gids)", c.UID))
+		return false
+	}
+	return true
+}
+
+func (s *Server) status(w http.ResponseWriter, r *http.Request) {
+	reply(w, http.StatusOK, s.svc.Status())
+}
+
+func (s *Server) list(w http.ResponseWriter, r *http.Request) {
+	reply(w, http.StatusOK, s.svc.Agents())
+}
+
+func (s *Server) get(w http.ResponseWriter, r *http.Request) {
+	slot, ok := pathSlot(w, r)
+	if !ok {
+		return
+	}
+	a, found := s.svc.Agent(slot)
+	if !found {
+		refuse(w, http.StatusNotFound, fmt.Errorf("no agent in slot %d", slot))
+		return
+	}
+	reply(w, http.StatusOK, a)
+}
+
+func (s *Server) register(w http.ResponseWriter, r *http.Request) {
+	var req RegisterRequest
+	if err := decode(r, &req); err != nil {
+		refuse(w, http.StatusBadRequest, err)
+		return
+	}
+	c := caller(r)
+	reg := agents.Registration{SpiffeID: req.SpiffeID, Cgroup: req.Cgroup, Launch: req.Launch}
+	switch {
+	case req.SpiffeID == "":
+		refuse(w, http.StatusBadRequest, errors.New("spiffe_id is required"))
+		return
+	case req.Launch == (req.Cgroup != ""):
+		refuse(w, http.StatusBadRequest, errors.New("give either launch: true or an existing cgroup"))
+		return
+	case !req.Launch && !s.admin(w, r):
+		return
+	case req.Launch && !s.policy().MayLaunch(c, req.SpiffeID):
+		refuse(w, http.StatusForbidden, fmt.Errorf("uid %d may not launch %s (no launch rule allows it)", c.UID, req.SpiffeID))
+		return
+	}
+	if req.Launch {
+		uid := c.UID
+		reg.Launcher, reg.LauncherPID = &uid, c.PID
+	}
+	a, err := s.svc.Register(reg)
+	if err != nil {
+		refuse(w, http.StatusBadRequest, err)
+		return
+	}
+	s.log.Info("API registered agent", "slot", a.Slot, "spiffe_id", a.SpiffeID, "caller_uid", c.UID, "caller_pid", c.PID)
+	reply(w, http.StatusCreated, a)
+}
+
+func (s *Server) unregister(w http.ResponseWriter, r *http.Request) {
+	slot, ok := pathSlot(w, r)
+	if !ok {
+		return
+	}
+	a, found := s.svc.Agent(slot)
+	if !found {
+		refuse(w, http.StatusNotFound, fmt.Errorf("no agent in slot %d", slot))
+		return
+	}
+	c := caller(r)
+	launcher := a.Launcher != nil && *a.Launcher == c.UID
+	if !launcher && !s.admin(w, r) {
+		return
+	}
+	if err := s.svc.Unregister(slot); err != nil {
+		refuse(w, http.StatusInternalServerError, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) setMode(w http.ResponseWriter, r *http.Request) {
+	slot, ok := pathSlot(w, r)
+	if !ok || !s.admin(w, r) {
+		return
+	}
+	var req ModeRequest
+	if err := decode(r, &req); err != nil {
+		refuse(w, http.StatusBadRequest, err)
+		return
+	}
+	var mode *dataplane.Mode
+	if req.Mode != nil {
+		m, err := dataplane.ParseMode(*req.Mode)
+		if err != nil {
+			refuse(w, http.StatusBadRequest, err)
+			return
+		}
+		mode = &m
+	}
+	s.result(w, func() (agents.Agent, error) { return s.svc.SetMode(slot, mode) })
+}
+
+func (s *Server) setKilled(w http.ResponseWriter, r *http.Request) {
+	slot, ok := pathSlot(w, r)
+	if !ok || !s.admin(w, r) {
+		return
+	}
+	var req KilledRequest
+	if err := decode(r, &req); err != nil {
+		refuse(w, http.StatusBadRequest, err)
+		return
+	}
+	if req.Killed == nil {
+		refuse(w, http.StatusBadRequest, errors.New("killed (true or false) is required"))
+		return
+	}
+	s.log.Info("API killed flag", "slot", slot, "killed", *req.Killed, "caller_uid", caller(r).UID)
+	s.result(w, func() (agents.Agent, error) { return s.svc.SetKilled(slot, *req.Killed) })
+}
+
+func (s *Server) result(w http.ResponseWriter, f func() (agents.Agent, error)) {
+	a, err := f()
+	switch {
+	case errors.Is(err, agents.ErrNotFound):
+		refuse(w, http.StatusNotFound, err)
+	case err != nil:
+		refuse(w, http.StatusInternalServerError, err)
+	default:
+		reply(w, http.StatusOK, a)
+	}
+}
+
+func pathSlot(w http.ResponseWriter, r *http.Request) (dataplane.Slot, bool) {
+	n, err := strconv.ParseUint(r.PathValue("slot"), 10, 32)
+	if err != nil || n >= dataplane.MaxAgents {
+		refuse(w, http.StatusBadRequest, fmt.Errorf("agent slot %q: want a number below %d", r.PathValue("slot"), dataplane.MaxAgents))
+		return 0, false
+	}
+	return dataplane.Slot(n), true
+}
+
+// maxBody bounds a request body.
+const maxBody = 64 << 10
+
+// decode reads one JSON object into v: unknown fields, trailing data and bodies over 64 KiB are
+// errors.
+func decode(r *http.Request, v any) error {
+	b, err := io.ReadAll(io.LimitReader(r.Body, maxBody+1))
+	if err != nil {
+		return fmt.Errorf("reading request: %w", err)
+	}
+	return DecodeJSON(b, v)
+}
+
+// DecodeJSON decodes one JSON object strictly.
+func DecodeJSON(b []byte, v any) error {
+	if len(b) > maxBody {
+		return fmt.Errorf("request body over %d bytes", maxBody)
+	}
+	d := json.NewDecoder(bytes.NewReader(b))
+	d.DisallowUnknownFields()
+	if err := d.Decode(v); err != nil {
+		return fmt.Errorf("request body: %w", err)
+	}
+	if d.More() {
+		return errors.New("request body: data after the JSON object")
+	}
+	return nil
+}
+
+func reply(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(v)
+}
+
+func refuse(w http.ResponseWriter, code int, err error) {
+	reply(w, code, Error{Error: err.Error()})
+}

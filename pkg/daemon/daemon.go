@@ -1,0 +1,331 @@
+// Package daemon wires tetherd's stages together: it finds the cgroup2 hierarchy, loads the kernel
+// side and attaches it at the agent parents, adopts the agents an earlier tetherd left pinned,
+// compiles grants into their rule sets, pumps kernel decisions into the decision log, serves the
+// control API, and keeps the kernel in step with the registry. It is the only package that knows
+// every stage.
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/api"
+	"github.com/tether-sh/tether/pkg/cgroups"
+	"github.com/tether-sh/tether/pkg/compile"
+	"github.com/tether-sh/tether/pkg/config"
+	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/events"
+	"github.com/tether-sh/tether/pkg/grants"
+	"github.com/tether-sh/tether/pkg/kernel"
+)
+
+// Daemon is a running tetherd.
+type Daemon struct {
+	log     *slog.Logger
+	version string
+	started time.Time
+
+	cfg     atomic.Pointer[config.Loaded]
+	policy  atomic.Pointer[api.Policy]
+	root    string   // cgroup2 mount
+	parents []string // absolute agent parents
+	launch  string   // absolute launch parent
+
+	kern     *kernel.Kernel
+	registry *agents.Registry
+	pump     *events.Pump
+	reaper   *reaper
+}
+
+// Options are what Run needs besides the configuration.
+type Options struct {
+	Version string
+	Logger  *slog.Logger
+	// Started, if set, is given the daemon once the API serves (for reloads).
+	Started func(*Daemon)
+}
+
+// Run runs tetherd until ctx is done. Pinned enforcement stays in place when it returns.
+func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
+	d := &Daemon{log: opts.Logger, version: opts.Version, started: time.Now(), reaper: newReaper()}
+	defer d.reaper.close()
+	d.cfg.Store(cfg)
+	for _, w := range cfg.Warnings {
+		d.log.Warn("configuration", "warning", w)
+	}
+	if err := d.findCgroups(cfg); err != nil {
+		return err
+	}
+
+	execMode, _ := kernel.ParseExecMode(cfg.BPF.ExecMode)
+	k, err := kernel.Open(kernel.Options{
+		PinDir:             cfg.BPF.PinDir,
+		RingBufferSize:     cfg.BPF.RingBufferBytes,
+		AllowSample:        cfg.BPF.AllowSample,
+		UnknownCgroupAllow: cfg.BPF.UnknownCgroup == "allow",
+		Exec:               execMode,
+		AllowRootAttach:    cfg.Cgroup.AllowRootAttach,
+		Logger:             d.log,
+	})
+	if err != nil {
+		return err
+	}
+	d.kern = k
+	defer k.Close()
+	d.logFeatures()
+
+	keep := map[uint64]bool{}
+	for _, p := range d.parents {
+		if err := k.AttachParent(p); err != nil {
+			return err
+		}
+		id, _ := cgroups.ID(p)
+		keep[id] = true
+		d.log.Info("attached cgroup programs", "parent", p)
+	}
+	if gone, err := k.DetachStaleParents(keep); err != nil {
+		d.log.Warn("detaching programs from cgroups no longer configured", "error", err)
+	} else if len(gone) > 0 {
+		d.log.Info("detached programs from cgroups no longer configured", "cgroup_ids", gone)
+	}
+
+	d.registry = agents.New(agents.Options{
+		Dataplane:    k,
+		Source:       d,
+		Compile:      compileGrants,
+		Parents:      d.parents,
+		LaunchParent: d.launch,
+		Logger:       d.log,
+	})
+	if err := d.registry.Adopt(); err != nil {
+		d.log.Error("adopting pinned agents", "error", err)
+	}
+	d.setPolicy(cfg)
+
+	sink, closeSink, err := decisionSink(cfg.DecisionLog.Path)
+	if err != nil {
+		return err
+	}
+	defer closeSink()
+	reader, err := k.NewEventReader()
+	if err != nil {
+		return err
+	}
+	var sinks []events.Sink
+	if sink != nil {
+		sinks = append(sinks, sink)
+	}
+	d.pump = events.NewPump(reader, d.registry, 8192, d.log, sinks...)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		d.pump.Run(kernel.ErrClosed)
+	}()
+	defer func() {
+		reader.Close()
+		wg.Wait()
+	}()
+
+	l, err := api.Listen(cfg.API.Socket, cfg.API.Group)
+	if err != nil {
+		return err
+	}
+	srv := api.NewServer(d, func() *api.Policy { return d.policy.Load() }, d.log)
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(l) }()
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+		os.Remove(cfg.API.Socket)
+	}()
+	d.log.Info("tetherd ready", "socket", cfg.API.Socket, "agents", len(d.registry.List()), "config", cfg.Source)
+	if opts.Started != nil {
+		opts.Started(d)
+	}
+
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			d.log.Info("tetherd stopping; pinned enforcement stays in place")
+			return nil
+		case err := <-serveErr:
+			return fmt.Errorf("serving the API: %w", err)
+		case <-tick.C:
+			d.registry.Reconcile()
+			d.reaper.sweep(d.registry, d.log)
+		}
+	}
+}
+
+// findCgroups resolves the cgroup2 mount and the agent parents, creating missing parents.
+func (d *Daemon) findCgroups(cfg *config.Loaded) error {
+	root := cfg.Cgroup.Root
+	if root == "" {
+		var err error
+		if root, err = cgroups.Mount(); err != nil {
+			return err
+		}
+	}
+	d.root = root
+	for _, p := range cfg.Cgroup.AgentParents {
+		abs := config.CgroupPath(root, p)
+		if _, err := cgroups.Create(abs); err != nil {
+			return fmt.Errorf("agent parent %s: %w", abs, err)
+		}
+		d.parents = append(d.parents, abs)
+	}
+	d.launch = config.CgroupPath(root, cfg.Cgroup.LaunchParent)
+	if _, err := cgroups.Create(d.launch); err != nil {
+		return fmt.Errorf("launch parent %s: %w", d.launch, err)
+	}
+	return nil
+}
+
+func (d *Daemon) logFeatures() {
+	f := d.kern.Features()
+	for _, h := range f.Hooks {
+		if h.Active {
+			d.log.Info("hook active", "hook", h.Name, "section", h.Section)
+		} else {
+			d.log.Warn("hook inactive", "hook", h.Name, "section", h.Section, "reason", h.Reason)
+		}
+	}
+	d.log.Info("exec enforcement", "mode", f.ExecMode, "reason", f.ExecReason)
+}
+
+func (d *Daemon) setPolicy(cfg *config.Loaded) {
+	p := &api.Policy{AdminUIDs: cfg.API.AdminUIDs, AdminGIDs: cfg.API.AdminGIDs, Confined: d.confined}
+	for _, r := range cfg.Launch {
+		p.Launch = append(p.Launch, api.LaunchRule{IDs: r.IDs, UIDs: r.UIDs, GIDs: r.GIDs})
+	}
+	d.policy.Store(p)
+}
+
+// Reload takes a new configuration: grants, launch rules and admins apply at once (agents are
+// compiled again; grants that do not compile leave the agent's rule set in force). Settings that
+// need the kernel side reloaded are reported and wait for a restart.
+func (d *Daemon) Reload(cfg *config.Loaded) error {
+	old := d.cfg.Load()
+	var restart []string
+	if old.BPF != cfg.BPF {
+		restart = append(restart, "bpf")
+	}
+	if fmt.Sprint(old.Cgroup) != fmt.Sprint(cfg.Cgroup) {
+		restart = append(restart, "cgroup")
+	}
+	if old.API.Socket != cfg.API.Socket || old.API.Group != cfg.API.Group {
+		restart = append(restart, "api.socket", "api.group")
+	}
+	if old.DecisionLog != cfg.DecisionLog {
+		restart = append(restart, "decision_log")
+	}
+	if len(restart) > 0 {
+		d.log.Warn("configuration changes that take effect at the next restart", "settings", strings.Join(restart, ", "))
+	}
+	for _, w := range cfg.Warnings {
+		d.log.Warn("configuration", "warning", w)
+	}
+	d.cfg.Store(cfg)
+	d.setPolicy(cfg)
+	err := d.registry.Refresh()
+	d.log.Info("configuration reloaded", "source", cfg.Source, "agents", len(d.registry.List()))
+	return err
+}
+
+// Grants gives the configured grants of an identity.
+func (d *Daemon) Grants(id string) (grants.Grants, bool) {
+	g, ok := d.cfg.Load().Grants[id]
+	return g, ok
+}
+
+func compileGrants(g grants.Grants) (*dataplane.RuleSet, []string, error) {
+	res, err := compile.Compile(g, compile.OS{})
+	if err != nil {
+		return nil, nil, err
+	}
+	return &res.RuleSet, res.Warnings, nil
+}
+
+// confined reports whether pid lives below an agent parent.
+func (d *Daemon) confined(pid int32) bool {
+	rel, err := cgroups.PathOf(int(pid))
+	if err != nil {
+		return true // cannot tell: refuse
+	}
+	abs := filepath.Join(d.root, rel)
+	for _, p := range d.parents {
+		if abs == p || strings.HasPrefix(abs, p+"/") {
+			return true
+		}
+	}
+	return false
+}
+
+func decisionSink(path string) (events.Sink, func(), error) {
+	switch path {
+	case "":
+		return nil, func() {}, nil
+	case "-":
+		return events.NewJSONLines(os.Stdout), func() {}, nil
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
+	if err != nil {
+		return nil, nil, fmt.Errorf("opening decision log: %w", err)
+	}
+	return events.NewJSONLines(f), func() { f.Close() }, nil
+}
+
+// api.Service
+
+func (d *Daemon) Status() api.Status {
+	cfg := d.cfg.Load()
+	f := d.kern.Features()
+	st := api.Status{
+		Version: d.version, Started: d.started, ConfigSource: cfg.Source,
+		PinDir: d.kern.PinDir(), Cgroup2: d.root, AgentParents: d.parents, LaunchParent: d.launch,
+		ExecMode: string(f.ExecMode), ExecReason: f.ExecReason, ActiveLSMs: f.ActiveLSMs,
+		Agents: len(d.registry.List()), Registry: d.registry.Stats(), Events: d.pump.Stats(),
+		Warnings: cfg.Warnings,
+	}
+	for _, h := range f.Hooks {
+		st.Hooks = append(st.Hooks, api.Hook{Name: h.Name, Section: h.Section, Active: h.Active, Reason: h.Reason})
+	}
+	if c, err := d.kern.Counters(); err == nil {
+		st.Kernel = c
+	}
+	return st
+}
+
+func (d *Daemon) Agents() []agents.Agent { return d.registry.List() }
+
+func (d *Daemon) Agent(slot dataplane.Slot) (agents.Agent, bool) { return d.registry.Get(slot) }
+
+func (d *Daemon) Register(r agents.Registration) (agents.Agent, error) {
+	a, err := d.registry.Register(r)
+	if err == nil && r.Launch && r.LauncherPID > 0 {
+		d.reaper.watch(a.Slot, r.LauncherPID)
+	}
+	return a, err
+}
+
+func (d *Daemon) Unregister(slot dataplane.Slot) error { return d.registry.Unregister(slot) }
+
+func (d *Daemon) SetMode(slot dataplane.Slot, mode *dataplane.Mode) (agents.Agent, error) {
+	return d.registry.SetMode(slot, mode)
+}
+
+func (d *Daemon) SetKilled(slot dataplane.Slot, killed bool) (agents.Agent, error) {
+	return d.registry.SetKilled(slot, killed)
+}

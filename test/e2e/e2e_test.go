@@ -1,0 +1,276 @@
+package e2e
+
+import (
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/cgroups"
+	"github.com/tether-sh/tether/pkg/events"
+)
+
+const agentID = "spiffe://test.local/agent"
+
+func tcpPort(t *testing.T, h *privtest.Host) (uint16, *counter) {
+	t.Helper()
+	l := h.ListenTCP(t, h.V4)
+	ap := netip.MustParseAddrPort(l.Addr().String())
+	return ap.Port(), accept(l)
+}
+
+func grantsFor(self string, h *privtest.Host, okPort uint16) string {
+	return fmt.Sprintf(`  %s:
+    egress:
+      - cidr: %s/32
+        ports: [%d]
+        protocol: tcp
+    exec:
+      - path: %s
+`, agentID, h.V4, okPort, self)
+}
+
+// TestPrivilegedRunEndToEnd launches agents with tetherctl run against a tetherd on its own
+// configuration: allowed and denied connects, a denied exec, the decision log, the API socket
+// refused to agents, and cleanup of the agent cgroups.
+func TestPrivilegedRunEndToEnd(t *testing.T) {
+	h := privtest.NewHost(t)
+	okPort, okCount := tcpPort(t, h)
+	noPort, noCount := tcpPort(t, h)
+	self, _ := os.Executable()
+	d := newTetherd(t, grantsFor(self, h, okPort))
+	d.start()
+
+	ok := netip.AddrPortFrom(h.V4, okPort).String()
+	no := netip.AddrPortFrom(h.V4, noPort).String()
+	out, err := d.agentRun(agentID, "dial", "tcp", ok, "tcp", no, "unix", d.socket).Output()
+	if err != nil {
+		t.Fatalf("agent: %v\n%s", err, out)
+	}
+	if got := lines(string(out)); !slices.Equal(got, []string{"ok", "eperm", "eperm"}) {
+		t.Errorf("agent verdicts %v, want ok (granted), eperm (not granted), eperm (tetherd's socket)", got)
+	}
+	if okCount.get() != 1 || noCount.get() != 0 {
+		t.Errorf("listeners accepted %d (granted) and %d (not granted)", okCount.get(), noCount.get())
+	}
+
+	// Outside agents nothing changes: the test process reaches the port the agent may not.
+	if got := privtest.Dial(t, "", "tcp", no); !slices.Equal(got, []string{"ok"}) {
+		t.Errorf("non-agent dial: %v", got)
+	}
+
+	// An exec the grants do not name: the process dies before running (SIGKILL, or EPERM
+	// where BPF LSM enforces).
+	trueBin, _ := exec.LookPath("true")
+	_, stderr, code := d.ctlRaw("run", "--id", agentID, "--", trueBin)
+	if code != 128+int(syscall.SIGKILL) && code != 126 && code != 1 {
+		t.Errorf("denied exec: exit %d, stderr %q", code, stderr)
+	}
+	// An identity without grants gets nothing, not even its first exec.
+	if _, _, code := d.ctlRaw("run", "--id", "spiffe://test.local/nobody", "--", self); code == 0 {
+		t.Error("an identity without grants ran")
+	}
+
+	rec := d.decision("connect deny", func(r events.Decision) bool {
+		return r.Kind == "connect4" && r.Verdict == "deny" && r.Destination == no
+	})
+	if rec.SpiffeID != agentID || rec.Binary != self || rec.Reason != "no-rule" || rec.RuleGeneration != 1 || rec.Mode != "enforce" {
+		t.Errorf("deny record %+v", rec)
+	}
+	d.decision("exec deny", func(r events.Decision) bool {
+		return r.Kind == "exec" && r.Verdict == "deny" && r.Executable == trueBin && r.SpiffeID == agentID
+	})
+	d.decision("unix deny of tetherd's socket", func(r events.Decision) bool {
+		return r.Kind == "connect_unix" && r.SocketPath == d.socket && r.Verdict == "deny"
+	})
+	d.decision("sampled allow", func(r events.Decision) bool {
+		return r.Kind == "connect4" && r.Verdict == "allow" && r.Destination == ok
+	})
+
+	if list := d.agents(); len(list) != 0 {
+		t.Errorf("agents left after their commands ended: %+v", list)
+	}
+	entries, _ := os.ReadDir(d.parent)
+	for _, e := range entries {
+		if e.IsDir() {
+			t.Errorf("agent cgroup %s left behind", e.Name())
+		}
+	}
+	st := d.ctl("status")
+	for _, want := range []string{"exec mode", "connect4", "cgroup/connect6", "tp_btf/sched_process_exec"} {
+		if !strings.Contains(st, want) {
+			t.Errorf("status lacks %q:\n%s", want, st)
+		}
+	}
+}
+
+// TestPrivilegedRestartKeepsEnforcement is the crash test: an agent loops on connects to a
+// granted and a denied listener while tetherd is killed with SIGKILL and started again. The
+// denied listener never accepts; the granted one keeps accepting while no tetherd runs; the new
+// tetherd adopts the agent.
+func TestPrivilegedRestartKeepsEnforcement(t *testing.T) {
+	h := privtest.NewHost(t)
+	okPort, okCount := tcpPort(t, h)
+	noPort, noCount := tcpPort(t, h)
+	self, _ := os.Executable()
+	d := newTetherd(t, grantsFor(self, h, okPort))
+	d.start()
+
+	ok := netip.AddrPortFrom(h.V4, okPort).String()
+	no := netip.AddrPortFrom(h.V4, noPort).String()
+	agent := d.agentRun(agentID, "tcploop", ok, no)
+	stdin, _ := agent.StdinPipe()
+	stdout, _ := agent.StdoutPipe()
+	agent.Stderr = os.Stderr
+	if err := agent.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the agent's first accepted connect", func() bool { return okCount.get() > 0 })
+	before := d.agents()
+	if len(before) != 1 {
+		t.Fatalf("agents: %+v", before)
+	}
+
+	d.kill9()
+	down := okCount.get()
+	time.Sleep(500 * time.Millisecond)
+	if okCount.get() <= down {
+		t.Errorf("no granted connect got through while tetherd was down")
+	}
+	if _, _, code := d.ctlRaw("status"); code == 0 {
+		t.Fatal("tetherd still answers after SIGKILL")
+	}
+
+	d.start()
+	after := d.agents()
+	if len(after) != 1 || after[0].Slot != before[0].Slot || after[0].SpiffeID != agentID || after[0].Generation != before[0].Generation+1 {
+		t.Errorf("after restart: %+v (before %+v)", after, before)
+	}
+	time.Sleep(300 * time.Millisecond)
+
+	stdin.Close()
+	report, _ := io.ReadAll(stdout)
+	if err := agent.Wait(); err != nil {
+		t.Errorf("tetherctl run: %v", err)
+	}
+	t.Logf("agent report:\n%s", report)
+	if noCount.get() != 0 {
+		t.Fatalf("the denied listener accepted %d connections", noCount.get())
+	}
+	if !strings.Contains(string(report), no+" ok=0 ") || strings.Contains(string(report), no+" ok=0 eperm=0") {
+		t.Errorf("agent report for the denied listener: %s", report)
+	}
+	if len(d.agents()) != 0 {
+		t.Error("the agent was not removed by the restarted tetherd when it ended")
+	}
+}
+
+// TestPrivilegedReloadModeAndKill drives a long-running agent through configuration reloads (a
+// broken one is refused), a mode override and the killed flag.
+func TestPrivilegedReloadModeAndKill(t *testing.T) {
+	h := privtest.NewHost(t)
+	okPort, _ := tcpPort(t, h)
+	self, _ := os.Executable()
+	d := newTetherd(t, grantsFor(self, h, okPort))
+	d.start()
+
+	sleeper := d.agentRun(agentID, "sleep")
+	stdin, _ := sleeper.StdinPipe()
+	if err := sleeper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { stdin.Close(); sleeper.Wait() }()
+	waitFor(t, "the agent", func() bool { return len(d.agents()) == 1 })
+	slot := fmt.Sprint(d.agents()[0].Slot)
+
+	// A configuration that does not parse is refused; generation 1 stays.
+	os.WriteFile(d.config, []byte("grants: [\n"), 0o600)
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	waitFor(t, "the refusal in tetherd's log", func() bool {
+		return strings.Contains(d.stderr.String(), "configuration refused")
+	})
+	if a := d.agents()[0]; a.Generation != 1 {
+		t.Errorf("generation after a refused reload: %d", a.Generation)
+	}
+	// A good one is compiled and installed as generation 2.
+	d.writeConfig(grantsFor(self, h, okPort))
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	waitFor(t, "generation 2", func() bool { return d.agents()[0].Generation == 2 })
+
+	d.ctl("mode", slot, "audit")
+	if a := d.agents()[0]; a.Mode != "audit" || a.ModeOverride != "audit" || a.Generation != 3 {
+		t.Errorf("after mode audit: %+v", a)
+	}
+	d.ctl("mode", agentID, "default")
+	if a := d.agents()[0]; a.Mode != "enforce" || a.ModeOverride != "" {
+		t.Errorf("after mode default: %+v", a)
+	}
+	d.ctl("set-killed", slot, "true")
+	if a := d.agents()[0]; !a.Killed {
+		t.Errorf("after set-killed: %+v", a)
+	}
+	// The killed agent cannot even spawn: the helper's exec of itself is denied.
+	cg := d.agents()[0].Cgroup
+	if out, err := privtest.Command(t, cg, "dial", "tcp", netip.AddrPortFrom(h.V4, okPort).String()).Output(); err == nil {
+		t.Errorf("a killed agent ran: %q", out)
+	}
+	d.ctl("set-killed", slot, "false")
+	if got := privtest.Dial(t, cg, "tcp", netip.AddrPortFrom(h.V4, okPort).String()); !slices.Equal(got, []string{"ok"}) {
+		t.Errorf("after clearing killed: %v", got)
+	}
+	_, stderr, code := d.ctlRaw("mode", slot, "loud")
+	if code == 0 || !strings.Contains(stderr, "want enforce, audit or default") {
+		t.Errorf("bad mode: exit %d %q", code, stderr)
+	}
+}
+
+// TestPrivilegedReaper kills tetherctl run itself: tetherd notices when the orphaned agent ends
+// and removes it.
+func TestPrivilegedReaper(t *testing.T) {
+	self, _ := os.Executable()
+	d := newTetherd(t, fmt.Sprintf("  %s:\n    exec:\n      - path: %s\n", agentID, self))
+	d.start()
+	sleeper := d.agentRun(agentID, "sleep")
+	stdin, _ := sleeper.StdinPipe()
+	if err := sleeper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the agent", func() bool { return len(d.agents()) == 1 })
+	cg := d.agents()[0].Cgroup
+	sleeper.Process.Signal(syscall.SIGKILL)
+	for sleeper.ProcessState == nil {
+		// Not Wait: it would close stdin, which the agent holds too.
+		var ws syscall.WaitStatus
+		if _, err := syscall.Wait4(sleeper.Process.Pid, &ws, 0, nil); err == nil {
+			break
+		}
+	}
+	time.Sleep(1500 * time.Millisecond) // a reaper sweep with the launcher gone
+	if populated, _ := cgroups.Populated(cg); !populated || len(d.agents()) != 1 {
+		t.Fatal("the agent did not outlive its launcher")
+	}
+	stdin.Close() // the agent ends
+	waitFor(t, "tetherd to remove the ended agent", func() bool { return len(d.agents()) == 0 })
+	if _, err := os.Stat(cg); !os.IsNotExist(err) {
+		t.Errorf("agent cgroup %s still exists: %v", cg, err)
+	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if cond() {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}

@@ -1,0 +1,282 @@
+// Package e2e runs the real tetherd and tetherctl binaries against the running kernel: each test
+// starts its own tetherd with its own pins, agent parent cgroup, socket and decision log, and
+// drives agents with tetherctl run. Agents run the test binary itself as a helper (privtest).
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/events"
+)
+
+func TestMain(m *testing.M) { privtest.Main(m) }
+
+var (
+	buildOnce sync.Once
+	binDir    string
+	buildErr  error
+)
+
+// binaries builds tetherd and tetherctl once per test run.
+func binaries(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		binDir, buildErr = os.MkdirTemp("", "tether-e2e-bin")
+		if buildErr != nil {
+			return
+		}
+		out, err := exec.Command("go", "build", "-o", binDir+"/", "../../cmd/tetherd", "../../cmd/tetherctl").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("building binaries: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binDir
+}
+
+// tetherd is one tetherd the test started.
+type tetherd struct {
+	t         *testing.T
+	bin       string
+	dir       string // short: holds the socket
+	config    string
+	socket    string
+	decisions string
+	parent    string // the agent parent cgroup
+	pin       string
+	self      string // the test binary, which agents run as helpers
+
+	cmd    *exec.Cmd
+	stderr *lockedBuffer
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// newTetherd prepares (does not start) a tetherd with grants (YAML, indented under "grants:").
+func newTetherd(t *testing.T, grantsYAML string) *tetherd {
+	t.Helper()
+	privtest.Gate(t)
+	bin := binaries(t)
+	dir, err := os.MkdirTemp("", "tte")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &tetherd{
+		t: t, bin: bin, dir: dir, config: filepath.Join(dir, "tetherd.yaml"), socket: filepath.Join(dir, "t.sock"),
+		decisions: filepath.Join(dir, "decisions.jsonl"), parent: privtest.Cgroup(t), pin: privtest.PinDir(t), self: self,
+	}
+	d.writeConfig(grantsYAML)
+	t.Cleanup(d.stop)
+	return d
+}
+
+func (d *tetherd) writeConfig(grantsYAML string) {
+	d.t.Helper()
+	cfg := fmt.Sprintf(`cgroup:
+  agent_parents: [%s]
+  launch_parent: %s
+bpf:
+  pin_dir: %s
+  allow_sample: 1
+api:
+  socket: %s
+decision_log:
+  path: %s
+log:
+  level: debug
+grants:
+%s`, d.parent, d.parent, d.pin, d.socket, d.decisions, grantsYAML)
+	if err := os.WriteFile(d.config, []byte(cfg), 0o600); err != nil {
+		d.t.Fatal(err)
+	}
+}
+
+// start runs tetherd and waits until its API answers.
+func (d *tetherd) start() {
+	d.t.Helper()
+	d.stderr = &lockedBuffer{}
+	d.cmd = exec.Command(filepath.Join(d.bin, "tetherd"), "--config", d.config)
+	d.cmd.Stderr = d.stderr
+	if err := d.cmd.Start(); err != nil {
+		d.t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, _, code := d.ctlRaw("status"); code == 0 {
+			return
+		}
+		if d.cmd.ProcessState != nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	d.t.Fatalf("tetherd did not become ready; its log:\n%s", d.stderr.String())
+}
+
+// kill9 kills tetherd the hard way: no cleanup of any kind runs.
+func (d *tetherd) kill9() {
+	d.t.Helper()
+	d.cmd.Process.Signal(syscall.SIGKILL)
+	d.cmd.Wait()
+	d.cmd = nil
+}
+
+// stop ends tetherd with SIGTERM (pins stay; the test's PinDir cleanup removes them).
+func (d *tetherd) stop() {
+	if d.cmd == nil {
+		return
+	}
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { d.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		d.cmd.Process.Kill()
+		<-done
+		d.t.Errorf("tetherd did not stop on SIGTERM; log:\n%s", d.stderr.String())
+	}
+	if d.t.Failed() {
+		d.t.Logf("tetherd log:\n%s", d.stderr.String())
+	}
+	d.cmd = nil
+}
+
+func (d *tetherd) ctlCmd(args ...string) *exec.Cmd {
+	cmd := exec.Command(filepath.Join(d.bin, "tetherctl"), append([]string{"--socket", d.socket}, args...)...)
+	return cmd
+}
+
+func (d *tetherd) ctlRaw(args ...string) (string, string, int) {
+	cmd := d.ctlCmd(args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			code = 128 + int(ws.Signal())
+		}
+	} else if err != nil {
+		d.t.Fatal(err)
+	}
+	return stdout.String(), stderr.String(), code
+}
+
+// ctl runs tetherctl and fails the test unless it succeeds.
+func (d *tetherd) ctl(args ...string) string {
+	d.t.Helper()
+	out, errOut, code := d.ctlRaw(args...)
+	if code != 0 {
+		d.t.Fatalf("tetherctl %v: exit %d\n%s%s", args, code, out, errOut)
+	}
+	return out
+}
+
+// agentRun runs the test binary's helper as an agent through tetherctl run.
+func (d *tetherd) agentRun(id, helper string, args ...string) *exec.Cmd {
+	cmd := d.ctlCmd(append([]string{"run", "--id", id, "--", d.self}, args...)...)
+	cmd.Env = append(os.Environ(), "TETHER_TEST_HELPER="+helper)
+	return cmd
+}
+
+func (d *tetherd) agents() []agents.Agent {
+	d.t.Helper()
+	var list []agents.Agent
+	if err := json.Unmarshal([]byte(d.ctl("agents", "-o", "json")), &list); err != nil {
+		d.t.Fatal(err)
+	}
+	return list
+}
+
+// decisionsMatching waits until the decision log holds a record match accepts.
+func (d *tetherd) decision(what string, match func(events.Decision) bool) events.Decision {
+	d.t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		f, err := os.Open(d.decisions)
+		if err == nil {
+			sc := bufio.NewScanner(f)
+			sc.Buffer(nil, 1<<20)
+			for sc.Scan() {
+				var rec events.Decision
+				if err := json.Unmarshal(sc.Bytes(), &rec); err != nil {
+					f.Close()
+					d.t.Fatalf("decision log line %q: %v", sc.Text(), err)
+				}
+				if match(rec) {
+					f.Close()
+					return rec
+				}
+			}
+			f.Close()
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	d.t.Fatalf("no decision: %s", what)
+	return events.Decision{}
+}
+
+// counter counts accepted connections on a listener.
+type counter struct {
+	mu sync.Mutex
+	n  int
+}
+
+func (c *counter) get() int { c.mu.Lock(); defer c.mu.Unlock(); return c.n }
+
+func accept(l net.Listener) *counter {
+	c := &counter{}
+	go func() {
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.mu.Lock()
+			c.n++
+			c.mu.Unlock()
+			conn.Close()
+		}
+	}()
+	return c
+}
+
+func lines(s string) []string { return strings.Fields(strings.TrimSpace(s)) }

@@ -27,7 +27,9 @@ const RequireEnv = "TETHER_REQUIRE_PRIVILEGED"
 func Gate(t testing.TB) {
 	t.Helper()
 	reason := ""
-	if os.Geteuid() != 0 {
+	if testing.Short() {
+		reason = "needs root and BPF: skipped in -short mode"
+	} else if os.Geteuid() != 0 {
 		reason = "needs root and BPF: not running as root (run `sudo make test`)"
 	} else if err := probeBPF(); err != nil {
 		reason = fmt.Sprintf("needs root and BPF: %v", err)

@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -430,6 +431,26 @@ func (r *Registry) Refresh() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// Recheck compiles every agent's grants again and installs the result where it differs from what
+// is installed: an executable replaced by a package upgrade (a new inode), a file that appeared
+// for a glob or a path that did not exist. Call it periodically.
+func (r *Registry) Recheck() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, a := range r.agents {
+		rs, _, err := r.compile(a.info.SpiffeID, a.info.ModeOverride)
+		if err != nil || a.rs == nil {
+			continue // Refresh reports compile errors; the installed rule set stays
+		}
+		rs.Generation = a.rs.Generation
+		if reflect.DeepEqual(rs, a.rs) {
+			continue
+		}
+		r.log.Info("files named by the grants changed; compiling again", "slot", a.slot, "spiffe_id", a.info.SpiffeID)
+		r.recompile(a)
+	}
 }
 
 // Reconcile retries the kernel writes of agents that are not in sync. Call it periodically.

@@ -3,6 +3,7 @@ package agents
 import (
 	"errors"
 	"os"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -317,5 +318,30 @@ func TestSlotsAreReusedLast(t *testing.T) {
 	// Late events of the ended agent are still its own.
 	if id, _, ok := e.reg.Identity(a.Slot); !ok || id != "spiffe://example.org/a" {
 		t.Errorf("identity of the retired slot: %q %v", id, ok)
+	}
+}
+
+func TestRecheckFollowsReplacedFiles(t *testing.T) {
+	dir := t.TempDir()
+	bin := dir + "/tool"
+	os.WriteFile(bin, []byte("#!/bin/sh\n"), 0o755)
+	e := newEnv(t)
+	e.src["spiffe://example.org/a"] = grants.Grants{Exec: []grants.Exec{{Path: bin}}}
+	a, err := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/existing"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, _ := e.dp.RuleSet(a.Slot)
+	e.reg.Recheck()
+	if rs, _ := e.dp.RuleSet(a.Slot); rs.Generation != 1 {
+		t.Fatalf("recheck without changes installed generation %d", rs.Generation)
+	}
+	// A package upgrade: the new file replaces the old one under the same name.
+	os.WriteFile(bin+".new", []byte("#!/bin/sh\n"), 0o755)
+	os.Rename(bin+".new", bin)
+	e.reg.Recheck()
+	after, _ := e.dp.RuleSet(a.Slot)
+	if after.Generation != 2 || reflect.DeepEqual(after.Exec, before.Exec) {
+		t.Errorf("after the upgrade: %+v (before %+v)", after, before)
 	}
 }

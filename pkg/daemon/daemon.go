@@ -155,6 +155,8 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
+	recheck := time.NewTicker(5 * time.Second)
+	defer recheck.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -165,6 +167,8 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		case <-tick.C:
 			d.registry.Reconcile()
 			d.reaper.sweep(d.registry, d.log)
+		case <-recheck.C:
+			d.registry.Recheck()
 		}
 	}
 }

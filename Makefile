@@ -1,0 +1,51 @@
+# tether: see README.md. Targets that load BPF or touch cgroups need root: `sudo make test`.
+
+GO        ?= go
+BPF_CLANG ?= clang-14
+BPF_STRIP ?= llvm-strip-14
+BPF_CFLAGS ?= -O2 -g -Wall -Werror
+BIN       := bin
+
+.PHONY: all build generate check-generate test test-unit vet fuzz demo clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/tetherd ./cmd/tetherctl
+
+# Regenerate the bpf2go objects (pkg/kernel/tether_bpfel.{go,o}) from bpf/. They are committed, so
+# building needs no clang; this needs clang-14 and llvm (apt-get install clang-14 llvm-14).
+generate:
+	@command -v $(BPF_CLANG) >/dev/null || { echo "$(BPF_CLANG) not found: apt-get install clang-14 llvm-14"; exit 1; }
+	cd pkg/kernel && BPF_CLANG=$(BPF_CLANG) BPF_STRIP=$(BPF_STRIP) BPF_CFLAGS="$(BPF_CFLAGS)" $(GO) generate ./...
+
+# Fail when the committed objects differ from what bpf/ compiles to.
+check-generate: generate
+	@git diff --exit-code --stat -- pkg/kernel/tether_bpfel.go pkg/kernel/tether_bpfel.o || { echo "generated BPF objects are stale: run make generate and commit"; exit 1; }
+
+# The whole suite. As root it loads the real programs into the running kernel; with
+# TETHER_REQUIRE_PRIVILEGED=1 a privileged test that cannot run fails instead of skipping.
+test:
+	$(GO) test -count=1 ./...
+
+# Only what needs no privileges (privileged tests skip with the reason).
+test-unit:
+	$(GO) test -count=1 -short ./...
+
+vet:
+	$(GO) vet ./...
+
+# Each fuzz target for a while (FUZZTIME=30s by default).
+FUZZTIME ?= 30s
+fuzz:
+	$(GO) test ./pkg/api -run XXX -fuzz FuzzDecodeRegister -fuzztime $(FUZZTIME)
+	$(GO) test ./pkg/config -run XXX -fuzz FuzzParse -fuzztime $(FUZZTIME)
+	$(GO) test ./pkg/compile -run XXX -fuzz FuzzCompile -fuzztime $(FUZZTIME)
+	$(GO) test ./pkg/kernel -run XXX -fuzz FuzzDecodeEvent -fuzztime $(FUZZTIME)
+
+# Start tetherd on its embedded defaults and show an agent being allowed and denied.
+demo: build
+	./scripts/demo.sh
+
+clean:
+	rm -rf $(BIN)

@@ -18,12 +18,13 @@ import (
 const helperEnv = "TETHER_TEST_HELPER"
 
 var helpers = map[string]func(args []string) int{
-	"dial":  helperDial,
-	"loop":  helperLoop,
-	"spawn": helperSpawn,
+	"dial":    helperDial,
+	"loop":    helperLoop,
+	"spawn":   helperSpawn,
 	"tcploop": helperTCPLoop,
-	"exec":  helperExec,
-	"sleep": helperSleep,
+	"whoami":  helperWhoami,
+	"exec":    helperExec,
+	"sleep":   helperSleep,
 }
 
 // Main runs the helper the environment names, or the tests. Call it from TestMain.
@@ -262,6 +263,20 @@ func helperSpawn(args []string) int {
 	if err := cmd.Run(); err != nil {
 		fmt.Println(Result(err))
 	}
+	return 0
+}
+
+// helperWhoami prints "uid gid CapBnd" (the capability bounding set, hex, from /proc).
+func helperWhoami([]string) int {
+	capBnd := "?"
+	if b, err := os.ReadFile("/proc/self/status"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "CapBnd:"); ok {
+				capBnd = strings.TrimSpace(v)
+			}
+		}
+	}
+	fmt.Println(os.Getuid(), os.Getgid(), capBnd)
 	return 0
 }
 

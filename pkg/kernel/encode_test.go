@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
@@ -119,4 +121,30 @@ func FuzzDecodeEvent(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		DecodeEvent(b, time.Unix(0, 0))
 	})
+}
+
+// TestLSMProgramSpec checks the exec LSM program as the ELF declares it; where BPF LSM works,
+// TestPrivilegedExec runs it (a denied exec then fails with EPERM instead of being killed).
+func TestLSMProgramSpec(t *testing.T) {
+	spec, err := loadBpf()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := spec.Programs[bpfProgTetherExecLsm]
+	if p == nil || p.Type != ebpf.LSM || p.AttachType != ebpf.AttachLSMMac || p.AttachTo != "bprm_check_security" {
+		t.Fatalf("exec LSM program spec: %+v", p)
+	}
+	for _, name := range []string{bpfProgTetherExec, bpfProgTetherFork, bpfProgTetherExit} {
+		if q := spec.Programs[name]; q == nil || q.Type != ebpf.Tracing || q.AttachType != ebpf.AttachTraceRawTp {
+			t.Errorf("%s: %+v", name, q)
+		}
+	}
+	// Programs of a mode must agree with the probe's choice of what to load.
+	f := Features{ExecMode: ExecSignal}
+	for _, h := range hookSpecs {
+		f.Hooks = append(f.Hooks, Hook{Name: h.name, Active: h.name != "exec_lsm"})
+	}
+	if f.wantProgram(bpfProgTetherExecLsm) || !f.wantProgram(bpfProgTetherExec) {
+		t.Error("signal mode loads the LSM program or not the exec tracepoint")
+	}
 }

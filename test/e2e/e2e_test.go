@@ -274,3 +274,52 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 	t.Fatalf("timed out waiting for %s", what)
 }
+
+// TestPrivilegedRunDropsPrivileges checks --user and the capabilities tetherctl run drops.
+func TestPrivilegedRunDropsPrivileges(t *testing.T) {
+	privtest.Gate(t)
+	// The agent runs a copy of the test binary that the unprivileged user can execute.
+	dir, err := os.MkdirTemp("", "tta")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	self, _ := os.Executable()
+	agentBin := dir + "/agent"
+	if out, err := exec.Command("cp", self, agentBin).CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	d := newTetherd(t, fmt.Sprintf("  %s:\n    exec:\n      - path: %s\n", agentID, agentBin))
+	d.self = agentBin
+	d.start()
+
+	whoami := func(args ...string) []string {
+		cmd := d.ctlCmd(append(append([]string{"run", "--id", agentID}, args...), "--", agentBin)...)
+		cmd.Env = append(os.Environ(), "TETHER_TEST_HELPER=whoami")
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("run %v: %v %s", args, err, out)
+		}
+		return lines(string(out))
+	}
+	capBit := func(hex string, bit uint) bool {
+		var v uint64
+		fmt.Sscanf(hex, "%x", &v)
+		return v&(1<<bit) != 0
+	}
+	const sysAdmin, netRaw, bpf = 21, 13, 39
+
+	got := whoami("--user", "nobody")
+	if got[0] != "65534" {
+		t.Errorf("--user nobody: %v", got)
+	}
+	got = whoami()
+	if got[0] != "0" || capBit(got[2], sysAdmin) || capBit(got[2], netRaw) || capBit(got[2], bpf) {
+		t.Errorf("root agent: uid %s, bounding set %s still holds SYS_ADMIN, NET_RAW or BPF", got[0], got[2])
+	}
+	got = whoami("--keep-caps")
+	if !capBit(got[2], sysAdmin) || !capBit(got[2], netRaw) {
+		t.Errorf("--keep-caps: bounding set %s", got[2])
+	}
+}

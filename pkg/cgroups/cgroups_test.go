@@ -1,0 +1,56 @@
+package cgroups
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestParseMountInfo(t *testing.T) {
+	tests := []struct {
+		name, in, want, err string
+	}{
+		{"hybrid", `31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+`, "/sys/fs/cgroup/unified", ""},
+		{"unified with optional fields", "29 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate\n", "/sys/fs/cgroup", ""},
+		{"escaped space", `41 31 0:38 / /mnt/my\040cgroups rw - cgroup2 none rw` + "\n", "/mnt/my cgroups", ""},
+		{"none", "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n", "", "no cgroup2 hierarchy"},
+		{"malformed", "41 31 - cgroup2 cgroup2 rw\n", "", "malformed"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseMountInfo(strings.NewReader(tt.in))
+			if tt.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.err) {
+					t.Fatalf("error %v, want %q", err, tt.err)
+				}
+				return
+			}
+			if err != nil || got != tt.want {
+				t.Fatalf("got %q %v, want %q", got, err, tt.want)
+			}
+		})
+	}
+}
+
+func TestParseProcCgroup(t *testing.T) {
+	got, err := parseProcCgroup([]byte("12:pids:/user.slice\n0::/tether/agent-1\n"))
+	if err != nil || got != "/tether/agent-1" {
+		t.Errorf("got %q %v", got, err)
+	}
+	if _, err := parseProcCgroup([]byte("12:pids:/x\n")); err == nil {
+		t.Error("no 0:: line accepted")
+	}
+}
+
+func TestLevel(t *testing.T) {
+	for path, want := range map[string]int{"/cg": 0, "/cg/a": 1, "/cg/a/b/c": 3} {
+		if got, err := Level("/cg", path); err != nil || got != want {
+			t.Errorf("Level(%s) = %d %v, want %d", path, got, err, want)
+		}
+	}
+	if _, err := Level("/cg", "/other"); err == nil {
+		t.Error("a path outside the mount has a level")
+	}
+}

@@ -58,14 +58,6 @@ func (s source) Grants(id string) (grants.Grants, bool) {
 	return g, ok
 }
 
-func compiler(g grants.Grants) (*dataplane.RuleSet, []string, error) {
-	res, err := compile.Compile(g, compile.OS{})
-	if err != nil {
-		return nil, nil, err
-	}
-	return &res.RuleSet, res.Warnings, nil
-}
-
 type env struct {
 	dp  *dataplanetest.Fake
 	cg  *fakeCgroups
@@ -80,7 +72,7 @@ func newEnv(t *testing.T) *env {
 		cg:  &fakeCgroups{ids: map[string]uint64{"/cg/tether": 10, "/cg/tether/existing": 11, "/cg/other": 12}},
 		src: source{"spiffe://example.org/a": {Egress: []grants.Egress{{CIDR: "10.0.0.0/8"}}}},
 	}
-	e.reg = New(Options{Dataplane: e.dp, Source: e.src, Compile: compiler, Parents: []string{"/cg/tether"},
+	e.reg = New(Options{Dataplane: e.dp, Source: e.src, Compile: compile.RuleSet, Parents: []string{"/cg/tether"},
 		LaunchParent: "/cg/tether", Cgroups: e.cg})
 	return e
 }
@@ -269,7 +261,7 @@ func TestAdopt(t *testing.T) {
 	e.dp.Bind(777, 3) // a binding nobody recorded
 
 	// A new daemon: same kernel, new registry.
-	reg := New(Options{Dataplane: e.dp, Source: e.src, Compile: compiler, Parents: []string{"/cg/tether"}, LaunchParent: "/cg/tether", Cgroups: e.cg})
+	reg := New(Options{Dataplane: e.dp, Source: e.src, Compile: compile.RuleSet, Parents: []string{"/cg/tether"}, LaunchParent: "/cg/tether", Cgroups: e.cg})
 	if err := reg.Adopt(); err != nil {
 		t.Fatal(err)
 	}

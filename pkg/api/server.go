@@ -239,17 +239,23 @@ func (s *Server) list(w http.ResponseWriter, r *http.Request) {
 	reply(w, http.StatusOK, s.svc.Agents())
 }
 
-func (s *Server) get(w http.ResponseWriter, r *http.Request) {
+// agentAt returns the agent the path names, or answers the request with why there is none.
+func (s *Server) agentAt(w http.ResponseWriter, r *http.Request) (agents.Agent, bool) {
 	slot, ok := pathSlot(w, r)
 	if !ok {
-		return
+		return agents.Agent{}, false
 	}
 	a, found := s.svc.Agent(slot)
 	if !found {
 		refuse(w, http.StatusNotFound, fmt.Errorf("no agent in slot %d", slot))
-		return
 	}
-	reply(w, http.StatusOK, a)
+	return a, found
+}
+
+func (s *Server) get(w http.ResponseWriter, r *http.Request) {
+	if a, ok := s.agentAt(w, r); ok {
+		reply(w, http.StatusOK, a)
+	}
 }
 
 func (s *Server) register(w http.ResponseWriter, r *http.Request) {
@@ -287,13 +293,8 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) unregister(w http.ResponseWriter, r *http.Request) {
-	slot, ok := pathSlot(w, r)
+	a, ok := s.agentAt(w, r)
 	if !ok {
-		return
-	}
-	a, found := s.svc.Agent(slot)
-	if !found {
-		refuse(w, http.StatusNotFound, fmt.Errorf("no agent in slot %d", slot))
 		return
 	}
 	c := caller(r)
@@ -301,7 +302,7 @@ func (s *Server) unregister(w http.ResponseWriter, r *http.Request) {
 	if !launcher && !s.admin(w, r) {
 		return
 	}
-	if err := s.svc.Unregister(slot); err != nil {
+	if err := s.svc.Unregister(a.Slot); err != nil {
 		refuse(w, http.StatusInternalServerError, err)
 		return
 	}

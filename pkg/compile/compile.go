@@ -92,6 +92,15 @@ func Compile(g grants.Grants, files Files) (*Result, error) {
 	return &c.res, nil
 }
 
+// RuleSet compiles g against this host's files, in the form pkg/agents takes.
+func RuleSet(g grants.Grants) (*dataplane.RuleSet, []string, error) {
+	res, err := Compile(g, OS{})
+	if err != nil {
+		return nil, nil, err
+	}
+	return &res.RuleSet, res.Warnings, nil
+}
+
 type compiler struct {
 	files Files
 	res   Result

@@ -100,7 +100,7 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 	d.registry = agents.New(agents.Options{
 		Dataplane:    k,
 		Source:       d,
-		Compile:      compileGrants,
+		Compile:      compile.RuleSet,
 		Parents:      d.parents,
 		LaunchParent: d.launch,
 		Logger:       d.log,
@@ -252,14 +252,6 @@ func (d *Daemon) Reload(cfg *config.Loaded) error {
 func (d *Daemon) Grants(id string) (grants.Grants, bool) {
 	g, ok := d.cfg.Load().Grants[id]
 	return g, ok
-}
-
-func compileGrants(g grants.Grants) (*dataplane.RuleSet, []string, error) {
-	res, err := compile.Compile(g, compile.OS{})
-	if err != nil {
-		return nil, nil, err
-	}
-	return &res.RuleSet, res.Warnings, nil
 }
 
 // confined reports whether pid lives below an agent parent.

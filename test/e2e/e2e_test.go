@@ -37,19 +37,35 @@ func grantsFor(self string, h *privtest.Host, okPort uint16) string {
 `, agentID, h.V4, okPort, self)
 }
 
+// scene is a tetherd whose agent identity may reach one of two listeners on a test host.
+type scene struct {
+	h                *privtest.Host
+	d                *tetherd
+	self             string
+	ok, no           string // host:port granted, and not
+	okPort           uint16
+	okCount, noCount *counter
+}
+
+func newScene(t *testing.T) *scene {
+	s := &scene{h: privtest.NewHost(t)}
+	var noPort uint16
+	s.okPort, s.okCount = tcpPort(t, s.h)
+	noPort, s.noCount = tcpPort(t, s.h)
+	s.self, _ = os.Executable()
+	s.d = newTetherd(t, grantsFor(s.self, s.h, s.okPort))
+	s.d.start()
+	s.ok = netip.AddrPortFrom(s.h.V4, s.okPort).String()
+	s.no = netip.AddrPortFrom(s.h.V4, noPort).String()
+	return s
+}
+
 // TestPrivilegedRunEndToEnd launches agents with tetherctl run against a tetherd on its own
 // configuration: allowed and denied connects, a denied exec, the decision log, the API socket
 // refused to agents, and cleanup of the agent cgroups.
 func TestPrivilegedRunEndToEnd(t *testing.T) {
-	h := privtest.NewHost(t)
-	okPort, okCount := tcpPort(t, h)
-	noPort, noCount := tcpPort(t, h)
-	self, _ := os.Executable()
-	d := newTetherd(t, grantsFor(self, h, okPort))
-	d.start()
-
-	ok := netip.AddrPortFrom(h.V4, okPort).String()
-	no := netip.AddrPortFrom(h.V4, noPort).String()
+	s := newScene(t)
+	d, self, ok, no, okCount, noCount := s.d, s.self, s.ok, s.no, s.okCount, s.noCount
 	out, err := d.agentRun(agentID, "dial", "tcp", ok, "tcp", no, "unix", d.socket).Output()
 	if err != nil {
 		t.Fatalf("agent: %v\n%s", err, out)
@@ -116,15 +132,8 @@ func TestPrivilegedRunEndToEnd(t *testing.T) {
 // denied listener never accepts; the granted one keeps accepting while no tetherd runs; the new
 // tetherd adopts the agent.
 func TestPrivilegedRestartKeepsEnforcement(t *testing.T) {
-	h := privtest.NewHost(t)
-	okPort, okCount := tcpPort(t, h)
-	noPort, noCount := tcpPort(t, h)
-	self, _ := os.Executable()
-	d := newTetherd(t, grantsFor(self, h, okPort))
-	d.start()
-
-	ok := netip.AddrPortFrom(h.V4, okPort).String()
-	no := netip.AddrPortFrom(h.V4, noPort).String()
+	s := newScene(t)
+	d, ok, no, okCount, noCount := s.d, s.ok, s.no, s.okCount, s.noCount
 	agent := d.agentRun(agentID, "tcploop", ok, no)
 	stdin, _ := agent.StdinPipe()
 	stdout, _ := agent.StdoutPipe()

@@ -23,6 +23,7 @@ var helpers = map[string]func(args []string) int{
 	"spawn":   helperSpawn,
 	"tcploop": helperTCPLoop,
 	"whoami":  helperWhoami,
+	"exit":    helperExit,
 	"exec":    helperExec,
 	"sleep":   helperSleep,
 }
@@ -242,11 +243,52 @@ func helperTCPLoop(args []string) int {
 	return 0
 }
 
-// helperExec replaces the process with args[0] (argv args). If exec returns, it prints why.
+// helperExec replaces the process with args[0] (argv args); a copy of the test binary then runs
+// the exit helper. If exec returns, it prints why.
 func helperExec(args []string) int {
-	err := syscall.Exec(args[0], args, os.Environ())
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, helperEnv+"=") {
+			env = append(env, kv)
+		}
+	}
+	err := syscall.Exec(args[0], args, append(env, helperEnv+"=exit"))
 	fmt.Println(Result(err))
 	return 0
+}
+
+// helperExit exits with the status in args[1] (0 when absent): argv[0] is the program name.
+func helperExit(args []string) int {
+	code := 0
+	if len(args) > 0 {
+		fmt.Sscan(args[len(args)-1], &code)
+	}
+	return code
+}
+
+// SelfCopy copies the test binary to a new file (a different inode: a different executable for
+// tether) in a directory every user can read, and removes it at test end.
+func SelfCopy(t testing.TB) string {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, err := os.MkdirTemp("", "tether-test-bin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	b, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := dir + "/helper"
+	if err := os.WriteFile(path, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }
 
 // helperSpawn runs the helper named by args[0] with args[1:] as a child process (the test binary

@@ -48,14 +48,9 @@ func (f *fixture) denied() string {
 // cgroups too, and that the global exec program leaves other processes alone.
 func TestPrivilegedExec(t *testing.T) {
 	f := newFixture(t, Options{})
-	trueBin, err := exec.LookPath("true")
-	if err != nil {
-		t.Fatal(err)
-	}
-	falseBin, err := exec.LookPath("false")
-	if err != nil {
-		t.Fatal(err)
-	}
+	// Two copies of the test binary: one granted, one not. (No file of the host is needed, so
+	// the test runs the same in a minimal guest.)
+	trueBin, falseBin := privtest.SelfCopy(t), privtest.SelfCopy(t)
 	agent := f.agent(t, "agent", 10, dataplane.RuleSet{Exec: []dataplane.FileID{fileID(t, trueBin)}})
 	nested, _ := privtest.SubCgroup(t, agent, "child")
 	events := f.events(t)
@@ -76,20 +71,20 @@ func TestPrivilegedExec(t *testing.T) {
 		t.Errorf("exec event names %+v %q, want %s", e.Binary, e.Target, falseBin)
 	}
 
-	// Outside agents the same exec runs: false exits with status 1 instead of being killed.
+	// Outside agents the same exec runs: it exits with status 1 instead of being killed.
 	outside := privtest.Cgroup(t)
-	cmd := privtest.Command(t, outside, "exec", falseBin)
-	err = cmd.Run()
+	cmd := privtest.Command(t, outside, "exec", falseBin, "1")
+	err := cmd.Run()
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 1 {
-		t.Errorf("exec outside agents: %v, want exit status 1 from false", err)
+		t.Errorf("exec outside agents: %v, want exit status 1", err)
 	}
 }
 
 // TestPrivilegedExecAudit checks audit mode for exec: the exec runs and a would-deny is reported.
 func TestPrivilegedExecAudit(t *testing.T) {
 	f := newFixture(t, Options{})
-	trueBin, _ := exec.LookPath("true")
+	trueBin := privtest.SelfCopy(t)
 	agent := f.agent(t, "agent", 11, dataplane.RuleSet{Mode: dataplane.ModeAudit})
 	events := f.events(t)
 	if got := execResult(t, agent, trueBin); got != "ran" {

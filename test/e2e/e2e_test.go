@@ -84,8 +84,8 @@ func TestPrivilegedRunEndToEnd(t *testing.T) {
 
 	// An exec the grants do not name: the process dies before running (SIGKILL, or EPERM
 	// where BPF LSM enforces).
-	trueBin, _ := exec.LookPath("true")
-	_, stderr, code := d.ctlRaw("run", "--id", agentID, "--", trueBin)
+	other := privtest.SelfCopy(t)
+	_, stderr, code := d.ctlRaw("run", "--id", agentID, "--", other)
 	if code != 128+int(syscall.SIGKILL) && code != 126 && code != 1 {
 		t.Errorf("denied exec: exit %d, stderr %q", code, stderr)
 	}
@@ -101,7 +101,7 @@ func TestPrivilegedRunEndToEnd(t *testing.T) {
 		t.Errorf("deny record %+v", rec)
 	}
 	d.decision("exec deny", func(r events.Decision) bool {
-		return r.Kind == "exec" && r.Verdict == "deny" && r.Executable == trueBin && r.SpiffeID == agentID
+		return r.Kind == "exec" && r.Verdict == "deny" && r.Executable == other && r.SpiffeID == agentID
 	})
 	d.decision("unix deny of tetherd's socket", func(r events.Decision) bool {
 		return r.Kind == "connect_unix" && r.SocketPath == d.socket && r.Verdict == "deny"

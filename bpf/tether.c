@@ -556,8 +556,9 @@ int tether_sendmsg_unix(struct bpf_sock_addr *ctx)
 	return tether_unix(ctx, TETHER_KIND_SENDMSG_UNIX);
 }
 
-/* Sockets whose traffic the address hooks above do not see (raw, packet, ICMP, SCTP, ...) are
- * refused to agents: TCP and UDP over IP, unix and netlink sockets are what an agent gets. */
+/* IP sockets whose traffic the address hooks above do not see (raw, ICMP, SCTP, MPTCP, ...) are
+ * refused to agents: of AF_INET and AF_INET6 they get TCP and UDP. The kernel runs this hook for
+ * inet sockets only; packet sockets are kept from agents by removing CAP_NET_RAW (tetherctl run). */
 SEC("cgroup/sock_create")
 int tether_sock_create(struct bpf_sock *sk)
 {

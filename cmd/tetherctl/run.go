@@ -43,7 +43,7 @@ first instruction. When COMMAND exits, whatever it left running is killed and th
 tetherctl exits with COMMAND's status.
 
 SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 are passed to COMMAND. SIGINT and SIGQUIT from the terminal
-reach COMMAND directly; tetherctl ignores them.
+reach COMMAND directly; tetherctl itself does not stop for them.
 
 An agent running as root could leave its cgroup (root may write any cgroup.procs): run agents
 as an unprivileged user with --user.`,
@@ -62,6 +62,12 @@ as an unprivileged user with --user.`,
 }
 
 func runAgent(c *api.Client, f *runFlags, args []string) error {
+	if os.Geteuid() != 0 {
+		// CLONE_INTO_CGROUP needs write access to cgroup.procs up to the common ancestor of
+		// both cgroups, the cgroup2 root; launching as another user needs tetherd to move the
+		// process, which is not there yet.
+		return errors.New("tetherctl run needs root (it starts COMMAND inside the agent's cgroup); use --user to run COMMAND as another user")
+	}
 	path, err := exec.LookPath(args[0])
 	if err != nil {
 		return err
@@ -95,7 +101,10 @@ func runAgent(c *api.Client, f *runFlags, args []string) error {
 	cmd.Env = append(os.Environ(), "TETHER_SPIFFE_ID="+agent.SpiffeID, "TETHER_AGENT_SLOT="+strconv.Itoa(int(agent.Slot)))
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd()), Credential: cred}
 
-	signal.Ignore(syscall.SIGINT, syscall.SIGQUIT)
+	// Caught, not ignored: an ignored signal would stay ignored in COMMAND across exec.
+	terminal := make(chan os.Signal, 4)
+	signal.Notify(terminal, syscall.SIGINT, syscall.SIGQUIT)
+	defer signal.Stop(terminal)
 	forward := make(chan os.Signal, 4)
 	signal.Notify(forward, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGUSR2)
 	defer signal.Stop(forward)
@@ -111,6 +120,8 @@ func runAgent(c *api.Client, f *runFlags, args []string) error {
 		select {
 		case s := <-forward:
 			cmd.Process.Signal(s)
+		case <-terminal:
+			// The terminal sent it to COMMAND's process group as well.
 		case waitErr = <-done:
 			waiting = false
 		}
@@ -138,6 +149,10 @@ func start(cmd *exec.Cmd, dropCaps bool) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread() // not unlocked: the thread's reduced capabilities die with it
+		if err := unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0); err != nil && !errors.Is(err, unix.EINVAL) {
+			errc <- fmt.Errorf("clearing ambient capabilities: %w", err)
+			return
+		}
 		if dropCaps {
 			for _, c := range droppedCaps {
 				if err := unix.Prctl(unix.PR_CAPBSET_DROP, c, 0, 0, 0); err != nil && !errors.Is(err, unix.EINVAL) {

@@ -308,17 +308,20 @@ func helperSpawn(args []string) int {
 	return 0
 }
 
-// helperWhoami prints "uid gid CapBnd" (the capability bounding set, hex, from /proc).
+// helperWhoami prints "uid gid CapBnd SigIgn" (the capability bounding set and the ignored
+// signals, hex, from /proc).
 func helperWhoami([]string) int {
-	capBnd := "?"
+	fields := map[string]string{"CapBnd:": "?", "SigIgn:": "?"}
 	if b, err := os.ReadFile("/proc/self/status"); err == nil {
 		for _, line := range strings.Split(string(b), "\n") {
-			if v, ok := strings.CutPrefix(line, "CapBnd:"); ok {
-				capBnd = strings.TrimSpace(v)
+			for k := range fields {
+				if v, ok := strings.CutPrefix(line, k); ok {
+					fields[k] = strings.TrimSpace(v)
+				}
 			}
 		}
 	}
-	fmt.Println(os.Getuid(), os.Getgid(), capBnd)
+	fmt.Println(os.Getuid(), os.Getgid(), fields["CapBnd:"], fields["SigIgn:"])
 	return 0
 }
 

@@ -78,17 +78,37 @@ type Options struct {
 // Cgroups is what the registry needs of the cgroup hierarchy.
 type Cgroups interface {
 	ID(path string) (uint64, error)
-	// Mkdir creates one cgroup; os.ErrExist when it exists.
+	// Mkdir creates one agent cgroup, nested at most dataplane.MaxAncestors deep below it;
+	// os.ErrExist when it exists.
 	Mkdir(path string) error
 	// Remove kills what runs in the cgroup and removes it.
 	Remove(path string) error
+	// DepthLimited reports whether cgroups below path can only nest as deep as the hooks look.
+	DepthLimited(path string) bool
 }
 
 type realCgroups struct{}
 
 func (realCgroups) ID(path string) (uint64, error) { return cgroups.ID(path) }
-func (realCgroups) Mkdir(path string) error        { return os.Mkdir(path, 0o755) }
 func (realCgroups) Remove(path string) error       { return cgroups.Remove(path, 10*time.Second) }
+
+// Mkdir also limits nesting: a process more than MaxAncestors levels below its agent would not
+// be found by the hooks, so the agent could nest that deep to leave exec enforcement.
+func (realCgroups) Mkdir(path string) error {
+	if err := os.Mkdir(path, 0o755); err != nil {
+		return err
+	}
+	if err := cgroups.SetMaxDepth(path, dataplane.MaxAncestors); err != nil {
+		os.Remove(path)
+		return fmt.Errorf("limiting the depth of %s: %w", path, err)
+	}
+	return nil
+}
+
+func (realCgroups) DepthLimited(path string) bool {
+	n, ok, err := cgroups.MaxDepth(path)
+	return err == nil && ok && n <= dataplane.MaxAncestors
+}
 
 // Registry is the set of registered agents. It is safe for concurrent use.
 type Registry struct {
@@ -119,6 +139,7 @@ type agent struct {
 	warnings []string
 	err      error   // last compile or kernel error
 	launcher *uint32 // not kept across restarts: then only admins end the agent
+	removing bool    // Unregister is under way: nothing may write this agent again
 }
 
 // New returns an empty registry; call Adopt to take over what the kernel already holds.
@@ -245,11 +266,18 @@ func (r *Registry) checkCgroup(path string) error {
 	if len(path) > dataplane.MaxCgroupPath {
 		return fmt.Errorf("cgroup path longer than %d bytes", dataplane.MaxCgroupPath)
 	}
-	if !slices.ContainsFunc(r.opts.Parents, func(p string) bool { return strings.HasPrefix(path, p+"/") }) {
-		return fmt.Errorf("cgroup %s is not below an agent parent (%s): tether's programs would not run for its processes", path, strings.Join(r.opts.Parents, ", "))
+	if err := r.underParent(path); err != nil {
+		return err
 	}
 	_, err := r.opts.Cgroups.ID(path)
 	return err
+}
+
+func (r *Registry) underParent(path string) error {
+	if !slices.ContainsFunc(r.opts.Parents, func(p string) bool { return strings.HasPrefix(path, p+"/") }) {
+		return fmt.Errorf("cgroup %s is not below an agent parent (%s): tether's programs would not run for its processes", path, strings.Join(r.opts.Parents, ", "))
+	}
+	return nil
 }
 
 func (r *Registry) register(id, path string, launched bool, launcher *uint32) (Agent, error) {
@@ -260,6 +288,11 @@ func (r *Registry) register(id, path string, launched bool, launcher *uint32) (A
 	rs, warnings, err := r.compile(id, nil)
 	if err != nil {
 		return Agent{}, fmt.Errorf("compiling the grants of %s: %w", id, err)
+	}
+	if !r.opts.Cgroups.DepthLimited(path) {
+		warnings = append(warnings, fmt.Sprintf("cgroups below %s may nest deeper than the %d levels tether's hooks look up: "+
+			"processes that deep are denied network access but escape exec rules; set its cgroup.max.depth to %d",
+			path, dataplane.MaxAncestors, dataplane.MaxAncestors))
 	}
 
 	r.mu.Lock()
@@ -319,9 +352,18 @@ func (r *Registry) freeSlot() (dataplane.Slot, bool) {
 // apply writes an agent's whole desired state to the kernel, binding last: the cgroup becomes
 // the agent only once its rule set and state are there.
 func (r *Registry) apply(a *agent) error {
+	if a.removing {
+		return fmt.Errorf("agent %d is being removed", a.slot)
+	}
 	dp := r.opts.Dataplane
+	install := func() error {
+		if a.rs == nil {
+			return nil // adopted with grants that do not compile: the pinned rule set stays
+		}
+		return dp.Install(a.slot, a.rs)
+	}
 	err := errors.Join(
-		r.write("installing rule set", func() error { return dp.Install(a.slot, a.rs) }),
+		r.write("installing rule set", install),
 		r.write("setting agent state", func() error { return dp.SetFlags(a.slot, a.flags) }),
 		r.write("recording agent info", func() error { return dp.PutInfo(a.slot, a.info) }),
 	)
@@ -340,6 +382,12 @@ func (r *Registry) apply(a *agent) error {
 func (r *Registry) Unregister(slot dataplane.Slot) error {
 	r.mu.Lock()
 	a, ok := r.agents[slot]
+	if ok && a.removing {
+		ok = false
+	}
+	if ok {
+		a.removing = true // from here no write brings the agent back into the kernel
+	}
 	r.mu.Unlock()
 	if !ok {
 		return fmt.Errorf("%w: slot %d", ErrNotFound, slot)
@@ -347,21 +395,35 @@ func (r *Registry) Unregister(slot dataplane.Slot) error {
 	if a.info.Launched {
 		// Killed while still enforced, then removed: nothing of it runs unhooked.
 		if err := r.opts.Cgroups.Remove(a.info.CgroupPath); err != nil {
+			r.mu.Lock()
+			a.removing = false
+			r.mu.Unlock()
 			return fmt.Errorf("removing agent cgroup: %w", err)
 		}
 	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	if err := r.write("clearing slot", func() error { return r.opts.Dataplane.Clear(slot) }); err != nil {
+		// Partly cleared: the agent stays registered and Reconcile writes it whole again.
+		a.removing, a.synced, a.err = false, false, err
 		return err
 	}
-	r.mu.Lock()
 	delete(r.agents, slot)
 	r.retired[slot] = retiredAgent{id: a.info.SpiffeID}
 	if a.rs != nil {
 		r.retired[slot] = retiredAgent{id: a.info.SpiffeID, mode: a.rs.Mode}
 	}
-	r.mu.Unlock()
 	r.log.Info("agent unregistered", "slot", slot, "spiffe_id", a.info.SpiffeID)
 	return nil
+}
+
+// live returns the agent in slot unless it is being removed. Call with r.mu held.
+func (r *Registry) live(slot dataplane.Slot) (*agent, bool) {
+	a, ok := r.agents[slot]
+	if !ok || a.removing {
+		return nil, false
+	}
+	return a, true
 }
 
 // ErrNotFound is returned for a slot no agent is in.
@@ -371,7 +433,7 @@ var ErrNotFound = errors.New("no such agent")
 func (r *Registry) SetMode(slot dataplane.Slot, mode *dataplane.Mode) (Agent, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	a, ok := r.agents[slot]
+	a, ok := r.live(slot)
 	if !ok {
 		return Agent{}, fmt.Errorf("%w: slot %d", ErrNotFound, slot)
 	}
@@ -384,7 +446,7 @@ func (r *Registry) SetMode(slot dataplane.Slot, mode *dataplane.Mode) (Agent, er
 func (r *Registry) SetKilled(slot dataplane.Slot, killed bool) (Agent, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	a, ok := r.agents[slot]
+	a, ok := r.live(slot)
 	if !ok {
 		return Agent{}, fmt.Errorf("%w: slot %d", ErrNotFound, slot)
 	}
@@ -426,6 +488,9 @@ func (r *Registry) Refresh() error {
 	defer r.mu.Unlock()
 	var errs []error
 	for _, a := range r.agents {
+		if a.removing {
+			continue
+		}
 		if _, err := r.recompile(a); err != nil {
 			errs = append(errs, fmt.Errorf("agent %d (%s): %w", a.slot, a.info.SpiffeID, err))
 		}
@@ -440,6 +505,9 @@ func (r *Registry) Recheck() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for _, a := range r.agents {
+		if a.removing {
+			continue
+		}
 		rs, _, err := r.compile(a.info.SpiffeID, a.info.ModeOverride)
 		if err != nil || a.rs == nil {
 			continue // Refresh reports compile errors; the installed rule set stays
@@ -458,7 +526,7 @@ func (r *Registry) Reconcile() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for _, a := range r.agents {
-		if !a.synced {
+		if !a.synced && !a.removing {
 			if err := r.apply(a); err == nil {
 				a.err = nil
 				r.log.Info("agent state written after earlier failures", "slot", a.slot)
@@ -489,15 +557,24 @@ func (r *Registry) Adopt() error {
 			errs = append(errs, r.write("clearing slot", func() error { return dp.Clear(slot) }))
 			continue
 		}
+		if err := r.underParent(info.CgroupPath); err != nil {
+			// Its parent is no longer configured, so its connects are no longer hooked: keeping
+			// it would report an agent whose network rules nothing enforces.
+			r.log.Warn("dropping agent outside the configured agent parents", "slot", slot, "spiffe_id", info.SpiffeID, "cgroup", info.CgroupPath)
+			errs = append(errs, r.write("clearing slot", func() error { return dp.Clear(slot) }))
+			continue
+		}
 		flags, err := dp.Flags(slot)
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		a := &agent{slot: slot, info: info, flags: flags | dataplane.AgentActive}
+		a := &agent{slot: slot, info: info, flags: flags | dataplane.AgentActive, synced: true}
 		r.agents[slot] = a
 		r.nextSlot = max(r.nextSlot, slot+1)
 		if _, err := r.recompile(a); err != nil {
+			// The kernel keeps the rule set the previous tetherd installed (a.rs stays nil:
+			// nothing to install until the grants compile).
 			errs = append(errs, err)
 		}
 		r.log.Info("adopted agent", "slot", slot, "spiffe_id", info.SpiffeID, "cgroup", info.CgroupPath, "generation", a.info.Generation)

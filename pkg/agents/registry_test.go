@@ -43,6 +43,8 @@ func (c *fakeCgroups) Mkdir(path string) error {
 	return nil
 }
 
+func (c *fakeCgroups) DepthLimited(path string) bool { return true }
+
 func (c *fakeCgroups) Remove(path string) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -335,5 +337,61 @@ func TestRecheckFollowsReplacedFiles(t *testing.T) {
 	after, _ := e.dp.RuleSet(a.Slot)
 	if after.Generation != 2 || reflect.DeepEqual(after.Exec, before.Exec) {
 		t.Errorf("after the upgrade: %+v (before %+v)", after, before)
+	}
+}
+
+// TestUnregisterRacingRefresh: a reload that runs while an agent is being removed must not write
+// it back into the kernel.
+func TestUnregisterRacingRefresh(t *testing.T) {
+	e := newEnv(t)
+	a, _ := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/existing"})
+	done := make(chan struct{})
+	e.dp.BeforeClear = func() {
+		go func() { e.reg.Refresh(); e.reg.Reconcile(); e.reg.Recheck(); close(done) }()
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err := e.reg.Unregister(a.Slot); err != nil {
+		t.Fatal(err)
+	}
+	<-done
+	if _, ok := e.dp.RuleSet(a.Slot); ok {
+		t.Error("the removed agent's rule set is back in the kernel")
+	}
+	if b, _ := e.dp.Bindings(); len(b) != 0 {
+		t.Errorf("bindings %v", b)
+	}
+}
+
+// TestAdoptWithBrokenGrants: grants that no longer compile after a restart leave the pinned rule
+// set in force, and nothing later tries to install a missing one.
+func TestAdoptWithBrokenGrants(t *testing.T) {
+	e := newEnv(t)
+	a, _ := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/existing"})
+	e.src["spiffe://example.org/a"] = grants.Grants{Egress: []grants.Egress{{FQDN: "example.com"}}}
+	reg := New(Options{Dataplane: e.dp, Source: e.src, Compile: compile.RuleSet, Parents: []string{"/cg/tether"}, LaunchParent: "/cg/tether", Cgroups: e.cg})
+	if err := reg.Adopt(); err == nil {
+		t.Fatal("adopting with grants that do not compile reported no error")
+	}
+	reg.Reconcile()
+	reg.Recheck()
+	rs, _ := e.dp.RuleSet(a.Slot)
+	got, _ := reg.Get(a.Slot)
+	if rs.Generation != 1 || len(rs.Egress) != 1 || !got.Synced || got.Error == "" {
+		t.Errorf("installed %+v, agent %+v", rs, got)
+	}
+}
+
+// TestAdoptDropsAgentsOutsideParents: an agent whose parent is no longer configured is not
+// hooked any more, so it is not kept.
+func TestAdoptDropsAgentsOutsideParents(t *testing.T) {
+	e := newEnv(t)
+	a, _ := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/existing"})
+	reg := New(Options{Dataplane: e.dp, Source: e.src, Compile: compile.RuleSet, Parents: []string{"/cg/other"}, LaunchParent: "/cg/other", Cgroups: e.cg})
+	reg.Adopt()
+	if len(reg.List()) != 0 {
+		t.Errorf("kept %+v", reg.List())
+	}
+	if _, ok := e.dp.RuleSet(a.Slot); ok {
+		t.Error("slot not cleared")
 	}
 }

@@ -98,17 +98,21 @@ func NewServer(svc Service, policy func() *Policy, log *slog.Logger) *Server {
 	s.srv = &http.Server{
 		Handler:           s.guard(mux),
 		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			caller, err := peer(c)
 			if err != nil {
 				log.Warn("reading peer credentials", "error", err)
 				return ctx // no caller: guard refuses every request on this connection
 			}
-			return context.WithValue(ctx, callerKey{}, caller)
+			return context.WithValue(context.WithValue(ctx, callerKey{}, caller), connKey{}, c)
 		},
 	}
 	return s
 }
+
+type connKey struct{}
 
 // Listen creates the socket at path with mode 0600, or 0660 owned by group. A stale socket
 // (nobody answers on it) is replaced; a live one is an error.
@@ -212,13 +216,43 @@ func (s *Server) guard(next http.Handler) http.Handler {
 			refuse(w, http.StatusForbidden, errors.New("the caller's credentials could not be read"))
 			return
 		}
-		if p := s.policy(); p.Confined != nil && p.Confined(c.PID) {
+		if p := s.policy(); p.Confined != nil && confined(r, c, p.Confined) {
 			s.log.Warn("API call from inside an agent refused", "pid", c.PID, "uid", c.UID, "path", r.URL.Path)
 			refuse(w, http.StatusForbidden, errors.New("processes inside agents may not use the control API"))
 			return
 		}
 		next.ServeHTTP(w, r)
 	})
+}
+
+// soPeerPIDFD is SO_PEERPIDFD (Linux 6.5): a pidfd of the peer as it connected.
+const soPeerPIDFD = 77
+
+// confined asks whether the peer runs inside an agent. The answer is about the process that
+// connected only if that process still exists after the question, which its pidfd tells (a pid
+// alone could have been reused by then). Without SO_PEERPIDFD the pid is trusted.
+func confined(r *http.Request, c Caller, isConfined func(int32) bool) bool {
+	conn, _ := r.Context().Value(connKey{}).(*net.UnixConn)
+	pidfd := -1
+	if conn != nil {
+		if raw, err := conn.SyscallConn(); err == nil {
+			raw.Control(func(fd uintptr) {
+				if v, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, soPeerPIDFD); err == nil {
+					pidfd = v
+				}
+			})
+		}
+	}
+	if pidfd >= 0 {
+		defer unix.Close(pidfd)
+	}
+	if isConfined(c.PID) {
+		return true
+	}
+	if pidfd >= 0 && unix.PidfdSendSignal(pidfd, 0, nil, 0) != nil {
+		return true // the connecting process is gone: what was read may be another's
+	}
+	return false
 }
 
 func caller(r *http.Request) Caller { return r.Context().Value(callerKey{}).(Caller) }

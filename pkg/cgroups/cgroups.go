@@ -114,6 +114,25 @@ func Create(path string) (uint64, error) {
 	return ID(path)
 }
 
+// SetMaxDepth limits how deep cgroups may be nested below path (cgroup.max.depth).
+func SetMaxDepth(path string, n int) error {
+	return os.WriteFile(filepath.Join(path, "cgroup.max.depth"), []byte(strconv.Itoa(n)), 0)
+}
+
+// MaxDepth reads cgroup.max.depth; ok is false when it is unlimited ("max").
+func MaxDepth(path string) (n int, ok bool, err error) {
+	b, err := os.ReadFile(filepath.Join(path, "cgroup.max.depth"))
+	if err != nil {
+		return 0, false, err
+	}
+	s := strings.TrimSpace(string(b))
+	if s == "max" {
+		return 0, false, nil
+	}
+	n, err = strconv.Atoi(s)
+	return n, err == nil, err
+}
+
 // Populated reports whether any process lives in the cgroup or below it.
 func Populated(path string) (bool, error) {
 	b, err := os.ReadFile(filepath.Join(path, "cgroup.events"))

@@ -5,6 +5,7 @@ import (
 	"os"
 	"reflect"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/tether-sh/tether/pkg/dataplane"
@@ -244,4 +245,50 @@ func FuzzCompile(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestParseMountDevices(t *testing.T) {
+	got := parseMountDevices("22 1 254:0 / / rw - ext4 /dev/vda rw\n41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\nbad line\n")
+	if got[22] != 0xfe00 || got[41] != 38 || len(got) != 2 {
+		t.Errorf("got %v", got)
+	}
+}
+
+// TestOSStat checks the kernel's view of a file: on the file systems of this host the superblock
+// device from mountinfo is what stat reports too (they differ on btrfs).
+func TestOSStat(t *testing.T) {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, regular, err := OS{}.Stat(self)
+	if err != nil || !regular || id.Ino == 0 {
+		t.Fatalf("%+v %v %v", id, regular, err)
+	}
+	var st syscall.Stat_t
+	syscall.Stat(self, &st)
+	if id.Ino != st.Ino {
+		t.Errorf("inode %d, stat says %d", id.Ino, st.Ino)
+	}
+	var fs syscall.Statfs_t
+	syscall.Statfs(self, &fs)
+	const btrfsMagic = 0x9123683e
+	if fs.Type != btrfsMagic && id.Dev != st.Dev {
+		t.Errorf("device %#x, stat says %#x", id.Dev, st.Dev)
+	}
+	if _, _, err := (OS{}).Stat("/does/not/exist"); !os.IsNotExist(err) {
+		t.Errorf("missing file: %v", err)
+	}
+}
+
+func TestWritableWarnings(t *testing.T) {
+	f := files
+	f.writable = map[string]bool{"/opt/x": true}
+	res, err := Compile(grants.Grants{Exec: []grants.Exec{{Path: "/opt/x/a"}}}, f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Warnings) != 1 || !strings.Contains(res.Warnings[0], "writable by every user") {
+		t.Errorf("warnings %v", res.Warnings)
+	}
 }

@@ -75,8 +75,8 @@ func (p Proto) String() string {
 	return fmt.Sprintf("proto(%d)", uint8(p))
 }
 
-// FileID names a file the way the kernel sees it: st_dev (userspace encoding, as stat returns it)
-// and inode number.
+// FileID names a file the way the kernel sees it: the device of its superblock (in stat(2)'s
+// encoding) and its inode number.
 type FileID struct {
 	Dev uint64
 	Ino uint64

@@ -180,6 +180,7 @@ func (p *Pump) Run(closed error) error {
 		close(p.queue)
 		wg.Wait()
 	}()
+	failing := 0
 	for {
 		e, err := p.src.Read()
 		if errors.Is(err, closed) {
@@ -189,8 +190,14 @@ func (p *Pump) Run(closed error) error {
 			if p.decodeErrors.Add(1) == 1 {
 				p.log.Error("reading kernel event", "error", err)
 			}
+			// A record that does not decode is skipped; a source that keeps failing is not
+			// spun on.
+			if failing++; failing > 10 {
+				time.Sleep(100 * time.Millisecond)
+			}
 			continue
 		}
+		failing = 0
 		p.read.Add(1)
 		select {
 		case p.queue <- e:

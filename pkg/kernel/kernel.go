@@ -132,7 +132,7 @@ func Open(opts Options) (_ *Kernel, err error) {
 	}()
 	k.bootTime = bootTime()
 	k.features = probe(opts.Exec, opts.Logger)
-	if k.features.ExecMode == ExecLSM && opts.Exec == ExecLSM && !k.features.LSMUsable {
+	if opts.Exec == ExecLSM && !k.features.LSMUsable {
 		return nil, fmt.Errorf("exec mode lsm requested, but BPF LSM is not usable here: %s", k.features.ExecReason)
 	}
 	if err := k.load(); err != nil {
@@ -176,6 +176,9 @@ func (k *Kernel) load() error {
 		if !k.features.wantProgram(name) {
 			delete(spec.Programs, name)
 		}
+	}
+	if err := k.checkLayout(spec); err != nil {
+		return err
 	}
 	for name, m := range spec.Maps {
 		if !strings.HasPrefix(name, "tether_") {
@@ -230,8 +233,7 @@ func (k *Kernel) checkPinned(spec *ebpf.MapSpec) error {
 		k.log.Info("replacing pinned map", "map", spec.Name, "reason", cerr)
 		return m.Unpin()
 	}
-	return fmt.Errorf("pinned map %s was made by an incompatible tether (%v): stop tetherd and run "+
-		"`tetherd --remove-pins` to drop the old state (this removes enforcement until tetherd starts again)", path, cerr)
+	return k.incompatible(fmt.Errorf("map %s: %v", spec.Name, cerr))
 }
 
 func boolByte(b bool) uint8 {

@@ -1,10 +1,12 @@
 package kernel
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -24,8 +26,8 @@ func (k *Kernel) linkPath(name string) string { return filepath.Join(k.pinDir, "
 func (k *Kernel) adoptLink(path string, prog *ebpf.Program, attach func() (link.Link, error)) (link.Link, error) {
 	old, err := link.LoadPinnedLink(path, nil)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		// Unusable (made by another build?): replaced below, after the new link runs.
 		k.log.Warn("pinned link unusable, replacing it", "pin", path, "error", err)
-		os.Remove(path)
 		old = nil
 	}
 	if old != nil {
@@ -52,11 +54,11 @@ func (k *Kernel) adoptLink(path string, prog *ebpf.Program, attach func() (link.
 		}
 		return nil, fmt.Errorf("pinning link %s: %w", tmp, err)
 	}
+	// The new link runs already; dropping the old pin and handle detaches the old one.
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		k.log.Warn("unpinning replaced link", "pin", path, "error", err)
+	}
 	if old != nil {
-		// The new link runs already; dropping the old pin and handle detaches the old one.
-		if err := old.Unpin(); err != nil {
-			k.log.Warn("unpinning replaced link", "pin", path, "error", err)
-		}
 		old.Close()
 	}
 	if err := l.Pin(path); err != nil {
@@ -65,20 +67,17 @@ func (k *Kernel) adoptLink(path string, prog *ebpf.Program, attach func() (link.
 	return l, nil
 }
 
+// attachGlobal attaches the tracing and LSM programs this load wants, then detaches pinned ones
+// it does not: enforcement moves from one exec mode to the other without a gap.
 func (k *Kernel) attachGlobal() error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	for _, h := range hookSpecs {
-		if h.cgroup {
-			continue
-		}
+	var stale []hookSpec
+	for _, h := range globalHooks() {
 		path := k.linkPath(h.name)
 		prog := k.coll.Programs[h.prog]
 		if prog == nil {
-			// Not loaded in this mode (the LSM program without BPF LSM): drop a stale pin.
-			if err := os.Remove(path); err == nil {
-				k.log.Info("detached stale link", "hook", h.name)
-			}
+			stale = append(stale, h)
 			continue
 		}
 		attach := func() (link.Link, error) {
@@ -97,7 +96,34 @@ func (k *Kernel) attachGlobal() error {
 		}
 		k.global = append(k.global, l)
 	}
+	for _, h := range stale {
+		if err := os.Remove(k.linkPath(h.name)); err == nil {
+			k.log.Info("detached a link this exec mode does not use", "hook", h.name)
+		}
+	}
 	return nil
+}
+
+// globalHooks are the tracing and LSM hooks, the LSM one first: when it takes over exec
+// enforcement it runs before the tracepoint program stops signalling.
+func globalHooks() []hookSpec {
+	var out []hookSpec
+	for _, h := range hookSpecs {
+		if !h.cgroup {
+			out = append(out, h)
+		}
+	}
+	slices.SortStableFunc(out, func(a, b hookSpec) int {
+		return cmp.Compare(boolInt(a.name != "exec_lsm"), boolInt(b.name != "exec_lsm"))
+	})
+	return out
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // AttachParent attaches the cgroup programs at the cgroup2 directory path, so that they run for
@@ -118,11 +144,16 @@ func (k *Kernel) AttachParent(path string) error {
 	}
 	var links []link.Link
 	for _, h := range hookSpecs {
-		prog := k.coll.Programs[h.prog]
-		if !h.cgroup || prog == nil {
+		if !h.cgroup {
 			continue
 		}
-		l, err := k.adoptLink(k.linkPath(fmt.Sprintf("cg-%d-%s", id, h.name)), prog, func() (link.Link, error) {
+		pin := k.linkPath(fmt.Sprintf("cg-%d-%s", id, h.name))
+		prog := k.coll.Programs[h.prog]
+		if prog == nil {
+			os.Remove(pin) // a hook this kernel (or this build) does not run here any more
+			continue
+		}
+		l, err := k.adoptLink(pin, prog, func() (link.Link, error) {
 			return link.AttachCgroup(link.CgroupOptions{Path: path, Attach: h.attach, Program: prog})
 		})
 		if err != nil {

@@ -2,6 +2,7 @@ package kernel
 
 import (
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -104,4 +105,29 @@ func baseName(p string) string {
 		}
 	}
 	return p
+}
+
+// TestPrivilegedIncompatiblePins: pins made by a build with another state layout are refused
+// with what to do, not adopted.
+func TestPrivilegedIncompatiblePins(t *testing.T) {
+	f := newFixture(t, Options{})
+	f.k.Close()
+	m, err := ebpf.LoadPinnedMap(f.pin+"/"+layoutPin, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var other [32]byte
+	other[0] = 1
+	if err := m.Put(uint32(0), other); err != nil {
+		t.Fatal(err)
+	}
+	m.Close()
+	_, err = Open(Options{PinDir: f.pin})
+	if err == nil || !strings.Contains(err.Error(), "--remove-pins") {
+		t.Fatalf("opening incompatible pins: %v", err)
+	}
+	// The pins are untouched: enforcement of the old build stays.
+	if _, err := os.Stat(f.pin + "/" + bpfMapTetherRulesets); err != nil {
+		t.Error(err)
+	}
 }

@@ -103,6 +103,8 @@ func probe(want ExecMode, log *slog.Logger) Features {
 		f.ExecMode, f.ExecReason = ExecSignal, "exec mode signal is configured"
 	case f.LSMUsable:
 		f.ExecMode = ExecLSM
+	case want == ExecLSM:
+		f.ExecMode = ExecLSM // not usable: Open refuses to start
 	default:
 		f.ExecMode = ExecSignal
 		f.ExecReason += "; denied execs are killed with SIGKILL before they run user code"

@@ -198,6 +198,10 @@ func TestPrivilegedReloadModeAndKill(t *testing.T) {
 	defer func() { stdin.Close(); sleeper.Wait() }()
 	waitFor(t, "the agent", func() bool { return len(d.agents()) == 1 })
 	slot := fmt.Sprint(d.agents()[0].Slot)
+	// The agent cannot nest cgroups deeper than the hooks look up.
+	if n, limited, err := cgroups.MaxDepth(d.agents()[0].Cgroup); err != nil || !limited || n != 16 {
+		t.Errorf("agent cgroup.max.depth: %d %v %v", n, limited, err)
+	}
 
 	// A configuration that does not parse is refused; generation 1 stays.
 	os.WriteFile(d.config, []byte("grants: [\n"), 0o600)
@@ -326,6 +330,10 @@ func TestPrivilegedRunDropsPrivileges(t *testing.T) {
 	got = whoami()
 	if got[0] != "0" || capBit(got[2], sysAdmin) || capBit(got[2], netRaw) || capBit(got[2], bpf) {
 		t.Errorf("root agent: uid %s, bounding set %s still holds SYS_ADMIN, NET_RAW or BPF", got[0], got[2])
+	}
+	// tetherctl does not stop for SIGINT, but COMMAND must: it may not inherit it ignored.
+	if capBit(got[3], uint(syscall.SIGINT)-1) || capBit(got[3], uint(syscall.SIGQUIT)-1) {
+		t.Errorf("the agent ignores SIGINT or SIGQUIT: SigIgn %s", got[3])
 	}
 	got = whoami("--keep-caps")
 	if !capBit(got[2], sysAdmin) || !capBit(got[2], netRaw) {

@@ -23,6 +23,8 @@ type Fake struct {
 	counts   map[dataplane.Slot]dataplane.AgentCounts
 	failures map[string]int // method -> how many next calls fail
 	Calls    []string
+	// BeforeClear, if set, runs at the start of every Clear, without the fake's lock.
+	BeforeClear func()
 }
 
 func New() *Fake {
@@ -113,6 +115,9 @@ func (f *Fake) RuleSet(slot dataplane.Slot) (dataplane.RuleSet, bool) {
 }
 
 func (f *Fake) Clear(slot dataplane.Slot) error {
+	if f.BeforeClear != nil {
+		f.BeforeClear()
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.call("Clear"); err != nil {

@@ -6,7 +6,7 @@ BPF_STRIP ?= llvm-strip-14
 BPF_CFLAGS ?= -O2 -g -Wall -Werror
 BIN       := bin
 
-.PHONY: all build generate check-generate test test-unit vet fuzz demo clean
+.PHONY: all build generate check-generate test test-unit test-vm vet fuzz demo clean
 
 all: build
 
@@ -31,6 +31,12 @@ test:
 # Only what needs no privileges (privileged tests skip with the reason).
 test-unit:
 	$(GO) test -count=1 -short ./...
+
+# The privileged tests again inside a QEMU guest running Debian's stock kernel with BPF LSM on
+# (the LSM exec and unix paths), and once with BPF LSM off (tether must notice and fall back).
+# Needs root: apt-get install -y --no-install-recommends qemu-system-x86 cpio xz-utils.
+test-vm:
+	./test/vm/run.sh
 
 vet:
 	$(GO) vet ./...

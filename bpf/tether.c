@@ -245,8 +245,10 @@ static __always_inline struct tether_event *tether_event_reserve(struct tether_d
 	__builtin_memcpy(e->daddr, d->addr, sizeof(e->daddr));
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 
-	/* The calling binary and its parents, from lineage. */
-	struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &e->pid);
+	/* The calling binary and its parents, from lineage. The key lives on the stack: older
+	 * kernels (6.1) refuse ring buffer memory as a map key. */
+	__u32 tgid = e->pid;
+	struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &tgid);
 	if (p) {
 		if (d->kind != TETHER_KIND_EXEC) {
 			e->bin_dev = p->bin_dev;
@@ -445,19 +447,15 @@ int tether_sendmsg6(struct bpf_sock_addr *ctx)
 	return tether_inet6(ctx, TETHER_KIND_SENDMSG6);
 }
 
-/* tether_unix_key fills key->data from the sockaddr_un the caller passed: a pathname up to its first
- * NUL (the kernel reads no further), or an abstract name as NUL, length, name bytes (its length is
- * part of its identity). It returns 0 when the address may not match any rule: a pathname with a
- * ".." component could climb out of a directory that a prefix rule allows. */
-static __always_inline int tether_unix_key(struct tether_rule_key *key, struct bpf_sock_addr *ctx)
+/* tether_unix_key fills key->data from the n sun_path bytes the caller passed: a pathname up to its
+ * first NUL (the kernel reads no further), or an abstract name as NUL, length, name bytes (its
+ * length is part of its identity). It returns 0 when the address may not match any rule: none
+ * given, or a pathname with a ".." component, which could climb out of a directory that a prefix
+ * rule allows. */
+static __always_inline int tether_unix_key(struct tether_rule_key *key, const char *path, __u64 n)
 {
-	struct bpf_sock_addr_kern *sa = bpf_cast_to_kern_ctx(ctx);
-	const char *path = (const char *)sa->uaddr + 2; /* offsetof(struct sockaddr_un, sun_path) */
-	__u64 n = sa->uaddrlen;
-
-	if (n <= 2)
+	if (n == 0)
 		return 0;
-	n -= 2;
 	if (n > TETHER_UNIX_PATH_LEN)
 		n = TETHER_UNIX_PATH_LEN;
 	tether_barrier_var(n);
@@ -505,43 +503,57 @@ static __always_inline void tether_unix_target(char target[TETHER_PATH_LEN], str
 	__builtin_memcpy(target + 1, &key->data[2], TETHER_RULE_DATA - 2);
 }
 
-static __always_inline int tether_unix(struct bpf_sock_addr *ctx, __u8 kind)
+/* tether_unix_decide decides a connect or send to the unix address whose n sun_path bytes are at
+ * path; d carries the kind and socket type. It returns 1 to allow, 0 to deny. global is set for
+ * the LSM programs, which run for every process of the host: outside agents they only allow. */
+static __always_inline int tether_unix_decide(struct tether_decision *d, const char *path, __u64 n, int global)
 {
-	struct tether_decision d = {};
 	struct tether_rule_key key = {};
 	void *rules;
 
-	d.kind = kind;
-	d.family = AF_UNIX;
-	d.sock_type = ctx->type;
+	d->family = AF_UNIX;
 	key.kind = TETHER_RULE_UNIX;
 	key.prefixlen = 8 + 8 * TETHER_RULE_DATA;
-	int matchable = tether_unix_key(&key, ctx);
+	int matchable = tether_unix_key(&key, path, n);
 
-	rules = tether_begin(&d);
+	rules = tether_begin(d);
+	if (global && d->slot == TETHER_NO_SLOT)
+		return 1;
 	if (rules) {
 		if (matchable && bpf_map_lookup_elem(rules, &key)) {
-			d.verdict = TETHER_VERDICT_ALLOW;
-			d.reason = TETHER_REASON_RULE;
+			d->verdict = TETHER_VERDICT_ALLOW;
+			d->reason = TETHER_REASON_RULE;
 		} else {
-			tether_no_match(&d, rules, TETHER_REASON_NO_RULE);
+			tether_no_match(d, rules, TETHER_REASON_NO_RULE);
 		}
 	}
 
-	tether_account(&d);
-	if (!tether_should_emit(&d))
-		return d.verdict != TETHER_VERDICT_DENY;
-	if (d.generation == 0 && rules) {
+	tether_account(d);
+	if (!tether_should_emit(d))
+		return d->verdict != TETHER_VERDICT_DENY;
+	if (d->generation == 0 && rules) {
 		struct tether_rule_value *h = tether_header(rules);
 		if (h)
-			d.generation = h->generation;
+			d->generation = h->generation;
 	}
-	struct tether_event *e = tether_event_reserve(&d);
+	struct tether_event *e = tether_event_reserve(d);
 	if (e) {
 		tether_unix_target(e->target, &key);
 		bpf_ringbuf_submit(e, 0);
 	}
-	return d.verdict != TETHER_VERDICT_DENY;
+	return d->verdict != TETHER_VERDICT_DENY;
+}
+
+static __always_inline int tether_unix(struct bpf_sock_addr *ctx, __u8 kind)
+{
+	struct bpf_sock_addr_kern *sa = bpf_cast_to_kern_ctx(ctx);
+	struct tether_decision d = {};
+	__u64 len = sa->uaddrlen;
+
+	d.kind = kind;
+	d.sock_type = ctx->type;
+	/* offsetof(struct sockaddr_un, sun_path) is 2 */
+	return tether_unix_decide(&d, (const char *)sa->uaddr + 2, len > 2 ? len - 2 : 0, 0);
 }
 
 SEC("cgroup/connect_unix")
@@ -554,6 +566,38 @@ SEC("cgroup/sendmsg_unix")
 int tether_sendmsg_unix(struct bpf_sock_addr *ctx)
 {
 	return tether_unix(ctx, TETHER_KIND_SENDMSG_UNIX);
+}
+
+/* Where the kernel has no cgroup unix hooks (before 6.7) but BPF LSM works, these enforce the same
+ * unix rules from the LSM socket hooks. */
+SEC("lsm/socket_connect")
+int BPF_PROG(tether_connect_unix_lsm, struct socket *sock, struct sockaddr *address, int addrlen, int ret)
+{
+	struct tether_decision d = {};
+
+	if (ret)
+		return ret;
+	if (BPF_CORE_READ(address, sa_family) != AF_UNIX || addrlen <= 2)
+		return 0;
+	d.kind = TETHER_KIND_CONNECT_UNIX;
+	d.sock_type = BPF_CORE_READ(sock, type);
+	return tether_unix_decide(&d, (const char *)address + 2, addrlen - 2, 1) ? 0 : -EPERM;
+}
+
+SEC("lsm/socket_sendmsg")
+int BPF_PROG(tether_sendmsg_unix_lsm, struct socket *sock, struct msghdr *msg, int size, int ret)
+{
+	struct tether_decision d = {};
+
+	if (ret)
+		return ret;
+	const char *name = BPF_CORE_READ(msg, msg_name);
+	int namelen = BPF_CORE_READ(msg, msg_namelen);
+	if (!name || namelen <= 2 || BPF_CORE_READ(sock, sk, __sk_common.skc_family) != AF_UNIX)
+		return 0; /* a connected socket was checked when it connected */
+	d.kind = TETHER_KIND_SENDMSG_UNIX;
+	d.sock_type = BPF_CORE_READ(sock, type);
+	return tether_unix_decide(&d, name + 2, namelen - 2, 1) ? 0 : -EPERM;
 }
 
 /* IP sockets whose traffic the address hooks above do not see (raw, ICMP, SCTP, MPTCP, ...) are

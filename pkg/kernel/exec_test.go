@@ -2,7 +2,9 @@ package kernel
 
 import (
 	"errors"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -18,6 +20,12 @@ func killedBySignal(err error) bool {
 	}
 	ws, ok := ee.Sys().(syscall.WaitStatus)
 	return ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL
+}
+
+// execDenied reports whether starting a command failed the way a denied exec fails: SIGKILL
+// (signal mode) or EPERM from execve (LSM mode).
+func execDenied(err error) bool {
+	return killedBySignal(err) || errors.Is(err, syscall.EPERM)
 }
 
 // execResult runs the exec helper in the agent: "ran" when the target ran, "eperm" when exec
@@ -112,5 +120,29 @@ func TestPrivilegedLineage(t *testing.T) {
 	}
 	if !strings.HasSuffix(e.BinaryPath, ".test") {
 		t.Errorf("binary path %q: want the test binary", e.BinaryPath)
+	}
+}
+
+// TestPrivilegedExecScript shows the difference between the exec modes for a script: under BPF
+// LSM both the script and its interpreter must be granted (bprm_check_security sees each); in
+// signal mode the file that finally runs, the interpreter, decides.
+func TestPrivilegedExecScript(t *testing.T) {
+	f := newFixture(t, Options{})
+	interp := privtest.SelfCopy(t)
+	script := filepath.Join(filepath.Dir(interp), "script")
+	if err := os.WriteFile(script, []byte("#!"+interp+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	agent := f.agent(t, "agent", 16, dataplane.RuleSet{Exec: []dataplane.FileID{fileID(t, interp)}})
+	want := "ran"
+	if f.k.Features().ExecMode == ExecLSM {
+		want = "eperm"
+	}
+	if got := execResult(t, agent, script); got != want {
+		t.Errorf("script with a granted interpreter in %s mode: %s, want %s", f.k.Features().ExecMode, got, want)
+	}
+	both := f.agent(t, "both", 17, dataplane.RuleSet{Exec: []dataplane.FileID{fileID(t, interp), fileID(t, script)}})
+	if got := execResult(t, both, script); got != "ran" {
+		t.Errorf("script and interpreter granted: %s", got)
 	}
 }

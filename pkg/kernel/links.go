@@ -1,12 +1,10 @@
 package kernel
 
 import (
-	"cmp"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 
@@ -81,7 +79,7 @@ func (k *Kernel) attachGlobal() error {
 			continue
 		}
 		attach := func() (link.Link, error) {
-			if h.name == "exec_lsm" {
+			if h.lsm {
 				return link.AttachLSM(link.LSMOptions{Program: prog})
 			}
 			return link.AttachTracing(link.TracingOptions{Program: prog})
@@ -104,26 +102,19 @@ func (k *Kernel) attachGlobal() error {
 	return nil
 }
 
-// globalHooks are the tracing and LSM hooks, the LSM one first: when it takes over exec
-// enforcement it runs before the tracepoint program stops signalling.
+// globalHooks are the tracing and LSM hooks, the LSM ones first: when they take over exec
+// enforcement they run before the tracepoint program stops signalling.
 func globalHooks() []hookSpec {
-	var out []hookSpec
+	var lsm, tracing []hookSpec
 	for _, h := range hookSpecs {
-		if !h.cgroup {
-			out = append(out, h)
+		switch {
+		case h.lsm:
+			lsm = append(lsm, h)
+		case !h.cgroup:
+			tracing = append(tracing, h)
 		}
 	}
-	slices.SortStableFunc(out, func(a, b hookSpec) int {
-		return cmp.Compare(boolInt(a.name != "exec_lsm"), boolInt(b.name != "exec_lsm"))
-	})
-	return out
-}
-
-func boolInt(b bool) int {
-	if b {
-		return 1
-	}
-	return 0
+	return append(lsm, tracing...)
 }
 
 // AttachParent attaches the cgroup programs at the cgroup2 directory path, so that they run for

@@ -1,6 +1,8 @@
 package kernel
 
 import (
+	"os"
+	"strings"
 	"testing"
 )
 
@@ -11,7 +13,7 @@ func TestPrivilegedLoad(t *testing.T) {
 	feat := f.k.Features()
 	t.Logf("exec mode %s: %s", feat.ExecMode, feat.ExecReason)
 	for _, h := range feat.Hooks {
-		required := h.Name != "connect_unix" && h.Name != "sendmsg_unix" && h.Name != "exec_lsm"
+		required := !strings.Contains(h.Name, "unix") && h.Name != "exec_lsm"
 		if required && !h.Active {
 			t.Errorf("required hook %s is not active: %s", h.Name, h.Reason)
 		}
@@ -25,5 +27,16 @@ func TestPrivilegedLoad(t *testing.T) {
 	}
 	if lsm := feat.hook("exec_lsm"); lsm.Active != (want == ExecLSM) {
 		t.Errorf("exec_lsm active=%v in mode %s", lsm.Active, feat.ExecMode)
+	}
+	// Unix rules are enforced by one of the two ways, or the status says they are not.
+	for _, k := range []string{"connect_unix", "sendmsg_unix"} {
+		cg, lsm := feat.hook(k), feat.hook(k+"_lsm")
+		if cg.Active == lsm.Active && (cg.Active || feat.LSMUsable) {
+			t.Errorf("%s active=%v, %s_lsm active=%v with LSM usable=%v", k, cg.Active, k, lsm.Active, feat.LSMUsable)
+		}
+	}
+	// The test guest of make test-vm knows which mode its kernel command line allows.
+	if expect := os.Getenv("TETHER_EXPECT_EXEC_MODE"); expect != "" && string(feat.ExecMode) != expect {
+		t.Errorf("exec mode %s, the environment expects %s (active LSMs %q): %s", feat.ExecMode, expect, feat.ActiveLSMs, feat.ExecReason)
 	}
 }

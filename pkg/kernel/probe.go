@@ -36,6 +36,7 @@ type hookSpec struct {
 	cgroup              bool
 	attach              ebpf.AttachType // cgroup hooks
 	optional            bool            // trial-loaded; skipped where the kernel lacks it
+	lsm                 bool            // a BPF LSM program
 }
 
 var hookSpecs = []hookSpec{
@@ -49,7 +50,9 @@ var hookSpecs = []hookSpec{
 	{name: "exec", prog: bpfProgTetherExec, section: "tp_btf/sched_process_exec"},
 	{name: "fork", prog: bpfProgTetherFork, section: "tp_btf/sched_process_fork"},
 	{name: "exit", prog: bpfProgTetherExit, section: "tp_btf/sched_process_exit"},
-	{name: "exec_lsm", prog: bpfProgTetherExecLsm, section: "lsm/bprm_check_security"},
+	{name: "exec_lsm", prog: bpfProgTetherExecLsm, section: "lsm/bprm_check_security", lsm: true},
+	{name: "connect_unix_lsm", prog: bpfProgTetherConnectUnixLsm, section: "lsm/socket_connect", lsm: true},
+	{name: "sendmsg_unix_lsm", prog: bpfProgTetherSendmsgUnixLsm, section: "lsm/socket_sendmsg", lsm: true},
 }
 
 func (f *Features) hook(name string) *Hook {
@@ -110,9 +113,22 @@ func probe(want ExecMode, log *slog.Logger) Features {
 		f.ExecReason += "; denied execs are killed with SIGKILL before they run user code"
 	}
 	lsm := f.hook("exec_lsm")
-	lsm.Active = f.ExecMode == ExecLSM
+	lsm.Active = f.ExecMode == ExecLSM && f.LSMUsable
 	if !lsm.Active {
 		lsm.Reason = f.ExecReason
+	}
+	// Unix rules fall back on the LSM socket hooks where the kernel has no cgroup unix hooks.
+	for _, pair := range [][2]string{{"connect_unix", "connect_unix_lsm"}, {"sendmsg_unix", "sendmsg_unix_lsm"}} {
+		cg, fallback := f.hook(pair[0]), f.hook(pair[1])
+		switch {
+		case cg.Active:
+			fallback.Active, fallback.Reason = false, "not needed: "+pair[0]+" runs"
+		case f.LSMUsable:
+			fallback.Active = true
+		default:
+			fallback.Active, fallback.Reason = false, "no cgroup unix hook and no usable BPF LSM: unix sockets are not enforced"
+			cg.Reason += "; unix socket rules are NOT enforced on this kernel"
+		}
 	}
 	log.Info("probed kernel", "exec_mode", f.ExecMode, "exec_reason", f.ExecReason, "active_lsms", f.ActiveLSMs)
 	return f

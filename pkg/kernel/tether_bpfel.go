@@ -217,6 +217,7 @@ const (
 	bpfProgTetherConnect4          = "tether_connect4"
 	bpfProgTetherConnect6          = "tether_connect6"
 	bpfProgTetherConnectUnix       = "tether_connect_unix"
+	bpfProgTetherConnectUnixLsm    = "tether_connect_unix_lsm"
 	bpfProgTetherExec              = "tether_exec"
 	bpfProgTetherExecLsm           = "tether_exec_lsm"
 	bpfProgTetherExit              = "tether_exit"
@@ -224,6 +225,7 @@ const (
 	bpfProgTetherSendmsg4          = "tether_sendmsg4"
 	bpfProgTetherSendmsg6          = "tether_sendmsg6"
 	bpfProgTetherSendmsgUnix       = "tether_sendmsg_unix"
+	bpfProgTetherSendmsgUnixLsm    = "tether_sendmsg_unix_lsm"
 	bpfProgTetherSockCreate        = "tether_sock_create"
 	bpfVarTetherAllowSample        = "tether_allow_sample"
 	bpfVarTetherBtfAnchor          = "tether_btf_anchor"
@@ -273,17 +275,19 @@ type bpfSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bpfProgramSpecs struct {
-	TetherConnect4    *ebpf.ProgramSpec `ebpf:"tether_connect4"`
-	TetherConnect6    *ebpf.ProgramSpec `ebpf:"tether_connect6"`
-	TetherConnectUnix *ebpf.ProgramSpec `ebpf:"tether_connect_unix"`
-	TetherExec        *ebpf.ProgramSpec `ebpf:"tether_exec"`
-	TetherExecLsm     *ebpf.ProgramSpec `ebpf:"tether_exec_lsm"`
-	TetherExit        *ebpf.ProgramSpec `ebpf:"tether_exit"`
-	TetherFork        *ebpf.ProgramSpec `ebpf:"tether_fork"`
-	TetherSendmsg4    *ebpf.ProgramSpec `ebpf:"tether_sendmsg4"`
-	TetherSendmsg6    *ebpf.ProgramSpec `ebpf:"tether_sendmsg6"`
-	TetherSendmsgUnix *ebpf.ProgramSpec `ebpf:"tether_sendmsg_unix"`
-	TetherSockCreate  *ebpf.ProgramSpec `ebpf:"tether_sock_create"`
+	TetherConnect4       *ebpf.ProgramSpec `ebpf:"tether_connect4"`
+	TetherConnect6       *ebpf.ProgramSpec `ebpf:"tether_connect6"`
+	TetherConnectUnix    *ebpf.ProgramSpec `ebpf:"tether_connect_unix"`
+	TetherConnectUnixLsm *ebpf.ProgramSpec `ebpf:"tether_connect_unix_lsm"`
+	TetherExec           *ebpf.ProgramSpec `ebpf:"tether_exec"`
+	TetherExecLsm        *ebpf.ProgramSpec `ebpf:"tether_exec_lsm"`
+	TetherExit           *ebpf.ProgramSpec `ebpf:"tether_exit"`
+	TetherFork           *ebpf.ProgramSpec `ebpf:"tether_fork"`
+	TetherSendmsg4       *ebpf.ProgramSpec `ebpf:"tether_sendmsg4"`
+	TetherSendmsg6       *ebpf.ProgramSpec `ebpf:"tether_sendmsg6"`
+	TetherSendmsgUnix    *ebpf.ProgramSpec `ebpf:"tether_sendmsg_unix"`
+	TetherSendmsgUnixLsm *ebpf.ProgramSpec `ebpf:"tether_sendmsg_unix_lsm"`
+	TetherSockCreate     *ebpf.ProgramSpec `ebpf:"tether_sock_create"`
 }
 
 // bpfMapSpecs contains maps before they are loaded into the kernel.
@@ -367,17 +371,19 @@ type bpfVariables struct {
 //
 // It can be passed to loadBpfObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bpfPrograms struct {
-	TetherConnect4    *ebpf.Program `ebpf:"tether_connect4"`
-	TetherConnect6    *ebpf.Program `ebpf:"tether_connect6"`
-	TetherConnectUnix *ebpf.Program `ebpf:"tether_connect_unix"`
-	TetherExec        *ebpf.Program `ebpf:"tether_exec"`
-	TetherExecLsm     *ebpf.Program `ebpf:"tether_exec_lsm"`
-	TetherExit        *ebpf.Program `ebpf:"tether_exit"`
-	TetherFork        *ebpf.Program `ebpf:"tether_fork"`
-	TetherSendmsg4    *ebpf.Program `ebpf:"tether_sendmsg4"`
-	TetherSendmsg6    *ebpf.Program `ebpf:"tether_sendmsg6"`
-	TetherSendmsgUnix *ebpf.Program `ebpf:"tether_sendmsg_unix"`
-	TetherSockCreate  *ebpf.Program `ebpf:"tether_sock_create"`
+	TetherConnect4       *ebpf.Program `ebpf:"tether_connect4"`
+	TetherConnect6       *ebpf.Program `ebpf:"tether_connect6"`
+	TetherConnectUnix    *ebpf.Program `ebpf:"tether_connect_unix"`
+	TetherConnectUnixLsm *ebpf.Program `ebpf:"tether_connect_unix_lsm"`
+	TetherExec           *ebpf.Program `ebpf:"tether_exec"`
+	TetherExecLsm        *ebpf.Program `ebpf:"tether_exec_lsm"`
+	TetherExit           *ebpf.Program `ebpf:"tether_exit"`
+	TetherFork           *ebpf.Program `ebpf:"tether_fork"`
+	TetherSendmsg4       *ebpf.Program `ebpf:"tether_sendmsg4"`
+	TetherSendmsg6       *ebpf.Program `ebpf:"tether_sendmsg6"`
+	TetherSendmsgUnix    *ebpf.Program `ebpf:"tether_sendmsg_unix"`
+	TetherSendmsgUnixLsm *ebpf.Program `ebpf:"tether_sendmsg_unix_lsm"`
+	TetherSockCreate     *ebpf.Program `ebpf:"tether_sock_create"`
 }
 
 func (p *bpfPrograms) Close() error {
@@ -385,6 +391,7 @@ func (p *bpfPrograms) Close() error {
 		p.TetherConnect4,
 		p.TetherConnect6,
 		p.TetherConnectUnix,
+		p.TetherConnectUnixLsm,
 		p.TetherExec,
 		p.TetherExecLsm,
 		p.TetherExit,
@@ -392,6 +399,7 @@ func (p *bpfPrograms) Close() error {
 		p.TetherSendmsg4,
 		p.TetherSendmsg6,
 		p.TetherSendmsgUnix,
+		p.TetherSendmsgUnixLsm,
 		p.TetherSockCreate,
 	)
 }

@@ -2,6 +2,7 @@ package kernel
 
 import (
 	"net"
+	"strings"
 	"os"
 	"path/filepath"
 	"testing"
@@ -29,8 +30,12 @@ func listenUnix(t *testing.T, network, path string) {
 // climb out of), abstract names, and datagram sends.
 func TestPrivilegedUnix(t *testing.T) {
 	f := newFixture(t, Options{})
-	if features := f.k.Features(); !features.hook("connect_unix").Active {
-		t.Fatal("connect_unix is not supported by this kernel")
+	if feat := f.k.Features(); !feat.hook("connect_unix").Active && !feat.hook("connect_unix_lsm").Active {
+		// Nothing can enforce unix rules here; the probe must say so.
+		if !strings.Contains(feat.hook("connect_unix").Reason, "NOT enforced") {
+			t.Errorf("unix sockets unenforceable, but the status does not say so: %+v", feat.hook("connect_unix"))
+		}
+		t.Skip("this kernel has neither cgroup unix hooks (Linux 6.7) nor usable BPF LSM")
 	}
 	dir, err := os.MkdirTemp("", "tt")
 	if err != nil {

@@ -5,7 +5,6 @@ import (
 	"io"
 	"net/netip"
 	"os"
-	"os/exec"
 	"slices"
 	"strings"
 	"syscall"
@@ -292,17 +291,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 func TestPrivilegedRunDropsPrivileges(t *testing.T) {
 	privtest.Gate(t)
 	// The agent runs a copy of the test binary that the unprivileged user can execute.
-	dir, err := os.MkdirTemp("", "tta")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	os.Chmod(dir, 0o755)
-	self, _ := os.Executable()
-	agentBin := dir + "/agent"
-	if out, err := exec.Command("cp", self, agentBin).CombinedOutput(); err != nil {
-		t.Fatalf("%v %s", err, out)
-	}
+	agentBin := privtest.SelfCopy(t)
 	d := newTetherd(t, fmt.Sprintf("  %s:\n    exec:\n      - path: %s\n", agentID, agentBin))
 	d.self = agentBin
 	d.start()

@@ -31,9 +31,13 @@ var (
 	buildErr  error
 )
 
-// binaries builds tetherd and tetherctl once per test run.
+// binaries builds tetherd and tetherctl once per test run, or takes them from the directory
+// TETHER_E2E_BIN names (the test guest of make test-vm has no Go toolchain).
 func binaries(t *testing.T) string {
 	t.Helper()
+	if dir := os.Getenv("TETHER_E2E_BIN"); dir != "" {
+		return dir
+	}
 	buildOnce.Do(func() {
 		binDir, buildErr = os.MkdirTemp("", "tether-e2e-bin")
 		if buildErr != nil {

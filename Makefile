@@ -6,7 +6,7 @@ BPF_STRIP ?= llvm-strip-14
 BPF_CFLAGS ?= -O2 -g -Wall -Werror
 BIN       := bin
 
-.PHONY: all build generate check-generate test test-unit test-vm vet fuzz demo clean
+.PHONY: all build generate check-generate test test-unit test-vm bench vet fuzz demo clean
 
 all: build
 
@@ -37,6 +37,16 @@ test-unit:
 # Needs root: apt-get install -y --no-install-recommends qemu-system-x86 cpio xz-utils.
 test-vm:
 	./test/vm/run.sh
+
+# One table: tether against no tether, nftables and per-request OPA, measured in the same run
+# (see docs/performance.md). Needs root and nftables (apt-get install nftables). BENCH_FLAGS are
+# passed on (-rounds N, -rules 10,1000,10000, -scale F); `go test -bench .` adds the Go
+# micro-benchmarks of the compiler.
+BENCH_FLAGS ?=
+bench:
+	$(GO) build -o $(BIN)/bench ./test/bench
+	$(GO) test -run XXX -bench . -benchtime 3x ./pkg/compile
+	./$(BIN)/bench $(BENCH_FLAGS)
 
 vet:
 	$(GO) vet ./...

@@ -63,6 +63,22 @@ struct {
 	__type(value, struct tether_agent);
 } tether_agents SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tether_config_entry);
+} tether_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tether_slot_cache_entry);
+} tether_slot_cache SEC(".maps");
+
+#define TETHER_CACHE_MAGIC 0x7e7e3a5b1d2c4f60ULL
+
 struct tether_rules {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, TETHER_MAX_RULES);
@@ -86,6 +102,8 @@ struct tether_btf_anchor {
 	enum tether_agent_flags agent_flags;
 	enum tether_port_rule_flags port_rule_flags;
 	enum tether_counter counter;
+	struct tether_config_entry config;
+	struct tether_slot_cache_entry slot_cache;
 };
 const struct tether_btf_anchor *const tether_btf_anchor __attribute__((unused)) = 0;
 
@@ -156,15 +174,11 @@ static __always_inline void tether_count(__u32 counter)
 		*v += 1;
 }
 
-/* tether_find_slot binds the current task to an agent: its own cgroup, else the nearest of
+/* tether_walk_slot binds the task to an agent: its own cgroup, else the nearest of
  * TETHER_MAX_ANCESTORS ancestors that is bound. Returns 0 when the task is in no agent. */
-static __always_inline int tether_find_slot(__u64 *cgroup_id, __u32 *slot)
+static __always_inline int tether_walk_slot(__u64 id, __u32 *slot)
 {
-	__u64 id = bpf_get_current_cgroup_id();
-	struct tether_binding *b;
-
-	*cgroup_id = id;
-	b = bpf_map_lookup_elem(&tether_cgroups, &id);
+	struct tether_binding *b = bpf_map_lookup_elem(&tether_cgroups, &id);
 	if (b) {
 		*slot = b->slot;
 		return 1;
@@ -184,6 +198,37 @@ static __always_inline int tether_find_slot(__u64 *cgroup_id, __u32 *slot)
 		}
 	}
 	return 0;
+}
+
+/* tether_find_slot is tether_walk_slot behind a per-CPU cache of the last answer, valid while the
+ * daemon has not changed any binding since (bindings_gen). It saves the hash lookup (and the
+ * ancestor walk of nested cgroups) on the hot path of a process that connects again and again. */
+static __always_inline int tether_find_slot(__u64 *cgroup_id, __u32 *slot)
+{
+	__u64 id = bpf_get_current_cgroup_id();
+	__u32 zero = 0;
+	*cgroup_id = id;
+
+	struct tether_config_entry *cfg = bpf_map_lookup_elem(&tether_config, &zero);
+	struct tether_slot_cache_entry *c = bpf_map_lookup_elem(&tether_slot_cache, &zero);
+	if (!cfg || !c)
+		return tether_walk_slot(id, slot);
+	/* Read before the walk: a change racing it leaves an entry of the old generation. */
+	__u64 gen = cfg->bindings_gen & 0xffffffff;
+	__u64 cid = c->cgroup_id, packed = c->packed, check = c->check;
+	if (cid == id && packed >> 32 == gen && check == (cid ^ packed ^ TETHER_CACHE_MAGIC)) {
+		*slot = (packed >> 1) & 0x7fffffff;
+		return packed & 1;
+	}
+
+	__u32 s = 0;
+	int found = tether_walk_slot(id, &s);
+	packed = gen << 32 | (__u64)s << 1 | (found ? 1 : 0);
+	c->cgroup_id = id;
+	c->packed = packed;
+	c->check = id ^ packed ^ TETHER_CACHE_MAGIC;
+	*slot = s;
+	return found;
 }
 
 static __always_inline struct tether_rule_value *tether_header(void *rules)
@@ -771,6 +816,8 @@ int BPF_PROG(tether_exit, struct task_struct *task)
 
 	if (BPF_CORE_READ(task, signal, live.counter) != 0)
 		return 0; /* other threads of the process still run */
-	bpf_map_delete_elem(&tether_procs, &tgid);
+	/* Every process of the host ends here: look (lock-free) before deleting (locked). */
+	if (bpf_map_lookup_elem(&tether_procs, &tgid))
+		bpf_map_delete_elem(&tether_procs, &tgid);
 	return 0;
 }

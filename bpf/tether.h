@@ -14,7 +14,7 @@ enum tether_limits {
 	/* Ancestor levels a hook walks up from the current cgroup to find its agent. */
 	TETHER_MAX_ANCESTORS = 16,
 	/* Entries in one agent's rule set (egress prefixes + exec files + unix paths + header). */
-	TETHER_MAX_RULES = 8192,
+	TETHER_MAX_RULES = 65536,
 	/* Port rules that one egress prefix can carry; the compiler refuses more. */
 	TETHER_MAX_PORT_RULES = 16,
 	/* Bytes of a rule key after its kind byte: enough for a full sun_path. */
@@ -101,6 +101,23 @@ enum tether_counter {
 struct tether_binding {
 	__u32 slot;
 	__u32 _pad;
+};
+
+/* tether_config value (its one entry): knobs the daemon changes at run time. */
+struct tether_config_entry {
+	/* Bumped by the daemon after every change of tether_cgroups: it invalidates the per-CPU
+	 * cache of cgroup -> slot answers. */
+	__u64 bindings_gen;
+	__u64 _reserved[7];
+};
+
+/* tether_slot_cache value: the last cgroup -> slot answer on this CPU. Programs on one CPU can
+ * preempt each other, so an entry may be torn; check = cgroup_id ^ packed ^ TETHER_CACHE_MAGIC
+ * makes a torn entry fail unless it equals a whole one. packed = gen << 32 | slot << 1 | found. */
+struct tether_slot_cache_entry {
+	__u64 cgroup_id;
+	__u64 packed;
+	__u64 check;
 };
 
 /* tether_agents value: state the kernel checks before any rule. One per slot. */

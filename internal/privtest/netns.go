@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"sync"
 	"testing"
 
 	"github.com/vishvananda/netlink"
@@ -16,20 +17,35 @@ import (
 // Host is a test host: a network namespace reached from the test's namespace over a veth pair.
 // Traffic to it never leaves the machine.
 type Host struct {
-	ns     netns.NsHandle
-	V4, V6 netip.Addr // the host's addresses
+	ns        netns.NsHandle
+	V4, V6    netip.Addr // the host's addresses
+	Ours4     netip.Addr // our side of the veth pair
+	veth      netlink.Link
+	closeOnce sync.Once
 }
 
 // NewHost creates a network namespace joined to the current one by a veth pair, with addresses
 // in 198.18.0.0/15 (reserved for benchmarking) and in a random ULA /64. Removed at test end.
 func NewHost(t testing.TB) *Host {
 	t.Helper()
+	h, err := StartHost()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h.Close)
+	return h
+}
+
+// StartHost is NewHost outside a test: the caller calls Close.
+func StartHost() (_ *Host, err error) {
 	var r [4]byte
 	rand.Read(r[:])
 	// A /30 in 198.18.0.0/15: .1 on our side, .2 on the host.
 	base := [4]byte{198, 18 | (r[0] & 1), r[1], r[2] &^ 3}
-	ours4 := netip.AddrFrom4([4]byte{base[0], base[1], base[2], base[3] | 1})
-	h := &Host{V4: netip.AddrFrom4([4]byte{base[0], base[1], base[2], base[3] | 2})}
+	h := &Host{
+		Ours4: netip.AddrFrom4([4]byte{base[0], base[1], base[2], base[3] | 1}),
+		V4:    netip.AddrFrom4([4]byte{base[0], base[1], base[2], base[3] | 2}),
+	}
 	v6 := [16]byte{0xfd, 0x74, 0x65, 0x74, r[0], r[1], r[2], r[3]}
 	v6[15] = 1
 	ours6 := netip.AddrFrom16(v6)
@@ -43,65 +59,85 @@ func NewHost(t testing.TB) *Host {
 	origin, err := netns.Get()
 	if err != nil {
 		runtime.UnlockOSThread()
-		t.Fatal(err)
+		return nil, err
 	}
 	ns, err := netns.New() // switches this thread into the new namespace
 	if err != nil {
 		runtime.UnlockOSThread()
-		t.Fatalf("creating network namespace: %v", err)
+		return nil, fmt.Errorf("creating network namespace: %w", err)
 	}
 	if err := netns.Set(origin); err != nil {
 		// Leave the thread locked: it dies with the goroutine instead of serving others.
-		t.Fatalf("returning to the original network namespace: %v", err)
+		return nil, fmt.Errorf("returning to the original network namespace: %w", err)
 	}
 	runtime.UnlockOSThread()
 	origin.Close()
 	h.ns = ns
-	t.Cleanup(func() { ns.Close() }) // the last reference: the namespace and the veth pair go
+	defer func() {
+		if err != nil {
+			h.Close()
+		}
+	}()
 
 	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: hostName}, PeerName: peerName, PeerNamespace: netlink.NsFd(int(ns))}
 	if err := netlink.LinkAdd(veth); err != nil {
-		t.Fatalf("creating veth pair: %v", err)
+		return nil, fmt.Errorf("creating veth pair: %w", err)
 	}
-	t.Cleanup(func() { netlink.LinkDel(veth) })
+	h.veth = veth
 	ours, err := netlink.LinkByName(hostName)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	configure(t, netlink.Handle{}, ours, ours4, 30, ours6)
-
+	if err := configure(netlink.Handle{}, ours, h.Ours4, 30, ours6); err != nil {
+		return nil, err
+	}
 	in, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE) // only route: xfrm may be a module that is not loaded
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	defer in.Close()
 	lo, err := in.LinkByName("lo")
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	if err := in.LinkSetUp(lo); err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	peer, err := in.LinkByName(peerName)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	configure(t, *in, peer, h.V4, 30, h.V6)
-	return h
+	return h, configure(*in, peer, h.V4, 30, h.V6)
 }
 
-func configure(t testing.TB, h netlink.Handle, l netlink.Link, v4 netip.Addr, bits4 int, v6 netip.Addr) {
-	t.Helper()
+// Close removes the namespace and the veth pair.
+func (h *Host) Close() {
+	h.closeOnce.Do(func() {
+		if h.veth != nil {
+			netlink.LinkDel(h.veth)
+		}
+		h.ns.Close() // the last reference: the namespace goes
+	})
+}
+
+// NetNS returns the namespace's file descriptor (owned by h).
+func (h *Host) NetNS() int { return int(h.ns) }
+
+func configure(h netlink.Handle, l netlink.Link, v4 netip.Addr, bits4 int, v6 netip.Addr) error {
 	a4 := &netlink.Addr{IPNet: &net.IPNet{IP: v4.AsSlice(), Mask: net.CIDRMask(bits4, 32)}}
 	a6 := &netlink.Addr{IPNet: &net.IPNet{IP: v6.AsSlice(), Mask: net.CIDRMask(64, 128)}, Flags: unix.IFA_F_NODAD}
 	for _, a := range []*netlink.Addr{a4, a6} {
 		if err := h.AddrAdd(l, a); err != nil {
-			t.Fatalf("adding %s: %v", a.IPNet, err)
+			return fmt.Errorf("adding %s: %w", a.IPNet, err)
 		}
 	}
-	if err := h.LinkSetUp(l); err != nil {
-		t.Fatal(err)
-	}
+	return h.LinkSetUp(l)
+}
+
+// In runs f with the calling goroutine's thread inside the host's namespace. Sockets f creates
+// stay in that namespace.
+func (h *Host) In(f func() error) error {
+	return h.in(f)
 }
 
 // in runs f with the calling goroutine's thread inside the host's namespace. Sockets f creates

@@ -259,12 +259,6 @@ func parsePrefix(s string) (netip.Prefix, error) {
 // inV4 reports whether the 16-byte prefix lies in the IPv4 space.
 func inV4(p netip.Prefix) bool { return p.Bits() >= 96 && v4Mapped.Contains(p.Addr()) }
 
-// covers reports whether q's rules apply to addresses under p: q contains p, within one
-// address family. An IPv6 prefix never grants IPv4 (::/0 does not reach ::ffff:a.b.c.d).
-func covers(q, p netip.Prefix) bool {
-	return q.Bits() <= p.Bits() && q.Contains(p.Addr()) && inV4(q) == inV4(p)
-}
-
 // merge gives every prefix the rules of every prefix that covers it, since the kernel's lookup
 // returns only the longest matching prefix.
 func (c *compiler) merge(rules []prefixRule) []dataplane.Egress {
@@ -291,11 +285,15 @@ func (c *compiler) merge(rules []prefixRule) []dataplane.Egress {
 	})
 	out := make([]dataplane.Egress, 0, len(prefixes))
 	for _, p := range prefixes {
+		// Every prefix that covers p is one of its ancestors: walk them up to the root of its
+		// address family (an IPv4 prefix stops at ::ffff:0:0/96).
 		var all []dataplane.PortRule
-		for _, q := range prefixes {
-			if covers(q, p) {
-				all = append(all, own[q]...)
-			}
+		top := 0
+		if inV4(p) {
+			top = 96
+		}
+		for bits := p.Bits(); bits >= top; bits-- {
+			all = append(all, own[netip.PrefixFrom(p.Addr(), bits).Masked()]...)
 		}
 		all = simplify(all)
 		if len(all) > dataplane.MaxPortRules {

@@ -1,6 +1,7 @@
 package compile
 
 import (
+	"fmt"
 	"net/netip"
 	"os"
 	"reflect"
@@ -290,5 +291,23 @@ func TestWritableWarnings(t *testing.T) {
 	}
 	if len(res.Warnings) != 1 || !strings.Contains(res.Warnings[0], "writable by every user") {
 		t.Errorf("warnings %v", res.Warnings)
+	}
+}
+
+// BenchmarkCompileEgress compiles n distinct prefixes (with one covering prefix): what a large
+// agent rule set costs to recompile.
+func BenchmarkCompileEgress(b *testing.B) {
+	for _, n := range []int{10, 1000, 10000} {
+		g := grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Ports: []grants.PortRange{{Lo: 53, Hi: 53}}}}}
+		for i := range n {
+			g.Egress = append(g.Egress, grants.Egress{CIDR: netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}).String(), Protocol: "tcp", Ports: []grants.PortRange{{Lo: 443, Hi: 443}}})
+		}
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			for b.Loop() {
+				if _, err := Compile(g, files); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }

@@ -15,7 +15,7 @@ const (
 	MaxAgents     = 4096
 	MaxCgroups    = 16384
 	MaxAncestors  = 16
-	MaxRules      = 8192
+	MaxRules      = 65536
 	MaxPortRules  = 16
 	MaxUnixPath   = 107 // sun_path holds 108 bytes including the terminating NUL
 	MaxIDLen      = 255

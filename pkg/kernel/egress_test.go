@@ -211,3 +211,42 @@ func TestPrivilegedSocketTypes(t *testing.T) {
 	}
 	expect(t, "socket kinds", got, []string{"eperm", "eperm", "ok", "ok"})
 }
+
+// TestPrivilegedRebindInvalidatesCache checks that the programs' per-CPU cache of cgroup -> slot
+// answers follows every binding change: the same cgroup unbound, then bound to another agent.
+func TestPrivilegedRebindInvalidatesCache(t *testing.T) {
+	f := newFixture(t, Options{})
+	h := privtest.NewHost(t)
+	p, q := port(t, h.ListenTCP(t, h.V4).Addr()), port(t, h.ListenTCP(t, h.V4).Addr())
+	only := func(port uint16) dataplane.RuleSet {
+		return dataplane.RuleSet{Egress: []dataplane.Egress{{Prefix: netip.PrefixFrom(h.V4, 32), Ports: []dataplane.PortRule{{Lo: port, Hi: port}}}}}
+	}
+	cg := f.agent(t, "agent", 20, only(p))
+	id, err := cgroupID(cg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := only(q)
+	other.Exec = []dataplane.FileID{f.self}
+	if err := f.k.Install(21, &other); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.k.SetFlags(21, dataplane.AgentActive); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.k.Clear(21) })
+	dial := func() []string { return privtest.Dial(t, cg, "tcp", hostPort(h.V4, p), "tcp", hostPort(h.V4, q)) }
+	for range 3 { // every CPU may have cached the answer
+		expect(t, "bound to the first agent", dial(), []string{"ok", "eperm"})
+	}
+	if err := f.k.Unbind(id); err != nil {
+		t.Fatal(err)
+	}
+	// Unbound, the cgroup is under the agent parent and in no agent: denied. (The exec of the
+	// helper is not: the exec program leaves processes outside agents alone.)
+	expect(t, "unbound", dial(), []string{"eperm", "eperm"})
+	if err := f.k.Bind(id, 21); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, "bound to the second agent", dial(), []string{"eperm", "ok"})
+}

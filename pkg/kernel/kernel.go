@@ -90,8 +90,11 @@ type Kernel struct {
 	counters      *ebpf.Map
 	agentCounters *ebpf.Map
 	agentInfo     *ebpf.Map
+	config        *ebpf.Map
 	innerSpec     *ebpf.MapSpec
 	bootTime      time.Time
+
+	genMu sync.Mutex // serialises binding generation bumps
 
 	mu      sync.Mutex // guards everything below and serialises rule-set installs
 	global  []link.Link
@@ -154,7 +157,7 @@ func checkRingBufferSize(n uint32) error {
 
 // replaceableMaps hold nothing that must survive an incompatible change (a new ring buffer
 // size): a pinned one that does not fit is replaced instead of refusing to start.
-var replaceableMaps = map[string]bool{bpfMapTetherEvents: true}
+var replaceableMaps = map[string]bool{bpfMapTetherEvents: true, bpfMapTetherSlotCache: true}
 
 func (k *Kernel) load() error {
 	spec, err := loadBpf()
@@ -210,7 +213,10 @@ func (k *Kernel) load() error {
 	k.counters = coll.Maps[bpfMapTetherCounters]
 	k.agentCounters = coll.Maps[bpfMapTetherAgentCounters]
 	k.agentInfo = coll.Maps[bpfMapTetherAgentInfo]
-	return nil
+	k.config = coll.Maps[bpfMapTetherConfig]
+	// Whatever a cache of an earlier load holds is from before this process: start a new
+	// generation.
+	return k.bindingsChanged()
 }
 
 // checkPinned refuses to start on a pinned map this build cannot use (its state would be lost),

@@ -14,7 +14,7 @@ import (
 
 // stateMaps hold what must survive a restart; their layout decides whether pins can be adopted.
 var stateMaps = []string{bpfMapTetherCgroups, bpfMapTetherAgents, bpfMapTetherRulesets,
-	bpfMapTetherProcs, bpfMapTetherAgentCounters, bpfMapTetherAgentInfo}
+	bpfMapTetherProcs, bpfMapTetherAgentCounters, bpfMapTetherAgentInfo, bpfMapTetherConfig}
 
 const layoutPin = "tether_layout"
 

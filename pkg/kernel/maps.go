@@ -24,6 +24,22 @@ func (k *Kernel) Bind(cgroupID uint64, slot dataplane.Slot) error {
 	if err := k.cgroups.Update(cgroupID, bpfTetherBinding{Slot: uint32(slot)}, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("binding cgroup %d to slot %d: %w", cgroupID, slot, err)
 	}
+	return k.bindingsChanged()
+}
+
+// bindingsChanged bumps the generation that invalidates the programs' per-CPU cache of
+// cgroup -> slot answers. It runs after every change of tether_cgroups.
+func (k *Kernel) bindingsChanged() error {
+	k.genMu.Lock()
+	defer k.genMu.Unlock()
+	var c bpfTetherConfigEntry
+	if err := k.config.Lookup(uint32(0), &c); err != nil {
+		return fmt.Errorf("reading binding generation: %w", err)
+	}
+	c.BindingsGen++
+	if err := k.config.Update(uint32(0), &c, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("bumping binding generation: %w", err)
+	}
 	return nil
 }
 
@@ -32,7 +48,7 @@ func (k *Kernel) Unbind(cgroupID uint64) error {
 	if err := k.cgroups.Delete(cgroupID); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("unbinding cgroup %d: %w", cgroupID, err)
 	}
-	return nil
+	return k.bindingsChanged()
 }
 
 // Bindings lists every cgroup bound to an agent.

@@ -49,6 +49,12 @@ type bpfTetherBinding struct {
 	Pad  uint32
 }
 
+type bpfTetherConfigEntry struct {
+	_           structs.HostLayout
+	BindingsGen uint64
+	Reserved    [7]uint64
+}
+
 type bpfTetherCounter uint32
 
 const (
@@ -112,7 +118,7 @@ const (
 	bpfTetherLimitsTETHER_MAX_AGENTS     bpfTetherLimits = 4096
 	bpfTetherLimitsTETHER_MAX_CGROUPS    bpfTetherLimits = 16384
 	bpfTetherLimitsTETHER_MAX_ANCESTORS  bpfTetherLimits = 16
-	bpfTetherLimitsTETHER_MAX_RULES      bpfTetherLimits = 8192
+	bpfTetherLimitsTETHER_MAX_RULES      bpfTetherLimits = 65536
 	bpfTetherLimitsTETHER_MAX_PORT_RULES bpfTetherLimits = 16
 	bpfTetherLimitsTETHER_RULE_DATA      bpfTetherLimits = 111
 	bpfTetherLimitsTETHER_MAX_PROCS      bpfTetherLimits = 16384
@@ -193,6 +199,13 @@ type bpfTetherRuleValue struct {
 	}
 }
 
+type bpfTetherSlotCacheEntry struct {
+	_        structs.HostLayout
+	CgroupId uint64
+	Packed   uint64
+	Check    uint64
+}
+
 type bpfTetherVerdict uint32
 
 const (
@@ -210,10 +223,12 @@ const (
 	bpfMapTetherAgentInfo          = "tether_agent_info"
 	bpfMapTetherAgents             = "tether_agents"
 	bpfMapTetherCgroups            = "tether_cgroups"
+	bpfMapTetherConfig             = "tether_config"
 	bpfMapTetherCounters           = "tether_counters"
 	bpfMapTetherEvents             = "tether_events"
 	bpfMapTetherProcs              = "tether_procs"
 	bpfMapTetherRulesets           = "tether_rulesets"
+	bpfMapTetherSlotCache          = "tether_slot_cache"
 	bpfProgTetherConnect4          = "tether_connect4"
 	bpfProgTetherConnect6          = "tether_connect6"
 	bpfProgTetherConnectUnix       = "tether_connect_unix"
@@ -298,10 +313,12 @@ type bpfMapSpecs struct {
 	TetherAgentInfo     *ebpf.MapSpec `ebpf:"tether_agent_info"`
 	TetherAgents        *ebpf.MapSpec `ebpf:"tether_agents"`
 	TetherCgroups       *ebpf.MapSpec `ebpf:"tether_cgroups"`
+	TetherConfig        *ebpf.MapSpec `ebpf:"tether_config"`
 	TetherCounters      *ebpf.MapSpec `ebpf:"tether_counters"`
 	TetherEvents        *ebpf.MapSpec `ebpf:"tether_events"`
 	TetherProcs         *ebpf.MapSpec `ebpf:"tether_procs"`
 	TetherRulesets      *ebpf.MapSpec `ebpf:"tether_rulesets"`
+	TetherSlotCache     *ebpf.MapSpec `ebpf:"tether_slot_cache"`
 }
 
 // bpfVariableSpecs contains global variables before they are loaded into the kernel.
@@ -338,10 +355,12 @@ type bpfMaps struct {
 	TetherAgentInfo     *ebpf.Map `ebpf:"tether_agent_info"`
 	TetherAgents        *ebpf.Map `ebpf:"tether_agents"`
 	TetherCgroups       *ebpf.Map `ebpf:"tether_cgroups"`
+	TetherConfig        *ebpf.Map `ebpf:"tether_config"`
 	TetherCounters      *ebpf.Map `ebpf:"tether_counters"`
 	TetherEvents        *ebpf.Map `ebpf:"tether_events"`
 	TetherProcs         *ebpf.Map `ebpf:"tether_procs"`
 	TetherRulesets      *ebpf.Map `ebpf:"tether_rulesets"`
+	TetherSlotCache     *ebpf.Map `ebpf:"tether_slot_cache"`
 }
 
 func (m *bpfMaps) Close() error {
@@ -350,10 +369,12 @@ func (m *bpfMaps) Close() error {
 		m.TetherAgentInfo,
 		m.TetherAgents,
 		m.TetherCgroups,
+		m.TetherConfig,
 		m.TetherCounters,
 		m.TetherEvents,
 		m.TetherProcs,
 		m.TetherRulesets,
+		m.TetherSlotCache,
 	)
 }
 

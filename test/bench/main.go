@@ -1,0 +1,69 @@
+// Command bench measures tether against what a user would run instead, in one run, and prints
+// one table: connect() of an agent process with tether's rules in the kernel against no tether,
+// against the same rules as nftables rules, and against a per-request OPA evaluation in
+// userspace; fork+exec with and without the exec hook; a process outside agents with tether
+// loaded; and the BPF programs' own run time from the kernel's statistics.
+//
+// Every sample of every configuration is taken in turn, round after round, so that drift of the
+// machine hits all of them alike; the table gives the median and the spread (min-max) of the
+// rounds. Run it as root: `sudo make bench`. It creates, and removes, a tether-bench-* cgroup, a
+// network namespace with a veth pair (all measured traffic and every nftables rule stay in it)
+// and a pin directory.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+)
+
+func main() {
+	if os.Getenv(workerEnv) != "" {
+		os.Exit(worker(os.Args[1:]))
+	}
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+type options struct {
+	rounds int
+	rules  []int
+	scale  float64 // multiplies the operations per sample
+}
+
+func run() error {
+	var o options
+	var rules string
+	flag.IntVar(&o.rounds, "rounds", 7, "samples of every configuration (the table shows their median and spread)")
+	flag.StringVar(&rules, "rules", "10,1000,10000", "rule counts to measure")
+	flag.Float64Var(&o.scale, "scale", 1, "operations per sample, relative to the default")
+	flag.Parse()
+	for _, r := range strings.Split(rules, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(r))
+		if err != nil || n < 1 {
+			return fmt.Errorf("-rules: %q is not a rule count", r)
+		}
+		o.rules = append(o.rules, n)
+	}
+	if o.rounds < 1 {
+		return fmt.Errorf("-rounds must be at least 1")
+	}
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("run as root (sudo make bench): it loads BPF programs and creates cgroups and network namespaces")
+	}
+	e, err := setup()
+	if err != nil {
+		return err
+	}
+	defer e.close()
+	res, err := measure(e, o)
+	if err != nil {
+		return err
+	}
+	report(os.Stdout, e, o, res)
+	return nil
+}

@@ -1,0 +1,266 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// stat is the median and the spread (25th and 75th percentile) of per-round values.
+type stat struct{ med, lo, hi float64 }
+
+func summarize(v []float64) stat {
+	if len(v) == 0 {
+		return stat{math.NaN(), math.NaN(), math.NaN()}
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return stat{quantile(s, 0.5), quantile(s, 0.25), quantile(s, 0.75)}
+}
+
+// quantile interpolates linearly between the sorted values.
+func quantile(sorted []float64, q float64) float64 {
+	pos := q * float64(len(sorted)-1)
+	i := int(pos)
+	if i+1 >= len(sorted) {
+		return sorted[len(sorted)-1]
+	}
+	return sorted[i] + (pos-float64(i))*(sorted[i+1]-sorted[i])
+}
+
+// paired compares x with base round by round (the same round ran both, close in time).
+func paired(x, base []float64, f func(x, b float64) float64) stat {
+	n := min(len(x), len(base))
+	v := make([]float64, n)
+	for i := range n {
+		v[i] = f(x[i], base[i])
+	}
+	return summarize(v)
+}
+
+func relative(x, b float64) float64 { return (x/b - 1) * 100 }
+func absolute(x, b float64) float64 { return x - b }
+
+func dur(ns float64) string {
+	switch {
+	case math.IsNaN(ns):
+		return "-"
+	case math.Abs(ns) < 1000:
+		return fmt.Sprintf("%.0f ns", ns)
+	case math.Abs(ns) < 1e6:
+		return fmt.Sprintf("%.2f µs", ns/1e3)
+	}
+	return fmt.Sprintf("%.2f ms", ns/1e6)
+}
+
+func (s stat) pct() string {
+	return fmt.Sprintf("%+.2f%% [%+.2f, %+.2f]", s.med, s.lo, s.hi)
+}
+
+func (s stat) ns() string {
+	return fmt.Sprintf("%+.0f ns [%+.0f, %+.0f]", s.med, s.lo, s.hi)
+}
+
+type row struct {
+	name              string
+	base, tether, nft *sampleKey
+	abs               bool // overhead in ns rather than percent
+	note              string
+}
+
+func rows(o options) []row {
+	top := slices.Max(o.rules)
+	var rs []row
+	// tether rows compare the agent with a process outside the agent parent, tether loaded
+	// (part 1); nftables rows compare with nothing loaded (part 3).
+	tetherRow := func(name string, n int, p probe, abs bool) row {
+		return row{name: name, base: &sampleKey{partTether, state{tether: n}, p, outside},
+			tether: &sampleKey{partTether, state{tether: n}, p, inAgent}, abs: abs}
+	}
+	nftKey := func(n int, set bool, p probe) *sampleKey {
+		return &sampleKey{partNft, state{nft: n, set: set}, p, inAgent}
+	}
+	nftBase := func(p probe) *sampleKey { return &sampleKey{partNft, state{}, p, inAgent} }
+	for _, n := range o.rules {
+		r := tetherRow(fmt.Sprintf("TCP connect, loopback, %d rules", n), n, tcpLo, false)
+		r.nft = nftKey(n, false, tcpLo)
+		rs = append(rs, r)
+	}
+	r := tetherRow(fmt.Sprintf("TCP connect, veth peer, %d rules", top), top, tcpVeth, false)
+	r.nft = nftKey(top, false, tcpVeth)
+	rs = append(rs, r,
+		row{name: fmt.Sprintf("TCP connect, loopback, nftables set of %d", top), base: nftBase(tcpLo), nft: nftKey(top, true, tcpLo)},
+		row{name: fmt.Sprintf("TCP connect, veth peer, nftables set of %d", top), base: nftBase(tcpVeth), nft: nftKey(top, true, tcpVeth)},
+	)
+	for _, n := range o.rules {
+		rs = append(rs, tetherRow(fmt.Sprintf("UDP connect, %d rules", n), n, udpConn, true))
+	}
+	r = tetherRow(fmt.Sprintf("UDP sendto, %d rules", top), top, udpSend, true)
+	r.nft = nftKey(top, false, udpSend)
+	rs = append(rs, r,
+		row{name: fmt.Sprintf("UDP sendto, nftables set of %d", top), base: nftBase(udpSend), nft: nftKey(top, true, udpSend), abs: true},
+		tetherRow(fmt.Sprintf("fork+exec true, %d rules", top), top, execP, false),
+		row{name: "TCP connect, process outside agents, tether loaded", base: &sampleKey{partOutside, state{}, tcpLo, outside},
+			tether: &sampleKey{partOutside, state{tether: top}, tcpLo, outside}},
+		row{name: "fork+exec true, process outside agents, tether loaded", base: &sampleKey{partOutside, state{}, execP, outside},
+			tether: &sampleKey{partOutside, state{tether: top}, execP, outside}},
+	)
+	return rs
+}
+
+func report(w io.Writer, e *env, o options, res *results) {
+	var u unix.Utsname
+	unix.Uname(&u)
+	fmt.Fprintf(w, "tether benchmark, %s: Linux %s, %s, %d CPUs; %d rounds (TCP: %d), median [25th, 75th percentile] of the rounds\n\n",
+		time.Now().UTC().Format("2006-01-02 15:04 MST"), unix.ByteSliceToString(u.Release[:]), cpuModel(), runtimeCPUs(), o.rounds, 3*o.rounds)
+
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "Tether's overhead is against the same loop run alternately by a process outside the agent parent")
+	fmt.Fprintln(w, "(no cgroup program runs for it; the last two rows show that costs what it costs with nothing loaded);")
+	fmt.Fprintln(w, "nftables' against the loop with nothing loaded. Every sample is a separate process.")
+	fmt.Fprintln(w)
+	fmt.Fprintln(tw, "OPERATION\tBASELINE\tTETHER OVERHEAD\tNFTABLES OVERHEAD\tNFTABLES / TETHER")
+	get := func(k *sampleKey) []float64 {
+		if k == nil {
+			return nil
+		}
+		return res.samples[*k]
+	}
+	overhead := map[string]stat{}
+	for _, r := range rows(o) {
+		base := get(r.base)
+		f, show := relative, stat.pct
+		if r.abs {
+			f, show = absolute, stat.ns
+		}
+		cells := []string{r.name, dur(summarize(base).med), "-", "-", "-"}
+		var tOver, nOver stat
+		_ = nOver
+		if t := get(r.tether); t != nil {
+			tOver = paired(t, base, f)
+			cells[2] = show(tOver)
+			overhead["tether "+r.name] = tOver
+			overhead["tether abs "+r.name] = paired(t, base, absolute)
+		}
+		if n := get(r.nft); n != nil {
+			nb := base
+			if r.tether != nil {
+				nb = get(&sampleKey{partNft, state{}, r.nft.p, inAgent}) // nothing loaded
+			}
+			nOver = paired(n, nb, f)
+			cells[3] = show(nOver)
+			overhead["nft abs "+r.name] = paired(n, nb, absolute)
+		}
+		if get(r.tether) != nil && get(r.nft) != nil {
+			cells[4] = ratio(overhead["nft abs "+r.name].med, overhead["tether abs "+r.name].med)
+		}
+		fmt.Fprintln(tw, strings.Join(cells, "\t"))
+	}
+	tw.Flush()
+
+	fmt.Fprintln(w, "\nIN-KERNEL COST (kernel BPF statistics, time per program run, one sample per rule count)")
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprint(tw, "PROGRAM")
+	for _, n := range o.rules {
+		fmt.Fprintf(tw, "\t%d RULES", n)
+	}
+	fmt.Fprintln(tw)
+	for _, hook := range []string{"connect4", "sendmsg4", "sock_create", "exec", "fork", "exit"} {
+		fmt.Fprint(tw, hook)
+		for _, n := range o.rules {
+			c, ok := res.bpf[n][hook]
+			if !ok {
+				fmt.Fprint(tw, "\t-")
+				continue
+			}
+			fmt.Fprintf(tw, "\t%s (%d runs)", dur(c.nsPerRun), c.runs)
+		}
+		fmt.Fprintln(tw)
+	}
+	tw.Flush()
+
+	fmt.Fprintln(w, "\nPER-REQUEST POLICY IN USERSPACE (OPA, the same rules, one connect decision) vs tether's decision in the kernel")
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "RULES\tOPA EVAL\tTETHER connect4 RUN\tOPA / TETHER\tCOMPILE + INSTALL (tether, once per change)")
+	for _, n := range o.rules {
+		op := summarize(res.opa[n])
+		k := res.bpf[n]["connect4"].nsPerRun
+		fmt.Fprintf(tw, "%d\t%s [%s, %s]\t%s\t%s\t%s + %s\n", n, dur(op.med), dur(op.lo), dur(op.hi), dur(k), ratio(op.med, k),
+			res.compile[n].Round(time.Microsecond), res.install[n].Round(time.Microsecond))
+	}
+	tw.Flush()
+
+	top := slices.Max(o.rules)
+	fmt.Fprintln(w, "\nGOALS")
+	goal := func(ok bool, format string, args ...any) {
+		mark := "MET    "
+		if !ok {
+			mark = "NOT MET"
+		}
+		fmt.Fprintf(w, "  %s  %s\n", mark, fmt.Sprintf(format, args...))
+	}
+	// within reports whether a measured overhead meets a bound, saying when the noise of the
+	// machine is as large as the bound.
+	within := func(s stat, bound float64, unit string) (bool, string) {
+		note := ""
+		if s.hi > bound {
+			note = fmt.Sprintf("; the 75th percentile, %+.2f%s, is above it: noise of this machine", s.hi, unit)
+		}
+		return s.med <= bound, note
+	}
+	for _, name := range []string{fmt.Sprintf("TCP connect, loopback, %d rules", top), fmt.Sprintf("TCP connect, veth peer, %d rules", top)} {
+		s := overhead["tether "+name]
+		ok, note := within(s, 2, "%")
+		goal(ok, "%s: tether overhead %+.2f%% (goal at most 2%%)%s", name, s.med, note)
+	}
+	udp := overhead[fmt.Sprintf("tether UDP connect, %d rules", top)]
+	ok, note := within(udp, 250, " ns")
+	goal(ok, "UDP connect, %d rules: tether overhead %+.0f ns (goal at most 250 ns)%s", top, udp.med, note)
+	for _, name := range []string{fmt.Sprintf("TCP connect, loopback, %d rules", top), fmt.Sprintf("TCP connect, veth peer, %d rules", top), fmt.Sprintf("UDP sendto, %d rules", top)} {
+		t, n := overhead["tether abs "+name].med, overhead["nft abs "+name].med
+		goal(n >= 10*math.Max(t, 0) && n > 0, "%s: nftables overhead %s, tether %s: %s less (goal at least 10x)", name, dur(n), dur(t), ratio(n, t))
+	}
+	ex := overhead[fmt.Sprintf("tether fork+exec true, %d rules", top)]
+	ok, note = within(ex, 3, "%")
+	goal(ok, "fork+exec: tether overhead %+.2f%% (goal at most 3%%)%s", ex.med, note)
+	for _, name := range []string{"TCP connect, process outside agents, tether loaded", "fork+exec true, process outside agents, tether loaded"} {
+		s := overhead["tether "+name]
+		goal(s.lo <= 0 && s.hi >= 0 || math.Abs(s.med) < 1, "%s: %+.2f%% [%+.2f, %+.2f] (goal: within noise: the quartiles include 0, or under 1%%)", name, s.med, s.lo, s.hi)
+	}
+}
+
+// ratio says how many times a is b, where b may be zero or negative (within noise).
+func ratio(a, b float64) string {
+	if b <= 0 {
+		return "tether within noise"
+	}
+	return fmt.Sprintf("%.1fx", a/b)
+}
+
+func cpuModel() string {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return "unknown CPU"
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "model name"); ok {
+			return strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
+		}
+	}
+	return "unknown CPU"
+}
+
+func runtimeCPUs() int {
+	var set unix.CPUSet
+	if unix.SchedGetaffinity(0, &set) != nil {
+		return 0
+	}
+	return set.Count()
+}

@@ -1,0 +1,172 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// workerEnv marks a re-executed bench binary as a worker: it joins the network namespace passed
+// as file descriptor 3, runs one loop and prints the nanoseconds per operation.
+const workerEnv = "TETHER_BENCH_WORKER"
+
+// runWorker runs one sample: the worker is born in cgroup (CLONE_INTO_CGROUP).
+func (e *env) runWorker(cgroup, mode, target string, ops int) (float64, error) {
+	dir, err := os.Open(cgroup)
+	if err != nil {
+		return 0, err
+	}
+	defer dir.Close()
+	cmd := exec.Command(e.self, mode, target, strconv.Itoa(ops))
+	cmd.Env = append(os.Environ(), workerEnv+"=1")
+	cmd.ExtraFiles = []*os.File{e.netns}
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
+	out, err := cmd.Output()
+	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return 0, fmt.Errorf("worker %s %s in %s: %v: %s", mode, target, cgroup, err, ee.Stderr)
+		}
+		return 0, err
+	}
+	return strconv.ParseFloat(strings.TrimSpace(string(out)), 64)
+}
+
+func worker(args []string) int {
+	runtime.LockOSThread() // every socket of the loop lives in the namespace of this thread
+	if err := unix.Setns(3, unix.CLONE_NEWNET); err != nil {
+		fmt.Fprintln(os.Stderr, "joining the network namespace:", err)
+		return 1
+	}
+	if len(args) != 3 {
+		fmt.Fprintln(os.Stderr, "worker: want MODE TARGET OPS")
+		return 2
+	}
+	ops, err := strconv.Atoi(args[2])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	// One CPU for the loop: no migrations in the middle of a sample.
+	if _, last, ok := cpuRange(); ok {
+		var set unix.CPUSet
+		set.Set(last)
+		unix.SchedSetaffinity(0, &set)
+	}
+	start := time.Now()
+	done, err := loop(args[0], args[1], ops, start.Add(sampleTime))
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "%s %s: %v\n", args[0], args[1], err)
+		return 1
+	}
+	fmt.Println(float64(time.Since(start).Nanoseconds()) / float64(done))
+	return 0
+}
+
+// cpuRange returns the first and last CPU this process may run on, when there are several.
+func cpuRange() (first, last int, ok bool) {
+	var set unix.CPUSet
+	if unix.SchedGetaffinity(0, &set) != nil || set.Count() < 2 {
+		return 0, 0, false
+	}
+	first = -1
+	for c := range 1024 {
+		if set.IsSet(c) {
+			if first < 0 {
+				first = c
+			}
+			last = c
+		}
+	}
+	return first, last, true
+}
+
+// sampleTime bounds a sample: slow configurations (nftables with many rules) do fewer operations.
+const sampleTime = 400 * time.Millisecond
+
+// minOps is done even past sampleTime.
+const minOps = 20
+
+// loop does up to ops operations with raw system calls, so that little but the kernel is
+// measured, stopping at deadline (checked every 16 operations) once minOps are done. It returns
+// how many it did. A failed operation fails the sample: a denied connect would measure something
+// else.
+func loop(mode, target string, ops int, deadline time.Time) (int, error) {
+	n, err := 0, error(nil)
+	more := func() bool {
+		n++
+		return n < ops && (n < minOps || n%16 != 0 || time.Now().Before(deadline))
+	}
+	err = runOps(mode, target, more)
+	return n, err
+}
+
+func runOps(mode, target string, more func() bool) error {
+	if mode == "exec" {
+		attr := &syscall.ProcAttr{Env: []string{}}
+		for ok := true; ok; ok = more() {
+			pid, err := syscall.ForkExec(target, []string{target}, attr)
+			if err != nil {
+				return err
+			}
+			var ws syscall.WaitStatus
+			if _, err := syscall.Wait4(pid, &ws, 0, nil); err != nil {
+				return err
+			}
+			if !ws.Exited() || ws.ExitStatus() != 0 {
+				return fmt.Errorf("%s: %v", target, ws)
+			}
+		}
+		return nil
+	}
+	ap, err := netip.ParseAddrPort(target)
+	if err != nil {
+		return err
+	}
+	sa := &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+	switch mode {
+	case "tcp":
+		linger := &unix.Linger{Onoff: 1, Linger: 0} // close with RST: no TIME_WAIT to run out of ports
+		for ok := true; ok; ok = more() {
+			fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				return err
+			}
+			if err := unix.Connect(fd, sa); err != nil {
+				unix.Close(fd)
+				return err
+			}
+			unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, linger)
+			unix.Close(fd)
+		}
+	case "udpconnect", "udpsend":
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		msg := []byte("x")
+		for ok := true; ok; ok = more() {
+			if mode == "udpconnect" {
+				err = unix.Connect(fd, sa)
+			} else {
+				err = unix.Sendto(fd, msg, 0, sa)
+			}
+			if err != nil && !errors.Is(err, unix.ENOBUFS) {
+				return err
+			}
+		}
+	default:
+		return fmt.Errorf("unknown mode %q", mode)
+	}
+	return nil
+}

@@ -8,7 +8,8 @@
  *
  *   tether_cgroups   cgroup id -> agent slot (hooks walk up TETHER_MAX_ANCESTORS levels)
  *   tether_agents    slot -> flags (active, killed)
- *   tether_rulesets  slot -> the agent's rule set, one LPM trie swapped atomically as a whole
+ *   tether_rulesets  slot -> two rule-set buffers (LPM tries); tether_agents says which is in force,
+ *                    so one 4-byte write switches an agent's whole rule set
  *   tether_procs     tgid -> lineage (binary, parent) of agent processes
  *
  * Cgroup programs are attached at the agent parent cgroups only, so processes outside agents never
@@ -109,7 +110,7 @@ const struct tether_btf_anchor *const tether_btf_anchor __attribute__((unused)) 
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
-	__uint(max_entries, TETHER_MAX_AGENTS);
+	__uint(max_entries, TETHER_RULESET_ENTRIES);
 	__type(key, __u32);
 	__array(values, struct tether_rules);
 } tether_rulesets SEC(".maps");
@@ -348,13 +349,21 @@ static __always_inline void *tether_begin(struct tether_decision *d)
 		return NULL;
 	}
 	agent = bpf_map_lookup_elem(&tether_agents, &d->slot);
-	if (agent && (agent->flags & TETHER_AGENT_KILLED)) {
+	if (!agent) {
+		d->reason = TETHER_REASON_NO_RULESET;
+		d->verdict = TETHER_VERDICT_DENY;
+		return NULL;
+	}
+	/* One read of each: the daemon rewrites this value as a whole. */
+	__u32 flags = agent->flags, active = agent->active;
+	if (flags & TETHER_AGENT_KILLED) {
 		d->reason = TETHER_REASON_KILLED;
 		d->verdict = TETHER_VERDICT_DENY;
 		return NULL;
 	}
-	rules = bpf_map_lookup_elem(&tether_rulesets, &d->slot);
-	if (!agent || !(agent->flags & TETHER_AGENT_ACTIVE) || !rules) {
+	__u32 buf = d->slot * 2 + (active & 1);
+	rules = bpf_map_lookup_elem(&tether_rulesets, &buf);
+	if (!(flags & TETHER_AGENT_ACTIVE) || !rules) {
 		d->reason = TETHER_REASON_NO_RULESET;
 		d->verdict = TETHER_VERDICT_DENY;
 		return NULL;

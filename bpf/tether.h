@@ -9,6 +9,9 @@
 enum tether_limits {
 	/* Agents (slots) the kernel can hold at once. */
 	TETHER_MAX_AGENTS = 4096,
+	/* tether_rulesets holds two buffers per slot (slot * 2 + active) and, last, an entry the
+	 * daemon updates only to wait for a grace period. */
+	TETHER_RULESET_ENTRIES = 2 * 4096 + 1,
 	/* Cgroups that can be bound to agents (several cgroups may share one agent). */
 	TETHER_MAX_CGROUPS = 16384,
 	/* Ancestor levels a hook walks up from the current cgroup to find its agent. */
@@ -122,8 +125,8 @@ struct tether_slot_cache_entry {
 
 /* tether_agents value: state the kernel checks before any rule. One per slot. */
 struct tether_agent {
-	__u32 flags; /* enum tether_agent_flags */
-	__u32 _pad;
+	__u32 flags;  /* enum tether_agent_flags */
+	__u32 active; /* which of the slot's two rule-set buffers is in force: 0 or 1 */
 };
 
 /* Key of an agent's rule set (an LPM trie). prefixlen counts bits from the kind byte on. */

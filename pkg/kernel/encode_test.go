@@ -20,6 +20,7 @@ func TestLimitsMatchC(t *testing.T) {
 		cV   bpfTetherLimits
 	}{
 		{"agents", dataplane.MaxAgents, bpfTetherLimitsTETHER_MAX_AGENTS},
+		{"rule-set entries", graceIndex + 1, bpfTetherLimitsTETHER_RULESET_ENTRIES},
 		{"cgroups", dataplane.MaxCgroups, bpfTetherLimitsTETHER_MAX_CGROUPS},
 		{"ancestors", dataplane.MaxAncestors, bpfTetherLimitsTETHER_MAX_ANCESTORS},
 		{"rules", dataplane.MaxRules, bpfTetherLimitsTETHER_MAX_RULES},

@@ -24,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/bpffs"
+	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
 // ExecMode is how exec is enforced.
@@ -95,6 +96,10 @@ type Kernel struct {
 	bootTime      time.Time
 
 	genMu sync.Mutex // serialises binding generation bumps
+
+	slotsMu  sync.Mutex
+	slots    [dataplane.MaxAgents]*slotState
+	graceMap *ebpf.Map // an empty trie, put into tether_rulesets[graceIndex] to wait for a grace period
 
 	mu      sync.Mutex // guards everything below and serialises rule-set installs
 	global  []link.Link
@@ -214,6 +219,12 @@ func (k *Kernel) load() error {
 	k.agentCounters = coll.Maps[bpfMapTetherAgentCounters]
 	k.agentInfo = coll.Maps[bpfMapTetherAgentInfo]
 	k.config = coll.Maps[bpfMapTetherConfig]
+	if k.graceMap, err = ebpf.NewMap(k.innerSpec); err != nil {
+		return fmt.Errorf("creating the grace-period trie: %w", err)
+	}
+	// An earlier tetherd may have switched a buffer moments ago: wait once, so that every buffer
+	// not in force is free to rewrite.
+	k.grace()
 	// Whatever a cache of an earlier load holds is from before this process: start a new
 	// generation.
 	return k.bindingsChanged()
@@ -272,6 +283,10 @@ func (k *Kernel) Close() error {
 	}
 	for _, l := range k.global {
 		errs = append(errs, l.Close())
+	}
+	k.closeSlots()
+	if k.graceMap != nil {
+		k.graceMap.Close()
 	}
 	if k.coll != nil {
 		k.coll.Close()

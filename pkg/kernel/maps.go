@@ -66,90 +66,6 @@ func (k *Kernel) Bindings() (map[uint64]dataplane.Slot, error) {
 	return out, nil
 }
 
-// SetFlags replaces the state flags of the agent in slot.
-func (k *Kernel) SetFlags(slot dataplane.Slot, flags dataplane.AgentFlags) error {
-	if err := checkSlot(slot); err != nil {
-		return err
-	}
-	if err := k.agents.Update(uint32(slot), bpfTetherAgent{Flags: uint32(flags)}, ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("setting flags of slot %d: %w", slot, err)
-	}
-	return nil
-}
-
-// Flags reads the state flags of the agent in slot.
-func (k *Kernel) Flags(slot dataplane.Slot) (dataplane.AgentFlags, error) {
-	if err := checkSlot(slot); err != nil {
-		return 0, err
-	}
-	var a bpfTetherAgent
-	if err := k.agents.Lookup(uint32(slot), &a); err != nil {
-		return 0, fmt.Errorf("reading flags of slot %d: %w", slot, err)
-	}
-	return dataplane.AgentFlags(a.Flags), nil
-}
-
-// Install builds rs in a new trie and then swaps it in for the agent's current one with a single
-// map update, so a concurrent hook sees either the whole old or the whole new rule set.
-func (k *Kernel) Install(slot dataplane.Slot, rs *dataplane.RuleSet) error {
-	if err := checkSlot(slot); err != nil {
-		return err
-	}
-	if n := rs.Entries(); n > dataplane.MaxRules {
-		return fmt.Errorf("rule set of slot %d has %d entries, the kernel holds %d", slot, n, dataplane.MaxRules)
-	}
-	inner, err := k.buildRuleSet(rs)
-	if err != nil {
-		return fmt.Errorf("building rule set of slot %d: %w", slot, err)
-	}
-	defer inner.Close()
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if err := k.rulesets.Update(uint32(slot), inner, ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("installing rule set of slot %d: %w", slot, err)
-	}
-	return nil
-}
-
-func (k *Kernel) buildRuleSet(rs *dataplane.RuleSet) (*ebpf.Map, error) {
-	inner, err := ebpf.NewMap(k.innerSpec)
-	if err != nil {
-		return nil, fmt.Errorf("creating rule trie: %w", err)
-	}
-	put := func(key bpfTetherRuleKey, v *bpfTetherRuleValue) error {
-		if err := inner.Update(&key, v, ebpf.UpdateNoExist); err != nil {
-			return fmt.Errorf("rule %s: %w", describeKey(key), err)
-		}
-		return nil
-	}
-	var errs []error
-	header := bpfTetherRuleValue{Generation: rs.Generation, Mode: uint32(rs.Mode)}
-	errs = append(errs, put(headerKey(), &header))
-	for _, e := range rs.Egress {
-		v, err := egressValue(e)
-		if err == nil {
-			err = put(egressKey(e.Prefix), v)
-		}
-		errs = append(errs, err)
-	}
-	empty := &bpfTetherRuleValue{}
-	for _, f := range rs.Exec {
-		errs = append(errs, put(execKey(f), empty))
-	}
-	for _, u := range rs.Unix {
-		key, err := unixKey(u)
-		if err == nil {
-			err = put(key, empty)
-		}
-		errs = append(errs, err)
-	}
-	if err := errors.Join(errs...); err != nil {
-		inner.Close()
-		return nil, err
-	}
-	return inner, nil
-}
-
 func headerKey() bpfTetherRuleKey {
 	return bpfTetherRuleKey{Prefixlen: 8, Kind: uint8(bpfTetherRuleKindTETHER_RULE_HEADER)}
 }
@@ -248,34 +164,6 @@ func kernelDev(dev uint64) uint32 {
 // userDev converts a kernel dev_t back into the stat(2) encoding.
 func userDev(kdev uint32) uint64 {
 	return unix.Mkdev(kdev>>20, kdev&(1<<20-1))
-}
-
-// Clear removes everything the kernel holds for slot: bindings, rule set, flags, counters, info.
-func (k *Kernel) Clear(slot dataplane.Slot) error {
-	if err := checkSlot(slot); err != nil {
-		return err
-	}
-	bindings, err := k.Bindings()
-	if err != nil {
-		return err
-	}
-	var errs []error
-	for id, s := range bindings {
-		if s == slot {
-			errs = append(errs, k.Unbind(id))
-		}
-	}
-	// Flags first: from here on the slot denies everything until it is reused.
-	errs = append(errs, k.agents.Update(uint32(slot), bpfTetherAgent{}, ebpf.UpdateAny))
-	if err := k.rulesets.Delete(uint32(slot)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		errs = append(errs, err)
-	}
-	errs = append(errs, k.agentCounters.Update(uint32(slot), bpfTetherAgentCounts{}, ebpf.UpdateAny))
-	errs = append(errs, k.agentInfo.Update(uint32(slot), bpfTetherAgentInfo{}, ebpf.UpdateAny))
-	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("clearing slot %d: %w", slot, err)
-	}
-	return nil
 }
 
 const (

@@ -158,8 +158,12 @@ func TestPrivilegedAtomicSwap(t *testing.T) {
 // to's: what Install exists to avoid.
 func (f *fixture) rewriteInPlace(t *testing.T, slot dataplane.Slot, from, to *dataplane.RuleSet) {
 	t.Helper()
+	var a bpfTetherAgent
+	if err := f.k.agents.Lookup(uint32(slot), &a); err != nil {
+		t.Fatal(err)
+	}
 	var id ebpf.MapID
-	if err := f.k.rulesets.Lookup(uint32(slot), &id); err != nil {
+	if err := f.k.rulesets.Lookup(uint32(slot)*2+a.Active, &id); err != nil {
 		t.Fatal(err)
 	}
 	live, err := ebpf.NewMapFromID(id)

@@ -14,9 +14,9 @@ import (
 )
 
 type bpfTetherAgent struct {
-	_     structs.HostLayout
-	Flags uint32
-	Pad   uint32
+	_      structs.HostLayout
+	Flags  uint32
+	Active uint32
 }
 
 type bpfTetherAgentCounts struct {
@@ -115,17 +115,18 @@ const (
 type bpfTetherLimits uint32
 
 const (
-	bpfTetherLimitsTETHER_MAX_AGENTS     bpfTetherLimits = 4096
-	bpfTetherLimitsTETHER_MAX_CGROUPS    bpfTetherLimits = 16384
-	bpfTetherLimitsTETHER_MAX_ANCESTORS  bpfTetherLimits = 16
-	bpfTetherLimitsTETHER_MAX_RULES      bpfTetherLimits = 65536
-	bpfTetherLimitsTETHER_MAX_PORT_RULES bpfTetherLimits = 16
-	bpfTetherLimitsTETHER_RULE_DATA      bpfTetherLimits = 111
-	bpfTetherLimitsTETHER_MAX_PROCS      bpfTetherLimits = 16384
-	bpfTetherLimitsTETHER_CHAIN_LEN      bpfTetherLimits = 4
-	bpfTetherLimitsTETHER_PATH_LEN       bpfTetherLimits = 128
-	bpfTetherLimitsTETHER_UNIX_PATH_LEN  bpfTetherLimits = 108
-	bpfTetherLimitsTETHER_ID_LEN         bpfTetherLimits = 256
+	bpfTetherLimitsTETHER_MAX_AGENTS      bpfTetherLimits = 4096
+	bpfTetherLimitsTETHER_RULESET_ENTRIES bpfTetherLimits = 8193
+	bpfTetherLimitsTETHER_MAX_CGROUPS     bpfTetherLimits = 16384
+	bpfTetherLimitsTETHER_MAX_ANCESTORS   bpfTetherLimits = 16
+	bpfTetherLimitsTETHER_MAX_RULES       bpfTetherLimits = 65536
+	bpfTetherLimitsTETHER_MAX_PORT_RULES  bpfTetherLimits = 16
+	bpfTetherLimitsTETHER_RULE_DATA       bpfTetherLimits = 111
+	bpfTetherLimitsTETHER_MAX_PROCS       bpfTetherLimits = 16384
+	bpfTetherLimitsTETHER_CHAIN_LEN       bpfTetherLimits = 4
+	bpfTetherLimitsTETHER_PATH_LEN        bpfTetherLimits = 128
+	bpfTetherLimitsTETHER_UNIX_PATH_LEN   bpfTetherLimits = 108
+	bpfTetherLimitsTETHER_ID_LEN          bpfTetherLimits = 256
 )
 
 type bpfTetherMode uint32

@@ -385,6 +385,18 @@ static __always_inline void tether_no_match(struct tether_decision *d, void *rul
 	}
 }
 
+/* tether_entry_match decides on an exec or unix entry that matched: allow, or audit-deny. */
+static __always_inline void tether_entry_match(struct tether_decision *d, struct tether_rule_value *v)
+{
+	if (v->mode == TETHER_MODE_AUDIT) {
+		d->verdict = TETHER_VERDICT_AUDIT;
+		d->reason = TETHER_REASON_AUDIT_RULE;
+		return;
+	}
+	d->verdict = TETHER_VERDICT_ALLOW;
+	d->reason = TETHER_REASON_RULE;
+}
+
 static __always_inline int tether_port_rule_match(struct tether_port_rule *r, __u8 proto, __u16 port,
 						  struct tether_proc **proc, int *proc_loaded, __u8 *reason)
 {
@@ -420,19 +432,28 @@ static __always_inline int tether_egress(struct tether_decision *d)
 
 	struct tether_rule_value *v = bpf_map_lookup_elem(rules, &key);
 	struct tether_proc *proc = NULL;
-	int proc_loaded = 0;
+	int proc_loaded = 0, audit_hit = 0;
 	__u8 reason = TETHER_REASON_NO_RULE;
 	if (v) {
 		for (int i = 0; i < TETHER_MAX_PORT_RULES; i++) {
 			if (i >= v->count)
 				break;
-			if (tether_port_rule_match(&v->ports[i], d->proto, d->dport, &proc, &proc_loaded,
-						   &reason)) {
-				d->verdict = TETHER_VERDICT_ALLOW;
-				d->reason = TETHER_REASON_RULE;
-				return tether_finish(d, rules);
+			struct tether_port_rule *r = &v->ports[i];
+			if (!tether_port_rule_match(r, d->proto, d->dport, &proc, &proc_loaded, &reason))
+				continue;
+			if (r->flags & TETHER_PORT_RULE_AUDIT) {
+				audit_hit = 1; /* a rule that allows silently may still follow */
+				continue;
 			}
+			d->verdict = TETHER_VERDICT_ALLOW;
+			d->reason = TETHER_REASON_RULE;
+			return tether_finish(d, rules);
 		}
+	}
+	if (audit_hit) {
+		d->verdict = TETHER_VERDICT_AUDIT;
+		d->reason = TETHER_REASON_AUDIT_RULE;
+		return tether_finish(d, rules);
 	}
 	tether_no_match(d, rules, reason);
 	return tether_finish(d, rules);
@@ -574,12 +595,11 @@ static __always_inline int tether_unix_decide(struct tether_decision *d, const c
 	if (global && d->slot == TETHER_NO_SLOT)
 		return 1;
 	if (rules) {
-		if (matchable && bpf_map_lookup_elem(rules, &key)) {
-			d->verdict = TETHER_VERDICT_ALLOW;
-			d->reason = TETHER_REASON_RULE;
-		} else {
+		struct tether_rule_value *v = matchable ? bpf_map_lookup_elem(rules, &key) : NULL;
+		if (v)
+			tether_entry_match(d, v);
+		else
 			tether_no_match(d, rules, TETHER_REASON_NO_RULE);
-		}
 	}
 
 	tether_account(d);
@@ -712,9 +732,9 @@ static __always_inline void tether_exec_decide(struct tether_decision *d, struct
 	key.kind = TETHER_RULE_EXEC;
 	__builtin_memcpy(key.data, &d->bin_dev, 4);
 	__builtin_memcpy(key.data + 4, &d->bin_ino, 8);
-	if (bpf_map_lookup_elem(rules, &key)) {
-		d->verdict = TETHER_VERDICT_ALLOW;
-		d->reason = TETHER_REASON_RULE;
+	struct tether_rule_value *v = bpf_map_lookup_elem(rules, &key);
+	if (v) {
+		tether_entry_match(d, v);
 		return;
 	}
 	tether_no_match(d, rules, TETHER_REASON_NO_RULE);

@@ -73,6 +73,7 @@ enum tether_reason {
 	TETHER_REASON_NO_RULESET = 4,	   /* the agent has no rule set installed */
 	TETHER_REASON_SOCKET_TYPE = 5,	   /* a socket type agents may not create */
 	TETHER_REASON_BINARY_UNKNOWN = 6,  /* a rule needs the calling binary, which is not known */
+	TETHER_REASON_AUDIT_RULE = 7,	   /* only an audit rule matched: allowed, reported */
 };
 
 enum tether_mode {
@@ -89,6 +90,8 @@ enum tether_agent_flags {
 enum tether_port_rule_flags {
 	/* The rule applies only when the calling process runs bin_dev/bin_ino. */
 	TETHER_PORT_RULE_BINARY = 1 << 0,
+	/* The rule allows and reports as would-deny (audit-deny). */
+	TETHER_PORT_RULE_AUDIT = 1 << 1,
 };
 
 /* Global counters (per CPU), indexed by enum tether_counter. Go: kernel.Counters. */
@@ -149,7 +152,8 @@ struct tether_port_rule {
 
 /* Value of an agent's rule set. The header entry uses generation and mode; an egress entry uses
  * count and ports (the compiler has already merged every covering prefix's ports into it, because
- * an LPM lookup returns only the longest match); exec and unix entries allow by their presence. */
+ * an LPM lookup returns only the longest match); exec and unix entries allow by their presence,
+ * with mode TETHER_MODE_AUDIT when they only audit. */
 struct tether_rule_value {
 	__u64 generation;
 	__u32 mode; /* enum tether_mode, header only */

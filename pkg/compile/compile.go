@@ -1,169 +1,135 @@
-// Package compile turns an agent's grants into the rule set the kernel enforces: CIDRs become
-// prefixes in the kernel's 16-byte form with every covering prefix's ports merged in (an LPM
-// lookup returns only the longest match), executable paths become (device, inode) pairs, unix
-// socket paths become exact or prefix keys. A grant the kernel cannot enforce is an error naming
-// the grant; it is never dropped silently. The result goes to dataplane.Dataplane.Install.
+// Package compile turns an agent's grants into the rule set the kernel enforces: CIDRs and the
+// addresses of DNS names become prefixes in the kernel's 16-byte form with every covering
+// prefix's ports merged in (an LPM lookup returns only the longest match), executable paths become
+// (device, inode) pairs, unix socket paths become exact or prefix keys.
+//
+// A rule the kernel cannot enforce (a malformed CIDR, an unknown protocol, a port out of range, a
+// path that does not exist, a name that does not resolve) is refused: it is not installed, and
+// the refusal names the rule and says why. It is never dropped silently, and it never widens what
+// the rest allows: the rule set installed is what the grants allow minus the refused rules. The
+// result goes to dataplane.Dataplane.Install.
 package compile
 
 import (
 	"cmp"
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
-	"sync"
-
-	"golang.org/x/sys/unix"
+	"time"
 
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/grants"
 )
 
-// Files resolves paths to the files the kernel will see.
-type Files interface {
-	// Stat follows symlinks and returns the file's identity and whether it is a regular file.
-	Stat(path string) (dataplane.FileID, bool, error)
-	// Glob expands a pattern (filepath.Match syntax).
-	Glob(pattern string) ([]string, error)
-	// WorldWritable reports whether the file or directory is writable by every user.
-	WorldWritable(path string) bool
+// Resolver resolves the DNS names of fqdn rules.
+type Resolver interface {
+	// Lookup returns the IPv4 and IPv6 addresses of name and how long they may be used.
+	Lookup(ctx context.Context, name string) ([]netip.Addr, time.Duration, error)
 }
 
-// OS resolves paths on this host.
-type OS struct{}
-
-// Stat identifies a file the way the exec hook sees it: its inode and the device of its
-// superblock (super_block.s_dev), which mountinfo lists for the file's mount. stat's st_dev is
-// not always that: on btrfs it is the subvolume's own anonymous device.
-func (OS) Stat(path string) (dataplane.FileID, bool, error) {
-	var stx unix.Statx_t
-	if err := unix.Statx(unix.AT_FDCWD, path, 0, unix.STATX_TYPE|unix.STATX_INO|unix.STATX_MNT_ID, &stx); err != nil {
-		return dataplane.FileID{}, false, &os.PathError{Op: "stat", Path: path, Err: err}
-	}
-	id := dataplane.FileID{Dev: unix.Mkdev(stx.Dev_major, stx.Dev_minor), Ino: stx.Ino}
-	if stx.Mask&unix.STATX_MNT_ID != 0 {
-		if dev, ok := mounts.device(stx.Mnt_id); ok {
-			id.Dev = dev
-		}
-	}
-	return id, stx.Mode&unix.S_IFMT == unix.S_IFREG, nil
+// Options are what compiling needs of the host.
+type Options struct {
+	Files Files
+	// Resolver resolves fqdn rules; without one they are refused.
+	Resolver Resolver
+	// Now is when the rule set is compiled (for DNS expiry); zero means time.Now().
+	Now time.Time
 }
 
-func (OS) Glob(pattern string) ([]string, error) { return filepath.Glob(pattern) }
-
-func (OS) WorldWritable(path string) bool {
-	fi, err := os.Stat(path)
-	return err == nil && fi.Mode().Perm()&0o002 != 0
+// Refusal is a rule the kernel cannot enforce, and why.
+type Refusal struct {
+	Rule   string // egress[2], exec[0], ...
+	Reason string
 }
 
-// mountDevices maps mount ids to their superblock's device, from /proc/self/mountinfo; it is
-// read again when an id is not known.
-type mountDevices struct {
-	mu   sync.Mutex
-	devs map[uint64]uint64
-}
+func (r Refusal) Error() string { return r.Rule + ": " + r.Reason }
 
-var mounts mountDevices
-
-func (m *mountDevices) device(mntID uint64) (uint64, bool) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if dev, ok := m.devs[mntID]; ok {
-		return dev, true
-	}
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return 0, false
-	}
-	m.devs = parseMountDevices(string(b))
-	dev, ok := m.devs[mntID]
-	return dev, ok
-}
-
-// parseMountDevices reads "ID PARENT MAJOR:MINOR ..." lines.
-func parseMountDevices(mountinfo string) map[uint64]uint64 {
-	out := map[uint64]uint64{}
-	for _, line := range strings.Split(mountinfo, "\n") {
-		f := strings.Fields(line)
-		if len(f) < 3 {
-			continue
-		}
-		id, err1 := strconv.ParseUint(f[0], 10, 64)
-		maj, min, ok := strings.Cut(f[2], ":")
-		major, err2 := strconv.ParseUint(maj, 10, 32)
-		minor, err3 := strconv.ParseUint(min, 10, 32)
-		if err1 == nil && err2 == nil && err3 == nil && ok {
-			out[id] = unix.Mkdev(uint32(major), uint32(minor))
-		}
-	}
-	return out
-}
-
-// Result is a compiled rule set and what the compiler noticed but did not refuse.
+// Result is a compiled rule set and what compiling noticed.
 type Result struct {
-	RuleSet  dataplane.RuleSet
+	RuleSet dataplane.RuleSet
+	// Refused rules are not in RuleSet.
+	Refused  []Refusal
 	Warnings []string
+	// RefreshAt is when resolved DNS names expire and the grants should be compiled again
+	// (zero: never).
+	RefreshAt time.Time
 }
 
-// Compile compiles g. Every grant that cannot be enforced is reported, joined in one error.
-func Compile(g grants.Grants, files Files) (*Result, error) {
-	var c compiler
-	c.files = files
+// Err joins the refusals, or is nil when every rule compiled.
+func (r *Result) Err() error {
+	errs := make([]error, len(r.Refused))
+	for i, f := range r.Refused {
+		errs[i] = f
+	}
+	return errors.Join(errs...)
+}
+
+// Compile compiles g. It always returns a rule set the kernel can hold; see the package comment.
+func Compile(ctx context.Context, g grants.Grants, opts Options) *Result {
+	c := compiler{opts: opts}
+	if c.opts.Now.IsZero() {
+		c.opts.Now = time.Now()
+	}
 	switch g.Mode {
 	case "", "enforce":
 		c.res.RuleSet.Mode = dataplane.ModeEnforce
 	case "audit":
 		c.res.RuleSet.Mode = dataplane.ModeAudit
 	default:
-		c.errorf("mode %q: want enforce or audit", g.Mode)
+		c.refuse("mode", "%q is not a mode (enforce or audit); enforcing", g.Mode)
 	}
 	var egress []prefixRule
 	for i, e := range g.Egress {
-		egress = append(egress, c.egress(fmt.Sprintf("egress[%d]", i), e)...)
+		egress = append(egress, c.egress(ctx, fmt.Sprintf("egress[%d]", i), e)...)
 	}
 	c.res.RuleSet.Egress = c.merge(egress)
 	for i, e := range g.Exec {
-		c.exec(fmt.Sprintf("exec[%d]", i), e.Path)
+		c.exec(fmt.Sprintf("exec[%d]", i), e)
 	}
-	slices.SortFunc(c.res.RuleSet.Exec, func(a, b dataplane.FileID) int {
-		return cmp.Or(cmp.Compare(a.Dev, b.Dev), cmp.Compare(a.Ino, b.Ino))
+	slices.SortFunc(c.res.RuleSet.Exec, func(a, b dataplane.ExecRule) int {
+		return cmp.Or(cmp.Compare(a.File.Dev, b.File.Dev), cmp.Compare(a.File.Ino, b.File.Ino), compareBool(a.Audit, b.Audit))
 	})
-	c.res.RuleSet.Exec = slices.Compact(c.res.RuleSet.Exec)
+	// One entry per file; a grant that allows silently beats one that audits.
+	c.res.RuleSet.Exec = slices.CompactFunc(c.res.RuleSet.Exec, func(a, b dataplane.ExecRule) bool { return a.File == b.File })
 	for i, u := range g.Unix {
-		c.unix(fmt.Sprintf("unix[%d]", i), u.Path)
+		c.unix(fmt.Sprintf("unix[%d]", i), u)
 	}
-	slices.SortFunc(c.res.RuleSet.Unix, func(a, b dataplane.Unix) int { return strings.Compare(a.Path, b.Path) })
-	c.res.RuleSet.Unix = slices.CompactFunc(c.res.RuleSet.Unix, func(a, b dataplane.Unix) bool { return a == b })
+	slices.SortFunc(c.res.RuleSet.Unix, func(a, b dataplane.Unix) int {
+		return cmp.Or(strings.Compare(a.Path, b.Path), compareBool(a.Prefix, b.Prefix), compareBool(a.Audit, b.Audit))
+	})
+	c.res.RuleSet.Unix = slices.CompactFunc(c.res.RuleSet.Unix, func(a, b dataplane.Unix) bool {
+		return a.Path == b.Path && a.Prefix == b.Prefix
+	})
 	if n := c.res.RuleSet.Entries(); n > dataplane.MaxRules {
-		c.errorf("the grants need %d kernel entries, an agent's rule set holds %d", n, dataplane.MaxRules)
+		// Nothing of it can be installed: deny everything rather than install a part.
+		c.refuse("grants", "need %d kernel entries, an agent's rule set holds %d: nothing is granted", n, dataplane.MaxRules)
+		c.res.RuleSet = dataplane.RuleSet{Mode: c.res.RuleSet.Mode}
 	}
-	if err := errors.Join(c.errs...); err != nil {
-		return nil, err
-	}
-	return &c.res, nil
+	return &c.res
 }
 
-// RuleSet compiles g against this host's files, in the form pkg/agents takes.
-func RuleSet(g grants.Grants) (*dataplane.RuleSet, []string, error) {
-	res, err := Compile(g, OS{})
-	if err != nil {
-		return nil, nil, err
+func compareBool(a, b bool) int {
+	switch {
+	case a == b:
+		return 0
+	case !a:
+		return -1
 	}
-	return &res.RuleSet, res.Warnings, nil
+	return 1
 }
 
 type compiler struct {
-	files Files
-	res   Result
-	errs  []error
+	opts Options
+	res  Result
 }
 
-func (c *compiler) errorf(format string, args ...any) {
-	c.errs = append(c.errs, fmt.Errorf(format, args...))
+func (c *compiler) refuse(rule, format string, args ...any) {
+	c.res.Refused = append(c.res.Refused, Refusal{Rule: rule, Reason: fmt.Sprintf(format, args...)})
 }
 
 func (c *compiler) warnf(format string, args ...any) {
@@ -176,18 +142,26 @@ type prefixRule struct {
 	rule   dataplane.PortRule
 }
 
-func (c *compiler) egress(where string, e grants.Egress) []prefixRule {
-	if e.FQDN != "" {
-		c.errorf("%s: fqdn %q: DNS-name rules are not enforceable yet (tether has no DNS-aware egress); grant the addresses as cidr", where, e.FQDN)
+func (c *compiler) egress(ctx context.Context, where string, e grants.Egress) []prefixRule {
+	var prefixes []netip.Prefix
+	switch {
+	case e.CIDR != "" && e.FQDN != "":
+		c.refuse(where, "names both a cidr and an fqdn")
 		return nil
-	}
-	if e.CIDR == "" {
-		c.errorf("%s: needs a cidr", where)
-		return nil
-	}
-	p, err := parsePrefix(e.CIDR)
-	if err != nil {
-		c.errorf("%s: %v", where, err)
+	case e.FQDN != "":
+		prefixes = c.resolve(ctx, where, e.FQDN)
+		if prefixes == nil {
+			return nil
+		}
+	case e.CIDR != "":
+		p, err := parsePrefix(e.CIDR)
+		if err != nil {
+			c.refuse(where, "%v", err)
+			return nil
+		}
+		prefixes = []netip.Prefix{p}
+	default:
+		c.refuse(where, "needs a cidr or an fqdn")
 		return nil
 	}
 	var proto dataplane.Proto
@@ -199,7 +173,7 @@ func (c *compiler) egress(where string, e grants.Egress) []prefixRule {
 	case "udp":
 		proto = dataplane.ProtoUDP
 	default:
-		c.errorf("%s: protocol %q: want tcp, udp or any", where, e.Protocol)
+		c.refuse(where, "protocol %q: the kernel matches tcp, udp or any", e.Protocol)
 		return nil
 	}
 	var bin dataplane.FileID
@@ -207,22 +181,71 @@ func (c *compiler) egress(where string, e grants.Egress) []prefixRule {
 		c.warnWritable(where+": binary", e.Binary)
 		var ok bool
 		if bin, ok = c.file(where+": binary", e.Binary); !ok {
-			return nil // warned or errored: a rule for a binary that is not here allows nothing
+			return nil
 		}
 	}
 	ports := e.Ports
 	if len(ports) == 0 {
 		ports = []grants.PortRange{{Lo: 0, Hi: 65535}}
 	}
-	var out []prefixRule
 	for _, r := range ports {
 		if r.Lo > r.Hi {
-			c.errorf("%s: port range %d-%d: start is above end", where, r.Lo, r.Hi)
-			continue
+			c.refuse(where, "port range %d-%d: start is above end", r.Lo, r.Hi)
+			return nil
 		}
-		out = append(out, prefixRule{p, dataplane.PortRule{Proto: proto, Lo: r.Lo, Hi: r.Hi, Binary: bin}})
+	}
+	var out []prefixRule
+	for _, p := range prefixes {
+		for _, r := range ports {
+			out = append(out, prefixRule{p, dataplane.PortRule{Proto: proto, Lo: r.Lo, Hi: r.Hi, Binary: bin, Audit: e.Audit}})
+		}
 	}
 	return out
+}
+
+// dnsFloor and dnsCeiling bound how soon and how late a resolved name is resolved again.
+const (
+	dnsFloor   = 5 * time.Second
+	dnsCeiling = time.Hour
+)
+
+// resolve returns the /32 and /128 prefixes of name's addresses and moves RefreshAt to their
+// expiry. The addresses are those tether resolves; an agent resolving the name itself may get
+// others (round-robin, geo DNS): grant those names' address ranges as cidr where that matters.
+func (c *compiler) resolve(ctx context.Context, where, name string) []netip.Prefix {
+	if c.opts.Resolver == nil {
+		c.refuse(where, "fqdn %q: no DNS resolver is configured", name)
+		return nil
+	}
+	addrs, ttl, err := c.opts.Resolver.Lookup(ctx, name)
+	if err != nil {
+		c.refuse(where, "fqdn %q: %v", name, err)
+		// Try again later: the name may resolve then.
+		c.refreshIn(dnsFloor)
+		return nil
+	}
+	c.refreshIn(min(max(ttl, dnsFloor), dnsCeiling))
+	if len(addrs) == 0 {
+		c.refuse(where, "fqdn %q has no A or AAAA records", name)
+		return nil
+	}
+	var out []netip.Prefix
+	for _, a := range addrs {
+		a = a.Unmap()
+		if a.Is4() {
+			out = append(out, netip.PrefixFrom(netip.AddrFrom16(a.As16()), 128))
+		} else {
+			out = append(out, netip.PrefixFrom(a.WithZone(""), 128))
+		}
+	}
+	return out
+}
+
+func (c *compiler) refreshIn(d time.Duration) {
+	at := c.opts.Now.Add(d)
+	if c.res.RefreshAt.IsZero() || at.Before(c.res.RefreshAt) {
+		c.res.RefreshAt = at
+	}
 }
 
 // v4Mapped is where IPv4 lives in the kernel's 16-byte form.
@@ -263,8 +286,10 @@ func inV4(p netip.Prefix) bool { return p.Bits() >= 96 && v4Mapped.Contains(p.Ad
 // returns only the longest matching prefix.
 func (c *compiler) merge(rules []prefixRule) []dataplane.Egress {
 	own := map[netip.Prefix][]dataplane.PortRule{}
+	lengths := map[int]bool{}
 	for _, r := range rules {
 		own[r.prefix] = append(own[r.prefix], r.rule)
+		lengths[r.prefix.Bits()] = true
 	}
 	// An IPv6 prefix that spans the IPv4 space would be the longest match for IPv4 addresses
 	// no IPv4 rule covers: an explicit (maybe empty) ::ffff:0:0/96 entry stops it there.
@@ -272,10 +297,17 @@ func (c *compiler) merge(rules []prefixRule) []dataplane.Egress {
 		for p := range own {
 			if p.Bits() < 96 && p.Contains(v4Mapped.Addr()) {
 				own[v4Mapped] = nil
+				lengths[96] = true
 				break
 			}
 		}
 	}
+	// Covering prefixes can only have the lengths some prefix has.
+	lens := make([]int, 0, len(lengths))
+	for l := range lengths {
+		lens = append(lens, l)
+	}
+	slices.Sort(lens)
 	prefixes := make([]netip.Prefix, 0, len(own))
 	for p := range own {
 		prefixes = append(prefixes, p)
@@ -285,19 +317,22 @@ func (c *compiler) merge(rules []prefixRule) []dataplane.Egress {
 	})
 	out := make([]dataplane.Egress, 0, len(prefixes))
 	for _, p := range prefixes {
-		// Every prefix that covers p is one of its ancestors: walk them up to the root of its
-		// address family (an IPv4 prefix stops at ::ffff:0:0/96).
+		// Every prefix that covers p is an ancestor of it in its address family: an IPv4
+		// prefix's ancestors stop at ::ffff:0:0/96.
 		var all []dataplane.PortRule
 		top := 0
 		if inV4(p) {
 			top = 96
 		}
-		for bits := p.Bits(); bits >= top; bits-- {
+		for _, bits := range lens {
+			if bits < top || bits > p.Bits() {
+				continue
+			}
 			all = append(all, own[netip.PrefixFrom(p.Addr(), bits).Masked()]...)
 		}
 		all = simplify(all)
 		if len(all) > dataplane.MaxPortRules {
-			c.errorf("egress to %s: %d distinct port rules apply (its own and those of covering prefixes); the kernel holds %d per prefix: merge port ranges or grant fewer", show(p), len(all), dataplane.MaxPortRules)
+			c.refuse("egress to "+show(p), "%d distinct port rules apply (its own and those of covering prefixes); the kernel holds %d per prefix: merge port ranges or grant fewer", len(all), dataplane.MaxPortRules)
 			continue
 		}
 		out = append(out, dataplane.Egress{Prefix: p, Ports: all})
@@ -306,27 +341,28 @@ func (c *compiler) merge(rules []prefixRule) []dataplane.Egress {
 }
 
 // simplify sorts rules, drops those another rule contains, and joins overlapping or adjacent
-// ranges of the same protocol and binary.
+// ranges of the same protocol, binary and audit flag. A rule that allows silently contains an
+// audit rule with the same ports; an audit rule contains nothing but audit rules.
 func simplify(rules []dataplane.PortRule) []dataplane.PortRule {
 	slices.SortFunc(rules, func(a, b dataplane.PortRule) int {
-		return cmp.Or(cmp.Compare(a.Binary.Dev, b.Binary.Dev), cmp.Compare(a.Binary.Ino, b.Binary.Ino),
+		return cmp.Or(compareBool(a.Audit, b.Audit), cmp.Compare(a.Binary.Dev, b.Binary.Dev), cmp.Compare(a.Binary.Ino, b.Binary.Ino),
 			cmp.Compare(a.Proto, b.Proto), cmp.Compare(a.Lo, b.Lo), cmp.Compare(a.Hi, b.Hi))
 	})
 	var joined []dataplane.PortRule
 	for _, r := range rules {
 		if n := len(joined); n > 0 {
 			last := &joined[n-1]
-			if last.Proto == r.Proto && last.Binary == r.Binary && uint32(r.Lo) <= uint32(last.Hi)+1 {
+			if last.Proto == r.Proto && last.Binary == r.Binary && last.Audit == r.Audit && uint32(r.Lo) <= uint32(last.Hi)+1 {
 				last.Hi = max(last.Hi, r.Hi)
 				continue
 			}
 		}
 		joined = append(joined, r)
 	}
-	// A rule for any protocol, or for any binary, contains a narrower one with the same ports.
 	contains := func(a, b dataplane.PortRule) bool {
 		return (a.Proto == dataplane.ProtoAny || a.Proto == b.Proto) &&
-			(a.Binary.IsZero() || a.Binary == b.Binary) && a.Lo <= b.Lo && b.Hi <= a.Hi
+			(a.Binary.IsZero() || a.Binary == b.Binary) && a.Lo <= b.Lo && b.Hi <= a.Hi &&
+			(!a.Audit || b.Audit)
 	}
 	out := joined[:0:0]
 	for i, r := range joined {
@@ -352,49 +388,49 @@ func show(p netip.Prefix) string {
 	return p.String()
 }
 
-// file resolves a path a rule names. A path that does not exist here is a warning (nothing can
-// run it, so the rule allows nothing); one that is not a regular file is an error.
+// file resolves a path a rule names; a path that is not an existing regular file is refused.
 func (c *compiler) file(where, path string) (dataplane.FileID, bool) {
 	if !filepath.IsAbs(path) {
-		c.errorf("%s %q: must be an absolute path", where, path)
+		c.refuse(where, "%q: must be an absolute path", path)
 		return dataplane.FileID{}, false
 	}
-	id, regular, err := c.files.Stat(path)
+	id, regular, err := c.opts.Files.Stat(path)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
-		c.warnf("%s %q does not exist on this host; the rule allows nothing until it does and the grants are compiled again", where, path)
+		c.refuse(where, "%q does not exist on this host", path)
 		return id, false
 	case err != nil:
-		c.errorf("%s: %v", where, err)
+		c.refuse(where, "%v", err)
 		return id, false
 	case !regular:
-		c.errorf("%s %q is not a regular file", where, path)
+		c.refuse(where, "%q is not a regular file", path)
 		return id, false
 	}
 	return id, true
 }
 
-func (c *compiler) exec(where, path string) {
+func (c *compiler) exec(where string, e grants.Exec) {
+	path := e.Path
 	c.warnWritable(where, path)
 	if !strings.ContainsAny(path, "*?[") {
 		if id, ok := c.file(where+": path", path); ok {
-			c.res.RuleSet.Exec = append(c.res.RuleSet.Exec, id)
+			c.res.RuleSet.Exec = append(c.res.RuleSet.Exec, dataplane.ExecRule{File: id, Audit: e.Audit})
 		}
 		return
 	}
 	if !filepath.IsAbs(path) {
-		c.errorf("%s: path %q: must be an absolute path", where, path)
+		c.refuse(where, "path %q: must be an absolute path", path)
 		return
 	}
-	matches, err := c.files.Glob(path)
+	matches, err := c.opts.Files.Glob(path)
 	if err != nil {
-		c.errorf("%s: path %q: %v", where, path, err)
+		c.refuse(where, "path %q: %v", path, err)
 		return
 	}
 	n := 0
 	for _, m := range matches {
-		if id, regular, err := c.files.Stat(m); err == nil && regular {
-			c.res.RuleSet.Exec = append(c.res.RuleSet.Exec, id)
+		if id, regular, err := c.opts.Files.Stat(m); err == nil && regular {
+			c.res.RuleSet.Exec = append(c.res.RuleSet.Exec, dataplane.ExecRule{File: id, Audit: e.Audit})
 			n++
 		}
 	}
@@ -409,24 +445,25 @@ func (c *compiler) exec(where, path string) {
 func (c *compiler) warnWritable(where, path string) {
 	dir := filepath.Dir(path)
 	for _, p := range []string{path, dir} {
-		if !strings.ContainsAny(p, "*?[") && c.files.WorldWritable(p) {
+		if !strings.ContainsAny(p, "*?[") && c.opts.Files.WorldWritable(p) {
 			c.warnf("%s %q: %s is writable by every user, so an agent could change what this rule allows", where, path, p)
 			return
 		}
 	}
 }
 
-func (c *compiler) unix(where, path string) {
+func (c *compiler) unix(where string, u grants.Unix) {
+	path := u.Path
 	if name, ok := strings.CutPrefix(path, "@"); ok {
 		switch {
 		case name == "":
-			c.errorf("%s: abstract socket %q: empty name", where, path)
+			c.refuse(where, "abstract socket %q: empty name", path)
 		case strings.ContainsAny(name, "*"):
-			c.errorf("%s: abstract socket %q: abstract names match exactly, without wildcards", where, path)
+			c.refuse(where, "abstract socket %q: abstract names match exactly, without wildcards", path)
 		case len(name) > dataplane.MaxUnixPath-1:
-			c.errorf("%s: abstract socket %q: longer than %d bytes", where, path, dataplane.MaxUnixPath-1)
+			c.refuse(where, "abstract socket %q: longer than %d bytes", path, dataplane.MaxUnixPath-1)
 		default:
-			c.res.RuleSet.Unix = append(c.res.RuleSet.Unix, dataplane.Unix{Path: path})
+			c.res.RuleSet.Unix = append(c.res.RuleSet.Unix, dataplane.Unix{Path: path, Audit: u.Audit})
 		}
 		return
 	}
@@ -437,24 +474,24 @@ func (c *compiler) unix(where, path string) {
 	}
 	switch {
 	case !filepath.IsAbs(path):
-		c.errorf("%s: unix socket %q: must be an absolute path or @name", where, path)
+		c.refuse(where, "unix socket %q: must be an absolute path or @name", path)
 		return
 	case strings.ContainsAny(strings.TrimSuffix(path, "/*"), "*?["):
-		c.errorf("%s: unix socket %q: only a trailing /* is supported as a wildcard", where, path)
+		c.refuse(where, "unix socket %q: only a trailing /* is supported as a wildcard", path)
 		return
 	case filepath.Clean(strings.TrimSuffix(p, "/")) != strings.TrimSuffix(p, "/"):
-		c.errorf("%s: unix socket %q: not a clean path (no //, . or .. components); agents are matched on the exact string they pass", where, path)
+		c.refuse(where, "unix socket %q: not a clean path (no //, . or .. components); agents are matched on the exact string they pass", path)
 		return
 	case len(p) > dataplane.MaxUnixPath:
-		c.errorf("%s: unix socket %q: longer than %d bytes", where, path, dataplane.MaxUnixPath)
+		c.refuse(where, "unix socket %q: longer than %d bytes", path, dataplane.MaxUnixPath)
 		return
 	}
 	dir := filepath.Dir(strings.TrimSuffix(p, "/"))
 	if prefix {
 		dir = strings.TrimSuffix(p, "/")
 	}
-	if c.files.WorldWritable(dir) {
+	if c.opts.Files.WorldWritable(dir) {
 		c.warnf("%s: unix socket %q is in the world-writable directory %s: an agent could put a symlink to another socket there", where, path, dir)
 	}
-	c.res.RuleSet.Unix = append(c.res.RuleSet.Unix, dataplane.Unix{Path: p, Prefix: prefix})
+	c.res.RuleSet.Unix = append(c.res.RuleSet.Unix, dataplane.Unix{Path: p, Prefix: prefix, Audit: u.Audit})
 }

@@ -1,6 +1,8 @@
 package compile
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -8,6 +10,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/grants"
@@ -131,8 +134,8 @@ func TestCompileEgress(t *testing.T) {
 	}}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			res, err := Compile(grants.Grants{Egress: tt.egress}, files)
-			if err != nil {
+			res := Compile(context.Background(), grants.Grants{Egress: tt.egress}, Options{Files: files})
+			if err := res.Err(); err != nil {
 				t.Fatal(err)
 			}
 			if !reflect.DeepEqual(res.RuleSet.Egress, tt.want) {
@@ -152,13 +155,16 @@ func TestCompileErrors(t *testing.T) {
 		g    grants.Grants
 		want string
 	}{
-		{"mode", grants.Grants{Mode: "permissive"}, `mode "permissive"`},
-		{"fqdn is refused, not dropped", grants.Grants{Egress: []grants.Egress{{FQDN: "example.com"}}}, "egress[0]: fqdn"},
-		{"missing cidr", grants.Grants{Egress: []grants.Egress{{}}}, "egress[0]: needs a cidr"},
+		{"mode", grants.Grants{Mode: "permissive"}, `mode: "permissive" is not a mode`},
+		{"fqdn without a resolver is refused, not dropped", grants.Grants{Egress: []grants.Egress{{FQDN: "example.com"}}}, `egress[0]: fqdn "example.com": no DNS resolver`},
+		{"missing cidr", grants.Grants{Egress: []grants.Egress{{}}}, "egress[0]: needs a cidr or an fqdn"},
+		{"cidr and fqdn", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", FQDN: "x"}}}, "both"},
+		{"missing exec path", grants.Grants{Exec: []grants.Exec{{Path: "/usr/bin/kubectl"}}}, `exec[0]: path: "/usr/bin/kubectl" does not exist`},
+		{"missing binary", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Binary: "/usr/bin/missing"}}}, "does not exist"},
 		{"bad cidr", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.300/8"}}}, `cidr "10.0.0.300/8"`},
 		{"host bits", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.1/8"}}}, "did you mean 10.0.0.0/8"},
 		{"zone", grants.Grants{Egress: []grants.Egress{{CIDR: "fe80::1%eth0"}}}, "zones"},
-		{"protocol", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Protocol: "sctp"}}}, `protocol "sctp"`},
+		{"protocol", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Protocol: "sctp"}}}, `protocol "sctp": the kernel matches`},
 		{"reversed range", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Ports: []grants.PortRange{{Lo: 9, Hi: 1}}}}}, "start is above end"},
 		{"too many port rules", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Ports: many}}}, "17 distinct port rules"},
 		{"inherited rules count", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Ports: many[:9]}, {CIDR: "10.1.0.0/16", Ports: many[9:]}}}, "egress to 10.1.0.0/16: 17"},
@@ -174,7 +180,7 @@ func TestCompileErrors(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := Compile(tt.g, files)
+			err := Compile(context.Background(), tt.g, Options{Files: files}).Err()
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("error %v, want one containing %q", err, tt.want)
 			}
@@ -183,37 +189,104 @@ func TestCompileErrors(t *testing.T) {
 }
 
 func TestCompileExecAndUnix(t *testing.T) {
-	res, err := Compile(grants.Grants{
+	res := Compile(context.Background(), grants.Grants{
 		Mode: "audit",
-		Exec: []grants.Exec{{Path: "/usr/bin/curl"}, {Path: "/opt/x/*"}, {Path: "/usr/bin/curl"}, {Path: "/usr/bin/kubectl"}},
-		Unix: []grants.Unix{{Path: "/run/a.sock"}, {Path: "/run/agent/*"}, {Path: "@name"}, {Path: "/tmp/x.sock"}},
+		Exec: []grants.Exec{{Path: "/usr/bin/curl"}, {Path: "/opt/x/*"}, {Path: "/usr/bin/curl", Audit: true}, {Path: "/usr/bin/kubectl"}, {Path: "/usr/bin/git", Audit: true}},
+		Unix: []grants.Unix{{Path: "/run/a.sock"}, {Path: "/run/agent/*"}, {Path: "@name", Audit: true}, {Path: "/tmp/x.sock"}},
 		Egress: []grants.Egress{
 			{CIDR: "10.0.0.0/8", Binary: "/usr/bin/missing"},
+			{CIDR: "192.0.2.0/24"},
 		},
-	}, files)
-	if err != nil {
-		t.Fatal(err)
-	}
+	}, Options{Files: files})
 	rs := res.RuleSet
 	if rs.Mode != dataplane.ModeAudit {
 		t.Errorf("mode %v", rs.Mode)
 	}
-	wantExec := []dataplane.FileID{{Dev: 1, Ino: 10}, {Dev: 2, Ino: 1}, {Dev: 2, Ino: 2}}
+	// curl granted twice, once silently: silently wins. git only audits.
+	wantExec := []dataplane.ExecRule{{File: dataplane.FileID{Dev: 1, Ino: 10}}, {File: dataplane.FileID{Dev: 1, Ino: 11}, Audit: true},
+		{File: dataplane.FileID{Dev: 2, Ino: 1}}, {File: dataplane.FileID{Dev: 2, Ino: 2}}}
 	if !reflect.DeepEqual(rs.Exec, wantExec) {
 		t.Errorf("exec %v, want %v", rs.Exec, wantExec)
 	}
-	wantUnix := []dataplane.Unix{{Path: "/run/a.sock"}, {Path: "/run/agent/", Prefix: true}, {Path: "/tmp/x.sock"}, {Path: "@name"}}
+	wantUnix := []dataplane.Unix{{Path: "/run/a.sock"}, {Path: "/run/agent/", Prefix: true}, {Path: "/tmp/x.sock"}, {Path: "@name", Audit: true}}
 	if !reflect.DeepEqual(rs.Unix, wantUnix) {
 		t.Errorf("unix %v, want %v", rs.Unix, wantUnix)
 	}
-	if len(rs.Egress) != 0 {
-		t.Errorf("a rule for a missing binary allowed %v", rs.Egress)
+	// The refused rules are out, the rest is in.
+	if len(rs.Egress) != 1 || rs.Egress[0].Prefix != pr("192.0.2.0/24") {
+		t.Errorf("egress %v", rs.Egress)
 	}
-	joined := strings.Join(res.Warnings, "\n")
-	for _, w := range []string{"/usr/bin/kubectl", "/usr/bin/missing", "world-writable directory /tmp"} {
-		if !strings.Contains(joined, w) {
-			t.Errorf("no warning about %s in %q", w, joined)
+	refused := res.Err().Error()
+	for _, w := range []string{`exec[3]: path: "/usr/bin/kubectl" does not exist`, `egress[0]: binary: "/usr/bin/missing" does not exist`} {
+		if !strings.Contains(refused, w) {
+			t.Errorf("refusals %q lack %q", refused, w)
 		}
+	}
+	if len(res.Refused) != 2 {
+		t.Errorf("refused %v", res.Refused)
+	}
+	if joined := strings.Join(res.Warnings, "\n"); !strings.Contains(joined, "world-writable directory /tmp") {
+		t.Errorf("warnings %q", joined)
+	}
+}
+
+func TestAuditPortRules(t *testing.T) {
+	res := Compile(context.Background(), grants.Grants{Egress: []grants.Egress{
+		{CIDR: "10.0.0.0/8", Ports: []grants.PortRange{{Lo: 443, Hi: 443}}, Audit: true},
+		{CIDR: "10.0.0.0/8", Ports: []grants.PortRange{{Lo: 443, Hi: 443}}, Protocol: "tcp"},
+		{CIDR: "10.0.0.0/8", Ports: []grants.PortRange{{Lo: 80, Hi: 80}}, Protocol: "tcp", Audit: true},
+		{CIDR: "10.0.0.0/8", Ports: []grants.PortRange{{Lo: 1, Hi: 100}}, Protocol: "tcp"},
+	}}, Options{Files: files})
+	// The audit rule for tcp 80 is inside the silent 1-100 and goes; the audit rule for 443 of
+	// any protocol stays (it covers udp 443, which nothing else allows).
+	want := []dataplane.PortRule{ports(1, 100, dataplane.ProtoTCP), ports(443, 443, dataplane.ProtoTCP),
+		{Proto: dataplane.ProtoAny, Lo: 443, Hi: 443, Audit: true}}
+	if got := res.RuleSet.Egress[0].Ports; !reflect.DeepEqual(got, want) {
+		t.Errorf("got %v\nwant %v", got, want)
+	}
+}
+
+type fakeResolver map[string][]netip.Addr
+
+func (f fakeResolver) Lookup(_ context.Context, name string) ([]netip.Addr, time.Duration, error) {
+	a, ok := f[name]
+	if !ok {
+		return nil, 0, errors.New("no such name")
+	}
+	return a, 30 * time.Second, nil
+}
+
+func TestFQDN(t *testing.T) {
+	now := time.Date(2026, 11, 27, 10, 0, 0, 0, time.UTC)
+	r := fakeResolver{"api.example.com": {netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("2001:db8::10")}}
+	res := Compile(context.Background(), grants.Grants{Egress: []grants.Egress{
+		{FQDN: "api.example.com", Ports: []grants.PortRange{{Lo: 443, Hi: 443}}, Protocol: "tcp"},
+		{FQDN: "gone.example.com"},
+	}}, Options{Files: files, Resolver: r, Now: now})
+	want := []dataplane.Egress{
+		{Prefix: pr("192.0.2.10"), Ports: []dataplane.PortRule{ports(443, 443, dataplane.ProtoTCP)}},
+		{Prefix: pr("2001:db8::10"), Ports: []dataplane.PortRule{ports(443, 443, dataplane.ProtoTCP)}},
+	}
+	if !reflect.DeepEqual(res.RuleSet.Egress, want) {
+		t.Errorf("egress %v", res.RuleSet.Egress)
+	}
+	if len(res.Refused) != 1 || !strings.Contains(res.Refused[0].Error(), `egress[1]: fqdn "gone.example.com": no such name`) {
+		t.Errorf("refused %v", res.Refused)
+	}
+	// The failed name is tried again soon; the resolved one at its TTL.
+	if !res.RefreshAt.Equal(now.Add(dnsFloor)) {
+		t.Errorf("refresh at %v", res.RefreshAt)
+	}
+}
+
+func TestTooManyEntriesGrantsNothing(t *testing.T) {
+	var g grants.Grants
+	for i := range dataplane.MaxRules {
+		g.Egress = append(g.Egress, grants.Egress{CIDR: netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}).String()})
+	}
+	res := Compile(context.Background(), g, Options{Files: files})
+	if res.RuleSet.Entries() != 1 || res.Err() == nil || !strings.Contains(res.Err().Error(), "nothing is granted") {
+		t.Errorf("%d entries, %v", res.RuleSet.Entries(), res.Err())
 	}
 }
 
@@ -228,13 +301,10 @@ func FuzzCompile(f *testing.F) {
 		if r, err := grants.ParsePortRange(port); err == nil {
 			pr = append(pr, r)
 		}
-		res, err := Compile(grants.Grants{
+		res := Compile(context.Background(), grants.Grants{
 			Egress: []grants.Egress{{CIDR: cidr, Ports: pr, Protocol: proto}, {CIDR: "0.0.0.0/0", Ports: pr}},
 			Unix:   []grants.Unix{{Path: unixPath}},
-		}, files)
-		if err != nil {
-			return
-		}
+		}, Options{Files: files})
 		for _, e := range res.RuleSet.Egress {
 			if !e.Prefix.Addr().Is6() || len(e.Ports) > dataplane.MaxPortRules {
 				t.Fatalf("bad entry %v", e)
@@ -285,10 +355,7 @@ func TestOSStat(t *testing.T) {
 func TestWritableWarnings(t *testing.T) {
 	f := files
 	f.writable = map[string]bool{"/opt/x": true}
-	res, err := Compile(grants.Grants{Exec: []grants.Exec{{Path: "/opt/x/a"}}}, f)
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := Compile(context.Background(), grants.Grants{Exec: []grants.Exec{{Path: "/opt/x/a"}}}, Options{Files: f})
 	if len(res.Warnings) != 1 || !strings.Contains(res.Warnings[0], "writable by every user") {
 		t.Errorf("warnings %v", res.Warnings)
 	}
@@ -304,7 +371,7 @@ func BenchmarkCompileEgress(b *testing.B) {
 		}
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
 			for b.Loop() {
-				if _, err := Compile(g, files); err != nil {
+				if err := Compile(context.Background(), g, Options{Files: files}).Err(); err != nil {
 					b.Fatal(err)
 				}
 			}

@@ -84,11 +84,19 @@ type FileID struct {
 
 func (f FileID) IsZero() bool { return f == FileID{} }
 
-// PortRule allows one protocol and port range, optionally only for one calling binary.
+// PortRule allows one protocol and port range, optionally only for one calling binary. An audit
+// rule allows and reports the traffic as would-deny (a rule on its way out).
 type PortRule struct {
 	Proto  Proto
 	Lo, Hi uint16
 	Binary FileID // zero: any binary
+	Audit  bool
+}
+
+// ExecRule allows executing one file; an audit rule allows and reports it as would-deny.
+type ExecRule struct {
+	File  FileID
+	Audit bool
 }
 
 // Egress is one entry of the kernel's egress trie: a prefix in 16-byte form (IPv4 as
@@ -105,6 +113,7 @@ type Egress struct {
 type Unix struct {
 	Path   string
 	Prefix bool
+	Audit  bool
 }
 
 // RuleSet is one agent's complete, compiled rule set. The kernel installs it as one unit.
@@ -112,7 +121,7 @@ type RuleSet struct {
 	Mode       Mode
 	Generation uint64
 	Egress     []Egress
-	Exec       []FileID
+	Exec       []ExecRule
 	Unix       []Unix
 }
 
@@ -202,9 +211,10 @@ const (
 	ReasonNoRuleSet
 	ReasonSocketType
 	ReasonBinaryUnknown
+	ReasonAuditRule
 )
 
-var reasonNames = [...]string{"rule", "no-rule", "killed", "unknown-cgroup", "no-ruleset", "socket-type", "binary-unknown"}
+var reasonNames = [...]string{"rule", "no-rule", "killed", "unknown-cgroup", "no-ruleset", "socket-type", "binary-unknown", "audit-rule"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) {

@@ -34,17 +34,21 @@ type Egress struct {
 	Protocol string `json:"protocol,omitempty"`
 	// Binary restricts the rule to processes running this executable.
 	Binary string `json:"binary,omitempty"`
+	// Audit allows the traffic but reports it as would-deny: a rule being phased out.
+	Audit bool `json:"audit,omitempty"`
 }
 
 // Exec allows executing a file, named by an absolute path or a glob of them.
 type Exec struct {
-	Path string `json:"path"`
+	Path  string `json:"path"`
+	Audit bool   `json:"audit,omitempty"`
 }
 
 // Unix allows connecting or sending to a unix socket: an absolute path, a directory prefix
 // written "/dir/*", or an abstract name written "@name".
 type Unix struct {
-	Path string `json:"path"`
+	Path  string `json:"path"`
+	Audit bool   `json:"audit,omitempty"`
 }
 
 // PortRange is an inclusive range of ports. Its JSON form is a number (443) or a string

@@ -227,7 +227,7 @@ func TestPrivilegedRebindInvalidatesCache(t *testing.T) {
 		t.Fatal(err)
 	}
 	other := only(q)
-	other.Exec = []dataplane.FileID{f.self}
+	other.Exec = execs(f.self)
 	if err := f.k.Install(21, &other); err != nil {
 		t.Fatal(err)
 	}

@@ -59,7 +59,7 @@ func TestPrivilegedExec(t *testing.T) {
 	// Two copies of the test binary: one granted, one not. (No file of the host is needed, so
 	// the test runs the same in a minimal guest.)
 	trueBin, falseBin := privtest.SelfCopy(t), privtest.SelfCopy(t)
-	agent := f.agent(t, "agent", 10, dataplane.RuleSet{Exec: []dataplane.FileID{fileID(t, trueBin)}})
+	agent := f.agent(t, "agent", 10, dataplane.RuleSet{Exec: execs(fileID(t, trueBin))})
 	nested, _ := privtest.SubCgroup(t, agent, "child")
 	events := f.events(t)
 
@@ -133,7 +133,7 @@ func TestPrivilegedExecScript(t *testing.T) {
 	if err := os.WriteFile(script, []byte("#!"+interp+"\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	agent := f.agent(t, "agent", 16, dataplane.RuleSet{Exec: []dataplane.FileID{fileID(t, interp)}})
+	agent := f.agent(t, "agent", 16, dataplane.RuleSet{Exec: execs(fileID(t, interp))})
 	want := "ran"
 	if f.k.Features().ExecMode == ExecLSM {
 		want = "eperm"
@@ -141,7 +141,7 @@ func TestPrivilegedExecScript(t *testing.T) {
 	if got := execResult(t, agent, script); got != want {
 		t.Errorf("script with a granted interpreter in %s mode: %s, want %s", f.k.Features().ExecMode, got, want)
 	}
-	both := f.agent(t, "both", 17, dataplane.RuleSet{Exec: []dataplane.FileID{fileID(t, interp), fileID(t, script)}})
+	both := f.agent(t, "both", 17, dataplane.RuleSet{Exec: execs(fileID(t, interp), fileID(t, script))})
 	if got := execResult(t, both, script); got != "ran" {
 		t.Errorf("script and interpreter granted: %s", got)
 	}

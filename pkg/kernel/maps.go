@@ -91,9 +91,12 @@ func egressValue(e dataplane.Egress) (*bpfTetherRuleValue, error) {
 		r := &v.Ports[i]
 		r.PortLo, r.PortHi, r.Proto = p.Lo, p.Hi, uint8(p.Proto)
 		if !p.Binary.IsZero() {
-			r.Flags = uint8(bpfTetherPortRuleFlagsTETHER_PORT_RULE_BINARY)
+			r.Flags |= uint8(bpfTetherPortRuleFlagsTETHER_PORT_RULE_BINARY)
 			r.BinDev = kernelDev(p.Binary.Dev)
 			r.BinIno = p.Binary.Ino
+		}
+		if p.Audit {
+			r.Flags |= uint8(bpfTetherPortRuleFlagsTETHER_PORT_RULE_AUDIT)
 		}
 	}
 	return v, nil

@@ -240,8 +240,14 @@ func encodeRuleSet(rs *dataplane.RuleSet) (map[bpfTetherRuleKey]bpfTetherRuleVal
 		}
 		put(egressKey(e.Prefix), *v)
 	}
-	for _, f := range rs.Exec {
-		put(execKey(f), bpfTetherRuleValue{})
+	entry := func(audit bool) bpfTetherRuleValue {
+		if audit {
+			return bpfTetherRuleValue{Mode: uint32(dataplane.ModeAudit)}
+		}
+		return bpfTetherRuleValue{}
+	}
+	for _, e := range rs.Exec {
+		put(execKey(e.File), entry(e.Audit))
 	}
 	for _, u := range rs.Unix {
 		key, err := unixKey(u)
@@ -249,7 +255,7 @@ func encodeRuleSet(rs *dataplane.RuleSet) (map[bpfTetherRuleKey]bpfTetherRuleVal
 			errs = append(errs, err)
 			continue
 		}
-		put(key, bpfTetherRuleValue{})
+		put(key, entry(u.Audit))
 	}
 	return out, errors.Join(errs...)
 }

@@ -78,7 +78,7 @@ func fileID(t *testing.T, path string) dataplane.FileID {
 func (f *fixture) agent(t *testing.T, name string, slot dataplane.Slot, rs dataplane.RuleSet) string {
 	t.Helper()
 	path, id := privtest.SubCgroup(t, f.parent, name)
-	rs.Exec = append(rs.Exec, f.self)
+	rs.Exec = append(rs.Exec, dataplane.ExecRule{File: f.self})
 	if err := f.k.Install(slot, &rs); err != nil {
 		t.Fatal(err)
 	}
@@ -156,4 +156,12 @@ func expect(t *testing.T, what string, got, want []string) {
 	if !slices.Equal(got, want) {
 		t.Errorf("%s:\n got  %v\n want %v", what, got, want)
 	}
+}
+
+func execs(ids ...dataplane.FileID) []dataplane.ExecRule {
+	var out []dataplane.ExecRule
+	for _, id := range ids {
+		out = append(out, dataplane.ExecRule{File: id})
+	}
+	return out
 }

@@ -96,7 +96,7 @@ func TestPrivilegedAtomicSwap(t *testing.T) {
 	f := newFixture(t, Options{AllowSample: 0})
 	a, b := swapSets(40000, 40001, 40002)
 	agent := f.agent(t, "agent", 14, a)
-	a.Exec, b.Exec = []dataplane.FileID{f.self}, []dataplane.FileID{f.self}
+	a.Exec, b.Exec = execs(f.self), execs(f.self)
 	dests := loopDests(40000, 40001, 40002, 40003)
 
 	check := func(counts []map[string]int) (violations int) {

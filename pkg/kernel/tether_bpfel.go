@@ -140,6 +140,7 @@ type bpfTetherPortRuleFlags uint32
 
 const (
 	bpfTetherPortRuleFlagsTETHER_PORT_RULE_BINARY bpfTetherPortRuleFlags = 1
+	bpfTetherPortRuleFlagsTETHER_PORT_RULE_AUDIT  bpfTetherPortRuleFlags = 2
 )
 
 type bpfTetherProc struct {
@@ -164,6 +165,7 @@ const (
 	bpfTetherReasonTETHER_REASON_NO_RULESET     bpfTetherReason = 4
 	bpfTetherReasonTETHER_REASON_SOCKET_TYPE    bpfTetherReason = 5
 	bpfTetherReasonTETHER_REASON_BINARY_UNKNOWN bpfTetherReason = 6
+	bpfTetherReasonTETHER_REASON_AUDIT_RULE     bpfTetherReason = 7
 )
 
 type bpfTetherRuleKey struct {

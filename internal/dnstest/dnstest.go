@@ -1,0 +1,82 @@
+// Package dnstest is a DNS server on loopback for tests: it answers A and AAAA questions from a
+// table the test changes, with the TTL the test sets, and counts the questions.
+package dnstest
+
+import (
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/miekg/dns"
+)
+
+// Server answers from Records.
+type Server struct {
+	Addr    string // host:port (UDP)
+	mu      sync.Mutex
+	records map[string][]netip.Addr
+	ttl     uint32
+	queries atomic.Int64
+	srv     *dns.Server
+}
+
+// Start serves on 127.0.0.1 until the test ends.
+func Start(t testing.TB) *Server {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Server{Addr: pc.LocalAddr().String(), records: map[string][]netip.Addr{}, ttl: 60}
+	s.srv = &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(s.answer)}
+	started := make(chan struct{})
+	s.srv.NotifyStartedFunc = func() { close(started) }
+	go s.srv.ActivateAndServe()
+	<-started
+	t.Cleanup(func() { s.srv.Shutdown() })
+	return s
+}
+
+// Set makes name resolve to addrs (none: NXDOMAIN) with the given TTL in seconds.
+func (s *Server) Set(name string, ttl uint32, addrs ...netip.Addr) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(addrs) == 0 {
+		delete(s.records, dns.Fqdn(name))
+	} else {
+		s.records[dns.Fqdn(name)] = addrs
+	}
+	s.ttl = ttl
+}
+
+// Queries is how many questions the server answered.
+func (s *Server) Queries() int64 { return s.queries.Load() }
+
+func (s *Server) answer(w dns.ResponseWriter, r *dns.Msg) {
+	s.queries.Add(1)
+	m := new(dns.Msg)
+	m.SetReply(r)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	q := r.Question[0]
+	addrs, ok := s.records[q.Name]
+	if !ok {
+		m.Rcode = dns.RcodeNameError
+		w.WriteMsg(m)
+		return
+	}
+	for _, a := range addrs {
+		hdr := dns.RR_Header{Name: q.Name, Class: dns.ClassINET, Ttl: s.ttl}
+		switch {
+		case a.Is4() && q.Qtype == dns.TypeA:
+			hdr.Rrtype = dns.TypeA
+			m.Answer = append(m.Answer, &dns.A{Hdr: hdr, A: a.AsSlice()})
+		case a.Is6() && q.Qtype == dns.TypeAAAA:
+			hdr.Rrtype = dns.TypeAAAA
+			m.Answer = append(m.Answer, &dns.AAAA{Hdr: hdr, AAAA: a.AsSlice()})
+		}
+	}
+	w.WriteMsg(m)
+}

@@ -1,0 +1,90 @@
+package policy
+
+import (
+	"strings"
+	"time"
+)
+
+// Input is what the policy reads (policies/input.schema.json). Grants reads Agent, Task, Env
+// and Time; the other decisions add Request, Event or Recent.
+type Input struct {
+	Agent   Agent          `json:"agent"`
+	Task    *Task          `json:"task,omitempty"`
+	Env     Env            `json:"env"`
+	Time    Time           `json:"time"`
+	Request *Request       `json:"request,omitempty"`
+	Event   map[string]any `json:"event,omitempty"`
+	Recent  []any          `json:"recent,omitempty"`
+}
+
+// Agent is who the agent is.
+type Agent struct {
+	SpiffeID    string            `json:"spiffe_id"`
+	TrustDomain string            `json:"trust_domain"`
+	Path        string            `json:"path"`
+	Selectors   []string          `json:"selectors,omitempty"`
+	Labels      map[string]string `json:"labels,omitempty"`
+}
+
+// Task is what the agent is doing.
+type Task struct {
+	ID          string     `json:"id"`
+	Type        string     `json:"type"`
+	Sensitivity string     `json:"sensitivity,omitempty"`
+	StartedAt   time.Time  `json:"started_at"`
+	ExpiresAt   time.Time  `json:"expires_at"`
+	Approvals   []Approval `json:"approvals,omitempty"`
+}
+
+// Approval is a step-up a human approved for the task.
+type Approval struct {
+	ID         string    `json:"id"`
+	Action     string    `json:"action"`
+	Resource   string    `json:"resource"`
+	ExpiresAt  time.Time `json:"expires_at"`
+	ApprovedBy string    `json:"approved_by,omitempty"`
+}
+
+// Env is where the agent runs.
+type Env struct {
+	Node        string            `json:"node"`
+	Cluster     string            `json:"cluster,omitempty"`
+	Environment string            `json:"environment,omitempty"`
+	Labels      map[string]string `json:"labels,omitempty"`
+}
+
+// Time is when the decision is made, in the configured time zone.
+type Time struct {
+	Now      string `json:"now"`
+	Weekday  string `json:"weekday"`
+	Hour     int    `json:"hour"`
+	Timezone string `json:"timezone"`
+}
+
+// Request is what stepup and allow decide.
+type Request struct {
+	// stepup
+	Action   string `json:"action,omitempty"`
+	Resource string `json:"resource,omitempty"`
+	Reason   string `json:"reason,omitempty"`
+	// allow
+	Kind     string `json:"kind,omitempty"` // connect or exec
+	IP       string `json:"ip,omitempty"`
+	Port     int    `json:"port,omitempty"`
+	Protocol string `json:"protocol,omitempty"`
+	Path     string `json:"path,omitempty"`
+	Binary   string `json:"binary,omitempty"`
+}
+
+// TimeAt is t in loc, the way the policy sees it.
+func TimeAt(t time.Time, loc *time.Location) Time {
+	t = t.In(loc)
+	return Time{Now: t.Format(time.RFC3339Nano), Weekday: t.Weekday().String(), Hour: t.Hour(), Timezone: loc.String()}
+}
+
+// AgentOf splits a SPIFFE ID into the agent fields.
+func AgentOf(spiffeID string, selectors []string, labels map[string]string) Agent {
+	rest, _ := strings.CutPrefix(spiffeID, "spiffe://")
+	td, path, _ := strings.Cut(rest, "/")
+	return Agent{SpiffeID: spiffeID, TrustDomain: td, Path: "/" + path, Selectors: selectors, Labels: labels}
+}

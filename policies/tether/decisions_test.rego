@@ -1,0 +1,69 @@
+package tether_test
+
+import data.tether
+
+req(r) := object.union(ctx(task("coding", "internal"), dev, morning), {"request": r})
+
+test_allow_follows_grants if {
+	tether.allow with input as req({"kind": "connect", "ip": "140.82.112.5", "port": 443, "protocol": "tcp", "binary": "/usr/bin/git"})
+	not tether.allow with input as req({"kind": "connect", "ip": "140.82.112.5", "port": 443, "protocol": "tcp", "binary": "/usr/bin/python3"})
+	not tether.allow with input as req({"kind": "connect", "ip": "140.82.112.5", "port": 80, "protocol": "tcp", "binary": "/usr/bin/git"})
+	not tether.allow with input as req({"kind": "connect", "ip": "8.8.8.8", "port": 443, "protocol": "tcp"})
+	tether.allow with input as req({"kind": "exec", "path": "/usr/bin/git"})
+	not tether.allow with input as req({"kind": "exec", "path": "/usr/bin/bash"})
+}
+
+test_allow_everything_in_audit_mode if {
+	a := object.union(agent("spiffe://example.org/agents/a"), {"labels": {"tether.dev/mode": "audit"}})
+	tether.allow with input as {"agent": a, "env": dev, "time": morning, "request": {"kind": "exec", "path": "/usr/bin/bash"}}
+}
+
+test_allow_port_ranges if {
+	profiles := {"r": {"exec": [], "high_risk": [], "unix": [], "egress": [{"cidr": "192.0.2.0/24", "ports": ["8000-8100"], "protocol": "any"}]}}
+	i := object.union(ctx(task("r", "public"), dev, morning), {"request": {"kind": "connect", "ip": "192.0.2.9", "port": 8050, "protocol": "udp"}})
+	tether.allow with input as i with data.tether_settings.profiles as profiles
+	j := object.union(i, {"request": {"kind": "connect", "ip": "192.0.2.9", "port": 8101, "protocol": "udp"}})
+	not tether.allow with input as j with data.tether_settings.profiles as profiles
+}
+
+test_stepup_production_needs_approval if {
+	d := tether.stepup with input as object.union(ctx(task("incident-response", "internal"), prod, morning), {"request": {"action": "connect", "resource": "production", "reason": "outage"}})
+	d.allowed
+	d.needs_approval
+	d.ttl == "15m"
+}
+
+test_stepup_restricted_refused if {
+	d := tether.stepup with input as object.union(ctx(task("coding", "restricted"), dev, morning), {"request": {"action": "connect", "resource": "git_hosting", "reason": "push"}})
+	not d.allowed
+}
+
+test_stepup_unknown_refused if {
+	d := tether.stepup with input as object.union(ctx(task("coding", "internal"), dev, morning), {"request": {"action": "format-disk", "resource": "/", "reason": "x"}})
+	not d.allowed
+	not d.needs_approval
+}
+
+ev(kind, verdict, dest, ts) := {"decision_id": concat("-", [kind, dest, ts]), "kind": kind, "verdict": verdict, "destination": dest, "timestamp": ts}
+
+test_respond_kill_on_metadata if {
+	r := tether.respond with input as object.union(ctx(null, dev, morning), {"event": ev("connect4", "deny", "169.254.169.254:80", "2026-11-25T10:30:00Z")})
+	r == "kill"
+}
+
+test_respond_freeze_on_three_denials_in_a_minute if {
+	recent := [ev("connect4", "deny", "192.0.2.1:443", "2026-11-25T10:29:40Z"), ev("connect4", "deny", "192.0.2.2:443", "2026-11-25T10:29:50Z")]
+	r := tether.respond with input as object.union(ctx(null, dev, morning), {"event": ev("connect4", "deny", "192.0.2.3:443", "2026-11-25T10:30:00Z"), "recent": recent})
+	r == "freeze"
+}
+
+test_respond_old_denials_do_not_count if {
+	recent := [ev("connect4", "deny", "192.0.2.1:443", "2026-11-25T10:20:00Z"), ev("connect4", "deny", "192.0.2.2:443", "2026-11-25T10:21:00Z")]
+	r := tether.respond with input as object.union(ctx(null, dev, morning), {"event": ev("connect4", "deny", "192.0.2.3:443", "2026-11-25T10:30:00Z"), "recent": recent})
+	r == "none"
+}
+
+test_respond_alert_on_denied_exec if {
+	r := tether.respond with input as object.union(ctx(null, dev, morning), {"event": {"decision_id": "x", "kind": "exec", "verdict": "deny", "timestamp": "2026-11-25T10:30:00Z"}})
+	r == "alert"
+}

@@ -1,0 +1,155 @@
+# METADATA
+# title: tether grants
+# description: |
+#   What an agent may do now, decided from its identity, its task, its environment and the time.
+#   tether compiles the result into the kernel; anything not granted is denied. See
+#   policies/README.md for the input and the result.
+package tether
+
+settings := data.tether_settings
+
+# The identity's own settings (a task type used when it has no task, a mode), if any.
+identity := settings.identities[input.agent.spiffe_id]
+
+default task_type := ""
+
+task_type := input.task.type
+
+task_type := identity.task_type if not input.task
+
+default profile := {"exec": [], "egress": [], "unix": [], "high_risk": []}
+
+profile := settings.profiles[task_type]
+
+default mode := "enforce"
+
+mode := "audit" if identity.mode == "audit"
+
+mode := "audit" if input.agent.labels["tether.dev/mode"] == "audit"
+
+now_ns := time.parse_rfc3339_ns(input.time.now)
+
+# --- exec -----------------------------------------------------------------------------------
+
+# High-risk tools (shells, network tools, interpreters, package managers, cloud CLIs) are denied
+# unless the task type grants their category, even if a profile lists one by name.
+granted_categories := {c | some c in object.get(profile, "high_risk", [])}
+
+high_risk_denied contains path if {
+	some category, paths in settings.tools
+	not category in granted_categories
+	some path in paths
+}
+
+exec_paths contains path if {
+	some path in object.get(profile, "exec", [])
+	not path in high_risk_denied
+}
+
+exec := [{"path": p} | some p in sort(exec_paths)]
+
+# --- egress ---------------------------------------------------------------------------------
+
+# A task touching restricted data reaches internal networks only: no internet.
+restricted if input.task.sensitivity == "restricted"
+
+sensitivity_allows(r) if not restricted
+
+sensitivity_allows(r) if r.network in settings.internal_networks
+
+# In production, a rule marked production needs an approved step-up for its network.
+environment_allows(r) if not r.production
+
+environment_allows(r) if {
+	r.production
+	input.env.environment != "production"
+}
+
+environment_allows(r) if {
+	r.production
+	input.env.environment == "production"
+	approved("connect", r.network)
+}
+
+approved(action, resource) if {
+	some a in input.task.approvals
+	a.action == action
+	a.resource == resource
+	time.parse_rfc3339_ns(a.expires_at) > now_ns
+}
+
+# A rule with a window holds only inside it (weekday and hour in the configured time zone).
+window_allows(r) if not r.window
+
+window_allows(r) if in_window(r.window)
+
+in_window(w) if {
+	input.time.weekday in w.days
+	input.time.hour >= w.start_hour
+	input.time.hour < w.end_hour
+}
+
+targets(r) := settings.networks[r.network] if r.network
+
+targets(r) := [r.cidr] if r.cidr
+
+# Tool chain: only git may reach the git hosting range.
+default chain(_) := {}
+
+chain(r) := {"binary": settings.git_binary} if r.network == "git_hosting"
+
+clean(r) := object.remove(r, {"network", "production", "window", "cidr"})
+
+egress contains rule if {
+	some r in object.get(profile, "egress", [])
+	not r.fqdn
+	sensitivity_allows(r)
+	environment_allows(r)
+	window_allows(r)
+	some cidr in targets(r)
+	rule := object.union(object.union(clean(r), {"cidr": cidr}), chain(r))
+}
+
+egress contains rule if {
+	some r in object.get(profile, "egress", [])
+	r.fqdn
+	not restricted # a name is outside the internal networks as far as policy can tell
+	environment_allows(r)
+	window_allows(r)
+	rule := clean(r)
+}
+
+unix := [{"path": p} | some p in object.get(profile, "unix", [])]
+
+# --- when the grants change by themselves ---------------------------------------------------
+
+# The next edge of every windowed rule: tether evaluates again then, not on a timer.
+seconds_into_hour := (clock[1] * 60) + clock[2] if clock := time.clock([now_ns, input.time.timezone])
+
+window_edge(w) := now_ns + ((((w.end_hour - input.time.hour) * 3600) - seconds_into_hour) * 1000000000) if in_window(w)
+
+window_edge(w) := now_ns + ((((w.start_hour - input.time.hour) * 3600) - seconds_into_hour) * 1000000000) if {
+	not in_window(w)
+	input.time.hour < w.start_hour
+}
+
+window_edge(w) := now_ns + (((((24 - input.time.hour) + w.start_hour) * 3600) - seconds_into_hour) * 1000000000) if {
+	not in_window(w)
+	input.time.hour >= w.start_hour
+}
+
+edges contains window_edge(r.window) if {
+	some r in object.get(profile, "egress", [])
+	r.window
+}
+
+default valid_until_field := {}
+
+valid_until_field := {"valid_until": time.format([min(edges), "UTC", "2006-01-02T15:04:05Z07:00"])} if count(edges) > 0
+
+# --- the result -----------------------------------------------------------------------------
+
+grants := object.union(
+	{"mode": mode, "egress": egress, "exec": exec, "unix": unix},
+	valid_until_field,
+)

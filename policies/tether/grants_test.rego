@@ -1,0 +1,120 @@
+package tether_test
+
+import data.tether
+
+# A weekday morning in UTC.
+morning := {"now": "2026-11-25T10:30:00Z", "weekday": "Wednesday", "hour": 10, "timezone": "UTC"}
+
+# A Saturday night.
+night := {"now": "2026-11-28T23:15:00Z", "weekday": "Saturday", "hour": 23, "timezone": "UTC"}
+
+agent(id) := {"spiffe_id": id, "trust_domain": "example.org", "path": "/agents/a", "selectors": [], "labels": {}}
+
+ctx(task, env, t) := {"agent": agent("spiffe://example.org/agents/a"), "task": task, "env": env, "time": t}
+
+task(type, sensitivity) := {"id": "t1", "type": type, "sensitivity": sensitivity,
+	"started_at": "2026-11-25T10:00:00Z", "expires_at": "2026-11-25T12:00:00Z", "approvals": []}
+
+dev := {"node": "n1", "environment": "development"}
+
+prod := {"node": "n1", "environment": "production"}
+
+egress_to(g, network) := {r | some r in g.egress; r.cidr in data.tether_settings.networks[network]}
+
+test_deny_by_default if {
+	g := tether.grants with input as {"agent": agent("spiffe://example.org/nobody"), "env": dev, "time": morning}
+	g == {"mode": "enforce", "egress": set(), "exec": [], "unix": []}
+}
+
+test_unknown_task_type_gets_nothing if {
+	g := tether.grants with input as ctx(task("mining", "public"), dev, morning)
+	count(g.egress) == 0
+	count(g.exec) == 0
+}
+
+test_coding_gets_git_and_registries if {
+	g := tether.grants with input as ctx(task("coding", "internal"), dev, morning)
+	count(egress_to(g, "git_hosting")) > 0
+	count(egress_to(g, "package_registries")) > 0
+	{"path": "/usr/bin/git"} in g.exec
+}
+
+test_only_git_reaches_git_hosting if {
+	g := tether.grants with input as ctx(task("coding", "internal"), dev, morning)
+	every r in egress_to(g, "git_hosting") {
+		r.binary == "/usr/bin/git"
+	}
+}
+
+test_high_risk_tools_denied_unless_granted if {
+	# coding grants interpreters, not shells or network tools
+	g := tether.grants with input as ctx(task("coding", "internal"), dev, morning)
+	{"path": "/usr/bin/python3"} in g.exec
+	not {"path": "/usr/bin/bash"} in g.exec
+	not {"path": "/usr/bin/curl"} in g.exec
+}
+
+test_profile_cannot_sneak_in_a_high_risk_tool if {
+	profiles := object.union(data.tether_settings.profiles, {"sneaky": {"exec": ["/usr/bin/curl", "/usr/bin/git"], "high_risk": [], "egress": [], "unix": []}})
+	g := tether.grants with input as ctx(task("sneaky", "public"), dev, morning)
+		with data.tether_settings.profiles as profiles
+	g.exec == [{"path": "/usr/bin/git"}]
+}
+
+test_incident_response_gets_shells_and_cloud_clis if {
+	g := tether.grants with input as ctx(task("incident-response", "internal"), dev, morning)
+	{"path": "/usr/bin/bash"} in g.exec
+	{"path": "/usr/bin/kubectl"} in g.exec
+}
+
+test_restricted_data_gets_no_internet if {
+	g := tether.grants with input as ctx(task("coding", "restricted"), dev, morning)
+	count(egress_to(g, "git_hosting")) == 0
+	count(egress_to(g, "package_registries")) == 0
+	count(egress_to(g, "internal")) > 0
+}
+
+test_production_needs_approved_stepup if {
+	g := tether.grants with input as ctx(task("incident-response", "internal"), prod, morning)
+	count(egress_to(g, "production")) == 0
+	t := object.union(task("incident-response", "internal"), {"approvals": [{"id": "a1", "action": "connect", "resource": "production", "expires_at": "2026-11-25T11:00:00Z", "approved_by": "uid:0"}]})
+	g2 := tether.grants with input as ctx(t, prod, morning)
+	count(egress_to(g2, "production")) > 0
+}
+
+test_expired_approval_does_not_count if {
+	t := object.union(task("incident-response", "internal"), {"approvals": [{"id": "a1", "action": "connect", "resource": "production", "expires_at": "2026-11-25T10:00:00Z"}]})
+	g := tether.grants with input as ctx(t, prod, morning)
+	count(egress_to(g, "production")) == 0
+}
+
+test_production_rule_outside_production_needs_nothing if {
+	g := tether.grants with input as ctx(task("incident-response", "internal"), dev, morning)
+	count(egress_to(g, "production")) > 0
+}
+
+test_window_open_and_its_edge if {
+	g := tether.grants with input as ctx(task("customer-operations", "internal"), dev, morning)
+	count(egress_to(g, "crm")) > 0
+	# The window ends at 19:00, the ssh window of nothing else: valid_until is 19:00 today.
+	g.valid_until == "2026-11-25T19:00:00Z"
+}
+
+test_window_closed_and_next_opening if {
+	g := tether.grants with input as ctx(task("customer-operations", "internal"), dev, night)
+	count(egress_to(g, "crm")) == 0
+	# Next evaluation at the next 07:00.
+	g.valid_until == "2026-11-29T07:00:00Z"
+}
+
+test_identity_default_task_and_audit_mode if {
+	g := tether.grants with input as {"agent": agent("spiffe://tether.local/demo/auditor"), "env": dev, "time": morning}
+	g.mode == "audit"
+	{"path": "/usr/bin/curl"} in g.exec
+}
+
+test_audit_label if {
+	a := object.union(agent("spiffe://example.org/agents/a"), {"labels": {"tether.dev/mode": "audit"}})
+	g := tether.grants with input as {"agent": a, "task": task("coding", "internal"), "env": dev, "time": morning}
+	g.mode == "audit"
+}

@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -20,6 +21,7 @@ import (
 type globals struct {
 	socket string
 	output string
+	inputs []string
 }
 
 func (g *globals) client() *api.Client { return api.NewClient(g.socket) }
@@ -38,7 +40,7 @@ func newRoot() *cobra.Command {
 		socket = "/run/tether/tether.sock"
 	}
 	root.PersistentFlags().StringVar(&g.socket, "socket", socket, "tetherd's control socket (env TETHER_SOCKET)")
-	root.AddCommand(newRun(g), newStatus(g), newAgents(g), newMode(g), newSetKilled(g), newUnregister(g))
+	root.AddCommand(newRun(g), newStatus(g), newAgents(g), newMode(g), newSetKilled(g), newUnregister(g), newTask(g), newPolicy(g))
 	return root
 }
 
@@ -73,6 +75,10 @@ func newStatus(g *globals) *cobra.Command {
 			fmt.Fprintf(tw, "agent parents\t%s\n", strings.Join(st.AgentParents, ", "))
 			fmt.Fprintf(tw, "pins\t%s\n", st.PinDir)
 			fmt.Fprintf(tw, "exec mode\t%s (%s)\n", st.ExecMode, st.ExecReason)
+			fmt.Fprintf(tw, "policy\trevision %s from %s, %d revisions refused\n", st.Policy.Revision, st.Policy.Source, st.Policy.Refused)
+			if st.Policy.LastError != "" {
+				fmt.Fprintf(tw, "last refused policy\t%s\n", st.Policy.LastError)
+			}
 			fmt.Fprintf(tw, "agents\t%d\n", st.Agents)
 			fmt.Fprintf(tw, "ring buffer drops\t%d\n", st.Kernel.RingBufferDrops)
 			fmt.Fprintf(tw, "events read / dropped\t%d / %d\n", st.Events.Read, st.Events.Dropped)
@@ -112,9 +118,13 @@ func newAgents(g *globals) *cobra.Command {
 				return printJSON(w, list)
 			}
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-			fmt.Fprintf(tw, "SLOT\tSPIFFE ID\tMODE\tKILLED\tGEN\tSYNCED\tCGROUP\n")
+			fmt.Fprintf(tw, "SLOT\tSPIFFE ID\tTASK\tMODE\tKILLED\tGEN\tSYNCED\tREFUSED\tCGROUP\n")
 			for _, a := range list {
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%v\t%d\t%v\t%s\n", a.Slot, a.SpiffeID, a.Mode, a.Killed, a.Generation, a.Synced, a.Cgroup)
+				task := "-"
+				if a.Task != nil {
+					task = a.Task.Type
+				}
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%v\t%d\t%v\t%d\t%s\n", a.Slot, a.SpiffeID, task, a.Mode, a.Killed, a.Generation, a.Synced, len(a.Refused), a.Cgroup)
 			}
 			return tw.Flush()
 		},
@@ -163,7 +173,13 @@ func forEach(cmd *cobra.Command, g *globals, selector string, f func(c *api.Clie
 		if err != nil {
 			return fmt.Errorf("agent %d: %w", a.Slot, err)
 		}
-		fmt.Fprintf(cmd.OutOrStdout(), "agent %d (%s): mode %s, killed %v, generation %d\n", got.Slot, got.SpiffeID, got.Mode, got.Killed, got.Generation)
+		fmt.Fprintf(cmd.OutOrStdout(), "agent %d (%s): mode %s, killed %v, generation %d, %s\n", got.Slot, got.SpiffeID, got.Mode, got.Killed, got.Generation, taskLine(got))
+		for _, r := range got.Refused {
+			fmt.Fprintf(cmd.OutOrStdout(), "  refused rule: %s\n", r)
+		}
+		if got.Error != "" {
+			fmt.Fprintf(cmd.OutOrStdout(), "  error: %s\n", got.Error)
+		}
 	}
 	return nil
 }
@@ -227,3 +243,5 @@ func newUnregister(g *globals) *cobra.Command {
 		},
 	}
 }
+
+func timeNow() time.Time { return time.Now() }

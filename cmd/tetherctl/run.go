@@ -30,6 +30,8 @@ type runFlags struct {
 	id       string
 	user     string
 	keepCaps bool
+	labels   map[string]string
+	task     api.TaskRequest
 }
 
 func newRun(g *globals) *cobra.Command {
@@ -58,6 +60,10 @@ as an unprivileged user with --user.`,
 	cmd.Flags().StringVar(&f.id, "id", "", "SPIFFE ID of the agent")
 	cmd.Flags().StringVar(&f.user, "user", "", "run COMMAND as this user (name or uid)")
 	cmd.Flags().BoolVar(&f.keepCaps, "keep-caps", false, "keep CAP_SYS_ADMIN, CAP_BPF, CAP_NET_RAW and the other capabilities run drops")
+	cmd.Flags().StringToStringVar(&f.labels, "label", nil, "labels for the policy (input.agent.labels), key=value")
+	cmd.Flags().StringVar(&f.task.Type, "task-type", "", "start the agent with a task of this type")
+	cmd.Flags().StringVar(&f.task.Sensitivity, "sensitivity", "", "the task's data sensitivity")
+	cmd.Flags().StringVar(&f.task.TTL, "task-ttl", "1h", "the task ends unless renewed within this")
 	return cmd
 }
 
@@ -79,7 +85,11 @@ func runAgent(c *api.Client, f *runFlags, args []string) error {
 		}
 	}
 
-	agent, err := c.Register(api.RegisterRequest{SpiffeID: f.id, Launch: true})
+	req := api.RegisterRequest{SpiffeID: f.id, Launch: true, Labels: f.labels}
+	if f.task.Type != "" {
+		req.Task = &f.task
+	}
+	agent, err := c.Register(req)
 	if err != nil {
 		return err
 	}

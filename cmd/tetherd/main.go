@@ -75,7 +75,7 @@ func run(ctx context.Context, args []string) error {
 				log.Error("configuration refused; the running one stays in force", "error", err)
 				continue
 			}
-			if err := d.Reload(next); err != nil {
+			if err := d.Reload(ctx, next); err != nil {
 				log.Error("reloading", "error", err)
 			}
 		}

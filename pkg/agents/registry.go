@@ -1,70 +1,119 @@
 // Package agents keeps the registry of agents: which cgroup subtree is which SPIFFE identity, in
-// which kernel slot, under which compiled rule set and state. It holds the desired state and
-// reconciles the kernel (a dataplane.Dataplane) to it: writes are retried, failures counted, and
-// an agent whose kernel state could not be written is retried until it is. A registration is
-// complete in the kernel (rule set, then state, then cgroup binding) before it returns, so an
-// agent's first instruction already runs under its rule set.
+// which kernel slot, doing which task, under which compiled rule set and state. Whenever an
+// agent's context changes (it registers, its task starts, is renewed or ends, an approval arrives
+// or expires, its grants reach valid_until, DNS answers expire, its identity changes, the policy
+// changes) the registry has the policy evaluate its grants again, compiles them, and installs the
+// result in the kernel (a dataplane.Dataplane), whose swap is atomic per agent. Kernel writes are
+// retried and counted; an agent whose state could not be written is retried until it is. A
+// registration is complete in the kernel (rule set, then state, then cgroup binding) before it
+// returns, so an agent's first instruction already runs under its rule set.
 package agents
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
-	"reflect"
 	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/grants"
 	"github.com/tether-sh/tether/pkg/identity"
 )
 
-// Source gives an agent's current grants. ok is false when nothing is granted to it.
-type Source interface {
-	Grants(spiffeID string) (g grants.Grants, ok bool)
+// Context is what the policy reads of an agent besides the environment and the time.
+type Context struct {
+	SpiffeID  string
+	Revoked   bool // the identity was revoked: the agent is granted nothing
+	Selectors []string
+	Labels    map[string]string
+	Task      *Task
 }
 
-// Compiler compiles grants into a rule set (and warnings).
-type Compiler func(grants.Grants) (*dataplane.RuleSet, []string, error)
+// Task is what an agent is doing: at most one at a time.
+type Task struct {
+	ID          string     `json:"id"`
+	Type        string     `json:"type"`
+	Sensitivity string     `json:"sensitivity,omitempty"`
+	StartedAt   time.Time  `json:"started_at"`
+	ExpiresAt   time.Time  `json:"expires_at"`
+	Approvals   []Approval `json:"approvals,omitempty"`
+}
+
+// Approval is a step-up a human approved for a task.
+type Approval struct {
+	ID         string    `json:"id"`
+	Action     string    `json:"action"`
+	Resource   string    `json:"resource"`
+	ExpiresAt  time.Time `json:"expires_at"`
+	ApprovedBy string    `json:"approved_by,omitempty"`
+}
+
+// Evaluator decides an agent's grants from its context (the policy, through the daemon).
+type Evaluator interface {
+	Grants(ctx context.Context, c Context) (grants.Grants, error)
+}
+
+// Compiled is a rule set compiled from grants and what compiling refused.
+type Compiled struct {
+	RuleSet   *dataplane.RuleSet
+	Refused   []string
+	Warnings  []string
+	RefreshAt time.Time // compile again then (DNS answers expire); zero: never
+}
+
+// Compiler compiles grants.
+type Compiler func(ctx context.Context, g grants.Grants) Compiled
 
 // Agent is one registered agent as the API shows it.
 type Agent struct {
 	Slot         dataplane.Slot    `json:"slot"`
 	SpiffeID     string            `json:"spiffe_id"`
+	Revoked      bool              `json:"revoked,omitempty"`
 	Cgroup       string            `json:"cgroup"`
 	CgroupID     uint64            `json:"cgroup_id"`
 	Launched     bool              `json:"launched"`
 	Launcher     *uint32           `json:"launcher_uid,omitempty"`
 	Registered   time.Time         `json:"registered"`
+	Selectors    []string          `json:"selectors,omitempty"`
+	Labels       map[string]string `json:"labels,omitempty"`
+	Task         *Task             `json:"task,omitempty"`
 	Mode         string            `json:"mode"`
 	ModeOverride string            `json:"mode_override,omitempty"`
 	Killed       bool              `json:"killed"`
 	Generation   uint64            `json:"generation"`
+	Evaluated    time.Time         `json:"evaluated,omitzero"`
+	NextEval     time.Time         `json:"next_evaluation,omitzero"`
 	Synced       bool              `json:"synced"` // the kernel holds the desired state
+	Refused      []string          `json:"refused_rules,omitempty"`
 	Warnings     []string          `json:"warnings,omitempty"`
 	Error        string            `json:"error,omitempty"`
 	Counts       map[string]uint64 `json:"counts,omitempty"`
 }
 
-// Stats count what the registry could not do at the first attempt.
+// Stats count what the registry could not do at the first attempt, and its evaluations.
 type Stats struct {
 	MapWriteFailures uint64 `json:"map_write_failures"` // attempts that failed
 	MapWriteRetries  uint64 `json:"map_write_retries"`  // attempts after a failure
-	CompileErrors    uint64 `json:"compile_errors"`
+	Evaluations      uint64 `json:"evaluations"`
+	EvalErrors       uint64 `json:"evaluation_errors"` // the agent was granted nothing
+	RefusedRules     uint64 `json:"refused_rules"`
+	Installs         uint64 `json:"installs"`
 }
 
 // Options configure a Registry.
 type Options struct {
 	Dataplane dataplane.Dataplane
-	Source    Source
+	Evaluator Evaluator
 	Compile   Compiler
 	// Parents are the agent parent cgroups (absolute); registered cgroups must be below one.
 	Parents []string
@@ -72,42 +121,11 @@ type Options struct {
 	LaunchParent string
 	// Cgroups creates, identifies and removes cgroups; nil means the real cgroup2 hierarchy.
 	Cgroups Cgroups
-	Logger  *slog.Logger
-}
-
-// Cgroups is what the registry needs of the cgroup hierarchy.
-type Cgroups interface {
-	ID(path string) (uint64, error)
-	// Mkdir creates one agent cgroup, nested at most dataplane.MaxAncestors deep below it;
-	// os.ErrExist when it exists.
-	Mkdir(path string) error
-	// Remove kills what runs in the cgroup and removes it.
-	Remove(path string) error
-	// DepthLimited reports whether cgroups below path can only nest as deep as the hooks look.
-	DepthLimited(path string) bool
-}
-
-type realCgroups struct{}
-
-func (realCgroups) ID(path string) (uint64, error) { return cgroups.ID(path) }
-func (realCgroups) Remove(path string) error       { return cgroups.Remove(path, 10*time.Second) }
-
-// Mkdir also limits nesting: a process more than MaxAncestors levels below its agent would not
-// be found by the hooks, so the agent could nest that deep to leave exec enforcement.
-func (realCgroups) Mkdir(path string) error {
-	if err := os.Mkdir(path, 0o755); err != nil {
-		return err
-	}
-	if err := cgroups.SetMaxDepth(path, dataplane.MaxAncestors); err != nil {
-		os.Remove(path)
-		return fmt.Errorf("limiting the depth of %s: %w", path, err)
-	}
-	return nil
-}
-
-func (realCgroups) DepthLimited(path string) bool {
-	n, ok, err := cgroups.MaxDepth(path)
-	return err == nil && ok && n <= dataplane.MaxAncestors
+	// Workers evaluate and install in parallel when every agent is evaluated (0: 4).
+	Workers int
+	// Now is the clock (tests); nil: time.Now.
+	Now    func() time.Time
+	Logger *slog.Logger
 }
 
 // Registry is the set of registered agents. It is safe for concurrent use.
@@ -121,8 +139,9 @@ type Registry struct {
 	// agent was unregistered are still attributed to it; slots are reused round-robin.
 	retired  map[dataplane.Slot]retiredAgent
 	nextSlot dataplane.Slot
+	closed   bool
 
-	failures, retries, compileErrors atomic.Uint64
+	failures, retries, evaluations, evalErrors, refusedRules, installs atomic.Uint64
 }
 
 type retiredAgent struct {
@@ -131,15 +150,21 @@ type retiredAgent struct {
 }
 
 type agent struct {
-	info     dataplane.Info
-	slot     dataplane.Slot
-	rs       *dataplane.RuleSet // last rule set compiled without error
-	flags    dataplane.AgentFlags
-	synced   bool // the kernel holds rs, flags, info and the binding
-	warnings []string
-	err      error   // last compile or kernel error
-	launcher *uint32 // not kept across restarts: then only admins end the agent
-	removing bool    // Unregister is under way: nothing may write this agent again
+	info      dataplane.Info
+	slot      dataplane.Slot
+	ctx       Context
+	rs        *dataplane.RuleSet // installed (or to install); nil until the first evaluation
+	grants    grants.Grants      // of the last evaluation, for compiling again without one
+	flags     dataplane.AgentFlags
+	synced    bool // the kernel holds rs, flags, info and the binding
+	evaluated time.Time
+	next      time.Time   // next evaluation the context calls for
+	timer     *time.Timer // fires at next
+	refused   []string
+	warnings  []string
+	err       error   // last evaluation or kernel error
+	launcher  *uint32 // not kept across restarts: then only admins end the agent
+	removing  bool    // Unregister is under way: nothing may write this agent again
 }
 
 // New returns an empty registry; call Adopt to take over what the kernel already holds.
@@ -150,12 +175,32 @@ func New(opts Options) *Registry {
 	if opts.Cgroups == nil {
 		opts.Cgroups = realCgroups{}
 	}
+	if opts.Workers == 0 {
+		opts.Workers = 4
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
 	return &Registry{opts: opts, log: opts.Logger, agents: map[dataplane.Slot]*agent{}, retired: map[dataplane.Slot]retiredAgent{}}
+}
+
+// Close stops the evaluation timers.
+func (r *Registry) Close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.closed = true
+	for _, a := range r.agents {
+		if a.timer != nil {
+			a.timer.Stop()
+		}
+	}
 }
 
 // Stats returns the registry's counters.
 func (r *Registry) Stats() Stats {
-	return Stats{MapWriteFailures: r.failures.Load(), MapWriteRetries: r.retries.Load(), CompileErrors: r.compileErrors.Load()}
+	return Stats{MapWriteFailures: r.failures.Load(), MapWriteRetries: r.retries.Load(),
+		Evaluations: r.evaluations.Load(), EvalErrors: r.evalErrors.Load(), RefusedRules: r.refusedRules.Load(),
+		Installs: r.installs.Load()}
 }
 
 // write runs one kernel write, retrying a few times with a short backoff, counting failures.
@@ -175,26 +220,6 @@ func (r *Registry) write(what string, f func() error) error {
 	return fmt.Errorf("%s: %w", what, err)
 }
 
-// compile compiles the current grants of id with the mode override applied.
-func (r *Registry) compile(id string, override *dataplane.Mode) (*dataplane.RuleSet, []string, error) {
-	g, ok := r.opts.Source.Grants(id)
-	if !ok {
-		g = grants.Grants{} // nothing granted: an empty rule set denies everything
-	}
-	if g.ValidUntil != nil && !g.ValidUntil.After(time.Now()) {
-		g = grants.Grants{Mode: g.Mode}
-	}
-	rs, warnings, err := r.opts.Compile(g)
-	if err != nil {
-		r.compileErrors.Add(1)
-		return nil, warnings, err
-	}
-	if override != nil {
-		rs.Mode = *override
-	}
-	return rs, warnings, nil
-}
-
 // Registration asks to make a cgroup an agent.
 type Registration struct {
 	SpiffeID string
@@ -206,6 +231,11 @@ type Registration struct {
 	Launcher *uint32
 	// LauncherPID is the process that asked for the launch (it starts the command).
 	LauncherPID int32
+	// Selectors say how the identity was attributed; Labels are given to the policy.
+	Selectors []string
+	Labels    map[string]string
+	// Task, when set, starts with the agent.
+	Task *TaskSpec
 }
 
 // Register binds a cgroup to an identity and installs its rule set before returning.
@@ -216,6 +246,12 @@ func (r *Registry) Register(req Registration) (Agent, error) {
 	}
 	if len(id) > dataplane.MaxIDLen {
 		return Agent{}, fmt.Errorf("SPIFFE ID longer than %d bytes", dataplane.MaxIDLen)
+	}
+	var task *Task
+	if req.Task != nil {
+		if task, err = r.newTask(*req.Task); err != nil {
+			return Agent{}, err
+		}
 	}
 	path := req.Cgroup
 	if req.Launch {
@@ -228,7 +264,8 @@ func (r *Registry) Register(req Registration) (Agent, error) {
 	} else if err := r.checkCgroup(path); err != nil {
 		return Agent{}, err
 	}
-	a, err := r.register(id, path, req.Launch, req.Launcher)
+	c := Context{SpiffeID: id, Selectors: append(slices.Clone(req.Selectors), "cgroup:"+path), Labels: maps.Clone(req.Labels), Task: task}
+	a, err := r.register(c, path, req.Launch, req.Launcher)
 	if err != nil && req.Launch {
 		r.opts.Cgroups.Remove(path)
 	}
@@ -280,15 +317,12 @@ func (r *Registry) underParent(path string) error {
 	return nil
 }
 
-func (r *Registry) register(id, path string, launched bool, launcher *uint32) (Agent, error) {
+func (r *Registry) register(c Context, path string, launched bool, launcher *uint32) (Agent, error) {
 	cgid, err := r.opts.Cgroups.ID(path)
 	if err != nil {
 		return Agent{}, err
 	}
-	rs, warnings, err := r.compile(id, nil)
-	if err != nil {
-		return Agent{}, fmt.Errorf("compiling the grants of %s: %w", id, err)
-	}
+	var warnings []string
 	if !r.opts.Cgroups.DepthLimited(path) {
 		warnings = append(warnings, fmt.Sprintf("cgroups below %s may nest deeper than the %d levels tether's hooks look up: "+
 			"processes that deep are denied network access but escape exec rules; set its cgroup.max.depth to %d",
@@ -308,23 +342,21 @@ func (r *Registry) register(id, path string, launched bool, launcher *uint32) (A
 	}
 	a := &agent{
 		slot:     slot,
-		rs:       rs,
+		ctx:      c,
 		flags:    dataplane.AgentActive,
-		warnings: warnings,
 		launcher: launcher,
-		info: dataplane.Info{SpiffeID: id, CgroupPath: path, CgroupID: cgid,
-			Registered: time.Now(), Launched: launched},
+		info: dataplane.Info{SpiffeID: c.SpiffeID, CgroupPath: path, CgroupID: cgid,
+			Registered: r.opts.Now(), Launched: launched},
 	}
-	rs.Generation = 1
-	a.info.Generation = 1
-	if err := r.apply(a); err != nil {
+	if err := r.evaluate(context.Background(), a); err != nil {
 		r.write("rolling back slot", func() error { return r.opts.Dataplane.Clear(slot) })
 		return Agent{}, err
 	}
+	a.warnings = append(warnings, a.warnings...)
 	r.agents[slot] = a
-	r.log.Info("agent registered", "slot", slot, "spiffe_id", id, "cgroup", path, "generation", rs.Generation)
-	for _, w := range warnings {
-		r.log.Warn("grants", "spiffe_id", id, "warning", w)
+	r.log.Info("agent registered", "slot", slot, "spiffe_id", c.SpiffeID, "cgroup", path, "generation", a.info.Generation)
+	for _, w := range a.warnings {
+		r.log.Warn("agent", "slot", slot, "spiffe_id", c.SpiffeID, "warning", w)
 	}
 	return r.view(a), nil
 }
@@ -358,7 +390,7 @@ func (r *Registry) apply(a *agent) error {
 	dp := r.opts.Dataplane
 	install := func() error {
 		if a.rs == nil {
-			return nil // adopted with grants that do not compile: the pinned rule set stays
+			return nil // adopted and not evaluated yet: the pinned rule set stays
 		}
 		return dp.Install(a.slot, a.rs)
 	}
@@ -373,6 +405,8 @@ func (r *Registry) apply(a *agent) error {
 	a.synced = err == nil
 	if err != nil {
 		a.err = err
+	} else {
+		r.installs.Add(1)
 	}
 	return err
 }
@@ -387,6 +421,9 @@ func (r *Registry) Unregister(slot dataplane.Slot) error {
 	}
 	if ok {
 		a.removing = true // from here no write brings the agent back into the kernel
+		if a.timer != nil {
+			a.timer.Stop()
+		}
 	}
 	r.mu.Unlock()
 	if !ok {
@@ -429,18 +466,6 @@ func (r *Registry) live(slot dataplane.Slot) (*agent, bool) {
 // ErrNotFound is returned for a slot no agent is in.
 var ErrNotFound = errors.New("no such agent")
 
-// SetMode overrides the mode the grants give (nil removes the override) and installs the result.
-func (r *Registry) SetMode(slot dataplane.Slot, mode *dataplane.Mode) (Agent, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	a, ok := r.live(slot)
-	if !ok {
-		return Agent{}, fmt.Errorf("%w: slot %d", ErrNotFound, slot)
-	}
-	a.info.ModeOverride = mode
-	return r.recompile(a)
-}
-
 // SetKilled sets or clears the agent's killed flag: while set, the kernel denies every connect,
 // sendmsg, socket and exec of the agent, whatever its rule set says.
 func (r *Registry) SetKilled(slot dataplane.Slot, killed bool) (Agent, error) {
@@ -464,63 +489,6 @@ func (r *Registry) SetKilled(slot dataplane.Slot, killed bool) (Agent, error) {
 	return r.view(a), nil
 }
 
-// recompile compiles the agent's grants again and installs them as the next generation. If they
-// do not compile, the installed rule set stays in force and the error is recorded.
-func (r *Registry) recompile(a *agent) (Agent, error) {
-	rs, warnings, err := r.compile(a.info.SpiffeID, a.info.ModeOverride)
-	if err != nil {
-		a.err = fmt.Errorf("grants do not compile, generation %d stays in force: %w", a.info.Generation, err)
-		r.log.Error("grants refused", "slot", a.slot, "spiffe_id", a.info.SpiffeID, "error", err)
-		return r.view(a), a.err
-	}
-	a.info.Generation++
-	rs.Generation = a.info.Generation
-	a.rs, a.warnings, a.err = rs, warnings, nil
-	if err := r.apply(a); err != nil {
-		return r.view(a), err
-	}
-	return r.view(a), nil
-}
-
-// Refresh compiles every agent's grants again (the source changed) and installs them.
-func (r *Registry) Refresh() error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var errs []error
-	for _, a := range r.agents {
-		if a.removing {
-			continue
-		}
-		if _, err := r.recompile(a); err != nil {
-			errs = append(errs, fmt.Errorf("agent %d (%s): %w", a.slot, a.info.SpiffeID, err))
-		}
-	}
-	return errors.Join(errs...)
-}
-
-// Recheck compiles every agent's grants again and installs the result where it differs from what
-// is installed: an executable replaced by a package upgrade (a new inode), a file that appeared
-// for a glob or a path that did not exist. Call it periodically.
-func (r *Registry) Recheck() {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for _, a := range r.agents {
-		if a.removing {
-			continue
-		}
-		rs, _, err := r.compile(a.info.SpiffeID, a.info.ModeOverride)
-		if err != nil || a.rs == nil {
-			continue // Refresh reports compile errors; the installed rule set stays
-		}
-		rs.Generation = a.rs.Generation
-		if reflect.DeepEqual(rs, a.rs) {
-			continue
-		}
-		r.log.Info("files named by the grants changed; compiling again", "slot", a.slot, "spiffe_id", a.info.SpiffeID)
-		r.recompile(a)
-	}
-}
-
 // Reconcile retries the kernel writes of agents that are not in sync. Call it periodically.
 func (r *Registry) Reconcile() {
 	r.mu.Lock()
@@ -536,8 +504,9 @@ func (r *Registry) Reconcile() {
 }
 
 // Adopt takes over the agents recorded in the kernel by an earlier tetherd: agents whose cgroup
-// is gone are cleared, the rest get their grants compiled and installed again, and bindings
-// that belong to no recorded agent are removed.
+// is gone, or is no longer below an agent parent, are cleared; the rest are evaluated again
+// (their tasks are not recorded in the kernel: they come back without one); bindings that belong
+// to no recorded agent are removed.
 func (r *Registry) Adopt() error {
 	dp := r.opts.Dataplane
 	infos, err := dp.Infos()
@@ -569,12 +538,11 @@ func (r *Registry) Adopt() error {
 			errs = append(errs, err)
 			continue
 		}
-		a := &agent{slot: slot, info: info, flags: flags | dataplane.AgentActive, synced: true}
+		a := &agent{slot: slot, info: info, flags: flags | dataplane.AgentActive, synced: true,
+			ctx: Context{SpiffeID: info.SpiffeID, Selectors: []string{"cgroup:" + info.CgroupPath}}}
 		r.agents[slot] = a
 		r.nextSlot = max(r.nextSlot, slot+1)
-		if _, err := r.recompile(a); err != nil {
-			// The kernel keeps the rule set the previous tetherd installed (a.rs stays nil:
-			// nothing to install until the grants compile).
+		if err := r.evaluate(context.Background(), a); err != nil {
 			errs = append(errs, err)
 		}
 		r.log.Info("adopted agent", "slot", slot, "spiffe_id", info.SpiffeID, "cgroup", info.CgroupPath, "generation", a.info.Generation)
@@ -614,6 +582,28 @@ func (r *Registry) Identity(slot dataplane.Slot) (id string, mode dataplane.Mode
 	return a.info.SpiffeID, mode, true
 }
 
+// ContextOf returns the context of the agent in slot.
+func (r *Registry) ContextOf(slot dataplane.Slot) (Context, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a, ok := r.agents[slot]
+	if !ok {
+		return Context{}, false
+	}
+	return a.context(), true
+}
+
+// Contexts returns the contexts of every agent (to check a new policy revision against).
+func (r *Registry) Contexts() []Context {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]Context, 0, len(r.agents))
+	for _, a := range r.agents {
+		out = append(out, a.context())
+	}
+	return out
+}
+
 // List returns every agent, by slot, with its decision counts.
 func (r *Registry) List() []Agent {
 	r.mu.Lock()
@@ -650,11 +640,26 @@ func (r *Registry) Launched() map[dataplane.Slot]string {
 	return out
 }
 
+// context is a copy of the agent's context that the evaluator may keep. Call with r.mu held.
+func (a *agent) context() Context {
+	c := a.ctx
+	c.Selectors = slices.Clone(c.Selectors)
+	c.Labels = maps.Clone(c.Labels)
+	if c.Task != nil {
+		t := *c.Task
+		t.Approvals = slices.Clone(t.Approvals)
+		c.Task = &t
+	}
+	return c
+}
+
 func (r *Registry) view(a *agent) Agent {
+	c := a.context()
 	v := Agent{
-		Slot: a.slot, SpiffeID: a.info.SpiffeID, Cgroup: a.info.CgroupPath, CgroupID: a.info.CgroupID,
-		Launched: a.info.Launched, Launcher: a.launcher, Registered: a.info.Registered, Killed: a.flags&dataplane.AgentKilled != 0,
-		Generation: a.info.Generation, Synced: a.synced, Warnings: a.warnings,
+		Slot: a.slot, SpiffeID: a.info.SpiffeID, Revoked: c.Revoked, Cgroup: a.info.CgroupPath, CgroupID: a.info.CgroupID,
+		Launched: a.info.Launched, Launcher: a.launcher, Registered: a.info.Registered, Selectors: c.Selectors,
+		Labels: c.Labels, Task: c.Task, Killed: a.flags&dataplane.AgentKilled != 0, Generation: a.info.Generation,
+		Evaluated: a.evaluated, NextEval: a.next, Synced: a.synced, Refused: a.refused, Warnings: a.warnings,
 	}
 	if a.rs != nil {
 		v.Mode = a.rs.Mode.String()

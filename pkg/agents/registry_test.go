@@ -1,7 +1,9 @@
 package agents
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"os"
 	"reflect"
 	"slices"
@@ -53,35 +55,88 @@ func (c *fakeCgroups) Remove(path string) error {
 	return nil
 }
 
-type source map[string]grants.Grants
+// fakeEval decides with f, or from the grants table by SPIFFE ID, and records what it saw.
+type fakeEval struct {
+	mu     sync.Mutex
+	grants map[string]grants.Grants
+	fail   map[string]error
+	seen   []Context
+}
 
-func (s source) Grants(id string) (grants.Grants, bool) {
-	g, ok := s[id]
-	return g, ok
+func (f *fakeEval) Grants(_ context.Context, c Context) (grants.Grants, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.seen = append(f.seen, c)
+	if err := f.fail[c.SpiffeID]; err != nil {
+		return grants.Grants{}, err
+	}
+	g := f.grants[c.SpiffeID]
+	if c.Task != nil {
+		// The task type decides the egress: what a policy would do.
+		g.Egress = append(slices.Clone(g.Egress), grants.Egress{CIDR: "192.0.2.0/24", Ports: []grants.PortRange{{Lo: 1, Hi: 1}}})
+		for _, ap := range c.Task.Approvals {
+			g.Egress = append(g.Egress, grants.Egress{CIDR: "198.51.100.0/24", Ports: []grants.PortRange{{Lo: 1, Hi: 1}}, Protocol: ap.Action})
+		}
+	}
+	return g, nil
+}
+
+func (f *fakeEval) set(id string, g grants.Grants) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.grants[id] = g
+}
+
+func (f *fakeEval) calls() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.seen)
+}
+
+func (f *fakeEval) last() Context {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.seen[len(f.seen)-1]
 }
 
 type env struct {
 	dp  *dataplanetest.Fake
 	cg  *fakeCgroups
-	src source
+	ev  *fakeEval
 	reg *Registry
 }
+
+var compiler = CompileOn(compile.Options{Files: compile.OS{}})
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
 	e := &env{
-		dp:  dataplanetest.New(),
-		cg:  &fakeCgroups{ids: map[string]uint64{"/cg/tether": 10, "/cg/tether/existing": 11, "/cg/other": 12}},
-		src: source{"spiffe://example.org/a": {Egress: []grants.Egress{{CIDR: "10.0.0.0/8"}}}},
+		dp: dataplanetest.New(),
+		cg: &fakeCgroups{ids: map[string]uint64{"/cg/tether": 10, "/cg/tether/existing": 11, "/cg/other": 12}},
+		ev: &fakeEval{grants: map[string]grants.Grants{"spiffe://example.org/a": {Egress: []grants.Egress{{CIDR: "10.0.0.0/8"}}}},
+			fail: map[string]error{}},
 	}
-	e.reg = New(Options{Dataplane: e.dp, Source: e.src, Compile: compile.RuleSet, Parents: []string{"/cg/tether"},
-		LaunchParent: "/cg/tether", Cgroups: e.cg})
+	e.reg = e.registry([]string{"/cg/tether"})
 	return e
+}
+
+func (e *env) registry(parents []string) *Registry {
+	r := New(Options{Dataplane: e.dp, Evaluator: e.ev, Compile: compiler, Parents: parents, LaunchParent: parents[0], Cgroups: e.cg})
+	return r
+}
+
+func (e *env) register(t *testing.T, id string) Agent {
+	t.Helper()
+	a, err := e.reg.Register(Registration{SpiffeID: id, Cgroup: "/cg/tether/existing"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
 }
 
 func TestRegisterOrder(t *testing.T) {
 	e := newEnv(t)
-	a, err := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Launch: true})
+	a, err := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Launch: true, Selectors: []string{"launch:uid:0"}, Labels: map[string]string{"team": "x"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,6 +150,10 @@ func TestRegisterOrder(t *testing.T) {
 	rs, _ := e.dp.RuleSet(a.Slot)
 	if len(rs.Egress) != 1 || rs.Generation != 1 {
 		t.Errorf("installed %+v", rs)
+	}
+	c := e.ev.last()
+	if c.SpiffeID != "spiffe://example.org/a" || c.Labels["team"] != "x" || !slices.Contains(c.Selectors, "launch:uid:0") || !slices.Contains(c.Selectors, "cgroup:"+a.Cgroup) {
+		t.Errorf("context the policy saw: %+v", c)
 	}
 }
 
@@ -111,6 +170,8 @@ func TestRegisterRefusals(t *testing.T) {
 		{"relative", Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "tether/existing"}, "absolute"},
 		{"missing cgroup", Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/nope"}, "not exist"},
 		{"launch with a cgroup", Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/existing", Launch: true}, "do not name one"},
+		{"bad task", Registration{SpiffeID: "spiffe://example.org/a", Launch: true, Task: &TaskSpec{Type: "a b", TTL: time.Hour}}, "task type"},
+		{"task without ttl", Registration{SpiffeID: "spiffe://example.org/a", Launch: true, Task: &TaskSpec{Type: "coding"}}, "ttl"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -123,10 +184,7 @@ func TestRegisterRefusals(t *testing.T) {
 	if len(e.dp.Calls) != 0 {
 		t.Errorf("refused registrations touched the kernel: %v", e.dp.Calls)
 	}
-
-	if _, err := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/existing"}); err != nil {
-		t.Fatal(err)
-	}
+	e.register(t, "spiffe://example.org/a")
 	if _, err := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/b", Cgroup: "/cg/tether/existing"}); err == nil || !strings.Contains(err.Error(), "already agent") {
 		t.Errorf("second registration of one cgroup: %v", err)
 	}
@@ -134,23 +192,44 @@ func TestRegisterRefusals(t *testing.T) {
 
 func TestUnknownIdentityIsDeniedEverything(t *testing.T) {
 	e := newEnv(t)
-	a, err := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/nobody", Cgroup: "/cg/tether/existing"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := e.register(t, "spiffe://example.org/nobody")
 	rs, _ := e.dp.RuleSet(a.Slot)
 	if len(rs.Egress)+len(rs.Exec)+len(rs.Unix) != 0 || rs.Mode != dataplane.ModeEnforce {
 		t.Errorf("an identity without grants got %+v", rs)
 	}
 }
 
+// TestPolicyErrorGrantsNothing: an evaluation that fails for an agent denies it everything
+// (deny by default), with the error on the agent.
+func TestPolicyErrorGrantsNothing(t *testing.T) {
+	e := newEnv(t)
+	a := e.register(t, "spiffe://example.org/a")
+	e.ev.fail["spiffe://example.org/a"] = errors.New("p.rego:7: eval_conflict_error")
+	if err := e.reg.Refresh(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	rs, _ := e.dp.RuleSet(a.Slot)
+	got, _ := e.reg.Get(a.Slot)
+	if len(rs.Egress) != 0 || rs.Generation != 2 || !strings.Contains(got.Error, "p.rego:7") || e.reg.Stats().EvalErrors != 1 {
+		t.Errorf("installed %+v, agent %+v", rs, got)
+	}
+}
+
+// TestRefusedRulesAreListed: rules that do not compile stay out, listed; the rest is installed.
+func TestRefusedRulesAreListed(t *testing.T) {
+	e := newEnv(t)
+	e.ev.set("spiffe://example.org/a", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8"}, {CIDR: "10.0.0.1/8"}}})
+	a := e.register(t, "spiffe://example.org/a")
+	rs, _ := e.dp.RuleSet(a.Slot)
+	if len(rs.Egress) != 1 || len(a.Refused) != 1 || !strings.Contains(a.Refused[0], "host bits") {
+		t.Errorf("installed %+v, refused %v", rs.Egress, a.Refused)
+	}
+}
+
 func TestWritesAreRetriedAndCounted(t *testing.T) {
 	e := newEnv(t)
 	e.dp.Fail("Install", 2)
-	a, err := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/existing"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := e.register(t, "spiffe://example.org/a")
 	if s := e.reg.Stats(); s.MapWriteFailures != 2 || s.MapWriteRetries != 2 {
 		t.Errorf("stats %+v: want 2 failures, 2 retries", s)
 	}
@@ -179,10 +258,7 @@ func TestFailedRegistrationRollsBack(t *testing.T) {
 
 func TestReconcileRetriesUntilSynced(t *testing.T) {
 	e := newEnv(t)
-	a, err := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/existing"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := e.register(t, "spiffe://example.org/a")
 	e.dp.Fail("Install", 100)
 	if _, err := e.reg.SetMode(a.Slot, ptr(dataplane.ModeAudit)); err == nil {
 		t.Fatal("SetMode succeeded while every install fails")
@@ -199,34 +275,24 @@ func TestReconcileRetriesUntilSynced(t *testing.T) {
 	}
 }
 
-func TestBrokenGrantsKeepLastGood(t *testing.T) {
+func TestUnchangedGrantsAreNotInstalledAgain(t *testing.T) {
 	e := newEnv(t)
-	a, err := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/existing"})
-	if err != nil {
+	a := e.register(t, "spiffe://example.org/a")
+	installs := e.reg.Stats().Installs
+	if err := e.reg.Refresh(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	e.src["spiffe://example.org/a"] = grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.1/8"}}}
-	if err := e.reg.Refresh(); err == nil {
-		t.Fatal("refresh with grants that do not compile succeeded")
-	}
 	rs, _ := e.dp.RuleSet(a.Slot)
-	got, _ := e.reg.Get(a.Slot)
-	if rs.Generation != 1 || len(rs.Egress) != 1 || got.Generation != 1 || !strings.Contains(got.Error, "stays in force") {
-		t.Errorf("installed %+v, agent %+v", rs, got)
-	}
-	if e.reg.Stats().CompileErrors != 1 {
-		t.Errorf("stats %+v", e.reg.Stats())
+	if e.reg.Stats().Installs != installs || rs.Generation != 1 {
+		t.Errorf("an evaluation that changed nothing installed generation %d", rs.Generation)
 	}
 }
 
 func TestExpiredGrantsDenyEverything(t *testing.T) {
 	e := newEnv(t)
 	past := time.Now().Add(-time.Minute)
-	e.src["spiffe://example.org/a"] = grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8"}}, ValidUntil: &past}
-	a, err := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/existing"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e.ev.set("spiffe://example.org/a", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8"}}, ValidUntil: &past})
+	a := e.register(t, "spiffe://example.org/a")
 	if rs, _ := e.dp.RuleSet(a.Slot); len(rs.Egress) != 0 {
 		t.Errorf("expired grants installed %+v", rs)
 	}
@@ -234,7 +300,7 @@ func TestExpiredGrantsDenyEverything(t *testing.T) {
 
 func TestKilledAndMode(t *testing.T) {
 	e := newEnv(t)
-	a, _ := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/existing"})
+	a := e.register(t, "spiffe://example.org/a")
 	if _, err := e.reg.SetKilled(a.Slot, true); err != nil {
 		t.Fatal(err)
 	}
@@ -255,7 +321,7 @@ func TestKilledAndMode(t *testing.T) {
 
 func TestAdopt(t *testing.T) {
 	e := newEnv(t)
-	live, _ := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/existing"})
+	live := e.register(t, "spiffe://example.org/a")
 	e.reg.SetKilled(live.Slot, true)
 	e.cg.ids["/cg/tether/gone"] = 50
 	gone, _ := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/gone"})
@@ -263,11 +329,12 @@ func TestAdopt(t *testing.T) {
 	e.dp.Bind(777, 3) // a binding nobody recorded
 
 	// A new daemon: same kernel, new registry.
-	reg := New(Options{Dataplane: e.dp, Source: e.src, Compile: compile.RuleSet, Parents: []string{"/cg/tether"}, LaunchParent: "/cg/tether", Cgroups: e.cg})
+	reg := e.registry([]string{"/cg/tether"})
 	if err := reg.Adopt(); err != nil {
 		t.Fatal(err)
 	}
 	list := reg.List()
+	// What the earlier tetherd installed is compiled again and installed as the next generation.
 	if len(list) != 1 || list[0].Slot != live.Slot || !list[0].Killed || list[0].Generation != 2 {
 		t.Fatalf("adopted %+v", list)
 	}
@@ -277,6 +344,19 @@ func TestAdopt(t *testing.T) {
 	bindings, _ := e.dp.Bindings()
 	if _, ok := bindings[777]; ok {
 		t.Error("orphan binding kept")
+	}
+}
+
+func TestAdoptDropsAgentsOutsideParents(t *testing.T) {
+	e := newEnv(t)
+	a := e.register(t, "spiffe://example.org/a")
+	reg := e.registry([]string{"/cg/other"})
+	reg.Adopt()
+	if len(reg.List()) != 0 {
+		t.Errorf("kept %+v", reg.List())
+	}
+	if _, ok := e.dp.RuleSet(a.Slot); ok {
+		t.Error("slot not cleared")
 	}
 }
 
@@ -297,8 +377,6 @@ func TestUnregisterRemovesLaunchedCgroup(t *testing.T) {
 	}
 }
 
-func ptr[T any](v T) *T { return &v }
-
 func TestSlotsAreReusedLast(t *testing.T) {
 	e := newEnv(t)
 	a, _ := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Launch: true})
@@ -309,34 +387,8 @@ func TestSlotsAreReusedLast(t *testing.T) {
 	if b.Slot == a.Slot {
 		t.Errorf("slot %d reused at once", a.Slot)
 	}
-	// Late events of the ended agent are still its own.
 	if id, _, ok := e.reg.Identity(a.Slot); !ok || id != "spiffe://example.org/a" {
 		t.Errorf("identity of the retired slot: %q %v", id, ok)
-	}
-}
-
-func TestRecheckFollowsReplacedFiles(t *testing.T) {
-	dir := t.TempDir()
-	bin := dir + "/tool"
-	os.WriteFile(bin, []byte("#!/bin/sh\n"), 0o755)
-	e := newEnv(t)
-	e.src["spiffe://example.org/a"] = grants.Grants{Exec: []grants.Exec{{Path: bin}}}
-	a, err := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/existing"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	before, _ := e.dp.RuleSet(a.Slot)
-	e.reg.Recheck()
-	if rs, _ := e.dp.RuleSet(a.Slot); rs.Generation != 1 {
-		t.Fatalf("recheck without changes installed generation %d", rs.Generation)
-	}
-	// A package upgrade: the new file replaces the old one under the same name.
-	os.WriteFile(bin+".new", []byte("#!/bin/sh\n"), 0o755)
-	os.Rename(bin+".new", bin)
-	e.reg.Recheck()
-	after, _ := e.dp.RuleSet(a.Slot)
-	if after.Generation != 2 || reflect.DeepEqual(after.Exec, before.Exec) {
-		t.Errorf("after the upgrade: %+v (before %+v)", after, before)
 	}
 }
 
@@ -344,10 +396,10 @@ func TestRecheckFollowsReplacedFiles(t *testing.T) {
 // it back into the kernel.
 func TestUnregisterRacingRefresh(t *testing.T) {
 	e := newEnv(t)
-	a, _ := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/existing"})
+	a := e.register(t, "spiffe://example.org/a")
 	done := make(chan struct{})
 	e.dp.BeforeClear = func() {
-		go func() { e.reg.Refresh(); e.reg.Reconcile(); e.reg.Recheck(); close(done) }()
+		go func() { e.reg.Refresh(context.Background()); e.reg.Reconcile(); close(done) }()
 		time.Sleep(20 * time.Millisecond)
 	}
 	if err := e.reg.Unregister(a.Slot); err != nil {
@@ -362,36 +414,144 @@ func TestUnregisterRacingRefresh(t *testing.T) {
 	}
 }
 
-// TestAdoptWithBrokenGrants: grants that no longer compile after a restart leave the pinned rule
-// set in force, and nothing later tries to install a missing one.
-func TestAdoptWithBrokenGrants(t *testing.T) {
+// Every change of context is evaluated: task start, renewal, end; approvals; identity.
+func TestTaskLifecycleReevaluates(t *testing.T) {
 	e := newEnv(t)
-	a, _ := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/existing"})
-	e.src["spiffe://example.org/a"] = grants.Grants{Egress: []grants.Egress{{FQDN: "example.com"}}}
-	reg := New(Options{Dataplane: e.dp, Source: e.src, Compile: compile.RuleSet, Parents: []string{"/cg/tether"}, LaunchParent: "/cg/tether", Cgroups: e.cg})
-	if err := reg.Adopt(); err == nil {
-		t.Fatal("adopting with grants that do not compile reported no error")
+	a := e.register(t, "spiffe://example.org/a")
+	egress := func() int { rs, _ := e.dp.RuleSet(a.Slot); return len(rs.Egress) }
+
+	got, err := e.reg.StartTask(a.Slot, TaskSpec{Type: "coding", Sensitivity: "internal", TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
 	}
-	reg.Reconcile()
-	reg.Recheck()
-	rs, _ := e.dp.RuleSet(a.Slot)
-	got, _ := reg.Get(a.Slot)
-	if rs.Generation != 1 || len(rs.Egress) != 1 || !got.Synced || got.Error == "" {
-		t.Errorf("installed %+v, agent %+v", rs, got)
+	if c := e.ev.last(); c.Task == nil || c.Task.Type != "coding" || c.Task.Sensitivity != "internal" || egress() != 2 || got.Generation != 2 {
+		t.Errorf("after start: context %+v, %d egress entries, generation %d", c.Task, egress(), got.Generation)
+	}
+	if _, err := e.reg.StartTask(a.Slot, TaskSpec{Type: "coding", TTL: time.Hour}); !errors.Is(err, ErrTask) {
+		t.Errorf("a second task: %v", err)
+	}
+	n := e.ev.calls()
+	if _, err := e.reg.RenewTask(a.Slot, 2*time.Hour); err != nil || e.ev.calls() != n+1 {
+		t.Errorf("renew: %v, %d evaluations", err, e.ev.calls()-n)
+	}
+	if !e.ev.last().Task.ExpiresAt.After(time.Now().Add(90 * time.Minute)) {
+		t.Error("renewal did not move the expiry")
+	}
+	if _, err := e.reg.AddApproval(a.Slot, "tcp", "production", "uid:0", time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if c := e.ev.last(); len(c.Task.Approvals) != 1 || c.Task.Approvals[0].ApprovedBy != "uid:0" || egress() != 3 {
+		t.Errorf("after approval: %+v, %d egress entries", c.Task, egress())
+	}
+	if _, err := e.reg.EndTask(a.Slot); err != nil {
+		t.Fatal(err)
+	}
+	if c := e.ev.last(); c.Task != nil || egress() != 1 {
+		t.Errorf("after end: %+v, %d egress entries", c.Task, egress())
+	}
+	if _, err := e.reg.EndTask(a.Slot); !errors.Is(err, ErrTask) {
+		t.Errorf("ending no task: %v", err)
+	}
+	if _, err := e.reg.SetIdentity(a.Slot, "spiffe://example.org/b"); err != nil || e.ev.last().SpiffeID != "spiffe://example.org/b" {
+		t.Errorf("rotation: %v %+v", err, e.ev.last())
+	}
+	if _, err := e.reg.Revoke(a.Slot); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := e.reg.Get(a.Slot); egress() != 0 || !got.Revoked || !strings.Contains(got.Error, "revoked") {
+		t.Errorf("after revoke: %d egress entries, %+v", egress(), got)
 	}
 }
 
-// TestAdoptDropsAgentsOutsideParents: an agent whose parent is no longer configured is not
-// hooked any more, so it is not kept.
-func TestAdoptDropsAgentsOutsideParents(t *testing.T) {
+// TestScheduledEvaluations: valid_until, approval expiry and task expiry each bring an
+// evaluation at that moment, without polling.
+func TestScheduledEvaluations(t *testing.T) {
 	e := newEnv(t)
-	a, _ := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/existing"})
-	reg := New(Options{Dataplane: e.dp, Source: e.src, Compile: compile.RuleSet, Parents: []string{"/cg/other"}, LaunchParent: "/cg/other", Cgroups: e.cg})
-	reg.Adopt()
-	if len(reg.List()) != 0 {
-		t.Errorf("kept %+v", reg.List())
+	until := time.Now().Add(300 * time.Millisecond)
+	e.ev.set("spiffe://example.org/w", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8"}}, ValidUntil: &until})
+	w := e.register(t, "spiffe://example.org/w")
+	if rs, _ := e.dp.RuleSet(w.Slot); len(rs.Egress) != 1 {
+		t.Fatal("window grants not installed")
 	}
-	if _, ok := e.dp.RuleSet(a.Slot); ok {
-		t.Error("slot not cleared")
+	waitFor(t, "valid_until", func() bool { rs, _ := e.dp.RuleSet(w.Slot); return len(rs.Egress) == 0 })
+
+	e.cg.ids["/cg/tether/t"] = 60
+	tk, err := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: "/cg/tether/t",
+		Task: &TaskSpec{Type: "coding", TTL: 600 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.reg.AddApproval(tk.Slot, "udp", "x", "uid:0", 300*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	entries := func() int { rs, _ := e.dp.RuleSet(tk.Slot); return len(rs.Egress) }
+	if entries() != 3 {
+		t.Fatalf("task with approval: %d entries", entries())
+	}
+	waitFor(t, "approval expiry", func() bool { return entries() == 2 })
+	waitFor(t, "task expiry", func() bool { return entries() == 1 })
+	if got, _ := e.reg.Get(tk.Slot); got.Task != nil {
+		t.Errorf("expired task still there: %+v", got.Task)
 	}
 }
+
+func TestRefreshManyAgents(t *testing.T) {
+	e := newEnv(t)
+	for i := range 200 {
+		path := fmt.Sprintf("/cg/tether/a%d", i)
+		e.cg.ids[path] = uint64(5000 + i)
+		if _, err := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/a", Cgroup: path}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.ev.set("spiffe://example.org/a", grants.Grants{Egress: []grants.Egress{{CIDR: "10.1.0.0/16"}}})
+	if err := e.reg.Refresh(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range e.reg.List() {
+		rs, _ := e.dp.RuleSet(a.Slot)
+		if len(rs.Egress) != 1 || rs.Egress[0].Prefix.String() != "::ffff:10.1.0.0/112" || a.Generation != 2 {
+			t.Fatalf("agent %d: %+v", a.Slot, rs)
+		}
+	}
+}
+
+func TestRecheckFollowsReplacedFiles(t *testing.T) {
+	dir := t.TempDir()
+	bin := dir + "/tool"
+	os.WriteFile(bin, []byte("#!/bin/sh\n"), 0o755)
+	e := newEnv(t)
+	e.ev.set("spiffe://example.org/a", grants.Grants{Exec: []grants.Exec{{Path: bin}}})
+	a := e.register(t, "spiffe://example.org/a")
+	before, _ := e.dp.RuleSet(a.Slot)
+	calls := e.ev.calls()
+	e.reg.Recompile(context.Background())
+	if rs, _ := e.dp.RuleSet(a.Slot); rs.Generation != 1 {
+		t.Fatalf("recompiling without changes installed generation %d", rs.Generation)
+	}
+	// A package upgrade: the new file replaces the old one under the same name.
+	os.WriteFile(bin+".new", []byte("#!/bin/sh\n"), 0o755)
+	os.Rename(bin+".new", bin)
+	e.reg.Recompile(context.Background())
+	if e.ev.calls() != calls {
+		t.Error("recompiling evaluated the policy")
+	}
+	after, _ := e.dp.RuleSet(a.Slot)
+	if after.Generation != 2 || reflect.DeepEqual(after.Exec, before.Exec) {
+		t.Errorf("after the upgrade: %+v (before %+v)", after, before)
+	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		if cond() {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
+
+func ptr[T any](v T) *T { return &v }

@@ -6,6 +6,8 @@
 package api
 
 import (
+	"context"
+	"encoding/json"
 	"time"
 
 	"github.com/tether-sh/tether/pkg/agents"
@@ -21,6 +23,46 @@ type RegisterRequest struct {
 	// Launch asks tetherd to create a fresh cgroup under the launch parent; `tetherctl run`
 	// then starts the command directly inside it.
 	Launch bool `json:"launch,omitempty"`
+	// Labels are given to the policy (input.agent.labels).
+	Labels map[string]string `json:"labels,omitempty"`
+	// Task starts with the agent.
+	Task *TaskRequest `json:"task,omitempty"`
+}
+
+// TaskRequest starts a task.
+type TaskRequest struct {
+	ID          string `json:"id,omitempty"`
+	Type        string `json:"type"`
+	Sensitivity string `json:"sensitivity,omitempty"`
+	TTL         string `json:"ttl"` // "1h"
+}
+
+// RenewRequest renews a task for ttl from now.
+type RenewRequest struct {
+	TTL string `json:"ttl"`
+}
+
+// ApprovalRequest records an approved step-up on an agent's task.
+type ApprovalRequest struct {
+	Action   string `json:"action"`
+	Resource string `json:"resource"`
+	TTL      string `json:"ttl"`
+}
+
+// PolicyEvalRequest evaluates one decision of the policy in force.
+type PolicyEvalRequest struct {
+	Query string          `json:"query"` // grants, allow, stepup or respond
+	Input json.RawMessage `json:"input"`
+}
+
+// PolicyStatus is the policy revision in force and what was refused.
+type PolicyStatus struct {
+	Revision  string    `json:"revision"`
+	Source    string    `json:"source"`
+	Loaded    time.Time `json:"loaded"`
+	Refused   uint64    `json:"refused_revisions"`
+	LastError string    `json:"last_error,omitempty"`
+	LastAt    time.Time `json:"last_error_at,omitzero"`
 }
 
 // ModeRequest sets an agent's mode: "enforce", "audit", or null to follow its grants again.
@@ -58,6 +100,7 @@ type Status struct {
 	Kernel       dataplane.Counters `json:"kernel_counters"`
 	Registry     agents.Stats       `json:"registry"`
 	Events       events.Stats       `json:"events"`
+	Policy       PolicyStatus       `json:"policy"`
 	Warnings     []string           `json:"warnings,omitempty"`
 }
 
@@ -75,4 +118,10 @@ type Service interface {
 	Unregister(slot dataplane.Slot) error
 	SetMode(slot dataplane.Slot, mode *dataplane.Mode) (agents.Agent, error)
 	SetKilled(slot dataplane.Slot, killed bool) (agents.Agent, error)
+	StartTask(slot dataplane.Slot, t agents.TaskSpec) (agents.Agent, error)
+	RenewTask(slot dataplane.Slot, ttl time.Duration) (agents.Agent, error)
+	EndTask(slot dataplane.Slot) (agents.Agent, error)
+	AddApproval(slot dataplane.Slot, action, resource, approvedBy string, ttl time.Duration) (agents.Agent, error)
+	ReloadPolicy(ctx context.Context, why string) (PolicyStatus, error)
+	EvalPolicy(ctx context.Context, query string, input json.RawMessage) (any, error)
 }

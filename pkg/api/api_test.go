@@ -2,7 +2,9 @@ package api
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -11,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/dataplane"
@@ -58,6 +61,36 @@ func (f *fakeService) SetMode(s dataplane.Slot, m *dataplane.Mode) (agents.Agent
 func (f *fakeService) SetKilled(s dataplane.Slot, k bool) (agents.Agent, error) {
 	f.record("killed")
 	return f.agents[s], nil
+}
+func (f *fakeService) StartTask(s dataplane.Slot, t agents.TaskSpec) (agents.Agent, error) {
+	f.record("task " + t.Type + " " + t.TTL.String())
+	if t.Type == "busy" {
+		return f.agents[s], fmt.Errorf("%w: already has one", agents.ErrTask)
+	}
+	return f.agents[s], nil
+}
+func (f *fakeService) RenewTask(s dataplane.Slot, ttl time.Duration) (agents.Agent, error) {
+	f.record("renew " + ttl.String())
+	return f.agents[s], nil
+}
+func (f *fakeService) EndTask(s dataplane.Slot) (agents.Agent, error) {
+	f.record("end")
+	return f.agents[s], nil
+}
+func (f *fakeService) AddApproval(s dataplane.Slot, action, resource, by string, ttl time.Duration) (agents.Agent, error) {
+	f.record("approve " + action + " " + resource + " " + by + " " + ttl.String())
+	return f.agents[s], nil
+}
+func (f *fakeService) ReloadPolicy(ctx context.Context, why string) (PolicyStatus, error) {
+	f.record("reload")
+	return PolicyStatus{Revision: "r2"}, nil
+}
+func (f *fakeService) EvalPolicy(ctx context.Context, query string, input json.RawMessage) (any, error) {
+	f.record("eval " + query)
+	if query == "bad" {
+		return nil, errors.New("query \"bad\": want grants, allow, stepup or respond")
+	}
+	return map[string]any{"query": query}, nil
 }
 
 var testPolicy = &Policy{
@@ -126,6 +159,19 @@ func TestAuthorization(t *testing.T) {
 		{"killed needs a value", admin, "PUT", "/v1/agents/1/killed", `{}`, 400, "required"},
 		{"killed by admin", admin, "PUT", "/v1/agents/1/killed", `{"killed":true}`, 200, ""},
 		{"killed by nobody", nobody, "PUT", "/v1/agents/1/killed", `{"killed":true}`, 403, ""},
+		{"launcher starts a task", launcher, "POST", "/v1/agents/1/task", `{"type":"coding","ttl":"1h"}`, 200, ""},
+		{"but not on another agent", launcher, "POST", "/v1/agents/2/task", `{"type":"coding","ttl":"1h"}`, 403, ""},
+		{"task ttl syntax", root, "POST", "/v1/agents/1/task", `{"type":"coding","ttl":"soon"}`, 400, "ttl"},
+		{"second task", root, "POST", "/v1/agents/1/task", `{"type":"busy","ttl":"1h"}`, 409, "already"},
+		{"renew", launcher, "PUT", "/v1/agents/1/task", `{"ttl":"30m"}`, 200, ""},
+		{"end", admin, "DELETE", "/v1/agents/2/task", "", 200, ""},
+		{"approval by admin", admin, "POST", "/v1/agents/1/task/approvals", `{"action":"connect","resource":"production","ttl":"15m"}`, 200, ""},
+		{"approval by the launcher refused", launcher, "POST", "/v1/agents/1/task/approvals", `{"action":"connect","resource":"production","ttl":"15m"}`, 403, "not an admin"},
+		{"policy reload by admin", admin, "POST", "/v1/policy/reload", "", 200, `"revision":"r2"`},
+		{"policy reload by nobody", nobody, "POST", "/v1/policy/reload", "", 403, ""},
+		{"policy eval", root, "POST", "/v1/policy/eval", `{"query":"grants","input":{"agent":{}}}`, 200, `"query":"grants"`},
+		{"policy eval error", root, "POST", "/v1/policy/eval", `{"query":"bad","input":{}}`, 422, "want grants"},
+		{"register with a task", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"task":{"type":"coding","ttl":"x"}}`, 400, "task ttl"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

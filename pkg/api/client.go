@@ -102,3 +102,39 @@ func (c *Client) SetKilled(slot dataplane.Slot, killed bool) (agents.Agent, erro
 	var a agents.Agent
 	return a, c.do(http.MethodPut, fmt.Sprintf("/v1/agents/%d/killed", slot), KilledRequest{Killed: &killed}, &a)
 }
+
+// StartTask starts a task on the agent.
+func (c *Client) StartTask(slot dataplane.Slot, t TaskRequest) (agents.Agent, error) {
+	var a agents.Agent
+	return a, c.do(http.MethodPost, fmt.Sprintf("/v1/agents/%d/task", slot), t, &a)
+}
+
+// RenewTask renews the agent's task for ttl from now.
+func (c *Client) RenewTask(slot dataplane.Slot, ttl string) (agents.Agent, error) {
+	var a agents.Agent
+	return a, c.do(http.MethodPut, fmt.Sprintf("/v1/agents/%d/task", slot), RenewRequest{TTL: ttl}, &a)
+}
+
+// EndTask ends the agent's task.
+func (c *Client) EndTask(slot dataplane.Slot) (agents.Agent, error) {
+	var a agents.Agent
+	return a, c.do(http.MethodDelete, fmt.Sprintf("/v1/agents/%d/task", slot), nil, &a)
+}
+
+// AddApproval records an approved step-up on the agent's task.
+func (c *Client) AddApproval(slot dataplane.Slot, req ApprovalRequest) (agents.Agent, error) {
+	var a agents.Agent
+	return a, c.do(http.MethodPost, fmt.Sprintf("/v1/agents/%d/task/approvals", slot), req, &a)
+}
+
+// ReloadPolicy has tetherd read its policy again.
+func (c *Client) ReloadPolicy() (PolicyStatus, error) {
+	var st PolicyStatus
+	return st, c.do(http.MethodPost, "/v1/policy/reload", struct{}{}, &st)
+}
+
+// EvalPolicy evaluates query for input with the policy in force.
+func (c *Client) EvalPolicy(query string, input json.RawMessage) (json.RawMessage, error) {
+	var out json.RawMessage
+	return out, c.do(http.MethodPost, "/v1/policy/eval", PolicyEvalRequest{Query: query, Input: input}, &out)
+}

@@ -95,6 +95,12 @@ func NewServer(svc Service, policy func() *Policy, log *slog.Logger) *Server {
 	mux.HandleFunc("DELETE /v1/agents/{slot}", s.unregister)
 	mux.HandleFunc("PUT /v1/agents/{slot}/mode", s.setMode)
 	mux.HandleFunc("PUT /v1/agents/{slot}/killed", s.setKilled)
+	mux.HandleFunc("POST /v1/agents/{slot}/task", s.startTask)
+	mux.HandleFunc("PUT /v1/agents/{slot}/task", s.renewTask)
+	mux.HandleFunc("DELETE /v1/agents/{slot}/task", s.endTask)
+	mux.HandleFunc("POST /v1/agents/{slot}/task/approvals", s.addApproval)
+	mux.HandleFunc("POST /v1/policy/reload", s.reloadPolicy)
+	mux.HandleFunc("POST /v1/policy/eval", s.evalPolicy)
 	s.srv = &http.Server{
 		Handler:           s.guard(mux),
 		ReadHeaderTimeout: 10 * time.Second,
@@ -299,7 +305,20 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	c := caller(r)
-	reg := agents.Registration{SpiffeID: req.SpiffeID, Cgroup: req.Cgroup, Launch: req.Launch}
+	reg := agents.Registration{SpiffeID: req.SpiffeID, Cgroup: req.Cgroup, Launch: req.Launch, Labels: req.Labels}
+	if req.Task != nil {
+		spec, err := taskSpec(*req.Task)
+		if err != nil {
+			refuse(w, http.StatusBadRequest, err)
+			return
+		}
+		reg.Task = &spec
+	}
+	if req.Launch {
+		reg.Selectors = []string{fmt.Sprintf("launch:uid:%d", c.UID)}
+	} else {
+		reg.Selectors = []string{fmt.Sprintf("admin:uid:%d", c.UID)}
+	}
 	switch {
 	case req.SpiffeID == "":
 		refuse(w, http.StatusBadRequest, errors.New("spiffe_id is required"))
@@ -388,12 +407,131 @@ func (s *Server) result(w http.ResponseWriter, f func() (agents.Agent, error)) {
 	switch {
 	case errors.Is(err, agents.ErrNotFound):
 		refuse(w, http.StatusNotFound, err)
+	case errors.Is(err, agents.ErrTask):
+		refuse(w, http.StatusConflict, err)
+	case errors.Is(err, agents.ErrInvalid):
+		refuse(w, http.StatusBadRequest, err)
 	case err != nil:
 		refuse(w, http.StatusInternalServerError, err)
 	default:
 		reply(w, http.StatusOK, a)
 	}
 }
+
+// adminOrLauncher lets admins and the uid that launched the agent through.
+func (s *Server) adminOrLauncher(w http.ResponseWriter, r *http.Request) (agents.Agent, bool) {
+	a, ok := s.agentAt(w, r)
+	if !ok {
+		return a, false
+	}
+	c := caller(r)
+	if a.Launcher != nil && *a.Launcher == c.UID {
+		return a, true
+	}
+	return a, s.admin(w, r)
+}
+
+func taskSpec(t TaskRequest) (agents.TaskSpec, error) {
+	ttl, err := time.ParseDuration(t.TTL)
+	if err != nil {
+		return agents.TaskSpec{}, fmt.Errorf("task ttl %q: %w", t.TTL, err)
+	}
+	return agents.TaskSpec{ID: t.ID, Type: t.Type, Sensitivity: t.Sensitivity, TTL: ttl}, nil
+}
+
+func (s *Server) startTask(w http.ResponseWriter, r *http.Request) {
+	a, ok := s.adminOrLauncher(w, r)
+	if !ok {
+		return
+	}
+	var req TaskRequest
+	if err := decode(r, &req); err != nil {
+		refuse(w, http.StatusBadRequest, err)
+		return
+	}
+	spec, err := taskSpec(req)
+	if err != nil {
+		refuse(w, http.StatusBadRequest, err)
+		return
+	}
+	s.result(w, func() (agents.Agent, error) { return s.svc.StartTask(a.Slot, spec) })
+}
+
+func (s *Server) renewTask(w http.ResponseWriter, r *http.Request) {
+	a, ok := s.adminOrLauncher(w, r)
+	if !ok {
+		return
+	}
+	var req RenewRequest
+	if err := decode(r, &req); err != nil {
+		refuse(w, http.StatusBadRequest, err)
+		return
+	}
+	ttl, err := time.ParseDuration(req.TTL)
+	if err != nil {
+		refuse(w, http.StatusBadRequest, fmt.Errorf("ttl %q: %w", req.TTL, err))
+		return
+	}
+	s.result(w, func() (agents.Agent, error) { return s.svc.RenewTask(a.Slot, ttl) })
+}
+
+func (s *Server) endTask(w http.ResponseWriter, r *http.Request) {
+	a, ok := s.adminOrLauncher(w, r)
+	if !ok {
+		return
+	}
+	s.result(w, func() (agents.Agent, error) { return s.svc.EndTask(a.Slot) })
+}
+
+func (s *Server) addApproval(w http.ResponseWriter, r *http.Request) {
+	a, ok := s.agentAt(w, r)
+	if !ok || !s.admin(w, r) {
+		return
+	}
+	var req ApprovalRequest
+	if err := decode(r, &req); err != nil {
+		refuse(w, http.StatusBadRequest, err)
+		return
+	}
+	ttl, err := time.ParseDuration(req.TTL)
+	if err != nil {
+		refuse(w, http.StatusBadRequest, fmt.Errorf("ttl %q: %w", req.TTL, err))
+		return
+	}
+	by := fmt.Sprintf("uid:%d", caller(r).UID)
+	s.log.Info("API approval", "slot", a.Slot, "action", req.Action, "resource", req.Resource, "by", by)
+	s.result(w, func() (agents.Agent, error) { return s.svc.AddApproval(a.Slot, req.Action, req.Resource, by, ttl) })
+}
+
+func (s *Server) reloadPolicy(w http.ResponseWriter, r *http.Request) {
+	if !s.admin(w, r) {
+		return
+	}
+	st, err := s.svc.ReloadPolicy(r.Context(), fmt.Sprintf("tetherctl policy reload (uid %d)", caller(r).UID))
+	if err != nil {
+		refuse(w, http.StatusUnprocessableEntity, err)
+		return
+	}
+	reply(w, http.StatusOK, st)
+}
+
+func (s *Server) evalPolicy(w http.ResponseWriter, r *http.Request) {
+	if !s.admin(w, r) {
+		return
+	}
+	var req PolicyEvalRequest
+	if err := decode(r, &req); err != nil {
+		refuse(w, http.StatusBadRequest, err)
+		return
+	}
+	res, err := s.svc.EvalPolicy(r.Context(), req.Query, req.Input)
+	if err != nil {
+		refuse(w, http.StatusUnprocessableEntity, err)
+		return
+	}
+	reply(w, http.StatusOK, res)
+}
+
 
 func pathSlot(w http.ResponseWriter, r *http.Request) (dataplane.Slot, bool) {
 	n, err := strconv.ParseUint(r.PathValue("slot"), 10, 32)

@@ -1,6 +1,6 @@
 // Package config reads tetherd's YAML configuration: where agents live (cgroups), how the kernel
-// side is set up, who may use the control API and launch which identities, what each identity
-// is granted (until policy takes over), and where decisions are logged. Every error names the
+// side is set up, who may use the control API and launch which identities, where the policy comes
+// from and what it knows of the environment, and where decisions are logged. Every error names the
 // file and line of the setting that is wrong.
 package config
 
@@ -8,17 +8,18 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/goccy/go-yaml"
 	"github.com/goccy/go-yaml/ast"
 	"github.com/goccy/go-yaml/parser"
 
-	"github.com/tether-sh/tether/pkg/compile"
-	"github.com/tether-sh/tether/pkg/grants"
 	"github.com/tether-sh/tether/pkg/identity"
 )
 
@@ -27,15 +28,53 @@ import (
 //go:embed default.yaml
 var DefaultYAML []byte
 
-// Config is tetherd's configuration.
+// Config is tetherd's configuration. What each identity may do is the policy's to say (see
+// Policy); the configuration says where the policy comes from.
 type Config struct {
-	Cgroup      Cgroup                   `json:"cgroup"`
-	BPF         BPF                      `json:"bpf"`
-	API         API                      `json:"api"`
-	Launch      []LaunchRule             `json:"launch"`
-	Grants      map[string]grants.Grants `json:"grants"`
-	DecisionLog DecisionLog              `json:"decision_log"`
-	Log         Log                      `json:"log"`
+	Cgroup      Cgroup       `json:"cgroup"`
+	BPF         BPF          `json:"bpf"`
+	API         API          `json:"api"`
+	Launch      []LaunchRule `json:"launch"`
+	Policy      Policy       `json:"policy"`
+	Env         Env          `json:"env"`
+	DNS         DNS          `json:"dns"`
+	DecisionLog DecisionLog  `json:"decision_log"`
+	Log         Log          `json:"log"`
+}
+
+// Policy says where the Rego policy (package tether) comes from: a directory, watched for
+// changes, or an OPA bundle service; neither means the shipped policies, embedded in tetherd.
+type Policy struct {
+	Dir    string        `json:"dir"`
+	Bundle *PolicyBundle `json:"bundle"`
+	// Timezone is the zone of input.time (weekday, hour); an IANA name.
+	Timezone string `json:"timezone"`
+}
+
+// PolicyBundle is an OPA bundle service (the standard bundle protocol).
+type PolicyBundle struct {
+	Service  string        `json:"service"`   // base URL
+	Resource string        `json:"resource"`  // path of the bundle below it
+	MinDelay time.Duration `json:"min_delay"` // "10s"
+	MaxDelay time.Duration `json:"max_delay"`
+	// Signature verification: bundles must be signed with this key.
+	PublicKeyFile string `json:"public_key_file"`
+	KeyID         string `json:"key_id"`
+	Algorithm     string `json:"algorithm"`
+	Scope         string `json:"scope"`
+}
+
+// Env is what the policy knows of where agents run (input.env).
+type Env struct {
+	Node        string            `json:"node"` // empty: the host name
+	Cluster     string            `json:"cluster"`
+	Environment string            `json:"environment"`
+	Labels      map[string]string `json:"labels"`
+}
+
+// DNS resolves the fqdn rules of grants.
+type DNS struct {
+	Server string `json:"server"` // host:port; empty: the first nameserver of /etc/resolv.conf
 }
 
 // Cgroup says where agents live.
@@ -111,6 +150,7 @@ func Defaults() Config {
 			UnknownCgroup:   "deny",
 		},
 		API:         API{Socket: "/run/tether/tether.sock", AdminUIDs: []uint32{0}},
+		Policy:      Policy{Timezone: "UTC"},
 		DecisionLog: DecisionLog{Path: "-"},
 		Log:         Log{Level: "info", Format: "text"},
 	}
@@ -232,25 +272,37 @@ func (l *Loaded) check() []fieldError {
 			}
 		}
 	}
-	ids := make([]string, 0, len(c.Grants))
-	for id := range c.Grants {
-		ids = append(ids, id)
+	if c.Policy.Dir != "" && c.Policy.Bundle != nil {
+		bad("$.policy", "policy", "give a dir or a bundle, not both")
 	}
-	slices.Sort(ids)
-	for _, id := range ids {
-		where := fmt.Sprintf("$.grants.'%s'", strings.ReplaceAll(id, "'", `\'`))
-		field := fmt.Sprintf("grants[%s]", id)
-		if _, err := identity.Parse(id); err != nil {
-			bad(where, field, "%v", err)
-			continue
+	if c.Policy.Dir != "" && !filepath.IsAbs(c.Policy.Dir) {
+		bad("$.policy.dir", "policy.dir", "%q: must be an absolute path", c.Policy.Dir)
+	}
+	if b := c.Policy.Bundle; b != nil {
+		if u, err := url.Parse(b.Service); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			bad("$.policy.bundle.service", "policy.bundle.service", "%q: want an http or https URL", b.Service)
 		}
-		res, err := compile.Compile(c.Grants[id], compile.OS{})
-		if err != nil {
-			bad(where, field, "%s", strings.ReplaceAll(err.Error(), "\n", "; "))
-			continue
+		if b.Resource == "" {
+			bad("$.policy.bundle.resource", "policy.bundle.resource", "the bundle's path is required")
 		}
-		for _, w := range res.Warnings {
-			l.Warnings = append(l.Warnings, fmt.Sprintf("%s: %s", field, w))
+		if b.MaxDelay < b.MinDelay {
+			bad("$.policy.bundle.max_delay", "policy.bundle.max_delay", "shorter than min_delay")
+		}
+		if b.PublicKeyFile != "" {
+			if _, err := os.ReadFile(b.PublicKeyFile); err != nil {
+				bad("$.policy.bundle.public_key_file", "policy.bundle.public_key_file", "%v", err)
+			}
+			if b.KeyID == "" {
+				bad("$.policy.bundle.key_id", "policy.bundle.key_id", "a key id is required with a public key")
+			}
+		}
+	}
+	if _, err := time.LoadLocation(c.Policy.Timezone); err != nil {
+		bad("$.policy.timezone", "policy.timezone", "%q: %v", c.Policy.Timezone, err)
+	}
+	if c.DNS.Server != "" {
+		if _, _, err := net.SplitHostPort(c.DNS.Server); err != nil {
+			bad("$.dns.server", "dns.server", "%q: want host:port", c.DNS.Server)
 		}
 	}
 	switch c.Log.Level {

@@ -3,6 +3,7 @@ package config
 import (
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestEmbeddedDefaults(t *testing.T) {
@@ -13,8 +14,8 @@ func TestEmbeddedDefaults(t *testing.T) {
 	if l.BPF.PinDir != "/sys/fs/bpf/tether" || l.API.Socket != "/run/tether/tether.sock" || l.Cgroup.AgentParents[0] != "tether" {
 		t.Errorf("defaults: %+v", l.Config)
 	}
-	if _, ok := l.Grants["spiffe://tether.local/demo/agent"]; !ok {
-		t.Error("the demo identity has no grants")
+	if l.Policy.Dir != "" || l.Policy.Bundle != nil || l.Policy.Timezone != "UTC" {
+		t.Errorf("policy %+v: want the shipped policies", l.Policy)
 	}
 }
 
@@ -33,9 +34,15 @@ func TestParseErrors(t *testing.T) {
 		{"long socket", "api:\n  socket: /" + strings.Repeat("s", 120) + "\n", "longer than a unix socket path"},
 		{"launch rule", "launch:\n  - ids: [spiffe://x/*]\n", "needs ids and uids or gids"},
 		{"launch pattern", "launch:\n  - ids: [agent]\n    uids: [1000]\n", "want a SPIFFE ID pattern"},
-		{"bad SPIFFE ID", "grants:\n  not-an-id:\n    mode: audit\n", "cfg.yaml:3: grants[not-an-id]"},
-		{"grants that do not compile, with line", "log:\n  level: info\ngrants:\n  spiffe://x.org/a:\n    egress:\n      - cidr: 10.0.0.1/8\n", "cfg.yaml:5: grants[spiffe://x.org/a]: egress[0]: cidr \"10.0.0.1/8\" has host bits set"},
-		{"port syntax", "grants:\n  spiffe://x.org/a:\n    egress:\n      - cidr: 10.0.0.0/8\n        ports: [\"9-1\"]\n", "start is above end"},
+		{"grants moved to policy", "grants:\n  spiffe://x.org/a:\n    mode: audit\n", `unknown field "grants"`},
+		{"policy dir and bundle", "policy:\n  dir: /etc/p\n  bundle:\n    service: http://x\n    resource: /b\n", "cfg.yaml:2: policy: give a dir or a bundle"},
+		{"relative policy dir", "policy:\n  dir: p\n", "policy.dir"},
+		{"bundle URL", "policy:\n  bundle:\n    service: ftp://x\n    resource: /b\n", "cfg.yaml:3: policy.bundle.service"},
+		{"bundle delay", "policy:\n  bundle:\n    service: http://x\n    resource: /b\n    min_delay: 1m\n    max_delay: 10s\n", "shorter than min_delay"},
+		{"bundle delay syntax", "policy:\n  bundle:\n    service: http://x\n    resource: /b\n    min_delay: soon\n", `invalid duration "soon"`},
+		{"bundle key file", "policy:\n  bundle:\n    service: http://x\n    resource: /b\n    public_key_file: /nonexistent\n    key_id: k\n", "public_key_file"},
+		{"timezone", "policy:\n  timezone: Mars/Olympus\n", "policy.timezone"},
+		{"dns server", "dns:\n  server: 127.0.0.1\n", "dns.server"},
 		{"log level", "log:\n  level: loud\n", "log.level"},
 		{"all errors at once", "log:\n  level: loud\n  format: xml\n", "log.format"},
 	}
@@ -49,14 +56,14 @@ func TestParseErrors(t *testing.T) {
 	}
 }
 
-func TestParsePorts(t *testing.T) {
-	l, err := Parse("cfg.yaml", []byte("grants:\n  spiffe://x.org/a:\n    egress:\n      - cidr: 10.0.0.0/8\n        ports: [443, \"8000-8100\"]\n"))
+func TestParsePolicyBundle(t *testing.T) {
+	l, err := Parse("cfg.yaml", []byte("policy:\n  bundle:\n    service: http://127.0.0.1:8181\n    resource: /bundles/tether.tar.gz\n    min_delay: 10s\n    max_delay: 1m\nenv:\n  environment: production\n  labels: {region: eu}\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := l.Grants["spiffe://x.org/a"].Egress[0].Ports
-	if len(got) != 2 || got[0].Lo != 443 || got[0].Hi != 443 || got[1].Lo != 8000 || got[1].Hi != 8100 {
-		t.Errorf("ports %v", got)
+	b := l.Policy.Bundle
+	if b.Service != "http://127.0.0.1:8181" || b.MinDelay != 10*time.Second || b.MaxDelay != time.Minute || l.Env.Environment != "production" || l.Env.Labels["region"] != "eu" {
+		t.Errorf("%+v %+v", b, l.Env)
 	}
 }
 

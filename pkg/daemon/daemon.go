@@ -7,6 +7,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -23,8 +24,8 @@ import (
 	"github.com/tether-sh/tether/pkg/config"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
-	"github.com/tether-sh/tether/pkg/grants"
 	"github.com/tether-sh/tether/pkg/kernel"
+	"github.com/tether-sh/tether/pkg/policy"
 )
 
 // Daemon is a running tetherd.
@@ -34,15 +35,17 @@ type Daemon struct {
 	started time.Time
 
 	cfg     atomic.Pointer[config.Loaded]
-	policy  atomic.Pointer[api.Policy]
+	access  atomic.Pointer[api.Policy]
 	root    string   // cgroup2 mount
 	parents []string // absolute agent parents
 	launch  string   // absolute launch parent
 
-	kern     *kernel.Kernel
-	registry *agents.Registry
-	pump     *events.Pump
-	reaper   *reaper
+	kern        *kernel.Kernel
+	registry    *agents.Registry
+	pol         *policyState
+	compileOpts compile.Options
+	pump        *events.Pump
+	reaper      *reaper
 }
 
 // Options are what Run needs besides the configuration.
@@ -97,18 +100,26 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		d.log.Info("detached programs from cgroups no longer configured", "cgroup_ids", gone)
 	}
 
+	d.compileOpts = compile.Options{Files: compile.OS{}, Resolver: dnsResolver(cfg, d.log)}
 	d.registry = agents.New(agents.Options{
 		Dataplane:    k,
-		Source:       d,
-		Compile:      compile.RuleSet,
+		Evaluator:    d,
+		Compile:      agents.CompileOn(d.compileOpts),
 		Parents:      d.parents,
 		LaunchParent: d.launch,
 		Logger:       d.log,
 	})
+	defer d.registry.Close()
+	if err := d.startPolicy(ctx, cfg); err != nil {
+		return err
+	}
+	if d.pol.stop != nil {
+		defer d.pol.stop()
+	}
 	if err := d.registry.Adopt(); err != nil {
 		d.log.Error("adopting pinned agents", "error", err)
 	}
-	d.setPolicy(cfg)
+	d.setAccess(cfg)
 
 	sink, closeSink, err := decisionSink(cfg.DecisionLog.Path)
 	if err != nil {
@@ -124,6 +135,7 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		sinks = append(sinks, sink)
 	}
 	d.pump = events.NewPump(reader, d.registry, 8192, d.log, sinks...)
+	d.pump.Annotate = d.respond
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -139,7 +151,7 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 	if err != nil {
 		return err
 	}
-	srv := api.NewServer(d, func() *api.Policy { return d.policy.Load() }, d.log)
+	srv := api.NewServer(d, func() *api.Policy { return d.access.Load() }, d.log)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(l) }()
 	defer func() {
@@ -168,7 +180,7 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 			d.registry.Reconcile()
 			d.reaper.sweep(d.registry, d.log)
 		case <-recheck.C:
-			d.registry.Recheck()
+			d.registry.Recompile(ctx)
 		}
 	}
 }
@@ -209,18 +221,31 @@ func (d *Daemon) logFeatures() {
 	d.log.Info("exec enforcement", "mode", f.ExecMode, "reason", f.ExecReason)
 }
 
-func (d *Daemon) setPolicy(cfg *config.Loaded) {
+// dnsResolver resolves the fqdn rules of grants: the configured server, else the system's.
+func dnsResolver(cfg *config.Loaded, log *slog.Logger) compile.Resolver {
+	server := cfg.DNS.Server
+	if server == "" {
+		var err error
+		if server, err = compile.SystemDNS(); err != nil {
+			log.Warn("no DNS server: fqdn rules will be refused", "error", err)
+			return nil
+		}
+	}
+	return compile.NewDNS(server)
+}
+
+func (d *Daemon) setAccess(cfg *config.Loaded) {
 	p := &api.Policy{AdminUIDs: cfg.API.AdminUIDs, AdminGIDs: cfg.API.AdminGIDs, Confined: d.confined}
 	for _, r := range cfg.Launch {
 		p.Launch = append(p.Launch, api.LaunchRule{IDs: r.IDs, UIDs: r.UIDs, GIDs: r.GIDs})
 	}
-	d.policy.Store(p)
+	d.access.Store(p)
 }
 
-// Reload takes a new configuration: grants, launch rules and admins apply at once (agents are
-// compiled again; grants that do not compile leave the agent's rule set in force). Settings that
-// need the kernel side reloaded are reported and wait for a restart.
-func (d *Daemon) Reload(cfg *config.Loaded) error {
+// Reload takes a new configuration: launch rules, admins, the environment and the policy
+// apply at once (agents are evaluated again; a policy that is refused leaves the revision in
+// force). Settings that need the kernel side reloaded are reported and wait for a restart.
+func (d *Daemon) Reload(ctx context.Context, cfg *config.Loaded) error {
 	old := d.cfg.Load()
 	var restart []string
 	if old.BPF != cfg.BPF {
@@ -235,23 +260,35 @@ func (d *Daemon) Reload(cfg *config.Loaded) error {
 	if old.DecisionLog != cfg.DecisionLog {
 		restart = append(restart, "decision_log")
 	}
+	if (old.Policy.Bundle == nil) != (cfg.Policy.Bundle == nil) || fmt.Sprint(old.Policy.Bundle) != fmt.Sprint(cfg.Policy.Bundle) || old.DNS != cfg.DNS {
+		restart = append(restart, "policy.bundle", "dns")
+	}
 	if len(restart) > 0 {
 		d.log.Warn("configuration changes that take effect at the next restart", "settings", strings.Join(restart, ", "))
 	}
-	for _, w := range cfg.Warnings {
-		d.log.Warn("configuration", "warning", w)
-	}
 	d.cfg.Store(cfg)
-	d.setPolicy(cfg)
-	err := d.registry.Refresh()
+	d.setAccess(cfg)
+	envChanged := fmt.Sprint(old.Env) != fmt.Sprint(cfg.Env) || old.Policy.Timezone != cfg.Policy.Timezone
+	if envChanged {
+		d.pol.reloadMu.Lock()
+		d.pol.env = policy.Env{Node: cfg.Env.Node, Cluster: cfg.Env.Cluster, Environment: cfg.Env.Environment, Labels: cfg.Env.Labels}
+		if d.pol.env.Node == "" {
+			d.pol.env.Node, _ = os.Hostname()
+		}
+		d.pol.loc, _ = time.LoadLocation(cfg.Policy.Timezone)
+		d.pol.reloadMu.Unlock()
+	}
+	var errs []error
+	if cfg.Policy.Bundle == nil {
+		if _, err := d.ReloadPolicy(ctx, "configuration reloaded"); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if envChanged {
+		errs = append(errs, d.registry.Refresh(ctx))
+	}
 	d.log.Info("configuration reloaded", "source", cfg.Source, "agents", len(d.registry.List()))
-	return err
-}
-
-// Grants gives the configured grants of an identity.
-func (d *Daemon) Grants(id string) (grants.Grants, bool) {
-	g, ok := d.cfg.Load().Grants[id]
-	return g, ok
+	return errors.Join(errs...)
 }
 
 // confined reports whether pid lives below an agent parent.
@@ -292,7 +329,7 @@ func (d *Daemon) Status() api.Status {
 		Version: d.version, Started: d.started, ConfigSource: cfg.Source,
 		PinDir: d.kern.PinDir(), Cgroup2: d.root, AgentParents: d.parents, LaunchParent: d.launch,
 		ExecMode: string(f.ExecMode), ExecReason: f.ExecReason, ActiveLSMs: f.ActiveLSMs,
-		Agents: len(d.registry.List()), Registry: d.registry.Stats(), Events: d.pump.Stats(),
+		Agents: len(d.registry.List()), Registry: d.registry.Stats(), Events: d.pump.Stats(), Policy: d.policyStatus(),
 		Warnings: cfg.Warnings,
 	}
 	for _, h := range f.Hooks {
@@ -324,4 +361,18 @@ func (d *Daemon) SetMode(slot dataplane.Slot, mode *dataplane.Mode) (agents.Agen
 
 func (d *Daemon) SetKilled(slot dataplane.Slot, killed bool) (agents.Agent, error) {
 	return d.registry.SetKilled(slot, killed)
+}
+
+func (d *Daemon) StartTask(slot dataplane.Slot, t agents.TaskSpec) (agents.Agent, error) {
+	return d.registry.StartTask(slot, t)
+}
+
+func (d *Daemon) RenewTask(slot dataplane.Slot, ttl time.Duration) (agents.Agent, error) {
+	return d.registry.RenewTask(slot, ttl)
+}
+
+func (d *Daemon) EndTask(slot dataplane.Slot) (agents.Agent, error) { return d.registry.EndTask(slot) }
+
+func (d *Daemon) AddApproval(slot dataplane.Slot, action, resource, by string, ttl time.Duration) (agents.Agent, error) {
+	return d.registry.AddApproval(slot, action, resource, by, ttl)
 }

@@ -47,6 +47,8 @@ type Decision struct {
 	Reason         string    `json:"reason"`
 	Mode           string    `json:"mode,omitempty"`
 	RuleGeneration uint64    `json:"rule_generation"`
+	// Response is what the respond policy said of a denied or audited decision.
+	Response string `json:"response,omitempty"`
 }
 
 // Parent is one process of the chain that led to the decision, nearest first.
@@ -139,6 +141,10 @@ type Stats struct {
 
 // Pump moves events from a source to sinks through a bounded queue.
 type Pump struct {
+	// Annotate, if set, completes each record before the sinks get it (off the ring buffer's
+	// reader, so it may take its time: the queue absorbs it, or drops and counts).
+	Annotate func(*Decision)
+
 	src   Source
 	attr  Attributor
 	sinks []Sink
@@ -167,6 +173,9 @@ func (p *Pump) Run(closed error) error {
 		defer wg.Done()
 		for e := range p.queue {
 			d := Build(e, p.attr)
+			if p.Annotate != nil {
+				p.Annotate(&d)
+			}
 			for _, s := range p.sinks {
 				if err := s.Write(d); err != nil {
 					if p.sinkErrors.Add(1) == 1 {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -192,8 +193,8 @@ func (e *env) setTether(n int) error {
 		}
 	}
 	start := time.Now()
-	res, err := compile.Compile(e.grantsFor(n), compile.OS{})
-	if err != nil {
+	res := compile.Compile(context.Background(), e.grantsFor(n), compile.Options{Files: compile.OS{}})
+	if err := res.Err(); err != nil {
 		return err
 	}
 	e.lastCompile = time.Since(start)

@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -25,15 +26,11 @@ func tcpPort(t *testing.T, h *privtest.Host) (uint16, *counter) {
 	return ap.Port(), accept(l)
 }
 
-func grantsFor(self string, h *privtest.Host, okPort uint16) string {
-	return fmt.Sprintf(`  %s:
-    egress:
-      - cidr: %s/32
-        ports: [%d]
-        protocol: tcp
-    exec:
-      - path: %s
-`, agentID, h.V4, okPort, self)
+func grantsFor(self string, h *privtest.Host, okPort uint16) profile {
+	return profile{
+		"egress": []any{map[string]any{"cidr": h.V4.String() + "/32", "ports": []int{int(okPort)}, "protocol": "tcp"}},
+		"exec":   []string{self},
+	}
 }
 
 // scene is a tetherd whose agent identity may reach one of two listeners on a test host.
@@ -211,10 +208,32 @@ func TestPrivilegedReloadModeAndKill(t *testing.T) {
 	if a := d.agents()[0]; a.Generation != 1 {
 		t.Errorf("generation after a refused reload: %d", a.Generation)
 	}
-	// A good one is compiled and installed as generation 2.
-	d.writeConfig(grantsFor(self, h, okPort))
-	d.cmd.Process.Signal(syscall.SIGHUP)
+	d.writeConfig()
+	// A policy that does not compile is refused, with the file and line, and changes nothing.
+	os.WriteFile(filepath.Join(d.policy, "tether", "broken.rego"), []byte("package tether\n\nx := nosuch(1)\n"), 0o644)
+	waitFor(t, "the policy refusal", func() bool {
+		return strings.Contains(d.stderr.String(), "broken.rego:3") && strings.Contains(d.stderr.String(), "policy revision refused")
+	})
+	if a := d.agents()[0]; a.Generation != 1 {
+		t.Errorf("generation after a refused policy: %d", a.Generation)
+	}
+	if !strings.Contains(d.ctl("status"), "1 revisions refused") {
+		t.Error("status does not count the refused revision")
+	}
+	os.Remove(filepath.Join(d.policy, "tether", "broken.rego"))
+	// A changed policy (the file watch sees it) is evaluated for the agent: generation 2.
+	p := grantsFor(self, h, okPort)
+	p["egress"] = append(p["egress"].([]any), map[string]any{"cidr": "192.0.2.0/24", "ports": []int{443}, "protocol": "tcp"})
+	d.writePolicy(p)
 	waitFor(t, "generation 2", func() bool { return d.agents()[0].Generation == 2 })
+	// SIGHUP and tetherctl policy reload read it again; unchanged, nothing is installed.
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	if out := d.ctl("policy", "reload"); !strings.Contains(out, "in force") {
+		t.Errorf("policy reload: %q", out)
+	}
+	if a := d.agents()[0]; a.Generation != 2 {
+		t.Errorf("an unchanged policy installed generation %d", a.Generation)
+	}
 
 	d.ctl("mode", slot, "audit")
 	if a := d.agents()[0]; a.Mode != "audit" || a.ModeOverride != "audit" || a.Generation != 3 {
@@ -247,7 +266,7 @@ func TestPrivilegedReloadModeAndKill(t *testing.T) {
 // and removes it.
 func TestPrivilegedReaper(t *testing.T) {
 	self, _ := os.Executable()
-	d := newTetherd(t, fmt.Sprintf("  %s:\n    exec:\n      - path: %s\n", agentID, self))
+	d := newTetherd(t, profile{"exec": []string{self}})
 	d.start()
 	sleeper := d.agentRun(agentID, "sleep")
 	stdin, _ := sleeper.StdinPipe()
@@ -292,7 +311,7 @@ func TestPrivilegedRunDropsPrivileges(t *testing.T) {
 	privtest.Gate(t)
 	// The agent runs a copy of the test binary that the unprivileged user can execute.
 	agentBin := privtest.SelfCopy(t)
-	d := newTetherd(t, fmt.Sprintf("  %s:\n    exec:\n      - path: %s\n", agentID, agentBin))
+	d := newTetherd(t, profile{"exec": []string{agentBin}})
 	d.self = agentBin
 	d.start()
 

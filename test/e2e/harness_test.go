@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"os/exec"
@@ -21,6 +22,7 @@ import (
 	"github.com/tether-sh/tether/internal/privtest"
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/events"
+	"github.com/tether-sh/tether/policies"
 )
 
 func TestMain(m *testing.M) { privtest.Main(m) }
@@ -65,6 +67,7 @@ type tetherd struct {
 	parent    string // the agent parent cgroup
 	pin       string
 	self      string // the test binary, which agents run as helpers
+	policy    string // the policy directory
 
 	cmd    *exec.Cmd
 	stderr *lockedBuffer
@@ -87,8 +90,13 @@ func (l *lockedBuffer) String() string {
 	return l.b.String()
 }
 
-// newTetherd prepares (does not start) a tetherd with grants (YAML, indented under "grants:").
-func newTetherd(t *testing.T, grantsYAML string) *tetherd {
+// profile is what the test's policy gives the agent identity (a task type profile of the
+// shipped policies: exec, egress, unix).
+type profile map[string]any
+
+// newTetherd prepares (does not start) a tetherd whose policy is the shipped Rego with data that
+// give agentID the profile p.
+func newTetherd(t *testing.T, p profile) *tetherd {
 	t.Helper()
 	privtest.Gate(t)
 	bin := binaries(t)
@@ -104,13 +112,46 @@ func newTetherd(t *testing.T, grantsYAML string) *tetherd {
 	d := &tetherd{
 		t: t, bin: bin, dir: dir, config: filepath.Join(dir, "tetherd.yaml"), socket: filepath.Join(dir, "t.sock"),
 		decisions: filepath.Join(dir, "decisions.jsonl"), parent: privtest.Cgroup(t), pin: privtest.PinDir(t), self: self,
+		policy: filepath.Join(dir, "policy"),
 	}
-	d.writeConfig(grantsYAML)
+	// The shipped Rego, with the test's data.
+	rego, _ := fs.Glob(policies.FS, "tether/*.rego")
+	os.MkdirAll(filepath.Join(d.policy, "tether"), 0o755)
+	for _, name := range rego {
+		if strings.HasSuffix(name, "_test.rego") {
+			continue
+		}
+		b, _ := policies.FS.ReadFile(name)
+		if err := os.WriteFile(filepath.Join(d.policy, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d.writePolicy(p)
+	d.writeConfig()
 	t.Cleanup(d.stop)
 	return d
 }
 
-func (d *tetherd) writeConfig(grantsYAML string) {
+// writePolicy gives agentID the profile p (task type "e2e", also its type without a task).
+func (d *tetherd) writePolicy(p profile) {
+	d.t.Helper()
+	for k, v := range map[string]any{"exec": []string{}, "egress": []any{}, "unix": []any{}, "high_risk": []string{}} {
+		if _, ok := p[k]; !ok {
+			p[k] = v
+		}
+	}
+	data := map[string]any{"tether_settings": map[string]any{
+		"networks": map[string]any{}, "internal_networks": []string{}, "git_binary": "/usr/bin/git", "tools": map[string]any{},
+		"profiles":   map[string]any{"e2e": p},
+		"identities": map[string]any{agentID: map[string]any{"task_type": "e2e"}},
+	}}
+	b, _ := json.MarshalIndent(data, "", "  ")
+	if err := os.WriteFile(filepath.Join(d.policy, "data.json"), b, 0o644); err != nil {
+		d.t.Fatal(err)
+	}
+}
+
+func (d *tetherd) writeConfig() {
 	d.t.Helper()
 	cfg := fmt.Sprintf(`cgroup:
   agent_parents: [%s]
@@ -120,12 +161,13 @@ bpf:
   allow_sample: 1
 api:
   socket: %s
+policy:
+  dir: %s
 decision_log:
   path: %s
 log:
   level: debug
-grants:
-%s`, d.parent, d.parent, d.pin, d.socket, d.decisions, grantsYAML)
+`, d.parent, d.parent, d.pin, d.socket, d.policy, d.decisions)
 	if err := os.WriteFile(d.config, []byte(cfg), 0o600); err != nil {
 		d.t.Fatal(err)
 	}

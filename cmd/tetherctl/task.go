@@ -1,0 +1,82 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/api"
+)
+
+func newTask(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "task", Short: "Start, renew and end an agent's task, and approve a step-up for it"}
+	var req api.TaskRequest
+	start := &cobra.Command{
+		Use:   "start SLOT|SPIFFE_ID --type TYPE [--sensitivity S] [--ttl D]",
+		Short: "Start a task: the policy decides the agent's grants for it",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return forEach(cmd, g, args[0], func(c *api.Client, a agents.Agent) (agents.Agent, error) {
+				return c.StartTask(a.Slot, req)
+			})
+		},
+	}
+	start.Flags().StringVar(&req.Type, "type", "", "task type (coding, incident-response, customer-operations, ...)")
+	start.Flags().StringVar(&req.Sensitivity, "sensitivity", "", "data sensitivity (public, internal, confidential, restricted)")
+	start.Flags().StringVar(&req.TTL, "ttl", "1h", "the task ends unless renewed within this")
+	start.Flags().StringVar(&req.ID, "id", "", "task id (default: made up)")
+	start.MarkFlagRequired("type")
+
+	var ttl string
+	renew := &cobra.Command{
+		Use:   "renew SLOT|SPIFFE_ID [--ttl D]",
+		Short: "Renew the agent's task for another ttl",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return forEach(cmd, g, args[0], func(c *api.Client, a agents.Agent) (agents.Agent, error) {
+				return c.RenewTask(a.Slot, ttl)
+			})
+		},
+	}
+	renew.Flags().StringVar(&ttl, "ttl", "1h", "the new remaining lifetime")
+
+	end := &cobra.Command{
+		Use:   "end SLOT|SPIFFE_ID",
+		Short: "End the agent's task: its grants are evaluated without it",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return forEach(cmd, g, args[0], func(c *api.Client, a agents.Agent) (agents.Agent, error) {
+				return c.EndTask(a.Slot)
+			})
+		},
+	}
+
+	var ap api.ApprovalRequest
+	approve := &cobra.Command{
+		Use:   "approve SLOT|SPIFFE_ID --action A --resource R [--ttl D]",
+		Short: "Record an approved step-up on the agent's task (admins)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return forEach(cmd, g, args[0], func(c *api.Client, a agents.Agent) (agents.Agent, error) {
+				return c.AddApproval(a.Slot, ap)
+			})
+		},
+	}
+	approve.Flags().StringVar(&ap.Action, "action", "", "what is approved (connect, read-secret, ...)")
+	approve.Flags().StringVar(&ap.Resource, "resource", "", "on what (a network name, a secret, ...)")
+	approve.Flags().StringVar(&ap.TTL, "ttl", "15m", "how long the approval holds (never past the task)")
+	approve.MarkFlagRequired("action")
+	approve.MarkFlagRequired("resource")
+
+	cmd.AddCommand(start, renew, end, approve)
+	return cmd
+}
+
+func taskLine(a agents.Agent) string {
+	if a.Task == nil {
+		return "no task"
+	}
+	return fmt.Sprintf("task %s (%s, %s) until %s, %d approvals", a.Task.ID, a.Task.Type, a.Task.Sensitivity,
+		a.Task.ExpiresAt.Format("15:04:05"), len(a.Task.Approvals))
+}

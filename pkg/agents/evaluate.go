@@ -1,0 +1,243 @@
+package agents
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"reflect"
+	"sync"
+	"time"
+
+	"github.com/tether-sh/tether/pkg/compile"
+	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/grants"
+)
+
+// evaluate has the policy decide a's grants for its current context, compiles them and installs
+// the result as the next generation when it differs from what is installed, then schedules the
+// next evaluation the context calls for. Call with r.mu held.
+//
+// An evaluation that fails (the policy errs for this context) grants nothing: deny by default,
+// and the error is kept on the agent. Rules that do not compile are left out and listed.
+func (r *Registry) evaluate(ctx context.Context, a *agent) error {
+	rs, c, err := r.decide(ctx, a)
+	return r.install(a, rs, c, err)
+}
+
+// decide is the part of evaluate that needs no lock on the kernel: policy and compiler.
+func (r *Registry) decide(ctx context.Context, a *agent) (*dataplane.RuleSet, Compiled, error) {
+	now := r.opts.Now()
+	r.expire(a, now)
+	r.evaluations.Add(1)
+	var g grants.Grants
+	var err error
+	if a.ctx.Revoked {
+		err = errors.New("the identity was revoked: nothing is granted")
+	} else if g, err = r.opts.Evaluator.Grants(ctx, a.context()); err != nil {
+		r.evalErrors.Add(1)
+		err = fmt.Errorf("evaluating the policy failed, so nothing is granted: %w", err)
+		g = grants.Grants{}
+	}
+	if g.ValidUntil != nil && !g.ValidUntil.After(now) {
+		g = grants.Grants{Mode: g.Mode}
+	}
+	a.grants = g
+	c := r.opts.Compile(ctx, g)
+	if a.info.ModeOverride != nil {
+		c.RuleSet.Mode = *a.info.ModeOverride
+	}
+	a.next = nextEvaluation(a, g, c)
+	return c.RuleSet, c, err
+}
+
+// install puts a decided rule set in force. Call with r.mu held.
+func (r *Registry) install(a *agent, rs *dataplane.RuleSet, c Compiled, evalErr error) error {
+	a.evaluated = r.opts.Now()
+	a.refused, a.warnings, a.err = c.Refused, c.Warnings, evalErr
+	r.refusedRules.Add(uint64(len(c.Refused)))
+	if evalErr != nil {
+		r.log.Error("agent granted nothing", "slot", a.slot, "spiffe_id", a.info.SpiffeID, "error", evalErr)
+	}
+	for _, f := range c.Refused {
+		r.log.Warn("rule refused", "slot", a.slot, "spiffe_id", a.info.SpiffeID, "rule", f)
+	}
+	r.schedule(a)
+	if a.rs != nil && a.synced {
+		same := *rs
+		same.Generation = a.rs.Generation
+		if reflect.DeepEqual(&same, a.rs) {
+			return nil // nothing changed for the kernel
+		}
+	}
+	a.info.Generation++
+	rs.Generation = a.info.Generation
+	a.rs = rs
+	if err := r.apply(a); err != nil {
+		return errors.Join(evalErr, err)
+	}
+	return nil
+}
+
+// nextEvaluation is the earliest moment the context or the grants call for: valid_until, the
+// expiry of DNS answers, of the task, of an approval.
+func nextEvaluation(a *agent, g grants.Grants, c Compiled) time.Time {
+	var next time.Time
+	consider := func(t time.Time) {
+		if !t.IsZero() && (next.IsZero() || t.Before(next)) {
+			next = t
+		}
+	}
+	if g.ValidUntil != nil {
+		consider(*g.ValidUntil)
+	}
+	consider(c.RefreshAt)
+	if t := a.ctx.Task; t != nil {
+		consider(t.ExpiresAt)
+		for _, ap := range t.Approvals {
+			consider(ap.ExpiresAt)
+		}
+	}
+	return next
+}
+
+// expire drops an expired task and expired approvals from the context. Call with r.mu held.
+func (r *Registry) expire(a *agent, now time.Time) {
+	t := a.ctx.Task
+	if t == nil {
+		return
+	}
+	if !t.ExpiresAt.After(now) {
+		r.log.Info("task expired", "slot", a.slot, "spiffe_id", a.info.SpiffeID, "task", t.ID)
+		a.ctx.Task = nil
+		return
+	}
+	kept := t.Approvals[:0:0]
+	for _, ap := range t.Approvals {
+		if ap.ExpiresAt.After(now) {
+			kept = append(kept, ap)
+		} else {
+			r.log.Info("approval expired", "slot", a.slot, "task", t.ID, "approval", ap.ID)
+		}
+	}
+	t.Approvals = kept
+}
+
+// schedule arms a's timer for its next evaluation. Call with r.mu held.
+func (r *Registry) schedule(a *agent) {
+	if a.timer != nil {
+		a.timer.Stop()
+		a.timer = nil
+	}
+	if a.next.IsZero() || r.closed {
+		return
+	}
+	slot, at := a.slot, a.next
+	a.timer = time.AfterFunc(max(time.Until(at), 0), func() {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		cur, ok := r.live(slot)
+		if !ok || cur != a || !cur.next.Equal(at) || r.closed {
+			return // removed, or rescheduled meanwhile
+		}
+		if err := r.evaluate(context.Background(), cur); err != nil {
+			r.log.Warn("scheduled evaluation", "slot", slot, "error", err)
+		}
+	})
+}
+
+// Refresh evaluates every agent again (the policy or what it reads changed) and installs what
+// changed, several agents at a time.
+func (r *Registry) Refresh(ctx context.Context) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var list []*agent
+	for _, a := range r.agents {
+		if !a.removing {
+			list = append(list, a)
+		}
+	}
+	// Each worker owns its agents; r.mu keeps everything else out meanwhile.
+	errs := make([]error, len(list))
+	work := make(chan int)
+	var wg sync.WaitGroup
+	for range min(r.opts.Workers, max(len(list), 1)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range work {
+				a := list[i]
+				rs, c, err := r.decide(ctx, a)
+				if ierr := r.install(a, rs, c, err); ierr != nil {
+					errs[i] = fmt.Errorf("agent %d (%s): %w", a.slot, a.info.SpiffeID, ierr)
+				}
+			}
+		}()
+	}
+	for i := range list {
+		work <- i
+	}
+	close(work)
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// Recompile compiles every agent's last grants again, without evaluating the policy, and
+// installs what changed: an executable replaced by a package upgrade (a new inode), a file that
+// appeared for a glob or a path, a name whose DNS answer changed. Call it periodically.
+func (r *Registry) Recompile(ctx context.Context) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, a := range r.agents {
+		if a.removing || a.rs == nil || a.ctx.Revoked {
+			continue
+		}
+		c := r.opts.Compile(ctx, a.grants)
+		if a.info.ModeOverride != nil {
+			c.RuleSet.Mode = *a.info.ModeOverride
+		}
+		same := *c.RuleSet
+		same.Generation = a.rs.Generation
+		if reflect.DeepEqual(&same, a.rs) {
+			continue
+		}
+		r.log.Info("what the grants name changed on the host; compiling again", "slot", a.slot, "spiffe_id", a.info.SpiffeID)
+		if err := r.install(a, c.RuleSet, c, a.err); err != nil {
+			r.log.Warn("installing the recompiled rule set", "slot", a.slot, "error", err)
+		}
+	}
+}
+
+// SetMode overrides the mode the grants give (nil removes the override) and installs the result.
+func (r *Registry) SetMode(slot dataplane.Slot, mode *dataplane.Mode) (Agent, error) {
+	return r.change(slot, func(a *agent) error {
+		a.info.ModeOverride = mode
+		return nil
+	})
+}
+
+// change applies f to the agent's context and evaluates it again. Call without r.mu.
+func (r *Registry) change(slot dataplane.Slot, f func(*agent) error) (Agent, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a, ok := r.live(slot)
+	if !ok {
+		return Agent{}, fmt.Errorf("%w: slot %d", ErrNotFound, slot)
+	}
+	if err := f(a); err != nil {
+		return r.view(a), err
+	}
+	err := r.evaluate(context.Background(), a)
+	return r.view(a), err
+}
+
+// CompileOn is the Compiler that compiles with opts.
+func CompileOn(opts compile.Options) Compiler {
+	return func(ctx context.Context, g grants.Grants) Compiled {
+		res := compile.Compile(ctx, g, opts)
+		c := Compiled{RuleSet: &res.RuleSet, Warnings: res.Warnings, RefreshAt: res.RefreshAt}
+		for _, f := range res.Refused {
+			c.Refused = append(c.Refused, f.Error())
+		}
+		return c
+	}
+}

@@ -1,0 +1,142 @@
+package agents
+
+import (
+	"errors"
+	"fmt"
+	"regexp"
+	"slices"
+	"time"
+
+	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/identity"
+)
+
+// TaskSpec asks to start a task.
+type TaskSpec struct {
+	ID          string        // empty: one is made up
+	Type        string        // coding, incident-response, ...
+	Sensitivity string        // public, internal, confidential, restricted
+	TTL         time.Duration // the task expires unless renewed
+}
+
+// MaxTaskTTL bounds a task's (and an approval's) lifetime between renewals.
+const MaxTaskTTL = 24 * time.Hour
+
+var token = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$`)
+
+func (r *Registry) newTask(s TaskSpec) (*Task, error) {
+	if !token.MatchString(s.Type) {
+		return nil, fmt.Errorf("%w: task type %q: want 1-128 letters, digits and ._:/-", ErrInvalid, s.Type)
+	}
+	if s.Sensitivity != "" && !token.MatchString(s.Sensitivity) {
+		return nil, fmt.Errorf("%w: sensitivity %q: want 1-128 letters, digits and ._:/-", ErrInvalid, s.Sensitivity)
+	}
+	if s.TTL <= 0 || s.TTL > MaxTaskTTL {
+		return nil, fmt.Errorf("%w: task ttl %s: want more than 0 and at most %s", ErrInvalid, s.TTL, MaxTaskTTL)
+	}
+	id := s.ID
+	if id == "" {
+		id = "task-" + randomSuffix()
+	} else if !token.MatchString(id) {
+		return nil, fmt.Errorf("%w: task id %q: want 1-128 letters, digits and ._:/-", ErrInvalid, id)
+	}
+	now := r.opts.Now()
+	return &Task{ID: id, Type: s.Type, Sensitivity: s.Sensitivity, StartedAt: now, ExpiresAt: now.Add(s.TTL)}, nil
+}
+
+// ErrTask is returned for a task verb that does not fit the agent's task.
+var ErrTask = errors.New("task")
+
+// ErrInvalid is returned for a request that is not well formed.
+var ErrInvalid = errors.New("invalid request")
+
+// StartTask gives the agent a task and evaluates its grants for it.
+func (r *Registry) StartTask(slot dataplane.Slot, s TaskSpec) (Agent, error) {
+	t, err := r.newTask(s)
+	if err != nil {
+		return Agent{}, err
+	}
+	return r.change(slot, func(a *agent) error {
+		if a.ctx.Task != nil {
+			return fmt.Errorf("%w: agent %d already has task %s: end it first", ErrTask, slot, a.ctx.Task.ID)
+		}
+		a.ctx.Task = t
+		r.log.Info("task started", "slot", slot, "spiffe_id", a.info.SpiffeID, "task", t.ID, "type", t.Type, "sensitivity", t.Sensitivity, "expires", t.ExpiresAt)
+		return nil
+	})
+}
+
+// RenewTask moves the task's expiry to ttl from now.
+func (r *Registry) RenewTask(slot dataplane.Slot, ttl time.Duration) (Agent, error) {
+	if ttl <= 0 || ttl > MaxTaskTTL {
+		return Agent{}, fmt.Errorf("%w: task ttl %s: want more than 0 and at most %s", ErrInvalid, ttl, MaxTaskTTL)
+	}
+	return r.change(slot, func(a *agent) error {
+		if a.ctx.Task == nil {
+			return fmt.Errorf("%w: agent %d has no task", ErrTask, slot)
+		}
+		a.ctx.Task.ExpiresAt = r.opts.Now().Add(ttl)
+		r.log.Info("task renewed", "slot", slot, "task", a.ctx.Task.ID, "expires", a.ctx.Task.ExpiresAt)
+		return nil
+	})
+}
+
+// EndTask ends the agent's task; its grants are evaluated without it.
+func (r *Registry) EndTask(slot dataplane.Slot) (Agent, error) {
+	return r.change(slot, func(a *agent) error {
+		if a.ctx.Task == nil {
+			return fmt.Errorf("%w: agent %d has no task", ErrTask, slot)
+		}
+		r.log.Info("task ended", "slot", slot, "spiffe_id", a.info.SpiffeID, "task", a.ctx.Task.ID)
+		a.ctx.Task = nil
+		return nil
+	})
+}
+
+// AddApproval records an approved step-up on the agent's task; it expires after ttl (and with
+// the task).
+func (r *Registry) AddApproval(slot dataplane.Slot, action, resource, approvedBy string, ttl time.Duration) (Agent, error) {
+	if !token.MatchString(action) || resource == "" || len(resource) > 256 {
+		return Agent{}, fmt.Errorf("%w: approval: want an action (letters, digits, ._:/-) and a resource of 1-256 bytes", ErrInvalid)
+	}
+	if ttl <= 0 || ttl > MaxTaskTTL {
+		return Agent{}, fmt.Errorf("%w: approval ttl %s: want more than 0 and at most %s", ErrInvalid, ttl, MaxTaskTTL)
+	}
+	return r.change(slot, func(a *agent) error {
+		t := a.ctx.Task
+		if t == nil {
+			return fmt.Errorf("%w: agent %d has no task to approve anything for", ErrTask, slot)
+		}
+		expires := r.opts.Now().Add(ttl)
+		if t.ExpiresAt.Before(expires) {
+			expires = t.ExpiresAt
+		}
+		ap := Approval{ID: "approval-" + randomSuffix(), Action: action, Resource: resource, ExpiresAt: expires, ApprovedBy: approvedBy}
+		t.Approvals = append(slices.Clone(t.Approvals), ap)
+		r.log.Info("approval added", "slot", slot, "task", t.ID, "approval", ap.ID, "action", action, "resource", resource, "by", approvedBy, "expires", ap.ExpiresAt)
+		return nil
+	})
+}
+
+// SetIdentity gives the agent a new SPIFFE ID (its identity was rotated) and evaluates its
+// grants for it.
+func (r *Registry) SetIdentity(slot dataplane.Slot, spiffeID string) (Agent, error) {
+	id, err := identity.Parse(spiffeID)
+	if err != nil {
+		return Agent{}, err
+	}
+	return r.change(slot, func(a *agent) error {
+		r.log.Info("agent identity changed", "slot", slot, "from", a.info.SpiffeID, "to", id)
+		a.ctx.SpiffeID, a.info.SpiffeID, a.ctx.Revoked = id, id, false
+		return nil
+	})
+}
+
+// Revoke withdraws the agent's identity: it is granted nothing until it gets one again.
+func (r *Registry) Revoke(slot dataplane.Slot) (Agent, error) {
+	return r.change(slot, func(a *agent) error {
+		r.log.Warn("agent identity revoked", "slot", slot, "spiffe_id", a.info.SpiffeID)
+		a.ctx.Revoked = true
+		return nil
+	})
+}

@@ -532,7 +532,6 @@ func (s *Server) evalPolicy(w http.ResponseWriter, r *http.Request) {
 	reply(w, http.StatusOK, res)
 }
 
-
 func pathSlot(w http.ResponseWriter, r *http.Request) (dataplane.Slot, bool) {
 	n, err := strconv.ParseUint(r.PathValue("slot"), 10, 32)
 	if err != nil || n >= dataplane.MaxAgents {

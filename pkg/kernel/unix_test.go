@@ -2,9 +2,9 @@ package kernel
 
 import (
 	"net"
-	"strings"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/tether-sh/tether/internal/privtest"

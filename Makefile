@@ -6,7 +6,7 @@ BPF_STRIP ?= llvm-strip-14
 BPF_CFLAGS ?= -O2 -g -Wall -Werror
 BIN       := bin
 
-.PHONY: all build generate check-generate test test-unit test-vm bench vet fuzz demo clean
+.PHONY: all build generate check-generate test test-unit test-vm policy-test bench vet fuzz demo clean
 
 all: build
 
@@ -31,6 +31,11 @@ test:
 # Only what needs no privileges (privileged tests skip with the reason).
 test-unit:
 	$(GO) test -count=1 -short ./...
+
+# The shipped policy's Rego tests with the opa CLI (type-checked against the input schema).
+# `go test ./pkg/policy` runs the same tests through OPA's Go tester.
+policy-test:
+	$(GO) tool opa test -v -s policies/input.schema.json policies/tether policies/data.json
 
 # The privileged tests again inside a QEMU guest running Debian's stock kernel with BPF LSM on
 # (the LSM exec and unix paths), and once with BPF LSM off (tether must notice and fall back).

@@ -26,6 +26,7 @@ var helpers = map[string]func(args []string) int{
 	"exit":    helperExit,
 	"exec":    helperExec,
 	"sleep":   helperSleep,
+	"probe":   helperProbe,
 }
 
 // Main runs the helper the environment names, or the tests. Call it from TestMain.
@@ -329,4 +330,64 @@ func helperWhoami([]string) int {
 func helperSleep([]string) int {
 	bufio.NewReader(os.Stdin).ReadString('\n')
 	return 0
+}
+
+// helperProbe answers requests read from stdin, one per line, with one result line each (see
+// Result; an exec also answers "killed" when the kernel killed the new program):
+//
+//	udp|udp4mapped ADDRESS:PORT   connect a UDP socket (sends nothing: any address will do)
+//	tcp|tcp4mapped|udpsend ADDRESS:PORT   connect, or send one datagram (loopback and test hosts only)
+//	unix PATH|@NAME               connect a unix stream socket
+//	exec PATH                                     run PATH (a copy of the test binary runs the exit helper)
+func helperProbe([]string) int {
+	in := bufio.NewScanner(os.Stdin)
+	out := bufio.NewWriter(os.Stdout)
+	for in.Scan() {
+		kind, arg, _ := strings.Cut(in.Text(), " ")
+		var res string
+		switch kind {
+		case "exec":
+			res = execResult(arg)
+		case "udp":
+			res = Result(connectUDP(arg))
+		default:
+			res = Result(dialOne(kind, arg))
+		}
+		fmt.Fprintln(out, res)
+		out.Flush()
+	}
+	return 0
+}
+
+// execResult runs path with no arguments and classifies how it went.
+func execResult(path string) string {
+	cmd := exec.Command(path)
+	cmd.Env = []string{helperEnv + "=exit"}
+	err := cmd.Run()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL {
+			return "killed"
+		}
+	}
+	return Result(err)
+}
+
+// connectUDP connects a UDP socket to address without sending anything.
+func connectUDP(address string) error {
+	ap, err := netip.ParseAddrPort(address)
+	if err != nil {
+		return err
+	}
+	family := syscall.AF_INET6
+	var sa syscall.Sockaddr = &syscall.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+	if ap.Addr().Is4() {
+		family, sa = syscall.AF_INET, &syscall.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+	}
+	fd, err := syscall.Socket(family, syscall.SOCK_DGRAM, 0)
+	if err != nil {
+		return err
+	}
+	defer syscall.Close(fd)
+	return syscall.Connect(fd, sa)
 }

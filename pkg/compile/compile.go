@@ -144,9 +144,15 @@ type prefixRule struct {
 
 func (c *compiler) egress(ctx context.Context, where string, e grants.Egress) []prefixRule {
 	var prefixes []netip.Prefix
+	named := 0
+	for _, set := range []bool{e.CIDR != "", e.CIDRs != nil, e.FQDN != ""} {
+		if set {
+			named++
+		}
+	}
 	switch {
-	case e.CIDR != "" && e.FQDN != "":
-		c.refuse(where, "names both a cidr and an fqdn")
+	case named > 1:
+		c.refuse(where, "names more than one of cidr, cidrs and fqdn")
 		return nil
 	case e.FQDN != "":
 		prefixes = c.resolve(ctx, where, e.FQDN)
@@ -160,8 +166,25 @@ func (c *compiler) egress(ctx context.Context, where string, e grants.Egress) []
 			return nil
 		}
 		prefixes = []netip.Prefix{p}
+	case e.CIDRs != nil:
+		if len(e.CIDRs) == 0 {
+			c.refuse(where, "cidrs is empty")
+			return nil
+		}
+		// A malformed prefix is refused on its own; the others stand.
+		for i, s := range e.CIDRs {
+			p, err := parsePrefix(s)
+			if err != nil {
+				c.refuse(fmt.Sprintf("%s.cidrs[%d]", where, i), "%v", err)
+				continue
+			}
+			prefixes = append(prefixes, p)
+		}
+		if prefixes == nil {
+			return nil
+		}
 	default:
-		c.refuse(where, "needs a cidr or an fqdn")
+		c.refuse(where, "needs a cidr, cidrs or an fqdn")
 		return nil
 	}
 	var proto dataplane.Proto
@@ -285,7 +308,7 @@ func inV4(p netip.Prefix) bool { return p.Bits() >= 96 && v4Mapped.Contains(p.Ad
 // merge gives every prefix the rules of every prefix that covers it, since the kernel's lookup
 // returns only the longest matching prefix.
 func (c *compiler) merge(rules []prefixRule) []dataplane.Egress {
-	own := map[netip.Prefix][]dataplane.PortRule{}
+	own := make(map[netip.Prefix][]dataplane.PortRule, len(rules))
 	lengths := map[int]bool{}
 	for _, r := range rules {
 		own[r.prefix] = append(own[r.prefix], r.rule)

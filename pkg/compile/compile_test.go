@@ -157,8 +157,11 @@ func TestCompileErrors(t *testing.T) {
 	}{
 		{"mode", grants.Grants{Mode: "permissive"}, `mode: "permissive" is not a mode`},
 		{"fqdn without a resolver is refused, not dropped", grants.Grants{Egress: []grants.Egress{{FQDN: "example.com"}}}, `egress[0]: fqdn "example.com": no DNS resolver`},
-		{"missing cidr", grants.Grants{Egress: []grants.Egress{{}}}, "egress[0]: needs a cidr or an fqdn"},
-		{"cidr and fqdn", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", FQDN: "x"}}}, "both"},
+		{"missing cidr", grants.Grants{Egress: []grants.Egress{{}}}, "egress[0]: needs a cidr, cidrs or an fqdn"},
+		{"cidr and fqdn", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", FQDN: "x"}}}, "more than one of cidr, cidrs and fqdn"},
+		{"cidr and cidrs", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", CIDRs: []string{"10.1.0.0/16"}}}}, "more than one"},
+		{"empty cidrs", grants.Grants{Egress: []grants.Egress{{CIDRs: []string{}}}}, "egress[0]: cidrs is empty"},
+		{"one bad prefix of cidrs", grants.Grants{Egress: []grants.Egress{{CIDRs: []string{"10.0.0.0/8", "10.0.0.300/8"}}}}, `egress[0].cidrs[1]: cidr "10.0.0.300/8"`},
 		{"missing exec path", grants.Grants{Exec: []grants.Exec{{Path: "/usr/bin/kubectl"}}}, `exec[0]: path: "/usr/bin/kubectl" does not exist`},
 		{"missing binary", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Binary: "/usr/bin/missing"}}}, "does not exist"},
 		{"bad cidr", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.300/8"}}}, `cidr "10.0.0.300/8"`},
@@ -185,6 +188,26 @@ func TestCompileErrors(t *testing.T) {
 				t.Fatalf("error %v, want one containing %q", err, tt.want)
 			}
 		})
+	}
+}
+
+// TestCompileCIDRs: a rule with several prefixes is the same as one rule per prefix, and a
+// malformed prefix is refused alone.
+func TestCompileCIDRs(t *testing.T) {
+	ports := []grants.PortRange{{Lo: 443, Hi: 443}}
+	many := Compile(context.Background(), grants.Grants{Egress: []grants.Egress{
+		{CIDRs: []string{"10.0.0.0/8", "192.0.2.0/24", "bad", "2001:db8::/32"}, Ports: ports, Protocol: "tcp"},
+	}}, Options{Files: files})
+	one := Compile(context.Background(), grants.Grants{Egress: []grants.Egress{
+		{CIDR: "10.0.0.0/8", Ports: ports, Protocol: "tcp"},
+		{CIDR: "192.0.2.0/24", Ports: ports, Protocol: "tcp"},
+		{CIDR: "2001:db8::/32", Ports: ports, Protocol: "tcp"},
+	}}, Options{Files: files})
+	if !reflect.DeepEqual(many.RuleSet, one.RuleSet) {
+		t.Errorf("cidrs\n%v\nseparate rules\n%v", many.RuleSet.Egress, one.RuleSet.Egress)
+	}
+	if len(many.Refused) != 1 || many.Refused[0].Rule != "egress[0].cidrs[2]" {
+		t.Errorf("refused: %v", many.Refused)
 	}
 }
 

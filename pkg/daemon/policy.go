@@ -162,15 +162,7 @@ func (d *Daemon) Grants(ctx context.Context, c agents.Context) (grants.Grants, e
 
 // input is what the policy is told of an agent, now.
 func (d *Daemon) input(c agents.Context) policy.Input {
-	in := policy.Input{Agent: policy.AgentOf(c.SpiffeID, c.Selectors, c.Labels), Env: d.pol.env, Time: policy.TimeAt(time.Now(), d.pol.loc)}
-	if t := c.Task; t != nil {
-		pt := &policy.Task{ID: t.ID, Type: t.Type, Sensitivity: t.Sensitivity, StartedAt: t.StartedAt, ExpiresAt: t.ExpiresAt}
-		for _, a := range t.Approvals {
-			pt.Approvals = append(pt.Approvals, policy.Approval{ID: a.ID, Action: a.Action, Resource: a.Resource, ExpiresAt: a.ExpiresAt, ApprovedBy: a.ApprovedBy})
-		}
-		in.Task = pt
-	}
-	return in
+	return policy.ContextInput(c, d.pol.env, policy.TimeAt(time.Now(), d.pol.loc))
 }
 
 // respond has the policy say what to do about an agent's denied or audited decision, given its

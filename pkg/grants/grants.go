@@ -24,9 +24,12 @@ type Grants struct {
 
 // Egress allows outbound connections and datagrams.
 type Egress struct {
+	// Exactly one of CIDR, CIDRs and FQDN says where to.
 	// CIDR is an IPv4 or IPv6 prefix, or a single address.
 	CIDR string `json:"cidr,omitempty"`
-	// FQDN is a DNS name. Not enforceable yet: compiling it is an error, never a silent drop.
+	// CIDRs are several, with the same ports, protocol and binary (a named network).
+	CIDRs []string `json:"cidrs,omitempty"`
+	// FQDN is a DNS name, resolved when compiled and again when its records expire.
 	FQDN string `json:"fqdn,omitempty"`
 	// Ports are single ports or ranges; none means every port.
 	Ports []PortRange `json:"ports,omitempty"`

@@ -3,6 +3,8 @@ package kernel
 import (
 	"errors"
 	"fmt"
+	"maps"
+	"runtime"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -16,7 +18,10 @@ import (
 // set. Before a buffer is rewritten again, every hook that may still read it from before the flip
 // must have finished: an RCU grace period, which the kernel waits for when a map-in-map entry is
 // updated. That wait (about 10 ms) starts right after the flip and is only waited for when the
-// agent's next install comes sooner; a context change does not pay it.
+// agent's next install comes sooner; a context change does not pay it. Once it has passed, the
+// buffer not in force is brought up to the one in force in the background, so that the next
+// install writes only what it changes (a step-up approval: one entry), not the difference to
+// the rule set before last.
 
 // graceIndex is the tether_rulesets entry updated only to wait for a grace period.
 const graceIndex = 2 * dataplane.MaxAgents
@@ -32,6 +37,9 @@ type slotState struct {
 	mirror [2]map[bpfTetherRuleKey]bpfTetherRuleValue
 	// quiet is closed when no hook can still be reading the buffer not in force; nil: quiet.
 	quiet chan struct{}
+	// epoch counts installs, clears and closes: a background sync started in an older epoch
+	// does nothing.
+	epoch uint64
 }
 
 func (k *Kernel) slot(slot dataplane.Slot) *slotState {
@@ -108,14 +116,11 @@ func (k *Kernel) Install(slot dataplane.Slot, rs *dataplane.RuleSet) error {
 	st := k.slot(slot)
 	st.mu.Lock()
 	defer st.mu.Unlock()
+	st.waitQuiet()
 	if err := k.loadSlot(st, slot); err != nil {
 		return err
 	}
 	target := 1 - st.active
-	if st.quiet != nil {
-		<-st.quiet
-		st.quiet = nil
-	}
 	if err := k.rewrite(st, slot, target, want); err != nil {
 		st.mirror[target] = nil // partly written: read it back next time
 		return fmt.Errorf("writing rule set of slot %d: %w", slot, err)
@@ -123,8 +128,73 @@ func (k *Kernel) Install(slot dataplane.Slot, rs *dataplane.RuleSet) error {
 	if err := k.writeAgent(st, slot, st.flags, target); err != nil {
 		return err
 	}
-	st.quiet = k.graceAsync()
+	st.epoch++
+	epoch := st.epoch
+	st.quiet = k.graceAsync(func() { k.syncInactive(st, slot, epoch) })
 	return nil
+}
+
+// waitQuiet returns, with st.mu held as on entry, once no hook can be reading the buffer not in
+// force. It lets go of st.mu while it waits, so the background sync can run.
+func (st *slotState) waitQuiet() {
+	for st.quiet != nil {
+		q := st.quiet
+		st.mu.Unlock()
+		<-q
+		st.mu.Lock()
+		if st.quiet == q {
+			st.quiet = nil
+		}
+	}
+}
+
+// syncInactive makes the buffer not in force hold what the one in force holds, unless anything
+// happened to the slot since the install of epoch (whatever did writes what it needs itself).
+// It writes in chunks and lets go of the slot between them, so an install that comes meanwhile
+// waits for one chunk at most (and then writes what is still missing itself).
+func (k *Kernel) syncInactive(st *slotState, slot dataplane.Slot, epoch uint64) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.epoch != epoch {
+		return
+	}
+	inactive := 1 - st.active
+	want, buf := st.mirror[st.active], st.bufs[inactive]
+	have := st.mirror[inactive]
+	if want == nil || buf == nil || have == nil {
+		return
+	}
+	dels, keys, vals := plan(have, want)
+	cur := maps.Clone(have) // what the buffer holds as the chunks go in
+	const chunk = 256
+	for len(dels)+len(keys) > 0 {
+		d, n := min(len(dels), chunk), min(len(keys), chunk)
+		err := apply(buf, dels[:d], keys[:n], vals[:n])
+		if err != nil {
+			st.mirror[inactive] = nil // read it back at the next install
+			k.log.Debug("bringing the idle rule buffer up to date", "slot", slot, "error", err)
+			return
+		}
+		for _, key := range dels[:d] {
+			delete(cur, key)
+		}
+		for j := range n {
+			cur[keys[j]] = vals[j]
+		}
+		dels, keys, vals = dels[d:], keys[n:], vals[n:]
+		st.mirror[inactive] = cur
+		if len(dels)+len(keys) == 0 {
+			break
+		}
+		st.mu.Unlock()
+		runtime.Gosched()
+		st.mu.Lock()
+		if st.epoch != epoch {
+			return // cur is what the buffer holds; whoever came writes the rest
+		}
+		cur = maps.Clone(cur) // st.mirror[inactive] must not change under a reader
+	}
+	st.mirror[inactive] = want
 }
 
 // rewrite makes buffer i of slot hold want, writing only what differs.
@@ -139,22 +209,53 @@ func (k *Kernel) rewrite(st *slotState, slot dataplane.Slot, i uint32, want map[
 			return err
 		}
 	}
+	dels, keys, vals := plan(have, want)
+	if err := apply(buf, dels, keys, vals); err != nil {
+		return err
+	}
+	st.mirror[i] = want
+	return nil
+}
+
+// plan is what turns have into want: the keys to delete, and the entries to write.
+func plan(have, want map[bpfTetherRuleKey]bpfTetherRuleValue) ([]bpfTetherRuleKey, []bpfTetherRuleKey, []bpfTetherRuleValue) {
+	var dels []bpfTetherRuleKey
 	for key := range have {
 		if _, keep := want[key]; !keep {
+			dels = append(dels, key)
+		}
+	}
+	var keys []bpfTetherRuleKey
+	var vals []bpfTetherRuleValue
+	for key, v := range want {
+		if old, ok := have[key]; ok && old == v {
+			continue
+		}
+		keys, vals = append(keys, key), append(vals, v)
+	}
+	return dels, keys, vals
+}
+
+// apply deletes dels and writes keys and vals: one syscall each where the kernel has batch
+// operations on tries (Linux 5.6+); the elements one by one where it does not, or for what a
+// batch left undone.
+func apply(buf *ebpf.Map, dels, keys []bpfTetherRuleKey, vals []bpfTetherRuleValue) error {
+	if len(dels) > 0 {
+		n, _ := buf.BatchDelete(dels, nil)
+		for _, key := range dels[n:] {
 			if err := buf.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 				return fmt.Errorf("removing %s: %w", describeKey(key), err)
 			}
 		}
 	}
-	for key, v := range want {
-		if old, ok := have[key]; ok && old == v {
-			continue
-		}
-		if err := buf.Update(&key, &v, ebpf.UpdateAny); err != nil {
-			return fmt.Errorf("%s: %w", describeKey(key), err)
+	if len(keys) > 0 {
+		n, _ := buf.BatchUpdate(keys, vals, nil)
+		for j := n; j < len(keys); j++ {
+			if err := buf.Update(&keys[j], &vals[j], ebpf.UpdateAny); err != nil {
+				return fmt.Errorf("%s: %w", describeKey(keys[j]), err)
+			}
 		}
 	}
-	st.mirror[i] = want
 	return nil
 }
 
@@ -191,12 +292,13 @@ func (k *Kernel) buffer(st *slotState, slot dataplane.Slot, i uint32) (*ebpf.Map
 }
 
 // graceAsync starts waiting for an RCU grace period and returns a channel closed when it has
-// passed: the kernel waits for one whenever a map-in-map entry is updated.
-func (k *Kernel) graceAsync() chan struct{} {
+// passed (the kernel waits for one whenever a map-in-map entry is updated); then it runs after.
+func (k *Kernel) graceAsync(after func()) chan struct{} {
 	done := make(chan struct{})
 	go func() {
-		defer close(done)
 		k.grace()
+		close(done)
+		after()
 	}()
 	return done
 }
@@ -280,9 +382,7 @@ func (k *Kernel) Clear(slot dataplane.Slot) error {
 	defer st.mu.Unlock()
 	// State first: from here on the slot denies everything until it is reused.
 	errs = append(errs, k.writeAgent(st, slot, 0, 0))
-	if st.quiet != nil {
-		<-st.quiet
-	}
+	st.waitQuiet()
 	for i := range uint32(2) {
 		if err := k.rulesets.Delete(uint32(slot)*2 + i); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			errs = append(errs, err)
@@ -292,6 +392,7 @@ func (k *Kernel) Clear(slot dataplane.Slot) error {
 		}
 	}
 	st.bufs, st.mirror, st.quiet, st.loaded = [2]*ebpf.Map{}, [2]map[bpfTetherRuleKey]bpfTetherRuleValue{}, nil, false
+	st.epoch++
 	errs = append(errs, k.agentCounters.Update(uint32(slot), bpfTetherAgentCounts{}, ebpf.UpdateAny))
 	errs = append(errs, k.agentInfo.Update(uint32(slot), bpfTetherAgentInfo{}, ebpf.UpdateAny))
 	if err := errors.Join(errs...); err != nil {
@@ -309,9 +410,8 @@ func (k *Kernel) closeSlots() {
 			continue
 		}
 		st.mu.Lock()
-		if st.quiet != nil {
-			<-st.quiet
-		}
+		st.waitQuiet()
+		st.epoch++ // no background sync writes to the closed buffers
 		for _, b := range st.bufs {
 			if b != nil {
 				b.Close()

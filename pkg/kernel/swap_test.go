@@ -5,7 +5,10 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"reflect"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 
@@ -183,5 +186,56 @@ func (f *fixture) rewriteInPlace(t *testing.T, slot dataplane.Slot, from, to *da
 		if err := live.Update(&k, v, ebpf.UpdateAny); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestPrivilegedIdleBufferCatchesUp: after an install, once the grace period has passed, the
+// buffer not in force is brought up to the one in force, so the next install writes only what
+// it changes; and the verdicts follow every install.
+func TestPrivilegedIdleBufferCatchesUp(t *testing.T) {
+	f := newFixture(t, Options{})
+	a, b := swapSets(7001, 7002, 7003)
+	agent := f.agent(t, "agent", 1, a)
+	b.Exec = []dataplane.ExecRule{{File: f.self}} // the helpers run
+	if err := f.k.Install(1, &b); err != nil {
+		t.Fatal(err)
+	}
+	st := f.k.slot(1)
+	idle := func() (map[bpfTetherRuleKey]bpfTetherRuleValue, map[bpfTetherRuleKey]bpfTetherRuleValue) {
+		st.mu.Lock()
+		defer st.mu.Unlock()
+		active, err := readTrie(st.bufs[st.active])
+		if err != nil {
+			t.Fatal(err)
+		}
+		inactive, err := readTrie(st.bufs[1-st.active])
+		if err != nil {
+			t.Fatal(err)
+		}
+		return active, inactive
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		active, inactive := idle()
+		if reflect.DeepEqual(active, inactive) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the idle buffer has %d entries, the one in force %d: never brought up to date", len(inactive), len(active))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// One more port: the next install changes one entry of the idle buffer.
+	c := b
+	c.Egress = slices.Clone(b.Egress)
+	last := &c.Egress[len(c.Egress)-1]
+	last.Ports = append(slices.Clone(last.Ports), dataplane.PortRule{Proto: dataplane.ProtoUDP, Lo: 7004, Hi: 7004})
+	c.Generation = 3
+	if err := f.k.Install(1, &c); err != nil {
+		t.Fatal(err)
+	}
+	got := privtest.Dial(t, agent, "udp", "127.0.0.1:7002", "udp", "127.0.0.1:7003", "udp", "127.0.0.1:7004")
+	if !slices.Equal(got, []string{"eperm", "ok", "ok"}) {
+		t.Errorf("after the incremental install: %v", got)
 	}
 }

@@ -3,6 +3,8 @@ package policy
 import (
 	"strings"
 	"time"
+
+	"github.com/tether-sh/tether/pkg/agents"
 )
 
 // Input is what the policy reads (policies/input.schema.json). Grants reads Agent, Task, Env
@@ -68,7 +70,7 @@ type Request struct {
 	Resource string `json:"resource,omitempty"`
 	Reason   string `json:"reason,omitempty"`
 	// allow
-	Kind     string `json:"kind,omitempty"` // connect or exec
+	Kind     string `json:"kind,omitempty"` // connect, exec or unix
 	IP       string `json:"ip,omitempty"`
 	Port     int    `json:"port,omitempty"`
 	Protocol string `json:"protocol,omitempty"`
@@ -87,4 +89,17 @@ func AgentOf(spiffeID string, selectors []string, labels map[string]string) Agen
 	rest, _ := strings.CutPrefix(spiffeID, "spiffe://")
 	td, path, _ := strings.Cut(rest, "/")
 	return Agent{SpiffeID: spiffeID, TrustDomain: td, Path: "/" + path, Selectors: selectors, Labels: labels}
+}
+
+// ContextInput is what the policy is told of an agent with context c in env at time t.
+func ContextInput(c agents.Context, env Env, t Time) Input {
+	in := Input{Agent: AgentOf(c.SpiffeID, c.Selectors, c.Labels), Env: env, Time: t}
+	if ct := c.Task; ct != nil {
+		pt := &Task{ID: ct.ID, Type: ct.Type, Sensitivity: ct.Sensitivity, StartedAt: ct.StartedAt, ExpiresAt: ct.ExpiresAt}
+		for _, a := range ct.Approvals {
+			pt.Approvals = append(pt.Approvals, Approval{ID: a.ID, Action: a.Action, Resource: a.Resource, ExpiresAt: a.ExpiresAt, ApprovedBy: a.ApprovedBy})
+		}
+		in.Task = pt
+	}
+	return in
 }

@@ -160,7 +160,8 @@ func Compile(ctx context.Context, f *Files, inputSchema []byte) (*Revision, erro
 			return nil, fmt.Errorf("compiling the policy of %s: it defines no %s", f.Source, q)
 		}
 	}
-	store := inmem.NewFromObject(f.Data)
+	// Data read as AST values: not converted again on every evaluation.
+	store := inmem.NewFromObjectWithOpts(f.Data, inmem.OptReturnASTValuesOnRead(true))
 	r := &Revision{ID: f.Revision, Source: f.Source, Loaded: time.Now(), compiler: compiler, store: store,
 		queries: map[string]rego.PreparedEvalQuery{}, files: f}
 	for _, q := range []string{QueryGrants, QueryStepup, QueryRespond, QueryAllow} {
@@ -214,12 +215,12 @@ func evalError(err error) string {
 
 // Grants evaluates data.tether.grants.
 func (r *Revision) Grants(ctx context.Context, in Input) (grants.Grants, error) {
-	var g grants.Grants
 	v, err := r.eval(ctx, QueryGrants, in)
 	if err != nil {
-		return g, err
+		return grants.Grants{}, err
 	}
-	if err := decodeStrict(v, &g); err != nil {
+	g, err := grants.FromValue(v)
+	if err != nil {
 		return g, fmt.Errorf("%s (revision %s): %w: %v", QueryGrants, r.ID, ErrWrongType, err)
 	}
 	return g, nil

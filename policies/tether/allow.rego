@@ -1,8 +1,8 @@
 # tether reference decision
 #
-# Whether the kernel lets one request through, defined from grants: a connect or an exec by
-# an agent in the given context. Used by tests (the kernel must agree with it) and by
-# `tetherctl policy eval`. In audit mode everything goes through (denials are only reported).
+# Whether the kernel lets one request through, defined from grants: a connect, an exec or a
+# unix socket connect by an agent in the given context. Used by tests (the kernel must agree
+# with it) and by `tetherctl policy eval`. In audit mode everything goes through (denials are only reported).
 # fqdn rules are not resolved here, so they never match.
 package tether
 
@@ -13,8 +13,8 @@ allow if grants.mode == "audit"
 allow if {
 	input.request.kind == "connect"
 	some r in grants.egress
-	r.cidr
-	net.cidr_contains(r.cidr, input.request.ip)
+	some c in rule_cidrs(r)
+	net.cidr_contains(as_cidr(c), input.request.ip)
 	port_allows(r)
 	protocol_allows(r)
 	binary_allows(r)
@@ -24,6 +24,37 @@ allow if {
 	input.request.kind == "exec"
 	some e in grants.exec
 	glob.match(e.path, ["/"], input.request.path)
+}
+
+# A unix socket: the exact path (or @abstract name) the agent passes, or any path below a
+# directory granted as "/dir/*".
+allow if {
+	input.request.kind == "unix"
+	some u in grants.unix
+	unix_matches(u.path, input.request.path)
+}
+
+unix_matches(granted, path) if granted == path
+
+unix_matches(granted, path) if {
+	endswith(granted, "/*")
+	startswith(path, trim_suffix(granted, "*"))
+}
+
+# A rule names one prefix (cidr) or several (cidrs); fqdn rules name none here.
+rule_cidrs(r) := array.concat(object.get(r, "cidrs", []), [c | c := r.cidr])
+
+# A prefix may be a single address.
+as_cidr(c) := c if contains(c, "/")
+
+as_cidr(c) := concat("", [c, "/128"]) if {
+	not contains(c, "/")
+	contains(c, ":")
+}
+
+as_cidr(c) := concat("", [c, "/32"]) if {
+	not contains(c, "/")
+	not contains(c, ":")
 }
 
 port_allows(r) if not r.ports

@@ -26,6 +26,26 @@ test_allow_port_ranges if {
 	not tether.allow with input as j with data.tether_settings.profiles as profiles
 }
 
+test_allow_single_addresses if {
+	profiles := {"a": {"exec": [], "high_risk": [], "unix": [], "egress": [{"cidr": "192.0.2.7", "ports": [53]}, {"cidr": "2001:db8::7", "ports": [53]}]}}
+	i := ctx(task("a", "public"), dev, morning)
+	allowed := {ip |
+		some ip in ["192.0.2.7", "192.0.2.8", "2001:db8::7", "2001:db8::8"]
+		tether.allow with input as object.union(i, {"request": {"kind": "connect", "ip": ip, "port": 53, "protocol": "udp"}}) with data.tether_settings.profiles as profiles
+	}
+	allowed == {"192.0.2.7", "2001:db8::7"}
+}
+
+test_allow_unix_paths if {
+	profiles := {"u": {"exec": [], "high_risk": [], "egress": [], "unix": ["/run/app.sock", "/run/tools/*", "@bus"]}}
+	i := ctx(task("u", "public"), dev, morning)
+	allowed := {p |
+		some p in ["/run/app.sock", "/run/app.sock2", "/run/tools/a", "/run/tools/a/b", "/run/tools", "@bus", "@bus2", "/run/toolsx/a"]
+		tether.allow with input as object.union(i, {"request": {"kind": "unix", "path": p}}) with data.tether_settings.profiles as profiles
+	}
+	allowed == {"/run/app.sock", "/run/tools/a", "/run/tools/a/b", "@bus"}
+}
+
 test_stepup_production_needs_approval if {
 	d := tether.stepup with input as object.union(ctx(task("incident-response", "internal"), prod, morning), {"request": {"action": "connect", "resource": "production", "reason": "outage"}})
 	d.allowed

@@ -19,11 +19,11 @@ dev := {"node": "n1", "environment": "development"}
 
 prod := {"node": "n1", "environment": "production"}
 
-egress_to(g, network) := {r | some r in g.egress; r.cidr in data.tether_settings.networks[network]}
+egress_to(g, network) := {r | some r in g.egress; r.cidrs == data.tether_settings.networks[network]}
 
 test_deny_by_default if {
 	g := tether.grants with input as {"agent": agent("spiffe://example.org/nobody"), "env": dev, "time": morning}
-	g == {"mode": "enforce", "egress": set(), "exec": [], "unix": []}
+	g == {"mode": "enforce", "egress": [], "exec": [], "unix": []}
 }
 
 test_unknown_task_type_gets_nothing if {
@@ -59,6 +59,13 @@ test_profile_cannot_sneak_in_a_high_risk_tool if {
 	g := tether.grants with input as ctx(task("sneaky", "public"), dev, morning)
 		with data.tether_settings.profiles as profiles
 	g.exec == [{"path": "/usr/bin/git"}]
+}
+
+test_a_glob_covering_a_high_risk_tool_is_not_granted if {
+	profiles := object.union(data.tether_settings.profiles, {"globs": {"exec": ["/usr/bin/*", "/usr/bin/c*", "/opt/tools/*"], "high_risk": [], "egress": [], "unix": []}})
+	g := tether.grants with input as ctx(task("globs", "public"), dev, morning)
+		with data.tether_settings.profiles as profiles
+	g.exec == [{"path": "/opt/tools/*"}]
 }
 
 test_incident_response_gets_shells_and_cloud_clis if {
@@ -117,4 +124,19 @@ test_audit_label if {
 	a := object.union(agent("spiffe://example.org/agents/a"), {"labels": {"tether.dev/mode": "audit"}})
 	g := tether.grants with input as {"agent": a, "task": task("coding", "internal"), "env": dev, "time": morning}
 	g.mode == "audit"
+}
+
+test_written_rules_are_granted_as_written if {
+	rules := [{"cidr": "192.0.2.0/24", "ports": [443], "protocol": "tcp"}, {"fqdn": "api.example.com", "ports": [443]}]
+	profiles := {"w": {"exec": [], "high_risk": [], "unix": [], "egress": rules}}
+	g := tether.grants with input as ctx(task("w", "internal"), dev, morning) with data.tether_settings.profiles as profiles
+	g.egress == rules
+	r := tether.grants with input as ctx(task("w", "restricted"), dev, morning) with data.tether_settings.profiles as profiles
+	r.egress == []
+}
+
+test_an_unknown_network_is_passed_on_empty_so_tether_refuses_it if {
+	profiles := {"n": {"exec": [], "high_risk": [], "unix": [], "network_egress": [{"network": "nosuch", "ports": [443]}]}}
+	g := tether.grants with input as ctx(task("n", "internal"), dev, morning) with data.tether_settings.profiles as profiles
+	g.egress == [{"cidrs": [], "ports": [443]}]
 }

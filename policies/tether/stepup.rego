@@ -14,7 +14,7 @@ stepup := {"allowed": false, "needs_approval": false, "reason": "the task handle
 
 else := {"allowed": true, "needs_approval": true, "ttl": "15m", "reason": "production access needs an approval"} if {
 	input.request.action == "connect"
-	some r in object.get(profile, "egress", [])
+	some r in network_rules
 	r.production
 	r.network == input.request.resource
 }
@@ -26,7 +26,7 @@ else := {"allowed": true, "needs_approval": true, "ttl": "5m", "reason": "readin
 
 else := {"allowed": true, "needs_approval": false, "ttl": "1h", "reason": "within the task's profile"} if {
 	input.request.action == "connect"
-	some r in object.get(profile, "egress", [])
+	some r in network_rules
 	not r.production
 	r.network == input.request.resource
 }

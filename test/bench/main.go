@@ -33,6 +33,7 @@ type options struct {
 	rounds int
 	rules  []int
 	scale  float64 // multiplies the operations per sample
+	policy bool    // only the policy-to-kernel part
 }
 
 func run() error {
@@ -41,6 +42,7 @@ func run() error {
 	flag.IntVar(&o.rounds, "rounds", 7, "samples of every configuration (the table shows their median and spread)")
 	flag.StringVar(&rules, "rules", "10,1000,10000", "rule counts to measure")
 	flag.Float64Var(&o.scale, "scale", 1, "operations per sample, relative to the default")
+	flag.BoolVar(&o.policy, "policy-only", false, "measure only the policy-to-kernel part")
 	flag.Parse()
 	for _, r := range strings.Split(rules, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(r))
@@ -60,6 +62,16 @@ func run() error {
 		return err
 	}
 	defer e.close()
+	if o.policy {
+		pr, err := measurePolicy(e, o)
+		if err != nil {
+			return err
+		}
+		reportPolicy(os.Stdout, pr)
+		fmt.Println("\nGOALS")
+		policyGoals(goalPrinter(os.Stdout), pr)
+		return nil
+	}
 	res, err := measure(e, o)
 	if err != nil {
 		return err

@@ -82,6 +82,7 @@ type results struct {
 	opa map[int][]float64
 	// compile and install time of the agent's rule set, by rules.
 	compile, install map[int]time.Duration
+	policy           *policyResults
 }
 
 func (r *results) add(k sampleKey, ns float64) { r.samples[k] = append(r.samples[k], ns) }
@@ -224,6 +225,11 @@ func measure(e *env, o options) (*results, error) {
 			}
 			res.opa[n] = append(res.opa[n], ns)
 		}
+	}
+	progress("policy to kernel: context changes with %v grants, a policy change for 1000 agents", policyGrants)
+	var err error
+	if res.policy, err = measurePolicy(e, o); err != nil {
+		return nil, fmt.Errorf("policy to kernel: %w", err)
 	}
 	return res, nil
 }

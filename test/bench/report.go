@@ -197,15 +197,11 @@ func report(w io.Writer, e *env, o options, res *results) {
 	}
 	tw.Flush()
 
+	reportPolicy(w, res.policy)
+
 	top := slices.Max(o.rules)
 	fmt.Fprintln(w, "\nGOALS")
-	goal := func(ok bool, format string, args ...any) {
-		mark := "MET    "
-		if !ok {
-			mark = "NOT MET"
-		}
-		fmt.Fprintf(w, "  %s  %s\n", mark, fmt.Sprintf(format, args...))
-	}
+	goal := goalPrinter(w)
 	// within reports whether a measured overhead meets a bound, saying when the noise of the
 	// machine is as large as the bound.
 	within := func(s stat, bound float64, unit string) (bool, string) {
@@ -234,6 +230,7 @@ func report(w io.Writer, e *env, o options, res *results) {
 		s := overhead["tether "+name]
 		goal(s.lo <= 0 && s.hi >= 0 || math.Abs(s.med) < 1, "%s: %+.2f%% [%+.2f, %+.2f] (goal: within noise: the quartiles include 0, or under 1%%)", name, s.med, s.lo, s.hi)
 	}
+	policyGoals(goal, res.policy)
 }
 
 // ratio says how many times a is b, where b may be zero or negative (within noise).
@@ -263,4 +260,44 @@ func runtimeCPUs() int {
 		return 0
 	}
 	return set.Count()
+}
+
+func reportPolicy(w io.Writer, pr *policyResults) {
+	fmt.Fprintln(w, "\nPOLICY TO KERNEL (registry -> OPA with the shipped policy -> compile -> kernel maps, as tetherd does it;")
+	fmt.Fprintf(w, "a context change returns once the kernel holds the result; one agent's changes %s apart)\n", changeGap)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "WHAT\tP50\tP99\tMAX\tSAMPLES")
+	for _, n := range policyGrants {
+		for _, c := range []struct {
+			what string
+			v    []float64
+		}{{"step-up approved (one rule added)", pr.approve[n]}, {"task type changed (every rule replaced)", pr.replace[n]}} {
+			fmt.Fprintf(tw, "%s -> kernel, %d grants\t%s\t%s\t%s\t%d\n", c.what, n,
+				dur(percentile(c.v, 0.5)), dur(percentile(c.v, 0.99)), dur(slices.Max(c.v)), len(c.v))
+		}
+	}
+	fmt.Fprintf(tw, "policy change: every agent evaluated and installed, %d agents\t%s\t-\t%s\t%d\n", pr.agents,
+		dur(percentile(pr.refresh, 0.5)), dur(slices.Max(pr.refresh)), len(pr.refresh))
+	tw.Flush()
+}
+
+func policyGoals(goal func(ok bool, format string, args ...any), pr *policyResults) {
+	big := slices.Max(policyGrants)
+	p99 := percentile(pr.approve[big], 0.99)
+	goal(p99 < 5e6, "context change -> kernel with %d grants, step-up approved: p99 %s (goal under 5 ms)", big, dur(p99))
+	p99 = percentile(pr.replace[big], 0.99)
+	goal(p99 < 5e6, "context change -> kernel with %d grants, every rule replaced: p99 %s (goal under 5 ms)", big, dur(p99))
+	worst := slices.Max(pr.refresh)
+	goal(worst < 2e9, "policy change, %d agents evaluated and installed: slowest of %d rounds %s (goal under 2 s)", pr.agents, len(pr.refresh), dur(worst))
+}
+
+// goalPrinter prints one goal line.
+func goalPrinter(w io.Writer) func(ok bool, format string, args ...any) {
+	return func(ok bool, format string, args ...any) {
+		mark := "MET    "
+		if !ok {
+			mark = "NOT MET"
+		}
+		fmt.Fprintf(w, "  %s  %s\n", mark, fmt.Sprintf(format, args...))
+	}
 }

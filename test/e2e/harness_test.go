@@ -68,6 +68,9 @@ type tetherd struct {
 	pin       string
 	self      string // the test binary, which agents run as helpers
 	policy    string // the policy directory
+	// policyConfig replaces the policy section of the configuration (a bundle), and extra is
+	// appended to it (dns, ...).
+	policyConfig, extra string
 
 	cmd    *exec.Cmd
 	stderr *lockedBuffer
@@ -132,20 +135,26 @@ func newTetherd(t *testing.T, p profile) *tetherd {
 	return d
 }
 
-// writePolicy gives agentID the profile p (task type "e2e", also its type without a task).
-func (d *tetherd) writePolicy(p profile) {
-	d.t.Helper()
+// policyData is the data document that gives agentID the profile p (task type "e2e", also its
+// type without a task).
+func policyData(p profile) map[string]any {
 	for k, v := range map[string]any{"exec": []string{}, "egress": []any{}, "unix": []any{}, "high_risk": []string{}} {
 		if _, ok := p[k]; !ok {
 			p[k] = v
 		}
 	}
-	data := map[string]any{"tether_settings": map[string]any{
-		"networks": map[string]any{}, "internal_networks": []string{}, "git_binary": "/usr/bin/git", "tools": map[string]any{},
+	return map[string]any{"tether_settings": map[string]any{
+		"networks": map[string]any{"metadata": []string{"169.254.169.254/32"}}, "internal_networks": []string{},
+		"git_binary": "/usr/bin/git", "tools": map[string]any{},
 		"profiles":   map[string]any{"e2e": p},
 		"identities": map[string]any{agentID: map[string]any{"task_type": "e2e"}},
 	}}
-	b, _ := json.MarshalIndent(data, "", "  ")
+}
+
+// writePolicy gives agentID the profile p.
+func (d *tetherd) writePolicy(p profile) {
+	d.t.Helper()
+	b, _ := json.MarshalIndent(policyData(p), "", "  ")
 	if err := os.WriteFile(filepath.Join(d.policy, "data.json"), b, 0o644); err != nil {
 		d.t.Fatal(err)
 	}
@@ -153,6 +162,10 @@ func (d *tetherd) writePolicy(p profile) {
 
 func (d *tetherd) writeConfig() {
 	d.t.Helper()
+	policySection := "policy:\n  dir: " + d.policy
+	if d.policyConfig != "" {
+		policySection = d.policyConfig
+	}
 	cfg := fmt.Sprintf(`cgroup:
   agent_parents: [%s]
   launch_parent: %s
@@ -161,13 +174,12 @@ bpf:
   allow_sample: 1
 api:
   socket: %s
-policy:
-  dir: %s
+%s
 decision_log:
   path: %s
 log:
   level: debug
-`, d.parent, d.parent, d.pin, d.socket, d.policy, d.decisions)
+%s`, d.parent, d.parent, d.pin, d.socket, policySection, d.decisions, d.extra)
 	if err := os.WriteFile(d.config, []byte(cfg), 0o600); err != nil {
 		d.t.Fatal(err)
 	}

@@ -44,6 +44,8 @@ go build -o "$root/init" ./test/vm/init
 go build -o "$root/bin/" ./cmd/tetherd ./cmd/tetherctl
 go test -c -o "$root/bin/kernel.test" ./pkg/kernel
 go test -c -o "$root/bin/e2e.test" ./test/e2e
+go test -c -o "$root/bin/differential.test" ./test/differential
+go build -ldflags=-s -o "$root/bin/true" ./test/vm/true
 cp "$kdir/veth.ko" "$root/lib/modules/"
 printf 'root:x:0:0:root:/tmp:/bin/false\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
@@ -72,7 +74,8 @@ common='"TETHER_REQUIRE_PRIVILEGED=1", "TETHER_E2E_BIN=/bin"'
 status=0
 boot lsm "lockdown,capability,landlock,yama,bpf" '[
  {"name": "pkg/kernel", "bin": "/bin/kernel.test", "args": ["-test.v", "-test.timeout=20m"], "env": ['"$common"', "TETHER_EXPECT_EXEC_MODE=lsm"]},
- {"name": "test/e2e", "bin": "/bin/e2e.test", "args": ["-test.v", "-test.timeout=20m"], "env": ['"$common"', "TETHER_EXPECT_EXEC_MODE=lsm"]}
+ {"name": "test/e2e", "bin": "/bin/e2e.test", "args": ["-test.v", "-test.timeout=20m"], "env": ['"$common"', "TETHER_EXPECT_EXEC_MODE=lsm"]},
+ {"name": "test/differential", "bin": "/bin/differential.test", "args": ["-test.v", "-test.timeout=20m"], "env": ['"$common"', "TETHER_DIFF_SAMPLES=2000", "TETHER_EXPECT_EXEC_MODE=lsm"]}
 ]' || status=1
 boot no-bpf-lsm "lockdown,capability,landlock,yama" '[
  {"name": "pkg/kernel exec", "bin": "/bin/kernel.test", "args": ["-test.v", "-test.run", "TestPrivilegedLoad|TestPrivilegedExec"], "env": ['"$common"', "TETHER_EXPECT_EXEC_MODE=signal"]}

@@ -1,0 +1,226 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/bpffs"
+	"github.com/tether-sh/tether/pkg/compile"
+	"github.com/tether-sh/tether/pkg/grants"
+	"github.com/tether-sh/tether/pkg/kernel"
+	"github.com/tether-sh/tether/pkg/policy"
+	"github.com/tether-sh/tether/policies"
+)
+
+// policyResults are the policy-to-kernel measurements.
+type policyResults struct {
+	// replace[grants]: the latency of a task start that replaces every rule, in ns.
+	replace map[int][]float64
+	// approve[grants]: the latency of a step-up approval that adds one rule, in ns.
+	approve map[int][]float64
+	// refresh: the time to evaluate every agent again after a policy change and install the
+	// result, one per round, in ns; agents is how many.
+	refresh []float64
+	agents  int
+}
+
+// policyGrants are the sizes of the context-change measurement.
+var policyGrants = []int{1, 100, 1000}
+
+// changeGap separates the context changes of the measured agent.
+const changeGap = 30 * time.Millisecond
+
+// benchEvaluator is the daemon's evaluator: the revision in force, the shipped input mapping.
+type benchEvaluator struct {
+	rev atomic.Pointer[policy.Revision]
+	env policy.Env
+}
+
+func (b *benchEvaluator) Grants(ctx context.Context, c agents.Context) (grants.Grants, error) {
+	in := policy.ContextInput(c, b.env, policy.TimeAt(time.Now(), time.UTC))
+	return b.rev.Load().Grants(ctx, in)
+}
+
+// shippedRevision compiles the shipped Rego with data changed by edit.
+func shippedRevision(edit func(settings map[string]any)) (*policy.Revision, error) {
+	f, err := policy.FromFS(policies.FS, "shipped policies")
+	if err != nil {
+		return nil, err
+	}
+	edit(f.Data["tether_settings"].(map[string]any))
+	f.Revision = fmt.Sprintf("bench-%d", time.Now().UnixNano())
+	schema, _ := policies.FS.ReadFile("input.schema.json")
+	return policy.Compile(context.Background(), f, schema)
+}
+
+// egressProfile is a task type profile of n egress rules to distinct addresses of block, and
+// one to the production network that holds only with a step-up approval.
+func egressProfile(n int, block byte) map[string]any {
+	var egress []any
+	for i := range n {
+		egress = append(egress, map[string]any{"cidr": fmt.Sprintf("10.%d.%d.%d/32", block, byte(i>>8), byte(i)), "ports": []any{443}, "protocol": "tcp"})
+	}
+	prod := []any{map[string]any{"network": "production", "ports": []any{5432}, "protocol": "tcp", "production": true}}
+	return map[string]any{"exec": []any{}, "high_risk": []any{}, "unix": []any{}, "egress": egress, "network_egress": prod}
+}
+
+// measurePolicy runs the daemon's chain (registry -> OPA -> compile -> kernel) on its own pins
+// and agent cgroups below the agent parent, with tether's benchmark state unloaded.
+func measurePolicy(e *env, o options) (*policyResults, error) {
+	res := &policyResults{replace: map[int][]float64{}, approve: map[int][]float64{}}
+	pin := e.pin + "-policy"
+	k, err := kernel.Open(kernel.Options{PinDir: pin, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		return nil, err
+	}
+	defer bpffs.RemovePins(pin)
+	defer k.Close()
+	if err := k.AttachParent(e.parent); err != nil {
+		return nil, err
+	}
+	ev := &benchEvaluator{env: policy.Env{Node: "bench", Environment: "production"}}
+	newRegistry := func() *agents.Registry {
+		return agents.New(agents.Options{Dataplane: k, Evaluator: ev, Compile: agents.CompileOn(compile.Options{Files: compile.OS{}}),
+			Parents: []string{e.parent}, LaunchParent: e.parent, Logger: slog.New(slog.DiscardHandler)})
+	}
+	ctx := context.Background()
+
+	// 1. One agent's context changes, in production: a task starts, with a task type whose
+	// profile has n rules (three such types in turn, and the agent's own type without a task a
+	// fourth, so every rule is replaced); then a step-up approval adds the production rule.
+	// Each call returns once the kernel holds the result.
+	const id = "spiffe://bench.tether/agent/changes"
+	for _, n := range policyGrants {
+		rev, err := shippedRevision(func(s map[string]any) {
+			p := s["profiles"].(map[string]any)
+			p["bench-a"], p["bench-b"], p["bench-c"], p["bench-idle"] = egressProfile(n, 1), egressProfile(n, 2), egressProfile(n, 3), egressProfile(n, 4)
+			s["identities"] = map[string]any{id: map[string]any{"task_type": "bench-idle"}}
+		})
+		if err != nil {
+			return nil, err
+		}
+		ev.rev.Store(rev)
+		reg := newRegistry()
+		cg := filepath.Join(e.parent, fmt.Sprintf("policy-%d", n))
+		if err := os.Mkdir(cg, 0o755); err != nil {
+			return nil, err
+		}
+		a, err := reg.Register(agents.Registration{SpiffeID: id, Cgroup: cg})
+		if err != nil {
+			return nil, err
+		}
+		check := func(view agents.Agent, err error, want int) error {
+			if err != nil {
+				return err
+			}
+			if len(view.Refused) > 0 || view.Error != "" || !view.Synced {
+				return fmt.Errorf("context change with %d grants: refused %v, error %q, synced %v", n, view.Refused, view.Error, view.Synced)
+			}
+			return nil
+		}
+		// Changes of one agent come seconds apart in practice; one that comes within about
+		// 10 ms of the last waits for that one's RCU grace period (see pkg/kernel/rulesets.go).
+		// They are spaced so that each is measured on its own.
+		timed := func(f func() (agents.Agent, error)) (float64, error) {
+			time.Sleep(changeGap)
+			start := time.Now()
+			view, err := f()
+			took := time.Since(start)
+			return float64(took.Nanoseconds()), check(view, err, n)
+		}
+		changes := max(20, int(150*o.scale))
+		for i := range changes + 3 {
+			spec := agents.TaskSpec{Type: []string{"bench-a", "bench-b", "bench-c"}[i%3], TTL: time.Hour}
+			replace, err := timed(func() (agents.Agent, error) { return reg.StartTask(a.Slot, spec) })
+			if err != nil {
+				return nil, err
+			}
+			approve, err := timed(func() (agents.Agent, error) {
+				return reg.AddApproval(a.Slot, "connect", "production", "bench", time.Hour)
+			})
+			if err != nil {
+				return nil, err
+			}
+			if i >= 3 { // the first few warm up OPA and the maps
+				res.replace[n] = append(res.replace[n], replace)
+				res.approve[n] = append(res.approve[n], approve)
+			}
+			if _, err := timed(func() (agents.Agent, error) { return reg.EndTask(a.Slot) }); err != nil {
+				return nil, err
+			}
+		}
+		if err := reg.Unregister(a.Slot); err != nil {
+			return nil, err
+		}
+		reg.Close()
+		os.Remove(cg)
+	}
+
+	// 2. A policy change evaluates every agent again: 1,000 agents on the shipped policy and
+	// data, their task types spread over the shipped ones, and two revisions that differ in
+	// one network, so that every agent's rule set changes each time.
+	res.agents = 1000
+	revs := make([]*policy.Revision, 2)
+	for i := range revs {
+		rev, err := shippedRevision(func(s map[string]any) {
+			nets := s["networks"].(map[string]any)
+			nets["internal"] = append(nets["internal"].([]any), fmt.Sprintf("100.%d.0.0/16", 64+i))
+			nets["dns"] = append(nets["dns"].([]any), fmt.Sprintf("100.%d.0.53/32", 64+i))
+		})
+		if err != nil {
+			return nil, err
+		}
+		revs[i] = rev
+	}
+	ev.rev.Store(revs[0])
+	reg := newRegistry()
+	defer reg.Close()
+	types := []string{"coding", "incident-response", "customer-operations"}
+	fleet := filepath.Join(e.parent, "fleet")
+	defer os.Remove(fleet)
+	for i := range res.agents {
+		cg := filepath.Join(fleet, fmt.Sprint(i))
+		if err := os.MkdirAll(cg, 0o755); err != nil {
+			return nil, err
+		}
+		defer os.Remove(cg)
+		a, err := reg.Register(agents.Registration{SpiffeID: fmt.Sprintf("spiffe://bench.tether/fleet/%d", i), Cgroup: cg})
+		if err != nil {
+			return nil, err
+		}
+		if _, err := reg.StartTask(a.Slot, agents.TaskSpec{Type: types[i%len(types)], Sensitivity: "internal", TTL: time.Hour}); err != nil {
+			return nil, err
+		}
+		defer reg.Unregister(a.Slot)
+	}
+	for round := range o.rounds + 1 {
+		ev.rev.Store(revs[(round+1)%2])
+		before := reg.Stats().Installs
+		start := time.Now()
+		if err := reg.Refresh(ctx); err != nil {
+			return nil, err
+		}
+		took := time.Since(start)
+		if got := reg.Stats().Installs - before; got < uint64(res.agents) {
+			return nil, fmt.Errorf("a policy change installed %d of %d rule sets", got, res.agents)
+		}
+		if round > 0 {
+			res.refresh = append(res.refresh, float64(took.Nanoseconds()))
+		}
+	}
+	return res, nil
+}
+
+// percentile of unsorted values.
+func percentile(v []float64, q float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return quantile(s, q)
+}

@@ -1,0 +1,207 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/tether-sh/tether/internal/bundletest"
+	"github.com/tether-sh/tether/internal/dnstest"
+	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/api"
+	"github.com/tether-sh/tether/pkg/events"
+)
+
+// sleeper starts an agent that sleeps until the test ends and returns its cgroup.
+func (d *tetherd) sleeper() string {
+	d.t.Helper()
+	cmd := d.agentRun(agentID, "sleep")
+	stdin, _ := cmd.StdinPipe()
+	if err := cmd.Start(); err != nil {
+		d.t.Fatal(err)
+	}
+	d.t.Cleanup(func() { stdin.Close(); cmd.Wait() })
+	waitFor(d.t, "the agent", func() bool { return len(d.agents()) == 1 })
+	return d.agents()[0].Cgroup
+}
+
+func (d *tetherd) policyStatus() api.PolicyStatus {
+	d.t.Helper()
+	var st struct {
+		Policy api.PolicyStatus `json:"policy"`
+	}
+	if err := json.Unmarshal([]byte(d.ctl("status", "-o", "json")), &st); err != nil {
+		d.t.Fatal(err)
+	}
+	return st.Policy
+}
+
+// TestPrivilegedPolicyBundle runs tetherd on a signed OPA bundle from a bundle server on
+// loopback: the agent is granted what the bundle says, a new bundle revision is evaluated for it
+// (a new generation in the kernel), and a bundle that does not compile or is not signed by the
+// trusted key changes nothing.
+func TestPrivilegedPolicyBundle(t *testing.T) {
+	h := privtest.NewHost(t)
+	okPort, _ := tcpPort(t, h)
+	laterPort, _ := tcpPort(t, h)
+	ok := netip.AddrPortFrom(h.V4, okPort).String()
+	later := netip.AddrPortFrom(h.V4, laterPort).String()
+	self, _ := os.Executable()
+	d := newTetherd(t, profile{})
+
+	key := bundletest.NewKey(t, "tether-e2e")
+	srv := bundletest.NewServer(t)
+	files, _ := bundletest.Shipped(t)
+	p := grantsFor(self, h, okPort)
+	srv.Set(bundletest.Build(t, "b1", files, policyData(p), &key))
+	pub := filepath.Join(d.dir, "bundle.pub")
+	os.WriteFile(pub, []byte(key.PublicPEM), 0o644)
+	d.policyConfig = fmt.Sprintf(`policy:
+  bundle:
+    service: %s
+    resource: %s
+    min_delay: 1s
+    max_delay: 1s
+    public_key_file: %s
+    key_id: %s
+    algorithm: ES256`, srv.URL, bundletest.Resource, pub, key.ID)
+	d.writeConfig()
+	d.start()
+	waitFor(t, "bundle b1 in force", func() bool { return strings.HasPrefix(d.policyStatus().Revision, "b1+") })
+
+	cg := d.sleeper()
+	if got := privtest.Dial(t, cg, "tcp", ok, "tcp", later); !slices.Equal(got, []string{"ok", "eperm"}) {
+		t.Fatalf("with bundle b1: %v", got)
+	}
+	gen := d.agents()[0].Generation
+
+	// A new revision grants the second port: the agent is evaluated again.
+	p["egress"] = append(p["egress"].([]any), map[string]any{"cidr": h.V4.String() + "/32", "ports": []int{int(laterPort)}, "protocol": "tcp"})
+	srv.Set(bundletest.Build(t, "b2", files, policyData(p), &key))
+	waitFor(t, "bundle b2 evaluated for the agent", func() bool { return d.agents()[0].Generation > gen })
+	if st := d.policyStatus(); !strings.HasPrefix(st.Revision, "b2+") {
+		t.Errorf("revision in force: %+v", st)
+	}
+	if got := privtest.Dial(t, cg, "tcp", ok, "tcp", later); !slices.Equal(got, []string{"ok", "ok"}) {
+		t.Fatalf("with bundle b2: %v", got)
+	}
+	gen = d.agents()[0].Generation
+
+	// A bundle that does not compile: refused with the file and line; b2 stays.
+	broken := map[string]string{"tether/broken.rego": "package tether\n\nx := nosuch(1)\n"}
+	for k, v := range files {
+		broken[k] = v
+	}
+	srv.Set(bundletest.Build(t, "b3", broken, policyData(p), &key))
+	waitFor(t, "the refusal of b3", func() bool { return d.policyStatus().Refused == 1 })
+	if st := d.policyStatus(); !strings.HasPrefix(st.Revision, "b2+") || !strings.Contains(st.LastError, "broken.rego:3") {
+		t.Errorf("after a broken bundle: %+v", st)
+	}
+	// One signed with another key: refused by the downloader (logged), b2 stays.
+	other := bundletest.NewKey(t, key.ID)
+	srv.Set(bundletest.Build(t, "b4", files, policyData(profile{}), &other))
+	waitFor(t, "the signature refusal in the log", func() bool {
+		return strings.Contains(d.stderr.String(), "invalid ECDSA signature")
+	})
+	if a := d.agents()[0]; a.Generation != gen {
+		t.Errorf("a refused bundle changed the agent: generation %d, want %d", a.Generation, gen)
+	}
+	if got := privtest.Dial(t, cg, "tcp", ok, "tcp", later); !slices.Equal(got, []string{"ok", "ok"}) {
+		t.Errorf("after refused bundles: %v", got)
+	}
+	// The bundle is not a directory: reload says so.
+	if _, stderr, code := d.ctlRaw("policy", "reload"); code == 0 || !strings.Contains(stderr, "bundle service") {
+		t.Errorf("policy reload with a bundle: exit %d %q", code, stderr)
+	}
+}
+
+// TestPrivilegedFQDNFollowsDNS grants a name: tetherd resolves it with the configured DNS server
+// (one on loopback), and when the answer changes it installs the new address once the old
+// record's TTL runs out.
+func TestPrivilegedFQDNFollowsDNS(t *testing.T) {
+	h1, h2 := privtest.NewHost(t), privtest.NewHost(t)
+	p1, _ := tcpPort(t, h1)
+	p2, _ := tcpPort(t, h2)
+	first := netip.AddrPortFrom(h1.V4, p1).String()
+	second := netip.AddrPortFrom(h2.V4, p2).String()
+	dns := dnstest.Start(t)
+	dns.Set("svc.e2e.test", 5, h1.V4) // 5 s: the shortest TTL tether honours
+	self, _ := os.Executable()
+	d := newTetherd(t, profile{
+		"egress": []any{map[string]any{"fqdn": "svc.e2e.test", "ports": []int{int(p1), int(p2)}, "protocol": "tcp"}},
+		"exec":   []string{self},
+	})
+	d.extra = fmt.Sprintf("dns:\n  server: %s\n", dns.Addr)
+	d.writeConfig()
+	d.start()
+	cg := d.sleeper()
+
+	if got := privtest.Dial(t, cg, "tcp", first, "tcp", second); !slices.Equal(got, []string{"ok", "eperm"}) {
+		t.Fatalf("svc.e2e.test at %s: %v", h1.V4, got)
+	}
+	gen := d.agents()[0].Generation
+	dns.Set("svc.e2e.test", 5, h2.V4)
+	waitFor(t, "the new address installed", func() bool { return d.agents()[0].Generation > gen })
+	if got := privtest.Dial(t, cg, "tcp", first, "tcp", second); !slices.Equal(got, []string{"eperm", "ok"}) {
+		t.Fatalf("svc.e2e.test moved to %s: %v", h2.V4, got)
+	}
+	// The name stops resolving: nothing is granted for it, and the agent says why.
+	dns.Set("svc.e2e.test", 5)
+	waitFor(t, "the refused rule", func() bool { return len(d.agents()[0].Refused) == 1 })
+	if got := privtest.Dial(t, cg, "tcp", first, "tcp", second); !slices.Equal(got, []string{"eperm", "eperm"}) {
+		t.Fatalf("svc.e2e.test gone: %v", got)
+	}
+	if r := d.agents()[0].Refused[0]; !strings.Contains(r, "svc.e2e.test") {
+		t.Errorf("refusal: %q", r)
+	}
+}
+
+// TestPrivilegedRespond checks what the policy's respond decision says about an agent's denials,
+// as written into each decision record: a denied exec is an alert, the third denied connect in a
+// minute a freeze (which outranks an alert), a connect to the metadata address a kill.
+func TestPrivilegedRespond(t *testing.T) {
+	h := privtest.NewHost(t)
+	okPort, _ := tcpPort(t, h)
+	self, _ := os.Executable()
+	d := newTetherd(t, grantsFor(self, h, okPort))
+	d.start()
+	cg := d.sleeper()
+
+	privtest.Command(t, cg, "exec", privtest.SelfCopy(t)).Run() // denied: the exec fails or is killed
+	rec := d.decision("the denied exec", func(r events.Decision) bool { return r.Kind == "exec" && r.Verdict == "deny" })
+	if rec.Response != "alert" {
+		t.Errorf("denied exec: response %q, want alert", rec.Response)
+	}
+	for i := 1; i <= 3; i++ {
+		dest := fmt.Sprintf("192.0.2.%d:443", i) // TEST-NET-1; denied, so nothing is sent
+		if got := privtest.Dial(t, cg, "udp4mapped", dest); !slices.Equal(got, []string{"eperm"}) {
+			t.Fatalf("connect %s: %v", dest, got)
+		}
+		rec := d.decision("the denial of "+dest, func(r events.Decision) bool { return r.Destination == dest })
+		want := "none"
+		if i == 3 {
+			want = "freeze"
+		}
+		if rec.Response != want {
+			t.Errorf("denial %d (%s): response %q, want %q", i, dest, rec.Response, want)
+		}
+	}
+	if got := privtest.Dial(t, cg, "udp4mapped", "169.254.169.254:80"); !slices.Equal(got, []string{"eperm"}) {
+		t.Fatalf("metadata connect: %v", got)
+	}
+	rec = d.decision("the metadata denial", func(r events.Decision) bool { return r.Destination == "169.254.169.254:80" })
+	if rec.Response != "kill" {
+		t.Errorf("metadata connect: response %q, want kill", rec.Response)
+	}
+	// Allowed decisions are not judged.
+	privtest.Dial(t, cg, "tcp", netip.AddrPortFrom(h.V4, okPort).String())
+	rec = d.decision("the allowed connect", func(r events.Decision) bool { return r.Verdict == "allow" && r.Kind == "connect4" })
+	if rec.Response != "" {
+		t.Errorf("allowed connect: response %q", rec.Response)
+	}
+}

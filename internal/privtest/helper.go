@@ -335,9 +335,9 @@ func helperSleep([]string) int {
 // helperProbe answers requests read from stdin, one per line, with one result line each (see
 // Result; an exec also answers "killed" when the kernel killed the new program):
 //
-//	udp|udp4mapped ADDRESS:PORT   connect a UDP socket (sends nothing: any address will do)
-//	tcp|tcp4mapped|udpsend ADDRESS:PORT   connect, or send one datagram (loopback and test hosts only)
-//	unix PATH|@NAME               connect a unix stream socket
+//	udp|udp4mapped ADDRESS:PORT           connect a UDP socket (sends nothing: any address will do)
+//	tcp|tcp4mapped|udpsend ADDRESS:PORT   connect, or send one datagram: loopback only (anything else is refused)
+//	unix PATH|@NAME                       connect a unix stream socket
 //	exec PATH                                     run PATH (a copy of the test binary runs the exit helper)
 func helperProbe([]string) int {
 	in := bufio.NewScanner(os.Stdin)
@@ -350,8 +350,17 @@ func helperProbe([]string) int {
 			res = execResult(arg)
 		case "udp":
 			res = Result(connectUDP(arg))
-		default:
+		case "udp4mapped", "unix": // connect only: nothing is sent
 			res = Result(dialOne(kind, arg))
+		case "tcp", "tcp4mapped", "udpsend":
+			// These send: only ever to loopback.
+			if ap, err := netip.ParseAddrPort(arg); err != nil || !ap.Addr().IsLoopback() {
+				res = "error:refused:not_a_loopback_address"
+				break
+			}
+			res = Result(dialOne(kind, arg))
+		default:
+			res = "error:unknown_request"
 		}
 		fmt.Fprintln(out, res)
 		out.Flush()

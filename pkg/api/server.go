@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 	"unsafe"
@@ -261,6 +262,10 @@ func confined(r *http.Request, c Caller, isConfined func(int32) bool) bool {
 	return false
 }
 
+// ReservedLabelPrefix marks the labels only admins may set: the shipped policy reads
+// tether.dev/mode.
+const ReservedLabelPrefix = "tether.dev/"
+
 func caller(r *http.Request) Caller { return r.Context().Value(callerKey{}).(Caller) }
 
 func (s *Server) admin(w http.ResponseWriter, r *http.Request) bool {
@@ -331,6 +336,13 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 	case req.Launch && !s.policy().MayLaunch(c, req.SpiffeID):
 		refuse(w, http.StatusForbidden, fmt.Errorf("uid %d may not launch %s (no launch rule allows it)", c.UID, req.SpiffeID))
 		return
+	}
+	// Labels under tether.dev/ steer tether itself (tether.dev/mode: audit): admins only.
+	for k := range req.Labels {
+		if strings.HasPrefix(k, ReservedLabelPrefix) && !s.policy().IsAdmin(c) {
+			refuse(w, http.StatusForbidden, fmt.Errorf("label %q: labels under %s are for admins", k, ReservedLabelPrefix))
+			return
+		}
 	}
 	if req.Launch {
 		uid := c.UID

@@ -88,6 +88,9 @@ func Compile(ctx context.Context, g grants.Grants, opts Options) *Result {
 		egress = append(egress, c.egress(ctx, fmt.Sprintf("egress[%d]", i), e)...)
 	}
 	c.res.RuleSet.Egress = c.merge(egress)
+	for i, d := range g.ExecDeny {
+		c.deny(fmt.Sprintf("exec_deny[%d]", i), d)
+	}
 	for i, e := range g.Exec {
 		c.exec(fmt.Sprintf("exec[%d]", i), e)
 	}
@@ -126,6 +129,8 @@ func compareBool(a, b bool) int {
 type compiler struct {
 	opts Options
 	res  Result
+	// denied are the files exec_deny names, by identity, with the name it gave.
+	denied map[dataplane.FileID]string
 }
 
 func (c *compiler) refuse(rule, format string, args ...any) {
@@ -188,7 +193,7 @@ func (c *compiler) egress(ctx context.Context, where string, e grants.Egress) []
 		return nil
 	}
 	var proto dataplane.Proto
-	switch strings.ToLower(e.Protocol) {
+	switch e.Protocol {
 	case "", "any":
 		proto = dataplane.ProtoAny
 	case "tcp":
@@ -208,6 +213,10 @@ func (c *compiler) egress(ctx context.Context, where string, e grants.Egress) []
 		}
 	}
 	ports := e.Ports
+	if ports != nil && len(ports) == 0 {
+		c.refuse(where, "ports is empty: omit ports to allow every port")
+		return nil
+	}
 	if len(ports) == 0 {
 		ports = []grants.PortRange{{Lo: 0, Hi: 65535}}
 	}
@@ -432,33 +441,87 @@ func (c *compiler) file(where, path string) (dataplane.FileID, bool) {
 	return id, true
 }
 
-func (c *compiler) exec(where string, e grants.Exec) {
-	path := e.Path
-	c.warnWritable(where, path)
-	if !strings.ContainsAny(path, "*?[") {
-		if id, ok := c.file(where+": path", path); ok {
-			c.res.RuleSet.Exec = append(c.res.RuleSet.Exec, dataplane.ExecRule{File: id, Audit: e.Audit})
-		}
-		return
+// wildcards are what exec paths may use: OPA's glob.match (the reference decision) and the
+// compiler's filepath.Glob agree on * and ?, not on classes, alternatives or escapes.
+const wildcards = "*?"
+
+func checkExecPath(path string) error {
+	switch {
+	case !filepath.IsAbs(path):
+		return fmt.Errorf("path %q: must be an absolute path", path)
+	case strings.ContainsAny(path, "[]{}\\"):
+		return fmt.Errorf("path %q: only * and ? are supported as wildcards", path)
 	}
-	if !filepath.IsAbs(path) {
-		c.refuse(where, "path %q: must be an absolute path", path)
-		return
+	return nil
+}
+
+// expand resolves an exec path or glob to the regular files it names, with their names.
+func (c *compiler) expand(where, path string) (ids []dataplane.FileID, names []string, ok bool) {
+	if err := checkExecPath(path); err != nil {
+		c.refuse(where, "%v", err)
+		return nil, nil, false
+	}
+	if !strings.ContainsAny(path, wildcards) {
+		id, ok := c.file(where+": path", path)
+		if !ok {
+			return nil, nil, false
+		}
+		return []dataplane.FileID{id}, []string{path}, true
 	}
 	matches, err := c.opts.Files.Glob(path)
 	if err != nil {
 		c.refuse(where, "path %q: %v", path, err)
-		return
+		return nil, nil, false
 	}
-	n := 0
 	for _, m := range matches {
 		if id, regular, err := c.opts.Files.Stat(m); err == nil && regular {
-			c.res.RuleSet.Exec = append(c.res.RuleSet.Exec, dataplane.ExecRule{File: id, Audit: e.Audit})
-			n++
+			ids, names = append(ids, id), append(names, m)
 		}
 	}
-	if n == 0 {
-		c.warnf("%s: path %q matches no file on this host", where, path)
+	return ids, names, true
+}
+
+// deny records the files an exec_deny entry names; one that names nothing denies nothing.
+func (c *compiler) deny(where, path string) {
+	if err := checkExecPath(path); err != nil {
+		c.refuse(where, "%v", err)
+		return
+	}
+	var names []string
+	if strings.ContainsAny(path, wildcards) {
+		var err error
+		if names, err = c.opts.Files.Glob(path); err != nil {
+			c.refuse(where, "path %q: %v", path, err)
+			return
+		}
+	} else {
+		names = []string{path}
+	}
+	for _, n := range names {
+		if id, regular, err := c.opts.Files.Stat(n); err == nil && regular {
+			if c.denied == nil {
+				c.denied = map[dataplane.FileID]string{}
+			}
+			c.denied[id] = n
+		}
+	}
+}
+
+func (c *compiler) exec(where string, e grants.Exec) {
+	c.warnWritable(where, e.Path)
+	ids, names, ok := c.expand(where, e.Path)
+	if !ok {
+		return
+	}
+	for i, id := range ids {
+		if d, denied := c.denied[id]; denied {
+			c.refuse(where, "%q is the same file as %q, which exec_deny names", names[i], d)
+			continue
+		}
+		c.res.RuleSet.Exec = append(c.res.RuleSet.Exec, dataplane.ExecRule{File: id, Audit: e.Audit})
+	}
+	if len(ids) == 0 {
+		c.warnf("%s: path %q matches no file on this host", where, e.Path)
 	}
 }
 

@@ -57,6 +57,8 @@ var files = fakeFiles{
 		"/usr/bin/sh":   {Dev: 1, Ino: 12},
 		"/opt/x/a":      {Dev: 2, Ino: 1},
 		"/opt/x/b":      {Dev: 2, Ino: 2},
+		"/opt/y/sh":     {Dev: 1, Ino: 12}, // another name for /usr/bin/sh
+		"/opt/y/tool":   {Dev: 3, Ino: 1},
 	},
 	dirs:     map[string]bool{"/usr/bin": true},
 	writable: map[string]bool{"/tmp": true},
@@ -168,12 +170,17 @@ func TestCompileErrors(t *testing.T) {
 		{"host bits", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.1/8"}}}, "did you mean 10.0.0.0/8"},
 		{"zone", grants.Grants{Egress: []grants.Egress{{CIDR: "fe80::1%eth0"}}}, "zones"},
 		{"protocol", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Protocol: "sctp"}}}, `protocol "sctp": the kernel matches`},
+		{"protocol case", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Protocol: "TCP"}}}, `protocol "TCP": the kernel matches tcp`},
+		{"empty ports", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Ports: []grants.PortRange{}}}}, "ports is empty"},
 		{"reversed range", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Ports: []grants.PortRange{{Lo: 9, Hi: 1}}}}}, "start is above end"},
 		{"too many port rules", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Ports: many}}}, "17 distinct port rules"},
 		{"inherited rules count", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Ports: many[:9]}, {CIDR: "10.1.0.0/16", Ports: many[9:]}}}, "egress to 10.1.0.0/16: 17"},
 		{"relative binary", grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8", Binary: "curl"}}}, "absolute"},
 		{"exec directory", grants.Grants{Exec: []grants.Exec{{Path: "/usr/bin"}}}, "not a regular file"},
 		{"exec relative", grants.Grants{Exec: []grants.Exec{{Path: "bin/sh"}}}, "absolute"},
+		{"exec class", grants.Grants{Exec: []grants.Exec{{Path: "/usr/bin/[^x]url"}}}, "only * and ? are supported"},
+		{"exec alternatives", grants.Grants{Exec: []grants.Exec{{Path: "/usr/bin/{curl,git}"}}}, "only * and ?"},
+		{"exec_deny class", grants.Grants{ExecDeny: []string{"/usr/bin/[a-z]*"}}, "exec_deny[0]: path"},
 		{"unix relative", grants.Grants{Unix: []grants.Unix{{Path: "run/x.sock"}}}, "absolute"},
 		{"unix dotdot", grants.Grants{Unix: []grants.Unix{{Path: "/run/../x.sock"}}}, "clean path"},
 		{"unix wildcard", grants.Grants{Unix: []grants.Unix{{Path: "/run/*.sock"}}}, "trailing /*"},
@@ -208,6 +215,28 @@ func TestCompileCIDRs(t *testing.T) {
 	}
 	if len(many.Refused) != 1 || many.Refused[0].Rule != "egress[0].cidrs[2]" {
 		t.Errorf("refused: %v", many.Refused)
+	}
+}
+
+// TestCompileExecDeny: a denied file stays denied under any name: another path of the same
+// file, or a glob that covers it; the other files of the glob are granted.
+func TestCompileExecDeny(t *testing.T) {
+	res := Compile(context.Background(), grants.Grants{
+		ExecDeny: []string{"/usr/bin/sh", "/usr/bin/missing"},
+		Exec:     []grants.Exec{{Path: "/opt/y/*"}, {Path: "/usr/bin/sh"}, {Path: "/usr/bin/git"}},
+	}, Options{Files: files})
+	var granted []dataplane.FileID
+	for _, e := range res.RuleSet.Exec {
+		granted = append(granted, e.File)
+	}
+	want := []dataplane.FileID{{Dev: 1, Ino: 11}, {Dev: 3, Ino: 1}}
+	if !reflect.DeepEqual(granted, want) {
+		t.Errorf("granted %v, want %v", granted, want)
+	}
+	reasons := fmt.Sprint(res.Refused)
+	if len(res.Refused) != 2 || !strings.Contains(reasons, `exec[0]: "/opt/y/sh" is the same file as "/usr/bin/sh"`) ||
+		!strings.Contains(reasons, `exec[1]: "/usr/bin/sh" is the same file`) {
+		t.Errorf("refused: %v", res.Refused)
 	}
 }
 

@@ -18,6 +18,11 @@ type Grants struct {
 	Egress []Egress `json:"egress,omitempty"`
 	Exec   []Exec   `json:"exec,omitempty"`
 	Unix   []Unix   `json:"unix,omitempty"`
+	// ExecDeny names files no exec rule may grant (absolute paths, or globs with * and ?). They
+	// are matched by file identity: an exec rule that resolves to one of them, under any name (a
+	// symlink, a hard link, a glob), is refused. The shipped policy lists here the high-risk
+	// tools the task type does not grant.
+	ExecDeny []string `json:"exec_deny,omitempty"`
 	// ValidUntil, when set, is when these grants end; tether re-evaluates then.
 	ValidUntil *time.Time `json:"valid_until,omitempty"`
 }

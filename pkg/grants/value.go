@@ -10,8 +10,9 @@ import (
 // FromValue decodes grants from the value a policy evaluated to: JSON-shaped Go values
 // (map[string]any, []any, json.Number or float64, string, bool, nil), as OPA returns them. It
 // is as strict as decoding the JSON form with unknown fields disallowed (an unknown field or a
-// value of the wrong type is an error naming where), without encoding and decoding JSON: for a
-// thousand rules that round trip costs more than evaluating the policy.
+// value of the wrong type is an error naming where), and stricter in one way: field names match
+// exactly, where encoding/json ignores case. It skips encoding and decoding JSON: for a thousand
+// rules that round trip costs more than evaluating the policy.
 func FromValue(v any) (Grants, error) {
 	var g Grants
 	d := &decoder{}
@@ -54,6 +55,9 @@ func FromValue(v any) (Grants, error) {
 				})
 				g.Unix = append(g.Unix, u)
 			})
+		case "exec_deny":
+			g.ExecDeny = alloc[string](v)
+			d.array(v, func(v any) { g.ExecDeny = append(g.ExecDeny, d.str(v)) })
 		case "valid_until":
 			if v == nil {
 				return

@@ -29,7 +29,8 @@ func strictJSON(doc string) (Grants, error) {
 }
 
 // TestFromValueMatchesJSON: FromValue accepts what the strict JSON decoder accepts, with the
-// same result, and refuses what it refuses.
+// same result, and refuses what it refuses (field names here are in the right case; FromValue
+// does not accept "Mode" as encoding/json does).
 func TestFromValueMatchesJSON(t *testing.T) {
 	docs := []string{
 		`{}`,
@@ -37,7 +38,8 @@ func TestFromValueMatchesJSON(t *testing.T) {
 		`{"mode": "enforce", "egress": [{"cidr": "10.0.0.0/8", "ports": [443, "8000-8100", "22"], "protocol": "tcp", "binary": "/usr/bin/git", "audit": true}],
 		  "exec": [{"path": "/usr/bin/git"}, {"path": "/opt/*", "audit": true}], "unix": [{"path": "@bus"}], "valid_until": "2026-11-27T18:00:00Z"}`,
 		`{"egress": [{"cidrs": ["10.0.0.0/8", "::1"], "ports": null}, {"cidrs": []}, {"fqdn": "example.com"}, null]}`,
-		`{"egress": null, "exec": null, "unix": null, "valid_until": null, "mode": null}`,
+		`{"egress": null, "exec": null, "unix": null, "valid_until": null, "mode": null, "exec_deny": null}`,
+		`{"exec_deny": ["/usr/bin/curl", "/opt/*"], "exec": []}`,
 		// refused
 		`{"egresss": []}`,
 		`{"egress": [{"cidr": "10.0.0.0/8", "port": [443]}]}`,
@@ -48,6 +50,7 @@ func TestFromValueMatchesJSON(t *testing.T) {
 		`{"egress": [{"cidrs": "10.0.0.0/8"}]}`,
 		`{"egress": {"cidr": "10.0.0.0/8"}}`,
 		`{"exec": [{"path": 7}]}`,
+		`{"exec_deny": [{"path": "/usr/bin/curl"}]}`,
 		`{"unix": [{"path": "/x", "audit": "yes"}]}`,
 		`{"mode": ["enforce"]}`,
 		`{"valid_until": "tomorrow"}`,

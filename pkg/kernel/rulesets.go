@@ -117,6 +117,9 @@ func (k *Kernel) Install(slot dataplane.Slot, rs *dataplane.RuleSet) error {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.waitQuiet()
+	// A new epoch before anything is written: a background sync that resumes after this
+	// install (even one that fails halfway) must not record its own plan as what a buffer holds.
+	st.epoch++
 	if err := k.loadSlot(st, slot); err != nil {
 		return err
 	}
@@ -128,7 +131,6 @@ func (k *Kernel) Install(slot dataplane.Slot, rs *dataplane.RuleSet) error {
 	if err := k.writeAgent(st, slot, st.flags, target); err != nil {
 		return err
 	}
-	st.epoch++
 	epoch := st.epoch
 	st.quiet = k.graceAsync(func() { k.syncInactive(st, slot, epoch) })
 	return nil
@@ -237,8 +239,8 @@ func plan(have, want map[bpfTetherRuleKey]bpfTetherRuleValue) ([]bpfTetherRuleKe
 }
 
 // apply deletes dels and writes keys and vals: one syscall each where the kernel has batch
-// operations on tries (Linux 5.6+); the elements one by one where it does not, or for what a
-// batch left undone.
+// operations on tries; the elements one by one where it does not, or for what a batch left
+// undone.
 func apply(buf *ebpf.Map, dels, keys []bpfTetherRuleKey, vals []bpfTetherRuleValue) error {
 	if len(dels) > 0 {
 		n, _ := buf.BatchDelete(dels, nil)
@@ -380,6 +382,7 @@ func (k *Kernel) Clear(slot dataplane.Slot) error {
 	st := k.slot(slot)
 	st.mu.Lock()
 	defer st.mu.Unlock()
+	st.epoch++ // no background sync writes from here on
 	// State first: from here on the slot denies everything until it is reused.
 	errs = append(errs, k.writeAgent(st, slot, 0, 0))
 	st.waitQuiet()

@@ -239,3 +239,47 @@ func TestPrivilegedIdleBufferCatchesUp(t *testing.T) {
 		t.Errorf("after the incremental install: %v", got)
 	}
 }
+
+// TestPrivilegedMirrorsStayTrue: installs that come while the idle buffer is being brought up
+// to date in the background (in chunks) leave what tetherd records of each buffer equal to what
+// the kernel holds; a wrong record would let a later install skip a write it needs.
+func TestPrivilegedMirrorsStayTrue(t *testing.T) {
+	f := newFixture(t, Options{})
+	a, b := swapSets(7101, 7102, 7103)
+	c, _ := swapSets(7104, 7105, 7106)
+	for i := range c.Egress[:2000] {
+		c.Egress[i].Prefix = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 2, byte(i >> 8), byte(i)}), 32)
+	}
+	sets := []dataplane.RuleSet{a, b, c}
+	f.agent(t, "agent", 1, a)
+	st := f.k.slot(1)
+	check := func(round int) {
+		st.mu.Lock()
+		defer st.mu.Unlock()
+		for i := range 2 {
+			if st.mirror[i] == nil || st.bufs[i] == nil {
+				continue
+			}
+			got, err := readTrie(st.bufs[i])
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(got, st.mirror[i]) {
+				t.Fatalf("round %d, buffer %d (active %d): the kernel holds %d entries, the record says %d", round, i, st.active, len(got), len(st.mirror[i]))
+			}
+		}
+	}
+	for round := range 24 {
+		rs := sets[round%3]
+		rs.Generation = uint64(round + 10)
+		if err := f.k.Install(1, &rs); err != nil {
+			t.Fatal(err)
+		}
+		check(round)
+		// Sometimes let the grace period pass, so the next install meets the sync under way.
+		if round%2 == 1 {
+			time.Sleep(time.Duration(5+round) * time.Millisecond)
+		}
+		check(round)
+	}
+}

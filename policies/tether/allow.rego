@@ -24,6 +24,13 @@ allow if {
 	input.request.kind == "exec"
 	some e in grants.exec
 	glob.match(e.path, ["/"], input.request.path)
+	not exec_denied(input.request.path)
+}
+
+# tether matches exec_deny by file identity; here, by name.
+exec_denied(path) if {
+	some d in object.get(grants, "exec_deny", [])
+	glob.match(d, ["/"], path)
 }
 
 # A unix socket: the exact path (or @abstract name) the agent passes, or any path below a
@@ -34,11 +41,21 @@ allow if {
 	unix_matches(u.path, input.request.path)
 }
 
-unix_matches(granted, path) if granted == path
+# A pathname with a ".." component matches nothing: it could climb out of a granted directory.
+unix_matches(granted, path) if {
+	granted == path
+	not dotdot(path)
+}
 
 unix_matches(granted, path) if {
 	endswith(granted, "/*")
 	startswith(path, trim_suffix(granted, "*"))
+	not dotdot(path)
+}
+
+dotdot(path) if {
+	not startswith(path, "@")
+	".." in split(path, "/")
 }
 
 # A rule names one prefix (cidr) or several (cidrs); fqdn rules name none here.

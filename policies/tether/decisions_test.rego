@@ -40,7 +40,7 @@ test_allow_unix_paths if {
 	profiles := {"u": {"exec": [], "high_risk": [], "egress": [], "unix": ["/run/app.sock", "/run/tools/*", "@bus"]}}
 	i := ctx(task("u", "public"), dev, morning)
 	allowed := {p |
-		some p in ["/run/app.sock", "/run/app.sock2", "/run/tools/a", "/run/tools/a/b", "/run/tools", "@bus", "@bus2", "/run/toolsx/a"]
+		some p in ["/run/app.sock", "/run/app.sock2", "/run/tools/a", "/run/tools/a/b", "/run/tools", "@bus", "@bus2", "/run/toolsx/a", "/run/tools/../app.sock", "/run/tools/a/..", "@bus/.."]
 		tether.allow with input as object.union(i, {"request": {"kind": "unix", "path": p}}) with data.tether_settings.profiles as profiles
 	}
 	allowed == {"/run/app.sock", "/run/tools/a", "/run/tools/a/b", "@bus"}

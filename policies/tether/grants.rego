@@ -55,6 +55,10 @@ covers_denied(pattern) if {
 
 exec := [{"path": p} | some p in sort(exec_paths)]
 
+# The denied tools also go to tether, which refuses any exec rule that resolves to one of them
+# under another name (a symlink such as python3 -> python3.11, a hard link, a glob).
+exec_deny := sort(high_risk_denied)
+
 # --- egress ---------------------------------------------------------------------------------
 
 # A profile has two kinds of egress rules. `egress` rules are in the grant shape (cidr, cidrs or
@@ -64,8 +68,17 @@ exec := [{"path": p} | some p in sort(exec_paths)]
 # rebuilt one by one, so even a profile of thousands evaluates in about a millisecond.
 
 # A task touching restricted data reaches internal networks only: no written rules (they may
-# go anywhere, fqdn rules included) and only network rules to internal networks.
+# go anywhere, fqdn rules included) and only network rules to internal networks. A sensitivity
+# the policy does not know counts as restricted: a typo must not open the internet.
+known_sensitivities := {"public", "internal", "confidential"}
+
 restricted if input.task.sensitivity == "restricted"
+
+restricted if {
+	s := object.get(input.task, "sensitivity", "")
+	s != ""
+	not s in known_sensitivities
+}
 
 default written_egress := []
 
@@ -107,16 +120,22 @@ in_window(w) if {
 	input.time.hour < w.end_hour
 }
 
-# Tool chain: only git may reach the git hosting range.
+# Tool chain: only git may reach the git hosting range; without a git_binary setting, nothing
+# may.
 default chain(_) := {}
 
 chain(r) := {"binary": settings.git_binary} if r.network == "git_hosting"
+
+chain_holds(r) if r.network != "git_hosting"
+
+chain_holds(r) if settings.git_binary
 
 network_rules := object.get(profile, "network_egress", [])
 
 # A network settings.networks does not list gets no cidrs: tether refuses the rule, and says so.
 network_egress contains rule if {
 	some r in network_rules
+	chain_holds(r)
 	sensitivity_allows(r)
 	environment_allows(r)
 	window_allows(r)
@@ -157,6 +176,6 @@ valid_until_field := {"valid_until": time.format([min(edges), "UTC", "2006-01-02
 # --- the result -----------------------------------------------------------------------------
 
 grants := object.union(
-	{"mode": mode, "egress": egress, "exec": exec, "unix": unix},
+	{"mode": mode, "egress": egress, "exec": exec, "exec_deny": exec_deny, "unix": unix},
 	valid_until_field,
 )

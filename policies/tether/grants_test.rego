@@ -23,7 +23,7 @@ egress_to(g, network) := {r | some r in g.egress; r.cidrs == data.tether_setting
 
 test_deny_by_default if {
 	g := tether.grants with input as {"agent": agent("spiffe://example.org/nobody"), "env": dev, "time": morning}
-	g == {"mode": "enforce", "egress": [], "exec": [], "unix": []}
+	g == {"mode": "enforce", "egress": [], "exec": [], "exec_deny": tether.exec_deny, "unix": []}
 }
 
 test_unknown_task_type_gets_nothing if {
@@ -139,4 +139,43 @@ test_an_unknown_network_is_passed_on_empty_so_tether_refuses_it if {
 	profiles := {"n": {"exec": [], "high_risk": [], "unix": [], "network_egress": [{"network": "nosuch", "ports": [443]}]}}
 	g := tether.grants with input as ctx(task("n", "internal"), dev, morning) with data.tether_settings.profiles as profiles
 	g.egress == [{"cidrs": [], "ports": [443]}]
+}
+
+# Overlapping networks would let a rule to one reach the other: the kernel merges the ports of
+# every covering prefix (a rule to "internal" would open "production" without its approval).
+test_networks_do_not_overlap if {
+	overlaps := {[a, b] |
+		some a, ca in data.tether_settings.networks
+		some b, cb in data.tether_settings.networks
+		a < b
+		some x in ca
+		some y in cb
+		net.cidr_intersects(x, y)
+	}
+	overlaps == set()
+}
+
+test_production_needs_the_approval_in_production if {
+	req := {"kind": "connect", "ip": "10.100.1.1", "port": 443, "protocol": "tcp", "binary": "/usr/bin/python3"}
+	not tether.allow with input as object.union(ctx(task("coding", "internal"), prod, morning), {"request": req})
+	ssh := {"kind": "connect", "ip": "10.100.1.1", "port": 22, "protocol": "tcp", "binary": "/usr/bin/ssh"}
+	not tether.allow with input as object.union(ctx(task("incident-response", "internal"), prod, morning), {"request": ssh})
+}
+
+test_unknown_sensitivity_counts_as_restricted if {
+	g := tether.grants with input as ctx(task("coding", "Restricted"), dev, morning)
+	count(egress_to(g, "git_hosting")) == 0
+	count(egress_to(g, "internal")) > 0
+}
+
+test_git_hosting_closed_without_a_git_binary if {
+	settings := object.remove(data.tether_settings, {"git_binary"})
+	g := tether.grants with input as ctx(task("coding", "internal"), dev, morning) with data.tether_settings as settings
+	count(egress_to(g, "git_hosting")) == 0
+}
+
+test_denied_tools_are_passed_on if {
+	g := tether.grants with input as ctx(task("coding", "internal"), dev, morning)
+	"/usr/bin/curl" in g.exec_deny
+	not "/usr/bin/python3" in g.exec_deny
 }

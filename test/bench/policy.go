@@ -108,7 +108,9 @@ func measurePolicy(e *env, o options) (*policyResults, error) {
 		}
 		ev.rev.Store(rev)
 		reg := newRegistry()
+		defer reg.Close()
 		cg := filepath.Join(e.parent, fmt.Sprintf("policy-%d", n))
+		defer os.Remove(cg)
 		if err := os.Mkdir(cg, 0o755); err != nil {
 			return nil, err
 		}
@@ -116,7 +118,7 @@ func measurePolicy(e *env, o options) (*policyResults, error) {
 		if err != nil {
 			return nil, err
 		}
-		check := func(view agents.Agent, err error, want int) error {
+		check := func(view agents.Agent, err error) error {
 			if err != nil {
 				return err
 			}
@@ -133,7 +135,7 @@ func measurePolicy(e *env, o options) (*policyResults, error) {
 			start := time.Now()
 			view, err := f()
 			took := time.Since(start)
-			return float64(took.Nanoseconds()), check(view, err, n)
+			return float64(took.Nanoseconds()), check(view, err)
 		}
 		changes := max(20, int(150*o.scale))
 		for i := range changes + 3 {
@@ -159,8 +161,6 @@ func measurePolicy(e *env, o options) (*policyResults, error) {
 		if err := reg.Unregister(a.Slot); err != nil {
 			return nil, err
 		}
-		reg.Close()
-		os.Remove(cg)
 	}
 
 	// 2. A policy change evaluates every agent again: 1,000 agents on the shipped policy and

@@ -137,7 +137,10 @@ func TestPrivilegedKernelAgreesWithPolicy(t *testing.T) {
 					t.Fatal(err)
 				}
 				reply := r.probe.ask(t, r.line)
-				got := reply != "eperm" && reply != "killed"
+				got, known := verdict(reply)
+				if !known {
+					t.Fatalf("round %d: %q gave %q, which says neither allowed nor denied", rounds, r.line, reply)
+				}
 				st.count(r.req.Kind, allow)
 				if got != allow {
 					b, _ := json.Marshal(q)
@@ -166,6 +169,25 @@ func TestPrivilegedKernelAgreesWithPolicy(t *testing.T) {
 			t.Errorf("%s: only %d denied and %d allowed samples (want at least %d of each)", kind, v[0], v[1], least)
 		}
 	}
+}
+
+// verdict reads a probe's answer: denied (EPERM, or the exec killed), allowed (it worked, or it
+// failed for a reason only an allowed request meets: nothing listens, no route, no such
+// socket), or neither.
+func verdict(reply string) (allowed, known bool) {
+	switch reply {
+	case "ok":
+		return true, true
+	case "eperm", "killed":
+		return false, true
+	}
+	for _, after := range []string{"connection_refused", "network_is_unreachable", "no_route_to_host",
+		"no_such_file_or_directory", "cannot_assign_requested_address"} {
+		if strings.HasPrefix(reply, "error:") && strings.Contains(reply, after) {
+			return true, true
+		}
+	}
+	return false, false
 }
 
 // perRound is how many requests each agent answers per context.
@@ -402,6 +424,7 @@ func newWorld(t *testing.T) *world {
 			map[string]any{"cidr": "::1/128", "protocol": "udp"},
 			map[string]any{"cidrs": []any{"2001:db8::/32", "127.1.3.0/24"}, "ports": []any{"1-1024"}, "protocol": "udp"},
 			map[string]any{"cidr": "127.9.9.9", "ports": []any{9999}},
+			map[string]any{"cidr": "127.1.4.0/24", "ports": []any{"5000-5010"}, "protocol": "tcp", "audit": true},
 		},
 		"network_egress": []any{
 			map[string]any{"network": "git_hosting", "ports": []any{443}, "protocol": "tcp"},
@@ -419,7 +442,7 @@ func newWorld(t *testing.T) *world {
 		}
 	}
 	w.networks = append(w.networks, mustPrefix("127.1.0.0/16"), mustPrefix("127.1.2.0/24"), mustPrefix("127.1.2.128/25"),
-		mustPrefix("2001:db8::/32"), mustPrefix("127.1.3.0/24"), mustPrefix("127.9.9.9/32"))
+		mustPrefix("2001:db8::/32"), mustPrefix("127.1.3.0/24"), mustPrefix("127.9.9.9/32"), mustPrefix("127.1.4.0/24"))
 	w.unix = []string{sock, tools, abstract, abstract + "-test"}
 	return w
 }
@@ -461,7 +484,7 @@ func (w *world) revision(t *testing.T) *policy.Revision {
 
 var (
 	taskTypes     = []string{"coding", "incident-response", "customer-operations", "difftest", "demo", "unheard-of"}
-	sensitivities = []string{"public", "internal", "confidential", "restricted", ""}
+	sensitivities = []string{"public", "internal", "confidential", "restricted", "", "Restricted"}
 	environments  = []string{"development", "staging", "production", "production", ""}
 	resources     = []string{"production", "production", "internal", "git_hosting"}
 )
@@ -633,9 +656,10 @@ func (w *world) unixPath(rng *rand.Rand, g grants.Grants) string {
 		base = pick(rng, g.Unix).Path
 	}
 	if dir, ok := strings.CutSuffix(base, "/*"); ok {
-		return pick(rng, []string{dir + "/agent.sock", dir + "/nested/deeper.sock", dir, dir + "x/other.sock", filepath.Dir(dir) + "/else.sock"})
+		return pick(rng, []string{dir + "/agent.sock", dir + "/nested/deeper.sock", dir, dir + "x/other.sock", filepath.Dir(dir) + "/else.sock",
+			dir + "/../docker.sock", dir + "/a/../b.sock", dir + "/..", dir + "/./c.sock"})
 	}
-	return pick(rng, []string{base, base, base + "2", filepath.Join(w.dir, "run", "missing.sock")})
+	return pick(rng, []string{base, base, base + "2", filepath.Join(w.dir, "run", "missing.sock"), base + "/.."})
 }
 
 // probe is a helper process inside an agent's cgroup that makes the requests.

@@ -205,3 +205,65 @@ func TestPrivilegedRespond(t *testing.T) {
 		t.Errorf("allowed connect: response %q", rec.Response)
 	}
 }
+
+// TestPrivilegedTaskAndApprovalThroughTetherctl changes an agent's context with tetherctl and
+// checks the kernel follows: a task of a wider type opens a port, an approved step-up opens the
+// production network until the approval expires, and ending the task closes what it opened.
+func TestPrivilegedTaskAndApprovalThroughTetherctl(t *testing.T) {
+	h := privtest.NewHost(t)
+	base, _ := tcpPort(t, h)
+	wide, _ := tcpPort(t, h)
+	prod, _ := tcpPort(t, h)
+	at := func(p uint16) string { return netip.AddrPortFrom(h.V4, p).String() }
+	self, _ := os.Executable()
+	d := newTetherd(t, profile{})
+	data := policyData(grantsFor(self, h, base))
+	settings := data["tether_settings"].(map[string]any)
+	settings["networks"].(map[string]any)["prodnet"] = []string{h.V4.String() + "/32"}
+	wider := grantsFor(self, h, base)
+	wider["egress"] = append(wider["egress"].([]any), map[string]any{"cidr": h.V4.String() + "/32", "ports": []int{int(wide)}, "protocol": "tcp"})
+	wider["network_egress"] = []any{map[string]any{"network": "prodnet", "ports": []int{int(prod)}, "protocol": "tcp", "production": true}}
+	for k, v := range map[string]any{"unix": []any{}, "high_risk": []string{}} {
+		wider[k] = v
+	}
+	settings["profiles"].(map[string]any)["wider"] = wider
+	b, _ := json.MarshalIndent(data, "", "  ")
+	os.WriteFile(filepath.Join(d.policy, "data.json"), b, 0o644)
+	d.extra = "env:\n  environment: production\n"
+	d.writeConfig()
+	d.start()
+	cg := d.sleeper()
+	dial := func() []string { return privtest.Dial(t, cg, "tcp", at(base), "tcp", at(wide), "tcp", at(prod)) }
+
+	if got := dial(); !slices.Equal(got, []string{"ok", "eperm", "eperm"}) {
+		t.Fatalf("without a task: %v", got)
+	}
+	if out := d.ctl("task", "start", agentID, "--type", "wider", "--sensitivity", "internal", "--ttl", "10m"); !strings.Contains(out, "wider") {
+		t.Errorf("task start: %q", out)
+	}
+	if got := dial(); !slices.Equal(got, []string{"ok", "ok", "eperm"}) {
+		t.Fatalf("with the wider task, in production without an approval: %v", got)
+	}
+	d.ctl("task", "approve", agentID, "--action", "connect", "--resource", "prodnet", "--ttl", "3s")
+	if got := dial(); !slices.Equal(got, []string{"ok", "ok", "ok"}) {
+		t.Fatalf("with the approval: %v", got)
+	}
+	waitFor(t, "the approval to expire", func() bool {
+		a := d.agents()[0]
+		return a.Task != nil && len(a.Task.Approvals) == 0
+	})
+	if got := dial(); !slices.Equal(got, []string{"ok", "ok", "eperm"}) {
+		t.Fatalf("after the approval expired: %v", got)
+	}
+	d.ctl("task", "end", agentID)
+	if got := dial(); !slices.Equal(got, []string{"ok", "eperm", "eperm"}) {
+		t.Fatalf("after the task ended: %v", got)
+	}
+	// A bad request is refused with the reason and changes nothing.
+	if _, stderr, code := d.ctlRaw("task", "start", agentID, "--type", "wider", "--ttl", "100h"); code == 0 || !strings.Contains(stderr, "ttl") {
+		t.Errorf("a task of 100h: exit %d %q", code, stderr)
+	}
+	if a := d.agents()[0]; a.Task != nil {
+		t.Errorf("a refused task was started: %+v", a.Task)
+	}
+}

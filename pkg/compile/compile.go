@@ -19,6 +19,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -83,16 +84,16 @@ func Compile(ctx context.Context, g grants.Grants, opts Options) *Result {
 	default:
 		c.refuse("mode", "%q is not a mode (enforce or audit); enforcing", g.Mode)
 	}
-	var egress []prefixRule
+	egress := make([]prefixRule, 0, len(g.Egress))
 	for i, e := range g.Egress {
-		egress = append(egress, c.egress(ctx, fmt.Sprintf("egress[%d]", i), e)...)
+		egress = c.egress(ctx, "egress["+strconv.Itoa(i)+"]", e, egress)
 	}
 	c.res.RuleSet.Egress = c.merge(egress)
 	for i, d := range g.ExecDeny {
-		c.deny(fmt.Sprintf("exec_deny[%d]", i), d)
+		c.deny("exec_deny["+strconv.Itoa(i)+"]", d)
 	}
 	for i, e := range g.Exec {
-		c.exec(fmt.Sprintf("exec[%d]", i), e)
+		c.exec("exec["+strconv.Itoa(i)+"]", e)
 	}
 	slices.SortFunc(c.res.RuleSet.Exec, func(a, b dataplane.ExecRule) int {
 		return cmp.Or(cmp.Compare(a.File.Dev, b.File.Dev), cmp.Compare(a.File.Ino, b.File.Ino), compareBool(a.Audit, b.Audit))
@@ -100,7 +101,7 @@ func Compile(ctx context.Context, g grants.Grants, opts Options) *Result {
 	// One entry per file; a grant that allows silently beats one that audits.
 	c.res.RuleSet.Exec = slices.CompactFunc(c.res.RuleSet.Exec, func(a, b dataplane.ExecRule) bool { return a.File == b.File })
 	for i, u := range g.Unix {
-		c.unix(fmt.Sprintf("unix[%d]", i), u)
+		c.unix("unix["+strconv.Itoa(i)+"]", u)
 	}
 	slices.SortFunc(c.res.RuleSet.Unix, func(a, b dataplane.Unix) int {
 		return cmp.Or(strings.Compare(a.Path, b.Path), compareBool(a.Prefix, b.Prefix), compareBool(a.Audit, b.Audit))
@@ -142,12 +143,15 @@ func (c *compiler) warnf(format string, args ...any) {
 }
 
 // prefixRule is one port rule granted on one prefix (16-byte form).
+var allPorts = []grants.PortRange{{Lo: 0, Hi: 65535}}
+
 type prefixRule struct {
 	prefix netip.Prefix
 	rule   dataplane.PortRule
 }
 
-func (c *compiler) egress(ctx context.Context, where string, e grants.Egress) []prefixRule {
+// egress appends the prefix rules of e to out.
+func (c *compiler) egress(ctx context.Context, where string, e grants.Egress, out []prefixRule) []prefixRule {
 	var prefixes []netip.Prefix
 	named := 0
 	for _, set := range []bool{e.CIDR != "", e.CIDRs != nil, e.FQDN != ""} {
@@ -158,23 +162,25 @@ func (c *compiler) egress(ctx context.Context, where string, e grants.Egress) []
 	switch {
 	case named > 1:
 		c.refuse(where, "names more than one of cidr, cidrs and fqdn")
-		return nil
+		return out
 	case e.FQDN != "":
 		prefixes = c.resolve(ctx, where, e.FQDN)
 		if prefixes == nil {
-			return nil
+			return out
 		}
 	case e.CIDR != "":
 		p, err := parsePrefix(e.CIDR)
 		if err != nil {
 			c.refuse(where, "%v", err)
-			return nil
+			return out
 		}
-		prefixes = []netip.Prefix{p}
+		var one [1]netip.Prefix
+		one[0] = p
+		prefixes = one[:]
 	case e.CIDRs != nil:
 		if len(e.CIDRs) == 0 {
 			c.refuse(where, "cidrs is empty")
-			return nil
+			return out
 		}
 		// A malformed prefix is refused on its own; the others stand.
 		for i, s := range e.CIDRs {
@@ -186,11 +192,11 @@ func (c *compiler) egress(ctx context.Context, where string, e grants.Egress) []
 			prefixes = append(prefixes, p)
 		}
 		if prefixes == nil {
-			return nil
+			return out
 		}
 	default:
 		c.refuse(where, "needs a cidr, cidrs or an fqdn")
-		return nil
+		return out
 	}
 	var proto dataplane.Proto
 	switch e.Protocol {
@@ -202,31 +208,30 @@ func (c *compiler) egress(ctx context.Context, where string, e grants.Egress) []
 		proto = dataplane.ProtoUDP
 	default:
 		c.refuse(where, "protocol %q: the kernel matches tcp, udp or any", e.Protocol)
-		return nil
+		return out
 	}
 	var bin dataplane.FileID
 	if e.Binary != "" {
 		c.warnWritable(where+": binary", e.Binary)
 		var ok bool
 		if bin, ok = c.file(where+": binary", e.Binary); !ok {
-			return nil
+			return out
 		}
 	}
 	ports := e.Ports
 	if ports != nil && len(ports) == 0 {
 		c.refuse(where, "ports is empty: omit ports to allow every port")
-		return nil
+		return out
 	}
 	if len(ports) == 0 {
-		ports = []grants.PortRange{{Lo: 0, Hi: 65535}}
+		ports = allPorts
 	}
 	for _, r := range ports {
 		if r.Lo > r.Hi {
 			c.refuse(where, "port range %d-%d: start is above end", r.Lo, r.Hi)
-			return nil
+			return out
 		}
 	}
-	var out []prefixRule
 	for _, p := range prefixes {
 		for _, r := range ports {
 			out = append(out, prefixRule{p, dataplane.PortRule{Proto: proto, Lo: r.Lo, Hi: r.Hi, Binary: bin, Audit: e.Audit}})
@@ -317,50 +322,73 @@ func inV4(p netip.Prefix) bool { return p.Bits() >= 96 && v4Mapped.Contains(p.Ad
 // merge gives every prefix the rules of every prefix that covers it, since the kernel's lookup
 // returns only the longest matching prefix.
 func (c *compiler) merge(rules []prefixRule) []dataplane.Egress {
+	// Sorted by prefix, the rules of one prefix are one run: own maps it to that run.
+	slices.SortFunc(rules, func(a, b prefixRule) int {
+		return cmp.Or(a.prefix.Addr().Compare(b.prefix.Addr()), cmp.Compare(a.prefix.Bits(), b.prefix.Bits()))
+	})
+	ports := make([]dataplane.PortRule, len(rules))
+	for i, r := range rules {
+		ports[i] = r.rule
+	}
 	own := make(map[netip.Prefix][]dataplane.PortRule, len(rules))
-	lengths := map[int]bool{}
-	for _, r := range rules {
-		own[r.prefix] = append(own[r.prefix], r.rule)
-		lengths[r.prefix.Bits()] = true
+	var lengths [129]bool
+	prefixes := make([]netip.Prefix, 0, len(rules))
+	for i := 0; i < len(rules); {
+		j := i + 1
+		for j < len(rules) && rules[j].prefix == rules[i].prefix {
+			j++
+		}
+		p := rules[i].prefix
+		own[p] = ports[i:j:j]
+		lengths[p.Bits()] = true
+		prefixes = append(prefixes, p)
+		i = j
 	}
 	// An IPv6 prefix that spans the IPv4 space would be the longest match for IPv4 addresses
 	// no IPv4 rule covers: an explicit (maybe empty) ::ffff:0:0/96 entry stops it there.
 	if _, ok := own[v4Mapped]; !ok {
-		for p := range own {
+		for _, p := range prefixes {
 			if p.Bits() < 96 && p.Contains(v4Mapped.Addr()) {
 				own[v4Mapped] = nil
 				lengths[96] = true
+				i, _ := slices.BinarySearchFunc(prefixes, v4Mapped, func(a, b netip.Prefix) int {
+					return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+				})
+				prefixes = slices.Insert(prefixes, i, v4Mapped)
 				break
 			}
 		}
 	}
 	// Covering prefixes can only have the lengths some prefix has.
-	lens := make([]int, 0, len(lengths))
-	for l := range lengths {
-		lens = append(lens, l)
+	var lens []int
+	for l, present := range lengths {
+		if present {
+			lens = append(lens, l)
+		}
 	}
-	slices.Sort(lens)
-	prefixes := make([]netip.Prefix, 0, len(own))
-	for p := range own {
-		prefixes = append(prefixes, p)
-	}
-	slices.SortFunc(prefixes, func(a, b netip.Prefix) int {
-		return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
-	})
 	out := make([]dataplane.Egress, 0, len(prefixes))
 	for _, p := range prefixes {
 		// Every prefix that covers p is an ancestor of it in its address family: an IPv4
 		// prefix's ancestors stop at ::ffff:0:0/96.
-		var all []dataplane.PortRule
 		top := 0
 		if inV4(p) {
 			top = 96
 		}
+		var all []dataplane.PortRule
+		sources := 0
 		for _, bits := range lens {
 			if bits < top || bits > p.Bits() {
 				continue
 			}
-			all = append(all, own[netip.PrefixFrom(p.Addr(), bits).Masked()]...)
+			r, ok := own[netip.PrefixFrom(p.Addr(), bits).Masked()]
+			if !ok {
+				continue
+			}
+			if sources++; sources == 1 {
+				all = r // its own run: no copy unless an ancestor adds to it
+			} else {
+				all = append(slices.Clip(all), r...)
+			}
 		}
 		all = simplify(all)
 		if len(all) > dataplane.MaxPortRules {
@@ -376,6 +404,9 @@ func (c *compiler) merge(rules []prefixRule) []dataplane.Egress {
 // ranges of the same protocol, binary and audit flag. A rule that allows silently contains an
 // audit rule with the same ports; an audit rule contains nothing but audit rules.
 func simplify(rules []dataplane.PortRule) []dataplane.PortRule {
+	if len(rules) <= 1 {
+		return rules
+	}
 	slices.SortFunc(rules, func(a, b dataplane.PortRule) int {
 		return cmp.Or(compareBool(a.Audit, b.Audit), cmp.Compare(a.Binary.Dev, b.Binary.Dev), cmp.Compare(a.Binary.Ino, b.Binary.Ino),
 			cmp.Compare(a.Proto, b.Proto), cmp.Compare(a.Lo, b.Lo), cmp.Compare(a.Hi, b.Hi))

@@ -48,3 +48,31 @@ func BenchmarkPrivilegedInstall(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkEncodeAndPlan is the userspace part of an install of n prefixes that differ from the
+// buffer in one: encoding the rule set and working out what to write.
+func BenchmarkEncodeAndPlan(b *testing.B) {
+	for _, n := range []int{100, 1000} {
+		var rs dataplane.RuleSet
+		for i := range n {
+			p := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}), 32)
+			rs.Egress = append(rs.Egress, dataplane.Egress{Prefix: p, Ports: []dataplane.PortRule{{Proto: 6, Lo: 443, Hi: 443}}})
+		}
+		have, err := encodeRuleSet(&rs)
+		if err != nil {
+			b.Fatal(err)
+		}
+		rs.Egress[n-1].Ports = []dataplane.PortRule{{Proto: 6, Lo: 8443, Hi: 8443}}
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			for b.Loop() {
+				want, err := encodeRuleSet(&rs)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if dels, keys, _ := plan(have, want); len(dels)+len(keys) != 1 {
+					b.Fatalf("plan: %d deletes, %d writes", len(dels), len(keys))
+				}
+			}
+		})
+	}
+}

@@ -82,11 +82,11 @@ func egressKey(p netip.Prefix) bpfTetherRuleKey {
 	return k
 }
 
-func egressValue(e dataplane.Egress) (*bpfTetherRuleValue, error) {
+func egressValue(e dataplane.Egress) (bpfTetherRuleValue, error) {
 	if len(e.Ports) > dataplane.MaxPortRules {
-		return nil, fmt.Errorf("prefix %s has %d port rules, the kernel holds %d", e.Prefix, len(e.Ports), dataplane.MaxPortRules)
+		return bpfTetherRuleValue{}, fmt.Errorf("prefix %s has %d port rules, the kernel holds %d", e.Prefix, len(e.Ports), dataplane.MaxPortRules)
 	}
-	v := &bpfTetherRuleValue{Count: uint32(len(e.Ports))}
+	v := bpfTetherRuleValue{Count: uint32(len(e.Ports))}
 	for i, p := range e.Ports {
 		r := &v.Ports[i]
 		r.PortLo, r.PortHi, r.Proto = p.Lo, p.Hi, uint8(p.Proto)

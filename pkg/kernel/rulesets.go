@@ -3,7 +3,6 @@ package kernel
 import (
 	"errors"
 	"fmt"
-	"maps"
 	"runtime"
 	"sync"
 
@@ -34,7 +33,7 @@ type slotState struct {
 	active uint32
 	bufs   [2]*ebpf.Map
 	// mirror is what each buffer holds; nil: unknown (read from the map when needed).
-	mirror [2]map[bpfTetherRuleKey]bpfTetherRuleValue
+	mirror [2]*trieImage
 	// quiet is closed when no hook can still be reading the buffer not in force; nil: quiet.
 	quiet chan struct{}
 	// epoch counts installs, clears and closes: a background sync started in an older epoch
@@ -167,7 +166,7 @@ func (k *Kernel) syncInactive(st *slotState, slot dataplane.Slot, epoch uint64) 
 		return
 	}
 	dels, keys, vals := plan(have, want)
-	cur := maps.Clone(have) // what the buffer holds as the chunks go in
+	cur := have.clone() // what the buffer holds as the chunks go in
 	const chunk = 256
 	for len(dels)+len(keys) > 0 {
 		d, n := min(len(dels), chunk), min(len(keys), chunk)
@@ -178,10 +177,10 @@ func (k *Kernel) syncInactive(st *slotState, slot dataplane.Slot, epoch uint64) 
 			return
 		}
 		for _, key := range dels[:d] {
-			delete(cur, key)
+			cur.del(key)
 		}
 		for j := range n {
-			cur[keys[j]] = vals[j]
+			cur.put(keys[j], vals[j])
 		}
 		dels, keys, vals = dels[d:], keys[n:], vals[n:]
 		st.mirror[inactive] = cur
@@ -194,13 +193,13 @@ func (k *Kernel) syncInactive(st *slotState, slot dataplane.Slot, epoch uint64) 
 		if st.epoch != epoch {
 			return // cur is what the buffer holds; whoever came writes the rest
 		}
-		cur = maps.Clone(cur) // st.mirror[inactive] must not change under a reader
+		cur = cur.clone() // st.mirror[inactive] must not change under a reader
 	}
 	st.mirror[inactive] = want
 }
 
 // rewrite makes buffer i of slot hold want, writing only what differs.
-func (k *Kernel) rewrite(st *slotState, slot dataplane.Slot, i uint32, want map[bpfTetherRuleKey]bpfTetherRuleValue) error {
+func (k *Kernel) rewrite(st *slotState, slot dataplane.Slot, i uint32, want *trieImage) error {
 	buf, err := k.buffer(st, slot, i)
 	if err != nil {
 		return err
@@ -217,25 +216,6 @@ func (k *Kernel) rewrite(st *slotState, slot dataplane.Slot, i uint32, want map[
 	}
 	st.mirror[i] = want
 	return nil
-}
-
-// plan is what turns have into want: the keys to delete, and the entries to write.
-func plan(have, want map[bpfTetherRuleKey]bpfTetherRuleValue) ([]bpfTetherRuleKey, []bpfTetherRuleKey, []bpfTetherRuleValue) {
-	var dels []bpfTetherRuleKey
-	for key := range have {
-		if _, keep := want[key]; !keep {
-			dels = append(dels, key)
-		}
-	}
-	var keys []bpfTetherRuleKey
-	var vals []bpfTetherRuleValue
-	for key, v := range want {
-		if old, ok := have[key]; ok && old == v {
-			continue
-		}
-		keys, vals = append(keys, key), append(vals, v)
-	}
-	return dels, keys, vals
 }
 
 // apply deletes dels and writes keys and vals: one syscall each where the kernel has batch
@@ -286,7 +266,7 @@ func (k *Kernel) buffer(st *slotState, slot dataplane.Slot, i uint32) (*ebpf.Map
 			m.Close()
 			return nil, fmt.Errorf("adding rule buffer %d: %w", idx, err)
 		}
-		st.bufs[i], st.mirror[i] = m, map[bpfTetherRuleKey]bpfTetherRuleValue{}
+		st.bufs[i], st.mirror[i] = m, newImage(0)
 	default:
 		return nil, fmt.Errorf("looking up rule buffer %d: %w", idx, err)
 	}
@@ -311,29 +291,14 @@ func (k *Kernel) grace() {
 	}
 }
 
-func readTrie(m *ebpf.Map) (map[bpfTetherRuleKey]bpfTetherRuleValue, error) {
-	out := map[bpfTetherRuleKey]bpfTetherRuleValue{}
-	var key bpfTetherRuleKey
-	var v bpfTetherRuleValue
-	it := m.Iterate()
-	for it.Next(&key, &v) {
-		out[key] = v
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("reading rule buffer: %w", err)
-	}
-	return out, nil
-}
-
 // encodeRuleSet turns rs into the entries of a rule trie.
-func encodeRuleSet(rs *dataplane.RuleSet) (map[bpfTetherRuleKey]bpfTetherRuleValue, error) {
-	out := make(map[bpfTetherRuleKey]bpfTetherRuleValue, rs.Entries())
+func encodeRuleSet(rs *dataplane.RuleSet) (*trieImage, error) {
+	out := newImage(rs.Entries())
 	var errs []error
 	put := func(key bpfTetherRuleKey, v bpfTetherRuleValue) {
-		if _, dup := out[key]; dup {
+		if !out.add(key, v) {
 			errs = append(errs, fmt.Errorf("%s appears twice", describeKey(key)))
 		}
-		out[key] = v
 	}
 	put(headerKey(), bpfTetherRuleValue{Generation: rs.Generation, Mode: uint32(rs.Mode)})
 	for _, e := range rs.Egress {
@@ -342,7 +307,7 @@ func encodeRuleSet(rs *dataplane.RuleSet) (map[bpfTetherRuleKey]bpfTetherRuleVal
 			errs = append(errs, err)
 			continue
 		}
-		put(egressKey(e.Prefix), *v)
+		put(egressKey(e.Prefix), v)
 	}
 	entry := func(audit bool) bpfTetherRuleValue {
 		if audit {
@@ -394,7 +359,7 @@ func (k *Kernel) Clear(slot dataplane.Slot) error {
 			st.bufs[i].Close()
 		}
 	}
-	st.bufs, st.mirror, st.quiet, st.loaded = [2]*ebpf.Map{}, [2]map[bpfTetherRuleKey]bpfTetherRuleValue{}, nil, false
+	st.bufs, st.mirror, st.quiet, st.loaded = [2]*ebpf.Map{}, [2]*trieImage{}, nil, false
 	st.epoch++
 	errs = append(errs, k.agentCounters.Update(uint32(slot), bpfTetherAgentCounts{}, ebpf.UpdateAny))
 	errs = append(errs, k.agentInfo.Update(uint32(slot), bpfTetherAgentInfo{}, ebpf.UpdateAny))

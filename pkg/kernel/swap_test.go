@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
-	"reflect"
 	"slices"
 	"testing"
 	"time"
@@ -183,7 +182,7 @@ func (f *fixture) rewriteInPlace(t *testing.T, slot dataplane.Slot, from, to *da
 	for _, e := range to.Egress {
 		v, _ := egressValue(e)
 		k := egressKey(e.Prefix)
-		if err := live.Update(&k, v, ebpf.UpdateAny); err != nil {
+		if err := live.Update(&k, &v, ebpf.UpdateAny); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -201,7 +200,7 @@ func TestPrivilegedIdleBufferCatchesUp(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := f.k.slot(1)
-	idle := func() (map[bpfTetherRuleKey]bpfTetherRuleValue, map[bpfTetherRuleKey]bpfTetherRuleValue) {
+	idle := func() (*trieImage, *trieImage) {
 		st.mu.Lock()
 		defer st.mu.Unlock()
 		active, err := readTrie(st.bufs[st.active])
@@ -217,11 +216,11 @@ func TestPrivilegedIdleBufferCatchesUp(t *testing.T) {
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		active, inactive := idle()
-		if reflect.DeepEqual(active, inactive) {
+		if active.equal(inactive) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the idle buffer has %d entries, the one in force %d: never brought up to date", len(inactive), len(active))
+			t.Fatalf("the idle buffer has %d entries, the one in force %d: never brought up to date", inactive.len(), active.len())
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -264,8 +263,8 @@ func TestPrivilegedMirrorsStayTrue(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !reflect.DeepEqual(got, st.mirror[i]) {
-				t.Fatalf("round %d, buffer %d (active %d): the kernel holds %d entries, the record says %d", round, i, st.active, len(got), len(st.mirror[i]))
+			if !got.equal(st.mirror[i]) {
+				t.Fatalf("round %d, buffer %d (active %d): the kernel holds %d entries, the record says %d", round, i, st.active, got.len(), st.mirror[i].len())
 			}
 		}
 	}

@@ -193,9 +193,9 @@ var (
 	ErrWrongType = errors.New("the policy's value has the wrong type")
 )
 
-// eval runs query q for in and returns its one value.
-func (r *Revision) eval(ctx context.Context, q string, in any) (any, error) {
-	rs, err := r.queries[q].Eval(ctx, rego.EvalInput(in))
+// eval runs query q for in and returns its one value (a Go value; with asAST, the ast.Value).
+func (r *Revision) eval(ctx context.Context, q string, in any, opts ...rego.EvalOption) (any, error) {
+	rs, err := r.queries[q].Eval(ctx, append(opts, rego.EvalInput(in))...)
 	if err != nil {
 		return nil, fmt.Errorf("%s (revision %s): %s", q, r.ID, evalError(err))
 	}
@@ -213,13 +213,16 @@ func evalError(err error) string {
 	return err.Error()
 }
 
+// asAST has a query's result handed over as OPA's own value, unconverted.
+var asAST = rego.EvalGenerateJSON(func(t *ast.Term, _ *rego.EvalContext) (any, error) { return t.Value, nil })
+
 // Grants evaluates data.tether.grants.
 func (r *Revision) Grants(ctx context.Context, in Input) (grants.Grants, error) {
-	v, err := r.eval(ctx, QueryGrants, in)
+	v, err := r.eval(ctx, QueryGrants, in, asAST)
 	if err != nil {
 		return grants.Grants{}, err
 	}
-	g, err := grants.FromValue(v)
+	g, err := decodeGrants(v.(ast.Value))
 	if err != nil {
 		return g, fmt.Errorf("%s (revision %s): %w: %v", QueryGrants, r.ID, ErrWrongType, err)
 	}

@@ -6,9 +6,12 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/bpffs"
@@ -21,14 +24,40 @@ import (
 
 // policyResults are the policy-to-kernel measurements.
 type policyResults struct {
-	// replace[grants]: the latency of a task start that replaces every rule, in ns.
-	replace map[int][]float64
-	// approve[grants]: the latency of a step-up approval that adds one rule, in ns.
-	approve map[int][]float64
+	// replace[grants]: a task start that replaces every rule.
+	replace map[int][]sample
+	// approve[grants]: a step-up approval that adds one rule.
+	approve map[int][]sample
 	// refresh: the time to evaluate every agent again after a policy change and install the
 	// result, one per round, in ns; agents is how many.
 	refresh []float64
 	agents  int
+}
+
+// sample is one context change: its latency and the CPU time of the thread that made it, in ns.
+type sample struct{ wall, cpu float64 }
+
+func walls(v []sample) []float64 {
+	out := make([]float64, len(v))
+	for i, s := range v {
+		out[i] = s.wall
+	}
+	return out
+}
+
+func cpus(v []sample) []float64 {
+	out := make([]float64, len(v))
+	for i, s := range v {
+		out[i] = s.cpu
+	}
+	return out
+}
+
+// threadCPU is the CPU time the calling thread has used.
+func threadCPU() time.Duration {
+	var ru unix.Rusage
+	unix.Getrusage(unix.RUSAGE_THREAD, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // policyGrants are the sizes of the context-change measurement.
@@ -74,7 +103,7 @@ func egressProfile(n int, block byte) map[string]any {
 // measurePolicy runs the daemon's chain (registry -> OPA -> compile -> kernel) on its own pins
 // and agent cgroups below the agent parent, with tether's benchmark state unloaded.
 func measurePolicy(e *env, o options) (*policyResults, error) {
-	res := &policyResults{replace: map[int][]float64{}, approve: map[int][]float64{}}
+	res := &policyResults{replace: map[int][]sample{}, approve: map[int][]sample{}}
 	pin := e.pin + "-policy"
 	k, err := kernel.Open(kernel.Options{PinDir: pin, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
@@ -130,12 +159,19 @@ func measurePolicy(e *env, o options) (*policyResults, error) {
 		// Changes of one agent come seconds apart in practice; one that comes within about
 		// 10 ms of the last waits for that one's RCU grace period (see pkg/kernel/rulesets.go).
 		// They are spaced so that each is measured on its own.
-		timed := func(f func() (agents.Agent, error)) (float64, error) {
+		// timed returns the wall time of f and the CPU time the calling thread spent in it: a
+		// wall time far above the CPU time is time the thread waited (for the host to run the
+		// VM, for the runtime), not work.
+		timed := func(f func() (agents.Agent, error)) (sample, error) {
 			time.Sleep(changeGap)
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			cpu0 := threadCPU()
 			start := time.Now()
 			view, err := f()
 			took := time.Since(start)
-			return float64(took.Nanoseconds()), check(view, err)
+			cpu := threadCPU() - cpu0
+			return sample{wall: float64(took.Nanoseconds()), cpu: float64(cpu.Nanoseconds())}, check(view, err)
 		}
 		changes := max(20, int(150*o.scale))
 		for i := range changes + 3 {

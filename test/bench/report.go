@@ -264,29 +264,39 @@ func runtimeCPUs() int {
 
 func reportPolicy(w io.Writer, pr *policyResults) {
 	fmt.Fprintln(w, "\nPOLICY TO KERNEL (registry -> OPA with the shipped policy -> compile -> kernel maps, as tetherd does it;")
-	fmt.Fprintf(w, "a context change returns once the kernel holds the result; one agent's changes %s apart)\n", changeGap)
+	fmt.Fprintf(w, "a context change returns once the kernel holds the result; one agent's changes %s apart;\n", changeGap)
+	fmt.Fprintln(w, "CPU is the time the calling thread ran: a latency far above it is waiting, not work)")
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "WHAT\tP50\tP99\tMAX\tSAMPLES")
+	fmt.Fprintln(tw, "WHAT\tP50\tP99\tMAX\tCPU P50\tCPU P99\tSAMPLES")
 	for _, n := range policyGrants {
 		for _, c := range []struct {
 			what string
-			v    []float64
+			v    []sample
 		}{{"step-up approved (one rule added)", pr.approve[n]}, {"task type changed (every rule replaced)", pr.replace[n]}} {
-			fmt.Fprintf(tw, "%s -> kernel, %d grants\t%s\t%s\t%s\t%d\n", c.what, n,
-				dur(percentile(c.v, 0.5)), dur(percentile(c.v, 0.99)), dur(slices.Max(c.v)), len(c.v))
+			wall, cpu := walls(c.v), cpus(c.v)
+			fmt.Fprintf(tw, "%s -> kernel, %d grants\t%s\t%s\t%s\t%s\t%s\t%d\n", c.what, n,
+				dur(percentile(wall, 0.5)), dur(percentile(wall, 0.99)), dur(slices.Max(wall)),
+				dur(percentile(cpu, 0.5)), dur(percentile(cpu, 0.99)), len(c.v))
 		}
 	}
-	fmt.Fprintf(tw, "policy change: every agent evaluated and installed, %d agents\t%s\t-\t%s\t%d\n", pr.agents,
+	fmt.Fprintf(tw, "policy change: every agent evaluated and installed, %d agents\t%s\t-\t%s\t-\t-\t%d\n", pr.agents,
 		dur(percentile(pr.refresh, 0.5)), dur(slices.Max(pr.refresh)), len(pr.refresh))
 	tw.Flush()
 }
 
 func policyGoals(goal func(ok bool, format string, args ...any), pr *policyResults) {
 	big := slices.Max(policyGrants)
-	p99 := percentile(pr.approve[big], 0.99)
-	goal(p99 < 5e6, "context change -> kernel with %d grants, step-up approved: p99 %s (goal under 5 ms)", big, dur(p99))
-	p99 = percentile(pr.replace[big], 0.99)
-	goal(p99 < 5e6, "context change -> kernel with %d grants, every rule replaced: p99 %s (goal under 5 ms)", big, dur(p99))
+	for _, c := range []struct {
+		what string
+		v    []sample
+	}{{"step-up approved", pr.approve[big]}, {"every rule replaced", pr.replace[big]}} {
+		p99, cpu99 := percentile(walls(c.v), 0.99), percentile(cpus(c.v), 0.99)
+		note := ""
+		if p99 >= 5e6 && cpu99 < 5e6 {
+			note = fmt.Sprintf("; its CPU time's p99 is %s: the rest of the tail is waiting", dur(cpu99))
+		}
+		goal(p99 < 5e6, "context change -> kernel with %d grants, %s: p99 %s (goal under 5 ms)%s", big, c.what, dur(p99), note)
+	}
 	worst := slices.Max(pr.refresh)
 	goal(worst < 2e9, "policy change, %d agents evaluated and installed: slowest of %d rounds %s (goal under 2 s)", pr.agents, len(pr.refresh), dur(worst))
 }

@@ -1,4 +1,4 @@
-package grants
+package policy
 
 import (
 	"bytes"
@@ -6,32 +6,34 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/open-policy-agent/opa/v1/ast"
+
+	"github.com/tether-sh/tether/pkg/grants"
 )
 
-// asValue is what OPA hands over for a JSON document: decoded with numbers kept as json.Number.
-func asValue(t testing.TB, doc string) any {
+// asValue is the document as a policy value.
+func asValue(t testing.TB, doc string) ast.Value {
 	t.Helper()
-	d := json.NewDecoder(strings.NewReader(doc))
-	d.UseNumber()
-	var v any
-	if err := d.Decode(&v); err != nil {
+	v, err := ast.ParseTerm(doc)
+	if err != nil {
 		t.Fatal(err)
 	}
-	return v
+	return v.Value
 }
 
-func strictJSON(doc string) (Grants, error) {
-	var g Grants
+func strictJSON(doc string) (grants.Grants, error) {
+	var g grants.Grants
 	d := json.NewDecoder(bytes.NewReader([]byte(doc)))
 	d.DisallowUnknownFields()
 	err := d.Decode(&g)
 	return g, err
 }
 
-// TestFromValueMatchesJSON: FromValue accepts what the strict JSON decoder accepts, with the
-// same result, and refuses what it refuses (field names here are in the right case; FromValue
+// TestDecodeGrantsMatchesJSON: decodeGrants accepts what the strict JSON decoder accepts, with the
+// same result, and refuses what it refuses (field names here are in the right case; decodeGrants
 // does not accept "Mode" as encoding/json does).
-func TestFromValueMatchesJSON(t *testing.T) {
+func TestDecodeGrantsMatchesJSON(t *testing.T) {
 	docs := []string{
 		`{}`,
 		`{"mode": "audit", "egress": [], "exec": [], "unix": []}`,
@@ -60,37 +62,41 @@ func TestFromValueMatchesJSON(t *testing.T) {
 	}
 	for _, doc := range docs {
 		want, wantErr := strictJSON(doc)
-		got, err := FromValue(asValue(t, doc))
+		got, err := decodeGrants(asValue(t, doc))
 		if (err != nil) != (wantErr != nil) {
-			t.Errorf("%s:\nFromValue error %v, JSON error %v", doc, err, wantErr)
+			t.Errorf("%s:\ndecodeGrants error %v, JSON error %v", doc, err, wantErr)
 			continue
 		}
 		if err == nil && !reflect.DeepEqual(got, want) {
-			t.Errorf("%s:\nFromValue %+v\nJSON      %+v", doc, got, want)
+			t.Errorf("%s:\ndecodeGrants %+v\nJSON      %+v", doc, got, want)
 		}
 	}
-	if _, err := FromValue(asValue(t, `{"egress": [{"cidr": "10.0.0.0/8", "port": [443]}]}`)); err == nil || !strings.Contains(err.Error(), "grants.egress[0].port: unknown field") {
+	if _, err := decodeGrants(asValue(t, `{"egress": [{"cidr": "10.0.0.0/8", "port": [443]}]}`)); err == nil || !strings.Contains(err.Error(), "grants.egress[0].port: unknown field") {
 		t.Errorf("unknown field: %v", err)
 	}
 }
 
-func BenchmarkFromValue(b *testing.B) {
+func BenchmarkDecodeGrants(b *testing.B) {
 	var rules []string
 	for range 1000 {
 		rules = append(rules, `{"cidr": "10.1.2.3/32", "ports": [443], "protocol": "tcp"}`)
 	}
 	doc := `{"mode": "enforce", "egress": [` + strings.Join(rules, ",") + `]}`
 	v := asValue(b, doc)
-	b.Run("FromValue", func(b *testing.B) {
+	b.Run("decodeGrants", func(b *testing.B) {
 		for b.Loop() {
-			if _, err := FromValue(v); err != nil {
+			if _, err := decodeGrants(v); err != nil {
 				b.Fatal(err)
 			}
 		}
 	})
-	b.Run("JSON round trip (baseline)", func(b *testing.B) {
+	b.Run("Go values and a JSON round trip (baseline)", func(b *testing.B) {
 		for b.Loop() {
-			raw, _ := json.Marshal(v)
+			native, err := ast.JSON(v)
+			if err != nil {
+				b.Fatal(err)
+			}
+			raw, _ := json.Marshal(native)
 			if _, err := strictJSON(string(raw)); err != nil {
 				b.Fatal(err)
 			}

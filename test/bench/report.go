@@ -188,7 +188,7 @@ func report(w io.Writer, e *env, o options, res *results) {
 
 	fmt.Fprintln(w, "\nPER-REQUEST POLICY IN USERSPACE (OPA, the same rules, one connect decision) vs tether's decision in the kernel")
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "RULES\tOPA EVAL\tTETHER connect4 RUN\tOPA / TETHER\tCOMPILE + INSTALL (tether, once per change)")
+	fmt.Fprintln(tw, "RULES\tOPA EVAL\tTETHER connect4 RUN\tOPA / TETHER\tCOMPILE + FIRST INSTALL (tether, new tries)")
 	for _, n := range o.rules {
 		op := summarize(res.opa[n])
 		k := res.bpf[n]["connect4"].nsPerRun

@@ -606,7 +606,9 @@ func (w *world) destination(rng *rand.Rand, g grants.Grants) (netip.Addr, uint16
 	if port == 0 {
 		port = 1 // port 0 is not a destination
 	}
-	if addr.Is4() && addr.As4()[0] == 0 || addr.IsMulticast() || addr.IsUnspecified() {
+	// Addresses a connect refuses on its own (no destination, or an IPv6 link-local one, which
+	// needs a scope id: EINVAL) say nothing about tether; aim those at a documentation address.
+	if addr.Is4() && addr.As4()[0] == 0 || addr.IsMulticast() || addr.IsUnspecified() || addr.Is6() && addr.IsLinkLocalUnicast() {
 		addr = netip.MustParseAddr("192.0.2.1")
 	}
 	return addr, port

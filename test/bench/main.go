@@ -15,6 +15,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 )
@@ -38,11 +39,12 @@ type options struct {
 
 func run() error {
 	var o options
-	var rules string
+	var rules, cpuProfile string
 	flag.IntVar(&o.rounds, "rounds", 7, "samples of every configuration (the table shows their median and spread)")
 	flag.StringVar(&rules, "rules", "10,1000,10000", "rule counts to measure")
 	flag.Float64Var(&o.scale, "scale", 1, "operations per sample, relative to the default")
 	flag.BoolVar(&o.policy, "policy-only", false, "measure only the policy-to-kernel part")
+	flag.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof reads it)")
 	flag.Parse()
 	for _, r := range strings.Split(rules, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(r))
@@ -62,6 +64,17 @@ func run() error {
 		return err
 	}
 	defer e.close()
+	if cpuProfile != "" {
+		f, err := os.Create(cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 	if o.policy {
 		pr, err := measurePolicy(e, o)
 		if err != nil {

@@ -6,7 +6,7 @@ BPF_STRIP ?= llvm-strip-14
 BPF_CFLAGS ?= -O2 -g -Wall -Werror
 BIN       := bin
 
-.PHONY: all build generate check-generate test test-unit test-vm policy-test bench vet fuzz demo clean
+.PHONY: all build generate check-generate test test-unit test-vm policy-test bench vet fuzz demo clean spire
 
 all: build
 
@@ -24,9 +24,20 @@ check-generate: generate
 	@git diff --exit-code --stat -- pkg/kernel/tether_bpfel.go pkg/kernel/tether_bpfel.o || { echo "generated BPF objects are stale: run make generate and commit"; exit 1; }
 
 # The whole suite. As root it loads the real programs into the running kernel; with
-# TETHER_REQUIRE_PRIVILEGED=1 a privileged test that cannot run fails instead of skipping.
-test:
+# TETHER_REQUIRE_PRIVILEGED=1 a privileged test that cannot run fails instead of skipping. The
+# end-to-end suite runs a real SPIRE server and agent (make spire builds them first).
+test: spire
 	$(GO) test -count=1 ./...
+
+# SPIRE server and agent for the end-to-end tests, from tools/spire (a module of its own, so
+# SPIRE's dependencies stay out of tether's go.mod). About 9 minutes the first time (cgo, for
+# SPIRE's sqlite datastore); kept in .bin/ until tools/spire changes.
+SPIRE_BIN := .bin
+spire: $(SPIRE_BIN)/spire-server $(SPIRE_BIN)/spire-agent
+
+$(SPIRE_BIN)/spire-server $(SPIRE_BIN)/spire-agent &: tools/spire/go.mod tools/spire/go.sum
+	cd tools/spire && $(GO) build -trimpath -ldflags="-s -w" -o ../../$(SPIRE_BIN)/ github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent
+	touch $(SPIRE_BIN)/spire-server $(SPIRE_BIN)/spire-agent
 
 # Only what needs no privileges (privileged tests skip with the reason).
 test-unit:

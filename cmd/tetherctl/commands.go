@@ -80,6 +80,19 @@ func newStatus(g *globals) *cobra.Command {
 				fmt.Fprintf(tw, "last refused policy\t%s\n", st.Policy.LastError)
 			}
 			fmt.Fprintf(tw, "agents\t%d\n", st.Agents)
+			if id := st.Identity; id.Static > 0 || id.SPIRE != "" {
+				fmt.Fprintf(tw, "identity discovery\t%d static rules, %d cgroups discovered, %d identities lost, %d conflicts\n", id.Static, id.Discovered, id.Lost, id.Conflicts)
+			}
+			if st.Identity.SPIRE != "" {
+				fmt.Fprintf(tw, "spire\t%s\n", st.Identity.SPIRE)
+			}
+			if st.Identity.Self != "" {
+				fmt.Fprintf(tw, "tetherd's SVID\t%s", st.Identity.Self)
+				if !st.Identity.SelfExpires.IsZero() {
+					fmt.Fprintf(tw, " (expires %s)", st.Identity.SelfExpires.Format(time.RFC3339))
+				}
+				fmt.Fprintln(tw)
+			}
 			fmt.Fprintf(tw, "ring buffer drops\t%d\n", st.Kernel.RingBufferDrops)
 			fmt.Fprintf(tw, "events read / dropped\t%d / %d\n", st.Events.Read, st.Events.Dropped)
 			fmt.Fprintf(tw, "map writes failed / retried\t%d / %d\n", st.Registry.MapWriteFailures, st.Registry.MapWriteRetries)

@@ -101,7 +101,21 @@ type Status struct {
 	Registry     agents.Stats       `json:"registry"`
 	Events       events.Stats       `json:"events"`
 	Policy       PolicyStatus       `json:"policy"`
+	Identity     IdentityStatus     `json:"identity"`
 	Warnings     []string           `json:"warnings,omitempty"`
+}
+
+// IdentityStatus is what identity discovery (static rules, SPIRE) is doing.
+type IdentityStatus struct {
+	Static int    `json:"static_rules"`
+	SPIRE  string `json:"spire,omitempty"` // answering, or why it cannot be asked
+	// Self is tetherd's own SPIFFE ID from the Workload API (identity.spire.workload_socket),
+	// or why there is none.
+	Self        string    `json:"self,omitempty"`
+	SelfExpires time.Time `json:"self_expires,omitzero"`
+	Discovered  int       `json:"discovered_cgroups"`
+	Lost        uint64    `json:"identities_lost"`
+	Conflicts   uint64    `json:"conflicts"`
 }
 
 // Error is the body of every refused request.

@@ -35,6 +35,7 @@ type Config struct {
 	BPF         BPF          `json:"bpf"`
 	API         API          `json:"api"`
 	Launch      []LaunchRule `json:"launch"`
+	Identity    Identity     `json:"identity"`
 	Policy      Policy       `json:"policy"`
 	Env         Env          `json:"env"`
 	DNS         DNS          `json:"dns"`
@@ -124,6 +125,38 @@ type LaunchRule struct {
 	IDs  []string `json:"ids"`
 	UIDs []uint32 `json:"uids"`
 	GIDs []uint32 `json:"gids"`
+}
+
+// Identity says how agents that are not launched through tetherctl get their SPIFFE ID: cgroups
+// below an agent parent that get processes are matched against the static rules and, where
+// SPIRE is configured for them, asked of SPIRE by PID. Until one answers, such a cgroup belongs
+// to no agent (bpf.unknown_cgroup decides). Two answers that differ are a conflict: the cgroup
+// gets no identity and the log says why.
+type Identity struct {
+	// TrustDomains, when set, are the only trust domains agents may have IDs in.
+	TrustDomains []string     `json:"trust_domains"`
+	Static       []StaticRule `json:"static"`
+	SPIRE        *SPIRE       `json:"spire"`
+}
+
+// StaticRule gives the agents it selects a SPIFFE ID; every selector set must match.
+type StaticRule struct {
+	ID     string  `json:"id"`
+	Cgroup string  `json:"cgroup"` // pattern on the cgroup path below the cgroup2 root
+	Unit   string  `json:"unit"`   // pattern on the systemd unit (foo.service, bar.scope)
+	UID    *uint32 `json:"uid"`    // real uid of the cgroup's first process
+}
+
+// SPIRE is a SPIRE Agent whose Delegated Identity API tetherd asks.
+type SPIRE struct {
+	// AdminSocket is the agent's admin_socket_path.
+	AdminSocket string `json:"admin_socket"`
+	// WorkloadSocket is the agent's Workload API socket (socket_path), where tetherd gets its own
+	// SVID; optional: status then shows tetherd's SPIFFE ID, which must be among the agent's
+	// authorized_delegates.
+	WorkloadSocket string `json:"workload_socket"`
+	// Cgroups are patterns (below the cgroup2 root) of the cgroups whose identity comes from SPIRE.
+	Cgroups []string `json:"cgroups"`
 }
 
 // DecisionLog says where decision events go as JSON lines.
@@ -272,6 +305,43 @@ func (l *Loaded) check() []fieldError {
 			}
 		}
 	}
+	for i, td := range c.Identity.TrustDomains {
+		if _, err := identity.Parse("spiffe://" + td); err != nil || strings.Contains(td, "/") {
+			bad(fmt.Sprintf("$.identity.trust_domains[%d]", i), "identity.trust_domains", "%q: want a trust domain name (example.org)", td)
+		}
+	}
+	for i, r := range c.Identity.Static {
+		where, field := fmt.Sprintf("$.identity.static[%d]", i), fmt.Sprintf("identity.static[%d]", i)
+		if _, err := identity.Parse(r.ID); err != nil {
+			bad(where+".id", field+".id", "%v", err)
+		} else if err := c.Identity.CheckTrustDomain(r.ID); err != nil {
+			bad(where+".id", field+".id", "%v", err)
+		}
+		if r.Cgroup == "" && r.Unit == "" && r.UID == nil {
+			bad(where, field, "a static rule needs a cgroup, unit or uid selector")
+		}
+		for _, p := range []struct{ key, pat string }{{"cgroup", r.Cgroup}, {"unit", r.Unit}} {
+			if err := identity.ValidPattern(p.pat); err != nil {
+				bad(where+"."+p.key, field+"."+p.key, "%v", err)
+			}
+		}
+	}
+	if sp := c.Identity.SPIRE; sp != nil {
+		if !filepath.IsAbs(sp.AdminSocket) || len(sp.AdminSocket) > 107 {
+			bad("$.identity.spire.admin_socket", "identity.spire.admin_socket", "%q: want an absolute unix socket path (at most 107 bytes)", sp.AdminSocket)
+		}
+		if sp.WorkloadSocket != "" && (!filepath.IsAbs(sp.WorkloadSocket) || len(sp.WorkloadSocket) > 107) {
+			bad("$.identity.spire.workload_socket", "identity.spire.workload_socket", "%q: want an absolute unix socket path (at most 107 bytes)", sp.WorkloadSocket)
+		}
+		if len(sp.Cgroups) == 0 {
+			bad("$.identity.spire.cgroups", "identity.spire.cgroups", "name the cgroups (patterns) whose identity SPIRE gives")
+		}
+		for j, p := range sp.Cgroups {
+			if err := identity.ValidPattern(p); err != nil || p == "" {
+				bad(fmt.Sprintf("$.identity.spire.cgroups[%d]", j), "identity.spire.cgroups", "%q: want a cgroup path pattern", p)
+			}
+		}
+	}
 	if c.Policy.Dir != "" && c.Policy.Bundle != nil {
 		bad("$.policy", "policy", "give a dir or a bundle, not both")
 	}
@@ -324,4 +394,20 @@ func CgroupPath(root, p string) string {
 		return filepath.Clean(p)
 	}
 	return filepath.Join(root, p)
+}
+
+// CheckTrustDomain refuses id when trust domains are configured and its trust domain is not one
+// of them.
+func (c Identity) CheckTrustDomain(id string) error {
+	if len(c.TrustDomains) == 0 {
+		return nil
+	}
+	td := strings.TrimPrefix(id, "spiffe://")
+	if i := strings.IndexByte(td, '/'); i >= 0 {
+		td = td[:i]
+	}
+	if !slices.Contains(c.TrustDomains, td) {
+		return fmt.Errorf("SPIFFE ID %s: trust domain %q is not configured (identity.trust_domains: %s)", id, td, strings.Join(c.TrustDomains, ", "))
+	}
+	return nil
 }

@@ -43,6 +43,13 @@ func TestParseErrors(t *testing.T) {
 		{"bundle key file", "policy:\n  bundle:\n    service: http://x\n    resource: /b\n    public_key_file: /nonexistent\n    key_id: k\n", "public_key_file"},
 		{"timezone", "policy:\n  timezone: Mars/Olympus\n", "policy.timezone"},
 		{"dns server", "dns:\n  server: 127.0.0.1\n", "dns.server"},
+		{"trust domain", "identity:\n  trust_domains: [Example.org]\n", "cfg.yaml:2: identity.trust_domains"},
+		{"static id", "identity:\n  static:\n    - id: agent\n      uid: 1000\n", "cfg.yaml:3: identity.static[0].id"},
+		{"static selects nothing", "identity:\n  static:\n    - id: spiffe://x.org/a\n", "needs a cgroup, unit or uid"},
+		{"static pattern", "identity:\n  static:\n    - id: spiffe://x.org/a\n      cgroup: a/[\n", "identity.static[0].cgroup"},
+		{"static trust domain", "identity:\n  trust_domains: [y.org]\n  static:\n    - id: spiffe://x.org/a\n      uid: 1\n", `trust domain "x.org" is not configured`},
+		{"spire socket", "identity:\n  spire:\n    admin_socket: admin.sock\n    cgroups: [a/*]\n", "identity.spire.admin_socket"},
+		{"spire cgroups", "identity:\n  spire:\n    admin_socket: /run/spire/admin.sock\n", "identity.spire.cgroups"},
 		{"log level", "log:\n  level: loud\n", "log.level"},
 		{"all errors at once", "log:\n  level: loud\n  format: xml\n", "log.format"},
 	}

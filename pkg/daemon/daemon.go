@@ -46,6 +46,7 @@ type Daemon struct {
 	compileOpts compile.Options
 	pump        *events.Pump
 	reaper      *reaper
+	disc        *discovery
 }
 
 // Options are what Run needs besides the configuration.
@@ -146,6 +147,21 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		reader.Close()
 		wg.Wait()
 	}()
+
+	if d.disc, err = newDiscovery(cfg.Identity, d.root, d.registry, d.pump.Emit, d.log); err != nil {
+		return err
+	}
+	if d.disc.enabled() {
+		dctx, stop := context.WithCancel(ctx)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := d.disc.run(dctx, d.parents); err != nil {
+				d.log.Error("identity discovery stopped", "error", err)
+			}
+		}()
+		defer stop()
+	}
 
 	l, err := api.Listen(cfg.API.Socket, cfg.API.Group)
 	if err != nil {
@@ -263,6 +279,9 @@ func (d *Daemon) Reload(ctx context.Context, cfg *config.Loaded) error {
 	if (old.Policy.Bundle == nil) != (cfg.Policy.Bundle == nil) || fmt.Sprint(old.Policy.Bundle) != fmt.Sprint(cfg.Policy.Bundle) || old.DNS != cfg.DNS {
 		restart = append(restart, "policy.bundle", "dns")
 	}
+	if fmt.Sprint(old.Identity.Static, old.Identity.SPIRE) != fmt.Sprint(cfg.Identity.Static, cfg.Identity.SPIRE) {
+		restart = append(restart, "identity.static", "identity.spire")
+	}
 	if len(restart) > 0 {
 		d.log.Warn("configuration changes that take effect at the next restart", "settings", strings.Join(restart, ", "))
 	}
@@ -330,6 +349,7 @@ func (d *Daemon) Status() api.Status {
 		PinDir: d.kern.PinDir(), Cgroup2: d.root, AgentParents: d.parents, LaunchParent: d.launch,
 		ExecMode: string(f.ExecMode), ExecReason: f.ExecReason, ActiveLSMs: f.ActiveLSMs,
 		Agents: len(d.registry.List()), Registry: d.registry.Stats(), Events: d.pump.Stats(), Policy: d.policyStatus(),
+		Identity: d.disc.status(),
 		Warnings: cfg.Warnings,
 	}
 	for _, h := range f.Hooks {
@@ -346,6 +366,9 @@ func (d *Daemon) Agents() []agents.Agent { return d.registry.List() }
 func (d *Daemon) Agent(slot dataplane.Slot) (agents.Agent, bool) { return d.registry.Get(slot) }
 
 func (d *Daemon) Register(r agents.Registration) (agents.Agent, error) {
+	if err := d.cfg.Load().Identity.CheckTrustDomain(r.SpiffeID); err != nil {
+		return agents.Agent{}, err
+	}
 	a, err := d.registry.Register(r)
 	if err == nil && r.Launch && r.LauncherPID > 0 {
 		d.reaper.watch(a.Slot, r.LauncherPID)

@@ -145,11 +145,12 @@ type Pump struct {
 	// reader, so it may take its time: the queue absorbs it, or drops and counts).
 	Annotate func(*Decision)
 
-	src   Source
-	attr  Attributor
-	sinks []Sink
-	log   *slog.Logger
-	queue chan dataplane.Event
+	src    Source
+	attr   Attributor
+	sinkMu sync.Mutex
+	sinks  []Sink
+	log    *slog.Logger
+	queue  chan dataplane.Event
 
 	read, dropped, decodeErrors, sinkErrors atomic.Uint64
 }
@@ -165,6 +166,30 @@ func (p *Pump) Stats() Stats {
 		SinkErrors: p.sinkErrors.Load(), QueueCapacity: cap(p.queue)}
 }
 
+// Emit writes a record tetherd made itself (not from the kernel: an agent lost its identity)
+// to the sinks, in line with the kernel's records.
+func (p *Pump) Emit(d Decision) {
+	if d.DecisionID == "" {
+		d.DecisionID = newID()
+	}
+	if d.Timestamp.IsZero() {
+		d.Timestamp = time.Now().UTC()
+	}
+	p.write(d)
+}
+
+func (p *Pump) write(d Decision) {
+	p.sinkMu.Lock()
+	defer p.sinkMu.Unlock()
+	for _, s := range p.sinks {
+		if err := s.Write(d); err != nil {
+			if p.sinkErrors.Add(1) == 1 {
+				p.log.Error("decision sink failed", "error", err)
+			}
+		}
+	}
+}
+
 // Run reads until the source ends (stop it by closing the source), then drains the queue.
 func (p *Pump) Run(closed error) error {
 	var wg sync.WaitGroup
@@ -176,13 +201,7 @@ func (p *Pump) Run(closed error) error {
 			if p.Annotate != nil {
 				p.Annotate(&d)
 			}
-			for _, s := range p.sinks {
-				if err := s.Write(d); err != nil {
-					if p.sinkErrors.Add(1) == 1 {
-						p.log.Error("decision sink failed", "error", err)
-					}
-				}
-			}
+			p.write(d)
 		}
 	}()
 	defer func() {

@@ -1,0 +1,437 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/api"
+	"github.com/tether-sh/tether/pkg/cgroups"
+	"github.com/tether-sh/tether/pkg/config"
+	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/events"
+	"github.com/tether-sh/tether/pkg/identity"
+)
+
+// discovery gives an identity to cgroups below the agent parents that get processes without
+// being launched through tetherctl: by the static rules, and by SPIRE where it is configured for
+// them. Until one answers, such a cgroup is no agent (bpf.unknown_cgroup says what it may do);
+// an answer that is lost later (a SPIRE entry deleted) revokes the agent's identity, so it is
+// granted nothing, and a record says so.
+type discovery struct {
+	root   string // cgroup2 mount
+	static *identity.Static
+	spire  *identity.SPIRE
+	cfg    config.Identity
+	reg    *agents.Registry
+	emit   func(events.Decision)
+	log    *slog.Logger
+
+	mu       sync.Mutex
+	tracked  map[string]*workload // by cgroup path (absolute)
+	spireErr string               // why SPIRE could not be asked, last time; "" once it answered
+	spireOK  bool                 // SPIRE answered at least once
+	lost     uint64
+	conflict uint64
+	self     string // tetherd's SPIFFE ID, or why it has none
+	selfExp  time.Time
+}
+
+// workload is a discovered cgroup.
+type workload struct {
+	slot       dataplane.Slot
+	registered bool
+	revoked    bool
+	cancel     context.CancelFunc
+	pids       chan int // processes that entered the cgroup after it was emptied (SPIRE only)
+}
+
+func newDiscovery(cfg config.Identity, root string, reg *agents.Registry, emit func(events.Decision), log *slog.Logger) (*discovery, error) {
+	rules := make([]identity.StaticRule, len(cfg.Static))
+	for i, r := range cfg.Static {
+		rules[i] = identity.StaticRule{ID: r.ID, Cgroup: r.Cgroup, Unit: r.Unit, UID: r.UID}
+	}
+	static, err := identity.NewStatic(rules)
+	if err != nil {
+		return nil, err
+	}
+	d := &discovery{root: root, static: static, cfg: cfg, reg: reg, emit: emit, log: log, tracked: map[string]*workload{}}
+	if cfg.SPIRE != nil {
+		if d.spire, err = identity.DialSPIRE(cfg.SPIRE.AdminSocket); err != nil {
+			return nil, err
+		}
+	}
+	return d, nil
+}
+
+// enabled reports whether anything can be discovered.
+func (d *discovery) enabled() bool { return len(d.cfg.Static) > 0 || d.spire != nil }
+
+// run follows the cgroups below parents until ctx ends.
+func (d *discovery) run(ctx context.Context, parents []string) error {
+	w, err := cgroups.Watch(parents...)
+	if err != nil {
+		return err
+	}
+	defer w.Close()
+	if sp := d.cfg.SPIRE; sp != nil && sp.WorkloadSocket != "" {
+		go identity.Self(ctx, sp.WorkloadSocket, func(id string, exp time.Time, err error) {
+			d.mu.Lock()
+			defer d.mu.Unlock()
+			if err != nil {
+				if d.self != err.Error() {
+					d.log.Warn("tetherd's own SVID", "error", err)
+				}
+				d.self, d.selfExp = err.Error(), time.Time{}
+				return
+			}
+			if d.self != id {
+				d.log.Info("tetherd's own SVID", "spiffe_id", id, "expires", exp)
+			}
+			d.self, d.selfExp = id, exp
+		})
+	}
+	defer func() {
+		d.mu.Lock()
+		for _, t := range d.tracked {
+			if t.cancel != nil {
+				t.cancel()
+			}
+		}
+		d.mu.Unlock()
+		if d.spire != nil {
+			d.spire.Close()
+		}
+	}()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-w.Errors():
+			d.log.Warn("following cgroups (a rescan follows)", "error", err)
+		case c, ok := <-w.Changes():
+			if !ok {
+				return nil
+			}
+			if c.Removed {
+				d.removed(c.Path)
+			} else {
+				d.appeared(ctx, c)
+			}
+		}
+	}
+}
+
+// appeared resolves a cgroup that got processes, unless it is (or is below) an agent already.
+func (d *discovery) appeared(ctx context.Context, c cgroups.Change) {
+	d.mu.Lock()
+	t, known := d.tracked[c.Path]
+	d.mu.Unlock()
+	if known {
+		if t.pids != nil {
+			select {
+			case t.pids <- c.Procs[0]:
+			default:
+			}
+		}
+		return
+	}
+	if d.agentAt(c.Path) {
+		return
+	}
+	rel := "/" + strings.TrimPrefix(strings.TrimPrefix(c.Path, d.root), "/")
+	uid, ok := uidOf(c.Procs[0])
+	if !ok {
+		return // gone already; the cgroup is reported again when it gets another process
+	}
+	wl := identity.Workload{Cgroup: rel, PID: c.Procs[0], UID: uid}
+	staticID, sel, err := d.static.Resolve(wl)
+	if err != nil {
+		d.conflicted(c.Path, err.Error())
+		return
+	}
+	if staticID != "" {
+		if err := d.cfg.CheckTrustDomain(staticID); err != nil {
+			d.log.Error("static identity refused", "cgroup", c.Path, "error", err)
+			return
+		}
+	}
+	if d.spire == nil || !matchAny(d.cfg.SPIRE.Cgroups, rel) {
+		if staticID == "" {
+			return // no resolver is configured for it: it stays no agent
+		}
+		t = &workload{}
+		d.mu.Lock()
+		d.tracked[c.Path] = t
+		d.mu.Unlock()
+		d.register(c.Path, t, staticID, sel)
+		return
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	t = &workload{cancel: cancel, pids: make(chan int, 1)}
+	d.mu.Lock()
+	d.tracked[c.Path] = t
+	d.mu.Unlock()
+	d.log.Info("asking SPIRE for the identity of a new agent cgroup", "cgroup", c.Path, "pid", wl.PID)
+	go d.followSPIRE(wctx, c.Path, t, wl.PID, staticID, sel)
+}
+
+// followSPIRE binds the cgroup to the identity SPIRE issues one of its processes, and follows
+// it. SPIRE attests the process when asked and then keeps answering for what it attested, even
+// after the process is gone; so tetherd holds a pidfd of the process it asked about, and when
+// that process exits it asks again about another process of the cgroup (or, if none is left,
+// about the next one that enters it).
+func (d *discovery) followSPIRE(ctx context.Context, cg string, t *workload, pid int, staticID string, staticSel []string) {
+	for ctx.Err() == nil {
+		pidfd, err := d.pidfdIn(pid, cg)
+		if err == nil {
+			pctx, cancel := context.WithCancel(ctx)
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				waitExit(pctx, pidfd)
+				cancel()
+			}()
+			d.followPID(pctx, cg, t, pid, staticID, staticSel)
+			cancel()
+			<-done
+			unix.Close(pidfd)
+		}
+		if pid = d.nextPID(ctx, cg, t, pid); pid == 0 {
+			return
+		}
+		d.log.Debug("asking SPIRE about another process of the agent cgroup", "cgroup", cg, "pid", pid)
+	}
+}
+
+// nextPID is a process of cg other than old, waiting for one to enter it if needed; 0 when ctx
+// ends.
+func (d *discovery) nextPID(ctx context.Context, cg string, t *workload, old int) int {
+	for _, p := range cgroups.Procs(cg) {
+		if p != old {
+			return p
+		}
+	}
+	select {
+	case p := <-t.pids:
+		return p
+	case <-ctx.Done():
+		return 0
+	}
+}
+
+// pidfdIn opens a pidfd of pid and checks that pid is still in cg (or below it), so that a
+// reused PID is not mistaken for the process that was reported.
+func (d *discovery) pidfdIn(pid int, cg string) (int, error) {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return -1, err
+	}
+	p, err := cgroups.PathOf(pid)
+	if abs := filepath.Join(d.root, p); err != nil || (abs != cg && !strings.HasPrefix(abs, cg+"/")) {
+		unix.Close(fd)
+		return -1, fmt.Errorf("process %d is no longer in %s", pid, cg)
+	}
+	return fd, nil
+}
+
+// waitExit returns when the process of pidfd has exited or ctx ends.
+func waitExit(ctx context.Context, pidfd int) {
+	fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
+	for ctx.Err() == nil {
+		n, err := unix.Poll(fds, 250)
+		if n > 0 || (err != nil && err != unix.EINTR) {
+			return
+		}
+	}
+}
+
+// followPID binds the cgroup to the identity SPIRE issues pid until ctx ends.
+func (d *discovery) followPID(ctx context.Context, cg string, t *workload, pid int, staticID string, staticSel []string) {
+	for u := range d.spire.Watch(ctx, pid) {
+		switch {
+		case u.Err != nil:
+			d.mu.Lock()
+			changed := d.spireErr != u.Reason
+			d.spireErr = u.Reason
+			d.mu.Unlock()
+			if changed {
+				d.log.Error("SPIRE cannot be asked; agents whose identity comes from SPIRE have none until it answers", "cgroup", cg, "reason", u.Reason)
+			}
+		case u.Lost:
+			d.mu.Lock()
+			d.spireErr, d.spireOK = "", true
+			d.mu.Unlock()
+			d.lose(cg, t, u.Reason)
+		default:
+			d.mu.Lock()
+			d.spireErr, d.spireOK = "", true
+			d.mu.Unlock()
+			if err := d.cfg.CheckTrustDomain(u.ID); err != nil {
+				d.lose(cg, t, err.Error())
+				continue
+			}
+			if staticID != "" && staticID != u.ID {
+				d.conflicted(cg, fmt.Sprintf("SPIRE gives %s, the static rules %s", u.ID, staticID))
+				d.lose(cg, t, "conflicting identities")
+				continue
+			}
+			sel := append([]string{"spire:pid:" + strconv.Itoa(pid)}, staticSel...)
+			d.bind(cg, t, u.ID, sel)
+		}
+	}
+}
+
+// bind registers the cgroup with id, or gives the registered agent id again.
+func (d *discovery) bind(cg string, t *workload, id string, sel []string) {
+	d.mu.Lock()
+	registered, slot := t.registered, t.slot
+	d.mu.Unlock()
+	if !registered {
+		d.register(cg, t, id, sel)
+		return
+	}
+	cur, _, ok := d.reg.Identity(slot)
+	d.mu.Lock()
+	revoked := t.revoked
+	d.mu.Unlock()
+	if ok && cur == id && !revoked {
+		return
+	}
+	if _, err := d.reg.SetIdentity(slot, id); err != nil {
+		d.log.Error("giving an agent its identity again", "cgroup", cg, "spiffe_id", id, "error", err)
+		return
+	}
+	d.mu.Lock()
+	t.revoked = false
+	d.mu.Unlock()
+}
+
+func (d *discovery) register(cg string, t *workload, id string, sel []string) {
+	a, err := d.reg.Register(agents.Registration{SpiffeID: id, Cgroup: cg, Selectors: sel})
+	if err != nil {
+		d.log.Error("registering a discovered agent", "cgroup", cg, "spiffe_id", id, "error", err)
+		return
+	}
+	d.mu.Lock()
+	t.slot, t.registered = a.Slot, true
+	d.mu.Unlock()
+	d.log.Info("agent discovered", "cgroup", cg, "spiffe_id", id, "slot", a.Slot, "selectors", sel)
+}
+
+// lose revokes the identity of a registered agent: it is granted nothing from now on.
+func (d *discovery) lose(cg string, t *workload, reason string) {
+	d.mu.Lock()
+	registered, slot, already := t.registered, t.slot, t.revoked
+	if registered {
+		t.revoked = true
+	}
+	d.mu.Unlock()
+	if !registered || already {
+		d.log.Warn("no identity for agent cgroup", "cgroup", cg, "reason", reason)
+		return
+	}
+	id, _, _ := d.reg.Identity(slot)
+	if _, err := d.reg.Revoke(slot); err != nil {
+		d.log.Error("revoking a lost identity", "cgroup", cg, "error", err)
+	}
+	d.mu.Lock()
+	d.lost++
+	d.mu.Unlock()
+	d.log.Warn("agent lost its identity: it is granted nothing", "cgroup", cg, "spiffe_id", id, "slot", slot, "reason", reason)
+	s := uint32(slot)
+	var cgid uint64
+	if a, ok := d.reg.Get(slot); ok {
+		cgid = a.CgroupID
+	}
+	d.emit(events.Decision{SpiffeID: id, Slot: &s, CgroupID: cgid, Kind: "identity", Verdict: "deny", Reason: "identity_lost: " + reason})
+}
+
+func (d *discovery) conflicted(cg, why string) {
+	d.mu.Lock()
+	d.conflict++
+	d.mu.Unlock()
+	d.log.Error("identity conflict: the cgroup gets no identity", "cgroup", cg, "conflict", why)
+}
+
+// removed forgets a cgroup that is gone, and the agent it was.
+func (d *discovery) removed(cg string) {
+	d.mu.Lock()
+	t, ok := d.tracked[cg]
+	delete(d.tracked, cg)
+	d.mu.Unlock()
+	if !ok {
+		return
+	}
+	if t.cancel != nil {
+		t.cancel()
+	}
+	if t.registered {
+		if err := d.reg.Unregister(t.slot); err != nil {
+			d.log.Warn("unregistering an agent whose cgroup is gone", "cgroup", cg, "error", err)
+		}
+	}
+}
+
+// agentAt reports whether cg is, or is below, the cgroup of a registered agent.
+func (d *discovery) agentAt(cg string) bool {
+	for _, a := range d.reg.List() {
+		if cg == a.Cgroup || strings.HasPrefix(cg, strings.TrimSuffix(a.Cgroup, "/")+"/") {
+			return true
+		}
+	}
+	return false
+}
+
+func (d *discovery) status() api.IdentityStatus {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	s := api.IdentityStatus{Static: len(d.cfg.Static), Lost: d.lost, Conflicts: d.conflict, Discovered: len(d.tracked), Self: d.self, SelfExpires: d.selfExp}
+	if d.spire != nil {
+		switch {
+		case d.spireErr != "":
+			s.SPIRE = d.spireErr
+		case d.spireOK:
+			s.SPIRE = "answering"
+		default:
+			s.SPIRE = "not asked yet (no agent cgroup matched identity.spire.cgroups)"
+		}
+	}
+	return s
+}
+
+func matchAny(patterns []string, rel string) bool {
+	for _, p := range patterns {
+		if ok, _ := path.Match(strings.TrimPrefix(p, "/"), strings.TrimPrefix(rel, "/")); ok {
+			return true
+		}
+	}
+	return false
+}
+
+// uidOf is the real uid of pid; false when it cannot be read (the process is gone).
+func uidOf(pid int) (uint32, bool) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0, false
+	}
+	for line := range strings.Lines(string(b)) {
+		if rest, ok := strings.CutPrefix(line, "Uid:"); ok {
+			if f := strings.Fields(rest); len(f) > 0 {
+				n, err := strconv.ParseUint(f[0], 10, 32)
+				return uint32(n), err == nil
+			}
+		}
+	}
+	return 0, false
+}

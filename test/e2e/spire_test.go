@@ -1,0 +1,362 @@
+package e2e
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/events"
+)
+
+// spire is a real SPIRE server and agent the test started: sqlite datastore, join-token node
+// attestation, the unix workload attestor with workload paths, and tetherd as the agent's
+// authorized delegate.
+type spire struct {
+	t           *testing.T
+	bin, dir    string
+	trustDomain string
+	serverSock  string // server admin API
+	publicSock  string // agent Workload API
+	adminSock   string // agent admin API (Delegated Identity)
+	procs       []*exec.Cmd
+	logs        []*lockedBuffer
+}
+
+// spireBinaries is where spire-server and spire-agent are: TETHER_SPIRE_BIN, else the
+// repository's .bin (make spire builds them there).
+func spireBinaries(t *testing.T) string {
+	t.Helper()
+	dir := os.Getenv("TETHER_SPIRE_BIN")
+	if dir == "" {
+		dir, _ = filepath.Abs("../../.bin")
+	}
+	for _, b := range []string{"spire-server", "spire-agent"} {
+		if _, err := os.Stat(filepath.Join(dir, b)); err != nil {
+			if os.Getenv(privtest.RequireEnv) == "1" {
+				t.Fatalf("needs the SPIRE binaries (make spire): %v (%s=1 forbids skipping)", err, privtest.RequireEnv)
+			}
+			t.Skipf("needs the SPIRE binaries (make spire): %v", err)
+		}
+	}
+	return dir
+}
+
+// startSPIRE starts a SPIRE server and agent for trust domain td whose agent lets delegate
+// (tetherd's SPIFFE ID) use the Delegated Identity API. Everything lives in a short temporary
+// directory (unix socket paths are limited to 108 bytes).
+func startSPIRE(t *testing.T, td, delegate string) *spire {
+	t.Helper()
+	s := &spire{t: t, bin: spireBinaries(t), trustDomain: td}
+	dir, err := os.MkdirTemp("", "tsp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	s.dir = dir
+	for _, sub := range []string{"server", "agent", "public", "admin"} {
+		if err := os.Mkdir(filepath.Join(dir, sub), 0o750); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.serverSock = filepath.Join(dir, "server", "api.sock")
+	s.publicSock = filepath.Join(dir, "public", "api.sock")
+	s.adminSock = filepath.Join(dir, "admin", "admin.sock")
+	port := freePort(t)
+
+	server := fmt.Sprintf(`server {
+  bind_address = "127.0.0.1"
+  bind_port = "%d"
+  socket_path = %q
+  trust_domain = %q
+  data_dir = %q
+  log_level = "WARN"
+  default_x509_svid_ttl = "1h"
+  experimental { cache_reload_interval = "1s" }
+}
+plugins {
+  DataStore "sql" { plugin_data { database_type = "sqlite3" connection_string = %q } }
+  NodeAttestor "join_token" { plugin_data {} }
+  KeyManager "disk" { plugin_data { keys_path = %q } }
+}
+`, port, s.serverSock, td, filepath.Join(dir, "server"), filepath.Join(dir, "server", "datastore.sqlite3"), filepath.Join(dir, "server", "keys.json"))
+	s.start("spire-server", "server.conf", server)
+	s.waitHealthy("spire-server", "-socketPath", s.serverSock)
+
+	out := s.server("token", "generate", "-spiffeID", "spiffe://"+td+"/node", "-ttl", "600")
+	token := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(out), "Token:"))
+	if token == "" || strings.ContainsAny(token, " \n") {
+		t.Fatalf("join token from %q", out)
+	}
+	agent := fmt.Sprintf(`agent {
+  data_dir = %q
+  log_level = "WARN"
+  server_address = "127.0.0.1"
+  server_port = "%d"
+  socket_path = %q
+  admin_socket_path = %q
+  trust_domain = %q
+  insecure_bootstrap = true
+  join_token = %q
+  authorized_delegates = [%q]
+  experimental { sync_interval = "1s" }
+}
+plugins {
+  NodeAttestor "join_token" { plugin_data {} }
+  KeyManager "memory" { plugin_data {} }
+  WorkloadAttestor "unix" { plugin_data { discover_workload_path = true } }
+}
+`, filepath.Join(dir, "agent"), port, s.publicSock, s.adminSock, td, token, delegate)
+	s.start("spire-agent", "agent.conf", agent)
+	s.waitHealthy("spire-agent", "-socketPath", s.publicSock)
+	return s
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func (s *spire) start(bin, confName, conf string) {
+	s.t.Helper()
+	path := filepath.Join(s.dir, confName)
+	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
+		s.t.Fatal(err)
+	}
+	cmd := exec.Command(filepath.Join(s.bin, bin), "run", "-config", path)
+	log := &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		s.t.Fatal(err)
+	}
+	s.procs, s.logs = append(s.procs, cmd), append(s.logs, log)
+	s.t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+		if s.t.Failed() {
+			s.t.Logf("%s log:\n%s", bin, log.String())
+		}
+	})
+}
+
+func (s *spire) waitHealthy(bin string, args ...string) {
+	s.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	var out []byte
+	for time.Now().Before(deadline) {
+		var err error
+		out, err = exec.Command(filepath.Join(s.bin, bin), append([]string{"healthcheck", "-shallow"}, args...)...).CombinedOutput()
+		if err == nil {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	s.t.Fatalf("%s did not become healthy: %s", bin, out)
+}
+
+// server runs a spire-server command against the test's server and returns its output.
+func (s *spire) server(args ...string) string {
+	s.t.Helper()
+	full := append(append([]string{}, args...), "-socketPath", s.serverSock)
+	cmd := exec.Command(filepath.Join(s.bin, "spire-server"), full...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil {
+		s.t.Fatalf("spire-server %v: %v\n%s", args, err, out.String())
+	}
+	return out.String()
+}
+
+var entryIDRe = regexp.MustCompile(`Entry ID\s*:\s*(\S+)`)
+
+// entry registers a workload entry below the node and returns its entry ID.
+func (s *spire) entry(spiffeID string, selectors ...string) string {
+	s.t.Helper()
+	args := []string{"entry", "create", "-parentID", "spiffe://" + s.trustDomain + "/node", "-spiffeID", spiffeID, "-x509SVIDTTL", "600"}
+	for _, sel := range selectors {
+		args = append(args, "-selector", sel)
+	}
+	m := entryIDRe.FindStringSubmatch(s.server(args...))
+	if m == nil {
+		s.t.Fatal("no entry ID in the output of entry create")
+	}
+	return m[1]
+}
+
+// TestPrivilegedSPIREIdentity: a real SPIRE server and agent; tetherd, an authorized delegate,
+// asks the agent by PID which SPIFFE ID a new cgroup's process has. The agent gets exactly that
+// ID's grants; when its registration entry is deleted, tetherd revokes the identity (everything
+// is denied) and the decision log says so.
+func TestPrivilegedSPIREIdentity(t *testing.T) {
+	h := privtest.NewHost(t)
+	okPort, okCount := tcpPort(t, h)
+	noPort, noCount := tcpPort(t, h)
+	self, _ := os.Executable()
+	other := privtest.SelfCopy(t) // another executable: SPIRE tells it apart by unix:path
+	p := grantsFor(self, h, okPort)
+	p["exec"] = []string{self, other}
+	d := newTetherd(t, p)
+	const delegate = "spiffe://test.local/tetherd"
+	sp := startSPIRE(t, "test.local", delegate)
+	// tetherd is attested by its binary; the agent by the test binary it runs.
+	sp.entry(delegate, "unix:uid:0", "unix:path:"+filepath.Join(d.bin, "tetherd"))
+	agentEntry := sp.entry(agentID, "unix:uid:0", "unix:path:"+self)
+
+	rel := relCgroup(t, d.parent)
+	d.extra = fmt.Sprintf(`identity:
+  trust_domains: [test.local]
+  spire:
+    admin_socket: %s
+    workload_socket: %s
+    cgroups: [%s/spire-*]
+`, sp.adminSock, sp.publicSock, rel)
+	d.writeConfig()
+	d.start()
+	ok := fmt.Sprintf("%s:%d", h.V4, okPort)
+	no := fmt.Sprintf("%s:%d", h.V4, noPort)
+
+	cg, _ := privtest.SubCgroup(t, d.parent, "spire-1")
+	first, pid := startSleeper(t, cg)
+	a := d.agentAt(cg)
+	if a.SpiffeID != agentID || a.Revoked || !a.Synced || !slices.Contains(a.Selectors, fmt.Sprintf("spire:pid:%d", pid)) {
+		t.Fatalf("agent from SPIRE: %+v", a)
+	}
+	if got := privtest.Dial(t, cg, "tcp", ok, "tcp", no); strings.Join(got, " ") != "ok eperm" {
+		t.Errorf("SPIRE agent verdicts %v, want ok (granted), eperm", got)
+	}
+	if okCount.get() != 1 || noCount.get() != 0 {
+		t.Errorf("listeners accepted %d (granted) and %d (not granted)", okCount.get(), noCount.get())
+	}
+	if st := d.status(); st.Identity.SPIRE != "answering" {
+		t.Errorf("status of SPIRE: %q", st.Identity.SPIRE)
+	}
+	waitFor(t, "tetherd's own SVID from the Workload API", func() bool {
+		st := d.status()
+		return st.Identity.Self == delegate && time.Until(st.Identity.SelfExpires) > 0
+	})
+
+	// The entry is deleted: SPIRE no longer issues the identity, so tether grants nothing.
+	sp.server("entry", "delete", "-entryID", agentEntry)
+	waitFor(t, "the identity revoked after its entry was deleted", func() bool {
+		for _, x := range d.agents() {
+			if x.Cgroup == cg {
+				return x.Revoked
+			}
+		}
+		return false
+	})
+	// Nothing is granted, not even an exec: a new process in the cgroup does not get to run
+	// (killed in signal mode; its exec fails under BPF LSM).
+	out, err := privtest.Command(t, cg, "dial", "tcp", ok).Output()
+	var ee *exec.ExitError
+	killed := errors.As(err, &ee) && ee.Sys().(syscall.WaitStatus).Signal() == syscall.SIGKILL
+	if !killed && !errors.Is(err, syscall.EPERM) {
+		t.Errorf("after the entry was deleted, a new process in the cgroup ran: %q, %v", out, err)
+	}
+	if okCount.get() != 1 {
+		t.Errorf("the granted listener accepted %d connections, want 1 (none after the revocation)", okCount.get())
+	}
+	rec := d.decision("identity lost", func(r events.Decision) bool { return r.Kind == "identity" && r.Verdict == "deny" })
+	if rec.SpiffeID != agentID || !strings.Contains(rec.Reason, "identity_lost") {
+		t.Errorf("identity record %+v", rec)
+	}
+	if st := d.status(); st.Identity.Lost != 1 {
+		t.Errorf("status: %d identities lost, want 1", st.Identity.Lost)
+	}
+
+	// The entry comes back: so does the identity.
+	sp.entry(agentID, "unix:uid:0", "unix:path:"+self)
+	waitFor(t, "the identity back with a new entry", func() bool {
+		for _, x := range d.agents() {
+			if x.Cgroup == cg {
+				return !x.Revoked && x.SpiffeID == agentID
+			}
+		}
+		return false
+	})
+	if got := privtest.Dial(t, cg, "tcp", ok); strings.Join(got, " ") != "ok" {
+		t.Errorf("with the entry back: %v, want ok", got)
+	}
+
+	// The process SPIRE attested exits while another one (a different executable, which SPIRE
+	// gives another ID) stays in the cgroup: tetherd asks about that one, and the agent's
+	// identity follows.
+	const agent2 = "spiffe://test.local/agent2"
+	sp.entry(agent2, "unix:uid:0", "unix:path:"+other)
+	second := privtest.Command(t, cg, "sleep")
+	second.Path, second.Args[0] = other, other
+	stdin2, err := second.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := second.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin2.Close(); second.Process.Kill(); second.Wait() })
+	time.Sleep(200 * time.Millisecond) // the exec went through (it would be killed, not this slow)
+	first.Close()
+	waitFor(t, "the identity of the remaining process", func() bool {
+		for _, x := range d.agents() {
+			if x.Cgroup == cg {
+				return x.SpiffeID == agent2 && !x.Revoked
+			}
+		}
+		return false
+	})
+}
+
+// TestPrivilegedSPIREUnreachable: tetherd starts although the SPIRE agent is not there; a cgroup
+// whose identity comes from SPIRE gets none (denied), and the status says why.
+func TestPrivilegedSPIREUnreachable(t *testing.T) {
+	h := privtest.NewHost(t)
+	okPort, okCount := tcpPort(t, h)
+	self, _ := os.Executable()
+	d := newTetherd(t, grantsFor(self, h, okPort))
+	rel := relCgroup(t, d.parent)
+	d.extra = fmt.Sprintf(`identity:
+  spire:
+    admin_socket: %s
+    cgroups: [%s/spire-*]
+`, filepath.Join(d.dir, "no-spire.sock"), rel)
+	d.writeConfig()
+	d.start()
+	if st := d.status(); !strings.Contains(st.Identity.SPIRE, "not asked yet") {
+		t.Errorf("status before any SPIRE cgroup: %q", st.Identity.SPIRE)
+	}
+	cg, _ := privtest.SubCgroup(t, d.parent, "spire-1")
+	startSleeper(t, cg)
+	waitFor(t, "the status to say SPIRE is unreachable", func() bool {
+		return strings.Contains(d.status().Identity.SPIRE, "SPIRE agent unreachable")
+	})
+	if len(d.agents()) != 0 {
+		t.Errorf("agents without SPIRE: %+v", d.agents())
+	}
+	if got := privtest.Dial(t, cg, "tcp", fmt.Sprintf("%s:%d", h.V4, okPort)); strings.Join(got, " ") != "eperm" {
+		t.Errorf("a SPIRE cgroup while SPIRE is unreachable: %v, want eperm", got)
+	}
+	if okCount.get() != 0 {
+		t.Error("the listener accepted")
+	}
+}

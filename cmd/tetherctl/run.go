@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"strconv"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
@@ -63,7 +64,7 @@ as an unprivileged user with --user.`,
 	cmd.Flags().StringToStringVar(&f.labels, "label", nil, "labels for the policy (input.agent.labels), key=value")
 	cmd.Flags().StringVar(&f.task.Type, "task-type", "", "start the agent with a task of this type")
 	cmd.Flags().StringVar(&f.task.Sensitivity, "sensitivity", "", "the task's data sensitivity")
-	cmd.Flags().StringVar(&f.task.TTL, "task-ttl", "1h", "the task ends unless renewed within this")
+	cmd.Flags().StringVar(&f.task.TTL, "task-ttl", "2m", "the task (and its credential) ends unless a heartbeat renews it within this; run sends one every third of it")
 	return cmd
 }
 
@@ -86,8 +87,15 @@ func runAgent(c *api.Client, f *runFlags, args []string) error {
 	}
 
 	req := api.RegisterRequest{SpiffeID: f.id, Launch: true, Labels: f.labels}
+	if cred != nil {
+		req.UID = &cred.Uid
+	}
+	var taskTTL time.Duration
 	if f.task.Type != "" {
 		req.Task = &f.task
+		if taskTTL, err = time.ParseDuration(f.task.TTL); err != nil {
+			return fmt.Errorf("--task-ttl: %w", err)
+		}
 	}
 	agent, err := c.Register(req)
 	if err != nil {
@@ -109,6 +117,19 @@ func runAgent(c *api.Client, f *runFlags, args []string) error {
 	cmd.Args[0] = args[0]
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.Env = append(os.Environ(), "TETHER_SPIFFE_ID="+agent.SpiffeID, "TETHER_AGENT_SLOT="+strconv.Itoa(int(agent.Slot)))
+	stopHeartbeats := make(chan struct{})
+	defer close(stopHeartbeats)
+	if agent.Task != nil {
+		// The task's credential is in a file only COMMAND's uid can read; it renews only while
+		// this launcher sends heartbeats.
+		taskCred, err := c.TaskCredential(agent.Slot)
+		if err != nil {
+			unregister()
+			return fmt.Errorf("task credential: %w", err)
+		}
+		cmd.Env = append(cmd.Env, "TETHER_TASK_ID="+agent.Task.ID, "TETHER_TASK_CREDENTIAL_FILE="+taskCred.File)
+		go supervise(c, agent.Slot, taskCred, taskTTL, stopHeartbeats)
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd()), Credential: cred}
 
 	// Caught, not ignored: an ignored signal would stay ignored in COMMAND across exec.

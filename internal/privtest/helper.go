@@ -18,15 +18,16 @@ import (
 const helperEnv = "TETHER_TEST_HELPER"
 
 var helpers = map[string]func(args []string) int{
-	"dial":    helperDial,
-	"loop":    helperLoop,
-	"spawn":   helperSpawn,
-	"tcploop": helperTCPLoop,
-	"whoami":  helperWhoami,
-	"exit":    helperExit,
-	"exec":    helperExec,
-	"sleep":   helperSleep,
-	"probe":   helperProbe,
+	"dial":       helperDial,
+	"loop":       helperLoop,
+	"spawn":      helperSpawn,
+	"tcploop":    helperTCPLoop,
+	"whoami":     helperWhoami,
+	"exit":       helperExit,
+	"exec":       helperExec,
+	"sleep":      helperSleep,
+	"probe":      helperProbe,
+	"credential": helperCredential,
 }
 
 // Main runs the helper the environment names, or the tests. Call it from TestMain.
@@ -324,6 +325,23 @@ func helperWhoami([]string) int {
 	}
 	fmt.Println(os.Getuid(), os.Getgid(), fields["CapBnd:"], fields["SigIgn:"])
 	return 0
+}
+
+// helperCredential prints the agent's task credential (the file TETHER_TASK_CREDENTIAL_FILE
+// names) and then, for each line read from stdin, prints it again; it ends when stdin closes.
+func helperCredential([]string) int {
+	in := bufio.NewReader(os.Stdin)
+	for {
+		b, err := os.ReadFile(os.Getenv("TETHER_TASK_CREDENTIAL_FILE"))
+		if err != nil {
+			fmt.Println(Result(err))
+		} else {
+			fmt.Println(strings.TrimSpace(string(b)))
+		}
+		if _, err := in.ReadString('\n'); err != nil {
+			return 0
+		}
+	}
 }
 
 // helperSleep blocks until stdin closes.

@@ -108,6 +108,7 @@ func (r *Registry) expire(a *agent, now time.Time) {
 	}
 	if !t.ExpiresAt.After(now) {
 		r.log.Info("task expired", "slot", a.slot, "spiffe_id", a.info.SpiffeID, "task", t.ID)
+		r.taskEnded(a, "task expired (no heartbeat renewed it)")
 		a.ctx.Task = nil
 		return
 	}

@@ -47,6 +47,9 @@ type Task struct {
 	StartedAt   time.Time  `json:"started_at"`
 	ExpiresAt   time.Time  `json:"expires_at"`
 	Approvals   []Approval `json:"approvals,omitempty"`
+	// HandoffFrom is the SPIFFE ID of the agent that handed this task over; the grants for it
+	// are then at most what that agent had.
+	HandoffFrom string `json:"handoff_from,omitempty"`
 }
 
 // Approval is a step-up a human approved for a task.
@@ -83,6 +86,7 @@ type Agent struct {
 	CgroupID     uint64            `json:"cgroup_id"`
 	Launched     bool              `json:"launched"`
 	Launcher     *uint32           `json:"launcher_uid,omitempty"`
+	UID          uint32            `json:"uid"` // the agent runs as this uid (its credential file is for it)
 	Registered   time.Time         `json:"registered"`
 	Selectors    []string          `json:"selectors,omitempty"`
 	Labels       map[string]string `json:"labels,omitempty"`
@@ -123,6 +127,12 @@ type Options struct {
 	Cgroups Cgroups
 	// Workers evaluate and install in parallel when every agent is evaluated (0: 4).
 	Workers int
+	// TaskEnded, if set, is told (from a goroutine of its own) that an agent's task ended: ended,
+	// expired, the identity revoked, or the agent unregistered.
+	TaskEnded func(slot dataplane.Slot, spiffeID string, task Task, reason string)
+	// Unregistered, if set, is told (after TaskEnded, from the same goroutine) that an agent
+	// was unregistered.
+	Unregistered func(slot dataplane.Slot)
 	// Now is the clock (tests); nil: time.Now.
 	Now    func() time.Time
 	Logger *slog.Logger
@@ -164,6 +174,7 @@ type agent struct {
 	warnings  []string
 	err       error   // last evaluation or kernel error
 	launcher  *uint32 // not kept across restarts: then only admins end the agent
+	uid       uint32  // not kept across restarts either (then 0: only root reads the credential)
 	removing  bool    // Unregister is under way: nothing may write this agent again
 }
 
@@ -231,6 +242,8 @@ type Registration struct {
 	Launcher *uint32
 	// LauncherPID is the process that asked for the launch (it starts the command).
 	LauncherPID int32
+	// UID is the uid the agent runs as.
+	UID uint32
 	// Selectors say how the identity was attributed; Labels are given to the policy.
 	Selectors []string
 	Labels    map[string]string
@@ -265,7 +278,7 @@ func (r *Registry) Register(req Registration) (Agent, error) {
 		return Agent{}, err
 	}
 	c := Context{SpiffeID: id, Selectors: append(slices.Clone(req.Selectors), "cgroup:"+path), Labels: maps.Clone(req.Labels), Task: task}
-	a, err := r.register(c, path, req.Launch, req.Launcher)
+	a, err := r.register(c, path, req.Launch, req.Launcher, req.UID)
 	if err != nil && req.Launch {
 		r.opts.Cgroups.Remove(path)
 	}
@@ -317,7 +330,7 @@ func (r *Registry) underParent(path string) error {
 	return nil
 }
 
-func (r *Registry) register(c Context, path string, launched bool, launcher *uint32) (Agent, error) {
+func (r *Registry) register(c Context, path string, launched bool, launcher *uint32, uid uint32) (Agent, error) {
 	cgid, err := r.opts.Cgroups.ID(path)
 	if err != nil {
 		return Agent{}, err
@@ -345,6 +358,7 @@ func (r *Registry) register(c Context, path string, launched bool, launcher *uin
 		ctx:      c,
 		flags:    dataplane.AgentActive,
 		launcher: launcher,
+		uid:      uid,
 		info: dataplane.Info{SpiffeID: c.SpiffeID, CgroupPath: path, CgroupID: cgid,
 			Registered: r.opts.Now(), Launched: launched},
 	}
@@ -446,12 +460,34 @@ func (r *Registry) Unregister(slot dataplane.Slot) error {
 		return err
 	}
 	delete(r.agents, slot)
+	if a.ctx.Task != nil || r.opts.Unregistered != nil {
+		id, task, gone := a.info.SpiffeID, a.ctx.Task, r.opts.Unregistered
+		ended := r.opts.TaskEnded
+		go func() {
+			if task != nil && ended != nil {
+				ended(slot, id, *task, "agent unregistered")
+			}
+			if gone != nil {
+				gone(slot)
+			}
+		}()
+	}
 	r.retired[slot] = retiredAgent{id: a.info.SpiffeID}
 	if a.rs != nil {
 		r.retired[slot] = retiredAgent{id: a.info.SpiffeID, mode: a.rs.Mode}
 	}
 	r.log.Info("agent unregistered", "slot", slot, "spiffe_id", a.info.SpiffeID)
 	return nil
+}
+
+// taskEnded tells Options.TaskEnded that a's task ended. Call with r.mu held, before the task
+// is dropped from a's context.
+func (r *Registry) taskEnded(a *agent, reason string) {
+	if r.opts.TaskEnded == nil || a.ctx.Task == nil {
+		return
+	}
+	slot, id, t := a.slot, a.info.SpiffeID, *a.ctx.Task
+	go r.opts.TaskEnded(slot, id, t, reason)
 }
 
 // live returns the agent in slot unless it is being removed. Call with r.mu held.
@@ -657,7 +693,7 @@ func (r *Registry) view(a *agent) Agent {
 	c := a.context()
 	v := Agent{
 		Slot: a.slot, SpiffeID: a.info.SpiffeID, Revoked: c.Revoked, Cgroup: a.info.CgroupPath, CgroupID: a.info.CgroupID,
-		Launched: a.info.Launched, Launcher: a.launcher, Registered: a.info.Registered, Selectors: c.Selectors,
+		Launched: a.info.Launched, Launcher: a.launcher, UID: a.uid, Registered: a.info.Registered, Selectors: c.Selectors,
 		Labels: c.Labels, Task: c.Task, Killed: a.flags&dataplane.AgentKilled != 0, Generation: a.info.Generation,
 		Evaluated: a.evaluated, NextEval: a.next, Synced: a.synced, Refused: a.refused, Warnings: a.warnings,
 	}

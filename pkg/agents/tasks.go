@@ -88,6 +88,7 @@ func (r *Registry) EndTask(slot dataplane.Slot) (Agent, error) {
 			return fmt.Errorf("%w: agent %d has no task", ErrTask, slot)
 		}
 		r.log.Info("task ended", "slot", slot, "spiffe_id", a.info.SpiffeID, "task", a.ctx.Task.ID)
+		r.taskEnded(a, "task ended")
 		a.ctx.Task = nil
 		return nil
 	})
@@ -132,11 +133,16 @@ func (r *Registry) SetIdentity(slot dataplane.Slot, spiffeID string) (Agent, err
 	})
 }
 
-// Revoke withdraws the agent's identity: it is granted nothing until it gets one again.
+// Revoke withdraws the agent's identity: it is granted nothing until it gets one again, and its
+// task ends.
 func (r *Registry) Revoke(slot dataplane.Slot) (Agent, error) {
 	return r.change(slot, func(a *agent) error {
 		r.log.Warn("agent identity revoked", "slot", slot, "spiffe_id", a.info.SpiffeID)
 		a.ctx.Revoked = true
+		// The task and its credentials go with the identity: a new one starts once the agent has
+		// an identity again.
+		r.taskEnded(a, "identity revoked")
+		a.ctx.Task = nil
 		return nil
 	})
 }

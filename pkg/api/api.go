@@ -10,7 +10,10 @@ import (
 	"encoding/json"
 	"time"
 
+	"github.com/go-jose/go-jose/v4"
+
 	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
 )
@@ -27,6 +30,9 @@ type RegisterRequest struct {
 	Labels map[string]string `json:"labels,omitempty"`
 	// Task starts with the agent.
 	Task *TaskRequest `json:"task,omitempty"`
+	// UID is the uid the agent runs as (its task credential file is readable by it only);
+	// default: the caller's.
+	UID *uint32 `json:"uid,omitempty"`
 }
 
 // TaskRequest starts a task.
@@ -35,6 +41,18 @@ type TaskRequest struct {
 	Type        string `json:"type"`
 	Sensitivity string `json:"sensitivity,omitempty"`
 	TTL         string `json:"ttl"` // "1h"
+}
+
+// HeartbeatRequest is the launcher's heartbeat: it presents the task's current credential and
+// renews the task for ttl from now; the answer is the next credential.
+type HeartbeatRequest struct {
+	Credential string `json:"credential"`
+	TTL        string `json:"ttl"`
+}
+
+// VerifyRequest asks whether a task credential is valid now.
+type VerifyRequest struct {
+	Token string `json:"token"`
 }
 
 // RenewRequest renews a task for ttl from now.
@@ -138,4 +156,9 @@ type Service interface {
 	AddApproval(slot dataplane.Slot, action, resource, approvedBy string, ttl time.Duration) (agents.Agent, error)
 	ReloadPolicy(ctx context.Context, why string) (PolicyStatus, error)
 	EvalPolicy(ctx context.Context, query string, input json.RawMessage) (any, error)
+	TaskCredential(slot dataplane.Slot) (credentials.Credential, error)
+	Heartbeat(ctx context.Context, slot dataplane.Slot, presented string, ttl time.Duration) (credentials.Credential, error)
+	CredentialKeys() jose.JSONWebKeySet
+	RevokedCredentials() []credentials.Revocation
+	VerifyCredential(token string) (credentials.Claims, error)
 }

@@ -15,7 +15,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-jose/go-jose/v4"
+
 	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
@@ -84,6 +87,24 @@ func (f *fakeService) AddApproval(s dataplane.Slot, action, resource, by string,
 func (f *fakeService) ReloadPolicy(ctx context.Context, why string) (PolicyStatus, error) {
 	f.record("reload")
 	return PolicyStatus{Revision: "r2"}, nil
+}
+func (f *fakeService) TaskCredential(s dataplane.Slot) (credentials.Credential, error) {
+	f.record("credential")
+	return credentials.Credential{Slot: uint32(s), Token: "tok"}, nil
+}
+func (f *fakeService) Heartbeat(ctx context.Context, s dataplane.Slot, presented string, ttl time.Duration) (credentials.Credential, error) {
+	f.record("heartbeat " + presented + " " + ttl.String())
+	if presented == "old" {
+		return credentials.Credential{}, fmt.Errorf("%w: superseded", credentials.ErrReplayed)
+	}
+	return credentials.Credential{Slot: uint32(s), Token: "next"}, nil
+}
+func (f *fakeService) CredentialKeys() jose.JSONWebKeySet { return jose.JSONWebKeySet{} }
+func (f *fakeService) RevokedCredentials() []credentials.Revocation {
+	return []credentials.Revocation{{ID: "r1"}}
+}
+func (f *fakeService) VerifyCredential(token string) (credentials.Claims, error) {
+	return credentials.Claims{}, fmt.Errorf("%w at then", credentials.ErrExpired)
 }
 func (f *fakeService) EvalPolicy(ctx context.Context, query string, input json.RawMessage) (any, error) {
 	f.record("eval " + query)
@@ -174,6 +195,17 @@ func TestAuthorization(t *testing.T) {
 		{"policy reload by nobody", nobody, "POST", "/v1/policy/reload", "", 403, ""},
 		{"policy eval", root, "POST", "/v1/policy/eval", `{"query":"grants","input":{"agent":{}}}`, 200, `"query":"grants"`},
 		{"policy eval error", root, "POST", "/v1/policy/eval", `{"query":"bad","input":{}}`, 422, "want grants"},
+		{"launcher reads its agent's credential", launcher, "GET", "/v1/agents/1/task/credential", "", 200, `"token":"tok"`},
+		{"nobody else does", nobody, "GET", "/v1/agents/1/task/credential", "", 403, "not an admin"},
+		{"heartbeat", launcher, "POST", "/v1/agents/1/task/heartbeat", `{"credential":"cur","ttl":"1m"}`, 200, `"token":"next"`},
+		{"heartbeat replayed", launcher, "POST", "/v1/agents/1/task/heartbeat", `{"credential":"old","ttl":"1m"}`, 409, "credential replayed"},
+		{"heartbeat without a credential", launcher, "POST", "/v1/agents/1/task/heartbeat", `{"ttl":"1m"}`, 400, "presents the task's current credential"},
+		{"heartbeat of another's agent", launcher, "POST", "/v1/agents/2/task/heartbeat", `{"credential":"cur","ttl":"1m"}`, 403, ""},
+		{"revocation list for anyone", nobody, "GET", "/v1/credentials/revoked", "", 200, `"id":"r1"`},
+		{"key set for anyone", nobody, "GET", "/v1/credentials/keys", "", 200, `"keys"`},
+		{"verify says why", nobody, "POST", "/v1/credentials/verify", `{"token":"x"}`, 403, "credential expired"},
+		{"launch as another uid refused", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"uid":0}`, 403, "may not launch an agent running as uid 0"},
+		{"root launches as another uid", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"uid":1000}`, 201, ""},
 		{"register with a task", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"task":{"type":"coding","ttl":"x"}}`, 400, "task ttl"},
 	}
 	for _, tt := range tests {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
@@ -113,6 +114,31 @@ func (c *Client) StartTask(slot dataplane.Slot, t TaskRequest) (agents.Agent, er
 func (c *Client) RenewTask(slot dataplane.Slot, ttl string) (agents.Agent, error) {
 	var a agents.Agent
 	return a, c.do(http.MethodPut, fmt.Sprintf("/v1/agents/%d/task", slot), RenewRequest{TTL: ttl}, &a)
+}
+
+// TaskCredential is the current credential of the agent's task.
+func (c *Client) TaskCredential(slot dataplane.Slot) (credentials.Credential, error) {
+	var cred credentials.Credential
+	return cred, c.do(http.MethodGet, fmt.Sprintf("/v1/agents/%d/task/credential", slot), nil, &cred)
+}
+
+// Heartbeat presents the task's current credential, renews the task for ttl and returns the
+// next credential.
+func (c *Client) Heartbeat(slot dataplane.Slot, presented, ttl string) (credentials.Credential, error) {
+	var cred credentials.Credential
+	return cred, c.do(http.MethodPost, fmt.Sprintf("/v1/agents/%d/task/heartbeat", slot), HeartbeatRequest{Credential: presented, TTL: ttl}, &cred)
+}
+
+// RevokedCredentials is the revocation list.
+func (c *Client) RevokedCredentials() ([]credentials.Revocation, error) {
+	var list []credentials.Revocation
+	return list, c.do(http.MethodGet, "/v1/credentials/revoked", nil, &list)
+}
+
+// VerifyCredential checks a task credential and returns its claims.
+func (c *Client) VerifyCredential(token string) (credentials.Claims, error) {
+	var claims credentials.Claims
+	return claims, c.do(http.MethodPost, "/v1/credentials/verify", VerifyRequest{Token: token}, &claims)
 }
 
 // EndTask ends the agent's task.

@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/identity"
 )
@@ -100,6 +101,11 @@ func NewServer(svc Service, policy func() *Policy, log *slog.Logger) *Server {
 	mux.HandleFunc("PUT /v1/agents/{slot}/task", s.renewTask)
 	mux.HandleFunc("DELETE /v1/agents/{slot}/task", s.endTask)
 	mux.HandleFunc("POST /v1/agents/{slot}/task/approvals", s.addApproval)
+	mux.HandleFunc("GET /v1/agents/{slot}/task/credential", s.taskCredential)
+	mux.HandleFunc("POST /v1/agents/{slot}/task/heartbeat", s.heartbeat)
+	mux.HandleFunc("GET /v1/credentials/keys", s.credentialKeys)
+	mux.HandleFunc("GET /v1/credentials/revoked", s.revokedCredentials)
+	mux.HandleFunc("POST /v1/credentials/verify", s.verifyCredential)
 	mux.HandleFunc("POST /v1/policy/reload", s.reloadPolicy)
 	mux.HandleFunc("POST /v1/policy/eval", s.evalPolicy)
 	s.srv = &http.Server{
@@ -347,6 +353,16 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 	if req.Launch {
 		uid := c.UID
 		reg.Launcher, reg.LauncherPID = &uid, c.PID
+		// The launcher runs the command as itself, or (root) as the user it names.
+		reg.UID = c.UID
+		if req.UID != nil && c.UID == 0 {
+			reg.UID = *req.UID
+		} else if req.UID != nil && *req.UID != c.UID {
+			refuse(w, http.StatusForbidden, fmt.Errorf("uid %d may not launch an agent running as uid %d", c.UID, *req.UID))
+			return
+		}
+	} else if req.UID != nil {
+		reg.UID = *req.UID
 	}
 	a, err := s.svc.Register(reg)
 	if err != nil {
@@ -513,6 +529,84 @@ func (s *Server) addApproval(w http.ResponseWriter, r *http.Request) {
 	by := fmt.Sprintf("uid:%d", caller(r).UID)
 	s.log.Info("API approval", "slot", a.Slot, "action", req.Action, "resource", req.Resource, "by", by)
 	s.result(w, func() (agents.Agent, error) { return s.svc.AddApproval(a.Slot, req.Action, req.Resource, by, ttl) })
+}
+
+func (s *Server) taskCredential(w http.ResponseWriter, r *http.Request) {
+	a, ok := s.adminOrLauncher(w, r)
+	if !ok {
+		return
+	}
+	cred, err := s.svc.TaskCredential(a.Slot)
+	if err != nil {
+		refuse(w, credentialStatus(err), err)
+		return
+	}
+	reply(w, http.StatusOK, cred)
+}
+
+func (s *Server) heartbeat(w http.ResponseWriter, r *http.Request) {
+	a, ok := s.adminOrLauncher(w, r)
+	if !ok {
+		return
+	}
+	var req HeartbeatRequest
+	if err := decode(r, &req); err != nil {
+		refuse(w, http.StatusBadRequest, err)
+		return
+	}
+	ttl, err := time.ParseDuration(req.TTL)
+	if err != nil {
+		refuse(w, http.StatusBadRequest, fmt.Errorf("ttl %q: %w", req.TTL, err))
+		return
+	}
+	if req.Credential == "" {
+		refuse(w, http.StatusBadRequest, errors.New("credential is required: a heartbeat presents the task's current credential"))
+		return
+	}
+	cred, err := s.svc.Heartbeat(r.Context(), a.Slot, req.Credential, ttl)
+	if err != nil {
+		s.log.Warn("heartbeat refused", "slot", a.Slot, "caller_uid", caller(r).UID, "error", err)
+		refuse(w, credentialStatus(err), err)
+		return
+	}
+	reply(w, http.StatusOK, cred)
+}
+
+// credentialStatus is the HTTP status of a refused credential request.
+func credentialStatus(err error) int {
+	switch {
+	case errors.Is(err, agents.ErrNotFound):
+		return http.StatusNotFound
+	case errors.Is(err, agents.ErrInvalid):
+		return http.StatusBadRequest
+	case errors.Is(err, credentials.ErrReplayed), errors.Is(err, agents.ErrTask):
+		return http.StatusConflict
+	case errors.Is(err, credentials.ErrExpired), errors.Is(err, credentials.ErrRevoked), errors.Is(err, credentials.ErrInvalid):
+		return http.StatusForbidden
+	}
+	return http.StatusInternalServerError
+}
+
+func (s *Server) credentialKeys(w http.ResponseWriter, r *http.Request) {
+	reply(w, http.StatusOK, s.svc.CredentialKeys())
+}
+
+func (s *Server) revokedCredentials(w http.ResponseWriter, r *http.Request) {
+	reply(w, http.StatusOK, s.svc.RevokedCredentials())
+}
+
+func (s *Server) verifyCredential(w http.ResponseWriter, r *http.Request) {
+	var req VerifyRequest
+	if err := decode(r, &req); err != nil {
+		refuse(w, http.StatusBadRequest, err)
+		return
+	}
+	claims, err := s.svc.VerifyCredential(req.Token)
+	if err != nil {
+		refuse(w, credentialStatus(err), err)
+		return
+	}
+	reply(w, http.StatusOK, claims)
 }
 
 func (s *Server) reloadPolicy(w http.ResponseWriter, r *http.Request) {

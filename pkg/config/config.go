@@ -36,6 +36,7 @@ type Config struct {
 	API         API          `json:"api"`
 	Launch      []LaunchRule `json:"launch"`
 	Identity    Identity     `json:"identity"`
+	Credentials Credentials  `json:"credentials"`
 	Policy      Policy       `json:"policy"`
 	Env         Env          `json:"env"`
 	DNS         DNS          `json:"dns"`
@@ -159,6 +160,19 @@ type SPIRE struct {
 	Cgroups []string `json:"cgroups"`
 }
 
+// Credentials configures per-task credentials.
+type Credentials struct {
+	// Dir is where each agent's credential file goes; tetherd mounts a tmpfs there.
+	Dir string `json:"dir"`
+	// KeyFile is tether's ed25519 signing key (created when missing).
+	KeyFile string `json:"key_file"`
+	// TTL is the lifetime of one credential; heartbeats bring the next.
+	TTL time.Duration `json:"ttl"`
+	// Listen, when set (host:port), serves the public key set (/keys) and the revocation list
+	// (/revoked) over HTTP for relying parties. Both are on the API socket too.
+	Listen string `json:"listen"`
+}
+
 // DecisionLog says where decision events go as JSON lines.
 type DecisionLog struct {
 	// Path is a file, "-" for standard output, or empty for nowhere.
@@ -186,6 +200,7 @@ func Defaults() Config {
 		Policy:      Policy{Timezone: "UTC"},
 		DecisionLog: DecisionLog{Path: "-"},
 		Log:         Log{Level: "info", Format: "text"},
+		Credentials: Credentials{Dir: "/run/tether/credentials", KeyFile: "/var/lib/tether/credentials.key", TTL: 5 * time.Minute},
 	}
 }
 
@@ -340,6 +355,20 @@ func (l *Loaded) check() []fieldError {
 			if err := identity.ValidPattern(p); err != nil || p == "" {
 				bad(fmt.Sprintf("$.identity.spire.cgroups[%d]", j), "identity.spire.cgroups", "%q: want a cgroup path pattern", p)
 			}
+		}
+	}
+	if !filepath.IsAbs(c.Credentials.Dir) {
+		bad("$.credentials.dir", "credentials.dir", "%q: must be an absolute path", c.Credentials.Dir)
+	}
+	if !filepath.IsAbs(c.Credentials.KeyFile) {
+		bad("$.credentials.key_file", "credentials.key_file", "%q: must be an absolute path", c.Credentials.KeyFile)
+	}
+	if c.Credentials.TTL < 10*time.Second || c.Credentials.TTL > time.Hour {
+		bad("$.credentials.ttl", "credentials.ttl", "%s: want 10s to 1h", c.Credentials.TTL)
+	}
+	if l := c.Credentials.Listen; l != "" {
+		if _, _, err := net.SplitHostPort(l); err != nil {
+			bad("$.credentials.listen", "credentials.listen", "%q: want host:port", l)
 		}
 	}
 	if c.Policy.Dir != "" && c.Policy.Bundle != nil {

@@ -50,6 +50,9 @@ func TestParseErrors(t *testing.T) {
 		{"static trust domain", "identity:\n  trust_domains: [y.org]\n  static:\n    - id: spiffe://x.org/a\n      uid: 1\n", `trust domain "x.org" is not configured`},
 		{"spire socket", "identity:\n  spire:\n    admin_socket: admin.sock\n    cgroups: [a/*]\n", "identity.spire.admin_socket"},
 		{"spire cgroups", "identity:\n  spire:\n    admin_socket: /run/spire/admin.sock\n", "identity.spire.cgroups"},
+		{"credential ttl", "credentials:\n  ttl: 1s\n", "cfg.yaml:2: credentials.ttl"},
+		{"credential dir", "credentials:\n  dir: creds\n", "credentials.dir"},
+		{"credential listen", "credentials:\n  listen: 8474\n", "credentials.listen"},
 		{"log level", "log:\n  level: loud\n", "log.level"},
 		{"all errors at once", "log:\n  level: loud\n  format: xml\n", "log.format"},
 	}

@@ -24,6 +24,7 @@ import (
 	"github.com/tether-sh/tether/pkg/config"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
+	"github.com/tether-sh/tether/pkg/identity"
 	"github.com/tether-sh/tether/pkg/kernel"
 	"github.com/tether-sh/tether/pkg/policy"
 )
@@ -47,6 +48,7 @@ type Daemon struct {
 	pump        *events.Pump
 	reaper      *reaper
 	disc        *discovery
+	creds       *taskCreds
 }
 
 // Options are what Run needs besides the configuration.
@@ -101,6 +103,28 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		d.log.Info("detached programs from cgroups no longer configured", "cgroup_ids", gone)
 	}
 
+	var spire *identity.SPIRE
+	if sp := cfg.Identity.SPIRE; sp != nil {
+		if spire, err = identity.DialSPIRE(sp.AdminSocket); err != nil {
+			return err
+		}
+		defer spire.Close()
+	}
+	node := cfg.Env.Node
+	if node == "" {
+		node, _ = os.Hostname()
+	}
+	if d.creds, err = newTaskCreds(cfg.Credentials, node, spire, d.log); err != nil {
+		return err
+	}
+	if cfg.Credentials.Listen != "" {
+		stop, err := d.serveRelyingParties(ctx, cfg.Credentials.Listen)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+
 	d.compileOpts = compile.Options{Files: compile.OS{}, Resolver: dnsResolver(cfg, d.log)}
 	d.registry = agents.New(agents.Options{
 		Dataplane:    k,
@@ -108,6 +132,8 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		Compile:      agents.CompileOn(d.compileOpts),
 		Parents:      d.parents,
 		LaunchParent: d.launch,
+		TaskEnded:    d.creds.ended,
+		Unregistered: d.creds.unregistered,
 		Logger:       d.log,
 	})
 	defer d.registry.Close()
@@ -148,7 +174,7 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		wg.Wait()
 	}()
 
-	if d.disc, err = newDiscovery(cfg.Identity, d.root, d.registry, d.pump.Emit, d.log); err != nil {
+	if d.disc, err = newDiscovery(cfg.Identity, d.root, spire, d.registry, d.pump.Emit, d.log); err != nil {
 		return err
 	}
 	if d.disc.enabled() {
@@ -370,10 +396,19 @@ func (d *Daemon) Register(r agents.Registration) (agents.Agent, error) {
 		return agents.Agent{}, err
 	}
 	a, err := d.registry.Register(r)
-	if err == nil && r.Launch && r.LauncherPID > 0 {
+	if err != nil {
+		return a, err
+	}
+	if r.Launch && r.LauncherPID > 0 {
 		d.reaper.watch(a.Slot, r.LauncherPID)
 	}
-	return a, err
+	if a.Task != nil {
+		if _, err := d.creds.issue(context.Background(), a); err != nil {
+			d.log.Error("issuing a task credential", "slot", a.Slot, "error", err)
+			return a, fmt.Errorf("agent %d registered, but its task credential was not issued: %w", a.Slot, err)
+		}
+	}
+	return a, nil
 }
 
 func (d *Daemon) Unregister(slot dataplane.Slot) error { return d.registry.Unregister(slot) }
@@ -387,7 +422,15 @@ func (d *Daemon) SetKilled(slot dataplane.Slot, killed bool) (agents.Agent, erro
 }
 
 func (d *Daemon) StartTask(slot dataplane.Slot, t agents.TaskSpec) (agents.Agent, error) {
-	return d.registry.StartTask(slot, t)
+	a, err := d.registry.StartTask(slot, t)
+	if err != nil {
+		return a, err
+	}
+	if _, err := d.creds.issue(context.Background(), a); err != nil {
+		d.log.Error("issuing a task credential", "slot", a.Slot, "error", err)
+		return a, fmt.Errorf("task %s started, but its credential was not issued: %w", a.Task.ID, err)
+	}
+	return a, nil
 }
 
 func (d *Daemon) RenewTask(slot dataplane.Slot, ttl time.Duration) (agents.Agent, error) {

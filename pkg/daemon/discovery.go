@@ -52,11 +52,12 @@ type workload struct {
 	slot       dataplane.Slot
 	registered bool
 	revoked    bool
+	uid        uint32 // of the first process
 	cancel     context.CancelFunc
 	pids       chan int // processes that entered the cgroup after it was emptied (SPIRE only)
 }
 
-func newDiscovery(cfg config.Identity, root string, reg *agents.Registry, emit func(events.Decision), log *slog.Logger) (*discovery, error) {
+func newDiscovery(cfg config.Identity, root string, spire *identity.SPIRE, reg *agents.Registry, emit func(events.Decision), log *slog.Logger) (*discovery, error) {
 	rules := make([]identity.StaticRule, len(cfg.Static))
 	for i, r := range cfg.Static {
 		rules[i] = identity.StaticRule{ID: r.ID, Cgroup: r.Cgroup, Unit: r.Unit, UID: r.UID}
@@ -65,13 +66,7 @@ func newDiscovery(cfg config.Identity, root string, reg *agents.Registry, emit f
 	if err != nil {
 		return nil, err
 	}
-	d := &discovery{root: root, static: static, cfg: cfg, reg: reg, emit: emit, log: log, tracked: map[string]*workload{}}
-	if cfg.SPIRE != nil {
-		if d.spire, err = identity.DialSPIRE(cfg.SPIRE.AdminSocket); err != nil {
-			return nil, err
-		}
-	}
-	return d, nil
+	return &discovery{root: root, static: static, spire: spire, cfg: cfg, reg: reg, emit: emit, log: log, tracked: map[string]*workload{}}, nil
 }
 
 // enabled reports whether anything can be discovered.
@@ -109,9 +104,6 @@ func (d *discovery) run(ctx context.Context, parents []string) error {
 			}
 		}
 		d.mu.Unlock()
-		if d.spire != nil {
-			d.spire.Close()
-		}
 	}()
 	for {
 		select {
@@ -151,6 +143,7 @@ func (d *discovery) appeared(ctx context.Context, c cgroups.Change) {
 	}
 	rel := "/" + strings.TrimPrefix(strings.TrimPrefix(c.Path, d.root), "/")
 	uid, ok := uidOf(c.Procs[0])
+	t = &workload{uid: uid}
 	if !ok {
 		return // gone already; the cgroup is reported again when it gets another process
 	}
@@ -170,7 +163,6 @@ func (d *discovery) appeared(ctx context.Context, c cgroups.Change) {
 		if staticID == "" {
 			return // no resolver is configured for it: it stays no agent
 		}
-		t = &workload{}
 		d.mu.Lock()
 		d.tracked[c.Path] = t
 		d.mu.Unlock()
@@ -178,7 +170,7 @@ func (d *discovery) appeared(ctx context.Context, c cgroups.Change) {
 		return
 	}
 	wctx, cancel := context.WithCancel(ctx)
-	t = &workload{cancel: cancel, pids: make(chan int, 1)}
+	t.cancel, t.pids = cancel, make(chan int, 1)
 	d.mu.Lock()
 	d.tracked[c.Path] = t
 	d.mu.Unlock()
@@ -318,7 +310,7 @@ func (d *discovery) bind(cg string, t *workload, id string, sel []string) {
 }
 
 func (d *discovery) register(cg string, t *workload, id string, sel []string) {
-	a, err := d.reg.Register(agents.Registration{SpiffeID: id, Cgroup: cg, Selectors: sel})
+	a, err := d.reg.Register(agents.Registration{SpiffeID: id, Cgroup: cg, Selectors: sel, UID: t.uid})
 	if err != nil {
 		d.log.Error("registering a discovered agent", "cgroup", cg, "spiffe_id", id, "error", err)
 		return

@@ -186,3 +186,21 @@ func (f selfWatcher) OnX509ContextWatchError(err error) {
 	}
 	f("", time.Time{}, fmt.Errorf("SPIFFE Workload API: %w", err))
 }
+
+// FetchJWTSVID asks SPIRE for a JWT-SVID for the process pid with audience: its token, SPIFFE
+// ID and expiry. More than one identity for the process is refused, as in Watch.
+func (s *SPIRE) FetchJWTSVID(ctx context.Context, pid int, audience string) (string, string, time.Time, error) {
+	resp, err := s.client.FetchJWTSVIDs(ctx, &delegatedidentityv1.FetchJWTSVIDsRequest{Audience: []string{audience}, Pid: int32(pid)})
+	if err != nil {
+		return "", "", time.Time{}, errors.New(explain(err))
+	}
+	svids := resp.GetSvids()
+	if len(svids) != 1 {
+		return "", "", time.Time{}, fmt.Errorf("SPIRE issued process %d %d JWT-SVIDs, want one", pid, len(svids))
+	}
+	id, err := Parse("spiffe://" + svids[0].GetId().GetTrustDomain() + svids[0].GetId().GetPath())
+	if err != nil {
+		return "", "", time.Time{}, err
+	}
+	return svids[0].GetToken(), id, time.Unix(svids[0].GetExpiresAt(), 0), nil
+}

@@ -19,6 +19,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/tether-sh/tether/internal/privtest"
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/events"
@@ -71,6 +73,8 @@ type tetherd struct {
 	// policyConfig replaces the policy section of the configuration (a bundle), and extra is
 	// appended to it (dns, ...).
 	policyConfig, extra string
+	// credExtra is added to the credentials section (indented two spaces).
+	credExtra string
 
 	cmd    *exec.Cmd
 	stderr *lockedBuffer
@@ -108,6 +112,7 @@ func newTetherd(t *testing.T, p profile) *tetherd {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o711) // agents running as other users reach their credential files below it
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -131,6 +136,8 @@ func newTetherd(t *testing.T, p profile) *tetherd {
 	}
 	d.writePolicy(p)
 	d.writeConfig()
+	// tetherd mounts a tmpfs for the task credentials in the test's directory.
+	t.Cleanup(func() { unix.Unmount(filepath.Join(dir, "creds"), unix.MNT_DETACH) })
 	t.Cleanup(d.stop)
 	return d
 }
@@ -179,7 +186,12 @@ decision_log:
   path: %s
 log:
   level: debug
-%s`, d.parent, d.parent, d.pin, d.socket, policySection, d.decisions, d.extra)
+credentials:
+  dir: %s
+  key_file: %s
+  ttl: 10s
+%s
+%s`, d.parent, d.parent, d.pin, d.socket, policySection, d.decisions, filepath.Join(d.dir, "creds"), filepath.Join(d.dir, "credentials.key"), d.credExtra, d.extra)
 	if err := os.WriteFile(d.config, []byte(cfg), 0o600); err != nil {
 		d.t.Fatal(err)
 	}

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -15,7 +16,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/jwt"
+
 	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/events"
 )
 
@@ -257,6 +262,24 @@ func TestPrivilegedSPIREIdentity(t *testing.T) {
 		return st.Identity.Self == delegate && time.Until(st.Identity.SelfExpires) > 0
 	})
 
+	// A task on an agent SPIRE attested gets a JWT-SVID from SPIRE, with the task as audience.
+	d.ctl("task", "start", fmt.Sprint(a.Slot), "--type", "e2e", "--ttl", "1m")
+	var cred credentials.Credential
+	if err := json.Unmarshal([]byte(d.ctl("credential", "show", fmt.Sprint(a.Slot))), &cred); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := jwt.ParseSigned(cred.Token, []jose.SignatureAlgorithm{jose.ES256, jose.ES384, jose.RS256, jose.PS256})
+	if err != nil {
+		t.Fatalf("JWT-SVID %q: %v", cred.Token, err)
+	}
+	var svid jwt.Claims
+	if err := tok.UnsafeClaimsWithoutVerification(&svid); err != nil {
+		t.Fatal(err)
+	}
+	if cred.Kind != credentials.KindJWTSVID || svid.Subject != agentID || !svid.Audience.Contains(cred.Audience) || cred.Audience != "tether-task:"+cred.TaskID {
+		t.Errorf("task credential of a SPIRE agent: %+v, claims %+v", cred, svid)
+	}
+
 	// The entry is deleted: SPIRE no longer issues the identity, so tether grants nothing.
 	sp.server("entry", "delete", "-entryID", agentEntry)
 	waitFor(t, "the identity revoked after its entry was deleted", func() bool {
@@ -285,6 +308,14 @@ func TestPrivilegedSPIREIdentity(t *testing.T) {
 	if st := d.status(); st.Identity.Lost != 1 {
 		t.Errorf("status: %d identities lost, want 1", st.Identity.Lost)
 	}
+	// ... and its task ended with it: the JWT-SVID is on the revocation list.
+	waitFor(t, "the task's JWT-SVID revoked", func() bool {
+		var list []credentials.Revocation
+		json.Unmarshal([]byte(d.ctl("credential", "revoked")), &list)
+		return slices.ContainsFunc(list, func(r credentials.Revocation) bool {
+			return r.ID == cred.ID && r.Kind == credentials.KindJWTSVID && r.Reason == "identity revoked"
+		})
+	})
 
 	// The entry comes back: so does the identity.
 	sp.entry(agentID, "unix:uid:0", "unix:path:"+self)

@@ -1,0 +1,172 @@
+package credentials
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/jwt"
+)
+
+type clock struct{ t time.Time }
+
+func (c *clock) now() time.Time { return c.t }
+
+func newIssuer(t *testing.T, dir string, c *clock) *Issuer {
+	t.Helper()
+	i, err := New(Options{KeyFile: filepath.Join(dir, "key.pem"), Dir: filepath.Join(dir, "creds"), Issuer: "tether://node-a", TTL: 5 * time.Minute, Now: c.now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return i
+}
+
+func subject(c *clock) Subject {
+	return Subject{Slot: 3, SpiffeID: "spiffe://x.org/agent", UID: uint32(os.Getuid()), TaskID: "task-1", TaskType: "coding",
+		Sensitivity: "internal", TaskExpires: c.t.Add(time.Hour)}
+}
+
+func TestIssueRenewRevoke(t *testing.T) {
+	dir := t.TempDir()
+	c := &clock{time.Date(2026, 11, 27, 10, 0, 0, 0, time.UTC)}
+	i := newIssuer(t, dir, c)
+	s := subject(c)
+	ctx := context.Background()
+
+	first, err := i.Issue(ctx, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(first.File)
+	if err != nil || strings.TrimSpace(string(b)) != first.Token {
+		t.Fatalf("credential file %s: %q %v", first.File, b, err)
+	}
+	if fi, _ := os.Stat(first.File); fi.Mode().Perm() != 0o400 {
+		t.Errorf("file mode %v, want 0400", fi.Mode().Perm())
+	}
+	if fi, _ := os.Stat(filepath.Dir(first.File)); fi.Mode().Perm() != 0o500 {
+		t.Errorf("directory mode %v, want 0500", fi.Mode().Perm())
+	}
+	claims, err := i.Verify(first.Token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if claims.Subject != s.SpiffeID || claims.Audience[0] != "tether-task:task-1" || claims.Task.Type != "coding" || claims.Task.Sensitivity != "internal" ||
+		claims.Slot != 3 || !claims.Expiry.Time().Equal(c.t.Add(5*time.Minute)) {
+		t.Errorf("claims %+v", claims)
+	}
+
+	// A heartbeat presents the current credential and gets the next one.
+	c.t = c.t.Add(time.Minute)
+	second, err := i.Renew(ctx, s, first.Token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if second.ID == first.ID {
+		t.Fatal("renewal gave the same credential")
+	}
+	// The first one again: replayed.
+	if _, err := i.Renew(ctx, s, first.Token); !errors.Is(err, ErrReplayed) {
+		t.Errorf("replayed credential: %v", err)
+	}
+	// Another task's, or a forged one: invalid.
+	other := s
+	other.TaskID = "task-2"
+	if _, err := i.Renew(ctx, other, second.Token); !errors.Is(err, ErrInvalid) {
+		t.Errorf("credential of another task: %v", err)
+	}
+	forger := newIssuer(t, t.TempDir(), c)
+	forged, _ := forger.Issue(ctx, s)
+	if _, err := i.Renew(ctx, s, forged.Token); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "not signed by this tetherd") {
+		t.Errorf("credential signed by another key: %v", err)
+	}
+	if _, err := i.Renew(ctx, s, "not a token"); !errors.Is(err, ErrInvalid) {
+		t.Errorf("garbage: %v", err)
+	}
+
+	// A restarted tetherd (same key and directory) knows which one is current.
+	i = newIssuer(t, dir, c)
+	if _, err := i.Renew(ctx, s, first.Token); !errors.Is(err, ErrReplayed) {
+		t.Errorf("replay after a restart: %v", err)
+	}
+	third, err := i.Renew(ctx, s, second.Token)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Missed heartbeats: the current one expires and cannot renew.
+	c.t = c.t.Add(6 * time.Minute)
+	if _, err := i.Renew(ctx, s, third.Token); !errors.Is(err, ErrExpired) {
+		t.Errorf("expired credential: %v", err)
+	}
+	if _, err := i.Verify(third.Token); !errors.Is(err, ErrExpired) {
+		t.Errorf("verify expired: %v", err)
+	}
+
+	// The task ends: unexpired credentials are revoked and listed until they expire.
+	c.t = c.t.Add(-6 * time.Minute)
+	i.Revoke(s.Slot, s.TaskID, "task ended")
+	if _, err := i.Verify(third.Token); !errors.Is(err, ErrRevoked) {
+		t.Errorf("verify revoked: %v", err)
+	}
+	if _, err := i.Renew(ctx, s, third.Token); !errors.Is(err, ErrRevoked) {
+		t.Errorf("renew revoked: %v", err)
+	}
+	list := i.Revoked()
+	if len(list) != 3 || list[0].TaskID != "task-1" || list[0].Reason != "task ended" {
+		t.Errorf("revocation list %+v, want the 3 unexpired credentials", list)
+	}
+	if _, err := os.Stat(third.File); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("credential file left after revocation: %v", err)
+	}
+	c.t = c.t.Add(time.Hour)
+	if list := i.Revoked(); len(list) != 0 {
+		t.Errorf("expired credentials still listed: %+v", list)
+	}
+}
+
+func TestCredentialNeverOutlivesTask(t *testing.T) {
+	c := &clock{time.Date(2026, 11, 27, 10, 0, 0, 0, time.UTC)}
+	i := newIssuer(t, t.TempDir(), c)
+	s := subject(c)
+	s.TaskExpires = c.t.Add(90 * time.Second)
+	cred, err := i.Issue(context.Background(), s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !cred.ExpiresAt.Equal(s.TaskExpires) {
+		t.Errorf("credential expires %s, the task %s", cred.ExpiresAt, s.TaskExpires)
+	}
+	s.TaskExpires = c.t
+	if _, err := i.Issue(context.Background(), s); err == nil {
+		t.Error("issued a credential for an expired task")
+	}
+}
+
+// TestKeysVerify: a relying party verifies with the published key set alone.
+func TestKeysVerify(t *testing.T) {
+	c := &clock{time.Now()}
+	i := newIssuer(t, t.TempDir(), c)
+	cred, err := i.Issue(context.Background(), subject(c))
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys := i.Keys()
+	tok, err := jwt.ParseSigned(cred.Token, []jose.SignatureAlgorithm{jose.EdDSA})
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := keys.Key(tok.Headers[0].KeyID)
+	if len(found) != 1 {
+		t.Fatalf("key %q not in the key set", tok.Headers[0].KeyID)
+	}
+	var claims Claims
+	if err := tok.Claims(found[0].Key, &claims); err != nil || claims.Subject != "spiffe://x.org/agent" {
+		t.Errorf("verifying with the published key: %v %+v", err, claims)
+	}
+}

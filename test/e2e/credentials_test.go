@@ -1,0 +1,208 @@
+package e2e
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/credentials"
+)
+
+// readAs reads path as uid (a process outside any agent): the file's content, or the error.
+func readAs(t *testing.T, uid uint32, path string) (string, error) {
+	t.Helper()
+	cmd := exec.Command("cat", path)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+	out, err := cmd.Output()
+	return strings.TrimSpace(string(out)), err
+}
+
+// TestPrivilegedTaskCredentials: tetherctl run with a task gives the agent a credential that only
+// its uid can read; the launcher's heartbeats renew it (a new one each time); a replayed
+// credential renews nothing; when heartbeats stop, the task expires, its credentials are
+// revoked and listed, and the file is gone.
+func TestPrivilegedTaskCredentials(t *testing.T) {
+	self := privtest.SelfCopy(t) // in a directory nobody may read
+	p := profile{"exec": []string{self}}
+	d := newTetherd(t, p)
+	port := freePort(t)
+	d.credExtra = fmt.Sprintf("  listen: 127.0.0.1:%d", port)
+	d.writeConfig()
+	d.start()
+
+	// The agent runs as nobody; the task lives 6 s between heartbeats (tetherctl run sends one
+	// every 2 s); a credential lives 10 s (credentials.ttl), never past the task.
+	run := d.ctlCmd("run", "--id", agentID, "--user", "nobody", "--task-type", "e2e", "--task-ttl", "6s", "--", self)
+	run.Env = append(os.Environ(), "TETHER_TEST_HELPER=credential")
+	stdin, err := run.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := run.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	run.Stderr = os.Stderr
+	if err := run.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); run.Process.Kill(); run.Wait() })
+	out := bufio.NewReader(stdout)
+	line := func() string {
+		s, err := out.ReadString('\n')
+		if err != nil {
+			t.Fatalf("agent output: %v", err)
+		}
+		return strings.TrimSpace(s)
+	}
+
+	// The agent reads its credential from the file.
+	first := line()
+	if strings.HasPrefix(first, "error:") || strings.Count(first, ".") != 2 {
+		t.Fatalf("the agent could not read its credential: %q", first)
+	}
+	var a agents.Agent
+	waitFor(t, "the agent", func() bool {
+		for _, x := range d.agents() {
+			if x.SpiffeID == agentID {
+				a = x
+				return true
+			}
+		}
+		return false
+	})
+	var cred credentials.Credential
+	if err := json.Unmarshal([]byte(d.ctl("credential", "show", fmt.Sprint(a.Slot))), &cred); err != nil {
+		t.Fatal(err)
+	}
+	if cred.Token != first || cred.Kind != credentials.KindTether || cred.TaskID != a.Task.ID || cred.Audience != "tether-task:"+a.Task.ID {
+		t.Errorf("credential %+v, agent read %q", cred, first)
+	}
+	// Only the agent's uid (and root) can read it.
+	if got, err := readAs(t, 65534, cred.File); err != nil || got != first {
+		t.Errorf("nobody (the agent's uid) reading its credential: %q %v", got, err)
+	}
+	if _, err := readAs(t, 1000, cred.File); err == nil {
+		t.Error("another uid read the agent's credential")
+	}
+	// It verifies, with the task state signed in it.
+	var claims credentials.Claims
+	if err := json.Unmarshal([]byte(d.ctl("credential", "verify", first)), &claims); err != nil {
+		t.Fatal(err)
+	}
+	if claims.Subject != agentID || claims.Task.Type != "e2e" || claims.Task.ID != a.Task.ID {
+		t.Errorf("claims %+v", claims)
+	}
+
+	// Heartbeats bring new credentials.
+	var renewed string
+	waitFor(t, "a heartbeat to renew the credential", func() bool {
+		stdin.Write([]byte("\n"))
+		renewed = line()
+		return renewed != first && !strings.HasPrefix(renewed, "error:")
+	})
+	// The first one again, presented as a heartbeat: replayed, refused, and nothing renewed.
+	before := d.agentAt(a.Cgroup).Task.ExpiresAt
+	_, stderr, code := d.ctlRaw("credential", "heartbeat", fmt.Sprint(a.Slot), "--credential", first, "--ttl", "1h")
+	if code == 0 || !strings.Contains(stderr, "credential replayed") {
+		t.Errorf("replayed credential: exit %d, %q", code, stderr)
+	}
+	if after := d.agentAt(a.Cgroup).Task; after == nil || after.ExpiresAt.After(before.Add(10*time.Second)) {
+		t.Errorf("a replayed credential renewed the task: %v -> %+v", before, after)
+	}
+	// Garbage and another key's tokens are refused with why.
+	if _, stderr, code := d.ctlRaw("credential", "verify", "a.b.c"); code == 0 || !strings.Contains(stderr, "credential invalid") {
+		t.Errorf("garbage: exit %d, %q", code, stderr)
+	}
+
+	// The launcher stops (SIGSTOP: no more heartbeats): the task expires, its credentials are
+	// revoked and listed, and the file is removed.
+	run.Process.Signal(syscall.SIGSTOP)
+	defer run.Process.Signal(syscall.SIGCONT)
+	waitForLong(t, 15*time.Second, "the task to expire without heartbeats", func() bool { return d.agentAt(a.Cgroup).Task == nil })
+	waitFor(t, "the credential file removed", func() bool {
+		_, err := os.Stat(cred.File)
+		return os.IsNotExist(err)
+	})
+	// Credentials never outlive their task: the last one expired with it.
+	_, stderr, code = d.ctlRaw("credential", "verify", renewed)
+	if code == 0 || !strings.Contains(stderr, "credential expired") {
+		t.Errorf("verify after the task expired: exit %d, %q", code, stderr)
+	}
+
+	// A task that ends early (here: ended by an admin) has its credentials revoked: they are
+	// listed until they would have expired.
+	d.ctl("task", "start", fmt.Sprint(a.Slot), "--type", "e2e", "--ttl", "1m")
+	b := d.agentAt(a.Cgroup)
+	if err := json.Unmarshal([]byte(d.ctl("credential", "show", fmt.Sprint(a.Slot))), &cred); err != nil {
+		t.Fatal(err)
+	}
+	d.ctl("task", "end", fmt.Sprint(a.Slot))
+	waitFor(t, "the ended task's credential revoked", func() bool {
+		_, stderr, code := d.ctlRaw("credential", "verify", cred.Token)
+		return code != 0 && strings.Contains(stderr, "credential revoked") && strings.Contains(stderr, "task ended")
+	})
+	// Relying parties fetch the list (and the key set) over HTTP.
+	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/revoked", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	var list []credentials.Revocation
+	if err := json.Unmarshal(body, &list); err != nil {
+		t.Fatalf("/revoked: %v: %s", err, body)
+	}
+	found := 0
+	for _, r := range list {
+		if r.TaskID == b.Task.ID && r.SpiffeID == agentID && r.ID == cred.ID && r.Reason == "task ended" {
+			found++
+		}
+	}
+	if found != 1 {
+		t.Errorf("/revoked does not list the ended task's credential %s: %s", cred.ID, body)
+	}
+	resp, err = http.Get(fmt.Sprintf("http://127.0.0.1:%d/keys", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(body), `"crv":"Ed25519"`) {
+		t.Errorf("/keys: %s", body)
+	}
+
+	// The launcher goes on: its heartbeat is refused (no task), it stops sending them, and the
+	// agent ends normally.
+	run.Process.Signal(syscall.SIGCONT)
+	stdin.Close()
+	if err := run.Wait(); err != nil {
+		t.Errorf("tetherctl run: %v", err)
+	}
+	if _, err := os.Stat(filepath.Dir(cred.File)); !os.IsNotExist(err) {
+		t.Errorf("the agent's credential directory is left: %v", err)
+	}
+}
+
+func waitForLong(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		if cond() {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("timed out after %s waiting for %s", d, what)
+}

@@ -239,7 +239,9 @@ func loadKey(path string) (ed25519.PrivateKey, error) {
 
 func (i *Issuer) statePath() string { return filepath.Join(i.opts.Dir, ".state.json") }
 
-func taskKey(slot uint32, taskID string) string { return strconv.FormatUint(uint64(slot), 10) + "/" + taskID }
+func taskKey(slot uint32, taskID string) string {
+	return strconv.FormatUint(uint64(slot), 10) + "/" + taskID
+}
 
 // save writes the state. Call with i.mu held.
 func (i *Issuer) save() {

@@ -69,7 +69,45 @@ func newTask(g *globals) *cobra.Command {
 	approve.MarkFlagRequired("action")
 	approve.MarkFlagRequired("resource")
 
-	cmd.AddCommand(start, renew, end, approve)
+	var ho api.HandoffRequest
+	var hoCred string
+	handoff := &cobra.Command{
+		Use:   "handoff SLOT --to SLOT --credential TOKEN|@FILE [--type T] [--ttl D]",
+		Short: "Hand the agent's task to another agent: its grants are at most the sender's",
+		Long: `handoff gives the receiving agent a task derived from the sender's (same sensitivity, ending no
+later), if the policy allows it (data.tether.stepup, action "handoff"). Whatever the policy grants
+the receiver for it is cut down to what the sender has: never more. The sender's current task
+credential proves the sender's task; the receiver gets a credential of its own.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			from, err := slotArg(args[0])
+			if err != nil {
+				return err
+			}
+			if ho.Credential, err = tokenArg(hoCred); err != nil {
+				return err
+			}
+			res, err := g.client().Handoff(from, ho)
+			if err != nil {
+				return err
+			}
+			if g.output == "json" {
+				return printJSON(cmd.OutOrStdout(), res)
+			}
+			a := res.Agent
+			fmt.Fprintf(cmd.OutOrStdout(), "agent %d (%s): %s from %s, credential %s in %s\n", a.Slot, a.SpiffeID, taskLine(a), a.Task.HandoffFrom, res.Credential.ID, res.Credential.File)
+			return nil
+		},
+	}
+	handoff.Flags().Uint32Var(&ho.To, "to", 0, "the receiving agent's slot")
+	handoff.Flags().StringVar(&hoCred, "credential", "", "the sender's current task credential, or @FILE")
+	handoff.Flags().StringVar(&ho.Type, "type", "", "the receiver's task type (default: the sender's)")
+	handoff.Flags().StringVar(&ho.TTL, "ttl", "10m", "how long the handed task lasts (never past the sender's)")
+	handoff.Flags().StringVarP(&g.output, "output", "o", "text", "output format: text or json")
+	handoff.MarkFlagRequired("to")
+	handoff.MarkFlagRequired("credential")
+
+	cmd.AddCommand(start, renew, end, approve, handoff)
 	return cmd
 }
 

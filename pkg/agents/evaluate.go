@@ -38,6 +38,9 @@ func (r *Registry) decide(ctx context.Context, a *agent) (*dataplane.RuleSet, Co
 		err = fmt.Errorf("evaluating the policy failed, so nothing is granted: %w", err)
 		g = grants.Grants{}
 	}
+	if a.ceiling != nil && a.ctx.Task != nil && err == nil {
+		g = grants.Attenuate(g, *a.ceiling)
+	}
 	if g.ValidUntil != nil && !g.ValidUntil.After(now) {
 		g = grants.Grants{Mode: g.Mode}
 	}
@@ -109,7 +112,7 @@ func (r *Registry) expire(a *agent, now time.Time) {
 	if !t.ExpiresAt.After(now) {
 		r.log.Info("task expired", "slot", a.slot, "spiffe_id", a.info.SpiffeID, "task", t.ID)
 		r.taskEnded(a, "task expired (no heartbeat renewed it)")
-		a.ctx.Task = nil
+		a.ctx.Task, a.ceiling = nil, nil
 		return
 	}
 	kept := t.Approvals[:0:0]

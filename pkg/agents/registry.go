@@ -165,6 +165,7 @@ type agent struct {
 	ctx       Context
 	rs        *dataplane.RuleSet // installed (or to install); nil until the first evaluation
 	grants    grants.Grants      // of the last evaluation, for compiling again without one
+	ceiling   *grants.Grants     // a handed-over task's grants are at most these (the sender's)
 	flags     dataplane.AgentFlags
 	synced    bool // the kernel holds rs, flags, info and the binding
 	evaluated time.Time

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"reflect"
 	"slices"
@@ -555,3 +556,85 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// TestHandoffAttenuates: the receiver of a handed task gets at most the sender's grants, whatever
+// the policy gives it; the task keeps the sender's sensitivity and ends no later; the ceiling
+// goes with the task; ended tasks are reported.
+func TestHandoffAttenuates(t *testing.T) {
+	e := newEnv(t)
+	var mu sync.Mutex
+	var ended []string
+	e.reg = New(Options{Dataplane: e.dp, Evaluator: e.ev, Compile: compiler, Parents: []string{"/cg/tether"}, LaunchParent: "/cg/tether", Cgroups: e.cg,
+		TaskEnded: func(slot dataplane.Slot, id string, task Task, reason string) {
+			mu.Lock()
+			ended = append(ended, fmt.Sprintf("%d %s %s", slot, task.ID, reason))
+			mu.Unlock()
+		}})
+	e.cg.ids["/cg/tether/receiver"] = 13
+	sender := e.register(t, "spiffe://example.org/a") // 10.0.0.0/8, plus 192.0.2.0/24:1 with a task
+	e.ev.set("spiffe://example.org/b", grants.Grants{Egress: []grants.Egress{{CIDR: "10.1.0.0/16"}, {CIDR: "172.16.0.0/12"}}})
+	receiver, err := e.reg.Register(Registration{SpiffeID: "spiffe://example.org/b", Cgroup: "/cg/tether/receiver"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.reg.Handoff(sender.Slot, receiver.Slot, HandoffSpec{TTL: time.Hour}); !errors.Is(err, ErrTask) {
+		t.Errorf("handoff without a task: %v", err)
+	}
+	st, err := e.reg.StartTask(sender.Slot, TaskSpec{Type: "coding", Sensitivity: "confidential", TTL: 30 * time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.reg.Handoff(sender.Slot, sender.Slot, HandoffSpec{TTL: time.Hour}); !errors.Is(err, ErrInvalid) {
+		t.Errorf("handoff to itself: %v", err)
+	}
+	got, err := e.reg.Handoff(sender.Slot, receiver.Slot, HandoffSpec{TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Task == nil || got.Task.HandoffFrom != "spiffe://example.org/a" || got.Task.Sensitivity != "confidential" ||
+		got.Task.Type != "coding" || got.Task.ExpiresAt.After(st.Task.ExpiresAt) || !strings.HasPrefix(got.Task.ID, st.Task.ID+"/handoff-") {
+		t.Errorf("handed task %+v (sender's %+v)", got.Task, st.Task)
+	}
+	// The policy gives b 10.1/16, 172.16/12 and (with the task) 192.0.2.0/24:1; a has 10/8 and
+	// 192.0.2.0/24:1: b keeps 10.1/16 and 192.0.2.0/24:1, not 172.16/12.
+	rs, _ := e.dp.RuleSet(receiver.Slot)
+	var have []string
+	for _, eg := range rs.Egress {
+		p := eg.Prefix
+		if p.Addr().Is4In6() { // the kernel's v4 rules are v4-mapped
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
+		have = append(have, p.String())
+	}
+	slices.Sort(have)
+	if !slices.Equal(have, []string{"10.1.0.0/16", "192.0.2.0/24"}) {
+		t.Errorf("receiver's egress %v, want 10.1.0.0/16 and 192.0.2.0/24", have)
+	}
+	if _, err := e.reg.Handoff(sender.Slot, receiver.Slot, HandoffSpec{TTL: time.Hour}); !errors.Is(err, ErrTask) {
+		t.Errorf("a second handoff to a receiver with a task: %v", err)
+	}
+	// The task ends: the ceiling goes with it.
+	if _, err := e.reg.EndTask(receiver.Slot); err != nil {
+		t.Fatal(err)
+	}
+	rs, _ = e.dp.RuleSet(receiver.Slot)
+	if len(rs.Egress) != 2 {
+		t.Errorf("after the handed task ended: %d egress entries, want b's own 2", len(rs.Egress))
+	}
+	waitUntil(t, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(ended) == 1 && strings.HasSuffix(ended[0], "task ended")
+	})
+}
+
+func waitUntil(t *testing.T, cond func() bool) {
+	t.Helper()
+	for range 200 {
+		if cond() {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatal("condition not met within 1 s")
+}

@@ -1,6 +1,7 @@
 package agents
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"regexp"
@@ -89,7 +90,7 @@ func (r *Registry) EndTask(slot dataplane.Slot) (Agent, error) {
 		}
 		r.log.Info("task ended", "slot", slot, "spiffe_id", a.info.SpiffeID, "task", a.ctx.Task.ID)
 		r.taskEnded(a, "task ended")
-		a.ctx.Task = nil
+		a.ctx.Task, a.ceiling = nil, nil
 		return nil
 	})
 }
@@ -142,7 +143,68 @@ func (r *Registry) Revoke(slot dataplane.Slot) (Agent, error) {
 		// The task and its credentials go with the identity: a new one starts once the agent has
 		// an identity again.
 		r.taskEnded(a, "identity revoked")
-		a.ctx.Task = nil
+		a.ctx.Task, a.ceiling = nil, nil
 		return nil
 	})
+}
+
+// HandoffSpec asks to hand an agent's task (or a part of it) to another agent.
+type HandoffSpec struct {
+	Type string        // the receiver's task type; empty: the sender's
+	TTL  time.Duration // at most until the sender's task ends
+}
+
+// Handoff gives agent to a task derived from agent from's: the sender's sensitivity, an expiry
+// no later than the sender's, and grants that are at most what the sender has now (whatever the
+// policy gives the receiver for the task is attenuated to them). The receiver must have no task.
+// Whether the policy allows the handoff is the caller's to ask first.
+func (r *Registry) Handoff(from, to dataplane.Slot, s HandoffSpec) (Agent, error) {
+	if from == to {
+		return Agent{}, fmt.Errorf("%w: an agent cannot hand a task to itself", ErrInvalid)
+	}
+	if s.TTL <= 0 || s.TTL > MaxTaskTTL {
+		return Agent{}, fmt.Errorf("%w: handoff ttl %s: want more than 0 and at most %s", ErrInvalid, s.TTL, MaxTaskTTL)
+	}
+	if s.Type != "" && !token.MatchString(s.Type) {
+		return Agent{}, fmt.Errorf("%w: task type %q: want 1-128 letters, digits and ._:/-", ErrInvalid, s.Type)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	sender, ok := r.live(from)
+	if !ok {
+		return Agent{}, fmt.Errorf("%w: slot %d (sender)", ErrNotFound, from)
+	}
+	receiver, ok := r.live(to)
+	if !ok {
+		return Agent{}, fmt.Errorf("%w: slot %d (receiver)", ErrNotFound, to)
+	}
+	st := sender.ctx.Task
+	switch {
+	case st == nil:
+		return Agent{}, fmt.Errorf("%w: agent %d has no task to hand over", ErrTask, from)
+	case sender.ctx.Revoked:
+		return Agent{}, fmt.Errorf("%w: agent %d has lost its identity", ErrTask, from)
+	case receiver.ctx.Task != nil:
+		return Agent{}, fmt.Errorf("%w: agent %d already has task %s: end it first", ErrTask, to, receiver.ctx.Task.ID)
+	}
+	now := r.opts.Now()
+	expires := now.Add(s.TTL)
+	if st.ExpiresAt.Before(expires) {
+		expires = st.ExpiresAt
+	}
+	typ := s.Type
+	if typ == "" {
+		typ = st.Type
+	}
+	id := st.ID + "/handoff-" + randomSuffix()
+	if len(id) > 128 {
+		id = "handoff-" + randomSuffix()
+	}
+	ceiling := sender.grants // what the sender has now (itself attenuated if it was handed its task)
+	receiver.ctx.Task = &Task{ID: id, Type: typ, Sensitivity: st.Sensitivity, StartedAt: now, ExpiresAt: expires, HandoffFrom: sender.info.SpiffeID}
+	receiver.ceiling = &ceiling
+	r.log.Info("task handed over", "from_slot", from, "from", sender.info.SpiffeID, "from_task", st.ID,
+		"to_slot", to, "to", receiver.info.SpiffeID, "task", id, "type", typ, "expires", expires)
+	err := r.evaluate(context.Background(), receiver)
+	return r.view(receiver), err
 }

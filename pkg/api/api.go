@@ -161,4 +161,20 @@ type Service interface {
 	CredentialKeys() jose.JSONWebKeySet
 	RevokedCredentials() []credentials.Revocation
 	VerifyCredential(token string) (credentials.Claims, error)
+	Handoff(ctx context.Context, from, to dataplane.Slot, presented string, spec agents.HandoffSpec) (agents.Agent, credentials.Credential, error)
+}
+
+// HandoffRequest hands the agent's task to another agent. Credential is the sender's current
+// task credential.
+type HandoffRequest struct {
+	To         uint32 `json:"to"`
+	Credential string `json:"credential"`
+	Type       string `json:"type,omitempty"`
+	TTL        string `json:"ttl"`
+}
+
+// HandoffResult is the receiving agent and its task credential.
+type HandoffResult struct {
+	Agent      agents.Agent           `json:"agent"`
+	Credential credentials.Credential `json:"credential"`
 }

@@ -106,6 +106,13 @@ func (f *fakeService) RevokedCredentials() []credentials.Revocation {
 func (f *fakeService) VerifyCredential(token string) (credentials.Claims, error) {
 	return credentials.Claims{}, fmt.Errorf("%w at then", credentials.ErrExpired)
 }
+func (f *fakeService) Handoff(ctx context.Context, from, to dataplane.Slot, presented string, spec agents.HandoffSpec) (agents.Agent, credentials.Credential, error) {
+	f.record(fmt.Sprintf("handoff %d %d", from, to))
+	if presented == "old" {
+		return agents.Agent{}, credentials.Credential{}, fmt.Errorf("the sender's credential: %w: superseded", credentials.ErrReplayed)
+	}
+	return agents.Agent{Slot: to}, credentials.Credential{Token: "handed"}, nil
+}
 func (f *fakeService) EvalPolicy(ctx context.Context, query string, input json.RawMessage) (any, error) {
 	f.record("eval " + query)
 	if query == "bad" {
@@ -206,6 +213,10 @@ func TestAuthorization(t *testing.T) {
 		{"verify says why", nobody, "POST", "/v1/credentials/verify", `{"token":"x"}`, 403, "credential expired"},
 		{"launch as another uid refused", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"uid":0}`, 403, "may not launch an agent running as uid 0"},
 		{"root launches as another uid", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"uid":1000}`, 201, ""},
+		{"launcher hands over between its agents", launcher, "POST", "/v1/agents/1/task/handoff", `{"to":1,"credential":"cur","ttl":"10m"}`, 200, `"token":"handed"`},
+		{"but not to another's agent", launcher, "POST", "/v1/agents/1/task/handoff", `{"to":2,"credential":"cur","ttl":"10m"}`, 403, "neither launched agent 2"},
+		{"handoff with a replayed credential", launcher, "POST", "/v1/agents/1/task/handoff", `{"to":1,"credential":"old","ttl":"10m"}`, 409, "credential replayed"},
+		{"handoff to nobody", root, "POST", "/v1/agents/1/task/handoff", `{"to":9,"credential":"cur","ttl":"10m"}`, 404, "receiver"},
 		{"register with a task", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"task":{"type":"coding","ttl":"x"}}`, 400, "task ttl"},
 	}
 	for _, tt := range tests {

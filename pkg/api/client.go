@@ -141,6 +141,12 @@ func (c *Client) VerifyCredential(token string) (credentials.Claims, error) {
 	return claims, c.do(http.MethodPost, "/v1/credentials/verify", VerifyRequest{Token: token}, &claims)
 }
 
+// Handoff hands the agent's task to another agent.
+func (c *Client) Handoff(from dataplane.Slot, req HandoffRequest) (HandoffResult, error) {
+	var res HandoffResult
+	return res, c.do(http.MethodPost, fmt.Sprintf("/v1/agents/%d/task/handoff", from), req, &res)
+}
+
 // EndTask ends the agent's task.
 func (c *Client) EndTask(slot dataplane.Slot) (agents.Agent, error) {
 	var a agents.Agent

@@ -103,6 +103,7 @@ func NewServer(svc Service, policy func() *Policy, log *slog.Logger) *Server {
 	mux.HandleFunc("POST /v1/agents/{slot}/task/approvals", s.addApproval)
 	mux.HandleFunc("GET /v1/agents/{slot}/task/credential", s.taskCredential)
 	mux.HandleFunc("POST /v1/agents/{slot}/task/heartbeat", s.heartbeat)
+	mux.HandleFunc("POST /v1/agents/{slot}/task/handoff", s.handoff)
 	mux.HandleFunc("GET /v1/credentials/keys", s.credentialKeys)
 	mux.HandleFunc("GET /v1/credentials/revoked", s.revokedCredentials)
 	mux.HandleFunc("POST /v1/credentials/verify", s.verifyCredential)
@@ -570,6 +571,51 @@ func (s *Server) heartbeat(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	reply(w, http.StatusOK, cred)
+}
+
+// handoff hands the agent's task to another agent: the sender's launcher (presenting the
+// sender's current credential) or an admin may ask, and must be the receiver's launcher too
+// unless an admin.
+func (s *Server) handoff(w http.ResponseWriter, r *http.Request) {
+	a, ok := s.adminOrLauncher(w, r)
+	if !ok {
+		return
+	}
+	var req HandoffRequest
+	if err := decode(r, &req); err != nil {
+		refuse(w, http.StatusBadRequest, err)
+		return
+	}
+	ttl, err := time.ParseDuration(req.TTL)
+	if err != nil {
+		refuse(w, http.StatusBadRequest, fmt.Errorf("ttl %q: %w", req.TTL, err))
+		return
+	}
+	if req.Credential == "" {
+		refuse(w, http.StatusBadRequest, errors.New("credential is required: the sender's current task credential"))
+		return
+	}
+	c := caller(r)
+	to, found := s.svc.Agent(dataplane.Slot(req.To))
+	if !found {
+		refuse(w, http.StatusNotFound, fmt.Errorf("no agent in slot %d (receiver)", req.To))
+		return
+	}
+	if !(to.Launcher != nil && *to.Launcher == c.UID) && !s.policy().IsAdmin(c) {
+		refuse(w, http.StatusForbidden, fmt.Errorf("uid %d neither launched agent %d nor is an admin", c.UID, req.To))
+		return
+	}
+	got, cred, err := s.svc.Handoff(r.Context(), a.Slot, to.Slot, req.Credential, agents.HandoffSpec{Type: req.Type, TTL: ttl})
+	if err != nil {
+		s.log.Warn("handoff refused", "from", a.Slot, "to", req.To, "caller_uid", c.UID, "error", err)
+		code := credentialStatus(err)
+		if strings.Contains(err.Error(), "the policy does not allow") {
+			code = http.StatusForbidden
+		}
+		refuse(w, code, err)
+		return
+	}
+	reply(w, http.StatusOK, HandoffResult{Agent: got, Credential: cred})
 }
 
 // credentialStatus is the HTTP status of a refused credential request.

@@ -22,6 +22,7 @@ import (
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/identity"
+	"github.com/tether-sh/tether/pkg/policy"
 )
 
 // taskCreds issues, renews and revokes the agents' task credentials (pkg/credentials) as their
@@ -203,3 +204,55 @@ func writeJSON(w http.ResponseWriter, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(v)
 }
+
+// Handoff hands agent from's task (or a part of it) to agent to. The caller presents the
+// sender's current task credential; the policy must allow the handoff (data.tether.stepup with
+// action "handoff" and the receiver's SPIFFE ID as resource, for the sender's context); the
+// receiver then gets a task derived from the sender's, a credential for it, and grants that are at
+// most what the sender has. Both identities are in the log.
+func (d *Daemon) Handoff(ctx context.Context, from, to dataplane.Slot, presented string, spec agents.HandoffSpec) (agents.Agent, credentials.Credential, error) {
+	sender, ok := d.registry.Get(from)
+	if !ok {
+		return agents.Agent{}, credentials.Credential{}, fmt.Errorf("%w: slot %d (sender)", agents.ErrNotFound, from)
+	}
+	receiver, ok := d.registry.Get(to)
+	if !ok {
+		return agents.Agent{}, credentials.Credential{}, fmt.Errorf("%w: slot %d (receiver)", agents.ErrNotFound, to)
+	}
+	s, err := subject(sender)
+	if err != nil {
+		return agents.Agent{}, credentials.Credential{}, err
+	}
+	if err := d.creds.iss.Check(s, presented); err != nil {
+		return agents.Agent{}, credentials.Credential{}, fmt.Errorf("the sender's credential: %w", err)
+	}
+	rev := d.pol.engine.Current()
+	c, ok := d.registry.ContextOf(from)
+	if rev == nil || !ok {
+		return agents.Agent{}, credentials.Credential{}, errors.New("no policy revision is in force")
+	}
+	in := d.input(c)
+	in.Request = &policy.Request{Action: "handoff", Resource: receiver.SpiffeID, Reason: "handoff of task " + sender.Task.ID}
+	dec, err := rev.Stepup(ctx, in)
+	if err != nil {
+		return agents.Agent{}, credentials.Credential{}, fmt.Errorf("asking the policy: %w", err)
+	}
+	if !dec.Allowed || dec.NeedsApproval {
+		d.log.Warn("handoff refused", "from", sender.SpiffeID, "to", receiver.SpiffeID, "task", sender.Task.ID, "reason", dec.Reason)
+		return agents.Agent{}, credentials.Credential{}, fmt.Errorf("%w: the policy does not allow %s to hand task %s to %s: %s",
+			ErrRefused, sender.SpiffeID, sender.Task.ID, receiver.SpiffeID, dec.Reason)
+	}
+	a, err := d.registry.Handoff(from, to, spec)
+	if err != nil {
+		return a, credentials.Credential{}, err
+	}
+	cred, err := d.creds.issue(ctx, a)
+	if err != nil {
+		return a, credentials.Credential{}, fmt.Errorf("task handed over, but its credential was not issued: %w", err)
+	}
+	d.log.Info("handoff", "from_slot", from, "from", sender.SpiffeID, "from_task", sender.Task.ID, "to_slot", to, "to", a.SpiffeID, "task", a.Task.ID, "credential", cred.ID)
+	return a, cred, nil
+}
+
+// ErrRefused is returned for what the policy does not allow.
+var ErrRefused = errors.New("refused")

@@ -36,6 +36,7 @@ type Task struct {
 	StartedAt   time.Time  `json:"started_at"`
 	ExpiresAt   time.Time  `json:"expires_at"`
 	Approvals   []Approval `json:"approvals,omitempty"`
+	HandoffFrom string     `json:"handoff_from,omitempty"`
 }
 
 // Approval is a step-up a human approved for the task.
@@ -95,7 +96,7 @@ func AgentOf(spiffeID string, selectors []string, labels map[string]string) Agen
 func ContextInput(c agents.Context, env Env, t Time) Input {
 	in := Input{Agent: AgentOf(c.SpiffeID, c.Selectors, c.Labels), Env: env, Time: t}
 	if ct := c.Task; ct != nil {
-		pt := &Task{ID: ct.ID, Type: ct.Type, Sensitivity: ct.Sensitivity, StartedAt: ct.StartedAt, ExpiresAt: ct.ExpiresAt}
+		pt := &Task{ID: ct.ID, Type: ct.Type, Sensitivity: ct.Sensitivity, StartedAt: ct.StartedAt, ExpiresAt: ct.ExpiresAt, HandoffFrom: ct.HandoffFrom}
 		for _, a := range ct.Approvals {
 			pt.Approvals = append(pt.Approvals, Approval{ID: a.ID, Action: a.Action, Resource: a.Resource, ExpiresAt: a.ExpiresAt, ApprovedBy: a.ApprovedBy})
 		}

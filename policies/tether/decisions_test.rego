@@ -87,3 +87,20 @@ test_respond_alert_on_denied_exec if {
 	r := tether.respond with input as object.union(ctx(null, dev, morning), {"event": {"decision_id": "x", "kind": "exec", "verdict": "deny", "timestamp": "2026-11-25T10:30:00Z"}})
 	r == "alert"
 }
+
+test_stepup_handoff_follows_the_profile if {
+	profiles := {"lead": {"exec": [], "high_risk": [], "unix": [], "egress": [], "handoff_to": ["spiffe://example.org/agents/helper-*"]}}
+	i := ctx(task("lead", "internal"), dev, morning)
+	d := tether.stepup with input as object.union(i, {"request": {"action": "handoff", "resource": "spiffe://example.org/agents/helper-1"}}) with data.tether_settings.profiles as profiles
+	d.allowed
+	not d.needs_approval
+	e := tether.stepup with input as object.union(i, {"request": {"action": "handoff", "resource": "spiffe://example.org/agents/other"}}) with data.tether_settings.profiles as profiles
+	not e.allowed
+	f := tether.stepup with input as object.union(i, {"request": {"action": "handoff", "resource": "spiffe://example.org/agents/helper-1/sub"}}) with data.tether_settings.profiles as profiles
+	not f.allowed
+}
+
+test_stepup_handoff_refused_without_handoff_to if {
+	d := tether.stepup with input as object.union(ctx(task("coding", "internal"), dev, morning), {"request": {"action": "handoff", "resource": "spiffe://example.org/agents/a"}})
+	not d.allowed
+}

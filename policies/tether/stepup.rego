@@ -30,3 +30,11 @@ else := {"allowed": true, "needs_approval": false, "ttl": "1h", "reason": "withi
 	not r.production
 	r.network == input.request.resource
 }
+
+# A handoff: the task type's profile names the agents (SPIFFE ID globs) its tasks may be handed
+# to ("handoff_to"). The receiver's grants are then at most the sender's, whatever this says.
+else := {"allowed": true, "needs_approval": false, "reason": "the task type may hand work to this agent"} if {
+	input.request.action == "handoff"
+	some pattern in object.get(profile, "handoff_to", [])
+	glob.match(pattern, ["/"], input.request.resource)
+}

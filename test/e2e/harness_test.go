@@ -158,6 +158,26 @@ func policyData(p profile) map[string]any {
 	}}
 }
 
+// writeProfiles gives each identity (SPIFFE ID -> task type without a task) and task type its
+// profile.
+func (d *tetherd) writeProfiles(profiles map[string]profile, identities map[string]string) {
+	d.t.Helper()
+	data := policyData(profile{})
+	st := data["tether_settings"].(map[string]any)
+	ps, ids := map[string]any{}, map[string]any{}
+	for name, p := range profiles {
+		ps[name] = policyData(p)["tether_settings"].(map[string]any)["profiles"].(map[string]any)["e2e"]
+	}
+	for id, typ := range identities {
+		ids[id] = map[string]any{"task_type": typ}
+	}
+	st["profiles"], st["identities"] = ps, ids
+	b, _ := json.MarshalIndent(data, "", "  ")
+	if err := os.WriteFile(filepath.Join(d.policy, "data.json"), b, 0o644); err != nil {
+		d.t.Fatal(err)
+	}
+}
+
 // writePolicy gives agentID the profile p.
 func (d *tetherd) writePolicy(p profile) {
 	d.t.Helper()

@@ -127,6 +127,8 @@ type Status struct {
 type IdentityStatus struct {
 	Static int    `json:"static_rules"`
 	SPIRE  string `json:"spire,omitempty"` // answering, or why it cannot be asked
+	// Kubernetes is what the pod watch does, or why it does not.
+	Kubernetes string `json:"kubernetes,omitempty"`
 	// Self is tetherd's own SPIFFE ID from the Workload API (identity.spire.workload_socket),
 	// or why there is none.
 	Self        string    `json:"self,omitempty"`

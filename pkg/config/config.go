@@ -138,6 +138,17 @@ type Identity struct {
 	TrustDomains []string     `json:"trust_domains"`
 	Static       []StaticRule `json:"static"`
 	SPIRE        *SPIRE       `json:"spire"`
+	Kubernetes   *Kubernetes  `json:"kubernetes"`
+}
+
+// Kubernetes attributes pods: a pod's cgroup (all its containers) gets the SPIFFE ID of its
+// service account, spiffe://<trust_domain>/ns/<namespace>/sa/<service account>.
+type Kubernetes struct {
+	TrustDomain string `json:"trust_domain"`
+	// NodeName is this node's name; empty: $NODE_NAME (the DaemonSet sets it), else the host name.
+	NodeName string `json:"node_name"`
+	// Kubeconfig is a kubeconfig file; empty: the in-cluster service account.
+	Kubeconfig string `json:"kubeconfig"`
 }
 
 // StaticRule gives the agents it selects a SPIFFE ID; every selector set must match.
@@ -339,6 +350,13 @@ func (l *Loaded) check() []fieldError {
 			if err := identity.ValidPattern(p.pat); err != nil {
 				bad(where+"."+p.key, field+"."+p.key, "%v", err)
 			}
+		}
+	}
+	if k := c.Identity.Kubernetes; k != nil {
+		if _, err := identity.Parse("spiffe://" + k.TrustDomain); err != nil || k.TrustDomain == "" || strings.Contains(k.TrustDomain, "/") {
+			bad("$.identity.kubernetes.trust_domain", "identity.kubernetes.trust_domain", "%q: want a trust domain name (cluster.local)", k.TrustDomain)
+		} else if err := c.Identity.CheckTrustDomain("spiffe://" + k.TrustDomain); err != nil {
+			bad("$.identity.kubernetes.trust_domain", "identity.kubernetes.trust_domain", "%v", err)
 		}
 	}
 	if sp := c.Identity.SPIRE; sp != nil {

@@ -49,6 +49,7 @@ func TestParseErrors(t *testing.T) {
 		{"static pattern", "identity:\n  static:\n    - id: spiffe://x.org/a\n      cgroup: a/[\n", "identity.static[0].cgroup"},
 		{"static trust domain", "identity:\n  trust_domains: [y.org]\n  static:\n    - id: spiffe://x.org/a\n      uid: 1\n", `trust domain "x.org" is not configured`},
 		{"spire socket", "identity:\n  spire:\n    admin_socket: admin.sock\n    cgroups: [a/*]\n", "identity.spire.admin_socket"},
+		{"kubernetes trust domain", "identity:\n  kubernetes:\n    node_name: n\n", "identity.kubernetes.trust_domain"},
 		{"spire cgroups", "identity:\n  spire:\n    admin_socket: /run/spire/admin.sock\n", "identity.spire.cgroups"},
 		{"credential ttl", "credentials:\n  ttl: 1s\n", "cfg.yaml:2: credentials.ttl"},
 		{"credential dir", "credentials:\n  dir: creds\n", "credentials.dir"},

@@ -177,6 +177,22 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 	if d.disc, err = newDiscovery(cfg.Identity, d.root, spire, d.registry, d.pump.Emit, d.log); err != nil {
 		return err
 	}
+	if kc := cfg.Identity.Kubernetes; kc != nil {
+		client, err := identity.KubeClient(kc.Kubeconfig)
+		if err != nil {
+			return err
+		}
+		node := kc.NodeName
+		if node == "" {
+			node = os.Getenv("NODE_NAME")
+		}
+		if node == "" {
+			node, _ = os.Hostname()
+		}
+		if d.disc.k8s, err = identity.NewKubernetes(client, node, kc.TrustDomain, d.disc.podDeleted); err != nil {
+			return err
+		}
+	}
 	if d.disc.enabled() {
 		dctx, stop := context.WithCancel(ctx)
 		wg.Add(1)

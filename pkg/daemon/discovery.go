@@ -32,6 +32,7 @@ type discovery struct {
 	root   string // cgroup2 mount
 	static *identity.Static
 	spire  *identity.SPIRE
+	k8s    *identity.Kubernetes
 	cfg    config.Identity
 	reg    *agents.Registry
 	emit   func(events.Decision)
@@ -53,6 +54,7 @@ type workload struct {
 	registered bool
 	revoked    bool
 	uid        uint32 // of the first process
+	podUID     string // the pod's, for a pod cgroup
 	cancel     context.CancelFunc
 	pids       chan int // processes that entered the cgroup after it was emptied (SPIRE only)
 }
@@ -70,7 +72,7 @@ func newDiscovery(cfg config.Identity, root string, spire *identity.SPIRE, reg *
 }
 
 // enabled reports whether anything can be discovered.
-func (d *discovery) enabled() bool { return len(d.cfg.Static) > 0 || d.spire != nil }
+func (d *discovery) enabled() bool { return len(d.cfg.Static) > 0 || d.spire != nil || d.k8s != nil }
 
 // run follows the cgroups below parents until ctx ends.
 func (d *discovery) run(ctx context.Context, parents []string) error {
@@ -79,6 +81,15 @@ func (d *discovery) run(ctx context.Context, parents []string) error {
 		return err
 	}
 	defer w.Close()
+	if d.k8s != nil {
+		// Not waited for: pods whose pod the watch does not know yet wait for it on their own,
+		// and status says when the API server has not answered.
+		go func() {
+			if err := d.k8s.Start(ctx); err != nil && ctx.Err() == nil {
+				d.log.Error("watching this node's pods", "error", err)
+			}
+		}()
+	}
 	if sp := d.cfg.SPIRE; sp != nil && sp.WorkloadSocket != "" {
 		go identity.Self(ctx, sp.WorkloadSocket, func(id string, exp time.Time, err error) {
 			d.mu.Lock()
@@ -141,6 +152,12 @@ func (d *discovery) appeared(ctx context.Context, c cgroups.Change) {
 	if d.agentAt(c.Path) {
 		return
 	}
+	if d.k8s != nil {
+		if uid, pod, ok := identity.PodCgroup(c.Path); ok && strings.HasPrefix(pod, d.root) {
+			d.appearedPod(ctx, c, uid, pod)
+			return
+		}
+	}
 	rel := "/" + strings.TrimPrefix(strings.TrimPrefix(c.Path, d.root), "/")
 	uid, ok := uidOf(c.Procs[0])
 	t = &workload{uid: uid}
@@ -166,7 +183,7 @@ func (d *discovery) appeared(ctx context.Context, c cgroups.Change) {
 		d.mu.Lock()
 		d.tracked[c.Path] = t
 		d.mu.Unlock()
-		d.register(c.Path, t, staticID, sel)
+		d.register(c.Path, t, staticID, sel, nil)
 		return
 	}
 	wctx, cancel := context.WithCancel(ctx)
@@ -176,6 +193,81 @@ func (d *discovery) appeared(ctx context.Context, c cgroups.Change) {
 	d.mu.Unlock()
 	d.log.Info("asking SPIRE for the identity of a new agent cgroup", "cgroup", c.Path, "pid", wl.PID)
 	go d.followSPIRE(wctx, c.Path, t, wl.PID, staticID, sel)
+}
+
+// appearedPod binds a pod's cgroup (all its containers) to its service account's SPIFFE ID,
+// once the pod watch knows the pod. A container cgroup of a pod that is bound already is left
+// alone: it is below the agent's cgroup.
+func (d *discovery) appearedPod(ctx context.Context, c cgroups.Change, podUID, pod string) {
+	d.mu.Lock()
+	_, known := d.tracked[pod]
+	d.mu.Unlock()
+	if known || d.agentAt(pod) {
+		return
+	}
+	uid, ok := uidOf(c.Procs[0])
+	if !ok {
+		return
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	t := &workload{uid: uid, podUID: podUID, cancel: cancel}
+	d.mu.Lock()
+	d.tracked[pod] = t
+	d.mu.Unlock()
+	rel := "/" + strings.TrimPrefix(strings.TrimPrefix(pod, d.root), "/")
+	staticID, staticSel, err := d.static.Resolve(identity.Workload{Cgroup: rel, PID: c.Procs[0], UID: uid})
+	if err != nil {
+		d.conflicted(pod, err.Error())
+		return
+	}
+	go func() {
+		p, err := d.k8s.Pod(wctx, podUID)
+		if err != nil {
+			if wctx.Err() == nil {
+				d.log.Warn("pod cgroup without a pod", "cgroup", pod, "error", err)
+			}
+			return
+		}
+		id, err := d.k8s.ID(p)
+		if err == nil {
+			err = d.cfg.CheckTrustDomain(id)
+		}
+		if err != nil {
+			d.log.Error("pod identity refused", "cgroup", pod, "pod", p.Namespace+"/"+p.Name, "error", err)
+			return
+		}
+		if staticID != "" && staticID != id {
+			d.conflicted(pod, fmt.Sprintf("Kubernetes gives %s, the static rules %s", id, staticID))
+			return
+		}
+		// Pod labels go to the policy, except tether's own (tether.dev/mode: audit is for admins,
+		// not for whoever writes a pod spec).
+		labels := map[string]string{}
+		for k, v := range p.Labels {
+			if strings.HasPrefix(k, api.ReservedLabelPrefix) {
+				d.log.Warn("pod label under tether.dev/ ignored (admins set those)", "pod", p.Namespace+"/"+p.Name, "label", k)
+				continue
+			}
+			labels[k] = v
+		}
+		d.register(pod, t, id, append(identity.Selectors(p), staticSel...), labels)
+	}()
+}
+
+// podDeleted revokes the identity of a deleted pod's agent (its cgroup goes soon after).
+func (d *discovery) podDeleted(uid string) {
+	d.mu.Lock()
+	var cg string
+	var t *workload
+	for path, w := range d.tracked {
+		if w.podUID == uid {
+			cg, t = path, w
+		}
+	}
+	d.mu.Unlock()
+	if t != nil {
+		d.lose(cg, t, "pod deleted")
+	}
 }
 
 // followSPIRE binds the cgroup to the identity SPIRE issues one of its processes, and follows
@@ -290,7 +382,7 @@ func (d *discovery) bind(cg string, t *workload, id string, sel []string) {
 	registered, slot := t.registered, t.slot
 	d.mu.Unlock()
 	if !registered {
-		d.register(cg, t, id, sel)
+		d.register(cg, t, id, sel, nil)
 		return
 	}
 	cur, _, ok := d.reg.Identity(slot)
@@ -309,8 +401,8 @@ func (d *discovery) bind(cg string, t *workload, id string, sel []string) {
 	d.mu.Unlock()
 }
 
-func (d *discovery) register(cg string, t *workload, id string, sel []string) {
-	a, err := d.reg.Register(agents.Registration{SpiffeID: id, Cgroup: cg, Selectors: sel, UID: t.uid})
+func (d *discovery) register(cg string, t *workload, id string, sel []string, labels map[string]string) {
+	a, err := d.reg.Register(agents.Registration{SpiffeID: id, Cgroup: cg, Selectors: sel, UID: t.uid, Labels: labels})
 	if err != nil {
 		d.log.Error("registering a discovered agent", "cgroup", cg, "spiffe_id", id, "error", err)
 		return
@@ -389,6 +481,12 @@ func (d *discovery) status() api.IdentityStatus {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	s := api.IdentityStatus{Static: len(d.cfg.Static), Lost: d.lost, Conflicts: d.conflict, Discovered: len(d.tracked), Self: d.self, SelfExpires: d.selfExp}
+	if d.k8s != nil {
+		s.Kubernetes = "watching pods"
+		if !d.k8s.Synced() {
+			s.Kubernetes = "the pods of this node are not listed yet (is the API server reachable?)"
+		}
+	}
 	if d.spire != nil {
 		switch {
 		case d.spireErr != "":

@@ -1,0 +1,144 @@
+package daemon
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/cgroups"
+	"github.com/tether-sh/tether/pkg/compile"
+	"github.com/tether-sh/tether/pkg/config"
+	"github.com/tether-sh/tether/pkg/dataplane/dataplanetest"
+	"github.com/tether-sh/tether/pkg/events"
+	"github.com/tether-sh/tether/pkg/grants"
+	"github.com/tether-sh/tether/pkg/identity"
+)
+
+type noGrants struct{}
+
+func (noGrants) Grants(context.Context, agents.Context) (grants.Grants, error) { return grants.Grants{}, nil }
+
+// TestPrivilegedKubernetesDiscovery: real cgroups laid out as the kubelet does (cgroupfs
+// driver), the pod watch on client-go's fake clientset (a kube-apiserver cannot be built here).
+// A process in a container cgroup makes the pod cgroup an agent with the service account's
+// SPIFFE ID and the pod's labels (not tether.dev/ ones); a second container joins the same
+// agent; a deleted pod loses its identity; the removed pod cgroup ends the agent.
+func TestPrivilegedKubernetesDiscovery(t *testing.T) {
+	privtest.Gate(t)
+	root := privtest.Cgroup(t)
+	const uid = "6c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
+	pod := filepath.Join(root, "kubepods", "burstable", "pod"+uid)
+	ctr1, ctr2 := filepath.Join(pod, "ctr1"), filepath.Join(pod, "ctr2")
+	for _, p := range []string{ctr1, ctr2} {
+		if _, err := cgroups.Create(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for _, p := range []string{ctr1, ctr2, pod, filepath.Dir(pod), filepath.Dir(filepath.Dir(pod))} {
+			cgroups.Remove(p, 5*time.Second)
+		}
+	})
+
+	log := slog.New(slog.DiscardHandler)
+	reg := agents.New(agents.Options{Dataplane: dataplanetest.New(), Evaluator: noGrants{}, Compile: agents.CompileOn(compile.Options{Files: compile.OS{}}),
+		Parents: []string{root}, LaunchParent: root, Logger: log})
+	defer reg.Close()
+	recs := make(chan events.Decision, 4)
+	d, err := newDiscovery(config.Identity{TrustDomains: []string{"cluster.local"}}, privtest.Cgroup2(t), nil, reg, func(e events.Decision) { recs <- e }, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := fake.NewClientset(&corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "coder-0", Namespace: "agents", UID: uid, Labels: map[string]string{"team": "web", "tether.dev/mode": "audit"}},
+		Spec:       corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "coder"},
+	})
+	if d.k8s, err = identity.NewKubernetes(client, "node-1", "cluster.local", d.podDeleted); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.run(ctx, []string{root}) }()
+	defer func() { cancel(); <-done }()
+
+	start := func(cg string) *exec.Cmd {
+		dir, err := os.Open(cg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer dir.Close()
+		cmd := exec.Command("sleep", "60")
+		cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		return cmd
+	}
+	agentOf := func() (agents.Agent, bool) {
+		for _, a := range reg.List() {
+			if a.Cgroup == pod {
+				return a, true
+			}
+		}
+		return agents.Agent{}, false
+	}
+	wait := func(what string, cond func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+			if cond() {
+				return
+			}
+		}
+		t.Fatalf("timed out waiting for %s", what)
+	}
+
+	p1 := start(ctr1)
+	wait("the pod's agent", func() bool { _, ok := agentOf(); return ok })
+	a, _ := agentOf()
+	if a.SpiffeID != "spiffe://cluster.local/ns/agents/sa/coder" || a.Labels["team"] != "web" || a.Labels["tether.dev/mode"] != "" ||
+		!strings.Contains(strings.Join(a.Selectors, " "), "k8s:pod-uid:"+uid) {
+		t.Fatalf("pod agent %+v", a)
+	}
+	p2 := start(ctr2)
+	time.Sleep(200 * time.Millisecond)
+	if n := len(reg.List()); n != 1 {
+		t.Errorf("%d agents after a second container started, want 1 (the pod)", n)
+	}
+
+	if err := client.CoreV1().Pods("agents").Delete(ctx, "coder-0", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	wait("the deleted pod's identity revoked", func() bool { a, _ := agentOf(); return a.Revoked })
+	select {
+	case rec := <-recs:
+		if rec.Kind != "identity" || !strings.Contains(rec.Reason, "pod deleted") {
+			t.Errorf("record %+v", rec)
+		}
+	case <-time.After(time.Second):
+		t.Error("no identity record for the deleted pod")
+	}
+
+	for _, p := range []*exec.Cmd{p1, p2} {
+		p.Process.Kill()
+		p.Wait()
+	}
+	for _, p := range []string{ctr1, ctr2, pod} {
+		if err := cgroups.Remove(p, 5*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wait("the agent of the removed pod cgroup unregistered", func() bool { _, ok := agentOf(); return !ok })
+}

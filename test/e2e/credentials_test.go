@@ -19,13 +19,18 @@ import (
 	"github.com/tether-sh/tether/pkg/credentials"
 )
 
-// readAs reads path as uid (a process outside any agent): the file's content, or the error.
-func readAs(t *testing.T, uid uint32, path string) (string, error) {
+// readAs reads path as uid, from a process outside any agent (the credential helper of the
+// test binary at bin): the file's content, or "error:..." with why not.
+func readAs(t *testing.T, bin string, uid uint32, path string) string {
 	t.Helper()
-	cmd := exec.Command("cat", path)
+	cmd := exec.Command(bin)
+	cmd.Env = append(os.Environ(), "TETHER_TEST_HELPER=credential", "TETHER_TASK_CREDENTIAL_FILE="+path)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
 	out, err := cmd.Output()
-	return strings.TrimSpace(string(out)), err
+	if err != nil {
+		t.Fatalf("reading as uid %d: %v", uid, err)
+	}
+	return strings.TrimSpace(string(out))
 }
 
 // TestPrivilegedTaskCredentials: tetherctl run with a task gives the agent a credential that only
@@ -90,11 +95,11 @@ func TestPrivilegedTaskCredentials(t *testing.T) {
 		t.Errorf("credential %+v, agent read %q", cred, first)
 	}
 	// Only the agent's uid (and root) can read it.
-	if got, err := readAs(t, 65534, cred.File); err != nil || got != first {
-		t.Errorf("nobody (the agent's uid) reading its credential: %q %v", got, err)
+	if got := readAs(t, self, 65534, cred.File); got != first {
+		t.Errorf("nobody (the agent's uid) reading its credential: %q", got)
 	}
-	if _, err := readAs(t, 1000, cred.File); err == nil {
-		t.Error("another uid read the agent's credential")
+	if got := readAs(t, self, 1000, cred.File); !strings.Contains(got, "permission_denied") {
+		t.Errorf("another uid reading the agent's credential: %q", got)
 	}
 	// It verifies, with the task state signed in it.
 	var claims credentials.Claims

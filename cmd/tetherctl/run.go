@@ -64,7 +64,8 @@ as an unprivileged user with --user.`,
 	cmd.Flags().StringToStringVar(&f.labels, "label", nil, "labels for the policy (input.agent.labels), key=value")
 	cmd.Flags().StringVar(&f.task.Type, "task-type", "", "start the agent with a task of this type")
 	cmd.Flags().StringVar(&f.task.Sensitivity, "sensitivity", "", "the task's data sensitivity")
-	cmd.Flags().StringVar(&f.task.TTL, "task-ttl", "2m", "the task (and its credential) ends unless a heartbeat renews it within this; run sends one every third of it")
+	cmd.Flags().StringVar(&f.task.TTL, "ttl", "2m", "the task (and its credential) ends unless a heartbeat renews it within this; run sends one every third of it")
+	cmd.Flags().StringVar(&f.task.TTL, "task-ttl", "2m", "the same as --ttl")
 	return cmd
 }
 

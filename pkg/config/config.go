@@ -443,9 +443,12 @@ func CgroupPath(root, p string) string {
 	return filepath.Join(root, p)
 }
 
-// CheckTrustDomain refuses id when trust domains are configured and its trust domain is not one
-// of them.
+// CheckTrustDomain refuses id when it is no SPIFFE ID, or when trust domains are configured and
+// its trust domain is not one of them.
 func (c Identity) CheckTrustDomain(id string) error {
+	if _, err := identity.Parse(id); err != nil {
+		return err
+	}
 	if len(c.TrustDomains) == 0 {
 		return nil
 	}

@@ -128,8 +128,12 @@ type Revocation struct {
 	TaskID    string    `json:"task_id"`
 	Reason    string    `json:"reason"`
 	RevokedAt time.Time `json:"revoked_at"`
-	ExpiresAt time.Time `json:"expires_at"` // listed until then: afterwards it is invalid anyway
+	ExpiresAt time.Time `json:"expires_at"` // listed until Skew after: it is invalid anyway by then
 }
+
+// Skew is how long a credential stays on the revocation list after it expired, and how long
+// after its expiry one is still put there: relying parties whose clocks run behind still see it.
+const Skew = 5 * time.Minute
 
 // issued is what the issuer remembers of a credential.
 type issued struct {
@@ -259,12 +263,12 @@ func (i *Issuer) save() {
 // prune drops what expired. Call with i.mu held.
 func (i *Issuer) prune(now time.Time) {
 	for id, r := range i.st.Revoked {
-		if !r.ExpiresAt.After(now) {
+		if !r.ExpiresAt.Add(Skew).After(now) {
 			delete(i.st.Revoked, id)
 		}
 	}
 	for _, t := range i.st.Tasks {
-		t.Issued = slices.DeleteFunc(t.Issued, func(c issued) bool { return !c.ExpiresAt.After(now) && c.ID != t.Current })
+		t.Issued = slices.DeleteFunc(t.Issued, func(c issued) bool { return !c.ExpiresAt.Add(Skew).After(now) && c.ID != t.Current })
 	}
 }
 
@@ -454,8 +458,8 @@ func (i *Issuer) Verify(token string) (Claims, error) {
 	return c, nil
 }
 
-// Revoke ends the credentials of a task: every one that has not expired goes on the revocation
-// list, and the agent's file is removed.
+// Revoke ends the credentials of a task: every one that has not expired (or did so within Skew)
+// goes on the revocation list, and the agent's file is removed.
 func (i *Issuer) Revoke(slot uint32, taskID, reason string) {
 	now := i.opts.Now()
 	i.mu.Lock()
@@ -466,7 +470,7 @@ func (i *Issuer) Revoke(slot uint32, taskID, reason string) {
 		return
 	}
 	for _, c := range t.Issued {
-		if c.ExpiresAt.After(now) {
+		if c.ExpiresAt.Add(Skew).After(now) {
 			i.st.Revoked[c.ID] = &Revocation{ID: c.ID, Kind: c.Kind, SpiffeID: t.SpiffeID, TaskID: taskID, Reason: reason, RevokedAt: now, ExpiresAt: c.ExpiresAt}
 		}
 	}
@@ -495,7 +499,7 @@ func (i *Issuer) Current(slot uint32, taskID string) (string, bool) {
 	return t.Current, true
 }
 
-// Revoked is the revocation list: revoked credentials that have not expired yet.
+// Revoked is the revocation list: revoked credentials until Skew after they expire.
 func (i *Issuer) Revoked() []Revocation {
 	i.mu.Lock()
 	defer i.mu.Unlock()

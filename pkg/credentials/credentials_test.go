@@ -126,7 +126,7 @@ func TestIssueRenewRevoke(t *testing.T) {
 	}
 	c.t = c.t.Add(time.Hour)
 	if list := i.Revoked(); len(list) != 0 {
-		t.Errorf("expired credentials still listed: %+v", list)
+		t.Errorf("credentials listed long after they expired: %+v", list)
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -140,10 +141,18 @@ func TestPrivilegedTaskCredentials(t *testing.T) {
 		_, err := os.Stat(cred.File)
 		return os.IsNotExist(err)
 	})
-	// Credentials never outlive their task: the last one expired with it.
+	// Credentials never outlive their task: the last one expired with it, and is listed as
+	// revoked (for relying parties whose clocks run behind).
 	_, stderr, code = d.ctlRaw("credential", "verify", renewed)
 	if code == 0 || !strings.Contains(stderr, "credential expired") {
 		t.Errorf("verify after the task expired: exit %d, %q", code, stderr)
+	}
+	var expiredList []credentials.Revocation
+	json.Unmarshal([]byte(d.ctl("credential", "revoked")), &expiredList)
+	if !slices.ContainsFunc(expiredList, func(r credentials.Revocation) bool {
+		return r.TaskID == a.Task.ID && strings.Contains(r.Reason, "no heartbeat")
+	}) {
+		t.Errorf("the expired task's credentials are not on the revocation list: %+v", expiredList)
 	}
 
 	// A task that ends early (here: ended by an admin) has its credentials revoked: they are

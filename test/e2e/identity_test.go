@@ -130,6 +130,10 @@ func TestPrivilegedStaticIdentity(t *testing.T) {
 		return !slices.ContainsFunc(d.agents(), func(a agents.Agent) bool { return a.Cgroup == cg })
 	})
 
+	// A SPIFFE ID that is not one is refused with why.
+	if _, stderr, code := d.ctlRaw("run", "--id", "agent-7", "--", self); code == 0 || !strings.Contains(stderr, `SPIFFE ID "agent-7"`) {
+		t.Errorf("launch with a malformed SPIFFE ID: exit %d, %q", code, stderr)
+	}
 	// A launch in a trust domain that is not configured is refused with why.
 	_, stderr, code := d.ctlRaw("run", "--id", "spiffe://elsewhere.org/agent", "--", self)
 	if code == 0 || !strings.Contains(stderr, `trust domain "elsewhere.org" is not configured`) {

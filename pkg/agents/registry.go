@@ -130,6 +130,9 @@ type Options struct {
 	// TaskEnded, if set, is told (from a goroutine of its own) that an agent's task ended: ended,
 	// expired, the identity revoked, or the agent unregistered.
 	TaskEnded func(slot dataplane.Slot, spiffeID string, task Task, reason string)
+	// Denied, if set, says whether a SPIFFE ID is on the kill path's deny list: an agent that
+	// has it is registered killed (everything denied).
+	Denied func(spiffeID string) bool
 	// Unregistered, if set, is told (after TaskEnded, from the same goroutine) that an agent
 	// was unregistered.
 	Unregistered func(slot dataplane.Slot)
@@ -354,10 +357,15 @@ func (r *Registry) register(c Context, path string, launched bool, launcher *uin
 	if !ok {
 		return Agent{}, fmt.Errorf("no free agent slot: the kernel holds %d agents", dataplane.MaxAgents)
 	}
+	flags := dataplane.AgentActive
+	if r.opts.Denied != nil && r.opts.Denied(c.SpiffeID) {
+		flags |= dataplane.AgentKilled
+		r.log.Warn("registering an agent whose SPIFFE ID was killed: everything is denied until it is readmitted", "spiffe_id", c.SpiffeID, "cgroup", path)
+	}
 	a := &agent{
 		slot:     slot,
 		ctx:      c,
-		flags:    dataplane.AgentActive,
+		flags:    flags,
 		launcher: launcher,
 		uid:      uid,
 		info: dataplane.Info{SpiffeID: c.SpiffeID, CgroupPath: path, CgroupID: cgid,

@@ -130,6 +130,9 @@ func (r *Registry) SetIdentity(slot dataplane.Slot, spiffeID string) (Agent, err
 	return r.change(slot, func(a *agent) error {
 		r.log.Info("agent identity changed", "slot", slot, "from", a.info.SpiffeID, "to", id)
 		a.ctx.SpiffeID, a.info.SpiffeID, a.ctx.Revoked = id, id, false
+		if r.opts.Denied != nil && r.opts.Denied(id) {
+			a.flags |= dataplane.AgentKilled
+		}
 		return nil
 	})
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
+	"github.com/tether-sh/tether/pkg/killpath"
 )
 
 // RegisterRequest asks to make a cgroup an agent (admin), or to launch a new one.
@@ -164,6 +165,31 @@ type Service interface {
 	RevokedCredentials() []credentials.Revocation
 	VerifyCredential(token string) (credentials.Claims, error)
 	Handoff(ctx context.Context, from, to dataplane.Slot, presented string, spec agents.HandoffSpec) (agents.Agent, credentials.Credential, error)
+	Kill(ctx context.Context, req KillRequest, requester string) ([]killpath.Kill, error)
+	Resume(slot dataplane.Slot) (agents.Agent, error)
+	Readmit(spiffeID string) ([]agents.Agent, error)
+	Kills() KillStatus
+}
+
+// KillRequest names the agents to kill (exactly one of Slot, SpiffeID, TaskID, PID) and why.
+type KillRequest struct {
+	Slot      *uint32 `json:"slot,omitempty"`
+	SpiffeID  string  `json:"spiffe_id,omitempty"`
+	TaskID    string  `json:"task_id,omitempty"`
+	PID       int32   `json:"pid,omitempty"`
+	Reason    string  `json:"reason"`
+	Terminate bool    `json:"terminate,omitempty"`
+}
+
+// ReadmitRequest takes a SPIFFE ID off the kill path's deny list.
+type ReadmitRequest struct {
+	SpiffeID string `json:"spiffe_id"`
+}
+
+// KillStatus is the kills still being finished and the denied SPIFFE IDs.
+type KillStatus struct {
+	Pending []killpath.Kill   `json:"pending"`
+	Denied  []killpath.Denied `json:"denied"`
 }
 
 // HandoffRequest hands the agent's task to another agent. Credential is the sender's current

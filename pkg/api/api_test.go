@@ -20,6 +20,7 @@ import (
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/killpath"
 )
 
 type fakeService struct {
@@ -113,6 +114,19 @@ func (f *fakeService) Handoff(ctx context.Context, from, to dataplane.Slot, pres
 	}
 	return agents.Agent{Slot: to}, credentials.Credential{Token: "handed"}, nil
 }
+func (f *fakeService) Kill(ctx context.Context, req KillRequest, requester string) ([]killpath.Kill, error) {
+	f.record("kill " + requester)
+	return []killpath.Kill{{ID: "k1", Reason: req.Reason, Requester: requester}}, nil
+}
+func (f *fakeService) Resume(s dataplane.Slot) (agents.Agent, error) {
+	f.record("resume")
+	return agents.Agent{Slot: s}, nil
+}
+func (f *fakeService) Readmit(id string) ([]agents.Agent, error) {
+	f.record("readmit " + id)
+	return nil, nil
+}
+func (f *fakeService) Kills() KillStatus { return KillStatus{} }
 func (f *fakeService) EvalPolicy(ctx context.Context, query string, input json.RawMessage) (any, error) {
 	f.record("eval " + query)
 	if query == "bad" {
@@ -217,6 +231,11 @@ func TestAuthorization(t *testing.T) {
 		{"but not to another's agent", launcher, "POST", "/v1/agents/1/task/handoff", `{"to":2,"credential":"cur","ttl":"10m"}`, 403, "neither launched agent 2"},
 		{"handoff with a replayed credential", launcher, "POST", "/v1/agents/1/task/handoff", `{"to":1,"credential":"old","ttl":"10m"}`, 409, "credential replayed"},
 		{"handoff to nobody", root, "POST", "/v1/agents/1/task/handoff", `{"to":9,"credential":"cur","ttl":"10m"}`, 404, "receiver"},
+		{"kill by admin", admin, "POST", "/v1/kill", `{"spiffe_id":"spiffe://x/a","reason":"exfiltration"}`, 200, `"requester":"uid:500"`},
+		{"kill needs a reason", admin, "POST", "/v1/kill", `{"spiffe_id":"spiffe://x/a"}`, 400, "reason is required"},
+		{"kill by a launcher refused", launcher, "POST", "/v1/kill", `{"slot":1,"reason":"x"}`, 403, "not an admin"},
+		{"resume by admin", admin, "POST", "/v1/agents/1/resume", "", 200, ""},
+		{"readmit by nobody refused", nobody, "POST", "/v1/readmit", `{"spiffe_id":"spiffe://x/a"}`, 403, ""},
 		{"register with a task", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"task":{"type":"coding","ttl":"x"}}`, 400, "task ttl"},
 	}
 	for _, tt := range tests {

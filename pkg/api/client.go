@@ -13,6 +13,7 @@ import (
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/killpath"
 )
 
 // Client calls a tetherd over its unix socket.
@@ -145,6 +146,30 @@ func (c *Client) VerifyCredential(token string) (credentials.Claims, error) {
 func (c *Client) Handoff(from dataplane.Slot, req HandoffRequest) (HandoffResult, error) {
 	var res HandoffResult
 	return res, c.do(http.MethodPost, fmt.Sprintf("/v1/agents/%d/task/handoff", from), req, &res)
+}
+
+// Kill runs the kill path on the agents req names.
+func (c *Client) Kill(req KillRequest) ([]killpath.Kill, error) {
+	var out []killpath.Kill
+	return out, c.do(http.MethodPost, "/v1/kill", req, &out)
+}
+
+// Kills is the kills still being finished and the denied SPIFFE IDs.
+func (c *Client) Kills() (KillStatus, error) {
+	var out KillStatus
+	return out, c.do(http.MethodGet, "/v1/kills", nil, &out)
+}
+
+// Resume thaws a killed agent for investigation (it stays denied).
+func (c *Client) Resume(slot dataplane.Slot) (agents.Agent, error) {
+	var a agents.Agent
+	return a, c.do(http.MethodPost, fmt.Sprintf("/v1/agents/%d/resume", slot), nil, &a)
+}
+
+// Readmit takes a SPIFFE ID off the deny list.
+func (c *Client) Readmit(id string) ([]agents.Agent, error) {
+	var out []agents.Agent
+	return out, c.do(http.MethodPost, "/v1/readmit", ReadmitRequest{SpiffeID: id}, &out)
 }
 
 // EndTask ends the agent's task.

@@ -107,6 +107,10 @@ func NewServer(svc Service, policy func() *Policy, log *slog.Logger) *Server {
 	mux.HandleFunc("GET /v1/credentials/keys", s.credentialKeys)
 	mux.HandleFunc("GET /v1/credentials/revoked", s.revokedCredentials)
 	mux.HandleFunc("POST /v1/credentials/verify", s.verifyCredential)
+	mux.HandleFunc("POST /v1/kill", s.kill)
+	mux.HandleFunc("GET /v1/kills", s.kills)
+	mux.HandleFunc("POST /v1/agents/{slot}/resume", s.resume)
+	mux.HandleFunc("POST /v1/readmit", s.readmit)
 	mux.HandleFunc("POST /v1/policy/reload", s.reloadPolicy)
 	mux.HandleFunc("POST /v1/policy/eval", s.evalPolicy)
 	s.srv = &http.Server{
@@ -653,6 +657,65 @@ func (s *Server) verifyCredential(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	reply(w, http.StatusOK, claims)
+}
+
+func (s *Server) kill(w http.ResponseWriter, r *http.Request) {
+	if !s.admin(w, r) {
+		return
+	}
+	var req KillRequest
+	if err := decode(r, &req); err != nil {
+		refuse(w, http.StatusBadRequest, err)
+		return
+	}
+	if strings.TrimSpace(req.Reason) == "" {
+		refuse(w, http.StatusBadRequest, errors.New("reason is required: the kill record says why"))
+		return
+	}
+	c := caller(r)
+	kills, err := s.svc.Kill(r.Context(), req, fmt.Sprintf("uid:%d", c.UID))
+	switch {
+	case errors.Is(err, agents.ErrInvalid):
+		refuse(w, http.StatusBadRequest, err)
+	case errors.Is(err, agents.ErrNotFound) && len(kills) == 0:
+		refuse(w, http.StatusNotFound, err)
+	case err != nil && len(kills) == 0:
+		refuse(w, http.StatusInternalServerError, err)
+	default:
+		if err != nil {
+			s.log.Error("kill partly failed", "error", err)
+		}
+		reply(w, http.StatusOK, kills)
+	}
+}
+
+func (s *Server) kills(w http.ResponseWriter, r *http.Request) {
+	reply(w, http.StatusOK, s.svc.Kills())
+}
+
+func (s *Server) resume(w http.ResponseWriter, r *http.Request) {
+	slot, ok := pathSlot(w, r)
+	if !ok || !s.admin(w, r) {
+		return
+	}
+	s.result(w, func() (agents.Agent, error) { return s.svc.Resume(slot) })
+}
+
+func (s *Server) readmit(w http.ResponseWriter, r *http.Request) {
+	if !s.admin(w, r) {
+		return
+	}
+	var req ReadmitRequest
+	if err := decode(r, &req); err != nil {
+		refuse(w, http.StatusBadRequest, err)
+		return
+	}
+	list, err := s.svc.Readmit(req.SpiffeID)
+	if err != nil {
+		refuse(w, http.StatusBadRequest, err)
+		return
+	}
+	reply(w, http.StatusOK, list)
 }
 
 func (s *Server) reloadPolicy(w http.ResponseWriter, r *http.Request) {

@@ -37,6 +37,7 @@ type Config struct {
 	Launch      []LaunchRule `json:"launch"`
 	Identity    Identity     `json:"identity"`
 	Credentials Credentials  `json:"credentials"`
+	Kill        Kill         `json:"kill"`
 	Policy      Policy       `json:"policy"`
 	Env         Env          `json:"env"`
 	DNS         DNS          `json:"dns"`
@@ -163,12 +164,23 @@ type StaticRule struct {
 type SPIRE struct {
 	// AdminSocket is the agent's admin_socket_path.
 	AdminSocket string `json:"admin_socket"`
+	// ServerSocket is the SPIRE server's local admin socket (socket_path), optional: the kill
+	// path deletes a killed agent's registration entries through it.
+	ServerSocket string `json:"server_socket"`
 	// WorkloadSocket is the agent's Workload API socket (socket_path), where tetherd gets its own
 	// SVID; optional: status then shows tetherd's SPIFFE ID, which must be among the agent's
 	// authorized_delegates.
 	WorkloadSocket string `json:"workload_socket"`
 	// Cgroups are patterns (below the cgroup2 root) of the cgroups whose identity comes from SPIRE.
 	Cgroups []string `json:"cgroups"`
+}
+
+// Kill configures the kill path.
+type Kill struct {
+	// StateFile keeps unfinished kills and the denied SPIFFE IDs across restarts.
+	StateFile string `json:"state_file"`
+	// FreezeTimeout bounds the wait for a cgroup to report frozen.
+	FreezeTimeout time.Duration `json:"freeze_timeout"`
 }
 
 // Credentials configures per-task credentials.
@@ -212,6 +224,7 @@ func Defaults() Config {
 		DecisionLog: DecisionLog{Path: "-"},
 		Log:         Log{Level: "info", Format: "text"},
 		Credentials: Credentials{Dir: "/run/tether/credentials", KeyFile: "/var/lib/tether/credentials.key", TTL: 5 * time.Minute},
+		Kill:        Kill{StateFile: "/var/lib/tether/kill-state.json", FreezeTimeout: 5 * time.Second},
 	}
 }
 
@@ -363,6 +376,9 @@ func (l *Loaded) check() []fieldError {
 		if !filepath.IsAbs(sp.AdminSocket) || len(sp.AdminSocket) > 107 {
 			bad("$.identity.spire.admin_socket", "identity.spire.admin_socket", "%q: want an absolute unix socket path (at most 107 bytes)", sp.AdminSocket)
 		}
+		if sp.ServerSocket != "" && (!filepath.IsAbs(sp.ServerSocket) || len(sp.ServerSocket) > 107) {
+			bad("$.identity.spire.server_socket", "identity.spire.server_socket", "%q: want an absolute unix socket path (at most 107 bytes)", sp.ServerSocket)
+		}
 		if sp.WorkloadSocket != "" && (!filepath.IsAbs(sp.WorkloadSocket) || len(sp.WorkloadSocket) > 107) {
 			bad("$.identity.spire.workload_socket", "identity.spire.workload_socket", "%q: want an absolute unix socket path (at most 107 bytes)", sp.WorkloadSocket)
 		}
@@ -374,6 +390,12 @@ func (l *Loaded) check() []fieldError {
 				bad(fmt.Sprintf("$.identity.spire.cgroups[%d]", j), "identity.spire.cgroups", "%q: want a cgroup path pattern", p)
 			}
 		}
+	}
+	if !filepath.IsAbs(c.Kill.StateFile) {
+		bad("$.kill.state_file", "kill.state_file", "%q: must be an absolute path", c.Kill.StateFile)
+	}
+	if c.Kill.FreezeTimeout < 10*time.Millisecond || c.Kill.FreezeTimeout > time.Minute {
+		bad("$.kill.freeze_timeout", "kill.freeze_timeout", "%s: want 10ms to 1m", c.Kill.FreezeTimeout)
 	}
 	if !filepath.IsAbs(c.Credentials.Dir) {
 		bad("$.credentials.dir", "credentials.dir", "%q: must be an absolute path", c.Credentials.Dir)

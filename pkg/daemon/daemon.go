@@ -26,6 +26,7 @@ import (
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/identity"
 	"github.com/tether-sh/tether/pkg/kernel"
+	"github.com/tether-sh/tether/pkg/killpath"
 	"github.com/tether-sh/tether/pkg/policy"
 )
 
@@ -48,6 +49,7 @@ type Daemon struct {
 	pump        *events.Pump
 	reaper      *reaper
 	disc        *discovery
+	killer      *killpath.Killer
 	creds       *taskCreds
 }
 
@@ -134,6 +136,7 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		LaunchParent: d.launch,
 		TaskEnded:    d.creds.ended,
 		Unregistered: d.creds.unregistered,
+		Denied:       func(id string) bool { return d.killer != nil && d.killer.IsDenied(id) },
 		Logger:       d.log,
 	})
 	defer d.registry.Close()
@@ -142,6 +145,19 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 	}
 	if d.pol.stop != nil {
 		defer d.pol.stop()
+	}
+	killOpts := killpath.Options{Registry: d.registry, StateFile: cfg.Kill.StateFile, FreezeTimeout: cfg.Kill.FreezeTimeout,
+		Emit: func(e events.Decision) { d.pump.Emit(e) }, Log: d.log}
+	if sp := cfg.Identity.SPIRE; sp != nil && sp.ServerSocket != "" {
+		server, err := identity.DialSPIREServer(sp.ServerSocket)
+		if err != nil {
+			return err
+		}
+		defer server.Close()
+		killOpts.DeleteEntries = server.DeleteEntries
+	}
+	if d.killer, err = killpath.New(killOpts); err != nil {
+		return err
 	}
 	if err := d.registry.Adopt(); err != nil {
 		d.log.Error("adopting pinned agents", "error", err)
@@ -174,6 +190,7 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		wg.Wait()
 	}()
 
+	d.killer.Continue(ctx)
 	if d.disc, err = newDiscovery(cfg.Identity, d.root, spire, d.registry, d.pump.Emit, d.log); err != nil {
 		return err
 	}

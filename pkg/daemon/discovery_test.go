@@ -28,7 +28,9 @@ import (
 
 type noGrants struct{}
 
-func (noGrants) Grants(context.Context, agents.Context) (grants.Grants, error) { return grants.Grants{}, nil }
+func (noGrants) Grants(context.Context, agents.Context) (grants.Grants, error) {
+	return grants.Grants{}, nil
+}
 
 // TestPrivilegedKubernetesDiscovery: real cgroups laid out as the kubelet does (cgroupfs
 // driver), the pod watch on client-go's fake clientset (a kube-apiserver cannot be built here).

@@ -205,6 +205,9 @@ func (d *Daemon) respond(rec *events.Decision) {
 		d.log.Warn("policy response", "response", resp, "slot", *rec.Slot, "spiffe_id", rec.SpiffeID,
 			"kind", rec.Kind, "verdict", rec.Verdict, "decision_id", rec.DecisionID)
 	}
+	if resp == policy.RespondFreeze || resp == policy.RespondKill {
+		d.killByPolicy(slot, string(resp), fmt.Sprintf("respond policy said %s after %s %s %s (decision %s)", resp, rec.Verdict, rec.Kind, rec.Destination+rec.Executable+rec.SocketPath, rec.DecisionID))
+	}
 }
 
 func toMap(v any) map[string]any {

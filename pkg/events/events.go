@@ -49,6 +49,25 @@ type Decision struct {
 	RuleGeneration uint64    `json:"rule_generation"`
 	// Response is what the respond policy said of a denied or audited decision.
 	Response string `json:"response,omitempty"`
+	// Kill is the kill path's record (kind "kill").
+	Kill *Kill `json:"kill,omitempty"`
+}
+
+// Kill is what the kill path did: each step and how long it took.
+type Kill struct {
+	ID        string     `json:"id"`
+	Requester string     `json:"requester"`
+	Terminate bool       `json:"terminate"`
+	Done      bool       `json:"done"`
+	Steps     []KillStep `json:"steps"`
+}
+
+// KillStep is one step of a kill.
+type KillStep struct {
+	Name   string `json:"name"`
+	Done   bool   `json:"done"`
+	TookNs int64  `json:"took_ns"`
+	Error  string `json:"error,omitempty"`
 }
 
 // Parent is one process of the chain that led to the decision, nearest first.

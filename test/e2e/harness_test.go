@@ -206,12 +206,14 @@ decision_log:
   path: %s
 log:
   level: debug
+kill:
+  state_file: %s
 credentials:
   dir: %s
   key_file: %s
   ttl: 10s
 %s
-%s`, d.parent, d.parent, d.pin, d.socket, policySection, d.decisions, filepath.Join(d.dir, "creds"), filepath.Join(d.dir, "credentials.key"), d.credExtra, d.extra)
+%s`, d.parent, d.parent, d.pin, d.socket, policySection, d.decisions, filepath.Join(d.dir, "kill-state.json"), filepath.Join(d.dir, "creds"), filepath.Join(d.dir, "credentials.key"), d.credExtra, d.extra)
 	if err := os.WriteFile(d.config, []byte(cfg), 0o600); err != nil {
 		d.t.Fatal(err)
 	}

@@ -14,20 +14,34 @@ import (
 	"github.com/tether-sh/tether/internal/dnstest"
 	"github.com/tether-sh/tether/internal/privtest"
 	"github.com/tether-sh/tether/pkg/api"
+	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/events"
 )
 
 // sleeper starts an agent that sleeps until the test ends and returns its cgroup.
 func (d *tetherd) sleeper() string {
 	d.t.Helper()
+	before := map[string]bool{}
+	for _, a := range d.agents() {
+		before[a.Cgroup] = true
+	}
 	cmd := d.agentRun(agentID, "sleep")
 	stdin, _ := cmd.StdinPipe()
 	if err := cmd.Start(); err != nil {
 		d.t.Fatal(err)
 	}
 	d.t.Cleanup(func() { stdin.Close(); cmd.Wait() })
-	waitFor(d.t, "the agent", func() bool { return len(d.agents()) == 1 })
-	return d.agents()[0].Cgroup
+	var cg string
+	waitFor(d.t, "the agent", func() bool {
+		for _, a := range d.agents() {
+			if !before[a.Cgroup] {
+				cg = a.Cgroup
+				return true
+			}
+		}
+		return false
+	})
+	return cg
 }
 
 func (d *tetherd) policyStatus() api.PolicyStatus {
@@ -190,20 +204,50 @@ func TestPrivilegedRespond(t *testing.T) {
 		if rec.Response != want {
 			t.Errorf("denial %d (%s): response %q, want %q", i, dest, rec.Response, want)
 		}
+		if i == 1 {
+			// Allowed decisions are not judged.
+			privtest.Dial(t, cg, "tcp", netip.AddrPortFrom(h.V4, okPort).String())
+			rec = d.decision("the allowed connect", func(r events.Decision) bool { return r.Verdict == "allow" && r.Kind == "connect4" })
+			if rec.Response != "" {
+				t.Errorf("allowed connect: response %q", rec.Response)
+			}
+		}
 	}
-	if got := privtest.Dial(t, cg, "udp4mapped", "169.254.169.254:80"); !slices.Equal(got, []string{"eperm"}) {
+	// The freeze is carried out: the kill path, without halting.
+	rec = d.decision("the kill record of the freeze", func(r events.Decision) bool {
+		return r.Kind == "kill" && r.Kill != nil && r.Kill.Requester == "policy:respond"
+	})
+	if rec.Kill.Terminate || len(rec.Kill.Steps) != 3 || !rec.Kill.Done {
+		t.Errorf("kill record of the freeze: %+v", rec.Kill)
+	}
+	waitFor(t, "the agent frozen", func() bool { return frozen(cg) })
+	slot := d.agentAt(cg).Slot
+	d.ctl("resume", fmt.Sprint(slot)) // thawed for investigation, still killed
+	if a := d.agentAt(cg); !a.Killed || frozen(cg) {
+		t.Errorf("after resume: killed %v, frozen %v", a.Killed, frozen(cg))
+	}
+
+	// The metadata address means kill, with halt: on a new agent (the identity readmitted).
+	d.ctl("readmit", agentID)
+	cg2 := d.sleeper()
+	if got := privtest.Dial(t, cg2, "udp4mapped", "169.254.169.254:80"); !slices.Equal(got, []string{"eperm"}) {
 		t.Fatalf("metadata connect: %v", got)
 	}
 	rec = d.decision("the metadata denial", func(r events.Decision) bool { return r.Destination == "169.254.169.254:80" })
 	if rec.Response != "kill" {
 		t.Errorf("metadata connect: response %q, want kill", rec.Response)
 	}
-	// Allowed decisions are not judged.
-	privtest.Dial(t, cg, "tcp", netip.AddrPortFrom(h.V4, okPort).String())
-	rec = d.decision("the allowed connect", func(r events.Decision) bool { return r.Verdict == "allow" && r.Kind == "connect4" })
-	if rec.Response != "" {
-		t.Errorf("allowed connect: response %q", rec.Response)
+	rec = d.decision("the kill record of the kill", func(r events.Decision) bool { return r.Kind == "kill" && r.Kill != nil && r.Kill.Terminate })
+	if !rec.Kill.Done || len(rec.Kill.Steps) != 4 {
+		t.Errorf("kill record: %+v", rec.Kill)
 	}
+	waitFor(t, "the halted agent's processes gone", func() bool { return len(cgroups.Procs(cg2)) == 0 })
+}
+
+// frozen reports whether cgroup.events of cg says frozen.
+func frozen(cg string) bool {
+	b, _ := os.ReadFile(filepath.Join(cg, "cgroup.events"))
+	return strings.Contains(string(b), "frozen 1")
 }
 
 // TestPrivilegedTaskAndApprovalThroughTetherctl changes an agent's context with tetherctl and

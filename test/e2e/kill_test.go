@@ -1,0 +1,152 @@
+package e2e
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/events"
+	"github.com/tether-sh/tether/pkg/killpath"
+)
+
+// TestPrivilegedKill: tetherctl kill stops an agent that loops on connects: deny, freeze and
+// revoke are done, each timed; the agent is frozen; a process outside it keeps running; a new
+// agent with the same SPIFFE ID is denied; resume thaws it and every connect is then denied;
+// killing again with --terminate halts it; readmit lets the identity run again.
+func TestPrivilegedKill(t *testing.T) {
+	h := privtest.NewHost(t)
+	okPort, _ := tcpPort(t, h)
+	self, _ := os.Executable()
+	p := grantsFor(self, h, okPort)
+	p["egress"] = []any{map[string]any{"cidr": h.V4.String() + "/32", "ports": []int{int(okPort)}}} // tcp and udp: the loop connects UDP sockets
+	d := newTetherd(t, p)
+	d.start()
+	ok := fmt.Sprintf("%s:%d", h.V4, okPort)
+
+	// Outside the agent: a process in a cgroup of the test's own, not below the agent parent.
+	sibling := privtest.Cgroup(t)
+	sib := privtest.Command(t, sibling, "sleep")
+	sibIn, _ := sib.StdinPipe()
+	if err := sib.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sibIn.Close(); sib.Wait() })
+
+	run := d.agentRun(agentID, "loop", ok)
+	stdin, _ := run.StdinPipe()
+	stdout, _ := run.StdoutPipe()
+	if err := run.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); run.Process.Kill(); run.Wait() })
+	results := make(chan string, 1<<16)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			select {
+			case results <- sc.Text():
+			default: // the test reads what it needs; the rest is dropped
+			}
+		}
+		close(results)
+	}()
+	await := func(want string) {
+		t.Helper()
+		deadline := time.After(10 * time.Second)
+		for {
+			select {
+			case r, open := <-results:
+				if !open {
+					t.Fatalf("the agent ended before printing %q", want)
+				}
+				if r == want {
+					return
+				}
+			case <-deadline:
+				t.Fatalf("the agent never printed %q", want)
+			}
+		}
+	}
+	await("0 ok")
+	a := d.agentAt(d.agents()[0].Cgroup)
+
+	var kills []killpath.Kill
+	if err := json.Unmarshal([]byte(d.ctl("kill", agentID, "--reason", "e2e: exfiltration suspected", "-o", "json")), &kills); err != nil {
+		t.Fatal(err)
+	}
+	if len(kills) != 1 || !kills[0].Done || len(kills[0].Steps) != 3 {
+		t.Fatalf("kill %+v", kills)
+	}
+	for _, s := range kills[0].Steps {
+		t.Logf("kill step %-6s %10s %s", s.Name, s.Took, s.Detail)
+		if !s.Done {
+			t.Errorf("step %s not done: %s", s.Name, s.Error)
+		}
+	}
+	if !frozen(a.Cgroup) {
+		t.Error("the agent is not frozen")
+	}
+	if frozen(sibling) || sib.Process.Signal(syscall.Signal(0)) != nil {
+		t.Error("the process outside the agent was touched")
+	}
+	rec := d.decision("the kill record", func(r events.Decision) bool { return r.Kind == "kill" && r.Kill != nil })
+	if rec.SpiffeID != agentID || rec.Reason != "e2e: exfiltration suspected" || rec.Kill.Requester != "uid:0" || !rec.Kill.Done {
+		t.Errorf("kill record %+v %+v", rec, rec.Kill)
+	}
+
+	// The same identity in a new cgroup: everything denied, its first exec included.
+	if _, _, code := d.ctlRaw("run", "--id", agentID, "--", self); code == 0 {
+		t.Error("a new agent with the killed SPIFFE ID ran")
+	}
+	var st struct {
+		Denied []killpath.Denied `json:"denied"`
+	}
+	json.Unmarshal([]byte(d.ctl("kills")), &st)
+	if len(st.Denied) != 1 || st.Denied[0].SpiffeID != agentID {
+		t.Errorf("deny list %+v", st.Denied)
+	}
+
+	// Thawed for investigation: it runs again, and every connect is denied.
+	d.ctl("resume", fmt.Sprint(a.Slot))
+	await("0 eperm")
+
+	// Killing again is harmless, and --terminate halts it.
+	if err := json.Unmarshal([]byte(d.ctl("kill", fmt.Sprint(a.Slot), "--reason", "e2e: stop it", "--terminate", "-o", "json")), &kills); err != nil {
+		t.Fatal(err)
+	}
+	if len(kills) != 1 || !kills[0].Done || len(kills[0].Steps) != 4 {
+		t.Errorf("second kill %+v", kills)
+	}
+	done := make(chan error, 1)
+	go func() { done <- run.Wait() }()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "exit status 137") {
+			t.Errorf("the halted agent's tetherctl run: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the halted agent did not end")
+	}
+
+	// Readmitted, the identity runs again.
+	d.ctl("readmit", agentID)
+	if got := d.runDial(agentID, "tcp", ok); got != "ok" {
+		t.Errorf("after readmit: %q", got)
+	}
+}
+
+// runDial runs the dial helper as agent id and returns its one result.
+func (d *tetherd) runDial(id, network, address string) string {
+	d.t.Helper()
+	out, err := d.agentRun(id, "dial", network, address).Output()
+	if err != nil {
+		return "error:" + err.Error()
+	}
+	return strings.TrimSpace(string(out))
+}

@@ -20,6 +20,7 @@ import (
 	"github.com/go-jose/go-jose/v4/jwt"
 
 	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/events"
 )
@@ -390,4 +391,59 @@ func TestPrivilegedSPIREUnreachable(t *testing.T) {
 	if okCount.get() != 0 {
 		t.Error("the listener accepted")
 	}
+}
+
+// TestPrivilegedKillFinishesAfterRestart: the revoke step of a kill cannot reach the SPIRE
+// server (tetherd is pointed at a socket nobody serves), so the kill stays pending; tetherd is
+// SIGKILLed; started again with the real server's socket, it finishes the kill: the agent's
+// registration entries are deleted from SPIRE (within a second of the restart), and the agent
+// stays killed.
+func TestPrivilegedKillFinishesAfterRestart(t *testing.T) {
+	h := privtest.NewHost(t)
+	okPort, _ := tcpPort(t, h)
+	self, _ := os.Executable()
+	d := newTetherd(t, grantsFor(self, h, okPort))
+	sp := startSPIRE(t, "test.local", "spiffe://test.local/tetherd")
+	sp.entry(agentID, "unix:uid:0", "unix:path:"+self)
+	spireSection := func(server string) string {
+		return fmt.Sprintf("identity:\n  spire:\n    admin_socket: %s\n    server_socket: %s\n    cgroups: [none]\n", sp.adminSock, server)
+	}
+	d.extra = spireSection(filepath.Join(d.dir, "no-server.sock"))
+	d.writeConfig()
+	d.start()
+	cg := d.sleeper()
+	a := d.agentAt(cg)
+
+	out, _, code := d.ctlRaw("kill", fmt.Sprint(a.Slot), "--reason", "e2e: restart in the middle")
+	if code != 0 || !strings.Contains(out, "NOT DONE") || !strings.Contains(out, "deleting the SPIRE entries") {
+		t.Fatalf("kill while the SPIRE server is unreachable: exit %d\n%s", code, out)
+	}
+	var st api.KillStatus
+	json.Unmarshal([]byte(d.ctl("kills")), &st)
+	if len(st.Pending) != 1 {
+		t.Fatalf("pending kills %+v", st.Pending)
+	}
+
+	d.kill9()
+	d.extra = spireSection(sp.serverSock)
+	d.writeConfig()
+	restarted := time.Now()
+	d.start()
+	waitFor(t, "the kill finished after the restart", func() bool {
+		json.Unmarshal([]byte(d.ctl("kills")), &st)
+		return len(st.Pending) == 0
+	})
+	took := time.Since(restarted)
+	if entries := sp.server("entry", "show", "-spiffeID", agentID); !strings.Contains(entries, "Found 0 entries") {
+		t.Errorf("the agent's SPIRE entries after the kill finished:\n%s", entries)
+	}
+	t.Logf("SPIRE entries deleted %s after tetherd restarted", took)
+	if took > 2*time.Second {
+		t.Errorf("revoking at SPIRE took %s after the restart", took)
+	}
+	if a := d.agentAt(cg); !a.Killed {
+		t.Error("the agent is not killed after the restart")
+	}
+	// The process inside stays frozen; let the cleanup end it.
+	d.ctl("kill", fmt.Sprint(a.Slot), "--reason", "e2e: cleanup", "--terminate")
 }

@@ -10,8 +10,8 @@
 //  4. halt (on request): cgroup.kill of the whole subtree;
 //  5. record: one kill event with reason, requester and each step's duration.
 //
-// Kills are persisted before their first step, so a tetherd that dies in the middle of one
-// finishes it when it starts again.
+// The deny step comes first, even before the kill is persisted; then the kill is persisted, so a
+// tetherd that dies in the middle of one finishes it when it starts again.
 package killpath
 
 import (
@@ -77,9 +77,11 @@ type Request struct {
 
 // StepResult is what one step did.
 type StepResult struct {
-	Name   string        `json:"name"`
-	Done   bool          `json:"done"`
-	Took   time.Duration `json:"took_ns"`
+	Name string        `json:"name"`
+	Done bool          `json:"done"`
+	Took time.Duration `json:"took_ns"`
+	// Since is the time from the kill request to the end of the step (the last attempt).
+	Since  time.Duration `json:"since_request_ns"`
 	Detail string        `json:"detail,omitempty"`
 	Error  string        `json:"error,omitempty"`
 }
@@ -96,6 +98,8 @@ type Kill struct {
 	Requested time.Time    `json:"requested"`
 	Steps     []StepResult `json:"steps"`
 	Done      bool         `json:"done"`
+
+	start time.Time // Requested with the monotonic clock (not after a restart)
 }
 
 // step returns the result of step name, adding it when missing.
@@ -235,14 +239,26 @@ func (k *Killer) Kill(ctx context.Context, req Request) (Kill, error) {
 	}
 	var id [8]byte
 	rand.Read(id[:])
-	x := &Kill{ID: "kill-" + hex.EncodeToString(id[:]), SpiffeID: a.SpiffeID, Slot: uint32(a.Slot), Cgroup: a.Cgroup,
-		Reason: req.Reason, Requester: req.Requester, Terminate: req.Terminate, Requested: time.Now().UTC()}
+	start := time.Now()
+	x := &Kill{start: start, ID: "kill-" + hex.EncodeToString(id[:]), SpiffeID: a.SpiffeID, Slot: uint32(a.Slot), Cgroup: a.Cgroup,
+		Reason: req.Reason, Requester: req.Requester, Terminate: req.Terminate, Requested: start.UTC()}
 	for _, s := range k.steps(x) {
 		x.step(s)
 	}
+	// Deny first, before anything else (even persisting the kill): the kernel's flag is pinned,
+	// so it outlives this tetherd whatever happens next.
+	detail, err := k.do(ctx, StepDeny, x)
+	r := x.step(StepDeny)
+	r.Since = time.Since(start)
+	r.Took, r.Detail = r.Since, detail
+	if err != nil {
+		r.Error = err.Error()
+	} else {
+		r.Done = true
+	}
 	k.mu.Lock()
 	k.st.Kills = append(k.st.Kills, x)
-	err := k.save()
+	err = k.save()
 	k.mu.Unlock()
 	if err != nil {
 		// Not persisted: the kill goes on (stopping the agent matters more), and says so.
@@ -288,7 +304,11 @@ func (k *Killer) run(ctx context.Context, x *Kill) {
 		took := time.Since(start)
 		k.mu.Lock()
 		r := x.step(name)
-		r.Took, r.Detail = took, detail
+		since := x.start
+		if since.IsZero() {
+			since = x.Requested
+		}
+		r.Took, r.Detail, r.Since = took, detail, time.Since(since)
 		if err != nil {
 			r.Error = err.Error()
 		} else {

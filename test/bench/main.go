@@ -35,6 +35,7 @@ type options struct {
 	rules  []int
 	scale  float64 // multiplies the operations per sample
 	policy bool    // only the policy-to-kernel part
+	kill   bool    // only the kill path
 }
 
 func run() error {
@@ -44,6 +45,7 @@ func run() error {
 	flag.StringVar(&rules, "rules", "10,1000,10000", "rule counts to measure")
 	flag.Float64Var(&o.scale, "scale", 1, "operations per sample, relative to the default")
 	flag.BoolVar(&o.policy, "policy-only", false, "measure only the policy-to-kernel part")
+	flag.BoolVar(&o.kill, "kill-only", false, "measure only the kill path")
 	flag.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof reads it)")
 	flag.Parse()
 	for _, r := range strings.Split(rules, ",") {
@@ -74,6 +76,16 @@ func run() error {
 			return err
 		}
 		defer pprof.StopCPUProfile()
+	}
+	if o.kill {
+		kr, err := measureKill(e, o)
+		if err != nil {
+			return err
+		}
+		reportKill(os.Stdout, kr)
+		fmt.Println("\nGOALS")
+		killGoals(goalPrinter(os.Stdout), kr)
+		return nil
 	}
 	if o.policy {
 		pr, err := measurePolicy(e, o)

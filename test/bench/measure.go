@@ -83,6 +83,7 @@ type results struct {
 	// compile and install time of the agent's rule set, by rules.
 	compile, install map[int]time.Duration
 	policy           *policyResults
+	kill             *killResults
 }
 
 func (r *results) add(k sampleKey, ns float64) { r.samples[k] = append(r.samples[k], ns) }
@@ -230,6 +231,10 @@ func measure(e *env, o options) (*results, error) {
 	var err error
 	if res.policy, err = measurePolicy(e, o); err != nil {
 		return nil, fmt.Errorf("policy to kernel: %w", err)
+	}
+	progress("kill path: agents of %v processes and a fork bomb", killSizes)
+	if res.kill, err = measureKill(e, o); err != nil {
+		return nil, fmt.Errorf("kill path: %w", err)
 	}
 	return res, nil
 }

@@ -198,6 +198,7 @@ func report(w io.Writer, e *env, o options, res *results) {
 	tw.Flush()
 
 	reportPolicy(w, res.policy)
+	reportKill(w, res.kill)
 
 	top := slices.Max(o.rules)
 	fmt.Fprintln(w, "\nGOALS")
@@ -231,6 +232,7 @@ func report(w io.Writer, e *env, o options, res *results) {
 		goal(s.lo <= 0 && s.hi >= 0 || math.Abs(s.med) < 1, "%s: %+.2f%% [%+.2f, %+.2f] (goal: within noise: the quartiles include 0, or under 1%%)", name, s.med, s.lo, s.hi)
 	}
 	policyGoals(goal, res.policy)
+	killGoals(goal, res.kill)
 }
 
 // ratio says how many times a is b, where b may be zero or negative (within noise).

@@ -1,0 +1,174 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/bpffs"
+	"github.com/tether-sh/tether/pkg/cgroups"
+	"github.com/tether-sh/tether/pkg/compile"
+	"github.com/tether-sh/tether/pkg/grants"
+	"github.com/tether-sh/tether/pkg/kernel"
+	"github.com/tether-sh/tether/pkg/killpath"
+)
+
+// killSizes are the process counts of the agents the kill path is measured on.
+var killSizes = []int{1, 100, 1000}
+
+type killResults struct {
+	denied, frozen map[string][]float64 // ns from the kill request, by case
+	cases          []string
+}
+
+type noGrants struct{}
+
+func (noGrants) Grants(context.Context, agents.Context) (grants.Grants, error) {
+	return grants.Grants{}, nil
+}
+
+// measureKill runs the kill path (tetherd's: registry, kernel, killpath) on agents of 1, 100 and
+// 1,000 sleeping processes and on a fork bomb (a shell recursion bounded at 1,023 shells, frozen
+// while it forks), and records the time from the kill request to network denied and to every
+// process frozen. Each agent is halted afterwards.
+func measureKill(e *env, o options) (*killResults, error) {
+	res := &killResults{denied: map[string][]float64{}, frozen: map[string][]float64{}}
+	pin := e.pin + "-kill"
+	k, err := kernel.Open(kernel.Options{PinDir: pin, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		return nil, err
+	}
+	defer bpffs.RemovePins(pin)
+	defer k.Close()
+	if err := k.AttachParent(e.parent); err != nil {
+		return nil, err
+	}
+	reg := agents.New(agents.Options{Dataplane: k, Evaluator: noGrants{}, Compile: agents.CompileOn(compile.Options{Files: compile.OS{}}),
+		Parents: []string{e.parent}, LaunchParent: e.parent, Logger: slog.New(slog.DiscardHandler)})
+	defer reg.Close()
+	dir, err := os.MkdirTemp("", "tether-bench-kill")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	killer, err := killpath.New(killpath.Options{Registry: reg, StateFile: filepath.Join(dir, "state.json")})
+	if err != nil {
+		return nil, err
+	}
+	type kase struct {
+		name  string
+		n     int // processes to wait for before the kill (0: the fork bomb, killed after 50 ms)
+		shell string
+	}
+	var cases []kase
+	for _, n := range killSizes {
+		cases = append(cases, kase{fmt.Sprintf("%d processes", n), n, fmt.Sprintf(`for i in $(seq %d); do sleep 600 & done; exec sleep 600`, n-1)})
+	}
+	cases = append(cases, kase{"fork bomb (freezes while it forks)", 0, `f() { if [ "$1" -gt 0 ]; then f $(($1-1)) & f $(($1-1)) & fi; sleep 600; wait; }; f 9`})
+	rounds := max(o.rounds, 5)
+	for _, c := range cases {
+		res.cases = append(res.cases, c.name)
+		for r := range rounds {
+			cg := filepath.Join(e.parent, fmt.Sprintf("kill-%d-%d", c.n, r))
+			if _, err := cgroups.Create(cg); err != nil {
+				return nil, err
+			}
+			denied, frozen, err := killOnce(reg, killer, cg, c.n, c.shell)
+			if err != nil {
+				cgroups.Remove(cg, 10*time.Second)
+				return nil, fmt.Errorf("%s: %w", c.name, err)
+			}
+			res.denied[c.name] = append(res.denied[c.name], denied)
+			res.frozen[c.name] = append(res.frozen[c.name], frozen)
+			if err := cgroups.Remove(cg, 10*time.Second); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return res, nil
+}
+
+func killOnce(reg *agents.Registry, killer *killpath.Killer, cg string, n int, shell string) (float64, float64, error) {
+	d, err := os.Open(cg)
+	if err != nil {
+		return 0, 0, err
+	}
+	cmd := exec.Command("sh", "-c", shell)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(d.Fd())}
+	err = cmd.Start()
+	d.Close()
+	if err != nil {
+		return 0, 0, err
+	}
+	defer cmd.Wait()
+	defer cgroups.Kill(cg)
+	// Registered once its processes run (an agent granted nothing may not exec sleep); the fork
+	// bomb while it forks.
+	if n > 0 {
+		for deadline := time.Now().Add(30 * time.Second); len(cgroups.Procs(cg)) < n; time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				return 0, 0, fmt.Errorf("%d of %d processes started", len(cgroups.Procs(cg)), n)
+			}
+		}
+	} else {
+		time.Sleep(50 * time.Millisecond)
+	}
+	a, err := reg.Register(agents.Registration{SpiffeID: "spiffe://bench.tether/kill", Cgroup: cg})
+	if err != nil {
+		return 0, 0, err
+	}
+	defer reg.Unregister(a.Slot)
+	x, err := killer.Kill(context.Background(), killpath.Request{Slot: a.Slot, Reason: "bench", Requester: "bench", Terminate: true})
+	if err != nil {
+		return 0, 0, err
+	}
+	var denied, frozen float64
+	for _, s := range x.Steps {
+		if !s.Done {
+			return 0, 0, fmt.Errorf("step %s: %s", s.Name, s.Error)
+		}
+		switch s.Name {
+		case killpath.StepDeny:
+			denied = float64(s.Since.Nanoseconds())
+		case killpath.StepFreeze:
+			frozen = float64(s.Since.Nanoseconds())
+		}
+	}
+	if _, err := killer.Readmit("spiffe://bench.tether/kill"); err != nil {
+		return 0, 0, err
+	}
+	return denied, frozen, nil
+}
+
+func reportKill(w io.Writer, kr *killResults) {
+	fmt.Fprintln(w, "\nKILL PATH (tetherd's: registry -> kernel killed flag -> cgroup.freeze until frozen; time from the kill request)")
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "AGENT\tNETWORK DENIED P50\tP99\tALL FROZEN P50\tP99\tROUNDS")
+	for _, c := range kr.cases {
+		d, f := kr.denied[c], kr.frozen[c]
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\n", c, dur(percentile(d, 0.5)), dur(percentile(d, 0.99)), dur(percentile(f, 0.5)), dur(percentile(f, 0.99)), len(d))
+	}
+	tw.Flush()
+}
+
+// killGoals checks the goals: network denied within 1 ms, frozen p99 under 50 ms at 1,000
+// processes (the fork bomb's freeze is in the table: it competes for the CPU with tetherd).
+func killGoals(goal func(ok bool, format string, args ...any), kr *killResults) {
+	var worst float64
+	for _, c := range kr.cases {
+		worst = max(worst, slices.Max(kr.denied[c]))
+	}
+	goal(worst < 1e6, "kill -> network denied, agents of 1 to %d processes and a fork bomb: slowest %s (goal within 1 ms)", slices.Max(killSizes), dur(worst))
+	big := fmt.Sprintf("%d processes", slices.Max(killSizes))
+	p99 := percentile(kr.frozen[big], 0.99)
+	goal(p99 < 50e6, "kill -> all frozen, %s: p99 %s (goal under 50 ms)", big, dur(p99))
+}

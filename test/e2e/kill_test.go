@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/killpath"
 )
@@ -138,6 +139,41 @@ func TestPrivilegedKill(t *testing.T) {
 	d.ctl("readmit", agentID)
 	if got := d.runDial(agentID, "tcp", ok); got != "ok" {
 		t.Errorf("after readmit: %q", got)
+	}
+
+	// By process, while the policy is reloaded over and over: the kill holds.
+	cg := d.sleeper()
+	pid := cgroups.Procs(cg)[0]
+	stop := make(chan struct{})
+	reloads := make(chan int)
+	go func() {
+		n := 0
+		defer func() { reloads <- n }()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				d.ctlRaw("policy", "reload")
+				n++
+			}
+		}
+	}()
+	if err := json.Unmarshal([]byte(d.ctl("kill", "--pid", fmt.Sprint(pid), "--reason", "e2e: by pid", "-o", "json")), &kills); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	close(stop)
+	t.Logf("%d policy reloads during the kill", <-reloads)
+	if len(kills) != 1 || kills[0].Cgroup != cg || !kills[0].Done {
+		t.Errorf("kill by pid: %+v", kills)
+	}
+	if a := d.agentAt(cg); !a.Killed || !frozen(cg) {
+		t.Errorf("after a kill during policy reloads: killed %v, frozen %v", a.Killed, frozen(cg))
+	}
+	d.ctl("kill", "--pid", fmt.Sprint(pid), "--reason", "e2e: cleanup", "--terminate")
+	if _, stderr, code := d.ctlRaw("kill", "--task", "no-such-task", "--reason", "x"); code == 0 || !strings.Contains(stderr, "no agent matches") {
+		t.Errorf("kill of no task: exit %d, %q", code, stderr)
 	}
 }
 

@@ -59,7 +59,7 @@ test-vm:
 # passed on (-rounds N, -rules 10,1000,10000, -scale F); `go test -bench .` adds the Go
 # micro-benchmarks of the compiler.
 BENCH_FLAGS ?=
-bench:
+bench: spire
 	$(GO) build -o $(BIN)/bench ./test/bench
 	$(GO) test -run XXX -bench . -benchtime 3x ./pkg/compile
 	./$(BIN)/bench $(BENCH_FLAGS)

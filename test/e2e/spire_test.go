@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -9,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 	"syscall"
@@ -20,112 +18,41 @@ import (
 	"github.com/go-jose/go-jose/v4/jwt"
 
 	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/internal/spiretest"
 	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/events"
 )
 
-// spire is a real SPIRE server and agent the test started: sqlite datastore, join-token node
-// attestation, the unix workload attestor with workload paths, and tetherd as the agent's
-// authorized delegate.
+// spire is a real SPIRE server and agent the test started (internal/spiretest).
 type spire struct {
-	t           *testing.T
-	bin, dir    string
-	trustDomain string
-	serverSock  string // server admin API
-	publicSock  string // agent Workload API
-	adminSock   string // agent admin API (Delegated Identity)
-	procs       []*exec.Cmd
-	logs        []*lockedBuffer
-}
-
-// spireBinaries is where spire-server and spire-agent are: TETHER_SPIRE_BIN, else the
-// repository's .bin (make spire builds them there).
-func spireBinaries(t *testing.T) string {
-	t.Helper()
-	dir := os.Getenv("TETHER_SPIRE_BIN")
-	if dir == "" {
-		dir, _ = filepath.Abs("../../.bin")
-	}
-	for _, b := range []string{"spire-server", "spire-agent"} {
-		if _, err := os.Stat(filepath.Join(dir, b)); err != nil {
-			if os.Getenv(privtest.RequireEnv) == "1" {
-				t.Fatalf("needs the SPIRE binaries (make spire): %v (%s=1 forbids skipping)", err, privtest.RequireEnv)
-			}
-			t.Skipf("needs the SPIRE binaries (make spire): %v", err)
-		}
-	}
-	return dir
+	*spiretest.SPIRE
+	t *testing.T
 }
 
 // startSPIRE starts a SPIRE server and agent for trust domain td whose agent lets delegate
-// (tetherd's SPIFFE ID) use the Delegated Identity API. Everything lives in a short temporary
-// directory (unix socket paths are limited to 108 bytes).
+// (tetherd's SPIFFE ID) use the Delegated Identity API; without the binaries it fails (skips
+// unless TETHER_REQUIRE_PRIVILEGED=1).
 func startSPIRE(t *testing.T, td, delegate string) *spire {
 	t.Helper()
-	s := &spire{t: t, bin: spireBinaries(t), trustDomain: td}
-	dir, err := os.MkdirTemp("", "tsp")
+	bin, err := spiretest.Binaries(".")
+	if err != nil {
+		if os.Getenv(privtest.RequireEnv) == "1" {
+			t.Fatalf("%v (%s=1 forbids skipping)", err, privtest.RequireEnv)
+		}
+		t.Skip(err)
+	}
+	s, err := spiretest.Start(bin, td, delegate)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	s.dir = dir
-	for _, sub := range []string{"server", "agent", "public", "admin"} {
-		if err := os.Mkdir(filepath.Join(dir, sub), 0o750); err != nil {
-			t.Fatal(err)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Log(s.Logs())
 		}
-	}
-	s.serverSock = filepath.Join(dir, "server", "api.sock")
-	s.publicSock = filepath.Join(dir, "public", "api.sock")
-	s.adminSock = filepath.Join(dir, "admin", "admin.sock")
-	port := freePort(t)
-
-	server := fmt.Sprintf(`server {
-  bind_address = "127.0.0.1"
-  bind_port = "%d"
-  socket_path = %q
-  trust_domain = %q
-  data_dir = %q
-  log_level = "WARN"
-  default_x509_svid_ttl = "1h"
-  experimental { cache_reload_interval = "1s" }
-}
-plugins {
-  DataStore "sql" { plugin_data { database_type = "sqlite3" connection_string = %q } }
-  NodeAttestor "join_token" { plugin_data {} }
-  KeyManager "disk" { plugin_data { keys_path = %q } }
-}
-`, port, s.serverSock, td, filepath.Join(dir, "server"), filepath.Join(dir, "server", "datastore.sqlite3"), filepath.Join(dir, "server", "keys.json"))
-	s.start("spire-server", "server.conf", server)
-	s.waitHealthy("spire-server", "-socketPath", s.serverSock)
-
-	out := s.server("token", "generate", "-spiffeID", "spiffe://"+td+"/node", "-ttl", "600")
-	token := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(out), "Token:"))
-	if token == "" || strings.ContainsAny(token, " \n") {
-		t.Fatalf("join token from %q", out)
-	}
-	agent := fmt.Sprintf(`agent {
-  data_dir = %q
-  log_level = "WARN"
-  server_address = "127.0.0.1"
-  server_port = "%d"
-  socket_path = %q
-  admin_socket_path = %q
-  trust_domain = %q
-  insecure_bootstrap = true
-  join_token = %q
-  authorized_delegates = [%q]
-  experimental { sync_interval = "1s" }
-}
-plugins {
-  NodeAttestor "join_token" { plugin_data {} }
-  KeyManager "memory" { plugin_data {} }
-  WorkloadAttestor "unix" { plugin_data { discover_workload_path = true } }
-}
-`, filepath.Join(dir, "agent"), port, s.publicSock, s.adminSock, td, token, delegate)
-	s.start("spire-agent", "agent.conf", agent)
-	s.waitHealthy("spire-agent", "-socketPath", s.publicSock)
-	return s
+		s.Close()
+	})
+	return &spire{SPIRE: s, t: t}
 }
 
 func freePort(t *testing.T) int {
@@ -138,77 +65,24 @@ func freePort(t *testing.T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-func (s *spire) start(bin, confName, conf string) {
-	s.t.Helper()
-	path := filepath.Join(s.dir, confName)
-	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
-		s.t.Fatal(err)
-	}
-	cmd := exec.Command(filepath.Join(s.bin, bin), "run", "-config", path)
-	log := &lockedBuffer{}
-	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
-		s.t.Fatal(err)
-	}
-	s.procs, s.logs = append(s.procs, cmd), append(s.logs, log)
-	s.t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-		if s.t.Failed() {
-			s.t.Logf("%s log:\n%s", bin, log.String())
-		}
-	})
-}
-
-func (s *spire) waitHealthy(bin string, args ...string) {
-	s.t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	var out []byte
-	for time.Now().Before(deadline) {
-		var err error
-		out, err = exec.Command(filepath.Join(s.bin, bin), append([]string{"healthcheck", "-shallow"}, args...)...).CombinedOutput()
-		if err == nil {
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	s.t.Fatalf("%s did not become healthy: %s", bin, out)
-}
-
-// server runs a spire-server command against the test's server and returns its output.
+// server runs a spire-server command and returns its output.
 func (s *spire) server(args ...string) string {
 	s.t.Helper()
-	full := append(append([]string{}, args...), "-socketPath", s.serverSock)
-	cmd := exec.Command(filepath.Join(s.bin, "spire-server"), full...)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		s.t.Fatalf("spire-server %v: %v\n%s", args, err, out.String())
+	out, err := s.Server(args...)
+	if err != nil {
+		s.t.Fatal(err)
 	}
-	return out.String()
+	return out
 }
-
-var entryIDRe = regexp.MustCompile(`Entry ID\s*:\s*(\S+)`)
 
 // entry registers a workload entry below the node and returns its entry ID.
 func (s *spire) entry(spiffeID string, selectors ...string) string {
 	s.t.Helper()
-	args := []string{"entry", "create", "-parentID", "spiffe://" + s.trustDomain + "/node", "-spiffeID", spiffeID, "-x509SVIDTTL", "600"}
-	for _, sel := range selectors {
-		args = append(args, "-selector", sel)
+	id, err := s.Entry(spiffeID, selectors...)
+	if err != nil {
+		s.t.Fatal(err)
 	}
-	m := entryIDRe.FindStringSubmatch(s.server(args...))
-	if m == nil {
-		s.t.Fatal("no entry ID in the output of entry create")
-	}
-	return m[1]
+	return id
 }
 
 // TestPrivilegedSPIREIdentity: a real SPIRE server and agent; tetherd, an authorized delegate,
@@ -237,7 +111,7 @@ func TestPrivilegedSPIREIdentity(t *testing.T) {
     admin_socket: %s
     workload_socket: %s
     cgroups: [%s/spire-*]
-`, sp.adminSock, sp.publicSock, rel)
+`, sp.AdminSock, sp.PublicSock, rel)
 	d.writeConfig()
 	d.start()
 	ok := fmt.Sprintf("%s:%d", h.V4, okPort)
@@ -406,7 +280,7 @@ func TestPrivilegedKillFinishesAfterRestart(t *testing.T) {
 	sp := startSPIRE(t, "test.local", "spiffe://test.local/tetherd")
 	sp.entry(agentID, "unix:uid:0", "unix:path:"+self)
 	spireSection := func(server string) string {
-		return fmt.Sprintf("identity:\n  spire:\n    admin_socket: %s\n    server_socket: %s\n    cgroups: [none]\n", sp.adminSock, server)
+		return fmt.Sprintf("identity:\n  spire:\n    admin_socket: %s\n    server_socket: %s\n    cgroups: [none]\n", sp.AdminSock, server)
 	}
 	d.extra = spireSection(filepath.Join(d.dir, "no-server.sock"))
 	d.writeConfig()
@@ -425,7 +299,7 @@ func TestPrivilegedKillFinishesAfterRestart(t *testing.T) {
 	}
 
 	d.kill9()
-	d.extra = spireSection(sp.serverSock)
+	d.extra = spireSection(sp.ServerSock)
 	d.writeConfig()
 	restarted := time.Now()
 	d.start()

@@ -133,6 +133,9 @@ type Options struct {
 	// Denied, if set, says whether a SPIFFE ID is on the kill path's deny list: an agent that
 	// has it is registered killed (everything denied).
 	Denied func(spiffeID string) bool
+	// Retiring, if set, is given the view (with the kernel's decision counts) of an agent about
+	// to be unregistered. It is called with the registry locked: it must not call back.
+	Retiring func(a Agent)
 	// Unregistered, if set, is told (after TaskEnded, from the same goroutine) that an agent
 	// was unregistered.
 	Unregistered func(slot dataplane.Slot)
@@ -463,6 +466,9 @@ func (r *Registry) Unregister(slot dataplane.Slot) error {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.opts.Retiring != nil {
+		r.opts.Retiring(r.viewCounts(a)) // its final counts, before the kernel forgets them
+	}
 	if err := r.write("clearing slot", func() error { return r.opts.Dataplane.Clear(slot) }); err != nil {
 		// Partly cleared: the agent stays registered and Reconcile writes it whole again.
 		a.removing, a.synced, a.err = false, false, err
@@ -655,18 +661,7 @@ func (r *Registry) List() []Agent {
 	defer r.mu.Unlock()
 	out := make([]Agent, 0, len(r.agents))
 	for _, a := range r.agents {
-		v := r.view(a)
-		if counts, err := r.opts.Dataplane.AgentCounts(a.slot); err == nil {
-			v.Counts = map[string]uint64{}
-			for k := range dataplane.NumKinds {
-				for verdict := range dataplane.NumVerdicts {
-					if n := counts[k][verdict]; n > 0 {
-						v.Counts[dataplane.Kind(k).String()+"/"+dataplane.Verdict(verdict).String()] = n
-					}
-				}
-			}
-		}
-		out = append(out, v)
+		out = append(out, r.viewCounts(a))
 	}
 	slices.SortFunc(out, func(a, b Agent) int { return int(a.Slot) - int(b.Slot) })
 	return out
@@ -696,6 +691,22 @@ func (a *agent) context() Context {
 		c.Task = &t
 	}
 	return c
+}
+
+// viewCounts is view with the kernel's decision counts of the agent. Call with r.mu held.
+func (r *Registry) viewCounts(a *agent) Agent {
+	v := r.view(a)
+	if counts, err := r.opts.Dataplane.AgentCounts(a.slot); err == nil {
+		v.Counts = map[string]uint64{}
+		for k := range dataplane.NumKinds {
+			for verdict := range dataplane.NumVerdicts {
+				if n := counts[k][verdict]; n > 0 {
+					v.Counts[dataplane.Kind(k).String()+"/"+dataplane.Verdict(verdict).String()] = n
+				}
+			}
+		}
+	}
+	return v
 }
 
 func (r *Registry) view(a *agent) Agent {

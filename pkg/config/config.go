@@ -38,6 +38,7 @@ type Config struct {
 	Identity    Identity     `json:"identity"`
 	Credentials Credentials  `json:"credentials"`
 	Kill        Kill         `json:"kill"`
+	Telemetry   Telemetry    `json:"telemetry"`
 	Policy      Policy       `json:"policy"`
 	Env         Env          `json:"env"`
 	DNS         DNS          `json:"dns"`
@@ -173,6 +174,12 @@ type SPIRE struct {
 	WorkloadSocket string `json:"workload_socket"`
 	// Cgroups are patterns (below the cgroup2 root) of the cgroups whose identity comes from SPIRE.
 	Cgroups []string `json:"cgroups"`
+}
+
+// Telemetry configures the metrics.
+type Telemetry struct {
+	// MetricsAddress, when set (host:port), serves Prometheus metrics at /metrics.
+	MetricsAddress string `json:"metrics_address"`
 }
 
 // Kill configures the kill path.
@@ -389,6 +396,11 @@ func (l *Loaded) check() []fieldError {
 			if err := identity.ValidPattern(p); err != nil || p == "" {
 				bad(fmt.Sprintf("$.identity.spire.cgroups[%d]", j), "identity.spire.cgroups", "%q: want a cgroup path pattern", p)
 			}
+		}
+	}
+	if a := c.Telemetry.MetricsAddress; a != "" {
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			bad("$.telemetry.metrics_address", "telemetry.metrics_address", "%q: want host:port", a)
 		}
 	}
 	if !filepath.IsAbs(c.Kill.StateFile) {

@@ -28,6 +28,7 @@ import (
 	"github.com/tether-sh/tether/pkg/kernel"
 	"github.com/tether-sh/tether/pkg/killpath"
 	"github.com/tether-sh/tether/pkg/policy"
+	"github.com/tether-sh/tether/pkg/telemetry"
 )
 
 // Daemon is a running tetherd.
@@ -50,6 +51,7 @@ type Daemon struct {
 	reaper      *reaper
 	disc        *discovery
 	killer      *killpath.Killer
+	metrics     *telemetry.Metrics
 	creds       *taskCreds
 }
 
@@ -127,6 +129,8 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		defer stop()
 	}
 
+	d.metrics = telemetry.New(d, d.version)
+
 	d.compileOpts = compile.Options{Files: compile.OS{}, Resolver: dnsResolver(cfg, d.log)}
 	d.registry = agents.New(agents.Options{
 		Dataplane:    k,
@@ -136,6 +140,7 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		LaunchParent: d.launch,
 		TaskEnded:    d.creds.ended,
 		Unregistered: d.creds.unregistered,
+		Retiring:     func(a agents.Agent) { d.metrics.Retire(a) },
 		Denied:       func(id string) bool { return d.killer != nil && d.killer.IsDenied(id) },
 		Logger:       d.log,
 	})
@@ -147,7 +152,10 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		defer d.pol.stop()
 	}
 	killOpts := killpath.Options{Registry: d.registry, StateFile: cfg.Kill.StateFile, FreezeTimeout: cfg.Kill.FreezeTimeout,
-		Emit: func(e events.Decision) { d.pump.Emit(e) }, Log: d.log}
+		Emit: func(e events.Decision) {
+			d.pump.Emit(e)
+			d.metrics.ObserveKill(e)
+		}, Log: d.log}
 	if sp := cfg.Identity.SPIRE; sp != nil && sp.ServerSocket != "" {
 		server, err := identity.DialSPIREServer(sp.ServerSocket)
 		if err != nil {
@@ -220,6 +228,15 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 			}
 		}()
 		defer stop()
+	}
+
+	if addr := cfg.Telemetry.MetricsAddress; addr != "" {
+		stop, err := d.metrics.Serve(addr, func(err error) { d.log.Error("serving metrics", "error", err) })
+		if err != nil {
+			return err
+		}
+		defer stop()
+		d.log.Info("serving metrics", "address", addr)
 	}
 
 	l, err := api.Listen(cfg.API.Socket, cfg.API.Group)

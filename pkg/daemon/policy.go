@@ -157,7 +157,12 @@ func (d *Daemon) Grants(ctx context.Context, c agents.Context) (grants.Grants, e
 	if rev == nil {
 		return grants.Grants{}, errors.New("no policy revision is in force yet")
 	}
-	return rev.Grants(ctx, d.input(c))
+	start := time.Now()
+	g, err := rev.Grants(ctx, d.input(c))
+	if d.metrics != nil {
+		d.metrics.ObserveEvaluation(time.Since(start))
+	}
+	return g, err
 }
 
 // input is what the policy is told of an agent, now.

@@ -1,0 +1,254 @@
+// Package telemetry exports tether's metrics for Prometheus, from its own registry: decisions
+// (the kernel's per-agent counters, complete, not the sampled event stream), agents and tasks,
+// policy evaluations, anything lost (ring buffer, event queue, map writes), identities lost,
+// kill-path steps, build info. Labels are bounded by the number of agents: kind, verdict, SPIFFE
+// ID, step; never a destination or a pid.
+package telemetry
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"runtime"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/api"
+	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/events"
+)
+
+// Source is what the metrics read at each scrape.
+type Source interface {
+	Status() api.Status
+	Agents() []agents.Agent
+}
+
+// Metrics is tether's registry.
+type Metrics struct {
+	reg        *prometheus.Registry
+	coll       *collector
+	evalTime   prometheus.Histogram
+	killSteps  *prometheus.HistogramVec
+	kills      *prometheus.CounterVec
+	identities prometheus.Counter
+}
+
+// New registers tether's metrics, reading src at each scrape.
+func New(src Source, version string) *Metrics {
+	m := &Metrics{reg: prometheus.NewRegistry()}
+	m.evalTime = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "tether_policy_evaluation_duration_seconds", Help: "Time of one evaluation of data.tether.grants for an agent.",
+		Buckets: prometheus.ExponentialBuckets(50e-6, 2, 16),
+	})
+	m.killSteps = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: "tether_kill_step_duration_seconds", Help: "Duration of each kill-path step (deny, freeze, revoke, halt).",
+		Buckets: prometheus.ExponentialBuckets(10e-6, 4, 12),
+	}, []string{"step"})
+	m.kills = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "tether_kills_total", Help: "Kills run, by who asked (admin or policy) and whether every step is done.",
+	}, []string{"requester", "done"})
+	buildInfo := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "tether_build_info", Help: "tetherd's version and Go version."}, []string{"version", "goversion"})
+	buildInfo.WithLabelValues(version, runtime.Version()).Set(1)
+	m.coll = &collector{src: src, seen: map[slotKey]dataplaneCounts{}, totals: map[decisionKey]uint64{}}
+	m.reg.MustRegister(m.evalTime, m.killSteps, m.kills, buildInfo, m.coll,
+		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+	return m
+}
+
+// Retire folds the final decision counts of an agent that is being unregistered into the
+// totals (give it the view with counts, as agents.Options.Retiring does).
+func (m *Metrics) Retire(a agents.Agent) {
+	c := m.coll
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	key := slotKey{a.Slot, a.Registered, a.CgroupID}
+	c.fold(key, a)
+	delete(c.seen, key)
+}
+
+// ObserveEvaluation records the duration of one grants evaluation.
+func (m *Metrics) ObserveEvaluation(d time.Duration) { m.evalTime.Observe(d.Seconds()) }
+
+// ObserveKill records a kill record (kind "kill") of the decision log.
+func (m *Metrics) ObserveKill(rec events.Decision) {
+	if rec.Kill == nil {
+		return
+	}
+	who := "admin"
+	if len(rec.Kill.Requester) >= 7 && rec.Kill.Requester[:7] == "policy:" {
+		who = "policy"
+	}
+	done := "false"
+	if rec.Kill.Done {
+		done = "true"
+	}
+	m.kills.WithLabelValues(who, done).Inc()
+	for _, s := range rec.Kill.Steps {
+		m.killSteps.WithLabelValues(s.Name).Observe(time.Duration(s.TookNs).Seconds())
+	}
+}
+
+// Handler serves /metrics.
+func (m *Metrics) Handler() http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg})
+}
+
+// Serve serves /metrics at addr until the returned stop is called.
+func (m *Metrics) Serve(addr string, onErr func(error)) (func(), error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics address %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", m.Handler())
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := srv.Serve(l); err != nil && err != http.ErrServerClosed {
+			onErr(err)
+		}
+	}()
+	return func() { srv.Close() }, nil
+}
+
+type slotKey struct {
+	slot       dataplane.Slot
+	registered time.Time
+	cgroup     uint64
+}
+
+type dataplaneCounts map[decisionKey]uint64
+
+type decisionKey struct{ kind, verdict, id string }
+
+// collector reads the daemon's state at each scrape. Decision counts come from the kernel's
+// per-agent counters; they are accumulated per SPIFFE ID across agents that come and go, so the
+// counter never goes down (what an agent counted between the last scrape and its removal is lost,
+// and no more).
+type collector struct {
+	src Source
+
+	mu     sync.Mutex
+	seen   map[slotKey]dataplaneCounts
+	totals map[decisionKey]uint64
+}
+
+var (
+	descDecisions = prometheus.NewDesc("tether_decisions_total", "Decisions the kernel made for agents, by kind (connect, sendmsg, unix, exec, socket), verdict and SPIFFE ID.", []string{"kind", "verdict", "spiffe_id"}, nil)
+	descAgents    = prometheus.NewDesc("tether_agents", "Registered agents.", nil, nil)
+	descKilled    = prometheus.NewDesc("tether_agents_killed", "Registered agents whose killed flag is set.", nil, nil)
+	descTasks     = prometheus.NewDesc("tether_tasks", "Agents with an active task.", nil, nil)
+	descSlotsFill = prometheus.NewDesc("tether_agent_slots_fill_ratio", "Agent slots in use, of what the kernel maps hold.", nil, nil)
+	descEvals     = prometheus.NewDesc("tether_policy_evaluations_total", "Evaluations of the agents' grants.", nil, nil)
+	descEvalErrs  = prometheus.NewDesc("tether_policy_evaluation_errors_total", "Evaluations that failed (the agent was granted nothing).", nil, nil)
+	descRefused   = prometheus.NewDesc("tether_policy_revisions_refused_total", "Policy revisions refused (the last good one stayed).", nil, nil)
+	descRefRules  = prometheus.NewDesc("tether_rules_refused_total", "Grant rules the compiler refused.", nil, nil)
+	descInstalls  = prometheus.NewDesc("tether_rule_set_installs_total", "Rule sets installed into the kernel.", nil, nil)
+	descMapFail   = prometheus.NewDesc("tether_map_write_failures_total", "Kernel map writes that failed.", nil, nil)
+	descMapRetry  = prometheus.NewDesc("tether_map_write_retries_total", "Kernel map writes retried after a failure.", nil, nil)
+	descRBLost    = prometheus.NewDesc("tether_ring_buffer_lost_events_total", "Decision events the kernel could not put in the ring buffer.", nil, nil)
+	descEvRead    = prometheus.NewDesc("tether_events_read_total", "Decision events read from the ring buffer.", nil, nil)
+	descEvDrop    = prometheus.NewDesc("tether_events_dropped_total", "Decision events read but dropped (the queue to the sinks was full).", nil, nil)
+	descEvDecode  = prometheus.NewDesc("tether_events_decode_errors_total", "Ring buffer records that did not decode.", nil, nil)
+	descSinkErrs  = prometheus.NewDesc("tether_decision_sink_errors_total", "Decision records a sink failed to write.", nil, nil)
+	descSignalErr = prometheus.NewDesc("tether_exec_signal_errors_total", "Denied execs the kernel failed to signal (signal mode).", nil, nil)
+	descIDLost    = prometheus.NewDesc("tether_identities_lost_total", "Agents whose identity was lost (SPIRE entry deleted, pod deleted).", nil, nil)
+)
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descDecisions, descAgents, descKilled, descTasks, descSlotsFill, descEvals, descEvalErrs, descRefused,
+		descRefRules, descInstalls, descMapFail, descMapRetry, descRBLost, descEvRead, descEvDrop, descEvDecode, descSinkErrs, descSignalErr, descIDLost} {
+		ch <- d
+	}
+}
+
+// kindOf folds the kernel's kinds into the metric's.
+func kindOf(k string) string {
+	switch k {
+	case "connect4", "connect6":
+		return "connect"
+	case "sendmsg4", "sendmsg6":
+		return "sendmsg"
+	case "connect_unix", "sendmsg_unix":
+		return "unix"
+	}
+	return k
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	st := c.src.Status()
+	list := c.src.Agents()
+	counter := func(d *prometheus.Desc, v uint64) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v))
+	}
+	gauge := func(d *prometheus.Desc, v float64) { ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v) }
+
+	c.mu.Lock()
+	now := map[slotKey]dataplaneCounts{}
+	killed, tasks := 0, 0
+	for _, a := range list {
+		if a.Killed {
+			killed++
+		}
+		if a.Task != nil {
+			tasks++
+		}
+		key := slotKey{a.Slot, a.Registered, a.CgroupID}
+		now[key] = c.fold(key, a)
+	}
+	c.seen = now
+	for k, n := range c.totals {
+		ch <- prometheus.MustNewConstMetric(descDecisions, prometheus.CounterValue, float64(n), k.kind, k.verdict, k.id)
+	}
+	c.mu.Unlock()
+
+	gauge(descAgents, float64(len(list)))
+	gauge(descKilled, float64(killed))
+	gauge(descTasks, float64(tasks))
+	gauge(descSlotsFill, float64(len(list))/float64(dataplane.MaxAgents))
+	counter(descEvals, st.Registry.Evaluations)
+	counter(descEvalErrs, st.Registry.EvalErrors)
+	counter(descRefused, st.Policy.Refused)
+	counter(descRefRules, st.Registry.RefusedRules)
+	counter(descInstalls, st.Registry.Installs)
+	counter(descMapFail, st.Registry.MapWriteFailures)
+	counter(descMapRetry, st.Registry.MapWriteRetries)
+	counter(descRBLost, st.Kernel.RingBufferDrops)
+	counter(descEvRead, st.Events.Read)
+	counter(descEvDrop, st.Events.Dropped)
+	counter(descEvDecode, st.Events.DecodeErrors)
+	counter(descSinkErrs, st.Events.SinkErrors)
+	counter(descSignalErr, st.Kernel.SignalErrors)
+	counter(descIDLost, st.Identity.Lost)
+}
+
+// fold adds what a counted since it was last seen to the totals and returns its counts. Call
+// with c.mu held.
+func (c *collector) fold(key slotKey, a agents.Agent) dataplaneCounts {
+	cur := dataplaneCounts{}
+	for kv, n := range a.Counts {
+		kind, verdict := splitCount(kv)
+		cur[decisionKey{kindOf(kind), verdict, a.SpiffeID}] += n
+	}
+	prev := c.seen[key]
+	for k, n := range cur {
+		if n > prev[k] {
+			c.totals[k] += n - prev[k]
+		}
+	}
+	c.seen[key] = cur
+	return cur
+}
+
+func splitCount(kv string) (string, string) {
+	for i := len(kv) - 1; i >= 0; i-- {
+		if kv[i] == '/' {
+			return kv[:i], kv[i+1:]
+		}
+	}
+	return kv, ""
+}

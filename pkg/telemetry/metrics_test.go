@@ -1,0 +1,57 @@
+package telemetry
+
+import (
+	"io"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/api"
+	"github.com/tether-sh/tether/pkg/events"
+)
+
+type fakeSource struct{ agents []agents.Agent }
+
+func (f *fakeSource) Status() api.Status     { return api.Status{} }
+func (f *fakeSource) Agents() []agents.Agent { return f.agents }
+
+func scrape(t *testing.T, m *Metrics) string {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	m.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	b, _ := io.ReadAll(rec.Body)
+	return string(b)
+}
+
+// TestDecisionsNeverGoDown: counts of agents that come and go add up per SPIFFE ID, including what
+// an agent counted after the last scrape (Retire), and the counter never decreases.
+func TestDecisionsNeverGoDown(t *testing.T) {
+	reg := time.Now()
+	a := agents.Agent{Slot: 1, SpiffeID: "spiffe://x.org/a", Registered: reg, CgroupID: 7, Counts: map[string]uint64{"connect4/deny": 2, "connect6/deny": 1, "exec/allow": 4}}
+	src := &fakeSource{agents: []agents.Agent{a}}
+	m := New(src, "test")
+	out := scrape(t, m)
+	for _, want := range []string{
+		`tether_decisions_total{kind="connect",spiffe_id="spiffe://x.org/a",verdict="deny"} 3`,
+		`tether_decisions_total{kind="exec",spiffe_id="spiffe://x.org/a",verdict="allow"} 4`,
+		`tether_agents 1`, `tether_build_info{goversion=`,
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("scrape lacks %q:\n%s", want, out)
+		}
+	}
+	// The agent counts two more denies, then is unregistered before the next scrape; a new agent
+	// with the same ID in the same slot starts from zero.
+	a.Counts["connect4/deny"] = 4
+	m.Retire(a)
+	src.agents = []agents.Agent{{Slot: 1, SpiffeID: "spiffe://x.org/a", Registered: reg.Add(time.Second), CgroupID: 8, Counts: map[string]uint64{"connect4/deny": 1}}}
+	if out := scrape(t, m); !strings.Contains(out, `tether_decisions_total{kind="connect",spiffe_id="spiffe://x.org/a",verdict="deny"} 6`) {
+		t.Errorf("after retire and a new agent, want 6 denies:\n%s", out)
+	}
+	m.ObserveKill(events.Decision{Kind: "kill", Kill: &events.Kill{Requester: "policy:respond", Done: true, Steps: []events.KillStep{{Name: "deny", Done: true, TookNs: 20000}}}})
+	if out := scrape(t, m); !strings.Contains(out, `tether_kills_total{done="true",requester="policy"} 1`) || !strings.Contains(out, `tether_kill_step_duration_seconds_count{step="deny"} 1`) {
+		t.Errorf("kill metrics missing:\n%s", out)
+	}
+}

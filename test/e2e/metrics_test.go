@@ -1,0 +1,114 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tether-sh/tether/internal/privtest"
+)
+
+// TestPrivilegedPrometheusScrapesDecisions: a real Prometheus server (Debian's prometheus
+// package) scrapes tetherd on loopback; after a scripted agent run (5 denied connects, 2 allowed,
+// then the agent ends), PromQL returns exactly those counts, although the agent lived for less
+// than a scrape interval.
+func TestPrivilegedPrometheusScrapesDecisions(t *testing.T) {
+	prom, err := exec.LookPath("prometheus")
+	if err != nil {
+		if os.Getenv(privtest.RequireEnv) == "1" {
+			t.Fatalf("needs the prometheus server (apt-get install prometheus): %v (%s=1 forbids skipping)", err, privtest.RequireEnv)
+		}
+		t.Skipf("needs the prometheus server (apt-get install prometheus): %v", err)
+	}
+	h := privtest.NewHost(t)
+	okPort, _ := tcpPort(t, h)
+	noPort, _ := tcpPort(t, h)
+	self, _ := os.Executable()
+	d := newTetherd(t, grantsFor(self, h, okPort))
+	mport := freePort(t)
+	d.extra = fmt.Sprintf("telemetry:\n  metrics_address: 127.0.0.1:%d\n", mport)
+	d.writeConfig()
+	d.start()
+
+	dir := t.TempDir()
+	pport := freePort(t)
+	cfg := fmt.Sprintf("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tether\n    static_configs:\n      - targets: ['127.0.0.1:%d']\n", mport)
+	if err := os.WriteFile(filepath.Join(dir, "prometheus.yml"), []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p := exec.Command(prom, "--config.file="+filepath.Join(dir, "prometheus.yml"), "--storage.tsdb.path="+filepath.Join(dir, "data"),
+		fmt.Sprintf("--web.listen-address=127.0.0.1:%d", pport))
+	plog := &lockedBuffer{}
+	p.Stdout, p.Stderr = plog, plog
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		p.Process.Kill()
+		p.Wait()
+		if t.Failed() {
+			t.Logf("prometheus log:\n%s", plog.String())
+		}
+	})
+
+	ok := fmt.Sprintf("%s:%d", h.V4, okPort)
+	no := fmt.Sprintf("%s:%d", h.V4, noPort)
+	out, err := d.agentRun(agentID, "dial", "tcp", no, "tcp", no, "tcp", ok, "tcp", no, "tcp", no, "tcp", ok, "tcp", no).Output()
+	if err != nil || strings.Join(lines(string(out)), " ") != "eperm eperm ok eperm eperm ok eperm" {
+		t.Fatalf("agent: %v %q", err, out)
+	}
+
+	query := func(q string) (string, bool) {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/api/v1/query?query=%s", pport, url.QueryEscape(q)))
+		if err != nil {
+			return "", false
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		var r struct {
+			Data struct {
+				Result []struct {
+					Value [2]any `json:"value"`
+				} `json:"result"`
+			} `json:"data"`
+		}
+		if json.Unmarshal(b, &r) != nil || len(r.Data.Result) != 1 {
+			return "", false
+		}
+		v, _ := r.Data.Result[0].Value[1].(string)
+		return v, true
+	}
+	deny := fmt.Sprintf(`sum(tether_decisions_total{kind="connect",verdict="deny",spiffe_id=%q})`, agentID)
+	allow := fmt.Sprintf(`sum(tether_decisions_total{kind="connect",verdict="allow",spiffe_id=%q})`, agentID)
+	var got string
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if v, ok := query(deny); ok {
+			got = v
+			if v == "5" {
+				break
+			}
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	if got != "5" {
+		t.Fatalf("PromQL %s = %q, want 5", deny, got)
+	}
+	if v, _ := query(allow); v != "2" {
+		t.Errorf("PromQL %s = %q, want 2", allow, v)
+	}
+	if v, _ := query(`tether_build_info`); v != "1" {
+		t.Errorf("tether_build_info = %q", v)
+	}
+	if v, _ := query(`tether_ring_buffer_lost_events_total`); v != "0" {
+		t.Errorf("ring buffer losses: %q", v)
+	}
+}

@@ -170,16 +170,23 @@ func (d *Daemon) input(c agents.Context) policy.Input {
 	return policy.ContextInput(c, d.pol.env, policy.TimeAt(time.Now(), d.pol.loc))
 }
 
-// respond has the policy say what to do about an agent's denied or audited decision, given its
+// respond completes a decision record (the agent's task, the policy revision in force) and has
+// the policy say what to do about an agent's denied or audited decision, given its
 // decisions of the last minute, and writes the answer into the record. The kill path acts on it;
 // here it is logged and counted.
 func (d *Daemon) respond(rec *events.Decision) {
-	if rec.Slot == nil || rec.Verdict == dataplane.VerdictAllow.String() {
+	if rec.Slot == nil {
 		return
 	}
 	rev := d.pol.engine.Current()
 	c, ok := d.registry.ContextOf(dataplane.Slot(*rec.Slot))
-	if rev == nil || !ok {
+	if ok && c.Task != nil {
+		rec.TaskID, rec.TaskType = c.Task.ID, c.Task.Type
+	}
+	if rev != nil {
+		rec.PolicyRevision = rev.ID
+	}
+	if rev == nil || !ok || rec.Verdict == dataplane.VerdictAllow.String() {
 		return
 	}
 	slot := dataplane.Slot(*rec.Slot)

@@ -28,6 +28,8 @@ type Decision struct {
 	Timestamp      time.Time `json:"timestamp"`
 	SpiffeID       string    `json:"spiffe_id,omitempty"`
 	Slot           *uint32   `json:"agent_slot,omitempty"`
+	TaskID         string    `json:"task_id,omitempty"`
+	TaskType       string    `json:"task_type,omitempty"`
 	CgroupID       uint64    `json:"cgroup_id"`
 	PID            uint32    `json:"pid"`
 	TID            uint32    `json:"tid"`
@@ -47,6 +49,9 @@ type Decision struct {
 	Reason         string    `json:"reason"`
 	Mode           string    `json:"mode,omitempty"`
 	RuleGeneration uint64    `json:"rule_generation"`
+	// PolicyRevision is the policy revision in force when tetherd wrote the record (the rule
+	// generation says which install of the agent's rules decided).
+	PolicyRevision string `json:"policy_revision,omitempty"`
 	// Response is what the respond policy said of a denied or audited decision.
 	Response string `json:"response,omitempty"`
 	// Kill is the kill path's record (kind "kill").

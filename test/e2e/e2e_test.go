@@ -93,7 +93,7 @@ func TestPrivilegedRunEndToEnd(t *testing.T) {
 	rec := d.decision("connect deny", func(r events.Decision) bool {
 		return r.Kind == "connect4" && r.Verdict == "deny" && r.Destination == no
 	})
-	if rec.SpiffeID != agentID || rec.Binary != self || rec.Reason != "no-rule" || rec.RuleGeneration != 1 || rec.Mode != "enforce" {
+	if rec.SpiffeID != agentID || rec.Binary != self || rec.Reason != "no-rule" || rec.RuleGeneration != 1 || rec.Mode != "enforce" || rec.PolicyRevision == "" {
 		t.Errorf("deny record %+v", rec)
 	}
 	d.decision("exec deny", func(r events.Decision) bool {

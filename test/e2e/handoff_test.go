@@ -11,6 +11,7 @@ import (
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/credentials"
+	"github.com/tether-sh/tether/pkg/events"
 )
 
 // TestPrivilegedHandoff: an agent hands its task to another; the receiver's grants for it are
@@ -89,6 +90,10 @@ func TestPrivilegedHandoff(t *testing.T) {
 	}
 	if got := privtest.Dial(t, receiver.Cgroup, "tcp", ok, "tcp", no); strings.Join(got, " ") != "ok eperm" {
 		t.Errorf("receiver of a handed task: %v, want ok (the sender has it), eperm (it does not)", got)
+	}
+	rec := d.decision("the receiver's denial", func(r events.Decision) bool { return r.SpiffeID == helper && r.Verdict == "deny" })
+	if rec.TaskID != res.Agent.Task.ID || rec.TaskType != "wide" {
+		t.Errorf("the receiver's decision record names task %q (%q), want %q (wide)", rec.TaskID, rec.TaskType, res.Agent.Task.ID)
 	}
 	var claims credentials.Claims
 	if err := json.Unmarshal([]byte(d.ctl("credential", "verify", res.Credential.Token)), &claims); err != nil {

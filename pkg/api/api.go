@@ -169,6 +169,8 @@ type Service interface {
 	Resume(slot dataplane.Slot) (agents.Agent, error)
 	Readmit(spiffeID string) ([]agents.Agent, error)
 	Kills() KillStatus
+	// Subscribe follows the decision records from now on.
+	Subscribe(n int) *events.Subscription
 }
 
 // KillRequest names the agents to kill (exactly one of Slot, SpiffeID, TaskID, PID) and why.

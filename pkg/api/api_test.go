@@ -20,6 +20,7 @@ import (
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/killpath"
 )
 
@@ -127,6 +128,9 @@ func (f *fakeService) Readmit(id string) ([]agents.Agent, error) {
 	return nil, nil
 }
 func (f *fakeService) Kills() KillStatus { return KillStatus{} }
+func (f *fakeService) Subscribe(n int) *events.Subscription {
+	return events.NewStream().Subscribe(n)
+}
 func (f *fakeService) EvalPolicy(ctx context.Context, query string, input json.RawMessage) (any, error) {
 	f.record("eval " + query)
 	if query == "bad" {

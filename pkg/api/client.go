@@ -4,15 +4,18 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"time"
 
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/killpath"
 )
 
@@ -146,6 +149,63 @@ func (c *Client) VerifyCredential(token string) (credentials.Claims, error) {
 func (c *Client) Handoff(from dataplane.Slot, req HandoffRequest) (HandoffResult, error) {
 	var res HandoffResult
 	return res, c.do(http.MethodPost, fmt.Sprintf("/v1/agents/%d/task/handoff", from), req, &res)
+}
+
+// Events follows the decision records, filtered by SPIFFE ID and verdict (empty: all), calling
+// f for each until it returns false, ctx ends or tetherd goes away. dropped is called when
+// tetherd says this reader lost records.
+func (c *Client) Events(ctx context.Context, spiffeID, verdict string, f func(events.Decision) bool, dropped func(uint64)) error {
+	q := url.Values{}
+	if spiffeID != "" {
+		q.Set("spiffe_id", spiffeID)
+	}
+	if verdict != "" {
+		q.Set("verdict", verdict)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://tetherd/v1/events?"+q.Encode(), nil)
+	if err != nil {
+		return err
+	}
+	stream := &http.Client{Transport: c.http.Transport} // no timeout: it streams
+	resp, err := stream.Do(req)
+	if err != nil {
+		return fmt.Errorf("reaching tetherd at %s: %w", c.socket, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		var e Error
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		if json.Unmarshal(b, &e) == nil && e.Error != "" {
+			return fmt.Errorf("tetherd: %s", e.Error)
+		}
+		return fmt.Errorf("tetherd: %s", resp.Status)
+	}
+	dec := json.NewDecoder(resp.Body)
+	for {
+		var raw json.RawMessage
+		if err := dec.Decode(&raw); err != nil {
+			if ctx.Err() != nil || errors.Is(err, io.EOF) {
+				return nil
+			}
+			return fmt.Errorf("reading the event stream: %w", err)
+		}
+		var lost struct {
+			Dropped uint64 `json:"dropped"`
+		}
+		if json.Unmarshal(raw, &lost) == nil && lost.Dropped > 0 {
+			if dropped != nil {
+				dropped(lost.Dropped)
+			}
+			continue
+		}
+		var d events.Decision
+		if err := json.Unmarshal(raw, &d); err != nil {
+			return fmt.Errorf("reading the event stream: %w", err)
+		}
+		if !f(d) {
+			return nil
+		}
+	}
 }
 
 // Kill runs the kill path on the agents req names.

@@ -107,6 +107,7 @@ func NewServer(svc Service, policy func() *Policy, log *slog.Logger) *Server {
 	mux.HandleFunc("GET /v1/credentials/keys", s.credentialKeys)
 	mux.HandleFunc("GET /v1/credentials/revoked", s.revokedCredentials)
 	mux.HandleFunc("POST /v1/credentials/verify", s.verifyCredential)
+	mux.HandleFunc("GET /v1/events", s.events)
 	mux.HandleFunc("POST /v1/kill", s.kill)
 	mux.HandleFunc("GET /v1/kills", s.kills)
 	mux.HandleFunc("POST /v1/agents/{slot}/resume", s.resume)
@@ -657,6 +658,43 @@ func (s *Server) verifyCredential(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	reply(w, http.StatusOK, claims)
+}
+
+// events streams decision records as JSON lines, from now on, until the caller goes away:
+// filtered by spiffe_id and verdict. Who may read status may follow them. A reader that does not
+// keep up loses records: a line {"dropped": N} says how many.
+func (s *Server) events(w http.ResponseWriter, r *http.Request) {
+	id, verdict := r.URL.Query().Get("spiffe_id"), r.URL.Query().Get("verdict")
+	sub := s.svc.Subscribe(4096)
+	defer sub.Close()
+	flusher, _ := w.(http.Flusher)
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	if flusher != nil {
+		flusher.Flush()
+	}
+	enc := json.NewEncoder(w)
+	var told uint64
+	for {
+		select {
+		case <-r.Context().Done():
+			return
+		case d := <-sub.C:
+			if n := sub.Dropped(); n > told {
+				enc.Encode(map[string]uint64{"dropped": n - told})
+				told = n
+			}
+			if (id != "" && d.SpiffeID != id) || (verdict != "" && d.Verdict != verdict) {
+				continue
+			}
+			if err := enc.Encode(d); err != nil {
+				return
+			}
+			if flusher != nil {
+				flusher.Flush()
+			}
+		}
+	}
 }
 
 func (s *Server) kill(w http.ResponseWriter, r *http.Request) {

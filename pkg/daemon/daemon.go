@@ -52,6 +52,7 @@ type Daemon struct {
 	disc        *discovery
 	killer      *killpath.Killer
 	metrics     *telemetry.Metrics
+	stream      *events.Stream
 	creds       *taskCreds
 }
 
@@ -181,7 +182,8 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 	if err != nil {
 		return err
 	}
-	var sinks []events.Sink
+	d.stream = events.NewStream()
+	sinks := []events.Sink{d.stream}
 	if sink != nil {
 		sinks = append(sinks, sink)
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/killpath"
 )
 
@@ -92,3 +93,6 @@ func (d *Daemon) killByPolicy(slot dataplane.Slot, response, reason string) {
 		}
 	}()
 }
+
+// Subscribe follows the decision records.
+func (d *Daemon) Subscribe(n int) *events.Subscription { return d.stream.Subscribe(n) }

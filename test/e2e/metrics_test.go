@@ -112,3 +112,49 @@ func TestPrivilegedPrometheusScrapesDecisions(t *testing.T) {
 		t.Errorf("ring buffer losses: %q", v)
 	}
 }
+
+// TestPrivilegedEventsStream: tetherctl events follows the live stream, filtered by identity and
+// verdict, and stops after --count records.
+func TestPrivilegedEventsStream(t *testing.T) {
+	h := privtest.NewHost(t)
+	okPort, _ := tcpPort(t, h)
+	noPort, _ := tcpPort(t, h)
+	self, _ := os.Executable()
+	d := newTetherd(t, grantsFor(self, h, okPort))
+	d.start()
+	follow := d.ctlCmd("events", "--id", agentID, "--verdict", "deny", "--count", "2", "-o", "json")
+	var out lockedBuffer
+	follow.Stdout = &out
+	follow.Stderr = os.Stderr
+	if err := follow.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- follow.Wait() }()
+	time.Sleep(300 * time.Millisecond) // subscribed
+	ok := fmt.Sprintf("%s:%d", h.V4, okPort)
+	no := fmt.Sprintf("%s:%d", h.V4, noPort)
+	if got, err := d.agentRun(agentID, "dial", "tcp", ok, "tcp", no, "tcp", no).Output(); err != nil || strings.Join(lines(string(got)), " ") != "ok eperm eperm" {
+		t.Fatalf("agent: %v %q", err, got)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("tetherctl events: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		follow.Process.Kill()
+		t.Fatalf("tetherctl events did not end after 2 records; it printed:\n%s", out.String())
+	}
+	recs := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if len(recs) != 2 {
+		t.Fatalf("want 2 records, got:\n%s", out.String())
+	}
+	for _, l := range recs {
+		var m map[string]any
+		json.Unmarshal([]byte(l), &m)
+		if m["spiffe_id"] != agentID || m["verdict"] != "deny" || m["destination"] != no {
+			t.Errorf("record %s", l)
+		}
+	}
+}

@@ -121,7 +121,15 @@ type Status struct {
 	Events       events.Stats       `json:"events"`
 	Policy       PolicyStatus       `json:"policy"`
 	Identity     IdentityStatus     `json:"identity"`
+	Escalation   EscalationStatus   `json:"escalation"`
 	Warnings     []string           `json:"warnings,omitempty"`
+}
+
+// EscalationStatus counts the alerts of the escalation webhook.
+type EscalationStatus struct {
+	Sent    uint64 `json:"sent"`
+	Dropped uint64 `json:"dropped"` // queue full, or every retry failed
+	Failed  uint64 `json:"failed_attempts"`
 }
 
 // IdentityStatus is what identity discovery (static rules, SPIRE) is doing.

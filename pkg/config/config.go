@@ -180,6 +180,12 @@ type SPIRE struct {
 type Telemetry struct {
 	// MetricsAddress, when set (host:port), serves Prometheus metrics at /metrics.
 	MetricsAddress string `json:"metrics_address"`
+	// EscalationWebhook, when set (http or https URL), receives high-severity decisions in
+	// Alertmanager's webhook format.
+	EscalationWebhook string `json:"escalation_webhook"`
+	// DenyBurst is how many denials of one agent within DenyBurstWindow make an alert.
+	DenyBurst       int           `json:"deny_burst"`
+	DenyBurstWindow time.Duration `json:"deny_burst_window"`
 }
 
 // Kill configures the kill path.
@@ -397,6 +403,14 @@ func (l *Loaded) check() []fieldError {
 				bad(fmt.Sprintf("$.identity.spire.cgroups[%d]", j), "identity.spire.cgroups", "%q: want a cgroup path pattern", p)
 			}
 		}
+	}
+	if u := c.Telemetry.EscalationWebhook; u != "" {
+		if pu, err := url.Parse(u); err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
+			bad("$.telemetry.escalation_webhook", "telemetry.escalation_webhook", "%q: want an http or https URL", u)
+		}
+	}
+	if c.Telemetry.DenyBurst < 0 || c.Telemetry.DenyBurstWindow < 0 {
+		bad("$.telemetry", "telemetry.deny_burst", "deny_burst and deny_burst_window must not be negative")
 	}
 	if a := c.Telemetry.MetricsAddress; a != "" {
 		if _, _, err := net.SplitHostPort(a); err != nil {

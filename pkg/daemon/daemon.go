@@ -23,6 +23,7 @@ import (
 	"github.com/tether-sh/tether/pkg/compile"
 	"github.com/tether-sh/tether/pkg/config"
 	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/escalation"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/identity"
 	"github.com/tether-sh/tether/pkg/kernel"
@@ -53,6 +54,7 @@ type Daemon struct {
 	killer      *killpath.Killer
 	metrics     *telemetry.Metrics
 	stream      *events.Stream
+	webhook     *escalation.Webhook
 	creds       *taskCreds
 }
 
@@ -184,6 +186,11 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 	}
 	d.stream = events.NewStream()
 	sinks := []events.Sink{d.stream}
+	if url := cfg.Telemetry.EscalationWebhook; url != "" {
+		d.webhook = escalation.New(escalation.Options{URL: url, BurstDenials: cfg.Telemetry.DenyBurst, BurstWindow: cfg.Telemetry.DenyBurstWindow, Log: d.log})
+		defer d.webhook.Close()
+		sinks = append(sinks, d.webhook)
+	}
 	if sink != nil {
 		sinks = append(sinks, sink)
 	}
@@ -427,7 +434,7 @@ func (d *Daemon) Status() api.Status {
 		PinDir: d.kern.PinDir(), Cgroup2: d.root, AgentParents: d.parents, LaunchParent: d.launch,
 		ExecMode: string(f.ExecMode), ExecReason: f.ExecReason, ActiveLSMs: f.ActiveLSMs,
 		Agents: len(d.registry.List()), Registry: d.registry.Stats(), Events: d.pump.Stats(), Policy: d.policyStatus(),
-		Identity: d.disc.status(),
+		Identity: d.disc.status(), Escalation: d.escalationStatus(),
 		Warnings: cfg.Warnings,
 	}
 	for _, h := range f.Hooks {
@@ -493,4 +500,12 @@ func (d *Daemon) EndTask(slot dataplane.Slot) (agents.Agent, error) { return d.r
 
 func (d *Daemon) AddApproval(slot dataplane.Slot, action, resource, by string, ttl time.Duration) (agents.Agent, error) {
 	return d.registry.AddApproval(slot, action, resource, by, ttl)
+}
+
+func (d *Daemon) escalationStatus() api.EscalationStatus {
+	if d.webhook == nil {
+		return api.EscalationStatus{}
+	}
+	sent, dropped, failed := d.webhook.Stats()
+	return api.EscalationStatus{Sent: sent, Dropped: dropped, Failed: failed}
 }

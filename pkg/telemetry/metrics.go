@@ -157,11 +157,13 @@ var (
 	descSinkErrs  = prometheus.NewDesc("tether_decision_sink_errors_total", "Decision records a sink failed to write.", nil, nil)
 	descSignalErr = prometheus.NewDesc("tether_exec_signal_errors_total", "Denied execs the kernel failed to signal (signal mode).", nil, nil)
 	descIDLost    = prometheus.NewDesc("tether_identities_lost_total", "Agents whose identity was lost (SPIRE entry deleted, pod deleted).", nil, nil)
+	descEscSent   = prometheus.NewDesc("tether_escalations_sent_total", "Alerts the escalation webhook accepted.", nil, nil)
+	descEscDrop   = prometheus.NewDesc("tether_escalations_dropped_total", "Alerts dropped (queue full, or every retry failed).", nil, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descDecisions, descAgents, descKilled, descTasks, descSlotsFill, descEvals, descEvalErrs, descRefused,
-		descRefRules, descInstalls, descMapFail, descMapRetry, descRBLost, descEvRead, descEvDrop, descEvDecode, descSinkErrs, descSignalErr, descIDLost} {
+		descRefRules, descInstalls, descMapFail, descMapRetry, descRBLost, descEvRead, descEvDrop, descEvDecode, descSinkErrs, descSignalErr, descIDLost, descEscSent, descEscDrop} {
 		ch <- d
 	}
 }
@@ -224,6 +226,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descSinkErrs, st.Events.SinkErrors)
 	counter(descSignalErr, st.Kernel.SignalErrors)
 	counter(descIDLost, st.Identity.Lost)
+	counter(descEscSent, st.Escalation.Sent)
+	counter(descEscDrop, st.Escalation.Dropped)
 }
 
 // fold adds what a counted since it was last seen to the totals and returns its counts. Call

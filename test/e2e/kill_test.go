@@ -4,14 +4,18 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/tether-sh/tether/internal/privtest"
 	"github.com/tether-sh/tether/pkg/cgroups"
+	"github.com/tether-sh/tether/pkg/escalation"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/killpath"
 )
@@ -27,6 +31,22 @@ func TestPrivilegedKill(t *testing.T) {
 	p := grantsFor(self, h, okPort)
 	p["egress"] = []any{map[string]any{"cidr": h.V4.String() + "/32", "ports": []int{int(okPort)}}} // tcp and udp: the loop connects UDP sockets
 	d := newTetherd(t, p)
+	// An escalation receiver on loopback, in Alertmanager's webhook format.
+	var alertMu sync.Mutex
+	var alerts []escalation.Alert
+	rcv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var pl escalation.Payload
+		if err := json.NewDecoder(r.Body).Decode(&pl); err != nil || pl.Version != "4" {
+			http.Error(w, "bad payload", http.StatusBadRequest)
+			return
+		}
+		alertMu.Lock()
+		alerts = append(alerts, pl.Alerts...)
+		alertMu.Unlock()
+	}))
+	defer rcv.Close()
+	d.extra = fmt.Sprintf("telemetry:\n  escalation_webhook: %s/alerts\n", rcv.URL)
+	d.writeConfig()
 	d.start()
 	ok := fmt.Sprintf("%s:%d", h.V4, okPort)
 
@@ -100,6 +120,16 @@ func TestPrivilegedKill(t *testing.T) {
 	if rec.SpiffeID != agentID || rec.Reason != "e2e: exfiltration suspected" || rec.Kill.Requester != "uid:0" || !rec.Kill.Done {
 		t.Errorf("kill record %+v %+v", rec, rec.Kill)
 	}
+	waitFor(t, "the kill escalated to the webhook", func() bool {
+		alertMu.Lock()
+		defer alertMu.Unlock()
+		for _, a := range alerts {
+			if a.Labels["alertname"] == "TetherAgentKilled" && a.Labels["spiffe_id"] == agentID && a.Labels["severity"] == "critical" {
+				return true
+			}
+		}
+		return false
+	})
 
 	// The same identity in a new cgroup: everything denied, its first exec included.
 	if _, _, code := d.ctlRaw("run", "--id", agentID, "--", self); code == 0 {

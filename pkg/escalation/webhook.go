@@ -1,0 +1,239 @@
+// Package escalation sends high-severity decisions to a webhook: what the respond policy said to
+// alert, freeze or kill for, kill-path records, lost identities, and bursts of denials. The
+// payload is Alertmanager's webhook format (version 4), which Alertmanager webhook receivers and
+// generic HTTP receivers accept. Sending never blocks the decision pipeline: a bounded queue, a
+// sender that batches and retries with backoff, and a count of what was dropped.
+package escalation
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tether-sh/tether/pkg/events"
+)
+
+// Options configure a Webhook.
+type Options struct {
+	URL string
+	// BurstDenials within BurstWindow from one agent make one "deny burst" alert (per window).
+	BurstDenials int
+	BurstWindow  time.Duration
+	// Retries of a batch before it is dropped (and counted).
+	Retries int
+	Backoff time.Duration
+	Log     *slog.Logger
+}
+
+// Alert is one alert of Alertmanager's webhook payload.
+type Alert struct {
+	Status      string            `json:"status"`
+	Labels      map[string]string `json:"labels"`
+	Annotations map[string]string `json:"annotations"`
+	StartsAt    time.Time         `json:"startsAt"`
+	EndsAt      time.Time         `json:"endsAt"`
+	Fingerprint string            `json:"fingerprint"`
+}
+
+// Payload is Alertmanager's webhook payload (version 4).
+type Payload struct {
+	Version           string            `json:"version"`
+	GroupKey          string            `json:"groupKey"`
+	TruncatedAlerts   int               `json:"truncatedAlerts"`
+	Status            string            `json:"status"`
+	Receiver          string            `json:"receiver"`
+	GroupLabels       map[string]string `json:"groupLabels"`
+	CommonLabels      map[string]string `json:"commonLabels"`
+	CommonAnnotations map[string]string `json:"commonAnnotations"`
+	ExternalURL       string            `json:"externalURL"`
+	Alerts            []Alert           `json:"alerts"`
+}
+
+// Webhook is a decision sink that escalates.
+type Webhook struct {
+	opts   Options
+	client *http.Client
+	queue  chan Alert
+	done   chan struct{}
+	wg     sync.WaitGroup
+
+	mu     sync.Mutex
+	denies map[string][]time.Time // by SPIFFE ID, within the window
+	fired  map[string]time.Time   // last burst alert by SPIFFE ID
+
+	sent, dropped, failed atomic.Uint64
+}
+
+// New starts a webhook sender.
+func New(opts Options) *Webhook {
+	if opts.Log == nil {
+		opts.Log = slog.New(slog.DiscardHandler)
+	}
+	if opts.BurstDenials <= 0 {
+		opts.BurstDenials = 10
+	}
+	if opts.BurstWindow <= 0 {
+		opts.BurstWindow = 10 * time.Second
+	}
+	if opts.Retries <= 0 {
+		opts.Retries = 5
+	}
+	if opts.Backoff <= 0 {
+		opts.Backoff = 500 * time.Millisecond
+	}
+	w := &Webhook{opts: opts, client: &http.Client{Timeout: 10 * time.Second}, queue: make(chan Alert, 1024), done: make(chan struct{}),
+		denies: map[string][]time.Time{}, fired: map[string]time.Time{}}
+	w.wg.Add(1)
+	go w.run()
+	return w
+}
+
+// Stats: alerts sent, dropped (queue full or retries exhausted), and failed attempts.
+func (w *Webhook) Stats() (sent, dropped, failed uint64) {
+	return w.sent.Load(), w.dropped.Load(), w.failed.Load()
+}
+
+// Close sends what is queued (one attempt each) and stops.
+func (w *Webhook) Close() {
+	close(w.done)
+	w.wg.Wait()
+}
+
+// Write escalates d if it is of high severity. It never blocks.
+func (w *Webhook) Write(d events.Decision) error {
+	if a, ok := w.alertFor(d); ok {
+		select {
+		case w.queue <- a:
+		default:
+			w.dropped.Add(1)
+		}
+	}
+	return nil
+}
+
+func (w *Webhook) alertFor(d events.Decision) (Alert, bool) {
+	labels := map[string]string{"spiffe_id": d.SpiffeID, "kind": d.Kind, "source": "tether"}
+	ann := map[string]string{"decision_id": d.DecisionID, "reason": d.Reason}
+	if t := d.Destination + d.Executable + d.SocketPath; t != "" {
+		ann["target"] = t
+	}
+	mk := func(name, severity, summary string) (Alert, bool) {
+		labels["alertname"], labels["severity"] = name, severity
+		ann["summary"] = summary
+		return Alert{Status: "firing", Labels: labels, Annotations: ann, StartsAt: d.Timestamp, Fingerprint: d.DecisionID}, true
+	}
+	switch {
+	case d.Kind == "kill" && d.Kill != nil:
+		return mk("TetherAgentKilled", "critical", fmt.Sprintf("agent %s killed by %s: %s (all steps done: %v)", d.SpiffeID, d.Kill.Requester, d.Reason, d.Kill.Done))
+	case d.Kind == "identity":
+		return mk("TetherIdentityLost", "critical", fmt.Sprintf("agent %s lost its identity: %s", d.SpiffeID, d.Reason))
+	case d.Response == "kill" || d.Response == "freeze" || d.Response == "alert":
+		sev := "warning"
+		if d.Response != "alert" {
+			sev = "critical"
+		}
+		return mk("TetherRespond"+title(d.Response), sev, fmt.Sprintf("the respond policy said %s for %s %s %s of %s", d.Response, d.Verdict, d.Kind, ann["target"], d.SpiffeID))
+	case d.Verdict == "deny" && d.SpiffeID != "":
+		if n, burst := w.burst(d); burst {
+			return mk("TetherDenyBurst", "warning", fmt.Sprintf("agent %s was denied %d times within %s", d.SpiffeID, n, w.opts.BurstWindow))
+		}
+	}
+	return Alert{}, false
+}
+
+func title(s string) string {
+	if s == "" {
+		return s
+	}
+	return string(s[0]-'a'+'A') + s[1:]
+}
+
+// burst counts a denial and reports whether it completes a burst (once per window per agent).
+func (w *Webhook) burst(d events.Decision) (int, bool) {
+	now := d.Timestamp
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	cut := now.Add(-w.opts.BurstWindow)
+	kept := w.denies[d.SpiffeID][:0]
+	for _, t := range w.denies[d.SpiffeID] {
+		if t.After(cut) {
+			kept = append(kept, t)
+		}
+	}
+	kept = append(kept, now)
+	w.denies[d.SpiffeID] = kept
+	if len(kept) >= w.opts.BurstDenials && now.Sub(w.fired[d.SpiffeID]) >= w.opts.BurstWindow {
+		w.fired[d.SpiffeID] = now
+		return len(kept), true
+	}
+	return len(kept), false
+}
+
+func (w *Webhook) run() {
+	defer w.wg.Done()
+	for {
+		select {
+		case a := <-w.queue:
+			batch := []Alert{a}
+		more:
+			for len(batch) < 64 {
+				select {
+				case a := <-w.queue:
+					batch = append(batch, a)
+				default:
+					break more
+				}
+			}
+			w.send(batch, w.opts.Retries)
+		case <-w.done:
+			for {
+				select {
+				case a := <-w.queue:
+					w.send([]Alert{a}, 1)
+				default:
+					return
+				}
+			}
+		}
+	}
+}
+
+func (w *Webhook) send(batch []Alert, attempts int) {
+	p := Payload{Version: "4", GroupKey: "tether", Status: "firing", Receiver: "tether", GroupLabels: map[string]string{},
+		CommonLabels: map[string]string{"source": "tether"}, CommonAnnotations: map[string]string{}, Alerts: batch}
+	body, _ := json.Marshal(p)
+	wait := w.opts.Backoff
+	for i := range attempts {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, w.opts.URL, bytes.NewReader(body))
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := w.client.Do(req)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode < 300 {
+				cancel()
+				w.sent.Add(uint64(len(batch)))
+				return
+			}
+			err = fmt.Errorf("%s", resp.Status)
+		}
+		cancel()
+		w.failed.Add(1)
+		w.opts.Log.Warn("escalation webhook", "attempt", i+1, "alerts", len(batch), "error", err)
+		if i+1 < attempts {
+			select {
+			case <-time.After(wait):
+			case <-w.done:
+			}
+			wait *= 2
+		}
+	}
+	w.dropped.Add(uint64(len(batch)))
+	w.opts.Log.Error("escalation webhook: alerts dropped after retries", "alerts", len(batch))
+}

@@ -104,3 +104,11 @@ test_stepup_handoff_refused_without_handoff_to if {
 	d := tether.stepup with input as object.union(ctx(task("coding", "internal"), dev, morning), {"request": {"action": "handoff", "resource": "spiffe://example.org/agents/a"}})
 	not d.allowed
 }
+
+test_respond_freeze_after_is_a_setting if {
+	recent := [ev("connect4", "deny", "192.0.2.1:443", "2026-11-25T10:29:40Z"), ev("connect4", "deny", "192.0.2.2:443", "2026-11-25T10:29:50Z")]
+	i := object.union(ctx(null, dev, morning), {"event": ev("connect4", "deny", "192.0.2.3:443", "2026-11-25T10:30:00Z"), "recent": recent})
+	tether.respond == "freeze" with input as i
+	tether.respond == "none" with input as i with data.tether_settings.respond.freeze_after_denied_egress as 0
+	tether.respond == "none" with input as i with data.tether_settings.respond.freeze_after_denied_egress as 4
+}

@@ -11,11 +11,18 @@ respond := "kill" if {
 	some cidr in settings.networks.metadata
 	net.cidr_contains(cidr, host(input.event.destination))
 } else := "freeze" if {
-	count(recent_denied_egress) >= 3
+	freeze_after > 0
+	count(recent_denied_egress) >= freeze_after
 } else := "alert" if {
 	input.event.verdict == "deny"
 	input.event.kind == "exec"
 } else := "none"
+
+# Denied egress attempts within a minute that freeze the agent (tether runs the kill path without
+# halting it): tether_settings.respond.freeze_after_denied_egress, 3 when unset, 0 never.
+default freeze_after := 3
+
+freeze_after := settings.respond.freeze_after_denied_egress
 
 # Denied egress to destinations no approval covers, in the last minute, this event included.
 recent_denied_egress contains e.decision_id if {

@@ -142,6 +142,11 @@ func newTetherd(t *testing.T, p profile) *tetherd {
 	return d
 }
 
+// freezeAfter is tether_settings.respond.freeze_after_denied_egress in the tests' policy data:
+// 0, so that agents that make denied connects on purpose are not frozen by the respond policy
+// (TestPrivilegedRespond sets the shipped 3).
+var freezeAfter = 0
+
 // policyData is the data document that gives agentID the profile p (task type "e2e", also its
 // type without a task).
 func policyData(p profile) map[string]any {
@@ -155,6 +160,7 @@ func policyData(p profile) map[string]any {
 		"git_binary": "/usr/bin/git", "tools": map[string]any{},
 		"profiles":   map[string]any{"e2e": p},
 		"identities": map[string]any{agentID: map[string]any{"task_type": "e2e"}},
+		"respond":    map[string]any{"freeze_after_denied_egress": freezeAfter},
 	}}
 }
 

@@ -182,6 +182,8 @@ func TestPrivilegedRespond(t *testing.T) {
 	h := privtest.NewHost(t)
 	okPort, _ := tcpPort(t, h)
 	self, _ := os.Executable()
+	freezeAfter = 3 // the shipped setting
+	t.Cleanup(func() { freezeAfter = 0 })
 	d := newTetherd(t, grantsFor(self, h, okPort))
 	d.start()
 	cg := d.sleeper()

@@ -180,11 +180,15 @@ func Procs(path string) []int {
 	return pids
 }
 
-// WaitEmpty waits until no process lives in the cgroup or below it.
+// WaitEmpty waits until no process lives in the cgroup or below it. A cgroup that is removed
+// meanwhile is empty.
 func WaitEmpty(path string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for {
 		populated, err := Populated(path)
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ENODEV) {
+			return nil // removed (ENODEV: while its file was being read)
+		}
 		if err != nil {
 			return err
 		}

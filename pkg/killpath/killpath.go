@@ -407,11 +407,7 @@ func (k *Killer) do(ctx context.Context, name string, x *Kill) (string, error) {
 		}
 		// Frozen processes die too: SIGKILL wakes them. Thaw so that the cgroup can empty.
 		writeFreeze(x.Cgroup, false)
-		err := cgroups.WaitEmpty(x.Cgroup, k.opts.FreezeTimeout)
-		if errors.Is(err, os.ErrNotExist) {
-			return "every process killed; the cgroup was removed", nil // its launcher saw it end
-		}
-		return "every process killed", err
+		return "every process killed", cgroups.WaitEmpty(x.Cgroup, k.opts.FreezeTimeout)
 	}
 	return "", fmt.Errorf("unknown step %q", name)
 }

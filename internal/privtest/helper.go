@@ -30,8 +30,9 @@ var helpers = map[string]func(args []string) int{
 	"credential": helperCredential,
 }
 
-// Main runs the helper the environment names, or the tests. Call it from TestMain.
-func Main(m *testing.M) {
+// Main runs the helper the environment names, or the tests and then cleanups. Call it from
+// TestMain.
+func Main(m *testing.M, cleanups ...func()) {
 	if name := os.Getenv(helperEnv); name != "" {
 		f, ok := helpers[name]
 		if !ok {
@@ -40,7 +41,11 @@ func Main(m *testing.M) {
 		}
 		os.Exit(f(os.Args[1:]))
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	for _, c := range cleanups {
+		c()
+	}
+	os.Exit(code)
 }
 
 // Command returns a command that runs helper with args in a re-executed test binary, born inside

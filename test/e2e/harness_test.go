@@ -27,7 +27,13 @@ import (
 	"github.com/tether-sh/tether/policies"
 )
 
-func TestMain(m *testing.M) { privtest.Main(m) }
+func TestMain(m *testing.M) {
+	privtest.Main(m, func() {
+		if binDir != "" {
+			os.RemoveAll(binDir) // the binaries built for this run
+		}
+	})
+}
 
 var (
 	buildOnce sync.Once

@@ -173,6 +173,7 @@ func TestPrivilegedKill(t *testing.T) {
 
 	// By process, while the policy is reloaded over and over: the kill holds.
 	cg := d.sleeper()
+	waitFor(t, "the sleeper's process in its cgroup", func() bool { return len(cgroups.Procs(cg)) > 0 })
 	pid := cgroups.Procs(cg)[0]
 	stop := make(chan struct{})
 	reloads := make(chan int)

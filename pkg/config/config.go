@@ -213,6 +213,10 @@ type Credentials struct {
 type DecisionLog struct {
 	// Path is a file, "-" for standard output, or empty for nowhere.
 	Path string `json:"path"`
+	// MaxBytes rotates the file when the next record would pass it (0: never); MaxFiles old
+	// files are kept (path.1 is the newest).
+	MaxBytes int64 `json:"max_bytes"`
+	MaxFiles int   `json:"max_files"`
 }
 
 // Log configures tetherd's own log (standard error).
@@ -234,7 +238,7 @@ func Defaults() Config {
 		},
 		API:         API{Socket: "/run/tether/tether.sock", AdminUIDs: []uint32{0}},
 		Policy:      Policy{Timezone: "UTC"},
-		DecisionLog: DecisionLog{Path: "-"},
+		DecisionLog: DecisionLog{Path: "-", MaxBytes: 100 << 20, MaxFiles: 5},
 		Log:         Log{Level: "info", Format: "text"},
 		Credentials: Credentials{Dir: "/run/tether/credentials", KeyFile: "/var/lib/tether/credentials.key", TTL: 5 * time.Minute},
 		Kill:        Kill{StateFile: "/var/lib/tether/kill-state.json", FreezeTimeout: 5 * time.Second},
@@ -411,6 +415,9 @@ func (l *Loaded) check() []fieldError {
 	}
 	if c.Telemetry.DenyBurst < 0 || c.Telemetry.DenyBurstWindow < 0 {
 		bad("$.telemetry", "telemetry.deny_burst", "deny_burst and deny_burst_window must not be negative")
+	}
+	if c.DecisionLog.MaxBytes < 0 || c.DecisionLog.MaxFiles < 1 {
+		bad("$.decision_log", "decision_log.max_bytes", "max_bytes must not be negative and max_files must be at least 1")
 	}
 	if a := c.Telemetry.MetricsAddress; a != "" {
 		if _, _, err := net.SplitHostPort(a); err != nil {

@@ -175,7 +175,7 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 	}
 	d.setAccess(cfg)
 
-	sink, closeSink, err := decisionSink(cfg.DecisionLog.Path)
+	sink, closeSink, err := decisionSink(cfg.DecisionLog)
 	if err != nil {
 		return err
 	}
@@ -410,18 +410,18 @@ func (d *Daemon) confined(pid int32) bool {
 	return false
 }
 
-func decisionSink(path string) (events.Sink, func(), error) {
-	switch path {
+func decisionSink(c config.DecisionLog) (events.Sink, func(), error) {
+	switch c.Path {
 	case "":
 		return nil, func() {}, nil
 	case "-":
 		return events.NewJSONLines(os.Stdout), func() {}, nil
 	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
+	f, err := events.OpenFile(c.Path, c.MaxBytes, c.MaxFiles)
 	if err != nil {
-		return nil, nil, fmt.Errorf("opening decision log: %w", err)
+		return nil, nil, err
 	}
-	return events.NewJSONLines(f), func() { f.Close() }, nil
+	return f, func() { f.Close() }, nil
 }
 
 // api.Service

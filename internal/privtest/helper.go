@@ -70,6 +70,24 @@ func Command(t testing.TB, cgroupPath, helper string, args ...string) *exec.Cmd 
 	return cmd
 }
 
+// Start starts the program name with args born inside the cgroup at cgroupPath
+// (CLONE_INTO_CGROUP) and kills it, by PID, when the test ends.
+func Start(t testing.TB, cgroupPath, name string, args ...string) *exec.Cmd {
+	t.Helper()
+	dir, err := os.Open(cgroupPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dir.Close()
+	cmd := exec.Command(name, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return cmd
+}
+
 // Run runs helper in the cgroup and returns its output lines.
 func Run(t testing.TB, cgroupPath, helper string, args ...string) []string {
 	t.Helper()

@@ -633,6 +633,32 @@ func (r *Registry) Identity(slot dataplane.Slot) (id string, mode dataplane.Mode
 	return a.info.SpiffeID, mode, true
 }
 
+// TaskOf returns the ID and type of the task of the agent in slot, if it has one. It copies
+// nothing else (the event loop asks it for every record).
+func (r *Registry) TaskOf(slot dataplane.Slot) (id, typ string, ok bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a, found := r.agents[slot]
+	if !found || a.ctx.Task == nil {
+		return "", "", false
+	}
+	return a.ctx.Task.ID, a.ctx.Task.Type, true
+}
+
+// Covers reports whether path is, or is below, the cgroup of a registered agent. It reads no
+// kernel state.
+func (r *Registry) Covers(path string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, a := range r.agents {
+		p := a.info.CgroupPath
+		if path == p || strings.HasPrefix(path, strings.TrimSuffix(p, "/")+"/") {
+			return true
+		}
+	}
+	return false
+}
+
 // ContextOf returns the context of the agent in slot.
 func (r *Registry) ContextOf(slot dataplane.Slot) (Context, bool) {
 	r.mu.Lock()

@@ -8,6 +8,7 @@ package api
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
@@ -201,6 +202,9 @@ type KillStatus struct {
 	Pending []killpath.Kill   `json:"pending"`
 	Denied  []killpath.Denied `json:"denied"`
 }
+
+// ErrRefused is returned (wrapped) for what the policy does not allow; the API answers 403.
+var ErrRefused = errors.New("refused")
 
 // HandoffRequest hands the agent's task to another agent. Credential is the sender's current
 // task credential.

@@ -501,9 +501,8 @@ func (s *Server) renewTask(w http.ResponseWriter, r *http.Request) {
 		refuse(w, http.StatusBadRequest, err)
 		return
 	}
-	ttl, err := time.ParseDuration(req.TTL)
-	if err != nil {
-		refuse(w, http.StatusBadRequest, fmt.Errorf("ttl %q: %w", req.TTL, err))
+	ttl, ok := ttlOf(w, req.TTL)
+	if !ok {
 		return
 	}
 	s.result(w, func() (agents.Agent, error) { return s.svc.RenewTask(a.Slot, ttl) })
@@ -527,9 +526,8 @@ func (s *Server) addApproval(w http.ResponseWriter, r *http.Request) {
 		refuse(w, http.StatusBadRequest, err)
 		return
 	}
-	ttl, err := time.ParseDuration(req.TTL)
-	if err != nil {
-		refuse(w, http.StatusBadRequest, fmt.Errorf("ttl %q: %w", req.TTL, err))
+	ttl, ok := ttlOf(w, req.TTL)
+	if !ok {
 		return
 	}
 	by := fmt.Sprintf("uid:%d", caller(r).UID)
@@ -560,9 +558,8 @@ func (s *Server) heartbeat(w http.ResponseWriter, r *http.Request) {
 		refuse(w, http.StatusBadRequest, err)
 		return
 	}
-	ttl, err := time.ParseDuration(req.TTL)
-	if err != nil {
-		refuse(w, http.StatusBadRequest, fmt.Errorf("ttl %q: %w", req.TTL, err))
+	ttl, ok := ttlOf(w, req.TTL)
+	if !ok {
 		return
 	}
 	if req.Credential == "" {
@@ -591,9 +588,8 @@ func (s *Server) handoff(w http.ResponseWriter, r *http.Request) {
 		refuse(w, http.StatusBadRequest, err)
 		return
 	}
-	ttl, err := time.ParseDuration(req.TTL)
-	if err != nil {
-		refuse(w, http.StatusBadRequest, fmt.Errorf("ttl %q: %w", req.TTL, err))
+	ttl, ok := ttlOf(w, req.TTL)
+	if !ok {
 		return
 	}
 	if req.Credential == "" {
@@ -613,14 +609,20 @@ func (s *Server) handoff(w http.ResponseWriter, r *http.Request) {
 	got, cred, err := s.svc.Handoff(r.Context(), a.Slot, to.Slot, req.Credential, agents.HandoffSpec{Type: req.Type, TTL: ttl})
 	if err != nil {
 		s.log.Warn("handoff refused", "from", a.Slot, "to", req.To, "caller_uid", c.UID, "error", err)
-		code := credentialStatus(err)
-		if strings.Contains(err.Error(), "the policy does not allow") {
-			code = http.StatusForbidden
-		}
-		refuse(w, code, err)
+		refuse(w, credentialStatus(err), err)
 		return
 	}
 	reply(w, http.StatusOK, HandoffResult{Agent: got, Credential: cred})
+}
+
+// ttlOf parses a request's ttl, or answers the request with why it cannot.
+func ttlOf(w http.ResponseWriter, s string) (time.Duration, bool) {
+	ttl, err := time.ParseDuration(s)
+	if err != nil {
+		refuse(w, http.StatusBadRequest, fmt.Errorf("ttl %q: %w", s, err))
+		return 0, false
+	}
+	return ttl, true
 }
 
 // credentialStatus is the HTTP status of a refused credential request.
@@ -632,7 +634,8 @@ func credentialStatus(err error) int {
 		return http.StatusBadRequest
 	case errors.Is(err, credentials.ErrReplayed), errors.Is(err, agents.ErrTask):
 		return http.StatusConflict
-	case errors.Is(err, credentials.ErrExpired), errors.Is(err, credentials.ErrRevoked), errors.Is(err, credentials.ErrInvalid):
+	case errors.Is(err, credentials.ErrExpired), errors.Is(err, credentials.ErrRevoked), errors.Is(err, credentials.ErrInvalid),
+		errors.Is(err, ErrRefused):
 		return http.StatusForbidden
 	}
 	return http.StatusInternalServerError

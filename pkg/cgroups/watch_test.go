@@ -1,34 +1,14 @@
 package cgroups_test
 
 import (
-	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/tether-sh/tether/internal/privtest"
 	"github.com/tether-sh/tether/pkg/cgroups"
 )
-
-// startIn starts sleep born inside cgroup and ends it when the test ends.
-func startIn(t *testing.T, cgroup string) *exec.Cmd {
-	t.Helper()
-	dir, err := os.Open(cgroup)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dir.Close()
-	cmd := exec.Command("sleep", "60")
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	return cmd
-}
 
 func next(t *testing.T, w *cgroups.Watcher) cgroups.Change {
 	t.Helper()
@@ -48,7 +28,7 @@ func TestPrivilegedWatch(t *testing.T) {
 	privtest.Gate(t)
 	root := privtest.Cgroup(t)
 	old, _ := privtest.SubCgroup(t, root, "old")
-	first := startIn(t, old)
+	first := privtest.Start(t, old, "sleep", "60")
 
 	w, err := cgroups.Watch(root)
 	if err != nil {
@@ -67,7 +47,7 @@ func TestPrivilegedWatch(t *testing.T) {
 		t.Fatalf("reported an empty cgroup: %+v", c)
 	default:
 	}
-	p := startIn(t, leaf)
+	p := privtest.Start(t, leaf, "sleep", "60")
 	if c := next(t, w); c.Path != leaf || !slices.Equal(c.Procs, []int{p.Process.Pid}) {
 		t.Fatalf("new nested cgroup: %+v, want %s with pid %d", c, leaf, p.Process.Pid)
 	}
@@ -77,7 +57,7 @@ func TestPrivilegedWatch(t *testing.T) {
 	if err := cgroups.WaitEmpty(leaf, 5*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	again := startIn(t, leaf)
+	again := privtest.Start(t, leaf, "sleep", "60")
 	if c := next(t, w); c.Path != leaf || !slices.Equal(c.Procs, []int{again.Process.Pid}) {
 		t.Fatalf("refilled cgroup: %+v, want %s with pid %d", c, leaf, again.Process.Pid)
 	}

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/config"
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
@@ -240,7 +241,7 @@ func (d *Daemon) Handoff(ctx context.Context, from, to dataplane.Slot, presented
 	if !dec.Allowed || dec.NeedsApproval {
 		d.log.Warn("handoff refused", "from", sender.SpiffeID, "to", receiver.SpiffeID, "task", sender.Task.ID, "reason", dec.Reason)
 		return agents.Agent{}, credentials.Credential{}, fmt.Errorf("%w: the policy does not allow %s to hand task %s to %s: %s",
-			ErrRefused, sender.SpiffeID, sender.Task.ID, receiver.SpiffeID, dec.Reason)
+			api.ErrRefused, sender.SpiffeID, sender.Task.ID, receiver.SpiffeID, dec.Reason)
 	}
 	a, err := d.registry.Handoff(from, to, spec)
 	if err != nil {
@@ -253,6 +254,3 @@ func (d *Daemon) Handoff(ctx context.Context, from, to dataplane.Slot, presented
 	d.log.Info("handoff", "from_slot", from, "from", sender.SpiffeID, "from_task", sender.Task.ID, "to_slot", to, "to", a.SpiffeID, "task", a.Task.ID, "credential", cred.ID)
 	return a, cred, nil
 }
-
-// ErrRefused is returned for what the policy does not allow.
-var ErrRefused = errors.New("refused")

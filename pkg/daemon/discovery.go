@@ -149,7 +149,7 @@ func (d *discovery) appeared(ctx context.Context, c cgroups.Change) {
 		}
 		return
 	}
-	if d.agentAt(c.Path) {
+	if d.reg.Covers(c.Path) {
 		return
 	}
 	if d.k8s != nil {
@@ -202,7 +202,7 @@ func (d *discovery) appearedPod(ctx context.Context, c cgroups.Change, podUID, p
 	d.mu.Lock()
 	_, known := d.tracked[pod]
 	d.mu.Unlock()
-	if known || d.agentAt(pod) {
+	if known || d.reg.Covers(pod) {
 		return
 	}
 	uid, ok := uidOf(c.Procs[0])
@@ -465,16 +465,6 @@ func (d *discovery) removed(cg string) {
 			d.log.Warn("unregistering an agent whose cgroup is gone", "cgroup", cg, "error", err)
 		}
 	}
-}
-
-// agentAt reports whether cg is, or is below, the cgroup of a registered agent.
-func (d *discovery) agentAt(cg string) bool {
-	for _, a := range d.reg.List() {
-		if cg == a.Cgroup || strings.HasPrefix(cg, strings.TrimSuffix(a.Cgroup, "/")+"/") {
-			return true
-		}
-	}
-	return false
 }
 
 func (d *discovery) status() api.IdentityStatus {

@@ -3,11 +3,9 @@ package daemon
 import (
 	"context"
 	"log/slog"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -75,20 +73,6 @@ func TestPrivilegedKubernetesDiscovery(t *testing.T) {
 	go func() { done <- d.run(ctx, []string{root}) }()
 	defer func() { cancel(); <-done }()
 
-	start := func(cg string) *exec.Cmd {
-		dir, err := os.Open(cg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer dir.Close()
-		cmd := exec.Command("sleep", "60")
-		cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-		return cmd
-	}
 	agentOf := func() (agents.Agent, bool) {
 		for _, a := range reg.List() {
 			if a.Cgroup == pod {
@@ -107,14 +91,14 @@ func TestPrivilegedKubernetesDiscovery(t *testing.T) {
 		t.Fatalf("timed out waiting for %s", what)
 	}
 
-	p1 := start(ctr1)
+	p1 := privtest.Start(t, ctr1, "sleep", "60")
 	wait("the pod's agent", func() bool { _, ok := agentOf(); return ok })
 	a, _ := agentOf()
 	if a.SpiffeID != "spiffe://cluster.local/ns/agents/sa/coder" || a.Labels["team"] != "web" || a.Labels["tether.dev/mode"] != "" ||
 		!strings.Contains(strings.Join(a.Selectors, " "), "k8s:pod-uid:"+uid) {
 		t.Fatalf("pod agent %+v", a)
 	}
-	p2 := start(ctr2)
+	p2 := privtest.Start(t, ctr2, "sleep", "60")
 	time.Sleep(200 * time.Millisecond)
 	if n := len(reg.List()); n != 1 {
 		t.Errorf("%d agents after a second container started, want 1 (the pod)", n)

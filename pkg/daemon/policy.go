@@ -179,14 +179,17 @@ func (d *Daemon) respond(rec *events.Decision) {
 		return
 	}
 	rev := d.pol.engine.Current()
-	c, ok := d.registry.ContextOf(dataplane.Slot(*rec.Slot))
-	if ok && c.Task != nil {
-		rec.TaskID, rec.TaskType = c.Task.ID, c.Task.Type
+	if id, typ, ok := d.registry.TaskOf(dataplane.Slot(*rec.Slot)); ok {
+		rec.TaskID, rec.TaskType = id, typ
 	}
 	if rev != nil {
 		rec.PolicyRevision = rev.ID
 	}
-	if rev == nil || !ok || rec.Verdict == dataplane.VerdictAllow.String() {
+	if rev == nil || rec.Verdict == dataplane.VerdictAllow.String() {
+		return
+	}
+	c, ok := d.registry.ContextOf(dataplane.Slot(*rec.Slot))
+	if !ok {
 		return
 	}
 	slot := dataplane.Slot(*rec.Slot)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sync"
 	"syscall"
@@ -177,27 +176,12 @@ func TestPrivilegedFreezeForkBomb(t *testing.T) {
 	if os.WriteFile(filepath.Join(root, "cgroup.subtree_control"), []byte("+pids"), 0) == nil {
 		os.WriteFile(filepath.Join(bomb, "pids.max"), []byte("1100"), 0)
 	}
-	start := func(cg string, args ...string) *exec.Cmd {
-		dir, err := os.Open(cg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer dir.Close()
-		cmd := exec.Command(args[0], args[1:]...)
-		cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		return cmd
-	}
 	// Every shell forks two more as fast as it can, down to depth 9, then they all sleep.
-	start(bomb, "sh", "-c", `f() { if [ "$1" -gt 0 ]; then f $(($1-1)) & f $(($1-1)) & fi; sleep 30; wait; }; f 9`)
-	sib := start(sibling, "sleep", "60")
+	privtest.Start(t, bomb, "sh", "-c", `f() { if [ "$1" -gt 0 ]; then f $(($1-1)) & f $(($1-1)) & fi; sleep 30; wait; }; f 9`)
+	sib := privtest.Start(t, sibling, "sleep", "60")
 	t.Cleanup(func() {
 		cgroups.Kill(bomb)
 		writeFreeze(bomb, false)
-		sib.Process.Kill()
-		sib.Wait()
 	})
 	time.Sleep(100 * time.Millisecond) // freeze it while it grows
 	t0 := time.Now()

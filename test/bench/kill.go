@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,12 +15,9 @@ import (
 
 	"github.com/tether-sh/tether/internal/spiretest"
 	"github.com/tether-sh/tether/pkg/agents"
-	"github.com/tether-sh/tether/pkg/bpffs"
 	"github.com/tether-sh/tether/pkg/cgroups"
-	"github.com/tether-sh/tether/pkg/compile"
 	"github.com/tether-sh/tether/pkg/grants"
 	"github.com/tether-sh/tether/pkg/identity"
-	"github.com/tether-sh/tether/pkg/kernel"
 	"github.com/tether-sh/tether/pkg/killpath"
 )
 
@@ -46,18 +42,12 @@ func (noGrants) Grants(context.Context, agents.Context) (grants.Grants, error) {
 // process frozen. Each agent is halted afterwards.
 func measureKill(e *env, o options) (*killResults, error) {
 	res := &killResults{denied: map[string][]float64{}, frozen: map[string][]float64{}}
-	pin := e.pin + "-kill"
-	k, err := kernel.Open(kernel.Options{PinDir: pin, Logger: slog.New(slog.DiscardHandler)})
+	newRegistry, closeKernel, err := e.chain("-kill", noGrants{})
 	if err != nil {
 		return nil, err
 	}
-	defer bpffs.RemovePins(pin)
-	defer k.Close()
-	if err := k.AttachParent(e.parent); err != nil {
-		return nil, err
-	}
-	reg := agents.New(agents.Options{Dataplane: k, Evaluator: noGrants{}, Compile: agents.CompileOn(compile.Options{Files: compile.OS{}}),
-		Parents: []string{e.parent}, LaunchParent: e.parent, Logger: slog.New(slog.DiscardHandler)})
+	defer closeKernel()
+	reg := newRegistry()
 	defer reg.Close()
 	dir, err := os.MkdirTemp("", "tether-bench-kill")
 	if err != nil {

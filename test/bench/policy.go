@@ -100,25 +100,39 @@ func egressProfile(n int, block byte) map[string]any {
 	return map[string]any{"exec": []any{}, "high_risk": []any{}, "unix": []any{}, "egress": egress, "network_egress": prod}
 }
 
+// chain loads tether's programs on pins of their own (the pin directory with suffix), attached at
+// the agent parent, and returns a maker of registries on them (as tetherd wires one) and what
+// unloads them.
+func (e *env) chain(suffix string, ev agents.Evaluator) (func() *agents.Registry, func(), error) {
+	pin := e.pin + suffix
+	k, err := kernel.Open(kernel.Options{PinDir: pin, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		return nil, nil, err
+	}
+	unload := func() {
+		k.Close()
+		bpffs.RemovePins(pin)
+	}
+	if err := k.AttachParent(e.parent); err != nil {
+		unload()
+		return nil, nil, err
+	}
+	return func() *agents.Registry {
+		return agents.New(agents.Options{Dataplane: k, Evaluator: ev, Compile: agents.CompileOn(compile.Options{Files: compile.OS{}}),
+			Parents: []string{e.parent}, LaunchParent: e.parent, Logger: slog.New(slog.DiscardHandler)})
+	}, unload, nil
+}
+
 // measurePolicy runs the daemon's chain (registry -> OPA -> compile -> kernel) on its own pins
 // and agent cgroups below the agent parent, with tether's benchmark state unloaded.
 func measurePolicy(e *env, o options) (*policyResults, error) {
 	res := &policyResults{replace: map[int][]sample{}, approve: map[int][]sample{}}
-	pin := e.pin + "-policy"
-	k, err := kernel.Open(kernel.Options{PinDir: pin, Logger: slog.New(slog.DiscardHandler)})
+	ev := &benchEvaluator{env: policy.Env{Node: "bench", Environment: "production"}}
+	newRegistry, closeKernel, err := e.chain("-policy", ev)
 	if err != nil {
 		return nil, err
 	}
-	defer bpffs.RemovePins(pin)
-	defer k.Close()
-	if err := k.AttachParent(e.parent); err != nil {
-		return nil, err
-	}
-	ev := &benchEvaluator{env: policy.Env{Node: "bench", Environment: "production"}}
-	newRegistry := func() *agents.Registry {
-		return agents.New(agents.Options{Dataplane: k, Evaluator: ev, Compile: agents.CompileOn(compile.Options{Files: compile.OS{}}),
-			Parents: []string{e.parent}, LaunchParent: e.parent, Logger: slog.New(slog.DiscardHandler)})
-	}
+	defer closeKernel()
 	ctx := context.Background()
 
 	// 1. One agent's context changes, in production: a task starts, with a task type whose

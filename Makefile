@@ -61,6 +61,7 @@ test-vm:
 BENCH_FLAGS ?=
 bench: spire
 	$(GO) build -o $(BIN)/bench ./test/bench
+	$(GO) build -o $(BIN)/ ./cmd/tetherd ./cmd/tetherctl
 	$(GO) test -run XXX -bench . -benchtime 3x ./pkg/compile
 	./$(BIN)/bench $(BENCH_FLAGS)
 

@@ -94,7 +94,7 @@ func newStatus(g *globals) *cobra.Command {
 				fmt.Fprintln(tw)
 			}
 			fmt.Fprintf(tw, "ring buffer drops\t%d\n", st.Kernel.RingBufferDrops)
-			fmt.Fprintf(tw, "events read / dropped\t%d / %d\n", st.Events.Read, st.Events.Dropped)
+			fmt.Fprintf(tw, "events read / written\t%d / %d (ring buffer lost %d)\n", st.Events.Read, st.Events.Written, st.Kernel.RingBufferDrops)
 			fmt.Fprintf(tw, "map writes failed / retried\t%d / %d\n", st.Registry.MapWriteFailures, st.Registry.MapWriteRetries)
 			fmt.Fprintf(tw, "lineage update errors\t%d\n", st.Kernel.LineageUpdateErrors)
 			fmt.Fprintf(tw, "signal errors\t%d\n", st.Kernel.SignalErrors)

@@ -28,6 +28,7 @@ var helpers = map[string]func(args []string) int{
 	"sleep":      helperSleep,
 	"probe":      helperProbe,
 	"credential": helperCredential,
+	"flood":      helperFlood,
 }
 
 // Main runs the helper the environment names, or the tests and then cleanups. Call it from
@@ -440,4 +441,38 @@ func connectUDP(address string) error {
 	}
 	defer syscall.Close(fd)
 	return syscall.Connect(fd, sa)
+}
+
+// helperFlood connects one UDP socket to args[1] (IPv4 address:port) over and over, as fast as it
+// can, for the duration args[0]; then prints "eperm=N other=N". A connect tether denies sends
+// nothing and leaves the socket as it was.
+func helperFlood(args []string) int {
+	if len(args) != 2 {
+		fmt.Fprintln(os.Stderr, "flood: want DURATION ADDRESS:PORT")
+		return 2
+	}
+	d, err := time.ParseDuration(args[0])
+	ap, err2 := netip.ParseAddrPort(args[1])
+	if err != nil || err2 != nil || !ap.Addr().Is4() {
+		fmt.Fprintln(os.Stderr, "flood: want DURATION IPV4:PORT")
+		return 2
+	}
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_DGRAM, 0)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "flood:", err)
+		return 1
+	}
+	sa := &syscall.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+	eperm, other := 0, 0
+	for end := time.Now().Add(d); time.Now().Before(end); {
+		for range 256 {
+			if err := syscall.Connect(fd, sa); errors.Is(err, syscall.EPERM) {
+				eperm++
+			} else {
+				other++
+			}
+		}
+	}
+	fmt.Printf("eperm=%d other=%d\n", eperm, other)
+	return 0
 }

@@ -32,6 +32,7 @@ import (
 
 // Context is what the policy reads of an agent besides the environment and the time.
 type Context struct {
+	Slot      dataplane.Slot // set in what the registry hands out; not part of the policy input
 	SpiffeID  string
 	Revoked   bool // the identity was revoked: the agent is granted nothing
 	Selectors []string
@@ -709,6 +710,7 @@ func (r *Registry) Launched() map[dataplane.Slot]string {
 // context is a copy of the agent's context that the evaluator may keep. Call with r.mu held.
 func (a *agent) context() Context {
 	c := a.ctx
+	c.Slot = a.slot
 	c.Selectors = slices.Clone(c.Selectors)
 	c.Labels = maps.Clone(c.Labels)
 	if c.Task != nil {

@@ -123,7 +123,9 @@ type Status struct {
 	Policy       PolicyStatus       `json:"policy"`
 	Identity     IdentityStatus     `json:"identity"`
 	Escalation   EscalationStatus   `json:"escalation"`
-	Warnings     []string           `json:"warnings,omitempty"`
+	// DecisionLogHTTP counts the decision log's HTTP sink, when configured.
+	DecisionLogHTTP *events.HTTPStats `json:"decision_log_http,omitempty"`
+	Warnings        []string          `json:"warnings,omitempty"`
 }
 
 // EscalationStatus counts the alerts of the escalation webhook.

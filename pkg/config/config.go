@@ -20,6 +20,7 @@ import (
 	"github.com/goccy/go-yaml/ast"
 	"github.com/goccy/go-yaml/parser"
 
+	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/identity"
 )
 
@@ -186,6 +187,9 @@ type Telemetry struct {
 	// DenyBurst is how many denials of one agent within DenyBurstWindow make an alert.
 	DenyBurst       int           `json:"deny_burst"`
 	DenyBurstWindow time.Duration `json:"deny_burst_window"`
+	// BPFStats turns on the kernel's run count and run time of BPF programs (BPF_ENABLE_STATS,
+	// host-wide while tetherd runs; it costs two clock reads per program run) for the metrics.
+	BPFStats bool `json:"bpf_stats"`
 }
 
 // Kill configures the kill path.
@@ -217,6 +221,31 @@ type DecisionLog struct {
 	// files are kept (path.1 is the newest).
 	MaxBytes int64 `json:"max_bytes"`
 	MaxFiles int   `json:"max_files"`
+	// Evaluations logs every policy evaluation of an agent's grants (kind "policy"): its input
+	// and result, the fields in Mask erased from the input.
+	Evaluations bool `json:"evaluations"`
+	// Mask lists JSON pointers into the input (/input/agent/labels/customer) erased from the
+	// evaluation records before any sink sees them.
+	Mask []string `json:"mask"`
+	// HTTP, when set, also sends every record to a collector in batches.
+	HTTP *DecisionLogHTTP `json:"http"`
+}
+
+// DecisionLogHTTP is the decision log's HTTP sink: batches of records POSTed as JSON arrays,
+// retried with backoff; what it cannot deliver it counts. Zero numbers take the defaults.
+type DecisionLogHTTP struct {
+	URL           string        `json:"url"`
+	BatchSize     int           `json:"batch_size"`     // default 500
+	FlushInterval time.Duration `json:"flush_interval"` // default 1s
+	Queue         int           `json:"queue"`          // records waiting, default 10000
+	MaxRetries    int           `json:"max_retries"`    // default 5
+	Gzip          bool          `json:"gzip"`
+}
+
+// Options are the sink's options (without a logger).
+func (h DecisionLogHTTP) Options() events.HTTPOptions {
+	return events.HTTPOptions{URL: h.URL, BatchSize: h.BatchSize, FlushInterval: h.FlushInterval, Queue: h.Queue,
+		MaxRetries: h.MaxRetries, Gzip: h.Gzip}
 }
 
 // Log configures tetherd's own log (standard error).
@@ -238,7 +267,8 @@ func Defaults() Config {
 		},
 		API:         API{Socket: "/run/tether/tether.sock", AdminUIDs: []uint32{0}},
 		Policy:      Policy{Timezone: "UTC"},
-		DecisionLog: DecisionLog{Path: "-", MaxBytes: 100 << 20, MaxFiles: 5},
+		Telemetry:   Telemetry{BPFStats: true},
+		DecisionLog: DecisionLog{Path: "-", MaxBytes: 100 << 20, MaxFiles: 5, Evaluations: true},
 		Log:         Log{Level: "info", Format: "text"},
 		Credentials: Credentials{Dir: "/run/tether/credentials", KeyFile: "/var/lib/tether/credentials.key", TTL: 5 * time.Minute},
 		Kill:        Kill{StateFile: "/var/lib/tether/kill-state.json", FreezeTimeout: 5 * time.Second},
@@ -418,6 +448,14 @@ func (l *Loaded) check() []fieldError {
 	}
 	if c.DecisionLog.MaxBytes < 0 || c.DecisionLog.MaxFiles < 1 {
 		bad("$.decision_log", "decision_log.max_bytes", "max_bytes must not be negative and max_files must be at least 1")
+	}
+	if h := c.DecisionLog.HTTP; h != nil {
+		if _, err := h.Options().Check(); err != nil {
+			bad("$.decision_log.http", "decision_log.http", "%v", err)
+		}
+	}
+	if _, err := events.ParseMask(c.DecisionLog.Mask); err != nil {
+		bad("$.decision_log.mask", "decision_log.mask", "%v", err)
 	}
 	if a := c.Telemetry.MetricsAddress; a != "" {
 		if _, _, err := net.SplitHostPort(a); err != nil {

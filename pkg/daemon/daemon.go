@@ -10,8 +10,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -54,6 +56,9 @@ type Daemon struct {
 	killer      *killpath.Killer
 	metrics     *telemetry.Metrics
 	stream      *events.Stream
+	reader      *kernel.EventReader
+	httpLog     *events.HTTP // decision_log.http, or nil
+	bpfStats    bool         // the kernel counts program runs for us
 	webhook     *escalation.Webhook
 	creds       *taskCreds
 }
@@ -133,6 +138,54 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 	}
 
 	d.metrics = telemetry.New(d, d.version)
+	if cfg.Telemetry.BPFStats {
+		if stats, err := kernel.EnableStats(); err != nil {
+			d.log.Warn("BPF program statistics stay off (telemetry.bpf_stats)", "error", err)
+		} else {
+			d.bpfStats = true
+			defer stats.Close()
+		}
+	}
+	sink, closeSink, err := decisionSink(cfg.DecisionLog)
+	if err != nil {
+		return err
+	}
+	defer closeSink()
+	reader, err := k.NewEventReader()
+	if err != nil {
+		return err
+	}
+	d.reader = reader
+	d.stream = events.NewStream()
+	sinks := []events.Sink{d.stream}
+	if url := cfg.Telemetry.EscalationWebhook; url != "" {
+		d.webhook = escalation.New(escalation.Options{URL: url, BurstDenials: cfg.Telemetry.DenyBurst, BurstWindow: cfg.Telemetry.DenyBurstWindow, Log: d.log})
+		defer d.webhook.Close()
+		sinks = append(sinks, d.webhook)
+	}
+	if sink != nil {
+		sinks = append(sinks, sink)
+	}
+	if h := cfg.DecisionLog.HTTP; h != nil {
+		o := h.Options()
+		o.Log = d.log
+		if d.httpLog, err = events.NewHTTP(o); err != nil {
+			return err
+		}
+		defer func() {
+			// What is still queued gets a few seconds to reach the collector; the rest is counted.
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if err := d.httpLog.Close(ctx); err != nil {
+				d.log.Warn("decision log collector", "error", err, "stats", d.httpLog.Stats())
+			}
+		}()
+		sinks = append(sinks, d.httpLog)
+	}
+	d.pump = events.NewPump(reader, attribution{d}, 8192, d.log, sinks...)
+	mask, _ := events.ParseMask(cfg.DecisionLog.Mask) // checked by config.Load
+	d.pump.SetMask(mask)
+	d.pump.Annotate = d.respond
 
 	d.compileOpts = compile.Options{Files: compile.OS{}, Resolver: dnsResolver(cfg, d.log)}
 	d.registry = agents.New(agents.Options{
@@ -175,27 +228,6 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 	}
 	d.setAccess(cfg)
 
-	sink, closeSink, err := decisionSink(cfg.DecisionLog)
-	if err != nil {
-		return err
-	}
-	defer closeSink()
-	reader, err := k.NewEventReader()
-	if err != nil {
-		return err
-	}
-	d.stream = events.NewStream()
-	sinks := []events.Sink{d.stream}
-	if url := cfg.Telemetry.EscalationWebhook; url != "" {
-		d.webhook = escalation.New(escalation.Options{URL: url, BurstDenials: cfg.Telemetry.DenyBurst, BurstWindow: cfg.Telemetry.DenyBurstWindow, Log: d.log})
-		defer d.webhook.Close()
-		sinks = append(sinks, d.webhook)
-	}
-	if sink != nil {
-		sinks = append(sinks, sink)
-	}
-	d.pump = events.NewPump(reader, d.registry, 8192, d.log, sinks...)
-	d.pump.Annotate = d.respond
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -358,7 +390,7 @@ func (d *Daemon) Reload(ctx context.Context, cfg *config.Loaded) error {
 	if old.API.Socket != cfg.API.Socket || old.API.Group != cfg.API.Group {
 		restart = append(restart, "api.socket", "api.group")
 	}
-	if old.DecisionLog != cfg.DecisionLog {
+	if !reflect.DeepEqual(old.DecisionLog, cfg.DecisionLog) {
 		restart = append(restart, "decision_log")
 	}
 	if (old.Policy.Bundle == nil) != (cfg.Policy.Bundle == nil) || fmt.Sprint(old.Policy.Bundle) != fmt.Sprint(cfg.Policy.Bundle) || old.DNS != cfg.DNS {
@@ -410,6 +442,30 @@ func (d *Daemon) confined(pid int32) bool {
 	return false
 }
 
+// KernelStats implements telemetry.Source.
+func (d *Daemon) KernelStats() telemetry.KernelStats {
+	ks := telemetry.KernelStats{StatsEnabled: d.bpfStats, Fill: map[string]kernel.MapFill{}}
+	var errs []error
+	progs, err := d.kern.ProgramStats()
+	errs = append(errs, err)
+	ks.Programs = progs
+	fill, err := d.kern.Pressure()
+	errs = append(errs, err)
+	maps.Copy(ks.Fill, fill)
+	if d.reader != nil {
+		ks.Fill["ring_buffer"] = d.reader.Fill()
+	}
+	ks.Err = errors.Join(errs...)
+	return ks
+}
+
+// attribution names the agents of the kernel's events from the registry (made after the pump).
+type attribution struct{ d *Daemon }
+
+func (a attribution) Identity(slot dataplane.Slot) (string, dataplane.Mode, bool) {
+	return a.d.registry.Identity(slot)
+}
+
 func decisionSink(c config.DecisionLog) (events.Sink, func(), error) {
 	switch c.Path {
 	case "":
@@ -442,6 +498,10 @@ func (d *Daemon) Status() api.Status {
 	}
 	if c, err := d.kern.Counters(); err == nil {
 		st.Kernel = c
+	}
+	if d.httpLog != nil {
+		hs := d.httpLog.Stats()
+		st.DecisionLogHTTP = &hs
 	}
 	return st
 }

@@ -30,12 +30,8 @@ type policyState struct {
 
 	reloadMu sync.Mutex // one reload at a time
 
-	recentMu sync.Mutex
-	recent   map[dataplane.Slot][]events.Decision
+	recent *recent // what respond is told of each agent's recent decisions
 }
-
-// recentWindow is how far back input.recent of respond reaches.
-const recentWindow = time.Minute
 
 // startPolicy puts the first revision in force (a directory or the shipped policies), or starts
 // the bundle downloader (agents are granted nothing until a bundle is in force), and starts
@@ -53,7 +49,7 @@ func (d *Daemon) startPolicy(ctx context.Context, cfg *config.Loaded) error {
 	if env.Node == "" {
 		env.Node, _ = os.Hostname()
 	}
-	d.pol = &policyState{engine: policy.NewEngine(schema, d.log), env: env, loc: loc, recent: map[dataplane.Slot][]events.Decision{}}
+	d.pol = &policyState{engine: policy.NewEngine(schema, d.log), env: env, loc: loc, recent: newRecent()}
 
 	if b := cfg.Policy.Bundle; b != nil {
 		o := policy.BundleOptions{Service: b.Service, Resource: b.Resource, MinDelay: b.MinDelay, MaxDelay: b.MaxDelay,
@@ -157,12 +153,33 @@ func (d *Daemon) Grants(ctx context.Context, c agents.Context) (grants.Grants, e
 	if rev == nil {
 		return grants.Grants{}, errors.New("no policy revision is in force yet")
 	}
+	in := d.input(c)
 	start := time.Now()
-	g, err := rev.Grants(ctx, d.input(c))
+	g, err := rev.Grants(ctx, in)
+	took := time.Since(start)
 	if d.metrics != nil {
-		d.metrics.ObserveEvaluation(time.Since(start))
+		d.metrics.ObserveEvaluation(took)
 	}
+	d.recordEvaluation(policy.QueryGrants, rev.ID, c, in, g, err, took)
 	return g, err
+}
+
+// recordEvaluation puts a policy evaluation in the decision log (input masked by the pump, off
+// this goroutine: the agent's lock is held here).
+func (d *Daemon) recordEvaluation(query, revision string, c agents.Context, in policy.Input, result any, err error, took time.Duration) {
+	if d.pump == nil || !d.cfg.Load().DecisionLog.Evaluations {
+		return
+	}
+	slot := uint32(c.Slot)
+	rec := events.Decision{Kind: "policy", SpiffeID: c.SpiffeID, Slot: &slot, Verdict: "evaluated", Reason: query,
+		PolicyRevision: revision, Policy: &events.Evaluation{Query: query, Input: in, Result: result, DurationNs: took.Nanoseconds()}}
+	if c.Task != nil {
+		rec.TaskID, rec.TaskType = c.Task.ID, c.Task.Type
+	}
+	if err != nil {
+		rec.Verdict, rec.Policy.Error, rec.Policy.Result = "error", err.Error(), nil
+	}
+	d.pump.Record(rec)
 }
 
 // input is what the policy is told of an agent, now.
@@ -188,34 +205,22 @@ func (d *Daemon) respond(rec *events.Decision) {
 	if rev == nil || rec.Verdict == dataplane.VerdictAllow.String() {
 		return
 	}
-	c, ok := d.registry.ContextOf(dataplane.Slot(*rec.Slot))
-	if !ok {
-		return
-	}
 	slot := dataplane.Slot(*rec.Slot)
-	d.pol.recentMu.Lock()
-	cutoff := time.Now().Add(-recentWindow)
-	kept := d.pol.recent[slot][:0]
-	for _, r := range d.pol.recent[slot] {
-		if r.Timestamp.After(cutoff) {
-			kept = append(kept, r)
-		}
-	}
-	recent := make([]any, 0, len(kept))
-	for _, r := range kept {
-		recent = append(recent, toMap(r))
-	}
-	d.pol.recent[slot] = append(kept, *rec)
-	d.pol.recentMu.Unlock()
-
-	in := d.input(c)
-	in.Event, in.Recent = toMap(*rec), recent
-	resp, err := rev.Respond(context.Background(), in)
+	resp, fresh, err := d.pol.recent.respond(rec, rev, func() (policy.Input, bool) {
+		c, ok := d.registry.ContextOf(slot)
+		return d.input(c), ok
+	})
 	if err != nil {
 		d.log.Error("respond policy", "error", err)
 		return
 	}
+	if resp == "" {
+		return // the agent is gone
+	}
 	rec.Response = string(resp)
+	if !fresh {
+		return // the answer to the same event a moment ago: already logged and acted on
+	}
 	if resp != policy.RespondNone {
 		d.log.Warn("policy response", "response", resp, "slot", *rec.Slot, "spiffe_id", rec.SpiffeID,
 			"kind", rec.Kind, "verdict", rec.Verdict, "decision_id", rec.DecisionID)
@@ -225,6 +230,7 @@ func (d *Daemon) respond(rec *events.Decision) {
 	}
 }
 
+// toMap is v's JSON form.
 func toMap(v any) map[string]any {
 	b, _ := json.Marshal(v)
 	var m map[string]any

@@ -1,14 +1,15 @@
 // Package events turns the kernel's decision events into decision records attributed to agents
-// (SPIFFE ID, mode, tool chain) and writes them as JSON lines. Reading the ring buffer never waits
-// on a slow sink: records that do not fit in the queue are dropped and counted. Telemetry sinks
-// (metrics, webhooks, the live stream) take records from here.
+// (SPIFFE ID, mode, tool chain) and writes them as JSON lines. Enforcement never waits on a slow
+// sink: when the sinks fall behind, the pump stops reading, the events wait in the kernel's ring
+// buffer, and what does not fit there the kernel drops and counts. Every event is thus either
+// written or counted lost, in one place. Telemetry sinks (metrics, webhooks, the live stream)
+// take records from here.
 package events
 
 import (
 	"bufio"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -18,6 +19,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	gojson "github.com/goccy/go-json"
 
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
@@ -56,6 +59,20 @@ type Decision struct {
 	Response string `json:"response,omitempty"`
 	// Kill is the kill path's record (kind "kill").
 	Kill *Kill `json:"kill,omitempty"`
+	// Policy is a policy evaluation's record (kind "policy").
+	Policy *Evaluation `json:"policy,omitempty"`
+}
+
+// Evaluation is one evaluation of a policy query: what it was asked and what it answered. The
+// pump turns Input and Result into JSON objects and erases the masked input fields before any
+// sink sees them (Erased lists what was there and was erased, like OPA's decision log).
+type Evaluation struct {
+	Query      string   `json:"query"`
+	Input      any      `json:"input"`
+	Result     any      `json:"result,omitempty"`
+	Error      string   `json:"error,omitempty"`
+	DurationNs int64    `json:"duration_ns"`
+	Erased     []string `json:"erased,omitempty"`
 }
 
 // Kill is what the kill path did: each step and how long it took.
@@ -149,21 +166,37 @@ type Source interface {
 	Read() (dataplane.Event, error)
 }
 
+// Buffering is a source that can tell whether more events are waiting; the pump then writes
+// them before it flushes the sinks.
+type Buffering interface {
+	Buffered() int
+}
+
 // Sink receives every decision record, in order, from one goroutine.
 type Sink interface {
 	Write(Decision) error
 }
 
-// Stats count what the pump could not pass on.
-type Stats struct {
-	Read          uint64 `json:"read"`
-	Dropped       uint64 `json:"dropped"` // queue full: sinks too slow
-	DecodeErrors  uint64 `json:"decode_errors"`
-	SinkErrors    uint64 `json:"sink_errors"`
-	QueueCapacity int    `json:"queue_capacity"`
+// Flusher is a sink that buffers: the pump calls Flush whenever it has nothing more to write.
+type Flusher interface {
+	Flush() error
 }
 
-// Pump moves events from a source to sinks through a bounded queue.
+// Stats count what the pump passed on and what it could not.
+type Stats struct {
+	Read uint64 `json:"read"`
+	// Written are records handed to the sinks (the kernel's and tetherd's own).
+	Written uint64 `json:"written"`
+	// RecordsDropped are records tetherd made itself (Record: policy evaluations) dropped
+	// because their queue was full.
+	RecordsDropped uint64 `json:"records_dropped"`
+	DecodeErrors   uint64 `json:"decode_errors"`
+	SinkErrors     uint64 `json:"sink_errors"`
+	QueueCapacity  int    `json:"queue_capacity"`
+}
+
+// Pump moves events from a source to sinks through a bounded queue; a full queue stops the
+// reading.
 type Pump struct {
 	// Annotate, if set, completes each record before the sinks get it (off the ring buffer's
 	// reader, so it may take its time: the queue absorbs it, or drops and counts).
@@ -175,18 +208,31 @@ type Pump struct {
 	sinks  []Sink
 	log    *slog.Logger
 	queue  chan dataplane.Event
+	own    chan Decision // tetherd's own records (Record), written by Run's writer
+	mask   []Pointer
 
-	read, dropped, decodeErrors, sinkErrors atomic.Uint64
+	read, written, ownDropped, decodeErrors, sinkErrors atomic.Uint64
 }
 
 // NewPump returns a pump with a queue of queueLen events.
 func NewPump(src Source, attr Attributor, queueLen int, log *slog.Logger, sinks ...Sink) *Pump {
-	return &Pump{src: src, attr: attr, sinks: sinks, log: log, queue: make(chan dataplane.Event, queueLen)}
+	return &Pump{src: src, attr: attr, sinks: sinks, log: log, queue: make(chan dataplane.Event, queueLen),
+		own: make(chan Decision, ownQueue)}
+}
+
+// ownQueue bounds the records tetherd made itself that wait for the writer.
+const ownQueue = 4096
+
+// SetMask sets the input fields erased from policy evaluation records (see ParseMask).
+func (p *Pump) SetMask(mask []Pointer) {
+	p.sinkMu.Lock()
+	p.mask = mask
+	p.sinkMu.Unlock()
 }
 
 // Stats returns the pump's counters.
 func (p *Pump) Stats() Stats {
-	return Stats{Read: p.read.Load(), Dropped: p.dropped.Load(), DecodeErrors: p.decodeErrors.Load(),
+	return Stats{Read: p.read.Load(), Written: p.written.Load(), RecordsDropped: p.ownDropped.Load(), DecodeErrors: p.decodeErrors.Load(),
 		SinkErrors: p.sinkErrors.Load(), QueueCapacity: cap(p.queue)}
 }
 
@@ -200,16 +246,36 @@ func (p *Pump) Emit(d Decision) {
 		d.Timestamp = time.Now().UTC()
 	}
 	p.write(d)
+	p.flush() // rare records, wanted at once (a kill, a lost identity)
+}
+
+// Record queues a record tetherd made itself for the writer of Run without waiting for the
+// sinks (a policy evaluation, made while an agent's lock is held). When the queue is full the
+// record is dropped and counted.
+func (p *Pump) Record(d Decision) {
+	if d.DecisionID == "" {
+		d.DecisionID = newID()
+	}
+	if d.Timestamp.IsZero() {
+		d.Timestamp = time.Now().UTC()
+	}
+	select {
+	case p.own <- d:
+	default:
+		p.ownDropped.Add(1)
+	}
 }
 
 func (p *Pump) write(d Decision) {
 	p.sinkMu.Lock()
 	defer p.sinkMu.Unlock()
+	if d.Policy != nil {
+		d.Policy = p.prepare(*d.Policy)
+	}
+	p.written.Add(1)
 	for _, s := range p.sinks {
 		if err := s.Write(d); err != nil {
-			if p.sinkErrors.Add(1) == 1 {
-				p.log.Error("decision sink failed", "error", err)
-			}
+			p.sinkFailed(err)
 		}
 	}
 }
@@ -220,12 +286,24 @@ func (p *Pump) Run(closed error) error {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		for e := range p.queue {
-			d := Build(e, p.attr)
-			if p.Annotate != nil {
-				p.Annotate(&d)
+		for {
+			select {
+			case e, ok := <-p.queue:
+				if !ok {
+					p.drainOwn()
+					return
+				}
+				d := Build(e, p.attr)
+				if p.Annotate != nil {
+					p.Annotate(&d)
+				}
+				p.write(d)
+			case d := <-p.own:
+				p.write(d)
 			}
-			p.write(d)
+			if len(p.queue) == 0 && len(p.own) == 0 && !p.pending() {
+				p.flush()
+			}
 		}
 	}()
 	defer func() {
@@ -251,16 +329,62 @@ func (p *Pump) Run(closed error) error {
 		}
 		failing = 0
 		p.read.Add(1)
+		p.queue <- e // when the sinks fall behind, events wait in the ring buffer
+	}
+}
+
+// drainOwn writes the records of Record still queued.
+func (p *Pump) drainOwn() {
+	defer p.flush()
+	for {
 		select {
-		case p.queue <- e:
+		case d := <-p.own:
+			p.write(d)
 		default:
-			p.dropped.Add(1)
+			return
 		}
 	}
 }
 
-// JSONLines writes one JSON object per line to w, flushing after every line so a reader sees
-// each decision as it happens.
+// pending reports whether the source has events waiting to be read.
+func (p *Pump) pending() bool {
+	b, ok := p.src.(Buffering)
+	return ok && b.Buffered() > 0
+}
+
+// sinkFailed counts the records a sink lost: one, or those of a failed flush (a write that
+// flushes fails the same way). Call with p.sinkMu held.
+func (p *Pump) sinkFailed(err error) {
+	n := uint64(1)
+	var fe *FlushError
+	if errors.As(err, &fe) {
+		n = uint64(fe.Records)
+	}
+	if p.sinkErrors.Add(n) == n {
+		p.log.Error("decision sink failed", "error", err)
+	}
+}
+
+// flush has the buffering sinks write what they hold.
+func (p *Pump) flush() {
+	p.sinkMu.Lock()
+	defer p.sinkMu.Unlock()
+	for _, s := range p.sinks {
+		if f, ok := s.(Flusher); ok {
+			if err := f.Flush(); err != nil {
+				p.sinkFailed(err)
+			}
+		}
+	}
+}
+
+// marshal is a record's JSON line (without the newline). go-json writes what encoding/json
+// writes, in a fraction of its time: the log's encoding was the largest part of the daemon's
+// cost per event (docs/performance.md).
+func marshal(d Decision) ([]byte, error) { return gojson.Marshal(d) }
+
+// JSONLines writes one JSON object per line to w, buffered until the pump has nothing more to
+// write (Flush), so a reader sees each decision as it happens unless more follow at once.
 type JSONLines struct {
 	mu sync.Mutex
 	w  *bufio.Writer
@@ -269,13 +393,19 @@ type JSONLines struct {
 func NewJSONLines(w io.Writer) *JSONLines { return &JSONLines{w: bufio.NewWriter(w)} }
 
 func (j *JSONLines) Write(d Decision) error {
-	b, err := json.Marshal(d)
+	b, err := marshal(d)
 	if err != nil {
 		return err
 	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	j.w.Write(b)
-	j.w.WriteByte('\n')
+	return j.w.WriteByte('\n')
+}
+
+// Flush writes what is buffered.
+func (j *JSONLines) Flush() error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
 	return j.w.Flush()
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"log/slog"
 	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -85,34 +86,58 @@ func TestBuild(t *testing.T) {
 	}
 }
 
-type slowSink struct{ n int }
+// slowSink checks, at every record, how far ahead of it the reading is.
+type slowSink struct {
+	n, ahead int
+	read     *atomic.Int64
+}
 
 func (s *slowSink) Write(Decision) error {
-	time.Sleep(time.Millisecond)
+	time.Sleep(100 * time.Microsecond)
 	s.n++
+	s.ahead = max(s.ahead, int(s.read.Load())-s.n)
 	return nil
 }
 
-func TestPumpDropsInsteadOfBlocking(t *testing.T) {
+type countingSource struct {
+	Source
+	n atomic.Int64
+}
+
+func (c *countingSource) Read() (dataplane.Event, error) {
+	e, err := c.Source.Read()
+	if err == nil {
+		c.n.Add(1)
+	}
+	return e, err
+}
+
+// TestPumpWaitsForSlowSinks: a slow sink stops the reading (the events wait in the source, the
+// kernel's ring buffer) instead of losing them: every event is written, and the reader is never
+// more than the queue ahead of the sinks.
+func TestPumpWaitsForSlowSinks(t *testing.T) {
 	src := &sliceSource{}
 	for i := range 500 {
 		src.events = append(src.events, dataplane.Event{Slot: 1, PID: uint32(i)})
 	}
+	counted := &countingSource{Source: src}
 	var buf bytes.Buffer
-	sink := &slowSink{}
-	p := NewPump(src, attr{}, 10, slog.New(slog.DiscardHandler), sink, NewJSONLines(&buf))
-	start := time.Now()
+	sink := &slowSink{read: &counted.n}
+	p := NewPump(counted, attr{}, 10, slog.New(slog.DiscardHandler), sink, NewJSONLines(&buf))
 	if err := p.Run(errClosed); err != nil {
 		t.Fatal(err)
 	}
 	st := p.Stats()
-	if st.Read != 500 || st.Dropped == 0 || int(st.Dropped)+sink.n != 500 {
+	if st.Read != 500 || st.Written != 500 || sink.n != 500 {
 		t.Errorf("stats %+v, sink got %d", st, sink.n)
 	}
-	if lines := bytes.Count(buf.Bytes(), []byte("\n")); lines != sink.n {
-		t.Errorf("%d lines for %d records", lines, sink.n)
+	if lines := bytes.Count(buf.Bytes(), []byte("\n")); lines != 500 {
+		t.Errorf("%d lines for 500 records", lines)
 	}
-	t.Logf("500 events in %s, %d dropped", time.Since(start), st.Dropped)
+	// The queue (10), the record being written and the one the reader holds.
+	if sink.ahead > 12 {
+		t.Errorf("the reader ran %d events ahead of the sinks with a queue of 10", sink.ahead)
+	}
 }
 
 func TestPumpCountsReadErrors(t *testing.T) {
@@ -122,5 +147,91 @@ func TestPumpCountsReadErrors(t *testing.T) {
 	p.Run(errClosed)
 	if st := p.Stats(); st.DecodeErrors != 1 || st.Read != 1 {
 		t.Errorf("stats %+v", st)
+	}
+}
+
+type input struct {
+	Agent struct {
+		SpiffeID string            `json:"spiffe_id"`
+		Labels   map[string]string `json:"labels"`
+	} `json:"agent"`
+	Task *struct {
+		ID string `json:"id"`
+	} `json:"task"`
+}
+
+func TestPolicyRecordsAreMasked(t *testing.T) {
+	mask, err := ParseMask([]string{"/input/agent/labels/customer", "/input/task/id", "/input/env/a~1b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var in input
+	in.Agent.SpiffeID = "spiffe://x/a"
+	in.Agent.Labels = map[string]string{"customer": "acme", "team": "ml"}
+	src := &sliceSource{}
+	var buf bytes.Buffer
+	p := NewPump(src, attr{}, 10, slog.New(slog.DiscardHandler), NewJSONLines(&buf))
+	p.SetMask(mask)
+	p.Record(Decision{Kind: "policy", Policy: &Evaluation{Query: "data.tether.grants", Input: in, Result: map[string]int{"rules": 2}}})
+	p.Run(errClosed) // writes what Record queued before it returns
+	var got Decision
+	if err := json.Unmarshal(buf.Bytes(), &got); err != nil {
+		t.Fatalf("%v: %s", err, buf.Bytes())
+	}
+	ev := got.Policy
+	labels := ev.Input.(map[string]any)["agent"].(map[string]any)["labels"].(map[string]any)
+	if _, ok := labels["customer"]; ok || labels["team"] != "ml" {
+		t.Errorf("labels %v: want customer erased, team kept", labels)
+	}
+	if len(ev.Erased) != 1 || ev.Erased[0] != "/input/agent/labels/customer" {
+		t.Errorf("erased %v: want only the field that was there", ev.Erased)
+	}
+	if in.Agent.Labels["customer"] != "acme" {
+		t.Error("the caller's input was changed")
+	}
+	if ev.Result.(map[string]any)["rules"] != 2.0 || got.DecisionID == "" || got.Timestamp.IsZero() {
+		t.Errorf("record %s", buf.Bytes())
+	}
+}
+
+func TestParseMaskRefuses(t *testing.T) {
+	for _, m := range []string{"input/a", "/agent/labels", "/input/", "/input//a", "/input/a/"} {
+		if _, err := ParseMask([]string{m}); err == nil {
+			t.Errorf("%q accepted", m)
+		}
+	}
+}
+
+func TestRecordDropsWhenFull(t *testing.T) {
+	p := NewPump(&sliceSource{}, attr{}, 10, slog.New(slog.DiscardHandler))
+	for range ownQueue + 5 {
+		p.Record(Decision{Kind: "policy"})
+	}
+	if st := p.Stats(); st.RecordsDropped != 5 {
+		t.Errorf("dropped %d, want 5", st.RecordsDropped)
+	}
+}
+
+// TestMarshalIsEncodingJSON: the log's encoder writes exactly what encoding/json writes, for a
+// record with every field set.
+func TestMarshalIsEncodingJSON(t *testing.T) {
+	slot := uint32(3)
+	d := Decision{DecisionID: "x", Timestamp: time.Date(2026, 11, 27, 10, 0, 0, 123, time.UTC), SpiffeID: "spiffe://x/a\u2028<b>", Slot: &slot,
+		TaskID: "t", TaskType: "tt", CgroupID: 1 << 60, PID: 1, TID: 2, UID: 3, Comm: "c\"q", Binary: "/b", BinaryFile: "1:2",
+		ParentChain: []Parent{{PID: 9, Comm: "sh", BinaryFile: "1:3"}}, Kind: "connect4", Protocol: "tcp", Destination: "1.2.3.4:5",
+		Executable: "/e", SocketPath: "/s", SocketFamily: 2, SocketType: 1, Verdict: "deny", Reason: "no-rule", Mode: "enforce",
+		RuleGeneration: 7, PolicyRevision: "r", Response: "alert",
+		Kill:   &Kill{ID: "k", Requester: "admin", Terminate: true, Done: true, Steps: []KillStep{{Name: "deny", Done: true, TookNs: 5, Error: "e"}}},
+		Policy: &Evaluation{Query: "q", Input: map[string]any{"a": []any{1.5, "x", nil, true}}, Result: map[string]any{"z": 1.0}, DurationNs: 9, Erased: []string{"/input/a"}}}
+	want, err := json.Marshal(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := marshal(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(got) != string(want) {
+		t.Errorf("marshal:\n%s\nencoding/json:\n%s", got, want)
 	}
 }

@@ -1,7 +1,7 @@
 package events
 
 import (
-	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -9,8 +9,10 @@ import (
 
 // File is a decision log file: JSON lines appended to path, rotated by size. When a record
 // would take the file past MaxBytes, path becomes path.1 (path.1 becomes path.2, and so on, up
-// to Keep old files; the oldest is removed) and a new path is started. Every record is written
-// whole with one write.
+// to Keep old files; the oldest is removed) and a new path is started. Records are gathered in a
+// buffer that is written when it is full and whenever the pump has nothing more to write
+// (Flush), so a busy log costs one write per fileBuffer bytes and a quiet one shows each record
+// at once; a record is never split between two writes.
 type File struct {
 	path     string
 	maxBytes int64
@@ -18,8 +20,25 @@ type File struct {
 
 	mu   sync.Mutex
 	f    *os.File
-	size int64
+	size int64  // of the file, buffered bytes included
+	buf  []byte // records not yet written
+	held int    // how many
 }
+
+// FlushError is a failed write of buffered records: Records of them are lost.
+type FlushError struct {
+	Records int
+	Err     error
+}
+
+func (e *FlushError) Error() string {
+	return fmt.Sprintf("writing decision log: %d records lost: %v", e.Records, e.Err)
+}
+
+func (e *FlushError) Unwrap() error { return e.Err }
+
+// fileBuffer is how many bytes of records File gathers before it writes them.
+const fileBuffer = 256 << 10
 
 // OpenFile opens (appending) the decision log at path. maxBytes 0 never rotates.
 func OpenFile(path string, maxBytes int64, keep int) (*File, error) {
@@ -46,6 +65,9 @@ func (l *File) open() error {
 
 // rotate moves the files along and starts a new one. Call with l.mu held.
 func (l *File) rotate() error {
+	if err := l.flush(); err != nil {
+		return err
+	}
 	l.f.Close()
 	os.Remove(fmt.Sprintf("%s.%d", l.path, l.keep))
 	for i := l.keep - 1; i >= 1; i-- {
@@ -59,7 +81,7 @@ func (l *File) rotate() error {
 
 // Write appends d as one line.
 func (l *File) Write(d Decision) error {
-	b, err := json.Marshal(d)
+	b, err := marshal(d)
 	if err != nil {
 		return err
 	}
@@ -71,14 +93,41 @@ func (l *File) Write(d Decision) error {
 			return err
 		}
 	}
-	n, err := l.f.Write(b)
-	l.size += int64(n)
-	return err
+	if len(l.buf)+len(b) > fileBuffer {
+		if err := l.flush(); err != nil {
+			return err
+		}
+	}
+	l.buf = append(l.buf, b...)
+	l.held++
+	l.size += int64(len(b))
+	return nil
 }
 
-// Close closes the file.
+// Flush writes the buffered records.
+func (l *File) Flush() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.flush()
+}
+
+// flush writes the buffer, cut at record boundaries only. Call with l.mu held.
+func (l *File) flush() error {
+	if len(l.buf) == 0 {
+		return nil
+	}
+	_, err := l.f.Write(l.buf)
+	n := l.held
+	l.buf, l.held = l.buf[:0], 0
+	if err != nil {
+		return &FlushError{Records: n, Err: err}
+	}
+	return nil
+}
+
+// Close writes what is buffered and closes the file.
 func (l *File) Close() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.f.Close()
+	return errors.Join(l.flush(), l.f.Close())
 }

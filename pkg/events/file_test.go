@@ -4,9 +4,13 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+
+	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
 // TestFileRotates: records go to path until the next one would pass MaxBytes; then the files move
@@ -50,5 +54,55 @@ func TestFileRotates(t *testing.T) {
 	}
 	if !seen[fmt.Sprintf("d%02d", n-1)] || seen["d00"] {
 		t.Errorf("want the newest records kept and the oldest rotated away: %v", seen)
+	}
+}
+
+// TestFileBuffersUntilFlush: records wait in the buffer until Flush, then are in the file whole.
+func TestFileBuffersUntilFlush(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "decisions.jsonl")
+	l, err := OpenFile(path, 0, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	l.Write(Decision{DecisionID: "a"})
+	if b, _ := os.ReadFile(path); len(b) != 0 {
+		t.Fatalf("written before Flush: %q", b)
+	}
+	l.Flush()
+	if b, _ := os.ReadFile(path); !strings.HasPrefix(string(b), `{"decision_id":"a"`) || !strings.HasSuffix(string(b), "}\n") {
+		t.Fatalf("after Flush: %q", b)
+	}
+}
+
+// TestPumpCountsRecordsOfAFailedFlush: when the buffered write fails, every record it held is
+// counted lost, not one.
+func TestPumpCountsRecordsOfAFailedFlush(t *testing.T) {
+	l, err := OpenFile(filepath.Join(t.TempDir(), "decisions.jsonl"), 0, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.f.Close() // every write fails from now on
+	src := &sliceSource{events: []dataplane.Event{{Slot: 1}, {Slot: 1}, {Slot: 1}}}
+	p := NewPump(src, attr{}, 10, slog.New(slog.DiscardHandler), l)
+	p.Run(errClosed)
+	if st := p.Stats(); st.Written != 3 || st.SinkErrors != 3 {
+		t.Errorf("stats %+v: want 3 written to the sinks and 3 lost by the file", st)
+	}
+}
+
+// TestEmitIsWrittenAtOnce: a record tetherd emits itself (a kill) is in the file when Emit
+// returns, not held in the buffer until the next kernel event.
+func TestEmitIsWrittenAtOnce(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "decisions.jsonl")
+	l, err := OpenFile(path, 0, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	p := NewPump(&sliceSource{}, attr{}, 10, slog.New(slog.DiscardHandler), l)
+	p.Emit(Decision{Kind: "kill"})
+	if b, _ := os.ReadFile(path); !strings.Contains(string(b), `"kind":"kill"`) {
+		t.Fatalf("after Emit the file holds %q", b)
 	}
 }

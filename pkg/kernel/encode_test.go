@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 
@@ -85,8 +86,13 @@ func TestKernelDev(t *testing.T) {
 	}
 }
 
+// TestDecodeEvent: a record as the kernel writes it (C layout, which encoding/binary writes from
+// bpf2go's struct field by field) decodes in place to the same values, first field to last.
 func TestDecodeEvent(t *testing.T) {
 	var e bpfTetherEvent
+	if uintptr(eventSize) != unsafe.Sizeof(e) {
+		t.Fatalf("bpfTetherEvent: %d bytes in Go memory, %d packed: DecodeEvent cannot read it in place", unsafe.Sizeof(e), eventSize)
+	}
 	e.Kind = uint8(bpfTetherKindTETHER_KIND_CONNECT4)
 	e.Verdict = uint8(bpfTetherVerdictTETHER_VERDICT_DENY)
 	e.Daddr = netip.MustParseAddr("::ffff:192.0.2.7").As16()
@@ -94,6 +100,8 @@ func TestDecodeEvent(t *testing.T) {
 	e.TsBootNs = uint64(time.Second)
 	e.ChainLen = 9 // more than the chain holds: clamped
 	copy8(e.Comm[:], "curl")
+	copy8(e.Target[:], "/last/field")
+	e.Chain[3].Pid = 77
 	buf := new(bytes.Buffer)
 	binary.Write(buf, binary.NativeEndian, &e)
 	boot := time.Unix(1000, 0)
@@ -101,7 +109,8 @@ func TestDecodeEvent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Addr != netip.MustParseAddr("192.0.2.7") || got.Port != 443 || got.Comm != "curl" || !got.Time.Equal(boot.Add(time.Second)) || len(got.Chain) != 4 {
+	if got.Addr != netip.MustParseAddr("192.0.2.7") || got.Port != 443 || got.Comm != "curl" || !got.Time.Equal(boot.Add(time.Second)) || len(got.Chain) != 4 ||
+		got.Chain[3].PID != 77 || got.Target != "/last/field" {
 		t.Errorf("decoded %+v", got)
 	}
 	if _, err := DecodeEvent(buf.Bytes()[:10], boot); err == nil {

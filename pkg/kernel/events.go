@@ -6,9 +6,14 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf/ringbuf"
+	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
@@ -17,11 +22,29 @@ import (
 var ErrClosed = errors.New("event reader closed")
 
 // EventReader decodes the decisions the programs write to the ring buffer.
+//
+// It waits for events in Go's network poller, on its own descriptor of the ring buffer, rather
+// than in a blocking epoll_wait: a goroutine parked there holds no thread, so a quiet ring buffer
+// costs nothing and a slow trickle does not keep the runtime's monitor polling. Once woken in a
+// stream of events (within streamGap of the last wake), it lets batchDelay pass before reading:
+// the kernel wakes a reader only when it has caught up, so the events of that time are read in
+// one go, for one wake-up.
 type EventReader struct {
-	rd   *ringbuf.Reader
-	boot time.Time
-	rec  ringbuf.Record
+	rd       *ringbuf.Reader
+	boot     time.Time
+	rec      ringbuf.Record
+	file     *os.File // the ring buffer's descriptor, in the poller
+	raw      syscall.RawConn
+	lastWake time.Time
+	mu       sync.RWMutex // Close waits for a Read in progress on the ring (mapped memory)
+	closed   bool
+	closing  atomic.Bool // set before the file is closed, so the wait it ends knows why
 }
+
+const (
+	streamGap  = 10 * time.Millisecond
+	batchDelay = 5 * time.Millisecond
+)
 
 // NewEventReader opens the pinned ring buffer. Events that arrived while no daemon was reading
 // are still in it, up to its size; what did not fit is counted in Counters().RingBufferDrops.
@@ -30,36 +53,108 @@ func (k *Kernel) NewEventReader() (*EventReader, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening event ring buffer: %w", err)
 	}
-	return &EventReader{rd: rd, boot: k.bootTime}, nil
+	fd, err := unix.FcntlInt(uintptr(k.events.FD()), unix.F_DUPFD_CLOEXEC, 0)
+	if err == nil {
+		err = unix.SetNonblock(fd, true)
+	}
+	if err != nil {
+		rd.Close()
+		return nil, fmt.Errorf("opening event ring buffer: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "tether_events")
+	raw, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		rd.Close()
+		return nil, fmt.Errorf("opening event ring buffer: %w", err)
+	}
+	return &EventReader{rd: rd, boot: k.bootTime, file: f, raw: raw}, nil
 }
 
 // Read blocks until the next event. After Close it returns ErrClosed.
 func (r *EventReader) Read() (dataplane.Event, error) {
-	for {
-		if err := r.rd.ReadInto(&r.rec); err != nil {
-			if errors.Is(err, ringbuf.ErrClosed) || errors.Is(err, os.ErrClosed) {
-				return dataplane.Event{}, ErrClosed
-			}
-			return dataplane.Event{}, fmt.Errorf("reading event ring buffer: %w", err)
-		}
-		return DecodeEvent(r.rec.RawSample, r.boot)
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	if r.closed {
+		return dataplane.Event{}, ErrClosed
 	}
+	if r.rd.AvailableBytes() == 0 {
+		// Close may come meanwhile: it closes the file first, which ends the wait.
+		r.mu.RUnlock()
+		err := r.wait()
+		r.mu.RLock()
+		if r.closed || r.closing.Load() {
+			return dataplane.Event{}, ErrClosed
+		}
+		if err != nil {
+			return dataplane.Event{}, err
+		}
+	}
+	if err := r.rd.ReadInto(&r.rec); err != nil {
+		if errors.Is(err, ringbuf.ErrClosed) || errors.Is(err, os.ErrClosed) {
+			return dataplane.Event{}, ErrClosed
+		}
+		return dataplane.Event{}, fmt.Errorf("reading event ring buffer: %w", err)
+	}
+	return DecodeEvent(r.rec.RawSample, r.boot)
+}
+
+// Buffered is how many bytes of events wait in the ring buffer.
+func (r *EventReader) Buffered() int {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	if r.closed {
+		return 0
+	}
+	return r.rd.AvailableBytes()
+}
+
+// wait parks until the ring buffer has an event.
+func (r *EventReader) wait() error {
+	err := r.raw.Read(func(uintptr) bool {
+		r.mu.RLock()
+		defer r.mu.RUnlock()
+		return r.closed || r.rd.AvailableBytes() > 0
+	})
+	if err != nil {
+		return fmt.Errorf("waiting for the event ring buffer: %w", err)
+	}
+	now := time.Now()
+	if now.Sub(r.lastWake) < streamGap {
+		time.Sleep(batchDelay)
+	}
+	r.lastWake = now
+	return nil
+}
+
+// Fill is how full the ring buffer is: bytes written and not yet read, of its size.
+func (r *EventReader) Fill() MapFill {
+	return MapFill{Entries: r.Buffered(), Capacity: r.rd.BufferSize()}
 }
 
 // Close stops Read.
-func (r *EventReader) Close() error { return r.rd.Close() }
+func (r *EventReader) Close() error {
+	r.closing.Store(true)
+	ferr := r.file.Close() // ends a wait
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return nil
+	}
+	r.closed = true
+	return errors.Join(ferr, r.rd.Close())
+}
 
 var eventSize = binary.Size(bpfTetherEvent{})
 
-// DecodeEvent decodes one ring buffer record. boot is the wall-clock time of boot.
+// DecodeEvent decodes one ring buffer record. boot is the wall-clock time of boot. The record is
+// read in place (bpf2go's struct has the C layout, padding included: TestEventLayout), not
+// through encoding/binary's reflection, which cost most of the daemon's time per event.
 func DecodeEvent(raw []byte, boot time.Time) (dataplane.Event, error) {
-	var e bpfTetherEvent
 	if len(raw) < eventSize {
 		return dataplane.Event{}, fmt.Errorf("event of %d bytes, want %d", len(raw), eventSize)
 	}
-	if _, err := binary.Decode(raw[:eventSize], binary.NativeEndian, &e); err != nil {
-		return dataplane.Event{}, fmt.Errorf("decoding event: %w", err)
-	}
+	e := (*bpfTetherEvent)(unsafe.Pointer(unsafe.SliceData(raw)))
 	out := dataplane.Event{
 		Time:       boot.Add(time.Duration(e.TsBootNs)),
 		Generation: e.Generation,

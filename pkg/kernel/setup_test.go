@@ -1,6 +1,7 @@
 package kernel
 
 import (
+	"errors"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -115,12 +116,12 @@ func (f *fixture) events(t *testing.T) *eventLog {
 		t.Fatal(err)
 	}
 	l := &eventLog{}
-	done := make(chan struct{})
+	done := make(chan error, 1)
 	go func() {
-		defer close(done)
 		for {
 			e, err := rd.Read()
 			if err != nil {
+				done <- err
 				return
 			}
 			l.mu.Lock()
@@ -128,7 +129,17 @@ func (f *fixture) events(t *testing.T) *eventLog {
 			l.mu.Unlock()
 		}
 	}()
-	t.Cleanup(func() { rd.Close(); <-done })
+	t.Cleanup(func() {
+		rd.Close()
+		select {
+		case err := <-done:
+			if !errors.Is(err, ErrClosed) {
+				t.Errorf("Read after Close: %v, want ErrClosed", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Error("Close did not end a waiting Read")
+		}
+	})
 	return l
 }
 

@@ -17,6 +17,8 @@ type Input struct {
 	Request *Request       `json:"request,omitempty"`
 	Event   map[string]any `json:"event,omitempty"`
 	Recent  []any          `json:"recent,omitempty"`
+	// Counts are the agent's decisions of the last minute by "kind/verdict" (respond).
+	Counts map[string]int `json:"counts,omitempty"`
 }
 
 // Agent is who the agent is.

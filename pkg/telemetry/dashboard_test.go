@@ -6,6 +6,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/tether-sh/tether/pkg/kernel"
 )
 
 // TestDashboardUsesOnlyTetherMetrics: every metric the Grafana dashboard (deploy/grafana)
@@ -26,7 +28,7 @@ func TestDashboardUsesOnlyTetherMetrics(t *testing.T) {
 	if err := json.Unmarshal(b, &dash); err != nil {
 		t.Fatal(err)
 	}
-	m := New(&fakeSource{}, "test")
+	m := New(&fakeSource{kernel: KernelStats{Programs: map[string]kernel.ProgramStat{"connect4": {}}}}, "test")
 	m.ObserveEvaluation(0)
 	served := map[string]bool{}
 	families, err := m.reg.Gather()

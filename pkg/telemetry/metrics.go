@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -20,12 +21,25 @@ import (
 	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
+	"github.com/tether-sh/tether/pkg/kernel"
 )
 
 // Source is what the metrics read at each scrape.
 type Source interface {
 	Status() api.Status
 	Agents() []agents.Agent
+	// KernelStats reads the programs' run statistics and how full the maps are.
+	KernelStats() KernelStats
+}
+
+// KernelStats is what the kernel says of tether's programs and maps.
+type KernelStats struct {
+	// StatsEnabled says whether the kernel counts program runs (BPF_ENABLE_STATS); without it
+	// Programs stay at zero.
+	StatsEnabled bool
+	Programs     map[string]kernel.ProgramStat // by hook
+	Fill         map[string]kernel.MapFill     // by map: agents, cgroups, procs, rules, ring_buffer
+	Err          error                         // what could not be read (the rest is still exported)
 }
 
 // Metrics is tether's registry.
@@ -132,9 +146,10 @@ type decisionKey struct{ kind, verdict, id string }
 type collector struct {
 	src Source
 
-	mu     sync.Mutex
-	seen   map[slotKey]dataplaneCounts
-	totals map[decisionKey]uint64
+	mu        sync.Mutex
+	seen      map[slotKey]dataplaneCounts
+	totals    map[decisionKey]uint64
+	statsErrs atomic.Uint64
 }
 
 var (
@@ -142,7 +157,13 @@ var (
 	descAgents    = prometheus.NewDesc("tether_agents", "Registered agents.", nil, nil)
 	descKilled    = prometheus.NewDesc("tether_agents_killed", "Registered agents whose killed flag is set.", nil, nil)
 	descTasks     = prometheus.NewDesc("tether_tasks", "Agents with an active task.", nil, nil)
-	descSlotsFill = prometheus.NewDesc("tether_agent_slots_fill_ratio", "Agent slots in use, of what the kernel maps hold.", nil, nil)
+	descFill      = prometheus.NewDesc("tether_map_fill_ratio", "How full a kernel map is: agents (slots), cgroups (bindings), procs (process lineage, an LRU), rules (the fullest agent rule set), ring_buffer (unread bytes).", []string{"map"}, nil)
+	descEntries   = prometheus.NewDesc("tether_map_entries", "Entries in a kernel map (bytes for ring_buffer), as in tether_map_fill_ratio.", []string{"map"}, nil)
+	descStatsOn   = prometheus.NewDesc("tether_bpf_stats_enabled", "1 when the kernel counts the programs' runs and run time (telemetry.bpf_stats).", nil, nil)
+	descProgRuns  = prometheus.NewDesc("tether_bpf_program_runs_total", "Runs of each of tether's BPF programs, as the kernel counts them.", []string{"program"}, nil)
+	descProgTime  = prometheus.NewDesc("tether_bpf_program_run_seconds_total", "Time spent in each of tether's BPF programs, as the kernel counts it.", []string{"program"}, nil)
+	descProgMiss  = prometheus.NewDesc("tether_bpf_program_recursion_misses_total", "Runs of each program the kernel skipped because it was already running on the CPU.", []string{"program"}, nil)
+	descStatsErr  = prometheus.NewDesc("tether_kernel_stats_errors_total", "Scrapes at which the programs' statistics or the maps' fill could not be read.", nil, nil)
 	descEvals     = prometheus.NewDesc("tether_policy_evaluations_total", "Evaluations of the agents' grants.", nil, nil)
 	descEvalErrs  = prometheus.NewDesc("tether_policy_evaluation_errors_total", "Evaluations that failed (the agent was granted nothing).", nil, nil)
 	descRefused   = prometheus.NewDesc("tether_policy_revisions_refused_total", "Policy revisions refused (the last good one stayed).", nil, nil)
@@ -152,7 +173,10 @@ var (
 	descMapRetry  = prometheus.NewDesc("tether_map_write_retries_total", "Kernel map writes retried after a failure.", nil, nil)
 	descRBLost    = prometheus.NewDesc("tether_ring_buffer_lost_events_total", "Decision events the kernel could not put in the ring buffer.", nil, nil)
 	descEvRead    = prometheus.NewDesc("tether_events_read_total", "Decision events read from the ring buffer.", nil, nil)
-	descEvDrop    = prometheus.NewDesc("tether_events_dropped_total", "Decision events read but dropped (the queue to the sinks was full).", nil, nil)
+	descEvWrite   = prometheus.NewDesc("tether_events_written_total", "Decision records handed to the sinks (the kernel's events and tetherd's own records).", nil, nil)
+	descHTTPLog   = prometheus.NewDesc("tether_decision_log_http_records_total", "Decision records the HTTP sink delivered (result sent) or could not (dropped: queue full, refused, retries exhausted).", []string{"result"}, nil)
+	descHTTPRetry = prometheus.NewDesc("tether_decision_log_http_retries_total", "Batches the HTTP sink sent again after a failure.", nil, nil)
+	descOwnDrop   = prometheus.NewDesc("tether_records_dropped_total", "Records tetherd made itself (policy evaluations) dropped because their queue to the sinks was full.", nil, nil)
 	descEvDecode  = prometheus.NewDesc("tether_events_decode_errors_total", "Ring buffer records that did not decode.", nil, nil)
 	descSinkErrs  = prometheus.NewDesc("tether_decision_sink_errors_total", "Decision records a sink failed to write.", nil, nil)
 	descSignalErr = prometheus.NewDesc("tether_exec_signal_errors_total", "Denied execs the kernel failed to signal (signal mode).", nil, nil)
@@ -162,8 +186,9 @@ var (
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descDecisions, descAgents, descKilled, descTasks, descSlotsFill, descEvals, descEvalErrs, descRefused,
-		descRefRules, descInstalls, descMapFail, descMapRetry, descRBLost, descEvRead, descEvDrop, descEvDecode, descSinkErrs, descSignalErr, descIDLost, descEscSent, descEscDrop} {
+	for _, d := range []*prometheus.Desc{descDecisions, descAgents, descKilled, descTasks, descFill, descEntries,
+		descStatsOn, descProgRuns, descProgTime, descProgMiss, descStatsErr, descEvals, descEvalErrs, descRefused,
+		descRefRules, descInstalls, descMapFail, descMapRetry, descRBLost, descEvRead, descEvWrite, descOwnDrop, descHTTPLog, descHTTPRetry, descEvDecode, descSinkErrs, descSignalErr, descIDLost, descEscSent, descEscDrop} {
 		ch <- d
 	}
 }
@@ -211,7 +236,29 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descAgents, float64(len(list)))
 	gauge(descKilled, float64(killed))
 	gauge(descTasks, float64(tasks))
-	gauge(descSlotsFill, float64(len(list))/float64(dataplane.MaxAgents))
+	ks := c.src.KernelStats()
+	fill := map[string]kernel.MapFill{"agents": {Entries: len(list), Capacity: dataplane.MaxAgents}}
+	for m, f := range ks.Fill {
+		fill[m] = f
+	}
+	for m, f := range fill {
+		ch <- prometheus.MustNewConstMetric(descFill, prometheus.GaugeValue, f.Ratio(), m)
+		ch <- prometheus.MustNewConstMetric(descEntries, prometheus.GaugeValue, float64(f.Entries), m)
+	}
+	on := 0.0
+	if ks.StatsEnabled {
+		on = 1
+	}
+	gauge(descStatsOn, on)
+	for p, st := range ks.Programs {
+		ch <- prometheus.MustNewConstMetric(descProgRuns, prometheus.CounterValue, float64(st.Runs), p)
+		ch <- prometheus.MustNewConstMetric(descProgTime, prometheus.CounterValue, st.Time.Seconds(), p)
+		ch <- prometheus.MustNewConstMetric(descProgMiss, prometheus.CounterValue, float64(st.RecursionMisses), p)
+	}
+	if ks.Err != nil {
+		c.statsErrs.Add(1)
+	}
+	counter(descStatsErr, c.statsErrs.Load())
 	counter(descEvals, st.Registry.Evaluations)
 	counter(descEvalErrs, st.Registry.EvalErrors)
 	counter(descRefused, st.Policy.Refused)
@@ -221,7 +268,13 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descMapRetry, st.Registry.MapWriteRetries)
 	counter(descRBLost, st.Kernel.RingBufferDrops)
 	counter(descEvRead, st.Events.Read)
-	counter(descEvDrop, st.Events.Dropped)
+	counter(descEvWrite, st.Events.Written)
+	counter(descOwnDrop, st.Events.RecordsDropped)
+	if h := st.DecisionLogHTTP; h != nil {
+		ch <- prometheus.MustNewConstMetric(descHTTPLog, prometheus.CounterValue, float64(h.Sent), "sent")
+		ch <- prometheus.MustNewConstMetric(descHTTPLog, prometheus.CounterValue, float64(h.Dropped), "dropped")
+		counter(descHTTPRetry, h.Retries)
+	}
 	counter(descEvDecode, st.Events.DecodeErrors)
 	counter(descSinkErrs, st.Events.SinkErrors)
 	counter(descSignalErr, st.Kernel.SignalErrors)

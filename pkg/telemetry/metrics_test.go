@@ -10,12 +10,17 @@ import (
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/events"
+	"github.com/tether-sh/tether/pkg/kernel"
 )
 
-type fakeSource struct{ agents []agents.Agent }
+type fakeSource struct {
+	agents []agents.Agent
+	kernel KernelStats
+}
 
-func (f *fakeSource) Status() api.Status     { return api.Status{} }
-func (f *fakeSource) Agents() []agents.Agent { return f.agents }
+func (f *fakeSource) Status() api.Status       { return api.Status{} }
+func (f *fakeSource) Agents() []agents.Agent   { return f.agents }
+func (f *fakeSource) KernelStats() KernelStats { return f.kernel }
 
 func scrape(t *testing.T, m *Metrics) string {
 	t.Helper()
@@ -53,5 +58,32 @@ func TestDecisionsNeverGoDown(t *testing.T) {
 	m.ObserveKill(events.Decision{Kind: "kill", Kill: &events.Kill{Requester: "policy:respond", Done: true, Steps: []events.KillStep{{Name: "deny", Done: true, TookNs: 20000}}}})
 	if out := scrape(t, m); !strings.Contains(out, `tether_kills_total{done="true",requester="policy"} 1`) || !strings.Contains(out, `tether_kill_step_duration_seconds_count{step="deny"} 1`) {
 		t.Errorf("kill metrics missing:\n%s", out)
+	}
+}
+
+// TestKernelStats: the programs' statistics and the maps' fill are exported by program and map;
+// a scrape at which they cannot be read is counted.
+func TestKernelStats(t *testing.T) {
+	src := &fakeSource{agents: []agents.Agent{{Slot: 1}}, kernel: KernelStats{StatsEnabled: true,
+		Programs: map[string]kernel.ProgramStat{"connect4": {Runs: 10, Time: 2 * time.Microsecond}},
+		Fill:     map[string]kernel.MapFill{"procs": {Entries: 4096, Capacity: 16384}}}}
+	m := New(src, "test")
+	out := scrape(t, m)
+	for _, want := range []string{
+		`tether_bpf_program_runs_total{program="connect4"} 10`,
+		`tether_bpf_program_run_seconds_total{program="connect4"} 2e-06`,
+		`tether_map_fill_ratio{map="procs"} 0.25`,
+		`tether_map_entries{map="procs"} 4096`,
+		`tether_map_fill_ratio{map="agents"} 0.000244140625`,
+		`tether_bpf_stats_enabled 1`,
+		`tether_kernel_stats_errors_total 0`,
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("scrape lacks %q:\n%s", want, out)
+		}
+	}
+	src.kernel = KernelStats{Err: io.ErrUnexpectedEOF}
+	if out := scrape(t, m); !strings.Contains(out, `tether_kernel_stats_errors_total 1`) || !strings.Contains(out, `tether_bpf_stats_enabled 0`) {
+		t.Errorf("after a failed read:\n%s", out)
 	}
 }

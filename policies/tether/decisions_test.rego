@@ -83,6 +83,14 @@ test_respond_old_denials_do_not_count if {
 	r == "none"
 }
 
+test_respond_freeze_counts_every_denial if {
+	base := object.union(ctx(null, dev, morning), {"event": ev("connect4", "deny", "192.0.2.3:443", "2026-11-25T10:30:00Z")})
+	i := object.union(base, {"counts": {"connect4/deny": 2, "sendmsg6/deny": 1, "exec/deny": 5}})
+	tether.respond == "freeze" with input as i
+	tether.respond == "none" with input as object.union(base, {"counts": {"connect4/deny": 2, "exec/deny": 5}})
+	tether.respond == "none" with input as i with data.tether_settings.respond.freeze_after_denied_egress as 4
+}
+
 test_respond_alert_on_denied_exec if {
 	r := tether.respond with input as object.union(ctx(null, dev, morning), {"event": {"decision_id": "x", "kind": "exec", "verdict": "deny", "timestamp": "2026-11-25T10:30:00Z"}})
 	r == "alert"

@@ -1,7 +1,8 @@
 # tether response
 #
 # What tether does about an event of an agent: none, alert, freeze or kill. input.event is the
-# decision record; input.recent the agent's decisions of the last minute.
+# decision record; input.counts every decision of the agent in the last minute by kind/verdict
+# (this event included); input.recent its last few records.
 package tether
 
 default respond := "none"
@@ -12,7 +13,7 @@ respond := "kill" if {
 	net.cidr_contains(cidr, host(input.event.destination))
 } else := "freeze" if {
 	freeze_after > 0
-	count(recent_denied_egress) >= freeze_after
+	denied_egress >= freeze_after
 } else := "alert" if {
 	input.event.verdict == "deny"
 	input.event.kind == "exec"
@@ -24,11 +25,21 @@ default freeze_after := 3
 
 freeze_after := settings.respond.freeze_after_denied_egress
 
-# Denied egress to destinations no approval covers, in the last minute, this event included.
+# Denied egress in the last minute, this event included: from tetherd's complete counts, or
+# without them (an input written by hand) from the records in input.recent.
+denied_egress := sum([n |
+	some kind in egress_kinds
+	n := object.get(input.counts, sprintf("%s/deny", [kind]), 0)
+]) if input.counts
+
+denied_egress := count(recent_denied_egress) if not input.counts
+
+egress_kinds := {"connect4", "connect6", "sendmsg4", "sendmsg6"}
+
 recent_denied_egress contains e.decision_id if {
 	some e in array.concat(object.get(input, "recent", []), [input.event])
 	e.verdict == "deny"
-	e.kind in {"connect4", "connect6", "sendmsg4", "sendmsg6"}
+	e.kind in egress_kinds
 	time.parse_rfc3339_ns(e.timestamp) > now_ns - (60 * 1000000000)
 }
 

@@ -36,6 +36,7 @@ type options struct {
 	scale  float64 // multiplies the operations per sample
 	policy bool    // only the policy-to-kernel part
 	kill   bool    // only the kill path
+	telem  bool    // only the telemetry part
 }
 
 func run() error {
@@ -46,6 +47,7 @@ func run() error {
 	flag.Float64Var(&o.scale, "scale", 1, "operations per sample, relative to the default")
 	flag.BoolVar(&o.policy, "policy-only", false, "measure only the policy-to-kernel part")
 	flag.BoolVar(&o.kill, "kill-only", false, "measure only the kill path")
+	flag.BoolVar(&o.telem, "telemetry-only", false, "measure only the telemetry part (tetherd's events per second and CPU)")
 	flag.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof reads it)")
 	flag.Parse()
 	for _, r := range strings.Split(rules, ",") {
@@ -76,6 +78,16 @@ func run() error {
 			return err
 		}
 		defer pprof.StopCPUProfile()
+	}
+	if o.telem {
+		tr, err := measureTelemetry(e, o)
+		if err != nil {
+			return err
+		}
+		reportTelemetry(os.Stdout, tr)
+		fmt.Println("\nGOALS")
+		telemetryGoals(goalPrinter(os.Stdout), tr)
+		return nil
 	}
 	if o.kill {
 		kr, err := measureKill(e, o)

@@ -84,6 +84,7 @@ type results struct {
 	compile, install map[int]time.Duration
 	policy           *policyResults
 	kill             *killResults
+	telemetry        *telemetryResults
 }
 
 func (r *results) add(k sampleKey, ns float64) { r.samples[k] = append(r.samples[k], ns) }
@@ -235,6 +236,10 @@ func measure(e *env, o options) (*results, error) {
 	progress("kill path: agents of %v processes and a fork bomb", killSizes)
 	if res.kill, err = measureKill(e, o); err != nil {
 		return nil, fmt.Errorf("kill path: %w", err)
+	}
+	progress("telemetry: tetherd's events per second and CPU")
+	if res.telemetry, err = measureTelemetry(e, o); err != nil {
+		return nil, fmt.Errorf("telemetry: %w", err)
 	}
 	return res, nil
 }

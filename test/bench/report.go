@@ -199,6 +199,7 @@ func report(w io.Writer, e *env, o options, res *results) {
 
 	reportPolicy(w, res.policy)
 	reportKill(w, res.kill)
+	reportTelemetry(w, res.telemetry)
 
 	top := slices.Max(o.rules)
 	fmt.Fprintln(w, "\nGOALS")
@@ -233,6 +234,7 @@ func report(w io.Writer, e *env, o options, res *results) {
 	}
 	policyGoals(goal, res.policy)
 	killGoals(goal, res.kill)
+	telemetryGoals(goal, res.telemetry)
 }
 
 // ratio says how many times a is b, where b may be zero or negative (within noise).

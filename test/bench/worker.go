@@ -20,14 +20,15 @@ import (
 const workerEnv = "TETHER_BENCH_WORKER"
 
 // runWorker runs one sample: the worker is born in cgroup (CLONE_INTO_CGROUP).
-func (e *env) runWorker(cgroup, mode, target string, ops int) (float64, error) {
+// extraEnv is added to the worker's environment (sampleEnv, rateEnv).
+func (e *env) runWorker(cgroup, mode, target string, ops int, extraEnv ...string) (float64, error) {
 	dir, err := os.Open(cgroup)
 	if err != nil {
 		return 0, err
 	}
 	defer dir.Close()
 	cmd := exec.Command(e.self, mode, target, strconv.Itoa(ops))
-	cmd.Env = append(os.Environ(), workerEnv+"=1")
+	cmd.Env = append(append(os.Environ(), workerEnv+"=1"), extraEnv...)
 	cmd.ExtraFiles = []*os.File{e.netns}
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
 	out, err := cmd.Output()
@@ -62,8 +63,16 @@ func worker(args []string) int {
 		set.Set(last)
 		unix.SchedSetaffinity(0, &set)
 	}
+	sample := sampleTime
+	if v := os.Getenv(sampleEnv); v != "" {
+		if sample, err = time.ParseDuration(v); err != nil {
+			fmt.Fprintln(os.Stderr, sampleEnv, err)
+			return 2
+		}
+	}
+	rate, _ := strconv.Atoi(os.Getenv(rateEnv))
 	start := time.Now()
-	done, err := loop(args[0], args[1], ops, start.Add(sampleTime))
+	done, err := loop(args[0], args[1], ops, start.Add(sample), rate)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "%s %s: %v\n", args[0], args[1], err)
 		return 1
@@ -91,7 +100,13 @@ func cpuRange() (first, last int, ok bool) {
 }
 
 // sampleTime bounds a sample: slow configurations (nftables with many rules) do fewer operations.
-const sampleTime = 400 * time.Millisecond
+// A worker's environment may set another (sampleEnv), and a rate of operations per second
+// (rateEnv) that the loop keeps to instead of going as fast as it can.
+const (
+	sampleTime = 400 * time.Millisecond
+	sampleEnv  = "TETHER_BENCH_SAMPLE"
+	rateEnv    = "TETHER_BENCH_RATE"
+)
 
 // minOps is done even past sampleTime.
 const minOps = 20
@@ -100,10 +115,14 @@ const minOps = 20
 // measured, stopping at deadline (checked every 16 operations) once minOps are done. It returns
 // how many it did. A failed operation fails the sample: a denied connect would measure something
 // else.
-func loop(mode, target string, ops int, deadline time.Time) (int, error) {
+func loop(mode, target string, ops int, deadline time.Time, rate int) (int, error) {
 	n, err := 0, error(nil)
+	start := time.Now()
 	more := func() bool {
 		n++
+		if rate > 0 && n%100 == 0 {
+			time.Sleep(time.Until(start.Add(time.Duration(n) * time.Second / time.Duration(rate))))
+		}
 		return n < ops && (n < minOps || n%16 != 0 || time.Now().Before(deadline))
 	}
 	err = runOps(mode, target, more)
@@ -147,6 +166,17 @@ func runOps(mode, target string, more func() bool) error {
 			}
 			unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, linger)
 			unix.Close(fd)
+		}
+	case "udpdeny": // every connect must be denied
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		for ok := true; ok; ok = more() {
+			if err := unix.Connect(fd, sa); !errors.Is(err, unix.EPERM) {
+				return fmt.Errorf("connect %s: %v, want EPERM", target, err)
+			}
 		}
 	case "udpconnect", "udpsend":
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)

@@ -81,6 +81,10 @@ type tetherd struct {
 	policyConfig, extra string
 	// credExtra is added to the credentials section (indented two spaces).
 	credExtra string
+	// logExtra is added to the decision_log section (indented two spaces).
+	logExtra string
+	// allowSample is bpf.allow_sample (1: every allow logged).
+	allowSample int
 
 	cmd    *exec.Cmd
 	stderr *lockedBuffer
@@ -126,7 +130,7 @@ func newTetherd(t *testing.T, p profile) *tetherd {
 	d := &tetherd{
 		t: t, bin: bin, dir: dir, config: filepath.Join(dir, "tetherd.yaml"), socket: filepath.Join(dir, "t.sock"),
 		decisions: filepath.Join(dir, "decisions.jsonl"), parent: privtest.Cgroup(t), pin: privtest.PinDir(t), self: self,
-		policy: filepath.Join(dir, "policy"),
+		policy: filepath.Join(dir, "policy"), allowSample: 1,
 	}
 	// The shipped Rego, with the test's data.
 	rego, _ := fs.Glob(policies.FS, "tether/*.rego")
@@ -210,12 +214,13 @@ func (d *tetherd) writeConfig() {
   launch_parent: %s
 bpf:
   pin_dir: %s
-  allow_sample: 1
+  allow_sample: %d
 api:
   socket: %s
 %s
 decision_log:
   path: %s
+%s
 log:
   level: debug
 kill:
@@ -225,7 +230,7 @@ credentials:
   key_file: %s
   ttl: 10s
 %s
-%s`, d.parent, d.parent, d.pin, d.socket, policySection, d.decisions, filepath.Join(d.dir, "kill-state.json"), filepath.Join(d.dir, "creds"), filepath.Join(d.dir, "credentials.key"), d.credExtra, d.extra)
+%s`, d.parent, d.parent, d.pin, d.allowSample, d.socket, policySection, d.decisions, d.logExtra, filepath.Join(d.dir, "kill-state.json"), filepath.Join(d.dir, "creds"), filepath.Join(d.dir, "credentials.key"), d.credExtra, d.extra)
 	if err := os.WriteFile(d.config, []byte(cfg), 0o600); err != nil {
 		d.t.Fatal(err)
 	}

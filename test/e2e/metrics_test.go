@@ -14,12 +14,13 @@ import (
 	"time"
 
 	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/events"
 )
 
 // TestPrivilegedPrometheusScrapesDecisions: a real Prometheus server (Debian's prometheus
 // package) scrapes tetherd on loopback; after a scripted agent run (5 denied connects, 2 allowed,
 // then the agent ends), PromQL returns exactly those counts, although the agent lived for less
-// than a scrape interval.
+// than a scrape interval, and the kernel's program statistics and map fill.
 func TestPrivilegedPrometheusScrapesDecisions(t *testing.T) {
 	prom, err := exec.LookPath("prometheus")
 	if err != nil {
@@ -111,6 +112,15 @@ func TestPrivilegedPrometheusScrapesDecisions(t *testing.T) {
 	if v, _ := query(`tether_ring_buffer_lost_events_total`); v != "0" {
 		t.Errorf("ring buffer losses: %q", v)
 	}
+	// The kernel's own statistics: the connect4 program ran for at least the agent's 7 connects.
+	if v, _ := query(`tether_bpf_program_runs_total{program="connect4"} >= 7 and tether_bpf_program_run_seconds_total{program="connect4"} > 0`); v == "" {
+		t.Errorf("connect4 program statistics: none, or fewer runs than the agent's connects")
+	}
+	for _, m := range []string{"agents", "cgroups", "procs", "rules", "ring_buffer"} {
+		if v, ok := query(fmt.Sprintf(`tether_map_fill_ratio{map=%q}`, m)); !ok || v == "" {
+			t.Errorf("no fill ratio of %s", m)
+		}
+	}
 }
 
 // TestPrivilegedEventsStream: tetherctl events follows the live stream, filtered by identity and
@@ -156,5 +166,47 @@ func TestPrivilegedEventsStream(t *testing.T) {
 		if m["spiffe_id"] != agentID || m["verdict"] != "deny" || m["destination"] != no {
 			t.Errorf("record %s", l)
 		}
+	}
+}
+
+// TestPrivilegedDecisionLogEvaluations: every evaluation of an agent's grants is in the decision
+// log (kind "policy") with its input and result, the masked input field erased and named.
+func TestPrivilegedDecisionLogEvaluations(t *testing.T) {
+	h := privtest.NewHost(t)
+	okPort, _ := tcpPort(t, h)
+	self, _ := os.Executable()
+	d := newTetherd(t, grantsFor(self, h, okPort))
+	d.logExtra = "  mask: [/input/agent/labels/customer]"
+	d.writeConfig()
+	d.start()
+	ok := fmt.Sprintf("%s:%d", h.V4, okPort)
+	cmd := d.ctlCmd("run", "--id", agentID, "--label", "customer=acme", "--label", "team=ml", "--", self, "tcp", ok)
+	cmd.Env = append(os.Environ(), "TETHER_TEST_HELPER=dial")
+	if out, err := cmd.Output(); err != nil || strings.TrimSpace(string(out)) != "ok" {
+		t.Fatalf("agent: %v %q", err, out)
+	}
+	rec := d.decision("a policy evaluation of the agent", func(r events.Decision) bool {
+		return r.Kind == "policy" && r.SpiffeID == agentID
+	})
+	ev := rec.Policy
+	if ev == nil || ev.Query != "data.tether.grants" || rec.Verdict != "evaluated" || rec.PolicyRevision == "" || ev.DurationNs <= 0 {
+		t.Fatalf("record %+v, evaluation %+v", rec, ev)
+	}
+	in, _ := ev.Input.(map[string]any)
+	agent, _ := in["agent"].(map[string]any)
+	labels, _ := agent["labels"].(map[string]any)
+	if agent["spiffe_id"] != agentID || labels["team"] != "ml" || labels["customer"] != nil {
+		t.Errorf("input %v: want the agent, team kept, customer erased", in)
+	}
+	if len(ev.Erased) != 1 || ev.Erased[0] != "/input/agent/labels/customer" {
+		t.Errorf("erased %v", ev.Erased)
+	}
+	res, _ := ev.Result.(map[string]any)
+	if egress, _ := res["egress"].([]any); len(egress) == 0 {
+		t.Errorf("result %v: want the granted egress", ev.Result)
+	}
+	b, _ := os.ReadFile(d.decisions)
+	if strings.Contains(string(b), "acme") {
+		t.Error("the masked value is in the decision log")
 	}
 }

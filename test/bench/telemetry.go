@@ -1,0 +1,389 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tether-sh/tether/pkg/api"
+	"github.com/tether-sh/tether/pkg/bpffs"
+	"github.com/tether-sh/tether/pkg/cgroups"
+	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/policies"
+)
+
+// The telemetry part runs the real tetherd (built next to the bench binary) with the shipped
+// policy, a decision log file and metrics, on an agent cgroup of its own, and measures:
+//
+//   - how many events per second it decodes, attributes, answers with the respond policy and
+//     logs: the agent makes telemetryBurst denied connects while tetherd is stopped (SIGSTOP),
+//     so they wait in the ring buffer, then tetherd is let go and timed until the log has them
+//     all; every deny the kernel counted must be in the log or counted lost (unaccounted: 0);
+//   - tetherd's CPU (all its threads, from /proc/PID/task/*/schedstat) while the agent makes
+//     10,000 denied connects per second (every one an event), 10,000 allowed ones (one event in
+//     bpf.allow_sample, the shipped 100), and while it is idle: the baseline.
+const (
+	telemetryID    = "spiffe://bench.tether/agent/telemetry"
+	telemetryBurst = 200_000
+	telemetryRate  = 10_000
+	cpuWindow      = 5 * time.Second
+)
+
+type telemetryResults struct {
+	burst       int       // denies per burst
+	drain       []float64 // events per second, each round
+	lost        []uint64  // counted lost (ring buffer), each round
+	unaccounted []int64   // kernel count - logged - lost, each round
+	cpu         map[string][]float64
+	cases       []string
+}
+
+type tetherdProc struct {
+	cmd      *exec.Cmd
+	dir, pin string
+	client   *api.Client
+	log      string
+	stderr   *os.File
+}
+
+func measureTelemetry(e *env, o options) (*telemetryResults, error) {
+	bin := filepath.Join(filepath.Dir(e.self), "tetherd")
+	if _, err := os.Stat(bin); err != nil {
+		return nil, fmt.Errorf("the telemetry part runs tetherd, built next to the bench binary (make bench builds both): %w", err)
+	}
+	parent := filepath.Join(e.base, "tetherd")
+	agent := filepath.Join(parent, "agent")
+	if _, err := cgroups.Create(agent); err != nil {
+		return nil, err
+	}
+	t, err := startTetherd(e, bin, parent)
+	if err != nil {
+		return nil, err
+	}
+	defer t.stop()
+	a, err := t.client.Register(api.RegisterRequest{SpiffeID: telemetryID, Cgroup: agent})
+	if err != nil {
+		return nil, fmt.Errorf("registering the bench agent: %w", err)
+	}
+	res := &telemetryResults{cpu: map[string][]float64{}, burst: max(int(float64(telemetryBurst)*o.scale), 10_000)}
+	window := max(time.Duration(float64(cpuWindow)*o.scale).Round(time.Second), time.Second)
+	denied := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 9).String()
+	run := func(mode, target string, ops int, sample time.Duration, rate int) error {
+		_, err := e.runWorker(agent, mode, target, ops, sampleEnv+"="+sample.String(), rateEnv+"="+strconv.Itoa(rate))
+		return err
+	}
+
+	for range o.rounds {
+		// 1. Events decoded and logged per second.
+		before, err := t.accounting(a.Slot)
+		if err != nil {
+			return nil, err
+		}
+		if err := t.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+			return nil, err
+		}
+		err = run("udpdeny", denied, res.burst, time.Minute, 0)
+		t.cmd.Process.Signal(syscall.SIGCONT)
+		if err != nil {
+			return nil, err
+		}
+		start := time.Now()
+		var after accounting
+		for {
+			if after, err = t.accounting(a.Slot); err != nil {
+				return nil, err
+			}
+			if after.written-before.written >= after.denies-before.denies-(after.lost-before.lost) {
+				break
+			}
+			if time.Since(start) > time.Minute {
+				return nil, fmt.Errorf("tetherd did not log the burst within a minute: before %+v, after %+v", before, after)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		took := time.Since(start)
+		denies := after.denies - before.denies
+		lost := after.lost - before.lost
+		res.drain = append(res.drain, float64(denies-lost)/took.Seconds())
+		res.lost = append(res.lost, lost)
+		if denies != uint64(res.burst) {
+			return nil, fmt.Errorf("the kernel counted %d denies of the agent's %d connects", denies, res.burst)
+		}
+
+		// 2. tetherd's CPU: idle, at 10,000 denied connects/s, at 10,000 allowed connects/s.
+		for _, c := range []struct {
+			name, mode, target string
+		}{
+			{"idle (baseline)", "", ""},
+			{"10,000 denied connects/s (an event each)", "udpdeny", denied},
+			{"10,000 allowed connects/s (1 event in 100)", "udpconnect", e.udpLo.String()},
+		} {
+			if len(res.cpu[c.name]) == 0 {
+				res.cases = append(res.cases, c.name)
+			}
+			cpu0, err := processCPU(t.cmd.Process.Pid)
+			if err != nil {
+				return nil, err
+			}
+			w0 := time.Now()
+			if c.mode == "" {
+				time.Sleep(window)
+			} else if err := run(c.mode, c.target, telemetryRate*int(window/time.Second), 2*window, telemetryRate); err != nil {
+				return nil, err
+			}
+			cpu1, err := processCPU(t.cmd.Process.Pid)
+			if err != nil {
+				return nil, err
+			}
+			res.cpu[c.name] = append(res.cpu[c.name], 100*float64(cpu1-cpu0)/float64(time.Since(w0)))
+		}
+	}
+	// Every deny of every round is in the log or counted lost.
+	final, err := t.accounting(a.Slot)
+	if err != nil {
+		return nil, err
+	}
+	logged, err := countLogged(t.log)
+	if err != nil {
+		return nil, err
+	}
+	res.unaccounted = append(res.unaccounted, int64(final.denies)-int64(logged)-int64(final.lost))
+	return res, nil
+}
+
+// accounting is what tetherd and the kernel say of the agent's denies.
+type accounting struct {
+	denies  uint64 // the kernel's count for the agent
+	lost    uint64 // the ring buffer could not take them
+	written uint64 // records handed to the sinks
+}
+
+func (t *tetherdProc) accounting(slot dataplane.Slot) (accounting, error) {
+	st, err := t.client.Status()
+	if err != nil {
+		return accounting{}, err
+	}
+	list, err := t.client.Agents() // with the kernel's counts
+	if err != nil {
+		return accounting{}, err
+	}
+	for _, a := range list {
+		if a.Slot == slot {
+			return accounting{denies: a.Counts["connect4/deny"], lost: st.Kernel.RingBufferDrops, written: st.Events.Written}, nil
+		}
+	}
+	return accounting{}, fmt.Errorf("the bench agent (slot %d) is gone", slot)
+}
+
+// countLogged counts the bench agent's denied connect records in the decision log.
+func countLogged(path string) (int, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	n := 0
+	sc := bufio.NewScanner(f)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		var rec struct {
+			SpiffeID string `json:"spiffe_id"`
+			Kind     string `json:"kind"`
+			Verdict  string `json:"verdict"`
+		}
+		if err := json.Unmarshal(sc.Bytes(), &rec); err != nil {
+			return 0, fmt.Errorf("decision log: %w", err)
+		}
+		if rec.SpiffeID == telemetryID && rec.Kind == "connect4" && rec.Verdict == "deny" {
+			n++
+		}
+	}
+	return n, sc.Err()
+}
+
+// processCPU is the CPU time of every thread of pid, in nanoseconds (schedstat's first field).
+func processCPU(pid int) (int64, error) {
+	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
+	if err != nil || len(tasks) == 0 {
+		return 0, fmt.Errorf("threads of tetherd (pid %d): %v", pid, err)
+	}
+	var sum int64
+	for _, p := range tasks {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue // the thread ended
+		}
+		f := strings.Fields(string(b))
+		if len(f) == 0 {
+			continue
+		}
+		n, _ := strconv.ParseInt(f[0], 10, 64)
+		sum += n
+	}
+	return sum, nil
+}
+
+// startTetherd runs tetherd with the shipped policy (its data give the bench agent exec of the
+// worker and UDP to the bench's loopback listener), a decision log file and a large ring buffer.
+func startTetherd(e *env, bin, parent string) (_ *tetherdProc, err error) {
+	dir, err := os.MkdirTemp("", "tether-bench-tetherd")
+	if err != nil {
+		return nil, err
+	}
+	t := &tetherdProc{dir: dir, pin: e.pin + "-tetherd", log: filepath.Join(dir, "decisions.jsonl")}
+	defer func() {
+		if err != nil {
+			t.stop()
+		}
+	}()
+	pol := filepath.Join(dir, "policy")
+	rego, _ := fs.Glob(policies.FS, "tether/*.rego")
+	os.MkdirAll(filepath.Join(pol, "tether"), 0o755)
+	for _, name := range rego {
+		if strings.HasSuffix(name, "_test.rego") {
+			continue
+		}
+		b, _ := policies.FS.ReadFile(name)
+		if err := os.WriteFile(filepath.Join(pol, name), b, 0o644); err != nil {
+			return nil, err
+		}
+	}
+	profile := map[string]any{
+		"exec":      []string{e.self},
+		"egress":    []any{map[string]any{"cidr": "127.0.0.1/32", "ports": []int{int(e.udpLo.Port())}, "protocol": "udp"}},
+		"unix":      []any{},
+		"high_risk": []string{},
+	}
+	data := map[string]any{"tether_settings": map[string]any{
+		"networks": map[string]any{"metadata": []string{"169.254.169.254/32"}}, "internal_networks": []string{},
+		"git_binary": "/usr/bin/git", "tools": map[string]any{},
+		"profiles":   map[string]any{"bench": profile},
+		"identities": map[string]any{telemetryID: map[string]any{"task_type": "bench"}},
+		// The agent floods denied connects on purpose: the shipped respond policy would freeze it.
+		"respond": map[string]any{"freeze_after_denied_egress": 0},
+	}}
+	b, _ := json.Marshal(data)
+	if err := os.WriteFile(filepath.Join(pol, "data.json"), b, 0o644); err != nil {
+		return nil, err
+	}
+	rel, err := filepath.Rel(e.root, parent)
+	if err != nil {
+		return nil, err
+	}
+	socket := filepath.Join(dir, "t.sock")
+	cfg := fmt.Sprintf(`cgroup:
+  agent_parents: [%s]
+  launch_parent: %s
+bpf:
+  pin_dir: %s
+  ring_buffer_bytes: %d
+api:
+  socket: %s
+policy:
+  dir: %s
+decision_log:
+  path: %s
+  max_bytes: 0
+log:
+  level: warn
+kill:
+  state_file: %s
+credentials:
+  dir: %s
+  key_file: %s
+`, rel, rel, t.pin, 512<<20, socket, pol, t.log, filepath.Join(dir, "kill.json"), filepath.Join(dir, "creds"), filepath.Join(dir, "key"))
+	if err := os.WriteFile(filepath.Join(dir, "tetherd.yaml"), []byte(cfg), 0o600); err != nil {
+		return nil, err
+	}
+	if t.stderr, err = os.Create(filepath.Join(dir, "tetherd.log")); err != nil {
+		return nil, err
+	}
+	t.cmd = exec.Command(bin, "--config", filepath.Join(dir, "tetherd.yaml"))
+	t.cmd.Stderr, t.cmd.Stdout = t.stderr, io.Discard
+	if err := t.cmd.Start(); err != nil {
+		return nil, err
+	}
+	t.client = api.NewClient(socket)
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		if _, err := t.client.Status(); err == nil {
+			return t, nil
+		}
+		if time.Now().After(deadline) {
+			b, _ := os.ReadFile(filepath.Join(dir, "tetherd.log"))
+			return nil, fmt.Errorf("tetherd did not start: %s", b)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// stop ends tetherd, removes its pins (its programs go with the last reference) and its files.
+func (t *tetherdProc) stop() {
+	if t.cmd != nil && t.cmd.Process != nil {
+		t.cmd.Process.Signal(syscall.SIGCONT)
+		t.cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan error, 1)
+		go func() { done <- t.cmd.Wait() }()
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			t.cmd.Process.Kill()
+			<-done
+		}
+	}
+	if t.stderr != nil {
+		t.stderr.Close()
+	}
+	if err := bpffs.RemovePins(t.pin); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		fmt.Fprintln(os.Stderr, "bench: removing tetherd's pins:", err)
+	}
+	unix.Unmount(filepath.Join(t.dir, "creds"), unix.MNT_DETACH)
+	os.RemoveAll(t.dir)
+}
+
+func reportTelemetry(w io.Writer, r *telemetryResults) {
+	fmt.Fprintf(w, "\nTELEMETRY: tetherd (shipped policy, respond policy on every deny, decision log file), %d rounds, median [min, max]\n", len(r.drain))
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "MEASURE\tVALUE")
+	fmt.Fprintf(tw, "events decoded and logged per second (burst of %d denies)\t%s\n", r.burst, spread(r.drain, "%.0f"))
+	var lost []float64
+	for _, l := range r.lost {
+		lost = append(lost, float64(l))
+	}
+	fmt.Fprintf(tw, "  of them lost (ring buffer full), counted\t%s\n", spread(lost, "%.0f"))
+	fmt.Fprintf(tw, "  denies unaccounted (kernel count - logged - lost)\t%d\n", r.unaccounted[0])
+	for _, c := range r.cases {
+		fmt.Fprintf(tw, "tetherd CPU, %s\t%s %% of one core\n", c, spread(r.cpu[c], "%.2f"))
+	}
+	tw.Flush()
+}
+
+// spread is the median and the range of v.
+func spread(v []float64, format string) string {
+	return fmt.Sprintf(format+" ["+format+", "+format+"]", percentile(v, 0.5), slices.Min(v), slices.Max(v))
+}
+
+func telemetryGoals(goal func(ok bool, format string, args ...any), r *telemetryResults) {
+	rate := percentile(r.drain, 0.5)
+	goal(rate >= 200_000 && r.unaccounted[0] == 0, "events decoded and logged: %.0f/s, %d unaccounted (goal: at least 200,000/s, none unaccounted)", rate, r.unaccounted[0])
+	for _, c := range r.cases {
+		if strings.HasPrefix(c, "10,000") {
+			cpu := percentile(r.cpu[c], 0.5)
+			goal(cpu < 5, "tetherd CPU at %s: %.2f%% of one core (goal: under 5%%)", c, cpu)
+		}
+	}
+}

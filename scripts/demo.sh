@@ -66,8 +66,13 @@ python3 - "$work/decisions.jsonl" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
     d = json.loads(line)
+    if d["kind"] == "policy":
+        ev = d["policy"]
+        rules = {k: len(v) for k, v in (ev.get("result") or {}).items() if isinstance(v, list)}
+        print(f'{d["verdict"]:<11} {d["kind"]:<13} {ev["query"]:<24} {d.get("spiffe_id", "?")}  (revision {d.get("policy_revision")}, {rules}, {ev["duration_ns"] // 1000} µs)')
+        continue
     target = d.get("destination") or d.get("executable") or d.get("socket_path") or ""
-    print(f'{d["verdict"]:<11} {d["kind"]:<13} {target:<24} {d.get("spiffe_id", "?")}  (pid {d["pid"]} {d["binary"] or d["comm"]}, rule generation {d["rule_generation"]})')
+    print(f'{d["verdict"]:<11} {d["kind"]:<13} {target:<24} {d.get("spiffe_id", "?")}  (pid {d["pid"]} {d.get("binary") or d["comm"]}, rule generation {d["rule_generation"]})')
 PY
 echo
 echo "one full record:"

@@ -8,10 +8,10 @@ package events
 
 import (
 	"bufio"
+	"bytes"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -153,7 +153,10 @@ func Build(e dataplane.Event, attr Attributor) Decision {
 	return d
 }
 
-func fileString(f dataplane.FileID) string { return fmt.Sprintf("%d:%d", f.Dev, f.Ino) }
+func fileString(f dataplane.FileID) string {
+	var b [41]byte
+	return string(strconv.AppendUint(append(strconv.AppendUint(b[:0], uint64(f.Dev), 10), ':'), f.Ino, 10))
+}
 
 func newID() string {
 	var b [16]byte
@@ -196,7 +199,8 @@ type Stats struct {
 }
 
 // Pump moves events from a source to sinks through a bounded queue; a full queue stops the
-// reading.
+// reading. The reader hands events over in batches of what the source holds (up to maxBatch), so
+// that a steady stream costs one hand-over, and one wake-up of the writer, per batch.
 type Pump struct {
 	// Annotate, if set, completes each record before the sinks get it (off the ring buffer's
 	// reader, so it may take its time: the queue absorbs it, or drops and counts).
@@ -207,18 +211,21 @@ type Pump struct {
 	sinkMu sync.Mutex
 	sinks  []Sink
 	log    *slog.Logger
-	queue  chan dataplane.Event
+	queue  chan []dataplane.Event
 	own    chan Decision // tetherd's own records (Record), written by Run's writer
 	mask   []Pointer
 
 	read, written, ownDropped, decodeErrors, sinkErrors atomic.Uint64
 }
 
-// NewPump returns a pump with a queue of queueLen events.
+// NewPump returns a pump with a queue of about queueLen events.
 func NewPump(src Source, attr Attributor, queueLen int, log *slog.Logger, sinks ...Sink) *Pump {
-	return &Pump{src: src, attr: attr, sinks: sinks, log: log, queue: make(chan dataplane.Event, queueLen),
+	return &Pump{src: src, attr: attr, sinks: sinks, log: log, queue: make(chan []dataplane.Event, max(queueLen/maxBatch, 1)),
 		own: make(chan Decision, ownQueue)}
 }
+
+// maxBatch bounds the events the reader hands over at once.
+const maxBatch = 256
 
 // ownQueue bounds the records tetherd made itself that wait for the writer.
 const ownQueue = 4096
@@ -233,7 +240,7 @@ func (p *Pump) SetMask(mask []Pointer) {
 // Stats returns the pump's counters.
 func (p *Pump) Stats() Stats {
 	return Stats{Read: p.read.Load(), Written: p.written.Load(), RecordsDropped: p.ownDropped.Load(), DecodeErrors: p.decodeErrors.Load(),
-		SinkErrors: p.sinkErrors.Load(), QueueCapacity: cap(p.queue)}
+		SinkErrors: p.sinkErrors.Load(), QueueCapacity: cap(p.queue) * maxBatch}
 }
 
 // Emit writes a record tetherd made itself (not from the kernel: an agent lost its identity)
@@ -288,16 +295,18 @@ func (p *Pump) Run(closed error) error {
 		defer wg.Done()
 		for {
 			select {
-			case e, ok := <-p.queue:
+			case batch, ok := <-p.queue:
 				if !ok {
 					p.drainOwn()
 					return
 				}
-				d := Build(e, p.attr)
-				if p.Annotate != nil {
-					p.Annotate(&d)
+				for _, e := range batch {
+					d := Build(e, p.attr)
+					if p.Annotate != nil {
+						p.Annotate(&d)
+					}
+					p.write(d)
 				}
-				p.write(d)
 			case d := <-p.own:
 				p.write(d)
 			}
@@ -311,12 +320,16 @@ func (p *Pump) Run(closed error) error {
 		wg.Wait()
 	}()
 	failing := 0
+	var batch []dataplane.Event
 	for {
 		e, err := p.src.Read()
-		if errors.Is(err, closed) {
+		switch {
+		case errors.Is(err, closed):
+			if len(batch) > 0 {
+				p.queue <- batch
+			}
 			return nil
-		}
-		if err != nil {
+		case err != nil:
 			if p.decodeErrors.Add(1) == 1 {
 				p.log.Error("reading kernel event", "error", err)
 			}
@@ -325,11 +338,15 @@ func (p *Pump) Run(closed error) error {
 			if failing++; failing > 10 {
 				time.Sleep(100 * time.Millisecond)
 			}
-			continue
+		default:
+			failing = 0
+			p.read.Add(1)
+			batch = append(batch, e)
 		}
-		failing = 0
-		p.read.Add(1)
-		p.queue <- e // when the sinks fall behind, events wait in the ring buffer
+		if len(batch) == maxBatch || len(batch) > 0 && !p.pending() {
+			p.queue <- batch // when the sinks fall behind, events wait in the ring buffer
+			batch = nil
+		}
 	}
 }
 
@@ -378,29 +395,45 @@ func (p *Pump) flush() {
 	}
 }
 
-// marshal is a record's JSON line (without the newline). go-json writes what encoding/json
-// writes, in a fraction of its time: the log's encoding was the largest part of the daemon's
-// cost per event (docs/performance.md).
-func marshal(d Decision) ([]byte, error) { return gojson.Marshal(d) }
+// lineEncoder encodes records as JSON lines into a buffer it reuses: no allocation per record.
+// go-json writes what encoding/json writes (TestLineIsEncodingJSON), in a fraction of its time:
+// the log's encoding was the largest part of the daemon's cost per event (docs/performance.md).
+type lineEncoder struct {
+	buf bytes.Buffer
+	enc *gojson.Encoder
+}
+
+// encode returns d's line, newline included, valid until the next call.
+func (l *lineEncoder) encode(d Decision) ([]byte, error) {
+	if l.enc == nil {
+		l.enc = gojson.NewEncoder(&l.buf)
+	}
+	l.buf.Reset()
+	if err := l.enc.Encode(d); err != nil {
+		return nil, err
+	}
+	return l.buf.Bytes(), nil
+}
 
 // JSONLines writes one JSON object per line to w, buffered until the pump has nothing more to
 // write (Flush), so a reader sees each decision as it happens unless more follow at once.
 type JSONLines struct {
-	mu sync.Mutex
-	w  *bufio.Writer
+	mu   sync.Mutex
+	w    *bufio.Writer
+	line lineEncoder
 }
 
 func NewJSONLines(w io.Writer) *JSONLines { return &JSONLines{w: bufio.NewWriter(w)} }
 
 func (j *JSONLines) Write(d Decision) error {
-	b, err := marshal(d)
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	b, err := j.line.encode(d)
 	if err != nil {
 		return err
 	}
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	j.w.Write(b)
-	return j.w.WriteByte('\n')
+	_, err = j.w.Write(b)
+	return err
 }
 
 // Flush writes what is buffered.

@@ -212,9 +212,9 @@ func TestRecordDropsWhenFull(t *testing.T) {
 	}
 }
 
-// TestMarshalIsEncodingJSON: the log's encoder writes exactly what encoding/json writes, for a
-// record with every field set.
-func TestMarshalIsEncodingJSON(t *testing.T) {
+// TestLineIsEncodingJSON: the log's encoder writes exactly what encoding/json writes, for a
+// record with every field set, twice (the buffer is reused).
+func TestLineIsEncodingJSON(t *testing.T) {
 	slot := uint32(3)
 	d := Decision{DecisionID: "x", Timestamp: time.Date(2026, 11, 27, 10, 0, 0, 123, time.UTC), SpiffeID: "spiffe://x/a\u2028<b>", Slot: &slot,
 		TaskID: "t", TaskType: "tt", CgroupID: 1 << 60, PID: 1, TID: 2, UID: 3, Comm: "c\"q", Binary: "/b", BinaryFile: "1:2",
@@ -227,11 +227,46 @@ func TestMarshalIsEncodingJSON(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := marshal(d)
-	if err != nil {
+	var l lineEncoder
+	for range 2 {
+		got, err := l.encode(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(got) != string(want)+"\n" {
+			t.Errorf("lineEncoder:\n%s\nencoding/json:\n%s", got, want)
+		}
+	}
+}
+
+// bufferedSource tells the pump how many events it still holds.
+type bufferedSource struct{ *sliceSource }
+
+func (b bufferedSource) Buffered() int { return len(b.events) }
+
+type flushCounter struct{ writes, flushes int }
+
+func (f *flushCounter) Write(Decision) error { f.writes++; return nil }
+func (f *flushCounter) Flush() error         { f.flushes++; return nil }
+
+// TestPumpBatchesWhatTheSourceHolds: events the source already holds go over in batches, and the
+// sinks are flushed once the source is empty, not after every event.
+func TestPumpBatchesWhatTheSourceHolds(t *testing.T) {
+	src := &sliceSource{}
+	for i := range 1000 {
+		src.events = append(src.events, dataplane.Event{Slot: 1, PID: uint32(i)})
+	}
+	sink := &flushCounter{}
+	p := NewPump(bufferedSource{src}, attr{}, 8192, slog.New(slog.DiscardHandler), sink)
+	if err := p.Run(errClosed); err != nil {
 		t.Fatal(err)
 	}
-	if string(got) != string(want) {
-		t.Errorf("marshal:\n%s\nencoding/json:\n%s", got, want)
+	if sink.writes != 1000 || p.Stats().Written != 1000 {
+		t.Errorf("%d written, want 1000", sink.writes)
+	}
+	// 1000 events: 4 batches (256 each, the last 232); a flush only when the writer is idle and
+	// the source empty, plus the one at the end.
+	if sink.flushes > 5 {
+		t.Errorf("%d flushes for 1000 events held by the source", sink.flushes)
 	}
 }

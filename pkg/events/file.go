@@ -23,6 +23,7 @@ type File struct {
 	size int64  // of the file, buffered bytes included
 	buf  []byte // records not yet written
 	held int    // how many
+	line lineEncoder
 }
 
 // FlushError is a failed write of buffered records: Records of them are lost.
@@ -81,13 +82,12 @@ func (l *File) rotate() error {
 
 // Write appends d as one line.
 func (l *File) Write(d Decision) error {
-	b, err := marshal(d)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	b, err := l.line.encode(d)
 	if err != nil {
 		return err
 	}
-	b = append(b, '\n')
-	l.mu.Lock()
-	defer l.mu.Unlock()
 	if l.maxBytes > 0 && l.size > 0 && l.size+int64(len(b)) > l.maxBytes {
 		if err := l.rotate(); err != nil {
 			return err

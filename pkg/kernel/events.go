@@ -42,8 +42,8 @@ type EventReader struct {
 }
 
 const (
-	streamGap  = 10 * time.Millisecond
-	batchDelay = 5 * time.Millisecond
+	streamGap  = 25 * time.Millisecond
+	batchDelay = 10 * time.Millisecond
 )
 
 // NewEventReader opens the pinned ring buffer. Events that arrived while no daemon was reading

@@ -444,7 +444,7 @@ func (d *Daemon) confined(pid int32) bool {
 
 // KernelStats implements telemetry.Source.
 func (d *Daemon) KernelStats() telemetry.KernelStats {
-	ks := telemetry.KernelStats{StatsEnabled: d.bpfStats, Fill: map[string]kernel.MapFill{}}
+	ks := telemetry.KernelStats{StatsEnabled: d.bpfStats, Fill: map[string]dataplane.MapFill{}}
 	var errs []error
 	progs, err := d.kern.ProgramStats()
 	errs = append(errs, err)

@@ -256,6 +256,23 @@ type Event struct {
 	Chain      []Process
 }
 
+// ProgramStat is how often a program ran and for how long in all, as the kernel counts while its
+// BPF statistics are enabled (kernel.bpf_stats_enabled, or BPF_ENABLE_STATS).
+type ProgramStat struct {
+	Runs            uint64
+	Time            time.Duration
+	RecursionMisses uint64
+}
+
+// MapFill is how full a kernel map is.
+type MapFill struct {
+	Entries  int
+	Capacity int
+}
+
+// Ratio is Entries of Capacity.
+func (f MapFill) Ratio() float64 { return float64(f.Entries) / float64(max(f.Capacity, 1)) }
+
 // Counters are the kernel's global counters (summed over CPUs).
 type Counters struct {
 	RingBufferDrops     uint64

@@ -128,8 +128,8 @@ func (r *EventReader) wait() error {
 }
 
 // Fill is how full the ring buffer is: bytes written and not yet read, of its size.
-func (r *EventReader) Fill() MapFill {
-	return MapFill{Entries: r.Buffered(), Capacity: r.rd.BufferSize()}
+func (r *EventReader) Fill() dataplane.MapFill {
+	return dataplane.MapFill{Entries: r.Buffered(), Capacity: r.rd.BufferSize()}
 }
 
 // Close stops Read.

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/tether-sh/tether/pkg/kernel"
+	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
 // TestDashboardUsesOnlyTetherMetrics: every metric the Grafana dashboard (deploy/grafana)
@@ -28,7 +28,7 @@ func TestDashboardUsesOnlyTetherMetrics(t *testing.T) {
 	if err := json.Unmarshal(b, &dash); err != nil {
 		t.Fatal(err)
 	}
-	m := New(&fakeSource{kernel: KernelStats{Programs: map[string]kernel.ProgramStat{"connect4": {}}}}, "test")
+	m := New(&fakeSource{kernel: KernelStats{Programs: map[string]dataplane.ProgramStat{"connect4": {}}}}, "test")
 	m.ObserveEvaluation(0)
 	served := map[string]bool{}
 	families, err := m.reg.Gather()

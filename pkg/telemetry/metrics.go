@@ -1,7 +1,8 @@
 // Package telemetry exports tether's metrics for Prometheus, from its own registry: decisions
 // (the kernel's per-agent counters, complete, not the sampled event stream), agents and tasks,
-// policy evaluations, anything lost (ring buffer, event queue, map writes), identities lost,
-// kill-path steps, build info. Labels are bounded by the number of agents: kind, verdict, SPIFFE
+// policy evaluations, anything lost (ring buffer, records, sinks, map writes), identities lost,
+// kill-path steps, the kernel's run statistics of each BPF program and how full its maps are,
+// build info. Labels are bounded by the number of agents: kind, verdict, SPIFFE
 // ID, step; never a destination or a pid.
 package telemetry
 
@@ -21,7 +22,6 @@ import (
 	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
-	"github.com/tether-sh/tether/pkg/kernel"
 )
 
 // Source is what the metrics read at each scrape.
@@ -37,9 +37,9 @@ type KernelStats struct {
 	// StatsEnabled says whether the kernel counts program runs (BPF_ENABLE_STATS); without it
 	// Programs stay at zero.
 	StatsEnabled bool
-	Programs     map[string]kernel.ProgramStat // by hook
-	Fill         map[string]kernel.MapFill     // by map: agents, cgroups, procs, rules, ring_buffer
-	Err          error                         // what could not be read (the rest is still exported)
+	Programs     map[string]dataplane.ProgramStat // by hook
+	Fill         map[string]dataplane.MapFill     // by map: agents, cgroups, procs, rules, ring_buffer
+	Err          error                            // what could not be read (the rest is still exported)
 }
 
 // Metrics is tether's registry.
@@ -237,7 +237,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descKilled, float64(killed))
 	gauge(descTasks, float64(tasks))
 	ks := c.src.KernelStats()
-	fill := map[string]kernel.MapFill{"agents": {Entries: len(list), Capacity: dataplane.MaxAgents}}
+	fill := map[string]dataplane.MapFill{"agents": {Entries: len(list), Capacity: dataplane.MaxAgents}}
 	for m, f := range ks.Fill {
 		fill[m] = f
 	}

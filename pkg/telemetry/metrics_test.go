@@ -9,8 +9,8 @@ import (
 
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/api"
+	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
-	"github.com/tether-sh/tether/pkg/kernel"
 )
 
 type fakeSource struct {
@@ -65,8 +65,8 @@ func TestDecisionsNeverGoDown(t *testing.T) {
 // a scrape at which they cannot be read is counted.
 func TestKernelStats(t *testing.T) {
 	src := &fakeSource{agents: []agents.Agent{{Slot: 1}}, kernel: KernelStats{StatsEnabled: true,
-		Programs: map[string]kernel.ProgramStat{"connect4": {Runs: 10, Time: 2 * time.Microsecond}},
-		Fill:     map[string]kernel.MapFill{"procs": {Entries: 4096, Capacity: 16384}}}}
+		Programs: map[string]dataplane.ProgramStat{"connect4": {Runs: 10, Time: 2 * time.Microsecond}},
+		Fill:     map[string]dataplane.MapFill{"procs": {Entries: 4096, Capacity: 16384}}}}
 	m := New(src, "test")
 	out := scrape(t, m)
 	for _, want := range []string{

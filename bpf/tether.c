@@ -141,6 +141,14 @@ struct {
 	__type(value, struct tether_agent_counts);
 } tether_agent_counters SEC(".maps");
 
+/* Counted grants, by the index the daemon gives them; see struct tether_grant_uses. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, TETHER_MAX_GRANTS);
+	__type(key, __u32);
+	__type(value, struct tether_grant_uses);
+} tether_grant_uses SEC(".maps");
+
 /* Written and read by the daemon only; see struct tether_agent_info. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -418,6 +426,19 @@ static __always_inline int tether_port_rule_match(struct tether_port_rule *r, __
 	return (*proc)->bin_dev == r->bin_dev && (*proc)->bin_ino == r->bin_ino;
 }
 
+/* tether_take_use takes one use of a counted grant: 1 if it had one left and has not expired. */
+static __always_inline int tether_take_use(__u32 grant)
+{
+	struct tether_grant_uses *u = bpf_map_lookup_elem(&tether_grant_uses, &grant);
+	if (!u)
+		return 0;
+	if (u->expires_ns && bpf_ktime_get_boot_ns() >= u->expires_ns)
+		return 0;
+	if (u->left <= 0)
+		return 0; /* used up: not decremented further */
+	return __sync_fetch_and_add(&u->left, -1) > 0;
+}
+
 /* tether_egress decides a connect or sendmsg to addr (IPv6 or v4-mapped) and port. */
 static __always_inline int tether_egress(struct tether_decision *d)
 {
@@ -443,6 +464,10 @@ static __always_inline int tether_egress(struct tether_decision *d)
 				continue;
 			if (r->flags & TETHER_PORT_RULE_AUDIT) {
 				audit_hit = 1; /* a rule that allows silently may still follow */
+				continue;
+			}
+			if ((r->flags & TETHER_PORT_RULE_COUNTED) && !tether_take_use(r->grant)) {
+				reason = TETHER_REASON_GRANT_SPENT; /* another rule may still allow */
 				continue;
 			}
 			d->verdict = TETHER_VERDICT_ALLOW;

@@ -24,6 +24,8 @@ enum tether_limits {
 	TETHER_RULE_DATA = 111,
 	/* Processes of agents whose lineage is tracked (LRU: the oldest entries go first). */
 	TETHER_MAX_PROCS = 16384,
+	/* Counted grants (step-up approvals with a use count) in force at once, over all agents. */
+	TETHER_MAX_GRANTS = 4096,
 	/* Parent processes carried in an event. */
 	TETHER_CHAIN_LEN = 4,
 	/* Bytes of a path carried in an event or a lineage entry (truncated, always NUL-terminated). */
@@ -74,6 +76,7 @@ enum tether_reason {
 	TETHER_REASON_SOCKET_TYPE = 5,	   /* a socket type agents may not create */
 	TETHER_REASON_BINARY_UNKNOWN = 6,  /* a rule needs the calling binary, which is not known */
 	TETHER_REASON_AUDIT_RULE = 7,	   /* only an audit rule matched: allowed, reported */
+	TETHER_REASON_GRANT_SPENT = 8,	   /* the matching rule is a counted grant used up or expired */
 };
 
 enum tether_mode {
@@ -92,6 +95,9 @@ enum tether_port_rule_flags {
 	TETHER_PORT_RULE_BINARY = 1 << 0,
 	/* The rule allows and reports as would-deny (audit-deny). */
 	TETHER_PORT_RULE_AUDIT = 1 << 1,
+	/* The rule allows only while tether_grant_uses[grant] has uses left and has not expired;
+	 * each allowed connect or datagram takes one (a step-up approval for N uses). */
+	TETHER_PORT_RULE_COUNTED = 1 << 2,
 };
 
 /* Global counters (per CPU), indexed by enum tether_counter. Go: kernel.Counters. */
@@ -146,8 +152,17 @@ struct tether_port_rule {
 	__u8 flags;    /* enum tether_port_rule_flags */
 	__u16 _pad;
 	__u32 bin_dev; /* kernel encoding (MKDEV), with TETHER_PORT_RULE_BINARY */
-	__u32 _pad2;
+	__u32 grant;   /* index into tether_grant_uses, with TETHER_PORT_RULE_COUNTED */
 	__u64 bin_ino;
+};
+
+/* tether_grant_uses value: a counted grant (a step-up approval). The programs take uses with an
+ * atomic decrement, so no more than the granted number are allowed however fast they come; the
+ * daemon writes a grant before the rule that names it and clears it after. Go:
+ * kernel.bpfTetherGrantUses. */
+struct tether_grant_uses {
+	__s64 left;	   /* uses left; at or below 0, used up */
+	__u64 expires_ns;  /* CLOCK_BOOTTIME; 0: only the uses bound it */
 };
 
 /* Value of an agent's rule set. The header entry uses generation and mode; an egress entry uses

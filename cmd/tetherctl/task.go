@@ -66,6 +66,7 @@ func newTask(g *globals) *cobra.Command {
 	approve.Flags().StringVar(&ap.Action, "action", "", "what is approved (connect, read-secret, ...)")
 	approve.Flags().StringVar(&ap.Resource, "resource", "", "on what (a network name, a secret, ...)")
 	approve.Flags().StringVar(&ap.TTL, "ttl", "15m", "how long the approval holds (never past the task)")
+	approve.Flags().Int64Var(&ap.Uses, "uses", 0, "how many connects it allows, counted by the kernel (0: until it expires)")
 	approve.MarkFlagRequired("action")
 	approve.MarkFlagRequired("resource")
 

@@ -41,6 +41,7 @@ func (r *Registry) decide(ctx context.Context, a *agent) (*dataplane.RuleSet, Co
 	if a.ceiling != nil && a.ctx.Task != nil && err == nil {
 		g = grants.Attenuate(g, *a.ceiling)
 	}
+	counted(&g, a.ctx.Task)
 	if g.ValidUntil != nil && !g.ValidUntil.After(now) {
 		g = grants.Grants{Mode: g.Mode}
 	}
@@ -111,8 +112,7 @@ func (r *Registry) expire(a *agent, now time.Time) {
 	}
 	if !t.ExpiresAt.After(now) {
 		r.log.Info("task expired", "slot", a.slot, "spiffe_id", a.info.SpiffeID, "task", t.ID)
-		r.taskEnded(a, "task expired (no heartbeat renewed it)")
-		a.ctx.Task, a.ceiling = nil, nil
+		r.dropTask(a, "task expired (no heartbeat renewed it)")
 		return
 	}
 	kept := t.Approvals[:0:0]
@@ -121,6 +121,7 @@ func (r *Registry) expire(a *agent, now time.Time) {
 			kept = append(kept, ap)
 		} else {
 			r.log.Info("approval expired", "slot", a.slot, "task", t.ID, "approval", ap.ID)
+			r.closeGrants([]Approval{ap})
 		}
 	}
 	t.Approvals = kept

@@ -60,6 +60,12 @@ type Approval struct {
 	Resource   string    `json:"resource"`
 	ExpiresAt  time.Time `json:"expires_at"`
 	ApprovedBy string    `json:"approved_by,omitempty"`
+	// Uses bounds the connects the rules holding by the approval allow (0: until it expires);
+	// the kernel counts them (counted grant Grant). UsesLeft is what the kernel has left, in
+	// views.
+	Uses     int64  `json:"uses,omitempty"`
+	UsesLeft *int64 `json:"uses_left,omitempty"`
+	Grant    uint32 `json:"grant,omitempty"`
 }
 
 // Evaluator decides an agent's grants from its context (the policy, through the daemon).
@@ -157,6 +163,7 @@ type Registry struct {
 	retired  map[dataplane.Slot]retiredAgent
 	nextSlot dataplane.Slot
 	closed   bool
+	grants   grantPool // counted grants' numbers
 
 	failures, retries, evaluations, evalErrors, refusedRules, installs atomic.Uint64
 }
@@ -476,6 +483,9 @@ func (r *Registry) Unregister(slot dataplane.Slot) error {
 		return err
 	}
 	delete(r.agents, slot)
+	if a.ctx.Task != nil {
+		r.closeGrants(a.ctx.Task.Approvals)
+	}
 	if a.ctx.Task != nil || r.opts.Unregistered != nil {
 		id, task, gone := a.info.SpiffeID, a.ctx.Task, r.opts.Unregistered
 		ended := r.opts.TaskEnded
@@ -753,6 +763,16 @@ func (r *Registry) view(a *agent) Agent {
 	}
 	if a.err != nil {
 		v.Error = a.err.Error()
+	}
+	if v.Task != nil {
+		for i, ap := range v.Task.Approvals {
+			if ap.Uses == 0 || ap.Grant == 0 {
+				continue
+			}
+			if left, err := r.opts.Dataplane.GrantLeft(ap.Grant); err == nil {
+				v.Task.Approvals[i].UsesLeft = &left
+			}
+		}
 	}
 	return v
 }

@@ -76,7 +76,7 @@ func (f *fakeEval) Grants(_ context.Context, c Context) (grants.Grants, error) {
 		// The task type decides the egress: what a policy would do.
 		g.Egress = append(slices.Clone(g.Egress), grants.Egress{CIDR: "192.0.2.0/24", Ports: []grants.PortRange{{Lo: 1, Hi: 1}}})
 		for _, ap := range c.Task.Approvals {
-			g.Egress = append(g.Egress, grants.Egress{CIDR: "198.51.100.0/24", Ports: []grants.PortRange{{Lo: 1, Hi: 1}}, Protocol: ap.Action})
+			g.Egress = append(g.Egress, grants.Egress{CIDR: "198.51.100.0/24", Ports: []grants.PortRange{{Lo: 1, Hi: 1}}, Protocol: ap.Action, Approval: ap.ID})
 		}
 	}
 	return g, nil
@@ -438,7 +438,7 @@ func TestTaskLifecycleReevaluates(t *testing.T) {
 	if !e.ev.last().Task.ExpiresAt.After(time.Now().Add(90 * time.Minute)) {
 		t.Error("renewal did not move the expiry")
 	}
-	if _, err := e.reg.AddApproval(a.Slot, "tcp", "production", "uid:0", time.Hour); err != nil {
+	if _, err := e.reg.AddApproval(a.Slot, "tcp", "production", "uid:0", time.Hour, 0); err != nil {
 		t.Fatal(err)
 	}
 	if c := e.ev.last(); len(c.Task.Approvals) != 1 || c.Task.Approvals[0].ApprovedBy != "uid:0" || egress() != 3 {
@@ -482,7 +482,7 @@ func TestScheduledEvaluations(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.reg.AddApproval(tk.Slot, "udp", "x", "uid:0", 300*time.Millisecond); err != nil {
+	if _, err := e.reg.AddApproval(tk.Slot, "udp", "x", "uid:0", 300*time.Millisecond, 0); err != nil {
 		t.Fatal(err)
 	}
 	entries := func() int { rs, _ := e.dp.RuleSet(tk.Slot); return len(rs.Egress) }
@@ -637,4 +637,75 @@ func waitUntil(t *testing.T, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	t.Fatal("condition not met within 1 s")
+}
+
+// TestApprovalsAreCountedGrants: an approval is a counted grant in the kernel with its uses and
+// expiry, written before the rule that names it; the view shows the uses the kernel has left;
+// the grant is cleared when the task ends or the approval expires; a bad use count or a failed
+// kernel write changes nothing.
+func TestApprovalsAreCountedGrants(t *testing.T) {
+	e := newEnv(t)
+	a := e.register(t, "spiffe://example.org/a")
+	if _, err := e.reg.StartTask(a.Slot, TaskSpec{Type: "coding", TTL: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.reg.AddApproval(a.Slot, "tcp", "production", "uid:0", time.Hour, -1); !errors.Is(err, ErrInvalid) {
+		t.Errorf("negative uses: %v", err)
+	}
+	e.dp.Fail("SetGrant", 4)
+	if _, err := e.reg.AddApproval(a.Slot, "tcp", "production", "uid:0", time.Hour, 2); err == nil {
+		t.Error("an approval whose grant the kernel refused was added")
+	}
+	if got, _ := e.reg.Get(a.Slot); len(got.Task.Approvals) != 0 || len(e.dp.Grants()) != 0 {
+		t.Fatalf("after a failed write: approvals %+v, grants %v", got.Task.Approvals, e.dp.Grants())
+	}
+	got, err := e.reg.AddApproval(a.Slot, "tcp", "production", "uid:0", time.Hour, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ap := got.Task.Approvals[0]
+	g, ok := e.dp.Grants()[ap.Grant]
+	if ap.Grant == 0 || !ok || g.Left != 2 || !g.Expires.Equal(ap.ExpiresAt) {
+		t.Fatalf("approval %+v, kernel grants %v", ap, e.dp.Grants())
+	}
+	rs, _ := e.dp.RuleSet(a.Slot)
+	named := 0
+	for _, eg := range rs.Egress {
+		for _, p := range eg.Ports {
+			if p.Grant == ap.Grant {
+				named++
+			}
+		}
+	}
+	if named != 1 || ap.UsesLeft == nil || *ap.UsesLeft != 2 {
+		t.Errorf("%d kernel rules name the grant, uses left %v", named, ap.UsesLeft)
+	}
+	e.dp.Use(ap.Grant)
+	if v, _ := e.reg.Get(a.Slot); *v.Task.Approvals[0].UsesLeft != 1 {
+		t.Errorf("after a use: %d left", *v.Task.Approvals[0].UsesLeft)
+	}
+	if _, err := e.reg.EndTask(a.Slot); err != nil {
+		t.Fatal(err)
+	}
+	if len(e.dp.Grants()) != 0 {
+		t.Errorf("task ended, grants still in force: %v", e.dp.Grants())
+	}
+
+	// An approval that expires takes its grant with it.
+	if _, err := e.reg.StartTask(a.Slot, TaskSpec{Type: "coding", TTL: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.reg.AddApproval(a.Slot, "udp", "x", "uid:0", 200*time.Millisecond, 0); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(e.dp.Grants()); n != 1 {
+		t.Fatalf("%d grants, want 1", n)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for len(e.dp.Grants()) != 0 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if len(e.dp.Grants()) != 0 {
+		t.Errorf("approval expired, grant still in force: %v", e.dp.Grants())
+	}
 }

@@ -20,6 +20,9 @@ type TaskSpec struct {
 	TTL         time.Duration // the task expires unless renewed
 }
 
+// MaxApprovalUses bounds an approval's use count.
+const MaxApprovalUses = 1_000_000
+
 // MaxTaskTTL bounds a task's (and an approval's) lifetime between renewals.
 const MaxTaskTTL = 24 * time.Hour
 
@@ -89,20 +92,22 @@ func (r *Registry) EndTask(slot dataplane.Slot) (Agent, error) {
 			return fmt.Errorf("%w: agent %d has no task", ErrTask, slot)
 		}
 		r.log.Info("task ended", "slot", slot, "spiffe_id", a.info.SpiffeID, "task", a.ctx.Task.ID)
-		r.taskEnded(a, "task ended")
-		a.ctx.Task, a.ceiling = nil, nil
+		r.dropTask(a, "task ended")
 		return nil
 	})
 }
 
 // AddApproval records an approved step-up on the agent's task; it expires after ttl (and with
 // the task).
-func (r *Registry) AddApproval(slot dataplane.Slot, action, resource, approvedBy string, ttl time.Duration) (Agent, error) {
+func (r *Registry) AddApproval(slot dataplane.Slot, action, resource, approvedBy string, ttl time.Duration, uses int64) (Agent, error) {
 	if !token.MatchString(action) || resource == "" || len(resource) > 256 {
 		return Agent{}, fmt.Errorf("%w: approval: want an action (letters, digits, ._:/-) and a resource of 1-256 bytes", ErrInvalid)
 	}
 	if ttl <= 0 || ttl > MaxTaskTTL {
 		return Agent{}, fmt.Errorf("%w: approval ttl %s: want more than 0 and at most %s", ErrInvalid, ttl, MaxTaskTTL)
+	}
+	if uses < 0 || uses > MaxApprovalUses {
+		return Agent{}, fmt.Errorf("%w: approval uses %d: want 0 (until it expires) to %d", ErrInvalid, uses, MaxApprovalUses)
 	}
 	return r.change(slot, func(a *agent) error {
 		t := a.ctx.Task
@@ -113,9 +118,13 @@ func (r *Registry) AddApproval(slot dataplane.Slot, action, resource, approvedBy
 		if t.ExpiresAt.Before(expires) {
 			expires = t.ExpiresAt
 		}
-		ap := Approval{ID: "approval-" + randomSuffix(), Action: action, Resource: resource, ExpiresAt: expires, ApprovedBy: approvedBy}
+		grant, err := r.openGrant(uses, expires)
+		if err != nil {
+			return err
+		}
+		ap := Approval{ID: "approval-" + randomSuffix(), Action: action, Resource: resource, ExpiresAt: expires, ApprovedBy: approvedBy, Uses: uses, Grant: grant}
 		t.Approvals = append(slices.Clone(t.Approvals), ap)
-		r.log.Info("approval added", "slot", slot, "task", t.ID, "approval", ap.ID, "action", action, "resource", resource, "by", approvedBy, "expires", ap.ExpiresAt)
+		r.log.Info("approval added", "slot", slot, "task", t.ID, "approval", ap.ID, "action", action, "resource", resource, "by", approvedBy, "expires", ap.ExpiresAt, "uses", uses, "grant", grant)
 		return nil
 	})
 }
@@ -145,8 +154,7 @@ func (r *Registry) Revoke(slot dataplane.Slot) (Agent, error) {
 		a.ctx.Revoked = true
 		// The task and its credentials go with the identity: a new one starts once the agent has
 		// an identity again.
-		r.taskEnded(a, "identity revoked")
-		a.ctx.Task, a.ceiling = nil, nil
+		r.dropTask(a, "identity revoked")
 		return nil
 	})
 }

@@ -67,6 +67,9 @@ type ApprovalRequest struct {
 	Action   string `json:"action"`
 	Resource string `json:"resource"`
 	TTL      string `json:"ttl"`
+	// Uses bounds the connects the approval allows (the kernel counts them); 0: until it
+	// expires.
+	Uses int64 `json:"uses,omitempty"`
 }
 
 // PolicyEvalRequest evaluates one decision of the policy in force.
@@ -167,7 +170,7 @@ type Service interface {
 	StartTask(slot dataplane.Slot, t agents.TaskSpec) (agents.Agent, error)
 	RenewTask(slot dataplane.Slot, ttl time.Duration) (agents.Agent, error)
 	EndTask(slot dataplane.Slot) (agents.Agent, error)
-	AddApproval(slot dataplane.Slot, action, resource, approvedBy string, ttl time.Duration) (agents.Agent, error)
+	AddApproval(slot dataplane.Slot, action, resource, approvedBy string, ttl time.Duration, uses int64) (agents.Agent, error)
 	ReloadPolicy(ctx context.Context, why string) (PolicyStatus, error)
 	EvalPolicy(ctx context.Context, query string, input json.RawMessage) (any, error)
 	TaskCredential(slot dataplane.Slot) (credentials.Credential, error)

@@ -82,7 +82,7 @@ func (f *fakeService) EndTask(s dataplane.Slot) (agents.Agent, error) {
 	f.record("end")
 	return f.agents[s], nil
 }
-func (f *fakeService) AddApproval(s dataplane.Slot, action, resource, by string, ttl time.Duration) (agents.Agent, error) {
+func (f *fakeService) AddApproval(s dataplane.Slot, action, resource, by string, ttl time.Duration, uses int64) (agents.Agent, error) {
 	f.record("approve " + action + " " + resource + " " + by + " " + ttl.String())
 	return f.agents[s], nil
 }

@@ -531,8 +531,10 @@ func (s *Server) addApproval(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	by := fmt.Sprintf("uid:%d", caller(r).UID)
-	s.log.Info("API approval", "slot", a.Slot, "action", req.Action, "resource", req.Resource, "by", by)
-	s.result(w, func() (agents.Agent, error) { return s.svc.AddApproval(a.Slot, req.Action, req.Resource, by, ttl) })
+	s.log.Info("API approval", "slot", a.Slot, "action", req.Action, "resource", req.Resource, "uses", req.Uses, "by", by)
+	s.result(w, func() (agents.Agent, error) {
+		return s.svc.AddApproval(a.Slot, req.Action, req.Resource, by, ttl, req.Uses)
+	})
 }
 
 func (s *Server) taskCredential(w http.ResponseWriter, r *http.Request) {

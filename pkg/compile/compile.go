@@ -232,9 +232,13 @@ func (c *compiler) egress(ctx context.Context, where string, e grants.Egress, ou
 			return out
 		}
 	}
+	if e.Approval != "" && (e.Grant == 0 || e.Audit) {
+		c.refuse(where, "holds by approval %q, which is not in force as a counted grant (or the rule is an audit rule, which allows nothing to count)", e.Approval)
+		return out
+	}
 	for _, p := range prefixes {
 		for _, r := range ports {
-			out = append(out, prefixRule{p, dataplane.PortRule{Proto: proto, Lo: r.Lo, Hi: r.Hi, Binary: bin, Audit: e.Audit}})
+			out = append(out, prefixRule{p, dataplane.PortRule{Proto: proto, Lo: r.Lo, Hi: r.Hi, Binary: bin, Audit: e.Audit, Grant: e.Grant}})
 		}
 	}
 	return out
@@ -408,24 +412,26 @@ func simplify(rules []dataplane.PortRule) []dataplane.PortRule {
 		return rules
 	}
 	slices.SortFunc(rules, func(a, b dataplane.PortRule) int {
-		return cmp.Or(compareBool(a.Audit, b.Audit), cmp.Compare(a.Binary.Dev, b.Binary.Dev), cmp.Compare(a.Binary.Ino, b.Binary.Ino),
+		return cmp.Or(compareBool(a.Audit, b.Audit), cmp.Compare(a.Grant, b.Grant), cmp.Compare(a.Binary.Dev, b.Binary.Dev), cmp.Compare(a.Binary.Ino, b.Binary.Ino),
 			cmp.Compare(a.Proto, b.Proto), cmp.Compare(a.Lo, b.Lo), cmp.Compare(a.Hi, b.Hi))
 	})
 	var joined []dataplane.PortRule
 	for _, r := range rules {
 		if n := len(joined); n > 0 {
 			last := &joined[n-1]
-			if last.Proto == r.Proto && last.Binary == r.Binary && last.Audit == r.Audit && uint32(r.Lo) <= uint32(last.Hi)+1 {
+			if last.Proto == r.Proto && last.Binary == r.Binary && last.Audit == r.Audit && last.Grant == r.Grant && uint32(r.Lo) <= uint32(last.Hi)+1 {
 				last.Hi = max(last.Hi, r.Hi)
 				continue
 			}
 		}
 		joined = append(joined, r)
 	}
+	// A counted rule contains only rules of its own grant; any rule that allows without
+	// counting contains a counted one.
 	contains := func(a, b dataplane.PortRule) bool {
 		return (a.Proto == dataplane.ProtoAny || a.Proto == b.Proto) &&
 			(a.Binary.IsZero() || a.Binary == b.Binary) && a.Lo <= b.Lo && b.Hi <= a.Hi &&
-			(!a.Audit || b.Audit)
+			(!a.Audit || b.Audit) && (a.Grant == 0 || a.Grant == b.Grant)
 	}
 	out := joined[:0:0]
 	for i, r := range joined {

@@ -430,3 +430,41 @@ func BenchmarkCompileEgress(b *testing.B) {
 		})
 	}
 }
+
+// TestCountedGrants: a rule that holds by an approval carries its counted grant into the kernel
+// rule, also where a covering prefix passes it on; it is joined only with rules of its own grant,
+// dropped where an uncounted rule allows the same, and refused without a grant or as an audit
+// rule.
+func TestCountedGrants(t *testing.T) {
+	tcp := func(lo, hi uint16, grant uint32) dataplane.PortRule {
+		return dataplane.PortRule{Proto: dataplane.ProtoTCP, Lo: lo, Hi: hi, Grant: grant}
+	}
+	one := []grants.PortRange{{Lo: 443, Hi: 443}}
+	res := Compile(context.Background(), grants.Grants{Egress: []grants.Egress{
+		{CIDR: "10.0.0.0/8", Ports: one, Protocol: "tcp", Approval: "a1", Grant: 3},
+		{CIDR: "10.0.0.0/8", Ports: []grants.PortRange{{Lo: 444, Hi: 444}}, Protocol: "tcp", Approval: "a1", Grant: 3},
+		{CIDR: "10.0.0.0/8", Ports: []grants.PortRange{{Lo: 445, Hi: 445}}, Protocol: "tcp", Approval: "a2", Grant: 4},
+		{CIDR: "10.1.0.0/16", Ports: []grants.PortRange{{Lo: 80, Hi: 80}}, Protocol: "tcp"},
+		{CIDR: "192.0.2.1", Ports: one, Protocol: "tcp", Approval: "a3", Grant: 5},
+		{CIDR: "192.0.2.1", Ports: one, Protocol: "tcp"},
+		{CIDR: "192.0.2.2", Ports: one, Protocol: "tcp", Approval: "none"},
+		{CIDR: "192.0.2.3", Ports: one, Protocol: "tcp", Approval: "a4", Grant: 6, Audit: true},
+	}}, Options{Files: files})
+	got := map[netip.Prefix][]dataplane.PortRule{}
+	for _, e := range res.RuleSet.Egress {
+		got[e.Prefix] = e.Ports
+	}
+	want := map[netip.Prefix][]dataplane.PortRule{
+		pr("10.0.0.0/8"):   {tcp(443, 444, 3), tcp(445, 445, 4)},
+		pr("10.1.0.0/16"):  {tcp(80, 80, 0), tcp(443, 444, 3), tcp(445, 445, 4)},
+		pr("192.0.2.1/32"): {tcp(443, 443, 0)},
+	}
+	for p, w := range want {
+		if !reflect.DeepEqual(got[p], w) {
+			t.Errorf("%s: got %v\nwant %v", p, got[p], w)
+		}
+	}
+	if len(res.Refused) != 2 || !strings.Contains(res.Refused[0].Reason, `approval "none"`) || !strings.Contains(res.Refused[1].Reason, `approval "a4"`) {
+		t.Errorf("refused %v: want the rule without a grant and the audit rule", res.Refused)
+	}
+}

@@ -558,8 +558,8 @@ func (d *Daemon) RenewTask(slot dataplane.Slot, ttl time.Duration) (agents.Agent
 
 func (d *Daemon) EndTask(slot dataplane.Slot) (agents.Agent, error) { return d.registry.EndTask(slot) }
 
-func (d *Daemon) AddApproval(slot dataplane.Slot, action, resource, by string, ttl time.Duration) (agents.Agent, error) {
-	return d.registry.AddApproval(slot, action, resource, by, ttl)
+func (d *Daemon) AddApproval(slot dataplane.Slot, action, resource, by string, ttl time.Duration, uses int64) (agents.Agent, error) {
+	return d.registry.AddApproval(slot, action, resource, by, ttl, uses)
 }
 
 func (d *Daemon) escalationStatus() api.EscalationStatus {

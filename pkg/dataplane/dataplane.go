@@ -91,7 +91,14 @@ type PortRule struct {
 	Lo, Hi uint16
 	Binary FileID // zero: any binary
 	Audit  bool
+	// Grant, when not zero, makes the rule a counted grant: it allows only while the kernel's
+	// grant Grant (SetGrant) has uses left and has not expired, and each allowed connect or
+	// datagram takes a use.
+	Grant uint32
 }
+
+// MaxGrants bounds the counted grants in force at once (TETHER_MAX_GRANTS); grant 0 is none.
+const MaxGrants = 4096
 
 // ExecRule allows executing one file; an audit rule allows and reports it as would-deny.
 type ExecRule struct {
@@ -212,9 +219,10 @@ const (
 	ReasonSocketType
 	ReasonBinaryUnknown
 	ReasonAuditRule
+	ReasonGrantSpent
 )
 
-var reasonNames = [...]string{"rule", "no-rule", "killed", "unknown-cgroup", "no-ruleset", "socket-type", "binary-unknown", "audit-rule"}
+var reasonNames = [...]string{"rule", "no-rule", "killed", "unknown-cgroup", "no-ruleset", "socket-type", "binary-unknown", "audit-rule", "grant-spent"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) {
@@ -302,4 +310,10 @@ type Dataplane interface {
 	Infos() (map[Slot]Info, error)
 	Counters() (Counters, error)
 	AgentCounts(slot Slot) (AgentCounts, error)
+	// SetGrant puts counted grant i (1 to MaxGrants-1) in force: uses connects or datagrams of
+	// the rules that name it, until expires (zero: no expiry). ClearGrant ends it; GrantLeft
+	// reads its uses left.
+	SetGrant(i uint32, uses int64, expires time.Time) error
+	GrantLeft(i uint32) (int64, error)
+	ClearGrant(i uint32) error
 }

@@ -44,6 +44,12 @@ type Egress struct {
 	Binary string `json:"binary,omitempty"`
 	// Audit allows the traffic but reports it as would-deny: a rule being phased out.
 	Audit bool `json:"audit,omitempty"`
+	// Approval names the step-up approval (input.task.approvals[_].id) the rule holds by: the
+	// kernel then allows it only for the approval's uses and until it expires (a counted grant).
+	Approval string `json:"approval,omitempty"`
+	// Grant is the kernel's counted grant of Approval: tether sets it before compiling (the
+	// policy cannot). A rule whose approval has none is refused.
+	Grant uint32 `json:"-"`
 }
 
 // Exec allows executing a file, named by an absolute path or a glob of them.

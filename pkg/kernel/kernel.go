@@ -91,6 +91,7 @@ type Kernel struct {
 	counters      *ebpf.Map
 	agentCounters *ebpf.Map
 	agentInfo     *ebpf.Map
+	grants        *ebpf.Map
 	config        *ebpf.Map
 	innerSpec     *ebpf.MapSpec
 	bootTime      time.Time
@@ -218,6 +219,7 @@ func (k *Kernel) load() error {
 	k.counters = coll.Maps[bpfMapTetherCounters]
 	k.agentCounters = coll.Maps[bpfMapTetherAgentCounters]
 	k.agentInfo = coll.Maps[bpfMapTetherAgentInfo]
+	k.grants = coll.Maps[bpfMapTetherGrantUses]
 	k.config = coll.Maps[bpfMapTetherConfig]
 	if k.graceMap, err = ebpf.NewMap(k.innerSpec); err != nil {
 		return fmt.Errorf("creating the grace-period trie: %w", err)

@@ -14,7 +14,7 @@ import (
 
 // stateMaps hold what must survive a restart; their layout decides whether pins can be adopted.
 var stateMaps = []string{bpfMapTetherCgroups, bpfMapTetherAgents, bpfMapTetherRulesets,
-	bpfMapTetherProcs, bpfMapTetherAgentCounters, bpfMapTetherAgentInfo, bpfMapTetherConfig}
+	bpfMapTetherProcs, bpfMapTetherAgentCounters, bpfMapTetherAgentInfo, bpfMapTetherConfig, bpfMapTetherGrantUses}
 
 const layoutPin = "tether_layout"
 

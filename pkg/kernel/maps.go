@@ -98,8 +98,48 @@ func egressValue(e dataplane.Egress) (bpfTetherRuleValue, error) {
 		if p.Audit {
 			r.Flags |= uint8(bpfTetherPortRuleFlagsTETHER_PORT_RULE_AUDIT)
 		}
+		if p.Grant != 0 {
+			if p.Grant >= dataplane.MaxGrants || p.Audit {
+				return bpfTetherRuleValue{}, fmt.Errorf("prefix %s: counted grant %d: want 1-%d, on a rule that allows", e.Prefix, p.Grant, dataplane.MaxGrants-1)
+			}
+			r.Flags |= uint8(bpfTetherPortRuleFlagsTETHER_PORT_RULE_COUNTED)
+			r.Grant = p.Grant
+		}
 	}
 	return v, nil
+}
+
+// SetGrant puts counted grant i in force: uses connects or datagrams, until expires (zero: no
+// expiry). Write it before the rule set that names it.
+func (k *Kernel) SetGrant(i uint32, uses int64, expires time.Time) error {
+	if i == 0 || i >= dataplane.MaxGrants || uses < 0 {
+		return fmt.Errorf("counted grant %d with %d uses: want 1-%d and uses not negative", i, uses, dataplane.MaxGrants-1)
+	}
+	v := bpfTetherGrantUses{Left: uses}
+	if !expires.IsZero() {
+		v.ExpiresNs = uint64(max(expires.Sub(k.bootTime), 1))
+	}
+	if err := k.grants.Put(i, v); err != nil {
+		return fmt.Errorf("writing counted grant %d: %w", i, err)
+	}
+	return nil
+}
+
+// GrantLeft reads how many uses counted grant i has left (0 when used up or cleared).
+func (k *Kernel) GrantLeft(i uint32) (int64, error) {
+	var v bpfTetherGrantUses
+	if err := k.grants.Lookup(i, &v); err != nil {
+		return 0, fmt.Errorf("reading counted grant %d: %w", i, err)
+	}
+	return max(v.Left, 0), nil
+}
+
+// ClearGrant ends counted grant i: a rule that still names it allows nothing more.
+func (k *Kernel) ClearGrant(i uint32) error {
+	if err := k.grants.Put(i, bpfTetherGrantUses{}); err != nil {
+		return fmt.Errorf("clearing counted grant %d: %w", i, err)
+	}
+	return nil
 }
 
 func execKey(f dataplane.FileID) bpfTetherRuleKey {

@@ -98,6 +98,12 @@ type bpfTetherEvent struct {
 	Target [128]int8
 }
 
+type bpfTetherGrantUses struct {
+	_         structs.HostLayout
+	Left      int64
+	ExpiresNs uint64
+}
+
 type bpfTetherKind uint32
 
 const (
@@ -123,6 +129,7 @@ const (
 	bpfTetherLimitsTETHER_MAX_PORT_RULES  bpfTetherLimits = 16
 	bpfTetherLimitsTETHER_RULE_DATA       bpfTetherLimits = 111
 	bpfTetherLimitsTETHER_MAX_PROCS       bpfTetherLimits = 16384
+	bpfTetherLimitsTETHER_MAX_GRANTS      bpfTetherLimits = 4096
 	bpfTetherLimitsTETHER_CHAIN_LEN       bpfTetherLimits = 4
 	bpfTetherLimitsTETHER_PATH_LEN        bpfTetherLimits = 128
 	bpfTetherLimitsTETHER_UNIX_PATH_LEN   bpfTetherLimits = 108
@@ -139,8 +146,9 @@ const (
 type bpfTetherPortRuleFlags uint32
 
 const (
-	bpfTetherPortRuleFlagsTETHER_PORT_RULE_BINARY bpfTetherPortRuleFlags = 1
-	bpfTetherPortRuleFlagsTETHER_PORT_RULE_AUDIT  bpfTetherPortRuleFlags = 2
+	bpfTetherPortRuleFlagsTETHER_PORT_RULE_BINARY  bpfTetherPortRuleFlags = 1
+	bpfTetherPortRuleFlagsTETHER_PORT_RULE_AUDIT   bpfTetherPortRuleFlags = 2
+	bpfTetherPortRuleFlagsTETHER_PORT_RULE_COUNTED bpfTetherPortRuleFlags = 4
 )
 
 type bpfTetherProc struct {
@@ -166,6 +174,7 @@ const (
 	bpfTetherReasonTETHER_REASON_SOCKET_TYPE    bpfTetherReason = 5
 	bpfTetherReasonTETHER_REASON_BINARY_UNKNOWN bpfTetherReason = 6
 	bpfTetherReasonTETHER_REASON_AUDIT_RULE     bpfTetherReason = 7
+	bpfTetherReasonTETHER_REASON_GRANT_SPENT    bpfTetherReason = 8
 )
 
 type bpfTetherRuleKey struct {
@@ -197,7 +206,7 @@ type bpfTetherRuleValue struct {
 		Flags  uint8
 		Pad    uint16
 		BinDev uint32
-		Pad2   uint32
+		Grant  uint32
 		BinIno uint64
 	}
 }
@@ -229,6 +238,7 @@ const (
 	bpfMapTetherConfig             = "tether_config"
 	bpfMapTetherCounters           = "tether_counters"
 	bpfMapTetherEvents             = "tether_events"
+	bpfMapTetherGrantUses          = "tether_grant_uses"
 	bpfMapTetherProcs              = "tether_procs"
 	bpfMapTetherRulesets           = "tether_rulesets"
 	bpfMapTetherSlotCache          = "tether_slot_cache"
@@ -319,6 +329,7 @@ type bpfMapSpecs struct {
 	TetherConfig        *ebpf.MapSpec `ebpf:"tether_config"`
 	TetherCounters      *ebpf.MapSpec `ebpf:"tether_counters"`
 	TetherEvents        *ebpf.MapSpec `ebpf:"tether_events"`
+	TetherGrantUses     *ebpf.MapSpec `ebpf:"tether_grant_uses"`
 	TetherProcs         *ebpf.MapSpec `ebpf:"tether_procs"`
 	TetherRulesets      *ebpf.MapSpec `ebpf:"tether_rulesets"`
 	TetherSlotCache     *ebpf.MapSpec `ebpf:"tether_slot_cache"`
@@ -361,6 +372,7 @@ type bpfMaps struct {
 	TetherConfig        *ebpf.Map `ebpf:"tether_config"`
 	TetherCounters      *ebpf.Map `ebpf:"tether_counters"`
 	TetherEvents        *ebpf.Map `ebpf:"tether_events"`
+	TetherGrantUses     *ebpf.Map `ebpf:"tether_grant_uses"`
 	TetherProcs         *ebpf.Map `ebpf:"tether_procs"`
 	TetherRulesets      *ebpf.Map `ebpf:"tether_rulesets"`
 	TetherSlotCache     *ebpf.Map `ebpf:"tether_slot_cache"`
@@ -375,6 +387,7 @@ func (m *bpfMaps) Close() error {
 		m.TetherConfig,
 		m.TetherCounters,
 		m.TetherEvents,
+		m.TetherGrantUses,
 		m.TetherProcs,
 		m.TetherRulesets,
 		m.TetherSlotCache,

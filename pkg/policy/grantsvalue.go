@@ -236,6 +236,8 @@ func (d *decoder) egress(v ast.Value) grants.Egress {
 			e.Binary = d.str(v)
 		case "audit":
 			e.Audit = d.bool(v)
+		case "approval":
+			e.Approval = d.str(v)
 		default:
 			d.unknown()
 		}

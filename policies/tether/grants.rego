@@ -88,18 +88,25 @@ sensitivity_allows(r) if not restricted
 
 sensitivity_allows(r) if r.network in settings.internal_networks
 
-# In production, a rule marked production needs an approved step-up for its network.
-environment_allows(r) if not r.production
+# In production, a rule marked production needs an approved step-up for its network. holds(r)
+# says on what a rule holds: by itself ({}), or in production by each live approval of its
+# network ({"approval": id}): tether has the kernel count that approval's uses and enforce its
+# expiry on the rule.
+holds(r) := [{}] if not r.production
 
-environment_allows(r) if {
+holds(r) := [{}] if {
 	r.production
 	input.env.environment != "production"
 }
 
-environment_allows(r) if {
+holds(r) := [{"approval": a.id} |
+	some a in input.task.approvals
+	a.action == "connect"
+	a.resource == r.network
+	time.parse_rfc3339_ns(a.expires_at) > now_ns
+] if {
 	r.production
 	input.env.environment == "production"
-	approved("connect", r.network)
 }
 
 approved(action, resource) if {
@@ -137,10 +144,10 @@ network_egress contains rule if {
 	some r in network_rules
 	chain_holds(r)
 	sensitivity_allows(r)
-	environment_allows(r)
 	window_allows(r)
+	some held in holds(r)
 	cidrs := {"cidrs": object.get(settings.networks, r.network, [])}
-	rule := object.union(object.union(object.remove(r, {"network", "production", "window"}), cidrs), chain(r))
+	rule := object.union(object.union(object.union(object.remove(r, {"network", "production", "window"}), cidrs), chain(r)), held)
 }
 
 egress := array.concat(written_egress, [r | some r in network_egress])

@@ -87,6 +87,13 @@ test_production_needs_approved_stepup if {
 	t := object.union(task("incident-response", "internal"), {"approvals": [{"id": "a1", "action": "connect", "resource": "production", "expires_at": "2026-11-25T11:00:00Z", "approved_by": "uid:0"}]})
 	g2 := tether.grants with input as ctx(t, prod, morning)
 	count(egress_to(g2, "production")) > 0
+	every r in egress_to(g2, "production") {
+		r.approval == "a1" # the kernel counts the approval's uses on it
+	}
+	# Two approvals: a rule for each, each counted on its own.
+	t3 := object.union(t, {"approvals": array.concat(t.approvals, [{"id": "a2", "action": "connect", "resource": "production", "expires_at": "2026-11-25T11:00:00Z"}])})
+	g3 := tether.grants with input as ctx(t3, prod, morning)
+	{r.approval | some r in egress_to(g3, "production")} == {"a1", "a2"}
 }
 
 test_expired_approval_does_not_count if {

@@ -195,7 +195,7 @@ func measurePolicy(e *env, o options) (*policyResults, error) {
 				return nil, err
 			}
 			approve, err := timed(func() (agents.Agent, error) {
-				return reg.AddApproval(a.Slot, "connect", "production", "bench", time.Hour)
+				return reg.AddApproval(a.Slot, "connect", "production", "bench", time.Hour, 0)
 			})
 			if err != nil {
 				return nil, err

@@ -512,7 +512,7 @@ func (w *world) nextContext(t *testing.T, rng *rand.Rand, reg *agents.Registry, 
 		}
 		if view, _ = reg.Get(a.slot); view.Task != nil && rng.IntN(3) == 0 {
 			ttl := time.Minute * time.Duration(1+rng.IntN(120))
-			if _, err := reg.AddApproval(a.slot, "connect", pick(rng, resources), "tester", ttl); err != nil {
+			if _, err := reg.AddApproval(a.slot, "connect", pick(rng, resources), "tester", ttl, 0); err != nil {
 				t.Fatal(err)
 			}
 		}

@@ -293,7 +293,8 @@ func frozen(cg string) bool {
 
 // TestPrivilegedTaskAndApprovalThroughTetherctl changes an agent's context with tetherctl and
 // checks the kernel follows: a task of a wider type opens a port, an approved step-up opens the
-// production network until the approval expires, and ending the task closes what it opened.
+// production network until the approval expires (or, approved for N uses, for N connects, counted
+// by the kernel), and ending the task closes what it opened.
 func TestPrivilegedTaskAndApprovalThroughTetherctl(t *testing.T) {
 	h := privtest.NewHost(t)
 	base, _ := tcpPort(t, h)
@@ -340,6 +341,17 @@ func TestPrivilegedTaskAndApprovalThroughTetherctl(t *testing.T) {
 	if got := dial(); !slices.Equal(got, []string{"ok", "ok", "eperm"}) {
 		t.Fatalf("after the approval expired: %v", got)
 	}
+	// An approval for two uses: the kernel counts them and denies the third connect.
+	d.ctl("task", "approve", agentID, "--action", "connect", "--resource", "prodnet", "--ttl", "10m", "--uses", "2")
+	if got := privtest.Dial(t, cg, "tcp", at(prod), "tcp", at(prod), "tcp", at(prod), "tcp", at(base)); !slices.Equal(got, []string{"ok", "ok", "eperm", "ok"}) {
+		t.Fatalf("with an approval for 2 uses: %v", got)
+	}
+	if a := d.agents()[0]; len(a.Task.Approvals) != 1 || a.Task.Approvals[0].UsesLeft == nil || *a.Task.Approvals[0].UsesLeft != 0 {
+		t.Errorf("after the uses: %+v", a.Task.Approvals)
+	}
+	d.decision("the third connect denied as a spent grant", func(r events.Decision) bool {
+		return r.Verdict == "deny" && r.Reason == "grant-spent" && r.Destination == at(prod)
+	})
 	d.ctl("task", "end", agentID)
 	if got := dial(); !slices.Equal(got, []string{"ok", "eperm", "eperm"}) {
 		t.Fatalf("after the task ended: %v", got)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"maps"
 	"sync"
+	"time"
 
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
@@ -21,6 +22,7 @@ type Fake struct {
 	rules    map[dataplane.Slot]dataplane.RuleSet
 	infos    map[dataplane.Slot]dataplane.Info
 	counts   map[dataplane.Slot]dataplane.AgentCounts
+	grants   map[uint32]Grant
 	failures map[string]int // method -> how many next calls fail
 	Calls    []string
 	// BeforeClear, if set, runs at the start of every Clear, without the fake's lock.
@@ -34,6 +36,7 @@ func New() *Fake {
 		rules:    map[dataplane.Slot]dataplane.RuleSet{},
 		infos:    map[dataplane.Slot]dataplane.Info{},
 		counts:   map[dataplane.Slot]dataplane.AgentCounts{},
+		grants:   map[uint32]Grant{},
 		failures: map[string]int{},
 	}
 }
@@ -157,6 +160,54 @@ func (f *Fake) AgentCounts(slot dataplane.Slot) (dataplane.AgentCounts, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.counts[slot], nil
+}
+
+// Grant is a counted grant as the fake holds it.
+type Grant struct {
+	Left    int64
+	Expires time.Time
+}
+
+func (f *Fake) SetGrant(i uint32, uses int64, expires time.Time) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.call("SetGrant"); err != nil {
+		return err
+	}
+	f.grants[i] = Grant{uses, expires}
+	return nil
+}
+
+func (f *Fake) GrantLeft(i uint32) (int64, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.grants[i].Left, nil
+}
+
+func (f *Fake) ClearGrant(i uint32) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.call("ClearGrant"); err != nil {
+		return err
+	}
+	delete(f.grants, i)
+	return nil
+}
+
+// Grants returns the counted grants in force.
+func (f *Fake) Grants() map[uint32]Grant {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return maps.Clone(f.grants)
+}
+
+// Use takes a use of grant i, as a connect would.
+func (f *Fake) Use(i uint32) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	g := f.grants[i]
+	g.Left--
+	f.grants[i] = g
 }
 
 var _ dataplane.Dataplane = (*Fake)(nil)

@@ -72,6 +72,7 @@ vet:
 FUZZTIME ?= 30s
 fuzz:
 	$(GO) test ./pkg/api -run XXX -fuzz FuzzDecodeRegister -fuzztime $(FUZZTIME)
+	$(GO) test ./pkg/api -run XXX -fuzz FuzzDecodeStepup -fuzztime $(FUZZTIME)
 	$(GO) test ./pkg/config -run XXX -fuzz FuzzParse -fuzztime $(FUZZTIME)
 	$(GO) test ./pkg/compile -run XXX -fuzz FuzzCompile -fuzztime $(FUZZTIME)
 	$(GO) test ./pkg/kernel -run XXX -fuzz FuzzDecodeEvent -fuzztime $(FUZZTIME)

@@ -40,7 +40,7 @@ func newRoot() *cobra.Command {
 		socket = "/run/tether/tether.sock"
 	}
 	root.PersistentFlags().StringVar(&g.socket, "socket", socket, "tetherd's control socket (env TETHER_SOCKET)")
-	root.AddCommand(newRun(g), newStatus(g), newAgents(g), newMode(g), newSetKilled(g), newUnregister(g), newTask(g), newCredential(g), newKill(g), newResume(g), newReadmit(g), newKills(g), newEvents(g), newPolicy(g))
+	root.AddCommand(newRun(g), newStatus(g), newAgents(g), newMode(g), newSetKilled(g), newUnregister(g), newTask(g), newCredential(g), newKill(g), newResume(g), newReadmit(g), newKills(g), newEvents(g), newPolicy(g), newStepup(g), newApprovals(g), newApprove(g), newDeny(g))
 	return root
 }
 

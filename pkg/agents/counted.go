@@ -72,6 +72,36 @@ func (r *Registry) closeGrants(aps []Approval) {
 	}
 }
 
+// spent reports whether the kernel has taken every use of a counted approval. Call with r.mu
+// held.
+func (r *Registry) spent(ap Approval) bool {
+	if ap.Uses == 0 || ap.Grant == 0 {
+		return false
+	}
+	left, err := r.opts.Dataplane.GrantLeft(ap.Grant)
+	return err == nil && left == 0
+}
+
+// DropSpent evaluates the agent in slot again if one of its approvals is used up, so that the
+// rules holding by it go (the kernel has denied them since the last use already). The daemon
+// calls it when the kernel reports a spent grant.
+func (r *Registry) DropSpent(slot dataplane.Slot) error {
+	r.mu.Lock()
+	a, ok := r.live(slot)
+	spent := false
+	if ok && a.ctx.Task != nil {
+		for _, ap := range a.ctx.Task.Approvals {
+			spent = spent || r.spent(ap)
+		}
+	}
+	r.mu.Unlock()
+	if !spent {
+		return nil
+	}
+	_, err := r.change(slot, func(*agent) error { return nil })
+	return err
+}
+
 // dropTask ends a's task and the counted grants of its approvals. Call with r.mu held.
 func (r *Registry) dropTask(a *agent, reason string) {
 	r.taskEnded(a, reason)

@@ -117,11 +117,15 @@ func (r *Registry) expire(a *agent, now time.Time) {
 	}
 	kept := t.Approvals[:0:0]
 	for _, ap := range t.Approvals {
-		if ap.ExpiresAt.After(now) {
-			kept = append(kept, ap)
-		} else {
+		switch {
+		case !ap.ExpiresAt.After(now):
 			r.log.Info("approval expired", "slot", a.slot, "task", t.ID, "approval", ap.ID)
 			r.closeGrants([]Approval{ap})
+		case r.spent(ap):
+			r.log.Info("approval used up", "slot", a.slot, "task", t.ID, "approval", ap.ID, "uses", ap.Uses)
+			r.closeGrants([]Approval{ap})
+		default:
+			kept = append(kept, ap)
 		}
 	}
 	t.Approvals = kept

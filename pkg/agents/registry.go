@@ -670,6 +670,20 @@ func (r *Registry) Covers(path string) bool {
 	return false
 }
 
+// SlotOfCgroup returns the agent whose cgroup is path or the nearest one above it.
+func (r *Registry) SlotOfCgroup(path string) (dataplane.Slot, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	best, found, depth := dataplane.Slot(0), false, -1
+	for slot, a := range r.agents {
+		p := strings.TrimSuffix(a.info.CgroupPath, "/")
+		if (path == p || strings.HasPrefix(path, p+"/")) && len(p) > depth && !a.removing {
+			best, found, depth = slot, true, len(p)
+		}
+	}
+	return best, found
+}
+
 // ContextOf returns the context of the agent in slot.
 func (r *Registry) ContextOf(slot dataplane.Slot) (Context, bool) {
 	r.mu.Lock()

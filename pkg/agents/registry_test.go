@@ -684,6 +684,21 @@ func TestApprovalsAreCountedGrants(t *testing.T) {
 	if v, _ := e.reg.Get(a.Slot); *v.Task.Approvals[0].UsesLeft != 1 {
 		t.Errorf("after a use: %d left", *v.Task.Approvals[0].UsesLeft)
 	}
+	if err := e.reg.DropSpent(a.Slot); err != nil || len(e.dp.Grants()) != 1 {
+		t.Errorf("DropSpent with a use left: %v, grants %v", err, e.dp.Grants())
+	}
+	e.dp.Use(ap.Grant) // the last: the approval goes, and its rule with it
+	if err := e.reg.DropSpent(a.Slot); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := e.reg.Get(a.Slot); len(v.Task.Approvals) != 0 || len(e.dp.Grants()) != 0 {
+		t.Errorf("used up: approvals %+v, grants %v", v.Task.Approvals, e.dp.Grants())
+	}
+	if rs, _ := e.dp.RuleSet(a.Slot); slices.ContainsFunc(rs.Egress, func(eg dataplane.Egress) bool {
+		return slices.ContainsFunc(eg.Ports, func(p dataplane.PortRule) bool { return p.Grant != 0 })
+	}) {
+		t.Errorf("a rule still names the spent grant: %+v", rs.Egress)
+	}
 	if _, err := e.reg.EndTask(a.Slot); err != nil {
 		t.Fatal(err)
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/killpath"
+	"github.com/tether-sh/tether/pkg/stepup"
 )
 
 // RegisterRequest asks to make a cgroup an agent (admin), or to launch a new one.
@@ -185,6 +186,30 @@ type Service interface {
 	Kills() KillStatus
 	// Subscribe follows the decision records from now on.
 	Subscribe(n int) *events.Subscription
+	// RequestStepup asks for an extra right for the agent in slot (the caller's own).
+	RequestStepup(ctx context.Context, slot dataplane.Slot, action, resource, reason string) (stepup.Request, error)
+	Stepups(slot *uint32) []stepup.Request
+	ApproveStepup(id, by string, uses int64, ttl time.Duration) (stepup.Request, error)
+	DenyStepup(id, by, why string) (stepup.Request, error)
+}
+
+// StepupRequest is an agent's request for an extra right (agent socket).
+type StepupRequest struct {
+	Action   string `json:"action"`
+	Resource string `json:"resource"`
+	Reason   string `json:"reason,omitempty"`
+}
+
+// ApproveRequest approves a pending step-up request (admin socket): uses connects (0: until it
+// expires), for ttl (empty: what the policy said).
+type ApproveRequest struct {
+	Uses int64  `json:"uses,omitempty"`
+	TTL  string `json:"ttl,omitempty"`
+}
+
+// DenyRequest denies a pending step-up request.
+type DenyRequest struct {
+	Why string `json:"why,omitempty"`
 }
 
 // KillRequest names the agents to kill (exactly one of Slot, SpiffeID, TaskID, PID) and why.

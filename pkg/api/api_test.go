@@ -22,20 +22,62 @@ import (
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/killpath"
+	"github.com/tether-sh/tether/pkg/stepup"
 )
 
 type fakeService struct {
-	mu     sync.Mutex
-	agents map[dataplane.Slot]agents.Agent
-	calls  []string
+	mu      sync.Mutex
+	agents  map[dataplane.Slot]agents.Agent
+	calls   []string
+	stepups *stepup.Store
 }
 
 func newFakeService() *fakeService {
 	launcher := uint32(1000)
-	return &fakeService{agents: map[dataplane.Slot]agents.Agent{
+	f := &fakeService{agents: map[dataplane.Slot]agents.Agent{
 		1: {Slot: 1, SpiffeID: "spiffe://x/a", Launched: true, Launcher: &launcher},
 		2: {Slot: 2, SpiffeID: "spiffe://x/b"},
-	}}
+	}, stepups: stepup.New(time.Hour, nil)}
+	// A pending request of agent 1, and one already approved.
+	f.stepups.Add(stepup.Request{Slot: 1, Action: "connect", Resource: "production", Deadline: time.Now().Add(time.Hour)})
+	done := f.stepups.Add(stepup.Request{Slot: 1, Action: "connect", Resource: "production", Deadline: time.Now().Add(time.Hour)})
+	f.stepups.Decide(done.ID, func(r stepup.Request) (stepup.Request, error) { r.State = stepup.Approved; return r, nil })
+	return f
+}
+
+// pending is the ID of the fake's pending request, approved the approved one's.
+func (f *fakeService) pending() (pending, approved string) {
+	for _, r := range f.stepups.List(nil) {
+		if r.State == stepup.Pending {
+			pending = r.ID
+		} else {
+			approved = r.ID
+		}
+	}
+	return pending, approved
+}
+
+func (f *fakeService) RequestStepup(_ context.Context, s dataplane.Slot, action, resource, reason string) (stepup.Request, error) {
+	f.record("stepup " + action)
+	if action != "connect" {
+		return stepup.Request{}, fmt.Errorf("%w: the kernel enforces connect only", agents.ErrInvalid)
+	}
+	return f.stepups.Add(stepup.Request{Slot: uint32(s), Action: action, Resource: resource, Deadline: time.Now().Add(time.Hour)}), nil
+}
+func (f *fakeService) Stepups(slot *uint32) []stepup.Request { return f.stepups.List(slot) }
+func (f *fakeService) ApproveStepup(id, by string, uses int64, ttl time.Duration) (stepup.Request, error) {
+	f.record("approve " + by)
+	return f.stepups.Decide(id, func(r stepup.Request) (stepup.Request, error) {
+		r.State, r.DecidedBy, r.Uses = stepup.Approved, by, uses
+		return r, nil
+	})
+}
+func (f *fakeService) DenyStepup(id, by, why string) (stepup.Request, error) {
+	f.record("deny " + by)
+	return f.stepups.Decide(id, func(r stepup.Request) (stepup.Request, error) {
+		r.State, r.DecidedBy = stepup.Denied, by
+		return r, nil
+	})
 }
 
 func (f *fakeService) record(c string) { f.mu.Lock(); f.calls = append(f.calls, c); f.mu.Unlock() }
@@ -318,5 +360,67 @@ func FuzzDecodeRegister(f *testing.F) {
 		}
 		var m ModeRequest
 		DecodeJSON(b, &m)
+	})
+}
+
+// TestApprovals: only admins list, approve and deny step-up requests, on the admin socket; a
+// request is approved once; unknown IDs, replays, bad bodies and callers inside agents are
+// refused with why, and change nothing.
+func TestApprovals(t *testing.T) {
+	svc := newFakeService()
+	pending, approved := svc.pending()
+	admin := Caller{PID: 2, UID: 500}
+	for _, tt := range []struct {
+		name         string
+		c            Caller
+		method, path string
+		body         string
+		code         int
+		want         string
+	}{
+		{"list by a non-admin", Caller{PID: 4, UID: 1000}, "GET", "/v1/approvals", "", 403, "not an admin"},
+		{"approve by a non-admin", Caller{PID: 4, UID: 1000}, "POST", "/v1/approvals/" + pending + "/approve", `{"uses":1}`, 403, "not an admin"},
+		{"approve from inside an agent, even as root", Caller{PID: 666, UID: 0}, "POST", "/v1/approvals/" + pending + "/approve", `{}`, 403, "inside agents"},
+		{"approve an unknown request", admin, "POST", "/v1/approvals/req-nope/approve", `{}`, 404, "no such step-up request"},
+		{"approve a used approval again", admin, "POST", "/v1/approvals/" + approved + "/approve", `{}`, 409, "already decided"},
+		{"approve with a bad ttl", admin, "POST", "/v1/approvals/" + pending + "/approve", `{"ttl":"forever"}`, 400, "ttl"},
+		{"approve with an unknown field", admin, "POST", "/v1/approvals/" + pending + "/approve", `{"uses":1,"for":"me"}`, 400, "unknown field"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			code, body := call(t, svc, tt.c, tt.method, tt.path, tt.body)
+			if code != tt.code || !strings.Contains(body, tt.want) {
+				t.Errorf("%d %s, want %d with %q", code, body, tt.code, tt.want)
+			}
+		})
+	}
+	if len(svc.calls) != 2 { // the unknown and the replayed one reach the service, which refuses them
+		t.Errorf("refused requests reached the service: %v", svc.calls)
+	}
+	if r, _ := svc.stepups.Get(pending); r.State != stepup.Pending {
+		t.Fatalf("a refused approval changed the request: %+v", r)
+	}
+	code, body := call(t, svc, admin, "POST", "/v1/approvals/"+pending+"/approve", `{"uses":2,"ttl":"5m"}`)
+	if code != 200 || !strings.Contains(body, `"state":"approved"`) || !strings.Contains(body, `"decided_by":"uid:500"`) {
+		t.Errorf("approve: %d %s", code, body)
+	}
+	if code, body := call(t, svc, admin, "POST", "/v1/approvals/"+pending+"/deny", `{}`); code != 409 {
+		t.Errorf("deny after approve: %d %s", code, body)
+	}
+}
+
+// FuzzDecodeStepup: the agent socket's request decoder refuses or accepts, never panics.
+func FuzzDecodeStepup(f *testing.F) {
+	f.Add([]byte(`{"action":"connect","resource":"production","reason":"incident 42"}`))
+	f.Add([]byte(`{"action":"connect","resource":1}`))
+	f.Add([]byte(`{"uses":-1,"ttl":"1h"}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var r StepupRequest
+		if DecodeJSON(b, &r) == nil && len(b) > maxBody {
+			t.Fatalf("accepted %d bytes", len(b))
+		}
+		var a ApproveRequest
+		DecodeJSON(b, &a)
+		var d DenyRequest
+		DecodeJSON(b, &d)
 	})
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/killpath"
+	"github.com/tether-sh/tether/pkg/stepup"
 )
 
 // Client calls a tetherd over its unix socket.
@@ -254,4 +255,40 @@ func (c *Client) ReloadPolicy() (PolicyStatus, error) {
 func (c *Client) EvalPolicy(query string, input json.RawMessage) (json.RawMessage, error) {
 	var out json.RawMessage
 	return out, c.do(http.MethodPost, "/v1/policy/eval", PolicyEvalRequest{Query: query, Input: input}, &out)
+}
+
+// Approvals lists the step-up requests (admins).
+func (c *Client) Approvals() ([]stepup.Request, error) {
+	var out []stepup.Request
+	return out, c.do("GET", "/v1/approvals", nil, &out)
+}
+
+// Approve approves a pending step-up request once (admins).
+func (c *Client) Approve(id string, req ApproveRequest) (stepup.Request, error) {
+	var out stepup.Request
+	return out, c.do("POST", "/v1/approvals/"+url.PathEscape(id)+"/approve", req, &out)
+}
+
+// Deny denies a pending step-up request (admins).
+func (c *Client) Deny(id string, req DenyRequest) (stepup.Request, error) {
+	var out stepup.Request
+	return out, c.do("POST", "/v1/approvals/"+url.PathEscape(id)+"/deny", req, &out)
+}
+
+// RequestStepup asks for an extra right for the caller's own agent (agent socket).
+func (c *Client) RequestStepup(req StepupRequest) (stepup.Request, error) {
+	var out stepup.Request
+	return out, c.do("POST", "/v1/self/stepup", req, &out)
+}
+
+// MyStepups lists the caller's agent's step-up requests (agent socket).
+func (c *Client) MyStepups() ([]stepup.Request, error) {
+	var out []stepup.Request
+	return out, c.do("GET", "/v1/self/stepup", nil, &out)
+}
+
+// Self is the caller's agent (agent socket).
+func (c *Client) Self() (agents.Agent, error) {
+	var out agents.Agent
+	return out, c.do("GET", "/v1/self", nil, &out)
 }

@@ -114,8 +114,17 @@ func NewServer(svc Service, policy func() *Policy, log *slog.Logger) *Server {
 	mux.HandleFunc("POST /v1/readmit", s.readmit)
 	mux.HandleFunc("POST /v1/policy/reload", s.reloadPolicy)
 	mux.HandleFunc("POST /v1/policy/eval", s.evalPolicy)
-	s.srv = &http.Server{
-		Handler:           s.guard(mux),
+	mux.HandleFunc("GET /v1/approvals", s.approvals)
+	mux.HandleFunc("POST /v1/approvals/{id}/approve", s.approve)
+	mux.HandleFunc("POST /v1/approvals/{id}/deny", s.deny)
+	s.srv = socketServer(s.guard(mux), log)
+	return s
+}
+
+// socketServer serves h on a unix socket, each request carrying the caller the kernel names.
+func socketServer(h http.Handler, log *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler:           h,
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
@@ -123,12 +132,11 @@ func NewServer(svc Service, policy func() *Policy, log *slog.Logger) *Server {
 			caller, err := peer(c)
 			if err != nil {
 				log.Warn("reading peer credentials", "error", err)
-				return ctx // no caller: guard refuses every request on this connection
+				return ctx // no caller: the guard refuses every request on this connection
 			}
 			return context.WithValue(context.WithValue(ctx, callerKey{}, caller), connKey{}, c)
 		},
 	}
-	return s
 }
 
 type connKey struct{}
@@ -415,7 +423,7 @@ func (s *Server) setMode(w http.ResponseWriter, r *http.Request) {
 		}
 		mode = &m
 	}
-	s.result(w, func() (agents.Agent, error) { return s.svc.SetMode(slot, mode) })
+	result(w, func() (agents.Agent, error) { return s.svc.SetMode(slot, mode) })
 }
 
 func (s *Server) setKilled(w http.ResponseWriter, r *http.Request) {
@@ -433,10 +441,11 @@ func (s *Server) setKilled(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.log.Info("API killed flag", "slot", slot, "killed", *req.Killed, "caller_uid", caller(r).UID)
-	s.result(w, func() (agents.Agent, error) { return s.svc.SetKilled(slot, *req.Killed) })
+	result(w, func() (agents.Agent, error) { return s.svc.SetKilled(slot, *req.Killed) })
 }
 
-func (s *Server) result(w http.ResponseWriter, f func() (agents.Agent, error)) {
+// result answers with the agent f returns, or with why it failed.
+func result(w http.ResponseWriter, f func() (agents.Agent, error)) {
 	a, err := f()
 	switch {
 	case errors.Is(err, agents.ErrNotFound):
@@ -488,7 +497,7 @@ func (s *Server) startTask(w http.ResponseWriter, r *http.Request) {
 		refuse(w, http.StatusBadRequest, err)
 		return
 	}
-	s.result(w, func() (agents.Agent, error) { return s.svc.StartTask(a.Slot, spec) })
+	result(w, func() (agents.Agent, error) { return s.svc.StartTask(a.Slot, spec) })
 }
 
 func (s *Server) renewTask(w http.ResponseWriter, r *http.Request) {
@@ -505,7 +514,7 @@ func (s *Server) renewTask(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	s.result(w, func() (agents.Agent, error) { return s.svc.RenewTask(a.Slot, ttl) })
+	result(w, func() (agents.Agent, error) { return s.svc.RenewTask(a.Slot, ttl) })
 }
 
 func (s *Server) endTask(w http.ResponseWriter, r *http.Request) {
@@ -513,7 +522,7 @@ func (s *Server) endTask(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	s.result(w, func() (agents.Agent, error) { return s.svc.EndTask(a.Slot) })
+	result(w, func() (agents.Agent, error) { return s.svc.EndTask(a.Slot) })
 }
 
 func (s *Server) addApproval(w http.ResponseWriter, r *http.Request) {
@@ -532,7 +541,7 @@ func (s *Server) addApproval(w http.ResponseWriter, r *http.Request) {
 	}
 	by := fmt.Sprintf("uid:%d", caller(r).UID)
 	s.log.Info("API approval", "slot", a.Slot, "action", req.Action, "resource", req.Resource, "uses", req.Uses, "by", by)
-	s.result(w, func() (agents.Agent, error) {
+	result(w, func() (agents.Agent, error) {
 		return s.svc.AddApproval(a.Slot, req.Action, req.Resource, by, ttl, req.Uses)
 	})
 }
@@ -741,7 +750,7 @@ func (s *Server) resume(w http.ResponseWriter, r *http.Request) {
 	if !ok || !s.admin(w, r) {
 		return
 	}
-	s.result(w, func() (agents.Agent, error) { return s.svc.Resume(slot) })
+	result(w, func() (agents.Agent, error) { return s.svc.Resume(slot) })
 }
 
 func (s *Server) readmit(w http.ResponseWriter, r *http.Request) {

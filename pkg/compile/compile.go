@@ -40,6 +40,12 @@ type Options struct {
 	Resolver Resolver
 	// Now is when the rule set is compiled (for DNS expiry); zero means time.Now().
 	Now time.Time
+	// UnixAlways are socket paths every agent may connect to (tetherd's agent socket).
+	UnixAlways []string
+	// UnixNever are socket paths no grant may reach, exactly or through a /dir/* rule:
+	// tetherd's admin socket, the SPIRE sockets, container runtimes. The kernel's default deny
+	// then keeps agents off them, whatever the policy says.
+	UnixNever []string
 }
 
 // Refusal is a rule the kernel cannot enforce, and why.
@@ -102,6 +108,9 @@ func Compile(ctx context.Context, g grants.Grants, opts Options) *Result {
 	c.res.RuleSet.Exec = slices.CompactFunc(c.res.RuleSet.Exec, func(a, b dataplane.ExecRule) bool { return a.File == b.File })
 	for i, u := range g.Unix {
 		c.unix("unix["+strconv.Itoa(i)+"]", u)
+	}
+	for _, p := range opts.UnixAlways {
+		c.res.RuleSet.Unix = append(c.res.RuleSet.Unix, dataplane.Unix{Path: p})
 	}
 	slices.SortFunc(c.res.RuleSet.Unix, func(a, b dataplane.Unix) int {
 		return cmp.Or(strings.Compare(a.Path, b.Path), compareBool(a.Prefix, b.Prefix), compareBool(a.Audit, b.Audit))
@@ -608,6 +617,12 @@ func (c *compiler) unix(where string, u grants.Unix) {
 	case len(p) > dataplane.MaxUnixPath:
 		c.refuse(where, "unix socket %q: longer than %d bytes", path, dataplane.MaxUnixPath)
 		return
+	}
+	for _, never := range c.opts.UnixNever {
+		if never == p || prefix && strings.HasPrefix(never, p) {
+			c.refuse(where, "unix socket %q reaches %s, which no agent may reach (tetherd's admin socket, SPIRE, container runtimes: api.sensitive_sockets)", path, never)
+			return
+		}
 	}
 	dir := filepath.Dir(strings.TrimSuffix(p, "/"))
 	if prefix {

@@ -468,3 +468,22 @@ func TestCountedGrants(t *testing.T) {
 		t.Errorf("refused %v: want the rule without a grant and the audit rule", res.Refused)
 	}
 }
+
+// TestSensitiveSockets: no grant reaches a socket in UnixNever, exactly or through a /dir/* rule;
+// every agent gets the sockets in UnixAlways.
+func TestSensitiveSockets(t *testing.T) {
+	res := Compile(context.Background(), grants.Grants{Unix: []grants.Unix{
+		{Path: "/run/tether/*"}, {Path: "/run/tether/tether.sock"}, {Path: "/var/run/docker.sock"}, {Path: "/run/app.sock"},
+	}}, Options{Files: files, UnixAlways: []string{"/run/tether/agent.sock"},
+		UnixNever: []string{"/run/tether/tether.sock", "/var/run/docker.sock"}})
+	var got []string
+	for _, u := range res.RuleSet.Unix {
+		got = append(got, u.Path)
+	}
+	if want := []string{"/run/app.sock", "/run/tether/agent.sock"}; !reflect.DeepEqual(got, want) {
+		t.Errorf("unix rules %v, want %v", got, want)
+	}
+	if len(res.Refused) != 3 {
+		t.Errorf("refused %v: want the three rules that reach a sensitive socket", res.Refused)
+	}
+}

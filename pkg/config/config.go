@@ -121,6 +121,13 @@ type API struct {
 	// AdminUIDs and AdminGIDs may call every verb. Root always may.
 	AdminUIDs []uint32 `json:"admin_uids"`
 	AdminGIDs []uint32 `json:"admin_gids"`
+	// AgentSocket is the agent side of the API (mode 0666): only processes inside agents are
+	// served, each as its own agent (its status, its task, step-up requests). Every agent may
+	// connect to it; empty: none.
+	AgentSocket string `json:"agent_socket"`
+	// SensitiveSockets are unix sockets no grant may reach, besides the API socket and the SPIRE
+	// sockets (which are always in the list).
+	SensitiveSockets []string `json:"sensitive_sockets"`
 }
 
 // LaunchRule lets callers with one of UIDs or GIDs launch agents whose SPIFFE ID matches one
@@ -265,7 +272,8 @@ func Defaults() Config {
 			AllowSample:     100,
 			UnknownCgroup:   "deny",
 		},
-		API:         API{Socket: "/run/tether/tether.sock", AdminUIDs: []uint32{0}},
+		API: API{Socket: "/run/tether/tether.sock", AdminUIDs: []uint32{0}, AgentSocket: "/run/tether/agent.sock",
+			SensitiveSockets: []string{"/run/docker.sock", "/var/run/docker.sock", "/run/containerd/containerd.sock", "/run/crio/crio.sock"}},
 		Policy:      Policy{Timezone: "UTC"},
 		Telemetry:   Telemetry{BPFStats: true},
 		DecisionLog: DecisionLog{Path: "-", MaxBytes: 100 << 20, MaxFiles: 5, Evaluations: true},
@@ -374,6 +382,14 @@ func (l *Loaded) check() []fieldError {
 	case "deny", "allow":
 	default:
 		bad("$.bpf.unknown_cgroup", "bpf.unknown_cgroup", "%q: want deny or allow", c.BPF.UnknownCgroup)
+	}
+	if s := c.API.AgentSocket; s != "" && (!filepath.IsAbs(s) || len(s) > 107 || s == c.API.Socket) {
+		bad("$.api.agent_socket", "api.agent_socket", "%q: want an absolute path of at most 107 bytes, not the API socket", s)
+	}
+	for _, s := range c.API.SensitiveSockets {
+		if !filepath.IsAbs(s) {
+			bad("$.api.sensitive_sockets", "api.sensitive_sockets", "%q: must be an absolute path", s)
+		}
 	}
 	if !filepath.IsAbs(c.API.Socket) {
 		bad("$.api.socket", "api.socket", "%q: must be an absolute path", c.API.Socket)

@@ -31,6 +31,7 @@ import (
 	"github.com/tether-sh/tether/pkg/kernel"
 	"github.com/tether-sh/tether/pkg/killpath"
 	"github.com/tether-sh/tether/pkg/policy"
+	"github.com/tether-sh/tether/pkg/stepup"
 	"github.com/tether-sh/tether/pkg/telemetry"
 )
 
@@ -58,7 +59,8 @@ type Daemon struct {
 	stream      *events.Stream
 	reader      *kernel.EventReader
 	httpLog     *events.HTTP // decision_log.http, or nil
-	bpfStats    bool         // the kernel counts program runs for us
+	stepups     *stepup.Store
+	bpfStats    bool // the kernel counts program runs for us
 	webhook     *escalation.Webhook
 	creds       *taskCreds
 }
@@ -73,7 +75,7 @@ type Options struct {
 
 // Run runs tetherd until ctx is done. Pinned enforcement stays in place when it returns.
 func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
-	d := &Daemon{log: opts.Logger, version: opts.Version, started: time.Now(), reaper: newReaper()}
+	d := &Daemon{log: opts.Logger, version: opts.Version, started: time.Now(), reaper: newReaper(), stepups: stepup.New(stepupKeep, nil)}
 	defer d.reaper.close()
 	d.cfg.Store(cfg)
 	for _, w := range cfg.Warnings {
@@ -187,7 +189,10 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 	d.pump.SetMask(mask)
 	d.pump.Annotate = d.respond
 
-	d.compileOpts = compile.Options{Files: compile.OS{}, Resolver: dnsResolver(cfg, d.log)}
+	d.compileOpts = compile.Options{Files: compile.OS{}, Resolver: dnsResolver(cfg, d.log), UnixNever: sensitiveSockets(cfg)}
+	if cfg.API.AgentSocket != "" {
+		d.compileOpts.UnixAlways = []string{cfg.API.AgentSocket}
+	}
 	d.registry = agents.New(agents.Options{
 		Dataplane:    k,
 		Evaluator:    d,
@@ -293,7 +298,25 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		srv.Shutdown(sctx)
 		os.Remove(cfg.API.Socket)
 	}()
-	d.log.Info("tetherd ready", "socket", cfg.API.Socket, "agents", len(d.registry.List()), "config", cfg.Source)
+	if cfg.API.AgentSocket != "" {
+		al, err := api.Listen(cfg.API.AgentSocket, "")
+		if err != nil {
+			return err
+		}
+		if err := os.Chmod(cfg.API.AgentSocket, 0o666); err != nil { // whoever connects is checked by cgroup
+			al.Close()
+			return fmt.Errorf("agent socket: %w", err)
+		}
+		asrv := api.NewAgentServer(d, d.agentOf, d.log)
+		go asrv.Serve(al)
+		defer func() {
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			asrv.Shutdown(sctx)
+			os.Remove(cfg.API.AgentSocket)
+		}()
+	}
+	d.log.Info("tetherd ready", "socket", cfg.API.Socket, "agent_socket", cfg.API.AgentSocket, "agents", len(d.registry.List()), "config", cfg.Source)
 	if opts.Started != nil {
 		opts.Started(d)
 	}
@@ -457,6 +480,29 @@ func (d *Daemon) KernelStats() telemetry.KernelStats {
 	}
 	ks.Err = errors.Join(errs...)
 	return ks
+}
+
+// agentOf finds the agent whose cgroup holds process pid.
+func (d *Daemon) agentOf(pid int32) (dataplane.Slot, bool) {
+	rel, err := cgroups.PathOf(int(pid))
+	if err != nil {
+		return 0, false
+	}
+	return d.registry.SlotOfCgroup(filepath.Join(d.root, rel))
+}
+
+// sensitiveSockets are the unix sockets no grant may reach: tetherd's API socket, the SPIRE
+// sockets, and api.sensitive_sockets.
+func sensitiveSockets(cfg *config.Loaded) []string {
+	out := append([]string{cfg.API.Socket}, cfg.API.SensitiveSockets...)
+	if sp := cfg.Identity.SPIRE; sp != nil {
+		for _, s := range []string{sp.AdminSocket, sp.ServerSocket, sp.WorkloadSocket} {
+			if s != "" {
+				out = append(out, s)
+			}
+		}
+	}
+	return out
 }
 
 // attribution names the agents of the kernel's events from the registry (made after the pump).

@@ -205,6 +205,10 @@ func (d *Daemon) respond(rec *events.Decision) {
 	if rev == nil || rec.Verdict == dataplane.VerdictAllow.String() {
 		return
 	}
+	if rec.Reason == dataplane.ReasonGrantSpent.String() {
+		// An approval is used up: its rules go (off this goroutine: it evaluates the agent).
+		go d.registry.DropSpent(dataplane.Slot(*rec.Slot))
+	}
 	slot := dataplane.Slot(*rec.Slot)
 	resp, fresh, err := d.pol.recent.respond(rec, rev, func() (policy.Input, bool) {
 		c, ok := d.registry.ContextOf(slot)

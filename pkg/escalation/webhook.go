@@ -133,6 +133,10 @@ func (w *Webhook) alertFor(d events.Decision) (Alert, bool) {
 		return mk("TetherAgentKilled", "critical", fmt.Sprintf("agent %s killed by %s: %s (all steps done: %v)", d.SpiffeID, d.Kill.Requester, d.Reason, d.Kill.Done))
 	case d.Kind == "identity":
 		return mk("TetherIdentityLost", "critical", fmt.Sprintf("agent %s lost its identity: %s", d.SpiffeID, d.Reason))
+	case d.Kind == "stepup" && d.Verdict == "pending" && d.Stepup != nil:
+		ann["request_id"], ann["target"] = d.Stepup.RequestID, d.Stepup.Action+" "+d.Stepup.Resource
+		return mk("TetherStepupRequested", "warning", fmt.Sprintf("agent %s asks to %s %s (task %s): %s; approve with tetherctl approve %s",
+			d.SpiffeID, d.Stepup.Action, d.Stepup.Resource, d.TaskID, d.Stepup.Reason, d.Stepup.RequestID))
 	case d.Response == "kill" || d.Response == "freeze" || d.Response == "alert":
 		sev := "warning"
 		if d.Response != "alert" {

@@ -62,8 +62,10 @@ func TestWebhookEscalatesAndRetries(t *testing.T) {
 	w.Write(events.Decision{Timestamp: now, SpiffeID: "spiffe://x.org/a", Kind: "exec", Verdict: "deny", Response: "alert"})
 	w.Write(events.Decision{Timestamp: now, SpiffeID: "spiffe://x.org/a", Kind: "kill", Verdict: "deny", Reason: "x", Kill: &events.Kill{Requester: "uid:0", Done: true}})
 	w.Write(events.Decision{Timestamp: now, SpiffeID: "spiffe://x.org/a", Kind: "identity", Verdict: "deny", Reason: "identity_lost: entry deleted"})
+	w.Write(events.Decision{Timestamp: now, SpiffeID: "spiffe://x.org/a", Kind: "stepup", Verdict: "pending", Stepup: &events.Stepup{RequestID: "req-1", Action: "connect", Resource: "production"}})
+	w.Write(events.Decision{Timestamp: now, SpiffeID: "spiffe://x.org/a", Kind: "stepup", Verdict: "approved", Stepup: &events.Stepup{RequestID: "req-1"}}) // nothing
 	deadline := time.Now().Add(5 * time.Second)
-	for len(rcv.names()) < 4 && time.Now().Before(deadline) {
+	for len(rcv.names()) < 5 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	w.Close()
@@ -71,7 +73,7 @@ func TestWebhookEscalatesAndRetries(t *testing.T) {
 	for _, n := range rcv.names() {
 		got[n]++
 	}
-	want := map[string]int{"TetherDenyBurst": 1, "TetherRespondAlert": 1, "TetherAgentKilled": 1, "TetherIdentityLost": 1}
+	want := map[string]int{"TetherDenyBurst": 1, "TetherRespondAlert": 1, "TetherAgentKilled": 1, "TetherIdentityLost": 1, "TetherStepupRequested": 1}
 	for k, v := range want {
 		if got[k] != v {
 			t.Errorf("alerts %v, want %v", got, want)
@@ -79,7 +81,7 @@ func TestWebhookEscalatesAndRetries(t *testing.T) {
 		}
 	}
 	sent, dropped, failed := w.Stats()
-	if sent != 4 || dropped != 0 || failed < 2 {
+	if sent != 5 || dropped != 0 || failed < 2 {
 		t.Errorf("sent %d, dropped %d, failed attempts %d (the receiver failed 2)", sent, dropped, failed)
 	}
 }

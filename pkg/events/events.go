@@ -61,6 +61,20 @@ type Decision struct {
 	Kill *Kill `json:"kill,omitempty"`
 	// Policy is a policy evaluation's record (kind "policy").
 	Policy *Evaluation `json:"policy,omitempty"`
+	// Stepup is a step of a step-up request (kind "stepup"; verdict pending, approved, denied
+	// or refused).
+	Stepup *Stepup `json:"stepup,omitempty"`
+}
+
+// Stepup is what a step-up record says of the request.
+type Stepup struct {
+	RequestID  string `json:"request_id,omitempty"`
+	Action     string `json:"action"`
+	Resource   string `json:"resource"`
+	Reason     string `json:"reason,omitempty"`
+	DecidedBy  string `json:"decided_by,omitempty"`
+	ApprovalID string `json:"approval_id,omitempty"`
+	Uses       int64  `json:"uses,omitempty"`
 }
 
 // Evaluation is one evaluation of a policy query: what it was asked and what it answered. The

@@ -294,6 +294,7 @@ bpf:
   ring_buffer_bytes: %d
 api:
   socket: %s
+  agent_socket: %s
 policy:
   dir: %s
 decision_log:
@@ -306,7 +307,7 @@ kill:
 credentials:
   dir: %s
   key_file: %s
-`, rel, rel, t.pin, 512<<20, socket, pol, t.log, filepath.Join(dir, "kill.json"), filepath.Join(dir, "creds"), filepath.Join(dir, "key"))
+`, rel, rel, t.pin, 512<<20, socket, filepath.Join(dir, "agent.sock"), pol, t.log, filepath.Join(dir, "kill.json"), filepath.Join(dir, "creds"), filepath.Join(dir, "key"))
 	if err := os.WriteFile(filepath.Join(dir, "tetherd.yaml"), []byte(cfg), 0o600); err != nil {
 		return nil, err
 	}

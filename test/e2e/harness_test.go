@@ -217,6 +217,7 @@ bpf:
   allow_sample: %d
 api:
   socket: %s
+  agent_socket: %s
 %s
 decision_log:
   path: %s
@@ -230,7 +231,7 @@ credentials:
   key_file: %s
   ttl: 10s
 %s
-%s`, d.parent, d.parent, d.pin, d.allowSample, d.socket, policySection, d.decisions, d.logExtra, filepath.Join(d.dir, "kill-state.json"), filepath.Join(d.dir, "creds"), filepath.Join(d.dir, "credentials.key"), d.credExtra, d.extra)
+%s`, d.parent, d.parent, d.pin, d.allowSample, d.socket, filepath.Join(d.dir, "agent.sock"), policySection, d.decisions, d.logExtra, filepath.Join(d.dir, "kill-state.json"), filepath.Join(d.dir, "creds"), filepath.Join(d.dir, "credentials.key"), d.credExtra, d.extra)
 	if err := os.WriteFile(d.config, []byte(cfg), 0o600); err != nil {
 		d.t.Fatal(err)
 	}
@@ -245,7 +246,8 @@ func (d *tetherd) start() {
 	if err := d.cmd.Start(); err != nil {
 		d.t.Fatal(err)
 	}
-	deadline := time.Now().Add(20 * time.Second)
+	// Generous: in the emulated guest of make test-vm, loading the programs alone takes 15 s.
+	deadline := time.Now().Add(60 * time.Second)
 	for time.Now().Before(deadline) {
 		if _, _, code := d.ctlRaw("status"); code == 0 {
 			return

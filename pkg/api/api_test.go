@@ -424,3 +424,42 @@ func FuzzDecodeStepup(f *testing.F) {
 		DecodeJSON(b, &d)
 	})
 }
+
+// callAgent runs one request on the agent socket's handlers as caller c; agentOf finds pid 666
+// in agent 2 and nobody else in any agent.
+func callAgent(t *testing.T, svc Service, c Caller, method, path, body string) (int, string) {
+	t.Helper()
+	s := NewAgentServer(svc, func(pid int32) (dataplane.Slot, bool) { return 2, pid == 666 }, slog.New(slog.DiscardHandler))
+	req := httptest.NewRequest(method, path, strings.NewReader(body))
+	req = req.WithContext(context.WithValue(req.Context(), callerKey{}, c))
+	rec := httptest.NewRecorder()
+	s.srv.Handler.ServeHTTP(rec, req)
+	return rec.Code, rec.Body.String()
+}
+
+// TestAgentSocket: an agent is who its cgroup says, acts only on itself and sees only its own
+// requests; a process outside agents is refused, even as root; there is no verb to approve.
+func TestAgentSocket(t *testing.T) {
+	svc := newFakeService() // its requests are agent 1's
+	inAgent2 := Caller{PID: 666, UID: 1000}
+	if code, body := callAgent(t, svc, inAgent2, "GET", "/v1/self/stepup", ""); code != 200 || strings.TrimSpace(body) != "null" {
+		t.Errorf("agent 2 lists agent 1's requests: %d %s", code, body)
+	}
+	code, body := callAgent(t, svc, inAgent2, "POST", "/v1/self/stepup", `{"action":"connect","resource":"production","reason":"x"}`)
+	if code != 200 || !strings.Contains(body, `"agent_slot":2`) || !strings.Contains(body, `"state":"pending"`) {
+		t.Errorf("request: %d %s", code, body)
+	}
+	if code, body := callAgent(t, svc, inAgent2, "POST", "/v1/self/stepup", `{"action":"connect","resource":"production","slot":1}`); code != 400 || !strings.Contains(body, "unknown field") {
+		t.Errorf("naming another agent: %d %s", code, body)
+	}
+	pending, _ := svc.pending()
+	if code, _ := callAgent(t, svc, inAgent2, "POST", "/v1/approvals/"+pending+"/approve", `{}`); code != 404 && code != 405 {
+		t.Errorf("approving on the agent socket: %d", code)
+	}
+	if code, body := callAgent(t, svc, Caller{PID: 1, UID: 0}, "GET", "/v1/self", ""); code != 403 || !strings.Contains(body, "only processes inside an agent") {
+		t.Errorf("root outside agents: %d %s", code, body)
+	}
+	if code, body := callAgent(t, svc, inAgent2, "POST", "/v1/self/stepup", `{"action":"read-secret","resource":"db"}`); code != 400 || !strings.Contains(body, "connect only") {
+		t.Errorf("a step-up the kernel cannot enforce: %d %s", code, body)
+	}
+}

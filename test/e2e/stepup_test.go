@@ -81,6 +81,10 @@ func TestPrivilegedStepupFlow(t *testing.T) {
 	if code != 0 || json.Unmarshal([]byte(out), &req) != nil || req.State != stepup.Pending || req.SpiffeID != agentID {
 		t.Fatalf("step-up request: exit %d %q %q", code, out, stderr)
 	}
+	// What the policy refuses is refused with its reason, and nothing waits.
+	if _, stderr, code := d.inAgent(cg, "stepup", "request", "--resource", "nosuchnet"); code == 0 || !strings.Contains(stderr, "no rule allows this request") {
+		t.Errorf("a step-up the policy refuses: exit %d %q", code, stderr)
+	}
 	// What the kernel cannot enforce is refused, with why.
 	if _, stderr, code := d.inAgent(cg, "stepup", "request", "--action", "read-secret", "--resource", "db"); code == 0 || !strings.Contains(stderr, "connect only") {
 		t.Errorf("a read-secret step-up: exit %d %q", code, stderr)
@@ -97,8 +101,9 @@ func TestPrivilegedStepupFlow(t *testing.T) {
 		t.Fatalf("after the refused self-approval: %v", got)
 	}
 
-	// The admin sees it and approves it once, for one use.
-	if out := d.ctl("approvals"); !strings.Contains(out, req.ID) || !strings.Contains(out, "pending") {
+	// The admin sees it (only the pending one: the refused ones never waited) and approves it
+	// once, for one use.
+	if out := d.ctl("approvals"); !strings.Contains(out, req.ID) || !strings.Contains(out, "pending") || strings.Count(out, "\n") != 1 {
 		t.Errorf("approvals: %q", out)
 	}
 	if out := d.ctl("approve", req.ID, "--uses", "1"); !strings.Contains(out, "approved") {
@@ -124,6 +129,21 @@ func TestPrivilegedStepupFlow(t *testing.T) {
 		a := d.agents()[0]
 		return a.Task != nil && len(a.Task.Approvals) == 0
 	})
+	// A denied request stays denied; the agent sees why.
+	out, _, _ = d.inAgent(cg, "stepup", "request", "--resource", "prodnet", "-o", "json")
+	var denied stepup.Request
+	if err := json.Unmarshal([]byte(out), &denied); err != nil || denied.State != stepup.Pending {
+		t.Fatalf("request to deny: %q", out)
+	}
+	if out := d.ctl("deny", denied.ID, "--why", "not during the freeze"); !strings.Contains(out, "denied") {
+		t.Errorf("deny: %q", out)
+	}
+	if _, stderr, code := d.ctlRaw("approve", denied.ID); code == 0 || !strings.Contains(stderr, "already decided") {
+		t.Errorf("approving a denied request: exit %d %q", code, stderr)
+	}
+	if got := dial(prod); !slices.Equal(got, []string{"eperm"}) {
+		t.Fatalf("after the denial: %v", got)
+	}
 	// A request is bound to its task: once the task ends, it cannot be approved.
 	out, _, _ = d.inAgent(cg, "stepup", "request", "--resource", "prodnet", "-o", "json")
 	var again stepup.Request

@@ -6,7 +6,7 @@ BPF_STRIP ?= llvm-strip-14
 BPF_CFLAGS ?= -O2 -g -Wall -Werror
 BIN       := bin
 
-.PHONY: all build generate check-generate test test-unit test-vm policy-test bench vet fuzz demo clean spire
+.PHONY: all build generate check-generate test test-unit test-vm policy-test bench vet fuzz demo clean spire install
 
 all: build
 
@@ -64,6 +64,17 @@ bench: spire
 	$(GO) build -o $(BIN)/ ./cmd/tetherd ./cmd/tetherctl
 	$(GO) test -run XXX -bench . -benchtime 3x ./pkg/compile
 	./$(BIN)/bench $(BENCH_FLAGS)
+
+# Installs tetherd and tetherctl, the systemd unit, and (when there is none) the default
+# configuration in /etc/tether. DESTDIR and PREFIX as usual. Then: systemctl daemon-reload &&
+# systemctl enable --now tetherd.
+PREFIX ?= /usr/local
+install: build
+	install -D -m 0755 -t $(DESTDIR)$(PREFIX)/bin $(BIN)/tetherd $(BIN)/tetherctl
+	install -D -m 0644 deploy/systemd/tetherd.service $(DESTDIR)/etc/systemd/system/tetherd.service
+	sed -i 's#/usr/local/bin/#$(PREFIX)/bin/#g' $(DESTDIR)/etc/systemd/system/tetherd.service
+	install -d -m 0755 $(DESTDIR)/etc/tether
+	test -e $(DESTDIR)/etc/tether/tetherd.yaml || $(BIN)/tetherd --print-default-config > $(DESTDIR)/etc/tether/tetherd.yaml
 
 vet:
 	$(GO) vet ./...

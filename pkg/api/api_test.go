@@ -40,7 +40,7 @@ func newFakeService() *fakeService {
 	}, stepups: stepup.New(time.Hour, nil)}
 	// A pending request of agent 1, and one already approved.
 	f.stepups.Add(stepup.Request{Slot: 1, Action: "connect", Resource: "production", Deadline: time.Now().Add(time.Hour)})
-	done := f.stepups.Add(stepup.Request{Slot: 1, Action: "connect", Resource: "production", Deadline: time.Now().Add(time.Hour)})
+	done, _ := f.stepups.Add(stepup.Request{Slot: 1, Action: "connect", Resource: "production", Deadline: time.Now().Add(time.Hour)})
 	f.stepups.Decide(done.ID, func(r stepup.Request) (stepup.Request, error) { r.State = stepup.Approved; return r, nil })
 	return f
 }
@@ -62,7 +62,7 @@ func (f *fakeService) RequestStepup(_ context.Context, s dataplane.Slot, action,
 	if action != "connect" {
 		return stepup.Request{}, fmt.Errorf("%w: the kernel enforces connect only", agents.ErrInvalid)
 	}
-	return f.stepups.Add(stepup.Request{Slot: uint32(s), Action: action, Resource: resource, Deadline: time.Now().Add(time.Hour)}), nil
+	return f.stepups.Add(stepup.Request{Slot: uint32(s), Action: action, Resource: resource, Deadline: time.Now().Add(time.Hour)})
 }
 func (f *fakeService) Stepups(slot *uint32) []stepup.Request { return f.stepups.List(slot) }
 func (f *fakeService) ApproveStepup(id, by string, uses int64, ttl time.Duration) (stepup.Request, error) {

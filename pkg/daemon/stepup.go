@@ -60,12 +60,16 @@ func (d *Daemon) RequestStepup(ctx context.Context, slot dataplane.Slot, action,
 		d.recordStepup(req, "refused", "policy", dec.Reason)
 		return req, fmt.Errorf("%w: the policy refuses %s %s for %s: %s", api.ErrRefused, action, resource, a.SpiffeID, dec.Reason)
 	case !dec.NeedsApproval:
-		req = d.stepups.Add(req)
+		if req, err = d.stepups.Add(req); err != nil {
+			return req, fmt.Errorf("%w: %v", agents.ErrTask, err)
+		}
 		return d.stepups.Decide(req.ID, func(r stepup.Request) (stepup.Request, error) {
 			return d.approve(r, "policy", 0, ttl)
 		})
 	}
-	req = d.stepups.Add(req)
+	if req, err = d.stepups.Add(req); err != nil {
+		return req, fmt.Errorf("%w: %v", agents.ErrTask, err)
+	}
 	d.log.Warn("step-up requested", "request", req.ID, "slot", slot, "spiffe_id", a.SpiffeID, "task", a.Task.ID, "action", action, "resource", resource, "reason", reason)
 	d.recordStepup(req, stepup.Pending, "", dec.Reason)
 	return req, nil

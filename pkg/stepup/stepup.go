@@ -28,7 +28,13 @@ var (
 	ErrNotFound = errors.New("no such step-up request")
 	// ErrDecided: the request was approved, denied or has expired already.
 	ErrDecided = errors.New("step-up request already decided")
+	// ErrTooMany: the agent has MaxPending requests waiting already.
+	ErrTooMany = errors.New("too many step-up requests waiting")
 )
+
+// MaxPending bounds one agent's waiting requests, so that an agent cannot flood the approvers
+// (and the escalation webhook).
+const MaxPending = 8
 
 // Request is one agent's request for an extra right.
 type Request struct {
@@ -69,16 +75,26 @@ func New(keep time.Duration, now func() time.Time) *Store {
 	return &Store{reqs: map[string]*Request{}, keep: keep, now: now}
 }
 
-// Add records a pending request and returns it with its ID.
-func (s *Store) Add(r Request) Request {
+// Add records a pending request and returns it with its ID; an agent with MaxPending waiting
+// already is refused.
+func (s *Store) Add(r Request) (Request, error) {
 	var b [8]byte
 	rand.Read(b[:])
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.sweep()
+	waiting := 0
+	for _, o := range s.reqs {
+		if o.Slot == r.Slot && o.State == Pending {
+			waiting++
+		}
+	}
+	if waiting >= MaxPending {
+		return Request{}, fmt.Errorf("%w: agent %d has %d; wait for a decision", ErrTooMany, r.Slot, waiting)
+	}
 	r.ID, r.State, r.RequestedAt = "req-"+hex.EncodeToString(b[:]), Pending, s.now()
 	s.reqs[r.ID] = &r
-	return r
+	return r, nil
 }
 
 // Get returns the request id.

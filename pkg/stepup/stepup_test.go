@@ -12,7 +12,7 @@ import (
 func TestDecidedOnce(t *testing.T) {
 	now := time.Date(2026, 11, 27, 10, 0, 0, 0, time.UTC)
 	s := New(time.Hour, func() time.Time { return now })
-	r := s.Add(Request{Slot: 1, TaskID: "t", Action: "connect", Resource: "production", Deadline: now.Add(time.Minute)})
+	r, _ := s.Add(Request{Slot: 1, TaskID: "t", Action: "connect", Resource: "production", Deadline: now.Add(time.Minute)})
 	if r.State != Pending || r.ID == "" {
 		t.Fatalf("added %+v", r)
 	}
@@ -32,7 +32,7 @@ func TestDecidedOnce(t *testing.T) {
 	if _, err := s.Decide("req-none", func(r Request) (Request, error) { return r, nil }); !errors.Is(err, ErrNotFound) {
 		t.Errorf("unknown id: %v", err)
 	}
-	late := s.Add(Request{Slot: 2, Deadline: now.Add(time.Minute)})
+	late, _ := s.Add(Request{Slot: 2, Deadline: now.Add(time.Minute)})
 	now = now.Add(2 * time.Minute)
 	if _, err := s.Decide(late.ID, func(r Request) (Request, error) { r.State = Approved; return r, nil }); !errors.Is(err, ErrDecided) {
 		t.Errorf("approving a lapsed request: %v", err)
@@ -47,5 +47,25 @@ func TestDecidedOnce(t *testing.T) {
 	now = now.Add(2 * time.Hour)
 	if l := s.List(nil); len(l) != 0 {
 		t.Errorf("decided requests kept past keep: %+v", l)
+	}
+}
+
+// TestPendingBounded: an agent cannot have more than MaxPending requests waiting; others can.
+func TestPendingBounded(t *testing.T) {
+	s := New(time.Hour, nil)
+	for i := range MaxPending {
+		if _, err := s.Add(Request{Slot: 1, Deadline: time.Now().Add(time.Hour)}); err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+	}
+	if _, err := s.Add(Request{Slot: 1, Deadline: time.Now().Add(time.Hour)}); !errors.Is(err, ErrTooMany) {
+		t.Errorf("request %d: %v", MaxPending+1, err)
+	}
+	if _, err := s.Add(Request{Slot: 2, Deadline: time.Now().Add(time.Hour)}); err != nil {
+		t.Errorf("another agent: %v", err)
+	}
+	one := uint32(1)
+	if n := len(s.List(&one)); n != MaxPending {
+		t.Errorf("%d requests of agent 1 kept", n)
 	}
 }

@@ -120,26 +120,20 @@ func (s *AgentServer) guard(next http.Handler) http.Handler {
 			refuse(w, http.StatusForbidden, errors.New("the caller's credentials could not be read"))
 			return
 		}
+		// One look at the peer: the agent of its pid, and (its pidfd) whether that process is
+		// still the caller; confined reports only the latter when the lookup answers false.
 		var slot dataplane.Slot
 		found := false
-		confined(r, c, func(pid int32) bool {
+		gone := confined(r, c, func(pid int32) bool {
 			slot, found = s.agentOf(pid)
-			return found
+			return false
 		})
-		if !found || !stillThere(r) {
+		if !found || gone {
 			refuse(w, http.StatusForbidden, errors.New("only processes inside an agent use the agent socket (admins: the API socket)"))
 			return
 		}
 		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), slotKey{}, slot)))
 	})
-}
-
-// stillThere reports whether the connecting process still exists (its pidfd), so that an agent
-// found by its pid is the caller's. Without SO_PEERPIDFD the pid is trusted.
-func stillThere(r *http.Request) bool {
-	c, _ := r.Context().Value(callerKey{}).(Caller)
-	gone := confined(r, c, func(int32) bool { return false })
-	return !gone
 }
 
 func selfSlot(r *http.Request) dataplane.Slot { return r.Context().Value(slotKey{}).(dataplane.Slot) }

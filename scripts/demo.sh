@@ -20,16 +20,16 @@ done
 
 work=$(mktemp -d)
 pids=()
-# tetherd's defaults keep task credentials in a tmpfs at /run/tether/credentials and its signing
-# key in /var/lib/tether: the demo removes what it created there.
+# tetherd's defaults keep task credentials at /run/tether/credentials (a tmpfs: /run's, or one of
+# its own) and its signing key in /var/lib/tether: the demo removes what it created there.
 creds=/run/tether/credentials key=/var/lib/tether/credentials.key
-had_creds=$(mountpoint -q $creds 2>/dev/null && echo yes || true)
+had_creds=$([ -e $creds ] && echo yes || true)
 had_key=$([ -e $key ] && echo yes || true)
 cleanup() {
 	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
 	wait 2>/dev/null || true
 	$BIN/tetherd --remove-pins || true
-	[ -n "$had_creds" ] || { umount $creds 2>/dev/null; rmdir $creds 2>/dev/null; } || true
+	[ -n "$had_creds" ] || { umount $creds 2>/dev/null; rm -rf $creds; } || true
 	[ -n "$had_key" ] || { rm -f $key; rmdir /var/lib/tether 2>/dev/null; } || true
 	cg=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
 	[ -n "$cg" ] && rmdir "$cg/tether" 2>/dev/null || true

@@ -10,16 +10,25 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime"
 	"sync/atomic"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/tether-sh/tether/pkg/bpffs"
+	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/config"
 	"github.com/tether-sh/tether/pkg/daemon"
+	"github.com/tether-sh/tether/pkg/kernel"
 	"github.com/tether-sh/tether/pkg/version"
 )
 
 func main() {
+	if err := enterCgroupNamespace(); err != nil {
+		fmt.Fprintln(os.Stderr, "tetherd:", err)
+		os.Exit(1)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, os.Args[1:]); err != nil {
@@ -37,8 +46,9 @@ func run(ctx context.Context, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	probe := fs.NArg() == 1 && fs.Arg(0) == "probe"
+	if fs.NArg() > 0 && !probe {
+		return fmt.Errorf("unexpected arguments %q (the one command is probe)", fs.Args())
 	}
 	switch {
 	case *showVersion:
@@ -52,6 +62,9 @@ func run(ctx context.Context, args []string) error {
 	cfg, err := config.Load(*configPath)
 	if err != nil {
 		return err
+	}
+	if probe {
+		return probeNode(cfg.Cgroup.Root, cfg.BPF.PinDir)
 	}
 	if *removePins {
 		return bpffs.RemovePins(cfg.BPF.PinDir)
@@ -85,6 +98,71 @@ func run(ctx context.Context, args []string) error {
 		return nil
 	}
 	return err
+}
+
+// cgroupNSEnv names a cgroup namespace file (the DaemonSet sets /proc/1/ns/cgroup, with
+// hostPID) that tetherd enters before anything else: in a container's own cgroup namespace,
+// /proc/PID/cgroup would name cgroups relative to the container's cgroup, not to the host's
+// cgroup2 mount, and agents could not be found from their processes.
+const cgroupNSEnv = "TETHER_CGROUPNS"
+
+// enterCgroupNamespace re-executes tetherd in the cgroup namespace $TETHER_CGROUPNS names,
+// when it is not in it already. setns applies to one thread; execve from that thread carries it
+// to the new image, whose threads all start there.
+func enterCgroupNamespace() error {
+	target := os.Getenv(cgroupNSEnv)
+	if target == "" {
+		return nil
+	}
+	want, err := os.Stat(target)
+	if err != nil {
+		return fmt.Errorf("%s=%s: %w", cgroupNSEnv, target, err)
+	}
+	have, err := os.Stat("/proc/self/ns/cgroup")
+	if err != nil {
+		return fmt.Errorf("reading this process's cgroup namespace: %w", err)
+	}
+	if os.SameFile(want, have) {
+		return nil
+	}
+	runtime.LockOSThread()
+	fd, err := unix.Open(target, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("%s=%s: %w", cgroupNSEnv, target, err)
+	}
+	if err := unix.Setns(fd, unix.CLONE_NEWCGROUP); err != nil {
+		return fmt.Errorf("entering the cgroup namespace %s (needs CAP_SYS_ADMIN): %w", target, err)
+	}
+	unix.Close(fd)
+	return unix.Exec("/proc/self/exe", os.Args, os.Environ())
+}
+
+// probeNode prints what tetherd needs from this node and whether it is there, and fails when a
+// requirement is missing.
+func probeNode(cgroupRoot, pinDir string) error {
+	var cgErr error
+	if cgroupRoot == "" {
+		cgroupRoot, cgErr = cgroups.Mount()
+	}
+	missing := 0
+	for _, r := range kernel.Requirements(cgroupRoot, cgErr, pinDir) {
+		status := "ok"
+		switch {
+		case !r.OK && r.Required:
+			status, missing = "MISSING", missing+1
+		case !r.OK:
+			status = "absent (optional)"
+		}
+		fmt.Printf("%-54s %-18s %s\n", r.Name, status, r.Detail)
+		if r.Fix != "" {
+			fmt.Printf("%-54s %-18s fix: %s\n", "", "", r.Fix)
+		}
+	}
+	if missing > 0 {
+		return fmt.Errorf("%d requirement(s) missing: tether cannot run on this node", missing)
+	}
+	fmt.Println("tether can run on this node")
+	return nil
 }
 
 func newLogger(c config.Log) *slog.Logger {

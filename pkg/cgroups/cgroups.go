@@ -11,6 +11,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -256,4 +257,26 @@ func parseProcCgroup(b []byte) (string, error) {
 		}
 	}
 	return "", errors.New("process is in no cgroup2 cgroup")
+}
+
+// CheckNamespace reports whether /proc/self/cgroup names this process's cgroup from the root of
+// the cgroup2 mount at root, as it does in the host's cgroup namespace: in a namespace of its
+// own, it names the namespace's root ("/"), whose cgroup.procs does not list this process.
+func CheckNamespace(root string) error {
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		rel, ok := strings.CutPrefix(line, "0::")
+		if !ok {
+			continue
+		}
+		procs, err := os.ReadFile(filepath.Join(root, rel, "cgroup.procs"))
+		if err == nil && slices.Contains(strings.Fields(string(procs)), strconv.Itoa(os.Getpid())) {
+			return nil
+		}
+		return fmt.Errorf("/proc/self/cgroup says %s, but %s does not hold this process: tetherd is in a cgroup namespace of its own", rel, filepath.Join(root, rel))
+	}
+	return errors.New("/proc/self/cgroup has no cgroup2 line")
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/goccy/go-yaml"
 	"github.com/goccy/go-yaml/ast"
 	"github.com/goccy/go-yaml/parser"
+	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/identity"
@@ -71,7 +72,7 @@ type PolicyBundle struct {
 
 // Env is what the policy knows of where agents run (input.env).
 type Env struct {
-	Node        string            `json:"node"` // empty: the host name
+	Node        string            `json:"node"` // empty: $NODE_NAME, else the host name
 	Cluster     string            `json:"cluster"`
 	Environment string            `json:"environment"`
 	Labels      map[string]string `json:"labels"`
@@ -159,6 +160,9 @@ type Kubernetes struct {
 	NodeName string `json:"node_name"`
 	// Kubeconfig is a kubeconfig file; empty: the in-cluster service account.
 	Kubeconfig string `json:"kubeconfig"`
+	// PodSelector is a label selector (tether.dev/agent=true): only the pods it selects are
+	// agents; the others stay unknown cgroups (bpf.unknown_cgroup). Empty: every pod.
+	PodSelector string `json:"pod_selector"`
 }
 
 // StaticRule gives the agents it selects a SPIFFE ID; every selector set must match.
@@ -433,6 +437,9 @@ func (l *Loaded) check() []fieldError {
 			bad("$.identity.kubernetes.trust_domain", "identity.kubernetes.trust_domain", "%q: want a trust domain name (cluster.local)", k.TrustDomain)
 		} else if err := c.Identity.CheckTrustDomain("spiffe://" + k.TrustDomain); err != nil {
 			bad("$.identity.kubernetes.trust_domain", "identity.kubernetes.trust_domain", "%v", err)
+		}
+		if _, err := labels.Parse(k.PodSelector); err != nil {
+			bad("$.identity.kubernetes.pod_selector", "identity.kubernetes.pod_selector", "%q: %v", k.PodSelector, err)
 		}
 	}
 	if sp := c.Identity.SPIRE; sp != nil {

@@ -41,6 +41,7 @@ func TestParseErrors(t *testing.T) {
 		{"bundle delay", "policy:\n  bundle:\n    service: http://x\n    resource: /b\n    min_delay: 1m\n    max_delay: 10s\n", "shorter than min_delay"},
 		{"bundle delay syntax", "policy:\n  bundle:\n    service: http://x\n    resource: /b\n    min_delay: soon\n", `invalid duration "soon"`},
 		{"bundle key file", "policy:\n  bundle:\n    service: http://x\n    resource: /b\n    public_key_file: /nonexistent\n    key_id: k\n", "public_key_file"},
+		{"pod selector", "identity:\n  trust_domains: [cluster.local]\n  kubernetes:\n    trust_domain: cluster.local\n    pod_selector: \"a in (b\"\n", "identity.kubernetes.pod_selector"},
 		{"timezone", "policy:\n  timezone: Mars/Olympus\n", "policy.timezone"},
 		{"dns server", "dns:\n  server: 127.0.0.1\n", "dns.server"},
 		{"trust domain", "identity:\n  trust_domains: [Example.org]\n", "cfg.yaml:2: identity.trust_domains"},

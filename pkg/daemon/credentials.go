@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -35,24 +34,19 @@ type taskCreds struct {
 	current map[dataplane.Slot]credentials.Credential // the last one issued for the agent's task
 }
 
-// mountTmpfs mounts a tmpfs of its own at dir unless one is there already (from before a
-// restart: the credentials in it stay current).
+// mountTmpfs mounts a tmpfs of its own at dir unless dir is on a tmpfs already: its own from
+// before a restart (the credentials in it stay current), or one such as /run. Under systemd with
+// ProtectSystem, or in a pod, a mount tetherd makes stays in its own mount namespace, hidden
+// from the agents; files written to the host's /run are not.
 func mountTmpfs(dir string) error {
 	if err := os.MkdirAll(dir, 0o711); err != nil {
 		return fmt.Errorf("credential directory: %w", err)
 	}
-	var st, parent unix.Stat_t
 	var fs unix.Statfs_t
-	if err := unix.Stat(dir, &st); err != nil {
-		return err
-	}
-	if err := unix.Stat(filepath.Dir(dir), &parent); err != nil {
-		return err
-	}
 	if err := unix.Statfs(dir, &fs); err != nil {
 		return err
 	}
-	if st.Dev != parent.Dev && fs.Type == unix.TMPFS_MAGIC {
+	if fs.Type == unix.TMPFS_MAGIC {
 		return nil
 	}
 	if err := unix.Mount("tether-credentials", dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "mode=0711,size=16m"); err != nil {

@@ -19,6 +19,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"k8s.io/apimachinery/pkg/labels"
+
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/cgroups"
@@ -63,6 +65,46 @@ type Daemon struct {
 	bpfStats    bool // the kernel counts program runs for us
 	webhook     *escalation.Webhook
 	creds       *taskCreds
+
+	ready    atomic.Bool  // the API serves and the programs are attached
+	lastTick atomic.Int64 // unix ns of the main loop's last round
+}
+
+// nodeName is the configured node name, else $NODE_NAME (the DaemonSet sets spec.nodeName), else
+// the host name (in a pod without the host's network, the pod's name: hence $NODE_NAME).
+func nodeName(configured string) string {
+	if configured != "" {
+		return configured
+	}
+	if n := os.Getenv("NODE_NAME"); n != "" {
+		return n
+	}
+	n, _ := os.Hostname()
+	return n
+}
+
+// stallLimit is how long the main loop may go without a round before /healthz fails.
+const stallLimit = 30 * time.Second
+
+// live is the liveness probe: starting (which can wait for the Kubernetes API server) counts
+// as alive; after that, the main loop must have run within stallLimit.
+func (d *Daemon) live() error {
+	if !d.ready.Load() {
+		return nil
+	}
+	if since := time.Since(time.Unix(0, d.lastTick.Load())); since > stallLimit {
+		return fmt.Errorf("the main loop has not run for %s", since.Round(time.Second))
+	}
+	return nil
+}
+
+// readiness is the readiness probe: ready once the programs are attached and the API serves,
+// and as long as every link is still pinned.
+func (d *Daemon) readiness() error {
+	if !d.ready.Load() {
+		return errors.New("starting: the programs are not attached yet")
+	}
+	return d.kern.Attached()
 }
 
 // Options are what Run needs besides the configuration.
@@ -124,11 +166,7 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		}
 		defer spire.Close()
 	}
-	node := cfg.Env.Node
-	if node == "" {
-		node, _ = os.Hostname()
-	}
-	if d.creds, err = newTaskCreds(cfg.Credentials, node, spire, d.log); err != nil {
+	if d.creds, err = newTaskCreds(cfg.Credentials, nodeName(cfg.Env.Node), spire, d.log); err != nil {
 		return err
 	}
 	if cfg.Credentials.Listen != "" {
@@ -253,16 +291,11 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		if err != nil {
 			return err
 		}
-		node := kc.NodeName
-		if node == "" {
-			node = os.Getenv("NODE_NAME")
-		}
-		if node == "" {
-			node, _ = os.Hostname()
-		}
-		if d.disc.k8s, err = identity.NewKubernetes(client, node, kc.TrustDomain, d.disc.podDeleted); err != nil {
+		if d.disc.k8s, err = identity.NewKubernetes(client, nodeName(kc.NodeName), kc.TrustDomain, d.disc.podDeleted); err != nil {
 			return err
 		}
+		d.disc.podSelector, _ = labels.Parse(kc.PodSelector) // checked with the configuration
+		d.disc.selfPod = os.Getenv("POD_UID")                // the DaemonSet passes metadata.uid
 	}
 	if d.disc.enabled() {
 		dctx, stop := context.WithCancel(ctx)
@@ -277,7 +310,8 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 	}
 
 	if addr := cfg.Telemetry.MetricsAddress; addr != "" {
-		stop, err := d.metrics.Serve(addr, func(err error) { d.log.Error("serving metrics", "error", err) })
+		stop, err := d.metrics.Serve(addr, telemetry.Health{Live: d.live, Ready: d.readiness},
+			func(err error) { d.log.Error("serving metrics", "error", err) })
 		if err != nil {
 			return err
 		}
@@ -317,6 +351,8 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		}()
 	}
 	d.log.Info("tetherd ready", "socket", cfg.API.Socket, "agent_socket", cfg.API.AgentSocket, "agents", len(d.registry.List()), "config", cfg.Source)
+	d.lastTick.Store(time.Now().UnixNano())
+	d.ready.Store(true)
 	if opts.Started != nil {
 		opts.Started(d)
 	}
@@ -333,6 +369,7 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		case err := <-serveErr:
 			return fmt.Errorf("serving the API: %w", err)
 		case <-tick.C:
+			d.lastTick.Store(time.Now().UnixNano())
 			d.registry.Reconcile()
 			d.reaper.sweep(d.registry, d.log)
 		case <-recheck.C:
@@ -351,6 +388,10 @@ func (d *Daemon) findCgroups(cfg *config.Loaded) error {
 		}
 	}
 	d.root = root
+	// Agents are found from their processes' /proc/PID/cgroup, which must name host cgroups.
+	if err := cgroups.CheckNamespace(root); err != nil {
+		return fmt.Errorf("%w (in a pod with hostPID, set TETHER_CGROUPNS=/proc/1/ns/cgroup)", err)
+	}
 	for _, p := range cfg.Cgroup.AgentParents {
 		abs := config.CgroupPath(root, p)
 		if _, err := cgroups.Create(abs); err != nil {
@@ -430,10 +471,7 @@ func (d *Daemon) Reload(ctx context.Context, cfg *config.Loaded) error {
 	envChanged := fmt.Sprint(old.Env) != fmt.Sprint(cfg.Env) || old.Policy.Timezone != cfg.Policy.Timezone
 	if envChanged {
 		d.pol.reloadMu.Lock()
-		d.pol.env = policy.Env{Node: cfg.Env.Node, Cluster: cfg.Env.Cluster, Environment: cfg.Env.Environment, Labels: cfg.Env.Labels}
-		if d.pol.env.Node == "" {
-			d.pol.env.Node, _ = os.Hostname()
-		}
+		d.pol.env = policy.Env{Node: nodeName(cfg.Env.Node), Cluster: cfg.Env.Cluster, Environment: cfg.Env.Environment, Labels: cfg.Env.Labels}
 		d.pol.loc, _ = time.LoadLocation(cfg.Policy.Timezone)
 		d.pol.reloadMu.Unlock()
 	}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/api"
@@ -33,10 +34,13 @@ type discovery struct {
 	static *identity.Static
 	spire  *identity.SPIRE
 	k8s    *identity.Kubernetes
-	cfg    config.Identity
-	reg    *agents.Registry
-	emit   func(events.Decision)
-	log    *slog.Logger
+	// podSelector picks the pods that are agents; selfPod is tetherd's own pod's UID (never one).
+	podSelector labels.Selector
+	selfPod     string
+	cfg         config.Identity
+	reg         *agents.Registry
+	emit        func(events.Decision)
+	log         *slog.Logger
 
 	mu       sync.Mutex
 	tracked  map[string]*workload // by cgroup path (absolute)
@@ -202,7 +206,7 @@ func (d *discovery) appearedPod(ctx context.Context, c cgroups.Change, podUID, p
 	d.mu.Lock()
 	_, known := d.tracked[pod]
 	d.mu.Unlock()
-	if known || d.reg.Covers(pod) {
+	if known || d.reg.Covers(pod) || (d.selfPod != "" && podUID == d.selfPod) {
 		return
 	}
 	uid, ok := uidOf(c.Procs[0])
@@ -226,6 +230,10 @@ func (d *discovery) appearedPod(ctx context.Context, c cgroups.Change, podUID, p
 			if wctx.Err() == nil {
 				d.log.Warn("pod cgroup without a pod", "cgroup", pod, "error", err)
 			}
+			return
+		}
+		if d.podSelector != nil && !d.podSelector.Matches(labels.Set(p.Labels)) {
+			d.log.Debug("pod not selected as an agent (identity.kubernetes.pod_selector)", "pod", p.Namespace+"/"+p.Name)
 			return
 		}
 		id, err := d.k8s.ID(p)

@@ -11,6 +11,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/tether-sh/tether/internal/privtest"
@@ -34,13 +35,22 @@ func (noGrants) Grants(context.Context, agents.Context) (grants.Grants, error) {
 // driver), the pod watch on client-go's fake clientset (a kube-apiserver cannot be built here).
 // A process in a container cgroup makes the pod cgroup an agent with the service account's
 // SPIFFE ID and the pod's labels (not tether.dev/ ones); a second container joins the same
-// agent; a deleted pod loses its identity; the removed pod cgroup ends the agent.
+// agent; a deleted pod loses its identity; the removed pod cgroup ends the agent. A pod that
+// identity.kubernetes.pod_selector does not select, and tetherd's own pod, never become agents.
 func TestPrivilegedKubernetesDiscovery(t *testing.T) {
 	privtest.Gate(t)
 	root := privtest.Cgroup(t)
-	const uid = "6c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
+	const uid, otherUID, selfUID = "6c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f", "7d2f3e4a-5b6c-4d7e-8f9a-1b2c3d4e5f60", "8e3a4f5b-6c7d-4e8f-9a0b-2c3d4e5f6071"
 	pod := filepath.Join(root, "kubepods", "burstable", "pod"+uid)
+	other := filepath.Join(root, "kubepods", "burstable", "pod"+otherUID, "ctr")
+	self := filepath.Join(root, "kubepods", "burstable", "pod"+selfUID, "ctr")
 	ctr1, ctr2 := filepath.Join(pod, "ctr1"), filepath.Join(pod, "ctr2")
+	for _, p := range []string{other, self} {
+		if _, err := cgroups.Create(p); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cgroups.Remove(p, 5*time.Second); cgroups.Remove(filepath.Dir(p), 5*time.Second) })
+	}
 	for _, p := range []string{ctr1, ctr2} {
 		if _, err := cgroups.Create(p); err != nil {
 			t.Fatal(err)
@@ -62,12 +72,23 @@ func TestPrivilegedKubernetesDiscovery(t *testing.T) {
 		t.Fatal(err)
 	}
 	client := fake.NewClientset(&corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "coder-0", Namespace: "agents", UID: uid, Labels: map[string]string{"team": "web", "tether.dev/mode": "audit"}},
+		ObjectMeta: metav1.ObjectMeta{Name: "coder-0", Namespace: "agents", UID: uid,
+			Labels: map[string]string{"team": "web", "tether.dev/mode": "audit", "tether.dev/agent": "true"}},
+		Spec: corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "coder"},
+	}, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "web-0", Namespace: "agents", UID: otherUID, Labels: map[string]string{"team": "web"}},
 		Spec:       corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "coder"},
+	}, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "tether-x", Namespace: "tether-system", UID: selfUID, Labels: map[string]string{"tether.dev/agent": "true"}},
+		Spec:       corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "tether"},
 	})
 	if d.k8s, err = identity.NewKubernetes(client, "node-1", "cluster.local", d.podDeleted); err != nil {
 		t.Fatal(err)
 	}
+	d.podSelector, _ = labels.Parse("tether.dev/agent=true")
+	d.selfPod = selfUID
+	privtest.Start(t, other, "sleep", "60")
+	privtest.Start(t, self, "sleep", "60")
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- d.run(ctx, []string{root}) }()
@@ -101,7 +122,7 @@ func TestPrivilegedKubernetesDiscovery(t *testing.T) {
 	p2 := privtest.Start(t, ctr2, "sleep", "60")
 	time.Sleep(200 * time.Millisecond)
 	if n := len(reg.List()); n != 1 {
-		t.Errorf("%d agents after a second container started, want 1 (the pod)", n)
+		t.Errorf("%d agents after a second container started, want 1 (the selected pod; not the unselected one nor tetherd's own): %+v", n, reg.List())
 	}
 
 	if err := client.CoreV1().Pods("agents").Delete(ctx, "coder-0", metav1.DeleteOptions{}); err != nil {

@@ -46,10 +46,7 @@ func (d *Daemon) startPolicy(ctx context.Context, cfg *config.Loaded) error {
 	if err != nil {
 		return err
 	}
-	env := policy.Env{Node: cfg.Env.Node, Cluster: cfg.Env.Cluster, Environment: cfg.Env.Environment, Labels: cfg.Env.Labels}
-	if env.Node == "" {
-		env.Node, _ = os.Hostname()
-	}
+	env := policy.Env{Node: nodeName(cfg.Env.Node), Cluster: cfg.Env.Cluster, Environment: cfg.Env.Environment, Labels: cfg.Env.Labels}
 	d.pol = &policyState{engine: policy.NewEngine(schema, d.log), env: env, loc: loc, recent: newRecent()}
 
 	if b := cfg.Policy.Bundle; b != nil {

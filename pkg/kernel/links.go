@@ -214,3 +214,36 @@ func cgroupID(path string) (uint64, error) {
 	}
 	return st.Ino, nil
 }
+
+// Attached reports why enforcement is not in place, or nil when it is: the cgroup programs are
+// attached at one agent parent at least, and every link this load attached is still pinned (a
+// pin removed by hand or by `tetherd --remove-pins` detaches its program once tetherd lets go).
+func (k *Kernel) Attached() error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.closed {
+		return errors.New("the BPF objects are closed")
+	}
+	if len(k.parents) == 0 {
+		return errors.New("the cgroup programs are attached at no agent parent")
+	}
+	var pins []string
+	for _, h := range hookSpecs {
+		if k.coll.Programs[h.prog] == nil {
+			continue
+		}
+		if !h.cgroup {
+			pins = append(pins, k.linkPath(h.name))
+			continue
+		}
+		for id := range k.parents {
+			pins = append(pins, k.linkPath(fmt.Sprintf("cg-%d-%s", id, h.name)))
+		}
+	}
+	for _, p := range pins {
+		if _, err := os.Stat(p); err != nil {
+			return fmt.Errorf("link pin %s: %w", p, err)
+		}
+	}
+	return nil
+}

@@ -112,14 +112,23 @@ func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg})
 }
 
-// Serve serves /metrics at addr until the returned stop is called.
-func (m *Metrics) Serve(addr string, onErr func(error)) (func(), error) {
+// Health answers the probes: live is nil while tetherd's main loop runs, ready is nil while
+// enforcement is in place (the programs are attached). Each error says why not.
+type Health struct {
+	Live, Ready func() error
+}
+
+// Serve serves /metrics, /healthz (liveness) and /readyz (readiness) at addr until the
+// returned stop is called. The probes answer 200 "ok", or 503 and why.
+func (m *Metrics) Serve(addr string, h Health, onErr func(error)) (func(), error) {
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("metrics address %s: %w", addr, err)
 	}
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", m.Handler())
+	mux.Handle("GET /healthz", probeHandler(h.Live))
+	mux.Handle("GET /readyz", probeHandler(h.Ready))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		if err := srv.Serve(l); err != nil && err != http.ErrServerClosed {
@@ -127,6 +136,18 @@ func (m *Metrics) Serve(addr string, onErr func(error)) (func(), error) {
 		}
 	}()
 	return func() { srv.Close() }, nil
+}
+
+func probeHandler(check func() error) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		if err := check(); err != nil {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, err)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	}
 }
 
 type slotKey struct {

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -85,6 +86,11 @@ type tetherd struct {
 	logExtra string
 	// allowSample is bpf.allow_sample (1: every allow logged).
 	allowSample int
+	// wrap runs tetherd through a command (setpriv ... --), env is added to its environment,
+	// and cgroup, when set, is the cgroup tetherd starts in.
+	wrap   []string
+	env    []string
+	cgroup string
 
 	cmd    *exec.Cmd
 	stderr *lockedBuffer
@@ -241,8 +247,18 @@ credentials:
 func (d *tetherd) start() {
 	d.t.Helper()
 	d.stderr = &lockedBuffer{}
-	d.cmd = exec.Command(filepath.Join(d.bin, "tetherd"), "--config", d.config)
+	argv := append(slices.Clone(d.wrap), filepath.Join(d.bin, "tetherd"), "--config", d.config)
+	d.cmd = exec.Command(argv[0], argv[1:]...)
 	d.cmd.Stderr = d.stderr
+	d.cmd.Env = append(os.Environ(), d.env...)
+	if d.cgroup != "" {
+		cg, err := os.Open(d.cgroup)
+		if err != nil {
+			d.t.Fatal(err)
+		}
+		defer cg.Close()
+		d.cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	}
 	if err := d.cmd.Start(); err != nil {
 		d.t.Fatal(err)
 	}

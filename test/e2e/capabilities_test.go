@@ -1,0 +1,132 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/cgroups"
+	"github.com/tether-sh/tether/pkg/killpath"
+)
+
+// TestPrivilegedDaemonSetCapabilities runs tetherd as the DaemonSet does: with no_new_privs,
+// bounded to the capabilities of deploy/helm/tether/capabilities.txt, in a cgroup namespace of
+// its own that it leaves for the one $TETHER_CGROUPNS names. Then as the systemd unit does:
+// bounded to its CapabilityBoundingSet. Either way it enforces: a granted connect passes, another
+// is refused, an exec outside the grants dies, and the kill path cuts and freezes an agent.
+func TestPrivilegedDaemonSetCapabilities(t *testing.T) {
+	_, file, _, _ := runtime.Caller(0)
+	root := filepath.Join(filepath.Dir(file), "..", "..")
+	b, err := os.ReadFile(filepath.Join(root, "deploy", "helm", "tether", "capabilities.txt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var daemonset []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if l = strings.TrimSpace(l); l != "" && !strings.HasPrefix(l, "#") {
+			daemonset = append(daemonset, strings.ToLower(l))
+		}
+	}
+	unitFile, err := os.ReadFile(filepath.Join(root, "deploy", "systemd", "tetherd.service"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var unit []string
+	for _, l := range strings.Split(string(unitFile), "\n") {
+		if v, ok := strings.CutPrefix(l, "CapabilityBoundingSet="); ok {
+			for _, c := range strings.Fields(v) {
+				unit = append(unit, strings.ToLower(strings.TrimPrefix(c, "CAP_")))
+			}
+		}
+	}
+	if len(daemonset) == 0 || len(unit) == 0 {
+		t.Fatalf("capabilities: DaemonSet %v, unit %v", daemonset, unit)
+	}
+
+	t.Run("daemonset", func(t *testing.T) { enforceWithCaps(t, daemonset, true) })
+	t.Run("systemd", func(t *testing.T) { enforceWithCaps(t, unit, false) })
+}
+
+func enforceWithCaps(t *testing.T, caps []string, cgroupns bool) {
+	if _, err := exec.LookPath("setpriv"); err != nil {
+		t.Fatalf("needs setpriv (util-linux): %v", err)
+	}
+	h := privtest.NewHost(t)
+	okPort, _ := tcpPort(t, h)
+	noPort, _ := tcpPort(t, h)
+	self, _ := os.Executable()
+	d := newTetherd(t, grantsFor(self, h, okPort))
+	bounding := "-all"
+	for _, c := range caps {
+		bounding += ",+" + c
+	}
+	d.wrap = []string{"setpriv", "--no-new-privs", "--inh-caps", "-all", "--bounding-set", bounding, "--"}
+	if cgroupns {
+		d.wrap = append(d.wrap, "unshare", "--cgroup")
+		d.cgroup = privtest.Cgroup(t)
+		d.env = []string{fmt.Sprintf("TETHER_CGROUPNS=/proc/%d/ns/cgroup", os.Getpid())}
+	}
+	d.start()
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(status), "NoNewPrivs:\t1") {
+		t.Fatalf("tetherd runs without no_new_privs:\n%s", status)
+	}
+
+	ok := netip.AddrPortFrom(h.V4, okPort).String()
+	no := netip.AddrPortFrom(h.V4, noPort).String()
+	out, err := d.agentRun(agentID, "dial", "tcp", ok, "tcp", no).Output()
+	if got := lines(string(out)); err != nil || !slices.Equal(got, []string{"ok", "eperm"}) {
+		t.Fatalf("agent verdicts %v (%v), want ok, eperm; tetherd's log:\n%s", got, err, d.stderr.String())
+	}
+	other := privtest.SelfCopy(t)
+	if _, stderr, code := d.ctlRaw("run", "--id", agentID, "--", other); code != 128+int(syscall.SIGKILL) && code != 126 && code != 1 {
+		t.Errorf("denied exec: exit %d, stderr %q", code, stderr)
+	}
+
+	sleeper := d.agentRun(agentID, "sleep") // until its stdin closes
+	stdin, err := sleeper.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sleeper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); sleeper.Process.Kill(); sleeper.Wait() })
+	var cg string
+	waitFor(t, "the sleeping agent", func() bool {
+		for _, a := range d.agents() {
+			if len(cgroups.Procs(a.Cgroup)) > 0 {
+				cg = a.Cgroup
+			}
+		}
+		return cg != ""
+	})
+	var kills []killpath.Kill
+	if err := json.Unmarshal([]byte(d.ctl("kill", agentID, "--reason", "e2e: capabilities", "-o", "json")), &kills); err != nil {
+		t.Fatal(err)
+	}
+	if len(kills) != 1 || !kills[0].Done {
+		t.Fatalf("kill %+v; tetherd's log:\n%s", kills, d.stderr.String())
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !frozen(cg) && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !frozen(cg) {
+		t.Error("the killed agent is not frozen")
+	}
+	d.ctl("kill", agentID, "--reason", "e2e: cleanup", "--terminate")
+}

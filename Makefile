@@ -6,7 +6,7 @@ BPF_STRIP ?= llvm-strip-14
 BPF_CFLAGS ?= -O2 -g -Wall -Werror
 BIN       := bin
 
-.PHONY: all build generate check-generate test test-unit test-vm policy-test bench vet fuzz demo clean spire install
+.PHONY: all build generate check-generate test test-unit test-vm test-k8s k8s-bin manifests policy-test bench vet fuzz demo clean spire install
 
 all: build
 
@@ -28,6 +28,7 @@ check-generate: generate
 # end-to-end suite runs a real SPIRE server and agent (make spire builds them first).
 test: spire
 	$(GO) test -count=1 ./...
+	cd test/k8s && $(GO) test -count=1 -skip TestAPIServerDryRun ./...
 
 # SPIRE server and agent for the end-to-end tests, from tools/spire (a module of its own, so
 # SPIRE's dependencies stay out of tether's go.mod). About 9 minutes the first time (cgo, for
@@ -42,6 +43,27 @@ $(SPIRE_BIN)/spire-server $(SPIRE_BIN)/spire-agent &: tools/spire/go.mod tools/s
 # Only what needs no privileges (privileged tests skip with the reason).
 test-unit:
 	$(GO) test -count=1 -short ./...
+	cd test/k8s && $(GO) test -count=1 -skip TestAPIServerDryRun ./...
+
+# The Kubernetes deployment against a real API server: etcd and kube-apiserver on loopback,
+# `kubectl apply --dry-run=server` of deploy/kubernetes/ and of the chart in each value set
+# (test/k8s). The binaries come from tools/k8s (about 9 minutes to build the first time on 2
+# cores) and are kept in .bin/k8s-$(K8S_VERSION)/.
+K8S_VERSION := v1.37.2
+K8S_BIN := .bin/k8s-$(K8S_VERSION)
+test-k8s: k8s-bin
+	cd test/k8s && TETHER_K8S_BIN=$(CURDIR)/$(K8S_BIN) TETHER_REQUIRE_K8S=1 $(GO) test -count=1 -run TestAPIServerDryRun -v ./...
+
+k8s-bin: $(K8S_BIN)/kube-apiserver $(K8S_BIN)/kubectl $(K8S_BIN)/etcd
+
+$(K8S_BIN)/kube-apiserver $(K8S_BIN)/kubectl $(K8S_BIN)/etcd &: tools/k8s/go.mod tools/k8s/go.sum
+	cd tools/k8s && $(GO) build -trimpath -ldflags="-s -w" -o ../../$(K8S_BIN)/ k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl
+	cd tools/k8s && $(GO) build -trimpath -ldflags="-s -w" -o ../../$(K8S_BIN)/etcd go.etcd.io/etcd/server/v3
+	touch $(K8S_BIN)/kube-apiserver $(K8S_BIN)/kubectl $(K8S_BIN)/etcd
+
+# deploy/kubernetes/ from the Helm chart (test/k8s checks they match).
+manifests:
+	cd test/k8s && $(GO) run ./cmd/manifests
 
 # The shipped policy's Rego tests with the opa CLI (type-checked against the input schema).
 # `go test ./pkg/policy` runs the same tests through OPA's Go tester.
@@ -78,6 +100,7 @@ install: build
 
 vet:
 	$(GO) vet ./...
+	cd test/k8s && $(GO) vet ./...
 
 # Each fuzz target for a while (FUZZTIME=30s by default).
 FUZZTIME ?= 30s

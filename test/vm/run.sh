@@ -78,7 +78,7 @@ common='"TETHER_REQUIRE_PRIVILEGED=1", "TETHER_E2E_BIN=/bin"'
 status=0
 boot lsm "lockdown,capability,landlock,yama,bpf" '[
  {"name": "pkg/kernel", "bin": "/bin/kernel.test", "args": ["-test.v", "-test.timeout=20m"], "env": ['"$common"', "TETHER_EXPECT_EXEC_MODE=lsm"]},
- {"name": "test/e2e", "bin": "/bin/e2e.test", "args": ["-test.v", "-test.timeout=20m", "-test.skip", "SPIRE|KillFinishesAfterRestart|Prometheus|TaskCredentials|Handoff|StaticIdentity|EventsStream|DenyLoad|DecisionLogEvaluations"], "env": ['"$common"', "TETHER_EXPECT_EXEC_MODE=lsm"]},
+ {"name": "test/e2e", "bin": "/bin/e2e.test", "args": ["-test.v", "-test.timeout=20m", "-test.skip", "SPIRE|KillFinishesAfterRestart|Prometheus|TaskCredentials|Handoff|StaticIdentity|EventsStream|DenyLoad|DecisionLogEvaluations|ProbeCommand|HealthProbes|DaemonSetCapabilities"], "env": ['"$common"', "TETHER_EXPECT_EXEC_MODE=lsm"]},
  {"name": "test/differential", "bin": "/bin/differential.test", "args": ["-test.v", "-test.timeout=20m"], "env": ['"$common"', "TETHER_DIFF_SAMPLES=2000", "TETHER_EXPECT_EXEC_MODE=lsm"]}
 ]' || status=1
 boot no-bpf-lsm "lockdown,capability,landlock,yama" '[

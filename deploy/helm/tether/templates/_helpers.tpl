@@ -1,0 +1,67 @@
+{{- define "tether.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tether.labels" -}}
+app.kubernetes.io/name: {{ include "tether.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "tether.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tether.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "tether.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}
+{{- end -}}
+{{- end -}}
+
+{{/* tetherd.yaml: what the values say, with extraConfig merged over it. */}}
+{{- define "tether.config" -}}
+{{- $v := .Values -}}
+{{- $identity := dict "trust_domains" (list $v.identity.trustDomain) -}}
+{{- if $v.identity.spire.enabled -}}
+{{- $_ := set $identity "spire" (dict "admin_socket" $v.identity.spire.adminSocket "workload_socket" $v.identity.spire.workloadSocket "cgroups" (list (printf "%s/**" $v.agentParent))) -}}
+{{- else -}}
+{{- $_ := set $identity "kubernetes" (dict "trust_domain" $v.identity.trustDomain "pod_selector" $v.podSelector) -}}
+{{- end -}}
+{{- $policy := dict "timezone" $v.policy.timezone -}}
+{{- if and $v.policy.bundle.enabled $v.policy.files -}}
+{{- fail "policy.bundle and policy.files: give one, not both" -}}
+{{- end -}}
+{{- if $v.policy.bundle.enabled -}}
+{{- if not $v.policy.bundle.service -}}
+{{- fail "policy.bundle.enabled needs policy.bundle.service (the bundle server's URL)" -}}
+{{- end -}}
+{{- $_ := set $policy "bundle" (dict "service" $v.policy.bundle.service "resource" $v.policy.bundle.resource "min_delay" $v.policy.bundle.minDelay "max_delay" $v.policy.bundle.maxDelay) -}}
+{{- else if $v.policy.files -}}
+{{- $_ := set $policy "dir" "/etc/tether/policy" -}}
+{{- end -}}
+{{- $telemetry := dict "metrics_address" (printf ":%d" (int $v.telemetry.port)) -}}
+{{- with $v.telemetry.escalationWebhook -}}
+{{- $_ := set $telemetry "escalation_webhook" . -}}
+{{- end -}}
+{{- $log := dict "path" "-" "evaluations" $v.decisionLog.evaluations "mask" $v.decisionLog.mask -}}
+{{- if $v.decisionLog.http.enabled -}}
+{{- $_ := set $log "http" (dict "url" $v.decisionLog.http.url) -}}
+{{- end -}}
+{{- $cfg := dict
+  "cgroup" (dict "root" "/host/sys/fs/cgroup" "agent_parents" (list $v.agentParent) "launch_parent" "")
+  "bpf" (dict "pin_dir" $v.bpf.pinDir "exec_mode" $v.bpf.execMode "allow_sample" (int $v.bpf.allowSample) "unknown_cgroup" $v.unknownCgroup)
+  "api" (dict "socket" "/run/tether/tether.sock" "agent_socket" "/run/tether/agent.sock")
+  "identity" $identity
+  "policy" $policy
+  "env" (dict "cluster" $v.env.cluster "environment" $v.env.environment "labels" $v.env.labels)
+  "telemetry" $telemetry
+  "decision_log" $log
+  "log" (dict "level" $v.log.level "format" $v.log.format)
+-}}
+{{- toYaml (mergeOverwrite $cfg $v.extraConfig) -}}
+{{- end -}}

@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"syscall"
 
+	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/bpffs"
@@ -70,6 +71,10 @@ func run(ctx context.Context, args []string) error {
 		return bpffs.RemovePins(cfg.BPF.PinDir)
 	}
 	log := newLogger(cfg.Log)
+	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; on later ones this does nothing.
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return fmt.Errorf("raising RLIMIT_MEMLOCK for BPF maps (needs CAP_SYS_RESOURCE on kernels before 5.11): %w", err)
+	}
 
 	// SIGHUP reloads the configuration; a broken one is refused and the running one stays.
 	var running atomic.Pointer[daemon.Daemon]

@@ -276,8 +276,11 @@ func confined(r *http.Request, c Caller, isConfined func(int32) bool) bool {
 	if isConfined(c.PID) {
 		return true
 	}
-	if pidfd >= 0 && unix.PidfdSendSignal(pidfd, 0, nil, 0) != nil {
-		return true // the connecting process is gone: what was read may be another's
+	// Signal 0 only asks whether the process exists: ESRCH means the connecting process is gone
+	// and what was read may be another's; EPERM (another user's process, without CAP_KILL)
+	// means it is there.
+	if pidfd >= 0 && errors.Is(unix.PidfdSendSignal(pidfd, 0, nil, 0), unix.ESRCH) {
+		return true
 	}
 	return false
 }

@@ -1,9 +1,13 @@
 package telemetry
 
 import (
+	"errors"
 	"io"
+	"net"
+	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -85,5 +89,52 @@ func TestKernelStats(t *testing.T) {
 	src.kernel = KernelStats{Err: io.ErrUnexpectedEOF}
 	if out := scrape(t, m); !strings.Contains(out, `tether_kernel_stats_errors_total 1`) || !strings.Contains(out, `tether_bpf_stats_enabled 0`) {
 		t.Errorf("after a failed read:\n%s", out)
+	}
+}
+
+// TestServeProbes: /healthz and /readyz answer 200 "ok" while their checks pass and 503 with the
+// reason when one fails, on the same listener as /metrics.
+func TestServeProbes(t *testing.T) {
+	starting := errors.New("starting: the programs are not attached yet")
+	var attached atomic.Bool
+	readiness := func() error {
+		if !attached.Load() {
+			return starting
+		}
+		return nil
+	}
+	m := New(&fakeSource{}, "test")
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	stop, err := m.Serve(addr, Health{Live: func() error { return nil }, Ready: readiness}, func(err error) { t.Error(err) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	get := func(path string) (int, string) {
+		resp, err := http.Get("http://" + addr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, strings.TrimSpace(string(b))
+	}
+	if code, body := get("/readyz"); code != 503 || body != starting.Error() {
+		t.Errorf("/readyz while starting: %d %q", code, body)
+	}
+	if code, body := get("/healthz"); code != 200 || body != "ok" {
+		t.Errorf("/healthz: %d %q", code, body)
+	}
+	attached.Store(true)
+	if code, body := get("/readyz"); code != 200 || body != "ok" {
+		t.Errorf("/readyz once ready: %d %q", code, body)
+	}
+	if code, body := get("/metrics"); code != 200 || !strings.Contains(body, "tether_build_info") {
+		t.Errorf("/metrics: %d", code)
 	}
 }

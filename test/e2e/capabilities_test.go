@@ -23,7 +23,9 @@ import (
 // bounded to the capabilities of deploy/helm/tether/capabilities.txt, in a cgroup namespace of
 // its own that it leaves for the one $TETHER_CGROUPNS names. Then as the systemd unit does:
 // bounded to its CapabilityBoundingSet. Either way it enforces: a granted connect passes, another
-// is refused, an exec outside the grants dies, and the kill path cuts and freezes an agent.
+// is refused, an exec outside the grants dies, an agent running as another user gets its task
+// credential file (owned by that user, in a directory only it may read), and the kill path cuts
+// and freezes an agent.
 func TestPrivilegedDaemonSetCapabilities(t *testing.T) {
 	_, file, _, _ := runtime.Caller(0)
 	root := filepath.Join(filepath.Dir(file), "..", "..")
@@ -65,7 +67,10 @@ func enforceWithCaps(t *testing.T, caps []string, cgroupns bool) {
 	okPort, _ := tcpPort(t, h)
 	noPort, _ := tcpPort(t, h)
 	self, _ := os.Executable()
-	d := newTetherd(t, grantsFor(self, h, okPort))
+	asNobody := privtest.SelfCopy(t) // a copy the nobody user may run
+	p := grantsFor(self, h, okPort)
+	p["exec"] = []string{self, asNobody}
+	d := newTetherd(t, p)
 	bounding := "-all"
 	for _, c := range caps {
 		bounding += ",+" + c
@@ -95,6 +100,33 @@ func enforceWithCaps(t *testing.T, caps []string, cgroupns bool) {
 	if _, stderr, code := d.ctlRaw("run", "--id", agentID, "--", other); code != 128+int(syscall.SIGKILL) && code != 126 && code != 1 {
 		t.Errorf("denied exec: exit %d, stderr %q", code, stderr)
 	}
+
+	// An agent of another user with a task: its credential file is handed over to that user.
+	nobody := d.ctlCmd("run", "--id", agentID, "--user", "nobody", "--task-type", "e2e", "--", asNobody)
+	nobody.Env = append(os.Environ(), "TETHER_TEST_HELPER=sleep")
+	nobodyIn, err := nobody.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nobody.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var cred os.FileInfo
+	waitFor(t, "the task credential of the agent running as nobody", func() bool {
+		files, _ := filepath.Glob(filepath.Join(d.dir, "creds", "agent-*", "task.jwt"))
+		for _, f := range files {
+			if fi, err := os.Stat(f); err == nil && fi.Sys().(*syscall.Stat_t).Uid == 65534 {
+				cred = fi
+				return true
+			}
+		}
+		return false
+	})
+	if cred.Mode().Perm() != 0o400 {
+		t.Errorf("credential file mode %v, want 0400", cred.Mode())
+	}
+	nobodyIn.Close()
+	nobody.Wait()
 
 	sleeper := d.agentRun(agentID, "sleep") // until its stdin closes
 	stdin, err := sleeper.StdinPipe()

@@ -95,6 +95,9 @@ type Cgroup struct {
 	LaunchParent string `json:"launch_parent"`
 	// AllowRootAttach permits an agent parent at the cgroup2 root (every process is hooked).
 	AllowRootAttach bool `json:"allow_root_attach"`
+	// CreateParents creates missing agent parents. Off where another owns them (the kubelet's
+	// kubepods): a missing parent is then a wrong setting, and tetherd refuses to start.
+	CreateParents bool `json:"create_parents"`
 }
 
 // BPF configures the kernel side.
@@ -268,7 +271,7 @@ type Log struct {
 // Defaults are the settings a configuration file starts from.
 func Defaults() Config {
 	return Config{
-		Cgroup: Cgroup{AgentParents: []string{"tether"}, LaunchParent: "tether"},
+		Cgroup: Cgroup{AgentParents: []string{"tether"}, LaunchParent: "tether", CreateParents: true},
 		BPF: BPF{
 			PinDir:          "/sys/fs/bpf/tether",
 			ExecMode:        "auto",

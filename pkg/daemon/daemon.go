@@ -394,6 +394,11 @@ func (d *Daemon) findCgroups(cfg *config.Loaded) error {
 	}
 	for _, p := range cfg.Cgroup.AgentParents {
 		abs := config.CgroupPath(root, p)
+		if !cfg.Cgroup.CreateParents {
+			if _, err := cgroups.ID(abs); err != nil {
+				return fmt.Errorf("agent parent %s must exist (cgroup.create_parents is off; on Kubernetes the pods' parent is kubepods.slice with the systemd cgroup driver, kubepods with cgroupfs): %w", abs, err)
+			}
+		}
 		if _, err := cgroups.Create(abs); err != nil {
 			return fmt.Errorf("agent parent %s: %w", abs, err)
 		}

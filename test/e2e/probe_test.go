@@ -113,3 +113,30 @@ func TestPrivilegedProbeCommand(t *testing.T) {
 		t.Fatalf("tetherd probe with the pins off bpffs: %v\n%s", err, out)
 	}
 }
+
+// TestPrivilegedMissingAgentParent: with cgroup.create_parents off (the DaemonSet's setting: the
+// kubelet owns the pods' parent), a missing agent parent stops tetherd with a clear error and
+// nothing is created.
+func TestPrivilegedMissingAgentParent(t *testing.T) {
+	d := newTetherd(t, profile{})
+	missing := filepath.Join(d.parent, "kubepods.slice")
+	b, err := os.ReadFile(d.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := strings.Replace(string(b), "cgroup:\n", "cgroup:\n  create_parents: false\n", 1)
+	cfg = strings.ReplaceAll(cfg, d.parent, missing)
+	if !strings.Contains(cfg, "create_parents: false") {
+		t.Fatalf("no cgroup section in the test configuration:\n%s", b)
+	}
+	if err := os.WriteFile(d.config, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(filepath.Join(d.bin, "tetherd"), "--config", d.config).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "agent parent "+missing+" must exist") {
+		t.Fatalf("tetherd with a missing agent parent: %v\n%s", err, out)
+	}
+	if _, err := os.Stat(missing); !os.IsNotExist(err) {
+		t.Errorf("the missing agent parent was created: %v", err)
+	}
+}

@@ -53,7 +53,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $_ := set $log "http" (dict "url" $v.decisionLog.http.url) -}}
 {{- end -}}
 {{- $cfg := dict
-  "cgroup" (dict "root" "/host/sys/fs/cgroup" "agent_parents" (list $v.agentParent) "launch_parent" "")
+  "cgroup" (dict "root" "/host/sys/fs/cgroup" "agent_parents" (list $v.agentParent) "launch_parent" "" "create_parents" false)
   "bpf" (dict "pin_dir" $v.bpf.pinDir "exec_mode" $v.bpf.execMode "allow_sample" (int $v.bpf.allowSample) "unknown_cgroup" $v.unknownCgroup)
   "api" (dict "socket" "/run/tether/tether.sock" "agent_socket" "/run/tether/agent.sock")
   "identity" $identity

@@ -136,16 +136,23 @@ func probe(want ExecMode, log *slog.Logger) Features {
 
 // probeCgroupAttach trial-loads a program for a cgroup sock_addr attach type.
 func probeCgroupAttach(at ebpf.AttachType) error {
-	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Type:         ebpf.CGroupSockAddr,
-		AttachType:   at,
-		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()},
-		License:      "GPL",
-	})
+	prog, err := trialProgram(ebpf.CGroupSockAddr, at, "", 1)
 	if err != nil {
 		return err
 	}
 	return prog.Close()
+}
+
+// trialProgram loads a program of typ that only returns r0, to learn whether this kernel (and
+// this process's privileges) allow it.
+func trialProgram(typ ebpf.ProgramType, at ebpf.AttachType, attachTo string, r0 int32) (*ebpf.Program, error) {
+	return ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:         typ,
+		AttachType:   at,
+		AttachTo:     attachTo,
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, r0), asm.Return()},
+		License:      "GPL",
+	})
 }
 
 // probeLSM trial-loads and attaches an LSM program that allows everything, then detaches it.
@@ -153,13 +160,7 @@ func probeLSM() error {
 	if err := features.HaveProgramType(ebpf.LSM); err != nil {
 		return err
 	}
-	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Type:         ebpf.LSM,
-		AttachType:   ebpf.AttachLSMMac,
-		AttachTo:     "bprm_check_security",
-		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
-		License:      "GPL",
-	})
+	prog, err := trialProgram(ebpf.LSM, ebpf.AttachLSMMac, "bprm_check_security", 0)
 	if err != nil {
 		return fmt.Errorf("loading: %w", err)
 	}

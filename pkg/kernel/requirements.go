@@ -6,7 +6,6 @@ import (
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/features"
 
 	"github.com/tether-sh/tether/pkg/bpffs"
@@ -84,13 +83,7 @@ func Requirements(cgroupRoot string, cgroupErr error, pinDir string) []Requireme
 // probeTPBTF loads a tp_btf program for sched_process_exec, as the exec hook is (the generic
 // tracing probe needs trampolines, which tp_btf does not).
 func probeTPBTF() error {
-	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Type:         ebpf.Tracing,
-		AttachType:   ebpf.AttachTraceRawTp,
-		AttachTo:     "sched_process_exec",
-		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
-		License:      "GPL",
-	})
+	prog, err := trialProgram(ebpf.Tracing, ebpf.AttachTraceRawTp, "sched_process_exec", 0)
 	if err != nil {
 		return err
 	}

@@ -72,27 +72,19 @@ func TestChartRendersStrictly(t *testing.T) {
 
 			ds := Find[*appsv1.DaemonSet](objs)[0]
 			cfg := tetherdConfig(t, objs)
-			paths := []struct {
+			type use struct {
 				path  string
 				write bool
-			}{
+			}
+			paths := []use{
 				{cfg.API.Socket, true}, {cfg.API.AgentSocket, true}, {cfg.BPF.PinDir, true}, {cfg.Cgroup.Root, true},
 				{cfg.Kill.StateFile, true}, {cfg.Credentials.Dir, true}, {cfg.Credentials.KeyFile, true},
 			}
 			if cfg.Policy.Dir != "" {
-				paths = append(paths, struct {
-					path  string
-					write bool
-				}{cfg.Policy.Dir, false})
+				paths = append(paths, use{cfg.Policy.Dir, false})
 			}
 			if sp := cfg.Identity.SPIRE; sp != nil {
-				paths = append(paths, struct {
-					path  string
-					write bool
-				}{sp.AdminSocket, false}, struct {
-					path  string
-					write bool
-				}{sp.WorkloadSocket, false})
+				paths = append(paths, use{sp.AdminSocket, false}, use{sp.WorkloadSocket, false})
 			}
 			for _, p := range paths {
 				if err := Mounted(ds, p.path, p.write); err != nil {

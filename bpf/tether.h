@@ -18,6 +18,9 @@ enum tether_limits {
 	TETHER_MAX_ANCESTORS = 16,
 	/* Entries in one agent's rule set (egress prefixes + exec files + unix paths + header). */
 	TETHER_MAX_RULES = 65536,
+	/* Host rules (egress to one address: a /32 or /128) held in tether_hosts, over all agents'
+	 * buffers; when it is full, the daemon puts further host rules into the tries. */
+	TETHER_MAX_HOST_RULES = 32768,
 	/* Port rules that one egress prefix can carry; the compiler refuses more. */
 	TETHER_MAX_PORT_RULES = 16,
 	/* Bytes of a rule key after its kind byte: enough for a full sun_path. */
@@ -136,6 +139,16 @@ struct tether_slot_cache_entry {
 struct tether_agent {
 	__u32 flags;  /* enum tether_agent_flags */
 	__u32 active; /* which of the slot's two rule-set buffers is in force: 0 or 1 */
+	/* A tether_hosts entry of buffer i counts only when its generation is at least floor[i]:
+	 * one write of floor[i] retires every host rule of buffer i, and the daemon removes the
+	 * retired entries later, when no hook can be reading them. */
+	__u64 floor[2];
+};
+
+/* Key of tether_hosts: one host rule of one rule-set buffer. */
+struct tether_host_key {
+	__u32 buf;	/* slot * 2 + buffer, as in tether_rulesets */
+	__u8 addr[16];	/* IPv6; IPv4 as ::ffff:a.b.c.d */
 };
 
 /* Key of an agent's rule set (an LPM trie). prefixlen counts bits from the kind byte on. */
@@ -165,7 +178,8 @@ struct tether_grant_uses {
 	__u64 expires_ns;  /* CLOCK_BOOTTIME; 0: only the uses bound it */
 };
 
-/* Value of an agent's rule set. The header entry uses generation and mode; an egress entry uses
+/* Value of an agent's rule set. The header entry uses generation and mode (a host rule in
+ * tether_hosts uses generation too: see struct tether_agent's floor); an egress entry uses
  * count and ports (the compiler has already merged every covering prefix's ports into it, because
  * an LPM lookup returns only the longest match); exec and unix entries allow by their presence,
  * with mode TETHER_MODE_AUDIT when they only audit. */

@@ -71,6 +71,7 @@ func run(ctx context.Context, args []string) error {
 		return bpffs.RemovePins(cfg.BPF.PinDir)
 	}
 	log := newLogger(cfg.Log)
+	daemon.TuneGC()
 	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; on later ones this does nothing.
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return fmt.Errorf("raising RLIMIT_MEMLOCK for BPF maps (needs CAP_SYS_RESOURCE on kernels before 5.11): %w", err)

@@ -424,7 +424,7 @@ func simplify(rules []dataplane.PortRule) []dataplane.PortRule {
 		return cmp.Or(compareBool(a.Audit, b.Audit), cmp.Compare(a.Grant, b.Grant), cmp.Compare(a.Binary.Dev, b.Binary.Dev), cmp.Compare(a.Binary.Ino, b.Binary.Ino),
 			cmp.Compare(a.Proto, b.Proto), cmp.Compare(a.Lo, b.Lo), cmp.Compare(a.Hi, b.Hi))
 	})
-	var joined []dataplane.PortRule
+	joined := make([]dataplane.PortRule, 0, len(rules))
 	for _, r := range rules {
 		if n := len(joined); n > 0 {
 			last := &joined[n-1]
@@ -442,7 +442,7 @@ func simplify(rules []dataplane.PortRule) []dataplane.PortRule {
 			(a.Binary.IsZero() || a.Binary == b.Binary) && a.Lo <= b.Lo && b.Hi <= a.Hi &&
 			(!a.Audit || b.Audit) && (a.Grant == 0 || a.Grant == b.Grant)
 	}
-	out := joined[:0:0]
+	out := make([]dataplane.PortRule, 0, len(joined))
 	for i, r := range joined {
 		dominated := false
 		for j, o := range joined {

@@ -2,30 +2,84 @@ package kernel
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 
 	"github.com/cilium/ebpf"
 )
 
-// trieImage is the content of a rule trie as tetherd knows it: entries in two slices, and an index
-// by key. (A map from key to value would store each 400-byte value in an allocation of its own.)
+// trieImage is the content of a rule buffer as tetherd knows it: entries in two slices, and an
+// index by key. (A map from key to value would store each 400-byte value in an allocation of its
+// own.) Egress keys, nearly all of them, are indexed by their 20 significant bytes: hashing and
+// comparing the whole 116-byte key made up most of the cost of encoding and diffing a rule set.
 type trieImage struct {
 	keys  []bpfTetherRuleKey
 	vals  []bpfTetherRuleValue
-	index map[bpfTetherRuleKey]int32
+	short map[shortKey]int32
+	long  map[bpfTetherRuleKey]int32 // the keys short does not take
+}
+
+// shortKey is an egress key's prefix length and address.
+type shortKey struct {
+	bits uint32
+	addr [16]byte
+}
+
+// shorten returns key's short form, if it has one: an egress key with nothing after the address.
+func shorten(key *bpfTetherRuleKey) (shortKey, bool) {
+	if key.Kind != uint8(bpfTetherRuleKindTETHER_RULE_EGRESS) {
+		return shortKey{}, false
+	}
+	if [len(key.Data) - 16]byte(key.Data[16:]) != [len(key.Data) - 16]byte{} {
+		return shortKey{}, false
+	}
+	return shortKey{bits: key.Prefixlen, addr: [16]byte(key.Data[:16])}, true
 }
 
 func newImage(n int) *trieImage {
 	return &trieImage{
 		keys:  make([]bpfTetherRuleKey, 0, n),
 		vals:  make([]bpfTetherRuleValue, 0, n),
-		index: make(map[bpfTetherRuleKey]int32, n),
+		short: make(map[shortKey]int32, n),
 	}
 }
 
 func (m *trieImage) len() int { return len(m.keys) }
 
+// find returns the position of key.
+func (m *trieImage) find(key *bpfTetherRuleKey) (int32, bool) {
+	if sk, ok := shorten(key); ok {
+		i, ok := m.short[sk]
+		return i, ok
+	}
+	i, ok := m.long[*key]
+	return i, ok
+}
+
+func (m *trieImage) setIndex(key *bpfTetherRuleKey, i int32) {
+	if sk, ok := shorten(key); ok {
+		m.short[sk] = i
+		return
+	}
+	if m.long == nil {
+		m.long = map[bpfTetherRuleKey]int32{}
+	}
+	m.long[*key] = i
+}
+
+func (m *trieImage) unindex(key *bpfTetherRuleKey) {
+	if sk, ok := shorten(key); ok {
+		delete(m.short, sk)
+		return
+	}
+	delete(m.long, *key)
+}
+
+// indexed counts the index's entries (equal to len, unless the image is broken).
+func (m *trieImage) indexed() int { return len(m.short) + len(m.long) }
+
 func (m *trieImage) get(key bpfTetherRuleKey) (bpfTetherRuleValue, bool) {
-	i, ok := m.index[key]
+	i, ok := m.find(&key)
 	if !ok {
 		return bpfTetherRuleValue{}, false
 	}
@@ -34,45 +88,42 @@ func (m *trieImage) get(key bpfTetherRuleKey) (bpfTetherRuleValue, bool) {
 
 // add appends key with v unless key is there already; it reports whether key was new.
 func (m *trieImage) add(key bpfTetherRuleKey, v bpfTetherRuleValue) bool {
-	if _, dup := m.index[key]; dup {
+	if _, dup := m.find(&key); dup {
 		return false
 	}
-	m.index[key] = int32(len(m.keys))
+	m.setIndex(&key, int32(len(m.keys)))
 	m.keys, m.vals = append(m.keys, key), append(m.vals, v)
 	return true
 }
 
 // put sets key to v.
 func (m *trieImage) put(key bpfTetherRuleKey, v bpfTetherRuleValue) {
-	if i, ok := m.index[key]; ok {
+	if i, ok := m.find(&key); ok {
 		m.vals[i] = v
 		return
 	}
-	m.index[key] = int32(len(m.keys))
+	m.setIndex(&key, int32(len(m.keys)))
 	m.keys, m.vals = append(m.keys, key), append(m.vals, v)
 }
 
 // del removes key (the last entry takes its place).
 func (m *trieImage) del(key bpfTetherRuleKey) {
-	i, ok := m.index[key]
+	i, ok := m.find(&key)
 	if !ok {
 		return
 	}
 	last := len(m.keys) - 1
 	if int(i) != last {
 		m.keys[i], m.vals[i] = m.keys[last], m.vals[last]
-		m.index[m.keys[i]] = i
+		m.setIndex(&m.keys[i], i)
 	}
 	m.keys, m.vals = m.keys[:last], m.vals[:last]
-	delete(m.index, key)
+	m.unindex(&key)
 }
 
+// clone returns an image with m's entries, in m's order.
 func (m *trieImage) clone() *trieImage {
-	c := newImage(m.len())
-	for i, key := range m.keys {
-		c.put(key, m.vals[i])
-	}
-	return c
+	return &trieImage{keys: slices.Clone(m.keys), vals: slices.Clone(m.vals), short: maps.Clone(m.short), long: maps.Clone(m.long)}
 }
 
 // equal reports whether m and o hold the same entries.
@@ -90,19 +141,37 @@ func (m *trieImage) equal(o *trieImage) bool {
 
 // plan is what turns have into want: the keys to delete, and the entries to write.
 func plan(have, want *trieImage) ([]bpfTetherRuleKey, []bpfTetherRuleKey, []bpfTetherRuleValue) {
-	var dels []bpfTetherRuleKey
-	for _, key := range have.keys {
-		if _, keep := want.index[key]; !keep {
-			dels = append(dels, key)
+	return gather(have, want, diff(have, want))
+}
+
+// changes are the positions of a plan's entries: in have.keys of those to delete, in want.keys of
+// those to write.
+type changes struct{ dels, writes []int32 }
+
+func diff(have, want *trieImage) changes {
+	var c changes
+	for i := range have.keys {
+		if _, keep := want.find(&have.keys[i]); !keep {
+			c.dels = append(c.dels, int32(i))
 		}
 	}
-	var keys []bpfTetherRuleKey
-	var vals []bpfTetherRuleValue
-	for i, key := range want.keys {
-		if j, ok := have.index[key]; ok && have.vals[j] == want.vals[i] {
-			continue
+	for i := range want.keys {
+		if j, ok := have.find(&want.keys[i]); !ok || have.vals[j] != want.vals[i] {
+			c.writes = append(c.writes, int32(i))
 		}
-		keys, vals = append(keys, key), append(vals, want.vals[i])
+	}
+	return c
+}
+
+func gather(have, want *trieImage, c changes) ([]bpfTetherRuleKey, []bpfTetherRuleKey, []bpfTetherRuleValue) {
+	dels := make([]bpfTetherRuleKey, len(c.dels))
+	for n, i := range c.dels {
+		dels[n] = have.keys[i]
+	}
+	keys := make([]bpfTetherRuleKey, len(c.writes))
+	vals := make([]bpfTetherRuleValue, len(c.writes))
+	for n, i := range c.writes {
+		keys[n], vals[n] = want.keys[i], want.vals[i]
 	}
 	return dels, keys, vals
 }

@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -86,6 +87,7 @@ type Kernel struct {
 	cgroups       *ebpf.Map
 	agents        *ebpf.Map
 	rulesets      *ebpf.Map
+	hosts         *ebpf.Map
 	procs         *ebpf.Map
 	events        *ebpf.Map
 	counters      *ebpf.Map
@@ -101,6 +103,14 @@ type Kernel struct {
 	slotsMu  sync.Mutex
 	slots    [dataplane.MaxAgents]*slotState
 	graceMap *ebpf.Map // an empty trie, put into tether_rulesets[graceIndex] to wait for a grace period
+
+	// adopted are the tether_hosts entries found at Open, by buffer, until each slot reads its own.
+	adoptedMu sync.Mutex
+	adopted   map[uint32][]hostEntry
+	hostsFull atomic.Uint64 // host rules put into a trie because tether_hosts was full
+	// cleanupDelay: how long a slot must go without an install before the retired host rules
+	// of its buffer in force are removed (see dropRetiredLater).
+	cleanupDelay time.Duration
 
 	mu      sync.Mutex // guards everything below and serialises rule-set installs
 	global  []link.Link
@@ -133,7 +143,7 @@ func Open(opts Options) (_ *Kernel, err error) {
 		return nil, fmt.Errorf("creating pin directory: %w", err)
 	}
 
-	k := &Kernel{log: opts.Logger, pinDir: opts.PinDir, opts: opts, parents: map[uint64][]link.Link{}}
+	k := &Kernel{log: opts.Logger, pinDir: opts.PinDir, opts: opts, parents: map[uint64][]link.Link{}, cleanupDelay: time.Second}
 	defer func() {
 		if err != nil {
 			k.Close()
@@ -214,6 +224,7 @@ func (k *Kernel) load() error {
 	k.cgroups = coll.Maps[bpfMapTetherCgroups]
 	k.agents = coll.Maps[bpfMapTetherAgents]
 	k.rulesets = coll.Maps[bpfMapTetherRulesets]
+	k.hosts = coll.Maps[bpfMapTetherHosts]
 	k.procs = coll.Maps[bpfMapTetherProcs]
 	k.events = coll.Maps[bpfMapTetherEvents]
 	k.counters = coll.Maps[bpfMapTetherCounters]
@@ -223,6 +234,9 @@ func (k *Kernel) load() error {
 	k.config = coll.Maps[bpfMapTetherConfig]
 	if k.graceMap, err = ebpf.NewMap(k.innerSpec); err != nil {
 		return fmt.Errorf("creating the grace-period trie: %w", err)
+	}
+	if k.adopted, err = k.scanHosts(); err != nil {
+		return err
 	}
 	// An earlier tetherd may have switched a buffer moments ago: wait once, so that every buffer
 	// not in force is free to rewrite.

@@ -4,15 +4,18 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"slices"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
-// An agent's rule set lives in one of two LPM tries, its buffers (tether_rulesets[slot*2+i]);
-// tether_agents[slot].active says which one is in force. Install rewrites the buffer not in force
+// An agent's rule set lives in one of two buffers: an LPM trie (tether_rulesets[slot*2+i]) and
+// the buffer's host rules in tether_hosts (see hosts.go); tether_agents[slot].active says which
+// buffer is in force. Install rewrites the buffer not in force
 // and then flips active with one write, so a hook sees either the whole old or the whole new rule
 // set. Before a buffer is rewritten again, every hook that may still read it from before the flip
 // must have finished: an RCU grace period, which the kernel waits for when a map-in-map entry is
@@ -28,12 +31,23 @@ const graceIndex = 2 * dataplane.MaxAgents
 // slotState is what the kernel layer knows of one slot.
 type slotState struct {
 	mu     sync.Mutex
-	loaded bool // flags and active read from the kernel
+	loaded bool // flags, active and floor read from the kernel
 	flags  uint32
 	active uint32
+	floor  [2]uint64
 	bufs   [2]*ebpf.Map
-	// mirror is what each buffer holds; nil: unknown (read from the map when needed).
+	// mirror is what each buffer holds (its trie and its host rules); nil: unknown (read from
+	// the kernel when needed).
 	mirror [2]*trieImage
+	// inTrie are host rules a buffer keeps in its trie because tether_hosts was full.
+	inTrie [2]map[bpfTetherRuleKey]struct{}
+	// retired are tether_hosts entries of a buffer below its floor, removed once no hook can
+	// be reading the buffer.
+	retired [2][]bpfTetherHostKey
+	// scanned says a buffer's host rules have been taken from the scan made at Open.
+	scanned [2]bool
+	// leftover: a clear could not remove all of a buffer's host rules.
+	leftover [2]bool
 	// quiet is closed when no hook can still be reading the buffer not in force; nil: quiet.
 	quiet chan struct{}
 	// epoch counts installs, clears and closes: a background sync started in an older epoch
@@ -61,13 +75,13 @@ func (k *Kernel) loadSlot(st *slotState, slot dataplane.Slot) error {
 	if err := k.agents.Lookup(uint32(slot), &a); err != nil {
 		return fmt.Errorf("reading state of slot %d: %w", slot, err)
 	}
-	st.flags, st.active, st.loaded = a.Flags, a.Active&1, true
+	st.flags, st.active, st.floor, st.loaded = a.Flags, a.Active&1, a.Floor, true
 	return nil
 }
 
 // writeAgent writes the whole agent value. Call with st.mu held.
 func (k *Kernel) writeAgent(st *slotState, slot dataplane.Slot, flags, active uint32) error {
-	if err := k.agents.Update(uint32(slot), bpfTetherAgent{Flags: flags, Active: active}, ebpf.UpdateAny); err != nil {
+	if err := k.agents.Update(uint32(slot), bpfTetherAgent{Flags: flags, Active: active, Floor: st.floor}, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("writing state of slot %d: %w", slot, err)
 	}
 	st.flags, st.active = flags, active
@@ -149,10 +163,24 @@ func (st *slotState) waitQuiet() {
 	}
 }
 
-// syncInactive makes the buffer not in force hold what the one in force holds, unless anything
-// happened to the slot since the install of epoch (whatever did writes what it needs itself).
-// It writes in chunks and lets go of the slot between them, so an install that comes meanwhile
-// waits for one chunk at most (and then writes what is still missing itself).
+// isQuiet reports whether no hook can be reading the buffer not in force, without waiting.
+func (st *slotState) isQuiet() bool {
+	if st.quiet == nil {
+		return true
+	}
+	select {
+	case <-st.quiet:
+		return true
+	default:
+		return false
+	}
+}
+
+// syncInactive makes the buffer not in force hold what the one in force holds, and removes its
+// retired host rules, unless anything happened to the slot since the install of epoch (whatever
+// did writes what it needs itself). It writes in chunks and lets go of the slot between them, so
+// an install that comes meanwhile waits for one chunk at most (and then writes what is still
+// missing itself).
 func (k *Kernel) syncInactive(st *slotState, slot dataplane.Slot, epoch uint64) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
@@ -160,31 +188,47 @@ func (k *Kernel) syncInactive(st *slotState, slot dataplane.Slot, epoch uint64) 
 		return
 	}
 	inactive := 1 - st.active
-	want, buf := st.mirror[st.active], st.bufs[inactive]
-	have := st.mirror[inactive]
-	if want == nil || buf == nil || have == nil {
+	want := st.mirror[st.active]
+	if want == nil {
 		return
 	}
-	dels, keys, vals := plan(have, want)
+	buf, err := k.buffer(st, slot, inactive)
+	if err != nil {
+		k.log.Debug("opening the idle rule buffer", "slot", slot, "error", err)
+		return
+	}
+	have := st.mirror[inactive]
+	if have == nil {
+		if have, err = k.readBuffer(st, slot, inactive, buf); err != nil {
+			k.log.Debug("reading the idle rule buffer", "slot", slot, "error", err)
+			return
+		}
+		st.mirror[inactive] = have
+	}
+	if err := k.removeRetired(st, inactive); err != nil {
+		k.log.Debug("removing retired host rules", "slot", slot, "error", err)
+	}
+	c := diff(have, want)
 	cur := have.clone() // what the buffer holds as the chunks go in
 	const chunk = 256
-	for len(dels)+len(keys) > 0 {
-		d, n := min(len(dels), chunk), min(len(keys), chunk)
-		err := apply(buf, dels[:d], keys[:n], vals[:n])
-		if err != nil {
+	for len(c.dels)+len(c.writes) > 0 {
+		part := changes{dels: c.dels[:min(len(c.dels), chunk)], writes: c.writes[:min(len(c.writes), chunk)]}
+		if err := k.applyBuffer(st, slot, inactive, buf, have, want, part, st.floor[inactive]); err != nil {
 			st.mirror[inactive] = nil // read it back at the next install
 			k.log.Debug("bringing the idle rule buffer up to date", "slot", slot, "error", err)
 			return
 		}
-		for _, key := range dels[:d] {
-			cur.del(key)
+		for _, j := range part.dels {
+			cur.del(have.keys[j])
 		}
-		for j := range n {
-			cur.put(keys[j], vals[j])
+		for _, j := range part.writes {
+			cur.put(want.keys[j], want.vals[j])
 		}
-		dels, keys, vals = dels[d:], keys[n:], vals[n:]
+		c.dels, c.writes = c.dels[len(part.dels):], c.writes[len(part.writes):]
+		// An install that comes while the slot is let go reads cur as what the buffer holds,
+		// and ends this sync (a new epoch) before the next chunk could change cur.
 		st.mirror[inactive] = cur
-		if len(dels)+len(keys) == 0 {
+		if len(c.dels)+len(c.writes) == 0 {
 			break
 		}
 		st.mu.Unlock()
@@ -193,12 +237,49 @@ func (k *Kernel) syncInactive(st *slotState, slot dataplane.Slot, epoch uint64) 
 		if st.epoch != epoch {
 			return // cur is what the buffer holds; whoever came writes the rest
 		}
-		cur = cur.clone() // st.mirror[inactive] must not change under a reader
 	}
 	st.mirror[inactive] = want
+	if len(st.retired[st.active]) > 0 {
+		k.dropRetiredLater(st, slot, epoch)
+	}
 }
 
-// rewrite makes buffer i of slot hold want, writing only what differs.
+// dropRetiredLater removes the retired host rules of the buffer in force, unless the slot has an
+// install (which makes that buffer idle, and its sync removes them) within cleanupDelay. They
+// can go only once no hook reads the buffer, so the idle buffer, equal to it by now, is put in
+// force first, and they go after the grace period. Until then they take room in tether_hosts.
+// The delay keeps this switch and its grace period out of the way of a burst of changes.
+func (k *Kernel) dropRetiredLater(st *slotState, slot dataplane.Slot, epoch uint64) {
+	time.AfterFunc(k.cleanupDelay, func() {
+		st.mu.Lock()
+		defer st.mu.Unlock()
+		if st.epoch != epoch || !st.isQuiet() || len(st.retired[st.active]) == 0 {
+			return
+		}
+		if in := 1 - st.active; st.mirror[in] == nil || st.mirror[in] != st.mirror[st.active] {
+			return
+		}
+		old := st.active
+		if err := k.writeAgent(st, slot, st.flags, 1-old); err != nil {
+			k.log.Debug("switching to the up-to-date idle buffer", "slot", slot, "error", err)
+			return
+		}
+		st.quiet = k.graceAsync(func() {
+			st.mu.Lock()
+			defer st.mu.Unlock()
+			if st.epoch != epoch {
+				return // an install wrote buffer old; its own sync removes them
+			}
+			if err := k.removeRetired(st, old); err != nil {
+				k.log.Debug("removing retired host rules", "slot", slot, "error", err)
+			}
+		})
+	})
+}
+
+// rewrite makes buffer i of slot (not in force, no hook reading it) hold want. It writes only what
+// differs, or, when that is cheaper (most rules replaced), retires the buffer's host rules with one
+// write and writes want's host rules anew; the retired ones are removed later.
 func (k *Kernel) rewrite(st *slotState, slot dataplane.Slot, i uint32, want *trieImage) error {
 	buf, err := k.buffer(st, slot, i)
 	if err != nil {
@@ -206,39 +287,79 @@ func (k *Kernel) rewrite(st *slotState, slot dataplane.Slot, i uint32, want *tri
 	}
 	have := st.mirror[i]
 	if have == nil {
-		if have, err = readTrie(buf); err != nil {
+		if have, err = k.readBuffer(st, slot, i, buf); err != nil {
 			return err
 		}
 	}
-	dels, keys, vals := plan(have, want)
-	if err := apply(buf, dels, keys, vals); err != nil {
+	c := diff(have, want)
+	if retireIsCheaper(st, i, have, want, c) {
+		if err := k.writeFloor(st, slot, i); err != nil {
+			return err
+		}
+		for _, key := range have.keys {
+			if st.inHash(i, &key) {
+				st.retired[i] = append(st.retired[i], hostKeyOf(bufIndex(slot, i), &key))
+			}
+		}
+		c = planRetired(st, i, have, want)
+	}
+	if err := k.applyBuffer(st, slot, i, buf, have, want, c, st.floor[i]); err != nil {
 		return err
 	}
 	st.mirror[i] = want
 	return nil
 }
 
-// apply deletes dels and writes keys and vals: one syscall each where the kernel has batch
-// operations on tries; the elements one by one where it does not, or for what a batch left
-// undone.
-func apply(buf *ebpf.Map, dels, keys []bpfTetherRuleKey, vals []bpfTetherRuleValue) error {
-	if len(dels) > 0 {
-		n, _ := buf.BatchDelete(dels, nil)
-		for _, key := range dels[n:] {
-			if err := buf.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-				return fmt.Errorf("removing %s: %w", describeKey(key), err)
-			}
+// retireIsCheaper compares the writes of the plan c with those of retiring the host rules of
+// buffer i: the floor, want's host rules, and the plan's other entries.
+func retireIsCheaper(st *slotState, i uint32, have, want *trieImage, c changes) bool {
+	hosts := 0
+	for j := range want.keys {
+		if st.inHash(i, &want.keys[j]) {
+			hosts++
 		}
 	}
-	if len(keys) > 0 {
-		n, _ := buf.BatchUpdate(keys, vals, nil)
-		for j := n; j < len(keys); j++ {
-			if err := buf.Update(&keys[j], &vals[j], ebpf.UpdateAny); err != nil {
-				return fmt.Errorf("%s: %w", describeKey(keys[j]), err)
-			}
+	if hosts == 0 {
+		return false
+	}
+	retire := 1 + hosts
+	for _, j := range c.dels {
+		if !st.inHash(i, &have.keys[j]) {
+			retire++
 		}
 	}
-	return nil
+	for _, j := range c.writes {
+		if !st.inHash(i, &want.keys[j]) {
+			retire++
+		}
+	}
+	return retire < len(c.dels)+len(c.writes)
+}
+
+// planRetired is the plan once buffer i's host rules are retired: the trie's changes, and all of
+// want's host rules.
+func planRetired(st *slotState, i uint32, have, want *trieImage) changes {
+	var c changes
+	for j := range have.keys {
+		key := &have.keys[j]
+		if st.inHash(i, key) {
+			continue
+		}
+		if _, keep := want.find(key); !keep {
+			c.dels = append(c.dels, int32(j))
+		}
+	}
+	c.writes = make([]int32, 0, want.len())
+	for j := range want.keys {
+		key := &want.keys[j]
+		if !st.inHash(i, key) {
+			if h, ok := have.find(key); ok && have.vals[h] == want.vals[j] {
+				continue
+			}
+		}
+		c.writes = append(c.writes, int32(j))
+	}
+	return c
 }
 
 // buffer returns buffer i of slot, creating it (and its tether_rulesets entry) when missing.
@@ -246,7 +367,7 @@ func (k *Kernel) buffer(st *slotState, slot dataplane.Slot, i uint32) (*ebpf.Map
 	if st.bufs[i] != nil {
 		return st.bufs[i], nil
 	}
-	idx := uint32(slot)*2 + i
+	idx := bufIndex(slot, i)
 	var id ebpf.MapID
 	err := k.rulesets.Lookup(idx, &id)
 	switch {
@@ -257,6 +378,23 @@ func (k *Kernel) buffer(st *slotState, slot dataplane.Slot, i uint32) (*ebpf.Map
 		}
 		st.bufs[i] = m
 	case errors.Is(err, ebpf.ErrKeyNotExist):
+		// Host rules of a buffer whose trie is gone (a clear that did not finish, in this
+		// process or an earlier one) are no one's: nothing reads a buffer that is not in
+		// force, so they go now.
+		if !st.scanned[i] || st.leftover[i] {
+			left, err := k.hostsOf(st, slot, i)
+			if err != nil {
+				return nil, err
+			}
+			stale := make([]bpfTetherHostKey, len(left))
+			for j, e := range left {
+				stale[j] = e.key
+			}
+			if err := deleteAll(k.hosts, stale, describeHostKey); err != nil {
+				return nil, fmt.Errorf("removing host rules left in buffer %d: %w", idx, err)
+			}
+			st.scanned[i], st.leftover[i] = true, false
+		}
 		m, err := ebpf.NewMap(k.innerSpec)
 		if err != nil {
 			return nil, fmt.Errorf("creating rule buffer: %w", err)
@@ -266,7 +404,7 @@ func (k *Kernel) buffer(st *slotState, slot dataplane.Slot, i uint32) (*ebpf.Map
 			m.Close()
 			return nil, fmt.Errorf("adding rule buffer %d: %w", idx, err)
 		}
-		st.bufs[i], st.mirror[i] = m, newImage(0)
+		st.bufs[i], st.mirror[i], st.inTrie[i], st.retired[i] = m, newImage(0), nil, nil
 	default:
 		return nil, fmt.Errorf("looking up rule buffer %d: %w", idx, err)
 	}
@@ -295,19 +433,25 @@ func (k *Kernel) grace() {
 func encodeRuleSet(rs *dataplane.RuleSet) (*trieImage, error) {
 	out := newImage(rs.Entries())
 	var errs []error
-	put := func(key bpfTetherRuleKey, v bpfTetherRuleValue) {
+	err := eachEntry(rs, func(key bpfTetherRuleKey, v bpfTetherRuleValue) {
 		if !out.add(key, v) {
 			errs = append(errs, fmt.Errorf("%s appears twice", describeKey(key)))
 		}
-	}
-	put(headerKey(), bpfTetherRuleValue{Generation: rs.Generation, Mode: uint32(rs.Mode)})
+	})
+	return out, errors.Join(append(errs, err)...)
+}
+
+// eachEntry calls f with every entry of rs, and returns what it could not encode.
+func eachEntry(rs *dataplane.RuleSet, f func(bpfTetherRuleKey, bpfTetherRuleValue)) error {
+	var errs []error
+	f(headerKey(), bpfTetherRuleValue{Generation: rs.Generation, Mode: uint32(rs.Mode)})
 	for _, e := range rs.Egress {
 		v, err := egressValue(e)
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		put(egressKey(e.Prefix), v)
+		f(egressKey(e.Prefix), v)
 	}
 	entry := func(audit bool) bpfTetherRuleValue {
 		if audit {
@@ -316,7 +460,7 @@ func encodeRuleSet(rs *dataplane.RuleSet) (*trieImage, error) {
 		return bpfTetherRuleValue{}
 	}
 	for _, e := range rs.Exec {
-		put(execKey(e.File), entry(e.Audit))
+		f(execKey(e.File), entry(e.Audit))
 	}
 	for _, u := range rs.Unix {
 		key, err := unixKey(u)
@@ -324,9 +468,9 @@ func encodeRuleSet(rs *dataplane.RuleSet) (*trieImage, error) {
 			errs = append(errs, err)
 			continue
 		}
-		put(key, entry(u.Audit))
+		f(key, entry(u.Audit))
 	}
-	return out, errors.Join(errs...)
+	return errors.Join(errs...)
 }
 
 // Clear removes everything the kernel holds for slot: bindings, rule sets, flags, counters, info.
@@ -348,25 +492,66 @@ func (k *Kernel) Clear(slot dataplane.Slot) error {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.epoch++ // no background sync writes from here on
+	if err := k.loadSlot(st, slot); err != nil {
+		errs = append(errs, err)
+	}
 	// State first: from here on the slot denies everything until it is reused.
 	errs = append(errs, k.writeAgent(st, slot, 0, 0))
 	st.waitQuiet()
+	var hosts []bpfTetherHostKey
 	for i := range uint32(2) {
-		if err := k.rulesets.Delete(uint32(slot)*2 + i); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		keys, err := k.hostKeysOf(st, slot, i)
+		errs = append(errs, err)
+		hosts = append(hosts, keys...)
+		if err := k.rulesets.Delete(bufIndex(slot, i)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			errs = append(errs, err)
 		}
 		if st.bufs[i] != nil {
 			st.bufs[i].Close()
 		}
 	}
-	st.bufs, st.mirror, st.quiet, st.loaded = [2]*ebpf.Map{}, [2]*trieImage{}, nil, false
+	st.bufs, st.mirror, st.inTrie, st.retired, st.loaded = [2]*ebpf.Map{}, [2]*trieImage{}, [2]map[bpfTetherRuleKey]struct{}{}, [2][]bpfTetherHostKey{}, false
 	st.epoch++
+	// A hook that read the slot's state before it changed may still be reading its host rules,
+	// and a preallocated hash reuses a deleted element at once: they go after a grace period.
+	// The slot's next install waits for that.
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		k.grace()
+		st.mu.Lock()
+		defer st.mu.Unlock()
+		if err := deleteAll(k.hosts, hosts, describeHostKey); err != nil {
+			k.log.Warn("removing the host rules of a cleared slot", "slot", slot, "error", err)
+			st.leftover = [2]bool{true, true}
+		}
+	}()
+	st.quiet = done
 	errs = append(errs, k.agentCounters.Update(uint32(slot), bpfTetherAgentCounts{}, ebpf.UpdateAny))
 	errs = append(errs, k.agentInfo.Update(uint32(slot), bpfTetherAgentInfo{}, ebpf.UpdateAny))
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("clearing slot %d: %w", slot, err)
 	}
 	return nil
+}
+
+// hostKeysOf lists the tether_hosts keys of buffer i of slot: what the record says it holds, or,
+// when the record is unknown, what the kernel holds.
+func (k *Kernel) hostKeysOf(st *slotState, slot dataplane.Slot, i uint32) ([]bpfTetherHostKey, error) {
+	keys := slices.Clone(st.retired[i])
+	if img := st.mirror[i]; img != nil && !st.leftover[i] {
+		for j := range img.keys {
+			if st.inHash(i, &img.keys[j]) {
+				keys = append(keys, hostKeyOf(bufIndex(slot, i), &img.keys[j]))
+			}
+		}
+		return keys, nil
+	}
+	entries, err := k.hostsOf(st, slot, i)
+	for _, e := range entries {
+		keys = append(keys, e.key)
+	}
+	return keys, err
 }
 
 // closeSlots releases the buffer handles (the tries stay, held by tether_rulesets).

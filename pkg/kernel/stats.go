@@ -35,9 +35,10 @@ func EnableStats() (io.Closer, error) {
 
 // Pressure reads how full the maps that can fill up are: "cgroups" (cgroup bindings; a cgroup
 // that does not fit is not enforced as its agent), "procs" (process lineage, an LRU: when full
-// the oldest processes lose their tool chain), and "rules" (the fullest agent rule set, from what
-// tetherd last installed; a rule set that does not fit is refused). It iterates the first two:
-// at most their capacity in system calls.
+// the oldest processes lose their tool chain), "host_rules" (tether_hosts, over all agents: when
+// full, host rules go into the tries, which still enforce them but cost more to update), and
+// "rules" (the fullest agent rule set, from what tetherd last installed; a rule set that does not
+// fit is refused). It iterates the first three: at most their capacity in system calls.
 func (k *Kernel) Pressure() (map[string]dataplane.MapFill, error) {
 	out := map[string]dataplane.MapFill{}
 	var id uint64
@@ -53,6 +54,12 @@ func (k *Kernel) Pressure() (map[string]dataplane.MapFill, error) {
 		return nil, fmt.Errorf("counting process lineage: %w", err)
 	}
 	out["procs"] = dataplane.MapFill{Entries: n, Capacity: int(k.procs.MaxEntries())}
+	var hk bpfTetherHostKey
+	var hv bpfTetherRuleValue
+	if n, err = count(k.hosts.Iterate(), &hk, &hv); err != nil {
+		return nil, fmt.Errorf("counting host rules: %w", err)
+	}
+	out["host_rules"] = dataplane.MapFill{Entries: n, Capacity: int(k.hosts.MaxEntries())}
 	most := 0
 	for i := range k.slots {
 		k.slotsMu.Lock()

@@ -139,6 +139,7 @@ func TestPrivilegedAtomicSwap(t *testing.T) {
 		if err := f.k.Install(14, &a); err != nil {
 			t.Fatal(err)
 		}
+		settle(t, f.k, 14) // no background switch under the edits
 		counts := hammer(t, agent, dests, func() {
 			for i := range 60 {
 				from, to := a, b
@@ -173,19 +174,58 @@ func (f *fixture) rewriteInPlace(t *testing.T, slot dataplane.Slot, from, to *da
 		t.Fatal(err)
 	}
 	defer live.Close()
+	buf := uint32(slot)*2 + a.Active
 	for _, e := range from.Egress {
 		k := egressKey(e.Prefix)
-		if err := live.Delete(&k); err != nil {
+		if isHost(&k) {
+			hk := hostKeyOf(buf, &k)
+			err = f.k.hosts.Delete(&hk)
+		} else {
+			err = live.Delete(&k)
+		}
+		if err != nil {
 			t.Fatalf("%s: %v", e.Prefix, err)
 		}
 	}
 	for _, e := range to.Egress {
 		v, _ := egressValue(e)
 		k := egressKey(e.Prefix)
-		if err := live.Update(&k, &v, ebpf.UpdateAny); err != nil {
+		if isHost(&k) {
+			hk := hostKeyOf(buf, &k)
+			v.Generation = a.Floor[a.Active]
+			err = f.k.hosts.Update(&hk, &v, ebpf.UpdateAny)
+		} else {
+			err = live.Update(&k, &v, ebpf.UpdateAny)
+		}
+		if err != nil {
 			t.Fatal(err)
 		}
 	}
+}
+
+// view reads what the hooks see in buffer i of slot: its trie, with the host rules in
+// tether_hosts at or above the buffer's floor in front of it.
+func view(t *testing.T, k *Kernel, st *slotState, slot dataplane.Slot, i uint32) *trieImage {
+	t.Helper()
+	img, err := readTrie(st.bufs[i])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var a bpfTetherAgent
+	if err := k.agents.Lookup(uint32(slot), &a); err != nil {
+		t.Fatal(err)
+	}
+	all, err := k.scanHosts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range all[bufIndex(slot, i)] {
+		if e.val.Generation >= a.Floor[i] {
+			e.val.Generation = 0
+			img.put(ruleKeyOf(&e.key), e.val)
+		}
+	}
+	return img
 }
 
 // TestPrivilegedIdleBufferCatchesUp: after an install, once the grace period has passed, the
@@ -203,15 +243,7 @@ func TestPrivilegedIdleBufferCatchesUp(t *testing.T) {
 	idle := func() (*trieImage, *trieImage) {
 		st.mu.Lock()
 		defer st.mu.Unlock()
-		active, err := readTrie(st.bufs[st.active])
-		if err != nil {
-			t.Fatal(err)
-		}
-		inactive, err := readTrie(st.bufs[1-st.active])
-		if err != nil {
-			t.Fatal(err)
-		}
-		return active, inactive
+		return view(t, f.k, st, 1, st.active), view(t, f.k, st, 1, 1-st.active)
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
@@ -259,11 +291,7 @@ func TestPrivilegedMirrorsStayTrue(t *testing.T) {
 			if st.mirror[i] == nil || st.bufs[i] == nil {
 				continue
 			}
-			got, err := readTrie(st.bufs[i])
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !got.equal(st.mirror[i]) {
+			if got := view(t, f.k, st, 1, uint32(i)); !got.equal(st.mirror[i]) {
 				t.Fatalf("round %d, buffer %d (active %d): the kernel holds %d entries, the record says %d", round, i, st.active, got.len(), st.mirror[i].len())
 			}
 		}

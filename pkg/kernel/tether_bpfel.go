@@ -17,6 +17,7 @@ type bpfTetherAgent struct {
 	_      structs.HostLayout
 	Flags  uint32
 	Active uint32
+	Floor  [2]uint64
 }
 
 type bpfTetherAgentCounts struct {
@@ -104,6 +105,12 @@ type bpfTetherGrantUses struct {
 	ExpiresNs uint64
 }
 
+type bpfTetherHostKey struct {
+	_    structs.HostLayout
+	Buf  uint32
+	Addr [16]uint8
+}
+
 type bpfTetherKind uint32
 
 const (
@@ -126,6 +133,7 @@ const (
 	bpfTetherLimitsTETHER_MAX_CGROUPS     bpfTetherLimits = 16384
 	bpfTetherLimitsTETHER_MAX_ANCESTORS   bpfTetherLimits = 16
 	bpfTetherLimitsTETHER_MAX_RULES       bpfTetherLimits = 65536
+	bpfTetherLimitsTETHER_MAX_HOST_RULES  bpfTetherLimits = 32768
 	bpfTetherLimitsTETHER_MAX_PORT_RULES  bpfTetherLimits = 16
 	bpfTetherLimitsTETHER_RULE_DATA       bpfTetherLimits = 111
 	bpfTetherLimitsTETHER_MAX_PROCS       bpfTetherLimits = 16384
@@ -239,6 +247,7 @@ const (
 	bpfMapTetherCounters           = "tether_counters"
 	bpfMapTetherEvents             = "tether_events"
 	bpfMapTetherGrantUses          = "tether_grant_uses"
+	bpfMapTetherHosts              = "tether_hosts"
 	bpfMapTetherProcs              = "tether_procs"
 	bpfMapTetherRulesets           = "tether_rulesets"
 	bpfMapTetherSlotCache          = "tether_slot_cache"
@@ -330,6 +339,7 @@ type bpfMapSpecs struct {
 	TetherCounters      *ebpf.MapSpec `ebpf:"tether_counters"`
 	TetherEvents        *ebpf.MapSpec `ebpf:"tether_events"`
 	TetherGrantUses     *ebpf.MapSpec `ebpf:"tether_grant_uses"`
+	TetherHosts         *ebpf.MapSpec `ebpf:"tether_hosts"`
 	TetherProcs         *ebpf.MapSpec `ebpf:"tether_procs"`
 	TetherRulesets      *ebpf.MapSpec `ebpf:"tether_rulesets"`
 	TetherSlotCache     *ebpf.MapSpec `ebpf:"tether_slot_cache"`
@@ -373,6 +383,7 @@ type bpfMaps struct {
 	TetherCounters      *ebpf.Map `ebpf:"tether_counters"`
 	TetherEvents        *ebpf.Map `ebpf:"tether_events"`
 	TetherGrantUses     *ebpf.Map `ebpf:"tether_grant_uses"`
+	TetherHosts         *ebpf.Map `ebpf:"tether_hosts"`
 	TetherProcs         *ebpf.Map `ebpf:"tether_procs"`
 	TetherRulesets      *ebpf.Map `ebpf:"tether_rulesets"`
 	TetherSlotCache     *ebpf.Map `ebpf:"tether_slot_cache"`
@@ -388,6 +399,7 @@ func (m *bpfMaps) Close() error {
 		m.TetherCounters,
 		m.TetherEvents,
 		m.TetherGrantUses,
+		m.TetherHosts,
 		m.TetherProcs,
 		m.TetherRulesets,
 		m.TetherSlotCache,

@@ -37,6 +37,7 @@ type options struct {
 	policy bool    // only the policy-to-kernel part
 	kill   bool    // only the kill path
 	telem  bool    // only the telemetry part
+	ranges bool    // the policy part's grants are /24 ranges, not /32 hosts
 }
 
 func run() error {
@@ -48,6 +49,7 @@ func run() error {
 	flag.BoolVar(&o.policy, "policy-only", false, "measure only the policy-to-kernel part")
 	flag.BoolVar(&o.kill, "kill-only", false, "measure only the kill path")
 	flag.BoolVar(&o.telem, "telemetry-only", false, "measure only the telemetry part (tetherd's events per second and CPU)")
+	flag.BoolVar(&o.ranges, "grant-ranges", false, "make the policy part's egress grants /24 ranges (kept in the tries) instead of /32 hosts (kept in tether_hosts)")
 	flag.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof reads it)")
 	flag.Parse()
 	for _, r := range strings.Split(rules, ",") {

@@ -16,6 +16,7 @@ import (
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/bpffs"
 	"github.com/tether-sh/tether/pkg/compile"
+	"github.com/tether-sh/tether/pkg/daemon"
 	"github.com/tether-sh/tether/pkg/grants"
 	"github.com/tether-sh/tether/pkg/kernel"
 	"github.com/tether-sh/tether/pkg/policy"
@@ -32,6 +33,8 @@ type policyResults struct {
 	// result, one per round, in ns; agents is how many.
 	refresh []float64
 	agents  int
+	// grant says what the measured agent's grants are: "/32 host" or "/24 range".
+	grant string
 }
 
 // sample is one context change: its latency and the CPU time of the thread that made it, in ns.
@@ -89,12 +92,17 @@ func shippedRevision(edit func(settings map[string]any)) (*policy.Revision, erro
 	return policy.Compile(context.Background(), f, schema)
 }
 
-// egressProfile is a task type profile of n egress rules to distinct addresses of block, and
-// one to the production network that holds only with a step-up approval.
-func egressProfile(n int, block byte) map[string]any {
+// egressProfile is a task type profile of n egress rules to distinct addresses of block (or /24
+// ranges, with ranges), and one to the production network that holds only with a step-up
+// approval.
+func egressProfile(n int, block byte, ranges bool) map[string]any {
 	var egress []any
 	for i := range n {
-		egress = append(egress, map[string]any{"cidr": fmt.Sprintf("10.%d.%d.%d/32", block, byte(i>>8), byte(i)), "ports": []any{443}, "protocol": "tcp"})
+		cidr := fmt.Sprintf("10.%d.%d.%d/32", block, byte(i>>8), byte(i))
+		if ranges {
+			cidr = fmt.Sprintf("10.%d.%d.0/24", 64+int(block)*8+i>>8, byte(i))
+		}
+		egress = append(egress, map[string]any{"cidr": cidr, "ports": []any{443}, "protocol": "tcp"})
 	}
 	prod := []any{map[string]any{"network": "production", "ports": []any{5432}, "protocol": "tcp", "production": true}}
 	return map[string]any{"exec": []any{}, "high_risk": []any{}, "unix": []any{}, "egress": egress, "network_egress": prod}
@@ -126,7 +134,11 @@ func (e *env) chain(suffix string, ev agents.Evaluator) (func() *agents.Registry
 // measurePolicy runs the daemon's chain (registry -> OPA -> compile -> kernel) on its own pins
 // and agent cgroups below the agent parent, with tether's benchmark state unloaded.
 func measurePolicy(e *env, o options) (*policyResults, error) {
-	res := &policyResults{replace: map[int][]sample{}, approve: map[int][]sample{}}
+	res := &policyResults{replace: map[int][]sample{}, approve: map[int][]sample{}, grant: "/32 host"}
+	if o.ranges {
+		res.grant = "/24 range"
+	}
+	daemon.TuneGC() // as tetherd runs
 	ev := &benchEvaluator{env: policy.Env{Node: "bench", Environment: "production"}}
 	newRegistry, closeKernel, err := e.chain("-policy", ev)
 	if err != nil {
@@ -143,7 +155,7 @@ func measurePolicy(e *env, o options) (*policyResults, error) {
 	for _, n := range policyGrants {
 		rev, err := shippedRevision(func(s map[string]any) {
 			p := s["profiles"].(map[string]any)
-			p["bench-a"], p["bench-b"], p["bench-c"], p["bench-idle"] = egressProfile(n, 1), egressProfile(n, 2), egressProfile(n, 3), egressProfile(n, 4)
+			p["bench-a"], p["bench-b"], p["bench-c"], p["bench-idle"] = egressProfile(n, 1, o.ranges), egressProfile(n, 2, o.ranges), egressProfile(n, 3, o.ranges), egressProfile(n, 4, o.ranges)
 			s["identities"] = map[string]any{id: map[string]any{"task_type": "bench-idle"}}
 		})
 		if err != nil {

@@ -278,7 +278,7 @@ func reportPolicy(w io.Writer, pr *policyResults) {
 			v    []sample
 		}{{"step-up approved (one rule added)", pr.approve[n]}, {"task type changed (every rule replaced)", pr.replace[n]}} {
 			wall, cpu := walls(c.v), cpus(c.v)
-			fmt.Fprintf(tw, "%s -> kernel, %d grants\t%s\t%s\t%s\t%s\t%s\t%d\n", c.what, n,
+			fmt.Fprintf(tw, "%s -> kernel, %d %s grants\t%s\t%s\t%s\t%s\t%s\t%d\n", c.what, n, pr.grant,
 				dur(percentile(wall, 0.5)), dur(percentile(wall, 0.99)), dur(slices.Max(wall)),
 				dur(percentile(cpu, 0.5)), dur(percentile(cpu, 0.99)), len(c.v))
 		}
@@ -299,7 +299,7 @@ func policyGoals(goal func(ok bool, format string, args ...any), pr *policyResul
 		if p99 >= 5e6 && cpu99 < 5e6 {
 			note = fmt.Sprintf("; its CPU time's p99 is %s: the rest of the tail is waiting", dur(cpu99))
 		}
-		goal(p99 < 5e6, "context change -> kernel with %d grants, %s: p99 %s (goal under 5 ms)%s", big, c.what, dur(p99), note)
+		goal(p99 < 5e6, "context change -> kernel with %d %s grants, %s: p99 %s (goal under 5 ms)%s", big, pr.grant, c.what, dur(p99), note)
 	}
 	worst := slices.Max(pr.refresh)
 	goal(worst < 2e9, "policy change, %d agents evaluated and installed: slowest of %d rounds %s (goal under 2 s)", pr.agents, len(pr.refresh), dur(worst))

@@ -1,0 +1,278 @@
+package kernel
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/tether-sh/tether/pkg/dataplane"
+)
+
+// Host rules (egress to one address) live in tether_hosts, keyed by buffer and address, and the
+// hooks look there before the buffer's trie. A preallocated hash update costs about a quarter of a
+// trie update, and a whole buffer's host rules retire with one write of its floor (see struct
+// tether_agent): an install that replaces every rule writes the new rules and the floor, and the
+// old entries are removed in the background once no hook can be reading them. A host rule goes
+// into the trie instead when tether_hosts is full.
+
+// isHost reports whether key is a host rule.
+func isHost(key *bpfTetherRuleKey) bool {
+	return key.Kind == uint8(bpfTetherRuleKindTETHER_RULE_EGRESS) && key.Prefixlen == 8+128
+}
+
+// bufIndex is buffer i of slot, as tether_rulesets and tether_hosts number it.
+func bufIndex(slot dataplane.Slot, i uint32) uint32 { return uint32(slot)*2 + i }
+
+func hostKeyOf(buf uint32, key *bpfTetherRuleKey) bpfTetherHostKey {
+	hk := bpfTetherHostKey{Buf: buf}
+	copy(hk.Addr[:], key.Data[:16])
+	return hk
+}
+
+func ruleKeyOf(hk *bpfTetherHostKey) bpfTetherRuleKey {
+	key := bpfTetherRuleKey{Prefixlen: 8 + 128, Kind: uint8(bpfTetherRuleKindTETHER_RULE_EGRESS)}
+	copy(key.Data[:16], hk.Addr[:])
+	return key
+}
+
+// hostEntry is one tether_hosts entry as read from the kernel.
+type hostEntry struct {
+	key bpfTetherHostKey
+	val bpfTetherRuleValue
+}
+
+// scanHosts reads every tether_hosts entry, by buffer.
+func (k *Kernel) scanHosts() (map[uint32][]hostEntry, error) {
+	out := map[uint32][]hostEntry{}
+	var e hostEntry
+	it := k.hosts.Iterate()
+	for it.Next(&e.key, &e.val) {
+		out[e.key.Buf] = append(out[e.key.Buf], e)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("reading host rules: %w", err)
+	}
+	return out, nil
+}
+
+// hostsOf returns the tether_hosts entries of buffer i of slot. The first time, they come from
+// the scan made when the pins were opened (nothing has written the buffer since); later, from a
+// new scan.
+func (k *Kernel) hostsOf(st *slotState, slot dataplane.Slot, i uint32) ([]hostEntry, error) {
+	buf := bufIndex(slot, i)
+	if !st.scanned[i] {
+		st.scanned[i] = true
+		k.adoptedMu.Lock()
+		defer k.adoptedMu.Unlock()
+		e := k.adopted[buf]
+		delete(k.adopted, buf)
+		return e, nil
+	}
+	all, err := k.scanHosts()
+	if err != nil {
+		return nil, err
+	}
+	return all[buf], nil
+}
+
+// readBuffer reads what buffer i of slot holds: its trie, and its host rules at or above its
+// floor. Call it only for a buffer no hook can be reading. Host rules below the floor are recorded
+// for removal; a trie entry that a host rule shadows is removed.
+func (k *Kernel) readBuffer(st *slotState, slot dataplane.Slot, i uint32, trie *ebpf.Map) (*trieImage, error) {
+	img, err := readTrie(trie)
+	if err != nil {
+		return nil, err
+	}
+	st.inTrie[i] = nil
+	for _, key := range img.keys {
+		if isHost(&key) {
+			st.markInTrie(i, key, true)
+		}
+	}
+	hosts, err := k.hostsOf(st, slot, i)
+	if err != nil {
+		return nil, err
+	}
+	st.retired[i] = st.retired[i][:0]
+	for _, e := range hosts {
+		if e.val.Generation < st.floor[i] {
+			st.retired[i] = append(st.retired[i], e.key)
+			continue
+		}
+		key := ruleKeyOf(&e.key)
+		if _, shadowed := st.inTrie[i][key]; shadowed {
+			if err := trie.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return nil, fmt.Errorf("removing %s from the trie: %w", describeKey(key), err)
+			}
+			st.markInTrie(i, key, false)
+		}
+		e.val.Generation = 0
+		img.put(key, e.val)
+	}
+	return img, nil
+}
+
+func (st *slotState) markInTrie(i uint32, key bpfTetherRuleKey, in bool) {
+	switch {
+	case in && st.inTrie[i] == nil:
+		st.inTrie[i] = map[bpfTetherRuleKey]struct{}{key: {}}
+	case in:
+		st.inTrie[i][key] = struct{}{}
+	default:
+		delete(st.inTrie[i], key)
+	}
+}
+
+// inHash reports whether buffer i keeps key in tether_hosts.
+func (st *slotState) inHash(i uint32, key *bpfTetherRuleKey) bool {
+	if !isHost(key) {
+		return false
+	}
+	_, t := st.inTrie[i][*key]
+	return !t
+}
+
+// writeFloor retires every host rule buffer i holds now: rules written after it carry a
+// generation above any before it.
+func (k *Kernel) writeFloor(st *slotState, slot dataplane.Slot, i uint32) error {
+	floor := st.floor
+	floor[i] = max(floor[0], floor[1]) + 1
+	if err := k.agents.Update(uint32(slot), bpfTetherAgent{Flags: st.flags, Active: st.active, Floor: floor}, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("retiring the host rules of slot %d: %w", slot, err)
+	}
+	st.floor = floor
+	return nil
+}
+
+// removeRetired deletes the retired host rules of buffer i that it does not hold again. Call it
+// only for a buffer no hook can be reading: an element of a preallocated hash is reused at once.
+func (k *Kernel) removeRetired(st *slotState, i uint32) error {
+	if len(st.retired[i]) == 0 {
+		return nil
+	}
+	held := st.mirror[i]
+	var dels []bpfTetherHostKey
+	for _, hk := range st.retired[i] {
+		key := ruleKeyOf(&hk)
+		if held != nil && st.inHash(i, &key) {
+			if _, ok := held.find(&key); ok {
+				continue // written again since, at or above the floor
+			}
+		}
+		dels = append(dels, hk)
+	}
+	if err := deleteAll(k.hosts, dels, describeHostKey); err != nil {
+		return fmt.Errorf("removing retired host rules: %w", err)
+	}
+	st.retired[i] = st.retired[i][:0]
+	return nil
+}
+
+// applyBuffer carries out c on buffer i of slot: deletes have's entries c.dels and writes want's
+// entries c.writes. Host rules go into tether_hosts with generation stamp, unless the buffer keeps
+// them in its trie or tether_hosts is full; everything else into the trie.
+func (k *Kernel) applyBuffer(st *slotState, slot dataplane.Slot, i uint32, trie *ebpf.Map,
+	have, want *trieImage, c changes, stamp uint64) error {
+	buf := bufIndex(slot, i)
+	hostDelN, hostN := 0, 0
+	for _, j := range c.dels {
+		if st.inHash(i, &have.keys[j]) {
+			hostDelN++
+		}
+	}
+	for _, j := range c.writes {
+		if st.inHash(i, &want.keys[j]) {
+			hostN++
+		}
+	}
+	trieDels := make([]bpfTetherRuleKey, 0, len(c.dels)-hostDelN)
+	hostDels := make([]bpfTetherHostKey, 0, hostDelN)
+	for _, j := range c.dels {
+		key := &have.keys[j]
+		if st.inHash(i, key) {
+			hostDels = append(hostDels, hostKeyOf(buf, key))
+			continue
+		}
+		trieDels = append(trieDels, *key)
+		if isHost(key) {
+			st.markInTrie(i, *key, false)
+		}
+	}
+	if err := deleteAll(k.hosts, hostDels, describeHostKey); err != nil {
+		return err
+	}
+	if err := deleteAll(trie, trieDels, describeKey); err != nil {
+		return err
+	}
+	trieKeys := make([]bpfTetherRuleKey, 0, len(c.writes)-hostN)
+	trieVals := make([]bpfTetherRuleValue, 0, len(c.writes)-hostN)
+	hostRules := make([]int32, 0, hostN)
+	hostKeys := make([]bpfTetherHostKey, 0, hostN)
+	hostVals := make([]bpfTetherRuleValue, hostN)
+	for _, j := range c.writes {
+		key := &want.keys[j]
+		if st.inHash(i, key) {
+			hostVals[len(hostKeys)] = want.vals[j]
+			hostVals[len(hostKeys)].Generation = stamp
+			hostRules, hostKeys = append(hostRules, j), append(hostKeys, hostKeyOf(buf, key))
+			continue
+		}
+		trieKeys, trieVals = append(trieKeys, *key), append(trieVals, want.vals[j])
+	}
+	n, err := updateAll(k.hosts, hostKeys, hostVals, describeHostKey)
+	if errors.Is(err, unix.E2BIG) {
+		// tether_hosts is full: the rest go into the trie. An older version of such a rule in
+		// tether_hosts would shadow it, so it goes first.
+		if err := deleteAll(k.hosts, hostKeys[n:], describeHostKey); err != nil {
+			return err
+		}
+		for _, j := range hostRules[n:] {
+			st.markInTrie(i, want.keys[j], true)
+			trieKeys, trieVals = append(trieKeys, want.keys[j]), append(trieVals, want.vals[j])
+		}
+		// Once: from then on the "host_rules" map fill says it.
+		if moved := uint64(len(hostRules) - n); k.hostsFull.Add(moved) == moved {
+			k.log.Warn("tether_hosts is full: host rules go into the tries, whose updates cost more",
+				"capacity", k.hosts.MaxEntries())
+		}
+	} else if err != nil {
+		return err
+	}
+	_, err = updateAll(trie, trieKeys, trieVals, describeKey)
+	return err
+}
+
+// deleteAll deletes keys from m, one syscall where the kernel has batch operations; a key that
+// is not there is not an error.
+func deleteAll[K any](m *ebpf.Map, keys []K, describe func(K) string) error {
+	if len(keys) == 0 {
+		return nil
+	}
+	n, _ := m.BatchDelete(keys, nil)
+	for _, key := range keys[n:] {
+		if err := m.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("removing %s: %w", describe(key), err)
+		}
+	}
+	return nil
+}
+
+// updateAll writes keys and vals into m and returns how many it wrote before an error.
+func updateAll[K any](m *ebpf.Map, keys []K, vals []bpfTetherRuleValue, describe func(K) string) (int, error) {
+	if len(keys) == 0 {
+		return 0, nil
+	}
+	n, _ := m.BatchUpdate(keys, vals, nil)
+	for ; n < len(keys); n++ {
+		if err := m.Update(&keys[n], &vals[n], ebpf.UpdateAny); err != nil {
+			return n, fmt.Errorf("%s: %w", describe(keys[n]), err)
+		}
+	}
+	return n, nil
+}
+
+func describeHostKey(hk bpfTetherHostKey) string {
+	return fmt.Sprintf("host rule of buffer %d: %s", hk.Buf, describeKey(ruleKeyOf(&hk)))
+}

@@ -1,0 +1,270 @@
+package kernel
+
+import (
+	"fmt"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/dataplane"
+)
+
+// hostSet is a rule set of n host rules 127.<block>.x.y (UDP port 9), and 127.0.0.0/8 for UDP
+// port 8 when wide.
+func hostSet(block byte, n int, wide bool) dataplane.RuleSet {
+	var rs dataplane.RuleSet
+	for i := range n {
+		a := netip.AddrFrom4([4]byte{127, block, byte(1 + i>>8), byte(i)})
+		rs.Egress = append(rs.Egress, dataplane.Egress{Prefix: netip.PrefixFrom(a, 32),
+			Ports: []dataplane.PortRule{{Proto: dataplane.ProtoUDP, Lo: 9, Hi: 9}}})
+	}
+	if wide {
+		rs.Egress = append(rs.Egress, dataplane.Egress{Prefix: prefix("127.0.0.0/8"),
+			Ports: []dataplane.PortRule{{Proto: dataplane.ProtoUDP, Lo: 8, Hi: 8}}})
+	}
+	return rs
+}
+
+// hostCount counts the tether_hosts entries of slot's buffers, and those at or above each floor.
+func hostCount(t *testing.T, k *Kernel, slot dataplane.Slot) (all, valid int) {
+	t.Helper()
+	var a bpfTetherAgent
+	if err := k.agents.Lookup(uint32(slot), &a); err != nil {
+		t.Fatal(err)
+	}
+	scan, err := k.scanHosts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range uint32(2) {
+		for _, e := range scan[bufIndex(slot, i)] {
+			all++
+			if e.val.Generation >= a.Floor[i] {
+				valid++
+			}
+		}
+	}
+	return all, valid
+}
+
+// settle waits until the slot's background work (grace period, sync, removal of retired host
+// rules) is done.
+func settle(t *testing.T, k *Kernel, slot dataplane.Slot) {
+	t.Helper()
+	st := k.slot(slot)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		st.mu.Lock()
+		st.waitQuiet()
+		in := 1 - st.active
+		done := st.mirror[in] != nil && st.mirror[in] == st.mirror[st.active] && len(st.retired[0])+len(st.retired[1]) == 0
+		st.mu.Unlock()
+		if done {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the idle buffer was never brought up to date")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestPrivilegedHostRulesRetire: an install that replaces every host rule retires the old ones
+// with one write of the buffer's floor instead of deleting them; the hooks must ignore them from
+// that moment, though they stay in tether_hosts until the buffer is idle again. Then they are
+// removed, and a clear leaves nothing of the slot behind.
+func TestPrivilegedHostRulesRetire(t *testing.T) {
+	f := newFixture(t, Options{})
+	x, y := hostSet(1, 300, true), hostSet(2, 300, false)
+	x.Generation, y.Generation = 1, 2
+	agent := f.agent(t, "agent", 3, x)
+	dests := []string{"udp", "127.1.1.5:9", "udp", "127.2.1.5:9", "udp", "127.9.9.9:8"}
+	expect(t, "under X", privtest.Dial(t, agent, dests...), []string{"ok", "eperm", "ok"})
+	settle(t, f.k, 3)
+
+	y.Exec = execs(f.self)
+	if err := f.k.Install(3, &y); err != nil {
+		t.Fatal(err)
+	}
+	st := f.k.slot(3)
+	st.mu.Lock()
+	retired := len(st.retired[st.active])
+	st.mu.Unlock()
+	if retired != 300 {
+		t.Fatalf("the install retired %d host rules, want 300: it did not take the retiring path", retired)
+	}
+	all, valid := hostCount(t, f.k, 3)
+	if valid != 600 || all != 900 {
+		// X's 300 in the idle buffer (valid there), X's 300 retired and Y's 300 in force.
+		t.Fatalf("tether_hosts holds %d entries of the slot (%d valid), want 900 (600 valid)", all, valid)
+	}
+	// X's host rules are still in tether_hosts, in the buffer in force: only the floor keeps
+	// them out. 127.1.1.5 falls through to the trie, where Y has nothing.
+	expect(t, "under Y, X retired but present", privtest.Dial(t, agent, dests...), []string{"eperm", "ok", "eperm"})
+
+	// Back to X: Y's buffer becomes idle, and once quiet its retired entries go.
+	x.Generation = 3
+	x.Exec = execs(f.self)
+	if err := f.k.Install(3, &x); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, "under X again", privtest.Dial(t, agent, dests...), []string{"ok", "eperm", "ok"})
+	settle(t, f.k, 3)
+	if all, valid := hostCount(t, f.k, 3); all != 600 || valid != 600 {
+		t.Fatalf("after the sync tether_hosts holds %d entries of the slot (%d valid), want 600 of X", all, valid)
+	}
+	for i := range uint32(2) {
+		st.mu.Lock()
+		got, want := view(t, f.k, st, 3, i), st.mirror[i]
+		st.mu.Unlock()
+		if !got.equal(want) {
+			t.Fatalf("buffer %d: the hooks see %d entries, the record says %d", i, got.len(), want.len())
+		}
+	}
+
+	if err := f.k.Clear(3); err != nil {
+		t.Fatal(err)
+	}
+	st.mu.Lock()
+	st.waitQuiet()
+	st.mu.Unlock()
+	if all, _ := hostCount(t, f.k, 3); all != 0 {
+		t.Fatalf("a cleared slot left %d host rules", all)
+	}
+}
+
+// TestPrivilegedHostRulesOverflow: when tether_hosts is full, host rules go into the tries and
+// are enforced all the same, also once they change and once room comes back.
+func TestPrivilegedHostRulesOverflow(t *testing.T) {
+	f := newFixture(t, Options{})
+	capacity := int(f.k.hosts.MaxEntries())
+	// A big agent takes all of tether_hosts and 500 more, which its trie holds.
+	big := hostSet(10, capacity+500, false)
+	bigAgent := f.agent(t, "big", 5, big)
+	st := f.k.slot(5)
+	st.mu.Lock()
+	inTrie := len(st.inTrie[st.active])
+	st.mu.Unlock()
+	if inTrie != 500 {
+		t.Fatalf("%d host rules went into the trie, want 500", inTrie)
+	}
+	last := big.Egress[len(big.Egress)-1].Prefix.Addr()
+	dests := []string{"udp", hostPort(big.Egress[0].Prefix.Addr(), 9), "udp", hostPort(last, 9), "udp", hostPort(last, 10)}
+	expect(t, "big agent", privtest.Dial(t, bigAgent, dests...), []string{"ok", "ok", "eperm"})
+
+	// A small agent finds tether_hosts full: all of its host rules go into its trie.
+	small := hostSet(20, 50, false)
+	smallAgent := f.agent(t, "small", 6, small)
+	expect(t, "small agent", privtest.Dial(t, smallAgent, "udp", "127.20.1.7:9", "udp", "127.21.1.7:9"), []string{"ok", "eperm"})
+
+	// The big agent changes the port of its last rule, which its trie holds.
+	settle(t, f.k, 5)
+	big.Egress[len(big.Egress)-1].Ports = []dataplane.PortRule{{Proto: dataplane.ProtoUDP, Lo: 10, Hi: 10}}
+	big.Exec = execs(f.self)
+	big.Generation = 7
+	if err := f.k.Install(5, &big); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, "big agent, changed", privtest.Dial(t, bigAgent, dests...), []string{"ok", "eperm", "ok"})
+
+	// The big agent goes: room again. The small agent's next rule set lands in tether_hosts,
+	// and what its trie held goes.
+	if err := f.k.Clear(5); err != nil {
+		t.Fatal(err)
+	}
+	st.mu.Lock()
+	st.waitQuiet() // the big agent's host rules are gone
+	st.mu.Unlock()
+	settle(t, f.k, 6)
+	small2 := hostSet(21, 50, false)
+	small2.Exec = execs(f.self)
+	small2.Generation = 2
+	if err := f.k.Install(6, &small2); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, "small agent, new set", privtest.Dial(t, smallAgent, "udp", "127.20.1.7:9", "udp", "127.21.1.7:9"), []string{"eperm", "ok"})
+	settle(t, f.k, 6)
+	sst := f.k.slot(6)
+	sst.mu.Lock()
+	defer sst.mu.Unlock()
+	for i := range uint32(2) {
+		if n := len(sst.inTrie[i]); n != 0 {
+			t.Errorf("buffer %d still keeps %d host rules in its trie", i, n)
+		}
+		if got := view(t, f.k, sst, 6, i); !got.equal(sst.mirror[i]) {
+			t.Errorf("buffer %d: the hooks see %d entries, the record says %d", i, got.len(), sst.mirror[i].len())
+		}
+	}
+	if all, valid := hostCount(t, f.k, 6); all != 100 || valid != 100 {
+		t.Errorf("tether_hosts holds %d entries of the small agent (%d valid), want 100", all, valid)
+	}
+}
+
+// TestPrivilegedHostRulesAdopted: a new tetherd on the same pins reads the host rules back (with
+// retired ones still in tether_hosts) and goes on from them.
+func TestPrivilegedHostRulesAdopted(t *testing.T) {
+	f := newFixture(t, Options{})
+	x, y := hostSet(1, 200, false), hostSet(2, 200, false)
+	x.Generation, y.Generation = 1, 2
+	agent := f.agent(t, "agent", 4, x)
+	settle(t, f.k, 4)
+	y.Exec = execs(f.self)
+	if err := f.k.Install(4, &y); err != nil {
+		t.Fatal(err)
+	}
+	// tetherd dies before its background work: X's rules are retired in the buffer in force,
+	// not yet removed, and the idle buffer still holds X.
+	st := f.k.slot(4)
+	st.mu.Lock()
+	st.epoch++
+	st.mu.Unlock()
+	f.k.Close()
+	f.k = openKernel(t, f.pin, Options{})
+	if all, _ := hostCount(t, f.k, 4); all != 600 {
+		t.Fatalf("before the new install: %d host rules of the slot, want 600", all)
+	}
+	z := hostSet(3, 200, false)
+	z.Egress = append(z.Egress, y.Egress[:100]...) // half of Y stays
+	z.Exec = execs(f.self)
+	z.Generation = 3
+	if err := f.k.Install(4, &z); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, "under Z", privtest.Dial(t, agent, "udp", "127.1.1.5:9", "udp", "127.2.1.5:9", "udp", "127.2.1.150:9", "udp", "127.3.1.5:9"),
+		[]string{"eperm", "ok", "eperm", "ok"})
+	settle(t, f.k, 4)
+	st = f.k.slot(4)
+	st.mu.Lock()
+	for i := range uint32(2) {
+		if got := view(t, f.k, st, 4, i); !got.equal(st.mirror[i]) {
+			t.Errorf("buffer %d: the hooks see %d entries, the record says %d", i, got.len(), st.mirror[i].len())
+		}
+	}
+	st.mu.Unlock()
+	// Z in both buffers; every retired rule (X's, and Y's that Z dropped) removed.
+	if all, valid := hostCount(t, f.k, 4); all != 600 || valid != 600 {
+		t.Errorf("tether_hosts holds %d entries of the slot (%d valid), want 600", all, valid)
+	}
+}
+
+func TestHostKeys(t *testing.T) {
+	for _, p := range []string{"10.1.2.3/32", "2001:db8::1/128"} {
+		key := egressKey(prefix(p))
+		if !isHost(&key) {
+			t.Errorf("%s is not a host rule", p)
+		}
+		hk := hostKeyOf(9, &key)
+		if back := ruleKeyOf(&hk); back != key || hk.Buf != 9 {
+			t.Errorf("%s: round trip gives %s in buffer %d", p, describeKey(back), hk.Buf)
+		}
+	}
+	for _, p := range []string{"10.1.2.0/24", "2001:db8::/127", "0.0.0.0/0"} {
+		if key := egressKey(prefix(p)); isHost(&key) {
+			t.Errorf("%s taken for a host rule", p)
+		}
+	}
+	if key := execKey(dataplane.FileID{Dev: 1, Ino: 2}); isHost(&key) {
+		t.Error(fmt.Sprint("an exec key taken for a host rule: ", describeKey(key)))
+	}
+}

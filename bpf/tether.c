@@ -11,7 +11,7 @@
  *   tether_rulesets  slot -> two rule-set buffers (LPM tries); tether_agents says which is in force,
  *                    so one 4-byte write switches an agent's whole rule set
  *   tether_hosts     (buffer, address) -> the buffer's rule for one address (a /32 or /128), looked
- *                    up before the buffer's trie: a hash update costs a quarter of a trie update,
+ *                    up before the buffer's trie: a hash update costs a fraction of a trie update,
  *                    and host rules (resolved names among them) are most of an agent's egress
  *   tether_procs     tgid -> lineage (binary, parent) of agent processes
  *
@@ -97,6 +97,7 @@ struct tether_btf_anchor {
 	struct tether_rule_key rule_key;
 	struct tether_rule_value rule_value;
 	struct tether_host_key host_key;
+	struct tether_host_value host_value;
 	struct tether_event event;
 	enum tether_limits limits;
 	enum tether_rule_kind rule_kind;
@@ -126,7 +127,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, TETHER_MAX_HOST_RULES);
 	__type(key, struct tether_host_key);
-	__type(value, struct tether_rule_value);
+	__type(value, struct tether_host_value);
 } tether_hosts SEC(".maps");
 
 struct {
@@ -457,6 +458,33 @@ static __always_inline int tether_take_use(__u32 grant)
 	return __sync_fetch_and_add(&u->left, -1) > 0;
 }
 
+/* tether_ports_allow walks a matched prefix's port rules (count of them, at most max): 1 when one
+ * allows; else 0, with *audit_hit and *reason saying why not. */
+static __always_inline int tether_ports_allow(struct tether_decision *d, struct tether_port_rule *ports, __u32 count,
+					      const int max, int *audit_hit, __u8 *reason)
+{
+	struct tether_proc *proc = NULL;
+	int proc_loaded = 0;
+
+	for (int i = 0; i < max; i++) {
+		if (i >= count)
+			break;
+		struct tether_port_rule *r = &ports[i];
+		if (!tether_port_rule_match(r, d->proto, d->dport, &proc, &proc_loaded, reason))
+			continue;
+		if (r->flags & TETHER_PORT_RULE_AUDIT) {
+			*audit_hit = 1; /* a rule that allows silently may still follow */
+			continue;
+		}
+		if ((r->flags & TETHER_PORT_RULE_COUNTED) && !tether_take_use(r->grant)) {
+			*reason = TETHER_REASON_GRANT_SPENT; /* another rule may still allow */
+			continue;
+		}
+		return 1;
+	}
+	return 0;
+}
+
 /* tether_egress decides a connect or sendmsg to addr (IPv6 or v4-mapped) and port. */
 static __always_inline int tether_egress(struct tether_decision *d)
 {
@@ -464,41 +492,28 @@ static __always_inline int tether_egress(struct tether_decision *d)
 	if (!rules)
 		return tether_finish(d, NULL);
 
+	int allowed = 0, audit_hit = 0;
+	__u8 reason = TETHER_REASON_NO_RULE;
 	struct tether_host_key hk = {};
 	hk.buf = d->buf;
 	__builtin_memcpy(hk.addr, d->addr, 16);
-	struct tether_rule_value *v = bpf_map_lookup_elem(&tether_hosts, &hk);
-	if (v && v->generation < d->host_floor)
-		v = NULL; /* a host rule of an earlier rule set, retired but not yet removed */
-	if (!v) {
+	struct tether_host_value *h = bpf_map_lookup_elem(&tether_hosts, &hk);
+	/* Below the floor: a host rule of an earlier rule set, retired but not yet removed. */
+	if (h && h->generation >= d->host_floor) {
+		allowed = tether_ports_allow(d, h->ports, h->count, TETHER_HOST_PORT_RULES, &audit_hit, &reason);
+	} else {
 		struct tether_rule_key key = {};
 		key.prefixlen = 8 + 128;
 		key.kind = TETHER_RULE_EGRESS;
 		__builtin_memcpy(key.data, d->addr, 16);
-		v = bpf_map_lookup_elem(rules, &key);
+		struct tether_rule_value *v = bpf_map_lookup_elem(rules, &key);
+		if (v)
+			allowed = tether_ports_allow(d, v->ports, v->count, TETHER_MAX_PORT_RULES, &audit_hit, &reason);
 	}
-	struct tether_proc *proc = NULL;
-	int proc_loaded = 0, audit_hit = 0;
-	__u8 reason = TETHER_REASON_NO_RULE;
-	if (v) {
-		for (int i = 0; i < TETHER_MAX_PORT_RULES; i++) {
-			if (i >= v->count)
-				break;
-			struct tether_port_rule *r = &v->ports[i];
-			if (!tether_port_rule_match(r, d->proto, d->dport, &proc, &proc_loaded, &reason))
-				continue;
-			if (r->flags & TETHER_PORT_RULE_AUDIT) {
-				audit_hit = 1; /* a rule that allows silently may still follow */
-				continue;
-			}
-			if ((r->flags & TETHER_PORT_RULE_COUNTED) && !tether_take_use(r->grant)) {
-				reason = TETHER_REASON_GRANT_SPENT; /* another rule may still allow */
-				continue;
-			}
-			d->verdict = TETHER_VERDICT_ALLOW;
-			d->reason = TETHER_REASON_RULE;
-			return tether_finish(d, rules);
-		}
+	if (allowed) {
+		d->verdict = TETHER_VERDICT_ALLOW;
+		d->reason = TETHER_REASON_RULE;
+		return tether_finish(d, rules);
 	}
 	if (audit_hit) {
 		d->verdict = TETHER_VERDICT_AUDIT;

@@ -20,7 +20,10 @@ enum tether_limits {
 	TETHER_MAX_RULES = 65536,
 	/* Host rules (egress to one address: a /32 or /128) held in tether_hosts, over all agents'
 	 * buffers; when it is full, the daemon puts further host rules into the tries. */
-	TETHER_MAX_HOST_RULES = 32768,
+	TETHER_MAX_HOST_RULES = 65536,
+	/* Port rules a host rule in tether_hosts carries; one with more lives in the trie. Small, so
+	 * that an update writes three cache lines, not eight. */
+	TETHER_HOST_PORT_RULES = 4,
 	/* Port rules that one egress prefix can carry; the compiler refuses more. */
 	TETHER_MAX_PORT_RULES = 16,
 	/* Bytes of a rule key after its kind byte: enough for a full sun_path. */
@@ -188,6 +191,14 @@ struct tether_rule_value {
 	__u32 mode; /* enum tether_mode, header only */
 	__u32 count;
 	struct tether_port_rule ports[TETHER_MAX_PORT_RULES];
+};
+
+/* Value of tether_hosts: a host rule, as struct tether_rule_value with fewer port rules. */
+struct tether_host_value {
+	__u64 generation; /* at least the buffer's floor, or the rule is retired */
+	__u32 count;
+	__u32 _pad;
+	struct tether_port_rule ports[TETHER_HOST_PORT_RULES];
 };
 
 /* tether_procs value: lineage of one agent process (thread group). */

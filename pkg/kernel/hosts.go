@@ -40,7 +40,25 @@ func ruleKeyOf(hk *bpfTetherHostKey) bpfTetherRuleKey {
 // hostEntry is one tether_hosts entry as read from the kernel.
 type hostEntry struct {
 	key bpfTetherHostKey
-	val bpfTetherRuleValue
+	val bpfTetherHostValue
+}
+
+// hostValue is v in tether_hosts' form, stamped with generation; ok is false when v has more port
+// rules than that form holds.
+func hostValue(v *bpfTetherRuleValue, generation uint64) (h bpfTetherHostValue, ok bool) {
+	if int(v.Count) > len(h.Ports) {
+		return h, false
+	}
+	h.Generation, h.Count = generation, v.Count
+	copy(h.Ports[:], v.Ports[:v.Count])
+	return h, true
+}
+
+// ruleValue is a tether_hosts value in a rule trie's form (without its generation stamp).
+func ruleValue(h *bpfTetherHostValue) bpfTetherRuleValue {
+	v := bpfTetherRuleValue{Count: h.Count}
+	copy(v.Ports[:], h.Ports[:min(int(h.Count), len(h.Ports))])
+	return v
 }
 
 // scanHosts reads every tether_hosts entry, by buffer.
@@ -108,8 +126,7 @@ func (k *Kernel) readBuffer(st *slotState, slot dataplane.Slot, i uint32, trie *
 			}
 			st.markInTrie(i, key, false)
 		}
-		e.val.Generation = 0
-		img.put(key, e.val)
+		img.put(key, ruleValue(&e.val))
 	}
 	return img, nil
 }
@@ -172,7 +189,8 @@ func (k *Kernel) removeRetired(st *slotState, i uint32) error {
 
 // applyBuffer carries out c on buffer i of slot: deletes have's entries c.dels and writes want's
 // entries c.writes. Host rules go into tether_hosts with generation stamp, unless the buffer keeps
-// them in its trie or tether_hosts is full; everything else into the trie.
+// them in its trie, they have more port rules than tether_hosts holds, or it is full; everything
+// else into the trie.
 func (k *Kernel) applyBuffer(st *slotState, slot dataplane.Slot, i uint32, trie *ebpf.Map,
 	have, want *trieImage, c changes, stamp uint64) error {
 	buf := bufIndex(slot, i)
@@ -210,34 +228,41 @@ func (k *Kernel) applyBuffer(st *slotState, slot dataplane.Slot, i uint32, trie 
 	trieVals := make([]bpfTetherRuleValue, 0, len(c.writes)-hostN)
 	hostRules := make([]int32, 0, hostN)
 	hostKeys := make([]bpfTetherHostKey, 0, hostN)
-	hostVals := make([]bpfTetherRuleValue, hostN)
+	hostVals := make([]bpfTetherHostValue, 0, hostN)
+	var moved []int32 // host rules that go into the trie instead
 	for _, j := range c.writes {
 		key := &want.keys[j]
-		if st.inHash(i, key) {
-			hostVals[len(hostKeys)] = want.vals[j]
-			hostVals[len(hostKeys)].Generation = stamp
-			hostRules, hostKeys = append(hostRules, j), append(hostKeys, hostKeyOf(buf, key))
+		if !st.inHash(i, key) {
+			trieKeys, trieVals = append(trieKeys, *key), append(trieVals, want.vals[j])
 			continue
 		}
-		trieKeys, trieVals = append(trieKeys, *key), append(trieVals, want.vals[j])
+		h, fits := hostValue(&want.vals[j], stamp)
+		if !fits {
+			moved = append(moved, j)
+			continue
+		}
+		hostRules, hostKeys, hostVals = append(hostRules, j), append(hostKeys, hostKeyOf(buf, key)), append(hostVals, h)
 	}
 	n, err := updateAll(k.hosts, hostKeys, hostVals, describeHostKey)
 	if errors.Is(err, unix.E2BIG) {
-		// tether_hosts is full: the rest go into the trie. An older version of such a rule in
-		// tether_hosts would shadow it, so it goes first.
-		if err := deleteAll(k.hosts, hostKeys[n:], describeHostKey); err != nil {
-			return err
-		}
-		for _, j := range hostRules[n:] {
-			st.markInTrie(i, want.keys[j], true)
-			trieKeys, trieVals = append(trieKeys, want.keys[j]), append(trieVals, want.vals[j])
-		}
 		// Once: from then on the "host_rules" map fill says it.
-		if moved := uint64(len(hostRules) - n); k.hostsFull.Add(moved) == moved {
+		if full := uint64(len(hostRules) - n); k.hostsFull.Add(full) == full {
 			k.log.Warn("tether_hosts is full: host rules go into the tries, whose updates cost more",
 				"capacity", k.hosts.MaxEntries())
 		}
+		moved = append(moved, hostRules[n:]...)
 	} else if err != nil {
+		return err
+	}
+	// Host rules that go into the trie (too many port rules, or tether_hosts full): an older
+	// version of one in tether_hosts would shadow it, so that goes first.
+	gone := make([]bpfTetherHostKey, len(moved))
+	for m, j := range moved {
+		gone[m] = hostKeyOf(buf, &want.keys[j])
+		st.markInTrie(i, want.keys[j], true)
+		trieKeys, trieVals = append(trieKeys, want.keys[j]), append(trieVals, want.vals[j])
+	}
+	if err := deleteAll(k.hosts, gone, describeHostKey); err != nil {
 		return err
 	}
 	_, err = updateAll(trie, trieKeys, trieVals, describeKey)
@@ -260,7 +285,7 @@ func deleteAll[K any](m *ebpf.Map, keys []K, describe func(K) string) error {
 }
 
 // updateAll writes keys and vals into m and returns how many it wrote before an error.
-func updateAll[K any](m *ebpf.Map, keys []K, vals []bpfTetherRuleValue, describe func(K) string) (int, error) {
+func updateAll[K, V any](m *ebpf.Map, keys []K, vals []V, describe func(K) string) (int, error) {
 	if len(keys) == 0 {
 		return 0, nil
 	}

@@ -139,15 +139,17 @@ func TestPrivilegedHostRulesRetire(t *testing.T) {
 func TestPrivilegedHostRulesOverflow(t *testing.T) {
 	f := newFixture(t, Options{})
 	capacity := int(f.k.hosts.MaxEntries())
-	// A big agent takes all of tether_hosts and 500 more, which its trie holds.
-	big := hostSet(10, capacity+500, false)
+	// A big agent takes half of tether_hosts with the buffer in force; the idle buffer, brought
+	// up to date, takes the rest, and its trie holds the 500 that do not fit.
+	big := hostSet(10, capacity/2+250, false)
 	bigAgent := f.agent(t, "big", 5, big)
+	settle(t, f.k, 5)
 	st := f.k.slot(5)
 	st.mu.Lock()
-	inTrie := len(st.inTrie[st.active])
+	inForce, idle := len(st.inTrie[st.active]), len(st.inTrie[1-st.active])
 	st.mu.Unlock()
-	if inTrie != 500 {
-		t.Fatalf("%d host rules went into the trie, want 500", inTrie)
+	if inForce != 0 || idle != 500 {
+		t.Fatalf("%d and %d host rules went into the tries (in force, idle), want 0 and 500", inForce, idle)
 	}
 	last := big.Egress[len(big.Egress)-1].Prefix.Addr()
 	dests := []string{"udp", hostPort(big.Egress[0].Prefix.Addr(), 9), "udp", hostPort(last, 9), "udp", hostPort(last, 10)}
@@ -158,8 +160,8 @@ func TestPrivilegedHostRulesOverflow(t *testing.T) {
 	smallAgent := f.agent(t, "small", 6, small)
 	expect(t, "small agent", privtest.Dial(t, smallAgent, "udp", "127.20.1.7:9", "udp", "127.21.1.7:9"), []string{"ok", "eperm"})
 
-	// The big agent changes the port of its last rule, which its trie holds.
-	settle(t, f.k, 5)
+	// The big agent changes the port of its last rule: the idle buffer, whose trie holds it,
+	// goes in force.
 	big.Egress[len(big.Egress)-1].Ports = []dataplane.PortRule{{Proto: dataplane.ProtoUDP, Lo: 10, Hi: 10}}
 	big.Exec = execs(f.self)
 	big.Generation = 7
@@ -198,6 +200,29 @@ func TestPrivilegedHostRulesOverflow(t *testing.T) {
 	}
 	if all, valid := hostCount(t, f.k, 6); all != 100 || valid != 100 {
 		t.Errorf("tether_hosts holds %d entries of the small agent (%d valid), want 100", all, valid)
+	}
+}
+
+// TestPrivilegedHostRuleManyPorts: a host rule with more port rules than tether_hosts holds
+// lives in the trie, and is enforced the same.
+func TestPrivilegedHostRuleManyPorts(t *testing.T) {
+	f := newFixture(t, Options{})
+	rs := hostSet(1, 10, false)
+	for p := range uint16(6) {
+		rs.Egress[3].Ports = append(rs.Egress[3].Ports, dataplane.PortRule{Proto: dataplane.ProtoUDP, Lo: 100 + p, Hi: 100 + p})
+	}
+	agent := f.agent(t, "agent", 2, rs)
+	st := f.k.slot(2)
+	st.mu.Lock()
+	_, inTrie := st.inTrie[st.active][egressKey(rs.Egress[3].Prefix)]
+	st.mu.Unlock()
+	if !inTrie {
+		t.Fatal("a host rule with 7 port rules is not in the trie")
+	}
+	expect(t, "many ports", privtest.Dial(t, agent, "udp", "127.1.1.3:9", "udp", "127.1.1.3:105", "udp", "127.1.1.3:106", "udp", "127.1.1.4:9"),
+		[]string{"ok", "ok", "eperm", "ok"})
+	if all, _ := hostCount(t, f.k, 2); all != 9 {
+		t.Errorf("tether_hosts holds %d entries of the slot, want the 9 host rules with one port rule", all)
 	}
 }
 
@@ -262,6 +287,26 @@ func TestHostKeys(t *testing.T) {
 	for _, p := range []string{"10.1.2.0/24", "2001:db8::/127", "0.0.0.0/0"} {
 		if key := egressKey(prefix(p)); isHost(&key) {
 			t.Errorf("%s taken for a host rule", p)
+		}
+	}
+	ports := func(n int) dataplane.Egress {
+		e := dataplane.Egress{Prefix: prefix("10.1.2.3/32")}
+		for p := range n {
+			e.Ports = append(e.Ports, dataplane.PortRule{Proto: dataplane.ProtoTCP, Lo: uint16(p), Hi: uint16(p + 1), Audit: p == 2})
+		}
+		return e
+	}
+	for n := range 6 {
+		v, err := egressValue(ports(n))
+		if err != nil {
+			t.Fatal(err)
+		}
+		h, ok := hostValue(&v, 7)
+		if ok != (n <= 4) {
+			t.Errorf("%d port rules: fits tether_hosts %v", n, ok)
+		}
+		if ok && (h.Generation != 7 || ruleValue(&h) != v) {
+			t.Errorf("%d port rules: the round trip through tether_hosts' form changes the value", n)
 		}
 	}
 	if key := execKey(dataplane.FileID{Dev: 1, Ino: 2}); isHost(&key) {

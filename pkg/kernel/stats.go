@@ -55,7 +55,7 @@ func (k *Kernel) Pressure() (map[string]dataplane.MapFill, error) {
 	}
 	out["procs"] = dataplane.MapFill{Entries: n, Capacity: int(k.procs.MaxEntries())}
 	var hk bpfTetherHostKey
-	var hv bpfTetherRuleValue
+	var hv bpfTetherHostValue
 	if n, err = count(k.hosts.Iterate(), &hk, &hv); err != nil {
 		return nil, fmt.Errorf("counting host rules: %w", err)
 	}

@@ -192,8 +192,11 @@ func (f *fixture) rewriteInPlace(t *testing.T, slot dataplane.Slot, from, to *da
 		k := egressKey(e.Prefix)
 		if isHost(&k) {
 			hk := hostKeyOf(buf, &k)
-			v.Generation = a.Floor[a.Active]
-			err = f.k.hosts.Update(&hk, &v, ebpf.UpdateAny)
+			h, ok := hostValue(&v, a.Floor[a.Active])
+			if !ok {
+				t.Fatalf("%s: too many port rules for tether_hosts", e.Prefix)
+			}
+			err = f.k.hosts.Update(&hk, &h, ebpf.UpdateAny)
 		} else {
 			err = live.Update(&k, &v, ebpf.UpdateAny)
 		}
@@ -221,8 +224,7 @@ func view(t *testing.T, k *Kernel, st *slotState, slot dataplane.Slot, i uint32)
 	}
 	for _, e := range all[bufIndex(slot, i)] {
 		if e.val.Generation >= a.Floor[i] {
-			e.val.Generation = 0
-			img.put(ruleKeyOf(&e.key), e.val)
+			img.put(ruleKeyOf(&e.key), ruleValue(&e.val))
 		}
 	}
 	return img

@@ -111,6 +111,24 @@ type bpfTetherHostKey struct {
 	Addr [16]uint8
 }
 
+type bpfTetherHostValue struct {
+	_          structs.HostLayout
+	Generation uint64
+	Count      uint32
+	Pad        uint32
+	Ports      [4]struct {
+		_      structs.HostLayout
+		PortLo uint16
+		PortHi uint16
+		Proto  uint8
+		Flags  uint8
+		Pad    uint16
+		BinDev uint32
+		Grant  uint32
+		BinIno uint64
+	}
+}
+
 type bpfTetherKind uint32
 
 const (
@@ -133,7 +151,8 @@ const (
 	bpfTetherLimitsTETHER_MAX_CGROUPS     bpfTetherLimits = 16384
 	bpfTetherLimitsTETHER_MAX_ANCESTORS   bpfTetherLimits = 16
 	bpfTetherLimitsTETHER_MAX_RULES       bpfTetherLimits = 65536
-	bpfTetherLimitsTETHER_MAX_HOST_RULES  bpfTetherLimits = 32768
+	bpfTetherLimitsTETHER_MAX_HOST_RULES  bpfTetherLimits = 65536
+	bpfTetherLimitsTETHER_HOST_PORT_RULES bpfTetherLimits = 4
 	bpfTetherLimitsTETHER_MAX_PORT_RULES  bpfTetherLimits = 16
 	bpfTetherLimitsTETHER_RULE_DATA       bpfTetherLimits = 111
 	bpfTetherLimitsTETHER_MAX_PROCS       bpfTetherLimits = 16384

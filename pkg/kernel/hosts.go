@@ -64,15 +64,39 @@ func ruleValue(h *bpfTetherHostValue) bpfTetherRuleValue {
 // scanHosts reads every tether_hosts entry, by buffer.
 func (k *Kernel) scanHosts() (map[uint32][]hostEntry, error) {
 	out := map[uint32][]hostEntry{}
-	var e hostEntry
-	it := k.hosts.Iterate()
-	for it.Next(&e.key, &e.val) {
-		out[e.key.Buf] = append(out[e.key.Buf], e)
+	err := k.eachHost(func(e hostEntry) { out[e.key.Buf] = append(out[e.key.Buf], e) })
+	return out, err
+}
+
+// eachHost calls f with every tether_hosts entry: a few thousand per system call where the
+// kernel has batch lookups (a full map is 64Ki entries), one by one where it does not.
+func (k *Kernel) eachHost(f func(hostEntry)) error {
+	const chunk = 4096
+	keys := make([]bpfTetherHostKey, chunk)
+	vals := make([]bpfTetherHostValue, chunk)
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := k.hosts.BatchLookup(&cursor, keys, vals, nil)
+		for j := range n {
+			f(hostEntry{keys[j], vals[j]})
+		}
+		switch {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			return nil
+		case errors.Is(err, ebpf.ErrNotSupported) && n == 0:
+			var e hostEntry
+			it := k.hosts.Iterate()
+			for it.Next(&e.key, &e.val) {
+				f(e)
+			}
+			if err := it.Err(); err != nil {
+				return fmt.Errorf("reading host rules: %w", err)
+			}
+			return nil
+		case err != nil:
+			return fmt.Errorf("reading host rules: %w", err)
+		}
 	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("reading host rules: %w", err)
-	}
-	return out, nil
 }
 
 // hostsOf returns the tether_hosts entries of buffer i of slot. The first time, they come from

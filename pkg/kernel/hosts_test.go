@@ -151,6 +151,9 @@ func TestPrivilegedHostRulesOverflow(t *testing.T) {
 	if inForce != 0 || idle != 500 {
 		t.Fatalf("%d and %d host rules went into the tries (in force, idle), want 0 and 500", inForce, idle)
 	}
+	if fill, err := f.k.Pressure(); err != nil || fill["host_rules"] != (dataplane.MapFill{Entries: capacity, Capacity: capacity}) {
+		t.Fatalf("host_rules fill %+v (%v), want all %d entries taken", fill["host_rules"], err, capacity)
+	}
 	last := big.Egress[len(big.Egress)-1].Prefix.Addr()
 	dests := []string{"udp", hostPort(big.Egress[0].Prefix.Addr(), 9), "udp", hostPort(last, 9), "udp", hostPort(last, 10)}
 	expect(t, "big agent", privtest.Dial(t, bigAgent, dests...), []string{"ok", "ok", "eperm"})

@@ -38,7 +38,8 @@ func EnableStats() (io.Closer, error) {
 // the oldest processes lose their tool chain), "host_rules" (tether_hosts, over all agents: when
 // full, host rules go into the tries, which still enforce them but cost more to update), and
 // "rules" (the fullest agent rule set, from what tetherd last installed; a rule set that does not
-// fit is refused). It iterates the first three: at most their capacity in system calls.
+// fit is refused). It iterates the first two, at most their capacity in system calls, and reads
+// tether_hosts in batches.
 func (k *Kernel) Pressure() (map[string]dataplane.MapFill, error) {
 	out := map[string]dataplane.MapFill{}
 	var id uint64
@@ -54,12 +55,11 @@ func (k *Kernel) Pressure() (map[string]dataplane.MapFill, error) {
 		return nil, fmt.Errorf("counting process lineage: %w", err)
 	}
 	out["procs"] = dataplane.MapFill{Entries: n, Capacity: int(k.procs.MaxEntries())}
-	var hk bpfTetherHostKey
-	var hv bpfTetherHostValue
-	if n, err = count(k.hosts.Iterate(), &hk, &hv); err != nil {
+	hosts := 0
+	if err := k.eachHost(func(hostEntry) { hosts++ }); err != nil {
 		return nil, fmt.Errorf("counting host rules: %w", err)
 	}
-	out["host_rules"] = dataplane.MapFill{Entries: n, Capacity: int(k.hosts.MaxEntries())}
+	out["host_rules"] = dataplane.MapFill{Entries: hosts, Capacity: int(k.hosts.MaxEntries())}
 	most := 0
 	for i := range k.slots {
 		k.slotsMu.Lock()

@@ -87,21 +87,26 @@ func TestPrivilegedHostRulesRetire(t *testing.T) {
 	if err := f.k.Install(3, &y); err != nil {
 		t.Fatal(err)
 	}
+	// Holding the slot keeps its background work (the sync, the removal of retired rules) from
+	// running while this looks.
 	st := f.k.slot(3)
 	st.mu.Lock()
 	retired := len(st.retired[st.active])
-	st.mu.Unlock()
 	if retired != 300 {
+		st.mu.Unlock()
 		t.Fatalf("the install retired %d host rules, want 300: it did not take the retiring path", retired)
 	}
 	all, valid := hostCount(t, f.k, 3)
 	if valid != 600 || all != 900 {
 		// X's 300 in the idle buffer (valid there), X's 300 retired and Y's 300 in force.
+		st.mu.Unlock()
 		t.Fatalf("tether_hosts holds %d entries of the slot (%d valid), want 900 (600 valid)", all, valid)
 	}
 	// X's host rules are still in tether_hosts, in the buffer in force: only the floor keeps
 	// them out. 127.1.1.5 falls through to the trie, where Y has nothing.
-	expect(t, "under Y, X retired but present", privtest.Dial(t, agent, dests...), []string{"eperm", "ok", "eperm"})
+	got := privtest.Dial(t, agent, dests...)
+	st.mu.Unlock()
+	expect(t, "under Y, X retired but present", got, []string{"eperm", "ok", "eperm"})
 
 	// Back to X: Y's buffer becomes idle, and once quiet its retired entries go.
 	x.Generation = 3
@@ -224,8 +229,16 @@ func TestPrivilegedHostRuleManyPorts(t *testing.T) {
 	}
 	expect(t, "many ports", privtest.Dial(t, agent, "udp", "127.1.1.3:9", "udp", "127.1.1.3:105", "udp", "127.1.1.3:106", "udp", "127.1.1.4:9"),
 		[]string{"ok", "ok", "eperm", "ok"})
-	if all, _ := hostCount(t, f.k, 2); all != 9 {
-		t.Errorf("tether_hosts holds %d entries of the slot, want the 9 host rules with one port rule", all)
+	// Once the idle buffer is up to date too: the 9 host rules with one port rule in each.
+	settle(t, f.k, 2)
+	if all, _ := hostCount(t, f.k, 2); all != 18 {
+		t.Errorf("tether_hosts holds %d entries of the slot, want the 9 host rules with one port rule in each buffer", all)
+	}
+	st.mu.Lock()
+	_, idleInTrie := st.inTrie[1-st.active][egressKey(rs.Egress[3].Prefix)]
+	st.mu.Unlock()
+	if !idleInTrie {
+		t.Error("the idle buffer's copy of the rule with 7 port rules is not in its trie")
 	}
 }
 

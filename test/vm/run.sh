@@ -5,7 +5,9 @@
 #   2. lsm without bpf: LSM programs would attach and never run; tether must see that and pick
 #      the signal path, whose exec tests must pass.
 # The kernel is cached by package version under .cache/vm (TETHER_VM_CACHE). QEMU's exit status is
-# always 0: the guest prints its own, and that is what this script exits with.
+# always 0: the guest prints its own, and that is what this script exits with. A soft lockup in the
+# guest panics it at once, with every CPU's stack (loglevel 5 lets them through): the boot then
+# fails in seconds instead of hanging until the timeout.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PATH="$PATH:/usr/local/go/bin"
@@ -59,7 +61,7 @@ boot() {
 	local log="$work/$name.log"
 	timeout "$timeout_s" qemu-system-x86_64 -nodefaults -no-user-config -accel tcg -cpu max -smp 2 -m 2G \
 		-kernel "$kdir/vmlinux" -initrd "$work/payload.cpio" -display none -serial stdio -no-reboot \
-		-append "console=ttyS0 panic=-1 quiet mitigations=off lsm=$lsms" | tee "$log" || true
+		-append "console=ttyS0 panic=-1 loglevel=5 softlockup_panic=1 softlockup_all_cpu_backtrace=1 mitigations=off lsm=$lsms" | tee "$log" || true
 	local result
 	result=$(tr -d '\r' <"$log" | awk '/^TETHER-VM-RESULT/ {print $2}' | tail -1)
 	if [ -z "$result" ]; then

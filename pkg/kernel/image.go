@@ -139,15 +139,11 @@ func (m *trieImage) equal(o *trieImage) bool {
 	return true
 }
 
-// plan is what turns have into want: the keys to delete, and the entries to write.
-func plan(have, want *trieImage) ([]bpfTetherRuleKey, []bpfTetherRuleKey, []bpfTetherRuleValue) {
-	return gather(have, want, diff(have, want))
-}
-
-// changes are the positions of a plan's entries: in have.keys of those to delete, in want.keys of
-// those to write.
+// changes are what turns have into want, as positions: in have.keys of the entries to delete, in
+// want.keys of those to write.
 type changes struct{ dels, writes []int32 }
 
+// diff works out the changes from have to want.
 func diff(have, want *trieImage) changes {
 	var c changes
 	for i := range have.keys {
@@ -161,19 +157,6 @@ func diff(have, want *trieImage) changes {
 		}
 	}
 	return c
-}
-
-func gather(have, want *trieImage, c changes) ([]bpfTetherRuleKey, []bpfTetherRuleKey, []bpfTetherRuleValue) {
-	dels := make([]bpfTetherRuleKey, len(c.dels))
-	for n, i := range c.dels {
-		dels[n] = have.keys[i]
-	}
-	keys := make([]bpfTetherRuleKey, len(c.writes))
-	vals := make([]bpfTetherRuleValue, len(c.writes))
-	for n, i := range c.writes {
-		keys[n], vals[n] = want.keys[i], want.vals[i]
-	}
-	return dels, keys, vals
 }
 
 func readTrie(m *ebpf.Map) (*trieImage, error) {

@@ -35,9 +35,9 @@ func TestTrieImage(t *testing.T) {
 	}
 	check(m, map[byte]uint64{2: 2, 3: 33, 4: 4})
 	check(c, map[byte]uint64{0: 0, 2: 2, 3: 33, 4: 4})
-	dels, keys, vals := plan(c, m)
-	if len(dels) != 1 || dels[0] != key(0) || len(keys) != 0 || len(vals) != 0 || m.equal(c) || !m.equal(m.clone()) {
-		t.Errorf("plan: %v %v", dels, keys)
+	d := diff(c, m)
+	if len(d.dels) != 1 || c.keys[d.dels[0]] != key(0) || len(d.writes) != 0 || m.equal(c) || !m.equal(m.clone()) {
+		t.Errorf("diff: %v", d)
 	}
 }
 

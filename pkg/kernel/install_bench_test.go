@@ -69,8 +69,8 @@ func BenchmarkEncodeAndPlan(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				if dels, keys, _ := plan(have, want); len(dels)+len(keys) != 1 {
-					b.Fatalf("plan: %d deletes, %d writes", len(dels), len(keys))
+				if c := diff(have, want); len(c.dels)+len(c.writes) != 1 {
+					b.Fatalf("diff: %d deletes, %d writes", len(c.dels), len(c.writes))
 				}
 			}
 		})

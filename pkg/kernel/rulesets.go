@@ -433,25 +433,19 @@ func (k *Kernel) grace() {
 func encodeRuleSet(rs *dataplane.RuleSet) (*trieImage, error) {
 	out := newImage(rs.Entries())
 	var errs []error
-	err := eachEntry(rs, func(key bpfTetherRuleKey, v bpfTetherRuleValue) {
+	put := func(key bpfTetherRuleKey, v bpfTetherRuleValue) {
 		if !out.add(key, v) {
 			errs = append(errs, fmt.Errorf("%s appears twice", describeKey(key)))
 		}
-	})
-	return out, errors.Join(append(errs, err)...)
-}
-
-// eachEntry calls f with every entry of rs, and returns what it could not encode.
-func eachEntry(rs *dataplane.RuleSet, f func(bpfTetherRuleKey, bpfTetherRuleValue)) error {
-	var errs []error
-	f(headerKey(), bpfTetherRuleValue{Generation: rs.Generation, Mode: uint32(rs.Mode)})
+	}
+	put(headerKey(), bpfTetherRuleValue{Generation: rs.Generation, Mode: uint32(rs.Mode)})
 	for _, e := range rs.Egress {
 		v, err := egressValue(e)
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		f(egressKey(e.Prefix), v)
+		put(egressKey(e.Prefix), v)
 	}
 	entry := func(audit bool) bpfTetherRuleValue {
 		if audit {
@@ -460,7 +454,7 @@ func eachEntry(rs *dataplane.RuleSet, f func(bpfTetherRuleKey, bpfTetherRuleValu
 		return bpfTetherRuleValue{}
 	}
 	for _, e := range rs.Exec {
-		f(execKey(e.File), entry(e.Audit))
+		put(execKey(e.File), entry(e.Audit))
 	}
 	for _, u := range rs.Unix {
 		key, err := unixKey(u)
@@ -468,9 +462,9 @@ func eachEntry(rs *dataplane.RuleSet, f func(bpfTetherRuleKey, bpfTetherRuleValu
 			errs = append(errs, err)
 			continue
 		}
-		f(key, entry(u.Audit))
+		put(key, entry(u.Audit))
 	}
-	return errors.Join(errs...)
+	return out, errors.Join(errs...)
 }
 
 // Clear removes everything the kernel holds for slot: bindings, rule sets, flags, counters, info.

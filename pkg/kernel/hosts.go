@@ -31,6 +31,11 @@ func hostKeyOf(buf uint32, key *bpfTetherRuleKey) bpfTetherHostKey {
 	return hk
 }
 
+// hostKeyAt is the tether_hosts key of host rule j of img in buffer buf.
+func hostKeyAt(buf uint32, img *trieImage, j int32) bpfTetherHostKey {
+	return bpfTetherHostKey{Buf: buf, Addr: img.ents[j].data}
+}
+
 func ruleKeyOf(hk *bpfTetherHostKey) bpfTetherRuleKey {
 	key := bpfTetherRuleKey{Prefixlen: 8 + 128, Kind: uint8(bpfTetherRuleKindTETHER_RULE_EGRESS)}
 	copy(key.Data[:16], hk.Addr[:])
@@ -123,14 +128,14 @@ func (k *Kernel) hostsOf(st *slotState, slot dataplane.Slot, i uint32) ([]hostEn
 // floor. Call it only for a buffer no hook can be reading. Host rules below the floor are recorded
 // for removal; a trie entry that a host rule shadows is removed.
 func (k *Kernel) readBuffer(st *slotState, slot dataplane.Slot, i uint32, trie *ebpf.Map) (*trieImage, error) {
-	img, err := readTrie(trie)
-	if err != nil {
+	img := newImage(0)
+	if err := readTrie(trie, img); err != nil {
 		return nil, err
 	}
 	st.inTrie[i] = nil
-	for _, key := range img.keys {
-		if isHost(&key) {
-			st.markInTrie(i, key, true)
+	for j := range int32(img.len()) {
+		if img.isHost(j) {
+			st.markInTrie(i, img.key(j), true)
 		}
 	}
 	hosts, err := k.hostsOf(st, slot, i)
@@ -150,8 +155,10 @@ func (k *Kernel) readBuffer(st *slotState, slot dataplane.Slot, i uint32, trie *
 			}
 			st.markInTrie(i, key, false)
 		}
-		img.put(key, ruleValue(&e.val))
+		v := ruleValue(&e.val)
+		img.append(&key, &v) // in place of the trie's entry, if any
 	}
+	img.seal()
 	return img, nil
 }
 
@@ -172,6 +179,18 @@ func (st *slotState) inHash(i uint32, key *bpfTetherRuleKey) bool {
 		return false
 	}
 	_, t := st.inTrie[i][*key]
+	return !t
+}
+
+// inHashAt reports whether buffer i keeps entry j of img in tether_hosts.
+func (st *slotState) inHashAt(i uint32, img *trieImage, j int32) bool {
+	if !img.isHost(j) {
+		return false
+	}
+	if len(st.inTrie[i]) == 0 {
+		return true
+	}
+	_, t := st.inTrie[i][img.key(j)]
 	return !t
 }
 
@@ -220,26 +239,26 @@ func (k *Kernel) applyBuffer(st *slotState, slot dataplane.Slot, i uint32, trie 
 	buf := bufIndex(slot, i)
 	hostDelN, hostN := 0, 0
 	for _, j := range c.dels {
-		if st.inHash(i, &have.keys[j]) {
+		if st.inHashAt(i, have, j) {
 			hostDelN++
 		}
 	}
 	for _, j := range c.writes {
-		if st.inHash(i, &want.keys[j]) {
+		if st.inHashAt(i, want, j) {
 			hostN++
 		}
 	}
 	trieDels := make([]bpfTetherRuleKey, 0, len(c.dels)-hostDelN)
 	hostDels := make([]bpfTetherHostKey, 0, hostDelN)
 	for _, j := range c.dels {
-		key := &have.keys[j]
-		if st.inHash(i, key) {
-			hostDels = append(hostDels, hostKeyOf(buf, key))
+		if st.inHashAt(i, have, j) {
+			hostDels = append(hostDels, hostKeyAt(buf, have, j))
 			continue
 		}
-		trieDels = append(trieDels, *key)
-		if isHost(key) {
-			st.markInTrie(i, *key, false)
+		key := have.key(j)
+		trieDels = append(trieDels, key)
+		if have.isHost(j) {
+			st.markInTrie(i, key, false)
 		}
 	}
 	if err := deleteAll(k.hosts, hostDels, describeHostKey); err != nil {
@@ -255,17 +274,16 @@ func (k *Kernel) applyBuffer(st *slotState, slot dataplane.Slot, i uint32, trie 
 	hostVals := make([]bpfTetherHostValue, 0, hostN)
 	var moved []int32 // host rules that go into the trie instead
 	for _, j := range c.writes {
-		key := &want.keys[j]
-		if !st.inHash(i, key) {
-			trieKeys, trieVals = append(trieKeys, *key), append(trieVals, want.vals[j])
+		if !st.inHashAt(i, want, j) {
+			trieKeys, trieVals = append(trieKeys, want.key(j)), append(trieVals, *want.val(j))
 			continue
 		}
-		h, fits := hostValue(&want.vals[j], stamp)
+		h, fits := hostValue(want.val(j), stamp)
 		if !fits {
 			moved = append(moved, j)
 			continue
 		}
-		hostRules, hostKeys, hostVals = append(hostRules, j), append(hostKeys, hostKeyOf(buf, key)), append(hostVals, h)
+		hostRules, hostKeys, hostVals = append(hostRules, j), append(hostKeys, hostKeyAt(buf, want, j)), append(hostVals, h)
 	}
 	n, err := updateAll(k.hosts, hostKeys, hostVals, describeHostKey)
 	if errors.Is(err, unix.E2BIG) {
@@ -282,9 +300,9 @@ func (k *Kernel) applyBuffer(st *slotState, slot dataplane.Slot, i uint32, trie 
 	// version of one in tether_hosts would shadow it, so that goes first.
 	gone := make([]bpfTetherHostKey, len(moved))
 	for m, j := range moved {
-		gone[m] = hostKeyOf(buf, &want.keys[j])
-		st.markInTrie(i, want.keys[j], true)
-		trieKeys, trieVals = append(trieKeys, want.keys[j]), append(trieVals, want.vals[j])
+		gone[m] = hostKeyAt(buf, want, j)
+		st.markInTrie(i, want.key(j), true)
+		trieKeys, trieVals = append(trieKeys, want.key(j)), append(trieVals, *want.val(j))
 	}
 	if err := deleteAll(k.hosts, gone, describeHostKey); err != nil {
 		return err
@@ -325,3 +343,4 @@ func updateAll[K, V any](m *ebpf.Map, keys []K, vals []V, describe func(K) strin
 func describeHostKey(hk bpfTetherHostKey) string {
 	return fmt.Sprintf("host rule of buffer %d: %s", hk.Buf, describeKey(ruleKeyOf(&hk)))
 }
+

@@ -1,129 +1,189 @@
 package kernel
 
 import (
+	"bytes"
+	"cmp"
 	"fmt"
-	"maps"
 	"slices"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 )
 
-// trieImage is the content of a rule buffer as tetherd knows it: entries in two slices, and an
-// index by key. (A map from key to value would store each 400-byte value in an allocation of its
-// own.) Egress keys, nearly all of them, are indexed by their 20 significant bytes: hashing and
-// comparing the whole 116-byte key made up most of the cost of encoding and diffing a rule set.
+// trieImage is the content of a rule buffer as tetherd knows it: its entries sorted by key, each
+// with the position of its value in vals. It is built once (append, then seal) and not changed
+// after. The form is chosen for the cost of an install: a rule set of 1,000 rules is 32 KiB of
+// entries and a few distinct values (most rules share their ports), where whole keys and values
+// would be 500 KiB of fresh memory per install, and two images compare in one pass over both.
 type trieImage struct {
-	keys  []bpfTetherRuleKey
-	vals  []bpfTetherRuleValue
-	short map[shortKey]int32
-	long  map[bpfTetherRuleKey]int32 // the keys short does not take
+	ents []imageEntry
+	// long holds the whole key of entries with data past the first 16 bytes (long unix socket
+	// paths).
+	long []bpfTetherRuleKey
+	vals []bpfTetherRuleValue
+	// last is the position in vals of the value appended last: consecutive rules share theirs.
+	last int32
 }
 
-// shortKey is an egress key's prefix length and address.
-type shortKey struct {
+// imageEntry is one entry: its key's kind, prefix length and first 16 bytes of data (an address,
+// a file's device and inode, the start of a socket path), and where the rest is.
+type imageEntry struct {
+	data [16]byte
 	bits uint32
-	addr [16]byte
-}
-
-// shorten returns key's short form, if it has one: an egress key with nothing after the address.
-func shorten(key *bpfTetherRuleKey) (shortKey, bool) {
-	if key.Kind != uint8(bpfTetherRuleKindTETHER_RULE_EGRESS) {
-		return shortKey{}, false
-	}
-	if [len(key.Data) - 16]byte(key.Data[16:]) != [len(key.Data) - 16]byte{} {
-		return shortKey{}, false
-	}
-	return shortKey{bits: key.Prefixlen, addr: [16]byte(key.Data[:16])}, true
+	kind uint8
+	long int32 // position in trieImage.long plus one; 0: the key has nothing past data
+	val  int32
 }
 
 func newImage(n int) *trieImage {
-	return &trieImage{
-		keys:  make([]bpfTetherRuleKey, 0, n),
-		vals:  make([]bpfTetherRuleValue, 0, n),
-		short: make(map[shortKey]int32, n),
-	}
+	return &trieImage{ents: make([]imageEntry, 0, n), last: -1}
 }
 
-func (m *trieImage) len() int { return len(m.keys) }
+func (m *trieImage) len() int { return len(m.ents) }
+
+// key returns the whole key of entry j.
+func (m *trieImage) key(j int32) bpfTetherRuleKey {
+	e := &m.ents[j]
+	if e.long != 0 {
+		return m.long[e.long-1]
+	}
+	key := bpfTetherRuleKey{Prefixlen: e.bits, Kind: e.kind}
+	copy(key.Data[:16], e.data[:])
+	return key
+}
+
+// val returns the value of entry j.
+func (m *trieImage) val(j int32) *bpfTetherRuleValue { return &m.vals[m.ents[j].val] }
+
+// isHost reports whether entry j is a host rule (see isHost).
+func (m *trieImage) isHost(j int32) bool {
+	e := &m.ents[j]
+	return e.kind == uint8(bpfTetherRuleKindTETHER_RULE_EGRESS) && e.bits == 8+128 && e.long == 0
+}
+
+// entryOf is key's entry; tail says whether it has data past the first 16 bytes.
+func entryOf(key *bpfTetherRuleKey) (e imageEntry, tail bool) {
+	e = imageEntry{data: [16]byte(key.Data[:16]), bits: key.Prefixlen, kind: key.Kind}
+	return e, [len(key.Data) - 16]byte(key.Data[16:]) != [len(key.Data) - 16]byte{}
+}
+
+// tail is the data of entry e of m past the first 16 bytes.
+func (m *trieImage) tail(e *imageEntry) []byte {
+	if e.long == 0 {
+		return nil // all zero
+	}
+	return m.long[e.long-1].Data[16:]
+}
+
+// compareEntries orders entry a of image ma and entry b of image mb: by kind, data, prefix length
+// and the rest of the data, so that egress keys go in the order of their addresses, as the
+// compiler writes them.
+func compareEntries(ma *trieImage, a *imageEntry, mb *trieImage, b *imageEntry) int {
+	if c := compareHeads(a, b); c != 0 || a.long == 0 && b.long == 0 {
+		return c
+	}
+	return compareTails(ma.tail(a), mb.tail(b))
+}
+
+func compareHeads(a, b *imageEntry) int {
+	return cmp.Or(cmp.Compare(a.kind, b.kind), bytes.Compare(a.data[:], b.data[:]), cmp.Compare(a.bits, b.bits))
+}
+
+// compareTails compares the data of two keys past the first 16 bytes; nil is all zero.
+func compareTails(a, b []byte) int {
+	switch {
+	case a == nil && b == nil:
+		return 0
+	case a == nil:
+		return -1 // a tail that is there is not all zero
+	case b == nil:
+		return 1
+	}
+	return bytes.Compare(a, b)
+}
+
+// append adds key with v; seal puts the entries in order.
+func (m *trieImage) append(key *bpfTetherRuleKey, v *bpfTetherRuleValue) {
+	e, tail := entryOf(key)
+	if tail {
+		m.long = append(m.long, *key)
+		e.long = int32(len(m.long))
+	}
+	if m.last < 0 || !sameValue(&m.vals[m.last], v) {
+		m.vals = append(m.vals, *v)
+		m.last = int32(len(m.vals) - 1)
+	}
+	e.val = m.last
+	m.ents = append(m.ents, e)
+}
+
+// seal sorts the entries appended. Of entries with equal keys the one appended last stays; seal
+// returns the keys it found more than once.
+func (m *trieImage) seal() (dups []bpfTetherRuleKey) {
+	less := func(a, b imageEntry) int { return compareEntries(m, &a, m, &b) }
+	if !slices.IsSortedFunc(m.ents, less) {
+		slices.SortStableFunc(m.ents, less)
+	}
+	out := m.ents[:0]
+	for j := range m.ents {
+		if n := len(out); n > 0 && less(out[n-1], m.ents[j]) == 0 {
+			if len(dups) == 0 || dups[len(dups)-1] != m.key(int32(j)) {
+				dups = append(dups, m.key(int32(j)))
+			}
+			out[n-1] = m.ents[j]
+			continue
+		}
+		out = append(out, m.ents[j])
+	}
+	m.ents = out
+	return dups
+}
 
 // find returns the position of key.
 func (m *trieImage) find(key *bpfTetherRuleKey) (int32, bool) {
-	if sk, ok := shorten(key); ok {
-		i, ok := m.short[sk]
-		return i, ok
+	e, tail := entryOf(key)
+	var t []byte
+	if tail {
+		t = key.Data[16:]
 	}
-	i, ok := m.long[*key]
-	return i, ok
+	j, ok := slices.BinarySearchFunc(m.ents, e, func(a, b imageEntry) int {
+		if c := compareHeads(&a, &b); c != 0 {
+			return c
+		}
+		return compareTails(m.tail(&a), t)
+	})
+	return int32(j), ok
 }
-
-func (m *trieImage) setIndex(key *bpfTetherRuleKey, i int32) {
-	if sk, ok := shorten(key); ok {
-		m.short[sk] = i
-		return
-	}
-	if m.long == nil {
-		m.long = map[bpfTetherRuleKey]int32{}
-	}
-	m.long[*key] = i
-}
-
-func (m *trieImage) unindex(key *bpfTetherRuleKey) {
-	if sk, ok := shorten(key); ok {
-		delete(m.short, sk)
-		return
-	}
-	delete(m.long, *key)
-}
-
-// indexed counts the index's entries (equal to len, unless the image is broken).
-func (m *trieImage) indexed() int { return len(m.short) + len(m.long) }
 
 func (m *trieImage) get(key bpfTetherRuleKey) (bpfTetherRuleValue, bool) {
-	i, ok := m.find(&key)
+	j, ok := m.find(&key)
 	if !ok {
 		return bpfTetherRuleValue{}, false
 	}
-	return m.vals[i], true
+	return *m.val(j), true
 }
 
-// add appends key with v unless key is there already; it reports whether key was new.
-func (m *trieImage) add(key bpfTetherRuleKey, v bpfTetherRuleValue) bool {
-	if _, dup := m.find(&key); dup {
-		return false
-	}
-	m.setIndex(&key, int32(len(m.keys)))
-	m.keys, m.vals = append(m.keys, key), append(m.vals, v)
-	return true
+// sameValue compares two values byte for byte (the struct has no padding, which
+// TestValueLayout checks): the generated == goes field by field through all 16 port rules.
+func sameValue(a, b *bpfTetherRuleValue) bool {
+	type raw = [unsafe.Sizeof(bpfTetherRuleValue{})]byte
+	return *(*raw)(unsafe.Pointer(a)) == *(*raw)(unsafe.Pointer(b))
 }
 
-// put sets key to v.
-func (m *trieImage) put(key bpfTetherRuleKey, v bpfTetherRuleValue) {
-	if i, ok := m.find(&key); ok {
-		m.vals[i] = v
-		return
-	}
-	m.setIndex(&key, int32(len(m.keys)))
-	m.keys, m.vals = append(m.keys, key), append(m.vals, v)
+// valueCompare compares values of two images, remembering the last pair: the entries of a rule
+// set share a few values.
+type valueCompare struct {
+	have, want *trieImage
+	hv, wv     int32
+	same       bool
 }
 
-// del removes key (the last entry takes its place).
-func (m *trieImage) del(key bpfTetherRuleKey) {
-	i, ok := m.find(&key)
-	if !ok {
-		return
+func (vc *valueCompare) equal(h, w int32) bool {
+	hv, wv := vc.have.ents[h].val, vc.want.ents[w].val
+	if hv != vc.hv || wv != vc.wv {
+		vc.hv, vc.wv, vc.same = hv, wv, sameValue(&vc.have.vals[hv], &vc.want.vals[wv])
 	}
-	last := len(m.keys) - 1
-	if int(i) != last {
-		m.keys[i], m.vals[i] = m.keys[last], m.vals[last]
-		m.setIndex(&m.keys[i], i)
-	}
-	m.keys, m.vals = m.keys[:last], m.vals[:last]
-	m.unindex(&key)
-}
-
-// clone returns an image with m's entries, in m's order.
-func (m *trieImage) clone() *trieImage {
-	return &trieImage{keys: slices.Clone(m.keys), vals: slices.Clone(m.vals), short: maps.Clone(m.short), long: maps.Clone(m.long)}
+	return vc.same
 }
 
 // equal reports whether m and o hold the same entries.
@@ -131,44 +191,101 @@ func (m *trieImage) equal(o *trieImage) bool {
 	if m.len() != o.len() {
 		return false
 	}
-	for i, key := range m.keys {
-		if v, ok := o.get(key); !ok || v != m.vals[i] {
+	vc := valueCompare{have: m, want: o, hv: -1}
+	for j := range m.ents {
+		if compareEntries(m, &m.ents[j], o, &o.ents[j]) != 0 || !vc.equal(int32(j), int32(j)) {
 			return false
 		}
 	}
 	return true
 }
 
-// changes are what turns have into want, as positions: in have.keys of the entries to delete, in
-// want.keys of those to write.
+// changes are what turns have into want, as positions: in have of the entries to delete, in want
+// of those to write; both ascending.
 type changes struct{ dels, writes []int32 }
 
-// diff works out the changes from have to want.
+// diff works out the changes from have to want, in one pass over both.
 func diff(have, want *trieImage) changes {
 	var c changes
-	for i := range have.keys {
-		if _, keep := want.find(&have.keys[i]); !keep {
-			c.dels = append(c.dels, int32(i))
+	vc := valueCompare{have: have, want: want, hv: -1}
+	h, w := 0, 0
+	for h < len(have.ents) || w < len(want.ents) {
+		order := 0
+		switch {
+		case h == len(have.ents):
+			order = 1
+		case w == len(want.ents):
+			order = -1
+		default:
+			order = compareEntries(have, &have.ents[h], want, &want.ents[w])
 		}
-	}
-	for i := range want.keys {
-		if j, ok := have.find(&want.keys[i]); !ok || have.vals[j] != want.vals[i] {
-			c.writes = append(c.writes, int32(i))
+		switch {
+		case order < 0:
+			c.dels = append(c.dels, int32(h))
+			h++
+		case order > 0:
+			c.writes = append(c.writes, int32(w))
+			w++
+		default:
+			if !vc.equal(int32(h), int32(w)) {
+				c.writes = append(c.writes, int32(w))
+			}
+			h, w = h+1, w+1
 		}
 	}
 	return c
 }
 
-func readTrie(m *ebpf.Map) (*trieImage, error) {
-	out := newImage(0)
+// applied is what a buffer that held have holds once the part done of the changes from have to
+// want is written: have without the entries dels, with want's entries writes.
+func applied(have, want *trieImage, done changes) *trieImage {
+	out := newImage(have.len() + len(done.writes) - len(done.dels))
+	gone := make([]bool, have.len())
+	for _, j := range done.dels {
+		gone[j] = true
+	}
+	h, w := int32(0), 0
+	for h < int32(have.len()) || w < len(done.writes) {
+		order := 0
+		switch {
+		case h == int32(have.len()):
+			order = 1
+		case w == len(done.writes):
+			order = -1
+		default:
+			order = compareEntries(have, &have.ents[h], want, &want.ents[done.writes[w]])
+		}
+		switch {
+		case order < 0:
+			if !gone[h] {
+				key := have.key(h)
+				out.append(&key, have.val(h))
+			}
+			h++
+		default:
+			j := done.writes[w]
+			key := want.key(j)
+			out.append(&key, want.val(j))
+			w++
+			if order == 0 {
+				h++
+			}
+		}
+	}
+	out.seal() // in order already
+	return out
+}
+
+// readTrie appends the entries of the rule trie m to img (which the caller seals).
+func readTrie(m *ebpf.Map, img *trieImage) error {
 	var key bpfTetherRuleKey
 	var v bpfTetherRuleValue
 	it := m.Iterate()
 	for it.Next(&key, &v) {
-		out.put(key, v)
+		img.append(&key, &v)
 	}
 	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("reading rule buffer: %w", err)
+		return fmt.Errorf("reading rule buffer: %w", err)
 	}
-	return out, nil
+	return nil
 }

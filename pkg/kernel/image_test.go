@@ -1,50 +1,66 @@
 package kernel
 
 import (
+	"encoding/binary"
+	"fmt"
+	"math/rand/v2"
 	"testing"
+	"unsafe"
+
+	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
-// TestTrieImage: put, add, del and clone keep the index true to the slices.
+// TestTrieImage: seal orders the entries, keeps the last of equal keys and names them; every key
+// form comes back whole.
 func TestTrieImage(t *testing.T) {
-	key := func(b byte) bpfTetherRuleKey { return bpfTetherRuleKey{Prefixlen: 8, Kind: b} }
-	val := func(g uint64) bpfTetherRuleValue { return bpfTetherRuleValue{Generation: g} }
+	long, err := unixKey(dataplane.Unix{Path: "/run/a/very/long/socket/path/that/goes/past/sixteen/bytes.sock"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	longer := long
+	longer.Data[60] = 'x'
+	keys := []bpfTetherRuleKey{
+		egressKey(prefix("10.0.0.2/32")), egressKey(prefix("10.0.0.1/32")), egressKey(prefix("10.0.0.0/24")),
+		egressKey(prefix("2001:db8::/32")), headerKey(), longer, long, egressKey(prefix("10.0.0.1/32")),
+	}
 	m := newImage(0)
-	for i := range byte(5) {
-		if !m.add(key(i), val(uint64(i))) {
-			t.Fatalf("add %d: a duplicate?", i)
+	for i, key := range keys {
+		m.append(&key, &bpfTetherRuleValue{Generation: uint64(i)})
+	}
+	dups := m.seal()
+	if len(dups) != 1 || dups[0] != keys[1] {
+		t.Errorf("seal found %v as duplicates, want the key appended twice", dups)
+	}
+	if m.len() != len(keys)-1 {
+		t.Fatalf("%d entries, want %d", m.len(), len(keys)-1)
+	}
+	for i, key := range keys {
+		want := uint64(i)
+		if i == 1 {
+			want = 7 // the last appended
+		}
+		j, ok := m.find(&key)
+		if !ok || m.val(j).Generation != want || m.key(j) != key {
+			t.Errorf("key %d (%s): found %v at %d, generation %d, want %d", i, describeKey(key), ok, j, m.val(j).Generation, want)
 		}
 	}
-	if m.add(key(2), val(99)) {
-		t.Fatal("a duplicate was added")
-	}
-	m.put(key(3), val(33))
-	m.del(key(1))
-	m.del(key(7))
-	c := m.clone()
-	m.del(key(0))
-	check := func(m *trieImage, want map[byte]uint64) {
-		t.Helper()
-		if m.len() != len(want) || m.indexed() != len(want) {
-			t.Fatalf("%d entries, %d indexed, want %d", m.len(), m.indexed(), len(want))
-		}
-		for k, g := range want {
-			if v, ok := m.get(key(k)); !ok || v.Generation != g {
-				t.Errorf("key %d: %v %v, want %d", k, v.Generation, ok, g)
-			}
+	for j := range int32(m.len() - 1) {
+		if compareEntries(m, &m.ents[j], m, &m.ents[j+1]) >= 0 {
+			t.Errorf("entries %d and %d out of order", j, j+1)
 		}
 	}
-	check(m, map[byte]uint64{2: 2, 3: 33, 4: 4})
-	check(c, map[byte]uint64{0: 0, 2: 2, 3: 33, 4: 4})
-	d := diff(c, m)
-	if len(d.dels) != 1 || c.keys[d.dels[0]] != key(0) || len(d.writes) != 0 || m.equal(c) || !m.equal(m.clone()) {
-		t.Errorf("diff: %v", d)
+	if m.ents[0].kind != uint8(bpfTetherRuleKindTETHER_RULE_HEADER) {
+		t.Errorf("the header is not first")
+	}
+	missing := egressKey(prefix("10.0.0.3/32"))
+	if _, ok := m.find(&missing); ok {
+		t.Error("found a key never appended")
 	}
 }
 
-// TestImageIndexForms: egress keys go by their short form, other keys (and an egress key with
-// bytes after the address, which no encoder makes) by the whole key; keys that differ only in
-// prefix length, kind or tail stay apart.
-func TestImageIndexForms(t *testing.T) {
+// TestImageKeyForms: keys that differ only in prefix length, kind or the data past the first 16
+// bytes are different entries.
+func TestImageKeyForms(t *testing.T) {
 	host, net := egressKey(prefix("10.0.0.1/32")), egressKey(prefix("10.0.0.0/24"))
 	odd := host
 	odd.Data[40] = 1
@@ -53,20 +69,105 @@ func TestImageIndexForms(t *testing.T) {
 	keys := []bpfTetherRuleKey{host, net, odd, other, headerKey()}
 	m := newImage(0)
 	for i, k := range keys {
-		if !m.add(k, bpfTetherRuleValue{Generation: uint64(i)}) {
-			t.Fatalf("key %d taken for a duplicate", i)
-		}
+		m.append(&k, &bpfTetherRuleValue{Generation: uint64(i)})
 	}
-	if len(m.short) != 2 || len(m.long) != 3 {
-		t.Errorf("%d short and %d long index entries, want 2 and 3", len(m.short), len(m.long))
+	if dups := m.seal(); len(dups) != 0 || m.len() != len(keys) || len(m.long) != 1 {
+		t.Fatalf("duplicates %v, %d entries (%d long), want %d (1)", dups, m.len(), len(m.long), len(keys))
 	}
 	for i, k := range keys {
 		if v, ok := m.get(k); !ok || v.Generation != uint64(i) {
 			t.Errorf("key %d: %v %v", i, v.Generation, ok)
 		}
 	}
-	m.del(host)
-	if _, ok := m.get(odd); !ok || m.indexed() != 4 {
-		t.Errorf("deleting the host key took the odd one too (%d indexed)", m.indexed())
+	if !m.isHost(int32(must(m.find(&host)))) || m.isHost(int32(must(m.find(&odd)))) || m.isHost(int32(must(m.find(&net)))) {
+		t.Error("isHost takes the wrong keys")
+	}
+}
+
+func must(j int32, ok bool) int32 {
+	if !ok {
+		panic("not found")
+	}
+	return j
+}
+
+// TestDiffAgainstModel: for random pairs of images, diff's changes turn have into want and write
+// nothing that is there already, and applied after any part of them equals that part carried out
+// on a plain map.
+func TestDiffAgainstModel(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	universe := make([]bpfTetherRuleKey, 0, 64)
+	for i := range 40 {
+		universe = append(universe, egressKey(prefix(fmt.Sprintf([]string{"10.0.0.%d/32", "10.0.%d.0/24", "fd00::%d/128"}[i%3], i))))
+	}
+	for i := range 12 {
+		key, err := unixKey(dataplane.Unix{Path: fmt.Sprintf("/run/long/socket/path/past/sixteen/%d.sock", i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		universe = append(universe, key)
+	}
+	universe = append(universe, headerKey(), execKey(dataplane.FileID{Dev: 3, Ino: 7}))
+	values := []bpfTetherRuleValue{{}, {Count: 1}, {Generation: 5}, {Mode: 1}}
+	values[1].Ports[0].PortLo = 443
+	random := func() (*trieImage, map[bpfTetherRuleKey]bpfTetherRuleValue) {
+		m, model := newImage(0), map[bpfTetherRuleKey]bpfTetherRuleValue{}
+		for _, j := range rng.Perm(len(universe))[:rng.IntN(len(universe))] {
+			v := values[rng.IntN(len(values))]
+			m.append(&universe[j], &v)
+			model[universe[j]] = v
+		}
+		m.seal()
+		return m, model
+	}
+	same := func(m *trieImage, model map[bpfTetherRuleKey]bpfTetherRuleValue) bool {
+		if m.len() != len(model) {
+			return false
+		}
+		for j := range int32(m.len()) {
+			if v, ok := model[m.key(j)]; !ok || v != *m.val(j) {
+				return false
+			}
+		}
+		return true
+	}
+	for round := range 500 {
+		have, hm := random()
+		want, wm := random()
+		c := diff(have, want)
+		for _, j := range c.writes {
+			if v, ok := hm[want.key(j)]; ok && v == *want.val(j) {
+				t.Fatalf("round %d: diff writes %s, which is there already", round, describeKey(want.key(j)))
+			}
+		}
+		nd, nw := rng.IntN(len(c.dels)+1), rng.IntN(len(c.writes)+1)
+		part := map[bpfTetherRuleKey]bpfTetherRuleValue{}
+		for k, v := range hm {
+			part[k] = v
+		}
+		for _, j := range c.dels[:nd] {
+			delete(part, have.key(j))
+		}
+		for _, j := range c.writes[:nw] {
+			part[want.key(j)] = *want.val(j)
+		}
+		if got := applied(have, want, changes{c.dels[:nd], c.writes[:nw]}); !same(got, part) {
+			t.Fatalf("round %d: applied after %d deletes and %d writes differs from the model", round, nd, nw)
+		}
+		if got := applied(have, want, c); !same(got, wm) || !got.equal(want) || want.equal(have) != (len(c.dels)+len(c.writes) == 0) {
+			t.Fatalf("round %d: all changes do not turn have into want", round)
+		}
+	}
+}
+
+// TestValueLayout: a rule value has no padding, so sameValue's byte comparison is ==.
+func TestValueLayout(t *testing.T) {
+	if n := binary.Size(bpfTetherRuleValue{}); n != int(unsafe.Sizeof(bpfTetherRuleValue{})) {
+		t.Fatalf("bpfTetherRuleValue: %d bytes of fields in %d", n, unsafe.Sizeof(bpfTetherRuleValue{}))
+	}
+	a, b := bpfTetherRuleValue{Count: 1}, bpfTetherRuleValue{Count: 1}
+	b.Ports[15].BinIno = 1
+	if sameValue(&a, &b) || !sameValue(&a, &a) {
+		t.Error("sameValue does not see the last port rule")
 	}
 }

@@ -208,34 +208,29 @@ func (k *Kernel) syncInactive(st *slotState, slot dataplane.Slot, epoch uint64) 
 	if err := k.removeRetired(st, inactive); err != nil {
 		k.log.Debug("removing retired host rules", "slot", slot, "error", err)
 	}
-	c := diff(have, want)
-	cur := have.clone() // what the buffer holds as the chunks go in
+	all := diff(have, want)
 	const chunk = 256
-	for len(c.dels)+len(c.writes) > 0 {
-		part := changes{dels: c.dels[:min(len(c.dels), chunk)], writes: c.writes[:min(len(c.writes), chunk)]}
+	done := changes{dels: all.dels[:0], writes: all.writes[:0]}
+	for {
+		nd, nw := min(len(all.dels), len(done.dels)+chunk), min(len(all.writes), len(done.writes)+chunk)
+		part := changes{dels: all.dels[len(done.dels):nd], writes: all.writes[len(done.writes):nw]}
 		if err := k.applyBuffer(st, slot, inactive, buf, have, want, part, st.floor[inactive]); err != nil {
 			st.mirror[inactive] = nil // read it back at the next install
 			k.log.Debug("bringing the idle rule buffer up to date", "slot", slot, "error", err)
 			return
 		}
-		for _, j := range part.dels {
-			cur.del(have.keys[j])
-		}
-		for _, j := range part.writes {
-			cur.put(want.keys[j], want.vals[j])
-		}
-		c.dels, c.writes = c.dels[len(part.dels):], c.writes[len(part.writes):]
-		// An install that comes while the slot is let go reads cur as what the buffer holds,
-		// and ends this sync (a new epoch) before the next chunk could change cur.
-		st.mirror[inactive] = cur
-		if len(c.dels)+len(c.writes) == 0 {
+		done = changes{dels: all.dels[:nd], writes: all.writes[:nw]}
+		if len(done.dels) == len(all.dels) && len(done.writes) == len(all.writes) {
 			break
 		}
+		// An install that comes while the slot is let go reads this as what the buffer
+		// holds, and ends this sync (a new epoch) before the next chunk could change it.
+		st.mirror[inactive] = applied(have, want, done)
 		st.mu.Unlock()
 		runtime.Gosched()
 		st.mu.Lock()
 		if st.epoch != epoch {
-			return // cur is what the buffer holds; whoever came writes the rest
+			return // the buffer holds its mirror; whoever came writes the rest
 		}
 	}
 	st.mirror[inactive] = want
@@ -296,9 +291,9 @@ func (k *Kernel) rewrite(st *slotState, slot dataplane.Slot, i uint32, want *tri
 		if err := k.writeFloor(st, slot, i); err != nil {
 			return err
 		}
-		for _, key := range have.keys {
-			if st.inHash(i, &key) {
-				st.retired[i] = append(st.retired[i], hostKeyOf(bufIndex(slot, i), &key))
+		for j := range int32(have.len()) {
+			if st.inHashAt(i, have, j) {
+				st.retired[i] = append(st.retired[i], hostKeyAt(bufIndex(slot, i), have, j))
 			}
 		}
 		c = planRetired(st, i, have, want)
@@ -314,8 +309,8 @@ func (k *Kernel) rewrite(st *slotState, slot dataplane.Slot, i uint32, want *tri
 // buffer i: the floor, want's host rules, and the plan's other entries.
 func retireIsCheaper(st *slotState, i uint32, have, want *trieImage, c changes) bool {
 	hosts := 0
-	for j := range want.keys {
-		if st.inHash(i, &want.keys[j]) {
+	for j := range int32(want.len()) {
+		if st.inHashAt(i, want, j) {
 			hosts++
 		}
 	}
@@ -324,12 +319,12 @@ func retireIsCheaper(st *slotState, i uint32, have, want *trieImage, c changes) 
 	}
 	retire := 1 + hosts
 	for _, j := range c.dels {
-		if !st.inHash(i, &have.keys[j]) {
+		if !st.inHashAt(i, have, j) {
 			retire++
 		}
 	}
 	for _, j := range c.writes {
-		if !st.inHash(i, &want.keys[j]) {
+		if !st.inHashAt(i, want, j) {
 			retire++
 		}
 	}
@@ -340,26 +335,30 @@ func retireIsCheaper(st *slotState, i uint32, have, want *trieImage, c changes) 
 // want's host rules.
 func planRetired(st *slotState, i uint32, have, want *trieImage) changes {
 	var c changes
-	for j := range have.keys {
-		key := &have.keys[j]
-		if st.inHash(i, key) {
+	for j := range int32(have.len()) {
+		if st.inHashAt(i, have, j) {
 			continue
 		}
-		if _, keep := want.find(key); !keep {
-			c.dels = append(c.dels, int32(j))
+		if key := have.key(j); !found(want, &key) {
+			c.dels = append(c.dels, j)
 		}
 	}
 	c.writes = make([]int32, 0, want.len())
-	for j := range want.keys {
-		key := &want.keys[j]
-		if !st.inHash(i, key) {
-			if h, ok := have.find(key); ok && have.vals[h] == want.vals[j] {
+	for j := range int32(want.len()) {
+		if !st.inHashAt(i, want, j) {
+			key := want.key(j)
+			if h, ok := have.find(&key); ok && sameValue(have.val(h), want.val(j)) {
 				continue
 			}
 		}
-		c.writes = append(c.writes, int32(j))
+		c.writes = append(c.writes, j)
 	}
 	return c
+}
+
+func found(img *trieImage, key *bpfTetherRuleKey) bool {
+	_, ok := img.find(key)
+	return ok
 }
 
 // buffer returns buffer i of slot, creating it (and its tether_rulesets entry) when missing.
@@ -433,11 +432,7 @@ func (k *Kernel) grace() {
 func encodeRuleSet(rs *dataplane.RuleSet) (*trieImage, error) {
 	out := newImage(rs.Entries())
 	var errs []error
-	put := func(key bpfTetherRuleKey, v bpfTetherRuleValue) {
-		if !out.add(key, v) {
-			errs = append(errs, fmt.Errorf("%s appears twice", describeKey(key)))
-		}
-	}
+	put := func(key bpfTetherRuleKey, v bpfTetherRuleValue) { out.append(&key, &v) }
 	put(headerKey(), bpfTetherRuleValue{Generation: rs.Generation, Mode: uint32(rs.Mode)})
 	for _, e := range rs.Egress {
 		v, err := egressValue(e)
@@ -463,6 +458,9 @@ func encodeRuleSet(rs *dataplane.RuleSet) (*trieImage, error) {
 			continue
 		}
 		put(key, entry(u.Audit))
+	}
+	for _, key := range out.seal() {
+		errs = append(errs, fmt.Errorf("%s appears twice", describeKey(key)))
 	}
 	return out, errors.Join(errs...)
 }
@@ -534,9 +532,9 @@ func (k *Kernel) Clear(slot dataplane.Slot) error {
 func (k *Kernel) hostKeysOf(st *slotState, slot dataplane.Slot, i uint32) ([]bpfTetherHostKey, error) {
 	keys := slices.Clone(st.retired[i])
 	if img := st.mirror[i]; img != nil && !st.leftover[i] {
-		for j := range img.keys {
-			if st.inHash(i, &img.keys[j]) {
-				keys = append(keys, hostKeyOf(bufIndex(slot, i), &img.keys[j]))
+		for j := range int32(img.len()) {
+			if st.inHashAt(i, img, j) {
+				keys = append(keys, hostKeyAt(bufIndex(slot, i), img, j))
 			}
 		}
 		return keys, nil

@@ -70,7 +70,7 @@ func (k *Kernel) Pressure() (map[string]dataplane.MapFill, error) {
 		}
 		st.mu.Lock()
 		if img := st.mirror[st.active]; img != nil {
-			most = max(most, len(img.keys))
+			most = max(most, img.len())
 		}
 		st.mu.Unlock()
 	}

@@ -210,8 +210,8 @@ func (f *fixture) rewriteInPlace(t *testing.T, slot dataplane.Slot, from, to *da
 // tether_hosts at or above the buffer's floor in front of it.
 func view(t *testing.T, k *Kernel, st *slotState, slot dataplane.Slot, i uint32) *trieImage {
 	t.Helper()
-	img, err := readTrie(st.bufs[i])
-	if err != nil {
+	img := newImage(0)
+	if err := readTrie(st.bufs[i], img); err != nil {
 		t.Fatal(err)
 	}
 	var a bpfTetherAgent
@@ -224,9 +224,11 @@ func view(t *testing.T, k *Kernel, st *slotState, slot dataplane.Slot, i uint32)
 	}
 	for _, e := range all[bufIndex(slot, i)] {
 		if e.val.Generation >= a.Floor[i] {
-			img.put(ruleKeyOf(&e.key), ruleValue(&e.val))
+			key, v := ruleKeyOf(&e.key), ruleValue(&e.val)
+			img.append(&key, &v) // in front of the trie's entry, if any
 		}
 	}
+	img.seal()
 	return img
 }
 

@@ -343,4 +343,3 @@ func updateAll[K, V any](m *ebpf.Map, keys []K, vals []V, describe func(K) strin
 func describeHostKey(hk bpfTetherHostKey) string {
 	return fmt.Sprintf("host rule of buffer %d: %s", hk.Buf, describeKey(ruleKeyOf(&hk)))
 }
-

@@ -10,9 +10,10 @@
  *   tether_agents    slot -> flags (active, killed)
  *   tether_rulesets  slot -> two rule-set buffers (LPM tries); tether_agents says which is in force,
  *                    so one 4-byte write switches an agent's whole rule set
- *   tether_hosts     (buffer, address) -> the buffer's rule for one address (a /32 or /128), looked
- *                    up before the buffer's trie: a hash update costs a fraction of a trie update,
- *                    and host rules (resolved names among them) are most of an agent's egress
+ *   tether_hosts     (buffer, prefix) -> the buffer's egress rules for single addresses (/32, /128)
+ *                    and for the buffer's bulk prefix length, looked up before the buffer's trie:
+ *                    a hash update costs a fraction of a trie update, and host rules (resolved
+ *                    names among them) and ranges of one size are most of an agent's egress
  *   tether_procs     tgid -> lineage (binary, parent) of agent processes
  *
  * Cgroup programs are attached at the agent parent cgroups only, so processes outside agents never
@@ -180,6 +181,8 @@ struct tether_decision {
 	__u64 cgroup_id;
 	__u64 generation;
 	__u64 host_floor; /* floor of the buffer in force (see struct tether_agent) */
+	__u8 bulk;	  /* bulk and trie_max of the buffer in force */
+	__u8 trie_max;
 	__u32 buf;	  /* the buffer in force: slot * 2 + active */
 	__u32 slot;
 	__u8 kind;
@@ -389,6 +392,8 @@ static __always_inline void *tether_begin(struct tether_decision *d)
 	__u32 buf = d->slot * 2 + active;
 	d->buf = buf;
 	d->host_floor = agent->floor[active];
+	d->bulk = agent->bulk[active];
+	d->trie_max = agent->trie_max[active];
 	rules = bpf_map_lookup_elem(&tether_rulesets, &buf);
 	if (!(flags & TETHER_AGENT_ACTIVE) || !rules) {
 		d->reason = TETHER_REASON_NO_RULESET;
@@ -485,7 +490,43 @@ static __always_inline int tether_ports_allow(struct tether_decision *d, struct 
 	return 0;
 }
 
-/* tether_egress decides a connect or sendmsg to addr (IPv6 or v4-mapped) and port. */
+/* tether_mask64 keeps the first keep bits (in byte order) of 8 address bytes read as be. Two
+ * halves, not 16 bytes, so that the verifier walks 9 ways through a mask, not 3^16. */
+static __always_inline __u64 tether_mask64(__u64 be, int keep)
+{
+	if (keep >= 64)
+		return be;
+	if (keep <= 0)
+		return 0;
+	return bpf_cpu_to_be64(bpf_be64_to_cpu(be) & (~0ULL << (64 - keep)));
+}
+
+/* tether_mask copies the first bits bits of the 16-byte address in into out, the rest zero. */
+static __always_inline void tether_mask(__u8 out[16], const __u8 in[16], __u32 bits)
+{
+	__u64 w[2];
+	__builtin_memcpy(w, in, 16);
+	w[0] = tether_mask64(w[0], (int)bits);
+	w[1] = tether_mask64(w[1], (int)bits - 64);
+	__builtin_memcpy(out, w, 16);
+}
+
+/* tether_host_match looks addr up in tether_hosts at prefixlen: the entry, unless it is missing
+ * or retired (below the floor: a rule of an earlier rule set, not yet removed). */
+static __always_inline struct tether_host_value *tether_host_match(struct tether_decision *d, __u32 prefixlen)
+{
+	struct tether_host_key hk = {};
+	hk.buf = d->buf;
+	hk.prefixlen = prefixlen;
+	tether_mask(hk.addr, d->addr, prefixlen - 8);
+	struct tether_host_value *h = bpf_map_lookup_elem(&tether_hosts, &hk);
+	if (h && h->generation >= d->host_floor)
+		return h;
+	return NULL;
+}
+
+/* tether_egress decides a connect or sendmsg to addr (IPv6 or v4-mapped) and port: by the longest
+ * prefix that matches, whether it is in tether_hosts (a host, or the bulk length) or the trie. */
 static __always_inline int tether_egress(struct tether_decision *d)
 {
 	void *rules = tether_begin(d);
@@ -494,22 +535,26 @@ static __always_inline int tether_egress(struct tether_decision *d)
 
 	int allowed = 0, audit_hit = 0;
 	__u8 reason = TETHER_REASON_NO_RULE;
-	struct tether_host_key hk = {};
-	hk.buf = d->buf;
-	__builtin_memcpy(hk.addr, d->addr, 16);
-	struct tether_host_value *h = bpf_map_lookup_elem(&tether_hosts, &hk);
-	/* Below the floor: a host rule of an earlier rule set, retired but not yet removed. */
-	if (h && h->generation >= d->host_floor) {
-		allowed = tether_ports_allow(d, h->ports, h->count, TETHER_HOST_PORT_RULES, &audit_hit, &reason);
-	} else {
+	__u32 len = 8 + 128; /* prefixlen of the tether_hosts match */
+	struct tether_host_value *h = tether_host_match(d, len);
+	if (!h && d->bulk) {
+		len = d->bulk;
+		h = tether_host_match(d, len);
+	}
+	struct tether_rule_value *v = NULL;
+	if (d->trie_max && (!h || d->trie_max > len)) {
 		struct tether_rule_key key = {};
 		key.prefixlen = 8 + 128;
 		key.kind = TETHER_RULE_EGRESS;
 		__builtin_memcpy(key.data, d->addr, 16);
-		struct tether_rule_value *v = bpf_map_lookup_elem(rules, &key);
-		if (v)
-			allowed = tether_ports_allow(d, v->ports, v->count, TETHER_MAX_PORT_RULES, &audit_hit, &reason);
+		v = bpf_map_lookup_elem(rules, &key);
+		if (v && h && v->mode <= len)
+			v = NULL; /* tether_hosts has the longer match */
 	}
+	if (v)
+		allowed = tether_ports_allow(d, v->ports, v->count, TETHER_MAX_PORT_RULES, &audit_hit, &reason);
+	else if (h)
+		allowed = tether_ports_allow(d, h->ports, h->count, TETHER_HOST_PORT_RULES, &audit_hit, &reason);
 	if (allowed) {
 		d->verdict = TETHER_VERDICT_ALLOW;
 		d->reason = TETHER_REASON_RULE;

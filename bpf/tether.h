@@ -18,11 +18,12 @@ enum tether_limits {
 	TETHER_MAX_ANCESTORS = 16,
 	/* Entries in one agent's rule set (egress prefixes + exec files + unix paths + header). */
 	TETHER_MAX_RULES = 65536,
-	/* Host rules (egress to one address: a /32 or /128) held in tether_hosts, over all agents'
-	 * buffers; when it is full, the daemon puts further host rules into the tries. */
+	/* Egress rules held in tether_hosts, over all agents' buffers: host rules (one address: a
+	 * /32 or /128) and the rules of the buffer's bulk length (see struct tether_agent); when it is
+	 * full, the daemon puts further rules into the tries. */
 	TETHER_MAX_HOST_RULES = 65536,
-	/* Port rules a host rule in tether_hosts carries; one with more lives in the trie. Small, so
-	 * that an update writes three cache lines, not eight. */
+	/* Port rules an egress rule in tether_hosts carries; one with more lives in the trie. Small,
+	 * so that an update writes three cache lines, not eight. */
 	TETHER_HOST_PORT_RULES = 4,
 	/* Port rules that one egress prefix can carry; the compiler refuses more. */
 	TETHER_MAX_PORT_RULES = 16,
@@ -138,20 +139,32 @@ struct tether_slot_cache_entry {
 	__u64 check;
 };
 
-/* tether_agents value: state the kernel checks before any rule. One per slot. */
+/* tether_agents value: state the kernel checks before any rule. One per slot. The daemon
+ * changes what concerns a buffer only while no hook reads that buffer (it is not in force and its
+ * grace period has passed), with a write of its own before the write that puts it in force. */
 struct tether_agent {
 	__u32 flags;  /* enum tether_agent_flags */
 	__u32 active; /* which of the slot's two rule-set buffers is in force: 0 or 1 */
 	/* A tether_hosts entry of buffer i counts only when its generation is at least floor[i]:
-	 * one write of floor[i] retires every host rule of buffer i, and the daemon removes the
-	 * retired entries later, when no hook can be reading them. */
+	 * one write of floor[i] retires every tether_hosts entry of buffer i, and the daemon removes
+	 * the retired entries later, when no hook can be reading them. */
 	__u64 floor[2];
+	/* Egress rules of buffer i in tether_hosts have prefixlen 8 + 128 (hosts) or bulk[i] (0:
+	 * none): the rule set's most common other length, so that a rule set of many ranges of one
+	 * size is written as fast as one of hosts. Prefix lengths count as in struct
+	 * tether_rule_key. */
+	__u8 bulk[2];
+	/* The longest egress rule of buffer i in its trie (0: none): the hooks look into the trie
+	 * only when it may hold a longer match than tether_hosts gave. */
+	__u8 trie_max[2];
+	__u32 _pad;
 };
 
-/* Key of tether_hosts: one host rule of one rule-set buffer. */
+/* Key of tether_hosts: one egress rule of one rule-set buffer. */
 struct tether_host_key {
-	__u32 buf;	/* slot * 2 + buffer, as in tether_rulesets */
-	__u8 addr[16];	/* IPv6; IPv4 as ::ffff:a.b.c.d */
+	__u32 buf;	 /* slot * 2 + buffer, as in tether_rulesets */
+	__u32 prefixlen; /* 8 + 128 or the buffer's bulk length, counted as in struct tether_rule_key */
+	__u8 addr[16];	 /* IPv6, IPv4 as ::ffff:a.b.c.d; masked to prefixlen */
 };
 
 /* Key of an agent's rule set (an LPM trie). prefixlen counts bits from the kind byte on. */
@@ -181,19 +194,20 @@ struct tether_grant_uses {
 	__u64 expires_ns;  /* CLOCK_BOOTTIME; 0: only the uses bound it */
 };
 
-/* Value of an agent's rule set. The header entry uses generation and mode (a host rule in
- * tether_hosts uses generation too: see struct tether_agent's floor); an egress entry uses
- * count and ports (the compiler has already merged every covering prefix's ports into it, because
- * an LPM lookup returns only the longest match); exec and unix entries allow by their presence,
- * with mode TETHER_MODE_AUDIT when they only audit. */
+/* Value of an agent's rule set. The header entry uses generation and mode (an entry of
+ * tether_hosts uses generation too: see struct tether_agent's floor); an egress entry uses count
+ * and ports (the compiler has already merged every covering prefix's ports into it, because an
+ * LPM lookup returns only the longest match), and mode holds its prefixlen, which the hooks
+ * compare with that of a tether_hosts match; exec and unix entries allow by their presence, with
+ * mode TETHER_MODE_AUDIT when they only audit. */
 struct tether_rule_value {
 	__u64 generation;
-	__u32 mode; /* enum tether_mode, header only */
+	__u32 mode; /* enum tether_mode; an egress entry's prefixlen */
 	__u32 count;
 	struct tether_port_rule ports[TETHER_MAX_PORT_RULES];
 };
 
-/* Value of tether_hosts: a host rule, as struct tether_rule_value with fewer port rules. */
+/* Value of tether_hosts: an egress rule, as struct tether_rule_value with fewer port rules. */
 struct tether_host_value {
 	__u64 generation; /* at least the buffer's floor, or the rule is retired */
 	__u32 count;

@@ -10,34 +10,41 @@ import (
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
-// Host rules (egress to one address) live in tether_hosts, keyed by buffer and address, and the
-// hooks look there before the buffer's trie. A preallocated hash update costs about a quarter of a
-// trie update, and a whole buffer's host rules retire with one write of its floor (see struct
-// tether_agent): an install that replaces every rule writes the new rules and the floor, and the
-// old entries are removed in the background once no hook can be reading them. A host rule goes
-// into the trie instead when tether_hosts is full.
+// Egress rules of two prefix lengths live in tether_hosts, keyed by buffer, prefix length and
+// address: host rules (one address: a /32 or /128) and the rules of the buffer's bulk length (the
+// most common other length of the rule set it held when its host rules last retired). The hooks
+// look there first and into the buffer's trie only when it may hold a longer match (see struct
+// tether_agent). A preallocated hash update costs about a quarter of a trie update, and a whole
+// buffer's tether_hosts entries retire with one write of its floor: an install that replaces
+// every rule writes the new rules and the floor, and the old entries are removed in the
+// background once no hook can be reading them. A rule goes into the trie instead when it has more
+// port rules than tether_hosts holds or tether_hosts is full.
+
+// hashable reports whether key goes into tether_hosts in a buffer of bulk length bulk (0: none).
+func hashable(bulk uint8, key *bpfTetherRuleKey) bool {
+	e, tail := entryOf(key)
+	return !tail && e.hashable(bulk)
+}
 
 // isHost reports whether key is a host rule.
-func isHost(key *bpfTetherRuleKey) bool {
-	return key.Kind == uint8(bpfTetherRuleKindTETHER_RULE_EGRESS) && key.Prefixlen == 8+128
-}
+func isHost(key *bpfTetherRuleKey) bool { return hashable(0, key) }
 
 // bufIndex is buffer i of slot, as tether_rulesets and tether_hosts number it.
 func bufIndex(slot dataplane.Slot, i uint32) uint32 { return uint32(slot)*2 + i }
 
 func hostKeyOf(buf uint32, key *bpfTetherRuleKey) bpfTetherHostKey {
-	hk := bpfTetherHostKey{Buf: buf}
+	hk := bpfTetherHostKey{Buf: buf, Prefixlen: key.Prefixlen}
 	copy(hk.Addr[:], key.Data[:16])
 	return hk
 }
 
-// hostKeyAt is the tether_hosts key of host rule j of img in buffer buf.
+// hostKeyAt is the tether_hosts key of entry j of img in buffer buf.
 func hostKeyAt(buf uint32, img *trieImage, j int32) bpfTetherHostKey {
-	return bpfTetherHostKey{Buf: buf, Addr: img.ents[j].data}
+	return bpfTetherHostKey{Buf: buf, Prefixlen: img.ents[j].bits, Addr: img.ents[j].data}
 }
 
 func ruleKeyOf(hk *bpfTetherHostKey) bpfTetherRuleKey {
-	key := bpfTetherRuleKey{Prefixlen: 8 + 128, Kind: uint8(bpfTetherRuleKindTETHER_RULE_EGRESS)}
+	key := bpfTetherRuleKey{Prefixlen: hk.Prefixlen, Kind: uint8(bpfTetherRuleKindTETHER_RULE_EGRESS)}
 	copy(key.Data[:16], hk.Addr[:])
 	return key
 }
@@ -59,9 +66,10 @@ func hostValue(v *bpfTetherRuleValue, generation uint64) (h bpfTetherHostValue, 
 	return h, true
 }
 
-// ruleValue is a tether_hosts value in a rule trie's form (without its generation stamp).
-func ruleValue(h *bpfTetherHostValue) bpfTetherRuleValue {
-	v := bpfTetherRuleValue{Count: h.Count}
+// ruleValue is the tether_hosts value of a rule of prefixlen in a rule trie's form (without its
+// generation stamp).
+func ruleValue(h *bpfTetherHostValue, prefixlen uint32) bpfTetherRuleValue {
+	v := bpfTetherRuleValue{Mode: prefixlen, Count: h.Count}
 	copy(v.Ports[:], h.Ports[:min(int(h.Count), len(h.Ports))])
 	return v
 }
@@ -134,7 +142,7 @@ func (k *Kernel) readBuffer(st *slotState, slot dataplane.Slot, i uint32, trie *
 	}
 	st.inTrie[i] = nil
 	for j := range int32(img.len()) {
-		if img.isHost(j) {
+		if img.hashable(j, st.bulk[i]) {
 			st.markInTrie(i, img.key(j), true)
 		}
 	}
@@ -144,7 +152,7 @@ func (k *Kernel) readBuffer(st *slotState, slot dataplane.Slot, i uint32, trie *
 	}
 	st.retired[i] = st.retired[i][:0]
 	for _, e := range hosts {
-		if e.val.Generation < st.floor[i] {
+		if key := ruleKeyOf(&e.key); e.val.Generation < st.floor[i] || !hashable(st.bulk[i], &key) {
 			st.retired[i] = append(st.retired[i], e.key)
 			continue
 		}
@@ -155,7 +163,7 @@ func (k *Kernel) readBuffer(st *slotState, slot dataplane.Slot, i uint32, trie *
 			}
 			st.markInTrie(i, key, false)
 		}
-		v := ruleValue(&e.val)
+		v := ruleValue(&e.val, e.key.Prefixlen)
 		img.append(&key, &v) // in place of the trie's entry, if any
 	}
 	img.seal()
@@ -175,7 +183,7 @@ func (st *slotState) markInTrie(i uint32, key bpfTetherRuleKey, in bool) {
 
 // inHash reports whether buffer i keeps key in tether_hosts.
 func (st *slotState) inHash(i uint32, key *bpfTetherRuleKey) bool {
-	if !isHost(key) {
+	if !hashable(st.bulk[i], key) {
 		return false
 	}
 	_, t := st.inTrie[i][*key]
@@ -184,14 +192,17 @@ func (st *slotState) inHash(i uint32, key *bpfTetherRuleKey) bool {
 
 // inHashAt reports whether buffer i keeps entry j of img in tether_hosts.
 func (st *slotState) inHashAt(i uint32, img *trieImage, j int32) bool {
-	if !img.isHost(j) {
+	return img.hashable(j, st.bulk[i]) && !st.marked(i, img, j)
+}
+
+// marked reports whether buffer i keeps entry j of img in its trie though it could go into
+// tether_hosts.
+func (st *slotState) marked(i uint32, img *trieImage, j int32) bool {
+	if len(st.inTrie[i]) == 0 {
 		return false
 	}
-	if len(st.inTrie[i]) == 0 {
-		return true
-	}
 	_, t := st.inTrie[i][img.key(j)]
-	return !t
+	return t
 }
 
 // writeFloor retires every host rule buffer i holds now: rules written after it carry a
@@ -199,7 +210,7 @@ func (st *slotState) inHashAt(i uint32, img *trieImage, j int32) bool {
 func (k *Kernel) writeFloor(st *slotState, slot dataplane.Slot, i uint32) error {
 	floor := st.floor
 	floor[i] = max(floor[0], floor[1]) + 1
-	if err := k.agents.Update(uint32(slot), bpfTetherAgent{Flags: st.flags, Active: st.active, Floor: floor}, ebpf.UpdateAny); err != nil {
+	if err := k.agents.Update(uint32(slot), st.agentValue(st.flags, st.active, floor), ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("retiring the host rules of slot %d: %w", slot, err)
 	}
 	st.floor = floor
@@ -230,16 +241,17 @@ func (k *Kernel) removeRetired(st *slotState, i uint32) error {
 	return nil
 }
 
-// applyBuffer carries out c on buffer i of slot: deletes have's entries c.dels and writes want's
-// entries c.writes. Host rules go into tether_hosts with generation stamp, unless the buffer keeps
+// applyBuffer carries out c on buffer i of slot: deletes have's entries c.dels (placed by the
+// bulk length haveBulk) and writes want's entries c.writes. Host rules go into tether_hosts with generation stamp, unless the buffer keeps
 // them in its trie, they have more port rules than tether_hosts holds, or it is full; everything
 // else into the trie.
 func (k *Kernel) applyBuffer(st *slotState, slot dataplane.Slot, i uint32, trie *ebpf.Map,
-	have, want *trieImage, c changes, stamp uint64) error {
+	have, want *trieImage, c changes, haveBulk uint8, stamp uint64) error {
 	buf := bufIndex(slot, i)
+	inHash := func(j int32) bool { return have.hashable(j, haveBulk) && !st.marked(i, have, j) }
 	hostDelN, hostN := 0, 0
 	for _, j := range c.dels {
-		if st.inHashAt(i, have, j) {
+		if inHash(j) {
 			hostDelN++
 		}
 	}
@@ -251,15 +263,13 @@ func (k *Kernel) applyBuffer(st *slotState, slot dataplane.Slot, i uint32, trie 
 	trieDels := make([]bpfTetherRuleKey, 0, len(c.dels)-hostDelN)
 	hostDels := make([]bpfTetherHostKey, 0, hostDelN)
 	for _, j := range c.dels {
-		if st.inHashAt(i, have, j) {
+		if inHash(j) {
 			hostDels = append(hostDels, hostKeyAt(buf, have, j))
 			continue
 		}
 		key := have.key(j)
 		trieDels = append(trieDels, key)
-		if have.isHost(j) {
-			st.markInTrie(i, key, false)
-		}
+		st.markInTrie(i, key, false)
 	}
 	if err := deleteAll(k.hosts, hostDels, describeHostKey); err != nil {
 		return err

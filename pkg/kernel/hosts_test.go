@@ -3,6 +3,7 @@ package kernel
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -295,14 +296,21 @@ func TestHostKeys(t *testing.T) {
 		if !isHost(&key) {
 			t.Errorf("%s is not a host rule", p)
 		}
+	}
+	for _, p := range []string{"10.1.2.0/24", "2001:db8::/127", "0.0.0.0/0"} {
+		key := egressKey(prefix(p))
+		if isHost(&key) {
+			t.Errorf("%s taken for a host rule", p)
+		}
+		if !hashable(uint8(key.Prefixlen), &key) || hashable(uint8(key.Prefixlen+1), &key) {
+			t.Errorf("%s: goes to tether_hosts with the wrong bulk lengths", p)
+		}
+	}
+	for _, p := range []string{"10.1.2.3/32", "2001:db8::1/128", "10.1.2.0/24", "2001:db8::/127", "0.0.0.0/0"} {
+		key := egressKey(prefix(p))
 		hk := hostKeyOf(9, &key)
 		if back := ruleKeyOf(&hk); back != key || hk.Buf != 9 {
 			t.Errorf("%s: round trip gives %s in buffer %d", p, describeKey(back), hk.Buf)
-		}
-	}
-	for _, p := range []string{"10.1.2.0/24", "2001:db8::/127", "0.0.0.0/0"} {
-		if key := egressKey(prefix(p)); isHost(&key) {
-			t.Errorf("%s taken for a host rule", p)
 		}
 	}
 	ports := func(n int) dataplane.Egress {
@@ -321,11 +329,104 @@ func TestHostKeys(t *testing.T) {
 		if ok != (n <= 4) {
 			t.Errorf("%d port rules: fits tether_hosts %v", n, ok)
 		}
-		if ok && (h.Generation != 7 || ruleValue(&h) != v) {
+		if ok && (h.Generation != 7 || ruleValue(&h, v.Mode) != v) {
 			t.Errorf("%d port rules: the round trip through tether_hosts' form changes the value", n)
 		}
 	}
 	if key := execKey(dataplane.FileID{Dev: 1, Ino: 2}); isHost(&key) {
 		t.Error(fmt.Sprint("an exec key taken for a host rule: ", describeKey(key)))
+	}
+}
+
+// rangeSet is a rule set of n /24 ranges 127.<block>.x.0/24 (UDP port 9) and, around and inside
+// the first of them, rules of other lengths that make the longest match matter: 127.<block>.0.0/16
+// for port 11 (shorter, so in the trie), 127.<block>.1.0/28 for port 10 only (longer, in the
+// trie) and the host 127.<block>.1.200 for port 12 only.
+func rangeSet(block byte, n int) dataplane.RuleSet {
+	udp := func(p uint16) []dataplane.PortRule {
+		return []dataplane.PortRule{{Proto: dataplane.ProtoUDP, Lo: p, Hi: p}}
+	}
+	var rs dataplane.RuleSet
+	rs.Egress = append(rs.Egress,
+		dataplane.Egress{Prefix: netip.PrefixFrom(netip.AddrFrom4([4]byte{127, block, 0, 0}), 16), Ports: udp(11)},
+		dataplane.Egress{Prefix: netip.PrefixFrom(netip.AddrFrom4([4]byte{127, block, 1, 0}), 28), Ports: udp(10)},
+		dataplane.Egress{Prefix: netip.PrefixFrom(netip.AddrFrom4([4]byte{127, block, 1, 200}), 32), Ports: udp(12)})
+	for i := range n {
+		rs.Egress = append(rs.Egress, dataplane.Egress{Prefix: netip.PrefixFrom(netip.AddrFrom4([4]byte{127, block, byte(1 + i), 0}), 24), Ports: udp(9)})
+	}
+	slices.SortFunc(rs.Egress, func(a, b dataplane.Egress) int { return a.Prefix.Addr().Compare(b.Prefix.Addr()) })
+	return rs
+}
+
+// TestPrivilegedBulkRanges: a replacement by many ranges of one size puts them into tether_hosts
+// under the buffer's bulk length, with the floor retiring the rules before; the hooks take the
+// longest match whether it is there (a range, a host) or in the trie (a longer or a shorter
+// range); and the hooks' view stays what tetherd records, through the background sync and an
+// approval that adds a range.
+func TestPrivilegedBulkRanges(t *testing.T) {
+	f := newFixture(t, Options{})
+	x, y := hostSet(1, 200, false), rangeSet(2, 200)
+	x.Generation, y.Generation = 1, 2
+	agent := f.agent(t, "agent", 5, x)
+	settle(t, f.k, 5)
+	y.Exec = execs(f.self)
+	if err := f.k.Install(5, &y); err != nil {
+		t.Fatal(err)
+	}
+	st := f.k.slot(5)
+	st.mu.Lock()
+	a, retired := st.active, len(st.retired[st.active])
+	bulk, trieMax := st.bulk[a], st.trieMax[a]
+	st.mu.Unlock()
+	if retired != 200 || bulk != 8+96+24 || trieMax != 8+96+28 {
+		t.Fatalf("the install retired %d rules with bulk length %d and longest trie rule %d, want 200, %d and %d", retired, bulk, trieMax, 8+96+24, 8+96+28)
+	}
+	// Ranges at their port; the /28 inside the first range takes its addresses; the /16 only
+	// where no range is; the host inside the first range; X's host rules retired.
+	dests := []string{
+		"udp", "127.2.1.100:9", "udp", "127.2.150.7:9", "udp", "127.2.1.5:9", "udp", "127.2.1.5:10",
+		"udp", "127.2.250.1:11", "udp", "127.2.1.100:11", "udp", "127.2.1.200:12", "udp", "127.2.1.200:9",
+		"udp", "127.1.1.5:9",
+	}
+	want := []string{"ok", "ok", "eperm", "ok", "ok", "eperm", "ok", "eperm", "eperm"}
+	expect(t, "under the ranges", privtest.Dial(t, agent, dests...), want)
+	st.mu.Lock()
+	got := view(t, f.k, st, 5, a)
+	ok := got.equal(st.mirror[a])
+	st.mu.Unlock()
+	if !ok {
+		t.Fatalf("the hooks see %d entries, the record says %d", got.len(), st.mirror[a].len())
+	}
+	// In force: 200 ranges and the host in tether_hosts (the /16 and /28 in the trie).
+	if all, valid := hostCount(t, f.k, 5); valid < 201 || all < 201 {
+		t.Fatalf("tether_hosts holds %d entries of the slot (%d valid), want at least the 201 of Y", all, valid)
+	}
+
+	// An approval adds a range: written on its own into the idle buffer, which the sync has
+	// brought up to Y by then.
+	settle(t, f.k, 5)
+	z := y
+	z.Egress = append(slices.Clone(y.Egress), dataplane.Egress{Prefix: prefix("127.3.3.0/24"),
+		Ports: []dataplane.PortRule{{Proto: dataplane.ProtoUDP, Lo: 9, Hi: 9}}})
+	z.Generation = 3
+	if err := f.k.Install(5, &z); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, "after the approval", privtest.Dial(t, agent, append(dests, "udp", "127.3.3.3:9")...), append(want, "ok"))
+	settle(t, f.k, 5)
+	// The sync gave the idle buffer the bulk length too, so that the next replacement retires.
+	st.mu.Lock()
+	bulks := st.bulk
+	st.mu.Unlock()
+	if bulks != [2]uint8{8 + 96 + 24, 8 + 96 + 24} {
+		t.Errorf("bulk lengths %v after the sync, want both %d", bulks, 8+96+24)
+	}
+	for i := range uint32(2) {
+		st.mu.Lock()
+		got, want := view(t, f.k, st, 5, i), st.mirror[i]
+		st.mu.Unlock()
+		if !got.equal(want) {
+			t.Fatalf("buffer %d: the hooks see %d entries, the record says %d", i, got.len(), want.len())
+		}
 	}
 }

@@ -55,10 +55,17 @@ func (m *trieImage) key(j int32) bpfTetherRuleKey {
 // val returns the value of entry j.
 func (m *trieImage) val(j int32) *bpfTetherRuleValue { return &m.vals[m.ents[j].val] }
 
-// isHost reports whether entry j is a host rule (see isHost).
-func (m *trieImage) isHost(j int32) bool {
+// hashable reports whether entry j goes into tether_hosts in a buffer of bulk length bulk (see
+// hashable).
+func (m *trieImage) hashable(j int32, bulk uint8) bool {
 	e := &m.ents[j]
-	return e.kind == uint8(bpfTetherRuleKindTETHER_RULE_EGRESS) && e.bits == 8+128 && e.long == 0
+	return e.long == 0 && e.hashable(bulk)
+}
+
+// hashable reports whether e, an entry without a tail, goes into tether_hosts in a buffer of bulk
+// length bulk: a host rule, or an egress rule of the bulk length.
+func (e *imageEntry) hashable(bulk uint8) bool {
+	return e.kind == uint8(bpfTetherRuleKindTETHER_RULE_EGRESS) && (e.bits == 8+128 || bulk != 0 && e.bits == uint32(bulk))
 }
 
 // entryOf is key's entry; tail says whether it has data past the first 16 bytes.
@@ -204,35 +211,46 @@ func (m *trieImage) equal(o *trieImage) bool {
 // of those to write; both ascending.
 type changes struct{ dels, writes []int32 }
 
-// diff works out the changes from have to want, in one pass over both.
-func diff(have, want *trieImage) changes {
-	var c changes
-	vc := valueCompare{have: have, want: want, hv: -1}
-	h, w := 0, 0
-	for h < len(have.ents) || w < len(want.ents) {
+// walk calls f for the entries of have and want in key order, in one pass over both: with the
+// position in each, or -1 where one image lacks the key.
+func walk(have, want *trieImage, f func(h, w int32)) {
+	h, w := int32(0), int32(0)
+	for int(h) < have.len() || int(w) < want.len() {
 		order := 0
 		switch {
-		case h == len(have.ents):
+		case int(h) == have.len():
 			order = 1
-		case w == len(want.ents):
+		case int(w) == want.len():
 			order = -1
 		default:
 			order = compareEntries(have, &have.ents[h], want, &want.ents[w])
 		}
 		switch {
 		case order < 0:
-			c.dels = append(c.dels, int32(h))
+			f(h, -1)
 			h++
 		case order > 0:
-			c.writes = append(c.writes, int32(w))
+			f(-1, w)
 			w++
 		default:
-			if !vc.equal(int32(h), int32(w)) {
-				c.writes = append(c.writes, int32(w))
-			}
+			f(h, w)
 			h, w = h+1, w+1
 		}
 	}
+}
+
+// diff works out the changes from have to want.
+func diff(have, want *trieImage) changes {
+	var c changes
+	vc := valueCompare{have: have, want: want, hv: -1}
+	walk(have, want, func(h, w int32) {
+		switch {
+		case w < 0:
+			c.dels = append(c.dels, h)
+		case h < 0 || !vc.equal(h, w):
+			c.writes = append(c.writes, w)
+		}
+	})
 	return c
 }
 
@@ -244,34 +262,20 @@ func applied(have, want *trieImage, done changes) *trieImage {
 	for _, j := range done.dels {
 		gone[j] = true
 	}
-	h, w := int32(0), 0
-	for h < int32(have.len()) || w < len(done.writes) {
-		order := 0
-		switch {
-		case h == int32(have.len()):
-			order = 1
-		case w == len(done.writes):
-			order = -1
-		default:
-			order = compareEntries(have, &have.ents[h], want, &want.ents[done.writes[w]])
-		}
-		switch {
-		case order < 0:
-			if !gone[h] {
-				key := have.key(h)
-				out.append(&key, have.val(h))
-			}
-			h++
-		default:
-			j := done.writes[w]
-			key := want.key(j)
-			out.append(&key, want.val(j))
-			w++
-			if order == 0 {
-				h++
-			}
-		}
+	written := make([]bool, want.len())
+	for _, j := range done.writes {
+		written[j] = true
 	}
+	walk(have, want, func(h, w int32) {
+		switch {
+		case w >= 0 && written[w]:
+			key := want.key(w)
+			out.append(&key, want.val(w))
+		case h >= 0 && !gone[h]:
+			key := have.key(h)
+			out.append(&key, have.val(h))
+		}
+	})
 	out.seal() // in order already
 	return out
 }

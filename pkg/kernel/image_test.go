@@ -79,8 +79,9 @@ func TestImageKeyForms(t *testing.T) {
 			t.Errorf("key %d: %v %v", i, v.Generation, ok)
 		}
 	}
-	if !m.isHost(int32(must(m.find(&host)))) || m.isHost(int32(must(m.find(&odd)))) || m.isHost(int32(must(m.find(&net)))) {
-		t.Error("isHost takes the wrong keys")
+	if !m.hashable(must(m.find(&host)), 0) || m.hashable(must(m.find(&odd)), 0) || m.hashable(must(m.find(&net)), 0) ||
+		!m.hashable(must(m.find(&net)), uint8(net.Prefixlen)) || m.hashable(must(m.find(&odd)), uint8(odd.Prefixlen)) {
+		t.Error("hashable takes the wrong keys")
 	}
 }
 

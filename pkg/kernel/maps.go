@@ -72,21 +72,27 @@ func headerKey() bpfTetherRuleKey {
 
 // egressKey encodes a prefix in the kernel's 16-byte form (IPv4 as ::ffff:a.b.c.d).
 func egressKey(p netip.Prefix) bpfTetherRuleKey {
-	bits := p.Bits()
-	if p.Addr().Is4() {
-		bits += 96
-	}
-	k := bpfTetherRuleKey{Prefixlen: 8 + uint32(bits), Kind: uint8(bpfTetherRuleKindTETHER_RULE_EGRESS)}
+	k := bpfTetherRuleKey{Prefixlen: egressPrefixlen(p), Kind: uint8(bpfTetherRuleKindTETHER_RULE_EGRESS)}
 	a := p.Masked().Addr().As16()
 	copy(k.Data[:], a[:])
 	return k
 }
 
+// egressPrefixlen is p's prefix length as a rule key counts it: the kind byte, then the 16-byte form.
+func egressPrefixlen(p netip.Prefix) uint32 {
+	bits := p.Bits()
+	if p.Addr().Is4() {
+		bits += 96
+	}
+	return 8 + uint32(bits)
+}
+
+// egressValue is e's rule value; its mode is its prefix length (see struct tether_rule_value).
 func egressValue(e dataplane.Egress) (bpfTetherRuleValue, error) {
 	if len(e.Ports) > dataplane.MaxPortRules {
 		return bpfTetherRuleValue{}, fmt.Errorf("prefix %s has %d port rules, the kernel holds %d", e.Prefix, len(e.Ports), dataplane.MaxPortRules)
 	}
-	v := bpfTetherRuleValue{Count: uint32(len(e.Ports))}
+	v := bpfTetherRuleValue{Mode: egressPrefixlen(e.Prefix), Count: uint32(len(e.Ports))}
 	for i, p := range e.Ports {
 		r := &v.Ports[i]
 		r.PortLo, r.PortHi, r.Proto = p.Lo, p.Hi, uint8(p.Proto)

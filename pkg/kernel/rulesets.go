@@ -35,7 +35,11 @@ type slotState struct {
 	flags  uint32
 	active uint32
 	floor  [2]uint64
-	bufs   [2]*ebpf.Map
+	// bulk and trieMax of each buffer, as in struct tether_agent: what the hooks are told of
+	// where its egress rules are.
+	bulk    [2]uint8
+	trieMax [2]uint8
+	bufs    [2]*ebpf.Map
 	// mirror is what each buffer holds (its trie and its host rules); nil: unknown (read from
 	// the kernel when needed).
 	mirror [2]*trieImage
@@ -75,13 +79,18 @@ func (k *Kernel) loadSlot(st *slotState, slot dataplane.Slot) error {
 	if err := k.agents.Lookup(uint32(slot), &a); err != nil {
 		return fmt.Errorf("reading state of slot %d: %w", slot, err)
 	}
-	st.flags, st.active, st.floor, st.loaded = a.Flags, a.Active&1, a.Floor, true
+	st.flags, st.active, st.floor, st.bulk, st.trieMax, st.loaded = a.Flags, a.Active&1, a.Floor, a.Bulk, a.TrieMax, true
 	return nil
+}
+
+// agentValue is the slot's tether_agents value with flags, active and floor.
+func (st *slotState) agentValue(flags, active uint32, floor [2]uint64) bpfTetherAgent {
+	return bpfTetherAgent{Flags: flags, Active: active, Floor: floor, Bulk: st.bulk, TrieMax: st.trieMax}
 }
 
 // writeAgent writes the whole agent value. Call with st.mu held.
 func (k *Kernel) writeAgent(st *slotState, slot dataplane.Slot, flags, active uint32) error {
-	if err := k.agents.Update(uint32(slot), bpfTetherAgent{Flags: flags, Active: active, Floor: st.floor}, ebpf.UpdateAny); err != nil {
+	if err := k.agents.Update(uint32(slot), st.agentValue(flags, active, st.floor), ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("writing state of slot %d: %w", slot, err)
 	}
 	st.flags, st.active = flags, active
@@ -138,7 +147,8 @@ func (k *Kernel) Install(slot dataplane.Slot, rs *dataplane.RuleSet) error {
 	}
 	target := 1 - st.active
 	if err := k.rewrite(st, slot, target, want); err != nil {
-		st.mirror[target] = nil // partly written: read it back next time
+		// Partly written: read it back next time, and what the kernel says of it.
+		st.mirror[target], st.loaded = nil, false
 		return fmt.Errorf("writing rule set of slot %d: %w", slot, err)
 	}
 	if err := k.writeAgent(st, slot, st.flags, target); err != nil {
@@ -208,16 +218,36 @@ func (k *Kernel) syncInactive(st *slotState, slot dataplane.Slot, epoch uint64) 
 	if err := k.removeRetired(st, inactive); err != nil {
 		k.log.Debug("removing retired host rules", "slot", slot, "error", err)
 	}
+	if bulk := bulkOf(want); bulk != st.bulk[inactive] {
+		// The idle buffer takes the bulk length that suits what it is to hold, so that the
+		// next install into it, when it replaces most rules, can retire them rather than
+		// delete them. It is idle and quiet: what it retires goes at once.
+		if err := k.rebulk(st, slot, inactive, buf, have, want, bulk); err != nil {
+			st.mirror[inactive], st.loaded = nil, false // read both back at the next install
+			k.log.Debug("bringing the idle rule buffer up to date", "slot", slot, "error", err)
+			return
+		}
+	} else if !k.syncChunks(st, slot, inactive, buf, have, want, epoch) {
+		return
+	}
+	if len(st.retired[st.active]) > 0 {
+		k.dropRetiredLater(st, slot, epoch)
+	}
+}
+
+// syncChunks writes the changes from have to want into idle buffer i of slot in chunks, letting go
+// of the slot between them; it reports whether it wrote them all in epoch.
+func (k *Kernel) syncChunks(st *slotState, slot dataplane.Slot, inactive uint32, buf *ebpf.Map, have, want *trieImage, epoch uint64) bool {
 	all := diff(have, want)
 	const chunk = 256
 	done := changes{dels: all.dels[:0], writes: all.writes[:0]}
 	for {
 		nd, nw := min(len(all.dels), len(done.dels)+chunk), min(len(all.writes), len(done.writes)+chunk)
 		part := changes{dels: all.dels[len(done.dels):nd], writes: all.writes[len(done.writes):nw]}
-		if err := k.applyBuffer(st, slot, inactive, buf, have, want, part, st.floor[inactive]); err != nil {
+		if err := k.applyBuffer(st, slot, inactive, buf, have, want, part, st.bulk[inactive], st.floor[inactive]); err != nil {
 			st.mirror[inactive] = nil // read it back at the next install
 			k.log.Debug("bringing the idle rule buffer up to date", "slot", slot, "error", err)
-			return
+			return false
 		}
 		done = changes{dels: all.dels[:nd], writes: all.writes[:nw]}
 		if len(done.dels) == len(all.dels) && len(done.writes) == len(all.writes) {
@@ -230,13 +260,33 @@ func (k *Kernel) syncInactive(st *slotState, slot dataplane.Slot, epoch uint64) 
 		runtime.Gosched()
 		st.mu.Lock()
 		if st.epoch != epoch {
-			return // the buffer holds its mirror; whoever came writes the rest
+			return false // the buffer holds its mirror; whoever came writes the rest
 		}
 	}
-	st.mirror[inactive] = want
-	if len(st.retired[st.active]) > 0 {
-		k.dropRetiredLater(st, slot, epoch)
+	if err := k.writeTrieMax(st, slot, inactive, want); err != nil {
+		st.mirror[inactive], st.loaded = nil, false
+		k.log.Debug("bringing the idle rule buffer up to date", "slot", slot, "error", err)
+		return false
 	}
+	st.mirror[inactive] = want
+	return true
+}
+
+// rebulk makes idle, quiet buffer i of slot, which holds have, hold want under bulk length bulk:
+// it retires the buffer's tether_hosts entries, writes want's, and removes the retired ones.
+func (k *Kernel) rebulk(st *slotState, slot dataplane.Slot, i uint32, buf *ebpf.Map, have, want *trieImage, bulk uint8) error {
+	c, haveBulk := planRetired(st, i, have, want, bulk), st.bulk[i]
+	if err := k.retire(st, slot, i, have, bulk); err != nil {
+		return err
+	}
+	if err := k.applyBuffer(st, slot, i, buf, have, want, c, haveBulk, st.floor[i]); err != nil {
+		return err
+	}
+	if err := k.writeTrieMax(st, slot, i, want); err != nil {
+		return err
+	}
+	st.mirror[i] = want
+	return k.removeRetired(st, i)
 }
 
 // dropRetiredLater removes the retired host rules of the buffer in force, unless the slot has an
@@ -273,8 +323,9 @@ func (k *Kernel) dropRetiredLater(st *slotState, slot dataplane.Slot, epoch uint
 }
 
 // rewrite makes buffer i of slot (not in force, no hook reading it) hold want. It writes only what
-// differs, or, when that is cheaper (most rules replaced), retires the buffer's host rules with one
-// write and writes want's host rules anew; the retired ones are removed later.
+// differs, or, when that is cheaper (most rules replaced), retires the buffer's tether_hosts
+// entries with one write and writes want's anew, with the bulk length that suits want; the
+// retired ones are removed later.
 func (k *Kernel) rewrite(st *slotState, slot dataplane.Slot, i uint32, want *trieImage) error {
 	buf, err := k.buffer(st, slot, i)
 	if err != nil {
@@ -286,79 +337,113 @@ func (k *Kernel) rewrite(st *slotState, slot dataplane.Slot, i uint32, want *tri
 			return err
 		}
 	}
-	c := diff(have, want)
-	if retireIsCheaper(st, i, have, want, c) {
-		if err := k.writeFloor(st, slot, i); err != nil {
-			return err
-		}
-		for j := range int32(have.len()) {
-			if st.inHashAt(i, have, j) {
-				st.retired[i] = append(st.retired[i], hostKeyAt(bufIndex(slot, i), have, j))
+	c, haveBulk := diff(have, want), st.bulk[i]
+	bulk := bulkOf(want)
+	// Retiring writes at least the floor and want's tether_hosts entries: a change smaller than
+	// that (an approval) needs no plan to compare with.
+	if n := len(c.dels) + len(c.writes); n > 1+hashed(st, i, want, bulk) {
+		if r := planRetired(st, i, have, want, bulk); 1+len(r.dels)+len(r.writes) < n {
+			if err := k.retire(st, slot, i, have, bulk); err != nil {
+				return err
 			}
+			c = r
 		}
-		c = planRetired(st, i, have, want)
 	}
-	if err := k.applyBuffer(st, slot, i, buf, have, want, c, st.floor[i]); err != nil {
+	if err := k.applyBuffer(st, slot, i, buf, have, want, c, haveBulk, st.floor[i]); err != nil {
+		return err
+	}
+	if err := k.writeTrieMax(st, slot, i, want); err != nil {
 		return err
 	}
 	st.mirror[i] = want
 	return nil
 }
 
-// retireIsCheaper compares the writes of the plan c with those of retiring the host rules of
-// buffer i: the floor, want's host rules, and the plan's other entries.
-func retireIsCheaper(st *slotState, i uint32, have, want *trieImage, c changes) bool {
-	hosts := 0
-	for j := range int32(want.len()) {
-		if st.inHashAt(i, want, j) {
-			hosts++
-		}
-	}
-	if hosts == 0 {
-		return false
-	}
-	retire := 1 + hosts
-	for _, j := range c.dels {
-		if !st.inHashAt(i, have, j) {
-			retire++
-		}
-	}
-	for _, j := range c.writes {
-		if !st.inHashAt(i, want, j) {
-			retire++
-		}
-	}
-	return retire < len(c.dels)+len(c.writes)
-}
-
-// planRetired is the plan once buffer i's host rules are retired: the trie's changes, and all of
-// want's host rules.
-func planRetired(st *slotState, i uint32, have, want *trieImage) changes {
-	var c changes
+// retire retires the tether_hosts entries of buffer i, which holds have, and gives it bulk
+// length bulk; the retired entries are recorded for removal.
+func (k *Kernel) retire(st *slotState, slot dataplane.Slot, i uint32, have *trieImage, bulk uint8) error {
 	for j := range int32(have.len()) {
 		if st.inHashAt(i, have, j) {
-			continue
-		}
-		if key := have.key(j); !found(want, &key) {
-			c.dels = append(c.dels, j)
+			st.retired[i] = append(st.retired[i], hostKeyAt(bufIndex(slot, i), have, j))
 		}
 	}
+	st.bulk[i] = bulk
+	return k.writeFloor(st, slot, i)
+}
+
+// minBulk is the fewest rules of one length that make it a buffer's bulk length: for fewer, trie
+// updates cost little.
+const minBulk = 64
+
+// bulkOf is the bulk length for a buffer that holds img: its most common egress prefix length
+// other than a host's (the longer of equals), or 0 when no other has minBulk rules.
+func bulkOf(img *trieImage) uint8 {
+	var n [8 + 128 + 1]int
+	for j := range img.ents {
+		if e := &img.ents[j]; e.kind == uint8(bpfTetherRuleKindTETHER_RULE_EGRESS) && e.long == 0 && e.bits < 8+128 {
+			n[e.bits]++
+		}
+	}
+	best := 0
+	for bits := range n {
+		if n[bits] >= minBulk && n[bits] >= n[best] {
+			best = bits
+		}
+	}
+	return uint8(best)
+}
+
+// hashed counts the entries of img that buffer i keeps in tether_hosts under bulk length bulk.
+func hashed(st *slotState, i uint32, img *trieImage, bulk uint8) int {
+	n := 0
+	for j := range int32(img.len()) {
+		if img.hashable(j, bulk) && !st.marked(i, img, j) {
+			n++
+		}
+	}
+	return n
+}
+
+// planRetired is the plan once buffer i's tether_hosts entries are retired and its bulk length
+// is bulk: all of want's rules that go into tether_hosts, and the trie's changes (a rule that
+// moves out of the trie is deleted there).
+func planRetired(st *slotState, i uint32, have, want *trieImage, bulk uint8) changes {
+	var c changes
 	c.writes = make([]int32, 0, want.len())
-	for j := range int32(want.len()) {
-		if !st.inHashAt(i, want, j) {
-			key := want.key(j)
-			if h, ok := have.find(&key); ok && sameValue(have.val(h), want.val(j)) {
-				continue
+	vc := valueCompare{have: have, want: want, hv: -1}
+	walk(have, want, func(h, w int32) {
+		inTrie := h >= 0 && !st.inHashAt(i, have, h)
+		switch {
+		case w < 0:
+			if inTrie {
+				c.dels = append(c.dels, h)
 			}
+		case want.hashable(w, bulk) && !st.marked(i, want, w): // into tether_hosts
+			if inTrie {
+				c.dels = append(c.dels, h)
+			}
+			c.writes = append(c.writes, w)
+		case !inTrie || !vc.equal(h, w):
+			c.writes = append(c.writes, w)
 		}
-		c.writes = append(c.writes, j)
-	}
+	})
 	return c
 }
 
-func found(img *trieImage, key *bpfTetherRuleKey) bool {
-	_, ok := img.find(key)
-	return ok
+// writeTrieMax tells the hooks the longest egress rule buffer i keeps in its trie once it holds
+// img. Call it before the buffer is put in force.
+func (k *Kernel) writeTrieMax(st *slotState, slot dataplane.Slot, i uint32, img *trieImage) error {
+	var longest uint8
+	for j := range int32(img.len()) {
+		if e := &img.ents[j]; e.kind == uint8(bpfTetherRuleKindTETHER_RULE_EGRESS) && !st.inHashAt(i, img, j) {
+			longest = max(longest, uint8(e.bits))
+		}
+	}
+	if longest == st.trieMax[i] {
+		return nil
+	}
+	st.trieMax[i] = longest
+	return k.writeAgent(st, slot, st.flags, st.active)
 }
 
 // buffer returns buffer i of slot, creating it (and its tether_rulesets entry) when missing.

@@ -177,7 +177,7 @@ func (f *fixture) rewriteInPlace(t *testing.T, slot dataplane.Slot, from, to *da
 	buf := uint32(slot)*2 + a.Active
 	for _, e := range from.Egress {
 		k := egressKey(e.Prefix)
-		if isHost(&k) {
+		if hashable(a.Bulk[a.Active], &k) {
 			hk := hostKeyOf(buf, &k)
 			err = f.k.hosts.Delete(&hk)
 		} else {
@@ -190,7 +190,7 @@ func (f *fixture) rewriteInPlace(t *testing.T, slot dataplane.Slot, from, to *da
 	for _, e := range to.Egress {
 		v, _ := egressValue(e)
 		k := egressKey(e.Prefix)
-		if isHost(&k) {
+		if hashable(a.Bulk[a.Active], &k) {
 			hk := hostKeyOf(buf, &k)
 			h, ok := hostValue(&v, a.Floor[a.Active])
 			if !ok {
@@ -224,7 +224,7 @@ func view(t *testing.T, k *Kernel, st *slotState, slot dataplane.Slot, i uint32)
 	}
 	for _, e := range all[bufIndex(slot, i)] {
 		if e.val.Generation >= a.Floor[i] {
-			key, v := ruleKeyOf(&e.key), ruleValue(&e.val)
+			key, v := ruleKeyOf(&e.key), ruleValue(&e.val, e.key.Prefixlen)
 			img.append(&key, &v) // in front of the trie's entry, if any
 		}
 	}

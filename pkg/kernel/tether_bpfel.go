@@ -14,10 +14,13 @@ import (
 )
 
 type bpfTetherAgent struct {
-	_      structs.HostLayout
-	Flags  uint32
-	Active uint32
-	Floor  [2]uint64
+	_       structs.HostLayout
+	Flags   uint32
+	Active  uint32
+	Floor   [2]uint64
+	Bulk    [2]uint8
+	TrieMax [2]uint8
+	Pad     uint32
 }
 
 type bpfTetherAgentCounts struct {
@@ -106,9 +109,10 @@ type bpfTetherGrantUses struct {
 }
 
 type bpfTetherHostKey struct {
-	_    structs.HostLayout
-	Buf  uint32
-	Addr [16]uint8
+	_         structs.HostLayout
+	Buf       uint32
+	Prefixlen uint32
+	Addr      [16]uint8
 }
 
 type bpfTetherHostValue struct {

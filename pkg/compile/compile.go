@@ -335,74 +335,64 @@ func inV4(p netip.Prefix) bool { return p.Bits() >= 96 && v4Mapped.Contains(p.Ad
 // merge gives every prefix the rules of every prefix that covers it, since the kernel's lookup
 // returns only the longest matching prefix.
 func (c *compiler) merge(rules []prefixRule) []dataplane.Egress {
-	// Sorted by prefix, the rules of one prefix are one run: own maps it to that run.
-	slices.SortFunc(rules, func(a, b prefixRule) int {
-		return cmp.Or(a.prefix.Addr().Compare(b.prefix.Addr()), cmp.Compare(a.prefix.Bits(), b.prefix.Bits()))
-	})
+	// Sorted by prefix, the rules of one prefix are one run, and a prefix comes after every
+	// prefix that covers it.
+	order := func(a, b netip.Prefix) int { return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits())) }
+	slices.SortFunc(rules, func(a, b prefixRule) int { return order(a.prefix, b.prefix) })
 	ports := make([]dataplane.PortRule, len(rules))
 	for i, r := range rules {
 		ports[i] = r.rule
 	}
-	own := make(map[netip.Prefix][]dataplane.PortRule, len(rules))
-	var lengths [129]bool
-	prefixes := make([]netip.Prefix, 0, len(rules))
+	type run struct {
+		prefix netip.Prefix
+		ports  []dataplane.PortRule
+	}
+	runs := make([]run, 0, len(rules)+1)
 	for i := 0; i < len(rules); {
 		j := i + 1
 		for j < len(rules) && rules[j].prefix == rules[i].prefix {
 			j++
 		}
-		p := rules[i].prefix
-		own[p] = ports[i:j:j]
-		lengths[p.Bits()] = true
-		prefixes = append(prefixes, p)
+		runs = append(runs, run{rules[i].prefix, ports[i:j:j]})
 		i = j
 	}
 	// An IPv6 prefix that spans the IPv4 space would be the longest match for IPv4 addresses
 	// no IPv4 rule covers: an explicit (maybe empty) ::ffff:0:0/96 entry stops it there.
-	if _, ok := own[v4Mapped]; !ok {
-		for _, p := range prefixes {
-			if p.Bits() < 96 && p.Contains(v4Mapped.Addr()) {
-				own[v4Mapped] = nil
-				lengths[96] = true
-				i, _ := slices.BinarySearchFunc(prefixes, v4Mapped, func(a, b netip.Prefix) int {
-					return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
-				})
-				prefixes = slices.Insert(prefixes, i, v4Mapped)
+	if i, found := slices.BinarySearchFunc(runs, v4Mapped, func(r run, p netip.Prefix) int { return order(r.prefix, p) }); !found {
+		for _, r := range runs {
+			if r.prefix.Bits() < 96 && r.prefix.Contains(v4Mapped.Addr()) {
+				runs = slices.Insert(runs, i, run{prefix: v4Mapped})
 				break
 			}
 		}
 	}
-	// Covering prefixes can only have the lengths some prefix has.
-	var lens []int
-	for l, present := range lengths {
-		if present {
-			lens = append(lens, l)
+	out := make([]dataplane.Egress, 0, len(runs))
+	// covering holds the prefixes that cover the one at hand, shortest first: in this order,
+	// those that do not cover it are the last ones pushed.
+	var covering []run
+	for _, r := range runs {
+		p := r.prefix
+		for len(covering) > 0 && !covering[len(covering)-1].prefix.Contains(p.Addr()) {
+			covering = covering[:len(covering)-1]
 		}
-	}
-	out := make([]dataplane.Egress, 0, len(prefixes))
-	for _, p := range prefixes {
-		// Every prefix that covers p is an ancestor of it in its address family: an IPv4
-		// prefix's ancestors stop at ::ffff:0:0/96.
+		// An IPv4 prefix's ancestors stop at ::ffff:0:0/96.
 		top := 0
 		if inV4(p) {
 			top = 96
 		}
 		var all []dataplane.PortRule
 		sources := 0
-		for _, bits := range lens {
-			if bits < top || bits > p.Bits() {
-				continue
-			}
-			r, ok := own[netip.PrefixFrom(p.Addr(), bits).Masked()]
-			if !ok {
+		for _, a := range append(covering, r) {
+			if a.prefix.Bits() < top {
 				continue
 			}
 			if sources++; sources == 1 {
-				all = r // its own run: no copy unless an ancestor adds to it
+				all = a.ports // its own run: no copy unless an ancestor adds to it
 			} else {
-				all = append(slices.Clip(all), r...)
+				all = append(slices.Clip(all), a.ports...)
 			}
 		}
+		covering = append(covering, r)
 		all = simplify(all)
 		if len(all) > dataplane.MaxPortRules {
 			c.refuse("egress to "+show(p), "%d distinct port rules apply (its own and those of covering prefixes); the kernel holds %d per prefix: merge port ranges or grant fewer", len(all), dataplane.MaxPortRules)

@@ -190,7 +190,7 @@ func (st *slotState) isQuiet() bool {
 // retired host rules, unless anything happened to the slot since the install of epoch (whatever
 // did writes what it needs itself). It writes in chunks and lets go of the slot between them, so
 // an install that comes meanwhile waits for one chunk at most (and then writes what is still
-// missing itself).
+// missing itself); except when the buffer changes its bulk length, which it does in one go.
 func (k *Kernel) syncInactive(st *slotState, slot dataplane.Slot, epoch uint64) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
@@ -235,8 +235,8 @@ func (k *Kernel) syncInactive(st *slotState, slot dataplane.Slot, epoch uint64) 
 	}
 }
 
-// syncChunks writes the changes from have to want into idle buffer i of slot in chunks, letting go
-// of the slot between them; it reports whether it wrote them all in epoch.
+// syncChunks writes the changes from have to want into the idle buffer inactive of slot in chunks,
+// letting go of the slot between them; it reports whether it wrote them all in epoch.
 func (k *Kernel) syncChunks(st *slotState, slot dataplane.Slot, inactive uint32, buf *ebpf.Map, have, want *trieImage, epoch uint64) bool {
 	all := diff(have, want)
 	const chunk = 256

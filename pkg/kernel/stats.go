@@ -36,10 +36,10 @@ func EnableStats() (io.Closer, error) {
 // Pressure reads how full the maps that can fill up are: "cgroups" (cgroup bindings; a cgroup
 // that does not fit is not enforced as its agent), "procs" (process lineage, an LRU: when full
 // the oldest processes lose their tool chain), "host_rules" (tether_hosts, over all agents: when
-// full, host rules go into the tries, which still enforce them but cost more to update), and
-// "rules" (the fullest agent rule set, from what tetherd last installed; a rule set that does not
-// fit is refused). It iterates the first two, at most their capacity in system calls, and reads
-// tether_hosts in batches.
+// full, further host and bulk-length rules go into the tries, which still enforce them but cost
+// more to update), and "rules" (the fullest agent rule set, from what tetherd last installed; a
+// rule set that does not fit is refused). It iterates the first two, at most their capacity in
+// system calls, and reads tether_hosts in batches.
 func (k *Kernel) Pressure() (map[string]dataplane.MapFill, error) {
 	out := map[string]dataplane.MapFill{}
 	var id uint64

@@ -178,7 +178,7 @@ var (
 	descAgents    = prometheus.NewDesc("tether_agents", "Registered agents.", nil, nil)
 	descKilled    = prometheus.NewDesc("tether_agents_killed", "Registered agents whose killed flag is set.", nil, nil)
 	descTasks     = prometheus.NewDesc("tether_tasks", "Agents with an active task.", nil, nil)
-	descFill      = prometheus.NewDesc("tether_map_fill_ratio", "How full a kernel map is: agents (slots), cgroups (bindings), procs (process lineage, an LRU), host_rules (tether_hosts, host rules of all agents; when full they go into the tries), rules (the fullest agent rule set), ring_buffer (unread bytes).", []string{"map"}, nil)
+	descFill      = prometheus.NewDesc("tether_map_fill_ratio", "How full a kernel map is: agents (slots), cgroups (bindings), procs (process lineage, an LRU), host_rules (tether_hosts: host rules and bulk-length ranges of all agents; when full they go into the tries), rules (the fullest agent rule set), ring_buffer (unread bytes).", []string{"map"}, nil)
 	descEntries   = prometheus.NewDesc("tether_map_entries", "Entries in a kernel map (bytes for ring_buffer), as in tether_map_fill_ratio.", []string{"map"}, nil)
 	descStatsOn   = prometheus.NewDesc("tether_bpf_stats_enabled", "1 when the kernel counts the programs' runs and run time (telemetry.bpf_stats).", nil, nil)
 	descProgRuns  = prometheus.NewDesc("tether_bpf_program_runs_total", "Runs of each of tether's BPF programs, as the kernel counts them.", []string{"program"}, nil)

@@ -337,7 +337,9 @@ func inV4(p netip.Prefix) bool { return p.Bits() >= 96 && v4Mapped.Contains(p.Ad
 func (c *compiler) merge(rules []prefixRule) []dataplane.Egress {
 	// Sorted by prefix, the rules of one prefix are one run, and a prefix comes after every
 	// prefix that covers it.
-	order := func(a, b netip.Prefix) int { return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits())) }
+	order := func(a, b netip.Prefix) int {
+		return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+	}
 	slices.SortFunc(rules, func(a, b prefixRule) int { return order(a.prefix, b.prefix) })
 	ports := make([]dataplane.PortRule, len(rules))
 	for i, r := range rules {

@@ -17,13 +17,14 @@ import (
 // values and any JSON: for a thousand rules those cost more than evaluating the policy.
 func decodeGrants(v ast.Value) (grants.Grants, error) {
 	var g grants.Grants
-	d := &decoder{}
+	d := newDecoder()
 	d.object(v, func(k string, v ast.Value) {
 		switch k {
 		case "mode":
 			g.Mode = d.str(v)
 		case "egress":
 			g.Egress = alloc[grants.Egress](v)
+			d.ports = make([]grants.PortRange, 0, cap(g.Egress))
 			d.array(v, func(v ast.Value) { g.Egress = append(g.Egress, d.egress(v)) })
 		case "exec":
 			g.Exec = alloc[grants.Exec](v)
@@ -97,10 +98,49 @@ func alloc[T any](v ast.Value) []T {
 	return nil
 }
 
-// decoder keeps the first error and where the decoding is (rendered only for an error).
+// decoder keeps the first error and where the decoding is (rendered only for an error). The
+// callbacks that OPA's iteration calls are made once per decoder, with the object or array being
+// read on a stack, and an egress rule is read into the decoder: closures made per value were
+// most of the cost of reading a thousand rules.
 type decoder struct {
 	err  error
 	path []step
+	// fields and elems are the callbacks of the objects and arrays being read, innermost last;
+	// index counts the elements read of each array.
+	fields  []func(k string, v ast.Value)
+	elems   []func(v ast.Value)
+	index   []int
+	onField func(k, v *ast.Term)
+	onElem  func(e *ast.Term)
+	// e is the egress rule being read; ports holds the port ranges of all of them.
+	e           grants.Egress
+	ports       []grants.PortRange
+	egressField func(k string, v ast.Value)
+	portElem    func(v ast.Value)
+}
+
+func newDecoder() *decoder {
+	d := &decoder{}
+	d.onField = func(k, fv *ast.Term) {
+		key, ok := k.Value.(ast.String)
+		if !ok {
+			d.failf("a key that is not a string: %v", k)
+			return
+		}
+		d.path = append(d.path, step{key: string(key)})
+		d.fields[len(d.fields)-1](string(key), fv.Value)
+		d.path = d.path[:len(d.path)-1]
+	}
+	d.onElem = func(e *ast.Term) {
+		top := len(d.index) - 1
+		d.path = append(d.path, step{index: d.index[top]})
+		d.elems[top](e.Value)
+		d.path = d.path[:len(d.path)-1]
+		d.index[top]++
+	}
+	d.egressField = d.egressFieldOf
+	d.portElem = func(v ast.Value) { d.ports = append(d.ports, d.port(v)) }
+	return d
 }
 
 type step struct {
@@ -161,37 +201,28 @@ func (d *decoder) object(v ast.Value, f func(k string, v ast.Value)) {
 		d.want("an object", v)
 		return
 	}
-	o.Foreach(func(k, fv *ast.Term) {
-		key, ok := k.Value.(ast.String)
-		if !ok {
-			d.failf("a key that is not a string: %v", k)
-			return
-		}
-		d.path = append(d.path, step{key: string(key)})
-		f(string(key), fv.Value)
-		d.path = d.path[:len(d.path)-1]
-	})
+	d.fields = append(d.fields, f)
+	o.Foreach(d.onField)
+	d.fields = d.fields[:len(d.fields)-1]
 }
 
 // array calls f for each element of v (an array, or a set in order). null is an empty array.
 func (d *decoder) array(v ast.Value, f func(v ast.Value)) {
-	i := 0
-	each := func(e *ast.Term) {
-		d.path = append(d.path, step{index: i})
-		f(e.Value)
-		d.path = d.path[:len(d.path)-1]
-		i++
-	}
+	var each func(func(*ast.Term))
 	switch a := v.(type) {
 	case *ast.Array:
-		a.Foreach(each)
+		each = a.Foreach
 	case ast.Set:
-		a.Sorted().Foreach(each)
+		each = a.Sorted().Foreach
 	default:
 		if !isNull(v) {
 			d.want("an array", v)
 		}
+		return
 	}
+	d.elems, d.index = append(d.elems, f), append(d.index, 0)
+	each(d.onElem)
+	d.elems, d.index = d.elems[:len(d.elems)-1], d.index[:len(d.index)-1]
 }
 
 func (d *decoder) str(v ast.Value) string {
@@ -217,32 +248,40 @@ func (d *decoder) bool(v ast.Value) bool {
 }
 
 func (d *decoder) egress(v ast.Value) grants.Egress {
-	var e grants.Egress
-	d.object(v, func(k string, v ast.Value) {
-		switch k {
-		case "cidr":
-			e.CIDR = d.str(v)
-		case "cidrs":
-			e.CIDRs = alloc[string](v)
-			d.array(v, func(v ast.Value) { e.CIDRs = append(e.CIDRs, d.str(v)) })
-		case "fqdn":
-			e.FQDN = d.str(v)
-		case "ports":
-			e.Ports = alloc[grants.PortRange](v)
-			d.array(v, func(v ast.Value) { e.Ports = append(e.Ports, d.port(v)) })
-		case "protocol":
-			e.Protocol = d.str(v)
-		case "binary":
-			e.Binary = d.str(v)
-		case "audit":
-			e.Audit = d.bool(v)
-		case "approval":
-			e.Approval = d.str(v)
-		default:
-			d.unknown()
+	d.e = grants.Egress{}
+	d.object(v, d.egressField)
+	return d.e
+}
+
+func (d *decoder) egressFieldOf(k string, v ast.Value) {
+	e := &d.e
+	switch k {
+	case "cidr":
+		e.CIDR = d.str(v)
+	case "cidrs":
+		e.CIDRs = alloc[string](v)
+		d.array(v, func(v ast.Value) { e.CIDRs = append(e.CIDRs, d.str(v)) })
+	case "fqdn":
+		e.FQDN = d.str(v)
+	case "ports":
+		if isNull(v) {
+			e.Ports = nil
+			return
 		}
-	})
-	return e
+		start := len(d.ports)
+		d.array(v, d.portElem)
+		e.Ports = d.ports[start:len(d.ports):len(d.ports)]
+	case "protocol":
+		e.Protocol = d.str(v)
+	case "binary":
+		e.Binary = d.str(v)
+	case "audit":
+		e.Audit = d.bool(v)
+	case "approval":
+		e.Approval = d.str(v)
+	default:
+		d.unknown()
+	}
 }
 
 // port is a number (443) or a string ("443", "8000-8100"), as PortRange's JSON form.

@@ -26,17 +26,8 @@ func hashable(bulk uint8, key *bpfTetherRuleKey) bool {
 	return !tail && e.hashable(bulk)
 }
 
-// isHost reports whether key is a host rule.
-func isHost(key *bpfTetherRuleKey) bool { return hashable(0, key) }
-
 // bufIndex is buffer i of slot, as tether_rulesets and tether_hosts number it.
 func bufIndex(slot dataplane.Slot, i uint32) uint32 { return uint32(slot)*2 + i }
-
-func hostKeyOf(buf uint32, key *bpfTetherRuleKey) bpfTetherHostKey {
-	hk := bpfTetherHostKey{Buf: buf, Prefixlen: key.Prefixlen}
-	copy(hk.Addr[:], key.Data[:16])
-	return hk
-}
 
 // hostKeyAt is the tether_hosts key of entry j of img in buffer buf.
 func hostKeyAt(buf uint32, img *trieImage, j int32) bpfTetherHostKey {
@@ -152,11 +143,11 @@ func (k *Kernel) readBuffer(st *slotState, slot dataplane.Slot, i uint32, trie *
 	}
 	st.retired[i] = st.retired[i][:0]
 	for _, e := range hosts {
-		if key := ruleKeyOf(&e.key); e.val.Generation < st.floor[i] || !hashable(st.bulk[i], &key) {
+		key := ruleKeyOf(&e.key)
+		if e.val.Generation < st.floor[i] || !hashable(st.bulk[i], &key) {
 			st.retired[i] = append(st.retired[i], e.key)
 			continue
 		}
-		key := ruleKeyOf(&e.key)
 		if _, shadowed := st.inTrie[i][key]; shadowed {
 			if err := trie.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 				return nil, fmt.Errorf("removing %s from the trie: %w", describeKey(key), err)

@@ -27,6 +27,33 @@ func hostSet(block byte, n int, wide bool) dataplane.RuleSet {
 	return rs
 }
 
+// isHost reports whether key is a host rule.
+func isHost(key *bpfTetherRuleKey) bool { return hashable(0, key) }
+
+// hostKeyOf is key's tether_hosts key in buffer buf.
+func hostKeyOf(buf uint32, key *bpfTetherRuleKey) bpfTetherHostKey {
+	hk := bpfTetherHostKey{Buf: buf, Prefixlen: key.Prefixlen}
+	copy(hk.Addr[:], key.Data[:16])
+	return hk
+}
+
+// recordsTrue reports whether the hooks see, in each buffer of slot, what tetherd records it
+// holds; it marks the test failed for each that differs.
+func recordsTrue(t *testing.T, k *Kernel, slot dataplane.Slot) bool {
+	t.Helper()
+	st, ok := k.slot(slot), true
+	for i := range uint32(2) {
+		st.mu.Lock()
+		got, want := view(t, k, st, slot, i), st.mirror[i]
+		st.mu.Unlock()
+		if !got.equal(want) {
+			t.Errorf("buffer %d: the hooks see %d entries, the record says %d", i, got.len(), want.len())
+			ok = false
+		}
+	}
+	return ok
+}
+
 // hostCount counts the tether_hosts entries of slot's buffers, and those at or above each floor.
 func hostCount(t *testing.T, k *Kernel, slot dataplane.Slot) (all, valid int) {
 	t.Helper()
@@ -120,13 +147,8 @@ func TestPrivilegedHostRulesRetire(t *testing.T) {
 	if all, valid := hostCount(t, f.k, 3); all != 600 || valid != 600 {
 		t.Fatalf("after the sync tether_hosts holds %d entries of the slot (%d valid), want 600 of X", all, valid)
 	}
-	for i := range uint32(2) {
-		st.mu.Lock()
-		got, want := view(t, f.k, st, 3, i), st.mirror[i]
-		st.mu.Unlock()
-		if !got.equal(want) {
-			t.Fatalf("buffer %d: the hooks see %d entries, the record says %d", i, got.len(), want.len())
-		}
+	if !recordsTrue(t, f.k, 3) {
+		t.FailNow()
 	}
 
 	if err := f.k.Clear(3); err != nil {
@@ -276,14 +298,7 @@ func TestPrivilegedHostRulesAdopted(t *testing.T) {
 	expect(t, "under Z", privtest.Dial(t, agent, "udp", "127.1.1.5:9", "udp", "127.2.1.5:9", "udp", "127.2.1.150:9", "udp", "127.3.1.5:9"),
 		[]string{"eperm", "ok", "eperm", "ok"})
 	settle(t, f.k, 4)
-	st = f.k.slot(4)
-	st.mu.Lock()
-	for i := range uint32(2) {
-		if got := view(t, f.k, st, 4, i); !got.equal(st.mirror[i]) {
-			t.Errorf("buffer %d: the hooks see %d entries, the record says %d", i, got.len(), st.mirror[i].len())
-		}
-	}
-	st.mu.Unlock()
+	recordsTrue(t, f.k, 4)
 	// Z in both buffers; every retired rule (X's, and Y's that Z dropped) removed.
 	if all, valid := hostCount(t, f.k, 4); all != 600 || valid != 600 {
 		t.Errorf("tether_hosts holds %d entries of the slot (%d valid), want 600", all, valid)
@@ -421,12 +436,7 @@ func TestPrivilegedBulkRanges(t *testing.T) {
 	if bulks != [2]uint8{8 + 96 + 24, 8 + 96 + 24} {
 		t.Errorf("bulk lengths %v after the sync, want both %d", bulks, 8+96+24)
 	}
-	for i := range uint32(2) {
-		st.mu.Lock()
-		got, want := view(t, f.k, st, 5, i), st.mirror[i]
-		st.mu.Unlock()
-		if !got.equal(want) {
-			t.Fatalf("buffer %d: the hooks see %d entries, the record says %d", i, got.len(), want.len())
-		}
+	if !recordsTrue(t, f.k, 5) {
+		t.FailNow()
 	}
 }

@@ -263,12 +263,11 @@ func (k *Kernel) syncChunks(st *slotState, slot dataplane.Slot, inactive uint32,
 			return false // the buffer holds its mirror; whoever came writes the rest
 		}
 	}
-	if err := k.writeTrieMax(st, slot, inactive, want); err != nil {
+	if err := k.holds(st, slot, inactive, want); err != nil {
 		st.mirror[inactive], st.loaded = nil, false
 		k.log.Debug("bringing the idle rule buffer up to date", "slot", slot, "error", err)
 		return false
 	}
-	st.mirror[inactive] = want
 	return true
 }
 
@@ -282,10 +281,9 @@ func (k *Kernel) rebulk(st *slotState, slot dataplane.Slot, i uint32, buf *ebpf.
 	if err := k.applyBuffer(st, slot, i, buf, have, want, c, haveBulk, st.floor[i]); err != nil {
 		return err
 	}
-	if err := k.writeTrieMax(st, slot, i, want); err != nil {
+	if err := k.holds(st, slot, i, want); err != nil {
 		return err
 	}
-	st.mirror[i] = want
 	return k.removeRetired(st, i)
 }
 
@@ -352,11 +350,7 @@ func (k *Kernel) rewrite(st *slotState, slot dataplane.Slot, i uint32, want *tri
 	if err := k.applyBuffer(st, slot, i, buf, have, want, c, haveBulk, st.floor[i]); err != nil {
 		return err
 	}
-	if err := k.writeTrieMax(st, slot, i, want); err != nil {
-		return err
-	}
-	st.mirror[i] = want
-	return nil
+	return k.holds(st, slot, i, want)
 }
 
 // retire retires the tether_hosts entries of buffer i, which holds have, and gives it bulk
@@ -430,20 +424,23 @@ func planRetired(st *slotState, i uint32, have, want *trieImage, bulk uint8) cha
 	return c
 }
 
-// writeTrieMax tells the hooks the longest egress rule buffer i keeps in its trie once it holds
-// img. Call it before the buffer is put in force.
-func (k *Kernel) writeTrieMax(st *slotState, slot dataplane.Slot, i uint32, img *trieImage) error {
+// holds records that buffer i holds img, once its entries are written, and tells the hooks the
+// longest egress rule the buffer keeps in its trie. Call it before the buffer is put in force.
+func (k *Kernel) holds(st *slotState, slot dataplane.Slot, i uint32, img *trieImage) error {
 	var longest uint8
 	for j := range int32(img.len()) {
 		if e := &img.ents[j]; e.kind == uint8(bpfTetherRuleKindTETHER_RULE_EGRESS) && !st.inHashAt(i, img, j) {
 			longest = max(longest, uint8(e.bits))
 		}
 	}
-	if longest == st.trieMax[i] {
-		return nil
+	if longest != st.trieMax[i] {
+		st.trieMax[i] = longest
+		if err := k.writeAgent(st, slot, st.flags, st.active); err != nil {
+			return err
+		}
 	}
-	st.trieMax[i] = longest
-	return k.writeAgent(st, slot, st.flags, st.active)
+	st.mirror[i] = img
+	return nil
 }
 
 // buffer returns buffer i of slot, creating it (and its tether_rulesets entry) when missing.

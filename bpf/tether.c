@@ -109,6 +109,7 @@ struct tether_btf_anchor {
 	enum tether_agent_flags agent_flags;
 	enum tether_port_rule_flags port_rule_flags;
 	enum tether_counter counter;
+	enum tether_sock_flags sock_flags;
 	struct tether_config_entry config;
 	struct tether_slot_cache_entry slot_cache;
 };
@@ -173,7 +174,28 @@ struct {
 	__type(value, struct tether_agent_info);
 } tether_agent_info SEC(".maps");
 
+/* What the programs know of each socket of an agent (see struct tether_sock). Not cloned: a
+ * socket an agent accepts starts without one, and is not judged by the egress rules. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct tether_sock);
+} tether_socks SEC(".maps");
+
+/* The slots a sweep of live sockets checks; see struct tether_sweep_slot. The entry after the
+ * last slot says whether the sweep also looks at sockets that have no storage (it has a killed
+ * agent, whose listeners go too): that costs a walk of each such socket's cgroups. */
+#define TETHER_SWEEP_ALL TETHER_MAX_AGENTS
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, TETHER_MAX_AGENTS + 1);
+	__type(key, __u32);
+	__type(value, struct tether_sweep_slot);
+} tether_sweep SEC(".maps");
+
 extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
 
 /* What one hook invocation decided, carried to accounting and the event. */
 struct tether_decision {
@@ -194,6 +216,23 @@ struct tether_decision {
 	__u32 sock_type;
 	__u32 bin_dev;
 	__u64 bin_ino;
+	/* The calling binary, for rules restricted to one: TETHER_CALLER_CURRENT looks up the
+	 * current process's lineage when a rule asks; a sweep or a packet gives the binary that
+	 * connected the socket (TETHER_CALLER_KNOWN) or none (TETHER_CALLER_NONE). */
+	__u8 caller;
+	/* A check of a live socket, not a new connect: counted grants take no use. */
+	__u8 recheck;
+	__u32 caller_dev;
+	__u64 caller_ino;
+	__u32 max_ms;	 /* max_duration of the rule that allowed (0: none) */
+	__u32 grant;	 /* the counted grant the rule that allowed holds by (0: none) */
+	__u64 born;	 /* tether_agents[slot].born */
+};
+
+enum tether_caller {
+	TETHER_CALLER_CURRENT = 0,
+	TETHER_CALLER_KNOWN = 1,
+	TETHER_CALLER_NONE = 2,
 };
 
 static __always_inline void tether_count(__u32 counter)
@@ -363,27 +402,25 @@ static __always_inline int tether_finish(struct tether_decision *d, void *rules)
 	return d->verdict != TETHER_VERDICT_DENY;
 }
 
-/* tether_begin resolves the agent and its rule set. It returns the rule set, or NULL after it has
- * set d->verdict for the cases that need no rule (not an agent, killed, nothing installed). */
-static __always_inline void *tether_begin(struct tether_decision *d)
+/* tether_begin_slot resolves the rule set of the agent in d->slot. It returns the rule set, or NULL
+ * after it has set d->verdict for the cases that need no rule (killed, nothing installed). */
+static __always_inline void *tether_begin_slot(struct tether_decision *d)
 {
 	struct tether_agent *agent;
 	void *rules;
 
-	if (!tether_find_slot(&d->cgroup_id, &d->slot)) {
-		d->slot = TETHER_NO_SLOT;
-		d->reason = TETHER_REASON_UNKNOWN_CGROUP;
-		d->verdict = tether_unknown_cgroup_allow ? TETHER_VERDICT_ALLOW : TETHER_VERDICT_DENY;
-		return NULL;
-	}
 	agent = bpf_map_lookup_elem(&tether_agents, &d->slot);
 	if (!agent) {
 		d->reason = TETHER_REASON_NO_RULESET;
 		d->verdict = TETHER_VERDICT_DENY;
 		return NULL;
 	}
-	/* One read of each: the daemon rewrites this value as a whole. */
+	/* One read of each: the daemon rewrites this value as a whole. What concerns a buffer
+	 * (generation, floor, bulk, trie_max) it writes before the write that puts the buffer in
+	 * force, so the fields of the buffer read as active belong together. */
 	__u32 flags = agent->flags, active = agent->active & 1;
+	d->born = agent->born;
+	d->generation = agent->generation[active];
 	if (flags & TETHER_AGENT_KILLED) {
 		d->reason = TETHER_REASON_KILLED;
 		d->verdict = TETHER_VERDICT_DENY;
@@ -401,6 +438,19 @@ static __always_inline void *tether_begin(struct tether_decision *d)
 		return NULL;
 	}
 	return rules;
+}
+
+/* tether_begin resolves the current task's agent and its rule set: as tether_begin_slot, and
+ * for a task in no agent NULL with the unknown-cgroup verdict. */
+static __always_inline void *tether_begin(struct tether_decision *d)
+{
+	if (!tether_find_slot(&d->cgroup_id, &d->slot)) {
+		d->slot = TETHER_NO_SLOT;
+		d->reason = TETHER_REASON_UNKNOWN_CGROUP;
+		d->verdict = tether_unknown_cgroup_allow ? TETHER_VERDICT_ALLOW : TETHER_VERDICT_DENY;
+		return NULL;
+	}
+	return tether_begin_slot(d);
 }
 
 /* tether_no_match turns "no rule matched" into deny or, in audit mode, a would-deny. */
@@ -429,25 +479,32 @@ static __always_inline void tether_entry_match(struct tether_decision *d, struct
 	d->reason = TETHER_REASON_RULE;
 }
 
-static __always_inline int tether_port_rule_match(struct tether_port_rule *r, __u8 proto, __u16 port,
-						  struct tether_proc **proc, int *proc_loaded, __u8 *reason)
+static __always_inline int tether_port_rule_match(struct tether_decision *d, struct tether_port_rule *r, __u8 *reason,
+						  const int current)
 {
-	if (r->proto && r->proto != proto)
+	if (r->proto && r->proto != d->proto)
 		return 0;
-	if (port < r->port_lo || port > r->port_hi)
+	if (d->dport < r->port_lo || d->dport > r->port_hi)
 		return 0;
 	if (!(r->flags & TETHER_PORT_RULE_BINARY))
 		return 1;
-	if (!*proc_loaded) {
+	if (current && d->caller == TETHER_CALLER_CURRENT) {
 		__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-		*proc = bpf_map_lookup_elem(&tether_procs, &tgid);
-		*proc_loaded = 1;
+		struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &tgid);
+		d->caller = TETHER_CALLER_NONE;
+		if (p) {
+			d->caller = TETHER_CALLER_KNOWN;
+			d->caller_dev = p->bin_dev;
+			d->caller_ino = p->bin_ino;
+		}
 	}
-	if (!*proc) {
+	if (!current && d->caller == TETHER_CALLER_CURRENT)
+		d->caller = TETHER_CALLER_NONE;
+	if (d->caller != TETHER_CALLER_KNOWN) {
 		*reason = TETHER_REASON_BINARY_UNKNOWN;
 		return 0;
 	}
-	return (*proc)->bin_dev == r->bin_dev && (*proc)->bin_ino == r->bin_ino;
+	return d->caller_dev == r->bin_dev && d->caller_ino == r->bin_ino;
 }
 
 /* tether_take_use takes one use of a counted grant: 1 if it had one left and has not expired. */
@@ -463,28 +520,43 @@ static __always_inline int tether_take_use(__u32 grant)
 	return __sync_fetch_and_add(&u->left, -1) > 0;
 }
 
-/* tether_ports_allow walks a matched prefix's port rules (count of them, at most max): 1 when one
- * allows; else 0, with *audit_hit and *reason saying why not. */
-static __always_inline int tether_ports_allow(struct tether_decision *d, struct tether_port_rule *ports, __u32 count,
-					      const int max, int *audit_hit, __u8 *reason)
+/* tether_grant_live says whether a connection a counted grant allowed may go on: until the grant
+ * expires (or, for one without expiry, while it has uses left). It takes no use. */
+static __always_inline int tether_grant_live(__u32 grant)
 {
-	struct tether_proc *proc = NULL;
-	int proc_loaded = 0;
+	struct tether_grant_uses *u = bpf_map_lookup_elem(&tether_grant_uses, &grant);
+	if (!u)
+		return 0;
+	if (u->expires_ns)
+		return bpf_ktime_get_boot_ns() < u->expires_ns;
+	return u->left > 0;
+}
 
+/* tether_ports_allow walks a matched prefix's port rules (count of them, at most max): 1 when one
+ * allows (d->max_ms is then its max_duration); else 0, with *audit_hit and *reason saying why
+ * not. */
+static __always_inline int tether_ports_allow(struct tether_decision *d, struct tether_port_rule *ports, __u32 count,
+					      const int max, int *audit_hit, __u8 *reason, const int current)
+{
 	for (int i = 0; i < max; i++) {
 		if (i >= count)
 			break;
 		struct tether_port_rule *r = &ports[i];
-		if (!tether_port_rule_match(r, d->proto, d->dport, &proc, &proc_loaded, reason))
+		if (!tether_port_rule_match(d, r, reason, current))
 			continue;
 		if (r->flags & TETHER_PORT_RULE_AUDIT) {
 			*audit_hit = 1; /* a rule that allows silently may still follow */
 			continue;
 		}
-		if ((r->flags & TETHER_PORT_RULE_COUNTED) && !tether_take_use(r->grant)) {
-			*reason = TETHER_REASON_GRANT_SPENT; /* another rule may still allow */
-			continue;
+		if (r->flags & TETHER_PORT_RULE_COUNTED) {
+			int ok = d->recheck ? tether_grant_live(r->grant) : tether_take_use(r->grant);
+			if (!ok) {
+				*reason = TETHER_REASON_GRANT_SPENT; /* another rule may still allow */
+				continue;
+			}
 		}
+		d->max_ms = r->max_ms;
+		d->grant = (r->flags & TETHER_PORT_RULE_COUNTED) ? r->grant : 0;
 		return 1;
 	}
 	return 0;
@@ -525,14 +597,11 @@ static __always_inline struct tether_host_value *tether_host_match(struct tether
 	return NULL;
 }
 
-/* tether_egress decides a connect or sendmsg to addr (IPv6 or v4-mapped) and port: by the longest
- * prefix that matches, whether it is in tether_hosts (a host, or the bulk length) or the trie. */
-static __always_inline int tether_egress(struct tether_decision *d)
+/* tether_egress_rules decides d (a connect, datagram or live socket to d->addr and d->dport) by
+ * the rule set rules: by the longest prefix that matches, whether it is in tether_hosts (a host,
+ * or the bulk length) or the trie. */
+static __always_inline void tether_egress_rules(struct tether_decision *d, void *rules, const int current)
 {
-	void *rules = tether_begin(d);
-	if (!rules)
-		return tether_finish(d, NULL);
-
 	int allowed = 0, audit_hit = 0;
 	__u8 reason = TETHER_REASON_NO_RULE;
 	__u32 len = 8 + 128; /* prefixlen of the tether_hosts match */
@@ -552,20 +621,29 @@ static __always_inline int tether_egress(struct tether_decision *d)
 			v = NULL; /* tether_hosts has the longer match */
 	}
 	if (v)
-		allowed = tether_ports_allow(d, v->ports, v->count, TETHER_MAX_PORT_RULES, &audit_hit, &reason);
+		allowed = tether_ports_allow(d, v->ports, v->count, TETHER_MAX_PORT_RULES, &audit_hit, &reason, current);
 	else if (h)
-		allowed = tether_ports_allow(d, h->ports, h->count, TETHER_HOST_PORT_RULES, &audit_hit, &reason);
+		allowed = tether_ports_allow(d, h->ports, h->count, TETHER_HOST_PORT_RULES, &audit_hit, &reason, current);
 	if (allowed) {
 		d->verdict = TETHER_VERDICT_ALLOW;
 		d->reason = TETHER_REASON_RULE;
-		return tether_finish(d, rules);
+		return;
 	}
 	if (audit_hit) {
 		d->verdict = TETHER_VERDICT_AUDIT;
 		d->reason = TETHER_REASON_AUDIT_RULE;
-		return tether_finish(d, rules);
+		return;
 	}
 	tether_no_match(d, rules, reason);
+}
+
+/* tether_egress decides a connect or sendmsg of the current task to addr (IPv6 or v4-mapped)
+ * and port. */
+static __always_inline int tether_egress(struct tether_decision *d)
+{
+	void *rules = tether_begin(d);
+	if (rules)
+		tether_egress_rules(d, rules, 1);
 	return tether_finish(d, rules);
 }
 
@@ -575,6 +653,59 @@ static __always_inline void tether_addr4(__u8 addr[16], __u32 ip4_net)
 	addr[10] = 0xff;
 	addr[11] = 0xff;
 	__builtin_memcpy(addr + 12, &ip4_net, 4);
+}
+
+/* tether_sock_deadline sets when socket s, allowed by the rule d says, must end: its rule's
+ * max_duration after its connect, or its counted grant's expiry if sooner (so that a connection an
+ * approval opened ends with the approval even while tetherd is not there to install the rule set
+ * without it). d->buf names the rule set, whose mode says whether the end is enforced. */
+static __always_inline void tether_sock_deadline(struct tether_decision *d, struct tether_sock *s)
+{
+	__u64 dl = d->max_ms ? s->start_ns + (__u64)d->max_ms * 1000000 : 0;
+
+	s->flags &= ~(TETHER_SOCK_DEADLINE_GRANT | TETHER_SOCK_DEADLINE_AUDIT | TETHER_SOCK_EXPIRED);
+	if (d->grant) {
+		__u32 g = d->grant;
+		struct tether_grant_uses *u = bpf_map_lookup_elem(&tether_grant_uses, &g);
+		if (u && u->expires_ns && (!dl || u->expires_ns < dl)) {
+			dl = u->expires_ns;
+			s->flags |= TETHER_SOCK_DEADLINE_GRANT;
+		}
+	}
+	s->deadline_ns = dl;
+	if (!dl)
+		return;
+	void *rules = bpf_map_lookup_elem(&tether_rulesets, &d->buf);
+	struct tether_rule_value *h = rules ? tether_header(rules) : NULL;
+	if (h && h->mode == TETHER_MODE_AUDIT)
+		s->flags |= TETHER_SOCK_DEADLINE_AUDIT;
+}
+
+/* tether_connected records, in the socket's storage, that an agent connected it under the verdict
+ * in d: from now on its packets are judged by it, and checked again whenever the agent's rule set
+ * changes. */
+static __always_inline void tether_connected(struct bpf_sock_addr *ctx, struct tether_decision *d)
+{
+	if (d->slot == TETHER_NO_SLOT || d->verdict == TETHER_VERDICT_DENY || !ctx->sk)
+		return;
+	if (d->proto != IPPROTO_TCP && d->proto != IPPROTO_UDP)
+		return;
+	struct tether_sock *s = bpf_sk_storage_get(&tether_socks, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!s) {
+		tether_count(TETHER_COUNTER_SOCK_STORAGE_ERRORS);
+		return;
+	}
+	s->born = d->born;
+	s->generation = d->generation;
+	s->start_ns = bpf_ktime_get_boot_ns();
+	s->flags = TETHER_SOCK_OUTBOUND;
+	tether_sock_deadline(d, s);
+	s->bin_dev = d->caller == TETHER_CALLER_KNOWN ? d->caller_dev : 0;
+	s->bin_ino = d->caller == TETHER_CALLER_KNOWN ? d->caller_ino : 0;
+	s->slot = d->slot;
+	s->pid = bpf_get_current_pid_tgid() >> 32;
+	s->verdict = d->verdict;
+	s->reason = d->reason;
 }
 
 static __always_inline int tether_inet4(struct bpf_sock_addr *ctx, __u8 kind)
@@ -587,7 +718,10 @@ static __always_inline int tether_inet4(struct bpf_sock_addr *ctx, __u8 kind)
 	d.sock_type = ctx->type;
 	d.dport = bpf_ntohs((__u16)ctx->user_port);
 	tether_addr4(d.addr, ctx->user_ip4);
-	return tether_egress(&d);
+	int ok = tether_egress(&d);
+	if (kind == TETHER_KIND_CONNECT4)
+		tether_connected(ctx, &d);
+	return ok;
 }
 
 static __always_inline int tether_inet6(struct bpf_sock_addr *ctx, __u8 kind)
@@ -605,7 +739,10 @@ static __always_inline int tether_inet6(struct bpf_sock_addr *ctx, __u8 kind)
 	addr[1] = ctx->user_ip6[1];
 	addr[2] = ctx->user_ip6[2];
 	addr[3] = ctx->user_ip6[3];
-	return tether_egress(&d);
+	int ok = tether_egress(&d);
+	if (kind == TETHER_KIND_CONNECT6)
+		tether_connected(ctx, &d);
+	return ok;
 }
 
 SEC("cgroup/connect4")
@@ -819,6 +956,610 @@ int tether_sock_create(struct bpf_sock *sk)
 			bpf_ringbuf_submit(e, 0);
 	}
 	return d.verdict != TETHER_VERDICT_DENY;
+}
+
+/* Live sockets and their packets.
+ *
+ * A verdict taken at connect must hold for as long as the connection lives. The connect hooks
+ * record, in the socket's storage (tether_socks), the rule-set generation that allowed it; when
+ * the agent's rule set changes, the daemon sweeps the agent's live sockets (the iter programs)
+ * and terminates with bpf_sock_destroy those whose destination the new rule set no longer allows
+ * (the peer sees a reset, the agent ECONNABORTED). Behind that, tether_egress_skb looks at every
+ * packet an agent socket sends: it drops the packets of a killed agent and of a socket whose
+ * destination is no longer allowed (checked once per socket per generation), and packets whose
+ * IP options or routing header would take them elsewhere than they are addressed. On a kernel
+ * without bpf_sock_destroy (before 6.5) the drops alone do the job. */
+
+#define TETHER_ETH_P_IP 0x0800
+#define TETHER_ETH_P_IPV6 0x86DD
+#define TETHER_NH_HOPOPTS 0
+#define TETHER_NH_ROUTING 43
+#define TETHER_NH_FRAGMENT 44
+#define TETHER_NH_AH 51
+#define TETHER_NH_DSTOPTS 60
+#define TETHER_TCP_RST 0x04
+#define TETHER_TCP_SYN 0x02
+#define TETHER_TCP_ACK 0x10
+
+/* What tether_egress_skb reads of a packet. */
+struct tether_pkt {
+	__u8 daddr[16]; /* IPv6, or IPv4 as ::ffff:a.b.c.d */
+	__u16 dport;	/* host order; 0 when the header was not read */
+	__u8 proto;
+	__u8 detour; /* IPv4 options or an IPv6 routing header */
+	__u8 rst;    /* a TCP reset without payload: the way a terminated connection ends */
+	__u8 syn;    /* a TCP SYN without ACK: the socket is connecting */
+};
+
+/* tether_pkt_l4 reads the ports and TCP flags of the transport header at off; left is how many
+ * bytes of the packet follow the IP header(s) up to its end. */
+static __always_inline void tether_pkt_l4(struct __sk_buff *skb, struct tether_pkt *p, __u32 off, __s32 left)
+{
+	__u8 h[14];
+
+	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
+		return;
+	if (bpf_skb_load_bytes(skb, off, h, p->proto == IPPROTO_TCP ? 14 : 4))
+		return;
+	p->dport = (__u16)h[2] << 8 | h[3];
+	if (p->proto != IPPROTO_TCP)
+		return;
+	__s32 payload = left - (__s32)(h[12] >> 4) * 4;
+	__u8 flags = h[13];
+	p->rst = (flags & TETHER_TCP_RST) && payload <= 0;
+	p->syn = (flags & TETHER_TCP_SYN) && !(flags & TETHER_TCP_ACK);
+}
+
+/* tether_pkt_read reads the network header of an outgoing packet (skb->data is at it) and the
+ * transport header. */
+__attribute__((noinline)) int tether_pkt_read(struct __sk_buff *skb, struct tether_pkt *p)
+{
+	if (!p)
+		return 0;
+	if (skb->protocol == bpf_htons(TETHER_ETH_P_IP)) {
+		__u8 h[20];
+		if (bpf_skb_load_bytes(skb, 0, h, 20))
+			return 0;
+		__u32 ihl = (h[0] & 0x0f) * 4;
+		p->proto = h[9];
+		p->detour = ihl != 20;
+		tether_addr4(p->daddr, *(__u32 *)&h[16]);
+		__u16 frag = (__u16)h[6] << 8 | h[7];
+		if (ihl >= 20 && !(frag & 0x1fff))
+			tether_pkt_l4(skb, p, ihl, ((__s32)h[2] << 8 | h[3]) - (__s32)ihl);
+		return 0;
+	}
+	if (skb->protocol != bpf_htons(TETHER_ETH_P_IPV6))
+		return 0;
+	__u8 h[40];
+	if (bpf_skb_load_bytes(skb, 0, h, 40))
+		return 0;
+	__builtin_memcpy(p->daddr, &h[24], 16);
+	__u8 nh = h[6];
+	__u32 off = 40;
+	int frag = 0;
+	/* Extension headers: a routing header of any type sends the packet to its next segment
+	 * instead of its destination. The offset is kept in a known range so that the verifier's
+	 * paths through the loop meet again instead of multiplying. */
+	for (int i = 0; i < 6; i++) {
+		__u8 x[2];
+		if (nh == IPPROTO_TCP || nh == IPPROTO_UDP)
+			break;
+		if (nh == TETHER_NH_ROUTING)
+			p->detour = 1;
+		else if (nh != TETHER_NH_HOPOPTS && nh != TETHER_NH_DSTOPTS && nh != TETHER_NH_FRAGMENT && nh != TETHER_NH_AH)
+			break;
+		if (bpf_skb_load_bytes(skb, off, x, 2))
+			return 0;
+		__u32 units = nh == TETHER_NH_FRAGMENT ? 0 : x[1];
+		__u32 len = nh == TETHER_NH_AH ? (units + 2) << 2 : (units + 1) << 3;
+		frag |= nh == TETHER_NH_FRAGMENT; /* not the first fragment, or not only: ports may be elsewhere */
+		nh = x[0];
+		off = (off + len) & 0x7ff;
+		tether_barrier_var(off);
+	}
+	p->proto = nh;
+	if (!frag)
+		tether_pkt_l4(skb, p, off, ((__s32)h[4] << 8 | h[5]) - ((__s32)off - 40));
+	return 0;
+}
+
+/* tether_skb_slot finds the agent of the socket of skb from its cgroup: the nearest one bound of
+ * the cgroup and its ancestors, walked from the root down (64 levels at most). Unlike the task
+ * hooks, which look 16 levels up, it finds an agent however deep below it the socket was made:
+ * such a socket got no connect past the hooks, and its agent's rules are the ones to judge it. One
+ * walk from the root keeps the verifier's paths few: the cgroup's own level is not known first. */
+static __always_inline int tether_skb_slot(struct __sk_buff *skb, __u64 *cgroup_id, __u32 *slot)
+{
+	__u64 own = bpf_skb_cgroup_id(skb);
+	int found = 0;
+
+	*cgroup_id = own;
+	for (int l = 0; l < 64; l++) {
+		__u64 id = bpf_skb_ancestor_cgroup_id(skb, l);
+		if (!id)
+			break;
+		struct tether_binding *b = bpf_map_lookup_elem(&tether_cgroups, &id);
+		if (b) {
+			*slot = b->slot;
+			found = 1;
+		}
+		if (id == own)
+			break;
+	}
+	return found;
+}
+
+/* tether_sock_current says whether socket storage s still belongs to the agent (or, for a socket
+ * of no agent, to the bindings) it was attributed to; agent gets that agent. */
+static __always_inline int tether_sock_current(struct tether_sock *s, struct tether_agent **agent)
+{
+	__u32 zero = 0;
+
+	if (s->slot == TETHER_NO_SLOT) {
+		struct tether_config_entry *cfg = bpf_map_lookup_elem(&tether_config, &zero);
+		return cfg && s->born == cfg->bindings_gen;
+	}
+	*agent = bpf_map_lookup_elem(&tether_agents, &s->slot);
+	return *agent && (*agent)->born == s->born;
+}
+
+/* tether_sock_attribute gives socket storage s (new, or of an agent that is gone) the agent slot
+ * now has, and starts it unchecked. */
+static __always_inline void tether_sock_attribute(struct tether_sock *s, __u32 slot, struct tether_agent **agent)
+{
+	__u32 zero = 0;
+
+	s->slot = slot;
+	s->generation = 0;
+	s->flags &= TETHER_SOCK_OUTBOUND;
+	s->born = 0;
+	if (slot == TETHER_NO_SLOT) {
+		struct tether_config_entry *cfg = bpf_map_lookup_elem(&tether_config, &zero);
+		if (cfg)
+			s->born = cfg->bindings_gen;
+		return;
+	}
+	*agent = bpf_map_lookup_elem(&tether_agents, &slot);
+	if (*agent)
+		s->born = (*agent)->born;
+}
+
+/* tether_sock_event records a decision on a socket from a context that is not the socket's
+ * process (a packet, a sweep): the process that connected it, and its lineage while it lives. */
+__attribute__((noinline)) int tether_sock_event(struct tether_decision *d, struct tether_sock *s, __u32 uid)
+{
+	if (!d)
+		return 0;
+	tether_account(d);
+	struct tether_event *e = bpf_ringbuf_reserve(&tether_events, sizeof(*e), 0);
+	if (!e) {
+		tether_count(TETHER_COUNTER_RINGBUF_DROPS);
+		return 0;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_boot_ns = bpf_ktime_get_boot_ns();
+	e->generation = d->generation;
+	e->cgroup_id = d->cgroup_id;
+	e->slot = d->slot;
+	e->uid = uid;
+	e->kind = d->kind;
+	e->verdict = d->verdict;
+	e->reason = d->reason;
+	e->proto = d->proto;
+	e->dport = d->dport;
+	e->family = d->family;
+	e->sock_type = d->proto == IPPROTO_TCP ? SOCK_STREAM : SOCK_DGRAM;
+	__builtin_memcpy(e->daddr, d->addr, sizeof(e->daddr));
+	if (!s) {
+		bpf_ringbuf_submit(e, 0);
+		return 0;
+	}
+	__u32 pid = s->pid;
+	e->pid = pid;
+	e->bin_dev = s->bin_dev;
+	e->bin_ino = s->bin_ino;
+	struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &pid);
+	if (p) {
+		if (!e->bin_ino) {
+			e->bin_dev = p->bin_dev;
+			e->bin_ino = p->bin_ino;
+		}
+		__builtin_memcpy(e->comm, p->comm, sizeof(e->comm));
+		__builtin_memcpy(e->binary, p->path, sizeof(e->binary));
+		__u32 ppid = p->ppid;
+		for (int i = 0; i < TETHER_CHAIN_LEN; i++) {
+			struct tether_proc *pp = bpf_map_lookup_elem(&tether_procs, &ppid);
+			if (!pp)
+				break;
+			e->chain[i].pid = ppid;
+			e->chain[i].bin_dev = pp->bin_dev;
+			e->chain[i].bin_ino = pp->bin_ino;
+			__builtin_memcpy(e->chain[i].comm, pp->comm, sizeof(pp->comm));
+			e->chain_len = i + 1;
+			ppid = pp->ppid;
+		}
+	}
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* tether_sock_expired turns the verdict on socket s, past its deadline, into a deny (a would-deny
+ * in audit mode): max-duration, or revoked when the deadline was its counted grant's expiry. */
+static __always_inline void tether_sock_expired(struct tether_decision *d, struct tether_sock *s)
+{
+	d->verdict = (s->flags & TETHER_SOCK_DEADLINE_AUDIT) ? TETHER_VERDICT_AUDIT : TETHER_VERDICT_DENY;
+	d->reason = (s->flags & TETHER_SOCK_DEADLINE_GRANT) ? TETHER_REASON_REVOKED : TETHER_REASON_MAX_DURATION;
+	s->flags |= TETHER_SOCK_EXPIRED;
+}
+
+/* tether_sock_check decides, once per rule-set generation, whether the agent's rule set in force
+ * still allows the destination of socket s (d carries its slot, address, port and protocol), and
+ * keeps the answer in s: verdict, and reason revoked (or max-duration) when it does not. It
+ * returns 1 when the answer is new (the caller records it when it is not an allow). */
+__attribute__((noinline)) int tether_sock_check(struct tether_decision *d, struct tether_sock *s)
+{
+	if (!d || !s)
+		return 0;
+	struct tether_agent *agent = bpf_map_lookup_elem(&tether_agents, &d->slot);
+	if (agent) {
+		__u32 active = agent->active & 1;
+		__u64 gen = agent->generation[active];
+		if (!(agent->flags & TETHER_AGENT_KILLED) && s->generation == gen && gen) {
+			d->generation = gen;
+			d->verdict = s->verdict;
+			d->reason = s->reason;
+			if (s->deadline_ns && !(s->flags & TETHER_SOCK_EXPIRED) && bpf_ktime_get_boot_ns() >= s->deadline_ns) {
+				tether_sock_expired(d, s);
+				s->verdict = d->verdict;
+				s->reason = d->reason;
+				s->flags &= ~TETHER_SOCK_REPORTED;
+				return 1;
+			}
+			return 0;
+		}
+	}
+	d->recheck = 1;
+	d->caller = TETHER_CALLER_NONE;
+	if (s->bin_ino) {
+		d->caller = TETHER_CALLER_KNOWN;
+		d->caller_dev = s->bin_dev;
+		d->caller_ino = s->bin_ino;
+	} else {
+		__u32 pid = s->pid;
+		struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &pid);
+		if (p) {
+			d->caller = TETHER_CALLER_KNOWN;
+			d->caller_dev = p->bin_dev;
+			d->caller_ino = p->bin_ino;
+		}
+	}
+	void *rules = tether_begin_slot(d);
+	if (rules)
+		tether_egress_rules(d, rules, 0);
+	if (d->verdict != TETHER_VERDICT_ALLOW && d->reason != TETHER_REASON_KILLED)
+		d->reason = TETHER_REASON_REVOKED;
+	s->deadline_ns = 0;
+	if (d->verdict != TETHER_VERDICT_DENY) {
+		tether_sock_deadline(d, s);
+		if (s->deadline_ns && bpf_ktime_get_boot_ns() >= s->deadline_ns)
+			tether_sock_expired(d, s);
+	}
+	if (d->reason != TETHER_REASON_KILLED) {
+		/* A killed agent's sockets are judged again when it is readmitted. */
+		s->generation = d->generation;
+		s->verdict = d->verdict;
+		s->reason = d->reason;
+	}
+	s->flags &= ~TETHER_SOCK_REPORTED;
+	return 1;
+}
+
+
+/* Every packet an agent socket sends, at the agent parents. Its cost in the common case is the
+ * socket storage lookup, the agent's state and one compare. */
+SEC("cgroup_skb/egress")
+int tether_egress_skb(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+	if (!sk)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk)
+		return 1; /* a request or time-wait socket: a handshake reply or a final ACK */
+
+	struct tether_pkt p = {};
+	struct tether_decision d = {};
+	struct tether_agent *agent = NULL;
+	struct tether_sock *s = bpf_sk_storage_get(&tether_socks, sk, 0, 0);
+	int fresh = !s;
+	if (s && !tether_sock_current(s, &agent))
+		fresh = 1;
+	tether_pkt_read(skb, &p);
+	d.kind = TETHER_KIND_PACKET;
+	d.proto = p.proto;
+	d.dport = p.dport;
+	d.family = sk->family;
+	__builtin_memcpy(d.addr, p.daddr, 16);
+	d.slot = TETHER_NO_SLOT;
+
+	if (fresh) {
+		__u32 slot = TETHER_NO_SLOT;
+		if (!tether_skb_slot(skb, &d.cgroup_id, &slot))
+			slot = TETHER_NO_SLOT;
+		if (!s) {
+			s = bpf_sk_storage_get(&tether_socks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+			if (!s)
+				tether_count(TETHER_COUNTER_SOCK_STORAGE_ERRORS);
+		}
+		agent = NULL;
+		if (s) {
+			tether_sock_attribute(s, slot, &agent);
+			if (p.syn && slot != TETHER_NO_SLOT && !(s->flags & TETHER_SOCK_OUTBOUND)) {
+				/* A connect no hook saw (the socket was made before the programs
+				 * were attached): judged from its first packet on. */
+				s->flags |= TETHER_SOCK_OUTBOUND;
+				s->pid = 0; /* not known here */
+				s->start_ns = bpf_ktime_get_boot_ns();
+			}
+		} else if (slot != TETHER_NO_SLOT) {
+			agent = bpf_map_lookup_elem(&tether_agents, &slot);
+		}
+		d.slot = slot;
+	} else {
+		d.slot = s->slot;
+	}
+	if (!d.cgroup_id)
+		d.cgroup_id = bpf_skb_cgroup_id(skb);
+
+	if (d.slot == TETHER_NO_SLOT) {
+		/* A socket of no agent: only one its agent connected and then lost (unregistered)
+		 * is judged, as any connect of a cgroup of no agent. */
+		if (!s || !(s->flags & TETHER_SOCK_OUTBOUND) || tether_unknown_cgroup_allow || p.rst)
+			return 1;
+		d.verdict = TETHER_VERDICT_DENY;
+		d.reason = TETHER_REASON_UNKNOWN_CGROUP;
+		if (!(s->flags & TETHER_SOCK_REPORTED)) {
+			s->flags |= TETHER_SOCK_REPORTED;
+			tether_sock_event(&d, s, bpf_get_socket_uid(skb));
+		} else {
+			tether_count(TETHER_COUNTER_UNKNOWN_CGROUP);
+		}
+		return 0;
+	}
+
+	if (p.detour) {
+		d.verdict = TETHER_VERDICT_DENY;
+		d.reason = TETHER_REASON_DETOUR;
+		if (agent)
+			d.generation = agent->generation[agent->active & 1];
+		if (!s || !(s->flags & TETHER_SOCK_DETOUR_REPORTED)) {
+			if (s)
+				s->flags |= TETHER_SOCK_DETOUR_REPORTED;
+			tether_sock_event(&d, s, bpf_get_socket_uid(skb));
+		} else {
+			tether_account(&d);
+		}
+		return 0;
+	}
+
+	if (agent && (agent->flags & TETHER_AGENT_KILLED)) {
+		if (p.rst)
+			return 1;
+		d.verdict = TETHER_VERDICT_DENY;
+		d.reason = TETHER_REASON_KILLED;
+		d.generation = agent->generation[agent->active & 1];
+		if (!s || !(s->flags & TETHER_SOCK_KILL_REPORTED)) {
+			if (s)
+				s->flags |= TETHER_SOCK_KILL_REPORTED;
+			tether_sock_event(&d, s, bpf_get_socket_uid(skb));
+		} else {
+			tether_account(&d);
+		}
+		return 0;
+	}
+	if (s && (s->flags & TETHER_SOCK_KILL_REPORTED))
+		s->flags &= ~TETHER_SOCK_KILL_REPORTED; /* readmitted */
+
+	if (!s || !(s->flags & TETHER_SOCK_OUTBOUND))
+		return 1; /* accepted, or unconnected datagrams: sendmsg judged each */
+	if (sk->protocol == IPPROTO_UDP) {
+		/* A datagram to another address than the socket's (sendto on a connected socket)
+		 * was judged by sendmsg; one from a socket no longer connected too. */
+		if (sk->dst_port == 0 || bpf_ntohs(sk->dst_port) != p.dport)
+			return 1;
+	}
+	/* The socket's own destination, not the packet's: one check stands for all its packets. */
+	d.proto = sk->protocol;
+	d.dport = bpf_ntohs(sk->dst_port);
+	if (sk->family == AF_INET) {
+		tether_addr4(d.addr, sk->dst_ip4);
+	} else {
+		__u32 *a = (__u32 *)d.addr;
+		a[0] = sk->dst_ip6[0];
+		a[1] = sk->dst_ip6[1];
+		a[2] = sk->dst_ip6[2];
+		a[3] = sk->dst_ip6[3];
+	}
+	int fresh_answer = tether_sock_check(&d, s);
+	if (d.verdict == TETHER_VERDICT_ALLOW)
+		return 1;
+	if (d.verdict == TETHER_VERDICT_DENY && p.rst)
+		return 1;
+	if (fresh_answer || !(s->flags & TETHER_SOCK_REPORTED)) {
+		s->flags |= TETHER_SOCK_REPORTED;
+		tether_sock_event(&d, s, bpf_get_socket_uid(skb));
+	} else if (d.verdict == TETHER_VERDICT_DENY) {
+		tether_account(&d);
+	}
+	return d.verdict != TETHER_VERDICT_DENY;
+}
+
+#define TETHER_SOL_IP 0
+#define TETHER_SOL_IPV6 41
+#define TETHER_IP_OPTIONS 4
+#define TETHER_IPV6_2292HOPOPTS 3
+#define TETHER_IPV6_2292DSTOPTS 4
+#define TETHER_IPV6_2292RTHDR 5
+#define TETHER_IPV6_2292PKTOPTIONS 6
+#define TETHER_IPV6_HOPOPTS 54
+#define TETHER_IPV6_RTHDRDSTOPTS 55
+#define TETHER_IPV6_RTHDR 57
+#define TETHER_IPV6_DSTOPTS 59
+
+/* Socket options that put IP options or IPv6 routing and option headers on every packet of a
+ * socket are refused to agents (EPERM): a routing header sends a packet to its first segment, not
+ * to the destination the connect hook allowed. The egress program drops such packets whatever
+ * set them (ancillary data per message too); this says no at the source and says why. */
+SEC("cgroup/setsockopt")
+int tether_setsockopt(struct bpf_sockopt *ctx)
+{
+	int level = ctx->level, name = ctx->optname;
+	int detour = (level == TETHER_SOL_IP && name == TETHER_IP_OPTIONS) ||
+		     (level == TETHER_SOL_IPV6 &&
+		      (name == TETHER_IPV6_RTHDR || name == TETHER_IPV6_2292RTHDR || name == TETHER_IPV6_HOPOPTS ||
+		       name == TETHER_IPV6_2292HOPOPTS || name == TETHER_IPV6_DSTOPTS || name == TETHER_IPV6_2292DSTOPTS ||
+		       name == TETHER_IPV6_RTHDRDSTOPTS || name == TETHER_IPV6_2292PKTOPTIONS));
+	if (ctx->optlen > 4096)
+		ctx->optlen = 0; /* the program sees only a page: the kernel takes the caller's buffer */
+	if (!detour)
+		return 1;
+
+	struct tether_decision d = {};
+	d.kind = TETHER_KIND_SOCKOPT;
+	d.family = level == TETHER_SOL_IP ? AF_INET : AF_INET6;
+	d.dport = name;
+	void *rules = tether_begin(&d);
+	if (d.slot == TETHER_NO_SLOT)
+		return 1; /* not an agent: the unknown-cgroup verdict is for traffic */
+	d.verdict = TETHER_VERDICT_DENY;
+	d.reason = TETHER_REASON_DETOUR;
+	if (rules) {
+		struct tether_rule_value *h = tether_header(rules);
+		if (h && h->mode == TETHER_MODE_AUDIT)
+			d.verdict = TETHER_VERDICT_AUDIT;
+	}
+	tether_account(&d);
+	struct tether_event *e = tether_event_reserve(&d);
+	if (e)
+		bpf_ringbuf_submit(e, 0);
+	return d.verdict != TETHER_VERDICT_DENY;
+}
+
+/* tether_sk_slot finds the agent of a socket from its cgroup, as tether_walk_slot does for a task:
+ * the socket's cgroup or the nearest of TETHER_MAX_ANCESTORS ancestors that is bound. */
+static __always_inline int tether_sk_slot(struct sock *sk, __u64 *cgroup_id, __u32 *slot)
+{
+	struct cgroup *cg = sk->sk_cgrp_data.cgroup;
+
+	for (int i = 0; i <= TETHER_MAX_ANCESTORS; i++) {
+		if (!cg)
+			break;
+		__u64 id = BPF_CORE_READ(cg, kn, id);
+		if (i == 0)
+			*cgroup_id = id;
+		struct tether_binding *b = bpf_map_lookup_elem(&tether_cgroups, &id);
+		if (b) {
+			*slot = b->slot;
+			return 1;
+		}
+		cg = (struct cgroup *)BPF_CORE_READ(cg, self.parent);
+	}
+	return 0;
+}
+
+/* tether_sweep_sock checks one live socket in a sweep of the slots tether_sweep names: a killed
+ * agent's sockets are all terminated; a socket the agent connected is terminated when the rule
+ * set in force no longer allows its destination, or its rule's max_duration has passed. In audit
+ * mode the would-be termination is recorded instead. */
+static __always_inline int tether_sweep_sock(struct sock *sk, struct sock_common *skc, __u8 proto, __u32 uid)
+{
+	__u16 family = sk->__sk_common.skc_family;
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	struct tether_decision d = {};
+	struct tether_agent *agent = NULL;
+	struct tether_sock *s = bpf_sk_storage_get(&tether_socks, sk, 0, 0);
+	d.slot = TETHER_NO_SLOT;
+	if (s && tether_sock_current(s, &agent)) {
+		d.slot = s->slot;
+	} else {
+		__u32 all = TETHER_SWEEP_ALL;
+		struct tether_sweep_slot *a = bpf_map_lookup_elem(&tether_sweep, &all);
+		if (!s && (!a || !a->want))
+			return 0;
+		__u32 slot = TETHER_NO_SLOT;
+		if (!tether_sk_slot(sk, &d.cgroup_id, &slot))
+			return 0;
+		d.slot = slot;
+		if (s)
+			tether_sock_attribute(s, slot, &agent);
+		else
+			agent = bpf_map_lookup_elem(&tether_agents, &slot);
+	}
+	struct tether_sweep_slot *sw = bpf_map_lookup_elem(&tether_sweep, &d.slot);
+	if (!sw || !sw->want || !agent)
+		return 0;
+	sw->checked++;
+	if (!d.cgroup_id)
+		d.cgroup_id = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
+
+	d.kind = TETHER_KIND_TERMINATE;
+	d.family = family;
+	d.proto = proto;
+	d.dport = bpf_ntohs(sk->__sk_common.skc_dport);
+	if (family == AF_INET)
+		tether_addr4(d.addr, sk->__sk_common.skc_daddr);
+	else
+		BPF_CORE_READ_INTO(&d.addr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+	int state = sk->__sk_common.skc_state;
+
+	if (agent->flags & TETHER_AGENT_KILLED) {
+		d.verdict = TETHER_VERDICT_DENY;
+		d.reason = TETHER_REASON_KILLED;
+		d.generation = agent->generation[agent->active & 1];
+	} else {
+		int connected = proto == IPPROTO_TCP ? state != TCP_LISTEN && state != TCP_CLOSE : d.dport != 0;
+		if (!s || !(s->flags & TETHER_SOCK_OUTBOUND) || !connected)
+			return 0;
+		int fresh = tether_sock_check(&d, s);
+		if (d.verdict == TETHER_VERDICT_ALLOW || (d.verdict == TETHER_VERDICT_AUDIT && !fresh))
+			return 0;
+	}
+	if (d.verdict == TETHER_VERDICT_DENY) {
+		/* skc, not sk: the iterator's own pointer is the one the verifier trusts. */
+		if (bpf_sock_destroy(skc)) {
+			sw->errors++;
+			tether_count(TETHER_COUNTER_DESTROY_ERRORS);
+		} else {
+			sw->destroyed++;
+		}
+	}
+	if (s)
+		s->flags |= TETHER_SOCK_REPORTED;
+	tether_sock_event(&d, s, uid);
+	return 0;
+}
+
+SEC("iter/tcp")
+int tether_sweep_tcp(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	if (!skc)
+		return 0;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0; /* a request or time-wait socket: nothing to send */
+	return tether_sweep_sock((struct sock *)tp, skc, IPPROTO_TCP, ctx->uid);
+}
+
+SEC("iter/udp")
+int tether_sweep_udp(struct bpf_iter__udp *ctx)
+{
+	struct udp_sock *us = ctx->udp_sk;
+	if (!us)
+		return 0;
+	return tether_sweep_sock((struct sock *)us, (struct sock_common *)us, IPPROTO_UDP, ctx->uid);
 }
 
 /* tether_exec_decide decides an exec of the file bprm->file by the current (agent) task. */

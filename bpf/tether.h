@@ -62,7 +62,16 @@ enum tether_kind {
 	TETHER_KIND_SENDMSG_UNIX = 5,
 	TETHER_KIND_EXEC = 6,
 	TETHER_KIND_SOCKET = 7,
-	TETHER_KIND_MAX = 8,
+	/* A setsockopt that would send packets elsewhere than they are addressed (IP options,
+	 * IPv6 routing and option headers). */
+	TETHER_KIND_SOCKOPT = 8,
+	/* A packet leaving an agent socket (cgroup_skb/egress): dropped when it carries a detour
+	 * header, when the agent is killed, or when its socket's destination is no longer allowed. */
+	TETHER_KIND_PACKET = 9,
+	/* A live socket checked again after its agent's rule set changed (the sweep): terminated
+	 * when the rule set in force no longer allows its destination. */
+	TETHER_KIND_TERMINATE = 10,
+	TETHER_KIND_MAX = 11,
 };
 
 enum tether_verdict {
@@ -84,6 +93,9 @@ enum tether_reason {
 	TETHER_REASON_BINARY_UNKNOWN = 6,  /* a rule needs the calling binary, which is not known */
 	TETHER_REASON_AUDIT_RULE = 7,	   /* only an audit rule matched: allowed, reported */
 	TETHER_REASON_GRANT_SPENT = 8,	   /* the matching rule is a counted grant used up or expired */
+	TETHER_REASON_REVOKED = 9,	   /* the rule set in force no longer allows a live socket's destination */
+	TETHER_REASON_DETOUR = 10,	   /* IP options or an IPv6 routing header: the packet would go elsewhere */
+	TETHER_REASON_MAX_DURATION = 11,   /* the max_duration of the rule that allowed the connection passed */
 };
 
 enum tether_mode {
@@ -113,6 +125,11 @@ enum tether_counter {
 	TETHER_COUNTER_LINEAGE_UPDATE_ERRORS = 1,
 	TETHER_COUNTER_SIGNAL_ERRORS = 2,
 	TETHER_COUNTER_UNKNOWN_CGROUP = 3,
+	/* Socket storage that could not be created (no memory): the packet was decided without it. */
+	TETHER_COUNTER_SOCK_STORAGE_ERRORS = 4,
+	/* bpf_sock_destroy calls that failed during a sweep (the packets of the socket are still
+	 * dropped). */
+	TETHER_COUNTER_DESTROY_ERRORS = 5,
 	TETHER_COUNTER_MAX = 8,
 };
 
@@ -158,6 +175,63 @@ struct tether_agent {
 	 * only when it may hold a longer match than tether_hosts gave. */
 	__u8 trie_max[2];
 	__u32 _pad;
+	/* Changes whenever the slot gets a new agent (0 while it has none): a socket remembers the
+	 * born of the agent it was attributed to, and is attributed again when it differs. */
+	__u64 born;
+	/* The rule-set generation of each buffer: a socket checked at the generation in force
+	 * needs no check again (see struct tether_sock). */
+	__u64 generation[2];
+};
+
+enum tether_sock_flags {
+	/* The agent connected the socket (a connect hook allowed it, or the egress program saw its
+	 * SYN): its destination is judged by the egress rules for as long as it lives. Sockets the
+	 * agent accepted, and unconnected datagram sockets (each datagram is judged by sendmsg),
+	 * are not. */
+	TETHER_SOCK_OUTBOUND = 1 << 0,
+	/* A drop of this socket's packets was recorded for its verdict at generation. */
+	TETHER_SOCK_REPORTED = 1 << 1,
+	/* A drop because the agent is killed was recorded. */
+	TETHER_SOCK_KILL_REPORTED = 1 << 2,
+	/* A drop of a detour packet (IP options, routing header) was recorded. */
+	TETHER_SOCK_DETOUR_REPORTED = 1 << 3,
+	/* deadline_ns is the expiry of the counted grant that allowed the socket (not its rule's
+	 * max_duration): past it, the socket is revoked. */
+	TETHER_SOCK_DEADLINE_GRANT = 1 << 4,
+	/* The rule set that set deadline_ns is in audit mode: past it, the socket is reported, not
+	 * cut. */
+	TETHER_SOCK_DEADLINE_AUDIT = 1 << 5,
+	/* deadline_ns has passed: the verdict says so already. */
+	TETHER_SOCK_EXPIRED = 1 << 6,
+};
+
+/* tether_socks value (socket local storage): what the programs know of a socket of an agent.
+ * Written by the connect hooks, the egress program and the sweep; never by the daemon. */
+struct tether_sock {
+	/* tether_agents[slot].born when the socket was attributed to its agent; for a socket of no
+	 * agent, tether_config.bindings_gen then. Either changed: attribute it again. */
+	__u64 born;
+	/* The rule-set generation its destination was last checked at (0: never), and what that
+	 * check said (verdict, reason): a packet under the same generation costs no lookup. */
+	__u64 generation;
+	__u64 start_ns;	   /* CLOCK_BOOTTIME of its connect */
+	__u64 deadline_ns; /* the max_duration of the rule that allows it ends here; 0: none */
+	__u64 bin_ino;	   /* the binary that connected it (rules restricted to a binary) */
+	__u32 bin_dev;
+	__u32 slot; /* its agent, or 0xffffffff */
+	__u32 pid;  /* the process that connected it, for the records */
+	__u16 flags; /* enum tether_sock_flags */
+	__u8 verdict;
+	__u8 reason;
+	char comm[16];
+};
+
+/* tether_sweep value: one slot in a sweep of live sockets (see the iter programs). */
+struct tether_sweep_slot {
+	__u32 want;	 /* non-zero: the running sweep checks this slot's sockets */
+	__u32 checked;	 /* sockets of the slot checked by the sweep */
+	__u32 destroyed; /* sockets terminated */
+	__u32 errors;	 /* bpf_sock_destroy failures */
 };
 
 /* Key of tether_hosts: one egress rule of one rule-set buffer. */
@@ -179,9 +253,11 @@ struct tether_port_rule {
 	__u16 port_hi; /* host order, inclusive */
 	__u8 proto;    /* IPPROTO_TCP, IPPROTO_UDP, or 0 for both */
 	__u8 flags;    /* enum tether_port_rule_flags */
-	__u16 _pad;
+	__u16 grant;   /* index into tether_grant_uses, with TETHER_PORT_RULE_COUNTED */
 	__u32 bin_dev; /* kernel encoding (MKDEV), with TETHER_PORT_RULE_BINARY */
-	__u32 grant;   /* index into tether_grant_uses, with TETHER_PORT_RULE_COUNTED */
+	/* A connection this rule allowed ends this long after its connect (0: it lives as long as
+	 * the rule allows it): its packets are dropped from then on and the sweep terminates it. */
+	__u32 max_ms;
 	__u64 bin_ino;
 };
 

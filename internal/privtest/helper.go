@@ -29,6 +29,8 @@ var helpers = map[string]func(args []string) int{
 	"probe":      helperProbe,
 	"credential": helperCredential,
 	"flood":      helperFlood,
+	"stream":     helperStream,
+	"detour":     helperDetour,
 }
 
 // Main runs the helper the environment names, or the tests and then cleanups. Call it from

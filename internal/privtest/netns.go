@@ -21,6 +21,7 @@ type Host struct {
 	V4, V6    netip.Addr // the host's addresses
 	Ours4     netip.Addr // our side of the veth pair
 	veth      netlink.Link
+	peer      string // the name of the host's end of the veth pair, in its namespace
 	closeOnce sync.Once
 }
 
@@ -51,9 +52,10 @@ func StartHost() (_ *Host, err error) {
 	ours6 := netip.AddrFrom16(v6)
 	v6[15] = 2
 	h.V6 = netip.AddrFrom16(v6)
+	h.peer = fmt.Sprintf("tp%x", r)
 
 	hostName := fmt.Sprintf("tt%x", r)
-	peerName := fmt.Sprintf("tp%x", r)
+	peerName := h.peer
 
 	runtime.LockOSThread()
 	origin, err := netns.Get()

@@ -12,8 +12,11 @@ import (
 // Counted grants. Every approval is a counted grant in the kernel: its uses (or, without a use
 // count, as many as come) until it expires. The rules the policy says hold by the approval
 // (grants.Egress.Approval) name the grant, and the kernel takes a use for each connect they
-// allow, so the (N+1)th is denied however slow tetherd is. The registry numbers the grants and
-// clears each when its approval ends (expired, task ended, agent gone).
+// allow, so the (N+1)th is denied however slow tetherd is. Uses count connects, not time: a
+// connection a use opened lives until the approval ends (or its rule's max_duration), and is
+// terminated then. An approval used up stays until it expires, so that the next denied attempt
+// does not end the connections it opened. The registry numbers the grants and clears each when
+// its approval ends (expired, task ended, agent gone).
 
 // grantPool hands out the kernel's grant numbers (1 to MaxGrants-1). Guarded by Registry.mu.
 type grantPool struct {
@@ -70,36 +73,6 @@ func (r *Registry) closeGrants(aps []Approval) {
 		}
 		r.grants.give(ap.Grant)
 	}
-}
-
-// spent reports whether the kernel has taken every use of a counted approval. Call with r.mu
-// held.
-func (r *Registry) spent(ap Approval) bool {
-	if ap.Uses == 0 || ap.Grant == 0 {
-		return false
-	}
-	left, err := r.opts.Dataplane.GrantLeft(ap.Grant)
-	return err == nil && left == 0
-}
-
-// DropSpent evaluates the agent in slot again if one of its approvals is used up, so that the
-// rules holding by it go (the kernel has denied them since the last use already). The daemon
-// calls it when the kernel reports a spent grant.
-func (r *Registry) DropSpent(slot dataplane.Slot) error {
-	r.mu.Lock()
-	a, ok := r.live(slot)
-	spent := false
-	if ok && a.ctx.Task != nil {
-		for _, ap := range a.ctx.Task.Approvals {
-			spent = spent || r.spent(ap)
-		}
-	}
-	r.mu.Unlock()
-	if !spent {
-		return nil
-	}
-	_, err := r.change(slot, func(*agent) error { return nil })
-	return err
 }
 
 // dropTask ends a's task and the counted grants of its approvals. Call with r.mu held.

@@ -121,10 +121,9 @@ func (r *Registry) expire(a *agent, now time.Time) {
 		case !ap.ExpiresAt.After(now):
 			r.log.Info("approval expired", "slot", a.slot, "task", t.ID, "approval", ap.ID)
 			r.closeGrants([]Approval{ap})
-		case r.spent(ap):
-			r.log.Info("approval used up", "slot", a.slot, "task", t.ID, "approval", ap.ID, "uses", ap.Uses)
-			r.closeGrants([]Approval{ap})
 		default:
+			// Used up or not, an approval lasts until it expires: its uses count connects,
+			// and the connections they opened live as long as it does.
 			kept = append(kept, ap)
 		}
 	}

@@ -684,20 +684,20 @@ func TestApprovalsAreCountedGrants(t *testing.T) {
 	if v, _ := e.reg.Get(a.Slot); *v.Task.Approvals[0].UsesLeft != 1 {
 		t.Errorf("after a use: %d left", *v.Task.Approvals[0].UsesLeft)
 	}
-	if err := e.reg.DropSpent(a.Slot); err != nil || len(e.dp.Grants()) != 1 {
-		t.Errorf("DropSpent with a use left: %v, grants %v", err, e.dp.Grants())
-	}
-	e.dp.Use(ap.Grant) // the last: the approval goes, and its rule with it
-	if err := e.reg.DropSpent(a.Slot); err != nil {
+	e.dp.Use(ap.Grant) // the last: the kernel denies further connects itself
+	// Used up, the approval stays until it expires: the connections its uses opened live as
+	// long as it does, and an evaluation meanwhile does not end them.
+	if _, err := e.reg.RenewTask(a.Slot, time.Hour); err != nil {
 		t.Fatal(err)
 	}
-	if v, _ := e.reg.Get(a.Slot); len(v.Task.Approvals) != 0 || len(e.dp.Grants()) != 0 {
-		t.Errorf("used up: approvals %+v, grants %v", v.Task.Approvals, e.dp.Grants())
+	v, _ := e.reg.Get(a.Slot)
+	if len(v.Task.Approvals) != 1 || *v.Task.Approvals[0].UsesLeft != 0 || len(e.dp.Grants()) != 1 {
+		t.Errorf("used up: approvals %+v, grants %v; want the approval kept with no uses left", v.Task.Approvals, e.dp.Grants())
 	}
-	if rs, _ := e.dp.RuleSet(a.Slot); slices.ContainsFunc(rs.Egress, func(eg dataplane.Egress) bool {
-		return slices.ContainsFunc(eg.Ports, func(p dataplane.PortRule) bool { return p.Grant != 0 })
+	if rs, _ := e.dp.RuleSet(a.Slot); !slices.ContainsFunc(rs.Egress, func(eg dataplane.Egress) bool {
+		return slices.ContainsFunc(eg.Ports, func(p dataplane.PortRule) bool { return p.Grant == ap.Grant })
 	}) {
-		t.Errorf("a rule still names the spent grant: %+v", rs.Egress)
+		t.Errorf("no rule names the used-up grant before it expires: %+v", rs.Egress)
 	}
 	if _, err := e.reg.EndTask(a.Slot); err != nil {
 		t.Fatal(err)

@@ -31,7 +31,6 @@ type policyState struct {
 	reloadMu sync.Mutex // one reload at a time
 
 	recent   *recent  // what respond is told of each agent's recent decisions
-	dropping sync.Map // slots whose used-up approvals are being dropped
 }
 
 // startPolicy puts the first revision in force (a directory or the shipped policies), or starts
@@ -202,16 +201,6 @@ func (d *Daemon) respond(rec *events.Decision) {
 	}
 	if rev == nil || rec.Verdict == dataplane.VerdictAllow.String() {
 		return
-	}
-	if slot := dataplane.Slot(*rec.Slot); rec.Reason == dataplane.ReasonGrantSpent.String() {
-		// An approval is used up: its rules go (off this goroutine: it evaluates the agent),
-		// once per slot at a time however many spent denials arrive meanwhile.
-		if _, busy := d.pol.dropping.LoadOrStore(slot, true); !busy {
-			go func() {
-				defer d.pol.dropping.Delete(slot)
-				d.registry.DropSpent(slot)
-			}()
-		}
 	}
 	slot := dataplane.Slot(*rec.Slot)
 	resp, fresh, err := d.pol.recent.respond(rec, rev, func() (policy.Input, bool) {

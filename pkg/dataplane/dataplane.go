@@ -93,9 +93,16 @@ type PortRule struct {
 	Audit  bool
 	// Grant, when not zero, makes the rule a counted grant: it allows only while the kernel's
 	// grant Grant (SetGrant) has uses left and has not expired, and each allowed connect or
-	// datagram takes a use.
+	// datagram takes a use. A connection it allowed lives until the grant expires (or, without
+	// an expiry, while it has uses left), or until the rule is gone.
 	Grant uint32
+	// MaxDuration, when not zero, ends every connection the rule allowed that long after its
+	// connect: its packets are dropped from then on and the socket is terminated.
+	MaxDuration time.Duration
 }
+
+// MaxRuleDuration is the longest MaxDuration the kernel holds (milliseconds in 32 bits).
+const MaxRuleDuration = time.Duration(1<<32-1) * time.Millisecond
 
 // MaxGrants bounds the counted grants in force at once (TETHER_MAX_GRANTS); grant 0 is none.
 const MaxGrants = 4096
@@ -170,13 +177,21 @@ const (
 	KindSendmsgUnix
 	KindExec
 	KindSocket
+	// KindSockopt is a setsockopt of IP options or IPv6 routing and option headers (refused).
+	KindSockopt
+	// KindPacket is a packet an agent socket sent: dropped because the agent is killed, its
+	// socket's destination is no longer allowed, or it carries a detour header.
+	KindPacket
+	// KindTerminate is a live socket checked after its agent's rule set changed: terminated
+	// when its destination is no longer allowed.
+	KindTerminate
 	numKinds
 )
 
 // NumKinds is the number of kinds the kernel counts.
 const NumKinds = int(numKinds)
 
-var kindNames = [...]string{"connect4", "connect6", "sendmsg4", "sendmsg6", "connect_unix", "sendmsg_unix", "exec", "socket"}
+var kindNames = [...]string{"connect4", "connect6", "sendmsg4", "sendmsg6", "connect_unix", "sendmsg_unix", "exec", "socket", "sockopt", "packet", "terminate"}
 
 func (k Kind) String() string {
 	if int(k) < len(kindNames) {
@@ -220,9 +235,15 @@ const (
 	ReasonBinaryUnknown
 	ReasonAuditRule
 	ReasonGrantSpent
+	// ReasonRevoked: the rule set in force no longer allows a live socket's destination.
+	ReasonRevoked
+	// ReasonDetour: IP options or an IPv6 routing header would take the packet elsewhere.
+	ReasonDetour
+	// ReasonMaxDuration: the max_duration of the rule that allowed the connection passed.
+	ReasonMaxDuration
 )
 
-var reasonNames = [...]string{"rule", "no-rule", "killed", "unknown-cgroup", "no-ruleset", "socket-type", "binary-unknown", "audit-rule", "grant-spent"}
+var reasonNames = [...]string{"rule", "no-rule", "killed", "unknown-cgroup", "no-ruleset", "socket-type", "binary-unknown", "audit-rule", "grant-spent", "revoked", "detour", "max-duration"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) {
@@ -255,12 +276,12 @@ type Event struct {
 	Proto      Proto
 	Family     uint16
 	SockType   uint32
-	Addr       netip.Addr // connect and sendmsg; IPv4 unmapped
+	Addr       netip.Addr // connect, sendmsg, packet and terminate; IPv4 unmapped
 	Port       uint16
 	Comm       string
 	Binary     FileID // the calling binary; for exec, the executable
 	BinaryPath string // as the calling process was exec'd
-	Target     string // exec: filename; unix: socket path
+	Target     string // exec: filename; unix: socket path; sockopt: the option (IP_OPTIONS, IPV6_RTHDR, ...)
 	Chain      []Process
 }
 
@@ -287,6 +308,12 @@ type Counters struct {
 	LineageUpdateErrors uint64
 	SignalErrors        uint64
 	UnknownCgroup       uint64
+	// SockStorageErrors counts sockets whose storage could not be made (no memory): their
+	// packets are judged without it, and a revocation reaches them only by their agent's kill.
+	SockStorageErrors uint64
+	// DestroyErrors counts sockets a sweep could not terminate (their packets are still
+	// dropped).
+	DestroyErrors uint64
 }
 
 // AgentCounts are one agent's decisions by kind and verdict.
@@ -302,7 +329,9 @@ type Dataplane interface {
 	// SetFlags replaces the agent's state flags.
 	SetFlags(slot Slot, flags AgentFlags) error
 	Flags(slot Slot) (AgentFlags, error)
-	// Install replaces the agent's whole rule set at once.
+	// Install replaces the agent's whole rule set at once. Live sockets of the agent whose
+	// destination it no longer allows are terminated right after, and their packets dropped
+	// from the moment it is in force.
 	Install(slot Slot, rs *RuleSet) error
 	// Clear removes everything the kernel holds for slot.
 	Clear(slot Slot) error

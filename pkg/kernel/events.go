@@ -178,8 +178,11 @@ func DecodeEvent(raw []byte, boot time.Time) (dataplane.Event, error) {
 		out.Binary = dataplane.FileID{Dev: userDev(e.BinDev), Ino: e.BinIno}
 	}
 	switch out.Kind {
-	case dataplane.KindConnect4, dataplane.KindConnect6, dataplane.KindSendmsg4, dataplane.KindSendmsg6:
+	case dataplane.KindConnect4, dataplane.KindConnect6, dataplane.KindSendmsg4, dataplane.KindSendmsg6,
+		dataplane.KindPacket, dataplane.KindTerminate:
 		out.Addr = netip.AddrFrom16(e.Daddr).Unmap()
+	case dataplane.KindSockopt:
+		out.Target = sockoptName(e.Family, e.Dport)
 	}
 	n := min(int(e.ChainLen), len(e.Chain))
 	for _, c := range e.Chain[:n] {
@@ -190,4 +193,19 @@ func DecodeEvent(raw []byte, boot time.Time) (dataplane.Event, error) {
 		out.Chain = append(out.Chain, p)
 	}
 	return out, nil
+}
+
+// sockoptName names the socket option a sockopt event carries (its family says the level, its
+// port field the option).
+func sockoptName(family, opt uint16) string {
+	names := map[uint16]string{unix.IP_OPTIONS: "IP_OPTIONS"}
+	if family == unix.AF_INET6 {
+		names = map[uint16]string{unix.IPV6_RTHDR: "IPV6_RTHDR", unix.IPV6_2292RTHDR: "IPV6_2292RTHDR",
+			unix.IPV6_HOPOPTS: "IPV6_HOPOPTS", unix.IPV6_2292HOPOPTS: "IPV6_2292HOPOPTS", unix.IPV6_DSTOPTS: "IPV6_DSTOPTS",
+			unix.IPV6_2292DSTOPTS: "IPV6_2292DSTOPTS", unix.IPV6_RTHDRDSTOPTS: "IPV6_RTHDRDSTOPTS", unix.IPV6_2292PKTOPTIONS: "IPV6_2292PKTOPTIONS"}
+	}
+	if n, ok := names[opt]; ok {
+		return n
+	}
+	return fmt.Sprintf("option %d of family %d", opt, family)
 }

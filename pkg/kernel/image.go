@@ -5,6 +5,7 @@ import (
 	"cmp"
 	"fmt"
 	"slices"
+	"time"
 	"unsafe"
 
 	"github.com/cilium/ebpf"
@@ -292,4 +293,26 @@ func readTrie(m *ebpf.Map, img *trieImage) error {
 		return fmt.Errorf("reading rule buffer: %w", err)
 	}
 	return nil
+}
+
+// generation is the rule-set generation of the image's header (0 without one).
+func (m *trieImage) generation() uint64 {
+	if len(m.ents) == 0 || m.ents[0].kind != uint8(bpfTetherRuleKindTETHER_RULE_HEADER) {
+		return 0
+	}
+	return m.val(0).Generation
+}
+
+// maxDuration is the shortest max_duration of the image's egress rules (0: none has one).
+func (m *trieImage) maxDuration() time.Duration {
+	var least uint32
+	for i := range m.vals {
+		v := &m.vals[i]
+		for _, p := range v.Ports[:min(int(v.Count), len(v.Ports))] {
+			if p.MaxMs != 0 && (least == 0 || p.MaxMs < least) {
+				least = p.MaxMs
+			}
+		}
+	}
+	return time.Duration(least) * time.Millisecond
 }

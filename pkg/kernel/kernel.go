@@ -73,7 +73,10 @@ type Options struct {
 	// AllowRootAttach permits attaching the cgroup programs at the cgroup2 root, which hooks
 	// every process of the host. Only for nodes where that is the intent.
 	AllowRootAttach bool
-	Logger          *slog.Logger
+	// NoSockDestroy leaves live sockets open where the kernel could terminate them: revoked
+	// connections are then only cut by dropping their packets, as on kernels before 6.5.
+	NoSockDestroy bool
+	Logger        *slog.Logger
 }
 
 // Kernel is the loaded and attached data plane.
@@ -95,6 +98,8 @@ type Kernel struct {
 	agentInfo     *ebpf.Map
 	grants        *ebpf.Map
 	config        *ebpf.Map
+	sweepMap      *ebpf.Map
+	sweeper       *sweeper
 	innerSpec     *ebpf.MapSpec
 	bootTime      time.Time
 
@@ -151,6 +156,9 @@ func Open(opts Options) (_ *Kernel, err error) {
 	}()
 	k.bootTime = bootTime()
 	k.features = probe(opts.Exec, opts.Logger)
+	if opts.NoSockDestroy && k.features.SockDestroy {
+		k.features.noSockDestroy()
+	}
 	if opts.Exec == ExecLSM && !k.features.LSMUsable {
 		return nil, fmt.Errorf("exec mode lsm requested, but BPF LSM is not usable here: %s", k.features.ExecReason)
 	}
@@ -158,6 +166,9 @@ func Open(opts Options) (_ *Kernel, err error) {
 		return nil, err
 	}
 	if err := k.attachGlobal(); err != nil {
+		return nil, err
+	}
+	if err := k.attachSweep(); err != nil {
 		return nil, err
 	}
 	return k, nil
@@ -200,8 +211,8 @@ func (k *Kernel) load() error {
 		return err
 	}
 	for name, m := range spec.Maps {
-		if !strings.HasPrefix(name, "tether_") {
-			continue // .rodata belongs to this load of the programs
+		if !strings.HasPrefix(name, "tether_") || name == bpfMapTetherSweep {
+			continue // .rodata and the sweep's slots belong to this load of the programs
 		}
 		m.Pinning = ebpf.PinByName
 		if err := k.checkPinned(m); err != nil {
@@ -232,6 +243,7 @@ func (k *Kernel) load() error {
 	k.agentInfo = coll.Maps[bpfMapTetherAgentInfo]
 	k.grants = coll.Maps[bpfMapTetherGrantUses]
 	k.config = coll.Maps[bpfMapTetherConfig]
+	k.sweepMap = coll.Maps[bpfMapTetherSweep]
 	if k.graceMap, err = ebpf.NewMap(k.innerSpec); err != nil {
 		return fmt.Errorf("creating the grace-period trie: %w", err)
 	}
@@ -291,6 +303,9 @@ func (k *Kernel) Close() error {
 		return nil
 	}
 	k.closed = true
+	if k.sweeper != nil {
+		k.sweeper.close()
+	}
 	var errs []error
 	for _, ls := range k.parents {
 		for _, l := range ls {

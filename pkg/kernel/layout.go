@@ -14,7 +14,7 @@ import (
 
 // stateMaps hold what must survive a restart; their layout decides whether pins can be adopted.
 var stateMaps = []string{bpfMapTetherCgroups, bpfMapTetherAgents, bpfMapTetherRulesets, bpfMapTetherHosts,
-	bpfMapTetherProcs, bpfMapTetherAgentCounters, bpfMapTetherAgentInfo, bpfMapTetherConfig, bpfMapTetherGrantUses}
+	bpfMapTetherProcs, bpfMapTetherAgentCounters, bpfMapTetherAgentInfo, bpfMapTetherConfig, bpfMapTetherGrantUses, bpfMapTetherSocks}
 
 const layoutPin = "tether_layout"
 

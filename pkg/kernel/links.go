@@ -110,7 +110,7 @@ func globalHooks() []hookSpec {
 		switch {
 		case h.lsm:
 			lsm = append(lsm, h)
-		case !h.cgroup:
+		case !h.cgroup && !h.iter:
 			tracing = append(tracing, h)
 		}
 	}
@@ -229,7 +229,7 @@ func (k *Kernel) Attached() error {
 	}
 	var pins []string
 	for _, h := range hookSpecs {
-		if k.coll.Programs[h.prog] == nil {
+		if k.coll.Programs[h.prog] == nil || h.iter {
 			continue
 		}
 		if !h.cgroup {

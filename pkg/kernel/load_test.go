@@ -12,6 +12,13 @@ func TestPrivilegedLoad(t *testing.T) {
 	f := newFixture(t, Options{})
 	feat := f.k.Features()
 	t.Logf("exec mode %s: %s", feat.ExecMode, feat.ExecReason)
+	for name, p := range f.k.coll.Programs {
+		if info, err := p.Info(); err == nil {
+			if n, ok := info.VerifiedInstructions(); ok {
+				t.Logf("%s: %d instructions verified", name, n)
+			}
+		}
+	}
 	for _, h := range feat.Hooks {
 		required := !strings.Contains(h.Name, "unix") && h.Name != "exec_lsm"
 		if required && !h.Active {

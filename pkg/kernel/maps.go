@@ -109,7 +109,13 @@ func egressValue(e dataplane.Egress) (bpfTetherRuleValue, error) {
 				return bpfTetherRuleValue{}, fmt.Errorf("prefix %s: counted grant %d: want 1-%d, on a rule that allows", e.Prefix, p.Grant, dataplane.MaxGrants-1)
 			}
 			r.Flags |= uint8(bpfTetherPortRuleFlagsTETHER_PORT_RULE_COUNTED)
-			r.Grant = p.Grant
+			r.Grant = uint16(p.Grant)
+		}
+		if p.MaxDuration != 0 {
+			if p.MaxDuration < time.Millisecond || p.MaxDuration > dataplane.MaxRuleDuration {
+				return bpfTetherRuleValue{}, fmt.Errorf("prefix %s: max_duration %s: want 1ms to %s", e.Prefix, p.MaxDuration, dataplane.MaxRuleDuration)
+			}
+			r.MaxMs = uint32(p.MaxDuration / time.Millisecond)
 		}
 	}
 	return v, nil
@@ -292,11 +298,13 @@ func (k *Kernel) Counters() (dataplane.Counters, error) {
 		return n, nil
 	}
 	var c dataplane.Counters
-	var errs [4]error
+	var errs [6]error
 	c.RingBufferDrops, errs[0] = sum(bpfTetherCounterTETHER_COUNTER_RINGBUF_DROPS)
 	c.LineageUpdateErrors, errs[1] = sum(bpfTetherCounterTETHER_COUNTER_LINEAGE_UPDATE_ERRORS)
 	c.SignalErrors, errs[2] = sum(bpfTetherCounterTETHER_COUNTER_SIGNAL_ERRORS)
 	c.UnknownCgroup, errs[3] = sum(bpfTetherCounterTETHER_COUNTER_UNKNOWN_CGROUP)
+	c.SockStorageErrors, errs[4] = sum(bpfTetherCounterTETHER_COUNTER_SOCK_STORAGE_ERRORS)
+	c.DestroyErrors, errs[5] = sum(bpfTetherCounterTETHER_COUNTER_DESTROY_ERRORS)
 	return c, errors.Join(errs[:]...)
 }
 

@@ -9,6 +9,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
@@ -28,7 +29,11 @@ type Features struct {
 	ExecReason string   `json:"exec_reason"`
 	LSMUsable  bool     `json:"lsm_usable"`
 	ActiveLSMs string   `json:"active_lsms"`
-	Hooks      []Hook   `json:"hooks"`
+	// SockDestroy says whether live sockets are terminated (bpf_sock_destroy from the socket
+	// iterators, Linux 6.5+); without it their packets are only dropped.
+	SockDestroy       bool   `json:"sock_destroy"`
+	SockDestroyReason string `json:"sock_destroy_reason"`
+	Hooks             []Hook `json:"hooks"`
 }
 
 type hookSpec struct {
@@ -37,6 +42,7 @@ type hookSpec struct {
 	attach              ebpf.AttachType // cgroup hooks
 	optional            bool            // trial-loaded; skipped where the kernel lacks it
 	lsm                 bool            // a BPF LSM program
+	iter                bool            // a socket iterator of the sweep (run by tetherd, never pinned)
 }
 
 var hookSpecs = []hookSpec{
@@ -47,12 +53,16 @@ var hookSpecs = []hookSpec{
 	{name: "connect_unix", prog: bpfProgTetherConnectUnix, section: "cgroup/connect_unix", cgroup: true, attach: ebpf.AttachCgroupUnixConnect, optional: true},
 	{name: "sendmsg_unix", prog: bpfProgTetherSendmsgUnix, section: "cgroup/sendmsg_unix", cgroup: true, attach: ebpf.AttachCgroupUnixSendmsg, optional: true},
 	{name: "sock_create", prog: bpfProgTetherSockCreate, section: "cgroup/sock_create", cgroup: true, attach: ebpf.AttachCGroupInetSockCreate},
+	{name: "egress_skb", prog: bpfProgTetherEgressSkb, section: "cgroup_skb/egress", cgroup: true, attach: ebpf.AttachCGroupInetEgress},
+	{name: "setsockopt", prog: bpfProgTetherSetsockopt, section: "cgroup/setsockopt", cgroup: true, attach: ebpf.AttachCGroupSetsockopt},
 	{name: "exec", prog: bpfProgTetherExec, section: "tp_btf/sched_process_exec"},
 	{name: "fork", prog: bpfProgTetherFork, section: "tp_btf/sched_process_fork"},
 	{name: "exit", prog: bpfProgTetherExit, section: "tp_btf/sched_process_exit"},
 	{name: "exec_lsm", prog: bpfProgTetherExecLsm, section: "lsm/bprm_check_security", lsm: true},
 	{name: "connect_unix_lsm", prog: bpfProgTetherConnectUnixLsm, section: "lsm/socket_connect", lsm: true},
 	{name: "sendmsg_unix_lsm", prog: bpfProgTetherSendmsgUnixLsm, section: "lsm/socket_sendmsg", lsm: true},
+	{name: "sweep_tcp", prog: bpfProgTetherSweepTcp, section: "iter/tcp", iter: true},
+	{name: "sweep_udp", prog: bpfProgTetherSweepUdp, section: "iter/udp", iter: true},
 }
 
 func (f *Features) hook(name string) *Hook {
@@ -130,8 +140,53 @@ func probe(want ExecMode, log *slog.Logger) Features {
 			cg.Reason += "; unix socket rules are NOT enforced on this kernel"
 		}
 	}
-	log.Info("probed kernel", "exec_mode", f.ExecMode, "exec_reason", f.ExecReason, "active_lsms", f.ActiveLSMs)
+	if err := probeSockDestroy(); err != nil {
+		f.SockDestroyReason = fmt.Sprintf("live sockets are not terminated, only their packets dropped (cgroup_skb/egress): %v", err)
+	} else {
+		f.SockDestroy = true
+		f.SockDestroyReason = "live sockets are terminated by bpf_sock_destroy from the socket iterators, and their packets dropped until then"
+	}
+	for _, name := range []string{"sweep_tcp", "sweep_udp"} {
+		h := f.hook(name)
+		h.Active = f.SockDestroy
+		if !h.Active {
+			h.Reason = f.SockDestroyReason
+		}
+	}
+	log.Info("probed kernel", "exec_mode", f.ExecMode, "exec_reason", f.ExecReason, "active_lsms", f.ActiveLSMs, "sock_destroy", f.SockDestroy)
 	return f
+}
+
+// noSockDestroy turns the termination of live sockets off (their packets are still dropped).
+func (f *Features) noSockDestroy() {
+	f.SockDestroy = false
+	f.SockDestroyReason = "live sockets are not terminated (turned off), only their packets dropped (cgroup_skb/egress)"
+	for _, name := range []string{"sweep_tcp", "sweep_udp"} {
+		h := f.hook(name)
+		h.Active, h.Reason = false, f.SockDestroyReason
+	}
+}
+
+// probeSockDestroy finds whether the kernel has the bpf_sock_destroy kfunc (Linux 6.5) and the
+// socket iterators it is called from, in its BTF. (features.HaveProgramType(ebpf.Tracing) would
+// trial-load an fentry program, which needs trampolines that an iterator does not.) Loading the
+// programs is the proof: Open fails with the verifier's words where they do not load.
+func probeSockDestroy() error {
+	spec, err := btf.LoadKernelSpec()
+	if err != nil {
+		return fmt.Errorf("reading the kernel's BTF: %w", err)
+	}
+	var fn *btf.Func
+	if err := spec.TypeByName("bpf_sock_destroy", &fn); err != nil {
+		return fmt.Errorf("no bpf_sock_destroy kfunc (Linux 6.5 has it): %w", err)
+	}
+	for _, name := range []string{"bpf_iter__tcp", "bpf_iter__udp"} {
+		var st *btf.Struct
+		if err := spec.TypeByName(name, &st); err != nil {
+			return fmt.Errorf("no %s socket iterator: %w", name, err)
+		}
+	}
+	return nil
 }
 
 // probeCgroupAttach trial-loads a program for a cgroup sock_addr attach type.

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
@@ -39,7 +40,11 @@ type slotState struct {
 	// where its egress rules are.
 	bulk    [2]uint8
 	trieMax [2]uint8
-	bufs    [2]*ebpf.Map
+	// born and gen are struct tether_agent's: who the slot's agent is (0: none yet), and the
+	// rule-set generation each buffer holds.
+	born uint64
+	gen  [2]uint64
+	bufs [2]*ebpf.Map
 	// mirror is what each buffer holds (its trie and its host rules); nil: unknown (read from
 	// the kernel when needed).
 	mirror [2]*trieImage
@@ -80,12 +85,13 @@ func (k *Kernel) loadSlot(st *slotState, slot dataplane.Slot) error {
 		return fmt.Errorf("reading state of slot %d: %w", slot, err)
 	}
 	st.flags, st.active, st.floor, st.bulk, st.trieMax, st.loaded = a.Flags, a.Active&1, a.Floor, a.Bulk, a.TrieMax, true
+	st.born, st.gen = a.Born, a.Generation
 	return nil
 }
 
 // agentValue is the slot's tether_agents value with flags, active and floor.
 func (st *slotState) agentValue(flags, active uint32, floor [2]uint64) bpfTetherAgent {
-	return bpfTetherAgent{Flags: flags, Active: active, Floor: floor, Bulk: st.bulk, TrieMax: st.trieMax}
+	return bpfTetherAgent{Flags: flags, Active: active, Floor: floor, Bulk: st.bulk, TrieMax: st.trieMax, Born: st.born, Generation: st.gen}
 }
 
 // writeAgent writes the whole agent value. Call with st.mu held.
@@ -104,11 +110,20 @@ func (k *Kernel) SetFlags(slot dataplane.Slot, flags dataplane.AgentFlags) error
 	}
 	st := k.slot(slot)
 	st.mu.Lock()
-	defer st.mu.Unlock()
 	if err := k.loadSlot(st, slot); err != nil {
+		st.mu.Unlock()
 		return err
 	}
-	return k.writeAgent(st, slot, uint32(flags), st.active)
+	killed := flags&dataplane.AgentKilled != 0 && st.flags&uint32(dataplane.AgentKilled) == 0
+	err := k.writeAgent(st, slot, uint32(flags), st.active)
+	st.mu.Unlock()
+	if err != nil || !killed {
+		return err
+	}
+	// Cut what the agent holds open: its packets are dropped from the write on, and its
+	// sockets are terminated before this returns.
+	_, err = k.Sweep(slot)
+	return err
 }
 
 // Flags reads the state flags of the agent in slot.
@@ -156,6 +171,10 @@ func (k *Kernel) Install(slot dataplane.Slot, rs *dataplane.RuleSet) error {
 	}
 	epoch := st.epoch
 	st.quiet = k.graceAsync(func() { k.syncInactive(st, slot, epoch) })
+	k.sweeper.timed(slot, want.maxDuration())
+	// Live sockets the new rule set no longer allows: their packets are dropped from the flip
+	// on (tether_egress_skb); the sweep terminates them.
+	k.sweeper.request(slot)
 	return nil
 }
 
@@ -425,7 +444,8 @@ func planRetired(st *slotState, i uint32, have, want *trieImage, bulk uint8) cha
 }
 
 // holds records that buffer i holds img, once its entries are written, and tells the hooks the
-// longest egress rule the buffer keeps in its trie. Call it before the buffer is put in force.
+// longest egress rule the buffer keeps in its trie and the generation it holds (and, for a slot's
+// first rule set, who its agent is). Call it before the buffer is put in force.
 func (k *Kernel) holds(st *slotState, slot dataplane.Slot, i uint32, img *trieImage) error {
 	var longest uint8
 	for j := range int32(img.len()) {
@@ -433,14 +453,28 @@ func (k *Kernel) holds(st *slotState, slot dataplane.Slot, i uint32, img *trieIm
 			longest = max(longest, uint8(e.bits))
 		}
 	}
-	if longest != st.trieMax[i] {
-		st.trieMax[i] = longest
+	gen := img.generation()
+	if longest != st.trieMax[i] || gen != st.gen[i] || st.born == 0 {
+		st.trieMax[i], st.gen[i] = longest, gen
+		if st.born == 0 {
+			st.born = newBorn()
+		}
 		if err := k.writeAgent(st, slot, st.flags, st.active); err != nil {
 			return err
 		}
 	}
 	st.mirror[i] = img
 	return nil
+}
+
+// newBorn is a struct tether_agent born for a slot's new agent: CLOCK_BOOTTIME in nanoseconds,
+// which no earlier agent of the slot had (sockets live no longer than a boot).
+func newBorn() uint64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		return uint64(time.Now().UnixNano())
+	}
+	return uint64(ts.Nano())
 }
 
 // buffer returns buffer i of slot, creating it (and its tether_rulesets entry) when missing.
@@ -570,6 +604,15 @@ func (k *Kernel) Clear(slot dataplane.Slot) error {
 		errs = append(errs, err)
 	}
 	// State first: from here on the slot denies everything until it is reused.
+	errs = append(errs, k.writeAgent(st, slot, 0, 0))
+	// The agent's live connections go with it: terminated now, while its sockets are still
+	// known as its. Then the slot forgets the agent: a socket left over is attributed again
+	// by its cgroup, which is no agent's now.
+	k.sweeper.timed(slot, 0)
+	if _, err := k.Sweep(slot); err != nil {
+		errs = append(errs, err)
+	}
+	st.born, st.gen = 0, [2]uint64{}
 	errs = append(errs, k.writeAgent(st, slot, 0, 0))
 	st.waitQuiet()
 	var hosts []bpfTetherHostKey

@@ -14,18 +14,20 @@ import (
 )
 
 type bpfTetherAgent struct {
-	_       structs.HostLayout
-	Flags   uint32
-	Active  uint32
-	Floor   [2]uint64
-	Bulk    [2]uint8
-	TrieMax [2]uint8
-	Pad     uint32
+	_          structs.HostLayout
+	Flags      uint32
+	Active     uint32
+	Floor      [2]uint64
+	Bulk       [2]uint8
+	TrieMax    [2]uint8
+	Pad        uint32
+	Born       uint64
+	Generation [2]uint64
 }
 
 type bpfTetherAgentCounts struct {
 	_ structs.HostLayout
-	N [24]uint64
+	N [33]uint64
 }
 
 type bpfTetherAgentFlags uint32
@@ -66,6 +68,8 @@ const (
 	bpfTetherCounterTETHER_COUNTER_LINEAGE_UPDATE_ERRORS bpfTetherCounter = 1
 	bpfTetherCounterTETHER_COUNTER_SIGNAL_ERRORS         bpfTetherCounter = 2
 	bpfTetherCounterTETHER_COUNTER_UNKNOWN_CGROUP        bpfTetherCounter = 3
+	bpfTetherCounterTETHER_COUNTER_SOCK_STORAGE_ERRORS   bpfTetherCounter = 4
+	bpfTetherCounterTETHER_COUNTER_DESTROY_ERRORS        bpfTetherCounter = 5
 	bpfTetherCounterTETHER_COUNTER_MAX                   bpfTetherCounter = 8
 )
 
@@ -126,9 +130,9 @@ type bpfTetherHostValue struct {
 		PortHi uint16
 		Proto  uint8
 		Flags  uint8
-		Pad    uint16
+		Grant  uint16
 		BinDev uint32
-		Grant  uint32
+		MaxMs  uint32
 		BinIno uint64
 	}
 }
@@ -144,7 +148,10 @@ const (
 	bpfTetherKindTETHER_KIND_SENDMSG_UNIX bpfTetherKind = 5
 	bpfTetherKindTETHER_KIND_EXEC         bpfTetherKind = 6
 	bpfTetherKindTETHER_KIND_SOCKET       bpfTetherKind = 7
-	bpfTetherKindTETHER_KIND_MAX          bpfTetherKind = 8
+	bpfTetherKindTETHER_KIND_SOCKOPT      bpfTetherKind = 8
+	bpfTetherKindTETHER_KIND_PACKET       bpfTetherKind = 9
+	bpfTetherKindTETHER_KIND_TERMINATE    bpfTetherKind = 10
+	bpfTetherKindTETHER_KIND_MAX          bpfTetherKind = 11
 )
 
 type bpfTetherLimits uint32
@@ -206,6 +213,9 @@ const (
 	bpfTetherReasonTETHER_REASON_BINARY_UNKNOWN bpfTetherReason = 6
 	bpfTetherReasonTETHER_REASON_AUDIT_RULE     bpfTetherReason = 7
 	bpfTetherReasonTETHER_REASON_GRANT_SPENT    bpfTetherReason = 8
+	bpfTetherReasonTETHER_REASON_REVOKED        bpfTetherReason = 9
+	bpfTetherReasonTETHER_REASON_DETOUR         bpfTetherReason = 10
+	bpfTetherReasonTETHER_REASON_MAX_DURATION   bpfTetherReason = 11
 )
 
 type bpfTetherRuleKey struct {
@@ -235,9 +245,9 @@ type bpfTetherRuleValue struct {
 		PortHi uint16
 		Proto  uint8
 		Flags  uint8
-		Pad    uint16
+		Grant  uint16
 		BinDev uint32
-		Grant  uint32
+		MaxMs  uint32
 		BinIno uint64
 	}
 }
@@ -247,6 +257,42 @@ type bpfTetherSlotCacheEntry struct {
 	CgroupId uint64
 	Packed   uint64
 	Check    uint64
+}
+
+type bpfTetherSock struct {
+	_          structs.HostLayout
+	Born       uint64
+	Generation uint64
+	StartNs    uint64
+	DeadlineNs uint64
+	BinIno     uint64
+	BinDev     uint32
+	Slot       uint32
+	Pid        uint32
+	Flags      uint16
+	Verdict    uint8
+	Reason     uint8
+	Comm       [16]int8
+}
+
+type bpfTetherSockFlags uint32
+
+const (
+	bpfTetherSockFlagsTETHER_SOCK_OUTBOUND        bpfTetherSockFlags = 1
+	bpfTetherSockFlagsTETHER_SOCK_REPORTED        bpfTetherSockFlags = 2
+	bpfTetherSockFlagsTETHER_SOCK_KILL_REPORTED   bpfTetherSockFlags = 4
+	bpfTetherSockFlagsTETHER_SOCK_DETOUR_REPORTED bpfTetherSockFlags = 8
+	bpfTetherSockFlagsTETHER_SOCK_DEADLINE_GRANT  bpfTetherSockFlags = 16
+	bpfTetherSockFlagsTETHER_SOCK_DEADLINE_AUDIT  bpfTetherSockFlags = 32
+	bpfTetherSockFlagsTETHER_SOCK_EXPIRED         bpfTetherSockFlags = 64
+)
+
+type bpfTetherSweepSlot struct {
+	_         structs.HostLayout
+	Want      uint32
+	Checked   uint32
+	Destroyed uint32
+	Errors    uint32
 }
 
 type bpfTetherVerdict uint32
@@ -274,10 +320,13 @@ const (
 	bpfMapTetherProcs              = "tether_procs"
 	bpfMapTetherRulesets           = "tether_rulesets"
 	bpfMapTetherSlotCache          = "tether_slot_cache"
+	bpfMapTetherSocks              = "tether_socks"
+	bpfMapTetherSweep              = "tether_sweep"
 	bpfProgTetherConnect4          = "tether_connect4"
 	bpfProgTetherConnect6          = "tether_connect6"
 	bpfProgTetherConnectUnix       = "tether_connect_unix"
 	bpfProgTetherConnectUnixLsm    = "tether_connect_unix_lsm"
+	bpfProgTetherEgressSkb         = "tether_egress_skb"
 	bpfProgTetherExec              = "tether_exec"
 	bpfProgTetherExecLsm           = "tether_exec_lsm"
 	bpfProgTetherExit              = "tether_exit"
@@ -286,7 +335,10 @@ const (
 	bpfProgTetherSendmsg6          = "tether_sendmsg6"
 	bpfProgTetherSendmsgUnix       = "tether_sendmsg_unix"
 	bpfProgTetherSendmsgUnixLsm    = "tether_sendmsg_unix_lsm"
+	bpfProgTetherSetsockopt        = "tether_setsockopt"
 	bpfProgTetherSockCreate        = "tether_sock_create"
+	bpfProgTetherSweepTcp          = "tether_sweep_tcp"
+	bpfProgTetherSweepUdp          = "tether_sweep_udp"
 	bpfVarTetherAllowSample        = "tether_allow_sample"
 	bpfVarTetherBtfAnchor          = "tether_btf_anchor"
 	bpfVarTetherExecSignal         = "tether_exec_signal"
@@ -339,6 +391,7 @@ type bpfProgramSpecs struct {
 	TetherConnect6       *ebpf.ProgramSpec `ebpf:"tether_connect6"`
 	TetherConnectUnix    *ebpf.ProgramSpec `ebpf:"tether_connect_unix"`
 	TetherConnectUnixLsm *ebpf.ProgramSpec `ebpf:"tether_connect_unix_lsm"`
+	TetherEgressSkb      *ebpf.ProgramSpec `ebpf:"tether_egress_skb"`
 	TetherExec           *ebpf.ProgramSpec `ebpf:"tether_exec"`
 	TetherExecLsm        *ebpf.ProgramSpec `ebpf:"tether_exec_lsm"`
 	TetherExit           *ebpf.ProgramSpec `ebpf:"tether_exit"`
@@ -347,7 +400,10 @@ type bpfProgramSpecs struct {
 	TetherSendmsg6       *ebpf.ProgramSpec `ebpf:"tether_sendmsg6"`
 	TetherSendmsgUnix    *ebpf.ProgramSpec `ebpf:"tether_sendmsg_unix"`
 	TetherSendmsgUnixLsm *ebpf.ProgramSpec `ebpf:"tether_sendmsg_unix_lsm"`
+	TetherSetsockopt     *ebpf.ProgramSpec `ebpf:"tether_setsockopt"`
 	TetherSockCreate     *ebpf.ProgramSpec `ebpf:"tether_sock_create"`
+	TetherSweepTcp       *ebpf.ProgramSpec `ebpf:"tether_sweep_tcp"`
+	TetherSweepUdp       *ebpf.ProgramSpec `ebpf:"tether_sweep_udp"`
 }
 
 // bpfMapSpecs contains maps before they are loaded into the kernel.
@@ -366,6 +422,8 @@ type bpfMapSpecs struct {
 	TetherProcs         *ebpf.MapSpec `ebpf:"tether_procs"`
 	TetherRulesets      *ebpf.MapSpec `ebpf:"tether_rulesets"`
 	TetherSlotCache     *ebpf.MapSpec `ebpf:"tether_slot_cache"`
+	TetherSocks         *ebpf.MapSpec `ebpf:"tether_socks"`
+	TetherSweep         *ebpf.MapSpec `ebpf:"tether_sweep"`
 }
 
 // bpfVariableSpecs contains global variables before they are loaded into the kernel.
@@ -410,6 +468,8 @@ type bpfMaps struct {
 	TetherProcs         *ebpf.Map `ebpf:"tether_procs"`
 	TetherRulesets      *ebpf.Map `ebpf:"tether_rulesets"`
 	TetherSlotCache     *ebpf.Map `ebpf:"tether_slot_cache"`
+	TetherSocks         *ebpf.Map `ebpf:"tether_socks"`
+	TetherSweep         *ebpf.Map `ebpf:"tether_sweep"`
 }
 
 func (m *bpfMaps) Close() error {
@@ -426,6 +486,8 @@ func (m *bpfMaps) Close() error {
 		m.TetherProcs,
 		m.TetherRulesets,
 		m.TetherSlotCache,
+		m.TetherSocks,
+		m.TetherSweep,
 	)
 }
 
@@ -447,6 +509,7 @@ type bpfPrograms struct {
 	TetherConnect6       *ebpf.Program `ebpf:"tether_connect6"`
 	TetherConnectUnix    *ebpf.Program `ebpf:"tether_connect_unix"`
 	TetherConnectUnixLsm *ebpf.Program `ebpf:"tether_connect_unix_lsm"`
+	TetherEgressSkb      *ebpf.Program `ebpf:"tether_egress_skb"`
 	TetherExec           *ebpf.Program `ebpf:"tether_exec"`
 	TetherExecLsm        *ebpf.Program `ebpf:"tether_exec_lsm"`
 	TetherExit           *ebpf.Program `ebpf:"tether_exit"`
@@ -455,7 +518,10 @@ type bpfPrograms struct {
 	TetherSendmsg6       *ebpf.Program `ebpf:"tether_sendmsg6"`
 	TetherSendmsgUnix    *ebpf.Program `ebpf:"tether_sendmsg_unix"`
 	TetherSendmsgUnixLsm *ebpf.Program `ebpf:"tether_sendmsg_unix_lsm"`
+	TetherSetsockopt     *ebpf.Program `ebpf:"tether_setsockopt"`
 	TetherSockCreate     *ebpf.Program `ebpf:"tether_sock_create"`
+	TetherSweepTcp       *ebpf.Program `ebpf:"tether_sweep_tcp"`
+	TetherSweepUdp       *ebpf.Program `ebpf:"tether_sweep_udp"`
 }
 
 func (p *bpfPrograms) Close() error {
@@ -464,6 +530,7 @@ func (p *bpfPrograms) Close() error {
 		p.TetherConnect6,
 		p.TetherConnectUnix,
 		p.TetherConnectUnixLsm,
+		p.TetherEgressSkb,
 		p.TetherExec,
 		p.TetherExecLsm,
 		p.TetherExit,
@@ -472,7 +539,10 @@ func (p *bpfPrograms) Close() error {
 		p.TetherSendmsg6,
 		p.TetherSendmsgUnix,
 		p.TetherSendmsgUnixLsm,
+		p.TetherSetsockopt,
 		p.TetherSockCreate,
+		p.TetherSweepTcp,
+		p.TetherSweepUdp,
 	)
 }
 

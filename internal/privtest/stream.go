@@ -1,0 +1,289 @@
+package privtest
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Streams: an agent that keeps sending on one connection (the stream helper), and a peer on a
+// test host that records what arrives and when, by the kernel's clock of its arrival, so that a
+// test can say whether one byte reached the peer after a given moment.
+
+// helperStream connects (tcp, tcp6, udp, udp6: a connected socket) to args[1] and writes 256 bytes
+// every millisecond until stdin closes or a write fails. It prints "connected" once the first
+// write went through, "stalled" the first time a write is not taken within 200 ms (a TCP send
+// buffer that stays full: the packets are dropped), and, when a write fails, the error that ended
+// it ("econnaborted", "eperm", ...), then waits for stdin to close.
+func helperStream(args []string) int {
+	if len(args) != 2 {
+		fmt.Fprintln(os.Stderr, "stream: want NETWORK ADDRESS")
+		return 2
+	}
+	stop := make(chan struct{})
+	go func() {
+		bufio.NewReader(os.Stdin).ReadString('\n')
+		close(stop)
+	}()
+	c, err := net.DialTimeout(args[0], args[1], 2*time.Second)
+	if err != nil {
+		fmt.Println(errnoName(err))
+		<-stop
+		return 0
+	}
+	defer c.Close()
+	buf := make([]byte, 256)
+	first, stalled := true, false
+	for {
+		select {
+		case <-stop:
+			return 0
+		default:
+		}
+		c.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+		_, err := c.Write(buf)
+		var ne net.Error
+		switch {
+		case err == nil:
+			if first {
+				fmt.Println("connected")
+				first = false
+			}
+		case errors.As(err, &ne) && ne.Timeout():
+			if !stalled {
+				fmt.Println("stalled")
+				stalled = true
+			}
+			continue
+		default:
+			fmt.Println(errnoName(err))
+			<-stop
+			return 0
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// errnoName names the errno of err in lower case ("econnaborted"), or says "error:..." for
+// anything else.
+func errnoName(err error) string {
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		if name := unix.ErrnoName(errno); name != "" {
+			return strings.ToLower(name)
+		}
+	}
+	return "error:" + strings.ReplaceAll(err.Error(), " ", "_")
+}
+
+// Stream is a running stream helper.
+type Stream struct {
+	lines chan string
+	stdin interface{ Close() error }
+	wait  func() error
+}
+
+// StartStream starts the stream helper in the cgroup at cgroupPath (an agent, or a control
+// outside agents) and waits until it says how its connect went: "connected" or the error.
+func StartStream(t testing.TB, cgroupPath, network, address string) *Stream {
+	t.Helper()
+	cmd := Command(t, cgroupPath, "stream", network, address)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	s := &Stream{lines: make(chan string, 16), stdin: stdin, wait: cmd.Wait}
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			s.lines <- sc.Text()
+		}
+		close(s.lines)
+	}()
+	t.Cleanup(func() { s.Stop() })
+	if got := s.Next(t, 5*time.Second); got != "connected" {
+		t.Fatalf("stream %s %s from %s: %s, want connected", network, address, cgroupPath, got)
+	}
+	return s
+}
+
+// Next is the helper's next line, or "none" after timeout.
+func (s *Stream) Next(t testing.TB, timeout time.Duration) string {
+	t.Helper()
+	select {
+	case l, ok := <-s.lines:
+		if !ok {
+			return "exited"
+		}
+		return l
+	case <-time.After(timeout):
+		return "none"
+	}
+}
+
+// Stop ends the helper.
+func (s *Stream) Stop() {
+	if s.stdin != nil {
+		s.stdin.Close()
+		s.wait()
+		s.stdin = nil
+	}
+}
+
+// Peer counts what arrives at one listener of a test host: bytes over TCP (every connection)
+// or datagrams over UDP, with the kernel's time of arrival.
+type Peer struct {
+	mu    sync.Mutex
+	conns []*net.TCPConn
+	// UDP: arrival times of the datagrams, by the kernel's receive timestamp.
+	arrivals []time.Time
+	bytes    int
+	network  string
+	Addr     netip.AddrPort
+}
+
+// ListenPeer listens on the host at addr (tcp or udp) and counts what arrives.
+func (h *Host) ListenPeer(t testing.TB, network string, addr netip.Addr) *Peer {
+	t.Helper()
+	p := &Peer{network: network}
+	switch network {
+	case "tcp":
+		l := h.ListenTCP(t, addr)
+		p.Addr = netip.MustParseAddrPort(l.Addr().String())
+		go func() {
+			for {
+				c, err := l.AcceptTCP()
+				if err != nil {
+					return
+				}
+				p.mu.Lock()
+				p.conns = append(p.conns, c)
+				p.mu.Unlock()
+				go func() {
+					buf := make([]byte, 64<<10)
+					for {
+						n, err := c.Read(buf)
+						p.mu.Lock()
+						p.bytes += n
+						p.mu.Unlock()
+						if err != nil {
+							return
+						}
+					}
+				}()
+			}
+		}()
+		t.Cleanup(func() {
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			for _, c := range p.conns {
+				c.Close()
+			}
+		})
+	case "udp":
+		c := h.ListenUDP(t, addr)
+		p.Addr = netip.MustParseAddrPort(c.LocalAddr().String())
+		raw, err := c.SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_TIMESTAMPNS, 1) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			buf := make([]byte, 64<<10)
+			oob := make([]byte, 128)
+			for {
+				n, oobn, _, _, err := c.ReadMsgUDP(buf, oob)
+				if err != nil {
+					return
+				}
+				at := time.Now()
+				if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+					for _, m := range msgs {
+						if m.Header.Level == unix.SOL_SOCKET && m.Header.Type == unix.SO_TIMESTAMPNS && len(m.Data) >= int(unsafe.Sizeof(unix.Timespec{})) {
+							ts := (*unix.Timespec)(unsafe.Pointer(&m.Data[0]))
+							at = time.Unix(ts.Unix())
+						}
+					}
+				}
+				p.mu.Lock()
+				p.arrivals = append(p.arrivals, at)
+				p.bytes += n
+				p.mu.Unlock()
+			}
+		}()
+	default:
+		t.Fatalf("peer network %q", network)
+	}
+	return p
+}
+
+// Received is what has reached the peer's kernel: bytes received over all TCP connections (the
+// kernel's count, whether read yet or not), or datagrams received.
+func (p *Peer) Received() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.network == "udp" {
+		return len(p.arrivals)
+	}
+	n := 0
+	for _, c := range p.conns {
+		raw, err := c.SyscallConn()
+		if err != nil {
+			continue
+		}
+		raw.Control(func(fd uintptr) {
+			if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+				n += int(info.Bytes_received)
+			}
+		})
+	}
+	return n
+}
+
+// ArrivedAfter counts the datagrams that arrived after at (UDP peers).
+func (p *Peer) ArrivedAfter(at time.Time) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, a := range p.arrivals {
+		if a.After(at) {
+			n++
+		}
+	}
+	return n
+}
+
+// WaitReceiving waits until something arrives (more than now has).
+func (p *Peer) WaitReceiving(t testing.TB) {
+	t.Helper()
+	n := p.Received()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		if p.Received() > n {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("nothing arrives at %s", p.Addr)
+}

@@ -1,0 +1,291 @@
+package kernel
+
+import (
+	"net/netip"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/dataplane"
+)
+
+// Live connections follow the rule set: these tests keep streams open from an agent to a test
+// host, change what the agent may do, and look at what still reaches the host and when, by the
+// host kernel's count. Each runs with bpf_sock_destroy (the sockets are terminated) and without
+// it (their packets are dropped), as on a kernel before 6.5.
+
+// liveModes runs f with and without socket termination.
+func liveModes(t *testing.T, f func(t *testing.T, destroy bool)) {
+	t.Run("sock_destroy", func(t *testing.T) { f(t, true) })
+	t.Run("packet_drop", func(t *testing.T) { f(t, false) })
+}
+
+func liveFixture(t *testing.T, destroy bool) *fixture {
+	t.Helper()
+	f := newFixture(t, Options{NoSockDestroy: !destroy})
+	if destroy && !f.k.Features().SockDestroy {
+		t.Fatalf("bpf_sock_destroy is needed here: %s", f.k.Features().SockDestroyReason)
+	}
+	return f
+}
+
+func hostRule(a netip.Addr, ports ...dataplane.PortRule) dataplane.Egress {
+	return dataplane.Egress{Prefix: netip.PrefixFrom(a, a.BitLen()), Ports: ports}
+}
+
+func portRule(proto dataplane.Proto, p uint16) dataplane.PortRule {
+	return dataplane.PortRule{Proto: proto, Lo: p, Hi: p}
+}
+
+// quietAfter fails unless nothing reaches peer after the moment at, judged at settle after it:
+// for TCP, the bytes the host's kernel received then and a while later; for UDP, the arrival
+// time of every datagram.
+func quietAfter(t *testing.T, what string, p *privtest.Peer, network string, at time.Time, settle time.Duration) {
+	t.Helper()
+	if network == "udp" {
+		time.Sleep(time.Until(at.Add(settle + 300*time.Millisecond)))
+		if n := p.ArrivedAfter(at.Add(settle)); n > 0 {
+			t.Errorf("%s: %d datagrams arrived more than %s after", what, n, settle)
+		}
+		return
+	}
+	time.Sleep(time.Until(at.Add(settle)))
+	then := p.Received()
+	time.Sleep(300 * time.Millisecond)
+	if now := p.Received(); now != then {
+		t.Errorf("%s: %d bytes arrived more than %s after", what, now-then, settle)
+	}
+}
+
+// ends checks how an agent's stream ended. Terminated, a TCP socket fails with ECONNABORTED, and
+// a UDP socket is disconnected: its next send fails with EDESTADDRREQ, unless a datagram sent
+// between the verdict and the sweep was dropped first (EPERM). Without termination, a TCP stream
+// stalls (its packets are dropped, its send buffer fills) and UDP sends fail with EPERM.
+func ends(t *testing.T, what string, s *privtest.Stream, network string, destroy bool) {
+	t.Helper()
+	want := map[string][]string{"tcp": {"econnaborted"}, "udp": {"edestaddrreq", "eperm"}}[network]
+	if !destroy {
+		want = map[string][]string{"tcp": {"stalled"}, "udp": {"eperm"}}[network]
+	}
+	if got := s.Next(t, 2*time.Second); !slices.Contains(want, got) {
+		t.Errorf("%s: %q, want one of %q", what, got, want)
+	}
+}
+
+// goesOn fails unless more keeps reaching peer.
+func goesOn(t *testing.T, what string, p *privtest.Peer) {
+	t.Helper()
+	before := p.Received()
+	time.Sleep(300 * time.Millisecond)
+	if p.Received() == before {
+		t.Errorf("%s: the stream stopped", what)
+	}
+}
+
+// TestPrivilegedRevocationReachesLiveSockets: an agent keeps TCP and connected UDP streams open
+// over IPv4 and IPv6 to destinations its rule set allows; a new rule set takes all but one away.
+// Nothing reaches the revoked destinations 100 ms after the install returned; the one still
+// allowed goes on, and so does a process outside agents streaming to the same host (the negative
+// control: without tether nothing stops it). With bpf_sock_destroy the agent's TCP sockets fail
+// with ECONNABORTED, its UDP sockets are disconnected (a send fails with EDESTADDRREQ, a receive
+// with ECONNABORTED), and every socket is one "terminate" record with reason revoked and the
+// revoking generation; without it, the packets are dropped (TCP stalls, UDP sends fail with
+// EPERM), recorded as "packet".
+func TestPrivilegedRevocationReachesLiveSockets(t *testing.T) {
+	liveModes(t, func(t *testing.T, destroy bool) {
+		f := liveFixture(t, destroy)
+		h := privtest.NewHost(t)
+		tcp4, udp4 := h.ListenPeer(t, "tcp", h.V4), h.ListenPeer(t, "udp", h.V4)
+		tcp6, udp6 := h.ListenPeer(t, "tcp", h.V6), h.ListenPeer(t, "udp", h.V6)
+		kept, control := h.ListenPeer(t, "tcp", h.V4), h.ListenPeer(t, "tcp", h.V4)
+		keep := portRule(dataplane.ProtoTCP, kept.Addr.Port())
+		agent := f.agent(t, "agent", 3, dataplane.RuleSet{Generation: 1, Egress: []dataplane.Egress{
+			hostRule(h.V4, portRule(dataplane.ProtoTCP, tcp4.Addr.Port()), portRule(dataplane.ProtoUDP, udp4.Addr.Port()), keep),
+			hostRule(h.V6, portRule(dataplane.ProtoTCP, tcp6.Addr.Port()), portRule(dataplane.ProtoUDP, udp6.Addr.Port())),
+		}})
+		events := f.events(t)
+		outside := privtest.Cgroup(t)
+
+		revoked := map[string]*privtest.Peer{"tcp4": tcp4, "udp4": udp4, "tcp6": tcp6, "udp6": udp6}
+		networks := map[string]string{"tcp4": "tcp", "udp4": "udp", "tcp6": "tcp", "udp6": "udp"}
+		streams := map[string]*privtest.Stream{}
+		for name, p := range revoked {
+			streams[name] = privtest.StartStream(t, agent, networks[name], p.Addr.String())
+			p.WaitReceiving(t)
+		}
+		keptStream := privtest.StartStream(t, agent, "tcp", kept.Addr.String())
+		privtest.StartStream(t, outside, "tcp", control.Addr.String())
+		kept.WaitReceiving(t)
+		control.WaitReceiving(t)
+
+		if err := f.k.Install(3, &dataplane.RuleSet{Generation: 2, Egress: []dataplane.Egress{hostRule(h.V4, keep)}, Exec: execs(f.self)}); err != nil {
+			t.Fatal(err)
+		}
+		at := time.Now()
+		res, err := f.k.Sweep(3)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("install to the end of the sweep: %s (sweep: %+v)", time.Since(at), res)
+
+		for name, p := range revoked {
+			quietAfter(t, name+" after the revocation", p, networks[name], at, 100*time.Millisecond)
+		}
+		goesOn(t, "the destination still allowed", kept)
+		goesOn(t, "the same stream outside agents", control)
+		if got := keptStream.Next(t, 10*time.Millisecond); got != "none" {
+			t.Errorf("the stream still allowed says %q", got)
+		}
+
+		for name, s := range streams {
+			ends(t, name+" stream", s, networks[name], destroy)
+		}
+		kind := dataplane.KindTerminate
+		if !destroy {
+			kind = dataplane.KindPacket
+		}
+		for name, p := range revoked {
+			e := events.wait(t, name+" revoked", func(e dataplane.Event) bool {
+				return e.Kind == kind && e.Addr == p.Addr.Addr() && e.Port == p.Addr.Port()
+			})
+			if e.Verdict != dataplane.VerdictDeny || e.Reason != dataplane.ReasonRevoked || e.Generation != 2 || e.Slot != 3 {
+				t.Errorf("%s record: %+v, want deny, revoked, generation 2, slot 3", name, e)
+			}
+			if e.PID == 0 || e.Comm == "" {
+				t.Errorf("%s record names no process: pid %d comm %q", name, e.PID, e.Comm)
+			}
+		}
+		if destroy && res.Destroyed < len(revoked) {
+			t.Errorf("the sweep terminated %d sockets, want at least %d", res.Destroyed, len(revoked))
+		}
+	})
+}
+
+// TestPrivilegedKillCutsLiveSockets: not one byte of an agent's established TCP stream, nor one
+// datagram of its connected UDP socket, reaches the peer after the kill (the killed flag) is
+// written; the stream from outside agents goes on. Readmitted, the agent connects again.
+func TestPrivilegedKillCutsLiveSockets(t *testing.T) {
+	liveModes(t, func(t *testing.T, destroy bool) {
+		f := liveFixture(t, destroy)
+		h := privtest.NewHost(t)
+		tcp, udp, control := h.ListenPeer(t, "tcp", h.V4), h.ListenPeer(t, "udp", h.V6), h.ListenPeer(t, "tcp", h.V4)
+		agent := f.agent(t, "agent", 4, dataplane.RuleSet{Generation: 1, Egress: []dataplane.Egress{
+			hostRule(h.V4, portRule(dataplane.ProtoTCP, tcp.Addr.Port())),
+			hostRule(h.V6, portRule(dataplane.ProtoUDP, udp.Addr.Port())),
+		}})
+		events := f.events(t)
+		ts := privtest.StartStream(t, agent, "tcp", tcp.Addr.String())
+		us := privtest.StartStream(t, agent, "udp", udp.Addr.String())
+		privtest.StartStream(t, privtest.Cgroup(t), "tcp", control.Addr.String())
+		tcp.WaitReceiving(t)
+		udp.WaitReceiving(t)
+
+		if err := f.k.SetFlags(4, dataplane.AgentActive|dataplane.AgentKilled); err != nil {
+			t.Fatal(err)
+		}
+		at := time.Now()
+		quietAfter(t, "tcp after the kill", tcp, "tcp", at, 0)
+		quietAfter(t, "udp after the kill", udp, "udp", at, 0)
+		goesOn(t, "the stream outside agents", control)
+		ends(t, "tcp stream of the killed agent", ts, "tcp", destroy)
+		ends(t, "udp stream of the killed agent", us, "udp", destroy)
+		kind := dataplane.KindTerminate
+		if !destroy {
+			kind = dataplane.KindPacket
+		}
+		e := events.wait(t, "the kill of the tcp stream", func(e dataplane.Event) bool {
+			return e.Kind == kind && e.Port == tcp.Addr.Port()
+		})
+		if e.Reason != dataplane.ReasonKilled || e.Verdict != dataplane.VerdictDeny {
+			t.Errorf("record %+v, want deny, killed", e)
+		}
+
+		if err := f.k.SetFlags(4, dataplane.AgentActive); err != nil {
+			t.Fatal(err)
+		}
+		privtest.StartStream(t, agent, "tcp", tcp.Addr.String())
+	})
+}
+
+// TestPrivilegedMaxDuration: a connection allowed by a rule with a max_duration ends then; a new
+// connection gets the whole duration again.
+func TestPrivilegedMaxDuration(t *testing.T) {
+	liveModes(t, func(t *testing.T, destroy bool) {
+		f := liveFixture(t, destroy)
+		h := privtest.NewHost(t)
+		tcp := h.ListenPeer(t, "tcp", h.V4)
+		limit := 400 * time.Millisecond
+		r := portRule(dataplane.ProtoTCP, tcp.Addr.Port())
+		r.MaxDuration = limit
+		agent := f.agent(t, "agent", 5, dataplane.RuleSet{Generation: 1, Egress: []dataplane.Egress{hostRule(h.V4, r)}})
+		events := f.events(t)
+		start := time.Now()
+		s := privtest.StartStream(t, agent, "tcp", tcp.Addr.String())
+		tcp.WaitReceiving(t)
+		quietAfter(t, "tcp past its max_duration", tcp, "tcp", start, limit+50*time.Millisecond)
+		ends(t, "stream past its max_duration", s, "tcp", destroy)
+		e := events.wait(t, "max_duration", func(e dataplane.Event) bool { return e.Reason == dataplane.ReasonMaxDuration })
+		if e.Verdict != dataplane.VerdictDeny || e.Port != tcp.Addr.Port() {
+			t.Errorf("record %+v, want a deny of port %d", e, tcp.Addr.Port())
+		}
+		privtest.StartStream(t, agent, "tcp", tcp.Addr.String())
+		tcp.WaitReceiving(t)
+	})
+}
+
+// TestPrivilegedRestartKeepsPacketsCut: the egress program and the socket storage are pinned. With
+// no socket termination, a killed agent's stream and a revoked stream of another agent are held
+// back by the egress program alone; tetherd's handles are closed (a crash) and opened again from
+// the pins: not one byte gets through meanwhile, the program at the agent parent is replaced in
+// place, and the new one judges by the same storage: readmitted and allowed again, both streams
+// flow.
+func TestPrivilegedRestartKeepsPacketsCut(t *testing.T) {
+	f := liveFixture(t, false)
+	h := privtest.NewHost(t)
+	killed, revoked := h.ListenPeer(t, "tcp", h.V4), h.ListenPeer(t, "tcp", h.V4)
+	allowKilled := dataplane.RuleSet{Generation: 1, Egress: []dataplane.Egress{hostRule(h.V4, portRule(dataplane.ProtoTCP, killed.Addr.Port()))}}
+	allowRevoked := dataplane.RuleSet{Generation: 1, Egress: []dataplane.Egress{hostRule(h.V4, portRule(dataplane.ProtoTCP, revoked.Addr.Port()))}}
+	a := f.agent(t, "killed", 10, allowKilled)
+	b := f.agent(t, "revoked", 11, allowRevoked)
+	privtest.StartStream(t, a, "tcp", killed.Addr.String())
+	privtest.StartStream(t, b, "tcp", revoked.Addr.String())
+	killed.WaitReceiving(t)
+	revoked.WaitReceiving(t)
+	before := attachedAt(t, f.parent, ebpf.AttachCGroupInetEgress)
+
+	if err := f.k.SetFlags(10, dataplane.AgentActive|dataplane.AgentKilled); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.k.Install(11, &dataplane.RuleSet{Generation: 2, Exec: execs(f.self)}); err != nil {
+		t.Fatal(err)
+	}
+	at := time.Now()
+	time.Sleep(50 * time.Millisecond)
+	f.k.Close()
+	quietAfter(t, "the killed stream without tetherd", killed, "tcp", at, 0)
+	quietAfter(t, "the revoked stream without tetherd", revoked, "tcp", at, 0)
+	f.k = openKernel(t, f.pin, Options{NoSockDestroy: true})
+	if err := f.k.AttachParent(f.parent); err != nil {
+		t.Fatal(err)
+	}
+	after := attachedAt(t, f.parent, ebpf.AttachCGroupInetEgress)
+	if len(before) != 1 || len(after) != 1 || after[0] == before[0] {
+		t.Errorf("egress programs at the parent: before %v, after %v; want one, replaced", before, after)
+	}
+	quietAfter(t, "the killed stream after the restart", killed, "tcp", at, 0)
+	quietAfter(t, "the revoked stream after the restart", revoked, "tcp", at, 0)
+
+	if err := f.k.SetFlags(10, dataplane.AgentActive); err != nil {
+		t.Fatal(err)
+	}
+	rs := allowRevoked
+	rs.Generation, rs.Exec = 3, execs(f.self)
+	if err := f.k.Install(11, &rs); err != nil {
+		t.Fatal(err)
+	}
+	killed.WaitReceiving(t)
+	revoked.WaitReceiving(t)
+}

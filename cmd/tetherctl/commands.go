@@ -75,6 +75,14 @@ func newStatus(g *globals) *cobra.Command {
 			fmt.Fprintf(tw, "agent parents\t%s\n", strings.Join(st.AgentParents, ", "))
 			fmt.Fprintf(tw, "pins\t%s\n", st.PinDir)
 			fmt.Fprintf(tw, "exec mode\t%s (%s)\n", st.ExecMode, st.ExecReason)
+			live := "packets dropped (cgroup_skb/egress)"
+			if st.Sockets.Terminate {
+				live = "terminated (bpf_sock_destroy), packets dropped until then (cgroup_skb/egress)"
+			}
+			fmt.Fprintf(tw, "revoked live sockets\t%s: %s\n", live, st.Sockets.Reason)
+			fmt.Fprintf(tw, "detour headers\tsetsockopt refused (cgroup/setsockopt), packets dropped (cgroup_skb/egress)\n")
+			sw := st.Sockets.Sweeps
+			fmt.Fprintf(tw, "sweeps / sockets terminated / errors\t%d / %d / %d (last took %s)\n", sw.Sweeps, sw.Terminated, sw.Errors, sw.Last)
 			fmt.Fprintf(tw, "policy\trevision %s from %s, %d revisions refused\n", st.Policy.Revision, st.Policy.Source, st.Policy.Refused)
 			if st.Policy.LastError != "" {
 				fmt.Fprintf(tw, "last refused policy\t%s\n", st.Policy.LastError)
@@ -98,6 +106,7 @@ func newStatus(g *globals) *cobra.Command {
 			fmt.Fprintf(tw, "map writes failed / retried\t%d / %d\n", st.Registry.MapWriteFailures, st.Registry.MapWriteRetries)
 			fmt.Fprintf(tw, "lineage update errors\t%d\n", st.Kernel.LineageUpdateErrors)
 			fmt.Fprintf(tw, "signal errors\t%d\n", st.Kernel.SignalErrors)
+			fmt.Fprintf(tw, "socket storage / destroy errors\t%d / %d\n", st.Kernel.SockStorageErrors, st.Kernel.DestroyErrors)
 			fmt.Fprintf(tw, "\nHOOK\tSECTION\tACTIVE\n")
 			for _, h := range st.Hooks {
 				active := "yes"

@@ -8,14 +8,21 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
-// helperEnv names the helper a re-executed test binary runs instead of its tests.
-const helperEnv = "TETHER_TEST_HELPER"
+// helperEnv names the helper a re-executed test binary runs instead of its tests; netnsEnv makes
+// it run in the network namespace passed as descriptor 3.
+const (
+	helperEnv = "TETHER_TEST_HELPER"
+	netnsEnv  = "TETHER_TEST_NETNS"
+)
 
 var helpers = map[string]func(args []string) int{
 	"dial":       helperDial,
@@ -31,6 +38,7 @@ var helpers = map[string]func(args []string) int{
 	"flood":      helperFlood,
 	"stream":     helperStream,
 	"detour":     helperDetour,
+	"serve":      helperServe,
 }
 
 // Main runs the helper the environment names, or the tests and then cleanups. Call it from
@@ -41,6 +49,15 @@ func Main(m *testing.M, cleanups ...func()) {
 		if !ok {
 			fmt.Fprintf(os.Stderr, "unknown test helper %q\n", name)
 			os.Exit(2)
+		}
+		if os.Getenv(netnsEnv) != "" {
+			// The helper's sockets are made on this goroutine, locked to a thread in the
+			// network namespace passed as descriptor 3 (StartStreamIn).
+			runtime.LockOSThread()
+			if err := unix.Setns(3, unix.CLONE_NEWNET); err != nil {
+				fmt.Fprintln(os.Stderr, "joining the network namespace:", err)
+				os.Exit(2)
+			}
 		}
 		os.Exit(f(os.Args[1:]))
 	}

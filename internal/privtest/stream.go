@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"syscall"
@@ -75,6 +76,114 @@ func helperStream(args []string) int {
 	}
 }
 
+// helperServe listens on args[0] (address:0), prints the address it listens on, accepts one
+// connection and writes to it as the stream helper does (what it prints too), until stdin closes.
+func helperServe(args []string) int {
+	if len(args) != 1 {
+		fmt.Fprintln(os.Stderr, "serve: want ADDRESS")
+		return 2
+	}
+	l, err := net.Listen("tcp", args[0])
+	if err != nil {
+		fmt.Println(errnoName(err))
+		return 1
+	}
+	fmt.Println(l.Addr())
+	stop := make(chan struct{})
+	go func() {
+		bufio.NewReader(os.Stdin).ReadString('\n')
+		close(stop)
+		l.Close()
+	}()
+	c, err := l.Accept()
+	if err != nil {
+		fmt.Println(errnoName(err))
+		<-stop
+		return 0
+	}
+	defer c.Close()
+	buf := make([]byte, 256)
+	first, stalled := true, false
+	for {
+		select {
+		case <-stop:
+			return 0
+		default:
+		}
+		c.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+		_, err := c.Write(buf)
+		var ne net.Error
+		switch {
+		case err == nil:
+			if first {
+				fmt.Println("connected")
+				first = false
+			}
+		case errors.As(err, &ne) && ne.Timeout():
+			if !stalled {
+				fmt.Println("stalled")
+				stalled = true
+			}
+			continue
+		default:
+			fmt.Println(errnoName(err))
+			<-stop
+			return 0
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// StartServer starts the serve helper in the cgroup at cgroupPath, connects to it from the test
+// and returns the stream (past "connected") and the test's end, which counts what arrives.
+func StartServer(t testing.TB, cgroupPath, address string) (*Stream, *Peer) {
+	t.Helper()
+	cmd := Command(t, cgroupPath, "serve", address)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	s := &Stream{lines: make(chan string, 16), stdin: stdin, wait: cmd.Wait}
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			s.lines <- sc.Text()
+		}
+		close(s.lines)
+	}()
+	t.Cleanup(func() { s.Stop() })
+	addr := s.Next(t, 5*time.Second)
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		t.Fatalf("serve helper: %q", addr)
+	}
+	c, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(ap))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &Peer{network: "tcp", Addr: ap, conns: []*net.TCPConn{c}}
+	go func() {
+		buf := make([]byte, 64<<10)
+		for {
+			if _, err := c.Read(buf); err != nil {
+				return
+			}
+		}
+	}()
+	t.Cleanup(func() { c.Close() })
+	if got := s.Next(t, 5*time.Second); got != "connected" {
+		t.Fatalf("serve helper in %s: %s, want connected", cgroupPath, got)
+	}
+	return s, p
+}
+
 // errnoName names the errno of err in lower case ("econnaborted"), or says "error:..." for
 // anything else.
 func errnoName(err error) string {
@@ -98,7 +207,26 @@ type Stream struct {
 // outside agents) and waits until it says how its connect went: "connected" or the error.
 func StartStream(t testing.TB, cgroupPath, network, address string) *Stream {
 	t.Helper()
+	return startStream(t, Command(t, cgroupPath, "stream", network, address), network, address, cgroupPath)
+}
+
+// StartStreamIn is StartStream with the helper's socket in the network namespace of host h.
+func StartStreamIn(t testing.TB, h *Host, cgroupPath, network, address string) *Stream {
+	t.Helper()
 	cmd := Command(t, cgroupPath, "stream", network, address)
+	ns, err := unix.Dup(h.NetNS())
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(ns), "netns")
+	t.Cleanup(func() { f.Close() })
+	cmd.ExtraFiles = []*os.File{f}
+	cmd.Env = append(cmd.Env, netnsEnv+"=1")
+	return startStream(t, cmd, network, address, cgroupPath)
+}
+
+func startStream(t testing.TB, cmd *exec.Cmd, network, address, cgroupPath string) *Stream {
+	t.Helper()
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -259,6 +387,17 @@ func (p *Peer) Received() int {
 		})
 	}
 	return n
+}
+
+// Conn is a peer that counts only the i-th connection p accepted (TCP).
+func (p *Peer) Conn(i int) *Peer {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	one := &Peer{network: p.network, Addr: p.Addr}
+	if i < len(p.conns) {
+		one.conns = []*net.TCPConn{p.conns[i]}
+	}
+	return one
 }
 
 // ArrivedAfter counts the datagrams that arrived after at (UDP peers).

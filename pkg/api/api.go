@@ -120,6 +120,7 @@ type Status struct {
 	ExecReason   string             `json:"exec_reason"`
 	ActiveLSMs   string             `json:"active_lsms"`
 	Hooks        []Hook             `json:"hooks"`
+	Sockets      SocketStatus       `json:"live_sockets"`
 	Agents       int                `json:"agents"`
 	Kernel       dataplane.Counters `json:"kernel_counters"`
 	Registry     agents.Stats       `json:"registry"`
@@ -130,6 +131,15 @@ type Status struct {
 	// DecisionLogHTTP counts the decision log's HTTP sink, when configured.
 	DecisionLogHTTP *events.HTTPStats `json:"decision_log_http,omitempty"`
 	Warnings        []string          `json:"warnings,omitempty"`
+}
+
+// SocketStatus says how live sockets follow their agent's rule set on this kernel.
+type SocketStatus struct {
+	// Terminate: revoked sockets are terminated (bpf_sock_destroy); without it their packets
+	// are only dropped. Reason says which and why.
+	Terminate bool                 `json:"terminate"`
+	Reason    string               `json:"reason"`
+	Sweeps    dataplane.SweepStats `json:"sweeps"`
 }
 
 // EscalationStatus counts the alerts of the escalation webhook.

@@ -245,9 +245,18 @@ func (c *compiler) egress(ctx context.Context, where string, e grants.Egress, ou
 		c.refuse(where, "holds by approval %q, which is not in force as a counted grant (or the rule is an audit rule, which allows nothing to count)", e.Approval)
 		return out
 	}
+	var maxDur time.Duration
+	if e.MaxDuration != "" {
+		d, err := time.ParseDuration(e.MaxDuration)
+		if err != nil || d < time.Millisecond || d > dataplane.MaxRuleDuration || d%time.Millisecond != 0 {
+			c.refuse(where, "max_duration %q: want a duration of whole milliseconds from 1ms to %s, such as \"30m\"", e.MaxDuration, dataplane.MaxRuleDuration)
+			return out
+		}
+		maxDur = d
+	}
 	for _, p := range prefixes {
 		for _, r := range ports {
-			out = append(out, prefixRule{p, dataplane.PortRule{Proto: proto, Lo: r.Lo, Hi: r.Hi, Binary: bin, Audit: e.Audit, Grant: e.Grant}})
+			out = append(out, prefixRule{p, dataplane.PortRule{Proto: proto, Lo: r.Lo, Hi: r.Hi, Binary: bin, Audit: e.Audit, Grant: e.Grant, MaxDuration: maxDur}})
 		}
 	}
 	return out
@@ -406,21 +415,38 @@ func (c *compiler) merge(rules []prefixRule) []dataplane.Egress {
 }
 
 // simplify sorts rules, drops those another rule contains, and joins overlapping or adjacent
-// ranges of the same protocol, binary and audit flag. A rule that allows silently contains an
-// audit rule with the same ports; an audit rule contains nothing but audit rules.
+// ranges of the same protocol, binary, audit flag and max_duration. A rule that allows silently
+// contains an audit rule with the same ports; an audit rule contains nothing but audit rules; a
+// rule without max_duration (or with a longer one) contains one with. The kernel takes the first
+// rule that allows, so rules that count no use and limit no time come first.
+// compareLimit orders max_durations loosest first: none, then the longest.
+func compareLimit(a, b time.Duration) int {
+	switch {
+	case a == b:
+		return 0
+	case a == 0:
+		return -1
+	case b == 0:
+		return 1
+	}
+	return cmp.Compare(b, a)
+}
+
 func simplify(rules []dataplane.PortRule) []dataplane.PortRule {
 	if len(rules) <= 1 {
 		return rules
 	}
 	slices.SortFunc(rules, func(a, b dataplane.PortRule) int {
-		return cmp.Or(compareBool(a.Audit, b.Audit), cmp.Compare(a.Grant, b.Grant), cmp.Compare(a.Binary.Dev, b.Binary.Dev), cmp.Compare(a.Binary.Ino, b.Binary.Ino),
+		return cmp.Or(compareBool(a.Audit, b.Audit), cmp.Compare(a.Grant, b.Grant), compareLimit(a.MaxDuration, b.MaxDuration),
+			cmp.Compare(a.Binary.Dev, b.Binary.Dev), cmp.Compare(a.Binary.Ino, b.Binary.Ino),
 			cmp.Compare(a.Proto, b.Proto), cmp.Compare(a.Lo, b.Lo), cmp.Compare(a.Hi, b.Hi))
 	})
 	joined := make([]dataplane.PortRule, 0, len(rules))
 	for _, r := range rules {
 		if n := len(joined); n > 0 {
 			last := &joined[n-1]
-			if last.Proto == r.Proto && last.Binary == r.Binary && last.Audit == r.Audit && last.Grant == r.Grant && uint32(r.Lo) <= uint32(last.Hi)+1 {
+			if last.Proto == r.Proto && last.Binary == r.Binary && last.Audit == r.Audit && last.Grant == r.Grant &&
+				last.MaxDuration == r.MaxDuration && uint32(r.Lo) <= uint32(last.Hi)+1 {
 				last.Hi = max(last.Hi, r.Hi)
 				continue
 			}
@@ -432,7 +458,8 @@ func simplify(rules []dataplane.PortRule) []dataplane.PortRule {
 	contains := func(a, b dataplane.PortRule) bool {
 		return (a.Proto == dataplane.ProtoAny || a.Proto == b.Proto) &&
 			(a.Binary.IsZero() || a.Binary == b.Binary) && a.Lo <= b.Lo && b.Hi <= a.Hi &&
-			(!a.Audit || b.Audit) && (a.Grant == 0 || a.Grant == b.Grant)
+			(!a.Audit || b.Audit) && (a.Grant == 0 || a.Grant == b.Grant) &&
+			(a.MaxDuration == 0 || b.MaxDuration != 0 && a.MaxDuration >= b.MaxDuration)
 	}
 	out := make([]dataplane.PortRule, 0, len(joined))
 	for i, r := range joined {

@@ -469,6 +469,54 @@ func TestCountedGrants(t *testing.T) {
 	}
 }
 
+// TestMaxDuration: a rule's max_duration reaches its kernel rules, also where a covering prefix
+// passes it on; a rule without one (or with a longer one) contains a rule with one, and comes
+// first, so the loosest limit applies; rules of different limits are not joined; a duration that
+// is not whole milliseconds between 1ms and the kernel's limit is refused.
+func TestMaxDuration(t *testing.T) {
+	tcp := func(lo, hi uint16, d time.Duration) dataplane.PortRule {
+		return dataplane.PortRule{Proto: dataplane.ProtoTCP, Lo: lo, Hi: hi, MaxDuration: d}
+	}
+	one := []grants.PortRange{{Lo: 443, Hi: 443}}
+	res := Compile(context.Background(), grants.Grants{Egress: []grants.Egress{
+		{CIDR: "10.0.0.0/8", Ports: one, Protocol: "tcp", MaxDuration: "30m"},
+		{CIDR: "10.0.0.0/8", Ports: []grants.PortRange{{Lo: 444, Hi: 444}}, Protocol: "tcp", MaxDuration: "30m"},
+		{CIDR: "10.0.0.0/8", Ports: []grants.PortRange{{Lo: 400, Hi: 500}}, Protocol: "tcp", MaxDuration: "5s"},
+		{CIDR: "10.1.0.0/16", Ports: []grants.PortRange{{Lo: 80, Hi: 80}}, Protocol: "tcp"},
+		{CIDR: "192.0.2.1", Ports: one, Protocol: "tcp", MaxDuration: "1m"},
+		{CIDR: "192.0.2.1", Ports: one, Protocol: "tcp"},
+		{CIDR: "192.0.2.2", Ports: one, Protocol: "tcp", MaxDuration: "1m"},
+		{CIDR: "192.0.2.2", Ports: one, Protocol: "tcp", MaxDuration: "2m"},
+		{CIDR: "192.0.2.3", Ports: one, MaxDuration: "soon"},
+		{CIDR: "192.0.2.4", Ports: one, MaxDuration: "0s"},
+		{CIDR: "192.0.2.5", Ports: one, MaxDuration: "1500us"},
+		{CIDR: "192.0.2.6", Ports: one, MaxDuration: "2000h"},
+	}}, Options{Files: files})
+	got := map[netip.Prefix][]dataplane.PortRule{}
+	for _, e := range res.RuleSet.Egress {
+		got[e.Prefix] = e.Ports
+	}
+	want := map[netip.Prefix][]dataplane.PortRule{
+		pr("10.0.0.0/8"):   {tcp(443, 444, 30*time.Minute), tcp(400, 500, 5*time.Second)},
+		pr("10.1.0.0/16"):  {tcp(80, 80, 0), tcp(443, 444, 30*time.Minute), tcp(400, 500, 5*time.Second)},
+		pr("192.0.2.1/32"): {tcp(443, 443, 0)},
+		pr("192.0.2.2/32"): {tcp(443, 443, 2*time.Minute)},
+	}
+	for p, w := range want {
+		if !reflect.DeepEqual(got[p], w) {
+			t.Errorf("%s: got %v\nwant %v", p, got[p], w)
+		}
+	}
+	if len(res.Refused) != 4 {
+		t.Fatalf("refused %v: want the four bad durations", res.Refused)
+	}
+	for _, f := range res.Refused {
+		if !strings.Contains(f.Reason, "max_duration") {
+			t.Errorf("refused %v, want a max_duration reason", f)
+		}
+	}
+}
+
 // TestSensitiveSockets: no grant reaches a socket in UnixNever, exactly or through a /dir/* rule;
 // every agent gets the sockets in UnixAlways.
 func TestSensitiveSockets(t *testing.T) {

@@ -585,6 +585,7 @@ func (d *Daemon) Status() api.Status {
 	for _, h := range f.Hooks {
 		st.Hooks = append(st.Hooks, api.Hook{Name: h.Name, Section: h.Section, Active: h.Active, Reason: h.Reason})
 	}
+	st.Sockets = api.SocketStatus{Terminate: f.SockDestroy, Reason: f.SockDestroyReason, Sweeps: d.kern.SweepStats()}
 	if c, err := d.kern.Counters(); err == nil {
 		st.Kernel = c
 	}

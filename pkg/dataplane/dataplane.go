@@ -316,6 +316,15 @@ type Counters struct {
 	DestroyErrors uint64
 }
 
+// SweepStats count the sweeps of live sockets: after an agent's rule set changes (or it is
+// killed or removed), its sockets whose destination is no longer allowed are terminated.
+type SweepStats struct {
+	Sweeps     uint64        `json:"sweeps"`
+	Terminated uint64        `json:"terminated"`
+	Errors     uint64        `json:"errors"` // sweeps that failed, and sockets that could not be terminated
+	Last       time.Duration `json:"last_sweep_ns"`
+}
+
 // AgentCounts are one agent's decisions by kind and verdict.
 type AgentCounts [NumKinds][NumVerdicts]uint64
 

@@ -48,6 +48,7 @@ type Decision struct {
 	SocketPath     string    `json:"socket_path,omitempty"`
 	SocketFamily   uint16    `json:"socket_family,omitempty"`
 	SocketType     uint32    `json:"socket_type,omitempty"`
+	SocketOption   string    `json:"socket_option,omitempty"` // kind sockopt: IPV6_RTHDR, IP_OPTIONS, ...
 	Verdict        string    `json:"verdict"`
 	Reason         string    `json:"reason"`
 	Mode           string    `json:"mode,omitempty"`
@@ -152,11 +153,14 @@ func Build(e dataplane.Event, attr Attributor) Decision {
 		d.ParentChain = append(d.ParentChain, par)
 	}
 	switch e.Kind {
-	case dataplane.KindConnect4, dataplane.KindConnect6, dataplane.KindSendmsg4, dataplane.KindSendmsg6:
+	case dataplane.KindConnect4, dataplane.KindConnect6, dataplane.KindSendmsg4, dataplane.KindSendmsg6,
+		dataplane.KindPacket, dataplane.KindTerminate:
 		d.Protocol = e.Proto.String()
 		if e.Addr.IsValid() {
 			d.Destination = netip.AddrPortFrom(e.Addr, e.Port).String()
 		}
+	case dataplane.KindSockopt:
+		d.SocketOption = e.Target
 	case dataplane.KindConnectUnix, dataplane.KindSendmsgUnix:
 		d.SocketPath = e.Target
 	case dataplane.KindExec:

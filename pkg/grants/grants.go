@@ -46,7 +46,11 @@ type Egress struct {
 	Audit bool `json:"audit,omitempty"`
 	// Approval names the step-up approval (input.task.approvals[_].id) the rule holds by: the
 	// kernel then allows it only for the approval's uses and until it expires (a counted grant).
+	// Uses count connects; a connection a use opened lives until the approval ends.
 	Approval string `json:"approval,omitempty"`
+	// MaxDuration, a Go duration ("30m", "90s"), ends every connection the rule allows that
+	// long after its connect: its packets are dropped from then on and the socket terminated.
+	MaxDuration string `json:"max_duration,omitempty"`
 	// Grant is the kernel's counted grant of Approval: tether sets it before compiling (the
 	// policy cannot). A rule whose approval has none is refused.
 	Grant uint32 `json:"-"`

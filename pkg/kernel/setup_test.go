@@ -91,6 +91,11 @@ func (f *fixture) agent(t *testing.T, name string, slot dataplane.Slot, rs datap
 	if err := f.k.Bind(id, slot); err != nil {
 		t.Fatal(err)
 	}
+	// The sweep finds the agent's sockets in the network namespaces of its processes, by the
+	// cgroup its info records.
+	if err := f.k.PutInfo(slot, dataplane.Info{SpiffeID: "spiffe://test.local/" + name, CgroupPath: path, CgroupID: id}); err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(func() {
 		if err := f.k.Clear(slot); err != nil {
 			t.Errorf("clearing slot %d: %v", slot, err)

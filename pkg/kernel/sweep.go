@@ -42,15 +42,6 @@ type SweepResult struct {
 	Took       time.Duration
 }
 
-// SweepStats count the sweeps since Open.
-type SweepStats struct {
-	Supported bool          // bpf_sock_destroy runs here
-	Sweeps    uint64        // sweeps run
-	Destroyed uint64        // sockets terminated
-	Errors    uint64        // sweeps that failed, and sockets that could not be terminated
-	Last      time.Duration // how long the last sweep took
-}
-
 type sweepWaiter chan sweepOutcome
 
 type sweepOutcome struct {
@@ -139,12 +130,12 @@ func (k *Kernel) Sweep(slots ...dataplane.Slot) (SweepResult, error) {
 }
 
 // SweepStats counts the sweeps since Open.
-func (k *Kernel) SweepStats() SweepStats {
+func (k *Kernel) SweepStats() dataplane.SweepStats {
 	s := k.sweeper
 	if s == nil {
-		return SweepStats{}
+		return dataplane.SweepStats{}
 	}
-	return SweepStats{Supported: s.supported(), Sweeps: s.sweeps.Load(), Destroyed: s.destroyed.Load(), Errors: s.errs.Load(),
+	return dataplane.SweepStats{Sweeps: s.sweeps.Load(), Terminated: s.destroyed.Load(), Errors: s.errs.Load(),
 		Last: time.Duration(s.last.Load())}
 }
 
@@ -382,15 +373,16 @@ func inNetns(ns *os.File, f func() error) error {
 	return <-errc
 }
 
-// namespaces are the network namespaces the processes of slots' cgroups are in: nil for
-// tetherd's own, an open file for each other. A process that ends meanwhile is skipped.
+// namespaces are the network namespaces the processes of slots' cgroups (as their agent info
+// records them) are in: nil for tetherd's own, an open file for each other. A process that ends
+// meanwhile is skipped; a namespace no process of the slots is in is not iterated.
 func (s *sweeper) namespaces(slots []dataplane.Slot) ([]*os.File, error) {
 	own, err := netnsInode("/proc/self/ns/net")
 	if err != nil {
 		return nil, err
 	}
-	seen := map[uint64]bool{own: true}
-	out := []*os.File{nil}
+	seen := map[uint64]bool{}
+	var out []*os.File
 	var errs []error
 	for _, slot := range slots {
 		var info bpfTetherAgentInfo
@@ -408,21 +400,40 @@ func (s *sweeper) namespaces(slots []dataplane.Slot) ([]*os.File, error) {
 			if err != nil || seen[ino] {
 				continue
 			}
+			if ino == own {
+				seen[ino] = true
+				out = append(out, nil)
+				continue
+			}
 			f, err := os.Open(p)
 			if err != nil {
 				continue
 			}
 			// The process may have moved on between the stat and the open: what counts is
-			// the namespace the file names.
-			if ino2, err := netnsInode(f.Name()); err != nil || seen[ino2] {
+			// the namespace the open file is.
+			ino2, err := fdInode(f)
+			if err != nil || seen[ino2] {
 				f.Close()
 				continue
 			}
-			seen[ino] = true
+			seen[ino2] = true
+			if ino2 == own {
+				f.Close()
+				out = append(out, nil)
+				continue
+			}
 			out = append(out, f)
 		}
 	}
 	return out, errors.Join(errs...)
+}
+
+func fdInode(f *os.File) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return 0, err
+	}
+	return st.Ino, nil
 }
 
 func netnsInode(path string) (uint64, error) {

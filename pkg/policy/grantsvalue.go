@@ -279,6 +279,8 @@ func (d *decoder) egressFieldOf(k string, v ast.Value) {
 		e.Audit = d.bool(v)
 	case "approval":
 		e.Approval = d.str(v)
+	case "max_duration":
+		e.MaxDuration = d.str(v)
 	default:
 		d.unknown()
 	}

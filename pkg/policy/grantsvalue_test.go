@@ -37,7 +37,7 @@ func TestDecodeGrantsMatchesJSON(t *testing.T) {
 	docs := []string{
 		`{}`,
 		`{"mode": "audit", "egress": [], "exec": [], "unix": []}`,
-		`{"mode": "enforce", "egress": [{"cidr": "10.0.0.0/8", "ports": [443, "8000-8100", "22"], "protocol": "tcp", "binary": "/usr/bin/git", "audit": true}, {"cidrs": ["192.0.2.0/24"], "approval": "a1"}],
+		`{"mode": "enforce", "egress": [{"cidr": "10.0.0.0/8", "ports": [443, "8000-8100", "22"], "protocol": "tcp", "binary": "/usr/bin/git", "audit": true}, {"cidrs": ["192.0.2.0/24"], "approval": "a1", "max_duration": "30m"}],
 		  "exec": [{"path": "/usr/bin/git"}, {"path": "/opt/*", "audit": true}], "unix": [{"path": "@bus"}], "valid_until": "2026-11-27T18:00:00Z"}`,
 		`{"egress": [{"cidrs": ["10.0.0.0/8", "::1"], "ports": null}, {"cidrs": []}, {"fqdn": "example.com"}, null]}`,
 		`{"egress": null, "exec": null, "unix": null, "valid_until": null, "mode": null, "exec_deny": null}`,
@@ -52,6 +52,7 @@ func TestDecodeGrantsMatchesJSON(t *testing.T) {
 		`{"egress": [{"cidrs": "10.0.0.0/8"}]}`,
 		`{"egress": {"cidr": "10.0.0.0/8"}}`,
 		`{"exec": [{"path": 7}]}`,
+		`{"egress": [{"cidr": "10.0.0.0/8", "max_duration": 30}]}`,
 		`{"exec_deny": [{"path": "/usr/bin/curl"}]}`,
 		`{"unix": [{"path": "/x", "audit": "yes"}]}`,
 		`{"mode": ["enforce"]}`,

@@ -174,7 +174,7 @@ type collector struct {
 }
 
 var (
-	descDecisions = prometheus.NewDesc("tether_decisions_total", "Decisions the kernel made for agents, by kind (connect, sendmsg, unix, exec, socket), verdict and SPIFFE ID.", []string{"kind", "verdict", "spiffe_id"}, nil)
+	descDecisions = prometheus.NewDesc("tether_decisions_total", "Decisions the kernel made for agents, by kind (connect, sendmsg, unix, exec, socket, sockopt; packet and terminate count drops and terminations of live sockets, not what passes), verdict and SPIFFE ID.", []string{"kind", "verdict", "spiffe_id"}, nil)
 	descAgents    = prometheus.NewDesc("tether_agents", "Registered agents.", nil, nil)
 	descKilled    = prometheus.NewDesc("tether_agents_killed", "Registered agents whose killed flag is set.", nil, nil)
 	descTasks     = prometheus.NewDesc("tether_tasks", "Agents with an active task.", nil, nil)
@@ -204,12 +204,18 @@ var (
 	descIDLost    = prometheus.NewDesc("tether_identities_lost_total", "Agents whose identity was lost (SPIRE entry deleted, pod deleted).", nil, nil)
 	descEscSent   = prometheus.NewDesc("tether_escalations_sent_total", "Alerts the escalation webhook accepted.", nil, nil)
 	descEscDrop   = prometheus.NewDesc("tether_escalations_dropped_total", "Alerts dropped (queue full, or every retry failed).", nil, nil)
+	descSweeps    = prometheus.NewDesc("tether_socket_sweeps_total", "Sweeps of agents' live sockets after their rule sets changed (or they were killed or removed).", nil, nil)
+	descTermed    = prometheus.NewDesc("tether_sockets_terminated_total", "Live sockets terminated because their agent's rule set no longer allows their destination (or the agent was killed).", nil, nil)
+	descSweepErr  = prometheus.NewDesc("tether_socket_sweep_errors_total", "Sweeps that failed and sockets a sweep could not terminate (their packets are still dropped).", nil, nil)
+	descSweepLast = prometheus.NewDesc("tether_socket_sweep_last_duration_seconds", "How long the last sweep of live sockets took.", nil, nil)
+	descSockStore = prometheus.NewDesc("tether_socket_storage_errors_total", "Agent sockets the kernel could not give storage to (no memory): judged per packet without it.", nil, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descDecisions, descAgents, descKilled, descTasks, descFill, descEntries,
 		descStatsOn, descProgRuns, descProgTime, descProgMiss, descStatsErr, descEvals, descEvalErrs, descRefused,
-		descRefRules, descInstalls, descMapFail, descMapRetry, descRBLost, descEvRead, descEvWrite, descOwnDrop, descHTTPLog, descHTTPRetry, descEvDecode, descSinkErrs, descSignalErr, descIDLost, descEscSent, descEscDrop} {
+		descRefRules, descInstalls, descMapFail, descMapRetry, descRBLost, descEvRead, descEvWrite, descOwnDrop, descHTTPLog, descHTTPRetry, descEvDecode, descSinkErrs, descSignalErr, descIDLost, descEscSent, descEscDrop,
+		descSweeps, descTermed, descSweepErr, descSweepLast, descSockStore} {
 		ch <- d
 	}
 }
@@ -302,6 +308,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descIDLost, st.Identity.Lost)
 	counter(descEscSent, st.Escalation.Sent)
 	counter(descEscDrop, st.Escalation.Dropped)
+	counter(descSweeps, st.Sockets.Sweeps.Sweeps)
+	counter(descTermed, st.Sockets.Sweeps.Terminated)
+	counter(descSweepErr, st.Sockets.Sweeps.Errors)
+	gauge(descSweepLast, st.Sockets.Sweeps.Last.Seconds())
+	counter(descSockStore, st.Kernel.SockStorageErrors)
 }
 
 // fold adds what a counted since it was last seen to the totals and returns its counts. Call

@@ -30,7 +30,7 @@ type policyState struct {
 
 	reloadMu sync.Mutex // one reload at a time
 
-	recent   *recent  // what respond is told of each agent's recent decisions
+	recent *recent // what respond is told of each agent's recent decisions
 }
 
 // startPolicy puts the first revision in force (a directory or the shipped policies), or starts

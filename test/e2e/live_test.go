@@ -96,7 +96,7 @@ func TestPrivilegedLiveSocketsFollowContext(t *testing.T) {
 		settings["networks"].(map[string]any)["prodnet"] = []string{h.V4.String() + "/32"}
 		wider := profile{"egress": append(slices.Clone(baseEgress), rule(wideTCP, "tcp"), rule(wideUDP, "udp")), "exec": []string{self},
 			"network_egress": []any{map[string]any{"network": "prodnet", "ports": []int{int(prod.Addr.Port())}, "protocol": "tcp", "production": true}},
-			"unix": []any{}, "high_risk": []string{}}
+			"unix":           []any{}, "high_risk": []string{}}
 		settings["profiles"].(map[string]any)["wider"] = wider
 		b, _ := json.MarshalIndent(data, "", "  ")
 		if err := os.WriteFile(filepath.Join(d.policy, "data.json"), b, 0o644); err != nil {

@@ -184,8 +184,9 @@ struct {
 } tether_socks SEC(".maps");
 
 /* The slots a sweep of live sockets checks; see struct tether_sweep_slot. The entry after the
- * last slot says whether the sweep also looks at sockets that have no storage (it has a killed
- * agent, whose listeners go too): that costs a walk of each such socket's cgroups. */
+ * last slot describes the sweep: want says whether it also looks at sockets that have no storage
+ * (it has a killed agent, whose listeners go too: that costs a walk of each such socket's
+ * cgroups), checked in how many shards it runs (see tether_sweep_shard). */
 #define TETHER_SWEEP_ALL TETHER_MAX_AGENTS
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -193,6 +194,17 @@ struct {
 	__type(key, __u32);
 	__type(value, struct tether_sweep_slot);
 } tether_sweep SEC(".maps");
+
+/* The shard of a sweep this CPU's reader takes (index + 1; 0: every socket). A sweep runs one
+ * reader per CPU it may use, each pinned to its CPU and walking every socket, and each terminates
+ * those whose cookie falls in its shard: the work of terminating (a reset sent, the peer's answer
+ * handled) is spread over the CPUs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} tether_sweep_shard SEC(".maps");
 
 extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
 extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
@@ -698,7 +710,7 @@ static __always_inline void tether_connected(struct bpf_sock_addr *ctx, struct t
 	s->born = d->born;
 	s->generation = d->generation;
 	s->start_ns = bpf_ktime_get_boot_ns();
-	s->flags = TETHER_SOCK_OUTBOUND;
+	s->flags = TETHER_SOCK_OUTBOUND | TETHER_SOCK_CHECKED;
 	tether_sock_deadline(d, s);
 	s->bin_dev = d->caller == TETHER_CALLER_KNOWN ? d->caller_dev : 0;
 	s->bin_ino = d->caller == TETHER_CALLER_KNOWN ? d->caller_ino : 0;
@@ -1205,7 +1217,7 @@ __attribute__((noinline)) int tether_sock_check(struct tether_decision *d, struc
 	if (agent) {
 		__u32 active = agent->active & 1;
 		__u64 gen = agent->generation[active];
-		if (!(agent->flags & TETHER_AGENT_KILLED) && s->generation == gen && gen) {
+		if (!(agent->flags & TETHER_AGENT_KILLED) && s->generation == gen && (s->flags & TETHER_SOCK_CHECKED)) {
 			d->generation = gen;
 			d->verdict = s->verdict;
 			d->reason = s->reason;
@@ -1250,6 +1262,7 @@ __attribute__((noinline)) int tether_sock_check(struct tether_decision *d, struc
 		s->generation = d->generation;
 		s->verdict = d->verdict;
 		s->reason = d->reason;
+		s->flags |= TETHER_SOCK_CHECKED;
 	}
 	s->flags &= ~TETHER_SOCK_REPORTED;
 	return 1;
@@ -1258,6 +1271,22 @@ __attribute__((noinline)) int tether_sock_check(struct tether_decision *d, struc
 
 /* Every packet an agent socket sends, at the agent parents. Its cost in the common case is the
  * socket storage lookup, the agent's state and one compare. */
+/* tether_plain says, from the packet's first bytes, that it carries no IPv4 option and no IPv6
+ * extension header (the common case: no detour possible). */
+static __always_inline int tether_plain(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	__u8 *h = data;
+
+	if (data + 40 > end)
+		return 0;
+	if (skb->protocol == bpf_htons(TETHER_ETH_P_IP))
+		return h[0] == 0x45;
+	if (skb->protocol == bpf_htons(TETHER_ETH_P_IPV6))
+		return h[6] == IPPROTO_TCP || h[6] == IPPROTO_UDP;
+	return 0;
+}
+
 SEC("cgroup_skb/egress")
 int tether_egress_skb(struct __sk_buff *skb)
 {
@@ -1268,10 +1297,25 @@ int tether_egress_skb(struct __sk_buff *skb)
 	if (!sk)
 		return 1; /* a request or time-wait socket: a handshake reply or a final ACK */
 
+	struct tether_sock *s = bpf_sk_storage_get(&tether_socks, sk, 0, 0);
+	/* The common case, with no decision to build: a plain packet of a socket of a live agent,
+	 * one the agent accepted or sends unconnected datagrams on (judged by sendmsg), or a TCP
+	 * socket allowed at the generation in force with no deadline. */
+	if (s && s->slot < TETHER_MAX_AGENTS && tether_plain(skb)) {
+		__u32 slot = s->slot;
+		struct tether_agent *ag = bpf_map_lookup_elem(&tether_agents, &slot);
+		if (ag && ag->born == s->born && !(ag->flags & TETHER_AGENT_KILLED)) {
+			if (!(s->flags & TETHER_SOCK_OUTBOUND))
+				return 1;
+			if (sk->protocol == IPPROTO_TCP && (s->flags & TETHER_SOCK_CHECKED) && s->verdict == TETHER_VERDICT_ALLOW &&
+			    !s->deadline_ns && s->generation == ag->generation[ag->active & 1])
+				return 1;
+		}
+	}
+
 	struct tether_pkt p = {};
 	struct tether_decision d = {};
 	struct tether_agent *agent = NULL;
-	struct tether_sock *s = bpf_sk_storage_get(&tether_socks, sk, 0, 0);
 	int fresh = !s;
 	if (s && !tether_sock_current(s, &agent))
 		fresh = 1;
@@ -1309,8 +1353,7 @@ int tether_egress_skb(struct __sk_buff *skb)
 	} else {
 		d.slot = s->slot;
 	}
-	if (!d.cgroup_id)
-		d.cgroup_id = bpf_skb_cgroup_id(skb);
+	d.cgroup_id = d.cgroup_id ?: bpf_skb_cgroup_id(skb);
 
 	if (d.slot == TETHER_NO_SLOT) {
 		/* A socket of no agent: only one its agent connected and then lost (unregistered)
@@ -1477,6 +1520,13 @@ static __always_inline int tether_sweep_sock(struct sock *sk, struct sock_common
 	__u16 family = sk->__sk_common.skc_family;
 	if (family != AF_INET && family != AF_INET6)
 		return 0;
+	__u32 zero = 0, all = TETHER_SWEEP_ALL;
+	struct tether_sweep_slot *a = bpf_map_lookup_elem(&tether_sweep, &all);
+	__u32 *shard = bpf_map_lookup_elem(&tether_sweep_shard, &zero);
+	if (!a)
+		return 0;
+	if (shard && *shard && a->checked > 1 && bpf_get_socket_cookie(sk) % a->checked != *shard - 1)
+		return 0; /* another reader's */
 	struct tether_decision d = {};
 	struct tether_agent *agent = NULL;
 	struct tether_sock *s = bpf_sk_storage_get(&tether_socks, sk, 0, 0);
@@ -1484,9 +1534,7 @@ static __always_inline int tether_sweep_sock(struct sock *sk, struct sock_common
 	if (s && tether_sock_current(s, &agent)) {
 		d.slot = s->slot;
 	} else {
-		__u32 all = TETHER_SWEEP_ALL;
-		struct tether_sweep_slot *a = bpf_map_lookup_elem(&tether_sweep, &all);
-		if (!s && (!a || !a->want))
+		if (!s && !a->want)
 			return 0;
 		__u32 slot = TETHER_NO_SLOT;
 		if (!tether_sk_slot(sk, &d.cgroup_id, &slot))
@@ -1500,7 +1548,7 @@ static __always_inline int tether_sweep_sock(struct sock *sk, struct sock_common
 	struct tether_sweep_slot *sw = bpf_map_lookup_elem(&tether_sweep, &d.slot);
 	if (!sw || !sw->want || !agent)
 		return 0;
-	sw->checked++;
+	__sync_fetch_and_add(&sw->checked, 1);
 	if (!d.cgroup_id)
 		d.cgroup_id = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
 
@@ -1529,10 +1577,10 @@ static __always_inline int tether_sweep_sock(struct sock *sk, struct sock_common
 	if (d.verdict == TETHER_VERDICT_DENY) {
 		/* skc, not sk: the iterator's own pointer is the one the verifier trusts. */
 		if (bpf_sock_destroy(skc)) {
-			sw->errors++;
+			__sync_fetch_and_add(&sw->errors, 1);
 			tether_count(TETHER_COUNTER_DESTROY_ERRORS);
 		} else {
-			sw->destroyed++;
+			__sync_fetch_and_add(&sw->destroyed, 1);
 		}
 	}
 	if (s)

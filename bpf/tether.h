@@ -203,6 +203,8 @@ enum tether_sock_flags {
 	TETHER_SOCK_DEADLINE_AUDIT = 1 << 5,
 	/* deadline_ns has passed: the verdict says so already. */
 	TETHER_SOCK_EXPIRED = 1 << 6,
+	/* verdict and reason are the check at generation (generations may start at 0). */
+	TETHER_SOCK_CHECKED = 1 << 7,
 };
 
 /* tether_socks value (socket local storage): what the programs know of a socket of an agent.

@@ -99,6 +99,7 @@ type Kernel struct {
 	grants        *ebpf.Map
 	config        *ebpf.Map
 	sweepMap      *ebpf.Map
+	sweepShard    *ebpf.Map
 	sweeper       *sweeper
 	innerSpec     *ebpf.MapSpec
 	bootTime      time.Time
@@ -211,7 +212,7 @@ func (k *Kernel) load() error {
 		return err
 	}
 	for name, m := range spec.Maps {
-		if !strings.HasPrefix(name, "tether_") || name == bpfMapTetherSweep {
+		if !strings.HasPrefix(name, "tether_") || name == bpfMapTetherSweep || name == bpfMapTetherSweepShard {
 			continue // .rodata and the sweep's slots belong to this load of the programs
 		}
 		m.Pinning = ebpf.PinByName
@@ -244,6 +245,7 @@ func (k *Kernel) load() error {
 	k.grants = coll.Maps[bpfMapTetherGrantUses]
 	k.config = coll.Maps[bpfMapTetherConfig]
 	k.sweepMap = coll.Maps[bpfMapTetherSweep]
+	k.sweepShard = coll.Maps[bpfMapTetherSweepShard]
 	if k.graceMap, err = ebpf.NewMap(k.innerSpec); err != nil {
 		return fmt.Errorf("creating the grace-period trie: %w", err)
 	}

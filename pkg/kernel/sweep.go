@@ -53,6 +53,8 @@ type sweeper struct {
 	k        *Kernel
 	log      *slog.Logger
 	tcp, udp *link.Iter // nil where bpf_sock_destroy is not supported
+	// cpus are the CPUs a sweep runs a reader on, one shard each (tether_sweep_shard).
+	cpus []int
 
 	mu      sync.Mutex
 	pending map[dataplane.Slot]bool
@@ -71,8 +73,8 @@ type sweeper struct {
 }
 
 // newSweeper starts the sweeper; tcp and udp are nil where the kernel cannot destroy sockets.
-func newSweeper(k *Kernel, tcp, udp *link.Iter) *sweeper {
-	s := &sweeper{k: k, log: k.log, tcp: tcp, udp: udp, pending: map[dataplane.Slot]bool{}, timedSlots: map[dataplane.Slot]time.Duration{},
+func newSweeper(k *Kernel, tcp, udp *link.Iter, cpus []int) *sweeper {
+	s := &sweeper{k: k, log: k.log, tcp: tcp, udp: udp, cpus: cpus, pending: map[dataplane.Slot]bool{}, timedSlots: map[dataplane.Slot]time.Duration{},
 		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 	go s.loop()
 	return s
@@ -246,6 +248,9 @@ func (s *sweeper) loop() {
 		if err != nil {
 			s.errs.Add(1)
 			s.log.Warn("sweeping live sockets", "slots", slots, "error", err)
+		} else if res.Destroyed > 0 || res.Errors > 0 {
+			s.log.Info("live sockets terminated", "slots", slots, "terminated", res.Destroyed, "failed", res.Errors,
+				"checked", res.Checked, "namespaces", res.Namespaces, "took", res.Took)
 		}
 		for _, w := range waiters {
 			w <- sweepOutcome{res: res, err: err}
@@ -261,19 +266,18 @@ func (s *sweeper) sweep(slots []dataplane.Slot) (SweepResult, error) {
 	}
 	start := time.Now()
 	k := s.k
-	all := false
+	all := uint32(0)
 	for _, slot := range slots {
 		if err := k.sweepMap.Put(uint32(slot), bpfTetherSweepSlot{Want: 1}); err != nil {
 			return res, fmt.Errorf("marking slot %d for the sweep: %w", slot, err)
 		}
 		if f, err := k.Flags(slot); err == nil && f&dataplane.AgentKilled != 0 {
-			all = true
+			all = 1
 		}
 	}
-	if all {
-		if err := k.sweepMap.Put(uint32(dataplane.MaxAgents), bpfTetherSweepSlot{Want: 1}); err != nil {
-			return res, fmt.Errorf("marking the sweep of sockets without storage: %w", err)
-		}
+	// The entry after the slots: sockets without storage too (a killed agent's), and shards.
+	if err := k.sweepMap.Put(uint32(dataplane.MaxAgents), bpfTetherSweepSlot{Want: all, Checked: uint32(len(s.cpus))}); err != nil {
+		return res, fmt.Errorf("describing the sweep: %w", err)
 	}
 	nss, err := s.namespaces(slots)
 	var errs []error
@@ -301,11 +305,6 @@ func (s *sweeper) sweep(slots []dataplane.Slot) (SweepResult, error) {
 			errs = append(errs, fmt.Errorf("ending the sweep of slot %d: %w", slot, err))
 		}
 	}
-	if all {
-		if err := k.sweepMap.Put(uint32(dataplane.MaxAgents), bpfTetherSweepSlot{}); err != nil {
-			errs = append(errs, err)
-		}
-	}
 	res.Took = time.Since(start)
 	s.sweeps.Add(1)
 	s.destroyed.Add(uint64(res.Destroyed))
@@ -314,64 +313,119 @@ func (s *sweeper) sweep(slots []dataplane.Slot) (SweepResult, error) {
 	return res, errors.Join(errs...)
 }
 
-// iterate runs both iterators over the sockets of network namespace ns (nil: tetherd's own). An
-// iterator walks the namespace of the thread that opens it, so the ones for another namespace
-// are opened on a thread of their own that enters it; reading them can happen anywhere.
+// iterate runs both iterators over the sockets of network namespace ns (nil: tetherd's own), in
+// one reader per CPU of s.cpus, each pinned to its CPU: a reader terminates the sockets of its
+// shard (see tether_sweep_shard). An iterator walks the namespace of the thread that opens it,
+// and runs on the CPU of the thread that reads it.
 func (s *sweeper) iterate(ns *os.File) error {
-	var readers []io.ReadCloser
-	open := func() error {
-		for _, it := range []*link.Iter{s.tcp, s.udp} {
-			rc, err := it.Open()
-			if err != nil {
-				return fmt.Errorf("opening socket iterator: %w", err)
-			}
-			readers = append(readers, rc)
+	errs := make([]error, len(s.cpus))
+	var wg sync.WaitGroup
+	for i, cpu := range s.cpus {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = onThread(cpu, ns, s.read)
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// read runs both iterators over the sockets of the calling thread's network namespace.
+func (s *sweeper) read() error {
+	var errs []error
+	for _, it := range []*link.Iter{s.tcp, s.udp} {
+		rc, err := it.Open()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("opening socket iterator: %w", err))
+			continue
 		}
-		return nil
-	}
-	var err error
-	if ns == nil {
-		err = open()
-	} else {
-		err = inNetns(ns, open)
-	}
-	for _, rc := range readers {
-		if _, rerr := io.Copy(io.Discard, rc); rerr != nil && err == nil {
-			err = fmt.Errorf("running socket iterator: %w", rerr)
+		if _, err := io.Copy(io.Discard, rc); err != nil {
+			errs = append(errs, fmt.Errorf("running socket iterator: %w", err))
 		}
 		rc.Close()
 	}
-	return err
+	return errors.Join(errs...)
 }
 
-// inNetns runs f on a locked thread that has entered network namespace ns. A thread that cannot
-// return to tetherd's namespace ends with its goroutine instead of serving others.
-func inNetns(ns *os.File, f func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		origin, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
+// onThread runs f on a locked thread pinned to cpu (-1: wherever) and, with ns, in network
+// namespace ns. A thread that cannot get back to its CPUs or its namespace ends with its
+// goroutine instead of serving others.
+func onThread(cpu int, ns *os.File, f func() error) error {
+	runtime.LockOSThread()
+	var old unix.CPUSet
+	if cpu >= 0 {
+		if err := unix.SchedGetaffinity(0, &old); err != nil {
 			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("opening this thread's network namespace: %w", err)
-			return
+			return fmt.Errorf("reading this thread's CPUs: %w", err)
+		}
+		var one unix.CPUSet
+		one.Set(cpu)
+		if err := unix.SchedSetaffinity(0, &one); err != nil {
+			runtime.UnlockOSThread()
+			return fmt.Errorf("pinning a sweep to CPU %d: %w", cpu, err)
+		}
+	}
+	var origin *os.File
+	if ns != nil {
+		var err error
+		if origin, err = os.Open("/proc/thread-self/ns/net"); err == nil {
+			err = unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET)
+		}
+		if err != nil {
+			if origin != nil {
+				origin.Close()
+			}
+			if cpu < 0 || unix.SchedSetaffinity(0, &old) == nil {
+				runtime.UnlockOSThread()
+			}
+			return fmt.Errorf("entering network namespace %s: %w", ns.Name(), err)
 		}
 		defer origin.Close()
-		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("entering network namespace %s: %w", ns.Name(), err)
-			return
-		}
-		ferr := f()
+	}
+	ferr := f()
+	if ns != nil {
 		if err := unix.Setns(int(origin.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- errors.Join(ferr, fmt.Errorf("returning from network namespace %s: %w", ns.Name(), err)) // the thread stays locked and ends
-			return
+			return errors.Join(ferr, fmt.Errorf("returning from network namespace %s: %w", ns.Name(), err)) // the thread stays locked and ends
 		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
+	}
+	if cpu >= 0 {
+		if err := unix.SchedSetaffinity(0, &old); err != nil {
+			return errors.Join(ferr, fmt.Errorf("unpinning a sweep thread: %w", err)) // stays locked and ends
+		}
+	}
+	runtime.UnlockOSThread()
+	return ferr
 }
+
+// sweepCPUs are the CPUs tetherd may run on, at most maxShards of them, and writes their shards
+// into tether_sweep_shard.
+func (k *Kernel) sweepCPUs() []int {
+	var set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &set); err != nil || set.Count() < 2 {
+		return []int{-1}
+	}
+	n, err := ebpf.PossibleCPU()
+	if err != nil {
+		return []int{-1}
+	}
+	shards := make([]uint32, n)
+	var cpus []int
+	for c := 0; c < n && len(cpus) < maxShards; c++ {
+		if set.IsSet(c) {
+			cpus = append(cpus, c)
+			shards[c] = uint32(len(cpus))
+		}
+	}
+	if err := k.sweepShard.Put(uint32(0), shards); err != nil {
+		k.log.Warn("sweeps run on one CPU", "error", err)
+		return []int{-1}
+	}
+	return cpus
+}
+
+// maxShards bounds the CPUs a sweep runs on.
+const maxShards = 8
 
 // namespaces are the network namespaces the processes of slots' cgroups (as their agent info
 // records them) are in: nil for tetherd's own, an open file for each other. A process that ends
@@ -475,7 +529,12 @@ func (k *Kernel) attachSweep() error {
 	for i, name := range []string{bpfProgTetherSweepTcp, bpfProgTetherSweepUdp} {
 		prog := k.coll.Programs[name]
 		if prog == nil {
-			k.sweeper = newSweeper(k, nil, nil)
+			for _, it := range its {
+				if it != nil {
+					it.Close()
+				}
+			}
+			k.sweeper = newSweeper(k, nil, nil, nil)
 			return nil
 		}
 		it, err := link.AttachIter(link.IterOptions{Program: prog})
@@ -488,6 +547,6 @@ func (k *Kernel) attachSweep() error {
 		}
 		its[i] = it
 	}
-	k.sweeper = newSweeper(k, its[0], its[1])
+	k.sweeper = newSweeper(k, its[0], its[1], k.sweepCPUs())
 	return nil
 }

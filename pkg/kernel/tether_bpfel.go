@@ -285,6 +285,7 @@ const (
 	bpfTetherSockFlagsTETHER_SOCK_DEADLINE_GRANT  bpfTetherSockFlags = 16
 	bpfTetherSockFlagsTETHER_SOCK_DEADLINE_AUDIT  bpfTetherSockFlags = 32
 	bpfTetherSockFlagsTETHER_SOCK_EXPIRED         bpfTetherSockFlags = 64
+	bpfTetherSockFlagsTETHER_SOCK_CHECKED         bpfTetherSockFlags = 128
 )
 
 type bpfTetherSweepSlot struct {
@@ -322,6 +323,7 @@ const (
 	bpfMapTetherSlotCache          = "tether_slot_cache"
 	bpfMapTetherSocks              = "tether_socks"
 	bpfMapTetherSweep              = "tether_sweep"
+	bpfMapTetherSweepShard         = "tether_sweep_shard"
 	bpfProgTetherConnect4          = "tether_connect4"
 	bpfProgTetherConnect6          = "tether_connect6"
 	bpfProgTetherConnectUnix       = "tether_connect_unix"
@@ -424,6 +426,7 @@ type bpfMapSpecs struct {
 	TetherSlotCache     *ebpf.MapSpec `ebpf:"tether_slot_cache"`
 	TetherSocks         *ebpf.MapSpec `ebpf:"tether_socks"`
 	TetherSweep         *ebpf.MapSpec `ebpf:"tether_sweep"`
+	TetherSweepShard    *ebpf.MapSpec `ebpf:"tether_sweep_shard"`
 }
 
 // bpfVariableSpecs contains global variables before they are loaded into the kernel.
@@ -470,6 +473,7 @@ type bpfMaps struct {
 	TetherSlotCache     *ebpf.Map `ebpf:"tether_slot_cache"`
 	TetherSocks         *ebpf.Map `ebpf:"tether_socks"`
 	TetherSweep         *ebpf.Map `ebpf:"tether_sweep"`
+	TetherSweepShard    *ebpf.Map `ebpf:"tether_sweep_shard"`
 }
 
 func (m *bpfMaps) Close() error {
@@ -488,6 +492,7 @@ func (m *bpfMaps) Close() error {
 		m.TetherSlotCache,
 		m.TetherSocks,
 		m.TetherSweep,
+		m.TetherSweepShard,
 	)
 }
 

@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -38,6 +39,8 @@ type env struct {
 	netns                        *os.File
 	self, trueBin                string
 	tcpLo, udpLo, tcpVeth        netip.AddrPort
+	tcpBulk, tcpHold             netip.AddrPort // on our side of the veth: drained; held open
+	held                         *heldConns
 	closers                      []io.Closer
 	k                            *kernel.Kernel
 	tetherRules, nftRules        int
@@ -112,7 +115,20 @@ func setup() (_ *env, err error) {
 	if err != nil {
 		return nil, err
 	}
-	e.closers = append(e.closers, tcpLo, udpLo, tcpVeth)
+	tcpBulk, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.AddrPortFrom(e.host.Ours4, 0)))
+	if err != nil {
+		return nil, err
+	}
+	tcpHold, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.AddrPortFrom(e.host.Ours4, 0)))
+	if err != nil {
+		return nil, err
+	}
+	e.held = &heldConns{}
+	go drainLoop(tcpBulk)
+	go e.held.accept(tcpHold)
+	e.tcpBulk = tcpBulk.Addr().(*net.TCPAddr).AddrPort()
+	e.tcpHold = tcpHold.Addr().(*net.TCPAddr).AddrPort()
+	e.closers = append(e.closers, tcpLo, udpLo, tcpVeth, tcpBulk, tcpHold, e.held)
 	for _, l := range []*net.TCPListener{tcpLo, tcpVeth} {
 		for range 2 {
 			go acceptLoop(l)
@@ -134,6 +150,51 @@ func acceptLoop(l *net.TCPListener) {
 	}
 }
 
+// drainLoop reads every connection of l to its end: the receiving side of the bulk probe.
+func drainLoop(l *net.TCPListener) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			io.Copy(io.Discard, c)
+			c.Close()
+		}()
+	}
+}
+
+// heldConns keeps the connections it accepts open until dropped: the peers of the live sockets
+// the sweep benchmark terminates.
+type heldConns struct {
+	mu    sync.Mutex
+	conns []net.Conn
+}
+
+func (h *heldConns) accept(l *net.TCPListener) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		h.mu.Lock()
+		h.conns = append(h.conns, c)
+		h.mu.Unlock()
+	}
+}
+
+// drop closes the connections held so far.
+func (h *heldConns) drop() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, c := range h.conns {
+		c.Close()
+	}
+	h.conns = nil
+}
+
+func (h *heldConns) Close() error { h.drop(); return nil }
+
 func (e *env) close() {
 	e.setTether(0)
 	for _, c := range e.closers {
@@ -149,18 +210,18 @@ func (e *env) close() {
 	}
 }
 
-// grantsFor are n egress rules for the agent: n-3 filler addresses and the three destinations
+// grantsFor are n egress rules for the agent: n-5 filler addresses and the five destinations
 // the benchmark connects to, last; exec of the worker and of true.
 func (e *env) grantsFor(n int) grants.Grants {
 	g := grants.Grants{Exec: []grants.Exec{{Path: e.self}, {Path: e.trueBin}}}
-	for i := range max(n-3, 0) {
+	for i := range max(n-5, 0) {
 		a := netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})
 		g.Egress = append(g.Egress, grants.Egress{CIDR: a.String() + "/32", Protocol: "tcp", Ports: []grants.PortRange{{Lo: 9000, Hi: 9000}}})
 	}
 	for _, d := range []struct {
 		ap    netip.AddrPort
 		proto string
-	}{{e.tcpLo, "tcp"}, {e.udpLo, "udp"}, {e.tcpVeth, "tcp"}} {
+	}{{e.tcpLo, "tcp"}, {e.udpLo, "udp"}, {e.tcpVeth, "tcp"}, {e.tcpBulk, "tcp"}, {e.tcpHold, "tcp"}} {
 		g.Egress = append(g.Egress, grants.Egress{CIDR: d.ap.Addr().String() + "/32", Protocol: d.proto,
 			Ports: []grants.PortRange{{Lo: d.ap.Port(), Hi: d.ap.Port()}}})
 	}
@@ -204,6 +265,9 @@ func (e *env) setTether(n int) error {
 	}
 	e.lastInstall = time.Since(start)
 	if err := e.k.SetFlags(0, dataplane.AgentActive); err != nil {
+		return err
+	}
+	if err := e.k.PutInfo(0, dataplane.Info{SpiffeID: "spiffe://bench.local/agent", CgroupPath: e.agent, CgroupID: e.agentID}); err != nil {
 		return err
 	}
 	if err := e.k.Bind(e.agentID, 0); err != nil {

@@ -37,6 +37,7 @@ type options struct {
 	policy bool    // only the policy-to-kernel part
 	kill   bool    // only the kill path
 	telem  bool    // only the telemetry part
+	sweep  bool    // only the live-socket part
 	ranges bool    // the policy part's grants are /24 ranges, not /32 hosts
 }
 
@@ -49,6 +50,7 @@ func run() error {
 	flag.BoolVar(&o.policy, "policy-only", false, "measure only the policy-to-kernel part")
 	flag.BoolVar(&o.kill, "kill-only", false, "measure only the kill path")
 	flag.BoolVar(&o.telem, "telemetry-only", false, "measure only the telemetry part (tetherd's events per second and CPU)")
+	flag.BoolVar(&o.sweep, "sweep-only", false, "measure only the live-socket part (rule removal to the last socket terminated, bulk throughput in and outside the agent)")
 	flag.BoolVar(&o.ranges, "grant-ranges", false, "make the policy part's egress grants /24 ranges (kept in the tries) instead of /32 hosts (kept in tether_hosts)")
 	flag.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof reads it)")
 	flag.Parse()
@@ -89,6 +91,23 @@ func run() error {
 		reportTelemetry(os.Stdout, tr)
 		fmt.Println("\nGOALS")
 		telemetryGoals(goalPrinter(os.Stdout), tr)
+		return nil
+	}
+	if o.sweep {
+		sr, err := measureSweep(e, o)
+		if err != nil {
+			return err
+		}
+		bulk, err := measureBulk(e, o)
+		if err != nil {
+			return err
+		}
+		reportSweep(os.Stdout, sr)
+		reportBulk(os.Stdout, bulk)
+		fmt.Println("\nGOALS")
+		goal := goalPrinter(os.Stdout)
+		sweepGoals(goal, sr)
+		bulkGoals(goal, bulk)
 		return nil
 	}
 	if o.kill {

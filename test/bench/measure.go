@@ -42,6 +42,8 @@ var (
 	udpConn = probe{name: "UDP connect", mode: "udpconnect", ops: 300000, repeat: 1}
 	udpSend = probe{name: "UDP sendto", mode: "udpsend", ops: 150000, repeat: 1}
 	execP   = probe{name: "fork+exec true", mode: "exec", ops: 400, repeat: 1}
+	// tcpBulk is one connection's throughput: an op is a 64 KiB write.
+	tcpBulk = probe{name: "TCP bulk send, veth peer", mode: "tcpbulk", ops: 200000, repeat: 3}
 )
 
 // where a sample runs.
@@ -85,6 +87,7 @@ type results struct {
 	policy           *policyResults
 	kill             *killResults
 	telemetry        *telemetryResults
+	sweep            *sweepResults
 }
 
 func (r *results) add(k sampleKey, ns float64) { r.samples[k] = append(r.samples[k], ns) }
@@ -99,6 +102,8 @@ func (e *env) target(p probe) string {
 		return e.udpLo.String()
 	case execP:
 		return e.trueBin
+	case tcpBulk:
+		return e.tcpBulk.String()
 	}
 	return e.tcpLo.String()
 }
@@ -153,7 +158,7 @@ func measure(e *env, o options) (*results, error) {
 		res.compile[n], res.install[n] = e.lastCompile, e.lastInstall
 		probes := []probe{tcpLo, udpConn}
 		if n == top {
-			probes = append(probes, tcpVeth, udpSend, execP)
+			probes = append(probes, tcpVeth, tcpBulk, udpSend, execP)
 		}
 		progress("tether with %d rules: %d rounds of %d probes, in the agent and outside it", n, o.rounds, len(probes))
 		for round := range 3 * o.rounds {
@@ -233,6 +238,10 @@ func measure(e *env, o options) (*results, error) {
 	if res.policy, err = measurePolicy(e, o); err != nil {
 		return nil, fmt.Errorf("policy to kernel: %w", err)
 	}
+	progress("live sockets: rule removal to the last of %v sockets terminated", sweepSizes)
+	if res.sweep, err = measureSweep(e, o); err != nil {
+		return nil, fmt.Errorf("live sockets: %w", err)
+	}
 	progress("kill path: agents of %v processes and a fork bomb", killSizes)
 	if res.kill, err = measureKill(e, o); err != nil {
 		return nil, fmt.Errorf("kill path: %w", err)
@@ -261,7 +270,7 @@ func bpfCosts(e *env, o options, res *results) error {
 			return err
 		}
 		scratch := &results{samples: map[sampleKey][]float64{}}
-		for _, p := range []probe{tcpLo, udpConn, udpSend, execP} {
+		for _, p := range []probe{tcpLo, udpConn, udpSend, execP, tcpBulk} {
 			if err := e.sample(scratch, o, partTether, state{tether: n}, p, inAgent); err != nil {
 				return err
 			}

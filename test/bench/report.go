@@ -102,6 +102,7 @@ func rows(o options) []row {
 	for _, n := range o.rules {
 		rs = append(rs, tetherRow(fmt.Sprintf("UDP connect, %d rules", n), n, udpConn, true))
 	}
+	rs = append(rs, tetherRow(fmt.Sprintf("TCP bulk send (64 KiB writes), veth peer, %d rules", top), top, tcpBulk, false))
 	r = tetherRow(fmt.Sprintf("UDP sendto, %d rules", top), top, udpSend, true)
 	r.nft = nftKey(top, false, udpSend)
 	rs = append(rs, r,
@@ -172,7 +173,7 @@ func report(w io.Writer, e *env, o options, res *results) {
 		fmt.Fprintf(tw, "\t%d RULES", n)
 	}
 	fmt.Fprintln(tw)
-	for _, hook := range []string{"connect4", "sendmsg4", "sock_create", "exec", "fork", "exit"} {
+	for _, hook := range []string{"connect4", "sendmsg4", "sock_create", "egress_skb", "setsockopt", "exec", "fork", "exit"} {
 		fmt.Fprint(tw, hook)
 		for _, n := range o.rules {
 			c, ok := res.bpf[n][hook]
@@ -198,6 +199,7 @@ func report(w io.Writer, e *env, o options, res *results) {
 	tw.Flush()
 
 	reportPolicy(w, res.policy)
+	reportSweep(w, res.sweep)
 	reportKill(w, res.kill)
 	reportTelemetry(w, res.telemetry)
 
@@ -225,6 +227,9 @@ func report(w io.Writer, e *env, o options, res *results) {
 		t, n := overhead["tether abs "+name].med, overhead["nft abs "+name].med
 		goal(n >= 10*math.Max(t, 0) && n > 0, "%s: nftables overhead %s, tether %s: %s less (goal at least 10x)", name, dur(n), dur(t), ratio(n, t))
 	}
+	bulk := overhead[fmt.Sprintf("tether TCP bulk send (64 KiB writes), veth peer, %d rules", top)]
+	ok, note = within(bulk, 2, "%")
+	goal(ok, "TCP bulk throughput over the veth pair, in an agent: %+.2f%% time per byte (goal at most 2%% lower throughput)%s", bulk.med, note)
 	ex := overhead[fmt.Sprintf("tether fork+exec true, %d rules", top)]
 	ok, note = within(ex, 3, "%")
 	goal(ok, "fork+exec: tether overhead %+.2f%% (goal at most 3%%)%s", ex.med, note)
@@ -233,6 +238,7 @@ func report(w io.Writer, e *env, o options, res *results) {
 		goal(s.lo <= 0 && s.hi >= 0 || math.Abs(s.med) < 1, "%s: %+.2f%% [%+.2f, %+.2f] (goal: within noise: the quartiles include 0, or under 1%%)", name, s.med, s.lo, s.hi)
 	}
 	policyGoals(goal, res.policy)
+	sweepGoals(goal, res.sweep)
 	killGoals(goal, res.kill)
 	telemetryGoals(goal, res.telemetry)
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -56,6 +57,9 @@ func worker(args []string) int {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
+	}
+	if args[0] == "hold" {
+		return hold(args[1], ops)
 	}
 	// One CPU for the loop: no migrations in the middle of a sample.
 	if _, last, ok := cpuRange(); ok {
@@ -167,6 +171,25 @@ func runOps(mode, target string, more func() bool) error {
 			unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, linger)
 			unix.Close(fd)
 		}
+	case "tcpbulk": // one connection, 64 KiB per write
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		if err := unix.Connect(fd, sa); err != nil {
+			return err
+		}
+		buf := make([]byte, 64<<10)
+		for ok := true; ok; ok = more() {
+			for off := 0; off < len(buf); {
+				n, err := unix.Write(fd, buf[off:])
+				if err != nil {
+					return err
+				}
+				off += n
+			}
+		}
 	case "udpdeny": // every connect must be denied
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
@@ -199,4 +222,38 @@ func runOps(mode, target string, more func() bool) error {
 		return fmt.Errorf("unknown mode %q", mode)
 	}
 	return nil
+}
+
+// hold opens n TCP connections to target, prints "ready", and waits for stdin to close; then it
+// prints how many of them the kernel terminated (SO_ERROR is ECONNABORTED).
+func hold(target string, n int) int {
+	ap, err := netip.ParseAddrPort(target)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	sa := &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+	fds := make([]int, 0, n)
+	for range n {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err == nil {
+			err = unix.Connect(fd, sa)
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "connection %d of %d: %v\n", len(fds)+1, n, err)
+			return 1
+		}
+		fds = append(fds, fd)
+	}
+	fmt.Println("ready")
+	io.Copy(io.Discard, os.Stdin)
+	aborted := 0
+	for _, fd := range fds {
+		if e, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); err == nil && syscall.Errno(e) == unix.ECONNABORTED {
+			aborted++
+		}
+		unix.Close(fd)
+	}
+	fmt.Println(aborted)
+	return 0
 }

@@ -24,10 +24,10 @@ import (
 var sweepSizes = []int{1, 100, 10000}
 
 type sweepResults struct {
-	sizes       []int
+	sizes          []int
 	total, install map[int][]float64 // ns from the install that removes the rule to the last socket terminated; the install alone
-	supported   bool
-	reason      string
+	supported      bool
+	reason         string
 }
 
 // measureSweep opens n TCP connections from the agent (a worker in the client namespace, so the
@@ -58,16 +58,6 @@ func measureSweep(e *env, o options) (*sweepResults, error) {
 		gen++
 		rs.Generation = gen
 		return e.k.Install(0, rs)
-	}
-	if os.Getenv("TETHER_BENCH_SWEEP_STATS") != "" {
-		st, _ := kernel.EnableStats()
-		defer func() {
-			ps, _ := e.k.ProgramStats()
-			for _, h := range []string{"sweep_tcp", "egress_skb"} {
-				fmt.Fprintf(os.Stderr, "%s: %d runs, %s\n", h, ps[h].Runs, time.Duration(int64(ps[h].Time)/int64(max(ps[h].Runs, 1))))
-			}
-			st.Close()
-		}()
 	}
 	rounds := max(3*o.rounds, 3)
 	for _, n := range sweepSizes {
@@ -117,7 +107,9 @@ func measureSweep(e *env, o options) (*sweepResults, error) {
 func (e *env) ruleSet(n int, withHold bool) (*dataplane.RuleSet, error) {
 	g := e.grantsFor(n)
 	if !withHold {
-		g.Egress = slices.DeleteFunc(g.Egress, func(r grants.Egress) bool { return r.CIDR == e.tcpHold.Addr().String()+"/32" && r.Ports[0].Lo == e.tcpHold.Port() })
+		g.Egress = slices.DeleteFunc(g.Egress, func(r grants.Egress) bool {
+			return r.CIDR == e.tcpHold.Addr().String()+"/32" && r.Ports[0].Lo == e.tcpHold.Port()
+		})
 	}
 	res := compile.Compile(context.Background(), g, compile.Options{Files: compile.OS{}})
 	if err := res.Err(); err != nil {

@@ -1217,7 +1217,8 @@ __attribute__((noinline)) int tether_sock_check(struct tether_decision *d, struc
 	if (agent) {
 		__u32 active = agent->active & 1;
 		__u64 gen = agent->generation[active];
-		if (!(agent->flags & TETHER_AGENT_KILLED) && s->generation == gen && (s->flags & TETHER_SOCK_CHECKED)) {
+		__u32 state = agent->flags & (TETHER_AGENT_ACTIVE | TETHER_AGENT_KILLED);
+		if (state == TETHER_AGENT_ACTIVE && s->generation == gen && (s->flags & TETHER_SOCK_CHECKED)) {
 			d->generation = gen;
 			d->verdict = s->verdict;
 			d->reason = s->reason;
@@ -1304,7 +1305,7 @@ int tether_egress_skb(struct __sk_buff *skb)
 	if (s && s->slot < TETHER_MAX_AGENTS && tether_plain(skb)) {
 		__u32 slot = s->slot;
 		struct tether_agent *ag = bpf_map_lookup_elem(&tether_agents, &slot);
-		if (ag && ag->born == s->born && !(ag->flags & TETHER_AGENT_KILLED)) {
+		if (ag && ag->born == s->born && (ag->flags & (TETHER_AGENT_ACTIVE | TETHER_AGENT_KILLED)) == TETHER_AGENT_ACTIVE) {
 			if (!(s->flags & TETHER_SOCK_OUTBOUND))
 				return 1;
 			if (sk->protocol == IPPROTO_TCP && (s->flags & TETHER_SOCK_CHECKED) && s->verdict == TETHER_VERDICT_ALLOW &&

@@ -225,7 +225,6 @@ struct tether_sock {
 	__u16 flags; /* enum tether_sock_flags */
 	__u8 verdict;
 	__u8 reason;
-	char comm[16];
 };
 
 /* tether_sweep value: one slot in a sweep of live sockets (see the iter programs). */

@@ -421,6 +421,7 @@ func (d *Daemon) logFeatures() {
 		}
 	}
 	d.log.Info("exec enforcement", "mode", f.ExecMode, "reason", f.ExecReason)
+	d.log.Info("live sockets", "terminate", f.SockDestroy, "reason", f.SockDestroyReason)
 }
 
 // dnsResolver resolves the fqdn rules of grants: the configured server, else the system's.

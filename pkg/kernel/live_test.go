@@ -340,3 +340,33 @@ func TestPrivilegedSweepFindsOtherNamespaces(t *testing.T) {
 		t.Errorf("the sweep iterated %d namespaces, want the agent's one", res.Namespaces)
 	}
 }
+
+// TestPrivilegedClearCutsLiveSockets: an agent removed from its slot (unregistered, its identity
+// gone) keeps no connection: its sockets are terminated while they are still known as its, and
+// a socket left over is attributed again by its cgroup, which is now no agent's (denied by
+// default, as its connects are).
+func TestPrivilegedClearCutsLiveSockets(t *testing.T) {
+	liveModes(t, func(t *testing.T, destroy bool) {
+		f := liveFixture(t, destroy)
+		h := privtest.NewHost(t)
+		tcp := h.ListenPeer(t, "tcp", h.V4)
+		agent := f.agent(t, "agent", 13, dataplane.RuleSet{Generation: 1, Egress: []dataplane.Egress{hostRule(h.V4, portRule(dataplane.ProtoTCP, tcp.Addr.Port()))}})
+		events := f.events(t)
+		s := privtest.StartStream(t, agent, "tcp", tcp.Addr.String())
+		tcp.WaitReceiving(t)
+		if err := f.k.Clear(13); err != nil {
+			t.Fatal(err)
+		}
+		at := time.Now()
+		quietAfter(t, "the stream of the cleared agent", tcp, "tcp", at, 0)
+		ends(t, "the stream of the cleared agent", s, "tcp", destroy)
+		want := dataplane.KindTerminate
+		if !destroy {
+			want = dataplane.KindPacket
+		}
+		e := events.wait(t, "the cleared agent's socket", func(e dataplane.Event) bool { return e.Kind == want && e.Port == tcp.Addr.Port() })
+		if e.Verdict != dataplane.VerdictDeny {
+			t.Errorf("record %+v, want a deny", e)
+		}
+	})
+}

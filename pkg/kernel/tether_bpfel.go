@@ -272,7 +272,6 @@ type bpfTetherSock struct {
 	Flags      uint16
 	Verdict    uint8
 	Reason     uint8
-	Comm       [16]int8
 }
 
 type bpfTetherSockFlags uint32

@@ -91,6 +91,12 @@ test_respond_freeze_counts_every_denial if {
 	tether.respond == "none" with input as i with data.tether_settings.respond.freeze_after_denied_egress as 4
 }
 
+test_respond_alert_on_a_detour if {
+	r := tether.respond with input as object.union(ctx(null, dev, morning), {"event": {"decision_id": "x", "kind": "sockopt", "verdict": "deny", "reason": "detour", "timestamp": "2026-11-25T10:30:00Z"}})
+	r == "alert"
+	tether.respond == "none" with input as object.union(ctx(null, dev, morning), {"event": {"decision_id": "x", "kind": "terminate", "verdict": "deny", "reason": "revoked", "timestamp": "2026-11-25T10:30:00Z"}})
+}
+
 test_respond_alert_on_denied_exec if {
 	r := tether.respond with input as object.union(ctx(null, dev, morning), {"event": {"decision_id": "x", "kind": "exec", "verdict": "deny", "timestamp": "2026-11-25T10:30:00Z"}})
 	r == "alert"

@@ -17,6 +17,10 @@ respond := "kill" if {
 } else := "alert" if {
 	input.event.verdict == "deny"
 	input.event.kind == "exec"
+} else := "alert" if {
+	# IP options or a routing header: an attempt to send packets elsewhere than the hooks allowed.
+	input.event.verdict == "deny"
+	input.event.reason == "detour"
 } else := "none"
 
 # Denied egress attempts within a minute that freeze the agent (tether runs the kill path without

@@ -1299,10 +1299,17 @@ int tether_egress_skb(struct __sk_buff *skb)
 		return 1; /* a request or time-wait socket: a handshake reply or a final ACK */
 
 	struct tether_sock *s = bpf_sk_storage_get(&tether_socks, sk, 0, 0);
-	/* The common case, with no decision to build: a plain packet of a socket of a live agent,
-	 * one the agent accepted or sends unconnected datagrams on (judged by sendmsg), or a TCP
-	 * socket allowed at the generation in force with no deadline. */
-	if (s && s->slot < TETHER_MAX_AGENTS && tether_plain(skb)) {
+	/* The common cases, with no decision to build: a socket of a process in no agent (below an
+	 * agent parent: a pod that is not an agent, say) while no binding has changed; a plain
+	 * packet of a socket of a live agent, one the agent accepted or sends unconnected datagrams
+	 * on (judged by sendmsg), or a TCP socket allowed at the generation in force with no
+	 * deadline. */
+	if (s && s->slot == TETHER_NO_SLOT && !(s->flags & TETHER_SOCK_OUTBOUND)) {
+		__u32 zero = 0;
+		struct tether_config_entry *cfg = bpf_map_lookup_elem(&tether_config, &zero);
+		if (cfg && s->born == cfg->bindings_gen)
+			return 1;
+	} else if (s && s->slot < TETHER_MAX_AGENTS && tether_plain(skb)) {
 		__u32 slot = s->slot;
 		struct tether_agent *ag = bpf_map_lookup_elem(&tether_agents, &slot);
 		if (ag && ag->born == s->born && (ag->flags & (TETHER_AGENT_ACTIVE | TETHER_AGENT_KILLED)) == TETHER_AGENT_ACTIVE) {

@@ -370,3 +370,35 @@ func TestPrivilegedClearCutsLiveSockets(t *testing.T) {
 		}
 	})
 }
+
+// TestPrivilegedNonAgentsUnderParentUnaffected: a process below the agent parent that is in no
+// agent (a pod that is not one, where unknown cgroups are allowed) streams on while agents beside
+// it have their rule sets changed, are killed and cleared: the egress program never drops what
+// it sends.
+func TestPrivilegedNonAgentsUnderParentUnaffected(t *testing.T) {
+	f := newFixture(t, Options{UnknownCgroupAllow: true})
+	h := privtest.NewHost(t)
+	tcp, udp, other := h.ListenPeer(t, "tcp", h.V4), h.ListenPeer(t, "udp", h.V4), h.ListenPeer(t, "tcp", h.V4)
+	bystander, _ := privtest.SubCgroup(t, f.parent, "bystander")
+	privtest.StartStream(t, bystander, "tcp", tcp.Addr.String())
+	privtest.StartStream(t, bystander, "udp", udp.Addr.String())
+	tcp.WaitReceiving(t)
+	udp.WaitReceiving(t)
+
+	agent := f.agent(t, "agent", 14, dataplane.RuleSet{Generation: 1, Egress: []dataplane.Egress{hostRule(h.V4, portRule(dataplane.ProtoTCP, other.Addr.Port()))}})
+	privtest.StartStream(t, agent, "tcp", other.Addr.String())
+	other.WaitReceiving(t)
+	if err := f.k.Install(14, &dataplane.RuleSet{Generation: 2, Exec: execs(f.self)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.k.SetFlags(14, dataplane.AgentActive|dataplane.AgentKilled); err != nil {
+		t.Fatal(err)
+	}
+	goesOn(t, "the bystander's tcp stream", tcp)
+	goesOn(t, "the bystander's udp stream", udp)
+	if err := f.k.Clear(14); err != nil {
+		t.Fatal(err)
+	}
+	goesOn(t, "the bystander's tcp stream after the clear", tcp)
+	goesOn(t, "the bystander's udp stream after the clear", udp)
+}

@@ -1382,8 +1382,14 @@ int tether_egress_skb(struct __sk_buff *skb)
 	if (p.detour) {
 		d.verdict = TETHER_VERDICT_DENY;
 		d.reason = TETHER_REASON_DETOUR;
-		if (agent)
-			d.generation = agent->generation[agent->active & 1];
+		if (agent) {
+			__u32 active = agent->active & 1, buf = d.slot * 2 + active;
+			d.generation = agent->generation[active];
+			void *rules = bpf_map_lookup_elem(&tether_rulesets, &buf);
+			struct tether_rule_value *h = rules ? tether_header(rules) : NULL;
+			if (h && h->mode == TETHER_MODE_AUDIT && !(agent->flags & TETHER_AGENT_KILLED))
+				d.verdict = TETHER_VERDICT_AUDIT;
+		}
 		if (!s || !(s->flags & TETHER_SOCK_DETOUR_REPORTED)) {
 			if (s)
 				s->flags |= TETHER_SOCK_DETOUR_REPORTED;
@@ -1391,7 +1397,7 @@ int tether_egress_skb(struct __sk_buff *skb)
 		} else {
 			tether_account(&d);
 		}
-		return 0;
+		return d.verdict != TETHER_VERDICT_DENY;
 	}
 
 	if (agent && (agent->flags & TETHER_AGENT_KILLED)) {
@@ -1414,12 +1420,6 @@ int tether_egress_skb(struct __sk_buff *skb)
 
 	if (!s || !(s->flags & TETHER_SOCK_OUTBOUND))
 		return 1; /* accepted, or unconnected datagrams: sendmsg judged each */
-	if (sk->protocol == IPPROTO_UDP) {
-		/* A datagram to another address than the socket's (sendto on a connected socket)
-		 * was judged by sendmsg; one from a socket no longer connected too. */
-		if (sk->dst_port == 0 || bpf_ntohs(sk->dst_port) != p.dport)
-			return 1;
-	}
 	/* The socket's own destination, not the packet's: one check stands for all its packets. */
 	d.proto = sk->protocol;
 	d.dport = bpf_ntohs(sk->dst_port);
@@ -1431,6 +1431,13 @@ int tether_egress_skb(struct __sk_buff *skb)
 		a[1] = sk->dst_ip6[1];
 		a[2] = sk->dst_ip6[2];
 		a[3] = sk->dst_ip6[3];
+	}
+	if (sk->protocol == IPPROTO_UDP) {
+		/* A datagram to another address than the socket's (sendto on a connected socket)
+		 * was judged by sendmsg; one from a socket no longer connected too. */
+		__u64 *x = (__u64 *)d.addr, *y = (__u64 *)p.daddr;
+		if (sk->dst_port == 0 || d.dport != p.dport || x[0] != y[0] || x[1] != y[1])
+			return 1;
 	}
 	int fresh_answer = tether_sock_check(&d, s);
 	if (d.verdict == TETHER_VERDICT_ALLOW)

@@ -339,6 +339,35 @@ static __always_inline int tether_should_emit(struct tether_decision *d)
 	return tether_allow_sample && bpf_get_prandom_u32() % tether_allow_sample == 0;
 }
 
+/* tether_event_lineage fills in the binary of process e->pid and its parents, from lineage, and
+ * returns its lineage entry (NULL: none); with bin, the binary is also the event's (the calling
+ * one). The key lives on the stack: older kernels (6.1) refuse ring buffer memory as a map key. */
+static __always_inline struct tether_proc *tether_event_lineage(struct tether_event *e, int bin)
+{
+	__u32 tgid = e->pid;
+	struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &tgid);
+	if (!p)
+		return NULL;
+	if (bin) {
+		e->bin_dev = p->bin_dev;
+		e->bin_ino = p->bin_ino;
+	}
+	__builtin_memcpy(e->binary, p->path, sizeof(e->binary));
+	__u32 ppid = p->ppid;
+	for (int i = 0; i < TETHER_CHAIN_LEN; i++) {
+		struct tether_proc *pp = bpf_map_lookup_elem(&tether_procs, &ppid);
+		if (!pp)
+			break;
+		e->chain[i].pid = ppid;
+		e->chain[i].bin_dev = pp->bin_dev;
+		e->chain[i].bin_ino = pp->bin_ino;
+		__builtin_memcpy(e->chain[i].comm, pp->comm, sizeof(pp->comm));
+		e->chain_len = i + 1;
+		ppid = pp->ppid;
+	}
+	return p;
+}
+
 /* tether_event_reserve returns a zeroed event filled from d and the current task, or NULL (counted)
  * when the ring buffer is full. */
 static __always_inline struct tether_event *tether_event_reserve(struct tether_decision *d)
@@ -370,29 +399,7 @@ static __always_inline struct tether_event *tether_event_reserve(struct tether_d
 	__builtin_memcpy(e->daddr, d->addr, sizeof(e->daddr));
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 
-	/* The calling binary and its parents, from lineage. The key lives on the stack: older
-	 * kernels (6.1) refuse ring buffer memory as a map key. */
-	__u32 tgid = e->pid;
-	struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &tgid);
-	if (p) {
-		if (d->kind != TETHER_KIND_EXEC) {
-			e->bin_dev = p->bin_dev;
-			e->bin_ino = p->bin_ino;
-		}
-		__builtin_memcpy(e->binary, p->path, sizeof(e->binary));
-		__u32 ppid = p->ppid;
-		for (int i = 0; i < TETHER_CHAIN_LEN; i++) {
-			struct tether_proc *pp = bpf_map_lookup_elem(&tether_procs, &ppid);
-			if (!pp)
-				break;
-			e->chain[i].pid = ppid;
-			e->chain[i].bin_dev = pp->bin_dev;
-			e->chain[i].bin_ino = pp->bin_ino;
-			__builtin_memcpy(e->chain[i].comm, pp->comm, sizeof(pp->comm));
-			e->chain_len = i + 1;
-			ppid = pp->ppid;
-		}
-	}
+	tether_event_lineage(e, d->kind != TETHER_KIND_EXEC);
 	return e;
 }
 
@@ -1167,31 +1174,12 @@ __attribute__((noinline)) int tether_sock_event(struct tether_decision *d, struc
 		bpf_ringbuf_submit(e, 0);
 		return 0;
 	}
-	__u32 pid = s->pid;
-	e->pid = pid;
+	e->pid = s->pid;
 	e->bin_dev = s->bin_dev;
 	e->bin_ino = s->bin_ino;
-	struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &pid);
-	if (p) {
-		if (!e->bin_ino) {
-			e->bin_dev = p->bin_dev;
-			e->bin_ino = p->bin_ino;
-		}
+	struct tether_proc *p = tether_event_lineage(e, !s->bin_ino);
+	if (p)
 		__builtin_memcpy(e->comm, p->comm, sizeof(e->comm));
-		__builtin_memcpy(e->binary, p->path, sizeof(e->binary));
-		__u32 ppid = p->ppid;
-		for (int i = 0; i < TETHER_CHAIN_LEN; i++) {
-			struct tether_proc *pp = bpf_map_lookup_elem(&tether_procs, &ppid);
-			if (!pp)
-				break;
-			e->chain[i].pid = ppid;
-			e->chain[i].bin_dev = pp->bin_dev;
-			e->chain[i].bin_ino = pp->bin_ino;
-			__builtin_memcpy(e->chain[i].comm, pp->comm, sizeof(pp->comm));
-			e->chain_len = i + 1;
-			ppid = pp->ppid;
-		}
-	}
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }

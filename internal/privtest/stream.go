@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -22,21 +23,14 @@ import (
 // test host that records what arrives and when, by the kernel's clock of its arrival, so that a
 // test can say whether one byte reached the peer after a given moment.
 
-// helperStream connects (tcp, tcp6, udp, udp6: a connected socket) to args[1] and writes 256 bytes
-// every millisecond until stdin closes or a write fails. It prints "connected" once the first
-// write went through, "stalled" the first time a write is not taken within 200 ms (a TCP send
-// buffer that stays full: the packets are dropped), and, when a write fails, the error that ended
-// it ("econnaborted", "eperm", ...), then waits for stdin to close.
+// helperStream connects (tcp, tcp6, udp, udp6: a connected socket) to args[1] and streams on it
+// (see stream) until stdin closes.
 func helperStream(args []string) int {
 	if len(args) != 2 {
 		fmt.Fprintln(os.Stderr, "stream: want NETWORK ADDRESS")
 		return 2
 	}
-	stop := make(chan struct{})
-	go func() {
-		bufio.NewReader(os.Stdin).ReadString('\n')
-		close(stop)
-	}()
+	stop := stdinClosed()
 	c, err := net.DialTimeout(args[0], args[1], 2*time.Second)
 	if err != nil {
 		fmt.Println(errnoName(err))
@@ -44,40 +38,12 @@ func helperStream(args []string) int {
 		return 0
 	}
 	defer c.Close()
-	buf := make([]byte, 256)
-	first, stalled := true, false
-	for {
-		select {
-		case <-stop:
-			return 0
-		default:
-		}
-		c.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
-		_, err := c.Write(buf)
-		var ne net.Error
-		switch {
-		case err == nil:
-			if first {
-				fmt.Println("connected")
-				first = false
-			}
-		case errors.As(err, &ne) && ne.Timeout():
-			if !stalled {
-				fmt.Println("stalled")
-				stalled = true
-			}
-			continue
-		default:
-			fmt.Println(errnoName(err))
-			<-stop
-			return 0
-		}
-		time.Sleep(time.Millisecond)
-	}
+	stream(c, stop)
+	return 0
 }
 
 // helperServe listens on args[0] (address:0), prints the address it listens on, accepts one
-// connection and writes to it as the stream helper does (what it prints too), until stdin closes.
+// connection and streams on it (see stream) until stdin closes.
 func helperServe(args []string) int {
 	if len(args) != 1 {
 		fmt.Fprintln(os.Stderr, "serve: want ADDRESS")
@@ -89,12 +55,8 @@ func helperServe(args []string) int {
 		return 1
 	}
 	fmt.Println(l.Addr())
-	stop := make(chan struct{})
-	go func() {
-		bufio.NewReader(os.Stdin).ReadString('\n')
-		close(stop)
-		l.Close()
-	}()
+	stop := stdinClosed()
+	go func() { <-stop; l.Close() }()
 	c, err := l.Accept()
 	if err != nil {
 		fmt.Println(errnoName(err))
@@ -102,12 +64,31 @@ func helperServe(args []string) int {
 		return 0
 	}
 	defer c.Close()
+	stream(c, stop)
+	return 0
+}
+
+// stdinClosed is closed when standard input closes (the test's way to end a helper).
+func stdinClosed() chan struct{} {
+	stop := make(chan struct{})
+	go func() {
+		bufio.NewReader(os.Stdin).ReadString('\n')
+		close(stop)
+	}()
+	return stop
+}
+
+// stream writes 256 bytes every millisecond on c until stop closes or a write fails. It prints
+// "connected" once the first write went through, "stalled" the first time a write is not taken
+// within 200 ms (a TCP send buffer that stays full: the packets are dropped), and, when a write
+// fails, the error that ended it ("econnaborted", "eperm", ...), then waits for stop.
+func stream(c net.Conn, stop chan struct{}) {
 	buf := make([]byte, 256)
 	first, stalled := true, false
 	for {
 		select {
 		case <-stop:
-			return 0
+			return
 		default:
 		}
 		c.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
@@ -128,7 +109,7 @@ func helperServe(args []string) int {
 		default:
 			fmt.Println(errnoName(err))
 			<-stop
-			return 0
+			return
 		}
 		time.Sleep(time.Millisecond)
 	}
@@ -425,4 +406,50 @@ func (p *Peer) WaitReceiving(t testing.TB) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	t.Fatalf("nothing arrives at %s", p.Addr)
+}
+
+// QuietAfter fails the test unless nothing reaches p after the moment at, judged settle after it:
+// for TCP, the bytes the host's kernel received then and 300 ms later; for UDP, the arrival time
+// of every datagram.
+func QuietAfter(t testing.TB, what string, p *Peer, at time.Time, settle time.Duration) {
+	t.Helper()
+	if p.network == "udp" {
+		time.Sleep(time.Until(at.Add(settle + 300*time.Millisecond)))
+		if n := p.ArrivedAfter(at.Add(settle)); n > 0 {
+			t.Errorf("%s: %d datagrams arrived more than %s after", what, n, settle)
+		}
+		return
+	}
+	time.Sleep(time.Until(at.Add(settle)))
+	then := p.Received()
+	time.Sleep(300 * time.Millisecond)
+	if now := p.Received(); now != then {
+		t.Errorf("%s: %d bytes arrived more than %s after", what, now-then, settle)
+	}
+}
+
+// Flowing fails the test unless more reaches p within 300 ms.
+func Flowing(t testing.TB, what string, p *Peer) {
+	t.Helper()
+	before := p.Received()
+	time.Sleep(300 * time.Millisecond)
+	if p.Received() == before {
+		t.Errorf("%s: the stream stopped", what)
+	}
+}
+
+// Ended checks how an agent's stream on network ended. Terminated, a TCP socket fails with
+// ECONNABORTED, and a UDP socket is disconnected: its next send fails with EDESTADDRREQ, unless a
+// datagram sent between the verdict and the sweep was dropped first (EPERM). Without termination,
+// a TCP stream stalls (its packets are dropped, its send buffer fills) and UDP sends fail with
+// EPERM.
+func (s *Stream) Ended(t testing.TB, what, network string, terminated bool) {
+	t.Helper()
+	want := map[string][]string{"tcp": {"econnaborted"}, "udp": {"edestaddrreq", "eperm"}}[network]
+	if !terminated {
+		want = map[string][]string{"tcp": {"stalled"}, "udp": {"eperm"}}[network]
+	}
+	if got := s.Next(t, 3*time.Second); !slices.Contains(want, got) {
+		t.Errorf("%s: %q, want one of %q", what, got, want)
+	}
 }

@@ -3,7 +3,6 @@ package kernel
 import (
 	"net/netip"
 	"os"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -59,51 +58,6 @@ func portRule(proto dataplane.Proto, p uint16) dataplane.PortRule {
 	return dataplane.PortRule{Proto: proto, Lo: p, Hi: p}
 }
 
-// quietAfter fails unless nothing reaches peer after the moment at, judged at settle after it:
-// for TCP, the bytes the host's kernel received then and a while later; for UDP, the arrival
-// time of every datagram.
-func quietAfter(t *testing.T, what string, p *privtest.Peer, network string, at time.Time, settle time.Duration) {
-	t.Helper()
-	if network == "udp" {
-		time.Sleep(time.Until(at.Add(settle + 300*time.Millisecond)))
-		if n := p.ArrivedAfter(at.Add(settle)); n > 0 {
-			t.Errorf("%s: %d datagrams arrived more than %s after", what, n, settle)
-		}
-		return
-	}
-	time.Sleep(time.Until(at.Add(settle)))
-	then := p.Received()
-	time.Sleep(300 * time.Millisecond)
-	if now := p.Received(); now != then {
-		t.Errorf("%s: %d bytes arrived more than %s after", what, now-then, settle)
-	}
-}
-
-// ends checks how an agent's stream ended. Terminated, a TCP socket fails with ECONNABORTED, and
-// a UDP socket is disconnected: its next send fails with EDESTADDRREQ, unless a datagram sent
-// between the verdict and the sweep was dropped first (EPERM). Without termination, a TCP stream
-// stalls (its packets are dropped, its send buffer fills) and UDP sends fail with EPERM.
-func ends(t *testing.T, what string, s *privtest.Stream, network string, destroy bool) {
-	t.Helper()
-	want := map[string][]string{"tcp": {"econnaborted"}, "udp": {"edestaddrreq", "eperm"}}[network]
-	if !destroy {
-		want = map[string][]string{"tcp": {"stalled"}, "udp": {"eperm"}}[network]
-	}
-	if got := s.Next(t, 2*time.Second); !slices.Contains(want, got) {
-		t.Errorf("%s: %q, want one of %q", what, got, want)
-	}
-}
-
-// goesOn fails unless more keeps reaching peer.
-func goesOn(t *testing.T, what string, p *privtest.Peer) {
-	t.Helper()
-	before := p.Received()
-	time.Sleep(300 * time.Millisecond)
-	if p.Received() == before {
-		t.Errorf("%s: the stream stopped", what)
-	}
-}
-
 // TestPrivilegedRevocationReachesLiveSockets: an agent keeps TCP and connected UDP streams open
 // over IPv4 and IPv6 to destinations its rule set allows; a new rule set takes all but one away.
 // Nothing reaches the revoked destinations 100 ms after the install returned; the one still
@@ -151,16 +105,16 @@ func TestPrivilegedRevocationReachesLiveSockets(t *testing.T) {
 		t.Logf("install to the end of the sweep: %s (sweep: %+v)", time.Since(at), res)
 
 		for name, p := range revoked {
-			quietAfter(t, name+" after the revocation", p, networks[name], at, 100*time.Millisecond)
+			privtest.QuietAfter(t, name+" after the revocation", p, at, 100*time.Millisecond)
 		}
-		goesOn(t, "the destination still allowed", kept)
-		goesOn(t, "the same stream outside agents", control)
+		privtest.Flowing(t, "the destination still allowed", kept)
+		privtest.Flowing(t, "the same stream outside agents", control)
 		if got := keptStream.Next(t, 10*time.Millisecond); got != "none" {
 			t.Errorf("the stream still allowed says %q", got)
 		}
 
 		for name, s := range streams {
-			ends(t, name+" stream", s, networks[name], destroy)
+			s.Ended(t, name+" stream", networks[name], destroy)
 		}
 		kind := dataplane.KindTerminate
 		if !destroy {
@@ -209,14 +163,14 @@ func TestPrivilegedKillCutsLiveSockets(t *testing.T) {
 			t.Fatal(err)
 		}
 		at := time.Now()
-		quietAfter(t, "tcp after the kill", tcp, "tcp", at, 0)
-		quietAfter(t, "udp after the kill", udp, "udp", at, 0)
-		quietAfter(t, "the accepted connection after the kill", served, "tcp", at, 0)
-		goesOn(t, "the stream outside agents", control)
-		ends(t, "tcp stream of the killed agent", ts, "tcp", destroy)
-		ends(t, "udp stream of the killed agent", us, "udp", destroy)
+		privtest.QuietAfter(t, "tcp after the kill", tcp, at, 0)
+		privtest.QuietAfter(t, "udp after the kill", udp, at, 0)
+		privtest.QuietAfter(t, "the accepted connection after the kill", served, at, 0)
+		privtest.Flowing(t, "the stream outside agents", control)
+		ts.Ended(t, "tcp stream of the killed agent", "tcp", destroy)
+		us.Ended(t, "udp stream of the killed agent", "udp", destroy)
 		if destroy { // dropped, its send buffer (loopback: megabytes) takes long to fill
-			ends(t, "the accepted connection of the killed agent", ss, "tcp", destroy)
+			ss.Ended(t, "the accepted connection of the killed agent", "tcp", destroy)
 		}
 		kind := dataplane.KindTerminate
 		if !destroy {
@@ -251,8 +205,8 @@ func TestPrivilegedMaxDuration(t *testing.T) {
 		start := time.Now()
 		s := privtest.StartStream(t, agent, "tcp", tcp.Addr.String())
 		tcp.WaitReceiving(t)
-		quietAfter(t, "tcp past its max_duration", tcp, "tcp", start, limit+50*time.Millisecond)
-		ends(t, "stream past its max_duration", s, "tcp", destroy)
+		privtest.QuietAfter(t, "tcp past its max_duration", tcp, start, limit+50*time.Millisecond)
+		s.Ended(t, "stream past its max_duration", "tcp", destroy)
 		e := events.wait(t, "max_duration", func(e dataplane.Event) bool { return e.Reason == dataplane.ReasonMaxDuration })
 		if e.Verdict != dataplane.VerdictDeny || e.Port != tcp.Addr.Port() {
 			t.Errorf("record %+v, want a deny of port %d", e, tcp.Addr.Port())
@@ -291,8 +245,8 @@ func TestPrivilegedRestartKeepsPacketsCut(t *testing.T) {
 	at := time.Now()
 	time.Sleep(50 * time.Millisecond)
 	f.k.Close()
-	quietAfter(t, "the killed stream without tetherd", killed, "tcp", at, 0)
-	quietAfter(t, "the revoked stream without tetherd", revoked, "tcp", at, 0)
+	privtest.QuietAfter(t, "the killed stream without tetherd", killed, at, 0)
+	privtest.QuietAfter(t, "the revoked stream without tetherd", revoked, at, 0)
 	f.k = openKernel(t, f.pin, Options{NoSockDestroy: true})
 	if err := f.k.AttachParent(f.parent); err != nil {
 		t.Fatal(err)
@@ -301,8 +255,8 @@ func TestPrivilegedRestartKeepsPacketsCut(t *testing.T) {
 	if len(before) != 1 || len(after) != 1 || after[0] == before[0] {
 		t.Errorf("egress programs at the parent: before %v, after %v; want one, replaced", before, after)
 	}
-	quietAfter(t, "the killed stream after the restart", killed, "tcp", at, 0)
-	quietAfter(t, "the revoked stream after the restart", revoked, "tcp", at, 0)
+	privtest.QuietAfter(t, "the killed stream after the restart", killed, at, 0)
+	privtest.QuietAfter(t, "the revoked stream after the restart", revoked, at, 0)
 
 	if err := f.k.SetFlags(10, dataplane.AgentActive); err != nil {
 		t.Fatal(err)
@@ -335,7 +289,7 @@ func TestPrivilegedSweepFindsOtherNamespaces(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ends(t, "the stream in the other namespace", s, "tcp", true)
+	s.Ended(t, "the stream in the other namespace", "tcp", true)
 	if res.Namespaces != 1 {
 		t.Errorf("the sweep iterated %d namespaces, want the agent's one", res.Namespaces)
 	}
@@ -358,8 +312,8 @@ func TestPrivilegedClearCutsLiveSockets(t *testing.T) {
 			t.Fatal(err)
 		}
 		at := time.Now()
-		quietAfter(t, "the stream of the cleared agent", tcp, "tcp", at, 0)
-		ends(t, "the stream of the cleared agent", s, "tcp", destroy)
+		privtest.QuietAfter(t, "the stream of the cleared agent", tcp, at, 0)
+		s.Ended(t, "the stream of the cleared agent", "tcp", destroy)
 		want := dataplane.KindTerminate
 		if !destroy {
 			want = dataplane.KindPacket
@@ -394,11 +348,11 @@ func TestPrivilegedNonAgentsUnderParentUnaffected(t *testing.T) {
 	if err := f.k.SetFlags(14, dataplane.AgentActive|dataplane.AgentKilled); err != nil {
 		t.Fatal(err)
 	}
-	goesOn(t, "the bystander's tcp stream", tcp)
-	goesOn(t, "the bystander's udp stream", udp)
+	privtest.Flowing(t, "the bystander's tcp stream", tcp)
+	privtest.Flowing(t, "the bystander's udp stream", udp)
 	if err := f.k.Clear(14); err != nil {
 		t.Fatal(err)
 	}
-	goesOn(t, "the bystander's tcp stream after the clear", tcp)
-	goesOn(t, "the bystander's udp stream after the clear", udp)
+	privtest.Flowing(t, "the bystander's tcp stream after the clear", tcp)
+	privtest.Flowing(t, "the bystander's udp stream after the clear", udp)
 }

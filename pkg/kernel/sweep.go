@@ -59,7 +59,7 @@ type sweeper struct {
 	mu      sync.Mutex
 	pending map[dataplane.Slot]bool
 	waiters []sweepWaiter
-	// timedSlots have rules with a max_duration, shortest first: they are swept every
+	// timedSlots have rules with a max_duration (the shortest, by slot): they are swept every
 	// period so that their expired connections are terminated (their packets are dropped at
 	// the deadline already).
 	timedSlots map[dataplane.Slot]time.Duration

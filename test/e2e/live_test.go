@@ -30,48 +30,6 @@ func (d *tetherd) liveStatus() api.SocketStatus {
 	return st.Sockets
 }
 
-// quiet fails unless nothing reaches p after at+settle (TCP: the host kernel's byte count; UDP:
-// each datagram's arrival time).
-func quiet(t *testing.T, what string, p *privtest.Peer, network string, at time.Time, settle time.Duration) {
-	t.Helper()
-	if network == "udp" {
-		time.Sleep(time.Until(at.Add(settle + 300*time.Millisecond)))
-		if n := p.ArrivedAfter(at.Add(settle)); n > 0 {
-			t.Errorf("%s: %d datagrams arrived more than %s after", what, n, settle)
-		}
-		return
-	}
-	time.Sleep(time.Until(at.Add(settle)))
-	then := p.Received()
-	time.Sleep(300 * time.Millisecond)
-	if now := p.Received(); now != then {
-		t.Errorf("%s: %d bytes arrived more than %s after", what, now-then, settle)
-	}
-}
-
-func flowing(t *testing.T, what string, p *privtest.Peer) {
-	t.Helper()
-	before := p.Received()
-	time.Sleep(300 * time.Millisecond)
-	if p.Received() == before {
-		t.Errorf("%s: the stream stopped", what)
-	}
-}
-
-// streamEnded checks how an agent's stream ended: terminated (ECONNABORTED; a UDP socket is
-// disconnected, EDESTADDRREQ, unless a datagram was dropped first, EPERM), or with packets only
-// dropped (TCP stalls, UDP EPERM).
-func streamEnded(t *testing.T, what string, s *privtest.Stream, network string, terminate bool) {
-	t.Helper()
-	want := map[string][]string{"tcp": {"econnaborted"}, "udp": {"edestaddrreq", "eperm"}}[network]
-	if !terminate {
-		want = map[string][]string{"tcp": {"stalled"}, "udp": {"eperm"}}[network]
-	}
-	if got := s.Next(t, 3*time.Second); !slices.Contains(want, got) {
-		t.Errorf("%s: %q, want one of %q", what, got, want)
-	}
-}
-
 // TestPrivilegedLiveSocketsFollowContext: a policy reload that drops a rule, an approval that
 // expires and a task that ends each cut the agent's live streams they revoke, TCP and connected
 // UDP, within 100 ms; the streams they do not revoke, and the same streams from outside agents,
@@ -130,10 +88,10 @@ func TestPrivilegedLiveSocketsFollowContext(t *testing.T) {
 	d.ctl("policy", "reload")
 	at := time.Now()
 	// The reload peer's first connection is the agent's, its second the one from outside agents.
-	quiet(t, "the stream the reload revoked", reload.Conn(0), "tcp", at, 100*time.Millisecond)
-	flowing(t, "the same stream outside agents", reload.Conn(1))
-	flowing(t, "the stream still allowed", base)
-	streamEnded(t, "the stream the reload revoked", reloadS, "tcp", terminate)
+	privtest.QuietAfter(t, "the stream the reload revoked", reload.Conn(0), at, 100*time.Millisecond)
+	privtest.Flowing(t, "the same stream outside agents", reload.Conn(1))
+	privtest.Flowing(t, "the stream still allowed", base)
+	reloadS.Ended(t, "the stream the reload revoked", "tcp", terminate)
 	rec := d.decision("the revoked socket's record", func(r events.Decision) bool {
 		return (r.Kind == "terminate" || r.Kind == "packet") && r.Reason == "revoked" && r.Destination == reload.Addr.String()
 	})
@@ -149,18 +107,18 @@ func TestPrivilegedLiveSocketsFollowContext(t *testing.T) {
 	if a.Task == nil || len(a.Task.Approvals) != 1 {
 		t.Fatalf("agent %+v: want one approval", a)
 	}
-	quiet(t, "the stream the expired approval opened", prod, "tcp", a.Task.Approvals[0].ExpiresAt, 100*time.Millisecond)
-	streamEnded(t, "the approval's stream", prodS, "tcp", terminate)
+	privtest.QuietAfter(t, "the stream the expired approval opened", prod, a.Task.Approvals[0].ExpiresAt, 100*time.Millisecond)
+	prodS.Ended(t, "the approval's stream", "tcp", terminate)
 
 	// The task ends.
 	d.ctl("task", "end", agentID)
 	at = time.Now()
-	quiet(t, "the task's tcp stream", wideTCP, "tcp", at, 100*time.Millisecond)
-	quiet(t, "the task's udp stream", wideUDP, "udp", at, 100*time.Millisecond)
-	flowing(t, "the stream still allowed", base)
-	flowing(t, "the stream outside agents", control)
-	streamEnded(t, "the task's tcp stream", wideT, "tcp", terminate)
-	streamEnded(t, "the task's udp stream", wideU, "udp", terminate)
+	privtest.QuietAfter(t, "the task's tcp stream", wideTCP, at, 100*time.Millisecond)
+	privtest.QuietAfter(t, "the task's udp stream", wideUDP, at, 100*time.Millisecond)
+	privtest.Flowing(t, "the stream still allowed", base)
+	privtest.Flowing(t, "the stream outside agents", control)
+	wideT.Ended(t, "the task's tcp stream", "tcp", terminate)
+	wideU.Ended(t, "the task's udp stream", "udp", terminate)
 	if got := baseS.Next(t, 10*time.Millisecond); got != "none" {
 		t.Errorf("the stream still allowed says %q", got)
 	}
@@ -188,18 +146,18 @@ func TestPrivilegedKillResumeStaysCut(t *testing.T) {
 
 	d.ctl("kill", agentID, "--reason", "live sockets test")
 	at := time.Now()
-	quiet(t, "tcp after the kill returned", tcp, "tcp", at, 0)
-	quiet(t, "udp after the kill returned", udp, "udp", at, 0)
+	privtest.QuietAfter(t, "tcp after the kill returned", tcp, at, 0)
+	privtest.QuietAfter(t, "udp after the kill returned", udp, at, 0)
 	slot := d.agents()[0].Slot
 	d.ctl("resume", strconv.Itoa(int(slot)))
 	if frozen(cg) {
 		t.Fatal("resume left the agent frozen")
 	}
-	quiet(t, "tcp after resume", tcp, "tcp", at, 0)
-	quiet(t, "udp after resume", udp, "udp", at, 0)
-	flowing(t, "the stream outside agents", control)
-	streamEnded(t, "the killed agent's tcp stream, thawed", ts, "tcp", terminate)
-	streamEnded(t, "the killed agent's udp stream, thawed", us, "udp", terminate)
+	privtest.QuietAfter(t, "tcp after resume", tcp, at, 0)
+	privtest.QuietAfter(t, "udp after resume", udp, at, 0)
+	privtest.Flowing(t, "the stream outside agents", control)
+	ts.Ended(t, "the killed agent's tcp stream, thawed", "tcp", terminate)
+	us.Ended(t, "the killed agent's udp stream, thawed", "udp", terminate)
 	kind := "packet"
 	if terminate {
 		kind = "terminate"

@@ -429,7 +429,10 @@ const maxShards = 8
 
 // namespaces are the network namespaces the processes of slots' cgroups (as their agent info
 // records them) are in: nil for tetherd's own, an open file for each other. A process that ends
-// meanwhile is skipped; a namespace no process of the slots is in is not iterated.
+// meanwhile is skipped; a namespace no process of the slots is in is not iterated. The namespace
+// of a process of another user can be read only with CAP_SYS_PTRACE (the DaemonSet has it; the
+// systemd unit, whose agents share the host's namespace, does not): where it cannot, tetherd's
+// own is taken.
 func (s *sweeper) namespaces(slots []dataplane.Slot) ([]*os.File, error) {
 	own, err := netnsInode("/proc/self/ns/net")
 	if err != nil {
@@ -438,6 +441,7 @@ func (s *sweeper) namespaces(slots []dataplane.Slot) ([]*os.File, error) {
 	seen := map[uint64]bool{}
 	var out []*os.File
 	var errs []error
+	unreadable := false
 	for _, slot := range slots {
 		var info bpfTetherAgentInfo
 		if err := s.k.agentInfo.Lookup(uint32(slot), &info); err != nil {
@@ -451,6 +455,9 @@ func (s *sweeper) namespaces(slots []dataplane.Slot) ([]*os.File, error) {
 		for _, pid := range cgroupProcs(path) {
 			p := "/proc/" + strconv.Itoa(pid) + "/ns/net"
 			ino, err := netnsInode(p)
+			if errors.Is(err, fs.ErrPermission) {
+				unreadable = true
+			}
 			if err != nil || seen[ino] {
 				continue
 			}
@@ -478,6 +485,9 @@ func (s *sweeper) namespaces(slots []dataplane.Slot) ([]*os.File, error) {
 			}
 			out = append(out, f)
 		}
+	}
+	if unreadable && !seen[own] {
+		out = append(out, nil)
 	}
 	return out, errors.Join(errs...)
 }

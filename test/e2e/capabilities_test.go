@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
 	"net/netip"
@@ -25,7 +26,8 @@ import (
 // bounded to its CapabilityBoundingSet. Either way it enforces: a granted connect passes, another
 // is refused, an exec outside the grants dies, an agent running as another user gets its task
 // credential file (owned by that user, in a directory only it may read), and the kill path cuts
-// and freezes an agent.
+// and freezes an agent, and cuts the live connection of an agent running as another user (whose
+// network namespace the unit's capabilities cannot read: the sweep takes tetherd's own).
 func TestPrivilegedDaemonSetCapabilities(t *testing.T) {
 	_, file, _, _ := runtime.Caller(0)
 	root := filepath.Join(filepath.Dir(file), "..", "..")
@@ -68,8 +70,10 @@ func enforceWithCaps(t *testing.T, caps []string, cgroupns bool) {
 	noPort, _ := tcpPort(t, h)
 	self, _ := os.Executable()
 	asNobody := privtest.SelfCopy(t) // a copy the nobody user may run
+	peer := h.ListenPeer(t, "tcp", h.V4)
 	p := grantsFor(self, h, okPort)
 	p["exec"] = []string{self, asNobody}
+	p["egress"] = append(p["egress"].([]any), map[string]any{"cidr": h.V4.String() + "/32", "ports": []int{int(peer.Addr.Port())}, "protocol": "tcp"})
 	d := newTetherd(t, p)
 	bounding := "-all"
 	for _, c := range caps {
@@ -128,6 +132,27 @@ func enforceWithCaps(t *testing.T, caps []string, cgroupns bool) {
 	nobodyIn.Close()
 	nobody.Wait()
 
+	// An agent of another user with a live connection.
+	streamer := d.ctlCmd("run", "--id", agentID, "--user", "nobody", "--", asNobody, "tcp", peer.Addr.String())
+	streamer.Env = append(os.Environ(), "TETHER_TEST_HELPER=stream")
+	streamIn, err := streamer.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	streamOut, err := streamer.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := streamer.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { streamIn.Close(); streamer.Process.Kill(); streamer.Wait() })
+	streamLines := bufio.NewScanner(streamOut)
+	if !streamLines.Scan() || streamLines.Text() != "connected" {
+		t.Fatalf("the stream of the agent running as nobody: %q", streamLines.Text())
+	}
+	peer.WaitReceiving(t)
+
 	sleeper := d.agentRun(agentID, "sleep") // until its stdin closes
 	stdin, err := sleeper.StdinPipe()
 	if err != nil {
@@ -150,7 +175,8 @@ func enforceWithCaps(t *testing.T, caps []string, cgroupns bool) {
 	if err := json.Unmarshal([]byte(d.ctl("kill", agentID, "--reason", "e2e: capabilities", "-o", "json")), &kills); err != nil {
 		t.Fatal(err)
 	}
-	if len(kills) != 1 || !kills[0].Done {
+	// Two agents have the identity: the one streaming and the one sleeping.
+	if len(kills) != 2 || !kills[0].Done || !kills[1].Done {
 		t.Fatalf("kill %+v; tetherd's log:\n%s", kills, d.stderr.String())
 	}
 	deadline := time.Now().Add(5 * time.Second)
@@ -159,6 +185,21 @@ func enforceWithCaps(t *testing.T, caps []string, cgroupns bool) {
 	}
 	if !frozen(cg) {
 		t.Error("the killed agent is not frozen")
+	}
+	privtest.QuietAfter(t, "the stream of the killed agent running as nobody", peer, time.Now(), 0)
+	var st struct {
+		Sockets struct {
+			Terminate bool `json:"terminate"`
+			Sweeps    struct {
+				Terminated uint64 `json:"terminated"`
+			} `json:"sweeps"`
+		} `json:"live_sockets"`
+	}
+	if err := json.Unmarshal([]byte(d.ctl("status", "-o", "json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Sockets.Terminate && st.Sockets.Sweeps.Terminated == 0 {
+		t.Errorf("the kill terminated no live socket; tetherd's log:\n%s", d.stderr.String())
 	}
 	d.ctl("kill", agentID, "--reason", "e2e: cleanup", "--terminate")
 }

@@ -265,6 +265,7 @@ type Peer struct {
 	// UDP: arrival times of the datagrams, by the kernel's receive timestamp.
 	arrivals []time.Time
 	bytes    int
+	resets   int // connections whose read ended with ECONNRESET
 	network  string
 	Addr     netip.AddrPort
 }
@@ -292,6 +293,9 @@ func (h *Host) ListenPeer(t testing.TB, network string, addr netip.Addr) *Peer {
 						n, err := c.Read(buf)
 						p.mu.Lock()
 						p.bytes += n
+						if errors.Is(err, syscall.ECONNRESET) {
+							p.resets++
+						}
 						p.mu.Unlock()
 						if err != nil {
 							return
@@ -379,6 +383,13 @@ func (p *Peer) Conn(i int) *Peer {
 		one.conns = []*net.TCPConn{p.conns[i]}
 	}
 	return one
+}
+
+// Resets counts the connections the peer saw reset (TCP).
+func (p *Peer) Resets() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.resets
 }
 
 // ArrivedAfter counts the datagrams that arrived after at (UDP peers).

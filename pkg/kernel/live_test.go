@@ -134,6 +134,12 @@ func TestPrivilegedRevocationReachesLiveSockets(t *testing.T) {
 		if destroy && res.Destroyed < len(revoked) {
 			t.Errorf("the sweep terminated %d sockets, want at least %d", res.Destroyed, len(revoked))
 		}
+		// The peer of a terminated TCP connection sees a reset.
+		for _, p := range []*privtest.Peer{tcp4, tcp6} {
+			if got, want := p.Resets(), map[bool]int{true: 1, false: 0}[destroy]; got != want {
+				t.Errorf("%s saw %d resets, want %d", p.Addr, got, want)
+			}
+		}
 	})
 }
 

@@ -326,7 +326,8 @@ static __always_inline void tether_account(struct tether_decision *d)
 		tether_count(TETHER_COUNTER_UNKNOWN_CGROUP);
 		return;
 	}
-	struct tether_agent_counts *c = bpf_map_lookup_elem(&tether_agent_counters, &d->slot);
+	__u32 slot = d->slot; /* keys on the stack: 6.1 takes no other memory as one */
+	struct tether_agent_counts *c = bpf_map_lookup_elem(&tether_agent_counters, &slot);
 	__u32 i = (__u32)d->kind * TETHER_VERDICT_MAX + d->verdict;
 	if (c && i < TETHER_KIND_MAX * TETHER_VERDICT_MAX)
 		__sync_fetch_and_add(&c->n[i], 1);
@@ -421,14 +422,15 @@ static __always_inline int tether_finish(struct tether_decision *d, void *rules)
 	return d->verdict != TETHER_VERDICT_DENY;
 }
 
-/* tether_begin_slot resolves the rule set of the agent in d->slot. It returns the rule set, or NULL
+/* tether_begin_slot resolves the rule set of the agent in d->slot (*slot_key: a copy on the stack
+ * where d is not, since 6.1 takes no other memory as a map key). It returns the rule set, or NULL
  * after it has set d->verdict for the cases that need no rule (killed, nothing installed). */
-static __always_inline void *tether_begin_slot(struct tether_decision *d)
+static __always_inline void *tether_begin_slot(struct tether_decision *d, __u32 *slot_key)
 {
 	struct tether_agent *agent;
 	void *rules;
 
-	agent = bpf_map_lookup_elem(&tether_agents, &d->slot);
+	agent = bpf_map_lookup_elem(&tether_agents, slot_key);
 	if (!agent) {
 		d->reason = TETHER_REASON_NO_RULESET;
 		d->verdict = TETHER_VERDICT_DENY;
@@ -469,7 +471,7 @@ static __always_inline void *tether_begin(struct tether_decision *d)
 		d->verdict = tether_unknown_cgroup_allow ? TETHER_VERDICT_ALLOW : TETHER_VERDICT_DENY;
 		return NULL;
 	}
-	return tether_begin_slot(d);
+	return tether_begin_slot(d, &d->slot);
 }
 
 /* tether_no_match turns "no rule matched" into deny or, in audit mode, a would-deny. */
@@ -694,7 +696,8 @@ static __always_inline void tether_sock_deadline(struct tether_decision *d, stru
 	s->deadline_ns = dl;
 	if (!dl)
 		return;
-	void *rules = bpf_map_lookup_elem(&tether_rulesets, &d->buf);
+	__u32 buf = d->buf;
+	void *rules = bpf_map_lookup_elem(&tether_rulesets, &buf);
 	struct tether_rule_value *h = rules ? tether_header(rules) : NULL;
 	if (h && h->mode == TETHER_MODE_AUDIT)
 		s->flags |= TETHER_SOCK_DEADLINE_AUDIT;
@@ -1119,7 +1122,8 @@ static __always_inline int tether_sock_current(struct tether_sock *s, struct tet
 		struct tether_config_entry *cfg = bpf_map_lookup_elem(&tether_config, &zero);
 		return cfg && s->born == cfg->bindings_gen;
 	}
-	*agent = bpf_map_lookup_elem(&tether_agents, &s->slot);
+	__u32 slot = s->slot;
+	*agent = bpf_map_lookup_elem(&tether_agents, &slot);
 	return *agent && (*agent)->born == s->born;
 }
 
@@ -1201,7 +1205,8 @@ __attribute__((noinline)) int tether_sock_check(struct tether_decision *d, struc
 {
 	if (!d || !s)
 		return 0;
-	struct tether_agent *agent = bpf_map_lookup_elem(&tether_agents, &d->slot);
+	__u32 slot = d->slot;
+	struct tether_agent *agent = bpf_map_lookup_elem(&tether_agents, &slot);
 	if (agent) {
 		__u32 active = agent->active & 1;
 		__u64 gen = agent->generation[active];
@@ -1235,7 +1240,7 @@ __attribute__((noinline)) int tether_sock_check(struct tether_decision *d, struc
 			d->caller_ino = p->bin_ino;
 		}
 	}
-	void *rules = tether_begin_slot(d);
+	void *rules = tether_begin_slot(d, &slot);
 	if (rules)
 		tether_egress_rules(d, rules, 0);
 	if (d->verdict != TETHER_VERDICT_ALLOW && d->reason != TETHER_REASON_KILLED)

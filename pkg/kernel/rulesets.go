@@ -117,12 +117,11 @@ func (k *Kernel) SetFlags(slot dataplane.Slot, flags dataplane.AgentFlags) error
 	killed := flags&dataplane.AgentKilled != 0 && st.flags&uint32(dataplane.AgentKilled) == 0
 	err := k.writeAgent(st, slot, uint32(flags), st.active)
 	st.mu.Unlock()
-	if err != nil || !killed {
-		return err
+	if err == nil && killed {
+		// Killed, the agent's packets are dropped from the write on; the sweep terminates its
+		// sockets right after (not waited for: the kill's deny step is the write).
+		k.sweeper.request(slot)
 	}
-	// Cut what the agent holds open: its packets are dropped from the write on, and its
-	// sockets are terminated before this returns.
-	_, err = k.Sweep(slot)
 	return err
 }
 

@@ -1,6 +1,7 @@
 package kernel
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -56,6 +57,11 @@ func Requirements(cgroupRoot string, cgroupErr error, pinDir string) []Requireme
 	}{{"ring buffer maps", ebpf.RingBuf}, {"LPM trie maps", ebpf.LPMTrie}, {"map-in-map (hash of maps)", ebpf.HashOfMaps}} {
 		add(m.name, true, features.HaveMapType(m.typ), "load", "Linux 5.8 or later")
 	}
+	add("cgroup skb and sockopt programs (packets of live sockets, detour options)", true,
+		errors.Join(features.HaveProgramType(ebpf.CGroupSKB), features.HaveProgramType(ebpf.CGroupSockopt), features.HaveMapType(ebpf.SkStorage)),
+		"load", "Linux 5.8 or later with CONFIG_CGROUP_BPF=y")
+	add("bpf_sock_destroy (terminating revoked live sockets)", false, probeSockDestroy(), "in the kernel's BTF, with the TCP and UDP socket iterators",
+		"optional: Linux 6.5 or later; without it revoked connections are cut by dropping their packets (TCP stalls, UDP sends fail) instead of being reset")
 	add("cgroup unix socket hooks (connect_unix, sendmsg_unix)", false, probeCgroupAttach(ebpf.AttachCgroupUnixConnect), "load",
 		"Linux 6.7 or later; without them unix socket rules need BPF LSM, else they are not enforced")
 	add("bpffs", true, bpffs.Ensure(filepath.Dir(pinDir)), "mounted at "+filepath.Dir(pinDir)+" (pins survive tetherd restarts)",

@@ -677,11 +677,14 @@ static __always_inline void tether_addr4(__u8 addr[16], __u32 ip4_net)
 }
 
 /* tether_sock_deadline sets when socket s, allowed by the rule d says, must end: its rule's
- * max_duration after its connect, or its counted grant's expiry if sooner (so that a connection an
+ * max_duration after its connect (or, for a socket connected under a rule without one, after
+ * the first check under a rule with one), or its counted grant's expiry if sooner (so that a connection an
  * approval opened ends with the approval even while tetherd is not there to install the rule set
  * without it). d->buf names the rule set, whose mode says whether the end is enforced. */
 static __always_inline void tether_sock_deadline(struct tether_decision *d, struct tether_sock *s)
 {
+	if (d->max_ms && !s->start_ns)
+		s->start_ns = bpf_ktime_get_boot_ns(); /* the first rule with a time limit starts the clock */
 	__u64 dl = d->max_ms ? s->start_ns + (__u64)d->max_ms * 1000000 : 0;
 
 	s->flags &= ~(TETHER_SOCK_DEADLINE_GRANT | TETHER_SOCK_DEADLINE_AUDIT | TETHER_SOCK_EXPIRED);
@@ -717,15 +720,26 @@ static __always_inline void tether_connected(struct bpf_sock_addr *ctx, struct t
 		tether_count(TETHER_COUNTER_SOCK_STORAGE_ERRORS);
 		return;
 	}
+	__u32 pid = bpf_get_current_pid_tgid() >> 32;
+	__u64 bin_ino = d->caller == TETHER_CALLER_KNOWN ? d->caller_ino : 0;
+	int timed = d->max_ms || d->grant;
+	/* Connected again by the same process under the same rule set (a UDP socket that connects
+	 * per request): the storage says it all already. */
+	if (!timed && !s->deadline_ns && s->born == d->born && s->generation == d->generation && s->slot == d->slot &&
+	    s->pid == pid && s->verdict == d->verdict && s->reason == d->reason && s->bin_ino == bin_ino &&
+	    s->flags == (TETHER_SOCK_OUTBOUND | TETHER_SOCK_CHECKED))
+		return;
 	s->born = d->born;
 	s->generation = d->generation;
-	s->start_ns = bpf_ktime_get_boot_ns();
+	/* The clock of a time limit starts at the connect; without one it is not read (it starts
+	 * when a rule with one first applies, see tether_sock_deadline). */
+	s->start_ns = timed ? bpf_ktime_get_boot_ns() : 0;
 	s->flags = TETHER_SOCK_OUTBOUND | TETHER_SOCK_CHECKED;
 	tether_sock_deadline(d, s);
 	s->bin_dev = d->caller == TETHER_CALLER_KNOWN ? d->caller_dev : 0;
-	s->bin_ino = d->caller == TETHER_CALLER_KNOWN ? d->caller_ino : 0;
+	s->bin_ino = bin_ino;
 	s->slot = d->slot;
-	s->pid = bpf_get_current_pid_tgid() >> 32;
+	s->pid = pid;
 	s->verdict = d->verdict;
 	s->reason = d->reason;
 }

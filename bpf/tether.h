@@ -216,7 +216,7 @@ struct tether_sock {
 	/* The rule-set generation its destination was last checked at (0: never), and what that
 	 * check said (verdict, reason): a packet under the same generation costs no lookup. */
 	__u64 generation;
-	__u64 start_ns;	   /* CLOCK_BOOTTIME of its connect */
+	__u64 start_ns;	   /* CLOCK_BOOTTIME of its connect, read only where a time limit applies (0: not yet) */
 	__u64 deadline_ns; /* the max_duration of the rule that allows it ends here; 0: none */
 	__u64 bin_ino;	   /* the binary that connected it (rules restricted to a binary) */
 	__u32 bin_dev;

@@ -38,6 +38,7 @@ type options struct {
 	kill   bool    // only the kill path
 	telem  bool    // only the telemetry part
 	sweep  bool    // only the live-socket part
+	hooks  bool    // only tether's rows and the programs' run time
 	ranges bool    // the policy part's grants are /24 ranges, not /32 hosts
 }
 
@@ -50,6 +51,7 @@ func run() error {
 	flag.BoolVar(&o.policy, "policy-only", false, "measure only the policy-to-kernel part")
 	flag.BoolVar(&o.kill, "kill-only", false, "measure only the kill path")
 	flag.BoolVar(&o.telem, "telemetry-only", false, "measure only the telemetry part (tetherd's events per second and CPU)")
+	flag.BoolVar(&o.hooks, "hooks-only", false, "measure only tether's overhead rows (in the agent against outside it) and the programs' run time")
 	flag.BoolVar(&o.sweep, "sweep-only", false, "measure only the live-socket part (rule removal to the last socket terminated, bulk throughput in and outside the agent)")
 	flag.BoolVar(&o.ranges, "grant-ranges", false, "make the policy part's egress grants /24 ranges (kept in the tries) instead of /32 hosts (kept in tether_hosts)")
 	flag.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof reads it)")
@@ -133,6 +135,10 @@ func run() error {
 	res, err := measure(e, o)
 	if err != nil {
 		return err
+	}
+	if o.hooks {
+		reportHooks(os.Stdout, o, res)
+		return nil
 	}
 	report(os.Stdout, e, o, res)
 	return nil

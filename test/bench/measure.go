@@ -179,6 +179,10 @@ func measure(e *env, o options) (*results, error) {
 		}
 	}
 
+	if o.hooks {
+		progress("kernel BPF statistics")
+		return res, bpfCosts(e, o, res)
+	}
 	progress("a process outside agents: tether loaded and not, %d rounds", o.rounds)
 	for range o.rounds {
 		for _, s := range []state{{}, {tether: top}} {

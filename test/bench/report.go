@@ -166,26 +166,7 @@ func report(w io.Writer, e *env, o options, res *results) {
 	}
 	tw.Flush()
 
-	fmt.Fprintln(w, "\nIN-KERNEL COST (kernel BPF statistics, time per program run, one sample per rule count)")
-	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprint(tw, "PROGRAM")
-	for _, n := range o.rules {
-		fmt.Fprintf(tw, "\t%d RULES", n)
-	}
-	fmt.Fprintln(tw)
-	for _, hook := range []string{"connect4", "sendmsg4", "sock_create", "egress_skb", "setsockopt", "exec", "fork", "exit"} {
-		fmt.Fprint(tw, hook)
-		for _, n := range o.rules {
-			c, ok := res.bpf[n][hook]
-			if !ok {
-				fmt.Fprint(tw, "\t-")
-				continue
-			}
-			fmt.Fprintf(tw, "\t%s (%d runs)", dur(c.nsPerRun), c.runs)
-		}
-		fmt.Fprintln(tw)
-	}
-	tw.Flush()
+	reportCosts(w, o, res)
 
 	fmt.Fprintln(w, "\nPER-REQUEST POLICY IN USERSPACE (OPA, the same rules, one connect decision) vs tether's decision in the kernel")
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
@@ -320,4 +301,48 @@ func goalPrinter(w io.Writer) func(ok bool, format string, args ...any) {
 		}
 		fmt.Fprintf(w, "  %s  %s\n", mark, fmt.Sprintf(format, args...))
 	}
+}
+
+// reportCosts is the programs' run time from the kernel's statistics.
+func reportCosts(w io.Writer, o options, res *results) {
+	fmt.Fprintln(w, "\nIN-KERNEL COST (kernel BPF statistics, time per program run, one sample per rule count)")
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprint(tw, "PROGRAM")
+	for _, n := range o.rules {
+		fmt.Fprintf(tw, "\t%d RULES", n)
+	}
+	fmt.Fprintln(tw)
+	for _, hook := range []string{"connect4", "sendmsg4", "sock_create", "egress_skb", "setsockopt", "exec", "fork", "exit"} {
+		fmt.Fprint(tw, hook)
+		for _, n := range o.rules {
+			c, ok := res.bpf[n][hook]
+			if !ok {
+				fmt.Fprint(tw, "\t-")
+				continue
+			}
+			fmt.Fprintf(tw, "\t%s (%d runs)", dur(c.nsPerRun), c.runs)
+		}
+		fmt.Fprintln(tw)
+	}
+	tw.Flush()
+
+}
+
+// reportHooks is the -hooks-only table: tether's rows and the programs' run time.
+func reportHooks(w io.Writer, o options, res *results) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "OPERATION\tBASELINE (OUTSIDE THE AGENT)\tTETHER OVERHEAD")
+	for _, r := range rows(o) {
+		if r.tether == nil || r.tether.part != partTether || len(res.samples[*r.tether]) == 0 {
+			continue
+		}
+		t, base := res.samples[*r.tether], res.samples[*r.base]
+		f, show := relative, stat.pct
+		if r.abs {
+			f, show = absolute, stat.ns
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", r.name, dur(summarize(base).med), show(paired(t, base, f)))
+	}
+	tw.Flush()
+	reportCosts(w, o, res)
 }

@@ -725,16 +725,17 @@ static __always_inline void tether_connected(struct bpf_sock_addr *ctx, struct t
 	int timed = d->max_ms || d->grant;
 	/* Connected again by the same process under the same rule set (a UDP socket that connects
 	 * per request): the storage says it all already. */
+	/* The connect's own record stands for an audit-deny of its packets. */
+	__u16 flags = TETHER_SOCK_OUTBOUND | TETHER_SOCK_CHECKED | (d->verdict == TETHER_VERDICT_AUDIT ? TETHER_SOCK_REPORTED : 0);
 	if (!timed && !s->deadline_ns && s->born == d->born && s->generation == d->generation && s->slot == d->slot &&
-	    s->pid == pid && s->verdict == d->verdict && s->reason == d->reason && s->bin_ino == bin_ino &&
-	    s->flags == (TETHER_SOCK_OUTBOUND | TETHER_SOCK_CHECKED))
+	    s->pid == pid && s->verdict == d->verdict && s->reason == d->reason && s->bin_ino == bin_ino && s->flags == flags)
 		return;
 	s->born = d->born;
 	s->generation = d->generation;
 	/* The clock of a time limit starts at the connect; without one it is not read (it starts
 	 * when a rule with one first applies, see tether_sock_deadline). */
 	s->start_ns = timed ? bpf_ktime_get_boot_ns() : 0;
-	s->flags = TETHER_SOCK_OUTBOUND | TETHER_SOCK_CHECKED;
+	s->flags = flags;
 	tether_sock_deadline(d, s);
 	s->bin_dev = d->caller == TETHER_CALLER_KNOWN ? d->caller_dev : 0;
 	s->bin_ino = bin_ino;
@@ -1322,8 +1323,10 @@ int tether_egress_skb(struct __sk_buff *skb)
 		if (ag && ag->born == s->born && (ag->flags & (TETHER_AGENT_ACTIVE | TETHER_AGENT_KILLED)) == TETHER_AGENT_ACTIVE) {
 			if (!(s->flags & TETHER_SOCK_OUTBOUND))
 				return 1;
-			if (sk->protocol == IPPROTO_TCP && (s->flags & TETHER_SOCK_CHECKED) && s->verdict == TETHER_VERDICT_ALLOW &&
-			    !s->deadline_ns && s->generation == ag->generation[ag->active & 1])
+			int allowed = s->verdict == TETHER_VERDICT_ALLOW ||
+				      (s->verdict == TETHER_VERDICT_AUDIT && (s->flags & TETHER_SOCK_REPORTED));
+			if (sk->protocol == IPPROTO_TCP && (s->flags & TETHER_SOCK_CHECKED) && allowed && !s->deadline_ns &&
+			    s->generation == ag->generation[ag->active & 1])
 				return 1;
 		}
 	}

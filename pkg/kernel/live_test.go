@@ -372,3 +372,50 @@ func TestPrivilegedNonAgentsUnderParentUnaffected(t *testing.T) {
 	privtest.Flowing(t, "the bystander's tcp stream after the clear", tcp)
 	privtest.Flowing(t, "the bystander's udp stream after the clear", udp)
 }
+
+// TestPrivilegedAuditModeLiveSockets: in audit mode nothing is cut. A connection the rules would
+// deny is reported once, at its connect (not again for its packets); when its rule set changes, a
+// connection the new one would not allow goes on, reported as a would-be termination.
+func TestPrivilegedAuditModeLiveSockets(t *testing.T) {
+	liveModes(t, func(t *testing.T, destroy bool) {
+		f := liveFixture(t, destroy)
+		h := privtest.NewHost(t)
+		allowed, denied := h.ListenPeer(t, "tcp", h.V4), h.ListenPeer(t, "tcp", h.V4)
+		agent := f.agent(t, "agent", 15, dataplane.RuleSet{Generation: 1, Mode: dataplane.ModeAudit, Egress: []dataplane.Egress{
+			hostRule(h.V4, portRule(dataplane.ProtoTCP, allowed.Addr.Port())),
+		}})
+		events := f.events(t)
+		privtest.StartStream(t, agent, "tcp", allowed.Addr.String())
+		privtest.StartStream(t, agent, "tcp", denied.Addr.String())
+		allowed.WaitReceiving(t)
+		denied.WaitReceiving(t)
+		events.wait(t, "the audit-deny of the connect", func(e dataplane.Event) bool {
+			return e.Kind == dataplane.KindConnect4 && e.Verdict == dataplane.VerdictAudit && e.Port == denied.Addr.Port()
+		})
+		if err := f.k.Install(15, &dataplane.RuleSet{Generation: 2, Mode: dataplane.ModeAudit, Exec: execs(f.self)}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.k.Sweep(15); err != nil {
+			t.Fatal(err)
+		}
+		privtest.Flowing(t, "the revoked stream in audit mode", allowed)
+		privtest.Flowing(t, "the denied stream in audit mode", denied)
+		kind := dataplane.KindTerminate
+		if !destroy {
+			kind = dataplane.KindPacket
+		}
+		e := events.wait(t, "the would-be termination", func(e dataplane.Event) bool {
+			return e.Kind == kind && e.Port == allowed.Addr.Port()
+		})
+		if e.Verdict != dataplane.VerdictAudit || e.Reason != dataplane.ReasonRevoked || e.Generation != 2 {
+			t.Errorf("record %+v, want audit-deny, revoked, generation 2", e)
+		}
+		events.mu.Lock()
+		defer events.mu.Unlock()
+		for _, e := range events.events {
+			if e.Kind == dataplane.KindPacket && e.Port == denied.Addr.Port() && e.Generation == 1 {
+				t.Errorf("the audited connect's packets were reported again: %+v", e)
+			}
+		}
+	})
+}

@@ -86,7 +86,7 @@ func TestPrivilegedKernelAgreesWithPolicy(t *testing.T) {
 	clk := &clock{now: time.Date(2026, 11, 23, 9, 0, 0, 0, time.UTC)}
 	ev := &evaluator{rev: rev, clock: clk, bootstrap: true, bootExec: []string{w.self, w.git}}
 	reg := agents.New(agents.Options{
-		Dataplane: k, Evaluator: ev, Compile: agents.CompileOn(compile.Options{Files: compile.OS{}}),
+		Dataplane: testClockGrants{k, clk}, Evaluator: ev, Compile: agents.CompileOn(compile.Options{Files: compile.OS{}}),
 		Parents: []string{parent}, LaunchParent: parent, Now: clk.Now, Logger: quiet(),
 	})
 	t.Cleanup(reg.Close)
@@ -253,6 +253,22 @@ func (s stats) String() string {
 		parts = append(parts, fmt.Sprintf("%s %d denied/%d allowed", k, s.by[k][0], s.by[k][1]))
 	}
 	return strings.Join(parts, ", ")
+}
+
+// testClockGrants hands the kernel an approval's expiry in real time: the registry and the policy
+// run on the test's clock (days away from now, and moved on by hours a round), the kernel on the
+// machine's, which would find an approval the test's clock has live long expired, or the
+// reverse.
+type testClockGrants struct {
+	*kernel.Kernel
+	clock *clock
+}
+
+func (g testClockGrants) SetGrant(i uint32, uses int64, expires time.Time) error {
+	if !expires.IsZero() {
+		expires = time.Now().Add(expires.Sub(g.clock.Now()))
+	}
+	return g.Kernel.SetGrant(i, uses, expires)
 }
 
 // clock is the registry's and the policy's time.

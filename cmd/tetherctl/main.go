@@ -12,6 +12,10 @@ import (
 )
 
 func main() {
+	// `tetherctl run` starts itself again as the process that confines the agent and becomes it.
+	if len(os.Args) > 1 && os.Args[1] == confineStage {
+		os.Exit(confineAndRun(os.Args[2:]))
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer stop()
 	code, err := run(ctx, os.Args[1:])

@@ -1,14 +1,16 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"os/signal"
 	"os/user"
-	"runtime"
 	"strconv"
+	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -16,51 +18,67 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/api"
+	"github.com/tether-sh/tether/pkg/confine"
+	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
-// droppedCaps leave an agent's capability bounding set unless --keep-caps: with them a root
-// agent could detach tether's programs (BPF, SYS_ADMIN, PERFMON), open packet sockets the
-// address hooks never see (NET_RAW), reconfigure the network (NET_ADMIN), tamper with processes
-// outside the agent (SYS_PTRACE) or load kernel code (SYS_MODULE).
-var droppedCaps = []uintptr{
-	unix.CAP_SYS_ADMIN, unix.CAP_BPF, unix.CAP_PERFMON, unix.CAP_NET_ADMIN, unix.CAP_NET_RAW,
-	unix.CAP_SYS_PTRACE, unix.CAP_SYS_MODULE,
-}
-
 type runFlags struct {
-	id       string
-	user     string
-	keepCaps bool
-	labels   map[string]string
-	task     api.TaskRequest
+	id        string
+	user      string
+	allowRoot bool
+	shareUID  bool
+	keepCaps  bool
+	labels    map[string]string
+	task      api.TaskRequest
 }
 
 func newRun(g *globals) *cobra.Command {
 	f := &runFlags{}
 	cmd := &cobra.Command{
-		Use:   "run --id SPIFFE_ID [--user USER] -- COMMAND [ARGS...]",
-		Short: "Run a command as an agent with the given identity",
-		Long: `run asks tetherd for a new agent cgroup bound to the identity, then starts COMMAND
-directly inside it (clone3 with CLONE_INTO_CGROUP): the agent's rule set is in force before its
-first instruction. When COMMAND exits, whatever it left running is killed and the cgroup removed.
+		Use:   "run --id SPIFFE_ID [--user USER | --allow-root] -- COMMAND [ARGS...]",
+		Short: "Run a command as an agent with the given identity, confined",
+		Long: `run asks tetherd for a new agent cgroup bound to the identity and for the agent's
+confinement, then starts COMMAND in it: the agent's rule set is in force before COMMAND's first
+instruction. When COMMAND exits, whatever it left running is killed and the cgroup removed.
 tetherctl exits with COMMAND's status.
 
-SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 are passed to COMMAND. SIGINT and SIGQUIT from the terminal
-reach COMMAND directly; tetherctl itself does not stop for them.
+COMMAND runs as a uid of its own (tetherd's confinement.uids; no other live agent, user or
+process has it), or as --user (refused if another live agent runs as that user, unless
+--share-uid), or as root with --allow-root, which a launch rule with root: true must allow.
+It has no_new_privs, no descriptors but 0-2, the environment tetherctl was given plus the
+TETHER_* variables below, and, unless the policy's grants say sandbox: off (which a launch rule
+with unconfined: true must allow):
+  - a mount namespace without bpffs, with the cgroup trees and the granted executables
+    read-only and tether's admin socket, key and state, the SPIRE and container runtime
+    sockets and the other agents' credentials hidden;
+  - a PID namespace of its own: no other process of the host to signal, trace or read;
+  - a seccomp filter (bpf, mount, namespaces, ptrace, process_vm_*, pidfd_getfd, kexec,
+    modules, perf_event_open, userfaultfd, and sockets other than unix, IPv4, IPv6 and
+    routing netlink are refused; the strict profile refuses io_uring, keyrings and more).
 
-An agent running as root could leave its cgroup (root may write any cgroup.procs): run agents
-as an unprivileged user with --user.`,
+COMMAND gets TETHER_SPIFFE_ID and TETHER_AGENT_SLOT, and with a task TETHER_TASK_ID and
+TETHER_TASK_CREDENTIAL_FILE.
+
+SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 are passed to COMMAND. SIGINT and SIGQUIT from the terminal
+reach COMMAND directly; tetherctl itself does not stop for them.`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if f.id == "" {
+			switch {
+			case f.id == "":
 				return errors.New("--id is required")
+			case f.allowRoot && f.user != "":
+				return errors.New("--allow-root runs COMMAND as root and --user as another user: give one of them")
+			case f.keepCaps && !f.allowRoot:
+				return errors.New("--keep-caps keeps a root agent's capabilities: it needs --allow-root")
 			}
 			return runAgent(g.client(), f, args)
 		},
 	}
 	cmd.Flags().StringVar(&f.id, "id", "", "SPIFFE ID of the agent")
-	cmd.Flags().StringVar(&f.user, "user", "", "run COMMAND as this user (name or uid)")
-	cmd.Flags().BoolVar(&f.keepCaps, "keep-caps", false, "keep CAP_SYS_ADMIN, CAP_BPF, CAP_NET_RAW and the other capabilities run drops")
+	cmd.Flags().StringVar(&f.user, "user", "", "run COMMAND as this user (name or uid) rather than as a uid of its own")
+	cmd.Flags().BoolVar(&f.shareUID, "share-uid", false, "run as --user even if another live agent runs as that user")
+	cmd.Flags().BoolVar(&f.allowRoot, "allow-root", false, "run COMMAND as root (a launch rule with root: true must allow it)")
+	cmd.Flags().BoolVar(&f.keepCaps, "keep-caps", false, "with --allow-root, keep CAP_SYS_ADMIN, CAP_BPF, CAP_NET_RAW and the other capabilities run drops (a launch rule with unconfined: true must allow it)")
 	cmd.Flags().StringToStringVar(&f.labels, "label", nil, "labels for the policy (input.agent.labels), key=value")
 	cmd.Flags().StringVar(&f.task.Type, "task-type", "", "start the agent with a task of this type")
 	cmd.Flags().StringVar(&f.task.Sensitivity, "sensitivity", "", "the task's data sensitivity")
@@ -71,10 +89,8 @@ as an unprivileged user with --user.`,
 
 func runAgent(c *api.Client, f *runFlags, args []string) error {
 	if os.Geteuid() != 0 {
-		// CLONE_INTO_CGROUP needs write access to cgroup.procs up to the common ancestor of
-		// both cgroups, the cgroup2 root; launching as another user needs tetherd to move the
-		// process, which is not there yet.
-		return errors.New("tetherctl run needs root (it starts COMMAND inside the agent's cgroup); use --user to run COMMAND as another user")
+		// The namespaces, the move into the agent's cgroup and the agent's uid all need root.
+		return errors.New("tetherctl run needs root (it confines COMMAND and starts it in the agent's cgroup as the agent's uid)")
 	}
 	path, err := exec.LookPath(args[0])
 	if err != nil {
@@ -87,7 +103,7 @@ func runAgent(c *api.Client, f *runFlags, args []string) error {
 		}
 	}
 
-	req := api.RegisterRequest{SpiffeID: f.id, Launch: true, Labels: f.labels}
+	req := api.RegisterRequest{SpiffeID: f.id, Launch: true, Labels: f.labels, AllowRoot: f.allowRoot, ShareUID: f.shareUID}
 	if cred != nil {
 		req.UID = &cred.Uid
 	}
@@ -107,31 +123,60 @@ func runAgent(c *api.Client, f *runFlags, args []string) error {
 			fmt.Fprintf(os.Stderr, "tetherctl: removing agent %d: %v (tetherd removes it once it sees it ended)\n", agent.Slot, err)
 		}
 	}
-	dir, err := os.Open(agent.Cgroup)
+	plan, err := c.Confinement(agent.Slot, f.keepCaps)
 	if err != nil {
 		unregister()
-		return fmt.Errorf("opening agent cgroup: %w", err)
+		return fmt.Errorf("confinement of agent %d: %w", agent.Slot, err)
 	}
-	defer dir.Close()
+	if cred != nil && plan.UID == cred.Uid {
+		plan.GID, plan.Groups = cred.Gid, cred.Groups
+	}
+	if plan.UID == 0 {
+		fmt.Fprintf(os.Stderr, "tetherctl: agent %d runs as root (sandbox %s); root can still:\n", agent.Slot, plan.Profile)
+		for _, what := range confine.RootCan {
+			fmt.Fprintf(os.Stderr, "  - %s\n", what)
+		}
+	}
 
-	cmd := exec.Command(path, args[1:]...)
-	cmd.Args[0] = args[0]
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-	cmd.Env = append(os.Environ(), "TETHER_SPIFFE_ID="+agent.SpiffeID, "TETHER_AGENT_SLOT="+strconv.Itoa(int(agent.Slot)))
+	// The caller's environment, and tether's variables (set here, not inherited).
+	env := slicesDeleteTether(os.Environ(), "TETHER_SPIFFE_ID", "TETHER_AGENT_SLOT", "TETHER_TASK_ID", "TETHER_TASK_CREDENTIAL_FILE")
+	env = append(env, "TETHER_SPIFFE_ID="+agent.SpiffeID, "TETHER_AGENT_SLOT="+strconv.Itoa(int(agent.Slot)))
 	stopHeartbeats := make(chan struct{})
 	defer close(stopHeartbeats)
 	if agent.Task != nil {
 		// The task's credential is in a file only COMMAND's uid can read; it renews only while
-		// this launcher sends heartbeats.
+		// this launcher sends heartbeats (or the agent renews it itself, presenting it).
 		taskCred, err := c.TaskCredential(agent.Slot)
 		if err != nil {
 			unregister()
 			return fmt.Errorf("task credential: %w", err)
 		}
-		cmd.Env = append(cmd.Env, "TETHER_TASK_ID="+agent.Task.ID, "TETHER_TASK_CREDENTIAL_FILE="+taskCred.File)
+		env = append(env, "TETHER_TASK_ID="+agent.Task.ID, "TETHER_TASK_CREDENTIAL_FILE="+taskCred.File)
 		go supervise(c, agent.Slot, taskCred, taskTTL, stopHeartbeats)
 	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd()), Credential: cred}
+
+	// tetherctl again, as the process that confines itself and becomes COMMAND (or, confined,
+	// the init of COMMAND's PID namespace); the plan comes on descriptor 3.
+	planR, planW, err := os.Pipe()
+	if err != nil {
+		unregister()
+		return err
+	}
+	// Descriptor 4: where the stage passes the listener of its seccomp filter's notifications.
+	refusalsOurs, refusalsTheirs, err := socketPair()
+	if err != nil {
+		planR.Close()
+		planW.Close()
+		unregister()
+		return err
+	}
+	defer refusalsOurs.Close()
+	supervised := make(chan struct{})
+	cmd := exec.Command("/proc/self/exe", append([]string{confineStage, path}, args...)...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.Env = env
+	cmd.ExtraFiles = []*os.File{planR, refusalsTheirs}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: plan.Cloneflags()}
 
 	// Caught, not ignored: an ignored signal would stay ignored in COMMAND across exec.
 	terminal := make(chan os.Signal, 4)
@@ -141,7 +186,22 @@ func runAgent(c *api.Client, f *runFlags, args []string) error {
 	signal.Notify(forward, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGUSR2)
 	defer signal.Stop(forward)
 
-	if err := start(cmd, !f.keepCaps); err != nil {
+	err = cmd.Start()
+	planR.Close()
+	refusalsTheirs.Close()
+	if err == nil {
+		if plan.Confined() {
+			go superviseFilter(c, agent.Slot, refusalsOurs, supervised)
+		} else {
+			close(supervised)
+		}
+		// A plan can be larger than a pipe holds: written while the stage reads it.
+		go func() {
+			json.NewEncoder(planW).Encode(plan)
+			planW.Close()
+		}()
+	} else {
+		planW.Close()
 		unregister()
 		return fmt.Errorf("starting %s: %w", args[0], err)
 	}
@@ -157,6 +217,11 @@ func runAgent(c *api.Client, f *runFlags, args []string) error {
 		case waitErr = <-done:
 			waiting = false
 		}
+	}
+	// The last refusals are recorded while the agent is still registered.
+	select {
+	case <-supervised:
+	case <-time.After(5 * time.Second):
 	}
 	unregister()
 
@@ -174,31 +239,47 @@ func runAgent(c *api.Client, f *runFlags, args []string) error {
 	return waitErr
 }
 
-// start starts cmd from a thread whose capability bounding set lacks droppedCaps (a bounding set
-// belongs to a thread and is inherited by the child). That thread is never given back to the
-// Go scheduler: it ends with the goroutine.
-func start(cmd *exec.Cmd, dropCaps bool) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // not unlocked: the thread's reduced capabilities die with it
-		if err := unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0); err != nil && !errors.Is(err, unix.EINVAL) {
-			errc <- fmt.Errorf("clearing ambient capabilities: %w", err)
-			return
+// slicesDeleteTether drops the named variables from env.
+func slicesDeleteTether(env []string, names ...string) []string {
+	out := env[:0:0]
+	for _, kv := range env {
+		name, _, _ := strings.Cut(kv, "=")
+		drop := false
+		for _, n := range names {
+			drop = drop || name == n
 		}
-		if dropCaps {
-			for _, c := range droppedCaps {
-				if err := unix.Prctl(unix.PR_CAPBSET_DROP, c, 0, 0, 0); err != nil && !errors.Is(err, unix.EINVAL) {
-					if os.Geteuid() == 0 {
-						errc <- fmt.Errorf("dropping capability %d: %w", c, err)
-						return
-					}
-					break // without CAP_SETPCAP there are no capabilities to drop
-				}
-			}
+		if !drop {
+			out = append(out, kv)
 		}
-		errc <- cmd.Start()
-	}()
-	return <-errc
+	}
+	return out
+}
+
+// confineStage is the hidden first argument of the process run starts to confine the agent.
+const confineStage = "__confine"
+
+// confineAndRun is that process: it reads the plan from descriptor 3, carries it out and runs
+// COMMAND (args: its path, then its argv).
+func confineAndRun(args []string) int {
+	planFile := os.NewFile(3, "plan")
+	plan, err := confine.Read(planFile)
+	planFile.Close()
+	if err == nil && len(args) < 2 {
+		err = errors.New("no command")
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "tetherctl: confining the agent:", err)
+		return 125
+	}
+	refusals := os.NewFile(4, "refusals")
+	code, err := confine.Run(plan, args[0], args[1:], os.Environ(), refusals)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "tetherctl: confining the agent:", err)
+		if code == 0 {
+			code = 125
+		}
+	}
+	return code
 }
 
 func credential(name string) (*syscall.Credential, error) {
@@ -226,4 +307,68 @@ func credential(name string) (*syscall.Credential, error) {
 		}
 	}
 	return cred, nil
+}
+
+func socketPair() (ours, theirs *os.File, err error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("socketpair: %w", err)
+	}
+	return os.NewFile(uintptr(fds[0]), "refusals"), os.NewFile(uintptr(fds[1]), "refusals"), nil
+}
+
+// superviseFilter takes the listener of the confined agent's seccomp filter from the stage, on
+// sock, answers every call the filter refuses (it fails as it would without a listener) and
+// reports it to tetherd, which records it. The agent cannot reach this process: it is outside
+// the agent's PID namespace, runs as root, and the listener never enters the agent.
+// It closes done once every refusal it saw is reported (or dropped).
+func superviseFilter(c *api.Client, slot dataplane.Slot, sock *os.File, done chan<- struct{}) {
+	defer close(done)
+	buf, oob := make([]byte, 1), make([]byte, unix.CmsgSpace(4))
+	_, oobn, _, _, err := unix.Recvmsg(int(sock.Fd()), buf, oob, unix.MSG_CMSG_CLOEXEC)
+	var listener *os.File
+	if err == nil && oobn > 0 {
+		if msgs, perr := unix.ParseSocketControlMessage(oob[:oobn]); perr == nil && len(msgs) == 1 {
+			if fds, perr := unix.ParseUnixRights(&msgs[0]); perr == nil && len(fds) == 1 {
+				listener = os.NewFile(uintptr(fds[0]), "seccomp listener")
+			}
+		}
+	}
+	if listener == nil {
+		// The stage ended before its filter, or the kernel gives no listener to a process with
+		// threads (before Linux 5.7): refused calls fail all the same, unrecorded.
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "tetherctl: agent %d: no seccomp listener (%v): refused calls are not recorded\n", slot, err)
+		}
+		return
+	}
+	defer listener.Close()
+	// Reports go out in order, one at a time; a burst beyond the queue is counted, not held.
+	reports := make(chan confine.Refusal, 256)
+	var dropped atomic.Int64
+	reported := make(chan struct{})
+	defer func() { <-reported }()
+	go func() {
+		defer close(reported)
+		for r := range reports {
+			req := api.RefusalRequest{PID: r.PID, Syscall: r.Syscall, Detail: r.String(), Errno: unix.ErrnoName(r.Errno)}
+			if err := c.RecordRefusal(slot, req); err != nil {
+				fmt.Fprintf(os.Stderr, "tetherctl: agent %d: recording refused %s: %v\n", slot, r, err)
+			}
+		}
+	}()
+	err = confine.Supervise(listener, func(r confine.Refusal) {
+		select {
+		case reports <- r:
+		default:
+			dropped.Add(1)
+		}
+	})
+	close(reports)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "tetherctl: agent %d: %v\n", slot, err)
+	}
+	if n := dropped.Load(); n > 0 {
+		fmt.Fprintf(os.Stderr, "tetherctl: agent %d: %d refused calls came too fast to record\n", slot, n)
+	}
 }

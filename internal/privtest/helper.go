@@ -8,8 +8,10 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -25,20 +27,23 @@ const (
 )
 
 var helpers = map[string]func(args []string) int{
-	"dial":       helperDial,
-	"loop":       helperLoop,
-	"spawn":      helperSpawn,
-	"tcploop":    helperTCPLoop,
-	"whoami":     helperWhoami,
-	"exit":       helperExit,
-	"exec":       helperExec,
-	"sleep":      helperSleep,
-	"probe":      helperProbe,
-	"credential": helperCredential,
-	"flood":      helperFlood,
-	"stream":     helperStream,
-	"detour":     helperDetour,
-	"serve":      helperServe,
+	"dial":         helperDial,
+	"loop":         helperLoop,
+	"spawn":        helperSpawn,
+	"tcploop":      helperTCPLoop,
+	"whoami":       helperWhoami,
+	"exit":         helperExit,
+	"exec":         helperExec,
+	"sleep":        helperSleep,
+	"probe":        helperProbe,
+	"credential":   helperCredential,
+	"flood":        helperFlood,
+	"stream":       helperStream,
+	"detour":       helperDetour,
+	"serve":        helperServe,
+	"attack":       helperAttack,
+	"bind-connect": helperBindConnect,
+	"renew":        helperRenew,
 }
 
 // Main runs the helper the environment names, or the tests and then cleanups. Call it from
@@ -65,18 +70,17 @@ func Main(m *testing.M, cleanups ...func()) {
 	for _, c := range cleanups {
 		c()
 	}
+	if agentBinary.dir != "" {
+		os.RemoveAll(agentBinary.dir)
+	}
 	os.Exit(code)
 }
 
-// Command returns a command that runs helper with args in a re-executed test binary, born inside
+// Command returns a command that runs helper with args in the test binary (AgentBinary), born inside
 // the cgroup at cgroupPath (clone3 with CLONE_INTO_CGROUP: it never runs anywhere else).
 func Command(t testing.TB, cgroupPath, helper string, args ...string) *exec.Cmd {
 	t.Helper()
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(self, args...)
+	cmd := exec.Command(AgentBinary(t), args...)
 	cmd.Env = append(os.Environ(), helperEnv+"="+helper)
 	cmd.Stderr = os.Stderr
 	if cgroupPath != "" {
@@ -334,6 +338,41 @@ func SelfCopy(t testing.TB) string {
 		t.Fatal(err)
 	}
 	return path
+}
+
+var agentBinary struct {
+	once      sync.Once
+	dir, path string
+	err       error
+}
+
+// AgentBinary is a copy of the test binary that any user may run (launched agents run as uids of
+// their own, and the test binary is in a directory only root may read): made once per test
+// process and removed when it ends (Main).
+func AgentBinary(t testing.TB) string {
+	t.Helper()
+	agentBinary.once.Do(func() {
+		self, err := os.Executable()
+		if err != nil {
+			agentBinary.err = err
+			return
+		}
+		if agentBinary.dir, err = os.MkdirTemp("", "tether-test-agent"); err != nil {
+			agentBinary.err = err
+			return
+		}
+		os.Chmod(agentBinary.dir, 0o755)
+		b, err := os.ReadFile(self)
+		if err == nil {
+			agentBinary.path = filepath.Join(agentBinary.dir, "agent")
+			err = os.WriteFile(agentBinary.path, b, 0o755)
+		}
+		agentBinary.err = err
+	})
+	if agentBinary.err != nil {
+		t.Fatal(agentBinary.err)
+	}
+	return agentBinary.path
 }
 
 // helperSpawn runs the helper named by args[0] with args[1:] as a child process (the test binary

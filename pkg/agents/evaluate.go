@@ -28,6 +28,27 @@ func (r *Registry) evaluate(ctx context.Context, a *agent) error {
 func (r *Registry) decide(ctx context.Context, a *agent) (*dataplane.RuleSet, Compiled, error) {
 	now := r.opts.Now()
 	r.expire(a, now)
+	g, err := r.grantsOf(ctx, a, now)
+	if t := a.ctx.Task; t != nil {
+		// The grants for the task say how long it may live: past that, it is over, and the
+		// grants are those without it.
+		r.bound(a, g)
+		if !t.ExpiresAt.After(now) {
+			r.expire(a, now)
+			g, err = r.grantsOf(ctx, a, now)
+		}
+	}
+	a.grants = g
+	c := r.opts.Compile(ctx, g)
+	if a.info.ModeOverride != nil {
+		c.RuleSet.Mode = *a.info.ModeOverride
+	}
+	a.next = nextEvaluation(a, g, c)
+	return c.RuleSet, c, err
+}
+
+// grantsOf has the policy decide a's grants for its current context (nothing when it errs).
+func (r *Registry) grantsOf(ctx context.Context, a *agent, now time.Time) (grants.Grants, error) {
 	r.evaluations.Add(1)
 	var g grants.Grants
 	var err error
@@ -43,21 +64,15 @@ func (r *Registry) decide(ctx context.Context, a *agent) (*dataplane.RuleSet, Co
 	}
 	counted(&g, a.ctx.Task)
 	if g.ValidUntil != nil && !g.ValidUntil.After(now) {
-		g = grants.Grants{Mode: g.Mode}
+		g = grants.Grants{Mode: g.Mode, Sandbox: g.Sandbox, MaxLifetime: g.MaxLifetime}
 	}
-	a.grants = g
-	c := r.opts.Compile(ctx, g)
-	if a.info.ModeOverride != nil {
-		c.RuleSet.Mode = *a.info.ModeOverride
-	}
-	a.next = nextEvaluation(a, g, c)
-	return c.RuleSet, c, err
+	return g, err
 }
 
 // install puts a decided rule set in force. Call with r.mu held.
 func (r *Registry) install(a *agent, rs *dataplane.RuleSet, c Compiled, evalErr error) error {
 	a.evaluated = r.opts.Now()
-	a.refused, a.warnings, a.err = c.Refused, c.Warnings, evalErr
+	a.refused, a.warnings, a.err, a.execFiles = c.Refused, c.Warnings, evalErr, c.ExecFiles
 	r.refusedRules.Add(uint64(len(c.Refused)))
 	if evalErr != nil {
 		r.log.Error("agent granted nothing", "slot", a.slot, "spiffe_id", a.info.SpiffeID, "error", evalErr)
@@ -242,7 +257,7 @@ func (r *Registry) change(slot dataplane.Slot, f func(*agent) error) (Agent, err
 func CompileOn(opts compile.Options) Compiler {
 	return func(ctx context.Context, g grants.Grants) Compiled {
 		res := compile.Compile(ctx, g, opts)
-		c := Compiled{RuleSet: &res.RuleSet, Warnings: res.Warnings, RefreshAt: res.RefreshAt}
+		c := Compiled{RuleSet: &res.RuleSet, Warnings: res.Warnings, RefreshAt: res.RefreshAt, ExecFiles: res.ExecFiles}
 		for _, f := range res.Refused {
 			c.Refused = append(c.Refused, f.Error())
 		}

@@ -51,6 +51,15 @@ type Task struct {
 	// HandoffFrom is the SPIFFE ID of the agent that handed this task over; the grants for it
 	// are then at most what that agent had.
 	HandoffFrom string `json:"handoff_from,omitempty"`
+	// NotAfter bounds every renewal: the grants' max_lifetime after StartedAt, and for a
+	// handed-over task no later than its sender's task expires.
+	NotAfter time.Time `json:"not_after,omitzero"`
+
+	// The sender of a handed-over task: its slot and task, and when that task expired when last
+	// seen.
+	fromSlot      dataplane.Slot
+	fromTask      string
+	senderExpires time.Time
 }
 
 // Approval is a step-up a human approved for a task.
@@ -79,6 +88,7 @@ type Compiled struct {
 	Refused   []string
 	Warnings  []string
 	RefreshAt time.Time // compile again then (DNS answers expire); zero: never
+	ExecFiles []string  // the files the exec rules allow, by name
 }
 
 // Compiler compiles grants.
@@ -86,14 +96,17 @@ type Compiler func(ctx context.Context, g grants.Grants) Compiled
 
 // Agent is one registered agent as the API shows it.
 type Agent struct {
-	Slot         dataplane.Slot    `json:"slot"`
-	SpiffeID     string            `json:"spiffe_id"`
-	Revoked      bool              `json:"revoked,omitempty"`
-	Cgroup       string            `json:"cgroup"`
-	CgroupID     uint64            `json:"cgroup_id"`
-	Launched     bool              `json:"launched"`
-	Launcher     *uint32           `json:"launcher_uid,omitempty"`
-	UID          uint32            `json:"uid"` // the agent runs as this uid (its credential file is for it)
+	Slot       dataplane.Slot `json:"slot"`
+	SpiffeID   string         `json:"spiffe_id"`
+	Revoked    bool           `json:"revoked,omitempty"`
+	Cgroup     string         `json:"cgroup"`
+	CgroupID   uint64         `json:"cgroup_id"`
+	Launched   bool           `json:"launched"`
+	Launcher   *uint32        `json:"launcher_uid,omitempty"`
+	UID        uint32         `json:"uid"` // the agent runs as this uid (its credential file is for it)
+	DynamicUID bool           `json:"dynamic_uid,omitempty"`
+	// Sandbox is the launcher's confinement profile the grants name (strict, default, off).
+	Sandbox      string            `json:"sandbox"`
 	Registered   time.Time         `json:"registered"`
 	Selectors    []string          `json:"selectors,omitempty"`
 	Labels       map[string]string `json:"labels,omitempty"`
@@ -146,6 +159,12 @@ type Options struct {
 	// Unregistered, if set, is told (after TaskEnded, from the same goroutine) that an agent
 	// was unregistered.
 	Unregistered func(slot dataplane.Slot)
+	// UIDs are where launched agents without a user of their own get a uid, one no live agent
+	// has (UIDRange{}: none; such launches are refused).
+	UIDs UIDRange
+	// UIDsInUse returns the uids of the host's users and running processes, which a dynamic
+	// uid must not be; nil: read /etc/passwd and /proc.
+	UIDsInUse func() (map[uint32]bool, error)
 	// Now is the clock (tests); nil: time.Now.
 	Now    func() time.Time
 	Logger *slog.Logger
@@ -164,6 +183,7 @@ type Registry struct {
 	nextSlot dataplane.Slot
 	closed   bool
 	grants   grantPool // counted grants' numbers
+	nextUID  uint32    // dynamic uids are handed out round-robin, reused as late as possible
 
 	failures, retries, evaluations, evalErrors, refusedRules, installs atomic.Uint64
 }
@@ -190,7 +210,10 @@ type agent struct {
 	err       error   // last evaluation or kernel error
 	launcher  *uint32 // not kept across restarts: then only admins end the agent
 	uid       uint32  // not kept across restarts either (then 0: only root reads the credential)
-	removing  bool    // Unregister is under way: nothing may write this agent again
+	uidKnown  bool    // uid is the agent's (a launch or a registration said so; not after a restart)
+	dynamic   bool    // uid was picked from Options.UIDs
+	execFiles []string
+	removing  bool // Unregister is under way: nothing may write this agent again
 }
 
 // New returns an empty registry; call Adopt to take over what the kernel already holds.
@@ -206,6 +229,9 @@ func New(opts Options) *Registry {
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
+	}
+	if opts.UIDsInUse == nil {
+		opts.UIDsInUse = hostUIDs
 	}
 	return &Registry{opts: opts, log: opts.Logger, agents: map[dataplane.Slot]*agent{}, retired: map[dataplane.Slot]retiredAgent{}}
 }
@@ -257,8 +283,13 @@ type Registration struct {
 	Launcher *uint32
 	// LauncherPID is the process that asked for the launch (it starts the command).
 	LauncherPID int32
-	// UID is the uid the agent runs as.
-	UID uint32
+	// UID is the uid the agent runs as. With DynamicUID the registry picks one from
+	// Options.UIDs that no live agent, user or process has.
+	UID        uint32
+	DynamicUID bool
+	// ShareUID lets a launched agent run as a uid another live agent runs as (they can then
+	// read each other's files and signal each other); without it such a launch is refused.
+	ShareUID bool
 	// Selectors say how the identity was attributed; Labels are given to the policy.
 	Selectors []string
 	Labels    map[string]string
@@ -293,7 +324,7 @@ func (r *Registry) Register(req Registration) (Agent, error) {
 		return Agent{}, err
 	}
 	c := Context{SpiffeID: id, Selectors: append(slices.Clone(req.Selectors), "cgroup:"+path), Labels: maps.Clone(req.Labels), Task: task}
-	a, err := r.register(c, path, req.Launch, req.Launcher, req.UID)
+	a, err := r.register(c, path, req)
 	if err != nil && req.Launch {
 		r.opts.Cgroups.Remove(path)
 	}
@@ -345,7 +376,7 @@ func (r *Registry) underParent(path string) error {
 	return nil
 }
 
-func (r *Registry) register(c Context, path string, launched bool, launcher *uint32, uid uint32) (Agent, error) {
+func (r *Registry) register(c Context, path string, req Registration) (Agent, error) {
 	cgid, err := r.opts.Cgroups.ID(path)
 	if err != nil {
 		return Agent{}, err
@@ -364,6 +395,17 @@ func (r *Registry) register(c Context, path string, launched bool, launcher *uin
 			return Agent{}, fmt.Errorf("cgroup %s is already agent %d (%s)", path, a.slot, a.info.SpiffeID)
 		}
 	}
+	uid := req.UID
+	if req.DynamicUID {
+		if uid, err = r.pickUID(); err != nil {
+			return Agent{}, err
+		}
+	} else if req.Launch && !req.ShareUID {
+		if other := r.withUID(uid); other != nil {
+			return Agent{}, fmt.Errorf("%w: uid %d is the uid of agent %d (%s): agents that share a uid can read each other's files and signal each other; "+
+				"leave --user out for a uid of the agent's own, or give --share-uid", ErrUIDTaken, uid, other.slot, other.info.SpiffeID)
+		}
+	}
 	slot, ok := r.freeSlot()
 	if !ok {
 		return Agent{}, fmt.Errorf("no free agent slot: the kernel holds %d agents", dataplane.MaxAgents)
@@ -377,10 +419,12 @@ func (r *Registry) register(c Context, path string, launched bool, launcher *uin
 		slot:     slot,
 		ctx:      c,
 		flags:    flags,
-		launcher: launcher,
+		launcher: req.Launcher,
 		uid:      uid,
+		uidKnown: true,
+		dynamic:  req.DynamicUID,
 		info: dataplane.Info{SpiffeID: c.SpiffeID, CgroupPath: path, CgroupID: cgid,
-			Registered: r.opts.Now(), Launched: launched},
+			Registered: r.opts.Now(), Launched: req.Launch},
 	}
 	if err := r.evaluate(context.Background(), a); err != nil {
 		r.write("rolling back slot", func() error { return r.opts.Dataplane.Clear(slot) })
@@ -718,6 +762,16 @@ func (r *Registry) List() []Agent {
 	return out
 }
 
+// ExecFiles returns the files the agent's exec rules allow, by name.
+func (r *Registry) ExecFiles(slot dataplane.Slot) []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if a, ok := r.agents[slot]; ok {
+		return slices.Clone(a.execFiles)
+	}
+	return nil
+}
+
 // Launched returns the slots of agents whose cgroup tetherd created.
 func (r *Registry) Launched() map[dataplane.Slot]string {
 	r.mu.Lock()
@@ -765,13 +819,14 @@ func (r *Registry) view(a *agent) Agent {
 	c := a.context()
 	v := Agent{
 		Slot: a.slot, SpiffeID: a.info.SpiffeID, Revoked: c.Revoked, Cgroup: a.info.CgroupPath, CgroupID: a.info.CgroupID,
-		Launched: a.info.Launched, Launcher: a.launcher, UID: a.uid, Registered: a.info.Registered, Selectors: c.Selectors,
+		Launched: a.info.Launched, Launcher: a.launcher, UID: a.uid, DynamicUID: a.dynamic, Registered: a.info.Registered, Selectors: c.Selectors,
 		Labels: c.Labels, Task: c.Task, Killed: a.flags&dataplane.AgentKilled != 0, Generation: a.info.Generation,
 		Evaluated: a.evaluated, NextEval: a.next, Synced: a.synced, Refused: a.refused, Warnings: a.warnings,
 	}
 	if a.rs != nil {
 		v.Mode = a.rs.Mode.String()
 	}
+	v.Sandbox, _ = a.grants.SandboxOf()
 	if a.info.ModeOverride != nil {
 		v.ModeOverride = a.info.ModeOverride.String()
 	}

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/grants"
 	"github.com/tether-sh/tether/pkg/identity"
 )
 
@@ -70,17 +71,24 @@ func (r *Registry) StartTask(slot dataplane.Slot, s TaskSpec) (Agent, error) {
 	})
 }
 
-// RenewTask moves the task's expiry to ttl from now.
+// RenewTask moves the task's expiry to ttl from now, but never past its NotAfter.
 func (r *Registry) RenewTask(slot dataplane.Slot, ttl time.Duration) (Agent, error) {
 	if ttl <= 0 || ttl > MaxTaskTTL {
 		return Agent{}, fmt.Errorf("%w: task ttl %s: want more than 0 and at most %s", ErrInvalid, ttl, MaxTaskTTL)
 	}
 	return r.change(slot, func(a *agent) error {
-		if a.ctx.Task == nil {
+		t := a.ctx.Task
+		if t == nil {
 			return fmt.Errorf("%w: agent %d has no task", ErrTask, slot)
 		}
-		a.ctx.Task.ExpiresAt = r.opts.Now().Add(ttl)
-		r.log.Info("task renewed", "slot", slot, "task", a.ctx.Task.ID, "expires", a.ctx.Task.ExpiresAt)
+		now := r.opts.Now()
+		r.bound(a, a.grants)
+		if !t.NotAfter.After(now) {
+			return fmt.Errorf("%w: task %s of agent %d cannot be renewed past %s (its grants' max_lifetime, or the expiry of the task it was handed from): start a new task",
+				ErrTask, t.ID, slot, t.NotAfter.Format(time.RFC3339))
+		}
+		t.ExpiresAt = minTime(now.Add(ttl), t.NotAfter)
+		r.log.Info("task renewed", "slot", slot, "task", t.ID, "expires", t.ExpiresAt, "not_after", t.NotAfter)
 		return nil
 	})
 }
@@ -212,10 +220,34 @@ func (r *Registry) Handoff(from, to dataplane.Slot, s HandoffSpec) (Agent, error
 		id = "handoff-" + randomSuffix()
 	}
 	ceiling := sender.grants // what the sender has now (itself attenuated if it was handed its task)
-	receiver.ctx.Task = &Task{ID: id, Type: typ, Sensitivity: st.Sensitivity, StartedAt: now, ExpiresAt: expires, HandoffFrom: sender.info.SpiffeID}
+	receiver.ctx.Task = &Task{ID: id, Type: typ, Sensitivity: st.Sensitivity, StartedAt: now, ExpiresAt: expires, HandoffFrom: sender.info.SpiffeID,
+		fromSlot: from, fromTask: st.ID, senderExpires: st.ExpiresAt}
 	receiver.ceiling = &ceiling
 	r.log.Info("task handed over", "from_slot", from, "from", sender.info.SpiffeID, "from_task", st.ID,
 		"to_slot", to, "to", receiver.info.SpiffeID, "task", id, "type", typ, "expires", expires)
 	err := r.evaluate(context.Background(), receiver)
 	return r.view(receiver), err
+}
+
+// bound sets the task's NotAfter: g's max_lifetime after it started and, for a handed-over
+// task, no later than the sender's task expires (as long as the sender holds it; after that,
+// when it expired when last seen). The expiry is kept within it. Call with r.mu held.
+func (r *Registry) bound(a *agent, g grants.Grants) {
+	t := a.ctx.Task
+	life, _ := g.Lifetime() // an unknown one is refused when compiled, and is one minute
+	t.NotAfter = t.StartedAt.Add(life)
+	if t.fromTask != "" {
+		if s, ok := r.live(t.fromSlot); ok && s.ctx.Task != nil && s.ctx.Task.ID == t.fromTask {
+			t.senderExpires = s.ctx.Task.ExpiresAt
+		}
+		t.NotAfter = minTime(t.NotAfter, t.senderExpires)
+	}
+	t.ExpiresAt = minTime(t.ExpiresAt, t.NotAfter)
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
 }

@@ -9,11 +9,14 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"strings"
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
 
 	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/confine"
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
@@ -33,9 +36,14 @@ type RegisterRequest struct {
 	Labels map[string]string `json:"labels,omitempty"`
 	// Task starts with the agent.
 	Task *TaskRequest `json:"task,omitempty"`
-	// UID is the uid the agent runs as (its task credential file is readable by it only);
-	// default: the caller's.
+	// UID is the uid the agent runs as (its task credential file is readable by it only).
+	// Launched agents without one get a uid of their own (confinement.uids), or uid 0 with
+	// AllowRoot; registered cgroups default to the caller's.
 	UID *uint32 `json:"uid,omitempty"`
+	// AllowRoot asks for uid 0, which a launch rule with root: true must allow.
+	AllowRoot bool `json:"allow_root,omitempty"`
+	// ShareUID lets the launched agent run as a uid another live agent runs as.
+	ShareUID bool `json:"share_uid,omitempty"`
 }
 
 // TaskRequest starts a task.
@@ -51,6 +59,15 @@ type TaskRequest struct {
 type HeartbeatRequest struct {
 	Credential string `json:"credential"`
 	TTL        string `json:"ttl"`
+}
+
+// RefusalRequest is a system call the launcher's seccomp filter refused to a launched agent,
+// reported by its launcher to be recorded (a decision of kind "syscall", verdict deny).
+type RefusalRequest struct {
+	PID     uint32 `json:"pid"`     // in the launcher's PID namespace (the host's)
+	Syscall string `json:"syscall"` // bpf, ptrace, socket, ...
+	Detail  string `json:"detail,omitempty"`
+	Errno   string `json:"errno"` // what the call returned: EPERM, EAFNOSUPPORT
 }
 
 // VerifyRequest asks whether a task credential is valid now.
@@ -185,6 +202,10 @@ type Service interface {
 	ReloadPolicy(ctx context.Context, why string) (PolicyStatus, error)
 	EvalPolicy(ctx context.Context, query string, input json.RawMessage) (any, error)
 	TaskCredential(slot dataplane.Slot) (credentials.Credential, error)
+	// Confinement is what tetherctl run does to the launched agent in slot before its command runs.
+	Confinement(slot dataplane.Slot) (confine.Plan, error)
+	// RecordRefusal records a system call the launcher's filter refused to the agent in slot.
+	RecordRefusal(slot dataplane.Slot, r RefusalRequest) error
 	Heartbeat(ctx context.Context, slot dataplane.Slot, presented string, ttl time.Duration) (credentials.Credential, error)
 	CredentialKeys() jose.JSONWebKeySet
 	RevokedCredentials() []credentials.Revocation
@@ -259,4 +280,17 @@ type HandoffRequest struct {
 type HandoffResult struct {
 	Agent      agents.Agent           `json:"agent"`
 	Credential credentials.Credential `json:"credential"`
+}
+
+// check refuses a report no filter makes: a system call name is a short identifier.
+func (r RefusalRequest) check() error {
+	switch {
+	case r.Syscall == "" || len(r.Syscall) > 64:
+		return errors.New("a refusal names the refused system call (syscall)")
+	case strings.IndexFunc(r.Syscall, func(c rune) bool { return !(c == '_' || c == ' ' || '0' <= c && c <= '9' || 'a' <= c && c <= 'z') }) >= 0:
+		return fmt.Errorf("syscall %q is not a system call's name", r.Syscall)
+	case len(r.Detail) > 256 || len(r.Errno) > 32:
+		return errors.New("a refusal's detail is at most 256 bytes, its errno 32")
+	}
+	return nil
 }

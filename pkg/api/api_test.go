@@ -18,6 +18,7 @@ import (
 	"github.com/go-jose/go-jose/v4"
 
 	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/confine"
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
@@ -35,8 +36,10 @@ type fakeService struct {
 func newFakeService() *fakeService {
 	launcher := uint32(1000)
 	f := &fakeService{agents: map[dataplane.Slot]agents.Agent{
-		1: {Slot: 1, SpiffeID: "spiffe://x/a", Launched: true, Launcher: &launcher},
+		1: {Slot: 1, SpiffeID: "spiffe://x/a", Launched: true, Launcher: &launcher, Sandbox: "default", UID: 2130706432},
 		2: {Slot: 2, SpiffeID: "spiffe://x/b"},
+		4: {Slot: 4, SpiffeID: "spiffe://x/team/raw", Launched: true, Launcher: &launcher, Sandbox: "off", UID: 7},
+		5: {Slot: 5, SpiffeID: "spiffe://x/root/a", Launched: true, Launcher: new(uint32), Sandbox: "default", UID: 0},
 	}, stepups: stepup.New(time.Hour, nil)}
 	// A pending request of agent 1, and one already approved.
 	f.stepups.Add(stepup.Request{Slot: 1, Action: "connect", Resource: "production", Deadline: time.Now().Add(time.Hour)})
@@ -95,7 +98,25 @@ func (f *fakeService) Register(r agents.Registration) (agents.Agent, error) {
 	if r.SpiffeID == "spiffe://x/fail" {
 		return agents.Agent{}, errors.New("compile error")
 	}
-	return agents.Agent{Slot: 3, SpiffeID: r.SpiffeID, Launcher: r.Launcher}, nil
+	f.record(fmt.Sprintf("register %s uid=%d dynamic=%v share=%v", r.SpiffeID, r.UID, r.DynamicUID, r.ShareUID))
+	if r.UID == 4242 && !r.ShareUID {
+		return agents.Agent{}, fmt.Errorf("%w: uid 4242 is agent 1's", agents.ErrUIDTaken)
+	}
+	return agents.Agent{Slot: 3, SpiffeID: r.SpiffeID, Launcher: r.Launcher, UID: r.UID, DynamicUID: r.DynamicUID}, nil
+}
+func (f *fakeService) Confinement(s dataplane.Slot) (confine.Plan, error) {
+	a, ok := f.agents[s]
+	if !ok {
+		return confine.Plan{}, fmt.Errorf("%w: slot %d", agents.ErrNotFound, s)
+	}
+	return confine.Plan{Profile: confine.Profile(a.Sandbox), Cgroup: "/cg/tether/a", UID: a.UID}, nil
+}
+func (f *fakeService) RecordRefusal(s dataplane.Slot, r RefusalRequest) error {
+	f.record(fmt.Sprintf("refusal %d %s %s", s, r.Syscall, r.Errno))
+	if _, ok := f.agents[s]; !ok {
+		return fmt.Errorf("%w: slot %d", agents.ErrNotFound, s)
+	}
+	return nil
 }
 func (f *fakeService) Unregister(s dataplane.Slot) error { f.record("unregister"); return nil }
 func (f *fakeService) SetMode(s dataplane.Slot, m *dataplane.Mode) (agents.Agent, error) {
@@ -184,8 +205,9 @@ func (f *fakeService) EvalPolicy(ctx context.Context, query string, input json.R
 var testPolicy = &Policy{
 	AdminUIDs: []uint32{500},
 	AdminGIDs: []uint32{600},
-	Launch:    []LaunchRule{{IDs: []string{"spiffe://x/team/*"}, UIDs: []uint32{1000}, GIDs: []uint32{2000}}},
-	Confined:  func(pid int32) bool { return pid == 666 },
+	Launch: []LaunchRule{{IDs: []string{"spiffe://x/team/*"}, UIDs: []uint32{1000}, GIDs: []uint32{2000}},
+		{IDs: []string{"spiffe://x/root/*"}, UIDs: []uint32{0}, Root: true, Unconfined: true}},
+	Confined: func(pid int32) bool { return pid == 666 },
 }
 
 // call runs one request as caller c through the whole handler chain.
@@ -271,7 +293,27 @@ func TestAuthorization(t *testing.T) {
 		{"revocation list for anyone", nobody, "GET", "/v1/credentials/revoked", "", 200, `"id":"r1"`},
 		{"key set for anyone", nobody, "GET", "/v1/credentials/keys", "", 200, `"keys"`},
 		{"verify says why", nobody, "POST", "/v1/credentials/verify", `{"token":"x"}`, 403, "credential expired"},
-		{"launch as another uid refused", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"uid":0}`, 403, "may not launch an agent running as uid 0"},
+		{"launch as root needs --allow-root", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"uid":0}`, 403, "needs --allow-root"},
+		{"launch as another uid refused", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"uid":5}`, 403, "may not launch an agent running as uid 5"},
+		{"a launch gets a uid of its own", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true}`, 201, `"dynamic_uid":true`},
+		{"even root's", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true}`, 201, `"dynamic_uid":true`},
+		{"root agents need a rule, admins too", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"allow_root":true}`, 403, "launch rule with root: true"},
+		{"and --allow-root", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/root/a","launch":true,"uid":0}`, 403, "needs --allow-root"},
+		{"root agent with both", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/root/a","launch":true,"allow_root":true}`, 201, `"uid":0`},
+		{"a rule for root is not for others", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/root/a","launch":true,"allow_root":true}`, 403, ""},
+		{"another live agent's uid", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"uid":4242}`, 409, "uid taken"},
+		{"shared on purpose", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"uid":4242,"share_uid":true}`, 201, ""},
+		{"launcher reads its agent's confinement", launcher, "GET", "/v1/agents/1/confinement", "", 200, `"cgroup":"/cg/tether/a"`},
+		{"nobody else does", nobody, "GET", "/v1/agents/1/confinement", "", 403, "not an admin"},
+		{"sandbox off needs an unconfined rule", launcher, "GET", "/v1/agents/4/confinement", "", 403, "sandbox: off"},
+		{"admins too", root, "GET", "/v1/agents/4/confinement", "", 403, "unconfined: true"},
+		{"keep_caps is for root agents", launcher, "GET", "/v1/agents/1/confinement?keep_caps=true", "", 400, "--allow-root"},
+		{"keep_caps with a rule", root, "GET", "/v1/agents/5/confinement?keep_caps=true", "", 200, `"keep_caps":true`},
+		{"confinement of nothing", root, "GET", "/v1/agents/9/confinement", "", 404, ""},
+		{"launcher reports a refused call", launcher, "POST", "/v1/agents/1/refusals", `{"pid":7,"syscall":"bpf","errno":"EPERM"}`, 204, ""},
+		{"nobody else does", nobody, "POST", "/v1/agents/1/refusals", `{"pid":7,"syscall":"bpf","errno":"EPERM"}`, 403, "not an admin"},
+		{"a refusal names its call", launcher, "POST", "/v1/agents/1/refusals", `{"pid":7,"errno":"EPERM"}`, 400, "names the refused"},
+		{"a name is a name", launcher, "POST", "/v1/agents/1/refusals", `{"pid":7,"syscall":"bpf\n<x>","errno":"EPERM"}`, 400, "not a system call"},
 		{"root launches as another uid", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"uid":1000}`, 201, ""},
 		{"launcher hands over between its agents", launcher, "POST", "/v1/agents/1/task/handoff", `{"to":1,"credential":"cur","ttl":"10m"}`, 200, `"token":"handed"`},
 		{"but not to another's agent", launcher, "POST", "/v1/agents/1/task/handoff", `{"to":2,"credential":"cur","ttl":"10m"}`, 403, "neither launched agent 2"},
@@ -461,5 +503,20 @@ func TestAgentSocket(t *testing.T) {
 	}
 	if code, body := callAgent(t, svc, inAgent2, "POST", "/v1/self/stepup", `{"action":"read-secret","resource":"db"}`); code != 400 || !strings.Contains(body, "connect only") {
 		t.Errorf("a step-up the kernel cannot enforce: %d %s", code, body)
+	}
+	// Renewing its own task takes the current credential, as a heartbeat does.
+	for _, tc := range []struct {
+		body string
+		code int
+		want string
+	}{
+		{`{"ttl":"1m"}`, 400, "presents the task's current credential"},
+		{`{"ttl":"soon","credential":"cur"}`, 400, "ttl"},
+		{`{"ttl":"1m","credential":"old"}`, 409, "replayed"},
+		{`{"ttl":"1m","credential":"cur"}`, 200, `"token":"next"`},
+	} {
+		if code, body := callAgent(t, svc, inAgent2, "PUT", "/v1/self/task", tc.body); code != tc.code || !strings.Contains(body, tc.want) {
+			t.Errorf("self renewal %s: %d %s, want %d %q", tc.body, code, body, tc.code, tc.want)
+		}
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/confine"
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
@@ -291,4 +292,27 @@ func (c *Client) MyStepups() ([]stepup.Request, error) {
 func (c *Client) Self() (agents.Agent, error) {
 	var out agents.Agent
 	return out, c.do("GET", "/v1/self", nil, &out)
+}
+
+// RenewSelf renews the caller's own agent's task (agent socket), presenting its current
+// credential, and returns the next one.
+func (c *Client) RenewSelf(presented, ttl string) (credentials.Credential, error) {
+	var cred credentials.Credential
+	return cred, c.do(http.MethodPut, "/v1/self/task", HeartbeatRequest{Credential: presented, TTL: ttl}, &cred)
+}
+
+// Confinement is what the launcher does to the launched agent in slot before its command runs;
+// keepCaps asks to keep a root agent's capabilities.
+func (c *Client) Confinement(slot dataplane.Slot, keepCaps bool) (confine.Plan, error) {
+	var plan confine.Plan
+	path := fmt.Sprintf("/v1/agents/%d/confinement", slot)
+	if keepCaps {
+		path += "?keep_caps=true"
+	}
+	return plan, c.do(http.MethodGet, path, nil, &plan)
+}
+
+// RecordRefusal reports a system call the launcher's filter refused to the agent in slot.
+func (c *Client) RecordRefusal(slot dataplane.Slot, r RefusalRequest) error {
+	return c.do(http.MethodPost, fmt.Sprintf("/v1/agents/%d/refusals", slot), r, nil)
 }

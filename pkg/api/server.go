@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/confine"
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/identity"
@@ -46,11 +47,14 @@ type Policy struct {
 	Confined func(pid int32) bool
 }
 
-// LaunchRule lets UIDs or GIDs launch agents whose SPIFFE ID matches one of IDs.
+// LaunchRule lets UIDs or GIDs launch agents whose SPIFFE ID matches one of IDs; Root and
+// Unconfined let them launch those as uid 0 and with the sandbox off.
 type LaunchRule struct {
-	IDs  []string
-	UIDs []uint32
-	GIDs []uint32
+	IDs        []string
+	UIDs       []uint32
+	GIDs       []uint32
+	Root       bool
+	Unconfined bool
 }
 
 func (c Caller) inGroup(gids []uint32) bool {
@@ -64,11 +68,24 @@ func (p *Policy) IsAdmin(c Caller) bool {
 
 // MayLaunch reports whether c may launch an agent with the SPIFFE ID id.
 func (p *Policy) MayLaunch(c Caller, id string) bool {
-	if p.IsAdmin(c) {
-		return true
-	}
+	return p.IsAdmin(c) || p.ruleFor(c, id, func(LaunchRule) bool { return true })
+}
+
+// MayLaunchRoot reports whether a launch rule lets c launch id as uid 0. Being an admin is not
+// enough: root agents are a choice an admin writes down.
+func (p *Policy) MayLaunchRoot(c Caller, id string) bool {
+	return p.ruleFor(c, id, func(r LaunchRule) bool { return r.Root })
+}
+
+// MayLaunchUnconfined reports whether a launch rule lets c launch id with the sandbox off.
+func (p *Policy) MayLaunchUnconfined(c Caller, id string) bool {
+	return p.ruleFor(c, id, func(r LaunchRule) bool { return r.Unconfined })
+}
+
+// ruleFor reports whether a launch rule for c and id has what want wants.
+func (p *Policy) ruleFor(c Caller, id string, want func(LaunchRule) bool) bool {
 	for _, r := range p.Launch {
-		if (slices.Contains(r.UIDs, c.UID) || c.inGroup(r.GIDs)) &&
+		if want(r) && (slices.Contains(r.UIDs, c.UID) || c.inGroup(r.GIDs)) &&
 			slices.ContainsFunc(r.IDs, func(pat string) bool { return identity.Match(pat, id) }) {
 			return true
 		}
@@ -102,6 +119,8 @@ func NewServer(svc Service, policy func() *Policy, log *slog.Logger) *Server {
 	mux.HandleFunc("DELETE /v1/agents/{slot}/task", s.endTask)
 	mux.HandleFunc("POST /v1/agents/{slot}/task/approvals", s.addApproval)
 	mux.HandleFunc("GET /v1/agents/{slot}/task/credential", s.taskCredential)
+	mux.HandleFunc("GET /v1/agents/{slot}/confinement", s.confinement)
+	mux.HandleFunc("POST /v1/agents/{slot}/refusals", s.refusal)
 	mux.HandleFunc("POST /v1/agents/{slot}/task/heartbeat", s.heartbeat)
 	mux.HandleFunc("POST /v1/agents/{slot}/task/handoff", s.handoff)
 	mux.HandleFunc("GET /v1/credentials/keys", s.credentialKeys)
@@ -369,12 +388,21 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 	}
 	if req.Launch {
 		uid := c.UID
-		reg.Launcher, reg.LauncherPID = &uid, c.PID
-		// The launcher runs the command as itself, or (root) as the user it names.
-		reg.UID = c.UID
-		if req.UID != nil && c.UID == 0 {
+		reg.Launcher, reg.LauncherPID, reg.ShareUID = &uid, c.PID, req.ShareUID
+		// The command runs as a uid of its own, as root, or as the user the launcher names: any
+		// user if the launcher is root, else only itself.
+		switch {
+		case req.AllowRoot || req.UID != nil && *req.UID == 0:
+			if !req.AllowRoot || !s.policy().MayLaunchRoot(c, req.SpiffeID) {
+				refuse(w, http.StatusForbidden, fmt.Errorf("an agent running as root needs --allow-root and a launch rule with root: true that lets uid %d launch %s", c.UID, req.SpiffeID))
+				return
+			}
+			reg.UID = 0
+		case req.UID == nil:
+			reg.DynamicUID = true
+		case c.UID == 0 || *req.UID == c.UID:
 			reg.UID = *req.UID
-		} else if req.UID != nil && *req.UID != c.UID {
+		default:
 			refuse(w, http.StatusForbidden, fmt.Errorf("uid %d may not launch an agent running as uid %d", c.UID, *req.UID))
 			return
 		}
@@ -382,7 +410,11 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 		reg.UID = *req.UID
 	}
 	a, err := s.svc.Register(reg)
-	if err != nil {
+	switch {
+	case errors.Is(err, agents.ErrUIDTaken):
+		refuse(w, http.StatusConflict, err)
+		return
+	case err != nil:
 		refuse(w, http.StatusBadRequest, err)
 		return
 	}
@@ -560,6 +592,63 @@ func (s *Server) taskCredential(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	reply(w, http.StatusOK, cred)
+}
+
+// confinement is what tetherctl run does to a launched agent: its launcher (or an admin) asks
+// for it between registering the agent and starting its command. An unconfined agent (the
+// policy says sandbox: off, or ?keep_caps=true for a root agent) needs a launch rule with
+// unconfined: true.
+func (s *Server) confinement(w http.ResponseWriter, r *http.Request) {
+	a, ok := s.adminOrLauncher(w, r)
+	if !ok {
+		return
+	}
+	plan, err := s.svc.Confinement(a.Slot)
+	if err != nil {
+		refuse(w, credentialStatus(err), err)
+		return
+	}
+	c := caller(r)
+	if r.URL.Query().Get("keep_caps") == "true" {
+		if plan.UID != 0 {
+			refuse(w, http.StatusBadRequest, errors.New("--keep-caps is for agents running as root (--allow-root)"))
+			return
+		}
+		plan.KeepCaps = true
+	}
+	if (plan.Profile == confine.Off || plan.KeepCaps) && !s.policy().MayLaunchUnconfined(c, a.SpiffeID) {
+		why := "the policy's grants say sandbox: off"
+		if plan.KeepCaps {
+			why = "--keep-caps asks for it"
+		}
+		refuse(w, http.StatusForbidden, fmt.Errorf("agent %d (%s) would run unconfined (%s), and no launch rule with unconfined: true lets uid %d launch it",
+			a.Slot, a.SpiffeID, why, c.UID))
+		return
+	}
+	reply(w, http.StatusOK, plan)
+}
+
+// refusal records a system call the launcher's seccomp filter refused to its agent (the launcher
+// answers the filter's notifications and reports them here).
+func (s *Server) refusal(w http.ResponseWriter, r *http.Request) {
+	a, ok := s.adminOrLauncher(w, r)
+	if !ok {
+		return
+	}
+	var req RefusalRequest
+	if err := decode(r, &req); err != nil {
+		refuse(w, http.StatusBadRequest, err)
+		return
+	}
+	if err := req.check(); err != nil {
+		refuse(w, http.StatusBadRequest, err)
+		return
+	}
+	if err := s.svc.RecordRefusal(a.Slot, req); err != nil {
+		refuse(w, credentialStatus(err), err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
 }
 
 func (s *Server) heartbeat(w http.ResponseWriter, r *http.Request) {

@@ -147,8 +147,11 @@ func (s *AgentServer) self(w http.ResponseWriter, r *http.Request) {
 	reply(w, http.StatusOK, a)
 }
 
+// renew renews the agent's task as a heartbeat does: the agent presents its task's current
+// credential (the file TETHER_TASK_CREDENTIAL_FILE names) and gets the next one; the task never
+// lives past its NotAfter.
 func (s *AgentServer) renew(w http.ResponseWriter, r *http.Request) {
-	var req RenewRequest
+	var req HeartbeatRequest
 	if err := decode(r, &req); err != nil {
 		refuse(w, http.StatusBadRequest, err)
 		return
@@ -157,7 +160,18 @@ func (s *AgentServer) renew(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	result(w, func() (agents.Agent, error) { return s.svc.RenewTask(selfSlot(r), ttl) })
+	if req.Credential == "" {
+		refuse(w, http.StatusBadRequest, errors.New("credential is required: a renewal presents the task's current credential"))
+		return
+	}
+	slot := selfSlot(r)
+	cred, err := s.svc.Heartbeat(r.Context(), slot, req.Credential, ttl)
+	if err != nil {
+		s.log.Warn("renewal refused", "slot", slot, "error", err)
+		refuse(w, credentialStatus(err), err)
+		return
+	}
+	reply(w, http.StatusOK, cred)
 }
 
 func (s *AgentServer) end(w http.ResponseWriter, r *http.Request) {

@@ -65,6 +65,9 @@ type Result struct {
 	// RefreshAt is when resolved DNS names expire and the grants should be compiled again
 	// (zero: never).
 	RefreshAt time.Time
+	// ExecFiles name the files the exec rules allow, as the grants name them (a glob expanded),
+	// sorted: `tetherctl run` mounts each read-only over itself in the agent's view.
+	ExecFiles []string
 }
 
 // Err joins the refusals, or is nil when every rule compiled.
@@ -90,6 +93,13 @@ func Compile(ctx context.Context, g grants.Grants, opts Options) *Result {
 	default:
 		c.refuse("mode", "%q is not a mode (enforce or audit); enforcing", g.Mode)
 	}
+	// Not kernel rules, but read from the same grants: what is wrong is said with the rest.
+	if _, err := g.SandboxOf(); err != nil {
+		c.refuse("sandbox", "%v", err)
+	}
+	if _, err := g.Lifetime(); err != nil {
+		c.refuse("max_lifetime", "%v", err)
+	}
 	egress := make([]prefixRule, 0, len(g.Egress))
 	for i, e := range g.Egress {
 		egress = c.egress(ctx, "egress["+strconv.Itoa(i)+"]", e, egress)
@@ -106,6 +116,8 @@ func Compile(ctx context.Context, g grants.Grants, opts Options) *Result {
 	})
 	// One entry per file; a grant that allows silently beats one that audits.
 	c.res.RuleSet.Exec = slices.CompactFunc(c.res.RuleSet.Exec, func(a, b dataplane.ExecRule) bool { return a.File == b.File })
+	slices.Sort(c.res.ExecFiles)
+	c.res.ExecFiles = slices.Compact(c.res.ExecFiles)
 	for i, u := range g.Unix {
 		c.unix("unix["+strconv.Itoa(i)+"]", u)
 	}
@@ -584,6 +596,7 @@ func (c *compiler) exec(where string, e grants.Exec) {
 			continue
 		}
 		c.res.RuleSet.Exec = append(c.res.RuleSet.Exec, dataplane.ExecRule{File: id, Audit: e.Audit})
+		c.res.ExecFiles = append(c.res.ExecFiles, names[i])
 	}
 	if len(ids) == 0 {
 		c.warnf("%s: path %q matches no file on this host", where, e.Path)

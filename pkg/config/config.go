@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -37,6 +38,7 @@ type Config struct {
 	BPF         BPF          `json:"bpf"`
 	API         API          `json:"api"`
 	Launch      []LaunchRule `json:"launch"`
+	Confinement Confinement  `json:"confinement"`
 	Identity    Identity     `json:"identity"`
 	Credentials Credentials  `json:"credentials"`
 	Kill        Kill         `json:"kill"`
@@ -140,6 +142,33 @@ type LaunchRule struct {
 	IDs  []string `json:"ids"`
 	UIDs []uint32 `json:"uids"`
 	GIDs []uint32 `json:"gids"`
+	// Root lets these callers launch these identities as uid 0 (tetherctl run --allow-root); no
+	// caller may otherwise, admins included.
+	Root bool `json:"root"`
+	// Unconfined lets these callers launch these identities with the sandbox off (when the
+	// policy's grants say sandbox: off, or with --keep-caps); no caller may otherwise.
+	Unconfined bool `json:"unconfined"`
+}
+
+// Confinement configures what `tetherctl run` does to the agents it launches.
+type Confinement struct {
+	// UIDs is the range ("first-last") from which an agent launched without --user gets a uid
+	// of its own, one no live agent, user or process has.
+	UIDs string `json:"uids"`
+	// Hide are more files and directories agents do not see: besides tether's sockets, key and
+	// state, the SPIRE sockets and api.sensitive_sockets, which are always hidden.
+	Hide []string `json:"hide"`
+}
+
+// UIDRange parses Confinement.UIDs.
+func (c Confinement) UIDRange() (first, last uint32, err error) {
+	lo, hi, ok := strings.Cut(c.UIDs, "-")
+	a, err1 := strconv.ParseUint(strings.TrimSpace(lo), 10, 32)
+	b, err2 := strconv.ParseUint(strings.TrimSpace(hi), 10, 32)
+	if !ok || err1 != nil || err2 != nil || a == 0 || b < a || b >= 1<<32-1 {
+		return 0, 0, fmt.Errorf("%q: want first-last, two uids above 0 (2130706432-2130771967)", c.UIDs)
+	}
+	return uint32(a), uint32(b), nil
 }
 
 // Identity says how agents that are not launched through tetherctl get their SPIFFE ID: cgroups
@@ -287,6 +316,9 @@ func Defaults() Config {
 		Log:         Log{Level: "info", Format: "text"},
 		Credentials: Credentials{Dir: "/run/tether/credentials", KeyFile: "/var/lib/tether/credentials.key", TTL: 5 * time.Minute},
 		Kill:        Kill{StateFile: "/var/lib/tether/kill-state.json", FreezeTimeout: 5 * time.Second},
+		// 0x7f000000 and up: outside the ranges distributions give users, systemd's dynamic and
+		// container uids and the usual subordinate ranges, and below 2^31.
+		Confinement: Confinement{UIDs: "2130706432-2130771967"},
 	}
 }
 
@@ -412,6 +444,14 @@ func (l *Loaded) check() []fieldError {
 			if err := identity.ValidPattern(id); err != nil || !strings.HasPrefix(id, "spiffe://") {
 				bad(fmt.Sprintf("%s.ids[%d]", where, j), fmt.Sprintf("launch[%d].ids", i), "%q: want a SPIFFE ID pattern (spiffe://trust-domain/path, * for a segment)", id)
 			}
+		}
+	}
+	if _, _, err := c.Confinement.UIDRange(); err != nil {
+		bad("$.confinement.uids", "confinement.uids", "%v", err)
+	}
+	for i, h := range c.Confinement.Hide {
+		if !filepath.IsAbs(h) || filepath.Clean(h) == "/" {
+			bad(fmt.Sprintf("$.confinement.hide[%d]", i), "confinement.hide", "%q: want an absolute path other than /", h)
 		}
 	}
 	for i, td := range c.Identity.TrustDomains {

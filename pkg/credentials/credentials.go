@@ -345,17 +345,27 @@ func (i *Issuer) agentDir(slot uint32) string {
 	return filepath.Join(i.opts.Dir, "agent-"+strconv.FormatUint(uint64(slot), 10))
 }
 
+// Prepare makes the directory of the agent in slot, for uid only, before it has a credential
+// (the launcher binds it into a confined agent's view); it returns its path.
+func (i *Issuer) Prepare(slot, uid uint32) (string, error) {
+	dir := i.agentDir(slot)
+	if err := os.Mkdir(dir, 0o500); err != nil && !errors.Is(err, os.ErrExist) {
+		return "", fmt.Errorf("credential directory of agent %d: %w", slot, err)
+	}
+	if err := os.Chown(dir, int(uid), -1); err != nil {
+		return "", fmt.Errorf("credential directory of agent %d: %w", slot, err)
+	}
+	if err := os.Chmod(dir, 0o500); err != nil {
+		return "", err
+	}
+	return dir, nil
+}
+
 // deliver writes token to the agent's file: a directory and a file only the agent's uid (and
 // root) can read, replaced atomically.
 func (i *Issuer) deliver(s Subject, token string) (string, error) {
-	dir := i.agentDir(s.Slot)
-	if err := os.Mkdir(dir, 0o500); err != nil && !errors.Is(err, os.ErrExist) {
-		return "", fmt.Errorf("credential directory of agent %d: %w", s.Slot, err)
-	}
-	if err := os.Chown(dir, int(s.UID), -1); err != nil {
-		return "", fmt.Errorf("credential directory of agent %d: %w", s.Slot, err)
-	}
-	if err := os.Chmod(dir, 0o500); err != nil {
+	dir, err := i.Prepare(s.Slot, s.UID)
+	if err != nil {
 		return "", err
 	}
 	path := filepath.Join(dir, FileName)

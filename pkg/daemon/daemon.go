@@ -241,6 +241,7 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		Unregistered: d.creds.unregistered,
 		Retiring:     func(a agents.Agent) { d.metrics.Retire(a) },
 		Denied:       func(id string) bool { return d.killer != nil && d.killer.IsDenied(id) },
+		UIDs:         launchUIDs(cfg),
 		Logger:       d.log,
 	})
 	defer d.registry.Close()
@@ -440,7 +441,7 @@ func dnsResolver(cfg *config.Loaded, log *slog.Logger) compile.Resolver {
 func (d *Daemon) setAccess(cfg *config.Loaded) {
 	p := &api.Policy{AdminUIDs: cfg.API.AdminUIDs, AdminGIDs: cfg.API.AdminGIDs, Confined: d.confined}
 	for _, r := range cfg.Launch {
-		p.Launch = append(p.Launch, api.LaunchRule{IDs: r.IDs, UIDs: r.UIDs, GIDs: r.GIDs})
+		p.Launch = append(p.Launch, api.LaunchRule{IDs: r.IDs, UIDs: r.UIDs, GIDs: r.GIDs, Root: r.Root, Unconfined: r.Unconfined})
 	}
 	d.access.Store(p)
 }
@@ -465,6 +466,9 @@ func (d *Daemon) Reload(ctx context.Context, cfg *config.Loaded) error {
 	}
 	if (old.Policy.Bundle == nil) != (cfg.Policy.Bundle == nil) || fmt.Sprint(old.Policy.Bundle) != fmt.Sprint(cfg.Policy.Bundle) || old.DNS != cfg.DNS {
 		restart = append(restart, "policy.bundle", "dns")
+	}
+	if old.Confinement.UIDs != cfg.Confinement.UIDs {
+		restart = append(restart, "confinement.uids")
 	}
 	if fmt.Sprint(old.Identity.Static, old.Identity.SPIRE) != fmt.Sprint(cfg.Identity.Static, cfg.Identity.SPIRE) {
 		restart = append(restart, "identity.static", "identity.spire")

@@ -49,6 +49,7 @@ type Decision struct {
 	SocketFamily   uint16    `json:"socket_family,omitempty"`
 	SocketType     uint32    `json:"socket_type,omitempty"`
 	SocketOption   string    `json:"socket_option,omitempty"` // kind sockopt: IPV6_RTHDR, IP_OPTIONS, ...
+	Syscall        string    `json:"syscall,omitempty"`       // kind syscall: the call the launcher's filter refused
 	Verdict        string    `json:"verdict"`
 	Reason         string    `json:"reason"`
 	Mode           string    `json:"mode,omitempty"`

@@ -11,7 +11,8 @@ import (
 // a rule of g with a rule of ceiling (addresses, ports, protocol and binary each intersected), so
 // nothing outside ceiling remains; where an intersection cannot be worked out without resolving
 // anything (an FQDN against a CIDR, two different globs), the rule is left out. Denies add up,
-// the earlier end wins, and the result enforces unless both audit.
+// the earlier end wins, the stricter sandbox and the shorter max_lifetime win, and the result
+// enforces unless both audit.
 func Attenuate(g, ceiling Grants) Grants {
 	out := Grants{Mode: "enforce"}
 	if g.Mode == "audit" && ceiling.Mode == "audit" {
@@ -37,6 +38,18 @@ func Attenuate(g, ceiling Grants) Grants {
 		}
 	}
 	out.ExecDeny = append(append(out.ExecDeny, g.ExecDeny...), ceiling.ExecDeny...)
+	// The stricter sandbox and the shorter lifetime; an unknown sandbox (strict) or lifetime (one
+	// minute) counts as what it stands for.
+	if g.Sandbox != "" || ceiling.Sandbox != "" {
+		gs, _ := g.SandboxOf()
+		cs, _ := ceiling.SandboxOf()
+		out.Sandbox = StricterSandbox(gs, cs)
+	}
+	if g.MaxLifetime != "" || ceiling.MaxLifetime != "" {
+		gl, _ := g.Lifetime()
+		cl, _ := ceiling.Lifetime()
+		out.MaxLifetime = min(gl, cl).String()
+	}
 	out.ValidUntil = g.ValidUntil
 	if ceiling.ValidUntil != nil && (out.ValidUntil == nil || ceiling.ValidUntil.Before(*out.ValidUntil)) {
 		out.ValidUntil = ceiling.ValidUntil

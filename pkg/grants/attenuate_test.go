@@ -49,6 +49,11 @@ func TestAttenuate(t *testing.T) {
 		{"denies add up, the earlier end wins", `{"exec_deny":["/usr/bin/ssh"],"valid_until":"` + later.Format(time.RFC3339) + `"}`, `{"exec_deny":["/usr/bin/nc"],"valid_until":"` + soon.Format(time.RFC3339) + `"}`,
 			`{"mode":"enforce","exec_deny":["/usr/bin/ssh","/usr/bin/nc"],"valid_until":"` + soon.Format(time.RFC3339) + `"}`},
 		{"audit only if both", `{"mode":"audit"}`, `{"mode":"enforce"}`, `{"mode":"enforce"}`},
+		{"the stricter sandbox", `{"sandbox":"off"}`, `{"sandbox":"strict"}`, `{"mode":"enforce","sandbox":"strict"}`},
+		{"a sandbox against none", `{"sandbox":"off"}`, `{}`, `{"mode":"enforce","sandbox":"default"}`},
+		{"an unknown sandbox is strict", `{}`, `{"sandbox":"strickt"}`, `{"mode":"enforce","sandbox":"strict"}`},
+		{"the shorter lifetime", `{"max_lifetime":"8h"}`, `{"max_lifetime":"90m"}`, `{"mode":"enforce","max_lifetime":"1h30m0s"}`},
+		{"a lifetime against none", `{}`, `{"max_lifetime":"48h"}`, `{"mode":"enforce","max_lifetime":"24h0m0s"}`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -25,6 +25,58 @@ type Grants struct {
 	ExecDeny []string `json:"exec_deny,omitempty"`
 	// ValidUntil, when set, is when these grants end; tether re-evaluates then.
 	ValidUntil *time.Time `json:"valid_until,omitempty"`
+	// Sandbox is how `tetherctl run` confines the agent it launches: strict, default (empty) or
+	// off, which a launch rule must allow (launch[].unconfined). It is read when the agent is
+	// launched: a process cannot be confined more, or less, once it runs.
+	Sandbox string `json:"sandbox,omitempty"`
+	// MaxLifetime, a Go duration, bounds the agent's task: no renewal (a heartbeat, or the agent's
+	// own on the agent socket) takes it past this long after it started. Empty: DefaultMaxLifetime.
+	MaxLifetime string `json:"max_lifetime,omitempty"`
+}
+
+// The sandbox profiles, loosest first.
+const (
+	SandboxOff     = "off"
+	SandboxDefault = "default"
+	SandboxStrict  = "strict"
+)
+
+var sandboxRank = map[string]int{SandboxOff: 0, SandboxDefault: 1, "": 1, SandboxStrict: 2}
+
+// SandboxOf is the grants' sandbox profile: default when none is named, and strict, with an
+// error saying why, when what is named is not a profile (a typo must not loosen anything).
+func (g Grants) SandboxOf() (string, error) {
+	switch g.Sandbox {
+	case "":
+		return SandboxDefault, nil
+	case SandboxOff, SandboxDefault, SandboxStrict:
+		return g.Sandbox, nil
+	}
+	return SandboxStrict, fmt.Errorf("sandbox %q: want strict, default or off; strict applies", g.Sandbox)
+}
+
+// StricterSandbox is the stricter of two sandbox profiles.
+func StricterSandbox(a, b string) string {
+	if r, ok := sandboxRank[b]; !ok || r > sandboxRank[a] {
+		a = b
+	}
+	return a
+}
+
+// DefaultMaxLifetime bounds a task whose grants name no max_lifetime.
+const DefaultMaxLifetime = 24 * time.Hour
+
+// Lifetime is the grants' max_lifetime: DefaultMaxLifetime when none is named, and, with an error
+// saying why, one minute when what is named is not a positive duration.
+func (g Grants) Lifetime() (time.Duration, error) {
+	if g.MaxLifetime == "" {
+		return DefaultMaxLifetime, nil
+	}
+	d, err := time.ParseDuration(g.MaxLifetime)
+	if err != nil || d <= 0 {
+		return time.Minute, fmt.Errorf("max_lifetime %q: want a positive Go duration (\"8h\", \"90m\"); a task then lives one minute", g.MaxLifetime)
+	}
+	return d, nil
 }
 
 // Egress allows outbound connections and datagrams.

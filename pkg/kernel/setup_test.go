@@ -60,11 +60,7 @@ func newFixture(t *testing.T, opts Options) *fixture {
 
 func selfID(t *testing.T) dataplane.FileID {
 	t.Helper()
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return fileID(t, exe)
+	return fileID(t, privtest.AgentBinary(t))
 }
 
 func fileID(t *testing.T, path string) dataplane.FileID {

@@ -61,6 +61,10 @@ func decodeGrants(v ast.Value) (grants.Grants, error) {
 				})
 				g.Unix = append(g.Unix, u)
 			})
+		case "sandbox":
+			g.Sandbox = d.str(v)
+		case "max_lifetime":
+			g.MaxLifetime = d.str(v)
 		case "valid_until":
 			if isNull(v) {
 				return

@@ -180,9 +180,19 @@ default valid_until_field := {}
 
 valid_until_field := {"valid_until": time.format([min(edges), "UTC", "2006-01-02T15:04:05Z07:00"])} if count(edges) > 0
 
+# --- confinement ------------------------------------------------------------------------------
+
+# How `tetherctl run` confines an agent it launches: strict, default, or off (which an admin's
+# launch rule must allow). A task type that runs untrusted input gets strict.
+sandbox := object.get(profile, "sandbox", "default")
+
+# However often a task is renewed (launcher heartbeats, or the agent itself on the agent socket),
+# it does not live past this after it started.
+max_lifetime := object.get(profile, "max_lifetime", "8h")
+
 # --- the result -----------------------------------------------------------------------------
 
 grants := object.union(
-	{"mode": mode, "egress": egress, "exec": exec, "exec_deny": exec_deny, "unix": unix},
+	{"mode": mode, "egress": egress, "exec": exec, "exec_deny": exec_deny, "unix": unix, "sandbox": sandbox, "max_lifetime": max_lifetime},
 	valid_until_field,
 )

@@ -23,7 +23,15 @@ egress_to(g, network) := {r | some r in g.egress; r.cidrs == data.tether_setting
 
 test_deny_by_default if {
 	g := tether.grants with input as {"agent": agent("spiffe://example.org/nobody"), "env": dev, "time": morning}
-	g == {"mode": "enforce", "egress": [], "exec": [], "exec_deny": tether.exec_deny, "unix": []}
+	g == {"mode": "enforce", "egress": [], "exec": [], "exec_deny": tether.exec_deny, "unix": [], "sandbox": "default", "max_lifetime": "8h"}
+}
+
+test_sandbox_and_lifetime_from_the_profile if {
+	g := tether.grants with input as ctx(task("coding", "internal"), dev, morning)
+		with data.tether_settings.profiles.coding.sandbox as "strict"
+		with data.tether_settings.profiles.coding.max_lifetime as "2h"
+	g.sandbox == "strict"
+	g.max_lifetime == "2h"
 }
 
 test_unknown_task_type_gets_nothing if {

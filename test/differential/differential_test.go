@@ -342,10 +342,7 @@ func newWorld(t *testing.T) *world {
 	os.Chmod(dir, 0o755)
 	os.MkdirAll(filepath.Join(dir, "bin"), 0o755)
 	os.MkdirAll(filepath.Join(dir, "run", "tools"), 0o755)
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
+	self := privtest.AgentBinary(t)
 	w := &world{dir: dir, self: self, tools: map[string]string{}}
 	tool := "/usr/bin/true"
 	if _, err := os.Stat(tool); err != nil {

@@ -68,7 +68,7 @@ func enforceWithCaps(t *testing.T, caps []string, cgroupns bool) {
 	h := privtest.NewHost(t)
 	okPort, _ := tcpPort(t, h)
 	noPort, _ := tcpPort(t, h)
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	asNobody := privtest.SelfCopy(t) // a copy the nobody user may run
 	peer := h.ListenPeer(t, "tcp", h.V4)
 	p := grantsFor(self, h, okPort)

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -48,7 +49,7 @@ func newScene(t *testing.T) *scene {
 	var noPort uint16
 	s.okPort, s.okCount = tcpPort(t, s.h)
 	noPort, s.noCount = tcpPort(t, s.h)
-	s.self, _ = os.Executable()
+	s.self = privtest.AgentBinary(t)
 	s.d = newTetherd(t, grantsFor(s.self, s.h, s.okPort))
 	s.d.start()
 	s.ok = netip.AddrPortFrom(s.h.V4, s.okPort).String()
@@ -182,7 +183,7 @@ func TestPrivilegedRestartKeepsEnforcement(t *testing.T) {
 func TestPrivilegedReloadModeAndKill(t *testing.T) {
 	h := privtest.NewHost(t)
 	okPort, _ := tcpPort(t, h)
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	d := newTetherd(t, grantsFor(self, h, okPort))
 	d.start()
 
@@ -265,7 +266,7 @@ func TestPrivilegedReloadModeAndKill(t *testing.T) {
 // TestPrivilegedReaper kills tetherctl run itself: tetherd notices when the orphaned agent ends
 // and removes it.
 func TestPrivilegedReaper(t *testing.T) {
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	d := newTetherd(t, profile{"exec": []string{self}})
 	d.start()
 	sleeper := d.agentRun(agentID, "sleep")
@@ -306,7 +307,8 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Fatalf("timed out waiting for %s", what)
 }
 
-// TestPrivilegedRunDropsPrivileges checks --user and the capabilities tetherctl run drops.
+// TestPrivilegedRunDropsPrivileges checks the uid tetherctl run picks (--user, a uid of the
+// agent's own by default, root only when asked and allowed) and the capabilities it drops.
 func TestPrivilegedRunDropsPrivileges(t *testing.T) {
 	privtest.Gate(t)
 	// The agent runs a copy of the test binary that the unprivileged user can execute.
@@ -315,14 +317,20 @@ func TestPrivilegedRunDropsPrivileges(t *testing.T) {
 	d.self = agentBin
 	d.start()
 
-	whoami := func(args ...string) []string {
+	whoami := func(args ...string) ([]string, string, error) {
 		cmd := d.ctlCmd(append(append([]string{"run", "--id", agentID}, args...), "--", agentBin)...)
 		cmd.Env = append(os.Environ(), "TETHER_TEST_HELPER=whoami")
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
 		out, err := cmd.Output()
-		if err != nil {
-			t.Fatalf("run %v: %v %s", args, err, out)
+		return lines(string(out)), stderr.String(), err
+	}
+	mustWhoami := func(args ...string) []string {
+		got, stderr, err := whoami(args...)
+		if err != nil || len(got) < 4 {
+			t.Fatalf("run %v: %v %q %s", args, err, got, stderr)
 		}
-		return lines(string(out))
+		return got
 	}
 	capBit := func(hex string, bit uint) bool {
 		var v uint64
@@ -331,19 +339,40 @@ func TestPrivilegedRunDropsPrivileges(t *testing.T) {
 	}
 	const sysAdmin, netRaw, bpf = 21, 13, 39
 
-	got := whoami("--user", "nobody")
-	if got[0] != "65534" {
+	if got := mustWhoami("--user", "nobody"); got[0] != "65534" {
 		t.Errorf("--user nobody: %v", got)
 	}
-	got = whoami()
-	if got[0] != "0" || capBit(got[2], sysAdmin) || capBit(got[2], netRaw) || capBit(got[2], bpf) {
-		t.Errorf("root agent: uid %s, bounding set %s still holds SYS_ADMIN, NET_RAW or BPF", got[0], got[2])
+	got := mustWhoami()
+	if uid, _ := strconv.Atoi(got[0]); uid < 2130706432 || got[1] != got[0] || got[2] != "0000000000000000" {
+		t.Errorf("default: uid %s gid %s bounding set %s, want a uid of confinement.uids and no capabilities", got[0], got[1], got[2])
 	}
 	// tetherctl does not stop for SIGINT, but COMMAND must: it may not inherit it ignored.
 	if capBit(got[3], uint(syscall.SIGINT)-1) || capBit(got[3], uint(syscall.SIGQUIT)-1) {
 		t.Errorf("the agent ignores SIGINT or SIGQUIT: SigIgn %s", got[3])
 	}
-	got = whoami("--keep-caps")
+	// Root needs --allow-root and a launch rule with root: true; --keep-caps one with unconfined.
+	if _, stderr, err := whoami("--allow-root"); err == nil || !strings.Contains(stderr, "root: true") {
+		t.Errorf("--allow-root without a launch rule: %v %s", err, stderr)
+	}
+	d.extra = "launch:\n  - ids: [" + agentID + "]\n    uids: [0]\n    root: true\n"
+	d.writeConfig()
+	d.stop()
+	d.start()
+	got, stderr, err := whoami("--allow-root")
+	if err != nil || got[0] != "0" || capBit(got[2], sysAdmin) || capBit(got[2], netRaw) || capBit(got[2], bpf) {
+		t.Errorf("root agent: %v uid %v, bounding set %v still holds SYS_ADMIN, NET_RAW or BPF", err, got, stderr)
+	}
+	if !strings.Contains(stderr, "root can still") {
+		t.Errorf("--allow-root does not say what root can still do: %s", stderr)
+	}
+	if _, stderr, err := whoami("--allow-root", "--keep-caps"); err == nil || !strings.Contains(stderr, "unconfined: true") {
+		t.Errorf("--keep-caps without an unconfined launch rule: %v %s", err, stderr)
+	}
+	d.extra = "launch:\n  - ids: [" + agentID + "]\n    uids: [0]\n    root: true\n    unconfined: true\n"
+	d.writeConfig()
+	d.stop()
+	d.start()
+	got = mustWhoami("--allow-root", "--keep-caps")
 	if !capBit(got[2], sysAdmin) || !capBit(got[2], netRaw) {
 		t.Errorf("--keep-caps: bounding set %s", got[2])
 	}

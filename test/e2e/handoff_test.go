@@ -23,7 +23,7 @@ func TestPrivilegedHandoff(t *testing.T) {
 	noPort, _ := tcpPort(t, h)
 	ok := fmt.Sprintf("%s:%d", h.V4, okPort)
 	no := fmt.Sprintf("%s:%d", h.V4, noPort)
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	d := newTetherd(t, profile{})
 	const helper, stranger = "spiffe://test.local/helper", "spiffe://test.local/stranger"
 	narrow := grantsFor(self, h, okPort)

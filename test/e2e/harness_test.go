@@ -129,10 +129,7 @@ func newTetherd(t *testing.T, p profile) *tetherd {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	os.Chmod(dir, 0o711) // agents running as other users reach their credential files below it
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
+	self := privtest.AgentBinary(t)
 	d := &tetherd{
 		t: t, bin: bin, dir: dir, config: filepath.Join(dir, "tetherd.yaml"), socket: filepath.Join(dir, "t.sock"),
 		decisions: filepath.Join(dir, "decisions.jsonl"), parent: privtest.Cgroup(t), pin: privtest.PinDir(t), self: self,

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -68,7 +67,7 @@ func TestPrivilegedStaticIdentity(t *testing.T) {
 	h := privtest.NewHost(t)
 	okPort, okCount := tcpPort(t, h)
 	noPort, noCount := tcpPort(t, h)
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	d := newTetherd(t, grantsFor(self, h, okPort))
 	rel := relCgroup(t, d.parent)
 	d.extra = fmt.Sprintf(`identity:

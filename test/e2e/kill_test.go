@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"strings"
 	"sync"
 	"syscall"
@@ -27,7 +26,7 @@ import (
 func TestPrivilegedKill(t *testing.T) {
 	h := privtest.NewHost(t)
 	okPort, _ := tcpPort(t, h)
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	p := grantsFor(self, h, okPort)
 	p["egress"] = []any{map[string]any{"cidr": h.V4.String() + "/32", "ports": []int{int(okPort)}}} // tcp and udp: the loop connects UDP sockets
 	d := newTetherd(t, p)

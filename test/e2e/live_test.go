@@ -40,7 +40,7 @@ func TestPrivilegedLiveSocketsFollowContext(t *testing.T) {
 	wideTCP, wideUDP := h.ListenPeer(t, "tcp", h.V4), h.ListenPeer(t, "udp", h.V4)
 	prod := h.ListenPeer(t, "tcp", h.V4)
 	control := h.ListenPeer(t, "tcp", h.V4)
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	rule := func(p *privtest.Peer, proto string) map[string]any {
 		return map[string]any{"cidr": h.V4.String() + "/32", "ports": []int{int(p.Addr.Port())}, "protocol": proto}
 	}
@@ -130,7 +130,7 @@ func TestPrivilegedLiveSocketsFollowContext(t *testing.T) {
 func TestPrivilegedKillResumeStaysCut(t *testing.T) {
 	h := privtest.NewHost(t)
 	tcp, udp, control := h.ListenPeer(t, "tcp", h.V4), h.ListenPeer(t, "udp", h.V6), h.ListenPeer(t, "tcp", h.V4)
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	d := newTetherd(t, profile{"exec": []string{self}, "egress": []any{
 		map[string]any{"cidr": h.V4.String() + "/32", "ports": []int{int(tcp.Addr.Port())}, "protocol": "tcp"},
 		map[string]any{"cidr": h.V6.String() + "/128", "ports": []int{int(udp.Addr.Port())}, "protocol": "udp"},

@@ -27,7 +27,7 @@ import (
 func TestPrivilegedDenyLoadAccounted(t *testing.T) {
 	h := privtest.NewHost(t)
 	okPort, _ := tcpPort(t, h)
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	d := newTetherd(t, grantsFor(self, h, okPort))
 
 	var mu sync.Mutex

@@ -32,7 +32,7 @@ func TestPrivilegedPrometheusScrapesDecisions(t *testing.T) {
 	h := privtest.NewHost(t)
 	okPort, _ := tcpPort(t, h)
 	noPort, _ := tcpPort(t, h)
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	d := newTetherd(t, grantsFor(self, h, okPort))
 	mport := freePort(t)
 	d.extra = fmt.Sprintf("telemetry:\n  metrics_address: 127.0.0.1:%d\n", mport)
@@ -129,7 +129,7 @@ func TestPrivilegedEventsStream(t *testing.T) {
 	h := privtest.NewHost(t)
 	okPort, _ := tcpPort(t, h)
 	noPort, _ := tcpPort(t, h)
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	d := newTetherd(t, grantsFor(self, h, okPort))
 	d.start()
 	follow := d.ctlCmd("events", "--id", agentID, "--verdict", "deny", "--count", "2", "-o", "json")
@@ -174,7 +174,7 @@ func TestPrivilegedEventsStream(t *testing.T) {
 func TestPrivilegedDecisionLogEvaluations(t *testing.T) {
 	h := privtest.NewHost(t)
 	okPort, _ := tcpPort(t, h)
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	d := newTetherd(t, grantsFor(self, h, okPort))
 	d.logExtra = "  mask: [/input/agent/labels/customer]"
 	d.writeConfig()

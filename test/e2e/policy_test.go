@@ -81,7 +81,7 @@ func TestPrivilegedPolicyBundle(t *testing.T) {
 	laterPort, _ := tcpPort(t, h)
 	ok := netip.AddrPortFrom(h.V4, okPort).String()
 	later := netip.AddrPortFrom(h.V4, laterPort).String()
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	d := newTetherd(t, profile{})
 
 	key := bundletest.NewKey(t, "tether-e2e")
@@ -161,7 +161,7 @@ func TestPrivilegedFQDNFollowsDNS(t *testing.T) {
 	second := netip.AddrPortFrom(h2.V4, p2).String()
 	dns := dnstest.Start(t)
 	dns.Set("svc.e2e.test", 5, h1.V4) // 5 s: the shortest TTL tether honours
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	d := newTetherd(t, profile{
 		"egress": []any{map[string]any{"fqdn": "svc.e2e.test", "ports": []int{int(p1), int(p2)}, "protocol": "tcp"}},
 		"exec":   []string{self},
@@ -197,7 +197,7 @@ func TestPrivilegedFQDNFollowsDNS(t *testing.T) {
 func TestPrivilegedRespond(t *testing.T) {
 	h := privtest.NewHost(t)
 	okPort, _ := tcpPort(t, h)
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	freezeAfter = 3 // the shipped setting
 	t.Cleanup(func() { freezeAfter = 0 })
 	d := newTetherd(t, grantsFor(self, h, okPort))
@@ -302,7 +302,7 @@ func TestPrivilegedTaskAndApprovalThroughTetherctl(t *testing.T) {
 	wide, _ := tcpPort(t, h)
 	prod, _ := tcpPort(t, h)
 	at := func(p uint16) string { return netip.AddrPortFrom(h.V4, p).String() }
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	d := newTetherd(t, profile{})
 	data := policyData(grantsFor(self, h, base))
 	settings := data["tether_settings"].(map[string]any)

@@ -93,7 +93,7 @@ func TestPrivilegedSPIREIdentity(t *testing.T) {
 	h := privtest.NewHost(t)
 	okPort, okCount := tcpPort(t, h)
 	noPort, noCount := tcpPort(t, h)
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	other := privtest.SelfCopy(t) // another executable: SPIRE tells it apart by unix:path
 	p := grantsFor(self, h, okPort)
 	p["exec"] = []string{self, other}
@@ -238,7 +238,7 @@ func TestPrivilegedSPIREIdentity(t *testing.T) {
 func TestPrivilegedSPIREUnreachable(t *testing.T) {
 	h := privtest.NewHost(t)
 	okPort, okCount := tcpPort(t, h)
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	d := newTetherd(t, grantsFor(self, h, okPort))
 	rel := relCgroup(t, d.parent)
 	d.extra = fmt.Sprintf(`identity:
@@ -275,7 +275,7 @@ func TestPrivilegedSPIREUnreachable(t *testing.T) {
 func TestPrivilegedKillFinishesAfterRestart(t *testing.T) {
 	h := privtest.NewHost(t)
 	okPort, _ := tcpPort(t, h)
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	d := newTetherd(t, grantsFor(self, h, okPort))
 	sp := startSPIRE(t, "test.local", "spiffe://test.local/tetherd")
 	sp.entry(agentID, "unix:uid:0", "unix:path:"+self)

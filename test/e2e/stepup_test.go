@@ -50,7 +50,7 @@ func TestPrivilegedStepupFlow(t *testing.T) {
 	base, _ := tcpPort(t, h)
 	prod, _ := tcpPort(t, h)
 	at := func(p uint16) string { return netip.AddrPortFrom(h.V4, p).String() }
-	self, _ := os.Executable()
+	self := privtest.AgentBinary(t)
 	d := newTetherd(t, profile{})
 	p := grantsFor(self, h, base)
 	p["exec"] = []string{self, filepath.Join(d.bin, "tetherctl")}

@@ -213,7 +213,10 @@ func attackRewrite(args []string) (string, error) {
 	if err := errors.Join(err, f.Close()); err != nil {
 		return "", err
 	}
-	out, err := exec.Command(args[0]).Output()
+	// Run as this helper binary's whoami, when args[1] is one (a denied copy of it).
+	cmd := exec.Command(args[0])
+	cmd.Env = append(os.Environ(), helperEnv+"=whoami")
+	out, err := cmd.Output()
 	if err != nil {
 		return "", fmt.Errorf("running the rewritten file: %w", err)
 	}

@@ -3,6 +3,7 @@ package daemon
 import (
 	"fmt"
 	"path/filepath"
+	"time"
 
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/api"
@@ -46,7 +47,7 @@ func (d *Daemon) Confinement(slot dataplane.Slot) (confine.Plan, error) {
 
 // RecordRefusal records a system call the launcher's seccomp filter refused to the launched agent
 // in slot (its launcher reports it): a decision of kind "syscall", verdict deny, reason the
-// sandbox profile.
+// sandbox profile. The respond policy is asked about it like about the kernel's denials.
 func (d *Daemon) RecordRefusal(slot dataplane.Slot, r api.RefusalRequest) error {
 	a, ok := d.registry.Get(slot)
 	if !ok {
@@ -61,9 +62,8 @@ func (d *Daemon) RecordRefusal(slot dataplane.Slot, r api.RefusalRequest) error 
 	if rec.Syscall == "" {
 		rec.Syscall = r.Syscall
 	}
-	if a.Task != nil {
-		rec.TaskID, rec.TaskType = a.Task.ID, a.Task.Type
-	}
+	rec.DecisionID, rec.Timestamp = events.NewID(), time.Now().UTC()
+	d.respond(&rec) // the task, the revision, and what the respond policy says
 	d.pump.Emit(rec)
 	return nil
 }

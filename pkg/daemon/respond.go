@@ -65,7 +65,7 @@ func (r *recent) respond(rec *events.Decision, rev *policy.Revision, input func(
 		p = &agentPast{spiffeID: rec.SpiffeID, memo: map[memoKey]memoEntry{}}
 		r.agents[slot] = p
 	}
-	key := memoKey{rec.TaskID, rev.ID, rec.Kind, rec.Verdict, rec.Destination + rec.Executable + rec.SocketPath}
+	key := memoKey{rec.TaskID, rev.ID, rec.Kind, rec.Verdict, rec.Destination + rec.Executable + rec.SocketPath + rec.Syscall}
 	p.count(rec.Kind+"/"+rec.Verdict, rec.Timestamp)
 	if m, ok := p.memo[key]; ok && now.Sub(m.at) < memoFor {
 		r.mu.Unlock()

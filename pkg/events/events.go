@@ -123,7 +123,7 @@ type Attributor interface {
 // Build attributes a kernel event.
 func Build(e dataplane.Event, attr Attributor) Decision {
 	d := Decision{
-		DecisionID:     newID(),
+		DecisionID:     NewID(),
 		Timestamp:      e.Time.UTC(),
 		CgroupID:       e.CgroupID,
 		PID:            e.PID,
@@ -177,7 +177,8 @@ func fileString(f dataplane.FileID) string {
 	return string(strconv.AppendUint(append(strconv.AppendUint(b[:0], uint64(f.Dev), 10), ':'), f.Ino, 10))
 }
 
-func newID() string {
+// NewID is a new decision ID: 16 random bytes, hex.
+func NewID() string {
 	var b [16]byte
 	rand.Read(b[:])
 	return hex.EncodeToString(b[:])
@@ -266,7 +267,7 @@ func (p *Pump) Stats() Stats {
 // to the sinks, in line with the kernel's records.
 func (p *Pump) Emit(d Decision) {
 	if d.DecisionID == "" {
-		d.DecisionID = newID()
+		d.DecisionID = NewID()
 	}
 	if d.Timestamp.IsZero() {
 		d.Timestamp = time.Now().UTC()
@@ -280,7 +281,7 @@ func (p *Pump) Emit(d Decision) {
 // record is dropped and counted.
 func (p *Pump) Record(d Decision) {
 	if d.DecisionID == "" {
-		d.DecisionID = newID()
+		d.DecisionID = NewID()
 	}
 	if d.Timestamp.IsZero() {
 		d.Timestamp = time.Now().UTC()

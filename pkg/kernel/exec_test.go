@@ -118,8 +118,8 @@ func TestPrivilegedLineage(t *testing.T) {
 	if len(e.Chain) < 1 || e.Chain[0].Binary != f.self {
 		t.Fatalf("chain %+v: want the spawning helper (the test binary) as parent", e.Chain)
 	}
-	if !strings.HasSuffix(e.BinaryPath, ".test") {
-		t.Errorf("binary path %q: want the test binary", e.BinaryPath)
+	if want := privtest.AgentBinary(t); e.BinaryPath != want {
+		t.Errorf("binary path %q: want the helper binary %s", e.BinaryPath, want)
 	}
 }
 

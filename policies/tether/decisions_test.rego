@@ -97,6 +97,11 @@ test_respond_alert_on_a_detour if {
 	tether.respond == "none" with input as object.union(ctx(null, dev, morning), {"event": {"decision_id": "x", "kind": "terminate", "verdict": "deny", "reason": "revoked", "timestamp": "2026-11-25T10:30:00Z"}})
 }
 
+test_respond_alert_on_a_refused_syscall if {
+	r := tether.respond with input as object.union(ctx(null, dev, morning), {"event": {"decision_id": "x", "kind": "syscall", "syscall": "bpf", "verdict": "deny", "reason": "sandbox-strict: EPERM", "timestamp": "2026-11-25T10:30:00Z"}})
+	r == "alert"
+}
+
 test_respond_alert_on_denied_exec if {
 	r := tether.respond with input as object.union(ctx(null, dev, morning), {"event": {"decision_id": "x", "kind": "exec", "verdict": "deny", "timestamp": "2026-11-25T10:30:00Z"}})
 	r == "alert"

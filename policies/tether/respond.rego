@@ -21,6 +21,11 @@ respond := "kill" if {
 	# IP options or a routing header: an attempt to send packets elsewhere than the hooks allowed.
 	input.event.verdict == "deny"
 	input.event.reason == "detour"
+} else := "alert" if {
+	# A call the launcher's sandbox refused (bpf, mount, ptrace, a namespace, a packet socket...):
+	# the agent reached for the machinery that confines it.
+	input.event.verdict == "deny"
+	input.event.kind == "syscall"
 } else := "none"
 
 # Denied egress attempts within a minute that freeze the agent (tether runs the kill path without

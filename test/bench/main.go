@@ -40,6 +40,7 @@ type options struct {
 	sweep  bool    // only the live-socket part
 	hooks  bool    // only tether's rows and the programs' run time
 	ranges bool    // the policy part's grants are /24 ranges, not /32 hosts
+	launch bool    // only the launch latency of tetherctl run
 }
 
 func run() error {
@@ -54,6 +55,7 @@ func run() error {
 	flag.BoolVar(&o.hooks, "hooks-only", false, "measure only tether's overhead rows (in the agent against outside it) and the programs' run time")
 	flag.BoolVar(&o.sweep, "sweep-only", false, "measure only the live-socket part (rule removal to the last socket terminated, bulk throughput in and outside the agent)")
 	flag.BoolVar(&o.ranges, "grant-ranges", false, "make the policy part's egress grants /24 ranges (kept in the tries) instead of /32 hosts (kept in tether_hosts)")
+	flag.BoolVar(&o.launch, "launch-only", false, "measure only the launch latency of tetherctl run -- true with each sandbox profile, against true alone")
 	flag.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof reads it)")
 	flag.Parse()
 	for _, r := range strings.Split(rules, ",") {
@@ -84,6 +86,14 @@ func run() error {
 			return err
 		}
 		defer pprof.StopCPUProfile()
+	}
+	if o.launch {
+		lr, err := measureLaunch(e)
+		if err != nil {
+			return err
+		}
+		reportLaunch(os.Stdout, lr)
+		return nil
 	}
 	if o.telem {
 		tr, err := measureTelemetry(e, o)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -71,7 +72,7 @@ func measureTelemetry(e *env, o options) (*telemetryResults, error) {
 	if _, err := cgroups.Create(agent); err != nil {
 		return nil, err
 	}
-	t, err := startTetherd(e, bin, parent)
+	t, err := startTetherd(e, bin, parent, tetherdSetup{})
 	if err != nil {
 		return nil, err
 	}
@@ -240,7 +241,14 @@ func processCPU(pid int) (int64, error) {
 
 // startTetherd runs tetherd with the shipped policy (its data give the bench agent exec of the
 // worker and UDP to the bench's loopback listener), a decision log file and a large ring buffer.
-func startTetherd(e *env, bin, parent string) (_ *tetherdProc, err error) {
+// tetherdSetup adds to what startTetherd gives tetherd: more profiles and identities in the
+// policy's data, more configuration.
+type tetherdSetup struct {
+	profiles, identities map[string]any
+	config               string
+}
+
+func startTetherd(e *env, bin, parent string, more tetherdSetup) (_ *tetherdProc, err error) {
 	dir, err := os.MkdirTemp("", "tether-bench-tetherd")
 	if err != nil {
 		return nil, err
@@ -269,11 +277,14 @@ func startTetherd(e *env, bin, parent string) (_ *tetherdProc, err error) {
 		"unix":      []any{},
 		"high_risk": []string{},
 	}
+	profiles, identities := map[string]any{"bench": profile}, map[string]any{telemetryID: map[string]any{"task_type": "bench"}}
+	maps.Copy(profiles, more.profiles)
+	maps.Copy(identities, more.identities)
 	data := map[string]any{"tether_settings": map[string]any{
 		"networks": map[string]any{"metadata": []string{"169.254.169.254/32"}}, "internal_networks": []string{},
 		"git_binary": "/usr/bin/git", "tools": map[string]any{},
-		"profiles":   map[string]any{"bench": profile},
-		"identities": map[string]any{telemetryID: map[string]any{"task_type": "bench"}},
+		"profiles":   profiles,
+		"identities": identities,
 		// The agent floods denied connects on purpose: the shipped respond policy would freeze it.
 		"respond": map[string]any{"freeze_after_denied_egress": 0},
 	}}
@@ -307,7 +318,7 @@ kill:
 credentials:
   dir: %s
   key_file: %s
-`, rel, rel, t.pin, 512<<20, socket, filepath.Join(dir, "agent.sock"), pol, t.log, filepath.Join(dir, "kill.json"), filepath.Join(dir, "creds"), filepath.Join(dir, "key"))
+`, rel, rel, t.pin, 512<<20, socket, filepath.Join(dir, "agent.sock"), pol, t.log, filepath.Join(dir, "kill.json"), filepath.Join(dir, "creds"), filepath.Join(dir, "key")) + more.config
 	if err := os.WriteFile(filepath.Join(dir, "tetherd.yaml"), []byte(cfg), 0o600); err != nil {
 		return nil, err
 	}

@@ -350,12 +350,22 @@ func helperRenew(args []string) int {
 		if i > 0 {
 			time.Sleep(interval)
 		}
-		b, err := os.ReadFile(os.Getenv("TETHER_TASK_CREDENTIAL_FILE"))
-		if err != nil {
-			fmt.Println("fail", errnoName(err))
-			continue
+		var expires time.Time
+		var err error
+		// The launcher's heartbeats renew the same task: a credential read just before one of
+		// them is superseded, and the file already holds the next (as a real agent would, read
+		// it again).
+		for try := 0; try < 3; try++ {
+			var b []byte
+			if b, err = os.ReadFile(os.Getenv("TETHER_TASK_CREDENTIAL_FILE")); err != nil {
+				err = errors.New(errnoName(err))
+				break
+			}
+			if expires, err = renewSelf(c, strings.TrimSpace(string(b)), args[1]); err == nil || !strings.Contains(err.Error(), "superseded") {
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
 		}
-		expires, err := renewSelf(c, strings.TrimSpace(string(b)), args[1])
 		if err != nil {
 			fmt.Println("fail", strings.ReplaceAll(err.Error(), "\n", " "))
 			continue

@@ -34,8 +34,7 @@ until --count records. A reader that does not keep up loses records; tetherctl s
 				if g.output == "json" {
 					enc.Encode(d)
 				} else {
-					target := d.Destination + d.Executable + d.SocketPath + d.SocketOption
-					fmt.Fprintf(w, "%s  %-10s %-12s %-28s %s (pid %d %s)\n", d.Timestamp.Format("15:04:05.000"), d.Verdict, d.Kind, target, d.SpiffeID, d.PID, d.Comm)
+					fmt.Fprintf(w, "%s  %-10s %-12s %-28s %s (pid %d %s)\n", d.Timestamp.Format("15:04:05.000"), d.Verdict, d.Kind, d.Target(), d.SpiffeID, d.PID, d.Comm)
 				}
 				n++
 				return (follow && count == 0) || n < count

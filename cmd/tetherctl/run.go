@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"os/user"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -139,7 +140,10 @@ func runAgent(c *api.Client, f *runFlags, args []string) error {
 	}
 
 	// The caller's environment, and tether's variables (set here, not inherited).
-	env := slicesDeleteTether(os.Environ(), "TETHER_SPIFFE_ID", "TETHER_AGENT_SLOT", "TETHER_TASK_ID", "TETHER_TASK_CREDENTIAL_FILE")
+	env := slices.DeleteFunc(os.Environ(), func(kv string) bool {
+		name, _, _ := strings.Cut(kv, "=")
+		return slices.Contains([]string{"TETHER_SPIFFE_ID", "TETHER_AGENT_SLOT", "TETHER_TASK_ID", "TETHER_TASK_CREDENTIAL_FILE"}, name)
+	})
 	env = append(env, "TETHER_SPIFFE_ID="+agent.SpiffeID, "TETHER_AGENT_SLOT="+strconv.Itoa(int(agent.Slot)))
 	stopHeartbeats := make(chan struct{})
 	defer close(stopHeartbeats)
@@ -237,22 +241,6 @@ func runAgent(c *api.Client, f *runFlags, args []string) error {
 		return exitCode(ee.ExitCode())
 	}
 	return waitErr
-}
-
-// slicesDeleteTether drops the named variables from env.
-func slicesDeleteTether(env []string, names ...string) []string {
-	out := env[:0:0]
-	for _, kv := range env {
-		name, _, _ := strings.Cut(kv, "=")
-		drop := false
-		for _, n := range names {
-			drop = drop || name == n
-		}
-		if !drop {
-			out = append(out, kv)
-		}
-	}
-	return out
 }
 
 // confineStage is the hidden first argument of the process run starts to confine the agent.

@@ -42,7 +42,7 @@ func (r *Registry) pickUID() (uint32, error) {
 	rng := r.opts.UIDs
 	n := rng.Size()
 	if n == 0 {
-		return 0, fmt.Errorf("%w: no uid range for agents of their own (launch_uids)", ErrInvalid)
+		return 0, fmt.Errorf("%w: no uid range for agents of their own (confinement.uids)", ErrInvalid)
 	}
 	taken, err := r.opts.UIDsInUse()
 	if err != nil {

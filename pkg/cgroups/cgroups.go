@@ -33,6 +33,36 @@ func Mount() (string, error) {
 
 // parseMountInfo returns the first cgroup2 mount point listed in r (mountinfo format).
 func parseMountInfo(r io.Reader) (string, error) {
+	mounts, err := parseMountPoints(r)
+	if err != nil {
+		return "", err
+	}
+	for _, m := range mounts {
+		if m.FSType == "cgroup2" {
+			return m.Path, nil
+		}
+	}
+	return "", errors.New("no cgroup2 hierarchy is mounted (tether needs cgroup v2; mount it with `mount -t cgroup2 none /sys/fs/cgroup`)")
+}
+
+// A MountPoint is one line of /proc/self/mountinfo: where, and the file system type.
+type MountPoint struct {
+	Path, FSType string
+}
+
+// MountPoints lists the calling process's mounts in mountinfo's order (a mount after the one it
+// is mounted on).
+func MountPoints() ([]MountPoint, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return parseMountPoints(f)
+}
+
+func parseMountPoints(r io.Reader) ([]MountPoint, error) {
+	var out []MountPoint
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -43,19 +73,13 @@ func parseMountInfo(r io.Reader) (string, error) {
 			continue
 		}
 		fsType, _, _ := strings.Cut(post, " ")
-		if fsType != "cgroup2" {
-			continue
-		}
 		fields := strings.Fields(pre)
 		if len(fields) < 5 {
-			return "", fmt.Errorf("malformed mountinfo line %q", line)
+			return nil, fmt.Errorf("malformed mountinfo line %q", line)
 		}
-		return unescapeMountPath(fields[4]), nil
+		out = append(out, MountPoint{Path: unescapeMountPath(fields[4]), FSType: fsType})
 	}
-	if err := sc.Err(); err != nil {
-		return "", err
-	}
-	return "", errors.New("no cgroup2 hierarchy is mounted (tether needs cgroup v2; mount it with `mount -t cgroup2 none /sys/fs/cgroup`)")
+	return out, sc.Err()
 }
 
 // unescapeMountPath undoes mountinfo's octal escapes (\040 for a space, ...).

@@ -1,6 +1,7 @@
 package cgroups
 
 import (
+	"slices"
 	"strings"
 	"testing"
 )
@@ -31,6 +32,18 @@ func TestParseMountInfo(t *testing.T) {
 				t.Fatalf("got %q %v, want %q", got, err, tt.want)
 			}
 		})
+	}
+}
+
+func TestParseMountPoints(t *testing.T) {
+	in := "22 1 0:21 / /sys/fs/bpf rw,relatime shared:7 - bpf bpf rw\n" +
+		"30 25 0:26 / /sys/fs/cgroup/unified rw,nosuid shared:9 - cgroup2 cgroup2 rw\n" +
+		"31 25 0:27 / /mnt/with\\040space rw - tmpfs tmpfs rw\n" +
+		"garbage\n"
+	got, err := parseMountPoints(strings.NewReader(in))
+	want := []MountPoint{{"/sys/fs/bpf", "bpf"}, {"/sys/fs/cgroup/unified", "cgroup2"}, {"/mnt/with space", "tmpfs"}}
+	if err != nil || !slices.Equal(got, want) {
+		t.Errorf("%v %v, want %v", got, err, want)
 	}
 }
 

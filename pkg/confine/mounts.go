@@ -6,55 +6,11 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/tether-sh/tether/pkg/cgroups"
 )
-
-// mountEntry is one line of /proc/self/mountinfo.
-type mountEntry struct {
-	point, fstype string
-}
-
-func mountinfo() ([]mountEntry, error) {
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return nil, err
-	}
-	return parseMountinfo(string(b)), nil
-}
-
-func parseMountinfo(s string) []mountEntry {
-	var out []mountEntry
-	for _, line := range strings.Split(s, "\n") {
-		pre, post, ok := strings.Cut(line, " - ")
-		f, g := strings.Fields(pre), strings.Fields(post)
-		if !ok || len(f) < 5 || len(g) < 1 {
-			continue
-		}
-		out = append(out, mountEntry{point: unescape(f[4]), fstype: g[0]})
-	}
-	return out
-}
-
-// unescape undoes mountinfo's octal escapes (\040 for a space).
-func unescape(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
 
 // mounts sets up the agent's view of the file system. The process is alone in a new mount
 // namespace and the first process of a new PID namespace.
@@ -69,24 +25,24 @@ func mounts(plan Plan) error {
 	if err := unix.Mount("proc", "/proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
 		return fmt.Errorf("mounting the agent's /proc: %w", err)
 	}
-	list, err := mountinfo()
+	list, err := cgroups.MountPoints()
 	if err != nil {
 		return err
 	}
 	// bpffs (tether's pins, and anyone else's) is not there for the agent: deepest first.
 	for i := len(list) - 1; i >= 0; i-- {
-		if list[i].fstype == "bpf" {
-			if err := unix.Unmount(list[i].point, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-				return fmt.Errorf("unmounting bpffs at %s: %w", list[i].point, err)
+		if list[i].FSType == "bpf" {
+			if err := unix.Unmount(list[i].Path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+				return fmt.Errorf("unmounting bpffs at %s: %w", list[i].Path, err)
 			}
 		}
 	}
 	// The cgroup trees are read-only: no leaving the agent's cgroup, no deeper nesting, no
 	// raising a limit.
 	for _, m := range list {
-		if m.fstype == "cgroup2" || m.fstype == "cgroup" {
-			if err := readOnly(m.point, false); err != nil && !errors.Is(err, unix.ENOENT) {
-				return fmt.Errorf("making the cgroup tree at %s read-only: %w", m.point, err)
+		if m.FSType == "cgroup2" || m.FSType == "cgroup" {
+			if err := readOnly(m.Path, false); err != nil && !errors.Is(err, unix.ENOENT) {
+				return fmt.Errorf("making the cgroup tree at %s read-only: %w", m.Path, err)
 			}
 		}
 	}

@@ -2,7 +2,6 @@ package confine
 
 import (
 	"encoding/binary"
-	"slices"
 	"strings"
 	"testing"
 
@@ -176,17 +175,5 @@ func TestPlanRead(t *testing.T) {
 	}
 	if (Plan{Profile: Off}).Cloneflags() != 0 {
 		t.Error("an unconfined agent gets namespaces")
-	}
-}
-
-func TestParseMountinfo(t *testing.T) {
-	in := "22 1 0:21 / /sys/fs/bpf rw,relatime shared:7 - bpf bpf rw\n" +
-		"30 25 0:26 / /sys/fs/cgroup/unified rw,nosuid shared:9 - cgroup2 cgroup2 rw\n" +
-		"31 25 0:27 / /mnt/with\\040space rw - tmpfs tmpfs rw\n" +
-		"garbage\n"
-	got := parseMountinfo(in)
-	want := []mountEntry{{"/sys/fs/bpf", "bpf"}, {"/sys/fs/cgroup/unified", "cgroup2"}, {"/mnt/with space", "tmpfs"}}
-	if !slices.Equal(got, want) {
-		t.Errorf("%v, want %v", got, want)
 	}
 }

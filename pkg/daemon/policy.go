@@ -223,7 +223,7 @@ func (d *Daemon) respond(rec *events.Decision) {
 			"kind", rec.Kind, "verdict", rec.Verdict, "decision_id", rec.DecisionID)
 	}
 	if resp == policy.RespondFreeze || resp == policy.RespondKill {
-		d.killByPolicy(slot, string(resp), fmt.Sprintf("respond policy said %s after %s %s %s (decision %s)", resp, rec.Verdict, rec.Kind, rec.Destination+rec.Executable+rec.SocketPath+rec.Syscall, rec.DecisionID))
+		d.killByPolicy(slot, string(resp), fmt.Sprintf("respond policy said %s after %s %s %s (decision %s)", resp, rec.Verdict, rec.Kind, rec.Target(), rec.DecisionID))
 	}
 }
 

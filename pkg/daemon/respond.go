@@ -16,7 +16,7 @@ import (
 // included), however many there were; input.recent only the last recentMax records. So the cost
 // of one evaluation does not grow with an agent's rate, and a flood is still counted whole.
 //
-// The same event (agent, task, policy revision, kind, verdict, destination / executable / socket)
+// The same event (agent, task, policy revision, kind, verdict, target: events.Decision.Target)
 // within memoFor takes the answer given to the first, without asking the policy again: a
 // flood of identical denials costs one evaluation a second, not one each. A count-based answer
 // (freeze after N denials) then comes at most memoFor late.
@@ -65,7 +65,7 @@ func (r *recent) respond(rec *events.Decision, rev *policy.Revision, input func(
 		p = &agentPast{spiffeID: rec.SpiffeID, memo: map[memoKey]memoEntry{}}
 		r.agents[slot] = p
 	}
-	key := memoKey{rec.TaskID, rev.ID, rec.Kind, rec.Verdict, rec.Destination + rec.Executable + rec.SocketPath + rec.Syscall}
+	key := memoKey{rec.TaskID, rev.ID, rec.Kind, rec.Verdict, rec.Target()}
 	p.count(rec.Kind+"/"+rec.Verdict, rec.Timestamp)
 	if m, ok := p.memo[key]; ok && now.Sub(m.at) < memoFor {
 		r.mu.Unlock()

@@ -120,7 +120,7 @@ func (w *Webhook) Write(d events.Decision) error {
 func (w *Webhook) alertFor(d events.Decision) (Alert, bool) {
 	labels := map[string]string{"spiffe_id": d.SpiffeID, "kind": d.Kind, "source": "tether"}
 	ann := map[string]string{"decision_id": d.DecisionID, "reason": d.Reason}
-	if t := d.Destination + d.Executable + d.SocketPath; t != "" {
+	if t := d.Target(); t != "" {
 		ann["target"] = t
 	}
 	mk := func(name, severity, summary string) (Alert, bool) {

@@ -177,6 +177,12 @@ func fileString(f dataplane.FileID) string {
 	return string(strconv.AppendUint(append(strconv.AppendUint(b[:0], uint64(f.Dev), 10), ':'), f.Ino, 10))
 }
 
+// Target is what the record is about: its destination, executable, socket path, socket option
+// or system call (a record has one of them).
+func (d Decision) Target() string {
+	return d.Destination + d.Executable + d.SocketPath + d.SocketOption + d.Syscall
+}
+
 // NewID is a new decision ID: 16 random bytes, hex.
 func NewID() string {
 	var b [16]byte

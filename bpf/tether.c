@@ -43,6 +43,15 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define EPERM 1
 #define TETHER_NO_SLOT 0xffffffff
 
+#define AF_VSOCK 40
+#define NETLINK_ROUTE 0
+#define FMODE_WRITE 0x2
+#define TETHER_CGROUP2_MAGIC 0x63677270
+#define TETHER_TCP_LISTEN 10
+#ifndef bpf_ksym_exists
+#define bpf_ksym_exists(sym) ({ _Static_assert(!__builtin_constant_p(!!sym), #sym " should be marked as __weak"); !!sym; })
+#endif
+
 /* Makes clang keep a bounds-checked value in a register the verifier has seen checked. */
 #define tether_barrier_var(v) asm volatile("" : "=r"(v) : "0"(v))
 
@@ -206,8 +215,20 @@ struct {
 	__type(value, __u32);
 } tether_sweep_shard SEC(".maps");
 
+/* The agent parent cgroups, from index 0 to tether_config.parents - 1: the global programs ask
+ * bpf_current_task_under_cgroup of these first, so that a process outside them costs a helper
+ * call per parent and nothing else. */
+struct {
+	__uint(type, BPF_MAP_TYPE_CGROUP_ARRAY);
+	__uint(max_entries, TETHER_MAX_PARENTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} tether_parents SEC(".maps");
+
 extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
 extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
+/* Linux 6.13+: signal another task than the current one (a process moved by another). */
+extern int bpf_send_signal_task(struct task_struct *task, int sig, enum pid_type type, __u64 value) __ksym __weak;
 
 /* What one hook invocation decided, carried to accounting and the event. */
 struct tether_decision {
@@ -309,6 +330,38 @@ static __always_inline int tether_find_slot(__u64 *cgroup_id, __u32 *slot)
 	c->check = id ^ packed ^ TETHER_CACHE_MAGIC;
 	*slot = s;
 	return found;
+}
+
+/* tether_under_parent says whether the current task is below an agent parent: one helper call
+ * per parent (usually one), no walk. */
+static __always_inline int tether_under_parent(void)
+{
+	__u32 zero = 0;
+	struct tether_config_entry *cfg = bpf_map_lookup_elem(&tether_config, &zero);
+	if (!cfg)
+		return 0;
+	__u32 n = cfg->parents;
+	for (__u32 i = 0; i < TETHER_MAX_PARENTS; i++) {
+		if (i >= n)
+			break;
+		if (bpf_current_task_under_cgroup(&tether_parents, i) == 1)
+			return 1;
+	}
+	return 0;
+}
+
+/* tether_too_deep says, for a task below an agent parent whose walk found no agent, whether the
+ * walk could have missed one: its cgroup is more than TETHER_MAX_ANCESTORS levels below the
+ * agent cgroups' level (one below the shallowest parent). Such a task is denied everything. */
+static __always_inline int tether_too_deep(void)
+{
+	__u32 zero = 0;
+	struct tether_config_entry *cfg = bpf_map_lookup_elem(&tether_config, &zero);
+	if (!cfg || !cfg->parents)
+		return 0;
+	struct task_struct *task = bpf_get_current_task_btf();
+	int level = BPF_CORE_READ(task, cgroups, dfl_cgrp, level);
+	return level > (int)cfg->parent_level + 1 + TETHER_MAX_ANCESTORS;
 }
 
 static __always_inline struct tether_rule_value *tether_header(void *rules)
@@ -462,13 +515,18 @@ static __always_inline void *tether_begin_slot(struct tether_decision *d, __u32 
 }
 
 /* tether_begin resolves the current task's agent and its rule set: as tether_begin_slot, and
- * for a task in no agent NULL with the unknown-cgroup verdict. */
+ * for a task in no agent NULL with the unknown-cgroup verdict, or a deny for depth when the walk
+ * may have missed its agent (see tether_too_deep). */
 static __always_inline void *tether_begin(struct tether_decision *d)
 {
 	if (!tether_find_slot(&d->cgroup_id, &d->slot)) {
 		d->slot = TETHER_NO_SLOT;
 		d->reason = TETHER_REASON_UNKNOWN_CGROUP;
 		d->verdict = tether_unknown_cgroup_allow ? TETHER_VERDICT_ALLOW : TETHER_VERDICT_DENY;
+		if (tether_too_deep()) {
+			d->reason = TETHER_REASON_DEPTH;
+			d->verdict = TETHER_VERDICT_DENY;
+		}
 		return NULL;
 	}
 	return tether_begin_slot(d, &d->slot);
@@ -876,7 +934,7 @@ static __always_inline int tether_unix_decide(struct tether_decision *d, const c
 	int matchable = tether_unix_key(&key, path, n);
 
 	rules = tether_begin(d);
-	if (global && d->slot == TETHER_NO_SLOT)
+	if (global && d->slot == TETHER_NO_SLOT && !(d->reason == TETHER_REASON_DEPTH && tether_under_parent()))
 		return 1;
 	if (rules) {
 		struct tether_rule_value *v = matchable ? bpf_map_lookup_elem(rules, &key) : NULL;
@@ -995,6 +1053,93 @@ int tether_sock_create(struct bpf_sock *sk)
 	return d.verdict != TETHER_VERDICT_DENY;
 }
 
+/* Inbound: an agent listens only on loopback or on the ports its listen rules name. */
+
+/* tether_loopback says whether a 16-byte address (IPv4 as ::ffff:a.b.c.d) is loopback. */
+static __always_inline int tether_loopback(const __u8 a[16])
+{
+	__u64 hi, lo;
+	__builtin_memcpy(&hi, a, 8);
+	__builtin_memcpy(&lo, a + 8, 8);
+	if (hi == 0 && lo == bpf_cpu_to_be64(1))
+		return 1; /* ::1 */
+	return hi == 0 && a[8] == 0 && a[9] == 0 && a[10] == 0xff && a[11] == 0xff && a[12] == 127;
+}
+
+/* tether_listen_rules decides d (a bind or a listener's port) by the agent's listen rules. */
+static __always_inline void tether_listen_rules(struct tether_decision *d, void *rules)
+{
+	struct tether_rule_key key = {};
+	int audit_hit = 0;
+	__u8 reason = TETHER_REASON_BIND;
+
+	key.prefixlen = 8;
+	key.kind = TETHER_RULE_LISTEN;
+	struct tether_rule_value *v = bpf_map_lookup_elem(rules, &key);
+	if (v && tether_ports_allow(d, v->ports, v->count, TETHER_MAX_PORT_RULES, &audit_hit, &reason, 1)) {
+		d->verdict = TETHER_VERDICT_ALLOW;
+		d->reason = TETHER_REASON_RULE;
+		return;
+	}
+	if (audit_hit) {
+		d->verdict = TETHER_VERDICT_AUDIT;
+		d->reason = TETHER_REASON_AUDIT_RULE;
+		return;
+	}
+	tether_no_match(d, rules, TETHER_REASON_BIND);
+}
+
+/* tether_bind decides a bind of the current task to d->addr and d->dport: loopback and port 0
+ * (an ephemeral port, as a client takes; a listener on one is caught at ingress) are free. */
+static __always_inline int tether_bind(struct tether_decision *d)
+{
+	if (d->dport == 0 || tether_loopback(d->addr))
+		return 1;
+	d->kind = TETHER_KIND_BIND;
+	void *rules = tether_begin(d);
+	if (d->slot == TETHER_NO_SLOT && d->reason != TETHER_REASON_DEPTH)
+		return 1; /* not an agent */
+	if (rules)
+		tether_listen_rules(d, rules);
+	tether_account(d);
+	if (d->verdict != TETHER_VERDICT_ALLOW || tether_should_emit(d)) {
+		struct tether_event *e = tether_event_reserve(d);
+		if (e)
+			bpf_ringbuf_submit(e, 0);
+	}
+	return d->verdict != TETHER_VERDICT_DENY;
+}
+
+SEC("cgroup/bind4")
+int tether_bind4(struct bpf_sock_addr *ctx)
+{
+	struct tether_decision d = {};
+
+	d.family = AF_INET;
+	d.proto = ctx->protocol;
+	d.sock_type = ctx->type;
+	d.dport = bpf_ntohs((__u16)ctx->user_port);
+	tether_addr4(d.addr, ctx->user_ip4);
+	return tether_bind(&d);
+}
+
+SEC("cgroup/bind6")
+int tether_bind6(struct bpf_sock_addr *ctx)
+{
+	struct tether_decision d = {};
+	__u32 *addr = (__u32 *)d.addr;
+
+	d.family = AF_INET6;
+	d.proto = ctx->protocol;
+	d.sock_type = ctx->type;
+	d.dport = bpf_ntohs((__u16)ctx->user_port);
+	addr[0] = ctx->user_ip6[0];
+	addr[1] = ctx->user_ip6[1];
+	addr[2] = ctx->user_ip6[2];
+	addr[3] = ctx->user_ip6[3];
+	return tether_bind(&d);
+}
+
 /* Live sockets and their packets.
  *
  * A verdict taken at connect must hold for as long as the connection lives. The connect hooks
@@ -1099,6 +1244,20 @@ __attribute__((noinline)) int tether_pkt_read(struct __sk_buff *skb, struct teth
 	if (!frag)
 		tether_pkt_l4(skb, p, off, ((__s32)h[4] << 8 | h[5]) - ((__s32)off - 40));
 	return 0;
+}
+
+/* tether_pkt_read_dst reads the destination address of a packet (skb->data at its network
+ * header). */
+static __always_inline void tether_pkt_read_dst(struct __sk_buff *skb, struct tether_pkt *p)
+{
+	if (skb->protocol == bpf_htons(TETHER_ETH_P_IP)) {
+		__u32 a;
+		if (!bpf_skb_load_bytes(skb, 16, &a, 4))
+			tether_addr4(p->daddr, a);
+		return;
+	}
+	if (skb->protocol == bpf_htons(TETHER_ETH_P_IPV6))
+		bpf_skb_load_bytes(skb, 24, p->daddr, 16);
 }
 
 /* tether_skb_slot finds the agent of the socket of skb from its cgroup: the nearest one bound of
@@ -1463,6 +1622,58 @@ int tether_egress_skb(struct __sk_buff *skb)
 	return d.verdict != TETHER_VERDICT_DENY;
 }
 
+/* Connections offered to an agent's listeners. A bind names its port and is checked by the bind
+ * hooks; a listener that took an ephemeral port (listen on an unbound socket, a bind to port 0)
+ * is not, and neither is one made before the programs were attached: a connection to a listener
+ * of an agent whose listen rules do not name its port is dropped here, at its SYN (connections
+ * over loopback excepted). Every other packet costs the socket's state. */
+SEC("cgroup_skb/ingress")
+int tether_ingress_skb(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+	if (!sk)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk || sk->state != TETHER_TCP_LISTEN)
+		return 1;
+
+	struct tether_pkt p = {};
+	struct tether_decision d = {};
+	tether_pkt_read_dst(skb, &p);
+	if (tether_loopback(p.daddr))
+		return 1;
+	d.kind = TETHER_KIND_BIND;
+	d.family = sk->family;
+	d.proto = IPPROTO_TCP;
+	d.sock_type = SOCK_STREAM;
+	d.dport = sk->src_port;
+	__builtin_memcpy(d.addr, p.daddr, 16);
+	__u32 slot = TETHER_NO_SLOT;
+	if (!tether_skb_slot(skb, &d.cgroup_id, &slot))
+		return 1; /* not an agent's listener */
+	d.slot = slot;
+	d.caller = TETHER_CALLER_NONE;
+	void *rules = tether_begin_slot(&d, &slot);
+	if (rules)
+		tether_listen_rules(&d, rules);
+	if (d.verdict == TETHER_VERDICT_ALLOW)
+		return 1;
+	/* One record per listener, not per SYN. */
+	struct tether_sock *s = bpf_sk_storage_get(&tether_socks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (s && s->slot == slot && (s->flags & TETHER_SOCK_REPORTED) && s->generation == d.generation) {
+		tether_account(&d);
+	} else {
+		if (s) {
+			s->slot = slot;
+			s->born = d.born;
+			s->generation = d.generation;
+			s->flags = TETHER_SOCK_REPORTED;
+		}
+		tether_sock_event(&d, NULL, bpf_get_socket_uid(skb));
+	}
+	return d.verdict != TETHER_VERDICT_DENY;
+}
+
 #define TETHER_SOL_IP 0
 #define TETHER_SOL_IPV6 41
 #define TETHER_IP_OPTIONS 4
@@ -1498,10 +1709,10 @@ int tether_setsockopt(struct bpf_sockopt *ctx)
 	d.family = level == TETHER_SOL_IP ? AF_INET : AF_INET6;
 	d.dport = name;
 	void *rules = tether_begin(&d);
-	if (d.slot == TETHER_NO_SLOT)
+	if (d.slot == TETHER_NO_SLOT && d.reason != TETHER_REASON_DEPTH)
 		return 1; /* not an agent: the unknown-cgroup verdict is for traffic */
 	d.verdict = TETHER_VERDICT_DENY;
-	d.reason = TETHER_REASON_DETOUR;
+	d.reason = d.slot == TETHER_NO_SLOT ? TETHER_REASON_DEPTH : TETHER_REASON_DETOUR;
 	if (rules) {
 		struct tether_rule_value *h = tether_header(rules);
 		if (h && h->mode == TETHER_MODE_AUDIT)
@@ -1635,19 +1846,51 @@ int tether_sweep_udp(struct bpf_iter__udp *ctx)
 	return tether_sweep_sock((struct sock *)us, (struct sock_common *)us, IPPROTO_UDP, ctx->uid);
 }
 
-/* tether_exec_decide decides an exec of the file bprm->file by the current (agent) task. */
+/* The change time of an inode in nanoseconds: a write, a truncate, a chmod or a rename of the file
+ * sets it. Its field moved twice (6.6, 6.11); these flavours read it on each kernel. */
+struct inode___v611 {
+	time64_t i_ctime_sec;
+	u32 i_ctime_nsec;
+} __attribute__((preserve_access_index));
+struct inode___v66 {
+	struct timespec64 __i_ctime;
+} __attribute__((preserve_access_index));
+struct inode___v61 {
+	struct timespec64 i_ctime;
+} __attribute__((preserve_access_index));
+
+static __always_inline __u64 tether_ctime(struct inode *inode)
+{
+	struct inode___v611 *a = (void *)inode;
+	struct inode___v66 *b = (void *)inode;
+	struct inode___v61 *c = (void *)inode;
+	/* Since 6.13 the top bit of i_ctime_nsec says that the time was queried (multigrain
+	 * timestamps); nanoseconds never reach it. */
+	if (bpf_core_field_exists(a->i_ctime_sec))
+		return (__u64)BPF_CORE_READ(a, i_ctime_sec) * 1000000000ULL + (BPF_CORE_READ(a, i_ctime_nsec) & 0x7fffffff);
+	if (bpf_core_field_exists(b->__i_ctime))
+		return (__u64)BPF_CORE_READ(b, __i_ctime.tv_sec) * 1000000000ULL + BPF_CORE_READ(b, __i_ctime.tv_nsec);
+	return (__u64)BPF_CORE_READ(c, i_ctime.tv_sec) * 1000000000ULL + BPF_CORE_READ(c, i_ctime.tv_nsec);
+}
+
+/* tether_exec_decide decides an exec of the file bprm->file by the current task, in an agent or
+ * too deep below an agent parent to tell (then d->slot is TETHER_NO_SLOT and the verdict deny).
+ * A granted file counts only while its change time is the one granted: a file rewritten in place
+ * (same inode) is denied for modified-file until tetherd has checked its digest and granted it
+ * again. */
 static __always_inline void tether_exec_decide(struct tether_decision *d, struct linux_binprm *bprm,
 					       void **rules_out)
 {
 	d->kind = TETHER_KIND_EXEC;
 	void *rules = tether_begin(d);
 	*rules_out = rules;
-	if (d->slot == TETHER_NO_SLOT)
+	if (d->slot == TETHER_NO_SLOT && d->reason != TETHER_REASON_DEPTH)
 		return;
 
 	struct file *file = BPF_CORE_READ(bprm, file);
-	d->bin_dev = BPF_CORE_READ(file, f_inode, i_sb, s_dev);
-	d->bin_ino = BPF_CORE_READ(file, f_inode, i_ino);
+	struct inode *inode = BPF_CORE_READ(file, f_inode);
+	d->bin_dev = BPF_CORE_READ(inode, i_sb, s_dev);
+	d->bin_ino = BPF_CORE_READ(inode, i_ino);
 	if (!rules)
 		return;
 
@@ -1657,11 +1900,15 @@ static __always_inline void tether_exec_decide(struct tether_decision *d, struct
 	__builtin_memcpy(key.data, &d->bin_dev, 4);
 	__builtin_memcpy(key.data + 4, &d->bin_ino, 8);
 	struct tether_rule_value *v = bpf_map_lookup_elem(rules, &key);
-	if (v) {
-		tether_entry_match(d, v);
+	if (!v) {
+		tether_no_match(d, rules, TETHER_REASON_NO_RULE);
 		return;
 	}
-	tether_no_match(d, rules, TETHER_REASON_NO_RULE);
+	if (v->generation != tether_ctime(inode)) {
+		tether_no_match(d, rules, TETHER_REASON_MODIFIED_FILE);
+		return;
+	}
+	tether_entry_match(d, v);
 }
 
 static __always_inline void tether_exec_event(struct tether_decision *d, void *rules,
@@ -1682,6 +1929,17 @@ static __always_inline void tether_exec_event(struct tether_decision *d, void *r
 	bpf_ringbuf_submit(e, 0);
 }
 
+/* tether_live_agent returns the agent a lineage entry belongs to while it is still that agent
+ * (the slot has not been cleared or given to another), else NULL. */
+static __always_inline struct tether_agent *tether_live_agent(struct tether_proc *p)
+{
+	__u32 slot = p->slot;
+	struct tether_agent *a = bpf_map_lookup_elem(&tether_agents, &slot);
+	if (!a || a->born != p->born || !(a->flags & TETHER_AGENT_ACTIVE))
+		return NULL;
+	return a;
+}
+
 /* tether_exec_lineage records the binary an agent process now runs. */
 static __always_inline void tether_exec_lineage(struct task_struct *task, __u32 slot,
 						struct linux_binprm *bprm, struct tether_decision *d)
@@ -1698,12 +1956,91 @@ static __always_inline void tether_exec_lineage(struct task_struct *task, __u32 
 		p.start_ns = bpf_ktime_get_boot_ns();
 	}
 	p.slot = slot;
+	p.born = d->born;
 	p.bin_dev = d->bin_dev;
 	p.bin_ino = d->bin_ino;
 	bpf_get_current_comm(p.comm, sizeof(p.comm));
 	bpf_probe_read_kernel_str(p.path, sizeof(p.path), BPF_CORE_READ(bprm, filename));
 	if (bpf_map_update_elem(&tether_procs, &tgid, &p, BPF_ANY))
 		tether_count(TETHER_COUNTER_LINEAGE_UPDATE_ERRORS);
+}
+
+/* tether_migrated records that the agent process tgid (lineage p) is found outside its agent
+ * and, unless its agent is in audit mode, kills it: the current task when it is that process,
+ * else through bpf_send_signal_task where the kernel has it (6.13+), else tetherd does on the
+ * record. target names where it went. Returns 1 when it was signalled. */
+static __always_inline int tether_migrated(struct task_struct *task, struct tether_proc *p, struct tether_agent *agent,
+					   __u64 cgroup_id, const char *where, int late)
+{
+	struct tether_decision d = {};
+	__u32 tgid = BPF_CORE_READ(task, tgid);
+	int signalled = 0;
+
+	d.kind = TETHER_KIND_MIGRATE;
+	d.slot = p->slot;
+	d.cgroup_id = cgroup_id;
+	d.bin_dev = p->bin_dev;
+	d.bin_ino = p->bin_ino;
+	d.reason = TETHER_REASON_MIGRATION;
+	d.verdict = TETHER_VERDICT_DENY;
+	__u32 active = agent->active & 1, buf = p->slot * 2 + active;
+	d.generation = agent->generation[active];
+	void *rules = bpf_map_lookup_elem(&tether_rulesets, &buf);
+	struct tether_rule_value *h = rules ? tether_header(rules) : NULL;
+	if (h && h->mode == TETHER_MODE_AUDIT && !(agent->flags & TETHER_AGENT_KILLED))
+		d.verdict = TETHER_VERDICT_AUDIT;
+	if (late)
+		tether_count(TETHER_COUNTER_MIGRATIONS_LATE);
+	if (d.verdict == TETHER_VERDICT_DENY) {
+		if ((__u32)(bpf_get_current_pid_tgid() >> 32) == tgid)
+			signalled = bpf_send_signal(SIGKILL) == 0;
+		else if (bpf_ksym_exists(bpf_send_signal_task))
+			signalled = bpf_send_signal_task(task, SIGKILL, PIDTYPE_TGID, 0) == 0;
+		if (!signalled)
+			tether_count(TETHER_COUNTER_SIGNAL_ERRORS);
+	}
+	tether_account(&d);
+	struct tether_event *e = bpf_ringbuf_reserve(&tether_events, sizeof(*e), 0);
+	if (!e) {
+		tether_count(TETHER_COUNTER_RINGBUF_DROPS);
+		return signalled;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_boot_ns = bpf_ktime_get_boot_ns();
+	e->generation = d.generation;
+	e->cgroup_id = cgroup_id;
+	e->slot = d.slot;
+	e->pid = tgid;
+	/* tid: the process that moved it (itself, or another); its tetherd-side kill needs to
+	 * know whether the kernel already did. */
+	e->tid = bpf_get_current_pid_tgid() >> 32;
+	e->uid = BPF_CORE_READ(task, cred, uid.val);
+	e->kind = d.kind;
+	e->verdict = d.verdict;
+	e->reason = d.reason;
+	e->proto = signalled;
+	BPF_CORE_READ_STR_INTO(&e->comm, task, comm);
+	tether_event_lineage(e, 1);
+	if (where)
+		bpf_probe_read_kernel_str(e->target, sizeof(e->target), where);
+	bpf_ringbuf_submit(e, 0);
+	return signalled;
+}
+
+/* tether_cgroup_in_slot says whether the nearest bound cgroup of cg and its ancestors (64 levels
+ * at most: a move is rare, and a move deep below its own agent is no migration) is slot's. */
+static __always_inline int tether_cgroup_in_slot(struct cgroup *cg, __u32 slot)
+{
+	for (int i = 0; i < 64; i++) {
+		if (!cg)
+			break;
+		__u64 id = BPF_CORE_READ(cg, kn, id);
+		struct tether_binding *b = bpf_map_lookup_elem(&tether_cgroups, &id);
+		if (b)
+			return b->slot == slot;
+		cg = (struct cgroup *)BPF_CORE_READ(cg, self.parent);
+	}
+	return 0;
 }
 
 /* Runs after every successful exec on the host, before the new image runs user code. */
@@ -1713,11 +2050,37 @@ int BPF_PROG(tether_exec, struct task_struct *task, pid_t old_pid, struct linux_
 	struct tether_decision d = {};
 	void *rules = NULL;
 
-	tether_exec_decide(&d, bprm, &rules);
-	if (d.slot == TETHER_NO_SLOT)
-		return 0; /* not an agent: never touched */
+	if (!tether_under_parent()) {
+		/* Not below any agent parent: nothing to decide, unless it is an agent process that
+		 * left (a move the migration program could not stop). */
+		__u32 tgid = BPF_CORE_READ(task, tgid);
+		struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &tgid);
+		struct tether_agent *agent = p ? tether_live_agent(p) : NULL;
+		if (agent)
+			tether_migrated(task, p, agent, bpf_get_current_cgroup_id(), NULL, 1);
+		return 0;
+	}
 
-	tether_exec_lineage(task, d.slot, bprm, &d);
+	tether_exec_decide(&d, bprm, &rules);
+	if (d.slot == TETHER_NO_SLOT && d.reason != TETHER_REASON_DEPTH) {
+		__u32 tgid = BPF_CORE_READ(task, tgid);
+		struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &tgid);
+		struct tether_agent *agent = p ? tether_live_agent(p) : NULL;
+		if (agent)
+			tether_migrated(task, p, agent, d.cgroup_id, NULL, 1);
+		return 0; /* not an agent: never touched */
+	}
+	if (d.slot != TETHER_NO_SLOT) {
+		__u32 tgid = BPF_CORE_READ(task, tgid);
+		struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &tgid);
+		struct tether_agent *agent = p ? tether_live_agent(p) : NULL;
+		if (agent && p->slot != d.slot) {
+			/* Moved from its agent into another one. */
+			tether_migrated(task, p, agent, d.cgroup_id, NULL, 1);
+			return 0;
+		}
+		tether_exec_lineage(task, d.slot, bprm, &d);
+	}
 	if (!tether_exec_signal)
 		return 0; /* the LSM program decides and reports */
 
@@ -1736,11 +2099,36 @@ int BPF_PROG(tether_exec_lsm, struct linux_binprm *bprm, int ret)
 
 	if (ret)
 		return ret;
+	if (!tether_under_parent())
+		return 0;
 	tether_exec_decide(&d, bprm, &rules);
-	if (d.slot == TETHER_NO_SLOT)
+	if (d.slot == TETHER_NO_SLOT && d.reason != TETHER_REASON_DEPTH)
 		return 0;
 	tether_exec_event(&d, rules, bprm);
 	return d.verdict == TETHER_VERDICT_DENY ? -EPERM : 0;
+}
+
+/* Every move of a process to another cgroup (a write to cgroup.procs or cgroup.threads), after it
+ * is done and before the moved task runs user code again. An agent process that leaves its
+ * agent's subtree is killed (tetherd's own moves excepted): outside it no program judges it. A
+ * process that is not an agent's costs one lookup. */
+SEC("tp_btf/cgroup_attach_task")
+int BPF_PROG(tether_migrate, struct cgroup *dst, const char *path, struct task_struct *task, bool threadgroup)
+{
+	__u32 tgid = BPF_CORE_READ(task, tgid), zero = 0;
+	struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &tgid);
+	if (!p)
+		return 0;
+	struct tether_agent *agent = tether_live_agent(p);
+	if (!agent)
+		return 0;
+	struct tether_config_entry *cfg = bpf_map_lookup_elem(&tether_config, &zero);
+	if (cfg && cfg->daemon_tgid && cfg->daemon_tgid == bpf_get_current_pid_tgid() >> 32)
+		return 0;
+	if (tether_cgroup_in_slot(dst, p->slot))
+		return 0;
+	tether_migrated(task, p, agent, BPF_CORE_READ(dst, kn, id), path, 0);
+	return 0;
 }
 
 SEC("tp_btf/sched_process_fork")
@@ -1773,4 +2161,163 @@ int BPF_PROG(tether_exit, struct task_struct *task)
 	if (bpf_map_lookup_elem(&tether_procs, &tgid))
 		bpf_map_delete_elem(&tether_procs, &tgid);
 	return 0;
+}
+
+/* Guards that only BPF LSM can place: they refuse, for agents, what no cgroup hook sees. Each runs
+ * for every process of the host and costs a process outside the agent parents a helper call per
+ * parent. */
+
+/* tether_guard_decide finds the current task's agent for an LSM guard: 1 with d filled in (a deny,
+ * or audit-deny in audit mode, for reason) when the guard applies to it, 0 when the task is in no
+ * agent. */
+static __always_inline int tether_guard_decide(struct tether_decision *d, __u8 kind, __u8 reason)
+{
+	if (!tether_under_parent())
+		return 0;
+	d->kind = kind;
+	void *rules = tether_begin(d);
+	if (d->slot == TETHER_NO_SLOT && d->reason != TETHER_REASON_DEPTH)
+		return 0;
+	if (rules)
+		tether_no_match(d, rules, reason);
+	else if (d->reason != TETHER_REASON_KILLED && d->reason != TETHER_REASON_DEPTH)
+		d->reason = reason;
+	return 1;
+}
+
+/* tether_guard_finish records d (target names what was refused) and returns the hook's answer. */
+static __always_inline int tether_guard_finish(struct tether_decision *d, const char *target)
+{
+	tether_account(d);
+	struct tether_event *e = tether_event_reserve(d);
+	if (e) {
+		if (target)
+			bpf_probe_read_kernel_str(e->target, sizeof(e->target), target);
+		bpf_ringbuf_submit(e, 0);
+	}
+	return d->verdict == TETHER_VERDICT_DENY ? -EPERM : 0;
+}
+
+/* Agents create inet, inet6 and unix sockets and route netlink sockets; any other family
+ * (AF_VSOCK, AF_PACKET, AF_ALG, ...) is refused. */
+SEC("lsm/socket_create")
+int BPF_PROG(tether_socket_lsm, int family, int type, int protocol, int kern, int ret)
+{
+	struct tether_decision d = {};
+
+	if (ret || kern)
+		return ret;
+	if (family == AF_INET || family == AF_INET6 || family == AF_UNIX || (family == AF_NETLINK && protocol == NETLINK_ROUTE))
+		return 0;
+	if (!tether_guard_decide(&d, TETHER_KIND_SOCKET, TETHER_REASON_FAMILY))
+		return 0;
+	d.family = family;
+	d.sock_type = type;
+	d.proto = protocol;
+	return tether_guard_finish(&d, NULL);
+}
+
+/* No user namespace for agents: inside one, an agent is root over new mount namespaces. */
+SEC("lsm/userns_create")
+int BPF_PROG(tether_userns_lsm, const struct cred *cred, int ret)
+{
+	struct tether_decision d = {};
+
+	if (ret)
+		return ret;
+	if (!tether_guard_decide(&d, TETHER_KIND_GUARD, TETHER_REASON_USERNS))
+		return 0;
+	return tether_guard_finish(&d, "userns");
+}
+
+/* No bpf() for agents: pinned maps and links are tether's enforcement. The hook's arguments differ
+ * between kernels; only the command is read. */
+SEC("lsm/bpf")
+int BPF_PROG(tether_bpf_lsm, int cmd)
+{
+	struct tether_decision d = {};
+
+	if (!tether_guard_decide(&d, TETHER_KIND_GUARD, TETHER_REASON_BPF))
+		return 0;
+	d.dport = cmd;
+	return tether_guard_finish(&d, "bpf");
+}
+
+/* tether_task_slot finds the agent of task from its cgroup, as tether_walk_slot does for the current
+ * task. */
+static __always_inline int tether_task_slot(struct task_struct *task, __u32 *slot)
+{
+	struct cgroup *cg = BPF_CORE_READ(task, cgroups, dfl_cgrp);
+
+	for (int i = 0; i <= TETHER_MAX_ANCESTORS; i++) {
+		if (!cg)
+			break;
+		__u64 id = BPF_CORE_READ(cg, kn, id);
+		struct tether_binding *b = bpf_map_lookup_elem(&tether_cgroups, &id);
+		if (b) {
+			*slot = b->slot;
+			return 1;
+		}
+		cg = (struct cgroup *)BPF_CORE_READ(cg, self.parent);
+	}
+	return 0;
+}
+
+/* An agent may trace (ptrace, /proc/<pid>/mem, process_vm_readv, pidfd_getfd) only processes of
+ * its own agent. */
+SEC("lsm/ptrace_access_check")
+int BPF_PROG(tether_ptrace_lsm, struct task_struct *child, unsigned int mode, int ret)
+{
+	struct tether_decision d = {};
+	__u32 slot = TETHER_NO_SLOT;
+
+	if (ret)
+		return ret;
+	if (!tether_guard_decide(&d, TETHER_KIND_GUARD, TETHER_REASON_PTRACE))
+		return 0;
+	if (d.slot != TETHER_NO_SLOT && tether_task_slot(child, &slot) && slot == d.slot)
+		return 0;
+	return tether_guard_finish(&d, (const char *)child->comm);
+}
+
+/* An agent may move processes only within its own agent: opening another cgroup's cgroup.procs or
+ * cgroup.threads for writing is refused (tp_btf/cgroup_attach_task kills what gets through, on
+ * every kernel). */
+SEC("lsm/file_open")
+int BPF_PROG(tether_cgroup_open_lsm, struct file *file, int ret)
+{
+	struct tether_decision d = {};
+	char name[16] = {};
+
+	if (ret)
+		return ret;
+	if (!(BPF_CORE_READ(file, f_mode) & FMODE_WRITE))
+		return 0;
+	if (BPF_CORE_READ(file, f_inode, i_sb, s_magic) != TETHER_CGROUP2_MAGIC)
+		return 0;
+	struct dentry *dentry = BPF_CORE_READ(file, f_path.dentry);
+	bpf_probe_read_kernel_str(name, sizeof(name), BPF_CORE_READ(dentry, d_name.name));
+	if (__builtin_memcmp(name, "cgroup.procs", 13) && __builtin_memcmp(name, "cgroup.threads", 15))
+		return 0;
+	if (!tether_guard_decide(&d, TETHER_KIND_MIGRATE, TETHER_REASON_MIGRATION))
+		return 0;
+	if (d.slot != TETHER_NO_SLOT) {
+		struct dentry *dir = BPF_CORE_READ(dentry, d_parent);
+		for (int i = 0; i <= TETHER_MAX_ANCESTORS; i++) {
+			if (!dir)
+				break;
+			__u64 id = BPF_CORE_READ(dir, d_inode, i_ino);
+			struct tether_binding *b = bpf_map_lookup_elem(&tether_cgroups, &id);
+			if (b) {
+				if (b->slot == d.slot)
+					return 0; /* within its own agent */
+				break;
+			}
+			struct dentry *up = BPF_CORE_READ(dir, d_parent);
+			if (up == dir)
+				break;
+			dir = up;
+		}
+	}
+	return tether_guard_finish(&d, (const char *)BPF_CORE_READ(dentry, d_name.name));
 }

@@ -41,6 +41,8 @@ enum tether_limits {
 	TETHER_UNIX_PATH_LEN = 108,
 	/* Bytes of a SPIFFE ID kept in the (userspace-only) agent info map. */
 	TETHER_ID_LEN = 256,
+	/* Agent parent cgroups (tether_parents): the cgroups the cgroup programs are attached at. */
+	TETHER_MAX_PARENTS = 64,
 };
 
 /* The kind byte that starts every rule key; a rule set holds all kinds in one LPM trie so that
@@ -50,6 +52,9 @@ enum tether_rule_kind {
 	TETHER_RULE_EGRESS = 1, /* data: 16-byte IPv6 address; IPv4 as ::ffff:a.b.c.d */
 	TETHER_RULE_EXEC = 2,	/* data: __u32 dev (kernel encoding) then __u64 inode, little endian */
 	TETHER_RULE_UNIX = 3,	/* data: sun_path bytes; abstract names start with a NUL byte */
+	/* No data (prefixlen 8): one entry whose port rules name the ports an agent may listen on
+	 * (bind to an address other than loopback). None: only loopback. */
+	TETHER_RULE_LISTEN = 4,
 };
 
 /* What a hook was asked to do. Also the index of per-agent counters. */
@@ -71,7 +76,15 @@ enum tether_kind {
 	/* A live socket checked again after its agent's rule set changed (the sweep): terminated
 	 * when the rule set in force no longer allows its destination. */
 	TETHER_KIND_TERMINATE = 10,
-	TETHER_KIND_MAX = 11,
+	/* A process of an agent moved to a cgroup outside its agent (written to another
+	 * cgroup.procs): killed. */
+	TETHER_KIND_MIGRATE = 11,
+	/* A bind to an address other than loopback, or a connection offered to a listener (a TCP
+	 * SYN at cgroup_skb/ingress): allowed only on the ports of the agent's listen rules. */
+	TETHER_KIND_BIND = 12,
+	/* An LSM guard: a user namespace, a bpf() call, a ptrace of another process. */
+	TETHER_KIND_GUARD = 13,
+	TETHER_KIND_MAX = 14,
 };
 
 enum tether_verdict {
@@ -96,6 +109,17 @@ enum tether_reason {
 	TETHER_REASON_REVOKED = 9,	   /* the rule set in force no longer allows a live socket's destination */
 	TETHER_REASON_DETOUR = 10,	   /* IP options or an IPv6 routing header: the packet would go elsewhere */
 	TETHER_REASON_MAX_DURATION = 11,   /* the max_duration of the rule that allowed the connection passed */
+	TETHER_REASON_MIGRATION = 12,	   /* the process left its agent's cgroup subtree */
+	/* Under an agent parent, deeper than the walk of TETHER_MAX_ANCESTORS levels reaches, and
+	 * no agent found: it may be an agent's, so everything is denied. */
+	TETHER_REASON_DEPTH = 13,
+	TETHER_REASON_MODIFIED_FILE = 14,  /* a granted executable changed since it was granted */
+	TETHER_REASON_MOUNT_NS = 15,	   /* a unix path connect from another mount namespace than the agent's */
+	TETHER_REASON_FAMILY = 16,	   /* a socket family the agent's grants do not need */
+	TETHER_REASON_USERNS = 17,	   /* a new user namespace */
+	TETHER_REASON_PTRACE = 18,	   /* ptrace of another agent or of a process outside agents */
+	TETHER_REASON_BIND = 19,	   /* a bind or listener on a port no listen rule names */
+	TETHER_REASON_BPF = 20,		   /* the bpf() system call */
 };
 
 enum tether_mode {
@@ -130,6 +154,9 @@ enum tether_counter {
 	/* bpf_sock_destroy calls that failed during a sweep (the packets of the socket are still
 	 * dropped). */
 	TETHER_COUNTER_DESTROY_ERRORS = 5,
+	/* Agent processes moved out of their agent, found by the exec program rather than when they
+	 * moved (bpf_send_signal_task is missing before Linux 6.13 for a move by another process). */
+	TETHER_COUNTER_MIGRATIONS_LATE = 6,
 	TETHER_COUNTER_MAX = 8,
 };
 
@@ -144,7 +171,15 @@ struct tether_config_entry {
 	/* Bumped by the daemon after every change of tether_cgroups: it invalidates the per-CPU
 	 * cache of cgroup -> slot answers. */
 	__u64 bindings_gen;
-	__u64 _reserved[7];
+	/* tetherd's process: its moves of agent processes are not migrations. */
+	__u32 daemon_tgid;
+	/* Entries of tether_parents in use (from index 0). */
+	__u32 parents;
+	/* The cgroup level of the shallowest agent parent: a process below it deeper than the ancestor
+	 * walk reaches, bound to nothing found, is denied (TETHER_REASON_DEPTH). */
+	__u32 parent_level;
+	__u32 _pad;
+	__u64 _reserved[5];
 };
 
 /* tether_slot_cache value: the last cgroup -> slot answer on this CPU. Programs on one CPU can
@@ -276,7 +311,9 @@ struct tether_grant_uses {
  * and ports (the compiler has already merged every covering prefix's ports into it, because an
  * LPM lookup returns only the longest match), and mode holds its prefixlen, which the hooks
  * compare with that of a tether_hosts match; exec and unix entries allow by their presence, with
- * mode TETHER_MODE_AUDIT when they only audit. */
+ * mode TETHER_MODE_AUDIT when they only audit; an exec entry's generation is the file's change
+ * time (ctime, in nanoseconds) when it was granted, and a file changed since is denied; the listen
+ * entry uses count and ports (protocol and port range). */
 struct tether_rule_value {
 	__u64 generation;
 	__u32 mode; /* enum tether_mode; an egress entry's prefixlen */
@@ -300,6 +337,9 @@ struct tether_proc {
 	__u32 _pad;
 	__u64 bin_ino;
 	__u64 start_ns;
+	/* tether_agents[slot].born when the process joined the agent: an entry of an agent that is
+	 * gone (or whose slot has a new agent) binds nothing. */
+	__u64 born;
 	char comm[16];
 	char path[TETHER_PATH_LEN]; /* as passed to execve, truncated */
 };

@@ -39,6 +39,8 @@ var attacks = map[string]func(args []string) (string, error){
 	"ptrace":         attackPtrace,
 	"pidfd-getfd":    attackPidfdGetfd,
 	"raw-socket":     attackRawSocket,
+	"move":           attackMove,
+	"bind":           attackBind,
 }
 
 // helperAttack runs the attack args[0] names with args[1:].
@@ -149,6 +151,30 @@ func attackMigrate(args []string) (string, error) {
 		return "", err
 	}
 	return "moved " + Result(dialOne(args[1], args[2])), nil
+}
+
+// attackMove moves process args[1] into the cgroup args[0] (the mover is not the process moved).
+func attackMove(args []string) (string, error) {
+	if err := os.WriteFile(filepath.Join(args[0], "cgroup.procs"), []byte(args[1]), 0); err != nil {
+		return "", err
+	}
+	return "moved " + args[1], nil
+}
+
+// attackBind binds a socket of network args[0] ("tcp" or "udp") to address args[1]: "ok bound".
+func attackBind(args []string) (string, error) {
+	if args[0] == "udp" {
+		c, err := net.ListenPacket("udp", args[1])
+		if err != nil {
+			return "", err
+		}
+		return "bound", c.Close()
+	}
+	l, err := net.Listen("tcp", args[1])
+	if err != nil {
+		return "", err
+	}
+	return "bound", l.Close()
 }
 
 // ownCgroup is the cgroup2 directory of the calling process.

@@ -20,6 +20,7 @@ const (
 	MaxUnixPath   = 107 // sun_path holds 108 bytes including the terminating NUL
 	MaxIDLen      = 255
 	MaxCgroupPath = 255
+	MaxParents    = 64 // agent parent cgroups
 )
 
 // Slot is the kernel's index of an agent.
@@ -107,10 +108,15 @@ const MaxRuleDuration = time.Duration(1<<32-1) * time.Millisecond
 // MaxGrants bounds the counted grants in force at once (TETHER_MAX_GRANTS); grant 0 is none.
 const MaxGrants = 4096
 
-// ExecRule allows executing one file; an audit rule allows and reports it as would-deny.
+// ExecRule allows executing one file while it is unchanged; an audit rule allows and reports it
+// as would-deny.
 type ExecRule struct {
-	File  FileID
-	Audit bool
+	File FileID
+	// Changed is the file's change time (ctime, nanoseconds since the epoch) when it was granted:
+	// the kernel denies the file (ReasonModifiedFile) once its change time differs, that is once
+	// it was written, truncated, chmodded or renamed over in place. Zero never matches.
+	Changed int64
+	Audit   bool
 }
 
 // Egress is one entry of the kernel's egress trie: a prefix in 16-byte form (IPv4 as
@@ -137,11 +143,18 @@ type RuleSet struct {
 	Egress     []Egress
 	Exec       []ExecRule
 	Unix       []Unix
+	// Listen are the ports an agent may bind to on addresses other than loopback, and accept
+	// connections on (Binary, Grant and MaxDuration unused). None: loopback only.
+	Listen []PortRule
 }
 
 // Entries is the number of kernel map entries the rule set needs (the header included).
 func (rs *RuleSet) Entries() int {
-	return 1 + len(rs.Egress) + len(rs.Exec) + len(rs.Unix)
+	n := 1 + len(rs.Egress) + len(rs.Exec) + len(rs.Unix)
+	if len(rs.Listen) > 0 {
+		n++
+	}
+	return n
 }
 
 // AgentFlags is the state the kernel checks before any rule.
@@ -185,13 +198,20 @@ const (
 	// KindTerminate is a live socket checked after its agent's rule set changed: terminated
 	// when its destination is no longer allowed.
 	KindTerminate
+	// KindMigrate is an agent process moved out of its agent's cgroup subtree: killed.
+	KindMigrate
+	// KindBind is a bind to an address other than loopback, or a connection offered to an
+	// agent's listener: allowed on the ports of its listen rules only.
+	KindBind
+	// KindGuard is an LSM guard: a user namespace, bpf(), a ptrace of another process.
+	KindGuard
 	numKinds
 )
 
 // NumKinds is the number of kinds the kernel counts.
 const NumKinds = int(numKinds)
 
-var kindNames = [...]string{"connect4", "connect6", "sendmsg4", "sendmsg6", "connect_unix", "sendmsg_unix", "exec", "socket", "sockopt", "packet", "terminate"}
+var kindNames = [...]string{"connect4", "connect6", "sendmsg4", "sendmsg6", "connect_unix", "sendmsg_unix", "exec", "socket", "sockopt", "packet", "terminate", "migrate", "bind", "guard"}
 
 func (k Kind) String() string {
 	if int(k) < len(kindNames) {
@@ -241,9 +261,27 @@ const (
 	ReasonDetour
 	// ReasonMaxDuration: the max_duration of the rule that allowed the connection passed.
 	ReasonMaxDuration
+	// ReasonMigration: an agent process left its agent's cgroup subtree.
+	ReasonMigration
+	// ReasonDepth: below an agent parent, deeper than the walk for its agent reaches.
+	ReasonDepth
+	// ReasonModifiedFile: a granted executable changed since it was granted.
+	ReasonModifiedFile
+	// ReasonMountNS: a unix path connect from another mount namespace than the agent's.
+	ReasonMountNS
+	// ReasonFamily: a socket family agents do not get (AF_VSOCK, AF_PACKET, ...).
+	ReasonFamily
+	// ReasonUserNS: a new user namespace.
+	ReasonUserNS
+	// ReasonPtrace: ptrace of another agent's process or of one outside agents.
+	ReasonPtrace
+	// ReasonBind: a bind or a listener on a port no listen rule names.
+	ReasonBind
+	// ReasonBPF: the bpf() system call.
+	ReasonBPF
 )
 
-var reasonNames = [...]string{"rule", "no-rule", "killed", "unknown-cgroup", "no-ruleset", "socket-type", "binary-unknown", "audit-rule", "grant-spent", "revoked", "detour", "max-duration"}
+var reasonNames = [...]string{"rule", "no-rule", "killed", "unknown-cgroup", "no-ruleset", "socket-type", "binary-unknown", "audit-rule", "grant-spent", "revoked", "detour", "max-duration", "migration", "depth", "modified-file", "mount-ns", "family", "userns", "ptrace", "bind", "bpf"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) {
@@ -281,8 +319,12 @@ type Event struct {
 	Comm       string
 	Binary     FileID // the calling binary; for exec, the executable
 	BinaryPath string // as the calling process was exec'd
-	Target     string // exec: filename; unix: socket path; sockopt: the option (IP_OPTIONS, IPV6_RTHDR, ...)
+	Target     string // exec: filename; unix: socket path; sockopt: the option (IP_OPTIONS, IPV6_RTHDR, ...); migrate: the cgroup it went to
 	Chain      []Process
+	// Killed says, for a migrate, that the kernel killed the moved process (PID; TID is the
+	// process that moved it). Where it could not (a move by another process before Linux 6.13),
+	// tetherd does.
+	Killed bool
 }
 
 // ProgramStat is how often a program ran and for how long in all, as the kernel counts while its
@@ -314,6 +356,9 @@ type Counters struct {
 	// DestroyErrors counts sockets a sweep could not terminate (their packets are still
 	// dropped).
 	DestroyErrors uint64
+	// MigrationsLate counts agent processes found outside their agent by the exec program
+	// rather than when they moved.
+	MigrationsLate uint64
 }
 
 // SweepStats count the sweeps of live sockets: after an agent's rule set changes (or it is

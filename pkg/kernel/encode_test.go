@@ -28,6 +28,7 @@ func TestLimitsMatchC(t *testing.T) {
 		{"port rules", dataplane.MaxPortRules, bpfTetherLimitsTETHER_MAX_PORT_RULES},
 		{"unix path", dataplane.MaxUnixPath + 1, bpfTetherLimitsTETHER_UNIX_PATH_LEN},
 		{"id", dataplane.MaxIDLen + 1, bpfTetherLimitsTETHER_ID_LEN},
+		{"parents", dataplane.MaxParents, bpfTetherLimitsTETHER_MAX_PARENTS},
 	}
 	for _, p := range pairs {
 		if p.goV != int(p.cV) {
@@ -39,7 +40,8 @@ func TestLimitsMatchC(t *testing.T) {
 	}
 	if dataplane.KindExec != dataplane.Kind(bpfTetherKindTETHER_KIND_EXEC) || dataplane.VerdictAudit != dataplane.Verdict(bpfTetherVerdictTETHER_VERDICT_AUDIT) ||
 		dataplane.ReasonBinaryUnknown != dataplane.Reason(bpfTetherReasonTETHER_REASON_BINARY_UNKNOWN) ||
-		dataplane.AgentKilled != dataplane.AgentFlags(bpfTetherAgentFlagsTETHER_AGENT_KILLED) {
+		dataplane.AgentKilled != dataplane.AgentFlags(bpfTetherAgentFlagsTETHER_AGENT_KILLED) ||
+		dataplane.KindGuard != dataplane.Kind(bpfTetherKindTETHER_KIND_GUARD) || dataplane.ReasonBPF != dataplane.Reason(bpfTetherReasonTETHER_REASON_BPF) {
 		t.Error("enum values differ from C")
 	}
 }

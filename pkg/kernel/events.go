@@ -179,8 +179,11 @@ func DecodeEvent(raw []byte, boot time.Time) (dataplane.Event, error) {
 	}
 	switch out.Kind {
 	case dataplane.KindConnect4, dataplane.KindConnect6, dataplane.KindSendmsg4, dataplane.KindSendmsg6,
-		dataplane.KindPacket, dataplane.KindTerminate:
+		dataplane.KindPacket, dataplane.KindTerminate, dataplane.KindBind:
 		out.Addr = netip.AddrFrom16(e.Daddr).Unmap()
+	case dataplane.KindMigrate:
+		// The programs put whether they killed the moved process where a protocol goes.
+		out.Killed, out.Proto = e.Proto != 0, 0
 	case dataplane.KindSockopt:
 		out.Target = sockoptName(e.Family, e.Dport)
 	}

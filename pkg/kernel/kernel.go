@@ -121,7 +121,10 @@ type Kernel struct {
 	mu      sync.Mutex // guards everything below and serialises rule-set installs
 	global  []link.Link
 	parents map[uint64][]link.Link // by cgroup id
-	closed  bool
+	// parentOrder are the agent parents in the order of tether_parents.
+	parentOrder []parentCgroup
+	parentsMap  *ebpf.Map
+	closed      bool
 }
 
 // Open probes the kernel, loads the programs (reusing pinned maps), and attaches the global
@@ -246,6 +249,7 @@ func (k *Kernel) load() error {
 	k.config = coll.Maps[bpfMapTetherConfig]
 	k.sweepMap = coll.Maps[bpfMapTetherSweep]
 	k.sweepShard = coll.Maps[bpfMapTetherSweepShard]
+	k.parentsMap = coll.Maps[bpfMapTetherParents]
 	if k.graceMap, err = ebpf.NewMap(k.innerSpec); err != nil {
 		return fmt.Errorf("creating the grace-period trie: %w", err)
 	}
@@ -255,6 +259,14 @@ func (k *Kernel) load() error {
 	// An earlier tetherd may have switched a buffer moments ago: wait once, so that every buffer
 	// not in force is free to rewrite.
 	k.grace()
+	// Moves of agent processes by this process are not migrations; no parent counts until this
+	// process attaches at it.
+	if err := k.updateConfig("recording tetherd's process", func(c *bpfTetherConfigEntry) {
+		c.DaemonTgid = uint32(os.Getpid())
+		c.Parents = 0
+	}); err != nil {
+		return err
+	}
 	// Whatever a cache of an earlier load holds is from before this process: start a new
 	// generation.
 	return k.bindingsChanged()

@@ -5,12 +5,16 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
+
+	"github.com/tether-sh/tether/pkg/cgroups"
+	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
 // rootCgroupID is the id of every cgroup2 hierarchy's root.
@@ -159,7 +163,57 @@ func (k *Kernel) AttachParent(path string) error {
 		l.Close()
 	}
 	k.parents[id] = links
-	return nil
+	if !slices.ContainsFunc(k.parentOrder, func(p parentCgroup) bool { return p.id == id }) {
+		mount, err := cgroups.Mount()
+		if err != nil {
+			return err
+		}
+		level, err := cgroups.Level(mount, filepath.Clean(path))
+		if err != nil {
+			return err
+		}
+		k.parentOrder = append(k.parentOrder, parentCgroup{id: id, level: level, path: path})
+	}
+	return k.writeParents()
+}
+
+// parentCgroup is an agent parent as tether_parents holds it.
+type parentCgroup struct {
+	id    uint64
+	level int
+	path  string
+}
+
+// writeParents puts the agent parents into tether_parents, from index 0, and their count and
+// shallowest level into tether_config: the global programs look there first.
+func (k *Kernel) writeParents() error {
+	if len(k.parentOrder) > dataplane.MaxParents {
+		return fmt.Errorf("%d agent parents: the kernel holds %d", len(k.parentOrder), dataplane.MaxParents)
+	}
+	minLevel := 0
+	for i, p := range k.parentOrder {
+		fd, err := unix.Open(p.path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("opening agent parent %s: %w", p.path, err)
+		}
+		err = k.parentsMap.Put(uint32(i), uint32(fd))
+		unix.Close(fd)
+		if err != nil {
+			return fmt.Errorf("recording agent parent %s: %w", p.path, err)
+		}
+		if i == 0 || p.level < minLevel {
+			minLevel = p.level
+		}
+	}
+	for i := len(k.parentOrder); i < dataplane.MaxParents; i++ {
+		if err := k.parentsMap.Delete(uint32(i)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("clearing tether_parents[%d]: %w", i, err)
+		}
+	}
+	return k.updateConfig("recording agent parents", func(c *bpfTetherConfigEntry) {
+		c.Parents = uint32(len(k.parentOrder))
+		c.ParentLevel = uint32(minLevel)
+	})
 }
 
 // DetachStaleParents detaches the cgroup programs from every cgroup that has pinned links but is
@@ -195,6 +249,10 @@ func (k *Kernel) DetachStaleParents(keep map[uint64]bool) ([]uint64, error) {
 			l.Close()
 		}
 		delete(k.parents, id)
+	}
+	if len(gone) > 0 {
+		k.parentOrder = slices.DeleteFunc(k.parentOrder, func(p parentCgroup) bool { return seen[p.id] })
+		errs = append(errs, k.writeParents())
 	}
 	return gone, errors.Join(errs...)
 }

@@ -21,6 +21,13 @@ func TestPrivilegedLoad(t *testing.T) {
 	}
 	for _, h := range feat.Hooks {
 		required := !strings.Contains(h.Name, "unix") && h.Name != "exec_lsm" && !(strings.HasPrefix(h.Name, "sweep_") && noSockDestroyExpected())
+		if spec := hookSpecOf(h.Name); spec.guard {
+			// The LSM guards run wherever BPF LSM does, and say why not elsewhere.
+			required = feat.LSMUsable
+			if !h.Active && h.Reason == "" {
+				t.Errorf("guard %s is off without a reason", h.Name)
+			}
+		}
 		if required && !h.Active {
 			t.Errorf("required hook %s is not active: %s", h.Name, h.Reason)
 		}
@@ -46,4 +53,13 @@ func TestPrivilegedLoad(t *testing.T) {
 	if expect := os.Getenv("TETHER_EXPECT_EXEC_MODE"); expect != "" && string(feat.ExecMode) != expect {
 		t.Errorf("exec mode %s, the environment expects %s (active LSMs %q): %s", feat.ExecMode, expect, feat.ActiveLSMs, feat.ExecReason)
 	}
+}
+
+func hookSpecOf(name string) hookSpec {
+	for _, h := range hookSpecs {
+		if h.name == name {
+			return h
+		}
+	}
+	return hookSpec{}
 }

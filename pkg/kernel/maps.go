@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"path/filepath"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -24,21 +25,37 @@ func (k *Kernel) Bind(cgroupID uint64, slot dataplane.Slot) error {
 	if err := k.cgroups.Update(cgroupID, bpfTetherBinding{Slot: uint32(slot)}, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("binding cgroup %d to slot %d: %w", cgroupID, slot, err)
 	}
-	return k.bindingsChanged()
+	if err := k.bindingsChanged(); err != nil {
+		return err
+	}
+	// The processes already in it become the agent's (see seedLineage), when the agent's info
+	// (written before the binding) names this cgroup.
+	var info bpfTetherAgentInfo
+	if err := k.agentInfo.Lookup(uint32(slot), &info); err == nil && info.Flags&infoInUse != 0 && info.CgroupId == cgroupID {
+		if path := cString(info.CgroupPath[:]); filepath.IsAbs(path) {
+			return k.seedLineage(slot, path)
+		}
+	}
+	return nil
 }
 
 // bindingsChanged bumps the generation that invalidates the programs' per-CPU cache of
 // cgroup -> slot answers. It runs after every change of tether_cgroups.
 func (k *Kernel) bindingsChanged() error {
+	return k.updateConfig("bumping binding generation", func(c *bpfTetherConfigEntry) { c.BindingsGen++ })
+}
+
+// updateConfig changes tether_config with change.
+func (k *Kernel) updateConfig(what string, change func(*bpfTetherConfigEntry)) error {
 	k.genMu.Lock()
 	defer k.genMu.Unlock()
 	var c bpfTetherConfigEntry
 	if err := k.config.Lookup(uint32(0), &c); err != nil {
-		return fmt.Errorf("reading binding generation: %w", err)
+		return fmt.Errorf("%s: reading tether_config: %w", what, err)
 	}
-	c.BindingsGen++
+	change(&c)
 	if err := k.config.Update(uint32(0), &c, ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("bumping binding generation: %w", err)
+		return fmt.Errorf("%s: %w", what, err)
 	}
 	return nil
 }
@@ -88,6 +105,30 @@ func egressPrefixlen(p netip.Prefix) uint32 {
 }
 
 // egressValue is e's rule value; its mode is its prefix length (see struct tether_rule_value).
+// listenKey is the one entry of a rule set's listen rules.
+func listenKey() bpfTetherRuleKey {
+	return bpfTetherRuleKey{Prefixlen: 8, Kind: uint8(bpfTetherRuleKindTETHER_RULE_LISTEN)}
+}
+
+// listenValue encodes listen rules: protocol and port range, audit or not.
+func listenValue(rules []dataplane.PortRule) (bpfTetherRuleValue, error) {
+	if len(rules) > dataplane.MaxPortRules {
+		return bpfTetherRuleValue{}, fmt.Errorf("%d listen rules, the kernel holds %d", len(rules), dataplane.MaxPortRules)
+	}
+	v := bpfTetherRuleValue{Count: uint32(len(rules))}
+	for i, p := range rules {
+		if !p.Binary.IsZero() || p.Grant != 0 || p.MaxDuration != 0 {
+			return bpfTetherRuleValue{}, fmt.Errorf("listen rule %d: a binary, counted grant or max_duration does not apply to listening", i)
+		}
+		r := &v.Ports[i]
+		r.PortLo, r.PortHi, r.Proto = p.Lo, p.Hi, uint8(p.Proto)
+		if p.Audit {
+			r.Flags |= uint8(bpfTetherPortRuleFlagsTETHER_PORT_RULE_AUDIT)
+		}
+	}
+	return v, nil
+}
+
 func egressValue(e dataplane.Egress) (bpfTetherRuleValue, error) {
 	if len(e.Ports) > dataplane.MaxPortRules {
 		return bpfTetherRuleValue{}, fmt.Errorf("prefix %s has %d port rules, the kernel holds %d", e.Prefix, len(e.Ports), dataplane.MaxPortRules)
@@ -206,6 +247,8 @@ func describeKey(k bpfTetherRuleKey) string {
 		return fmt.Sprintf("exec dev %#x inode %d", binary.NativeEndian.Uint32(k.Data[0:4]), binary.NativeEndian.Uint64(k.Data[4:12]))
 	case bpfTetherRuleKindTETHER_RULE_UNIX:
 		return fmt.Sprintf("unix %q", bytes.TrimRight(k.Data[:], "\x00"))
+	case bpfTetherRuleKindTETHER_RULE_LISTEN:
+		return "listen"
 	}
 	return fmt.Sprintf("kind %d", k.Kind)
 }
@@ -298,13 +341,14 @@ func (k *Kernel) Counters() (dataplane.Counters, error) {
 		return n, nil
 	}
 	var c dataplane.Counters
-	var errs [6]error
+	var errs [7]error
 	c.RingBufferDrops, errs[0] = sum(bpfTetherCounterTETHER_COUNTER_RINGBUF_DROPS)
 	c.LineageUpdateErrors, errs[1] = sum(bpfTetherCounterTETHER_COUNTER_LINEAGE_UPDATE_ERRORS)
 	c.SignalErrors, errs[2] = sum(bpfTetherCounterTETHER_COUNTER_SIGNAL_ERRORS)
 	c.UnknownCgroup, errs[3] = sum(bpfTetherCounterTETHER_COUNTER_UNKNOWN_CGROUP)
 	c.SockStorageErrors, errs[4] = sum(bpfTetherCounterTETHER_COUNTER_SOCK_STORAGE_ERRORS)
 	c.DestroyErrors, errs[5] = sum(bpfTetherCounterTETHER_COUNTER_DESTROY_ERRORS)
+	c.MigrationsLate, errs[6] = sum(bpfTetherCounterTETHER_COUNTER_MIGRATIONS_LATE)
 	return c, errors.Join(errs[:]...)
 }
 

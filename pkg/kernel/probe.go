@@ -42,6 +42,7 @@ type hookSpec struct {
 	attach              ebpf.AttachType // cgroup hooks
 	optional            bool            // trial-loaded; skipped where the kernel lacks it
 	lsm                 bool            // a BPF LSM program
+	guard               bool            // an LSM guard: runs wherever BPF LSM is usable
 	iter                bool            // a socket iterator of the sweep (run by tetherd, never pinned)
 }
 
@@ -55,12 +56,21 @@ var hookSpecs = []hookSpec{
 	{name: "sock_create", prog: bpfProgTetherSockCreate, section: "cgroup/sock_create", cgroup: true, attach: ebpf.AttachCGroupInetSockCreate},
 	{name: "egress_skb", prog: bpfProgTetherEgressSkb, section: "cgroup_skb/egress", cgroup: true, attach: ebpf.AttachCGroupInetEgress},
 	{name: "setsockopt", prog: bpfProgTetherSetsockopt, section: "cgroup/setsockopt", cgroup: true, attach: ebpf.AttachCGroupSetsockopt},
+	{name: "bind4", prog: bpfProgTetherBind4, section: "cgroup/bind4", cgroup: true, attach: ebpf.AttachCGroupInet4Bind},
+	{name: "bind6", prog: bpfProgTetherBind6, section: "cgroup/bind6", cgroup: true, attach: ebpf.AttachCGroupInet6Bind},
+	{name: "ingress_skb", prog: bpfProgTetherIngressSkb, section: "cgroup_skb/ingress", cgroup: true, attach: ebpf.AttachCGroupInetIngress},
 	{name: "exec", prog: bpfProgTetherExec, section: "tp_btf/sched_process_exec"},
+	{name: "migrate", prog: bpfProgTetherMigrate, section: "tp_btf/cgroup_attach_task"},
 	{name: "fork", prog: bpfProgTetherFork, section: "tp_btf/sched_process_fork"},
 	{name: "exit", prog: bpfProgTetherExit, section: "tp_btf/sched_process_exit"},
 	{name: "exec_lsm", prog: bpfProgTetherExecLsm, section: "lsm/bprm_check_security", lsm: true},
 	{name: "connect_unix_lsm", prog: bpfProgTetherConnectUnixLsm, section: "lsm/socket_connect", lsm: true},
 	{name: "sendmsg_unix_lsm", prog: bpfProgTetherSendmsgUnixLsm, section: "lsm/socket_sendmsg", lsm: true},
+	{name: "socket_lsm", prog: bpfProgTetherSocketLsm, section: "lsm/socket_create", lsm: true, guard: true},
+	{name: "userns_lsm", prog: bpfProgTetherUsernsLsm, section: "lsm/userns_create", lsm: true, guard: true},
+	{name: "bpf_lsm", prog: bpfProgTetherBpfLsm, section: "lsm/bpf", lsm: true, guard: true},
+	{name: "ptrace_lsm", prog: bpfProgTetherPtraceLsm, section: "lsm/ptrace_access_check", lsm: true, guard: true},
+	{name: "cgroup_open_lsm", prog: bpfProgTetherCgroupOpenLsm, section: "lsm/file_open", lsm: true, guard: true},
 	{name: "sweep_tcp", prog: bpfProgTetherSweepTcp, section: "iter/tcp", iter: true},
 	{name: "sweep_udp", prog: bpfProgTetherSweepUdp, section: "iter/udp", iter: true},
 }
@@ -140,6 +150,21 @@ func probe(want ExecMode, log *slog.Logger) Features {
 			cg.Reason += "; unix socket rules are NOT enforced on this kernel"
 		}
 	}
+	for _, h := range hookSpecs {
+		if !h.guard {
+			continue
+		}
+		hook := f.hook(h.name)
+		hook.Active = f.LSMUsable
+		switch {
+		case !f.LSMUsable:
+			hook.Reason = "BPF LSM is not usable here (" + lsmReason(lsmErr, f.ActiveLSMs) + "); " + guardFallback[h.name]
+		default:
+			if err := probeLSMHook(strings.TrimPrefix(h.section, "lsm/")); err != nil {
+				hook.Active, hook.Reason = false, fmt.Sprintf("not supported by this kernel: %v; %s", err, guardFallback[h.name])
+			}
+		}
+	}
 	if err := probeSockDestroy(); err != nil {
 		f.SockDestroyReason = fmt.Sprintf("live sockets are not terminated, only their packets dropped (cgroup_skb/egress): %v", err)
 	} else {
@@ -155,6 +180,35 @@ func probe(want ExecMode, log *slog.Logger) Features {
 	}
 	log.Info("probed kernel", "exec_mode", f.ExecMode, "exec_reason", f.ExecReason, "active_lsms", f.ActiveLSMs, "sock_destroy", f.SockDestroy)
 	return f
+}
+
+// guardFallback says what holds where an LSM guard does not run.
+var guardFallback = map[string]string{
+	"socket_lsm":      "socket families other than inet, inet6, unix and netlink are refused only to agents `tetherctl run` confines (seccomp)",
+	"userns_lsm":      "user namespaces are refused only to agents `tetherctl run` confines (seccomp)",
+	"bpf_lsm":         "bpf() is refused only to agents `tetherctl run` confines (seccomp, no bpffs in their view)",
+	"ptrace_lsm":      "ptrace across agents is refused only to agents `tetherctl run` confines (seccomp, PID namespace)",
+	"cgroup_open_lsm": "a move out of an agent is not refused, but the moved process is killed (tp_btf/cgroup_attach_task)",
+}
+
+func lsmReason(err error, active string) string {
+	if err != nil {
+		return fmt.Sprintf("BPF LSM programs cannot be attached: %v", err)
+	}
+	return fmt.Sprintf("bpf is not in the active LSMs %q", active)
+}
+
+// probeLSMHook finds whether the kernel has the BPF LSM hook name (bpf_lsm_<name> in its BTF).
+func probeLSMHook(name string) error {
+	spec, err := btf.LoadKernelSpec()
+	if err != nil {
+		return fmt.Errorf("reading the kernel's BTF: %w", err)
+	}
+	var fn *btf.Func
+	if err := spec.TypeByName("bpf_lsm_"+name, &fn); err != nil {
+		return fmt.Errorf("no LSM hook %s: %w", name, err)
+	}
+	return nil
 }
 
 // noSockDestroy turns the termination of live sockets off (their packets are still dropped).

@@ -564,7 +564,16 @@ func encodeRuleSet(rs *dataplane.RuleSet) (*trieImage, error) {
 		return bpfTetherRuleValue{}
 	}
 	for _, e := range rs.Exec {
-		put(execKey(e.File), entry(e.Audit))
+		v := entry(e.Audit)
+		v.Generation = uint64(e.Changed) // the change time the file must still have
+		put(execKey(e.File), v)
+	}
+	if len(rs.Listen) > 0 {
+		if v, err := listenValue(rs.Listen); err != nil {
+			errs = append(errs, err)
+		} else {
+			put(listenKey(), v)
+		}
 	}
 	for _, u := range rs.Unix {
 		key, err := unixKey(u)

@@ -63,21 +63,27 @@ func selfID(t *testing.T) dataplane.FileID {
 	return fileID(t, privtest.AgentBinary(t))
 }
 
+// fileID identifies the file at path and remembers its change time, which execs grants it at.
 func fileID(t *testing.T, path string) dataplane.FileID {
 	t.Helper()
 	var st syscall.Stat_t
 	if err := syscall.Stat(path, &st); err != nil {
 		t.Fatal(err)
 	}
-	return dataplane.FileID{Dev: st.Dev, Ino: st.Ino}
+	id := dataplane.FileID{Dev: st.Dev, Ino: st.Ino}
+	changeTimes.Store(id, st.Ctim.Nano())
+	return id
 }
+
+// changeTimes are the change times fileID saw, by file.
+var changeTimes sync.Map
 
 // agent creates a cgroup under the fixture's parent bound to slot with rule set rs (which
 // always allows exec of the test binary, so helpers can run). It returns the cgroup path.
 func (f *fixture) agent(t *testing.T, name string, slot dataplane.Slot, rs dataplane.RuleSet) string {
 	t.Helper()
 	path, id := privtest.SubCgroup(t, f.parent, name)
-	rs.Exec = append(rs.Exec, dataplane.ExecRule{File: f.self})
+	rs.Exec = append(rs.Exec, execs(f.self)...)
 	if err := f.k.Install(slot, &rs); err != nil {
 		t.Fatal(err)
 	}
@@ -175,7 +181,9 @@ func expect(t *testing.T, what string, got, want []string) {
 func execs(ids ...dataplane.FileID) []dataplane.ExecRule {
 	var out []dataplane.ExecRule
 	for _, id := range ids {
-		out = append(out, dataplane.ExecRule{File: id})
+		changed, _ := changeTimes.Load(id)
+		ns, _ := changed.(int64)
+		out = append(out, dataplane.ExecRule{File: id, Changed: ns})
 	}
 	return out
 }

@@ -239,7 +239,7 @@ func TestPrivilegedIdleBufferCatchesUp(t *testing.T) {
 	f := newFixture(t, Options{})
 	a, b := swapSets(7001, 7002, 7003)
 	agent := f.agent(t, "agent", 1, a)
-	b.Exec = []dataplane.ExecRule{{File: f.self}} // the helpers run
+	b.Exec = execs(f.self) // the helpers run
 	if err := f.k.Install(1, &b); err != nil {
 		t.Fatal(err)
 	}

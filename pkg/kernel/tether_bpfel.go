@@ -27,7 +27,7 @@ type bpfTetherAgent struct {
 
 type bpfTetherAgentCounts struct {
 	_ structs.HostLayout
-	N [33]uint64
+	N [42]uint64
 }
 
 type bpfTetherAgentFlags uint32
@@ -58,7 +58,11 @@ type bpfTetherBinding struct {
 type bpfTetherConfigEntry struct {
 	_           structs.HostLayout
 	BindingsGen uint64
-	Reserved    [7]uint64
+	DaemonTgid  uint32
+	Parents     uint32
+	ParentLevel uint32
+	Pad         uint32
+	Reserved    [5]uint64
 }
 
 type bpfTetherCounter uint32
@@ -70,6 +74,7 @@ const (
 	bpfTetherCounterTETHER_COUNTER_UNKNOWN_CGROUP        bpfTetherCounter = 3
 	bpfTetherCounterTETHER_COUNTER_SOCK_STORAGE_ERRORS   bpfTetherCounter = 4
 	bpfTetherCounterTETHER_COUNTER_DESTROY_ERRORS        bpfTetherCounter = 5
+	bpfTetherCounterTETHER_COUNTER_MIGRATIONS_LATE       bpfTetherCounter = 6
 	bpfTetherCounterTETHER_COUNTER_MAX                   bpfTetherCounter = 8
 )
 
@@ -151,7 +156,10 @@ const (
 	bpfTetherKindTETHER_KIND_SOCKOPT      bpfTetherKind = 8
 	bpfTetherKindTETHER_KIND_PACKET       bpfTetherKind = 9
 	bpfTetherKindTETHER_KIND_TERMINATE    bpfTetherKind = 10
-	bpfTetherKindTETHER_KIND_MAX          bpfTetherKind = 11
+	bpfTetherKindTETHER_KIND_MIGRATE      bpfTetherKind = 11
+	bpfTetherKindTETHER_KIND_BIND         bpfTetherKind = 12
+	bpfTetherKindTETHER_KIND_GUARD        bpfTetherKind = 13
+	bpfTetherKindTETHER_KIND_MAX          bpfTetherKind = 14
 )
 
 type bpfTetherLimits uint32
@@ -172,6 +180,7 @@ const (
 	bpfTetherLimitsTETHER_PATH_LEN        bpfTetherLimits = 128
 	bpfTetherLimitsTETHER_UNIX_PATH_LEN   bpfTetherLimits = 108
 	bpfTetherLimitsTETHER_ID_LEN          bpfTetherLimits = 256
+	bpfTetherLimitsTETHER_MAX_PARENTS     bpfTetherLimits = 64
 )
 
 type bpfTetherMode uint32
@@ -197,6 +206,7 @@ type bpfTetherProc struct {
 	Pad     uint32
 	BinIno  uint64
 	StartNs uint64
+	Born    uint64
 	Comm    [16]int8
 	Path    [128]int8
 }
@@ -216,6 +226,15 @@ const (
 	bpfTetherReasonTETHER_REASON_REVOKED        bpfTetherReason = 9
 	bpfTetherReasonTETHER_REASON_DETOUR         bpfTetherReason = 10
 	bpfTetherReasonTETHER_REASON_MAX_DURATION   bpfTetherReason = 11
+	bpfTetherReasonTETHER_REASON_MIGRATION      bpfTetherReason = 12
+	bpfTetherReasonTETHER_REASON_DEPTH          bpfTetherReason = 13
+	bpfTetherReasonTETHER_REASON_MODIFIED_FILE  bpfTetherReason = 14
+	bpfTetherReasonTETHER_REASON_MOUNT_NS       bpfTetherReason = 15
+	bpfTetherReasonTETHER_REASON_FAMILY         bpfTetherReason = 16
+	bpfTetherReasonTETHER_REASON_USERNS         bpfTetherReason = 17
+	bpfTetherReasonTETHER_REASON_PTRACE         bpfTetherReason = 18
+	bpfTetherReasonTETHER_REASON_BIND           bpfTetherReason = 19
+	bpfTetherReasonTETHER_REASON_BPF            bpfTetherReason = 20
 )
 
 type bpfTetherRuleKey struct {
@@ -232,6 +251,7 @@ const (
 	bpfTetherRuleKindTETHER_RULE_EGRESS bpfTetherRuleKind = 1
 	bpfTetherRuleKindTETHER_RULE_EXEC   bpfTetherRuleKind = 2
 	bpfTetherRuleKindTETHER_RULE_UNIX   bpfTetherRuleKind = 3
+	bpfTetherRuleKindTETHER_RULE_LISTEN bpfTetherRuleKind = 4
 )
 
 type bpfTetherRuleValue struct {
@@ -317,12 +337,17 @@ const (
 	bpfMapTetherEvents             = "tether_events"
 	bpfMapTetherGrantUses          = "tether_grant_uses"
 	bpfMapTetherHosts              = "tether_hosts"
+	bpfMapTetherParents            = "tether_parents"
 	bpfMapTetherProcs              = "tether_procs"
 	bpfMapTetherRulesets           = "tether_rulesets"
 	bpfMapTetherSlotCache          = "tether_slot_cache"
 	bpfMapTetherSocks              = "tether_socks"
 	bpfMapTetherSweep              = "tether_sweep"
 	bpfMapTetherSweepShard         = "tether_sweep_shard"
+	bpfProgTetherBind4             = "tether_bind4"
+	bpfProgTetherBind6             = "tether_bind6"
+	bpfProgTetherBpfLsm            = "tether_bpf_lsm"
+	bpfProgTetherCgroupOpenLsm     = "tether_cgroup_open_lsm"
 	bpfProgTetherConnect4          = "tether_connect4"
 	bpfProgTetherConnect6          = "tether_connect6"
 	bpfProgTetherConnectUnix       = "tether_connect_unix"
@@ -332,14 +357,19 @@ const (
 	bpfProgTetherExecLsm           = "tether_exec_lsm"
 	bpfProgTetherExit              = "tether_exit"
 	bpfProgTetherFork              = "tether_fork"
+	bpfProgTetherIngressSkb        = "tether_ingress_skb"
+	bpfProgTetherMigrate           = "tether_migrate"
+	bpfProgTetherPtraceLsm         = "tether_ptrace_lsm"
 	bpfProgTetherSendmsg4          = "tether_sendmsg4"
 	bpfProgTetherSendmsg6          = "tether_sendmsg6"
 	bpfProgTetherSendmsgUnix       = "tether_sendmsg_unix"
 	bpfProgTetherSendmsgUnixLsm    = "tether_sendmsg_unix_lsm"
 	bpfProgTetherSetsockopt        = "tether_setsockopt"
 	bpfProgTetherSockCreate        = "tether_sock_create"
+	bpfProgTetherSocketLsm         = "tether_socket_lsm"
 	bpfProgTetherSweepTcp          = "tether_sweep_tcp"
 	bpfProgTetherSweepUdp          = "tether_sweep_udp"
+	bpfProgTetherUsernsLsm         = "tether_userns_lsm"
 	bpfVarTetherAllowSample        = "tether_allow_sample"
 	bpfVarTetherBtfAnchor          = "tether_btf_anchor"
 	bpfVarTetherExecSignal         = "tether_exec_signal"
@@ -388,6 +418,10 @@ type bpfSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bpfProgramSpecs struct {
+	TetherBind4          *ebpf.ProgramSpec `ebpf:"tether_bind4"`
+	TetherBind6          *ebpf.ProgramSpec `ebpf:"tether_bind6"`
+	TetherBpfLsm         *ebpf.ProgramSpec `ebpf:"tether_bpf_lsm"`
+	TetherCgroupOpenLsm  *ebpf.ProgramSpec `ebpf:"tether_cgroup_open_lsm"`
 	TetherConnect4       *ebpf.ProgramSpec `ebpf:"tether_connect4"`
 	TetherConnect6       *ebpf.ProgramSpec `ebpf:"tether_connect6"`
 	TetherConnectUnix    *ebpf.ProgramSpec `ebpf:"tether_connect_unix"`
@@ -397,14 +431,19 @@ type bpfProgramSpecs struct {
 	TetherExecLsm        *ebpf.ProgramSpec `ebpf:"tether_exec_lsm"`
 	TetherExit           *ebpf.ProgramSpec `ebpf:"tether_exit"`
 	TetherFork           *ebpf.ProgramSpec `ebpf:"tether_fork"`
+	TetherIngressSkb     *ebpf.ProgramSpec `ebpf:"tether_ingress_skb"`
+	TetherMigrate        *ebpf.ProgramSpec `ebpf:"tether_migrate"`
+	TetherPtraceLsm      *ebpf.ProgramSpec `ebpf:"tether_ptrace_lsm"`
 	TetherSendmsg4       *ebpf.ProgramSpec `ebpf:"tether_sendmsg4"`
 	TetherSendmsg6       *ebpf.ProgramSpec `ebpf:"tether_sendmsg6"`
 	TetherSendmsgUnix    *ebpf.ProgramSpec `ebpf:"tether_sendmsg_unix"`
 	TetherSendmsgUnixLsm *ebpf.ProgramSpec `ebpf:"tether_sendmsg_unix_lsm"`
 	TetherSetsockopt     *ebpf.ProgramSpec `ebpf:"tether_setsockopt"`
 	TetherSockCreate     *ebpf.ProgramSpec `ebpf:"tether_sock_create"`
+	TetherSocketLsm      *ebpf.ProgramSpec `ebpf:"tether_socket_lsm"`
 	TetherSweepTcp       *ebpf.ProgramSpec `ebpf:"tether_sweep_tcp"`
 	TetherSweepUdp       *ebpf.ProgramSpec `ebpf:"tether_sweep_udp"`
+	TetherUsernsLsm      *ebpf.ProgramSpec `ebpf:"tether_userns_lsm"`
 }
 
 // bpfMapSpecs contains maps before they are loaded into the kernel.
@@ -420,6 +459,7 @@ type bpfMapSpecs struct {
 	TetherEvents        *ebpf.MapSpec `ebpf:"tether_events"`
 	TetherGrantUses     *ebpf.MapSpec `ebpf:"tether_grant_uses"`
 	TetherHosts         *ebpf.MapSpec `ebpf:"tether_hosts"`
+	TetherParents       *ebpf.MapSpec `ebpf:"tether_parents"`
 	TetherProcs         *ebpf.MapSpec `ebpf:"tether_procs"`
 	TetherRulesets      *ebpf.MapSpec `ebpf:"tether_rulesets"`
 	TetherSlotCache     *ebpf.MapSpec `ebpf:"tether_slot_cache"`
@@ -467,6 +507,7 @@ type bpfMaps struct {
 	TetherEvents        *ebpf.Map `ebpf:"tether_events"`
 	TetherGrantUses     *ebpf.Map `ebpf:"tether_grant_uses"`
 	TetherHosts         *ebpf.Map `ebpf:"tether_hosts"`
+	TetherParents       *ebpf.Map `ebpf:"tether_parents"`
 	TetherProcs         *ebpf.Map `ebpf:"tether_procs"`
 	TetherRulesets      *ebpf.Map `ebpf:"tether_rulesets"`
 	TetherSlotCache     *ebpf.Map `ebpf:"tether_slot_cache"`
@@ -486,6 +527,7 @@ func (m *bpfMaps) Close() error {
 		m.TetherEvents,
 		m.TetherGrantUses,
 		m.TetherHosts,
+		m.TetherParents,
 		m.TetherProcs,
 		m.TetherRulesets,
 		m.TetherSlotCache,
@@ -509,6 +551,10 @@ type bpfVariables struct {
 //
 // It can be passed to loadBpfObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bpfPrograms struct {
+	TetherBind4          *ebpf.Program `ebpf:"tether_bind4"`
+	TetherBind6          *ebpf.Program `ebpf:"tether_bind6"`
+	TetherBpfLsm         *ebpf.Program `ebpf:"tether_bpf_lsm"`
+	TetherCgroupOpenLsm  *ebpf.Program `ebpf:"tether_cgroup_open_lsm"`
 	TetherConnect4       *ebpf.Program `ebpf:"tether_connect4"`
 	TetherConnect6       *ebpf.Program `ebpf:"tether_connect6"`
 	TetherConnectUnix    *ebpf.Program `ebpf:"tether_connect_unix"`
@@ -518,18 +564,27 @@ type bpfPrograms struct {
 	TetherExecLsm        *ebpf.Program `ebpf:"tether_exec_lsm"`
 	TetherExit           *ebpf.Program `ebpf:"tether_exit"`
 	TetherFork           *ebpf.Program `ebpf:"tether_fork"`
+	TetherIngressSkb     *ebpf.Program `ebpf:"tether_ingress_skb"`
+	TetherMigrate        *ebpf.Program `ebpf:"tether_migrate"`
+	TetherPtraceLsm      *ebpf.Program `ebpf:"tether_ptrace_lsm"`
 	TetherSendmsg4       *ebpf.Program `ebpf:"tether_sendmsg4"`
 	TetherSendmsg6       *ebpf.Program `ebpf:"tether_sendmsg6"`
 	TetherSendmsgUnix    *ebpf.Program `ebpf:"tether_sendmsg_unix"`
 	TetherSendmsgUnixLsm *ebpf.Program `ebpf:"tether_sendmsg_unix_lsm"`
 	TetherSetsockopt     *ebpf.Program `ebpf:"tether_setsockopt"`
 	TetherSockCreate     *ebpf.Program `ebpf:"tether_sock_create"`
+	TetherSocketLsm      *ebpf.Program `ebpf:"tether_socket_lsm"`
 	TetherSweepTcp       *ebpf.Program `ebpf:"tether_sweep_tcp"`
 	TetherSweepUdp       *ebpf.Program `ebpf:"tether_sweep_udp"`
+	TetherUsernsLsm      *ebpf.Program `ebpf:"tether_userns_lsm"`
 }
 
 func (p *bpfPrograms) Close() error {
 	return _BpfClose(
+		p.TetherBind4,
+		p.TetherBind6,
+		p.TetherBpfLsm,
+		p.TetherCgroupOpenLsm,
 		p.TetherConnect4,
 		p.TetherConnect6,
 		p.TetherConnectUnix,
@@ -539,14 +594,19 @@ func (p *bpfPrograms) Close() error {
 		p.TetherExecLsm,
 		p.TetherExit,
 		p.TetherFork,
+		p.TetherIngressSkb,
+		p.TetherMigrate,
+		p.TetherPtraceLsm,
 		p.TetherSendmsg4,
 		p.TetherSendmsg6,
 		p.TetherSendmsgUnix,
 		p.TetherSendmsgUnixLsm,
 		p.TetherSetsockopt,
 		p.TetherSockCreate,
+		p.TetherSocketLsm,
 		p.TetherSweepTcp,
 		p.TetherSweepUdp,
+		p.TetherUsernsLsm,
 	)
 }
 

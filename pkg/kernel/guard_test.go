@@ -1,0 +1,277 @@
+package kernel
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/dataplane"
+)
+
+// attackOutput runs the attack helper in cgroup and returns its one line of output, or "killed"
+// when the kernel killed it.
+func attackOutput(t *testing.T, cgroup string, args ...string) string {
+	t.Helper()
+	out, err := privtest.Command(t, cgroup, "attack", args...).Output()
+	if killedBySignal(err) {
+		return "killed"
+	}
+	if err != nil {
+		t.Fatalf("attack %v: %v (%q)", args, err, out)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// sleeper starts a helper that blocks in cgroup until the test ends; it returns the command.
+func sleeper(t *testing.T, cgroup string) (*exec.Cmd, io.WriteCloser) {
+	t.Helper()
+	cmd := privtest.Command(t, cgroup, "sleep")
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { in.Close(); cmd.Process.Kill(); cmd.Wait() })
+	time.Sleep(100 * time.Millisecond) // exec'd: its lineage entry is there
+	return cmd, in
+}
+
+// exited waits for cmd and says whether the kernel killed it.
+func exitedKilled(t *testing.T, cmd *exec.Cmd) bool {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		return killedBySignal(err)
+	case <-time.After(5 * time.Second):
+		return false
+	}
+}
+
+// TestPrivilegedMigrationGuard moves agent processes out of their agent: the process that moves
+// itself is killed, one moved by another process too, and each move is recorded; moves within the
+// agent, moves by tetherd (this test process) and moves of processes outside agents are left
+// alone.
+func TestPrivilegedMigrationGuard(t *testing.T) {
+	f := newFixture(t, Options{})
+	h := privtest.NewHost(t)
+	p := port(t, h.ListenTCP(t, h.V4).Addr())
+	target := hostPort(h.V4, p)
+	agent := f.agent(t, "agent", 20, dataplane.RuleSet{})
+	inside, _ := privtest.SubCgroup(t, agent, "inside")
+	outside := privtest.Cgroup(t)
+	elsewhere := privtest.Cgroup(t)
+	events := f.events(t)
+
+	// The negative control: outside agents the attack works, and its connect goes out.
+	if got := attackOutput(t, outside, "migrate", elsewhere, "tcp", target); got != "ok moved ok" {
+		t.Fatalf("control, a process outside agents moves itself and connects: %q, want ok moved ok", got)
+	}
+	// An agent process that moves itself out dies before its connect.
+	if got := attackOutput(t, agent, "migrate", outside, "tcp", target); got != "killed" {
+		t.Errorf("agent process moving itself out: %q, want killed", got)
+	}
+	e := events.wait(t, "migration record", func(e dataplane.Event) bool {
+		return e.Kind == dataplane.KindMigrate && e.Slot == 20
+	})
+	if e.Verdict != dataplane.VerdictDeny || e.Reason != dataplane.ReasonMigration || e.Target != strings.TrimPrefix(outside, cgroupMount(t)) {
+		t.Errorf("migration record %+v: want a deny for migration naming %s", e, outside)
+	}
+	// Within its agent a move is no escape.
+	if got := attackOutput(t, agent, "migrate", inside, "tcp", target); got != "ok moved eperm" {
+		t.Errorf("agent process moving within its agent: %q, want ok moved eperm (still the agent's rules)", got)
+	}
+
+	// Moved out by another process (not tetherd): the moved process dies.
+	victim, _ := sleeper(t, agent)
+	pid := strconv.Itoa(victim.Process.Pid)
+	if got := attackOutput(t, outside, "move", elsewhere, pid); got != "ok moved "+pid {
+		t.Fatalf("moving the agent process from outside: %q", got)
+	}
+	if !exitedKilled(t, victim) {
+		t.Errorf("agent process moved out by another process: not killed")
+	}
+	events.wait(t, "record of the move by another process", func(e dataplane.Event) bool {
+		return e.Kind == dataplane.KindMigrate && e.PID == uint32(victim.Process.Pid) && e.TID != e.PID
+	})
+
+	// tetherd's own moves are not migrations.
+	spared, _ := sleeper(t, agent)
+	if err := os.WriteFile(filepath.Join(elsewhere, "cgroup.procs"), []byte(strconv.Itoa(spared.Process.Pid)), 0); err != nil {
+		t.Fatal(err)
+	}
+	if exitedKilled(t, spared) {
+		t.Errorf("an agent process moved by tetherd was killed")
+	}
+}
+
+func cgroupMount(t *testing.T) string {
+	t.Helper()
+	return filepath.Dir(privtest.Cgroup(t))
+}
+
+// TestPrivilegedDepthFailsClosed nests a process deeper below its agent than the kernel's walk
+// reaches: everything it does is denied (exec killed, connect refused) and recorded as depth. The
+// same nesting outside agents runs freely.
+func TestPrivilegedDepthFailsClosed(t *testing.T) {
+	f := newFixture(t, Options{})
+	denied := privtest.SelfCopy(t)
+	agent := f.agent(t, "agent", 21, dataplane.RuleSet{})
+	outside := privtest.Cgroup(t)
+	events := f.events(t)
+
+	if got := attackOutput(t, outside, "nest", denied); got != "ok nested, exec ok" {
+		t.Fatalf("control, nesting outside agents: %q, want ok nested, exec ok", got)
+	}
+	if got := attackOutput(t, agent, "nest", denied); got != "ok nested, exec killed" && got != "ok nested, exec eperm" {
+		t.Errorf("nesting below an agent: %q, want the exec denied", got)
+	}
+	events.wait(t, "depth record", func(e dataplane.Event) bool {
+		return e.Kind == dataplane.KindExec && e.Reason == dataplane.ReasonDepth && e.Verdict == dataplane.VerdictDeny
+	})
+	// Shallow nesting below an agent is the agent's, as before.
+	shallow, _ := privtest.SubCgroup(t, agent, "a")
+	if got := execResult(t, shallow, denied); got != f.denied() {
+		t.Errorf("exec in a child cgroup: %s, want %s", got, f.denied())
+	}
+}
+
+// TestPrivilegedExecIntegrity rewrites a granted executable in place: the rewritten file is
+// denied as modified until it is granted again at its new change time; outside agents the same
+// rewrite runs.
+func TestPrivilegedExecIntegrity(t *testing.T) {
+	f := newFixture(t, Options{})
+	granted, other := privtest.SelfCopy(t), privtest.SelfCopy(t)
+	rs := dataplane.RuleSet{Exec: execs(fileID(t, granted))}
+	agent := f.agent(t, "agent", 22, rs)
+	outside := privtest.Cgroup(t)
+	events := f.events(t)
+
+	if got := execResult(t, agent, granted); got != "ran" {
+		t.Fatalf("granted exec before the rewrite: %s", got)
+	}
+	control := privtest.SelfCopy(t)
+	if got := attackOutput(t, outside, "rewrite", control, other); !strings.HasPrefix(got, "ok ran") {
+		t.Fatalf("control, rewriting a file outside agents: %q", got)
+	}
+	if got := attackOutput(t, agent, "rewrite", granted, other); strings.HasPrefix(got, "ok") {
+		t.Errorf("rewritten granted file in an agent: %q, want it denied", got)
+	}
+	e := events.wait(t, "modified-file record", func(e dataplane.Event) bool {
+		return e.Kind == dataplane.KindExec && e.Slot == 22 && e.Reason == dataplane.ReasonModifiedFile
+	})
+	if e.Binary != fileID(t, granted) || e.Target != granted {
+		t.Errorf("modified-file record names %+v %q, want %s", e.Binary, e.Target, granted)
+	}
+	// Granted again at its new change time (what tetherd does once the digest matches), it runs.
+	rs.Exec = execs(fileID(t, granted), f.self)
+	rs.Generation = 2
+	if err := f.k.Install(22, &rs); err != nil {
+		t.Fatal(err)
+	}
+	if got := execResult(t, agent, granted); got != "ran" {
+		t.Errorf("re-granted file: %s", got)
+	}
+}
+
+// TestPrivilegedListen checks inbound control: an agent binds to loopback freely and elsewhere
+// only on the ports its listen rules name; a listener on an ephemeral port gets no connection
+// from another host; outside agents all of it works.
+func TestPrivilegedListen(t *testing.T) {
+	f := newFixture(t, Options{})
+	h := privtest.NewHost(t)
+	free := freePort(t)
+	agent := f.agent(t, "agent", 23, dataplane.RuleSet{Listen: []dataplane.PortRule{{Proto: dataplane.ProtoTCP, Lo: free, Hi: free}}})
+	outside := privtest.Cgroup(t)
+	events := f.events(t)
+	other := freePort(t)
+	any := func(p uint16) string { return "0.0.0.0:" + strconv.Itoa(int(p)) }
+
+	for _, c := range []struct {
+		cgroup, network, addr, want string
+	}{
+		{outside, "tcp", any(other), "ok bound"},
+		{outside, "udp", "[::]:" + strconv.Itoa(int(other)), "ok bound"},
+		{agent, "tcp", any(other), "fail eperm"},
+		{agent, "udp", "[::]:" + strconv.Itoa(int(other)), "fail eperm"},
+		{agent, "tcp", any(free), "ok bound"},
+		{agent, "udp", any(free), "fail eperm"}, // the rule is for TCP
+		{agent, "tcp", "127.0.0.1:" + strconv.Itoa(int(other)), "ok bound"},
+		{agent, "tcp", "[::1]:" + strconv.Itoa(int(other)), "ok bound"},
+		{agent, "tcp", any(0), "ok bound"},
+	} {
+		got := attackOutput(t, c.cgroup, "bind", c.network, c.addr)
+		if !strings.HasPrefix(got, c.want) {
+			t.Errorf("bind %s %s in %s: %q, want %s", c.network, c.addr, filepath.Base(c.cgroup), got, c.want)
+		}
+	}
+	events.wait(t, "bind record", func(e dataplane.Event) bool {
+		return e.Kind == dataplane.KindBind && e.Reason == dataplane.ReasonBind && e.Slot == 23 && e.Port == other
+	})
+
+	// A listener on an ephemeral port: reachable over loopback, not from another host.
+	reach := func(cgroup string) (loop, remote string) {
+		cmd := privtest.Command(t, cgroup, "serve", "0.0.0.0:0")
+		in, _ := cmd.StdinPipe()
+		out, _ := cmd.StdoutPipe()
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { in.Close(); cmd.Process.Kill(); cmd.Wait() }()
+		var addr string
+		fmt.Fscan(out, &addr)
+		ap, err := netip.ParseAddrPort(addr)
+		if err != nil {
+			t.Fatalf("serve said %q", addr)
+		}
+		remote = "ok"
+		if err := h.In(func() error {
+			c, err := net.DialTimeout("tcp", netip.AddrPortFrom(h.Ours4, ap.Port()).String(), time.Second)
+			if err == nil {
+				c.Close()
+			}
+			return err
+		}); err != nil {
+			remote = "timeout"
+		}
+		loop = "ok"
+		if c, err := net.DialTimeout("tcp", netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), ap.Port()).String(), time.Second); err != nil {
+			loop = "timeout"
+		} else {
+			c.Close()
+		}
+		return loop, remote
+	}
+	if loop, remote := reach(outside); loop != "ok" || remote != "ok" {
+		t.Fatalf("control, a listener outside agents: loopback %s, remote %s", loop, remote)
+	}
+	if loop, remote := reach(agent); loop != "ok" || remote != "timeout" {
+		t.Errorf("an agent's listener on an ephemeral port: loopback %s, remote %s; want ok, timeout", loop, remote)
+	}
+	events.wait(t, "listener record", func(e dataplane.Event) bool {
+		return e.Kind == dataplane.KindBind && e.Reason == dataplane.ReasonBind && e.Slot == 23 && e.Addr == h.Ours4
+	})
+}
+
+// freePort is a TCP and UDP port nothing listens on now.
+func freePort(t *testing.T) uint16 {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return uint16(l.Addr().(*net.TCPAddr).Port)
+}

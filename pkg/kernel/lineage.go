@@ -1,0 +1,107 @@
+package kernel
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/tether-sh/tether/pkg/cgroups"
+	"github.com/tether-sh/tether/pkg/dataplane"
+)
+
+// seedLineage gives every process already running in the cgroup at path (and below it) a
+// lineage entry of the agent in slot, unless it has one of that agent: the programs learn of an
+// agent's processes when they exec or fork, and the migration guard knows an agent process by its
+// entry. It runs when a cgroup is bound, after the binding, so that a process forked meanwhile
+// gets its entry from its parent's or from here. Processes that end meanwhile are skipped.
+func (k *Kernel) seedLineage(slot dataplane.Slot, path string) error {
+	var agent bpfTetherAgent
+	if err := k.agents.Lookup(uint32(slot), &agent); err != nil {
+		return fmt.Errorf("reading agent %d: %w", slot, err)
+	}
+	if agent.Born == 0 {
+		return nil // no rule set yet: nothing binds to it
+	}
+	var pids []int
+	err := filepath.WalkDir(path, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if d.IsDir() {
+			pids = append(pids, cgroups.Procs(p)...)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("listing the processes of %s: %w", path, err)
+	}
+	now := bootNanos()
+	var errs []error
+	for _, pid := range pids {
+		var old bpfTetherProc
+		if err := k.procs.Lookup(uint32(pid), &old); err == nil && old.Slot == uint32(slot) && old.Born == agent.Born {
+			continue
+		}
+		p, ok := procLineage(pid)
+		if !ok {
+			continue // ended
+		}
+		p.Slot, p.Born, p.StartNs = uint32(slot), agent.Born, now
+		if err := k.procs.Update(uint32(pid), &p, ebpf.UpdateAny); err != nil {
+			errs = append(errs, fmt.Errorf("lineage of process %d: %w", pid, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// procLineage reads what a lineage entry holds of a running process: its parent, binary, command.
+func procLineage(pid int) (bpfTetherProc, bool) {
+	var p bpfTetherProc
+	dir := "/proc/" + strconv.Itoa(pid)
+	stat, err := os.ReadFile(dir + "/stat")
+	if err != nil {
+		return p, false
+	}
+	// pid (comm) state ppid ...: comm may hold spaces and parentheses; it ends at the last ')'.
+	s := string(stat)
+	open, end := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+	if open < 0 || end < open {
+		return p, false
+	}
+	fields := strings.Fields(s[end+1:])
+	if len(fields) < 2 {
+		return p, false
+	}
+	ppid, _ := strconv.Atoi(fields[1])
+	p.Ppid = uint32(ppid)
+	putCString(p.Comm[:], s[open+1:end])
+	if exe, err := os.Readlink(dir + "/exe"); err == nil {
+		putCString(p.Path[:], exe)
+	}
+	var stx unix.Statx_t
+	if unix.Statx(unix.AT_FDCWD, dir+"/exe", 0, unix.STATX_INO, &stx) == nil {
+		p.BinDev = kernelDev(unix.Mkdev(stx.Dev_major, stx.Dev_minor))
+		p.BinIno = stx.Ino
+	}
+	return p, true
+}
+
+// bootNanos is CLOCK_BOOTTIME in nanoseconds, the clock of the programs.
+func bootNanos() uint64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		return uint64(time.Now().UnixNano())
+	}
+	return uint64(ts.Nano())
+}

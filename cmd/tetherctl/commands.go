@@ -106,6 +106,7 @@ func newStatus(g *globals) *cobra.Command {
 			fmt.Fprintf(tw, "map writes failed / retried\t%d / %d\n", st.Registry.MapWriteFailures, st.Registry.MapWriteRetries)
 			fmt.Fprintf(tw, "lineage update errors\t%d\n", st.Kernel.LineageUpdateErrors)
 			fmt.Fprintf(tw, "signal errors\t%d\n", st.Kernel.SignalErrors)
+			fmt.Fprintf(tw, "migrations found late\t%d\n", st.Kernel.MigrationsLate)
 			fmt.Fprintf(tw, "socket storage / destroy errors\t%d / %d\n", st.Kernel.SockStorageErrors, st.Kernel.DestroyErrors)
 			fmt.Fprintf(tw, "\nHOOK\tSECTION\tACTIVE\n")
 			for _, h := range st.Hooks {

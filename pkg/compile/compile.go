@@ -13,6 +13,8 @@ package compile
 import (
 	"cmp"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -46,6 +48,10 @@ type Options struct {
 	// tetherd's admin socket, the SPIRE sockets, container runtimes. The kernel's default deny
 	// then keeps agents off them, whatever the policy says.
 	UnixNever []string
+	// Integrity records the content of granted executables, so that one modified in place is
+	// granted again only with the content it was granted with (see Integrity). Nil: every
+	// compile grants files as they are then (the kernel still denies a file changed after it).
+	Integrity *Integrity
 }
 
 // Refusal is a rule the kernel cannot enforce, and why.
@@ -120,6 +126,9 @@ func Compile(ctx context.Context, g grants.Grants, opts Options) *Result {
 	c.res.ExecFiles = slices.Compact(c.res.ExecFiles)
 	for i, u := range g.Unix {
 		c.unix("unix["+strconv.Itoa(i)+"]", u)
+	}
+	for i, l := range g.Listen {
+		c.listen("listen["+strconv.Itoa(i)+"]", l)
 	}
 	for _, p := range opts.UnixAlways {
 		c.res.RuleSet.Unix = append(c.res.RuleSet.Unix, dataplane.Unix{Path: p})
@@ -219,25 +228,19 @@ func (c *compiler) egress(ctx context.Context, where string, e grants.Egress, ou
 		c.refuse(where, "needs a cidr, cidrs or an fqdn")
 		return out
 	}
-	var proto dataplane.Proto
-	switch e.Protocol {
-	case "", "any":
-		proto = dataplane.ProtoAny
-	case "tcp":
-		proto = dataplane.ProtoTCP
-	case "udp":
-		proto = dataplane.ProtoUDP
-	default:
-		c.refuse(where, "protocol %q: the kernel matches tcp, udp or any", e.Protocol)
+	proto, ok := c.protocol(where, e.Protocol)
+	if !ok {
 		return out
 	}
 	var bin dataplane.FileID
 	if e.Binary != "" {
 		c.warnWritable(where+": binary", e.Binary)
 		var ok bool
-		if bin, ok = c.file(where+": binary", e.Binary); !ok {
+		st, ok := c.file(where+": binary", e.Binary)
+		if !ok {
 			return out
 		}
+		bin = st.ID
 	}
 	ports := e.Ports
 	if ports != nil && len(ports) == 0 {
@@ -497,25 +500,58 @@ func show(p netip.Prefix) string {
 	return p.String()
 }
 
+// protocol parses a rule's protocol: tcp, udp, or any (also empty).
+func (c *compiler) protocol(where, name string) (dataplane.Proto, bool) {
+	switch name {
+	case "", "any":
+		return dataplane.ProtoAny, true
+	case "tcp":
+		return dataplane.ProtoTCP, true
+	case "udp":
+		return dataplane.ProtoUDP, true
+	}
+	c.refuse(where, "protocol %q: the kernel matches tcp, udp or any", name)
+	return 0, false
+}
+
+// listen compiles a listen rule into port rules of the rule set's listen entry.
+func (c *compiler) listen(where string, l grants.Listen) {
+	if len(l.Ports) == 0 {
+		c.refuse(where, "names no port: a listen rule needs ports")
+		return
+	}
+	proto, ok := c.protocol(where, l.Protocol)
+	if !ok {
+		return
+	}
+	for _, p := range l.Ports {
+		if len(c.res.RuleSet.Listen) == dataplane.MaxPortRules {
+			c.refuse(where, "port %s: the kernel holds %d listen port rules per agent", p, dataplane.MaxPortRules)
+			return
+		}
+		c.res.RuleSet.Listen = append(c.res.RuleSet.Listen, dataplane.PortRule{Proto: proto, Lo: p.Lo, Hi: p.Hi, Audit: l.Audit})
+	}
+}
+
 // file resolves a path a rule names; a path that is not an existing regular file is refused.
-func (c *compiler) file(where, path string) (dataplane.FileID, bool) {
+func (c *compiler) file(where, path string) (FileStat, bool) {
 	if !filepath.IsAbs(path) {
 		c.refuse(where, "%q: must be an absolute path", path)
-		return dataplane.FileID{}, false
+		return FileStat{}, false
 	}
-	id, regular, err := c.opts.Files.Stat(path)
+	st, err := c.opts.Files.Stat(path)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
 		c.refuse(where, "%q does not exist on this host", path)
-		return id, false
+		return st, false
 	case err != nil:
 		c.refuse(where, "%v", err)
-		return id, false
-	case !regular:
+		return st, false
+	case !st.Regular:
 		c.refuse(where, "%q is not a regular file", path)
-		return id, false
+		return st, false
 	}
-	return id, true
+	return st, true
 }
 
 // wildcards are what exec paths may use: OPA's glob.match (the reference decision) and the
@@ -533,17 +569,17 @@ func checkExecPath(path string) error {
 }
 
 // expand resolves an exec path or glob to the regular files it names, with their names.
-func (c *compiler) expand(where, path string) (ids []dataplane.FileID, names []string, ok bool) {
+func (c *compiler) expand(where, path string) (files []FileStat, names []string, ok bool) {
 	if err := checkExecPath(path); err != nil {
 		c.refuse(where, "%v", err)
 		return nil, nil, false
 	}
 	if !strings.ContainsAny(path, wildcards) {
-		id, ok := c.file(where+": path", path)
+		st, ok := c.file(where+": path", path)
 		if !ok {
 			return nil, nil, false
 		}
-		return []dataplane.FileID{id}, []string{path}, true
+		return []FileStat{st}, []string{path}, true
 	}
 	matches, err := c.opts.Files.Glob(path)
 	if err != nil {
@@ -551,11 +587,11 @@ func (c *compiler) expand(where, path string) (ids []dataplane.FileID, names []s
 		return nil, nil, false
 	}
 	for _, m := range matches {
-		if id, regular, err := c.opts.Files.Stat(m); err == nil && regular {
-			ids, names = append(ids, id), append(names, m)
+		if st, err := c.opts.Files.Stat(m); err == nil && st.Regular {
+			files, names = append(files, st), append(names, m)
 		}
 	}
-	return ids, names, true
+	return files, names, true
 }
 
 // deny records the files an exec_deny entry names; one that names nothing denies nothing.
@@ -575,30 +611,55 @@ func (c *compiler) deny(where, path string) {
 		names = []string{path}
 	}
 	for _, n := range names {
-		if id, regular, err := c.opts.Files.Stat(n); err == nil && regular {
+		if st, err := c.opts.Files.Stat(n); err == nil && st.Regular {
 			if c.denied == nil {
 				c.denied = map[dataplane.FileID]string{}
 			}
-			c.denied[id] = n
+			c.denied[st.ID] = n
 		}
 	}
 }
 
 func (c *compiler) exec(where string, e grants.Exec) {
+	var want *[sha256.Size]byte
+	if e.SHA256 != "" {
+		sum, err := hex.DecodeString(e.SHA256)
+		if err != nil || len(sum) != sha256.Size {
+			c.refuse(where, "sha256 %q: want 64 hexadecimal digits", e.SHA256)
+			return
+		}
+		want = (*[sha256.Size]byte)(sum)
+	}
+	if e.Path == "" {
+		c.refuse(where, "a rule by sha256 alone (any file with this content) is not supported yet: name its path too")
+		return
+	}
 	c.warnWritable(where, e.Path)
-	ids, names, ok := c.expand(where, e.Path)
+	files, names, ok := c.expand(where, e.Path)
 	if !ok {
 		return
 	}
-	for i, id := range ids {
-		if d, denied := c.denied[id]; denied {
+	for i, st := range files {
+		if d, denied := c.denied[st.ID]; denied {
 			c.refuse(where, "%q is the same file as %q, which exec_deny names", names[i], d)
 			continue
 		}
-		c.res.RuleSet.Exec = append(c.res.RuleSet.Exec, dataplane.ExecRule{File: id, Audit: e.Audit})
+		changed := st.Changed
+		if c.opts.Integrity != nil || want != nil {
+			in := c.opts.Integrity
+			if in == nil {
+				in = NewIntegrity()
+			}
+			var err error
+			if changed, err = in.Check(c.opts.Files, names[i], st, want); err != nil {
+				c.refuse(where, "%v", err)
+				continue
+			}
+		}
+		c.res.RuleSet.Exec = append(c.res.RuleSet.Exec, dataplane.ExecRule{File: st.ID, Changed: changed, Audit: e.Audit})
 		c.res.ExecFiles = append(c.res.ExecFiles, names[i])
 	}
-	if len(ids) == 0 {
+	if len(files) == 0 {
 		c.warnf("%s: path %q matches no file on this host", where, e.Path)
 	}
 }
@@ -650,8 +711,14 @@ func (c *compiler) unix(where string, u grants.Unix) {
 		c.refuse(where, "unix socket %q: longer than %d bytes", path, dataplane.MaxUnixPath)
 		return
 	}
+	// Compared as what they reach: a grant of /var/run/docker.sock reaches /run/docker.sock.
+	reach := c.opts.Files.Resolve(strings.TrimSuffix(p, "/"))
+	if prefix {
+		reach += "/"
+	}
 	for _, never := range c.opts.UnixNever {
-		if never == p || prefix && strings.HasPrefix(never, p) {
+		never = c.opts.Files.Resolve(never)
+		if never == p || never == reach || prefix && (strings.HasPrefix(never, p) || strings.HasPrefix(never, reach)) {
 			c.refuse(where, "unix socket %q reaches %s, which no agent may reach (tetherd's admin socket, SPIRE, container runtimes: api.sensitive_sockets)", path, never)
 			return
 		}

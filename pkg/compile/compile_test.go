@@ -2,10 +2,13 @@ package compile
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"syscall"
@@ -23,14 +26,28 @@ type fakeFiles struct {
 	writable map[string]bool
 }
 
-func (f fakeFiles) Stat(path string) (dataplane.FileID, bool, error) {
+func (f fakeFiles) Stat(path string) (FileStat, error) {
 	if id, ok := f.files[path]; ok {
-		return id, true, nil
+		return FileStat{ID: id, Regular: true, Changed: int64(id.Ino)}, nil
 	}
 	if f.dirs[path] {
-		return dataplane.FileID{Dev: 1, Ino: 999}, false, nil
+		return FileStat{ID: dataplane.FileID{Dev: 1, Ino: 999}}, nil
 	}
-	return dataplane.FileID{}, false, &os.PathError{Op: "stat", Path: path, Err: os.ErrNotExist}
+	return FileStat{}, &os.PathError{Op: "stat", Path: path, Err: os.ErrNotExist}
+}
+
+// Resolve knows one symbolic link: /var/run is /run.
+func (f fakeFiles) Resolve(path string) string {
+	if rest, ok := strings.CutPrefix(path, "/var/run/"); ok {
+		return "/run/" + rest
+	}
+	return path
+}
+
+// Digest of a fake file is the digest of its path.
+func (f fakeFiles) Digest(path string) (FileStat, [sha256.Size]byte, error) {
+	st, err := f.Stat(path)
+	return st, sha256.Sum256([]byte(path)), err
 }
 
 func (f fakeFiles) Glob(pattern string) ([]string, error) {
@@ -255,8 +272,8 @@ func TestCompileExecAndUnix(t *testing.T) {
 		t.Errorf("mode %v", rs.Mode)
 	}
 	// curl granted twice, once silently: silently wins. git only audits.
-	wantExec := []dataplane.ExecRule{{File: dataplane.FileID{Dev: 1, Ino: 10}}, {File: dataplane.FileID{Dev: 1, Ino: 11}, Audit: true},
-		{File: dataplane.FileID{Dev: 2, Ino: 1}}, {File: dataplane.FileID{Dev: 2, Ino: 2}}}
+	wantExec := []dataplane.ExecRule{{File: dataplane.FileID{Dev: 1, Ino: 10}, Changed: 10}, {File: dataplane.FileID{Dev: 1, Ino: 11}, Changed: 11, Audit: true},
+		{File: dataplane.FileID{Dev: 2, Ino: 1}, Changed: 1}, {File: dataplane.FileID{Dev: 2, Ino: 2}, Changed: 2}}
 	if !reflect.DeepEqual(rs.Exec, wantExec) {
 		t.Errorf("exec %v, want %v", rs.Exec, wantExec)
 	}
@@ -384,9 +401,10 @@ func TestOSStat(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	id, regular, err := OS{}.Stat(self)
-	if err != nil || !regular || id.Ino == 0 {
-		t.Fatalf("%+v %v %v", id, regular, err)
+	fst, err := OS{}.Stat(self)
+	id := fst.ID
+	if err != nil || !fst.Regular || id.Ino == 0 || fst.Changed == 0 {
+		t.Fatalf("%+v %v", fst, err)
 	}
 	var st syscall.Stat_t
 	syscall.Stat(self, &st)
@@ -399,7 +417,7 @@ func TestOSStat(t *testing.T) {
 	if fs.Type != btrfsMagic && id.Dev != st.Dev {
 		t.Errorf("device %#x, stat says %#x", id.Dev, st.Dev)
 	}
-	if _, _, err := (OS{}).Stat("/does/not/exist"); !os.IsNotExist(err) {
+	if _, err := (OS{}).Stat("/does/not/exist"); !os.IsNotExist(err) {
 		t.Errorf("missing file: %v", err)
 	}
 }
@@ -522,8 +540,9 @@ func TestMaxDuration(t *testing.T) {
 func TestSensitiveSockets(t *testing.T) {
 	res := Compile(context.Background(), grants.Grants{Unix: []grants.Unix{
 		{Path: "/run/tether/*"}, {Path: "/run/tether/tether.sock"}, {Path: "/var/run/docker.sock"}, {Path: "/run/app.sock"},
+		{Path: "/run/docker.sock"}, {Path: "/var/run/tether/*"}, {Path: "/var/run/containerd/containerd.sock"},
 	}}, Options{Files: files, UnixAlways: []string{"/run/tether/agent.sock"},
-		UnixNever: []string{"/run/tether/tether.sock", "/var/run/docker.sock"}})
+		UnixNever: []string{"/run/tether/tether.sock", "/var/run/docker.sock", "/run/containerd/containerd.sock"}})
 	var got []string
 	for _, u := range res.RuleSet.Unix {
 		got = append(got, u.Path)
@@ -531,7 +550,90 @@ func TestSensitiveSockets(t *testing.T) {
 	if want := []string{"/run/app.sock", "/run/tether/agent.sock"}; !reflect.DeepEqual(got, want) {
 		t.Errorf("unix rules %v, want %v", got, want)
 	}
-	if len(res.Refused) != 3 {
-		t.Errorf("refused %v: want the three rules that reach a sensitive socket", res.Refused)
+	// Compared as what they reach: /var/run is /run (a symbolic link), either way round.
+	if len(res.Refused) != 6 {
+		t.Errorf("refused %v: want the six rules that reach a sensitive socket", res.Refused)
+	}
+}
+
+// TestIntegrity grants real files: at their change time; a file modified in place only while its
+// content is the one first granted, or the one its rule's sha256 names; a rule whose sha256 does
+// not match is refused.
+func TestIntegrity(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "tool")
+	write := func(content string) {
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o755)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.WriteString(content)
+		f.Close()
+	}
+	write("one")
+	in := NewIntegrity()
+	compileExec := func(e grants.Exec) *Result {
+		return Compile(context.Background(), grants.Grants{Exec: []grants.Exec{e}}, Options{Files: OS{}, Integrity: in})
+	}
+	st, _ := OS{}.Stat(path)
+	res := compileExec(grants.Exec{Path: path})
+	if len(res.RuleSet.Exec) != 1 || res.RuleSet.Exec[0].Changed != st.Changed || res.Err() != nil {
+		t.Fatalf("first grant: %+v %v, want the file at change time %d", res.RuleSet.Exec, res.Err(), st.Changed)
+	}
+	// Rewritten in place with other content: refused, and says why.
+	time.Sleep(10 * time.Millisecond)
+	write("two")
+	res = compileExec(grants.Exec{Path: path})
+	if len(res.RuleSet.Exec) != 0 || !strings.Contains(fmt.Sprint(res.Err()), "modified in place") {
+		t.Errorf("modified file: %+v %v, want it refused", res.RuleSet.Exec, res.Err())
+	}
+	// Its new digest named in the rule grants it, at its new change time.
+	two := sha256.Sum256([]byte("two"))
+	res = compileExec(grants.Exec{Path: path, SHA256: hex.EncodeToString(two[:])})
+	st2, _ := OS{}.Stat(path)
+	if len(res.RuleSet.Exec) != 1 || res.RuleSet.Exec[0].Changed != st2.Changed || st2.Changed == st.Changed {
+		t.Errorf("modified file with its digest: %+v %v", res.RuleSet.Exec, res.Err())
+	}
+	// Back to the first content (a touch, a chmod): granted again without a digest.
+	write("one")
+	if res = compileExec(grants.Exec{Path: path}); len(res.RuleSet.Exec) != 1 {
+		t.Errorf("file back to its granted content: %v", res.Err())
+	}
+	// A digest that does not match, a malformed one, and one without a path are refused.
+	for _, e := range []grants.Exec{{Path: path, SHA256: hex.EncodeToString(two[:])}, {Path: path, SHA256: "abc"}, {SHA256: hex.EncodeToString(two[:])}} {
+		if res := compileExec(e); len(res.RuleSet.Exec) != 0 || len(res.Refused) != 1 {
+			t.Errorf("%+v: %+v, refused %v", e, res.RuleSet.Exec, res.Refused)
+		}
+	}
+}
+
+func TestCompileListen(t *testing.T) {
+	res := Compile(context.Background(), grants.Grants{Listen: []grants.Listen{
+		{Ports: []grants.PortRange{{Lo: 8080, Hi: 8080}, {Lo: 9000, Hi: 9100}}, Protocol: "tcp"},
+		{Ports: []grants.PortRange{{Lo: 53, Hi: 53}}, Protocol: "udp", Audit: true},
+		{Protocol: "tcp"},
+		{Ports: []grants.PortRange{{Lo: 1, Hi: 1}}, Protocol: "sctp"},
+	}}, Options{Files: files})
+	want := []dataplane.PortRule{{Proto: dataplane.ProtoTCP, Lo: 8080, Hi: 8080}, {Proto: dataplane.ProtoTCP, Lo: 9000, Hi: 9100},
+		{Proto: dataplane.ProtoUDP, Lo: 53, Hi: 53, Audit: true}}
+	if !reflect.DeepEqual(res.RuleSet.Listen, want) {
+		t.Errorf("listen %+v, want %+v", res.RuleSet.Listen, want)
+	}
+	if len(res.Refused) != 2 {
+		t.Errorf("refused %v, want the rule without ports and the one with sctp", res.Refused)
+	}
+}
+
+// TestOSResolve resolves the host's own /var/run, a symbolic link to /run on most hosts.
+func TestOSResolve(t *testing.T) {
+	want := "/var/run/x.sock"
+	if real, err := filepath.EvalSymlinks("/var/run"); err == nil {
+		want = filepath.Join(real, "x.sock")
+	}
+	if got := (OS{}).Resolve("/var/run/x.sock"); got != want {
+		t.Errorf("Resolve(/var/run/x.sock) = %s, want %s", got, want)
+	}
+	if got := (OS{}).Resolve("/no/such/dir/x.sock"); got != "/no/such/dir/x.sock" {
+		t.Errorf("a path that does not exist: %s", got)
 	}
 }

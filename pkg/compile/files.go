@@ -1,6 +1,9 @@
 package compile
 
 import (
+	"crypto/sha256"
+	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -12,12 +15,27 @@ import (
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
+// FileStat is what compiling needs of a file.
+type FileStat struct {
+	ID      dataplane.FileID
+	Regular bool
+	// Changed is the file's change time (ctime) in nanoseconds since the epoch, as the exec hook
+	// compares it.
+	Changed int64
+}
+
 // Files resolves paths to the files the kernel will see.
 type Files interface {
-	// Stat follows symlinks and returns the file's identity and whether it is a regular file.
-	Stat(path string) (dataplane.FileID, bool, error)
+	// Stat follows symlinks and returns the file's identity, type and change time.
+	Stat(path string) (FileStat, error)
+	// Digest returns the SHA-256 of the file's content with the identity and change time it had
+	// while it was read (the same before and after, or an error).
+	Digest(path string) (FileStat, [sha256.Size]byte, error)
 	// Glob expands a pattern (filepath.Match syntax).
 	Glob(pattern string) ([]string, error)
+	// Resolve is path with the symbolic links of its directories resolved, as far as they
+	// exist (/var/run/x.sock is /run/x.sock on most hosts): what a socket path reaches.
+	Resolve(path string) string
 	// WorldWritable reports whether the file or directory is writable by every user.
 	WorldWritable(path string) bool
 }
@@ -28,10 +46,14 @@ type OS struct{}
 // Stat identifies a file the way the exec hook sees it: its inode and the device of its
 // superblock (super_block.s_dev), which mountinfo lists for the file's mount. stat's st_dev is
 // not always that: on btrfs it is the subvolume's own anonymous device.
-func (OS) Stat(path string) (dataplane.FileID, bool, error) {
+func (OS) Stat(path string) (FileStat, error) {
+	return statx(unix.AT_FDCWD, path, 0)
+}
+
+func statx(dirfd int, path string, flags int) (FileStat, error) {
 	var stx unix.Statx_t
-	if err := unix.Statx(unix.AT_FDCWD, path, 0, unix.STATX_TYPE|unix.STATX_INO|unix.STATX_MNT_ID, &stx); err != nil {
-		return dataplane.FileID{}, false, &os.PathError{Op: "stat", Path: path, Err: err}
+	if err := unix.Statx(dirfd, path, flags, unix.STATX_TYPE|unix.STATX_INO|unix.STATX_CTIME|unix.STATX_MNT_ID, &stx); err != nil {
+		return FileStat{}, &os.PathError{Op: "stat", Path: path, Err: err}
 	}
 	id := dataplane.FileID{Dev: unix.Mkdev(stx.Dev_major, stx.Dev_minor), Ino: stx.Ino}
 	if stx.Mask&unix.STATX_MNT_ID != 0 {
@@ -39,10 +61,52 @@ func (OS) Stat(path string) (dataplane.FileID, bool, error) {
 			id.Dev = dev
 		}
 	}
-	return id, stx.Mode&unix.S_IFMT == unix.S_IFREG, nil
+	return FileStat{
+		ID:      id,
+		Regular: stx.Mode&unix.S_IFMT == unix.S_IFREG,
+		Changed: stx.Ctime.Sec*1e9 + int64(stx.Ctime.Nsec),
+	}, nil
+}
+
+func (OS) Digest(path string) (FileStat, [sha256.Size]byte, error) {
+	var sum [sha256.Size]byte
+	f, err := os.Open(path)
+	if err != nil {
+		return FileStat{}, sum, err
+	}
+	defer f.Close()
+	before, err := statx(int(f.Fd()), "", unix.AT_EMPTY_PATH)
+	if err != nil {
+		return before, sum, err
+	}
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return before, sum, fmt.Errorf("reading %s: %w", path, err)
+	}
+	after, err := statx(int(f.Fd()), "", unix.AT_EMPTY_PATH)
+	if err != nil {
+		return before, sum, err
+	}
+	if after != before {
+		return before, sum, fmt.Errorf("%s changed while its digest was taken", path)
+	}
+	h.Sum(sum[:0])
+	return before, sum, nil
 }
 
 func (OS) Glob(pattern string) ([]string, error) { return filepath.Glob(pattern) }
+
+func (OS) Resolve(path string) string {
+	dir, base := filepath.Split(filepath.Clean(path))
+	for rest := ""; dir != "/" && dir != ""; {
+		if real, err := filepath.EvalSymlinks(dir); err == nil {
+			return filepath.Join(real, rest, base)
+		}
+		parent, last := filepath.Split(strings.TrimSuffix(dir, "/"))
+		dir, rest = parent, filepath.Join(last, rest)
+	}
+	return filepath.Clean(path)
+}
 
 func (OS) WorldWritable(path string) bool {
 	fi, err := os.Stat(path)
@@ -90,4 +154,59 @@ func parseMountDevices(mountinfo string) map[uint64]uint64 {
 		}
 	}
 	return out
+}
+
+// Integrity remembers the content of every file an exec rule granted: its change time and its
+// SHA-256 when it was first granted. The kernel denies a granted file once its change time moves
+// (it was written in place); compiling grants it again only when its content is still what was
+// granted: the digest recorded at its first grant, or the sha256 its rule names. A file replaced
+// by a new inode (a package upgrade) is a new file, granted as the first time. It lives as long
+// as tetherd: after a restart, what a file holds then is what it is first granted with.
+type Integrity struct {
+	mu    sync.Mutex
+	files map[dataplane.FileID]integrityRecord
+}
+
+type integrityRecord struct {
+	changed int64             // the change time it was last granted at
+	digest  [sha256.Size]byte // its content then
+	first   [sha256.Size]byte // its content when it was first granted
+}
+
+// NewIntegrity returns an empty record.
+func NewIntegrity() *Integrity {
+	return &Integrity{files: map[dataplane.FileID]integrityRecord{}}
+}
+
+// Check returns the change time at which the file at path (st, as just stat'ed) may be granted,
+// or why it may not: its content differs from want (when not nil) or from the digest of its first
+// grant.
+func (in *Integrity) Check(files Files, path string, st FileStat, want *[sha256.Size]byte) (int64, error) {
+	in.mu.Lock()
+	rec, known := in.files[st.ID]
+	in.mu.Unlock()
+	if known && rec.changed == st.Changed && (want == nil && rec.digest == rec.first || want != nil && *want == rec.digest) {
+		return st.Changed, nil
+	}
+	now, sum, err := files.Digest(path)
+	if err != nil {
+		return 0, err
+	}
+	if now.ID != st.ID {
+		return 0, fmt.Errorf("%s was replaced while it was checked", path)
+	}
+	switch {
+	case want != nil && sum != *want:
+		return 0, fmt.Errorf("%s has SHA-256 %x, the rule names %x", path, sum, *want)
+	case want == nil && known && sum != rec.first:
+		return 0, fmt.Errorf("%s was modified in place since it was granted (SHA-256 %x, granted %x): name its new digest in the rule's sha256 to grant it", path, sum, rec.first)
+	}
+	first := sum
+	if known {
+		first = rec.first
+	}
+	in.mu.Lock()
+	in.files[st.ID] = integrityRecord{changed: now.Changed, digest: sum, first: first}
+	in.mu.Unlock()
+	return now.Changed, nil
 }

@@ -65,6 +65,7 @@ type Daemon struct {
 	bpfStats    bool // the kernel counts program runs for us
 	webhook     *escalation.Webhook
 	creds       *taskCreds
+	recompile   chan struct{} // a granted executable changed: compile the grants again soon
 
 	ready    atomic.Bool  // the API serves and the programs are attached
 	lastTick atomic.Int64 // unix ns of the main loop's last round
@@ -117,7 +118,7 @@ type Options struct {
 
 // Run runs tetherd until ctx is done. Pinned enforcement stays in place when it returns.
 func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
-	d := &Daemon{log: opts.Logger, version: opts.Version, started: time.Now(), reaper: newReaper(), stepups: stepup.New(stepupKeep, nil)}
+	d := &Daemon{log: opts.Logger, version: opts.Version, started: time.Now(), reaper: newReaper(), stepups: stepup.New(stepupKeep, nil), recompile: make(chan struct{}, 1)}
 	defer d.reaper.close()
 	d.cfg.Store(cfg)
 	for _, w := range cfg.Warnings {
@@ -227,7 +228,7 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 	d.pump.SetMask(mask)
 	d.pump.Annotate = d.respond
 
-	d.compileOpts = compile.Options{Files: compile.OS{}, Resolver: dnsResolver(cfg, d.log), UnixNever: sensitiveSockets(cfg)}
+	d.compileOpts = compile.Options{Files: compile.OS{}, Resolver: dnsResolver(cfg, d.log), UnixNever: sensitiveSockets(cfg), Integrity: compile.NewIntegrity()}
 	if cfg.API.AgentSocket != "" {
 		d.compileOpts.UnixAlways = []string{cfg.API.AgentSocket}
 	}
@@ -374,6 +375,8 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 			d.registry.Reconcile()
 			d.reaper.sweep(d.registry, d.log)
 		case <-recheck.C:
+			d.registry.Recompile(ctx)
+		case <-d.recompile:
 			d.registry.Recompile(ctx)
 		}
 	}

@@ -192,6 +192,7 @@ func (d *Daemon) respond(rec *events.Decision) {
 	if rec.Slot == nil {
 		return
 	}
+	d.guardFollowUp(rec)
 	rev := d.pol.engine.Current()
 	if id, typ, ok := d.registry.TaskOf(dataplane.Slot(*rec.Slot)); ok {
 		rec.TaskID, rec.TaskType = id, typ

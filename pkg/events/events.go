@@ -49,7 +49,11 @@ type Decision struct {
 	SocketFamily   uint16    `json:"socket_family,omitempty"`
 	SocketType     uint32    `json:"socket_type,omitempty"`
 	SocketOption   string    `json:"socket_option,omitempty"` // kind sockopt: IPV6_RTHDR, IP_OPTIONS, ...
-	Syscall        string    `json:"syscall,omitempty"`       // kind syscall: the call the launcher's filter refused
+	Syscall        string    `json:"syscall,omitempty"`       // kind syscall: the call the launcher's filter refused; kind guard: what the LSM guard refused
+	// Cgroup is, for kind migrate, the cgroup the agent process was moved to, and Killed whether
+	// the kernel killed it then (else tetherd did, or the record says why not).
+	Cgroup string `json:"cgroup,omitempty"`
+	Killed bool   `json:"killed,omitempty"`
 	Verdict        string    `json:"verdict"`
 	Reason         string    `json:"reason"`
 	Mode           string    `json:"mode,omitempty"`
@@ -155,7 +159,7 @@ func Build(e dataplane.Event, attr Attributor) Decision {
 	}
 	switch e.Kind {
 	case dataplane.KindConnect4, dataplane.KindConnect6, dataplane.KindSendmsg4, dataplane.KindSendmsg6,
-		dataplane.KindPacket, dataplane.KindTerminate:
+		dataplane.KindPacket, dataplane.KindTerminate, dataplane.KindBind: // bind: the local address
 		d.Protocol = e.Proto.String()
 		if e.Addr.IsValid() {
 			d.Destination = netip.AddrPortFrom(e.Addr, e.Port).String()
@@ -168,6 +172,13 @@ func Build(e dataplane.Event, attr Attributor) Decision {
 		d.Executable = e.Target
 	case dataplane.KindSocket:
 		d.SocketFamily, d.SocketType, d.Protocol = e.Family, e.SockType, strconv.Itoa(int(e.Proto))
+	case dataplane.KindMigrate:
+		d.Cgroup, d.Killed = e.Target, e.Killed
+	case dataplane.KindGuard:
+		d.Syscall = e.Target
+		if e.Reason == dataplane.ReasonPtrace {
+			d.Syscall = "ptrace " + e.Target // the traced process's command
+		}
 	}
 	return d
 }
@@ -177,10 +188,10 @@ func fileString(f dataplane.FileID) string {
 	return string(strconv.AppendUint(append(strconv.AppendUint(b[:0], uint64(f.Dev), 10), ':'), f.Ino, 10))
 }
 
-// Target is what the record is about: its destination, executable, socket path, socket option
-// or system call (a record has one of them).
+// Target is what the record is about: its destination, executable, socket path, socket option,
+// system call or cgroup (a record has one of them).
 func (d Decision) Target() string {
-	return d.Destination + d.Executable + d.SocketPath + d.SocketOption + d.Syscall
+	return d.Destination + d.Executable + d.SocketPath + d.SocketOption + d.Syscall + d.Cgroup
 }
 
 // NewID is a new decision ID: 16 random bytes, hex.

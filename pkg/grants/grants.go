@@ -18,6 +18,8 @@ type Grants struct {
 	Egress []Egress `json:"egress,omitempty"`
 	Exec   []Exec   `json:"exec,omitempty"`
 	Unix   []Unix   `json:"unix,omitempty"`
+	// Listen names the ports an agent may listen on beyond loopback.
+	Listen []Listen `json:"listen,omitempty"`
 	// ExecDeny names files no exec rule may grant (absolute paths, or globs with * and ?). They
 	// are matched by file identity: an exec rule that resolves to one of them, under any name (a
 	// symlink, a hard link, a glob), is refused. The shipped policy lists here the high-risk
@@ -108,10 +110,25 @@ type Egress struct {
 	Grant uint32 `json:"-"`
 }
 
-// Exec allows executing a file, named by an absolute path or a glob of them.
+// Exec allows executing a file, named by an absolute path or a glob of them, while its content
+// is the content it was granted with.
 type Exec struct {
-	Path  string `json:"path"`
-	Audit bool   `json:"audit,omitempty"`
+	Path string `json:"path"`
+	// SHA256, 64 hexadecimal digits, is the content the file must have: it is granted only with
+	// this digest, and granted again after an in-place change only when it still has it.
+	// Without it, the content the file had when it was first granted is the one it must keep.
+	SHA256 string `json:"sha256,omitempty"`
+	Audit  bool   `json:"audit,omitempty"`
+}
+
+// Listen allows an agent to bind to addresses other than loopback on ports, and to accept
+// connections there. Without listen rules an agent listens on loopback only.
+type Listen struct {
+	// Ports are single ports or ranges; at least one.
+	Ports []PortRange `json:"ports"`
+	// Protocol is tcp, udp, or any (the default).
+	Protocol string `json:"protocol,omitempty"`
+	Audit    bool   `json:"audit,omitempty"`
 }
 
 // Unix allows connecting or sending to a unix socket: an absolute path, a directory prefix

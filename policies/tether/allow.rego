@@ -1,7 +1,7 @@
 # tether reference decision
 #
-# Whether the kernel lets one request through, defined from grants: a connect, an exec or a
-# unix socket connect by an agent in the given context. Used by tests (the kernel must agree
+# Whether the kernel lets one request through, defined from grants: a connect, an exec, a
+# unix socket connect or a bind by an agent in the given context. Used by tests (the kernel must agree
 # with it) and by `tetherctl policy eval`. In audit mode everything goes through (denials are only reported).
 # fqdn rules are not resolved here, so they never match.
 package tether
@@ -24,8 +24,31 @@ allow if {
 	input.request.kind == "exec"
 	some e in grants.exec
 	glob.match(e.path, ["/"], input.request.path)
+	digest_allows(e)
 	not exec_denied(input.request.path)
 }
+
+# A rule with a sha256 allows the file only with that content.
+digest_allows(e) if not e.sha256
+
+digest_allows(e) if e.sha256 == input.request.sha256
+
+# Binding or listening: on loopback always; elsewhere on the ports of a listen rule.
+allow if {
+	input.request.kind == "bind"
+	loopback(input.request.ip)
+}
+
+allow if {
+	input.request.kind == "bind"
+	some l in object.get(grants, "listen", [])
+	port_allows(l)
+	protocol_allows(l)
+}
+
+loopback(ip) if net.cidr_contains("127.0.0.0/8", ip)
+
+loopback(ip) if ip == "::1"
 
 # tether matches exec_deny by file identity; here, by name.
 exec_denied(path) if {

@@ -131,3 +131,22 @@ test_respond_freeze_after_is_a_setting if {
 	tether.respond == "none" with input as i with data.tether_settings.respond.freeze_after_denied_egress as 0
 	tether.respond == "none" with input as i with data.tether_settings.respond.freeze_after_denied_egress as 4
 }
+
+test_allow_bind_loopback_only_by_default if {
+	tether.allow with input as req({"kind": "bind", "ip": "127.0.0.1", "port": 8080, "protocol": "tcp"})
+	tether.allow with input as req({"kind": "bind", "ip": "::1", "port": 8080, "protocol": "tcp"})
+	not tether.allow with input as req({"kind": "bind", "ip": "0.0.0.0", "port": 8080, "protocol": "tcp"})
+}
+
+test_allow_bind_by_listen_rules if {
+	g := {"mode": "enforce", "listen": [{"ports": ["8000-8100"], "protocol": "tcp"}]}
+	tether.allow with input as req({"kind": "bind", "ip": "0.0.0.0", "port": 8050, "protocol": "tcp"}) with data.tether.grants as g
+	not tether.allow with input as req({"kind": "bind", "ip": "0.0.0.0", "port": 8050, "protocol": "udp"}) with data.tether.grants as g
+	not tether.allow with input as req({"kind": "bind", "ip": "0.0.0.0", "port": 9000, "protocol": "tcp"}) with data.tether.grants as g
+}
+
+test_allow_exec_by_digest if {
+	g := {"mode": "enforce", "exec": [{"path": "/usr/bin/tool", "sha256": "ab"}]}
+	tether.allow with input as req({"kind": "exec", "path": "/usr/bin/tool", "sha256": "ab"}) with data.tether.grants as g
+	not tether.allow with input as req({"kind": "exec", "path": "/usr/bin/tool", "sha256": "cd"}) with data.tether.grants as g
+}

@@ -2302,8 +2302,10 @@ int BPF_PROG(tether_cgroup_open_lsm, struct file *file, int ret)
 	if (!tether_guard_decide(&d, TETHER_KIND_MIGRATE, TETHER_REASON_MIGRATION))
 		return 0;
 	if (d.slot != TETHER_NO_SLOT) {
+		/* As far up as tether_cgroup_in_slot looks: a move deep below its own agent is no
+		 * migration (the depth guard judges what runs there). */
 		struct dentry *dir = BPF_CORE_READ(dentry, d_parent);
-		for (int i = 0; i <= TETHER_MAX_ANCESTORS; i++) {
+		for (int i = 0; i < 64; i++) {
 			if (!dir)
 				break;
 			__u64 id = BPF_CORE_READ(dir, d_inode, i_ino);

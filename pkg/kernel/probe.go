@@ -33,6 +33,10 @@ type Features struct {
 	// iterators, Linux 6.5+); without it their packets are only dropped.
 	SockDestroy       bool   `json:"sock_destroy"`
 	SockDestroyReason string `json:"sock_destroy_reason"`
+	// SignalTask says whether the kernel kills an agent process moved out of its agent by
+	// another process (bpf_send_signal_task, Linux 6.13+); without it tetherd does, from the
+	// record.
+	SignalTask bool `json:"signal_task"`
 	Hooks             []Hook `json:"hooks"`
 }
 
@@ -165,6 +169,7 @@ func probe(want ExecMode, log *slog.Logger) Features {
 			}
 		}
 	}
+	f.SignalTask = probeKfunc("bpf_send_signal_task") == nil
 	if err := probeSockDestroy(); err != nil {
 		f.SockDestroyReason = fmt.Sprintf("live sockets are not terminated, only their packets dropped (cgroup_skb/egress): %v", err)
 	} else {
@@ -196,6 +201,16 @@ func lsmReason(err error, active string) string {
 		return fmt.Sprintf("BPF LSM programs cannot be attached: %v", err)
 	}
 	return fmt.Sprintf("bpf is not in the active LSMs %q", active)
+}
+
+// probeKfunc finds whether the kernel has the kfunc name in its BTF.
+func probeKfunc(name string) error {
+	spec, err := btf.LoadKernelSpec()
+	if err != nil {
+		return fmt.Errorf("reading the kernel's BTF: %w", err)
+	}
+	var fn *btf.Func
+	return spec.TypeByName(name, &fn)
 }
 
 // probeLSMHook finds whether the kernel has the BPF LSM hook name (bpf_lsm_<name> in its BTF).

@@ -36,8 +36,8 @@ type Features struct {
 	// SignalTask says whether the kernel kills an agent process moved out of its agent by
 	// another process (bpf_send_signal_task, Linux 6.13+); without it tetherd does, from the
 	// record.
-	SignalTask bool `json:"signal_task"`
-	Hooks             []Hook `json:"hooks"`
+	SignalTask bool   `json:"signal_task"`
+	Hooks      []Hook `json:"hooks"`
 }
 
 type hookSpec struct {

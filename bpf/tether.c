@@ -2297,7 +2297,16 @@ int BPF_PROG(tether_cgroup_open_lsm, struct file *file, int ret)
 		return 0;
 	struct dentry *dentry = BPF_CORE_READ(file, f_path.dentry);
 	bpf_probe_read_kernel_str(name, sizeof(name), BPF_CORE_READ(dentry, d_name.name));
-	if (__builtin_memcmp(name, "cgroup.procs", 13) && __builtin_memcmp(name, "cgroup.threads", 15))
+	/* "cgroup.procs" or "cgroup.threads", byte by byte (BPF has no memcmp). */
+	const char procs[] = "cgroup.procs", threads[] = "cgroup.threads";
+	int is_procs = 1, is_threads = 1;
+	for (int i = 0; i < 15; i++) {
+		if (i < 13 && name[i] != procs[i])
+			is_procs = 0;
+		if (name[i] != threads[i])
+			is_threads = 0;
+	}
+	if (!is_procs && !is_threads)
 		return 0;
 	if (!tether_guard_decide(&d, TETHER_KIND_MIGRATE, TETHER_REASON_MIGRATION))
 		return 0;

@@ -641,6 +641,21 @@ static __always_inline int tether_ports_allow(struct tether_decision *d, struct 
 	return 0;
 }
 
+/* tether_ports_verdict turns what tether_ports_allow found into d's verdict: allow, audit-deny
+ * when only an audit rule matched, else no match for reason. */
+static __always_inline void tether_ports_verdict(struct tether_decision *d, void *rules, int allowed, int audit_hit, __u8 reason)
+{
+	if (allowed) {
+		d->verdict = TETHER_VERDICT_ALLOW;
+		d->reason = TETHER_REASON_RULE;
+	} else if (audit_hit) {
+		d->verdict = TETHER_VERDICT_AUDIT;
+		d->reason = TETHER_REASON_AUDIT_RULE;
+	} else {
+		tether_no_match(d, rules, reason);
+	}
+}
+
 /* tether_mask64 keeps the first keep bits (in byte order) of 8 address bytes read as be. Two
  * halves, not 16 bytes, so that the verifier walks 9 ways through a mask, not 3^16. */
 static __always_inline __u64 tether_mask64(__u64 be, int keep)
@@ -703,17 +718,7 @@ static __always_inline void tether_egress_rules(struct tether_decision *d, void 
 		allowed = tether_ports_allow(d, v->ports, v->count, TETHER_MAX_PORT_RULES, &audit_hit, &reason, current);
 	else if (h)
 		allowed = tether_ports_allow(d, h->ports, h->count, TETHER_HOST_PORT_RULES, &audit_hit, &reason, current);
-	if (allowed) {
-		d->verdict = TETHER_VERDICT_ALLOW;
-		d->reason = TETHER_REASON_RULE;
-		return;
-	}
-	if (audit_hit) {
-		d->verdict = TETHER_VERDICT_AUDIT;
-		d->reason = TETHER_REASON_AUDIT_RULE;
-		return;
-	}
-	tether_no_match(d, rules, reason);
+	tether_ports_verdict(d, rules, allowed, audit_hit, reason);
 }
 
 /* tether_egress decides a connect or sendmsg of the current task to addr (IPv6 or v4-mapped)
@@ -1076,17 +1081,8 @@ static __always_inline void tether_listen_rules(struct tether_decision *d, void 
 	key.prefixlen = 8;
 	key.kind = TETHER_RULE_LISTEN;
 	struct tether_rule_value *v = bpf_map_lookup_elem(rules, &key);
-	if (v && tether_ports_allow(d, v->ports, v->count, TETHER_MAX_PORT_RULES, &audit_hit, &reason, 1)) {
-		d->verdict = TETHER_VERDICT_ALLOW;
-		d->reason = TETHER_REASON_RULE;
-		return;
-	}
-	if (audit_hit) {
-		d->verdict = TETHER_VERDICT_AUDIT;
-		d->reason = TETHER_REASON_AUDIT_RULE;
-		return;
-	}
-	tether_no_match(d, rules, TETHER_REASON_BIND);
+	int allowed = v && tether_ports_allow(d, v->ports, v->count, TETHER_MAX_PORT_RULES, &audit_hit, &reason, 1);
+	tether_ports_verdict(d, rules, allowed, audit_hit, reason);
 }
 
 /* tether_bind decides a bind of the current task to d->addr and d->dport: loopback and port 0
@@ -1725,18 +1721,14 @@ int tether_setsockopt(struct bpf_sockopt *ctx)
 	return d.verdict != TETHER_VERDICT_DENY;
 }
 
-/* tether_sk_slot finds the agent of a socket from its cgroup, as tether_walk_slot does for a task:
- * the socket's cgroup or the nearest of TETHER_MAX_ANCESTORS ancestors that is bound. */
-static __always_inline int tether_sk_slot(struct sock *sk, __u64 *cgroup_id, __u32 *slot)
+/* tether_cgroup_slot finds the agent of cgroup cg: the nearest of cg and its ancestors, levels at
+ * most, that is bound (tether_walk_slot does the same for the current task with helpers). */
+static __always_inline int tether_cgroup_slot(struct cgroup *cg, __u32 *slot, const int levels)
 {
-	struct cgroup *cg = sk->sk_cgrp_data.cgroup;
-
-	for (int i = 0; i <= TETHER_MAX_ANCESTORS; i++) {
+	for (int i = 0; i < levels; i++) {
 		if (!cg)
 			break;
 		__u64 id = BPF_CORE_READ(cg, kn, id);
-		if (i == 0)
-			*cgroup_id = id;
 		struct tether_binding *b = bpf_map_lookup_elem(&tether_cgroups, &id);
 		if (b) {
 			*slot = b->slot;
@@ -1745,6 +1737,17 @@ static __always_inline int tether_sk_slot(struct sock *sk, __u64 *cgroup_id, __u
 		cg = (struct cgroup *)BPF_CORE_READ(cg, self.parent);
 	}
 	return 0;
+}
+
+/* tether_sk_slot finds the agent of a socket from its cgroup, as tether_walk_slot does for a task:
+ * the socket's cgroup or the nearest of TETHER_MAX_ANCESTORS ancestors that is bound. */
+static __always_inline int tether_sk_slot(struct sock *sk, __u64 *cgroup_id, __u32 *slot)
+{
+	struct cgroup *cg = sk->sk_cgrp_data.cgroup;
+
+	if (cg)
+		*cgroup_id = BPF_CORE_READ(cg, kn, id);
+	return tether_cgroup_slot(cg, slot, TETHER_MAX_ANCESTORS + 1);
 }
 
 /* tether_sweep_sock checks one live socket in a sweep of the slots tether_sweep names: a killed
@@ -2031,16 +2034,8 @@ static __always_inline int tether_migrated(struct task_struct *task, struct teth
  * at most: a move is rare, and a move deep below its own agent is no migration) is slot's. */
 static __always_inline int tether_cgroup_in_slot(struct cgroup *cg, __u32 slot)
 {
-	for (int i = 0; i < 64; i++) {
-		if (!cg)
-			break;
-		__u64 id = BPF_CORE_READ(cg, kn, id);
-		struct tether_binding *b = bpf_map_lookup_elem(&tether_cgroups, &id);
-		if (b)
-			return b->slot == slot;
-		cg = (struct cgroup *)BPF_CORE_READ(cg, self.parent);
-	}
-	return 0;
+	__u32 found = TETHER_NO_SLOT;
+	return tether_cgroup_slot(cg, &found, 64) && found == slot;
 }
 
 /* Runs after every successful exec on the host, before the new image runs user code. */
@@ -2049,38 +2044,27 @@ int BPF_PROG(tether_exec, struct task_struct *task, pid_t old_pid, struct linux_
 {
 	struct tether_decision d = {};
 	void *rules = NULL;
+	__u32 tgid = BPF_CORE_READ(task, tgid);
 
-	if (!tether_under_parent()) {
-		/* Not below any agent parent: nothing to decide, unless it is an agent process that
-		 * left (a move the migration program could not stop). */
-		__u32 tgid = BPF_CORE_READ(task, tgid);
+	/* Not below any agent parent: nothing to decide (one helper call per parent), unless it is
+	 * an agent process that left (a move the migration program could not stop). */
+	int under = tether_under_parent();
+	if (under)
+		tether_exec_decide(&d, bprm, &rules);
+	int agent_exec = under && (d.slot != TETHER_NO_SLOT || d.reason == TETHER_REASON_DEPTH);
+	if (!agent_exec || d.slot != TETHER_NO_SLOT) {
+		/* Its lineage says which agent it belongs to; found elsewhere, it was moved out. */
 		struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &tgid);
 		struct tether_agent *agent = p ? tether_live_agent(p) : NULL;
-		if (agent)
-			tether_migrated(task, p, agent, bpf_get_current_cgroup_id(), NULL, 1);
-		return 0;
-	}
-
-	tether_exec_decide(&d, bprm, &rules);
-	if (d.slot == TETHER_NO_SLOT && d.reason != TETHER_REASON_DEPTH) {
-		__u32 tgid = BPF_CORE_READ(task, tgid);
-		struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &tgid);
-		struct tether_agent *agent = p ? tether_live_agent(p) : NULL;
-		if (agent)
-			tether_migrated(task, p, agent, d.cgroup_id, NULL, 1);
-		return 0; /* not an agent: never touched */
-	}
-	if (d.slot != TETHER_NO_SLOT) {
-		__u32 tgid = BPF_CORE_READ(task, tgid);
-		struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &tgid);
-		struct tether_agent *agent = p ? tether_live_agent(p) : NULL;
-		if (agent && p->slot != d.slot) {
-			/* Moved from its agent into another one. */
-			tether_migrated(task, p, agent, d.cgroup_id, NULL, 1);
+		if (agent && (!agent_exec || p->slot != d.slot)) {
+			tether_migrated(task, p, agent, under ? d.cgroup_id : bpf_get_current_cgroup_id(), NULL, 1);
 			return 0;
 		}
-		tether_exec_lineage(task, d.slot, bprm, &d);
 	}
+	if (!agent_exec)
+		return 0; /* not an agent: never touched */
+	if (d.slot != TETHER_NO_SLOT)
+		tether_exec_lineage(task, d.slot, bprm, &d);
 	if (!tether_exec_signal)
 		return 0; /* the LSM program decides and reports */
 
@@ -2243,26 +2227,6 @@ int BPF_PROG(tether_bpf_lsm, int cmd)
 	return tether_guard_finish(&d, "bpf");
 }
 
-/* tether_task_slot finds the agent of task from its cgroup, as tether_walk_slot does for the current
- * task. */
-static __always_inline int tether_task_slot(struct task_struct *task, __u32 *slot)
-{
-	struct cgroup *cg = BPF_CORE_READ(task, cgroups, dfl_cgrp);
-
-	for (int i = 0; i <= TETHER_MAX_ANCESTORS; i++) {
-		if (!cg)
-			break;
-		__u64 id = BPF_CORE_READ(cg, kn, id);
-		struct tether_binding *b = bpf_map_lookup_elem(&tether_cgroups, &id);
-		if (b) {
-			*slot = b->slot;
-			return 1;
-		}
-		cg = (struct cgroup *)BPF_CORE_READ(cg, self.parent);
-	}
-	return 0;
-}
-
 /* An agent may trace (ptrace, /proc/<pid>/mem, process_vm_readv, pidfd_getfd) only processes of
  * its own agent. */
 SEC("lsm/ptrace_access_check")
@@ -2275,7 +2239,8 @@ int BPF_PROG(tether_ptrace_lsm, struct task_struct *child, unsigned int mode, in
 		return ret;
 	if (!tether_guard_decide(&d, TETHER_KIND_GUARD, TETHER_REASON_PTRACE))
 		return 0;
-	if (d.slot != TETHER_NO_SLOT && tether_task_slot(child, &slot) && slot == d.slot)
+	if (d.slot != TETHER_NO_SLOT && tether_cgroup_slot(BPF_CORE_READ(child, cgroups, dfl_cgrp), &slot, TETHER_MAX_ANCESTORS + 1) &&
+	    slot == d.slot)
 		return 0;
 	return tether_guard_finish(&d, (const char *)child->comm);
 }

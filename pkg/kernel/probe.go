@@ -203,7 +203,7 @@ func lsmReason(err error, active string) string {
 	return fmt.Sprintf("bpf is not in the active LSMs %q", active)
 }
 
-// probeKfunc finds whether the kernel has the kfunc name in its BTF.
+// probeKfunc finds whether the kernel has the function name (a kfunc, an LSM hook) in its BTF.
 func probeKfunc(name string) error {
 	spec, err := btf.LoadKernelSpec()
 	if err != nil {
@@ -215,12 +215,7 @@ func probeKfunc(name string) error {
 
 // probeLSMHook finds whether the kernel has the BPF LSM hook name (bpf_lsm_<name> in its BTF).
 func probeLSMHook(name string) error {
-	spec, err := btf.LoadKernelSpec()
-	if err != nil {
-		return fmt.Errorf("reading the kernel's BTF: %w", err)
-	}
-	var fn *btf.Func
-	if err := spec.TypeByName("bpf_lsm_"+name, &fn); err != nil {
+	if err := probeKfunc("bpf_lsm_" + name); err != nil {
 		return fmt.Errorf("no LSM hook %s: %w", name, err)
 	}
 	return nil

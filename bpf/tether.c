@@ -925,6 +925,22 @@ static __always_inline void tether_unix_target(char target[TETHER_PATH_LEN], str
 	__builtin_memcpy(target + 1, &key->data[2], TETHER_RULE_DATA - 2);
 }
 
+/* tether_mnt_ns is the inode number of the current task's mount namespace. */
+static __always_inline __u32 tether_mnt_ns(void)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	return BPF_CORE_READ(task, nsproxy, mnt_ns, ns.inum);
+}
+
+/* tether_other_mnt_ns says whether the current process runs in another mount namespace than its
+ * agent's (its lineage's): there, a socket path may name another socket than the one granted. */
+static __always_inline int tether_other_mnt_ns(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &tgid);
+	return p && p->mnt_ns && p->mnt_ns != tether_mnt_ns();
+}
+
 /* tether_unix_decide decides a connect or send to the unix address whose n sun_path bytes are at
  * path; d carries the kind and socket type. It returns 1 to allow, 0 to deny. global is set for
  * the LSM programs, which run for every process of the host: outside agents they only allow. */
@@ -943,10 +959,12 @@ static __always_inline int tether_unix_decide(struct tether_decision *d, const c
 		return 1;
 	if (rules) {
 		struct tether_rule_value *v = matchable ? bpf_map_lookup_elem(rules, &key) : NULL;
-		if (v)
-			tether_entry_match(d, v);
-		else
+		if (!v)
 			tether_no_match(d, rules, TETHER_REASON_NO_RULE);
+		else if (key.data[0] && tether_other_mnt_ns())
+			tether_no_match(d, rules, TETHER_REASON_MOUNT_NS); /* a pathname, not an abstract name */
+		else
+			tether_entry_match(d, v);
 	}
 
 	tether_account(d);
@@ -1954,10 +1972,13 @@ static __always_inline void tether_exec_lineage(struct task_struct *task, __u32 
 	if (old) {
 		p.ppid = old->ppid;
 		p.start_ns = old->start_ns;
+		p.mnt_ns = old->slot == slot && old->born == d->born ? old->mnt_ns : 0;
 	} else {
 		p.ppid = BPF_CORE_READ(task, real_parent, tgid);
 		p.start_ns = bpf_ktime_get_boot_ns();
 	}
+	if (!p.mnt_ns)
+		p.mnt_ns = tether_mnt_ns(); /* the first exec in the agent: its namespace is the agent's */
 	p.slot = slot;
 	p.born = d->born;
 	p.bin_dev = d->bin_dev;
@@ -2295,5 +2316,9 @@ int BPF_PROG(tether_cgroup_open_lsm, struct file *file, int ret)
 			dir = up;
 		}
 	}
-	return tether_guard_finish(&d, (const char *)BPF_CORE_READ(dentry, d_name.name));
+	/* The record names the cgroup it would have moved into, as the migration program does (its
+	 * id; its directory's name, not the whole path). */
+	struct dentry *into = BPF_CORE_READ(dentry, d_parent);
+	d.cgroup_id = BPF_CORE_READ(into, d_inode, i_ino);
+	return tether_guard_finish(&d, (const char *)BPF_CORE_READ(into, d_name.name));
 }

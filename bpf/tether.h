@@ -334,7 +334,10 @@ struct tether_proc {
 	__u32 ppid;
 	__u32 slot;
 	__u32 bin_dev; /* kernel encoding */
-	__u32 _pad;
+	/* The mount namespace (its inode number) the agent's processes run in: the one of the process
+	 * that first exec'd in the agent, inherited by every process it forks. A process found in
+	 * another has made or entered one, where a unix socket path may lead elsewhere. */
+	__u32 mnt_ns;
 	__u64 bin_ino;
 	__u64 start_ns;
 	/* tether_agents[slot].born when the process joined the agent: an entry of an agent that is

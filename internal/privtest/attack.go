@@ -41,6 +41,8 @@ var attacks = map[string]func(args []string) (string, error){
 	"raw-socket":     attackRawSocket,
 	"move":           attackMove,
 	"bind":           attackBind,
+	"userns":         attackUserns,
+	"bpf":            attackBPF,
 }
 
 // helperAttack runs the attack args[0] names with args[1:].
@@ -177,6 +179,32 @@ func attackBind(args []string) (string, error) {
 	return "bound", l.Close()
 }
 
+// attackUserns starts a child in a new user namespace: "ok userns".
+func attackUserns([]string) (string, error) {
+	cmd := exec.Command("/proc/self/exe")
+	cmd.Env = append(os.Environ(), helperEnv+"=exit")
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Cloneflags:  syscall.CLONE_NEWUSER,
+		UidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getuid(), Size: 1}},
+		GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getgid(), Size: 1}},
+	}
+	if err := cmd.Run(); err != nil {
+		return "", err
+	}
+	return "userns", nil
+}
+
+// attackBPF creates a BPF map: "ok bpf".
+func attackBPF([]string) (string, error) {
+	attr := struct{ mapType, keySize, valueSize, maxEntries uint32 }{2 /* BPF_MAP_TYPE_ARRAY */, 4, 4, 1}
+	fd, _, errno := unix.Syscall(unix.SYS_BPF, 0 /* BPF_MAP_CREATE */, uintptr(unsafe.Pointer(&attr)), unsafe.Sizeof(attr))
+	if errno != 0 {
+		return "", errno
+	}
+	unix.Close(int(fd))
+	return "bpf", nil
+}
+
 // ownCgroup is the cgroup2 directory of the calling process.
 func ownCgroup() (string, error) {
 	b, err := os.ReadFile("/proc/self/cgroup")
@@ -278,6 +306,9 @@ func attackUsernsConnect(args []string) (string, error) {
 		GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getgid(), Size: 1}},
 	}
 	out, err := cmd.Output()
+	if err != nil && len(out) > 0 {
+		return "", fmt.Errorf("%s: %w", strings.TrimSpace(string(out)), err) // what the child said
+	}
 	if err != nil {
 		return "", err
 	}

@@ -11,11 +11,13 @@ import (
 	"github.com/tether-sh/tether/pkg/events"
 )
 
-// guardFollowUp finishes in user space what a kernel guard began: a granted executable denied
+// guardFollowUp counts a guard's denial (tether_guard_denials_total) and finishes in user space
+// what a kernel guard began: a granted executable denied
 // because it changed is granted again when its content is still the granted one (the agents'
 // grants are compiled again, which checks its digest); an agent process moved out of its agent
 // that the kernel could not kill (moved by another process, before Linux 6.13) is killed here.
 func (d *Daemon) guardFollowUp(rec *events.Decision) {
+	d.metrics.ObserveGuard(*rec)
 	switch {
 	case rec.Kind == dataplane.KindExec.String() && rec.Reason == dataplane.ReasonModifiedFile.String():
 		select {

@@ -189,10 +189,10 @@ func (d *Daemon) input(c agents.Context) policy.Input {
 // decisions of the last minute, and writes the answer into the record. The kill path acts on it;
 // here it is logged and counted.
 func (d *Daemon) respond(rec *events.Decision) {
+	d.guardFollowUp(rec) // a depth deny has no agent (no slot)
 	if rec.Slot == nil {
 		return
 	}
-	d.guardFollowUp(rec)
 	rev := d.pol.engine.Current()
 	if id, typ, ok := d.registry.TaskOf(dataplane.Slot(*rec.Slot)); ok {
 		rec.TaskID, rec.TaskType = id, typ

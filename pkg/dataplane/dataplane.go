@@ -319,7 +319,7 @@ type Event struct {
 	Comm       string
 	Binary     FileID // the calling binary; for exec, the executable
 	BinaryPath string // as the calling process was exec'd
-	Target     string // exec: filename; unix: socket path; sockopt: the option (IP_OPTIONS, IPV6_RTHDR, ...); migrate: the cgroup it went to
+	Target     string // exec: filename; unix: socket path; sockopt: the option (IP_OPTIONS, IPV6_RTHDR, ...); migrate: the cgroup it went to (from the cgroup2 root; under BPF LSM, refused, its directory's name)
 	Chain      []Process
 	// Killed says, for a migrate, that the kernel killed the moved process (PID; TID is the
 	// process that moved it). Where it could not (a move by another process before Linux 6.13),

@@ -91,8 +91,15 @@ func TestPrivilegedMigrationGuard(t *testing.T) {
 	e := events.wait(t, "migration record", func(e dataplane.Event) bool {
 		return e.Kind == dataplane.KindMigrate && e.Slot == 20
 	})
-	if e.Verdict != dataplane.VerdictDeny || e.Reason != dataplane.ReasonMigration || e.Target != strings.TrimPrefix(outside, cgroupMount(t)) {
-		t.Errorf("migration record %+v: want a deny for migration naming %s", e, outside)
+	// The record names where it went: the path below the cgroup2 root, or, when BPF LSM refused
+	// the open of its cgroup.procs, that cgroup's directory name.
+	where := strings.TrimPrefix(outside, cgroupMount(t))
+	if want == "fail eperm" {
+		where = filepath.Base(outside)
+	}
+	outsideID, _ := cgroupID(outside)
+	if e.Verdict != dataplane.VerdictDeny || e.Reason != dataplane.ReasonMigration || e.Target != where || e.CgroupID != outsideID {
+		t.Errorf("migration record %+v: want a deny for migration naming %s", e, where)
 	}
 	// Within its agent a move is no escape.
 	if got := attackOutput(t, agent, "migrate", inside, "tcp", target); got != "ok moved eperm" {
@@ -284,4 +291,111 @@ func freePort(t *testing.T) uint16 {
 	}
 	defer l.Close()
 	return uint16(l.Addr().(*net.TCPAddr).Port)
+}
+
+// unixServer listens on a unix socket at path and answers every connection with answer.
+func unixServer(t *testing.T, path, answer string) {
+	t.Helper()
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintln(c, answer)
+			c.Close()
+		}
+	}()
+}
+
+// TestPrivilegedMountNamespaceGuard bind-mounts another socket over a granted socket path in a
+// new user and mount namespace and connects: outside agents that reaches the other socket; an
+// agent is refused (without BPF LSM by the mount-namespace guard, with it already at the user
+// namespace), and the refusal is recorded. In its own namespace the agent reaches the granted
+// socket as before.
+func TestPrivilegedMountNamespaceGuard(t *testing.T) {
+	f := newFixture(t, Options{})
+	dir := t.TempDir()
+	granted, secret := filepath.Join(dir, "granted.sock"), filepath.Join(dir, "secret.sock")
+	unixServer(t, granted, "granted")
+	unixServer(t, secret, "secret")
+	agent := f.agent(t, "agent", 24, dataplane.RuleSet{Unix: []dataplane.Unix{{Path: granted}}})
+	outside := privtest.Cgroup(t)
+	events := f.events(t)
+	feat := f.k.Features()
+
+	if got := attackOutput(t, outside, "userns-connect", granted, secret); got != "ok reached secret" {
+		t.Fatalf("control, outside agents: %q, want ok reached secret", got)
+	}
+	got := attackOutput(t, agent, "userns-connect", granted, secret)
+	want, reason, kind := "connect: eperm", dataplane.ReasonMountNS, dataplane.KindConnectUnix
+	if feat.hook("userns_lsm").Active {
+		want, reason, kind = "eperm", dataplane.ReasonUserNS, dataplane.KindGuard
+	}
+	if strings.HasPrefix(got, "ok") || !strings.Contains(got, want) {
+		t.Errorf("agent in a mount namespace of its own: %q, want a failure with %q", got, want)
+	}
+	events.wait(t, reason.String()+" record", func(e dataplane.Event) bool {
+		return e.Slot == 24 && e.Kind == kind && e.Reason == reason && e.Verdict == dataplane.VerdictDeny
+	})
+	if got := privtest.Dial(t, agent, "unix", granted); len(got) != 1 || got[0] != "ok" {
+		t.Errorf("the agent's own connect to its granted socket: %v", got)
+	}
+}
+
+// TestPrivilegedLSMGuards runs what only BPF LSM refuses: each attack works outside agents (the
+// negative control); in an agent it is refused and recorded where the guard runs (make test-vm's
+// BPF LSM boot), and where it does not, it still works: the status says why (TestPrivilegedLoad)
+// and the launcher's filter is what stands in its way.
+func TestPrivilegedLSMGuards(t *testing.T) {
+	f := newFixture(t, Options{})
+	agent := f.agent(t, "agent", 25, dataplane.RuleSet{})
+	other := f.agent(t, "other", 26, dataplane.RuleSet{})
+	outside := privtest.Cgroup(t)
+	events := f.events(t)
+	feat := f.k.Features()
+	pid := func(cgroup string) string {
+		cmd, _ := sleeper(t, cgroup)
+		return strconv.Itoa(cmd.Process.Pid)
+	}
+	outsider, neighbour, sibling := pid(outside), pid(other), pid(agent)
+
+	for _, c := range []struct {
+		guard  string
+		args   []string
+		kind   dataplane.Kind
+		reason dataplane.Reason
+	}{
+		{"socket_lsm", []string{"raw-socket"}, dataplane.KindSocket, dataplane.ReasonFamily},
+		{"userns_lsm", []string{"userns"}, dataplane.KindGuard, dataplane.ReasonUserNS},
+		{"bpf_lsm", []string{"bpf"}, dataplane.KindGuard, dataplane.ReasonBPF},
+		{"ptrace_lsm", []string{"ptrace", outsider}, dataplane.KindGuard, dataplane.ReasonPtrace},
+		{"ptrace_lsm", []string{"ptrace", neighbour}, dataplane.KindGuard, dataplane.ReasonPtrace},
+	} {
+		if got := attackOutput(t, outside, c.args...); !strings.HasPrefix(got, "ok") {
+			t.Fatalf("control %v outside agents: %q", c.args, got)
+		}
+		got := attackOutput(t, agent, c.args...)
+		if !feat.hook(c.guard).Active {
+			if !strings.HasPrefix(got, "ok") {
+				t.Errorf("%v with %s off: %q, want it to work (nothing else refuses it here)", c.args, c.guard, got)
+			}
+			continue
+		}
+		if got != "fail eperm" && !strings.HasPrefix(got, "fail eperm ") {
+			t.Errorf("%v in an agent: %q, want fail eperm from %s", c.args, got, c.guard)
+		}
+		events.wait(t, c.reason.String()+" record", func(e dataplane.Event) bool {
+			return e.Slot == 25 && e.Kind == c.kind && e.Reason == c.reason && e.Verdict == dataplane.VerdictDeny
+		})
+	}
+	// Within its own agent, tracing works.
+	if got := attackOutput(t, agent, "ptrace", sibling); !strings.HasPrefix(got, "ok") {
+		t.Errorf("ptrace of a process of its own agent: %q", got)
+	}
 }

@@ -89,6 +89,12 @@ func procLineage(pid int) (bpfTetherProc, bool) {
 	if exe, err := os.Readlink(dir + "/exe"); err == nil {
 		putCString(p.Path[:], exe)
 	}
+	// The agent's mount namespace is the one its processes run in when the cgroup is bound.
+	if ns, err := os.Readlink(dir + "/ns/mnt"); err == nil {
+		if n, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(ns, "mnt:["), "]"), 10, 32); err == nil {
+			p.MntNs = uint32(n)
+		}
+	}
 	var stx unix.Statx_t
 	if unix.Statx(unix.AT_FDCWD, dir+"/exe", 0, unix.STATX_INO, &stx) == nil {
 		p.BinDev = kernelDev(unix.Mkdev(stx.Dev_major, stx.Dev_minor))

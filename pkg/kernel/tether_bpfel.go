@@ -203,7 +203,7 @@ type bpfTetherProc struct {
 	Ppid    uint32
 	Slot    uint32
 	BinDev  uint32
-	Pad     uint32
+	MntNs   uint32
 	BinIno  uint64
 	StartNs uint64
 	Born    uint64

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -49,6 +50,7 @@ type Metrics struct {
 	evalTime   prometheus.Histogram
 	killSteps  *prometheus.HistogramVec
 	kills      *prometheus.CounterVec
+	guards     *prometheus.CounterVec // tether_guard_denials_total
 	identities prometheus.Counter
 }
 
@@ -66,10 +68,17 @@ func New(src Source, version string) *Metrics {
 	m.kills = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "tether_kills_total", Help: "Kills run, by who asked (admin or policy) and whether every step is done.",
 	}, []string{"requester", "done"})
+	m.guards = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "tether_guard_denials_total",
+		Help: "Denials (and audit-denials) of the kernel guards, as recorded, by reason: migration, depth, modified-file, mount-ns, family, userns, ptrace, bind, bpf.",
+	}, []string{"reason", "verdict"})
+	for _, r := range GuardReasons {
+		m.guards.WithLabelValues(r, "deny") // present at 0 from the start
+	}
 	buildInfo := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "tether_build_info", Help: "tetherd's version and Go version."}, []string{"version", "goversion"})
 	buildInfo.WithLabelValues(version, runtime.Version()).Set(1)
 	m.coll = &collector{src: src, seen: map[slotKey]dataplaneCounts{}, totals: map[decisionKey]uint64{}}
-	m.reg.MustRegister(m.evalTime, m.killSteps, m.kills, buildInfo, m.coll,
+	m.reg.MustRegister(m.evalTime, m.killSteps, m.kills, m.guards, buildInfo, m.coll,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return m
 }
@@ -87,6 +96,20 @@ func (m *Metrics) Retire(a agents.Agent) {
 
 // ObserveEvaluation records the duration of one grants evaluation.
 func (m *Metrics) ObserveEvaluation(d time.Duration) { m.evalTime.Observe(d.Seconds()) }
+
+// GuardReasons are the reasons of the kernel guards' denials.
+var GuardReasons = []string{
+	dataplane.ReasonMigration.String(), dataplane.ReasonDepth.String(), dataplane.ReasonModifiedFile.String(),
+	dataplane.ReasonMountNS.String(), dataplane.ReasonFamily.String(), dataplane.ReasonUserNS.String(),
+	dataplane.ReasonPtrace.String(), dataplane.ReasonBind.String(), dataplane.ReasonBPF.String(),
+}
+
+// ObserveGuard counts a decision record when a kernel guard denied (or would have).
+func (m *Metrics) ObserveGuard(rec events.Decision) {
+	if rec.Verdict != dataplane.VerdictAllow.String() && slices.Contains(GuardReasons, rec.Reason) {
+		m.guards.WithLabelValues(rec.Reason, rec.Verdict).Inc()
+	}
+}
 
 // ObserveKill records a kill record (kind "kill") of the decision log.
 func (m *Metrics) ObserveKill(rec events.Decision) {

@@ -63,6 +63,13 @@ func TestDecisionsNeverGoDown(t *testing.T) {
 	if out := scrape(t, m); !strings.Contains(out, `tether_kills_total{done="true",requester="policy"} 1`) || !strings.Contains(out, `tether_kill_step_duration_seconds_count{step="deny"} 1`) {
 		t.Errorf("kill metrics missing:\n%s", out)
 	}
+	m.ObserveGuard(events.Decision{Kind: "migrate", Verdict: "deny", Reason: "migration"})
+	m.ObserveGuard(events.Decision{Kind: "exec", Verdict: "deny", Reason: "no-rule"}) // not a guard
+	out = scrape(t, m)
+	if !strings.Contains(out, `tether_guard_denials_total{reason="migration",verdict="deny"} 1`) ||
+		!strings.Contains(out, `tether_guard_denials_total{reason="depth",verdict="deny"} 0`) || strings.Contains(out, `reason="no-rule"`) {
+		t.Errorf("guard metrics:\n%s", out)
+	}
 }
 
 // TestKernelStats: the programs' statistics and the maps' fill are exported by program and map;

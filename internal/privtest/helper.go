@@ -438,6 +438,7 @@ func helperSleep([]string) int {
 //	udp|udp4mapped ADDRESS:PORT           connect a UDP socket (sends nothing: any address will do)
 //	tcp|tcp4mapped|udpsend ADDRESS:PORT   connect, or send one datagram: loopback only (anything else is refused)
 //	unix PATH|@NAME                       connect a unix stream socket
+//	bindtcp|bindudp ADDRESS:PORT          bind (and listen, tcp) and close
 //	exec PATH                                     run PATH (a copy of the test binary runs the exit helper)
 func helperProbe([]string) int {
 	in := bufio.NewScanner(os.Stdin)
@@ -452,6 +453,8 @@ func helperProbe([]string) int {
 			res = Result(connectUDP(arg))
 		case "udp4mapped", "unix": // connect only: nothing is sent
 			res = Result(dialOne(kind, arg))
+		case "bindtcp", "bindudp": // bind, and close at once
+			res = Result(bindOne(strings.TrimPrefix(kind, "bind"), arg))
 		case "tcp", "tcp4mapped", "udpsend":
 			// These send: only ever to loopback.
 			if ap, err := netip.ParseAddrPort(arg); err != nil || !ap.Addr().IsLoopback() {
@@ -480,6 +483,22 @@ func execResult(path string) string {
 		}
 	}
 	return Result(err)
+}
+
+// bindOne binds a socket of network (tcp: listening) to address and closes it.
+func bindOne(network, address string) error {
+	if network == "udp" {
+		c, err := net.ListenPacket("udp", address)
+		if err == nil {
+			c.Close()
+		}
+		return err
+	}
+	l, err := net.Listen("tcp", address)
+	if err == nil {
+		l.Close()
+	}
+	return err
 }
 
 // connectUDP connects a UDP socket to address without sending anything.

@@ -25,8 +25,19 @@ func Attenuate(g, ceiling Grants) Grants {
 	}
 	for _, r := range g.Exec {
 		for _, s := range ceiling.Exec {
-			if p, ok := intersectPaths(r.Path, s.Path, globCovers); ok {
-				out.Exec = appendExec(out.Exec, Exec{Path: p, Audit: r.Audit || s.Audit})
+			p, ok := intersectPaths(r.Path, s.Path, globCovers)
+			digest, same := intersectExact(r.SHA256, s.SHA256) // a content pinned by either holds
+			if ok && same {
+				out.Exec = appendExec(out.Exec, Exec{Path: p, SHA256: digest, Audit: r.Audit || s.Audit})
+			}
+		}
+	}
+	for _, r := range g.Listen {
+		for _, s := range ceiling.Listen {
+			ports, ok1 := intersectPorts(r.Ports, s.Ports)
+			proto, ok2 := intersectProto(r.Protocol, s.Protocol)
+			if ok1 && ok2 && len(ports) > 0 {
+				out.Listen = append(out.Listen, Listen{Ports: ports, Protocol: proto, Audit: r.Audit || s.Audit})
 			}
 		}
 	}
@@ -59,7 +70,7 @@ func Attenuate(g, ceiling Grants) Grants {
 
 func appendExec(list []Exec, e Exec) []Exec {
 	for i, x := range list {
-		if x.Path == e.Path {
+		if x.Path == e.Path && x.SHA256 == e.SHA256 {
 			list[i].Audit = x.Audit && e.Audit
 			return list
 		}
@@ -83,7 +94,7 @@ func intersectEgress(r, s Egress) []Egress {
 	if !ok {
 		return nil
 	}
-	binary, ok := intersectBinary(r.Binary, s.Binary)
+	binary, ok := intersectExact(r.Binary, s.Binary)
 	if !ok {
 		return nil
 	}
@@ -153,7 +164,9 @@ func intersectProto(a, b string) (string, bool) {
 	return "", false
 }
 
-func intersectBinary(a, b string) (string, bool) {
+// intersectExact intersects two values that match exactly or, empty, anything (a binary, a
+// digest).
+func intersectExact(a, b string) (string, bool) {
 	switch {
 	case a == "":
 		return b, true

@@ -3,6 +3,7 @@ package grants
 import (
 	"encoding/json"
 	"net/netip"
+	"reflect"
 	"testing"
 	"time"
 )
@@ -108,3 +109,24 @@ func TestAttenuateNeverMore(t *testing.T) {
 }
 
 func mustAddr(s string) netip.Addr { return netip.MustParseAddr(s) }
+
+// TestAttenuateDigestsAndListen: a content pinned by either side stays pinned (two different ones
+// grant nothing), and listen rules are intersected like egress ports.
+func TestAttenuateDigestsAndListen(t *testing.T) {
+	g := mustGrants(t, `{"exec":[{"path":"/opt/a","sha256":"aa"},{"path":"/opt/b"},{"path":"/opt/c","sha256":"cc"}],
+		"listen":[{"ports":["8000-9000"],"protocol":"tcp"},{"ports":[53]}]}`)
+	ceiling := mustGrants(t, `{"exec":[{"path":"/opt/a"},{"path":"/opt/b","sha256":"bb"},{"path":"/opt/c","sha256":"dd"}],
+		"listen":[{"ports":["8080","9500"],"protocol":"any"}]}`)
+	got := Attenuate(g, ceiling)
+	wantExec := []Exec{{Path: "/opt/a", SHA256: "aa"}, {Path: "/opt/b", SHA256: "bb"}}
+	if !reflect.DeepEqual(got.Exec, wantExec) {
+		t.Errorf("exec %+v, want %+v", got.Exec, wantExec)
+	}
+	wantListen := []Listen{{Ports: []PortRange{{Lo: 8080, Hi: 8080}}, Protocol: "tcp"}}
+	if !reflect.DeepEqual(got.Listen, wantListen) {
+		t.Errorf("listen %+v, want %+v", got.Listen, wantListen)
+	}
+	if none := Attenuate(g, Grants{}); len(none.Listen) != 0 {
+		t.Errorf("a ceiling without listen rules: %+v", none.Listen)
+	}
+}

@@ -259,11 +259,11 @@ func (k *Kernel) load() error {
 	// An earlier tetherd may have switched a buffer moments ago: wait once, so that every buffer
 	// not in force is free to rewrite.
 	k.grace()
-	// Moves of agent processes by this process are not migrations; no parent counts until this
-	// process attaches at it.
+	// Moves of agent processes by this process are not migrations. The agent parents an earlier
+	// tetherd recorded stay in force until this one has attached at its own (AttachParent, then
+	// DetachStaleParents), so exec enforcement does not lapse across a restart.
 	if err := k.updateConfig("recording tetherd's process", func(c *bpfTetherConfigEntry) {
 		c.DaemonTgid = uint32(os.Getpid())
-		c.Parents = 0
 	}); err != nil {
 		return err
 	}

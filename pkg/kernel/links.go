@@ -174,7 +174,7 @@ func (k *Kernel) AttachParent(path string) error {
 		}
 		k.parentOrder = append(k.parentOrder, parentCgroup{id: id, level: level, path: path})
 	}
-	return k.writeParents()
+	return k.writeParents(false)
 }
 
 // parentCgroup is an agent parent as tether_parents holds it.
@@ -185,8 +185,10 @@ type parentCgroup struct {
 }
 
 // writeParents puts the agent parents into tether_parents, from index 0, and their count and
-// shallowest level into tether_config: the global programs look there first.
-func (k *Kernel) writeParents() error {
+// shallowest level into tether_config: the global programs look there first. Until exact (the
+// stale parents are known, DetachStaleParents), what an earlier tetherd recorded beyond them is
+// kept: a restart attaches its parents one by one, and none may drop out meanwhile.
+func (k *Kernel) writeParents(exact bool) error {
 	if len(k.parentOrder) > dataplane.MaxParents {
 		return fmt.Errorf("%d agent parents: the kernel holds %d", len(k.parentOrder), dataplane.MaxParents)
 	}
@@ -205,15 +207,26 @@ func (k *Kernel) writeParents() error {
 			minLevel = p.level
 		}
 	}
+	if !exact {
+		return k.updateConfig("recording agent parents", func(c *bpfTetherConfigEntry) {
+			if c.Parents == 0 || uint32(minLevel) < c.ParentLevel {
+				c.ParentLevel = uint32(minLevel)
+			}
+			c.Parents = max(c.Parents, uint32(len(k.parentOrder)))
+		})
+	}
+	if err := k.updateConfig("recording agent parents", func(c *bpfTetherConfigEntry) {
+		c.Parents = uint32(len(k.parentOrder))
+		c.ParentLevel = uint32(minLevel)
+	}); err != nil {
+		return err
+	}
 	for i := len(k.parentOrder); i < dataplane.MaxParents; i++ {
 		if err := k.parentsMap.Delete(uint32(i)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("clearing tether_parents[%d]: %w", i, err)
 		}
 	}
-	return k.updateConfig("recording agent parents", func(c *bpfTetherConfigEntry) {
-		c.Parents = uint32(len(k.parentOrder))
-		c.ParentLevel = uint32(minLevel)
-	})
+	return nil
 }
 
 // DetachStaleParents detaches the cgroup programs from every cgroup that has pinned links but is
@@ -250,10 +263,8 @@ func (k *Kernel) DetachStaleParents(keep map[uint64]bool) ([]uint64, error) {
 		}
 		delete(k.parents, id)
 	}
-	if len(gone) > 0 {
-		k.parentOrder = slices.DeleteFunc(k.parentOrder, func(p parentCgroup) bool { return seen[p.id] })
-		errs = append(errs, k.writeParents())
-	}
+	k.parentOrder = slices.DeleteFunc(k.parentOrder, func(p parentCgroup) bool { return seen[p.id] })
+	errs = append(errs, k.writeParents(true))
 	return gone, errors.Join(errs...)
 }
 

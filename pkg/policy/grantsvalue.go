@@ -34,6 +34,8 @@ func decodeGrants(v ast.Value) (grants.Grants, error) {
 					switch k {
 					case "path":
 						e.Path = d.str(v)
+					case "sha256":
+						e.SHA256 = d.str(v)
 					case "audit":
 						e.Audit = d.bool(v)
 					default:
@@ -60,6 +62,25 @@ func decodeGrants(v ast.Value) (grants.Grants, error) {
 					}
 				})
 				g.Unix = append(g.Unix, u)
+			})
+		case "listen":
+			g.Listen = alloc[grants.Listen](v)
+			d.array(v, func(v ast.Value) {
+				var l grants.Listen
+				d.object(v, func(k string, v ast.Value) {
+					switch k {
+					case "ports":
+						l.Ports = alloc[grants.PortRange](v)
+						d.array(v, func(v ast.Value) { l.Ports = append(l.Ports, d.port(v)) })
+					case "protocol":
+						l.Protocol = d.str(v)
+					case "audit":
+						l.Audit = d.bool(v)
+					default:
+						d.unknown()
+					}
+				})
+				g.Listen = append(g.Listen, l)
 			})
 		case "sandbox":
 			g.Sandbox = d.str(v)

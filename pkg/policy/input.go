@@ -73,12 +73,13 @@ type Request struct {
 	Resource string `json:"resource,omitempty"`
 	Reason   string `json:"reason,omitempty"`
 	// allow
-	Kind     string `json:"kind,omitempty"` // connect, exec or unix
+	Kind     string `json:"kind,omitempty"` // connect, exec, unix or bind
 	IP       string `json:"ip,omitempty"`
 	Port     int    `json:"port,omitempty"`
 	Protocol string `json:"protocol,omitempty"`
 	Path     string `json:"path,omitempty"`
 	Binary   string `json:"binary,omitempty"`
+	SHA256   string `json:"sha256,omitempty"` // exec: the file's content
 }
 
 // TimeAt is t in loc, the way the policy sees it.

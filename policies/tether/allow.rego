@@ -33,10 +33,17 @@ digest_allows(e) if not e.sha256
 
 digest_allows(e) if e.sha256 == input.request.sha256
 
-# Binding or listening: on loopback always; elsewhere on the ports of a listen rule.
+# Binding or listening: on loopback always, to port 0 (an ephemeral port, as clients take; a
+# listener there gets no connection from elsewhere) always, elsewhere on the ports of a listen
+# rule.
 allow if {
 	input.request.kind == "bind"
 	loopback(input.request.ip)
+}
+
+allow if {
+	input.request.kind == "bind"
+	object.get(input.request, "port", 0) == 0
 }
 
 allow if {

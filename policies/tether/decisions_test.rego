@@ -136,6 +136,16 @@ test_allow_bind_loopback_only_by_default if {
 	tether.allow with input as req({"kind": "bind", "ip": "127.0.0.1", "port": 8080, "protocol": "tcp"})
 	tether.allow with input as req({"kind": "bind", "ip": "::1", "port": 8080, "protocol": "tcp"})
 	not tether.allow with input as req({"kind": "bind", "ip": "0.0.0.0", "port": 8080, "protocol": "tcp"})
+	tether.allow with input as req({"kind": "bind", "ip": "0.0.0.0", "protocol": "tcp"})
+}
+
+test_profile_listen_and_pinned_exec if {
+	profiles := {"p": {"exec": ["/usr/bin/git", {"path": "/opt/tool", "sha256": "ab"}], "high_risk": [], "unix": [], "egress": [], "listen": [{"ports": [8080], "protocol": "tcp"}]}}
+	g := tether.grants with input as ctx(task("p", "public"), dev, morning) with data.tether_settings.profiles as profiles
+	g.listen == [{"ports": [8080], "protocol": "tcp"}]
+	g.exec == [{"path": "/usr/bin/git"}, {"path": "/opt/tool", "sha256": "ab"}]
+	h := tether.grants with input as req({"kind": "exec"})
+	not h.listen
 }
 
 test_allow_bind_by_listen_rules if {

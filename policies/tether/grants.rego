@@ -45,7 +45,15 @@ high_risk_denied contains path if {
 # granted at all (a glob like /usr/bin/* would otherwise let every tool through).
 exec_paths contains path if {
 	some path in object.get(profile, "exec", [])
+	is_string(path)
 	not covers_denied(path)
+}
+
+# An entry may also pin the content: {"path": ..., "sha256": ...}.
+exec_pinned contains {"path": e.path, "sha256": e.sha256} if {
+	some e in object.get(profile, "exec", [])
+	is_object(e)
+	not covers_denied(e.path)
 }
 
 covers_denied(pattern) if {
@@ -53,7 +61,7 @@ covers_denied(pattern) if {
 	glob.match(pattern, ["/"], denied)
 }
 
-exec := [{"path": p} | some p in sort(exec_paths)]
+exec := array.concat([{"path": p} | some p in sort(exec_paths)], sort(exec_pinned))
 
 # The denied tools also go to tether, which refuses any exec rule that resolves to one of them
 # under another name (a symlink such as python3 -> python3.11, a hard link, a glob).
@@ -154,6 +162,11 @@ egress := array.concat(written_egress, [r | some r in network_egress])
 
 unix := [{"path": p} | some p in object.get(profile, "unix", [])]
 
+# Ports the task type may listen on beyond loopback (the shipped profiles name none).
+default listen_field := {}
+
+listen_field := {"listen": profile.listen} if count(object.get(profile, "listen", [])) > 0
+
 # --- when the grants change by themselves ---------------------------------------------------
 
 # The next edge of every windowed rule: tether evaluates again then, not on a timer.
@@ -193,6 +206,9 @@ max_lifetime := object.get(profile, "max_lifetime", "8h")
 # --- the result -----------------------------------------------------------------------------
 
 grants := object.union(
-	{"mode": mode, "egress": egress, "exec": exec, "exec_deny": exec_deny, "unix": unix, "sandbox": sandbox, "max_lifetime": max_lifetime},
-	valid_until_field,
+	object.union(
+		{"mode": mode, "egress": egress, "exec": exec, "exec_deny": exec_deny, "unix": unix, "sandbox": sandbox, "max_lifetime": max_lifetime},
+		valid_until_field,
+	),
+	listen_field,
 )

@@ -15,6 +15,8 @@ package differential
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -118,7 +120,9 @@ func TestPrivilegedKernelAgreesWithPolicy(t *testing.T) {
 		}
 		for _, a := range as {
 			view, _ := reg.Get(a.slot)
-			if view.Error != "" || len(view.Refused) > 0 || !view.Synced {
+			// The rule pinned to another content than its file's is refused, as it must be.
+			refused := slices.DeleteFunc(slices.Clone(view.Refused), func(r string) bool { return strings.Contains(r, w.wrongDigest) })
+			if view.Error != "" || len(refused) > 0 || !view.Synced {
 				t.Fatalf("round %d, %s: the registry did not install the grants: error %q, refused %v, synced %v",
 					rounds, a.id, view.Error, view.Refused, view.Synced)
 			}
@@ -182,7 +186,7 @@ func verdict(reply string) (allowed, known bool) {
 		return false, true
 	}
 	for _, after := range []string{"connection_refused", "network_is_unreachable", "no_route_to_host",
-		"no_such_file_or_directory", "cannot_assign_requested_address"} {
+		"no_such_file_or_directory", "cannot_assign_requested_address", "address_already_in_use"} {
 		if strings.HasPrefix(reply, "error:") && strings.Contains(reply, after) {
 			return true, true
 		}
@@ -322,14 +326,16 @@ func quiet() *slog.Logger {
 
 // world is the test's files and the policy data that names them.
 type world struct {
-	dir      string
-	self     string            // the test binary: the plain probes run it
-	git      string            // a copy of the test binary: the policy's git
-	tools    map[string]string // shipped path -> the test's copy
-	execs    []string          // every executable a request may name
-	networks []netip.Prefix    // every prefix the data names
-	unix     []string          // every unix grant the data names
-	data     map[string]any
+	dir   string
+	self  string            // the test binary: the plain probes run it
+	git   string            // a copy of the test binary: the policy's git
+	tools map[string]string // shipped path -> the test's copy
+	execs []string          // every executable a request may name
+	// wrongDigest is a file whose rule names another content: refused by the compiler.
+	wrongDigest string
+	networks    []netip.Prefix // every prefix the data names
+	unix        []string       // every unix grant the data names
+	data        map[string]any
 }
 
 func newWorld(t *testing.T) *world {
@@ -446,7 +452,18 @@ func newWorld(t *testing.T) *world {
 				"window": map[string]any{"days": []any{"Saturday", "Sunday"}, "start_hour": 10, "end_hour": 16}},
 		},
 		"unix": []any{tools, abstract + "-test"},
+		// Inbound on two ports and a range, TCP only.
+		"listen": []any{map[string]any{"ports": []any{8080, "9000-9100"}, "protocol": "tcp"}},
 	}
+	// Exec by content: one file pinned to its own digest (granted), one to another (refused).
+	pinned, wrong := filepath.Join(dir, "bin", "pinned"), filepath.Join(dir, "bin", "wrong-digest")
+	w.wrongDigest = wrong
+	copyFile(t, w.tools["/usr/bin/git"], pinned)
+	copyFile(t, w.tools["/usr/bin/git"], wrong)
+	other := sha256.Sum256([]byte("other content"))
+	profiles["difftest"].(map[string]any)["exec"] = append(profiles["difftest"].(map[string]any)["exec"].([]any),
+		map[string]any{"path": pinned, "sha256": w.digest(pinned)}, map[string]any{"path": wrong, "sha256": hex.EncodeToString(other[:])})
+	w.execs = append(w.execs, pinned, wrong)
 	settings["identities"] = identitySettings
 
 	for _, name := range names {
@@ -458,6 +475,16 @@ func newWorld(t *testing.T) *world {
 		mustPrefix("2001:db8::/32"), mustPrefix("127.1.3.0/24"), mustPrefix("127.9.9.9/32"), mustPrefix("127.1.4.0/24"))
 	w.unix = []string{sock, tools, abstract, abstract + "-test"}
 	return w
+}
+
+// digest is the SHA-256 of the file at path, hex (empty when it cannot be read).
+func (w *world) digest(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
 }
 
 func mustPrefix(s string) netip.Prefix {
@@ -559,7 +586,13 @@ func (w *world) request(rng *rand.Rand, g grants.Grants, a *agent) sample {
 				path = pick(rng, m)
 			}
 		}
-		return sample{req: policy.Request{Kind: "exec", Path: path}, probe: p, line: "exec " + path}
+		return sample{req: policy.Request{Kind: "exec", Path: path, SHA256: w.digest(path)}, probe: p, line: "exec " + path}
+	case n < 62:
+		addr := pick(rng, []string{"127.0.0.1", "127.1.2.3", "0.0.0.0", "::1", "::"})
+		port := pick(rng, []uint16{0, 8080, 8081, 9000, 9050, 9100, 9101, 7999, uint16(20000 + rng.IntN(20000))})
+		proto := pick(rng, []string{"tcp", "udp"})
+		req := policy.Request{Kind: "bind", IP: addr, Port: int(port), Protocol: proto}
+		return sample{req: req, probe: p, line: "bind" + proto + " " + netip.AddrPortFrom(netip.MustParseAddr(addr), port).String()}
 	}
 	addr, port := w.destination(rng, g)
 	proto := "udp"

@@ -631,7 +631,7 @@ func (c *compiler) exec(where string, e grants.Exec) {
 		want = (*[sha256.Size]byte)(sum)
 	}
 	if e.Path == "" {
-		c.refuse(where, "a rule by sha256 alone (any file with this content) is not supported yet: name its path too")
+		c.execByContent(where, e, want)
 		return
 	}
 	c.warnWritable(where, e.Path)
@@ -661,6 +661,28 @@ func (c *compiler) exec(where string, e grants.Exec) {
 	}
 	if len(files) == 0 {
 		c.warnf("%s: path %q matches no file on this host", where, e.Path)
+	}
+}
+
+// execByContent grants every file known to have the content a rule by sha256 alone names: tetherd
+// learns a file when an agent tries to execute it (its first exec is denied, see Integrity.Learn).
+func (c *compiler) execByContent(where string, e grants.Exec, want *[sha256.Size]byte) {
+	switch {
+	case want == nil:
+		c.refuse(where, "needs a path, a sha256 or both")
+		return
+	case c.opts.Integrity == nil:
+		c.refuse(where, "a rule by sha256 alone needs tetherd's record of file contents")
+		return
+	}
+	c.opts.Integrity.Want(*want)
+	for _, r := range c.opts.Integrity.Matching(*want) {
+		if d, denied := c.denied[r.File]; denied {
+			c.refuse(where, "a file with this content is %q, which exec_deny names", d)
+			continue
+		}
+		r.Audit = e.Audit
+		c.res.RuleSet.Exec = append(c.res.RuleSet.Exec, r)
 	}
 }
 

@@ -599,11 +599,43 @@ func TestIntegrity(t *testing.T) {
 	if res = compileExec(grants.Exec{Path: path}); len(res.RuleSet.Exec) != 1 {
 		t.Errorf("file back to its granted content: %v", res.Err())
 	}
-	// A digest that does not match, a malformed one, and one without a path are refused.
-	for _, e := range []grants.Exec{{Path: path, SHA256: hex.EncodeToString(two[:])}, {Path: path, SHA256: "abc"}, {SHA256: hex.EncodeToString(two[:])}} {
+	// A digest that does not match, a malformed one, and a rule with neither path nor digest are
+	// refused.
+	for _, e := range []grants.Exec{{Path: path, SHA256: hex.EncodeToString(two[:])}, {Path: path, SHA256: "abc"}, {}} {
 		if res := compileExec(e); len(res.RuleSet.Exec) != 0 || len(res.Refused) != 1 {
 			t.Errorf("%+v: %+v, refused %v", e, res.RuleSet.Exec, res.Refused)
 		}
+	}
+}
+
+// TestExecByContent: a rule by sha256 alone grants the files learnt to have that content (a file
+// an agent tried to execute), at the change time they had it, and nothing before.
+func TestExecByContent(t *testing.T) {
+	dir := t.TempDir()
+	tool, other := filepath.Join(dir, "tool"), filepath.Join(dir, "other")
+	os.WriteFile(tool, []byte("content"), 0o755)
+	os.WriteFile(other, []byte("something else"), 0o755)
+	sum := sha256.Sum256([]byte("content"))
+	in := NewIntegrity()
+	g := grants.Grants{Exec: []grants.Exec{{SHA256: hex.EncodeToString(sum[:])}}}
+	compileIt := func() *Result { return Compile(context.Background(), g, Options{Files: OS{}, Integrity: in}) }
+	if res := compileIt(); len(res.RuleSet.Exec) != 0 || res.Err() != nil || !in.Wants() {
+		t.Fatalf("before any file is learnt: %+v %v", res.RuleSet.Exec, res.Err())
+	}
+	st, _ := OS{}.Stat(tool)
+	ost, _ := OS{}.Stat(other)
+	if ok, err := in.Learn(OS{}, other, ost.ID); ok || err != nil {
+		t.Errorf("learning a file of other content: %v %v", ok, err)
+	}
+	if _, err := in.Learn(OS{}, tool, ost.ID); err == nil {
+		t.Error("learning a path that is not the file the kernel saw: no error")
+	}
+	if ok, err := in.Learn(OS{}, tool, st.ID); !ok || err != nil {
+		t.Fatalf("learning the file: %v %v", ok, err)
+	}
+	want := []dataplane.ExecRule{{File: st.ID, Changed: st.Changed}}
+	if res := compileIt(); !reflect.DeepEqual(res.RuleSet.Exec, want) {
+		t.Errorf("after learning: %+v, want %+v", res.RuleSet.Exec, want)
 	}
 }
 

@@ -165,6 +165,9 @@ func parseMountDevices(mountinfo string) map[uint64]uint64 {
 type Integrity struct {
 	mu    sync.Mutex
 	files map[dataplane.FileID]integrityRecord
+	// wanted are the digests of exec rules by content alone: a file an agent tried to execute is
+	// learnt (Learn) when its content is one of them.
+	wanted map[[sha256.Size]byte]bool
 }
 
 type integrityRecord struct {
@@ -175,7 +178,59 @@ type integrityRecord struct {
 
 // NewIntegrity returns an empty record.
 func NewIntegrity() *Integrity {
-	return &Integrity{files: map[dataplane.FileID]integrityRecord{}}
+	return &Integrity{files: map[dataplane.FileID]integrityRecord{}, wanted: map[[sha256.Size]byte]bool{}}
+}
+
+// Want notes a digest an exec rule grants by content alone.
+func (in *Integrity) Want(sum [sha256.Size]byte) {
+	in.mu.Lock()
+	in.wanted[sum] = true
+	in.mu.Unlock()
+}
+
+// Wants says whether any rule grants by content alone (so that a denied exec is worth a digest).
+func (in *Integrity) Wants() bool {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return len(in.wanted) > 0
+}
+
+// Learn takes the digest of the file at path, which must be id (the file the kernel saw), and
+// records it when its content is one a rule grants by content alone: then the next compile grants
+// it (Matching). It says whether it did.
+func (in *Integrity) Learn(files Files, path string, id dataplane.FileID) (bool, error) {
+	st, sum, err := files.Digest(path)
+	if err != nil {
+		return false, err
+	}
+	if st.ID != id || !st.Regular {
+		return false, fmt.Errorf("%s is not the file the kernel saw", path)
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if !in.wanted[sum] {
+		return false, nil
+	}
+	rec, known := in.files[id]
+	first := sum
+	if known {
+		first = rec.first
+	}
+	in.files[id] = integrityRecord{changed: st.Changed, digest: sum, first: first}
+	return true, nil
+}
+
+// Matching are the files known to have content sum, at the change time they had it.
+func (in *Integrity) Matching(sum [sha256.Size]byte) []dataplane.ExecRule {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	var out []dataplane.ExecRule
+	for id, rec := range in.files {
+		if rec.digest == sum {
+			out = append(out, dataplane.ExecRule{File: id, Changed: rec.changed})
+		}
+	}
+	return out
 }
 
 // Check returns the change time at which the file at path (st, as just stat'ed) may be granted,

@@ -65,7 +65,8 @@ type Daemon struct {
 	bpfStats    bool // the kernel counts program runs for us
 	webhook     *escalation.Webhook
 	creds       *taskCreds
-	recompile   chan struct{} // a granted executable changed: compile the grants again soon
+	recompile   chan struct{}        // a granted executable changed: compile the grants again soon
+	learn       chan events.Decision // denied execs to check against rules by content (learnContents)
 
 	ready    atomic.Bool  // the API serves and the programs are attached
 	lastTick atomic.Int64 // unix ns of the main loop's last round
@@ -118,7 +119,7 @@ type Options struct {
 
 // Run runs tetherd until ctx is done. Pinned enforcement stays in place when it returns.
 func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
-	d := &Daemon{log: opts.Logger, version: opts.Version, started: time.Now(), reaper: newReaper(), stepups: stepup.New(stepupKeep, nil), recompile: make(chan struct{}, 1)}
+	d := &Daemon{log: opts.Logger, version: opts.Version, started: time.Now(), reaper: newReaper(), stepups: stepup.New(stepupKeep, nil), recompile: make(chan struct{}, 1), learn: make(chan events.Decision, 64)}
 	defer d.reaper.close()
 	d.cfg.Store(cfg)
 	for _, w := range cfg.Warnings {
@@ -285,6 +286,7 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 	}()
 
 	d.killer.Continue(ctx)
+	go d.learnContents(ctx)
 	if d.disc, err = newDiscovery(cfg.Identity, d.root, spire, d.registry, d.pump.Emit, d.log); err != nil {
 		return err
 	}

@@ -1,8 +1,12 @@
 package daemon
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
+	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
 
@@ -24,6 +28,14 @@ func (d *Daemon) guardFollowUp(rec *events.Decision) {
 		case d.recompile <- struct{}{}:
 		default: // one is pending already
 		}
+	case rec.Kind == dataplane.KindExec.String() && rec.Reason == dataplane.ReasonNoRule.String() &&
+		rec.Executable != "" && d.compileOpts.Integrity.Wants():
+		// Maybe a file a rule grants by content alone: worth its digest (off the event path).
+		select {
+		case d.learn <- *rec:
+		default:
+			d.log.Warn("too many execs to check against the rules by content; this one is not", "executable", rec.Executable, "pid", rec.PID)
+		}
 	case rec.Kind == dataplane.KindMigrate.String() && rec.Verdict == dataplane.VerdictDeny.String() && !rec.Killed:
 		if err := killMoved(int(rec.PID), rec.Cgroup); err != nil {
 			d.log.Error("an agent process left its agent and could not be killed", "pid", rec.PID, "cgroup", rec.Cgroup, "error", err)
@@ -31,6 +43,54 @@ func (d *Daemon) guardFollowUp(rec *events.Decision) {
 		}
 		rec.Killed = true
 	}
+}
+
+// learnContents takes the digest of each file an agent was denied executing while some rule grants
+// by content alone, and compiles the grants again when one has such content: its next exec runs.
+// The file is found by the path the agent passed, in the view of the process (or of its parent,
+// when the kernel killed it), and must be the file the kernel saw.
+func (d *Daemon) learnContents(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case rec := <-d.learn:
+			id, ok := parseFileID(rec.BinaryFile)
+			if !ok {
+				continue
+			}
+			pids := []uint32{rec.PID}
+			for _, p := range rec.ParentChain {
+				pids = append(pids, p.PID)
+			}
+			for _, pid := range pids {
+				path := fmt.Sprintf("/proc/%d/root%s", pid, rec.Executable)
+				if !filepath.IsAbs(rec.Executable) {
+					path = fmt.Sprintf("/proc/%d/cwd/%s", pid, rec.Executable)
+				}
+				learnt, err := d.compileOpts.Integrity.Learn(d.compileOpts.Files, path, id)
+				if err != nil {
+					continue // gone, or another file there: the next in the chain
+				}
+				if learnt {
+					d.log.Info("a file with content a rule grants: granting it", "executable", rec.Executable, "file", rec.BinaryFile)
+					select {
+					case d.recompile <- struct{}{}:
+					default:
+					}
+				}
+				break
+			}
+		}
+	}
+}
+
+// parseFileID reads a decision record's binary_file ("dev:inode").
+func parseFileID(s string) (dataplane.FileID, bool) {
+	dev, ino, ok := strings.Cut(s, ":")
+	d, err1 := strconv.ParseUint(dev, 10, 64)
+	i, err2 := strconv.ParseUint(ino, 10, 64)
+	return dataplane.FileID{Dev: d, Ino: i}, ok && err1 == nil && err2 == nil
 }
 
 // killMoved kills process pid if it is still in the cgroup it was moved to (relative to the

@@ -25,7 +25,10 @@ func Attenuate(g, ceiling Grants) Grants {
 	}
 	for _, r := range g.Exec {
 		for _, s := range ceiling.Exec {
-			p, ok := intersectPaths(r.Path, s.Path, globCovers)
+			p, ok := r.Path+s.Path, true // a rule by content alone names no path
+			if r.Path != "" && s.Path != "" {
+				p, ok = intersectPaths(r.Path, s.Path, globCovers)
+			}
 			digest, same := intersectExact(r.SHA256, s.SHA256) // a content pinned by either holds
 			if ok && same {
 				out.Exec = appendExec(out.Exec, Exec{Path: p, SHA256: digest, Audit: r.Audit || s.Audit})

@@ -113,12 +113,13 @@ func mustAddr(s string) netip.Addr { return netip.MustParseAddr(s) }
 // TestAttenuateDigestsAndListen: a content pinned by either side stays pinned (two different ones
 // grant nothing), and listen rules are intersected like egress ports.
 func TestAttenuateDigestsAndListen(t *testing.T) {
-	g := mustGrants(t, `{"exec":[{"path":"/opt/a","sha256":"aa"},{"path":"/opt/b"},{"path":"/opt/c","sha256":"cc"}],
+	g := mustGrants(t, `{"exec":[{"path":"/opt/a","sha256":"aa"},{"path":"/opt/b"},{"path":"/opt/c","sha256":"cc"},{"sha256":"ee"}],
 		"listen":[{"ports":["8000-9000"],"protocol":"tcp"},{"ports":[53]}]}`)
 	ceiling := mustGrants(t, `{"exec":[{"path":"/opt/a"},{"path":"/opt/b","sha256":"bb"},{"path":"/opt/c","sha256":"dd"}],
 		"listen":[{"ports":["8080","9500"],"protocol":"any"}]}`)
 	got := Attenuate(g, ceiling)
-	wantExec := []Exec{{Path: "/opt/a", SHA256: "aa"}, {Path: "/opt/b", SHA256: "bb"}}
+	// Content alone against a path: that path with that content.
+	wantExec := []Exec{{Path: "/opt/a", SHA256: "aa"}, {Path: "/opt/b", SHA256: "bb"}, {Path: "/opt/a", SHA256: "ee"}}
 	if !reflect.DeepEqual(got.Exec, wantExec) {
 		t.Errorf("exec %+v, want %+v", got.Exec, wantExec)
 	}

@@ -140,10 +140,10 @@ test_allow_bind_loopback_only_by_default if {
 }
 
 test_profile_listen_and_pinned_exec if {
-	profiles := {"p": {"exec": ["/usr/bin/git", {"path": "/opt/tool", "sha256": "ab"}], "high_risk": [], "unix": [], "egress": [], "listen": [{"ports": [8080], "protocol": "tcp"}]}}
+	profiles := {"p": {"exec": ["/usr/bin/git", {"path": "/opt/tool", "sha256": "ab"}, {"sha256": "cd"}], "high_risk": [], "unix": [], "egress": [], "listen": [{"ports": [8080], "protocol": "tcp"}]}}
 	g := tether.grants with input as ctx(task("p", "public"), dev, morning) with data.tether_settings.profiles as profiles
 	g.listen == [{"ports": [8080], "protocol": "tcp"}]
-	g.exec == [{"path": "/usr/bin/git"}, {"path": "/opt/tool", "sha256": "ab"}]
+	g.exec == [{"path": "/usr/bin/git"}, {"path": "/opt/tool", "sha256": "ab"}, {"sha256": "cd"}]
 	h := tether.grants with input as req({"kind": "exec"})
 	not h.listen
 }
@@ -159,4 +159,7 @@ test_allow_exec_by_digest if {
 	g := {"mode": "enforce", "exec": [{"path": "/usr/bin/tool", "sha256": "ab"}]}
 	tether.allow with input as req({"kind": "exec", "path": "/usr/bin/tool", "sha256": "ab"}) with data.tether.grants as g
 	not tether.allow with input as req({"kind": "exec", "path": "/usr/bin/tool", "sha256": "cd"}) with data.tether.grants as g
+	any := {"mode": "enforce", "exec": [{"sha256": "ab"}]}
+	tether.allow with input as req({"kind": "exec", "path": "/tmp/anything", "sha256": "ab"}) with data.tether.grants as any
+	not tether.allow with input as req({"kind": "exec", "path": "/tmp/anything", "sha256": "cd"}) with data.tether.grants as any
 }

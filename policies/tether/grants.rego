@@ -49,11 +49,12 @@ exec_paths contains path if {
 	not covers_denied(path)
 }
 
-# An entry may also pin the content: {"path": ..., "sha256": ...}.
-exec_pinned contains {"path": e.path, "sha256": e.sha256} if {
+# An entry may also pin the content: {"path": ..., "sha256": ...}, or grant any file with that
+# content: {"sha256": ...}.
+exec_pinned contains object.filter(e, ["path", "sha256"]) if {
 	some e in object.get(profile, "exec", [])
 	is_object(e)
-	not covers_denied(e.path)
+	not covers_denied(object.get(e, "path", ""))
 }
 
 covers_denied(pattern) if {

@@ -41,6 +41,8 @@ type options struct {
 	hooks  bool    // only tether's rows and the programs' run time
 	ranges bool    // the policy part's grants are /24 ranges, not /32 hosts
 	launch bool    // only the launch latency of tetherctl run
+	// outside: only what a process outside agents pays with tether loaded (the bystander rows)
+	outside bool
 }
 
 func run() error {
@@ -56,6 +58,7 @@ func run() error {
 	flag.BoolVar(&o.sweep, "sweep-only", false, "measure only the live-socket part (rule removal to the last socket terminated, bulk throughput in and outside the agent)")
 	flag.BoolVar(&o.ranges, "grant-ranges", false, "make the policy part's egress grants /24 ranges (kept in the tries) instead of /32 hosts (kept in tether_hosts)")
 	flag.BoolVar(&o.launch, "launch-only", false, "measure only the launch latency of tetherctl run -- true with each sandbox profile, against true alone")
+	flag.BoolVar(&o.outside, "outside-only", false, "measure only what a process outside agents pays with tether loaded against nothing loaded (TCP connect, fork+exec)")
 	flag.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof reads it)")
 	flag.Parse()
 	for _, r := range strings.Split(rules, ",") {
@@ -148,6 +151,10 @@ func run() error {
 	}
 	if o.hooks {
 		reportHooks(os.Stdout, o, res)
+		return nil
+	}
+	if o.outside {
+		reportOutside(os.Stdout, o, res)
 		return nil
 	}
 	report(os.Stdout, e, o, res)

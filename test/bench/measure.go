@@ -151,6 +151,9 @@ func measure(e *env, o options) (*results, error) {
 	progress := func(format string, args ...any) { fmt.Fprintf(os.Stderr, format+"\n", args...) }
 
 	for _, n := range o.rules {
+		if o.outside {
+			break // only part 2
+		}
 		s := state{tether: n}
 		if err := e.apply(s); err != nil {
 			return nil, err
@@ -197,6 +200,9 @@ func measure(e *env, o options) (*results, error) {
 		}
 	}
 
+	if o.outside {
+		return res, e.apply(state{})
+	}
 	nftStates := []state{{}}
 	for _, n := range o.rules {
 		nftStates = append(nftStates, state{nft: n})

@@ -55,6 +55,10 @@ enum tether_rule_kind {
 	/* No data (prefixlen 8): one entry whose port rules name the ports an agent may listen on
 	 * (bind to an address other than loopback). None: only loopback. */
 	TETHER_RULE_LISTEN = 4,
+	/* Where a granted unix socket path leads, for the BPF LSM check of the peer socket: data is
+	 * __u32 dev (kernel encoding), __u64 inode of the directory, then the socket's name with its
+	 * NUL (an exact path), or nothing (a prefix rule: anything below the directory). */
+	TETHER_RULE_UNIX_DIR = 5,
 };
 
 /* What a hook was asked to do. Also the index of per-agent counters. */
@@ -114,7 +118,9 @@ enum tether_reason {
 	 * no agent found: it may be an agent's, so everything is denied. */
 	TETHER_REASON_DEPTH = 13,
 	TETHER_REASON_MODIFIED_FILE = 14,  /* a granted executable changed since it was granted */
-	TETHER_REASON_MOUNT_NS = 15,	   /* a unix path connect from another mount namespace than the agent's */
+	/* A unix path that leads elsewhere than granted: a connect from another mount namespace than
+	 * the agent's, or (BPF LSM) a peer socket that is not the granted file. */
+	TETHER_REASON_MOUNT_NS = 15,
 	TETHER_REASON_FAMILY = 16,	   /* a socket family the agent's grants do not need */
 	TETHER_REASON_USERNS = 17,	   /* a new user namespace */
 	TETHER_REASON_PTRACE = 18,	   /* ptrace of another agent or of a process outside agents */

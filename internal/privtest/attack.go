@@ -42,6 +42,7 @@ var attacks = map[string]func(args []string) (string, error){
 	"move":           attackMove,
 	"bind":           attackBind,
 	"userns":         attackUserns,
+	"unix-read":      attackUnixRead,
 	"bpf":            attackBPF,
 }
 
@@ -177,6 +178,18 @@ func attackBind(args []string) (string, error) {
 		return "", err
 	}
 	return "bound", l.Close()
+}
+
+// attackUnixRead connects to the unix socket args[0] and reads one line: "ok reached <line>".
+func attackUnixRead(args []string) (string, error) {
+	c, err := net.DialTimeout("unix", args[0], 2*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	line, _ := bufio.NewReader(c).ReadString('\n')
+	return "reached " + strings.TrimSpace(line), nil
 }
 
 // attackUserns starts a child in a new user namespace: "ok userns".

@@ -139,6 +139,7 @@ func Compile(ctx context.Context, g grants.Grants, opts Options) *Result {
 	c.res.RuleSet.Unix = slices.CompactFunc(c.res.RuleSet.Unix, func(a, b dataplane.Unix) bool {
 		return a.Path == b.Path && a.Prefix == b.Prefix
 	})
+	c.unixDirs()
 	if n := c.res.RuleSet.Entries(); n > dataplane.MaxRules {
 		// Nothing of it can be installed: deny everything rather than install a part.
 		c.refuse("grants", "need %d kernel entries, an agent's rule set holds %d: nothing is granted", n, dataplane.MaxRules)
@@ -498,6 +499,33 @@ func show(p netip.Prefix) string {
 		return netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96).String()
 	}
 	return p.String()
+}
+
+// unixDirs resolves where each granted unix path leads (its directory, by identity), for the BPF
+// LSM check of the peer socket. A path whose directory does not exist yet leads nowhere until it
+// does (the next compile).
+func (c *compiler) unixDirs() {
+	for _, u := range c.res.RuleSet.Unix {
+		if strings.HasPrefix(u.Path, "@") {
+			continue // abstract: no file
+		}
+		dir, name := filepath.Split(u.Path)
+		if u.Prefix {
+			dir, name = u.Path, ""
+		}
+		st, err := c.opts.Files.Stat(dir)
+		if err != nil || st.Regular {
+			continue
+		}
+		c.res.RuleSet.UnixDirs = append(c.res.RuleSet.UnixDirs, dataplane.UnixDir{Dir: st.ID, Name: name, Audit: u.Audit})
+	}
+	slices.SortFunc(c.res.RuleSet.UnixDirs, func(a, b dataplane.UnixDir) int {
+		return cmp.Or(cmp.Compare(a.Dir.Dev, b.Dir.Dev), cmp.Compare(a.Dir.Ino, b.Dir.Ino), strings.Compare(a.Name, b.Name), compareBool(a.Audit, b.Audit))
+	})
+	// Two paths may lead to one place (/var/run and /run): one entry, silent beats audit.
+	c.res.RuleSet.UnixDirs = slices.CompactFunc(c.res.RuleSet.UnixDirs, func(a, b dataplane.UnixDir) bool {
+		return a.Dir == b.Dir && a.Name == b.Name
+	})
 }
 
 // protocol parses a rule's protocol: tcp, udp, or any (also empty).

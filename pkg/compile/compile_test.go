@@ -1,6 +1,7 @@
 package compile
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -10,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -667,5 +669,25 @@ func TestOSResolve(t *testing.T) {
 	}
 	if got := (OS{}).Resolve("/no/such/dir/x.sock"); got != "/no/such/dir/x.sock" {
 		t.Errorf("a path that does not exist: %s", got)
+	}
+}
+
+// TestUnixDirs: each granted socket path also compiles to where it leads, its directory by
+// identity (symbolic links resolved) and its name; a directory prefix to the directory alone.
+func TestUnixDirs(t *testing.T) {
+	dir := t.TempDir()
+	sub := filepath.Join(dir, "sub")
+	os.Mkdir(sub, 0o755)
+	os.Symlink(dir, filepath.Join(dir, "link"))
+	res := Compile(context.Background(), grants.Grants{Unix: []grants.Unix{
+		{Path: filepath.Join(dir, "a.sock")}, {Path: filepath.Join(dir, "link", "a.sock")}, {Path: sub + "/*", Audit: true},
+		{Path: "@bus"}, {Path: filepath.Join(dir, "missing", "b.sock")},
+	}}, Options{Files: OS{}})
+	d, _ := OS{}.Stat(dir)
+	s, _ := OS{}.Stat(sub)
+	want := []dataplane.UnixDir{{Dir: d.ID, Name: "a.sock"}, {Dir: s.ID, Audit: true}}
+	slices.SortFunc(want, func(a, b dataplane.UnixDir) int { return cmp.Compare(a.Dir.Ino, b.Dir.Ino) })
+	if !reflect.DeepEqual(res.RuleSet.UnixDirs, want) {
+		t.Errorf("unix dirs %+v, want %+v", res.RuleSet.UnixDirs, want)
 	}
 }

@@ -136,6 +136,16 @@ type Unix struct {
 	Audit  bool
 }
 
+// UnixDir is where a granted unix socket path leads: its directory (by identity) and the socket's
+// name in it, or no name for a directory prefix (anything below it). Under BPF LSM the kernel
+// allows a connect or send to a socket bound to a path only when the socket file is one of these,
+// whatever string led there.
+type UnixDir struct {
+	Dir   FileID
+	Name  string
+	Audit bool
+}
+
 // RuleSet is one agent's complete, compiled rule set. The kernel installs it as one unit.
 type RuleSet struct {
 	Mode       Mode
@@ -143,6 +153,8 @@ type RuleSet struct {
 	Egress     []Egress
 	Exec       []ExecRule
 	Unix       []Unix
+	// UnixDirs are where the Unix paths lead (compiled from them; see UnixDir).
+	UnixDirs []UnixDir
 	// Listen are the ports an agent may bind to on addresses other than loopback, and accept
 	// connections on (Binary, Grant and MaxDuration unused). None: loopback only.
 	Listen []PortRule
@@ -150,7 +162,7 @@ type RuleSet struct {
 
 // Entries is the number of kernel map entries the rule set needs (the header included).
 func (rs *RuleSet) Entries() int {
-	n := 1 + len(rs.Egress) + len(rs.Exec) + len(rs.Unix)
+	n := 1 + len(rs.Egress) + len(rs.Exec) + len(rs.Unix) + len(rs.UnixDirs)
 	if len(rs.Listen) > 0 {
 		n++
 	}

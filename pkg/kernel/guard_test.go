@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/tether-sh/tether/internal/privtest"
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
@@ -398,4 +400,47 @@ func TestPrivilegedLSMGuards(t *testing.T) {
 	if got := attackOutput(t, agent, "ptrace", sibling); !strings.HasPrefix(got, "ok") {
 		t.Errorf("ptrace of a process of its own agent: %q", got)
 	}
+}
+
+// TestPrivilegedUnixPeerGuard mounts another socket over a granted socket path in the agent's own
+// mount namespace (here, the host's: the test does it): outside agents the path reaches the other
+// socket. Under BPF LSM the kernel decides on the socket file the path leads to, so the agent is
+// refused and the refusal recorded; without it the path string is all the kernel has, and the
+// agent reaches the other socket (the limit the README names).
+func TestPrivilegedUnixPeerGuard(t *testing.T) {
+	f := newFixture(t, Options{})
+	dir, elsewhere := t.TempDir(), t.TempDir()
+	granted, secret := filepath.Join(dir, "granted.sock"), filepath.Join(elsewhere, "secret.sock")
+	unixServer(t, granted, "granted")
+	unixServer(t, secret, "secret")
+	agent := f.agent(t, "agent", 27, dataplane.RuleSet{
+		Unix:     []dataplane.Unix{{Path: granted}},
+		UnixDirs: []dataplane.UnixDir{{Dir: fileID(t, dir), Name: "granted.sock"}},
+	})
+	outside := privtest.Cgroup(t)
+	events := f.events(t)
+
+	if got := attackOutput(t, agent, "unix-read", granted); got != "ok reached granted" {
+		t.Fatalf("the agent's granted socket before the mount: %q", got)
+	}
+	if err := unix.Mount(secret, granted, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(granted, unix.MNT_DETACH) })
+	if got := attackOutput(t, outside, "unix-read", granted); got != "ok reached secret" {
+		t.Fatalf("control, outside agents: %q, want ok reached secret", got)
+	}
+	got := attackOutput(t, agent, "unix-read", granted)
+	if feat := f.k.Features(); !feat.hook("unix_stream_lsm").Active {
+		if got != "ok reached secret" {
+			t.Errorf("without BPF LSM: %q, want the path string to decide (ok reached secret)", got)
+		}
+		return
+	}
+	if got != "fail eperm" {
+		t.Errorf("agent through a path that leads to another socket: %q, want fail eperm", got)
+	}
+	events.wait(t, "mount-ns record", func(e dataplane.Event) bool {
+		return e.Slot == 27 && e.Kind == dataplane.KindConnectUnix && e.Reason == dataplane.ReasonMountNS && e.Verdict == dataplane.VerdictDeny
+	})
 }

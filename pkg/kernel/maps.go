@@ -1,6 +1,7 @@
 package kernel
 
 import (
+	"strings"
 	"bytes"
 	"encoding/binary"
 	"errors"
@@ -105,6 +106,22 @@ func egressPrefixlen(p netip.Prefix) uint32 {
 }
 
 // egressValue is e's rule value; its mode is its prefix length (see struct tether_rule_value).
+// unixDirKey encodes where a granted unix path leads the way tether_unix_dir_match reads it.
+func unixDirKey(u dataplane.UnixDir) (bpfTetherRuleKey, error) {
+	k := bpfTetherRuleKey{Kind: uint8(bpfTetherRuleKindTETHER_RULE_UNIX_DIR), Prefixlen: 8 + 8*12}
+	binary.NativeEndian.PutUint32(k.Data[0:4], kernelDev(u.Dir.Dev))
+	binary.NativeEndian.PutUint64(k.Data[4:12], u.Dir.Ino)
+	if u.Name == "" {
+		return k, nil
+	}
+	if len(u.Name)+1 > len(k.Data)-12 || strings.ContainsAny(u.Name, "/\x00") {
+		return k, fmt.Errorf("unix socket name %q: one path component of at most %d bytes", u.Name, len(k.Data)-13)
+	}
+	copy(k.Data[12:], u.Name)
+	k.Prefixlen += 8 * uint32(len(u.Name)+1)
+	return k, nil
+}
+
 // listenKey is the one entry of a rule set's listen rules.
 func listenKey() bpfTetherRuleKey {
 	return bpfTetherRuleKey{Prefixlen: 8, Kind: uint8(bpfTetherRuleKindTETHER_RULE_LISTEN)}
@@ -249,6 +266,9 @@ func describeKey(k bpfTetherRuleKey) string {
 		return fmt.Sprintf("unix %q", bytes.TrimRight(k.Data[:], "\x00"))
 	case bpfTetherRuleKindTETHER_RULE_LISTEN:
 		return "listen"
+	case bpfTetherRuleKindTETHER_RULE_UNIX_DIR:
+		return fmt.Sprintf("unix directory dev %#x inode %d name %q", binary.NativeEndian.Uint32(k.Data[0:4]),
+			binary.NativeEndian.Uint64(k.Data[4:12]), bytes.TrimRight(k.Data[12:], "\x00"))
 	}
 	return fmt.Sprintf("kind %d", k.Kind)
 }

@@ -75,6 +75,8 @@ var hookSpecs = []hookSpec{
 	{name: "bpf_lsm", prog: bpfProgTetherBpfLsm, section: "lsm/bpf", lsm: true, guard: true},
 	{name: "ptrace_lsm", prog: bpfProgTetherPtraceLsm, section: "lsm/ptrace_access_check", lsm: true, guard: true},
 	{name: "cgroup_open_lsm", prog: bpfProgTetherCgroupOpenLsm, section: "lsm/file_open", lsm: true, guard: true},
+	{name: "unix_stream_lsm", prog: bpfProgTetherUnixStreamLsm, section: "lsm/unix_stream_connect", lsm: true, guard: true},
+	{name: "unix_send_lsm", prog: bpfProgTetherUnixSendLsm, section: "lsm/unix_may_send", lsm: true, guard: true},
 	{name: "sweep_tcp", prog: bpfProgTetherSweepTcp, section: "iter/tcp", iter: true},
 	{name: "sweep_udp", prog: bpfProgTetherSweepUdp, section: "iter/udp", iter: true},
 }
@@ -194,6 +196,8 @@ var guardFallback = map[string]string{
 	"bpf_lsm":         "bpf() is refused only to agents `tetherctl run` confines (seccomp, no bpffs in their view)",
 	"ptrace_lsm":      "ptrace across agents is refused only to agents `tetherctl run` confines (seccomp, PID namespace)",
 	"cgroup_open_lsm": "a move out of an agent is not refused, but the moved process is killed (tp_btf/cgroup_attach_task)",
+	"unix_stream_lsm": "unix path rules match the path string, and only from the agent's own mount namespace",
+	"unix_send_lsm":   "unix path rules match the path string, and only from the agent's own mount namespace",
 }
 
 func lsmReason(err error, active string) string {

@@ -568,6 +568,14 @@ func encodeRuleSet(rs *dataplane.RuleSet) (*trieImage, error) {
 		v.Generation = uint64(e.Changed) // the change time the file must still have
 		put(execKey(e.File), v)
 	}
+	for _, u := range rs.UnixDirs {
+		key, err := unixDirKey(u)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		put(key, entry(u.Audit))
+	}
 	if len(rs.Listen) > 0 {
 		if v, err := listenValue(rs.Listen); err != nil {
 			errs = append(errs, err)

@@ -247,11 +247,12 @@ type bpfTetherRuleKey struct {
 type bpfTetherRuleKind uint32
 
 const (
-	bpfTetherRuleKindTETHER_RULE_HEADER bpfTetherRuleKind = 0
-	bpfTetherRuleKindTETHER_RULE_EGRESS bpfTetherRuleKind = 1
-	bpfTetherRuleKindTETHER_RULE_EXEC   bpfTetherRuleKind = 2
-	bpfTetherRuleKindTETHER_RULE_UNIX   bpfTetherRuleKind = 3
-	bpfTetherRuleKindTETHER_RULE_LISTEN bpfTetherRuleKind = 4
+	bpfTetherRuleKindTETHER_RULE_HEADER   bpfTetherRuleKind = 0
+	bpfTetherRuleKindTETHER_RULE_EGRESS   bpfTetherRuleKind = 1
+	bpfTetherRuleKindTETHER_RULE_EXEC     bpfTetherRuleKind = 2
+	bpfTetherRuleKindTETHER_RULE_UNIX     bpfTetherRuleKind = 3
+	bpfTetherRuleKindTETHER_RULE_LISTEN   bpfTetherRuleKind = 4
+	bpfTetherRuleKindTETHER_RULE_UNIX_DIR bpfTetherRuleKind = 5
 )
 
 type bpfTetherRuleValue struct {
@@ -369,6 +370,8 @@ const (
 	bpfProgTetherSocketLsm         = "tether_socket_lsm"
 	bpfProgTetherSweepTcp          = "tether_sweep_tcp"
 	bpfProgTetherSweepUdp          = "tether_sweep_udp"
+	bpfProgTetherUnixSendLsm       = "tether_unix_send_lsm"
+	bpfProgTetherUnixStreamLsm     = "tether_unix_stream_lsm"
 	bpfProgTetherUsernsLsm         = "tether_userns_lsm"
 	bpfVarTetherAllowSample        = "tether_allow_sample"
 	bpfVarTetherBtfAnchor          = "tether_btf_anchor"
@@ -443,6 +446,8 @@ type bpfProgramSpecs struct {
 	TetherSocketLsm      *ebpf.ProgramSpec `ebpf:"tether_socket_lsm"`
 	TetherSweepTcp       *ebpf.ProgramSpec `ebpf:"tether_sweep_tcp"`
 	TetherSweepUdp       *ebpf.ProgramSpec `ebpf:"tether_sweep_udp"`
+	TetherUnixSendLsm    *ebpf.ProgramSpec `ebpf:"tether_unix_send_lsm"`
+	TetherUnixStreamLsm  *ebpf.ProgramSpec `ebpf:"tether_unix_stream_lsm"`
 	TetherUsernsLsm      *ebpf.ProgramSpec `ebpf:"tether_userns_lsm"`
 }
 
@@ -576,6 +581,8 @@ type bpfPrograms struct {
 	TetherSocketLsm      *ebpf.Program `ebpf:"tether_socket_lsm"`
 	TetherSweepTcp       *ebpf.Program `ebpf:"tether_sweep_tcp"`
 	TetherSweepUdp       *ebpf.Program `ebpf:"tether_sweep_udp"`
+	TetherUnixSendLsm    *ebpf.Program `ebpf:"tether_unix_send_lsm"`
+	TetherUnixStreamLsm  *ebpf.Program `ebpf:"tether_unix_stream_lsm"`
 	TetherUsernsLsm      *ebpf.Program `ebpf:"tether_userns_lsm"`
 }
 
@@ -606,6 +613,8 @@ func (p *bpfPrograms) Close() error {
 		p.TetherSocketLsm,
 		p.TetherSweepTcp,
 		p.TetherSweepUdp,
+		p.TetherUnixSendLsm,
+		p.TetherUnixStreamLsm,
 		p.TetherUsernsLsm,
 	)
 }

@@ -36,7 +36,10 @@ func (d *Daemon) guardFollowUp(rec *events.Decision) {
 		default:
 			d.log.Warn("too many execs to check against the rules by content; this one is not", "executable", rec.Executable, "pid", rec.PID)
 		}
-	case rec.Kind == dataplane.KindMigrate.String() && rec.Verdict == dataplane.VerdictDeny.String() && !rec.Killed:
+	case rec.Kind == dataplane.KindMigrate.String() && rec.Verdict == dataplane.VerdictDeny.String() && !rec.Killed &&
+		strings.HasPrefix(rec.Cgroup, "/"):
+		// A move that happened (the tracepoint's record names the cgroup's path; a BPF LSM
+		// refusal names a directory: nothing moved).
 		if err := killMoved(int(rec.PID), rec.Cgroup); err != nil {
 			d.log.Error("an agent process left its agent and could not be killed", "pid", rec.PID, "cgroup", rec.Cgroup, "error", err)
 			return

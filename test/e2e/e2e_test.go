@@ -276,6 +276,15 @@ func TestPrivilegedReaper(t *testing.T) {
 	}
 	waitFor(t, "the agent", func() bool { return len(d.agents()) == 1 })
 	cg := d.agents()[0].Cgroup
+	// Registered is not yet running: the launcher is killed once the agent's own program runs.
+	waitFor(t, "the agent's program", func() bool {
+		for _, pid := range cgroups.Procs(cg) {
+			if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.TrimSpace(string(comm)) == filepath.Base(self) {
+				return true
+			}
+		}
+		return false
+	})
 	sleeper.Process.Signal(syscall.SIGKILL)
 	for sleeper.ProcessState == nil {
 		// Not Wait: it would close stdin, which the agent holds too.

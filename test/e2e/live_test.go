@@ -101,12 +101,12 @@ func TestPrivilegedLiveSocketsFollowContext(t *testing.T) {
 
 	// An approval that expires.
 	d.ctl("task", "approve", agentID, "--action", "connect", "--resource", "prodnet", "--ttl", "2s")
-	prodS := privtest.StartStream(t, cg, "tcp", prod.Addr.String())
-	prod.WaitReceiving(t)
-	a := d.agents()[0]
+	a := d.agents()[0] // at once: a loaded machine may take the approval's 2 s to start the stream
 	if a.Task == nil || len(a.Task.Approvals) != 1 {
 		t.Fatalf("agent %+v: want one approval", a)
 	}
+	prodS := privtest.StartStream(t, cg, "tcp", prod.Addr.String())
+	prod.WaitReceiving(t)
 	privtest.QuietAfter(t, "the stream the expired approval opened", prod, a.Task.Approvals[0].ExpiresAt, 100*time.Millisecond)
 	prodS.Ended(t, "the approval's stream", "tcp", terminate)
 

@@ -2361,10 +2361,10 @@ static __always_inline struct tether_rule_value *tether_unix_dir_match(void *rul
  * socket other by the file it is bound to: a granted path counts only while it leads to the
  * granted socket file (or below a granted directory), whatever the agent's view of the path (a
  * mount over it, in its namespace or another). Abstract and unbound peers are the string hooks'. */
-static __always_inline int tether_unix_peer(struct socket *other, __u8 kind, int sock_type)
+static __always_inline int tether_unix_peer(struct sock *other, __u8 kind, int sock_type)
 {
 	struct tether_decision d = {};
-	struct unix_sock *u = (struct unix_sock *)BPF_CORE_READ(other, sk);
+	struct unix_sock *u = (struct unix_sock *)other;
 	struct dentry *dentry = BPF_CORE_READ(u, path.dentry);
 
 	if (!dentry || !tether_under_parent())
@@ -2389,12 +2389,14 @@ static __always_inline int tether_unix_peer(struct socket *other, __u8 kind, int
 	return tether_guard_finish(&d, (const char *)BPF_CORE_READ(dentry, d_name.name));
 }
 
+/* The stream hook passes the socks (the listener found by the path), the datagram one the
+ * sockets. */
 SEC("lsm/unix_stream_connect")
-int BPF_PROG(tether_unix_stream_lsm, struct socket *sock, struct socket *other, struct sock *newsk, int ret)
+int BPF_PROG(tether_unix_stream_lsm, struct sock *sock, struct sock *other, struct sock *newsk, int ret)
 {
 	if (ret)
 		return ret;
-	return tether_unix_peer(other, TETHER_KIND_CONNECT_UNIX, BPF_CORE_READ(sock, type));
+	return tether_unix_peer(other, TETHER_KIND_CONNECT_UNIX, BPF_CORE_READ(sock, sk_type));
 }
 
 SEC("lsm/unix_may_send")
@@ -2402,5 +2404,5 @@ int BPF_PROG(tether_unix_send_lsm, struct socket *sock, struct socket *other, in
 {
 	if (ret)
 		return ret;
-	return tether_unix_peer(other, TETHER_KIND_SENDMSG_UNIX, BPF_CORE_READ(sock, type));
+	return tether_unix_peer(BPF_CORE_READ(other, sk), TETHER_KIND_SENDMSG_UNIX, BPF_CORE_READ(sock, type));
 }

@@ -408,8 +408,15 @@ func (p *Peer) ArrivedAfter(at time.Time) int {
 // WaitReceiving waits until something arrives (more than now has).
 func (p *Peer) WaitReceiving(t testing.TB) {
 	t.Helper()
+	p.WaitReceivingWithin(t, 5*time.Second)
+}
+
+// WaitReceivingWithin is WaitReceiving with its own limit: a TCP stream whose packets were dropped
+// for seconds resumes at its next retransmission, which backs off as the drops go on.
+func (p *Peer) WaitReceivingWithin(t testing.TB, limit time.Duration) {
+	t.Helper()
 	n := p.Received()
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(limit)
 	for time.Now().Before(deadline) {
 		if p.Received() > n {
 			return

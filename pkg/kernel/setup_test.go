@@ -5,7 +5,9 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -75,6 +77,27 @@ func fileID(t *testing.T, path string) dataplane.FileID {
 	return id
 }
 
+// unixDirs is where the unix rules' paths lead, as compile.unixDirs finds it: the directory (by
+// identity) and name of an exact path, the directory of a prefix; paths whose directory does not
+// exist lead nowhere.
+func unixDirs(rules []dataplane.Unix) []dataplane.UnixDir {
+	var out []dataplane.UnixDir
+	for _, u := range rules {
+		if strings.HasPrefix(u.Path, "@") {
+			continue
+		}
+		dir, name := filepath.Split(u.Path)
+		if u.Prefix {
+			dir, name = u.Path, ""
+		}
+		var st syscall.Stat_t
+		if syscall.Stat(dir, &st) == nil {
+			out = append(out, dataplane.UnixDir{Dir: dataplane.FileID{Dev: st.Dev, Ino: st.Ino}, Name: name, Audit: u.Audit})
+		}
+	}
+	return out
+}
+
 // changeTimes are the change times fileID saw, by file.
 var changeTimes sync.Map
 
@@ -84,6 +107,9 @@ func (f *fixture) agent(t *testing.T, name string, slot dataplane.Slot, rs datap
 	t.Helper()
 	path, id := privtest.SubCgroup(t, f.parent, name)
 	rs.Exec = append(rs.Exec, execs(f.self)...)
+	if rs.UnixDirs == nil {
+		rs.UnixDirs = unixDirs(rs.Unix) // as the compiler does
+	}
 	if err := f.k.Install(slot, &rs); err != nil {
 		t.Fatal(err)
 	}

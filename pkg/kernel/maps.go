@@ -1,13 +1,13 @@
 package kernel
 
 import (
-	"strings"
 	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/cilium/ebpf"

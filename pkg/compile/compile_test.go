@@ -582,6 +582,7 @@ func TestIntegrity(t *testing.T) {
 	if len(res.RuleSet.Exec) != 1 || res.RuleSet.Exec[0].Changed != st.Changed || res.Err() != nil {
 		t.Fatalf("first grant: %+v %v, want the file at change time %d", res.RuleSet.Exec, res.Err(), st.Changed)
 	}
+	in.Settle() // its first digest is taken in the background
 	// Rewritten in place with other content: refused, and says why.
 	time.Sleep(10 * time.Millisecond)
 	write("two")
@@ -600,6 +601,18 @@ func TestIntegrity(t *testing.T) {
 	write("one")
 	if res = compileExec(grants.Exec{Path: path}); len(res.RuleSet.Exec) != 1 {
 		t.Errorf("file back to its granted content: %v", res.Err())
+	}
+	// A file that changes before its first digest is taken has no content to be granted with.
+	fresh := filepath.Join(dir, "fresh")
+	os.WriteFile(fresh, []byte("fresh"), 0o755)
+	fst, _ := OS{}.Stat(fresh)
+	pending := NewIntegrity()
+	pending.files[fst.ID] = integrityRecord{changed: fst.Changed, pending: true} // as if not hashed yet
+	time.Sleep(10 * time.Millisecond)
+	os.WriteFile(fresh, []byte("changed"), 0o755)
+	if res := Compile(context.Background(), grants.Grants{Exec: []grants.Exec{{Path: fresh}}}, Options{Files: OS{}, Integrity: pending}); len(res.RuleSet.Exec) != 0 ||
+		!strings.Contains(fmt.Sprint(res.Err()), "before its content could be recorded") {
+		t.Errorf("changed before its digest was taken: %+v %v", res.RuleSet.Exec, res.Err())
 	}
 	// A digest that does not match, a malformed one, and a rule with neither path nor digest are
 	// refused.

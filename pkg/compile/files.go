@@ -168,18 +168,52 @@ type Integrity struct {
 	// wanted are the digests of exec rules by content alone: a file an agent tried to execute is
 	// learnt (Learn) when its content is one of them.
 	wanted map[[sha256.Size]byte]bool
+	// jobs are first grants whose digest the worker takes; busy counts those not done.
+	jobs chan hashJob
+	busy sync.WaitGroup
 }
 
 type integrityRecord struct {
 	changed int64             // the change time it was last granted at
 	digest  [sha256.Size]byte // its content then
 	first   [sha256.Size]byte // its content when it was first granted
+	// pending: granted the first time, its digest not taken yet (see hash). A file that changes
+	// before it is taken has no first content to be granted again with.
+	pending bool
+}
+
+// hashJob is a first grant's digest to take (see Integrity.hash).
+type hashJob struct {
+	files   Files
+	path    string
+	id      dataplane.FileID
+	changed int64
 }
 
 // NewIntegrity returns an empty record.
 func NewIntegrity() *Integrity {
-	return &Integrity{files: map[dataplane.FileID]integrityRecord{}, wanted: map[[sha256.Size]byte]bool{}}
+	in := &Integrity{files: map[dataplane.FileID]integrityRecord{}, wanted: map[[sha256.Size]byte]bool{}, jobs: make(chan hashJob, 1024)}
+	go in.hash()
+	return in
 }
+
+// hash takes the digests of first grants, off the compile: a glob of a thousand binaries, or one
+// large one, is granted at once, not after it has all been read. The digest counts only if the
+// file still has the change time it was granted at once it is read.
+func (in *Integrity) hash() {
+	for j := range in.jobs {
+		st, sum, err := j.files.Digest(j.path)
+		in.mu.Lock()
+		if rec := in.files[j.id]; rec.pending && rec.changed == j.changed && err == nil && st.ID == j.id && st.Changed == j.changed {
+			in.files[j.id] = integrityRecord{changed: j.changed, digest: sum, first: sum}
+		}
+		in.mu.Unlock()
+		in.busy.Done()
+	}
+}
+
+// Settle waits until the digests of every first grant so far are taken.
+func (in *Integrity) Settle() { in.busy.Wait() }
 
 // Want notes a digest an exec rule grants by content alone.
 func (in *Integrity) Want(sum [sha256.Size]byte) {
@@ -213,7 +247,7 @@ func (in *Integrity) Learn(files Files, path string, id dataplane.FileID) (bool,
 	}
 	rec, known := in.files[id]
 	first := sum
-	if known {
+	if known && !rec.pending {
 		first = rec.first
 	}
 	in.files[id] = integrityRecord{changed: st.Changed, digest: sum, first: first}
@@ -226,7 +260,7 @@ func (in *Integrity) Matching(sum [sha256.Size]byte) []dataplane.ExecRule {
 	defer in.mu.Unlock()
 	var out []dataplane.ExecRule
 	for id, rec := range in.files {
-		if rec.digest == sum {
+		if !rec.pending && rec.digest == sum {
 			out = append(out, dataplane.ExecRule{File: id, Changed: rec.changed})
 		}
 	}
@@ -239,9 +273,23 @@ func (in *Integrity) Matching(sum [sha256.Size]byte) []dataplane.ExecRule {
 func (in *Integrity) Check(files Files, path string, st FileStat, want *[sha256.Size]byte) (int64, error) {
 	in.mu.Lock()
 	rec, known := in.files[st.ID]
-	in.mu.Unlock()
-	if known && rec.changed == st.Changed && (want == nil && rec.digest == rec.first || want != nil && *want == rec.digest) {
+	if !known && want == nil {
+		// The first grant: its digest is taken in the background (hash).
+		in.files[st.ID] = integrityRecord{changed: st.Changed, pending: true}
+		in.mu.Unlock()
+		in.busy.Add(1)
+		in.jobs <- hashJob{files: files, path: path, id: st.ID, changed: st.Changed}
 		return st.Changed, nil
+	}
+	in.mu.Unlock()
+	if known && rec.changed == st.Changed && want == nil && (rec.pending || rec.digest == rec.first) {
+		return st.Changed, nil
+	}
+	if known && rec.changed == st.Changed && want != nil && !rec.pending && *want == rec.digest {
+		return st.Changed, nil
+	}
+	if known && rec.pending && want == nil {
+		return 0, fmt.Errorf("%s changed before its content could be recorded: name its digest in the rule's sha256 to grant it", path)
 	}
 	now, sum, err := files.Digest(path)
 	if err != nil {
@@ -257,7 +305,7 @@ func (in *Integrity) Check(files Files, path string, st FileStat, want *[sha256.
 		return 0, fmt.Errorf("%s was modified in place since it was granted (SHA-256 %x, granted %x): name its new digest in the rule's sha256 to grant it", path, sum, rec.first)
 	}
 	first := sum
-	if known {
+	if known && !rec.pending {
 		first = rec.first
 	}
 	in.mu.Lock()

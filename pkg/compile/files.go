@@ -285,7 +285,11 @@ func (in *Integrity) Check(files Files, path string, st FileStat, want *[sha256.
 	if known && rec.changed == st.Changed && want == nil && (rec.pending || rec.digest == rec.first) {
 		return st.Changed, nil
 	}
-	if known && rec.changed == st.Changed && want != nil && !rec.pending && *want == rec.digest {
+	if known && rec.changed == st.Changed && want != nil && !rec.pending {
+		// Its content at this change time is known: no need to read it again.
+		if *want != rec.digest {
+			return 0, fmt.Errorf("%s has SHA-256 %x, the rule names %x", path, rec.digest, *want)
+		}
 		return st.Changed, nil
 	}
 	if known && rec.pending && want == nil {
@@ -298,18 +302,19 @@ func (in *Integrity) Check(files Files, path string, st FileStat, want *[sha256.
 	if now.ID != st.ID {
 		return 0, fmt.Errorf("%s was replaced while it was checked", path)
 	}
-	switch {
-	case want != nil && sum != *want:
-		return 0, fmt.Errorf("%s has SHA-256 %x, the rule names %x", path, sum, *want)
-	case want == nil && known && sum != rec.first:
+	if want == nil && known && sum != rec.first {
 		return 0, fmt.Errorf("%s was modified in place since it was granted (SHA-256 %x, granted %x): name its new digest in the rule's sha256 to grant it", path, sum, rec.first)
 	}
 	first := sum
 	if known && !rec.pending {
 		first = rec.first
 	}
+	// Recorded whether the rule's digest matches or not: the next compile need not read it again.
 	in.mu.Lock()
 	in.files[st.ID] = integrityRecord{changed: now.Changed, digest: sum, first: first}
 	in.mu.Unlock()
+	if want != nil && sum != *want {
+		return 0, fmt.Errorf("%s has SHA-256 %x, the rule names %x", path, sum, *want)
+	}
 	return now.Changed, nil
 }

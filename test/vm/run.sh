@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PATH="$PATH:/usr/local/go/bin"
 cache=${TETHER_VM_CACHE:-$PWD/.cache/vm}
-timeout_s=${TETHER_VM_TIMEOUT:-1500}
+timeout_s=${TETHER_VM_TIMEOUT:-2400} # per boot; the BPF LSM boot runs every privileged test (about 18 min)
 
 for c in qemu-system-x86_64 cpio xz apt-get dpkg go; do
 	command -v $c >/dev/null || { echo "test-vm needs $c (apt-get install -y --no-install-recommends qemu-system-x86 cpio xz-utils)"; exit 1; }

@@ -214,8 +214,11 @@ func TestPrivilegedMaxDuration(t *testing.T) {
 		r.MaxDuration = limit
 		agent := f.agent(t, "agent", 5, dataplane.RuleSet{Generation: 1, Egress: []dataplane.Egress{hostRule(h.V4, r)}})
 		events := f.events(t)
-		start := time.Now()
 		s := privtest.StartStream(t, agent, "tcp", tcp.Addr.String())
+		// StartStream returns once the helper has connected: the connection's limit runs from
+		// before now (measured from before the helper started, a slow machine's process start
+		// would count against the limit).
+		start := time.Now()
 		tcp.WaitReceiving(t)
 		privtest.QuietAfter(t, "tcp past its max_duration", tcp, start, limit+50*time.Millisecond)
 		s.Ended(t, "stream past its max_duration", "tcp", destroy)

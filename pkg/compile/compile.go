@@ -673,16 +673,16 @@ func (c *compiler) exec(where string, e grants.Exec) {
 			continue
 		}
 		changed := st.Changed
-		if c.opts.Integrity != nil || want != nil {
-			in := c.opts.Integrity
-			if in == nil {
-				in = NewIntegrity()
-			}
-			var err error
-			if changed, err = in.Check(c.opts.Files, names[i], st, want); err != nil {
-				c.refuse(where, "%v", err)
-				continue
-			}
+		var err error
+		switch {
+		case c.opts.Integrity != nil:
+			changed, err = c.opts.Integrity.Check(c.opts.Files, names[i], st, want)
+		case want != nil: // no record to keep: the file is read now, every compile
+			changed, err = digestIs(c.opts.Files, names[i], st.ID, *want)
+		}
+		if err != nil {
+			c.refuse(where, "%v", err)
+			continue
 		}
 		c.res.RuleSet.Exec = append(c.res.RuleSet.Exec, dataplane.ExecRule{File: st.ID, Changed: changed, Audit: e.Audit})
 		c.res.ExecFiles = append(c.res.ExecFiles, names[i])
@@ -690,6 +690,20 @@ func (c *compiler) exec(where string, e grants.Exec) {
 	if len(files) == 0 {
 		c.warnf("%s: path %q matches no file on this host", where, e.Path)
 	}
+}
+
+// digestIs returns the change time of the file at path, which must be id with content want.
+func digestIs(files Files, path string, id dataplane.FileID, want [sha256.Size]byte) (int64, error) {
+	st, sum, err := files.Digest(path)
+	switch {
+	case err != nil:
+		return 0, err
+	case st.ID != id:
+		return 0, fmt.Errorf("%s was replaced while it was checked", path)
+	case sum != want:
+		return 0, fmt.Errorf("%s has SHA-256 %x, the rule names %x", path, sum, want)
+	}
+	return st.Changed, nil
 }
 
 // execByContent grants every file known to have the content a rule by sha256 alone names: tetherd

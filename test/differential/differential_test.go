@@ -88,7 +88,7 @@ func TestPrivilegedKernelAgreesWithPolicy(t *testing.T) {
 	clk := &clock{now: time.Date(2026, 11, 23, 9, 0, 0, 0, time.UTC)}
 	ev := &evaluator{rev: rev, clock: clk, bootstrap: true, bootExec: []string{w.self, w.git}}
 	reg := agents.New(agents.Options{
-		Dataplane: testClockGrants{k, clk}, Evaluator: ev, Compile: agents.CompileOn(compile.Options{Files: compile.OS{}}),
+		Dataplane: testClockGrants{k, clk}, Evaluator: ev, Compile: agents.CompileOn(compile.Options{Files: compile.OS{}, Integrity: compile.NewIntegrity()}),
 		Parents: []string{parent}, LaunchParent: parent, Now: clk.Now, Logger: quiet(),
 	})
 	t.Cleanup(reg.Close)

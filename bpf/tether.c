@@ -167,6 +167,13 @@ struct {
 	__type(value, struct tether_agent_counts);
 } tether_agent_counters SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TETHER_MAX_AGENTS);
+	__type(key, __u32);
+	__type(value, struct tether_agent_allows);
+} tether_agent_allows SEC(".maps");
+
 /* Counted grants, by the index the daemon gives them; see struct tether_grant_uses. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -380,17 +387,39 @@ static __always_inline void tether_account(struct tether_decision *d)
 		return;
 	}
 	__u32 slot = d->slot; /* keys on the stack: 6.1 takes no other memory as one */
+	if (d->verdict == TETHER_VERDICT_ALLOW && d->kind <= TETHER_KIND_SENDMSG6) {
+		struct tether_agent_allows *a = bpf_map_lookup_elem(&tether_agent_allows, &slot);
+		if (a)
+			a->n[d->kind & 3] += 1;
+		return;
+	}
 	struct tether_agent_counts *c = bpf_map_lookup_elem(&tether_agent_counters, &slot);
 	__u32 i = (__u32)d->kind * TETHER_VERDICT_MAX + d->verdict;
 	if (c && i < TETHER_KIND_MAX * TETHER_VERDICT_MAX)
 		__sync_fetch_and_add(&c->n[i], 1);
 }
 
+/* tether_should_emit says whether d gets an event: every deny and audit, and one allow in
+ * tether_allow_sample on average. A per-CPU countdown decides, so that an allow that is not
+ * sampled costs no helper call and no division; each new countdown is random (1 to 2N-1 allows),
+ * so that an agent cannot time its connects between samples. */
 static __always_inline int tether_should_emit(struct tether_decision *d)
 {
 	if (d->verdict != TETHER_VERDICT_ALLOW)
 		return 1;
-	return tether_allow_sample && bpf_get_prandom_u32() % tether_allow_sample == 0;
+	if (!tether_allow_sample)
+		return 0;
+	__u32 zero = 0;
+	struct tether_slot_cache_entry *c = bpf_map_lookup_elem(&tether_slot_cache, &zero);
+	if (!c)
+		return 0;
+	__u32 left = c->sample_left;
+	if (left > 1) {
+		c->sample_left = left - 1;
+		return 0;
+	}
+	c->sample_left = 1 + bpf_get_prandom_u32() % (2 * tether_allow_sample - 1);
+	return 1;
 }
 
 /* tether_event_lineage fills in the binary of process e->pid and its parents, from lineage, and

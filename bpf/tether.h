@@ -195,6 +195,9 @@ struct tether_slot_cache_entry {
 	__u64 cgroup_id;
 	__u64 packed;
 	__u64 check;
+	/* Allows left on this CPU before the next one is sampled (see tether_should_emit). */
+	__u32 sample_left;
+	__u32 pad;
 };
 
 /* tether_agents value: state the kernel checks before any rule. One per slot. The daemon
@@ -391,6 +394,14 @@ struct tether_event {
  * Updated with atomic adds (a per-CPU array of every agent would cost too much memory on big nodes). */
 struct tether_agent_counts {
 	__u64 n[TETHER_KIND_MAX * TETHER_VERDICT_MAX];
+};
+
+/* tether_agent_allows value, per CPU: the allowed connects and datagrams of one agent (index:
+ * kind, TETHER_KIND_CONNECT4 to TETHER_KIND_SENDMSG6). The hot path's counts are kept apart so
+ * that they take no atomic on a line every CPU shares; tether_agent_counters' entries for them
+ * stay zero. */
+struct tether_agent_allows {
+	__u64 n[4];
 };
 
 /* tether_agent_info value: identity of a slot, written and read only by the daemon. It lives in a

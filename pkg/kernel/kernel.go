@@ -95,6 +95,7 @@ type Kernel struct {
 	events        *ebpf.Map
 	counters      *ebpf.Map
 	agentCounters *ebpf.Map
+	agentAllows   *ebpf.Map // per CPU
 	agentInfo     *ebpf.Map
 	grants        *ebpf.Map
 	config        *ebpf.Map
@@ -244,6 +245,7 @@ func (k *Kernel) load() error {
 	k.events = coll.Maps[bpfMapTetherEvents]
 	k.counters = coll.Maps[bpfMapTetherCounters]
 	k.agentCounters = coll.Maps[bpfMapTetherAgentCounters]
+	k.agentAllows = coll.Maps[bpfMapTetherAgentAllows]
 	k.agentInfo = coll.Maps[bpfMapTetherAgentInfo]
 	k.grants = coll.Maps[bpfMapTetherGrantUses]
 	k.config = coll.Maps[bpfMapTetherConfig]

@@ -387,6 +387,16 @@ func (k *Kernel) AgentCounts(slot dataplane.Slot) (dataplane.AgentCounts, error)
 			out[kind][verdict] = v.N[kind*dataplane.NumVerdicts+verdict]
 		}
 	}
+	// The allowed connects and datagrams are counted per CPU (tether_agent_allows).
+	var perCPU []bpfTetherAgentAllows
+	if err := k.agentAllows.Lookup(uint32(slot), &perCPU); err != nil {
+		return out, fmt.Errorf("reading the allow counters of slot %d: %w", slot, err)
+	}
+	for _, c := range perCPU {
+		for kind, n := range c.N {
+			out[kind][dataplane.VerdictAllow] += n
+		}
+	}
 	return out, nil
 }
 

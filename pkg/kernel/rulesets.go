@@ -661,6 +661,11 @@ func (k *Kernel) Clear(slot dataplane.Slot) error {
 	}()
 	st.quiet = done
 	errs = append(errs, k.agentCounters.Update(uint32(slot), bpfTetherAgentCounts{}, ebpf.UpdateAny))
+	if cpus, err := ebpf.PossibleCPU(); err != nil {
+		errs = append(errs, err)
+	} else {
+		errs = append(errs, k.agentAllows.Update(uint32(slot), make([]bpfTetherAgentAllows, cpus), ebpf.UpdateAny))
+	}
 	errs = append(errs, k.agentInfo.Update(uint32(slot), bpfTetherAgentInfo{}, ebpf.UpdateAny))
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("clearing slot %d: %w", slot, err)

@@ -25,6 +25,11 @@ type bpfTetherAgent struct {
 	Generation [2]uint64
 }
 
+type bpfTetherAgentAllows struct {
+	_ structs.HostLayout
+	N [4]uint64
+}
+
 type bpfTetherAgentCounts struct {
 	_ structs.HostLayout
 	N [42]uint64
@@ -274,10 +279,12 @@ type bpfTetherRuleValue struct {
 }
 
 type bpfTetherSlotCacheEntry struct {
-	_        structs.HostLayout
-	CgroupId uint64
-	Packed   uint64
-	Check    uint64
+	_          structs.HostLayout
+	CgroupId   uint64
+	Packed     uint64
+	Check      uint64
+	SampleLeft uint32
+	Pad        uint32
 }
 
 type bpfTetherSock struct {
@@ -329,6 +336,7 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	bpfMapTetherAgentAllows        = "tether_agent_allows"
 	bpfMapTetherAgentCounters      = "tether_agent_counters"
 	bpfMapTetherAgentInfo          = "tether_agent_info"
 	bpfMapTetherAgents             = "tether_agents"
@@ -455,6 +463,7 @@ type bpfProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bpfMapSpecs struct {
+	TetherAgentAllows   *ebpf.MapSpec `ebpf:"tether_agent_allows"`
 	TetherAgentCounters *ebpf.MapSpec `ebpf:"tether_agent_counters"`
 	TetherAgentInfo     *ebpf.MapSpec `ebpf:"tether_agent_info"`
 	TetherAgents        *ebpf.MapSpec `ebpf:"tether_agents"`
@@ -503,6 +512,7 @@ func (o *bpfObjects) Close() error {
 //
 // It can be passed to loadBpfObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bpfMaps struct {
+	TetherAgentAllows   *ebpf.Map `ebpf:"tether_agent_allows"`
 	TetherAgentCounters *ebpf.Map `ebpf:"tether_agent_counters"`
 	TetherAgentInfo     *ebpf.Map `ebpf:"tether_agent_info"`
 	TetherAgents        *ebpf.Map `ebpf:"tether_agents"`
@@ -523,6 +533,7 @@ type bpfMaps struct {
 
 func (m *bpfMaps) Close() error {
 	return _BpfClose(
+		m.TetherAgentAllows,
 		m.TetherAgentCounters,
 		m.TetherAgentInfo,
 		m.TetherAgents,

@@ -46,6 +46,7 @@ type env struct {
 	tetherRules, nftRules        int
 	nftSet                       bool
 	agentID                      uint64
+	unboundID                    uint64 // a cgroup below the agent parent bound to no agent
 	lastCompile, lastInstall     time.Duration
 }
 
@@ -72,6 +73,9 @@ func setup() (_ *env, err error) {
 		}
 	}
 	if e.agentID, err = cgroups.ID(e.agent); err != nil {
+		return nil, err
+	}
+	if e.unboundID, err = cgroups.Create(filepath.Join(e.parent, "unbound")); err != nil {
 		return nil, err
 	}
 	e.agentLevel, _ = cgroups.Level(e.root, e.agent)
@@ -210,13 +214,17 @@ func (e *env) close() {
 	}
 }
 
-// grantsFor are n egress rules for the agent: n-5 filler addresses and the five destinations
-// the benchmark connects to, last; exec of the worker and of true.
+// grantsFor are n egress rules for the agent: n-7 filler addresses, a /24 and a /16 range (for
+// the hot path's range rows) and the five destinations the benchmark connects to, last; exec of
+// the worker and of true.
 func (e *env) grantsFor(n int) grants.Grants {
 	g := grants.Grants{Exec: []grants.Exec{{Path: e.self}, {Path: e.trueBin}}}
-	for i := range max(n-5, 0) {
+	for i := range max(n-7, 0) {
 		a := netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})
 		g.Egress = append(g.Egress, grants.Egress{CIDR: a.String() + "/32", Protocol: "tcp", Ports: []grants.PortRange{{Lo: 9000, Hi: 9000}}})
+	}
+	for _, r := range []netip.Prefix{range24, range16} {
+		g.Egress = append(g.Egress, grants.Egress{CIDR: r.String(), Protocol: "tcp", Ports: []grants.PortRange{{Lo: 443, Hi: 443}}})
 	}
 	for _, d := range []struct {
 		ap    netip.AddrPort

@@ -43,6 +43,7 @@ type options struct {
 	launch bool    // only the launch latency of tetherctl run
 	// outside: only what a process outside agents pays with tether loaded (the bystander rows)
 	outside bool
+	hotpath bool // only the hot path: instructions per path and run time against an empty program
 }
 
 func run() error {
@@ -59,6 +60,7 @@ func run() error {
 	flag.BoolVar(&o.ranges, "grant-ranges", false, "make the policy part's egress grants /24 ranges (kept in the tries) instead of /32 hosts (kept in tether_hosts)")
 	flag.BoolVar(&o.launch, "launch-only", false, "measure only the launch latency of tetherctl run -- true with each sandbox profile, against true alone")
 	flag.BoolVar(&o.outside, "outside-only", false, "measure only what a process outside agents pays with tether loaded against nothing loaded (TCP connect, fork+exec)")
+	flag.BoolVar(&o.hotpath, "hotpath-only", false, "measure only the hot path: the instructions each socket hook executes per path, and its run time against an empty program")
 	flag.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof reads it)")
 	flag.Parse()
 	for _, r := range strings.Split(rules, ",") {
@@ -96,6 +98,16 @@ func run() error {
 			return err
 		}
 		reportLaunch(os.Stdout, lr)
+		return nil
+	}
+	if o.hotpath {
+		hp, err := measureHotPath(e, o)
+		if err != nil {
+			return err
+		}
+		reportHotPath(os.Stdout, hp)
+		fmt.Println("\nGOALS")
+		hotPathGoals(goalPrinter(os.Stdout), hp)
 		return nil
 	}
 	if o.telem {

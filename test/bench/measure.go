@@ -86,6 +86,7 @@ type results struct {
 	compile, install map[int]time.Duration
 	policy           *policyResults
 	kill             *killResults
+	hotpath          *hotPathResults
 	telemetry        *telemetryResults
 	sweep            *sweepResults
 }
@@ -184,7 +185,13 @@ func measure(e *env, o options) (*results, error) {
 
 	if o.hooks {
 		progress("kernel BPF statistics")
-		return res, bpfCosts(e, o, res)
+		if err := bpfCosts(e, o, res); err != nil {
+			return nil, err
+		}
+		progress("hot path: instructions per path, run time against an empty program, %d rounds", o.rounds)
+		var err error
+		res.hotpath, err = measureHotPath(e, o)
+		return res, err
 	}
 	progress("a process outside agents: tether loaded and not, %d rounds", o.rounds)
 	for range o.rounds {
@@ -233,6 +240,11 @@ func measure(e *env, o options) (*results, error) {
 	if err := bpfCosts(e, o, res); err != nil {
 		return nil, err
 	}
+	progress("hot path: instructions per path, run time against an empty program, %d rounds", o.rounds)
+	var err error
+	if res.hotpath, err = measureHotPath(e, o); err != nil {
+		return nil, fmt.Errorf("hot path: %w", err)
+	}
 	progress("OPA")
 	for _, n := range o.rules {
 		for range o.rounds {
@@ -244,7 +256,6 @@ func measure(e *env, o options) (*results, error) {
 		}
 	}
 	progress("policy to kernel: context changes with %v grants, a policy change for 1000 agents", policyGrants)
-	var err error
 	if res.policy, err = measurePolicy(e, o); err != nil {
 		return nil, fmt.Errorf("policy to kernel: %w", err)
 	}

@@ -1,0 +1,264 @@
+package kernel
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+
+	"github.com/tether-sh/tether/internal/bpfemu"
+)
+
+// PathCount is what one run of a program executed, counted by running the program as compiled
+// (the ELF's instructions, before the verifier's rewrites) in an emulator over a copy of the
+// maps this Kernel holds. Unlike its run time it does not move with the machine's load.
+type PathCount struct {
+	Insns   int // BPF instructions executed (a helper call counts one)
+	Helpers int // helper calls
+	Lookups int // map lookups (of them)
+	Verdict uint64
+}
+
+// Paths runs tether's programs on a snapshot of the kernel maps (rule sets, bindings, agents,
+// lineage, .rodata as loaded). Per-CPU maps (the slot cache, the counters) start empty, ring
+// buffers accept every record, socket storage starts empty. Each call of a process is emulated
+// with that process's cgroup and ancestors.
+type Paths struct {
+	progs map[string]asm.Instructions // by hook name
+	m     *bpfemu.Machine
+	task  *bpfemu.Region
+	call  *SockCall
+	clock uint64
+}
+
+// SockCall is a socket call of a process, as a socket address hook sees it.
+type SockCall struct {
+	Hook      string   // connect4, connect6, sendmsg4, sendmsg6
+	Cgroup    uint64   // the process's cgroup
+	Ancestors []uint64 // its ancestors' ids, by level (0: the root)
+	// UnderParent says whether the process's cgroup is below an agent parent.
+	UnderParent bool
+	Tgid        uint32
+	Proto       uint8 // IPPROTO_TCP or IPPROTO_UDP
+	Dst         netip.AddrPort
+	// Socket is the socket's identity: calls with the same Socket share its storage (a UDP
+	// socket connected again); nil is a new socket.
+	Socket *bpfemu.Region
+}
+
+// NewSocket is a socket for SockCall.Socket.
+func NewSocket() *bpfemu.Region { return bpfemu.NewRegion("socket", 256) }
+
+// Paths snapshots the maps for an emulated run of the programs.
+func (k *Kernel) Paths() (*Paths, error) {
+	spec, err := loadBpf()
+	if err != nil {
+		return nil, err
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.closed {
+		return nil, errors.New("kernel closed")
+	}
+	p := &Paths{progs: map[string]asm.Instructions{}, task: bpfemu.NewRegion("task", 1<<16)}
+	maps := map[string]bpfemu.Map{}
+	for name, ms := range spec.Maps {
+		live := k.coll.Maps[name]
+		if live == nil {
+			continue // not loaded (a program that needs it is not emulated)
+		}
+		em, err := snapshotMap(name, ms, live)
+		if err != nil {
+			return nil, fmt.Errorf("snapshot of %s: %w", name, err)
+		}
+		maps[name] = em
+	}
+	for _, h := range hookSpecs {
+		if ps := spec.Programs[h.prog]; ps != nil {
+			p.progs[h.name] = ps.Instructions
+		}
+	}
+	p.m = &bpfemu.Machine{Maps: maps, Helpers: bpfemu.MapHelpers()}
+	p.addHelpers()
+	return p, nil
+}
+
+func snapshotMap(name string, spec *ebpf.MapSpec, live *ebpf.Map) (bpfemu.Map, error) {
+	key, value := int(spec.KeySize), int(spec.ValueSize)
+	switch spec.Type {
+	case ebpf.PerCPUArray, ebpf.PerCPUHash, ebpf.CGroupArray:
+		// Caches and counters start empty; agent parents are the call's UnderParent.
+		return bpfemu.NewArray(name, int(spec.MaxEntries), value), nil
+	case ebpf.RingBuf:
+		return &bpfemu.RingBuf{}, nil
+	case ebpf.SkStorage:
+		return bpfemu.NewSkStorage(name, value), nil
+	case ebpf.Array:
+		a := bpfemu.NewArray(name, int(spec.MaxEntries), value)
+		return a, each(live, func(k, v []byte) error { return a.Update(k, v, 0) })
+	case ebpf.Hash, ebpf.LRUHash:
+		h := bpfemu.NewHash(name, key, value, int(spec.MaxEntries))
+		return h, each(live, func(k, v []byte) error { return h.Update(k, v, 0) })
+	case ebpf.LPMTrie:
+		t := bpfemu.NewTrie(name, key, value)
+		return t, each(live, func(k, v []byte) error { return t.Update(k, v, 0) })
+	case ebpf.ArrayOfMaps, ebpf.HashOfMaps:
+		mm := bpfemu.NewMapOfMaps(name, key)
+		return mm, each(live, func(k, v []byte) error {
+			inner, err := ebpf.NewMapFromID(ebpf.MapID(binary.LittleEndian.Uint32(v)))
+			if err != nil {
+				return err
+			}
+			defer inner.Close()
+			em, err := snapshotMap(name+" inner", spec.InnerMap, inner)
+			if err != nil {
+				return err
+			}
+			mm.Inner[string(k)] = em
+			return nil
+		})
+	}
+	return nil, fmt.Errorf("map type %v is not emulated", spec.Type)
+}
+
+func each(m *ebpf.Map, f func(k, v []byte) error) error {
+	var k, v []byte
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		if err := f(k, v); err != nil {
+			return err
+		}
+	}
+	return it.Err()
+}
+
+func (p *Paths) addHelpers() {
+	h := p.m.Helpers
+	h[asm.FnGetCurrentCgroupId] = func(*bpfemu.Machine, [5]bpfemu.Value) (bpfemu.Value, error) {
+		return bpfemu.Scalar(p.call.Cgroup), nil
+	}
+	h[asm.FnGetCurrentAncestorCgroupId] = func(_ *bpfemu.Machine, a [5]bpfemu.Value) (bpfemu.Value, error) {
+		if l := int(a[0].V); l < len(p.call.Ancestors) {
+			return bpfemu.Scalar(p.call.Ancestors[l]), nil
+		}
+		return bpfemu.Scalar(0), nil
+	}
+	h[asm.FnCurrentTaskUnderCgroup] = func(*bpfemu.Machine, [5]bpfemu.Value) (bpfemu.Value, error) {
+		if p.call.UnderParent {
+			return bpfemu.Scalar(1), nil
+		}
+		return bpfemu.Scalar(0), nil
+	}
+	h[asm.FnGetCurrentPidTgid] = func(*bpfemu.Machine, [5]bpfemu.Value) (bpfemu.Value, error) {
+		return bpfemu.Scalar(uint64(p.call.Tgid)<<32 | uint64(p.call.Tgid)), nil
+	}
+	h[asm.FnGetCurrentUidGid] = func(*bpfemu.Machine, [5]bpfemu.Value) (bpfemu.Value, error) {
+		return bpfemu.Scalar(0), nil
+	}
+	h[asm.FnGetCurrentComm] = func(_ *bpfemu.Machine, a [5]bpfemu.Value) (bpfemu.Value, error) {
+		b, err := a[0].Bytes(int(a[1].V))
+		if err == nil {
+			copy(b, "agent")
+		}
+		return bpfemu.Scalar(0), err
+	}
+	clock := func(*bpfemu.Machine, [5]bpfemu.Value) (bpfemu.Value, error) {
+		p.clock += 1000
+		return bpfemu.Scalar(p.clock), nil
+	}
+	h[asm.FnKtimeGetBootNs], h[asm.FnKtimeGetNs] = clock, clock
+	// Allows are sampled one in tether_allow_sample: this returns a value no sample takes (1),
+	// the common case of production sampling.
+	h[asm.FnGetPrandomU32] = func(*bpfemu.Machine, [5]bpfemu.Value) (bpfemu.Value, error) { return bpfemu.Scalar(1), nil }
+	// The task's address, as a number (the slot cache's key): one per process and cgroup (a
+	// task in another cgroup has moved, which the migration count reflects; calls do not
+	// move, so they are other tasks).
+	h[asm.FnGetCurrentTask] = func(*bpfemu.Machine, [5]bpfemu.Value) (bpfemu.Value, error) {
+		return bpfemu.Scalar(0xffff888000000000 + (uint64(p.call.Tgid)<<20^p.call.Cgroup)<<13), nil
+	}
+	h[asm.FnGetCurrentTaskBtf] = func(*bpfemu.Machine, [5]bpfemu.Value) (bpfemu.Value, error) {
+		return bpfemu.Pointer(p.task, 0), nil
+	}
+	// Kernel memory other than the task reads as zeroes (the task's cgroup level 0: the walk
+	// of ancestors ends at once; a call that needs it passes its ancestors instead).
+	probeRead := func(_ *bpfemu.Machine, a [5]bpfemu.Value) (bpfemu.Value, error) {
+		dst, err := a[0].Bytes(int(a[1].V))
+		if err != nil {
+			return bpfemu.Value{}, err
+		}
+		clear(dst)
+		if src, err := a[2].Bytes(int(a[1].V)); err == nil {
+			copy(dst, src)
+		}
+		return bpfemu.Scalar(0), nil
+	}
+	h[asm.FnProbeReadKernel], h[asm.FnProbeReadKernelStr] = probeRead, probeRead
+}
+
+// sockAddr is the uapi struct bpf_sock_addr: user_family 0, user_ip4 4, user_ip6 8, user_port
+// 24, family 28, type 32, protocol 36, msg_src_ip4 40, msg_src_ip6 44, sk 64.
+func sockAddr(c *SockCall) (*bpfemu.Region, error) {
+	ctx := bpfemu.NewRegion("bpf_sock_addr", 72)
+	le := binary.LittleEndian
+	family, sockType := uint32(2), uint32(1)
+	if strings.HasSuffix(c.Hook, "6") {
+		family = 10
+	}
+	if c.Proto == 17 {
+		sockType = 2
+	}
+	a := c.Dst.Addr()
+	if family == 2 {
+		if !a.Is4() {
+			return nil, fmt.Errorf("%s to %v: not an IPv4 address", c.Hook, a)
+		}
+		b := a.As4()
+		copy(ctx.Mem[4:], b[:])
+	} else {
+		b := a.As16()
+		copy(ctx.Mem[8:], b[:])
+	}
+	le.PutUint32(ctx.Mem[0:], family)
+	binary.BigEndian.PutUint16(ctx.Mem[24:], c.Dst.Port())
+	le.PutUint32(ctx.Mem[28:], family)
+	le.PutUint32(ctx.Mem[32:], sockType)
+	le.PutUint32(ctx.Mem[36:], uint32(c.Proto))
+	sock := c.Socket
+	if sock == nil {
+		sock = NewSocket()
+	}
+	ctx.PutPointer(64, bpfemu.Pointer(sock, 0))
+	return ctx, nil
+}
+
+// Run runs the call's hook once and counts it. Runs share the emulated maps: a second call of
+// the same process finds the slot cache the first one filled, as on one CPU.
+func (p *Paths) Run(c SockCall) (PathCount, error) {
+	prog := p.progs[c.Hook]
+	if prog == nil {
+		return PathCount{}, fmt.Errorf("no program for hook %s", c.Hook)
+	}
+	ctx, err := sockAddr(&c)
+	if err != nil {
+		return PathCount{}, err
+	}
+	p.call = &c
+	p.m.Counts = bpfemu.Counts{}
+	ret, err := p.m.Run(prog, bpfemu.Pointer(ctx, 0))
+	if err != nil {
+		return PathCount{}, fmt.Errorf("emulating %s: %w", c.Hook, err)
+	}
+	return PathCount{Insns: p.m.Counts.Insns, Helpers: p.m.Counts.HelperCalls(), Lookups: p.m.Counts.Lookups, Verdict: ret}, nil
+}
+
+// Events is the number of records the emulated runs submitted to the ring buffer.
+func (p *Paths) Events() int {
+	if rb, ok := p.m.Maps[bpfMapTetherEvents].(*bpfemu.RingBuf); ok {
+		return len(rb.Submitted)
+	}
+	return 0
+}

@@ -186,6 +186,49 @@ type Registry struct {
 	nextUID  uint32    // dynamic uids are handed out round-robin, reused as late as possible
 
 	failures, retries, evaluations, evalErrors, refusedRules, installs atomic.Uint64
+
+	// idents are the live agents by slot (dataplane.Slot -> Ident), read without mu: a kill
+	// finds its target and denies it while mu is held for as long as a policy change takes.
+	idents sync.Map
+}
+
+// Ident is who the agent in a slot is, as Peek and Idents read it without the registry's lock.
+type Ident struct {
+	Slot     dataplane.Slot
+	SpiffeID string
+	Cgroup   string
+}
+
+func (a *agent) ident() Ident {
+	return Ident{Slot: a.slot, SpiffeID: a.info.SpiffeID, Cgroup: a.info.CgroupPath}
+}
+
+// Peek returns who the live agent in slot is, without waiting for the registry's lock.
+func (r *Registry) Peek(slot dataplane.Slot) (Ident, bool) {
+	v, ok := r.idents.Load(slot)
+	if !ok {
+		return Ident{}, false
+	}
+	return v.(Ident), true
+}
+
+// Idents returns who the live agents are, without waiting for the registry's lock.
+func (r *Registry) Idents() []Ident {
+	var out []Ident
+	r.idents.Range(func(_, v any) bool {
+		out = append(out, v.(Ident))
+		return true
+	})
+	return out
+}
+
+// Deny sets the killed flag of the agent in slot in the kernel at once, without the registry's
+// lock (the kill path's first step); SetKilled then records it in the registry.
+func (r *Registry) Deny(slot dataplane.Slot) error {
+	if _, ok := r.Peek(slot); !ok {
+		return fmt.Errorf("%w: slot %d", ErrNotFound, slot)
+	}
+	return r.opts.Dataplane.Kill(slot)
 }
 
 type retiredAgent struct {
@@ -432,6 +475,7 @@ func (r *Registry) register(c Context, path string, req Registration) (Agent, er
 	}
 	a.warnings = append(warnings, a.warnings...)
 	r.agents[slot] = a
+	r.idents.Store(slot, a.ident())
 	r.log.Info("agent registered", "slot", slot, "spiffe_id", c.SpiffeID, "cgroup", path, "generation", a.info.Generation)
 	for _, w := range a.warnings {
 		r.log.Warn("agent", "slot", slot, "spiffe_id", c.SpiffeID, "warning", w)
@@ -499,6 +543,7 @@ func (r *Registry) Unregister(slot dataplane.Slot) error {
 	}
 	if ok {
 		a.removing = true // from here no write brings the agent back into the kernel
+		r.idents.Delete(slot)
 		if a.timer != nil {
 			a.timer.Stop()
 		}
@@ -512,6 +557,7 @@ func (r *Registry) Unregister(slot dataplane.Slot) error {
 		if err := r.opts.Cgroups.Remove(a.info.CgroupPath); err != nil {
 			r.mu.Lock()
 			a.removing = false
+			r.idents.Store(slot, a.ident())
 			r.mu.Unlock()
 			return fmt.Errorf("removing agent cgroup: %w", err)
 		}
@@ -524,6 +570,7 @@ func (r *Registry) Unregister(slot dataplane.Slot) error {
 	if err := r.write("clearing slot", func() error { return r.opts.Dataplane.Clear(slot) }); err != nil {
 		// Partly cleared: the agent stays registered and Reconcile writes it whole again.
 		a.removing, a.synced, a.err = false, false, err
+		r.idents.Store(slot, a.ident())
 		return err
 	}
 	delete(r.agents, slot)
@@ -585,6 +632,10 @@ func (r *Registry) SetKilled(slot dataplane.Slot, killed bool) (Agent, error) {
 		a.flags |= dataplane.AgentKilled
 	} else {
 		a.flags &^= dataplane.AgentKilled
+		// A kill's Deny latched the flag in the kernel: resuming ends the latch first.
+		if err := r.write("ending the kill's latch", func() error { return r.opts.Dataplane.Revive(slot) }); err != nil {
+			return r.view(a), err
+		}
 	}
 	err := r.write("setting agent state", func() error { return r.opts.Dataplane.SetFlags(slot, a.flags) })
 	if err != nil {
@@ -647,6 +698,7 @@ func (r *Registry) Adopt() error {
 		a := &agent{slot: slot, info: info, flags: flags | dataplane.AgentActive, synced: true,
 			ctx: Context{SpiffeID: info.SpiffeID, Selectors: []string{"cgroup:" + info.CgroupPath}}}
 		r.agents[slot] = a
+		r.idents.Store(slot, a.ident())
 		r.nextSlot = max(r.nextSlot, slot+1)
 		if err := r.evaluate(context.Background(), a); err != nil {
 			errs = append(errs, err)

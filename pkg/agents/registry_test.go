@@ -320,6 +320,63 @@ func TestKilledAndMode(t *testing.T) {
 	}
 }
 
+// TestDenyWithoutTheLock: the kill path's first step finds the agent and sets the kernel's killed
+// flag while the registry's lock is held (a policy change being evaluated); the registry's own
+// flag follows with SetKilled, and a resume ends the kernel's latch.
+func TestDenyWithoutTheLock(t *testing.T) {
+	e := newEnv(t)
+	a := e.register(t, "spiffe://example.org/a")
+	if id, ok := e.reg.Peek(a.Slot); !ok || id.SpiffeID != a.SpiffeID || id.Cgroup != a.Cgroup {
+		t.Fatalf("Peek: %+v %v", id, ok)
+	}
+	e.reg.mu.Lock()
+	done := make(chan error, 1)
+	go func() { done <- e.reg.Deny(a.Slot) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			e.reg.mu.Unlock()
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		e.reg.mu.Unlock()
+		t.Fatal("Deny waited for the registry's lock")
+	}
+	if ids := e.reg.Idents(); len(ids) != 1 || ids[0].Slot != a.Slot {
+		e.reg.mu.Unlock()
+		t.Fatalf("Idents under the lock: %+v", ids)
+	}
+	e.reg.mu.Unlock()
+	if f, _ := e.dp.Flags(a.Slot); f&dataplane.AgentKilled == 0 {
+		t.Fatalf("flags %v after Deny: want killed", f)
+	}
+	// A write of the registry's flags, which do not say killed yet, keeps the kernel's flag.
+	if _, err := e.reg.SetMode(a.Slot, ptr(dataplane.ModeAudit)); err != nil {
+		t.Fatal(err)
+	}
+	if f, _ := e.dp.Flags(a.Slot); f&dataplane.AgentKilled == 0 {
+		t.Fatal("a registry write cleared the flag Deny set")
+	}
+	if _, err := e.reg.SetKilled(a.Slot, true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.reg.SetKilled(a.Slot, false); err != nil {
+		t.Fatal(err)
+	}
+	if f, _ := e.dp.Flags(a.Slot); f&dataplane.AgentKilled != 0 {
+		t.Fatalf("flags %v after a resume: want not killed", f)
+	}
+	if err := e.reg.Deny(99); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Deny of an empty slot: %v", err)
+	}
+	if err := e.reg.Unregister(a.Slot); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := e.reg.Peek(a.Slot); ok {
+		t.Error("Peek finds an unregistered agent")
+	}
+}
+
 func TestAdopt(t *testing.T) {
 	e := newEnv(t)
 	live := e.register(t, "spiffe://example.org/a")

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/tether-sh/tether/pkg/agents"
@@ -15,9 +16,11 @@ import (
 	"github.com/tether-sh/tether/pkg/killpath"
 )
 
-// targets are the agents a kill request names: by slot, SPIFFE ID (every agent with it), task
-// ID, or a process (the agent whose cgroup holds it).
-func (d *Daemon) targets(req api.KillRequest) ([]agents.Agent, error) {
+// targets are the slots of the agents a kill request names: by slot, SPIFFE ID (every agent
+// with it), task ID, or a process (the agent whose cgroup holds it). All but the task ID are
+// found without the registry's lock (Idents), so a kill does not wait for a policy change that
+// is being evaluated.
+func (d *Daemon) targets(req api.KillRequest) ([]dataplane.Slot, error) {
 	n := 0
 	for _, set := range []bool{req.Slot != nil, req.SpiffeID != "", req.TaskID != "", req.PID != 0} {
 		if set {
@@ -35,19 +38,26 @@ func (d *Daemon) targets(req api.KillRequest) ([]agents.Agent, error) {
 		}
 		cg = filepath.Join(d.root, rel)
 	}
-	var out []agents.Agent
-	for _, a := range d.registry.List() {
+	var out []dataplane.Slot
+	if req.TaskID != "" {
+		for _, a := range d.registry.List() {
+			if a.Task != nil && a.Task.ID == req.TaskID {
+				out = append(out, a.Slot)
+			}
+		}
+	}
+	for _, a := range d.registry.Idents() {
 		switch {
 		case req.Slot != nil && uint32(a.Slot) == *req.Slot,
 			req.SpiffeID != "" && a.SpiffeID == req.SpiffeID,
-			req.TaskID != "" && a.Task != nil && a.Task.ID == req.TaskID,
 			cg != "" && (cg == a.Cgroup || strings.HasPrefix(cg, a.Cgroup+"/")):
-			out = append(out, a)
+			out = append(out, a.Slot)
 		}
 	}
 	if len(out) == 0 {
 		return nil, fmt.Errorf("%w: no agent matches", agents.ErrNotFound)
 	}
+	slices.Sort(out)
 	return out, nil
 }
 
@@ -60,10 +70,10 @@ func (d *Daemon) Kill(ctx context.Context, req api.KillRequest, requester string
 	}
 	var out []killpath.Kill
 	var errs []error
-	for _, a := range list {
-		k, err := d.killer.Kill(context.WithoutCancel(ctx), killpath.Request{Slot: a.Slot, Reason: req.Reason, Requester: requester, Terminate: req.Terminate})
+	for _, slot := range list {
+		k, err := d.killer.Kill(context.WithoutCancel(ctx), killpath.Request{Slot: slot, Reason: req.Reason, Requester: requester, Terminate: req.Terminate})
 		if err != nil {
-			errs = append(errs, fmt.Errorf("agent %d: %w", a.Slot, err))
+			errs = append(errs, fmt.Errorf("agent %d: %w", slot, err))
 			continue
 		}
 		out = append(out, k)

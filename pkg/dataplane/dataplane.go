@@ -392,8 +392,14 @@ type Dataplane interface {
 	Bind(cgroupID uint64, slot Slot) error
 	Unbind(cgroupID uint64) error
 	Bindings() (map[uint64]Slot, error)
-	// SetFlags replaces the agent's state flags.
+	// SetFlags replaces the agent's state flags (the killed flag stays while Kill latched it).
 	SetFlags(slot Slot, flags AgentFlags) error
+	// Kill sets the agent's killed flag at once: it waits for no rule-set write of the slot in
+	// progress, and every later write keeps the flag until Revive. It is the kill path's first
+	// step; a caller need hold no lock the policy side holds.
+	Kill(slot Slot) error
+	// Revive ends Kill's latch: the next SetFlags decides the killed flag again.
+	Revive(slot Slot) error
 	Flags(slot Slot) (AgentFlags, error)
 	// Install replaces the agent's whole rule set at once. Live sockets of the agent whose
 	// destination it no longer allows are terminated right after, and their packets dropped

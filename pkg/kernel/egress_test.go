@@ -81,6 +81,13 @@ func TestPrivilegedEgress(t *testing.T) {
 	if n := counts[dataplane.KindConnect4][dataplane.VerdictDeny]; n < 1 {
 		t.Errorf("connect4 denies counted: %d", n)
 	}
+	// Allows are counted per CPU (tether_agent_allows): 2 connects and 1 datagram over IPv4.
+	if n := counts[dataplane.KindConnect4][dataplane.VerdictAllow]; n < 2 {
+		t.Errorf("connect4 allows counted: %d, want at least 2", n)
+	}
+	if n := counts[dataplane.KindSendmsg4][dataplane.VerdictAllow]; n < 1 {
+		t.Errorf("sendmsg4 allows counted: %d, want at least 1", n)
+	}
 }
 
 // TestPrivilegedPortRangesAndPrefixes checks port ranges, "any" protocol, and that the most

@@ -201,7 +201,7 @@ func (st *slotState) marked(i uint32, img *trieImage, j int32) bool {
 func (k *Kernel) writeFloor(st *slotState, slot dataplane.Slot, i uint32) error {
 	floor := st.floor
 	floor[i] = max(floor[0], floor[1]) + 1
-	if err := k.agents.Update(uint32(slot), st.agentValue(st.flags, st.active, floor), ebpf.UpdateAny); err != nil {
+	if err := k.putAgent(st, slot, st.agentValue(st.flags, st.active, floor)); err != nil {
 		return fmt.Errorf("retiring the host rules of slot %d: %w", slot, err)
 	}
 	st.floor = floor

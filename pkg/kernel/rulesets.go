@@ -31,7 +31,14 @@ const graceIndex = 2 * dataplane.MaxAgents
 
 // slotState is what the kernel layer knows of one slot.
 type slotState struct {
-	mu     sync.Mutex
+	mu sync.Mutex
+	// valMu serialises the writes of the slot's tether_agents value (taken inside mu, or alone
+	// by Kill), so that Kill sets the killed flag without waiting for mu, which a rule set's
+	// writes hold for milliseconds, and no write loses it.
+	valMu sync.Mutex
+	// killed latches the killed flag (guarded by valMu): every write of the value carries it,
+	// until Revive or Clear.
+	killed bool
 	loaded bool // flags, active and floor read from the kernel
 	flags  uint32
 	active uint32
@@ -96,10 +103,58 @@ func (st *slotState) agentValue(flags, active uint32, floor [2]uint64) bpfTether
 
 // writeAgent writes the whole agent value. Call with st.mu held.
 func (k *Kernel) writeAgent(st *slotState, slot dataplane.Slot, flags, active uint32) error {
-	if err := k.agents.Update(uint32(slot), st.agentValue(flags, active, st.floor), ebpf.UpdateAny); err != nil {
+	if err := k.putAgent(st, slot, st.agentValue(flags, active, st.floor)); err != nil {
 		return fmt.Errorf("writing state of slot %d: %w", slot, err)
 	}
 	st.flags, st.active = flags, active
+	return nil
+}
+
+// putAgent writes the slot's tether_agents value, with the killed flag while Kill latched it.
+// Every write of the value goes through it.
+func (k *Kernel) putAgent(st *slotState, slot dataplane.Slot, v bpfTetherAgent) error {
+	st.valMu.Lock()
+	defer st.valMu.Unlock()
+	if st.killed {
+		v.Flags |= uint32(dataplane.AgentKilled)
+	}
+	return k.agents.Update(uint32(slot), v, ebpf.UpdateAny)
+}
+
+// Kill sets the killed flag of the agent in slot now, without st.mu: an install of the slot in
+// progress does not delay it, and its writes keep the flag (see putAgent). From the write on,
+// the agent's connects, datagrams, packets, sockets and execs are denied; the sweep then
+// terminates its live sockets.
+func (k *Kernel) Kill(slot dataplane.Slot) error {
+	if err := checkSlot(slot); err != nil {
+		return err
+	}
+	st := k.slot(slot)
+	st.valMu.Lock()
+	st.killed = true
+	var a bpfTetherAgent
+	err := k.agents.Lookup(uint32(slot), &a)
+	if err == nil {
+		a.Flags |= uint32(dataplane.AgentKilled)
+		err = k.agents.Update(uint32(slot), &a, ebpf.UpdateAny)
+	}
+	st.valMu.Unlock()
+	if err != nil {
+		return fmt.Errorf("setting the killed flag of slot %d: %w", slot, err)
+	}
+	k.sweeper.request(slot)
+	return nil
+}
+
+// Revive ends Kill's latch on slot: the next SetFlags decides the killed flag again.
+func (k *Kernel) Revive(slot dataplane.Slot) error {
+	if err := checkSlot(slot); err != nil {
+		return err
+	}
+	st := k.slot(slot)
+	st.valMu.Lock()
+	st.killed = false
+	st.valMu.Unlock()
 	return nil
 }
 
@@ -619,6 +674,9 @@ func (k *Kernel) Clear(slot dataplane.Slot) error {
 	if err := k.loadSlot(st, slot); err != nil {
 		errs = append(errs, err)
 	}
+	st.valMu.Lock()
+	st.killed = false // the slot's next agent is another
+	st.valMu.Unlock()
 	// State first: from here on the slot denies everything until it is reused.
 	errs = append(errs, k.writeAgent(st, slot, 0, 0))
 	// The agent's live connections go with it: terminated now, while its sockets are still

@@ -22,12 +22,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/cgroups"
@@ -45,6 +48,10 @@ const (
 
 // Registry is what the kill path acts on.
 type Registry interface {
+	// Peek and Deny take no lock the registry's other work holds: a kill finds its agent and
+	// denies it in the kernel while a policy change for every agent is being evaluated.
+	Peek(slot dataplane.Slot) (agents.Ident, bool)
+	Deny(slot dataplane.Slot) error
 	Get(slot dataplane.Slot) (agents.Agent, bool)
 	List() []agents.Agent
 	SetKilled(slot dataplane.Slot, killed bool) (agents.Agent, error)
@@ -233,7 +240,7 @@ func (k *Killer) Kill(ctx context.Context, req Request) (Kill, error) {
 	if req.Reason == "" {
 		return Kill{}, errors.New("a kill needs a reason")
 	}
-	a, ok := k.opts.Registry.Get(req.Slot)
+	a, ok := k.opts.Registry.Peek(req.Slot)
 	if !ok {
 		return Kill{}, fmt.Errorf("%w: slot %d", ErrNotFound, req.Slot)
 	}
@@ -246,11 +253,21 @@ func (k *Killer) Kill(ctx context.Context, req Request) (Kill, error) {
 		x.step(s)
 	}
 	// Deny first, before anything else (even persisting the kill): the kernel's flag is pinned,
-	// so it outlives this tetherd whatever happens next.
-	detail, err := k.do(ctx, StepDeny, x)
+	// so it outlives this tetherd whatever happens next. The step's time is the kernel's write;
+	// the registry records the flag right after (it may wait for its lock: the kernel denies
+	// already).
+	detail, err := k.deny(x)
 	r := x.step(StepDeny)
 	r.Since = time.Since(start)
 	r.Took, r.Detail = r.Since, detail
+	// The freezing starts now: the kernel stops the processes while the kill is persisted and
+	// recorded (the freeze step writes it again and waits for frozen).
+	if err == nil && slices.Contains(k.steps(x), StepFreeze) && k.live(x) {
+		writeFreeze(x.Cgroup, true)
+	}
+	if err == nil {
+		err = k.record(x)
+	}
 	if err != nil {
 		r.Error = err.Error()
 	} else {
@@ -355,18 +372,40 @@ func toEvent(x Kill) *events.Kill {
 	return e
 }
 
+// live says whether x's agent is still in its slot (not a later agent in the slot).
+func (k *Killer) live(x *Kill) bool {
+	a, ok := k.opts.Registry.Peek(dataplane.Slot(x.Slot))
+	return ok && a.Cgroup == x.Cgroup && a.SpiffeID == x.SpiffeID
+}
+
+// deny sets the agent's killed flag in the kernel, taking no lock of the registry.
+func (k *Killer) deny(x *Kill) (string, error) {
+	if !k.live(x) {
+		return "the agent is gone", nil
+	}
+	return "network and exec denied", k.opts.Registry.Deny(dataplane.Slot(x.Slot))
+}
+
+// record makes the registry's state say killed too, so that its later writes keep the flag.
+func (k *Killer) record(x *Kill) error {
+	if !k.live(x) {
+		return nil
+	}
+	_, err := k.opts.Registry.SetKilled(dataplane.Slot(x.Slot), true)
+	return err
+}
+
 // do runs one step.
 func (k *Killer) do(ctx context.Context, name string, x *Kill) (string, error) {
 	slot := dataplane.Slot(x.Slot)
-	a, live := k.opts.Registry.Get(slot)
-	live = live && a.Cgroup == x.Cgroup && a.SpiffeID == x.SpiffeID // not a later agent in the slot
+	live := k.live(x)
 	switch name {
 	case StepDeny:
-		if !live {
-			return "the agent is gone", nil
+		detail, err := k.deny(x)
+		if err == nil {
+			err = k.record(x)
 		}
-		_, err := k.opts.Registry.SetKilled(slot, true)
-		return "network and exec denied", err
+		return detail, err
 	case StepFreeze:
 		if _, err := os.Stat(x.Cgroup); errors.Is(err, os.ErrNotExist) {
 			return "the cgroup is gone", nil
@@ -383,12 +422,15 @@ func (k *Killer) do(ctx context.Context, name string, x *Kill) (string, error) {
 			return "", err
 		}
 		detail := "SPIFFE ID denied"
-		if live && a.Task != nil {
+		if live {
 			// Ending the task revokes its credentials (the registry tells the issuer).
-			if _, err := k.opts.Registry.EndTask(slot); err != nil && !errors.Is(err, agents.ErrTask) {
+			_, err := k.opts.Registry.EndTask(slot)
+			switch {
+			case err == nil:
+				detail += ", task credentials revoked"
+			case !errors.Is(err, agents.ErrTask):
 				return detail, fmt.Errorf("ending the task: %w", err)
 			}
-			detail += ", task credentials revoked"
 		}
 		if k.opts.DeleteEntries != nil {
 			n, err := k.opts.DeleteEntries(ctx, x.SpiffeID)
@@ -470,24 +512,44 @@ func (k *Killer) Readmit(id string) ([]agents.Agent, error) {
 }
 
 // Freeze freezes the cgroup (cgroup v2 cgroup.freeze) and waits until the kernel reports it
-// frozen, or timeout.
+// frozen, or timeout. It waits in poll(2) on cgroup.events, which the kernel wakes when the file
+// changes (the last process stopped), and reads it again after 50 µs, doubling up to 5 ms: the
+// kernel sends that change at most once in 10 ms, so a small cgroup is seen frozen sooner by
+// reading.
 func Freeze(cgroup string, timeout time.Duration) (string, error) {
+	events, err := os.Open(filepath.Join(cgroup, "cgroup.events"))
+	if err != nil {
+		return "", err
+	}
+	defer events.Close()
 	if err := writeFreeze(cgroup, true); err != nil {
 		return "", err
 	}
 	deadline := time.Now().Add(timeout)
+	buf := make([]byte, 512)
 	for wait := 50 * time.Microsecond; ; wait = min(2*wait, 5*time.Millisecond) {
-		frozen, err := isFrozen(cgroup)
+		// A read from the start also tells the kernel what this reader has seen: poll then
+		// waits for the next change.
+		n, err := events.ReadAt(buf, 0)
+		if err != nil && !errors.Is(err, io.EOF) {
+			return "", fmt.Errorf("reading %s: %w", events.Name(), err)
+		}
+		frozen, err := frozenField(buf[:n], cgroup)
 		if err != nil {
 			return "", err
 		}
 		if frozen {
 			return fmt.Sprintf("frozen (%d processes)", len(cgroups.Procs(cgroup))), nil
 		}
-		if time.Now().After(deadline) {
+		left := time.Until(deadline)
+		if left <= 0 {
 			return "", fmt.Errorf("cgroup %s not frozen after %s", cgroup, timeout)
 		}
-		time.Sleep(wait)
+		fds := []unix.PollFd{{Fd: int32(events.Fd()), Events: unix.POLLPRI | unix.POLLERR}}
+		ts := unix.NsecToTimespec(min(wait, left).Nanoseconds())
+		if _, err := unix.Ppoll(fds, &ts, nil); err != nil && !errors.Is(err, unix.EINTR) {
+			return "", fmt.Errorf("waiting for %s: %w", events.Name(), err)
+		}
 	}
 }
 
@@ -507,6 +569,11 @@ func isFrozen(cgroup string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
+	return frozenField(b, cgroup)
+}
+
+// frozenField reads the frozen field of cgroup's cgroup.events, b.
+func frozenField(b []byte, cgroup string) (bool, error) {
 	for _, line := range bytes.Split(b, []byte("\n")) {
 		if v, ok := bytes.CutPrefix(line, []byte("frozen ")); ok {
 			return string(v) == "1", nil

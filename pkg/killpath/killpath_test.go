@@ -22,6 +22,7 @@ type fakeRegistry struct {
 	mu     sync.Mutex
 	agents map[dataplane.Slot]agents.Agent
 	ended  []dataplane.Slot
+	denied []dataplane.Slot // Deny's calls
 }
 
 func (f *fakeRegistry) Get(s dataplane.Slot) (agents.Agent, bool) {
@@ -29,6 +30,20 @@ func (f *fakeRegistry) Get(s dataplane.Slot) (agents.Agent, bool) {
 	defer f.mu.Unlock()
 	a, ok := f.agents[s]
 	return a, ok
+}
+
+func (f *fakeRegistry) Peek(s dataplane.Slot) (agents.Ident, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	a, ok := f.agents[s]
+	return agents.Ident{Slot: a.Slot, SpiffeID: a.SpiffeID, Cgroup: a.Cgroup}, ok
+}
+
+func (f *fakeRegistry) Deny(s dataplane.Slot) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.denied = append(f.denied, s)
+	return nil
 }
 
 func (f *fakeRegistry) List() []agents.Agent {
@@ -104,6 +119,10 @@ func TestKillPersistsAndContinues(t *testing.T) {
 	}
 	if a, _ := reg.Get(2); !a.Killed || a.Task != nil {
 		t.Errorf("agent after kill: %+v", a)
+	}
+	// The kernel's flag went through Deny (no registry lock), before the registry recorded it.
+	if len(reg.denied) != 1 || reg.denied[0] != 2 {
+		t.Errorf("Deny calls %v, want [2]", reg.denied)
 	}
 	if b, _ := reg.Get(3); b.Killed {
 		t.Error("another agent was killed")

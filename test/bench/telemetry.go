@@ -25,6 +25,7 @@ import (
 	"github.com/tether-sh/tether/pkg/bpffs"
 	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/killpath"
 	"github.com/tether-sh/tether/policies"
 )
 
@@ -52,6 +53,10 @@ type telemetryResults struct {
 	unaccounted []int64   // kernel count - logged - lost, each round
 	cpu         map[string][]float64
 	cases       []string
+	// stormDenied and stormFrozen: ns from the kill request (tetherd's record) to the kernel's
+	// killed flag, and to the cgroup frozen, of an agent killed while another makes 10,000
+	// denied connects per second (an event each).
+	stormDenied, stormFrozen []float64
 }
 
 type tetherdProc struct {
@@ -153,6 +158,12 @@ func measureTelemetry(e *env, o options) (*telemetryResults, error) {
 			}
 			res.cpu[c.name] = append(res.cpu[c.name], 100*float64(cpu1-cpu0)/float64(time.Since(w0)))
 		}
+	}
+	// 3. The kill path while tetherd handles a storm of denials.
+	if err := killDuringStorm(e, t, res, agent, parent, max(3*o.rounds, 21), func(d time.Duration) error {
+		return run("udpdeny", denied, telemetryRate*int(d/time.Second), d, telemetryRate)
+	}); err != nil {
+		return nil, fmt.Errorf("kill during a storm of denials: %w", err)
 	}
 	// Every deny of every round is in the log or counted lost.
 	final, err := t.accounting(a.Slot)
@@ -381,6 +392,9 @@ func reportTelemetry(w io.Writer, r *telemetryResults) {
 	for _, c := range r.cases {
 		fmt.Fprintf(tw, "tetherd CPU, %s\t%s %% of one core\n", c, spread(r.cpu[c], "%.2f"))
 	}
+	fmt.Fprintf(tw, "kill -> network denied (kernel flag), during 10,000 denied connects/s of another agent, p50 / p99 (%d kills)\t%s / %s\n",
+		len(r.stormDenied), dur(percentile(r.stormDenied, 0.5)), dur(percentile(r.stormDenied, 0.99)))
+	fmt.Fprintf(tw, "kill -> frozen (1 process), same storm, p50 / p99\t%s / %s\n", dur(percentile(r.stormFrozen, 0.5)), dur(percentile(r.stormFrozen, 0.99)))
 	tw.Flush()
 }
 
@@ -390,6 +404,8 @@ func spread(v []float64, format string) string {
 }
 
 func telemetryGoals(goal func(ok bool, format string, args ...any), r *telemetryResults) {
+	p99 := percentile(r.stormDenied, 0.99)
+	goal(p99 < 1e6, "kill -> network denied during 10,000 denied connects/s: p99 %s of %d kills (goal under 1 ms)", dur(p99), len(r.stormDenied))
 	rate := percentile(r.drain, 0.5)
 	goal(rate >= 200_000 && r.unaccounted[0] == 0, "events decoded and logged: %.0f/s, %d unaccounted (goal: at least 200,000/s, none unaccounted)", rate, r.unaccounted[0])
 	// The goal is for agents' connects as they run (the shipped allow sampling); a storm of
@@ -400,4 +416,78 @@ func telemetryGoals(goal func(ok bool, format string, args ...any), r *telemetry
 			goal(cpu < 5, "tetherd CPU at %s: %.2f%% of one core (goal: under 5%%)", c, cpu)
 		}
 	}
+}
+
+// killDuringStorm kills, through tetherd's API, rounds agents of one sleeping process each
+// while the storm agent makes 10,000 denied connects per second (storm runs it for a given
+// time), and records from each kill's record the time to the kernel's flag and to frozen.
+func killDuringStorm(e *env, t *tetherdProc, res *telemetryResults, stormAgent, parent string, rounds int, storm func(time.Duration) error) error {
+	const victim = "spiffe://bench.tether/agent/victim"
+	stop := make(chan error, 1)
+	// Long enough for every round; cut short by killing the worker when done.
+	go func() { stop <- storm(time.Duration(rounds)*time.Second + 30*time.Second) }()
+	defer func() {
+		for _, pid := range cgroups.Procs(stormAgent) {
+			syscall.Kill(pid, syscall.SIGKILL) // the storm worker: our child, in our test cgroup
+		}
+		<-stop
+	}()
+	time.Sleep(time.Second) // the storm is running
+	for r := range rounds {
+		cg := filepath.Join(parent, fmt.Sprintf("victim-%d", r))
+		if _, err := cgroups.Create(cg); err != nil {
+			return err
+		}
+		d, err := os.Open(cg)
+		if err != nil {
+			return err
+		}
+		cmd := exec.Command("sleep", "600")
+		cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(d.Fd())}
+		err = cmd.Start()
+		d.Close()
+		if err != nil {
+			return err
+		}
+		a, err := t.client.Register(api.RegisterRequest{SpiffeID: victim, Cgroup: cg})
+		if err != nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+			return err
+		}
+		slot := uint32(a.Slot)
+		kills, err := t.client.Kill(api.KillRequest{Slot: &slot, Reason: "bench", Terminate: true})
+		cmd.Wait()
+		if err != nil {
+			return err
+		}
+		if len(kills) != 1 {
+			return fmt.Errorf("kill of slot %d: %d records", slot, len(kills))
+		}
+		for _, s := range kills[0].Steps {
+			switch {
+			case !s.Done && (s.Name == killpath.StepDeny || s.Name == killpath.StepFreeze):
+				return fmt.Errorf("kill step %s: %s", s.Name, s.Error)
+			case s.Name == killpath.StepDeny:
+				res.stormDenied = append(res.stormDenied, float64(s.Since))
+			case s.Name == killpath.StepFreeze:
+				res.stormFrozen = append(res.stormFrozen, float64(s.Since))
+			}
+		}
+		if _, err := t.client.Readmit(victim); err != nil {
+			return err
+		}
+		if err := t.client.Unregister(a.Slot); err != nil {
+			return err
+		}
+		if err := cgroups.Remove(cg, 10*time.Second); err != nil {
+			return err
+		}
+	}
+	select {
+	case err := <-stop:
+		return fmt.Errorf("the storm ended before the kills did: %v", err)
+	default:
+	}
+	return nil
 }

@@ -19,6 +19,7 @@ type Fake struct {
 	mu       sync.Mutex
 	bindings map[uint64]dataplane.Slot
 	flags    map[dataplane.Slot]dataplane.AgentFlags
+	latched  map[dataplane.Slot]bool // Kill's latch
 	rules    map[dataplane.Slot]dataplane.RuleSet
 	infos    map[dataplane.Slot]dataplane.Info
 	counts   map[dataplane.Slot]dataplane.AgentCounts
@@ -33,6 +34,7 @@ func New() *Fake {
 	return &Fake{
 		bindings: map[uint64]dataplane.Slot{},
 		flags:    map[dataplane.Slot]dataplane.AgentFlags{},
+		latched:  map[dataplane.Slot]bool{},
 		rules:    map[dataplane.Slot]dataplane.RuleSet{},
 		infos:    map[dataplane.Slot]dataplane.Info{},
 		counts:   map[dataplane.Slot]dataplane.AgentCounts{},
@@ -89,7 +91,31 @@ func (f *Fake) SetFlags(slot dataplane.Slot, flags dataplane.AgentFlags) error {
 	if err := f.call("SetFlags"); err != nil {
 		return err
 	}
+	if f.latched[slot] {
+		flags |= dataplane.AgentKilled
+	}
 	f.flags[slot] = flags
+	return nil
+}
+
+func (f *Fake) Kill(slot dataplane.Slot) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.call("Kill"); err != nil {
+		return err
+	}
+	f.latched[slot] = true
+	f.flags[slot] |= dataplane.AgentKilled
+	return nil
+}
+
+func (f *Fake) Revive(slot dataplane.Slot) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.call("Revive"); err != nil {
+		return err
+	}
+	delete(f.latched, slot)
 	return nil
 }
 

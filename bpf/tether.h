@@ -7,13 +7,13 @@
 #pragma once
 
 enum tether_limits {
-	/* Agents (slots) the kernel can hold at once. */
-	TETHER_MAX_AGENTS = 4096,
+	/* Agents (slots) the kernel can hold at once: a node of 10,000 short-lived agents fits. */
+	TETHER_MAX_AGENTS = 16384,
 	/* tether_rulesets holds two buffers per slot (slot * 2 + active) and, last, an entry the
 	 * daemon updates only to wait for a grace period. */
-	TETHER_RULESET_ENTRIES = 2 * 4096 + 1,
+	TETHER_RULESET_ENTRIES = 2 * 16384 + 1,
 	/* Cgroups that can be bound to agents (several cgroups may share one agent). */
-	TETHER_MAX_CGROUPS = 16384,
+	TETHER_MAX_CGROUPS = 65536,
 	/* Ancestor levels a hook walks up from the current cgroup to find its agent. */
 	TETHER_MAX_ANCESTORS = 16,
 	/* Entries in one agent's rule set (egress prefixes + exec files + unix paths + header). */
@@ -21,7 +21,7 @@ enum tether_limits {
 	/* Egress rules held in tether_hosts, over all agents' buffers: host rules (one address: a
 	 * /32 or /128) and the rules of the buffer's bulk length (see struct tether_agent); when it is
 	 * full, the daemon puts further rules into the tries. */
-	TETHER_MAX_HOST_RULES = 65536,
+	TETHER_MAX_HOST_RULES = 131072,
 	/* Port rules an egress rule in tether_hosts carries; one with more lives in the trie. Small,
 	 * so that an update writes three cache lines, not eight. */
 	TETHER_HOST_PORT_RULES = 4,
@@ -30,7 +30,7 @@ enum tether_limits {
 	/* Bytes of a rule key after its kind byte: enough for a full sun_path. */
 	TETHER_RULE_DATA = 111,
 	/* Processes of agents whose lineage is tracked (LRU: the oldest entries go first). */
-	TETHER_MAX_PROCS = 16384,
+	TETHER_MAX_PROCS = 65536,
 	/* Counted grants (step-up approvals with a use count) in force at once, over all agents. */
 	TETHER_MAX_GRANTS = 4096,
 	/* Parent processes carried in an event. */

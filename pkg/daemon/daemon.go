@@ -528,6 +528,11 @@ func (d *Daemon) KernelStats() telemetry.KernelStats {
 	fill, err := d.kern.Pressure()
 	errs = append(errs, err)
 	maps.Copy(ks.Fill, fill)
+	mem, err := d.kern.MapMemory()
+	errs = append(errs, err)
+	if err == nil {
+		ks.Memory = &mem
+	}
 	if d.reader != nil {
 		ks.Fill["ring_buffer"] = d.reader.Fill()
 	}

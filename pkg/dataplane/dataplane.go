@@ -12,8 +12,8 @@ import (
 
 // Limits of the kernel maps. pkg/kernel checks them against the generated C enum tether_limits.
 const (
-	MaxAgents     = 4096
-	MaxCgroups    = 16384
+	MaxAgents     = 16384
+	MaxCgroups    = 65536
 	MaxAncestors  = 16
 	MaxRules      = 65536
 	MaxPortRules  = 16
@@ -345,6 +345,19 @@ type ProgramStat struct {
 	Runs            uint64
 	Time            time.Duration
 	RecursionMisses uint64
+}
+
+// MapMemory is the kernel memory the maps hold, as the kernel charges it (memlock).
+type MapMemory struct {
+	Maps  map[string]uint64 // by map; the agents' rule-set tries together as "rule_set_tries"
+	Total uint64
+	// PerSlot is what each agent slot costs whether used or not: the per-slot arrays over their
+	// capacity (MaxAgents).
+	PerSlot uint64
+	// Agents hold rule sets; PerAgentRules is what their tries cost on average (host rules live
+	// in tether_hosts, preallocated, counted in Maps).
+	Agents        int
+	PerAgentRules uint64
 }
 
 // MapFill is how full a kernel map is.

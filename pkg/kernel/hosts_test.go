@@ -167,9 +167,15 @@ func TestPrivilegedHostRulesRetire(t *testing.T) {
 func TestPrivilegedHostRulesOverflow(t *testing.T) {
 	f := newFixture(t, Options{})
 	capacity := int(f.k.hosts.MaxEntries())
-	// A big agent takes half of tether_hosts with the buffer in force; the idle buffer, brought
-	// up to date, takes the rest, and its trie holds the 500 that do not fit.
-	big := hostSet(10, capacity/2+250, false)
+	// A filler agent takes half of tether_hosts (its rules in both buffers): an agent's rule set
+	// holds at most dataplane.MaxRules, fewer than tether_hosts.
+	filler := hostSet(30, capacity/4, false)
+	f.agent(t, "filler", 4, filler)
+	settle(t, f.k, 4)
+	room := capacity - 2*(capacity/4)
+	// A big agent takes half of the rest with the buffer in force; the idle buffer, brought up
+	// to date, takes the rest, and its trie holds the 500 that do not fit.
+	big := hostSet(10, room/2+250, false)
 	bigAgent := f.agent(t, "big", 5, big)
 	settle(t, f.k, 5)
 	st := f.k.slot(5)

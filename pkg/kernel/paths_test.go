@@ -87,3 +87,34 @@ func TestPrivilegedPaths(t *testing.T) {
 		}
 	}
 }
+
+// TestPrivilegedMapMemory: the maps' memory is read from the kernel, every map of the load and
+// the agents' tries counted once, and an agent's rule set shows in its tries.
+func TestPrivilegedMapMemory(t *testing.T) {
+	f := newFixture(t, Options{})
+	before, err := f.k.MapMemory()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if before.Agents != 0 || before.PerSlot == 0 || before.Maps[bpfMapTetherHosts] == 0 {
+		t.Fatalf("before any agent: %+v", before)
+	}
+	rs := pathRules(10)
+	for i := range 200 { // ranges of many lengths: they live in the trie
+		rs.Egress = append(rs.Egress, dataplane.Egress{Prefix: netip.PrefixFrom(netip.AddrFrom4([4]byte{100, byte(i), 0, 0}), 16+i%8),
+			Ports: []dataplane.PortRule{{Proto: dataplane.ProtoTCP, Lo: 443, Hi: 443}}})
+	}
+	f.agent(t, "memory", 3, rs)
+	after, err := f.k.MapMemory()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum uint64
+	for _, n := range after.Maps {
+		sum += n
+	}
+	if after.Agents != 1 || sum != after.Total || after.PerAgentRules <= before.PerAgentRules || after.Maps["rule_set_tries"] < 200*16 {
+		t.Fatalf("after an agent of 210 rules: %+v (sum of maps %d)", after, sum)
+	}
+	t.Logf("total %d bytes, %d a slot, %d for the agent's tries", after.Total, after.PerSlot, after.PerAgentRules)
+}

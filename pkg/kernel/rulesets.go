@@ -51,7 +51,6 @@ type slotState struct {
 	// rule-set generation each buffer holds.
 	born uint64
 	gen  [2]uint64
-	bufs [2]*ebpf.Map
 	// mirror is what each buffer holds (its trie and its host rules); nil: unknown (read from
 	// the kernel when needed).
 	mirror [2]*trieImage
@@ -280,6 +279,7 @@ func (k *Kernel) syncInactive(st *slotState, slot dataplane.Slot, epoch uint64) 
 		k.log.Debug("opening the idle rule buffer", "slot", slot, "error", err)
 		return
 	}
+	defer buf.Close()
 	have := st.mirror[inactive]
 	if have == nil {
 		if have, err = k.readBuffer(st, slot, inactive, buf); err != nil {
@@ -402,6 +402,7 @@ func (k *Kernel) rewrite(st *slotState, slot dataplane.Slot, i uint32, want *tri
 	if err != nil {
 		return err
 	}
+	defer buf.Close()
 	have := st.mirror[i]
 	if have == nil {
 		if have, err = k.readBuffer(st, slot, i, buf); err != nil {
@@ -531,11 +532,10 @@ func newBorn() uint64 {
 	return uint64(ts.Nano())
 }
 
-// buffer returns buffer i of slot, creating it (and its tether_rulesets entry) when missing.
+// buffer opens buffer i of slot, creating it (and its tether_rulesets entry) when missing; the
+// caller closes it. No descriptor of a buffer stays open between uses (tether_rulesets holds
+// them): 10,000 agents would otherwise hold 20,000 descriptors.
 func (k *Kernel) buffer(st *slotState, slot dataplane.Slot, i uint32) (*ebpf.Map, error) {
-	if st.bufs[i] != nil {
-		return st.bufs[i], nil
-	}
 	idx := bufIndex(slot, i)
 	var id ebpf.MapID
 	err := k.rulesets.Lookup(idx, &id)
@@ -545,7 +545,7 @@ func (k *Kernel) buffer(st *slotState, slot dataplane.Slot, i uint32) (*ebpf.Map
 		if err != nil {
 			return nil, fmt.Errorf("opening rule buffer %d: %w", idx, err)
 		}
-		st.bufs[i] = m
+		return m, nil
 	case errors.Is(err, ebpf.ErrKeyNotExist):
 		// Host rules of a buffer whose trie is gone (a clear that did not finish, in this
 		// process or an earlier one) are no one's: nothing reads a buffer that is not in
@@ -573,11 +573,11 @@ func (k *Kernel) buffer(st *slotState, slot dataplane.Slot, i uint32) (*ebpf.Map
 			m.Close()
 			return nil, fmt.Errorf("adding rule buffer %d: %w", idx, err)
 		}
-		st.bufs[i], st.mirror[i], st.inTrie[i], st.retired[i] = m, newImage(0), nil, nil
+		st.mirror[i], st.inTrie[i], st.retired[i] = newImage(0), nil, nil
+		return m, nil
 	default:
 		return nil, fmt.Errorf("looking up rule buffer %d: %w", idx, err)
 	}
-	return st.bufs[i], nil
 }
 
 // graceAsync starts waiting for an RCU grace period and returns a channel closed when it has
@@ -697,11 +697,8 @@ func (k *Kernel) Clear(slot dataplane.Slot) error {
 		if err := k.rulesets.Delete(bufIndex(slot, i)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			errs = append(errs, err)
 		}
-		if st.bufs[i] != nil {
-			st.bufs[i].Close()
-		}
 	}
-	st.bufs, st.mirror, st.inTrie, st.retired, st.loaded = [2]*ebpf.Map{}, [2]*trieImage{}, [2]map[bpfTetherRuleKey]struct{}{}, [2][]bpfTetherHostKey{}, false
+	st.mirror, st.inTrie, st.retired, st.loaded = [2]*trieImage{}, [2]map[bpfTetherRuleKey]struct{}{}, [2][]bpfTetherHostKey{}, false
 	st.epoch++
 	// A hook that read the slot's state before it changed may still be reading its host rules,
 	// and a preallocated hash reuses a deleted element at once: they go after a grace period.
@@ -750,7 +747,7 @@ func (k *Kernel) hostKeysOf(st *slotState, slot dataplane.Slot, i uint32) ([]bpf
 	return keys, err
 }
 
-// closeSlots releases the buffer handles (the tries stay, held by tether_rulesets).
+// closeSlots ends every slot's background work (the tries stay, held by tether_rulesets).
 func (k *Kernel) closeSlots() {
 	k.slotsMu.Lock()
 	defer k.slotsMu.Unlock()
@@ -760,12 +757,7 @@ func (k *Kernel) closeSlots() {
 		}
 		st.mu.Lock()
 		st.waitQuiet()
-		st.epoch++ // no background sync writes to the closed buffers
-		for _, b := range st.bufs {
-			if b != nil {
-				b.Close()
-			}
-		}
+		st.epoch++ // no background sync writes after the close
 		st.mu.Unlock()
 	}
 }

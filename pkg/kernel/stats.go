@@ -1,6 +1,7 @@
 package kernel
 
 import (
+	"errors"
 	"fmt"
 	"io"
 
@@ -84,4 +85,67 @@ func count(it *ebpf.MapIterator, key, value any) (int, error) {
 		n++
 	}
 	return n, it.Err()
+}
+
+// perSlotMaps are the maps that hold one entry per agent slot, used or not.
+var perSlotMaps = []string{bpfMapTetherAgents, bpfMapTetherAgentCounters, bpfMapTetherAgentAllows, bpfMapTetherAgentInfo, bpfMapTetherRulesets}
+
+// MapMemory reads the kernel memory tether's maps hold, as the kernel charges it (memlock):
+// every map of this load by name, the agents' rule-set tries together as "rule_set_tries", the
+// total, what each agent slot costs whether used or not (the per-slot arrays over their
+// capacity), and what an agent's rule sets (its tries) cost on average.
+func (k *Kernel) MapMemory() (dataplane.MapMemory, error) {
+	out := dataplane.MapMemory{Maps: map[string]uint64{}}
+	for name, m := range k.coll.Maps {
+		n, err := memlock(m)
+		if err != nil {
+			return out, fmt.Errorf("memory of %s: %w", name, err)
+		}
+		out.Maps[name] = n
+		out.Total += n
+	}
+	for _, name := range perSlotMaps {
+		out.PerSlot += out.Maps[name] / dataplane.MaxAgents
+	}
+	slots := map[uint32]bool{}
+	var tries uint64
+	var idx, id uint32
+	it := k.rulesets.Iterate()
+	for it.Next(&idx, &id) {
+		inner, err := ebpf.NewMapFromID(ebpf.MapID(id))
+		if err != nil {
+			continue // replaced since: counted at the next read
+		}
+		n, err := memlock(inner)
+		inner.Close()
+		if err != nil {
+			return out, err
+		}
+		tries += n
+		if idx < graceIndex {
+			slots[idx/2] = true
+		}
+	}
+	if err := it.Err(); err != nil {
+		return out, fmt.Errorf("reading the rule sets: %w", err)
+	}
+	out.Maps["rule_set_tries"] = tries
+	out.Total += tries
+	if out.Total == 0 {
+		return out, errors.New("the kernel reports no map memory (fdinfo memlock)")
+	}
+	out.Agents = len(slots)
+	if out.Agents > 0 {
+		out.PerAgentRules = tries / uint64(out.Agents)
+	}
+	return out, nil
+}
+
+func memlock(m *ebpf.Map) (uint64, error) {
+	info, err := m.Info()
+	if err != nil {
+		return 0, err
+	}
+	n, _ := info.Memlock() // 0 for a map that reports none (socket storage)
+	return n, nil
 }

@@ -211,7 +211,12 @@ func (f *fixture) rewriteInPlace(t *testing.T, slot dataplane.Slot, from, to *da
 func view(t *testing.T, k *Kernel, st *slotState, slot dataplane.Slot, i uint32) *trieImage {
 	t.Helper()
 	img := newImage(0)
-	if err := readTrie(st.bufs[i], img); err != nil {
+	buf, err := k.buffer(st, slot, i)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer buf.Close()
+	if err := readTrie(buf, img); err != nil {
 		t.Fatal(err)
 	}
 	var a bpfTetherAgent
@@ -292,7 +297,7 @@ func TestPrivilegedMirrorsStayTrue(t *testing.T) {
 		st.mu.Lock()
 		defer st.mu.Unlock()
 		for i := range 2 {
-			if st.mirror[i] == nil || st.bufs[i] == nil {
+			if st.mirror[i] == nil {
 				continue
 			}
 			if got := view(t, f.k, st, 1, uint32(i)); !got.equal(st.mirror[i]) {

@@ -170,16 +170,16 @@ const (
 type bpfTetherLimits uint32
 
 const (
-	bpfTetherLimitsTETHER_MAX_AGENTS      bpfTetherLimits = 4096
-	bpfTetherLimitsTETHER_RULESET_ENTRIES bpfTetherLimits = 8193
-	bpfTetherLimitsTETHER_MAX_CGROUPS     bpfTetherLimits = 16384
+	bpfTetherLimitsTETHER_MAX_AGENTS      bpfTetherLimits = 16384
+	bpfTetherLimitsTETHER_RULESET_ENTRIES bpfTetherLimits = 32769
+	bpfTetherLimitsTETHER_MAX_CGROUPS     bpfTetherLimits = 65536
 	bpfTetherLimitsTETHER_MAX_ANCESTORS   bpfTetherLimits = 16
 	bpfTetherLimitsTETHER_MAX_RULES       bpfTetherLimits = 65536
-	bpfTetherLimitsTETHER_MAX_HOST_RULES  bpfTetherLimits = 65536
+	bpfTetherLimitsTETHER_MAX_HOST_RULES  bpfTetherLimits = 131072
 	bpfTetherLimitsTETHER_HOST_PORT_RULES bpfTetherLimits = 4
 	bpfTetherLimitsTETHER_MAX_PORT_RULES  bpfTetherLimits = 16
 	bpfTetherLimitsTETHER_RULE_DATA       bpfTetherLimits = 111
-	bpfTetherLimitsTETHER_MAX_PROCS       bpfTetherLimits = 16384
+	bpfTetherLimitsTETHER_MAX_PROCS       bpfTetherLimits = 65536
 	bpfTetherLimitsTETHER_MAX_GRANTS      bpfTetherLimits = 4096
 	bpfTetherLimitsTETHER_CHAIN_LEN       bpfTetherLimits = 4
 	bpfTetherLimitsTETHER_PATH_LEN        bpfTetherLimits = 128

@@ -40,6 +40,7 @@ type KernelStats struct {
 	StatsEnabled bool
 	Programs     map[string]dataplane.ProgramStat // by hook
 	Fill         map[string]dataplane.MapFill     // by map: agents, cgroups, procs, host_rules, rules, ring_buffer
+	Memory       *dataplane.MapMemory             // the maps' kernel memory (nil: not read)
 	Err          error                            // what could not be read (the rest is still exported)
 }
 
@@ -203,6 +204,9 @@ var (
 	descTasks     = prometheus.NewDesc("tether_tasks", "Agents with an active task.", nil, nil)
 	descFill      = prometheus.NewDesc("tether_map_fill_ratio", "How full a kernel map is: agents (slots), cgroups (bindings), procs (process lineage, an LRU), host_rules (tether_hosts: host rules and bulk-length ranges of all agents; when full they go into the tries), rules (the fullest agent rule set), ring_buffer (unread bytes).", []string{"map"}, nil)
 	descEntries   = prometheus.NewDesc("tether_map_entries", "Entries in a kernel map (bytes for ring_buffer), as in tether_map_fill_ratio.", []string{"map"}, nil)
+	descMemory    = prometheus.NewDesc("tether_map_memory_bytes", "Kernel memory of each of tether's maps as the kernel charges it (memlock); rule_set_tries are all agents' rule-set tries together, total all of them.", []string{"map"}, nil)
+	descMemSlot   = prometheus.NewDesc("tether_map_memory_per_agent_slot_bytes", "Kernel memory each agent slot costs whether used or not (the per-slot maps over their capacity); per-CPU maps count every possible CPU.", nil, nil)
+	descMemRules  = prometheus.NewDesc("tether_map_memory_per_agent_rules_bytes", "Kernel memory of an agent's rule-set tries, on average over the agents that hold one.", nil, nil)
 	descStatsOn   = prometheus.NewDesc("tether_bpf_stats_enabled", "1 when the kernel counts the programs' runs and run time (telemetry.bpf_stats).", nil, nil)
 	descProgRuns  = prometheus.NewDesc("tether_bpf_program_runs_total", "Runs of each of tether's BPF programs, as the kernel counts them.", []string{"program"}, nil)
 	descProgTime  = prometheus.NewDesc("tether_bpf_program_run_seconds_total", "Time spent in each of tether's BPF programs, as the kernel counts it.", []string{"program"}, nil)
@@ -235,7 +239,7 @@ var (
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descDecisions, descAgents, descKilled, descTasks, descFill, descEntries,
+	for _, d := range []*prometheus.Desc{descDecisions, descAgents, descKilled, descTasks, descFill, descEntries, descMemory, descMemSlot, descMemRules,
 		descStatsOn, descProgRuns, descProgTime, descProgMiss, descStatsErr, descEvals, descEvalErrs, descRefused,
 		descRefRules, descInstalls, descMapFail, descMapRetry, descRBLost, descEvRead, descEvWrite, descOwnDrop, descHTTPLog, descHTTPRetry, descEvDecode, descSinkErrs, descSignalErr, descIDLost, descEscSent, descEscDrop,
 		descSweeps, descTermed, descSweepErr, descSweepLast, descSockStore} {
@@ -262,7 +266,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter := func(d *prometheus.Desc, v uint64) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v))
 	}
-	gauge := func(d *prometheus.Desc, v float64) { ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v) }
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
 
 	c.mu.Lock()
 	now := map[slotKey]dataplaneCounts{}
@@ -294,6 +300,14 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	for m, f := range fill {
 		ch <- prometheus.MustNewConstMetric(descFill, prometheus.GaugeValue, f.Ratio(), m)
 		ch <- prometheus.MustNewConstMetric(descEntries, prometheus.GaugeValue, float64(f.Entries), m)
+	}
+	if mem := ks.Memory; mem != nil {
+		for m, n := range mem.Maps {
+			gauge(descMemory, float64(n), m)
+		}
+		gauge(descMemory, float64(mem.Total), "total")
+		gauge(descMemSlot, float64(mem.PerSlot))
+		gauge(descMemRules, float64(mem.PerAgentRules))
 	}
 	on := 0.0
 	if ks.StatsEnabled {

@@ -77,7 +77,9 @@ func TestDecisionsNeverGoDown(t *testing.T) {
 func TestKernelStats(t *testing.T) {
 	src := &fakeSource{agents: []agents.Agent{{Slot: 1}}, kernel: KernelStats{StatsEnabled: true,
 		Programs: map[string]dataplane.ProgramStat{"connect4": {Runs: 10, Time: 2 * time.Microsecond}},
-		Fill:     map[string]dataplane.MapFill{"procs": {Entries: 4096, Capacity: 16384}}}}
+		Fill:     map[string]dataplane.MapFill{"procs": {Entries: 4096, Capacity: 16384}},
+		Memory: &dataplane.MapMemory{Maps: map[string]uint64{"tether_hosts": 1 << 20, "rule_set_tries": 4096}, Total: 1<<20 + 4096,
+			PerSlot: 1024, Agents: 1, PerAgentRules: 4096}}}
 	m := New(src, "test")
 	out := scrape(t, m)
 	for _, want := range []string{
@@ -85,7 +87,11 @@ func TestKernelStats(t *testing.T) {
 		`tether_bpf_program_run_seconds_total{program="connect4"} 2e-06`,
 		`tether_map_fill_ratio{map="procs"} 0.25`,
 		`tether_map_entries{map="procs"} 4096`,
-		`tether_map_fill_ratio{map="agents"} 0.000244140625`,
+		`tether_map_fill_ratio{map="agents"} 6.103515625e-05`,
+		`tether_map_memory_bytes{map="tether_hosts"} 1.048576e+06`,
+		`tether_map_memory_bytes{map="total"} 1.052672e+06`,
+		`tether_map_memory_per_agent_slot_bytes 1024`,
+		`tether_map_memory_per_agent_rules_bytes 4096`,
 		`tether_bpf_stats_enabled 1`,
 		`tether_kernel_stats_errors_total 0`,
 	} {

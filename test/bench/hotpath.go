@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"text/tabwriter"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/tether-sh/tether/pkg/cgroups"
+	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/kernel"
 )
 
@@ -71,6 +73,10 @@ var runCases = []runCase{
 	{"sendmsg4, UDP sendto", "sendmsg4", ebpf.AttachCGroupUDP4Sendmsg, udpSend},
 }
 
+// fleetSize is the agents a node holds in the scale rows (the policy change for all of them, the
+// hooks' run time with all of them loaded); -scale scales it.
+const fleetSize = 10_000
+
 // hotPathGoalNs is the goal for a socket hook's run time at the largest rule count.
 const hotPathGoalNs = 150
 
@@ -79,6 +85,12 @@ type hotPathResults struct {
 	counts map[int]map[string]kernel.PathCount // by rules, path
 	run    map[int]map[string][]float64        // ns per run of tether's program, by rules, run case; one per round
 	floor  map[int]map[string][]float64        // the same for the empty program
+	// fleet agents loaded beside the bench's (at the largest rule count): the same run times,
+	// how long loading them took, and the maps' memory then.
+	fleet                int
+	fleetLoad            time.Duration
+	fleetRun, fleetFloor map[string][]float64
+	memory               dataplane.MapMemory
 }
 
 // measureHotPath counts the paths on the maps of each rule count's agent, and measures the
@@ -152,7 +164,70 @@ func measureHotPath(e *env, o options) (*hotPathResults, error) {
 			}
 		}
 	}
+	// A node of fleetSize agents: the same loops with that many agents loaded beside the bench's
+	// agent (its rule set at the largest rule count).
+	res.fleet = min(max(100, int(fleetSize*o.scale)), dataplane.MaxAgents-1)
+	start := time.Now()
+	if err := e.loadFleet(res.fleet); err != nil {
+		return nil, fmt.Errorf("loading %d agents: %w", res.fleet, err)
+	}
+	res.fleetLoad = time.Since(start)
+	if res.memory, err = e.k.MapMemory(); err != nil {
+		return nil, err
+	}
+	res.fleetRun, res.fleetFloor = map[string][]float64{}, map[string][]float64{}
+	for range o.rounds {
+		for _, rc := range runCases {
+			ns, err := e.hookRun(e.agent, rc, o, func() (uint64, time.Duration, error) {
+				st, err := e.k.ProgramStats()
+				if err != nil {
+					return 0, 0, err
+				}
+				return st[rc.hook].Runs, st[rc.hook].Time, nil
+			})
+			if err != nil {
+				return nil, err
+			}
+			res.fleetRun[rc.name] = append(res.fleetRun[rc.name], ns)
+			ns, err = e.hookRun(floorCg, rc, o, func() (uint64, time.Duration, error) {
+				st, err := floors[rc.hook].Stats()
+				if err != nil {
+					return 0, 0, err
+				}
+				return st.RunCount, st.Runtime, nil
+			})
+			if err != nil {
+				return nil, err
+			}
+			res.fleetFloor[rc.name] = append(res.fleetFloor[rc.name], ns)
+		}
+	}
+	// Unloading tether (the pins go) takes the fleet with it.
 	return res, e.apply(state{})
+}
+
+// loadFleet puts n agents into the kernel beside the bench's (slots 1 to n), each with three
+// host rules of its own, active, and bound to a cgroup id of its own that no real cgroup has.
+func (e *env) loadFleet(n int) error {
+	for i := 1; i <= n; i++ {
+		slot := dataplane.Slot(i)
+		rs := dataplane.RuleSet{Generation: 1}
+		for j := range 3 {
+			a := 198<<24 | 18<<16 | uint32(i*4+j)
+			rs.Egress = append(rs.Egress, dataplane.Egress{Prefix: netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(a >> 24), byte(a >> 16), byte(a >> 8), byte(a)}), 32),
+				Ports: []dataplane.PortRule{{Proto: dataplane.ProtoTCP, Lo: 443, Hi: 443}}})
+		}
+		if err := e.k.Install(slot, &rs); err != nil {
+			return err
+		}
+		if err := e.k.SetFlags(slot, dataplane.AgentActive); err != nil {
+			return err
+		}
+		if err := e.k.Bind(1<<40+uint64(i), slot); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // hookRun runs rc's loop in cgroup and returns the program's time per run over it.
@@ -236,9 +311,19 @@ func reportHotPath(w io.Writer, hp *hotPathResults) {
 			t, f := hp.run[n][rc.name], hp.floor[n][rc.name]
 			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", rc.name, n, summarize(f).ns(), summarize(t).ns(), paired(t, f, absolute).ns())
 		}
+		t, f := hp.fleetRun[rc.name], hp.fleetFloor[rc.name]
+		fmt.Fprintf(tw, "%s\t%d, %d agents loaded\t%s\t%s\t%s\n", rc.name, slices.Max(hp.rules), hp.fleet+1, summarize(f).ns(), summarize(t).ns(), paired(t, f, absolute).ns())
 	}
 	tw.Flush()
+	m := hp.memory
+	fmt.Fprintf(w, "\nMAP MEMORY with %d agents (kernel memlock, %d CPUs): %s in all; %s a slot whether used or not (%d slots: %s); the agents' tries %s (%s an agent); tether_hosts %s, lineage %s, cgroup bindings %s\n",
+		m.Agents, runtimeCPUs(), mib(m.Total), kib(m.PerSlot), dataplane.MaxAgents, mib(m.PerSlot*dataplane.MaxAgents), mib(m.Maps["rule_set_tries"]), kib(m.PerAgentRules),
+		mib(m.Maps["tether_hosts"]), mib(m.Maps["tether_procs"]), mib(m.Maps["tether_cgroups"]))
+	fmt.Fprintf(w, "loading %d agents (rule set, state, binding each): %s\n", hp.fleet, hp.fleetLoad.Round(time.Millisecond))
 }
+
+func mib(n uint64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
+func kib(n uint64) string { return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10)) }
 
 func hotPathGoals(goal func(bool, string, ...any), hp *hotPathResults) {
 	top := hp.rules[len(hp.rules)-1]
@@ -252,5 +337,12 @@ func hotPathGoals(goal func(bool, string, ...any), hp *hotPathResults) {
 		s := summarize(hp.run[top][rc.name])
 		goal(s.med <= hotPathGoalNs && s.hi <= hotPathGoalNs, "%s, %d rules: %s per run, 75th percentile %s (goal at most %d ns, both); the empty program %s",
 			rc.name, top, dur(s.med), dur(s.hi), hotPathGoalNs, dur(summarize(hp.floor[top][rc.name]).med))
+		own := paired(hp.run[top][rc.name], hp.floor[top][rc.name], absolute)
+		goal(own.med <= hotPathGoalNs && own.hi <= hotPathGoalNs, "%s, %d rules, tether's own time (less the empty program): %s, 75th percentile %s (goal at most %d ns, both)",
+			rc.name, top, dur(own.med), dur(own.hi), hotPathGoalNs)
+		fleet := paired(hp.fleetRun[rc.name], hp.fleetFloor[rc.name], absolute)
+		bound := max(20, 0.1*own.med)
+		goal(fleet.med-own.med <= bound, "%s with %d agents loaded: tether's own time %s against %s with one (goal: unchanged, at most %s more)",
+			rc.name, hp.fleet+1, dur(fleet.med), dur(own.med), dur(bound))
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/bpffs"
 	"github.com/tether-sh/tether/pkg/compile"
+	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/daemon"
 	"github.com/tether-sh/tether/pkg/grants"
 	"github.com/tether-sh/tether/pkg/kernel"
@@ -33,6 +34,8 @@ type policyResults struct {
 	// result, one per round, in ns; agents is how many.
 	refresh []float64
 	agents  int
+	// register: the time to register every agent of the policy change and start its task.
+	register time.Duration
 	// grant says what the measured agent's grants are: "/32 host" or "/24 range".
 	grant string
 }
@@ -231,10 +234,12 @@ func measurePolicy(e *env, o options) (*policyResults, error) {
 		}
 	}
 
-	// 2. A policy change evaluates every agent again: 1,000 agents on the shipped policy and
-	// data, their task types spread over the shipped ones, and two revisions that differ in
-	// one network, so that every agent's rule set changes each time.
-	res.agents = 1000
+	// 2. A policy change evaluates every agent again: 10,000 agents (-scale scales them) on the
+	// shipped policy and data, their task types spread over the shipped ones, and two revisions
+	// that differ in one network, so that every agent's rule set changes each time. They are not
+	// unregistered one by one at the end (each would wait for a sweep of live sockets): the
+	// kernel state goes with the pins.
+	res.agents = min(max(100, int(fleetSize*o.scale)), dataplane.MaxAgents-1)
 	revs := make([]*policy.Revision, 2)
 	for i := range revs {
 		rev, err := shippedRevision(func(s map[string]any) {
@@ -253,6 +258,7 @@ func measurePolicy(e *env, o options) (*policyResults, error) {
 	types := []string{"coding", "incident-response", "customer-operations"}
 	fleet := filepath.Join(e.parent, "fleet")
 	defer os.Remove(fleet)
+	start := time.Now()
 	for i := range res.agents {
 		cg := filepath.Join(fleet, fmt.Sprint(i))
 		if err := os.MkdirAll(cg, 0o755); err != nil {
@@ -261,13 +267,13 @@ func measurePolicy(e *env, o options) (*policyResults, error) {
 		defer os.Remove(cg)
 		a, err := reg.Register(agents.Registration{SpiffeID: fmt.Sprintf("spiffe://bench.tether/fleet/%d", i), Cgroup: cg})
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("registering agent %d of %d: %w", i+1, res.agents, err)
 		}
 		if _, err := reg.StartTask(a.Slot, agents.TaskSpec{Type: types[i%len(types)], Sensitivity: "internal", TTL: time.Hour}); err != nil {
 			return nil, err
 		}
-		defer reg.Unregister(a.Slot)
 	}
+	res.register = time.Since(start)
 	for round := range o.rounds + 1 {
 		ev.rev.Store(revs[(round+1)%2])
 		before := reg.Stats().Installs

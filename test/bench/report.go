@@ -273,6 +273,7 @@ func reportPolicy(w io.Writer, pr *policyResults) {
 	}
 	fmt.Fprintf(tw, "policy change: every agent evaluated and installed, %d agents\t%s\t-\t%s\t-\t-\t%d\n", pr.agents,
 		dur(percentile(pr.refresh, 0.5)), dur(slices.Max(pr.refresh)), len(pr.refresh))
+	fmt.Fprintf(tw, "  registering those agents and starting their tasks (each evaluated and installed twice)\t%s\t-\t-\t-\t-\t1\n", pr.register.Round(time.Millisecond))
 	tw.Flush()
 }
 
@@ -290,7 +291,8 @@ func policyGoals(goal func(ok bool, format string, args ...any), pr *policyResul
 		goal(p99 < 5e6, "context change -> kernel with %d %s grants, %s: p99 %s (goal under 5 ms)%s", big, pr.grant, c.what, dur(p99), note)
 	}
 	worst := slices.Max(pr.refresh)
-	goal(worst < 2e9, "policy change, %d agents evaluated and installed: slowest of %d rounds %s (goal under 2 s)", pr.agents, len(pr.refresh), dur(worst))
+	bound := 5e9 * float64(pr.agents) / fleetSize
+	goal(worst < bound, "policy change, %d agents evaluated and installed: slowest of %d rounds %s (goal under %s: 5 s for %d)", pr.agents, len(pr.refresh), dur(worst), dur(bound), fleetSize)
 }
 
 // goalPrinter prints one goal line.

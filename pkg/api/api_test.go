@@ -263,7 +263,7 @@ func TestAuthorization(t *testing.T) {
 		{"admin ends any", admin, "DELETE", "/v1/agents/2", "", 204, ""},
 		{"unknown slot", root, "DELETE", "/v1/agents/9", "", 404, "no agent in slot 9"},
 		{"bad slot", root, "DELETE", "/v1/agents/x", "", 400, "want a number"},
-		{"slot out of range", root, "GET", "/v1/agents/99999", "", 400, "below 4096"},
+		{"slot out of range", root, "GET", "/v1/agents/99999", "", 400, "below 16384"},
 		{"mode by admin", admin, "PUT", "/v1/agents/1/mode", `{"mode":"audit"}`, 200, ""},
 		{"mode cleared", admin, "PUT", "/v1/agents/1/mode", `{"mode":null}`, 200, ""},
 		{"mode by launcher refused", launcher, "PUT", "/v1/agents/1/mode", `{"mode":"audit"}`, 403, ""},

@@ -171,9 +171,15 @@ func writeHTTP(t *testing.T, h *HTTP, from, to int) {
 	}
 }
 
+// The sender counts a batch once the receiver's answer is read, which may be just after the
+// receiver has recorded it: the stats are given a moment to catch up.
 func wantHTTPStats(t *testing.T, h *HTTP, want HTTPStats) {
 	t.Helper()
-	if got := h.Stats(); got != want {
+	got := h.Stats()
+	for deadline := time.Now().Add(5 * time.Second); got != want && time.Now().Before(deadline); got = h.Stats() {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got != want {
 		t.Errorf("stats %+v, want %+v", got, want)
 	}
 }

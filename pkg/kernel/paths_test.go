@@ -118,3 +118,36 @@ func TestPrivilegedMapMemory(t *testing.T) {
 	}
 	t.Logf("total %d bytes, %d a slot, %d for the agent's tries", after.Total, after.PerSlot, after.PerAgentRules)
 }
+
+// TestPrivilegedTestRunSkb runs the egress and ingress programs in the kernel with
+// BPF_PROG_TEST_RUN on a UDP packet of a socket no agent connected: both let it pass, and each
+// run is timed against an empty program.
+func TestPrivilegedTestRunSkb(t *testing.T) {
+	f := newFixture(t, Options{})
+	for _, hook := range []string{"egress_skb", "ingress_skb"} {
+		verdict, prog, empty, err := f.k.TestRunSkb(hook, udpPacket(), 1000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if verdict != 1 {
+			t.Errorf("%s: verdict %d on a packet of a socket no agent has, want 1 (pass)", hook, verdict)
+		}
+		if prog <= 0 || empty <= 0 {
+			t.Errorf("%s: run times %s and %s", hook, prog, empty)
+		}
+		t.Logf("%s: %s a run, the empty program %s", hook, prog, empty)
+	}
+}
+
+// udpPacket is an IPv4 UDP packet from 10.0.0.1:40000 to 10.0.0.2:53 with 8 bytes of payload,
+// preceded by the 14-byte Ethernet header BPF_PROG_TEST_RUN takes for skb programs.
+func udpPacket() []byte {
+	p := make([]byte, 14+20+8+8)
+	p[12], p[13] = 0x08, 0x00 // IPv4
+	ip := p[14:]
+	ip[0], ip[2], ip[3], ip[8], ip[9] = 0x45, 0, byte(len(ip)), 64, 17
+	copy(ip[12:], []byte{10, 0, 0, 1, 10, 0, 0, 2})
+	udp := ip[20:]
+	udp[0], udp[1], udp[2], udp[3], udp[5] = 0x9c, 0x40, 0, 53, 16
+	return p
+}

@@ -91,6 +91,9 @@ type hotPathResults struct {
 	fleetLoad            time.Duration
 	fleetRun, fleetFloor map[string][]float64
 	memory               dataplane.MapMemory
+	// skb and skbEmpty: ns per run of egress_skb and of an empty cgroup_skb program under
+	// BPF_PROG_TEST_RUN, one per round (at the largest rule count).
+	skb, skbEmpty []float64
 }
 
 // measureHotPath counts the paths on the maps of each rule count's agent, and measures the
@@ -138,6 +141,16 @@ func measureHotPath(e *env, o options) (*hotPathResults, error) {
 		res.counts[n] = counts
 		res.run[n], res.floor[n] = map[string][]float64{}, map[string][]float64{}
 		for range o.rounds {
+			if n == slices.Max(o.rules) {
+				verdict, prog, empty, err := e.k.TestRunSkb("egress_skb", udpPacket(), max(1000, int(100_000*o.scale)))
+				if err != nil {
+					return nil, err
+				}
+				if verdict != 1 {
+					return nil, fmt.Errorf("egress_skb under BPF_PROG_TEST_RUN: verdict %d, want 1", verdict)
+				}
+				res.skb, res.skbEmpty = append(res.skb, float64(prog)), append(res.skbEmpty, float64(empty))
+			}
 			for _, rc := range runCases {
 				ns, err := e.hookRun(e.agent, rc, o, func() (uint64, time.Duration, error) {
 					st, err := e.k.ProgramStats()
@@ -315,11 +328,26 @@ func reportHotPath(w io.Writer, hp *hotPathResults) {
 		fmt.Fprintf(tw, "%s\t%d, %d agents loaded\t%s\t%s\t%s\n", rc.name, slices.Max(hp.rules), hp.fleet+1, summarize(f).ns(), summarize(t).ns(), paired(t, f, absolute).ns())
 	}
 	tw.Flush()
+	fmt.Fprintf(w, "\negress_skb under BPF_PROG_TEST_RUN (the kernel runs it on a packet of a socket no agent connected): %s a run against %s for an empty program, %s [25th, 75th] of the difference\n",
+		summarize(hp.skb).ns(), summarize(hp.skbEmpty).ns(), paired(hp.skb, hp.skbEmpty, absolute).ns())
 	m := hp.memory
 	fmt.Fprintf(w, "\nMAP MEMORY with %d agents (kernel memlock, %d CPUs): %s in all; %s a slot whether used or not (%d slots: %s); the agents' tries %s (%s an agent); tether_hosts %s, lineage %s, cgroup bindings %s\n",
 		m.Agents, runtimeCPUs(), mib(m.Total), kib(m.PerSlot), dataplane.MaxAgents, mib(m.PerSlot*dataplane.MaxAgents), mib(m.Maps["rule_set_tries"]), kib(m.PerAgentRules),
 		mib(m.Maps["tether_hosts"]), mib(m.Maps["tether_procs"]), mib(m.Maps["tether_cgroups"]))
 	fmt.Fprintf(w, "loading %d agents (rule set, state, binding each): %s\n", hp.fleet, hp.fleetLoad.Round(time.Millisecond))
+}
+
+// udpPacket is an IPv4 UDP packet (10.0.0.1:40000 to 10.0.0.2:53, 8 bytes of payload) behind the
+// 14-byte Ethernet header BPF_PROG_TEST_RUN takes for skb programs.
+func udpPacket() []byte {
+	p := make([]byte, 14+20+8+8)
+	p[12], p[13] = 0x08, 0x00
+	ip := p[14:]
+	ip[0], ip[3], ip[8], ip[9] = 0x45, byte(len(ip)), 64, 17
+	copy(ip[12:], []byte{10, 0, 0, 1, 10, 0, 0, 2})
+	udp := ip[20:]
+	udp[0], udp[1], udp[3], udp[5] = 0x9c, 0x40, 53, 16
+	return p
 }
 
 func mib(n uint64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }

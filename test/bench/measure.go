@@ -6,6 +6,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/kernel"
 )
 
@@ -255,7 +256,7 @@ func measure(e *env, o options) (*results, error) {
 			res.opa[n] = append(res.opa[n], ns)
 		}
 	}
-	progress("policy to kernel: context changes with %v grants, a policy change for 1000 agents", policyGrants)
+	progress("policy to kernel: context changes with %v grants, a policy change for %d agents", policyGrants, min(max(100, int(fleetSize*o.scale)), dataplane.MaxAgents-1))
 	if res.policy, err = measurePolicy(e, o); err != nil {
 		return nil, fmt.Errorf("policy to kernel: %w", err)
 	}

@@ -233,17 +233,26 @@ func mapArg(v Value) (Map, error) {
 	return v.R.Map, nil
 }
 
+// mapAndKey reads a helper's map (first argument) and key (second).
+func mapAndKey(a [5]Value) (Map, []byte, error) {
+	mp, err := mapArg(a[0])
+	if err != nil {
+		return nil, nil, err
+	}
+	key, err := a[1].Bytes(mp.KeySize())
+	if err != nil {
+		return nil, nil, fmt.Errorf("key: %w", err)
+	}
+	return mp, key, nil
+}
+
 // MapHelpers are the helpers on maps: lookup, update, delete, ring buffers, socket storage.
 func MapHelpers() map[asm.BuiltinFunc]Helper {
 	return map[asm.BuiltinFunc]Helper{
 		asm.FnMapLookupElem: func(m *Machine, a [5]Value) (Value, error) {
-			mp, err := mapArg(a[0])
+			mp, key, err := mapAndKey(a)
 			if err != nil {
 				return Value{}, err
-			}
-			key, err := a[1].Bytes(mp.KeySize())
-			if err != nil {
-				return Value{}, fmt.Errorf("key: %w", err)
 			}
 			v, err := mp.Lookup(key)
 			if err != nil || v == nil {
@@ -252,11 +261,7 @@ func MapHelpers() map[asm.BuiltinFunc]Helper {
 			return Pointer(v, 0), nil
 		},
 		asm.FnMapUpdateElem: func(m *Machine, a [5]Value) (Value, error) {
-			mp, err := mapArg(a[0])
-			if err != nil {
-				return Value{}, err
-			}
-			key, err := a[1].Bytes(mp.KeySize())
+			mp, key, err := mapAndKey(a)
 			if err != nil {
 				return Value{}, err
 			}
@@ -270,11 +275,7 @@ func MapHelpers() map[asm.BuiltinFunc]Helper {
 			return Scalar(0), nil
 		},
 		asm.FnMapDeleteElem: func(m *Machine, a [5]Value) (Value, error) {
-			mp, err := mapArg(a[0])
-			if err != nil {
-				return Value{}, err
-			}
-			key, err := a[1].Bytes(mp.KeySize())
+			mp, key, err := mapAndKey(a)
 			if err != nil {
 				return Value{}, err
 			}

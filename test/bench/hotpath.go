@@ -151,29 +151,8 @@ func measureHotPath(e *env, o options) (*hotPathResults, error) {
 				}
 				res.skb, res.skbEmpty = append(res.skb, float64(prog)), append(res.skbEmpty, float64(empty))
 			}
-			for _, rc := range runCases {
-				ns, err := e.hookRun(e.agent, rc, o, func() (uint64, time.Duration, error) {
-					st, err := e.k.ProgramStats()
-					if err != nil {
-						return 0, 0, err
-					}
-					return st[rc.hook].Runs, st[rc.hook].Time, nil
-				})
-				if err != nil {
-					return nil, err
-				}
-				res.run[n][rc.name] = append(res.run[n][rc.name], ns)
-				ns, err = e.hookRun(floorCg, rc, o, func() (uint64, time.Duration, error) {
-					st, err := floors[rc.hook].Stats()
-					if err != nil {
-						return 0, 0, err
-					}
-					return st.RunCount, st.Runtime, nil
-				})
-				if err != nil {
-					return nil, err
-				}
-				res.floor[n][rc.name] = append(res.floor[n][rc.name], ns)
+			if err := e.runRound(o, floorCg, floors, res.run[n], res.floor[n]); err != nil {
+				return nil, err
 			}
 		}
 	}
@@ -190,33 +169,42 @@ func measureHotPath(e *env, o options) (*hotPathResults, error) {
 	}
 	res.fleetRun, res.fleetFloor = map[string][]float64{}, map[string][]float64{}
 	for range o.rounds {
-		for _, rc := range runCases {
-			ns, err := e.hookRun(e.agent, rc, o, func() (uint64, time.Duration, error) {
-				st, err := e.k.ProgramStats()
-				if err != nil {
-					return 0, 0, err
-				}
-				return st[rc.hook].Runs, st[rc.hook].Time, nil
-			})
-			if err != nil {
-				return nil, err
-			}
-			res.fleetRun[rc.name] = append(res.fleetRun[rc.name], ns)
-			ns, err = e.hookRun(floorCg, rc, o, func() (uint64, time.Duration, error) {
-				st, err := floors[rc.hook].Stats()
-				if err != nil {
-					return 0, 0, err
-				}
-				return st.RunCount, st.Runtime, nil
-			})
-			if err != nil {
-				return nil, err
-			}
-			res.fleetFloor[rc.name] = append(res.fleetFloor[rc.name], ns)
+		if err := e.runRound(o, floorCg, floors, res.fleetRun, res.fleetFloor); err != nil {
+			return nil, err
 		}
 	}
 	// Unloading tether (the pins go) takes the fleet with it.
 	return res, e.apply(state{})
+}
+
+// runRound runs every run case once in the agent (tether's program, into run) and once in the
+// floor cgroup (the empty program, into floor).
+func (e *env) runRound(o options, floorCg string, floors map[string]*ebpf.Program, run, floor map[string][]float64) error {
+	for _, rc := range runCases {
+		ns, err := e.hookRun(e.agent, rc, o, func() (uint64, time.Duration, error) {
+			st, err := e.k.ProgramStats()
+			if err != nil {
+				return 0, 0, err
+			}
+			return st[rc.hook].Runs, st[rc.hook].Time, nil
+		})
+		if err != nil {
+			return err
+		}
+		run[rc.name] = append(run[rc.name], ns)
+		ns, err = e.hookRun(floorCg, rc, o, func() (uint64, time.Duration, error) {
+			st, err := floors[rc.hook].Stats()
+			if err != nil {
+				return 0, 0, err
+			}
+			return st.RunCount, st.Runtime, nil
+		})
+		if err != nil {
+			return err
+		}
+		floor[rc.name] = append(floor[rc.name], ns)
+	}
+	return nil
 }
 
 // loadFleet puts n agents into the kernel beside the bench's (slots 1 to n), each with three

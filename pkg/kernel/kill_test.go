@@ -34,6 +34,7 @@ func TestPrivilegedKillLatch(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		defer p.Close()
 		got, err := p.Run(SockCall{Hook: "connect4", Cgroup: id, UnderParent: true, Tgid: 1, Proto: 6, Dst: netip.AddrPortFrom(h.V4, ok)})
 		if err != nil {
 			t.Fatal(err)

@@ -24,16 +24,18 @@ type PathCount struct {
 	Verdict uint64
 }
 
-// Paths runs tether's programs on a snapshot of the kernel maps (rule sets, bindings, agents,
-// lineage, .rodata as loaded). Per-CPU maps (the slot cache, the counters) start empty, ring
+// Paths runs tether's programs on the kernel maps: each value a program reads is read from the
+// kernel the first time (rule sets, bindings, agents, lineage, .rodata as loaded), and what the
+// programs write stays here. Per-CPU maps (the slot cache, the counters) start empty, ring
 // buffers accept every record, socket storage starts empty. Each call of a process is emulated
-// with that process's cgroup and ancestors.
+// with that process's cgroup and ancestors. Close releases the inner maps it opened.
 type Paths struct {
-	progs map[string]asm.Instructions // by hook name
-	m     *bpfemu.Machine
-	task  *bpfemu.Region
-	call  *SockCall
-	clock uint64
+	progs  map[string]asm.Instructions // by hook name
+	m      *bpfemu.Machine
+	task   *bpfemu.Region
+	call   *SockCall
+	clock  uint64
+	opened []*ebpf.Map
 }
 
 // SockCall is a socket call of a process, as a socket address hook sees it.
@@ -54,7 +56,8 @@ type SockCall struct {
 // NewSocket is a socket for SockCall.Socket.
 func NewSocket() *bpfemu.Region { return bpfemu.NewRegion("socket", 256) }
 
-// Paths snapshots the maps for an emulated run of the programs.
+// Paths readies an emulated run of the programs on this Kernel's maps (see Paths). It reads
+// nothing yet: a run reads the few values it needs, so it costs the same at 16,384 slots.
 func (k *Kernel) Paths() (*Paths, error) {
 	spec, err := loadBpf()
 	if err != nil {
@@ -72,9 +75,9 @@ func (k *Kernel) Paths() (*Paths, error) {
 		if live == nil {
 			continue // not loaded (a program that needs it is not emulated)
 		}
-		em, err := snapshotMap(name, ms, live)
+		em, err := p.emulated(name, ms, live)
 		if err != nil {
-			return nil, fmt.Errorf("snapshot of %s: %w", name, err)
+			return nil, fmt.Errorf("map %s: %w", name, err)
 		}
 		maps[name] = em
 	}
@@ -88,53 +91,78 @@ func (k *Kernel) Paths() (*Paths, error) {
 	return p, nil
 }
 
-func snapshotMap(name string, spec *ebpf.MapSpec, live *ebpf.Map) (bpfemu.Map, error) {
-	key, value := int(spec.KeySize), int(spec.ValueSize)
+// Close releases the inner maps the runs opened.
+func (p *Paths) Close() {
+	for _, m := range p.opened {
+		m.Close()
+	}
+	p.opened = nil
+}
+
+func (p *Paths) emulated(name string, spec *ebpf.MapSpec, live *ebpf.Map) (bpfemu.Map, error) {
 	switch spec.Type {
 	case ebpf.PerCPUArray, ebpf.PerCPUHash, ebpf.CGroupArray:
 		// Caches and counters start empty; agent parents are the call's UnderParent.
-		return bpfemu.NewArray(name, int(spec.MaxEntries), value), nil
+		return bpfemu.NewArray(name, int(spec.MaxEntries), int(spec.ValueSize)), nil
 	case ebpf.RingBuf:
 		return &bpfemu.RingBuf{}, nil
 	case ebpf.SkStorage:
-		return bpfemu.NewSkStorage(name, value), nil
-	case ebpf.Array:
-		a := bpfemu.NewArray(name, int(spec.MaxEntries), value)
-		return a, each(live, func(k, v []byte) error { return a.Update(k, v, 0) })
-	case ebpf.Hash, ebpf.LRUHash:
-		h := bpfemu.NewHash(name, key, value, int(spec.MaxEntries))
-		return h, each(live, func(k, v []byte) error { return h.Update(k, v, 0) })
-	case ebpf.LPMTrie:
-		t := bpfemu.NewTrie(name, key, value)
-		return t, each(live, func(k, v []byte) error { return t.Update(k, v, 0) })
-	case ebpf.ArrayOfMaps, ebpf.HashOfMaps:
-		mm := bpfemu.NewMapOfMaps(name, key)
-		return mm, each(live, func(k, v []byte) error {
-			inner, err := ebpf.NewMapFromID(ebpf.MapID(binary.LittleEndian.Uint32(v)))
-			if err != nil {
-				return err
-			}
-			defer inner.Close()
-			em, err := snapshotMap(name+" inner", spec.InnerMap, inner)
-			if err != nil {
-				return err
-			}
-			mm.Inner[string(k)] = em
-			return nil
-		})
+		return bpfemu.NewSkStorage(name, int(spec.ValueSize)), nil
+	case ebpf.Array, ebpf.Hash, ebpf.LRUHash, ebpf.LPMTrie, ebpf.ArrayOfMaps, ebpf.HashOfMaps:
+		return &liveMap{p: p, name: name, spec: spec, live: live, seen: map[string]*bpfemu.Region{}}, nil
 	}
 	return nil, fmt.Errorf("map type %v is not emulated", spec.Type)
 }
 
-func each(m *ebpf.Map, f func(k, v []byte) error) error {
-	var k, v []byte
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		if err := f(k, v); err != nil {
-			return err
-		}
+// liveMap is a kernel map as a program run sees it: a value is read from the kernel at its first
+// lookup (the kernel's own lookup: longest prefix for a trie, the inner map for a map of maps),
+// and the run's writes stay in seen.
+type liveMap struct {
+	p    *Paths
+	name string
+	spec *ebpf.MapSpec
+	live *ebpf.Map
+	seen map[string]*bpfemu.Region // by key; nil: no entry
+}
+
+func (l *liveMap) KeySize() int   { return int(l.spec.KeySize) }
+func (l *liveMap) ValueSize() int { return int(l.spec.ValueSize) }
+
+func (l *liveMap) Lookup(key []byte) (*bpfemu.Region, error) {
+	if r, ok := l.seen[string(key)]; ok {
+		return r, nil
 	}
-	return it.Err()
+	var r *bpfemu.Region
+	v := make([]byte, l.spec.ValueSize)
+	switch err := l.live.Lookup(key, &v); {
+	case errors.Is(err, ebpf.ErrKeyNotExist):
+	case err != nil:
+		return nil, fmt.Errorf("reading %s: %w", l.name, err)
+	case l.spec.Type == ebpf.ArrayOfMaps || l.spec.Type == ebpf.HashOfMaps:
+		inner, err := ebpf.NewMapFromID(ebpf.MapID(binary.LittleEndian.Uint32(v)))
+		if err != nil {
+			return nil, fmt.Errorf("opening an inner map of %s: %w", l.name, err)
+		}
+		l.p.opened = append(l.p.opened, inner)
+		r = &bpfemu.Region{Name: l.name + " inner", Map: &liveMap{p: l.p, name: l.name + " inner", spec: l.spec.InnerMap, live: inner, seen: map[string]*bpfemu.Region{}}}
+	default:
+		r = bpfemu.NewRegion(l.name+" value", len(v))
+		copy(r.Mem, v)
+	}
+	l.seen[string(key)] = r
+	return r, nil
+}
+
+func (l *liveMap) Update(key, value []byte, _ uint64) error {
+	r := bpfemu.NewRegion(l.name+" value", int(l.spec.ValueSize))
+	copy(r.Mem, value)
+	l.seen[string(key)] = r
+	return nil
+}
+
+func (l *liveMap) Delete(key []byte) error {
+	l.seen[string(key)] = nil
+	return nil
 }
 
 func (p *Paths) addHelpers() {

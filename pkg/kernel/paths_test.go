@@ -40,6 +40,7 @@ func TestPrivilegedPaths(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer p.Close()
 	// budget: the most instructions the path may take (what it takes today, with a little room):
 	// a change that makes the hot path longer fails here and has to say why.
 	cases := []struct {

@@ -107,34 +107,43 @@ func (k *Kernel) MapMemory() (dataplane.MapMemory, error) {
 	for _, name := range perSlotMaps {
 		out.PerSlot += out.Maps[name] / dataplane.MaxAgents
 	}
-	slots := map[uint32]bool{}
+	// The tries of the slots this tetherd has handled (it adopts every pinned agent at start): two
+	// lookups a slot, not one for each of tether_rulesets' 32,769 entries.
 	var tries uint64
-	var idx, id uint32
-	it := k.rulesets.Iterate()
-	for it.Next(&idx, &id) {
-		inner, err := ebpf.NewMapFromID(ebpf.MapID(id))
-		if err != nil {
-			continue // replaced since: counted at the next read
+	for slot := range dataplane.Slot(dataplane.MaxAgents) {
+		k.slotsMu.Lock()
+		st := k.slots[slot]
+		k.slotsMu.Unlock()
+		if st == nil {
+			continue
 		}
-		n, err := memlock(inner)
-		inner.Close()
-		if err != nil {
-			return out, err
+		held := false
+		for i := range uint32(2) {
+			var id uint32
+			if err := k.rulesets.Lookup(bufIndex(slot, i), &id); err != nil {
+				continue // none, or replaced since: counted at the next read
+			}
+			inner, err := ebpf.NewMapFromID(ebpf.MapID(id))
+			if err != nil {
+				continue
+			}
+			n, err := memlock(inner)
+			inner.Close()
+			if err != nil {
+				return out, err
+			}
+			tries += n
+			held = true
 		}
-		tries += n
-		if idx < graceIndex {
-			slots[idx/2] = true
+		if held {
+			out.Agents++
 		}
-	}
-	if err := it.Err(); err != nil {
-		return out, fmt.Errorf("reading the rule sets: %w", err)
 	}
 	out.Maps["rule_set_tries"] = tries
 	out.Total += tries
 	if out.Total == 0 {
 		return out, errors.New("the kernel reports no map memory (fdinfo memlock)")
 	}
-	out.Agents = len(slots)
 	if out.Agents > 0 {
 		out.PerAgentRules = tries / uint64(out.Agents)
 	}

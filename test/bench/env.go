@@ -201,6 +201,12 @@ func (h *heldConns) Close() error { h.drop(); return nil }
 
 func (e *env) close() {
 	e.setTether(0)
+	// A load that failed halfway leaves pins without a handle: they go too.
+	if _, err := os.Stat(e.pin); e.pin != "" && err == nil {
+		if err := bpffs.RemovePins(e.pin); err != nil {
+			fmt.Fprintln(os.Stderr, "bench: removing pins:", err)
+		}
+	}
 	for _, c := range e.closers {
 		c.Close()
 	}

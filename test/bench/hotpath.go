@@ -257,6 +257,7 @@ func (e *env) countPaths() (map[string]kernel.PathCount, error) {
 	if err != nil {
 		return nil, err
 	}
+	defer p.Close()
 	out := map[string]kernel.PathCount{}
 	for _, c := range pathCases {
 		call := kernel.SockCall{Hook: c.hook, Cgroup: e.agentID, UnderParent: true, Tgid: uint32(os.Getpid()), Proto: c.proto, Dst: c.dst(e)}

@@ -15,8 +15,8 @@ import (
 )
 
 // PathCount is what one run of a program executed, counted by running the program as compiled
-// (the ELF's instructions, before the verifier's rewrites) in an emulator over a copy of the
-// maps this Kernel holds. Unlike its run time it does not move with the machine's load.
+// (the ELF's instructions, before the verifier's rewrites) in an emulator on the maps this
+// Kernel holds. Unlike its run time it does not move with the machine's load.
 type PathCount struct {
 	Insns   int // BPF instructions executed (a helper call counts one)
 	Helpers int // helper calls

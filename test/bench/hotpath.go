@@ -285,8 +285,8 @@ func (e *env) countPaths() (map[string]kernel.PathCount, error) {
 }
 
 func reportHotPath(w io.Writer, hp *hotPathResults) {
-	fmt.Fprintln(w, "\nHOT PATH: BPF instructions each hook executes (the program as compiled, run in an emulator on a copy of the")
-	fmt.Fprintln(w, "kernel maps of the agent; a process's second call: the slot cache filled; production sampling, no allow emitted)")
+	fmt.Fprintln(w, "\nHOT PATH: BPF instructions each hook executes (the program as compiled, run in an emulator on the kernel's")
+	fmt.Fprintln(w, "maps of the agent; a process's second call: the slot cache filled; production sampling, no allow emitted)")
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprint(tw, "PATH")
 	for _, n := range hp.rules {

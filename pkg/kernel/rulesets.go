@@ -168,7 +168,11 @@ func (k *Kernel) SetFlags(slot dataplane.Slot, flags dataplane.AgentFlags) error
 		st.mu.Unlock()
 		return err
 	}
-	killed := flags&dataplane.AgentKilled != 0 && st.flags&uint32(dataplane.AgentKilled) == 0
+	// A flag Kill latched has had its sweep requested already.
+	st.valMu.Lock()
+	latched := st.killed
+	st.valMu.Unlock()
+	killed := flags&dataplane.AgentKilled != 0 && st.flags&uint32(dataplane.AgentKilled) == 0 && !latched
 	err := k.writeAgent(st, slot, uint32(flags), st.active)
 	st.mu.Unlock()
 	if err == nil && killed {

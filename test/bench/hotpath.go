@@ -130,6 +130,7 @@ func measureHotPath(e *env, o options) (*hotPathResults, error) {
 	}
 	defer stats.Close()
 
+	top := slices.Max(o.rules)
 	for _, n := range o.rules {
 		if err := e.apply(state{tether: n}); err != nil {
 			return nil, err
@@ -141,7 +142,7 @@ func measureHotPath(e *env, o options) (*hotPathResults, error) {
 		res.counts[n] = counts
 		res.run[n], res.floor[n] = map[string][]float64{}, map[string][]float64{}
 		for range o.rounds {
-			if n == slices.Max(o.rules) {
+			if n == top {
 				verdict, prog, empty, err := e.k.TestRunSkb("egress_skb", udpPacket(), max(1000, int(100_000*o.scale)))
 				if err != nil {
 					return nil, err
@@ -343,10 +344,7 @@ func mib(n uint64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
 func kib(n uint64) string { return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10)) }
 
 func hotPathGoals(goal func(bool, string, ...any), hp *hotPathResults) {
-	top := hp.rules[len(hp.rules)-1]
-	for _, n := range hp.rules {
-		top = max(top, n)
-	}
+	top := slices.Max(hp.rules)
 	for _, rc := range runCases {
 		if rc.probe == tcpLo {
 			continue // the goal is the per-call cost of a connect and a datagram (UDP loops)

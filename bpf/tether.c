@@ -309,20 +309,20 @@ static __always_inline int tether_walk_slot(__u64 id, __u32 *slot)
 }
 
 /* tether_find_slot is tether_walk_slot behind a per-CPU cache of the last answer, valid while the
- * daemon has not changed any binding since (bindings_gen). It saves the hash lookup (and the
- * ancestor walk of nested cgroups) on the hot path of a process that connects again and again. */
+ * daemon has not changed any binding since (see struct tether_slot_cache_entry). It saves the hash
+ * lookup (and the ancestor walk of nested cgroups) on the hot path of a process that connects again
+ * and again. */
 static __always_inline int tether_find_slot(__u64 *cgroup_id, __u32 *slot)
 {
 	__u64 id = bpf_get_current_cgroup_id();
 	__u32 zero = 0;
 	*cgroup_id = id;
 
-	struct tether_config_entry *cfg = bpf_map_lookup_elem(&tether_config, &zero);
 	struct tether_slot_cache_entry *c = bpf_map_lookup_elem(&tether_slot_cache, &zero);
-	if (!cfg || !c)
+	if (!c)
 		return tether_walk_slot(id, slot);
 	/* Read before the walk: a change racing it leaves an entry of the old generation. */
-	__u64 gen = cfg->bindings_gen & 0xffffffff;
+	__u64 gen = *(volatile __u32 *)&c->bindings_gen;
 	__u64 cid = c->cgroup_id, packed = c->packed, check = c->check;
 	if (cid == id && packed >> 32 == gen && check == (cid ^ packed ^ TETHER_CACHE_MAGIC)) {
 		*slot = (packed >> 1) & 0x7fffffff;
@@ -504,19 +504,16 @@ static __always_inline int tether_finish(struct tether_decision *d, void *rules)
 	return d->verdict != TETHER_VERDICT_DENY;
 }
 
-/* tether_begin_slot resolves the rule set of the agent in d->slot (*slot_key: a copy on the stack
- * where d is not, since 6.1 takes no other memory as a map key). It returns the rule set, or NULL
- * after it has set d->verdict for the cases that need no rule (killed, nothing installed). */
-static __always_inline void *tether_begin_slot(struct tether_decision *d, __u32 *slot_key)
+/* tether_agent_state reads the state of the agent in d->slot (*slot_key: a copy on the stack where
+ * d is not, since 6.1 takes no other memory as a map key) into d: 1 when it is active, with its
+ * buffer in d->buf; else 0 after it has set d->verdict (killed, nothing installed). */
+static __always_inline int tether_agent_state(struct tether_decision *d, __u32 *slot_key)
 {
-	struct tether_agent *agent;
-	void *rules;
-
-	agent = bpf_map_lookup_elem(&tether_agents, slot_key);
+	struct tether_agent *agent = bpf_map_lookup_elem(&tether_agents, slot_key);
 	if (!agent) {
 		d->reason = TETHER_REASON_NO_RULESET;
 		d->verdict = TETHER_VERDICT_DENY;
-		return NULL;
+		return 0;
 	}
 	/* One read of each: the daemon rewrites this value as a whole. What concerns a buffer
 	 * (generation, floor, bulk, trie_max) it writes before the write that puts the buffer in
@@ -527,26 +524,45 @@ static __always_inline void *tether_begin_slot(struct tether_decision *d, __u32 
 	if (flags & TETHER_AGENT_KILLED) {
 		d->reason = TETHER_REASON_KILLED;
 		d->verdict = TETHER_VERDICT_DENY;
-		return NULL;
+		return 0;
 	}
-	__u32 buf = d->slot * 2 + active;
-	d->buf = buf;
+	d->buf = d->slot * 2 + active;
 	d->host_floor = agent->floor[active];
 	d->bulk = agent->bulk[active];
 	d->trie_max = agent->trie_max[active];
-	rules = bpf_map_lookup_elem(&tether_rulesets, &buf);
-	if (!(flags & TETHER_AGENT_ACTIVE) || !rules) {
+	if (!(flags & TETHER_AGENT_ACTIVE)) {
 		d->reason = TETHER_REASON_NO_RULESET;
 		d->verdict = TETHER_VERDICT_DENY;
-		return NULL;
+		return 0;
+	}
+	return 1;
+}
+
+/* tether_ruleset returns the rule set in d->buf, or NULL after it has set d->verdict. */
+static __always_inline void *tether_ruleset(struct tether_decision *d)
+{
+	__u32 buf = d->buf;
+	void *rules = bpf_map_lookup_elem(&tether_rulesets, &buf);
+	if (!rules) {
+		d->reason = TETHER_REASON_NO_RULESET;
+		d->verdict = TETHER_VERDICT_DENY;
 	}
 	return rules;
 }
 
-/* tether_begin resolves the current task's agent and its rule set: as tether_begin_slot, and
- * for a task in no agent NULL with the unknown-cgroup verdict, or a deny for depth when the walk
- * may have missed its agent (see tether_too_deep). */
-static __always_inline void *tether_begin(struct tether_decision *d)
+/* tether_begin_slot resolves the rule set of the agent in d->slot: as tether_agent_state, then
+ * tether_ruleset. */
+static __always_inline void *tether_begin_slot(struct tether_decision *d, __u32 *slot_key)
+{
+	if (!tether_agent_state(d, slot_key))
+		return NULL;
+	return tether_ruleset(d);
+}
+
+/* tether_begin_agent resolves the current task's agent: as tether_agent_state, and for a task in
+ * no agent 0 with the unknown-cgroup verdict, or a deny for depth when the walk may have missed
+ * its agent (see tether_too_deep). */
+static __always_inline int tether_begin_agent(struct tether_decision *d)
 {
 	if (!tether_find_slot(&d->cgroup_id, &d->slot)) {
 		d->slot = TETHER_NO_SLOT;
@@ -556,9 +572,18 @@ static __always_inline void *tether_begin(struct tether_decision *d)
 			d->reason = TETHER_REASON_DEPTH;
 			d->verdict = TETHER_VERDICT_DENY;
 		}
-		return NULL;
+		return 0;
 	}
-	return tether_begin_slot(d, &d->slot);
+	return tether_agent_state(d, &d->slot);
+}
+
+/* tether_begin resolves the current task's agent and its rule set: tether_begin_agent, then
+ * tether_ruleset. */
+static __always_inline void *tether_begin(struct tether_decision *d)
+{
+	if (!tether_begin_agent(d))
+		return NULL;
+	return tether_ruleset(d);
 }
 
 /* tether_no_match turns "no rule matched" into deny or, in audit mode, a would-deny. */
@@ -721,9 +746,11 @@ static __always_inline struct tether_host_value *tether_host_match(struct tether
 }
 
 /* tether_egress_rules decides d (a connect, datagram or live socket to d->addr and d->dport) by
- * the rule set rules: by the longest prefix that matches, whether it is in tether_hosts (a host,
- * or the bulk length) or the trie. */
-static __always_inline void tether_egress_rules(struct tether_decision *d, void *rules, const int current)
+ * the rule set in d->buf: by the longest prefix that matches, whether it is in tether_hosts (a
+ * host, or the bulk length) or the trie. rules is that rule set, or NULL to look it up only when
+ * it is needed (a trie that could hold a longer match, or no match): a host rule that allows
+ * decides without it. It returns the rule set (NULL if not looked up, or missing: then denied). */
+static __always_inline void *tether_egress_rules(struct tether_decision *d, void *rules, const int current)
 {
 	int allowed = 0, audit_hit = 0;
 	__u8 reason = TETHER_REASON_NO_RULE;
@@ -735,6 +762,10 @@ static __always_inline void tether_egress_rules(struct tether_decision *d, void 
 	}
 	struct tether_rule_value *v = NULL;
 	if (d->trie_max && (!h || d->trie_max > len)) {
+		if (!rules)
+			rules = tether_ruleset(d);
+		if (!rules)
+			return NULL;
 		struct tether_rule_key key = {};
 		key.prefixlen = 8 + 128;
 		key.kind = TETHER_RULE_EGRESS;
@@ -747,16 +778,21 @@ static __always_inline void tether_egress_rules(struct tether_decision *d, void 
 		allowed = tether_ports_allow(d, v->ports, v->count, TETHER_MAX_PORT_RULES, &audit_hit, &reason, current);
 	else if (h)
 		allowed = tether_ports_allow(d, h->ports, h->count, TETHER_HOST_PORT_RULES, &audit_hit, &reason, current);
+	if (!allowed && !rules)
+		rules = tether_ruleset(d);
+	if (!allowed && !rules)
+		return NULL;
 	tether_ports_verdict(d, rules, allowed, audit_hit, reason);
+	return rules;
 }
 
 /* tether_egress decides a connect or sendmsg of the current task to addr (IPv6 or v4-mapped)
  * and port. */
 static __always_inline int tether_egress(struct tether_decision *d)
 {
-	void *rules = tether_begin(d);
-	if (rules)
-		tether_egress_rules(d, rules, 1);
+	void *rules = NULL;
+	if (tether_begin_agent(d))
+		rules = tether_egress_rules(d, NULL, 1);
 	return tether_finish(d, rules);
 }
 

@@ -190,14 +190,19 @@ struct tether_config_entry {
 
 /* tether_slot_cache value: the last cgroup -> slot answer on this CPU. Programs on one CPU can
  * preempt each other, so an entry may be torn; check = cgroup_id ^ packed ^ TETHER_CACHE_MAGIC
- * makes a torn entry fail unless it equals a whole one. packed = gen << 32 | slot << 1 | found. */
+ * makes a torn entry fail unless it equals a whole one. packed = gen << 32 | slot << 1 | found.
+ * The answer holds while gen equals the entry's bindings_gen, which only the daemon writes: after
+ * every change of tether_cgroups (and tether_config.bindings_gen) it writes every CPU's entry with
+ * the new generation and no answer. A program reads the entry's generation before its walk, so an
+ * answer from before a change carries the old one. This saves the hot path a read of
+ * tether_config. */
 struct tether_slot_cache_entry {
 	__u64 cgroup_id;
 	__u64 packed;
 	__u64 check;
 	/* Allows left on this CPU before the next one is sampled (see tether_should_emit). */
 	__u32 sample_left;
-	__u32 pad;
+	__u32 bindings_gen;
 };
 
 /* tether_agents value: state the kernel checks before any rule. One per slot. The daemon

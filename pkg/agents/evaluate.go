@@ -179,7 +179,9 @@ func (r *Registry) Refresh(ctx context.Context) error {
 			list = append(list, a)
 		}
 	}
-	// Each worker owns its agents; r.mu keeps everything else out meanwhile.
+	// Each worker owns its agents; r.mu keeps everything else out meanwhile. The agents are
+	// compiled at one moment: each path is looked at once for all of them.
+	ctx = compile.WithMemo(ctx)
 	errs := make([]error, len(list))
 	work := make(chan int)
 	var wg sync.WaitGroup
@@ -210,6 +212,7 @@ func (r *Registry) Refresh(ctx context.Context) error {
 func (r *Registry) Recompile(ctx context.Context) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	ctx = compile.WithMemo(ctx)
 	for _, a := range r.agents {
 		if a.removing || a.rs == nil || a.ctx.Revoked {
 			continue

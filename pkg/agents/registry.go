@@ -245,6 +245,13 @@ type agent struct {
 	ceiling   *grants.Grants     // a handed-over task's grants are at most these (the sender's)
 	flags     dataplane.AgentFlags
 	synced    bool // the kernel holds rs, flags, info and the binding
+	// wrote is what the last writes put into the kernel, while synced: apply writes the flags and
+	// the binding again only when they changed (a policy change touches neither; a binding costs
+	// a walk of the cgroup's processes).
+	wrote struct {
+		flags  dataplane.AgentFlags
+		cgroup uint64 // 0: not bound by this registry yet
+	}
 	evaluated time.Time
 	next      time.Time   // next evaluation the context calls for
 	timer     *time.Timer // fires at next
@@ -516,15 +523,24 @@ func (r *Registry) apply(a *agent) error {
 		}
 		return dp.Install(a.slot, a.rs)
 	}
+	setFlags := func() error {
+		if a.synced && a.wrote.flags == a.flags {
+			return nil
+		}
+		return dp.SetFlags(a.slot, a.flags)
+	}
 	err := errors.Join(
 		r.write("installing rule set", install),
-		r.write("setting agent state", func() error { return dp.SetFlags(a.slot, a.flags) }),
+		r.write("setting agent state", setFlags),
 		r.write("recording agent info", func() error { return dp.PutInfo(a.slot, a.info) }),
 	)
-	if err == nil {
+	if err == nil && (!a.synced || a.wrote.cgroup != a.info.CgroupID) {
 		err = r.write("binding cgroup", func() error { return dp.Bind(a.info.CgroupID, a.slot) })
 	}
 	a.synced = err == nil
+	if a.synced {
+		a.wrote.flags, a.wrote.cgroup = a.flags, a.info.CgroupID
+	}
 	if err != nil {
 		a.err = err
 	} else {
@@ -642,6 +658,7 @@ func (r *Registry) SetKilled(slot dataplane.Slot, killed bool) (Agent, error) {
 		a.synced, a.err = false, err
 		return r.view(a), err
 	}
+	a.wrote.flags = a.flags
 	r.log.Info("agent killed flag", "slot", slot, "spiffe_id", a.info.SpiffeID, "killed", killed)
 	return r.view(a), nil
 }

@@ -781,3 +781,45 @@ func TestApprovalsAreCountedGrants(t *testing.T) {
 		t.Errorf("approval expired, grant still in force: %v", e.dp.Grants())
 	}
 }
+
+// TestPolicyChangeWritesOnlyTheRuleSet checks that a policy change rewrites an agent's rule set
+// and info but not its flags or binding (a binding walks the cgroup's processes: at 10,000 agents
+// that was most of a policy change), that a change of flags is still written, and that after a
+// failed write everything is written again.
+func TestPolicyChangeWritesOnlyTheRuleSet(t *testing.T) {
+	e := newEnv(t)
+	a := e.register(t, "spiffe://example.org/a")
+	calls := func(do func()) []string {
+		t.Helper()
+		e.dp.Calls = nil
+		do()
+		return slices.Clone(e.dp.Calls)
+	}
+	refresh := func() {
+		if err := e.reg.Refresh(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.ev.set("spiffe://example.org/a", grants.Grants{Egress: []grants.Egress{{CIDR: "10.1.0.0/16"}}})
+	if got := calls(refresh); !slices.Equal(got, []string{"Install", "PutInfo"}) {
+		t.Errorf("policy change: kernel calls %v, want [Install PutInfo]", got)
+	}
+	if got := calls(func() {
+		if _, err := e.reg.SetKilled(a.Slot, true); err != nil {
+			t.Fatal(err)
+		}
+	}); !slices.Contains(got, "SetFlags") {
+		t.Errorf("kill: kernel calls %v, want SetFlags", got)
+	}
+	if f, _ := e.dp.Flags(a.Slot); f&dataplane.AgentKilled == 0 {
+		t.Errorf("flags after the kill %v", f)
+	}
+	e.dp.Fail("Install", 4) // every attempt of one write
+	e.ev.set("spiffe://example.org/a", grants.Grants{Egress: []grants.Egress{{CIDR: "10.2.0.0/16"}}})
+	if err := e.reg.Refresh(context.Background()); err == nil {
+		t.Fatal("a policy change whose install failed returned no error")
+	}
+	if got := calls(e.reg.Reconcile); !slices.Contains(got, "Bind") || !slices.Contains(got, "SetFlags") {
+		t.Errorf("after a failed write: kernel calls %v, want everything written again", got)
+	}
+}

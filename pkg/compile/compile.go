@@ -87,6 +87,7 @@ func (r *Result) Err() error {
 
 // Compile compiles g. It always returns a rule set the kernel can hold; see the package comment.
 func Compile(ctx context.Context, g grants.Grants, opts Options) *Result {
+	opts.Files = memoized(ctx, opts.Files)
 	c := compiler{opts: opts}
 	if c.opts.Now.IsZero() {
 		c.opts.Now = time.Now()

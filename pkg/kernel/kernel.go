@@ -96,6 +96,7 @@ type Kernel struct {
 	counters      *ebpf.Map
 	agentCounters *ebpf.Map
 	agentAllows   *ebpf.Map // per CPU
+	slotCache     *ebpf.Map // per CPU
 	agentInfo     *ebpf.Map
 	grants        *ebpf.Map
 	config        *ebpf.Map
@@ -246,6 +247,7 @@ func (k *Kernel) load() error {
 	k.counters = coll.Maps[bpfMapTetherCounters]
 	k.agentCounters = coll.Maps[bpfMapTetherAgentCounters]
 	k.agentAllows = coll.Maps[bpfMapTetherAgentAllows]
+	k.slotCache = coll.Maps[bpfMapTetherSlotCache]
 	k.agentInfo = coll.Maps[bpfMapTetherAgentInfo]
 	k.grants = coll.Maps[bpfMapTetherGrantUses]
 	k.config = coll.Maps[bpfMapTetherConfig]

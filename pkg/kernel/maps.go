@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"path/filepath"
 	"strings"
@@ -41,9 +42,32 @@ func (k *Kernel) Bind(cgroupID uint64, slot dataplane.Slot) error {
 }
 
 // bindingsChanged bumps the generation that invalidates the programs' per-CPU cache of
-// cgroup -> slot answers. It runs after every change of tether_cgroups.
+// cgroup -> slot answers. It runs after every change of tether_cgroups. The programs read the
+// generation from the cache's entry on their CPU, not from tether_config (one map fewer on the hot
+// path), so the new generation is written into every CPU's entry, with no answer, before this
+// returns (see struct tether_slot_cache_entry). An error leaves the change to be made again: the
+// registry retries its writes.
 func (k *Kernel) bindingsChanged() error {
-	return k.updateConfig("bumping binding generation", func(c *bpfTetherConfigEntry) { c.BindingsGen++ })
+	var gen uint64
+	if err := k.updateConfig("bumping binding generation", func(c *bpfTetherConfigEntry) {
+		c.BindingsGen++
+		gen = c.BindingsGen
+	}); err != nil {
+		return err
+	}
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		return fmt.Errorf("writing binding generation %d into the per-CPU cache: %w", gen, err)
+	}
+	entries := make([]bpfTetherSlotCacheEntry, cpus)
+	for i := range entries {
+		// sample_left is overwritten too: a new random countdown for each CPU.
+		entries[i] = bpfTetherSlotCacheEntry{BindingsGen: uint32(gen), SampleLeft: 1 + rand.Uint32N(2*max(k.opts.AllowSample, 1)-1)}
+	}
+	if err := k.slotCache.Update(uint32(0), entries, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("writing binding generation %d into the per-CPU cgroup -> slot cache: %w", gen, err)
+	}
+	return nil
 }
 
 // updateConfig changes tether_config with change.

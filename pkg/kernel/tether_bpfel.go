@@ -279,12 +279,12 @@ type bpfTetherRuleValue struct {
 }
 
 type bpfTetherSlotCacheEntry struct {
-	_          structs.HostLayout
-	CgroupId   uint64
-	Packed     uint64
-	Check      uint64
-	SampleLeft uint32
-	Pad        uint32
+	_           structs.HostLayout
+	CgroupId    uint64
+	Packed      uint64
+	Check       uint64
+	SampleLeft  uint32
+	BindingsGen uint32
 }
 
 type bpfTetherSock struct {

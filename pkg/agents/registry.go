@@ -237,14 +237,14 @@ type retiredAgent struct {
 }
 
 type agent struct {
-	info      dataplane.Info
-	slot      dataplane.Slot
-	ctx       Context
-	rs        *dataplane.RuleSet // installed (or to install); nil until the first evaluation
-	grants    grants.Grants      // of the last evaluation, for compiling again without one
-	ceiling   *grants.Grants     // a handed-over task's grants are at most these (the sender's)
-	flags     dataplane.AgentFlags
-	synced    bool // the kernel holds rs, flags, info and the binding
+	info    dataplane.Info
+	slot    dataplane.Slot
+	ctx     Context
+	rs      *dataplane.RuleSet // installed (or to install); nil until the first evaluation
+	grants  grants.Grants      // of the last evaluation, for compiling again without one
+	ceiling *grants.Grants     // a handed-over task's grants are at most these (the sender's)
+	flags   dataplane.AgentFlags
+	synced  bool // the kernel holds rs, flags, info and the binding
 	// wrote is what the last writes put into the kernel, while synced: apply writes the flags and
 	// the binding again only when they changed (a policy change touches neither; a binding costs
 	// a walk of the cgroup's processes).

@@ -103,4 +103,6 @@ func (f memoFiles) WorldWritable(path string) bool {
 	return r
 }
 
-func (f memoFiles) Digest(path string) (FileStat, [sha256.Size]byte, error) { return f.Files.Digest(path) }
+func (f memoFiles) Digest(path string) (FileStat, [sha256.Size]byte, error) {
+	return f.Files.Digest(path)
+}

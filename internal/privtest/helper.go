@@ -55,7 +55,29 @@ func Main(m *testing.M, cleanups ...func()) {
 			fmt.Fprintf(os.Stderr, "unknown test helper %q\n", name)
 			os.Exit(2)
 		}
-		if os.Getenv(netnsEnv) != "" {
+		switch os.Getenv(netnsEnv) {
+		case "":
+		case "thread":
+			// Only one thread, not the process's first, joins the namespace (StartStreamInThread):
+			// /proc/PID/ns/net still names the first thread's.
+			runtime.LockOSThread() // this goroutine keeps the first thread
+			code := make(chan int)
+			go func() {
+				runtime.LockOSThread()
+				if unix.Gettid() == unix.Getpid() {
+					fmt.Fprintln(os.Stderr, "the helper's thread is the process's first")
+					code <- 2
+					return
+				}
+				if err := unix.Setns(3, unix.CLONE_NEWNET); err != nil {
+					fmt.Fprintln(os.Stderr, "joining the network namespace:", err)
+					code <- 2
+					return
+				}
+				code <- f(os.Args[1:])
+			}()
+			os.Exit(<-code)
+		default:
 			// The helper's sockets are made on this goroutine, locked to a thread in the
 			// network namespace passed as descriptor 3 (StartStreamIn).
 			runtime.LockOSThread()

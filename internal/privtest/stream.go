@@ -194,6 +194,18 @@ func StartStream(t testing.TB, cgroupPath, network, address string) *Stream {
 // StartStreamIn is StartStream with the helper's socket in the network namespace of host h.
 func StartStreamIn(t testing.TB, h *Host, cgroupPath, network, address string) *Stream {
 	t.Helper()
+	return startStreamIn(t, h, cgroupPath, network, address, "1")
+}
+
+// StartStreamInThread is StartStreamIn with only the thread that makes the socket in h's
+// namespace: the helper's first thread, which /proc/PID/ns/net names, stays in the test's.
+func StartStreamInThread(t testing.TB, h *Host, cgroupPath, network, address string) *Stream {
+	t.Helper()
+	return startStreamIn(t, h, cgroupPath, network, address, "thread")
+}
+
+func startStreamIn(t testing.TB, h *Host, cgroupPath, network, address, how string) *Stream {
+	t.Helper()
 	cmd := Command(t, cgroupPath, "stream", network, address)
 	ns, err := unix.Dup(h.NetNS())
 	if err != nil {
@@ -202,7 +214,7 @@ func StartStreamIn(t testing.TB, h *Host, cgroupPath, network, address string) *
 	f := os.NewFile(uintptr(ns), "netns")
 	t.Cleanup(func() { f.Close() })
 	cmd.ExtraFiles = []*os.File{f}
-	cmd.Env = append(cmd.Env, netnsEnv+"=1")
+	cmd.Env = append(cmd.Env, netnsEnv+"="+how)
 	return startStream(t, cmd, network, address, cgroupPath)
 }
 

@@ -70,25 +70,8 @@ func (d *DNS) Lookup(ctx context.Context, name string) ([]netip.Addr, time.Durat
 		if err != nil {
 			return nil, 0, fmt.Errorf("asking %s: %w", d.server, err)
 		}
-		switch r.Rcode {
-		case dns.RcodeSuccess:
-		case dns.RcodeNameError:
-			return nil, 0, fmt.Errorf("no such name (asked %s)", d.server)
-		default:
-			return nil, 0, fmt.Errorf("%s answered %s", d.server, dns.RcodeToString[r.Rcode])
-		}
-		for _, rr := range r.Answer {
-			ttl = min(ttl, rr.Header().Ttl)
-			switch rr := rr.(type) {
-			case *dns.A:
-				if a, ok := netip.AddrFromSlice(rr.A.To4()); ok {
-					addrs = append(addrs, a)
-				}
-			case *dns.AAAA:
-				if a, ok := netip.AddrFromSlice(rr.AAAA.To16()); ok {
-					addrs = append(addrs, a)
-				}
-			}
+		if addrs, ttl, err = readAnswer(d.server, r, addrs, ttl); err != nil {
+			return nil, 0, err
 		}
 	}
 	life := time.Duration(ttl) * time.Second
@@ -96,6 +79,35 @@ func (d *DNS) Lookup(ctx context.Context, name string) ([]netip.Addr, time.Durat
 	d.cache[fqdn] = dnsAnswer{addrs: addrs, expires: now.Add(life)}
 	d.mu.Unlock()
 	return addrs, life, nil
+}
+
+// readAnswer adds the addresses of the DNS server's answer r to addrs and lowers ttl to the
+// shortest of its records' TTLs. r is what the server sent, decoded: untrusted.
+func readAnswer(server string, r *dns.Msg, addrs []netip.Addr, ttl uint32) ([]netip.Addr, uint32, error) {
+	switch r.Rcode {
+	case dns.RcodeSuccess:
+	case dns.RcodeNameError:
+		return nil, 0, fmt.Errorf("no such name (asked %s)", server)
+	default:
+		return nil, 0, fmt.Errorf("%s answered %s", server, dns.RcodeToString[r.Rcode])
+	}
+	for _, rr := range r.Answer {
+		if rr == nil || rr.Header() == nil {
+			continue
+		}
+		ttl = min(ttl, rr.Header().Ttl)
+		switch rr := rr.(type) {
+		case *dns.A:
+			if a, ok := netip.AddrFromSlice(rr.A.To4()); ok {
+				addrs = append(addrs, a)
+			}
+		case *dns.AAAA:
+			if a, ok := netip.AddrFromSlice(rr.AAAA.To16()); ok {
+				addrs = append(addrs, a)
+			}
+		}
+	}
+	return addrs, ttl, nil
 }
 
 var _ Resolver = (*DNS)(nil)

@@ -24,6 +24,7 @@ import (
 
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/identity"
+	"github.com/tether-sh/tether/pkg/panics"
 )
 
 // DefaultYAML is the configuration tetherd runs with when given none.
@@ -343,6 +344,20 @@ func Load(path string) (*Loaded, error) {
 
 // Parse decodes and checks a configuration. Unknown keys are errors.
 func Parse(name string, b []byte) (*Loaded, error) {
+	var l *Loaded
+	// The YAML decoder has panicked on malformed input (a nil dereference in goccy/go-yaml's
+	// slice decoding): such a file is refused like any other that does not load.
+	err := panics.Run("configuration", func() (err error) {
+		l, err = parse(name, b)
+		return err
+	})
+	if pe := (*panics.Error)(nil); errors.As(err, &pe) {
+		return nil, fmt.Errorf("%s: the file could not be decoded (the YAML decoder failed: %v); fix the file's syntax", name, pe.Value)
+	}
+	return l, err
+}
+
+func parse(name string, b []byte) (*Loaded, error) {
 	cfg := Defaults()
 	if err := yaml.UnmarshalWithOptions(b, &cfg, yaml.Strict(), yaml.UseJSONUnmarshaler()); err != nil {
 		return nil, fmt.Errorf("%s: %s", name, strings.TrimSpace(yaml.FormatError(err, false, true)))

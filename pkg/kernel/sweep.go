@@ -452,8 +452,7 @@ func (s *sweeper) namespaces(slots []dataplane.Slot) ([]*os.File, error) {
 		if info.Flags&infoInUse == 0 || path == "" {
 			continue
 		}
-		for _, pid := range cgroupProcs(path) {
-			p := "/proc/" + strconv.Itoa(pid) + "/ns/net"
+		for _, p := range threadNetns(cgroupProcs(path)) {
 			ino, err := netnsInode(p)
 			if errors.Is(err, fs.ErrPermission) {
 				unreadable = true
@@ -490,6 +489,26 @@ func (s *sweeper) namespaces(slots []dataplane.Slot) ([]*os.File, error) {
 		out = append(out, nil)
 	}
 	return out, errors.Join(errs...)
+}
+
+// threadNetns lists the network namespace file of every thread of the processes pids: setns
+// moves one thread, so a process's sockets can live in as many namespaces as it has threads, and
+// /proc/PID/ns/net names only its first thread's. A process whose threads cannot be listed (it
+// ended meanwhile) is named by /proc/PID/ns/net.
+func threadNetns(pids []int) []string {
+	var out []string
+	for _, pid := range pids {
+		dir := "/proc/" + strconv.Itoa(pid) + "/task"
+		tids, err := os.ReadDir(dir)
+		if err != nil || len(tids) == 0 {
+			out = append(out, "/proc/"+strconv.Itoa(pid)+"/ns/net")
+			continue
+		}
+		for _, tid := range tids {
+			out = append(out, dir+"/"+tid.Name()+"/ns/net")
+		}
+	}
+	return out
 }
 
 func fdInode(f *os.File) (uint64, error) {

@@ -22,6 +22,7 @@ import (
 	"github.com/tether-sh/tether/pkg/config"
 	"github.com/tether-sh/tether/pkg/daemon"
 	"github.com/tether-sh/tether/pkg/kernel"
+	"github.com/tether-sh/tether/pkg/panics"
 	"github.com/tether-sh/tether/pkg/version"
 )
 
@@ -94,7 +95,7 @@ func run(ctx context.Context, args []string) error {
 				log.Error("configuration refused; the running one stays in force", "error", err)
 				continue
 			}
-			if err := d.Reload(ctx, next); err != nil {
+			if err := panics.Run(reloadBoundary, func() error { return d.Reload(ctx, next) }); err != nil {
 				log.Error("reloading", "error", err)
 			}
 		}
@@ -105,6 +106,9 @@ func run(ctx context.Context, args []string) error {
 	}
 	return err
 }
+
+// reloadBoundary counts the configuration reloads that panicked (see panics).
+var reloadBoundary = panics.Declare("configuration reload")
 
 // cgroupNSEnv names a cgroup namespace file (the DaemonSet sets /proc/1/ns/cgroup, with
 // hostPID) that tetherd enters before anything else: in a container's own cgroup namespace,

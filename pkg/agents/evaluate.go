@@ -11,6 +11,7 @@ import (
 	"github.com/tether-sh/tether/pkg/compile"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/grants"
+	"github.com/tether-sh/tether/pkg/panics"
 )
 
 // evaluate has the policy decide a's grants for its current context, compiles them and installs
@@ -26,6 +27,26 @@ func (r *Registry) evaluate(ctx context.Context, a *agent) error {
 
 // decide is the part of evaluate that needs no lock on the kernel: policy and compiler.
 func (r *Registry) decide(ctx context.Context, a *agent) (*dataplane.RuleSet, Compiled, error) {
+	var rs *dataplane.RuleSet
+	var c Compiled
+	var err error
+	// What the policy and the compiler read comes from outside (the agent's context, policy data,
+	// DNS answers, the file system): a panic in them grants the agent nothing, as an error does.
+	if perr := panics.Run(BoundaryEvaluation, func() error {
+		rs, c, err = r.decideUnguarded(ctx, a)
+		return nil
+	}); perr != nil {
+		r.evalErrors.Add(1)
+		c = Compiled{RuleSet: &dataplane.RuleSet{Mode: dataplane.ModeEnforce}}
+		return c.RuleSet, c, perr
+	}
+	return rs, c, err
+}
+
+// BoundaryEvaluation counts the agent evaluations that panicked (see panics).
+var BoundaryEvaluation = panics.Declare("agent evaluation")
+
+func (r *Registry) decideUnguarded(ctx context.Context, a *agent) (*dataplane.RuleSet, Compiled, error) {
 	now := r.opts.Now()
 	r.expire(a, now)
 	g, err := r.grantsOf(ctx, a, now)

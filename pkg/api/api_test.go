@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -23,6 +24,7 @@ import (
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/killpath"
+	"github.com/tether-sh/tether/pkg/panics"
 	"github.com/tether-sh/tether/pkg/stepup"
 )
 
@@ -519,4 +521,33 @@ func TestAgentSocket(t *testing.T) {
 			t.Errorf("self renewal %s: %d %s, want %d %q", tc.body, code, body, tc.code, tc.want)
 		}
 	}
+}
+
+// FuzzAPIRequest: any request on the control API (any method, path, body and caller) is answered
+// or refused with why, and no handler panics (a panic would be answered 500 and counted: here it
+// fails the test).
+func FuzzAPIRequest(f *testing.F) {
+	f.Add(uint8(1), "/v1/agents", []byte(`{"spiffe_id":"spiffe://x/a","launch":true}`), uint32(0))
+	f.Add(uint8(1), "/v1/agents/1/task", []byte(`{"type":"coding","ttl":"1h"}`), uint32(500))
+	f.Add(uint8(1), "/v1/approvals/x/approve", []byte(`{"uses":1}`), uint32(1000))
+	f.Add(uint8(0), "/v1/agents/18446744073709551616", []byte{}, uint32(0))
+	f.Add(uint8(3), "/v1/agents/1", []byte(`null`), uint32(0))
+	f.Add(uint8(1), "/v1/kill", []byte(`{"slot":1,"reason":"x","terminate":true}`), uint32(0))
+	f.Fuzz(func(t *testing.T, m uint8, path string, body []byte, uid uint32) {
+		methods := []string{"GET", "POST", "PUT", "DELETE", "PATCH"}
+		req, err := http.NewRequest(methods[int(m)%len(methods)], "http://tether/"+strings.TrimPrefix(path, "/"), bytes.NewReader(body))
+		if err != nil {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second) // a stream ends
+		defer cancel()
+		req = req.WithContext(context.WithValue(ctx, callerKey{}, Caller{PID: 2, UID: uid}))
+		before := panics.Counts()[BoundaryRequest]
+		s := NewServer(newFakeService(), func() *Policy { return testPolicy }, slog.New(slog.DiscardHandler))
+		rec := httptest.NewRecorder()
+		s.srv.Handler.ServeHTTP(rec, req)
+		if panics.Counts()[BoundaryRequest] != before {
+			t.Fatalf("%s %s (%q) panicked: %s", req.Method, req.URL.Path, body, rec.Body.String())
+		}
+	})
 }

@@ -27,6 +27,7 @@ import (
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/identity"
+	"github.com/tether-sh/tether/pkg/panics"
 )
 
 // Caller is the process on the other end of a connection, as the kernel reports it.
@@ -254,9 +255,20 @@ func peerGroups(fd int) ([]uint32, error) {
 	}
 }
 
-// guard refuses requests without credentials or from inside agents.
+// guard refuses requests without credentials or from inside agents, and turns a handler's panic
+// into a refusal (500, with the reason) that is counted (panics.Counts, a metric).
 func (s *Server) guard(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if v := recover(); v != nil {
+				if v == http.ErrAbortHandler {
+					panic(v) // a handler's deliberate abort: net/http ends the connection quietly
+				}
+				err := panics.Record(BoundaryRequest, v)
+				s.log.Error("API request failed with a panic", "method", r.Method, "path", r.URL.Path, "error", err, "stack", string(err.Stack))
+				refuse(w, http.StatusInternalServerError, err)
+			}
+		}()
 		c, ok := r.Context().Value(callerKey{}).(Caller)
 		if !ok {
 			refuse(w, http.StatusForbidden, errors.New("the caller's credentials could not be read"))
@@ -270,6 +282,9 @@ func (s *Server) guard(next http.Handler) http.Handler {
 		next.ServeHTTP(w, r)
 	})
 }
+
+// BoundaryRequest counts the API requests whose handler panicked (see panics).
+var BoundaryRequest = panics.Declare("api request")
 
 // soPeerPIDFD is SO_PEERPIDFD (Linux 6.5): a pidfd of the peer as it connected.
 const soPeerPIDFD = 77

@@ -347,7 +347,7 @@ func Parse(name string, b []byte) (*Loaded, error) {
 	var l *Loaded
 	// The YAML decoder has panicked on malformed input (a nil dereference in goccy/go-yaml's
 	// slice decoding): such a file is refused like any other that does not load.
-	err := panics.Run("configuration", func() (err error) {
+	err := panics.Run(boundary, func() (err error) {
 		l, err = parse(name, b)
 		return err
 	})
@@ -357,7 +357,13 @@ func Parse(name string, b []byte) (*Loaded, error) {
 	return l, err
 }
 
+// boundary counts the configuration files whose decoding panicked (see panics).
+var boundary = panics.Declare("configuration")
+
 func parse(name string, b []byte) (*Loaded, error) {
+	if err := checkTags(b); err != nil {
+		return nil, fmt.Errorf("%s%s", name, err)
+	}
 	cfg := Defaults()
 	if err := yaml.UnmarshalWithOptions(b, &cfg, yaml.Strict(), yaml.UseJSONUnmarshaler()); err != nil {
 		return nil, fmt.Errorf("%s: %s", name, strings.TrimSpace(yaml.FormatError(err, false, true)))
@@ -373,6 +379,46 @@ func parse(name string, b []byte) (*Loaded, error) {
 		out = append(out, fmt.Errorf("%s%s: %s: %s", name, lineOf(file, e.path), e.field, e.msg))
 	}
 	return nil, errors.Join(out...)
+}
+
+// standardTags are the YAML tags a configuration may carry: the core schema's, which say what a
+// plain value is anyway.
+var standardTags = map[string]bool{"!!str": true, "!!int": true, "!!float": true, "!!bool": true, "!!null": true,
+	"!!seq": true, "!!map": true}
+
+// checkTags refuses a file with any other tag before it is decoded: nothing in the configuration
+// takes one, and the decoder panicked on a local tag (`agent_parents: !00`). It returns ":LINE:
+// why", or nil; a file that does not parse is left to the decoder, which says where.
+func checkTags(b []byte) error {
+	file, err := parser.ParseBytes(b, 0)
+	if err != nil || file == nil {
+		return nil
+	}
+	var bad error
+	for _, doc := range file.Docs {
+		if doc == nil || doc.Body == nil {
+			continue
+		}
+		ast.Walk(visitFunc(func(n ast.Node) bool {
+			t, ok := n.(*ast.TagNode)
+			if !ok || bad != nil || t.Start == nil || standardTags[t.Start.Value] {
+				return bad == nil
+			}
+			bad = fmt.Errorf(":%d: the YAML tag %q: the configuration takes no tags; write the value plainly", t.Start.Position.Line, t.Start.Value)
+			return false
+		}), doc.Body)
+	}
+	return bad
+}
+
+// visitFunc is an ast.Visitor: it goes on into a node's children while it returns true.
+type visitFunc func(ast.Node) bool
+
+func (f visitFunc) Visit(n ast.Node) ast.Visitor {
+	if n == nil || !f(n) {
+		return nil
+	}
+	return f
 }
 
 type fieldError struct {

@@ -14,6 +14,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+
+	"github.com/tether-sh/tether/pkg/panics"
 )
 
 // SPIRE asks a SPIRE Agent, through its Delegated Identity API (on the agent's admin socket),
@@ -105,10 +107,24 @@ func (s *SPIRE) follow(ctx context.Context, pid int, send func(SVIDUpdate) bool)
 		if err != nil {
 			return err
 		}
-		if !send(decodeSVIDs(pid, resp.GetX509Svids())) {
+		if !send(decodeSVIDsGuarded(pid, resp.GetX509Svids())) {
 			return ctx.Err()
 		}
 	}
+}
+
+// BoundarySPIRE counts the SPIRE responses whose decoding panicked (see panics).
+var BoundarySPIRE = panics.Declare("spire response")
+
+// decodeSVIDsGuarded is decodeSVIDs with a panic taken as an answer that names no valid identity:
+// the process's identity is lost (the agent is denied), counted, and said why.
+func decodeSVIDsGuarded(pid int, svids []*delegatedidentityv1.X509SVIDWithKey) (u SVIDUpdate) {
+	defer func() {
+		if v := recover(); v != nil {
+			u = SVIDUpdate{Lost: true, Reason: fmt.Sprintf("SPIRE's answer for process %d could not be read: %v", pid, panics.Record(BoundarySPIRE, v))}
+		}
+	}()
+	return decodeSVIDs(pid, svids)
 }
 
 func decodeSVIDs(pid int, svids []*delegatedidentityv1.X509SVIDWithKey) SVIDUpdate {

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/panics"
 )
 
 // ErrClosed is returned by EventReader.Read after Close.
@@ -96,7 +97,17 @@ func (r *EventReader) Read() (dataplane.Event, error) {
 		}
 		return dataplane.Event{}, fmt.Errorf("reading event ring buffer: %w", err)
 	}
-	return DecodeEvent(r.rec.RawSample, r.boot)
+	return decodeEvent(r.rec.RawSample, r.boot)
+}
+
+// BoundaryEvent counts the ring buffer records whose decoding panicked (see panics).
+var BoundaryEvent = panics.Declare("kernel event")
+
+// decodeEvent is DecodeEvent with a panic turned into an error, counted: the record is skipped
+// like one that does not decode.
+func decodeEvent(raw []byte, boot time.Time) (ev dataplane.Event, err error) {
+	defer panics.Catch(BoundaryEvent, &err)
+	return DecodeEvent(raw, boot)
 }
 
 // Buffered is how many bytes of events wait in the ring buffer.

@@ -266,6 +266,26 @@ func (s *sweeper) sweep(slots []dataplane.Slot) (SweepResult, error) {
 	}
 	start := time.Now()
 	k := s.k
+	nss, err := s.namespaces(slots)
+	var errs []error
+	if err != nil {
+		errs = append(errs, err)
+	}
+	defer func() {
+		for _, ns := range nss {
+			if ns != nil {
+				ns.Close()
+			}
+		}
+	}()
+	res.Namespaces = len(nss)
+	if len(nss) == 0 {
+		// No process of these agents is left (a fleet of idle agents after a policy change):
+		// no namespace holds a socket of theirs to check.
+		res.Took = time.Since(start)
+		s.sweeps.Add(1)
+		return res, errors.Join(errs...)
+	}
 	all := uint32(0)
 	for _, slot := range slots {
 		if err := k.sweepMap.Put(uint32(slot), bpfTetherSweepSlot{Want: 1}); err != nil {
@@ -279,18 +299,9 @@ func (s *sweeper) sweep(slots []dataplane.Slot) (SweepResult, error) {
 	if err := k.sweepMap.Put(uint32(dataplane.MaxAgents), bpfTetherSweepSlot{Want: all, Checked: uint32(len(s.cpus))}); err != nil {
 		return res, fmt.Errorf("describing the sweep: %w", err)
 	}
-	nss, err := s.namespaces(slots)
-	var errs []error
-	if err != nil {
-		errs = append(errs, err)
-	}
-	res.Namespaces = len(nss)
 	for _, ns := range nss {
 		if err := s.iterate(ns); err != nil {
 			errs = append(errs, err)
-		}
-		if ns != nil {
-			ns.Close()
 		}
 	}
 	for _, slot := range slots {

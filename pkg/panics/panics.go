@@ -20,6 +20,16 @@ var (
 	counts = map[string]uint64{}
 )
 
+// Declare names a boundary, so that its count is reported (at 0) before any panic there.
+func Declare(boundary string) string {
+	mu.Lock()
+	defer mu.Unlock()
+	if _, ok := counts[boundary]; !ok {
+		counts[boundary] = 0
+	}
+	return boundary
+}
+
 // Error is a recovered panic.
 type Error struct {
 	Boundary string
@@ -41,13 +51,19 @@ func Catch(boundary string, err *error) {
 	if v == nil {
 		return
 	}
-	e := &Error{Boundary: boundary, Value: v, Stack: debug.Stack()}
-	mu.Lock()
-	counts[boundary]++
-	mu.Unlock()
+	e := Record(boundary, v)
 	if err != nil {
 		*err = e
 	}
+}
+
+// Record counts the panic v, recovered at boundary by the caller's own deferred function (recover
+// works only there), and returns it as an *Error.
+func Record(boundary string, v any) *Error {
+	mu.Lock()
+	counts[boundary]++
+	mu.Unlock()
+	return &Error{Boundary: boundary, Value: v, Stack: debug.Stack()}
 }
 
 // Run calls f and returns its error, or the panic it raised as an *Error counted under boundary.

@@ -8,6 +8,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/tether-sh/tether/pkg/panics"
 )
 
 // Engine holds the revision in force. A new revision takes effect only if it compiles and gives
@@ -59,10 +61,15 @@ func (e *Engine) Offer(ctx context.Context, f *Files, probes []Input) (*Revision
 	if cur := e.Current(); cur != nil && cur.ID == f.Revision {
 		return cur, nil // nothing changed
 	}
-	rev, err := Compile(ctx, f, e.schema)
-	if err == nil {
-		err = Check(ctx, rev, probes)
-	}
+	var rev *Revision
+	// A revision is outside input (a directory, a bundle server): a panic compiling or checking
+	// it refuses it like an error.
+	err := panics.Run(BoundaryBundle, func() (err error) {
+		if rev, err = Compile(ctx, f, e.schema); err == nil {
+			err = Check(ctx, rev, probes)
+		}
+		return err
+	})
 	if err != nil {
 		e.refused.Add(1)
 		e.mu.Lock()

@@ -17,6 +17,8 @@ import (
 	"github.com/open-policy-agent/opa/v1/plugins/rest"
 	"github.com/open-policy-agent/opa/v1/storage/inmem"
 	"github.com/open-policy-agent/opa/v1/tester"
+
+	"github.com/tether-sh/tether/pkg/panics"
 )
 
 // WatchDir calls changed, at most once per settle period, whenever a file below dir is written,
@@ -109,7 +111,12 @@ func StartBundle(ctx context.Context, o BundleOptions, log *slog.Logger, got fun
 		case u.Error != nil:
 			got(nil, fmt.Errorf("bundle %s: %w", source, u.Error))
 		case u.Bundle != nil:
-			got(FromBundle(u.Bundle, source), nil)
+			var f *Files
+			if err := panics.Run(BoundaryBundle, func() error { f = FromBundle(u.Bundle, source); return nil }); err != nil {
+				got(nil, fmt.Errorf("bundle %s: %w", source, err))
+				return nil
+			}
+			got(f, nil)
 		}
 		return nil
 	})
@@ -124,6 +131,10 @@ func StartBundle(ctx context.Context, o BundleOptions, log *slog.Logger, got fun
 	d.Start(ctx)
 	return func() { d.Stop(context.Background()) }, nil
 }
+
+// BoundaryBundle counts the policy revisions (bundles, directories) whose reading, compiling or
+// checking panicked (see panics).
+var BoundaryBundle = panics.Declare("policy")
 
 // TestResult is one Rego unit test.
 type TestResult struct {

@@ -23,6 +23,7 @@ import (
 	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
+	"github.com/tether-sh/tether/pkg/panics"
 )
 
 // Source is what the metrics read at each scrape.
@@ -235,6 +236,7 @@ var (
 	descTermed    = prometheus.NewDesc("tether_sockets_terminated_total", "Live sockets terminated because their agent's rule set no longer allows their destination (or the agent was killed).", nil, nil)
 	descSweepErr  = prometheus.NewDesc("tether_socket_sweep_errors_total", "Sweeps that failed and sockets a sweep could not terminate (their packets are still dropped).", nil, nil)
 	descSweepLast = prometheus.NewDesc("tether_socket_sweep_last_duration_seconds", "How long the last sweep of live sockets took.", nil, nil)
+	descPanics    = prometheus.NewDesc("tether_panics_recovered_total", "Inputs refused because tetherd panicked reading them (a bug: the input, a configuration, request, policy, kernel event or SPIRE answer, was refused instead of ending tetherd), by where.", []string{"boundary"}, nil)
 	descSockStore = prometheus.NewDesc("tether_socket_storage_errors_total", "Agent sockets the kernel could not give storage to (no memory): judged per packet without it.", nil, nil)
 )
 
@@ -242,7 +244,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descDecisions, descAgents, descKilled, descTasks, descFill, descEntries, descMemory, descMemSlot, descMemRules,
 		descStatsOn, descProgRuns, descProgTime, descProgMiss, descStatsErr, descEvals, descEvalErrs, descRefused,
 		descRefRules, descInstalls, descMapFail, descMapRetry, descRBLost, descEvRead, descEvWrite, descOwnDrop, descHTTPLog, descHTTPRetry, descEvDecode, descSinkErrs, descSignalErr, descIDLost, descEscSent, descEscDrop,
-		descSweeps, descTermed, descSweepErr, descSweepLast, descSockStore} {
+		descSweeps, descTermed, descSweepErr, descSweepLast, descSockStore, descPanics} {
 		ch <- d
 	}
 }
@@ -330,6 +332,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descInstalls, st.Registry.Installs)
 	counter(descMapFail, st.Registry.MapWriteFailures)
 	counter(descMapRetry, st.Registry.MapWriteRetries)
+	for b, n := range panics.Counts() {
+		ch <- prometheus.MustNewConstMetric(descPanics, prometheus.CounterValue, float64(n), b)
+	}
 	counter(descRBLost, st.Kernel.RingBufferDrops)
 	counter(descEvRead, st.Events.Read)
 	counter(descEvWrite, st.Events.Written)

@@ -209,6 +209,16 @@ func TestPrivilegedReloadModeAndKill(t *testing.T) {
 	if a := d.agents()[0]; a.Generation != 1 {
 		t.Errorf("generation after a refused reload: %d", a.Generation)
 	}
+	// The file on which the YAML decoder panicked (a SIGHUP with it in place ended tetherd) is
+	// refused like any other, with its line; tetherd goes on.
+	os.WriteFile(d.config, []byte("cgroup:\n  agent_parents: !00\n"), 0o600)
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	waitFor(t, "the refusal of the file that crashed the decoder", func() bool {
+		return strings.Contains(d.stderr.String(), `:2: the YAML tag \"!00\"`)
+	})
+	if a := d.agents(); len(a) != 1 || a[0].Generation != 1 {
+		t.Errorf("tetherd after the file that crashed the decoder: %+v", a)
+	}
 	d.writeConfig()
 	// A policy that does not compile is refused, with the file and line, and changes nothing.
 	os.WriteFile(filepath.Join(d.policy, "tether", "broken.rego"), []byte("package tether\n\nx := nosuch(1)\n"), 0o644)

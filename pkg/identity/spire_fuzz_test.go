@@ -3,8 +3,8 @@ package identity
 import (
 	"testing"
 
-	typesv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/types"
 	delegatedidentityv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
+	typesv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/types"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/tether-sh/tether/pkg/panics"

@@ -108,6 +108,8 @@ type Kernel struct {
 
 	genMu sync.Mutex // serialises binding generation bumps
 
+	graces graceQueue // see graceAsync
+
 	slotsMu  sync.Mutex
 	slots    [dataplane.MaxAgents]*slotState
 	graceMap *ebpf.Map // an empty trie, put into tether_rulesets[graceIndex] to wait for a grace period

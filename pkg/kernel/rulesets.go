@@ -584,16 +584,85 @@ func (k *Kernel) buffer(st *slotState, slot dataplane.Slot, i uint32) (*ebpf.Map
 	}
 }
 
-// graceAsync starts waiting for an RCU grace period and returns a channel closed when it has
-// passed (the kernel waits for one whenever a map-in-map entry is updated); then it runs after.
+// graceAsync returns a channel closed once an RCU grace period has passed since the call (the
+// kernel waits for one whenever a map-in-map entry is updated); then after runs. One waiting
+// goroutine serves every call made before its grace period started, and one more runs the
+// afters in order: a policy change installs thousands of rule sets, and a goroutine each, blocked
+// in the kernel, took a thread each and the CPU from the installs.
 func (k *Kernel) graceAsync(after func()) chan struct{} {
 	done := make(chan struct{})
-	go func() {
-		k.grace()
-		close(done)
-		after()
-	}()
+	q := &k.graces
+	q.mu.Lock()
+	q.waiting = append(q.waiting, graceCall{done: done, after: after})
+	start := !q.running
+	q.running = true
+	q.mu.Unlock()
+	if start {
+		go k.graceLoop()
+	}
 	return done
+}
+
+// graceQueue holds the calls of graceAsync waiting for a grace period, and the afters of those
+// whose period has passed.
+type graceQueue struct {
+	mu           sync.Mutex
+	waiting      []graceCall
+	running      bool // graceLoop runs
+	afters       []func()
+	runningAfter bool // afterLoop runs
+}
+
+type graceCall struct {
+	done  chan struct{}
+	after func()
+}
+
+// graceLoop waits for grace periods while calls wait for one: a period started after a call
+// serves it.
+func (k *Kernel) graceLoop() {
+	q := &k.graces
+	for {
+		q.mu.Lock()
+		batch := q.waiting
+		q.waiting = nil
+		if len(batch) == 0 {
+			q.running = false
+			q.mu.Unlock()
+			return
+		}
+		q.mu.Unlock()
+		k.grace()
+		q.mu.Lock()
+		for _, c := range batch {
+			close(c.done)
+			q.afters = append(q.afters, c.after)
+		}
+		start := !q.runningAfter
+		q.runningAfter = true
+		q.mu.Unlock()
+		if start {
+			go k.afterLoop()
+		}
+	}
+}
+
+// afterLoop runs the afters of calls whose grace period has passed, in order.
+func (k *Kernel) afterLoop() {
+	q := &k.graces
+	for {
+		q.mu.Lock()
+		if len(q.afters) == 0 {
+			q.runningAfter = false
+			q.mu.Unlock()
+			return
+		}
+		f := q.afters[0]
+		q.afters[0] = nil
+		q.afters = q.afters[1:]
+		q.mu.Unlock()
+		f()
+	}
 }
 
 func (k *Kernel) grace() {

@@ -51,56 +51,43 @@ func memoized(ctx context.Context, f Files) Files {
 	return f
 }
 
-func (f memoFiles) Stat(path string) (FileStat, error) {
-	f.m.mu.Lock()
-	r, ok := f.m.stat[path]
-	f.m.mu.Unlock()
+// remember returns cache[key], looking it up with look the first time (under no lock: two
+// compiles may both look, and agree).
+func remember[V any](m *Memo, cache map[string]V, key string, look func() V) V {
+	m.mu.Lock()
+	v, ok := cache[key]
+	m.mu.Unlock()
 	if !ok {
-		r.st, r.err = f.Files.Stat(path)
-		f.m.mu.Lock()
-		f.m.stat[path] = r
-		f.m.mu.Unlock()
+		v = look()
+		m.mu.Lock()
+		cache[key] = v
+		m.mu.Unlock()
 	}
+	return v
+}
+
+func (f memoFiles) Stat(path string) (FileStat, error) {
+	r := remember(f.m, f.m.stat, path, func() (r memoStat) {
+		r.st, r.err = f.Files.Stat(path)
+		return r
+	})
 	return r.st, r.err
 }
 
 func (f memoFiles) Glob(pattern string) ([]string, error) {
-	f.m.mu.Lock()
-	r, ok := f.m.glob[pattern]
-	f.m.mu.Unlock()
-	if !ok {
+	r := remember(f.m, f.m.glob, pattern, func() (r memoGlob) {
 		r.names, r.err = f.Files.Glob(pattern)
-		f.m.mu.Lock()
-		f.m.glob[pattern] = r
-		f.m.mu.Unlock()
-	}
+		return r
+	})
 	return append([]string(nil), r.names...), r.err
 }
 
 func (f memoFiles) Resolve(path string) string {
-	f.m.mu.Lock()
-	r, ok := f.m.resolve[path]
-	f.m.mu.Unlock()
-	if !ok {
-		r = f.Files.Resolve(path)
-		f.m.mu.Lock()
-		f.m.resolve[path] = r
-		f.m.mu.Unlock()
-	}
-	return r
+	return remember(f.m, f.m.resolve, path, func() string { return f.Files.Resolve(path) })
 }
 
 func (f memoFiles) WorldWritable(path string) bool {
-	f.m.mu.Lock()
-	r, ok := f.m.writable[path]
-	f.m.mu.Unlock()
-	if !ok {
-		r = f.Files.WorldWritable(path)
-		f.m.mu.Lock()
-		f.m.writable[path] = r
-		f.m.mu.Unlock()
-	}
-	return r
+	return remember(f.m, f.m.writable, path, func() bool { return f.Files.WorldWritable(path) })
 }
 
 func (f memoFiles) Digest(path string) (FileStat, [sha256.Size]byte, error) {

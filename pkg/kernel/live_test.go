@@ -291,33 +291,10 @@ func TestPrivilegedRestartKeepsPacketsCut(t *testing.T) {
 
 // TestPrivilegedSweepFindsOtherNamespaces: an agent whose process lives in another network
 // namespace than tetherd (a pod's, say) has its sockets terminated there: the sweep enters the
-// namespaces of the agent's processes.
+// namespaces of the agent's processes. The helper's threads other than the socket's may be in the
+// test's namespace (setns moves one thread), which the sweep then iterates too.
 func TestPrivilegedSweepFindsOtherNamespaces(t *testing.T) {
-	if noSockDestroyExpected() {
-		checkNoSockDestroy(t)
-		return
-	}
-	f := liveFixture(t, true)
-	h := privtest.NewHost(t)
-	peer := h.ListenPeer(t, "tcp", h.V4)
-	agent := f.agent(t, "agent", 12, dataplane.RuleSet{Generation: 1, Egress: []dataplane.Egress{
-		hostRule(h.V4, portRule(dataplane.ProtoTCP, peer.Addr.Port())),
-	}})
-	s := privtest.StartStreamIn(t, h, agent, "tcp", peer.Addr.String())
-	peer.WaitReceiving(t)
-	if err := f.k.Install(12, &dataplane.RuleSet{Generation: 2, Exec: execs(f.self)}); err != nil {
-		t.Fatal(err)
-	}
-	res, err := f.k.Sweep(12)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.Ended(t, "the stream in the other namespace", "tcp", true)
-	// The helper's threads other than the socket's may be in the test's namespace (setns moved
-	// one thread), which the sweep then iterates too.
-	if res.Namespaces < 1 {
-		t.Errorf("the sweep iterated %d namespaces, want at least the agent's", res.Namespaces)
-	}
+	sweepOtherNamespace(t, 12, privtest.StartStreamIn, 1)
 }
 
 // TestPrivilegedSweepFindsThreadNamespaces: an agent process whose socket was made by a thread
@@ -325,6 +302,13 @@ func TestPrivilegedSweepFindsOtherNamespaces(t *testing.T) {
 // names the first thread's) has that socket terminated too: the sweep enters the namespace of
 // every thread of the agent's processes.
 func TestPrivilegedSweepFindsThreadNamespaces(t *testing.T) {
+	sweepOtherNamespace(t, 13, privtest.StartStreamInThread, 2)
+}
+
+// sweepOtherNamespace connects an agent in slot to a peer in a test host's namespace with start,
+// revokes the peer, and checks that the sweep terminated the stream, iterating at least
+// namespaces namespaces.
+func sweepOtherNamespace(t *testing.T, slot dataplane.Slot, start func(testing.TB, *privtest.Host, string, string, string) *privtest.Stream, namespaces int) {
 	if noSockDestroyExpected() {
 		checkNoSockDestroy(t)
 		return
@@ -332,21 +316,21 @@ func TestPrivilegedSweepFindsThreadNamespaces(t *testing.T) {
 	f := liveFixture(t, true)
 	h := privtest.NewHost(t)
 	peer := h.ListenPeer(t, "tcp", h.V4)
-	agent := f.agent(t, "agent", 13, dataplane.RuleSet{Generation: 1, Egress: []dataplane.Egress{
+	agent := f.agent(t, "agent", slot, dataplane.RuleSet{Generation: 1, Egress: []dataplane.Egress{
 		hostRule(h.V4, portRule(dataplane.ProtoTCP, peer.Addr.Port())),
 	}})
-	s := privtest.StartStreamInThread(t, h, agent, "tcp", peer.Addr.String())
+	s := start(t, h, agent, "tcp", peer.Addr.String())
 	peer.WaitReceiving(t)
-	if err := f.k.Install(13, &dataplane.RuleSet{Generation: 2, Exec: execs(f.self)}); err != nil {
+	if err := f.k.Install(slot, &dataplane.RuleSet{Generation: 2, Exec: execs(f.self)}); err != nil {
 		t.Fatal(err)
 	}
-	res, err := f.k.Sweep(13)
+	res, err := f.k.Sweep(slot)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.Ended(t, "the stream of a thread in another namespace", "tcp", true)
-	if res.Namespaces < 2 {
-		t.Errorf("the sweep iterated %d namespaces, want at least 2 (the first thread's, the other thread's)", res.Namespaces)
+	s.Ended(t, "the stream in the other namespace", "tcp", true)
+	if res.Namespaces < namespaces {
+		t.Errorf("the sweep iterated %d namespaces, want at least %d", res.Namespaces, namespaces)
 	}
 }
 

@@ -533,6 +533,8 @@ func FuzzAPIRequest(f *testing.F) {
 	f.Add(uint8(0), "/v1/agents/18446744073709551616", []byte{}, uint32(0))
 	f.Add(uint8(3), "/v1/agents/1", []byte(`null`), uint32(0))
 	f.Add(uint8(1), "/v1/kill", []byte(`{"slot":1,"reason":"x","terminate":true}`), uint32(0))
+	f.Add(uint8(0x81), "/v1/self/stepup", []byte(`{"action":"connect","resource":"production","reason":"x"}`), uint32(1000))
+	f.Add(uint8(0x82), "/v1/self/task", []byte(`{"ttl":"1h"}`), uint32(1000))
 	f.Fuzz(func(t *testing.T, m uint8, path string, body []byte, uid uint32) {
 		methods := []string{"GET", "POST", "PUT", "DELETE", "PATCH"}
 		req, err := http.NewRequest(methods[int(m)%len(methods)], "http://tether/"+strings.TrimPrefix(path, "/"), bytes.NewReader(body))
@@ -543,11 +545,41 @@ func FuzzAPIRequest(f *testing.F) {
 		defer cancel()
 		req = req.WithContext(context.WithValue(ctx, callerKey{}, Caller{PID: 2, UID: uid}))
 		before := panics.Counts()[BoundaryRequest]
-		s := NewServer(newFakeService(), func() *Policy { return testPolicy }, slog.New(slog.DiscardHandler))
+		var h http.Handler
+		if m&0x80 != 0 { // the agents' socket
+			h = NewAgentServer(newFakeService(), func(int32) (dataplane.Slot, bool) { return 1, uid != 0 }, slog.New(slog.DiscardHandler)).srv.Handler
+		} else {
+			h = NewServer(newFakeService(), func() *Policy { return testPolicy }, slog.New(slog.DiscardHandler)).srv.Handler
+		}
 		rec := httptest.NewRecorder()
-		s.srv.Handler.ServeHTTP(rec, req)
+		h.ServeHTTP(rec, req)
 		if panics.Counts()[BoundaryRequest] != before {
 			t.Fatalf("%s %s (%q) panicked: %s", req.Method, req.URL.Path, body, rec.Body.String())
 		}
 	})
+}
+
+// TestRecoveringRefusesAPanic: a handler that panics is answered 500 with the reason, counted, and
+// the server goes on; a deliberate abort (http.ErrAbortHandler) is left to net/http.
+func TestRecoveringRefusesAPanic(t *testing.T) {
+	before := panics.Counts()[BoundaryRequest]
+	h := recovering(http.HandlerFunc(func(http.ResponseWriter, *http.Request) {
+		var m map[string]int
+		m["x"]++
+	}), slog.New(slog.DiscardHandler))
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", "/v1/agents", nil))
+	if rec.Code != 500 || !strings.Contains(rec.Body.String(), "nil map") {
+		t.Errorf("a panicking handler: %d %s", rec.Code, rec.Body.String())
+	}
+	if panics.Counts()[BoundaryRequest] != before+1 {
+		t.Errorf("the panic was not counted")
+	}
+	abort := recovering(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { panic(http.ErrAbortHandler) }), slog.New(slog.DiscardHandler))
+	defer func() {
+		if v := recover(); v != http.ErrAbortHandler {
+			t.Errorf("an abort came back as %v", v)
+		}
+	}()
+	abort.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/", nil))
 }

@@ -144,7 +144,7 @@ func NewServer(svc Service, policy func() *Policy, log *slog.Logger) *Server {
 // socketServer serves h on a unix socket, each request carrying the caller the kernel names.
 func socketServer(h http.Handler, log *slog.Logger) *http.Server {
 	return &http.Server{
-		Handler:           h,
+		Handler:           recovering(h, log),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
@@ -160,6 +160,24 @@ func socketServer(h http.Handler, log *slog.Logger) *http.Server {
 }
 
 type connKey struct{}
+
+// recovering turns a handler's panic into a refusal (500, with the reason) that is counted
+// (panics.Counts, a metric), on the control socket and the agents' socket alike.
+func recovering(next http.Handler, log *slog.Logger) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if v := recover(); v != nil {
+				if v == http.ErrAbortHandler {
+					panic(v) // a handler's deliberate abort: net/http ends the connection quietly
+				}
+				err := panics.Record(BoundaryRequest, v)
+				log.Error("API request failed with a panic", "method", r.Method, "path", r.URL.Path, "error", err, "stack", string(err.Stack))
+				refuse(w, http.StatusInternalServerError, err)
+			}
+		}()
+		next.ServeHTTP(w, r)
+	})
+}
 
 // Listen creates the socket at path with mode 0600, or 0660 owned by group. A stale socket
 // (nobody answers on it) is replaced; a live one is an error.
@@ -255,20 +273,9 @@ func peerGroups(fd int) ([]uint32, error) {
 	}
 }
 
-// guard refuses requests without credentials or from inside agents, and turns a handler's panic
-// into a refusal (500, with the reason) that is counted (panics.Counts, a metric).
+// guard refuses requests without credentials or from inside agents.
 func (s *Server) guard(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		defer func() {
-			if v := recover(); v != nil {
-				if v == http.ErrAbortHandler {
-					panic(v) // a handler's deliberate abort: net/http ends the connection quietly
-				}
-				err := panics.Record(BoundaryRequest, v)
-				s.log.Error("API request failed with a panic", "method", r.Method, "path", r.URL.Path, "error", err, "stack", string(err.Stack))
-				refuse(w, http.StatusInternalServerError, err)
-			}
-		}()
 		c, ok := r.Context().Value(callerKey{}).(Caller)
 		if !ok {
 			refuse(w, http.StatusForbidden, errors.New("the caller's credentials could not be read"))

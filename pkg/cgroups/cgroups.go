@@ -63,6 +63,15 @@ func MountPoints() ([]MountPoint, error) {
 
 func parseMountPoints(r io.Reader) ([]MountPoint, error) {
 	var out []MountPoint
+	err := eachMount(r, func(path, fsType, _ string) {
+		out = append(out, MountPoint{Path: path, FSType: fsType})
+	})
+	return out, err
+}
+
+// eachMount calls f with the mount point, file system type and super options of each line of a
+// mountinfo.
+func eachMount(r io.Reader, f func(path, fsType, superOpts string)) error {
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -72,14 +81,47 @@ func parseMountPoints(r io.Reader) ([]MountPoint, error) {
 		if !ok {
 			continue
 		}
-		fsType, _, _ := strings.Cut(post, " ")
-		fields := strings.Fields(pre)
-		if len(fields) < 5 {
-			return nil, fmt.Errorf("malformed mountinfo line %q", line)
+		fields, after := strings.Fields(pre), strings.Fields(post)
+		if len(fields) < 5 || len(after) == 0 {
+			return fmt.Errorf("malformed mountinfo line %q", line)
 		}
-		out = append(out, MountPoint{Path: unescapeMountPath(fields[4]), FSType: fsType})
+		superOpts := ""
+		if len(after) > 2 {
+			superOpts = after[2]
+		}
+		f(unescapeMountPath(fields[4]), after[0], superOpts)
 	}
-	return out, sc.Err()
+	return sc.Err()
+}
+
+// V1Hierarchy finds the cgroup v1 hierarchy that holds controller (a hybrid layout keeps cpu
+// there): its mount point, and the calling process's cgroup in it. Both are "" when no v1
+// hierarchy holds it.
+func V1Hierarchy(controller string) (mount, own string, err error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return "", "", err
+	}
+	defer f.Close()
+	err = eachMount(f, func(path, fsType, superOpts string) {
+		if fsType == "cgroup" && mount == "" && slices.Contains(strings.Split(superOpts, ","), controller) {
+			mount = path
+		}
+	})
+	if err != nil || mount == "" {
+		return "", "", err
+	}
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return "", "", err
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		// 1:cpu,cpuacct:/user.slice
+		if parts := strings.SplitN(line, ":", 3); len(parts) == 3 && slices.Contains(strings.Split(parts[1], ","), controller) {
+			return mount, parts[2], nil
+		}
+	}
+	return "", "", fmt.Errorf("this process is in no cgroup of the v1 %s hierarchy at %s", controller, mount)
 }
 
 // unescapeMountPath undoes mountinfo's octal escapes (\040 for a space, ...).

@@ -1,6 +1,8 @@
 package cgroups
 
 import (
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -65,5 +67,24 @@ func TestLevel(t *testing.T) {
 	}
 	if _, err := Level("/cg", "/other"); err == nil {
 		t.Error("a path outside the mount has a level")
+	}
+}
+
+// TestV1Hierarchy: on a host with a cgroup v1 cpu hierarchy, it is found with this process's
+// cgroup in it; a controller no v1 hierarchy holds is not.
+func TestV1Hierarchy(t *testing.T) {
+	mnt, own, err := V1Hierarchy("no-such-controller")
+	if err != nil || mnt != "" || own != "" {
+		t.Errorf("a controller nowhere: %q %q %v", mnt, own, err)
+	}
+	mnt, own, err = V1Hierarchy("cpu")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mnt == "" {
+		t.Skip("no cgroup v1 cpu hierarchy on this host")
+	}
+	if _, err := os.Stat(filepath.Join(mnt, own, "cpu.shares")); err != nil {
+		t.Errorf("v1 cpu hierarchy %s, own cgroup %s: %v", mnt, own, err)
 	}
 }

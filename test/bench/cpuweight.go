@@ -1,13 +1,12 @@
 package main
 
 import (
-	"bufio"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
+
+	"github.com/tether-sh/tether/pkg/cgroups"
 )
 
 // cpuSplit weights the bench's process against the agents it kills the way tetherd's systemd
@@ -22,38 +21,11 @@ type cpuSplit struct {
 	origin               string // the cpu cgroup the bench came from
 }
 
-// cgroupV1Controller returns the mount of the cgroup v1 hierarchy holding controller, or "".
-func cgroupV1Controller(controller string) (string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		pre, post, ok := strings.Cut(sc.Text(), " - ")
-		fields, opts := strings.Fields(pre), strings.Fields(post)
-		if !ok || len(fields) < 5 || len(opts) < 3 || opts[0] != "cgroup" {
-			continue
-		}
-		for _, o := range strings.Split(opts[2], ",") {
-			if o == controller {
-				return fields[4], nil
-			}
-		}
-	}
-	return "", sc.Err()
-}
-
 // newCPUSplit moves the bench's process into a cpu cgroup weighted as tetherd's unit, next to one
 // for the agents; nil, nil when there is no cgroup v1 cpu hierarchy.
 func newCPUSplit(name string) (*cpuSplit, error) {
-	mnt, err := cgroupV1Controller("cpu")
+	mnt, origin, err := cgroups.V1Hierarchy("cpu")
 	if err != nil || mnt == "" {
-		return nil, err
-	}
-	origin, err := ownCgroupV1("cpu")
-	if err != nil {
 		return nil, err
 	}
 	s := &cpuSplit{dir: filepath.Join(mnt, origin, name), origin: filepath.Join(mnt, origin)}
@@ -73,26 +45,6 @@ func newCPUSplit(name string) (*cpuSplit, error) {
 		return nil, fmt.Errorf("moving the bench into %s: %w", s.tetherd, err)
 	}
 	return s, nil
-}
-
-// ownCgroupV1 is the calling process's cgroup in the v1 hierarchy of controller.
-func ownCgroupV1(controller string) (string, error) {
-	b, err := os.ReadFile("/proc/self/cgroup")
-	if err != nil {
-		return "", err
-	}
-	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-		parts := strings.SplitN(line, ":", 3)
-		if len(parts) != 3 {
-			continue
-		}
-		for _, c := range strings.Split(parts[1], ",") {
-			if c == controller {
-				return parts[2], nil
-			}
-		}
-	}
-	return "", errors.New("the bench is in no cgroup v1 " + controller + " hierarchy")
 }
 
 // agentShell prefixes an agent's shell command with its move into the agents' cpu cgroup.

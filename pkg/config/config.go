@@ -361,7 +361,9 @@ func Parse(name string, b []byte) (*Loaded, error) {
 var boundary = panics.Declare("configuration")
 
 func parse(name string, b []byte) (*Loaded, error) {
-	if err := checkTags(b); err != nil {
+	// A file that does not parse is left to the decoder, which says where.
+	file, _ := parser.ParseBytes(b, 0)
+	if err := checkTags(file); err != nil {
 		return nil, fmt.Errorf("%s%s", name, err)
 	}
 	cfg := Defaults()
@@ -373,7 +375,6 @@ func parse(name string, b []byte) (*Loaded, error) {
 	if len(errs) == 0 {
 		return l, nil
 	}
-	file, _ := parser.ParseBytes(b, 0)
 	var out []error
 	for _, e := range errs {
 		out = append(out, fmt.Errorf("%s%s: %s: %s", name, lineOf(file, e.path), e.field, e.msg))
@@ -388,10 +389,9 @@ var standardTags = map[string]bool{"!!str": true, "!!int": true, "!!float": true
 
 // checkTags refuses a file with any other tag before it is decoded: nothing in the configuration
 // takes one, and the decoder panicked on a local tag (`agent_parents: !00`). It returns ":LINE:
-// why", or nil; a file that does not parse is left to the decoder, which says where.
-func checkTags(b []byte) error {
-	file, err := parser.ParseBytes(b, 0)
-	if err != nil || file == nil {
+// why", or nil. file is the parsed file (nil if it did not parse).
+func checkTags(file *ast.File) error {
+	if file == nil {
 		return nil
 	}
 	var bad error

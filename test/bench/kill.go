@@ -192,24 +192,11 @@ func freezeAlone(cg string, n int, shell string) (float64, error) {
 		return 0, err
 	}
 	defer cgroups.Remove(cg, 10*time.Second)
-	d, err := os.Open(cg)
+	stop, err := startIn(cg, n, shell)
 	if err != nil {
 		return 0, err
 	}
-	cmd := exec.Command("sh", "-c", shell)
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(d.Fd())}
-	err = cmd.Start()
-	d.Close()
-	if err != nil {
-		return 0, err
-	}
-	defer cmd.Wait()
-	defer cgroups.Kill(cg)
-	for deadline := time.Now().Add(30 * time.Second); len(cgroups.Procs(cg)) < n; time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			return 0, fmt.Errorf("%d of %d processes started", len(cgroups.Procs(cg)), n)
-		}
-	}
+	defer stop()
 	start := time.Now()
 	if _, err := killpath.Freeze(cg, 30*time.Second); err != nil {
 		return 0, err
@@ -217,31 +204,45 @@ func freezeAlone(cg string, n int, shell string) (float64, error) {
 	return float64(time.Since(start).Nanoseconds()), nil
 }
 
-func killOnce(reg *agents.Registry, killer *killpath.Killer, cg string, n int, shell string) (float64, float64, error) {
+// startIn starts shell born in cgroup cg and waits until n processes run there (n 0: 50 ms, for
+// a fork bomb caught while it forks). stop kills the cgroup's processes and reaps the shell.
+func startIn(cg string, n int, shell string) (stop func(), err error) {
 	d, err := os.Open(cg)
 	if err != nil {
-		return 0, 0, err
+		return nil, err
 	}
 	cmd := exec.Command("sh", "-c", shell)
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(d.Fd())}
 	err = cmd.Start()
 	d.Close()
 	if err != nil {
-		return 0, 0, err
+		return nil, err
 	}
-	defer cmd.Wait()
-	defer cgroups.Kill(cg)
+	stop = func() {
+		cgroups.Kill(cg)
+		cmd.Wait()
+	}
+	if n == 0 {
+		time.Sleep(50 * time.Millisecond)
+		return stop, nil
+	}
+	for deadline := time.Now().Add(30 * time.Second); len(cgroups.Procs(cg)) < n; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			stop()
+			return nil, fmt.Errorf("%d of %d processes started", len(cgroups.Procs(cg)), n)
+		}
+	}
+	return stop, nil
+}
+
+func killOnce(reg *agents.Registry, killer *killpath.Killer, cg string, n int, shell string) (float64, float64, error) {
 	// Registered once its processes run (an agent granted nothing may not exec sleep); the fork
 	// bomb while it forks.
-	if n > 0 {
-		for deadline := time.Now().Add(30 * time.Second); len(cgroups.Procs(cg)) < n; time.Sleep(5 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				return 0, 0, fmt.Errorf("%d of %d processes started", len(cgroups.Procs(cg)), n)
-			}
-		}
-	} else {
-		time.Sleep(50 * time.Millisecond)
+	stop, err := startIn(cg, n, shell)
+	if err != nil {
+		return 0, 0, err
 	}
+	defer stop()
 	a, err := reg.Register(agents.Registration{SpiffeID: "spiffe://bench.tether/kill", Cgroup: cg})
 	if err != nil {
 		return 0, 0, err

@@ -504,9 +504,27 @@ static __always_inline int tether_finish(struct tether_decision *d, void *rules)
 	return d->verdict != TETHER_VERDICT_DENY;
 }
 
+/* tether_expired says whether buffer active of agent (d->slot's) has passed its expiry, and if
+ * so sets d's verdict: a deny, or a would-deny when the rule set is in audit mode. The clock is
+ * read only for a buffer that expires. */
+static __always_inline int tether_expired(struct tether_decision *d, struct tether_agent *agent, __u32 active)
+{
+	__u64 expires = agent->expires[active];
+	if (!expires || bpf_ktime_get_boot_ns() < expires)
+		return 0;
+	d->reason = TETHER_REASON_EXPIRED;
+	d->verdict = TETHER_VERDICT_DENY;
+	__u32 buf = d->slot * 2 + active;
+	void *rules = bpf_map_lookup_elem(&tether_rulesets, &buf);
+	struct tether_rule_value *h = rules ? tether_header(rules) : NULL;
+	if (h && h->mode == TETHER_MODE_AUDIT)
+		d->verdict = TETHER_VERDICT_AUDIT;
+	return 1;
+}
+
 /* tether_agent_state reads the state of the agent in d->slot (*slot_key: a copy on the stack where
  * d is not, since 6.1 takes no other memory as a map key) into d: 1 when it is active, with its
- * buffer in d->buf; else 0 after it has set d->verdict (killed, nothing installed). */
+ * buffer in d->buf; else 0 after it has set d->verdict (killed, nothing installed, expired). */
 static __always_inline int tether_agent_state(struct tether_decision *d, __u32 *slot_key)
 {
 	struct tether_agent *agent = bpf_map_lookup_elem(&tether_agents, slot_key);
@@ -535,7 +553,7 @@ static __always_inline int tether_agent_state(struct tether_decision *d, __u32 *
 		d->verdict = TETHER_VERDICT_DENY;
 		return 0;
 	}
-	return 1;
+	return !tether_expired(d, agent, active);
 }
 
 /* tether_ruleset returns the rule set in d->buf, or NULL after it has set d->verdict. */
@@ -1464,7 +1482,11 @@ __attribute__((noinline)) int tether_sock_check(struct tether_decision *d, struc
 		__u32 active = agent->active & 1;
 		__u64 gen = agent->generation[active];
 		__u32 state = agent->flags & (TETHER_AGENT_ACTIVE | TETHER_AGENT_KILLED);
-		if (state == TETHER_AGENT_ACTIVE && s->generation == gen && (s->flags & TETHER_SOCK_CHECKED)) {
+		__u64 expires = agent->expires[active];
+		int live = !expires || bpf_ktime_get_boot_ns() < expires;
+		if (state == TETHER_AGENT_ACTIVE && s->generation == gen && (s->flags & TETHER_SOCK_CHECKED) && live) {
+			if (s->flags & TETHER_SOCK_EXPIRY_REPORTED)
+				s->flags &= ~TETHER_SOCK_EXPIRY_REPORTED; /* its expiry moved */
 			d->generation = gen;
 			d->verdict = s->verdict;
 			d->reason = s->reason;
@@ -1496,7 +1518,7 @@ __attribute__((noinline)) int tether_sock_check(struct tether_decision *d, struc
 	void *rules = tether_begin_slot(d, &slot);
 	if (rules)
 		tether_egress_rules(d, rules, 0);
-	if (d->verdict != TETHER_VERDICT_ALLOW && d->reason != TETHER_REASON_KILLED)
+	if (d->verdict != TETHER_VERDICT_ALLOW && d->reason != TETHER_REASON_KILLED && d->reason != TETHER_REASON_EXPIRED)
 		d->reason = TETHER_REASON_REVOKED;
 	s->deadline_ns = 0;
 	if (d->verdict != TETHER_VERDICT_DENY) {
@@ -1504,8 +1526,10 @@ __attribute__((noinline)) int tether_sock_check(struct tether_decision *d, struc
 		if (s->deadline_ns && bpf_ktime_get_boot_ns() >= s->deadline_ns)
 			tether_sock_expired(d, s);
 	}
-	if (d->reason != TETHER_REASON_KILLED) {
-		/* A killed agent's sockets are judged again when it is readmitted. */
+	if (d->reason != TETHER_REASON_KILLED && d->reason != TETHER_REASON_EXPIRED) {
+		/* A killed agent's sockets are judged again when it is readmitted; an expired rule
+		 * set's, when it is replaced or its expiry moved. */
+		s->flags &= ~TETHER_SOCK_EXPIRY_REPORTED;
 		s->generation = d->generation;
 		s->verdict = d->verdict;
 		s->reason = d->reason;
@@ -1561,10 +1585,11 @@ int tether_egress_skb(struct __sk_buff *skb)
 		if (ag && ag->born == s->born && (ag->flags & (TETHER_AGENT_ACTIVE | TETHER_AGENT_KILLED)) == TETHER_AGENT_ACTIVE) {
 			if (!(s->flags & TETHER_SOCK_OUTBOUND))
 				return 1;
+			__u32 active = ag->active & 1;
 			int allowed = s->verdict == TETHER_VERDICT_ALLOW ||
 				      (s->verdict == TETHER_VERDICT_AUDIT && (s->flags & TETHER_SOCK_REPORTED));
 			if (sk->protocol == IPPROTO_TCP && (s->flags & TETHER_SOCK_CHECKED) && allowed && !s->deadline_ns &&
-			    s->generation == ag->generation[ag->active & 1])
+			    s->generation == ag->generation[active] && !ag->expires[active])
 				return 1;
 		}
 	}
@@ -1692,6 +1717,17 @@ int tether_egress_skb(struct __sk_buff *skb)
 		return 1;
 	if (d.verdict == TETHER_VERDICT_DENY && p.rst)
 		return 1;
+	if (d.reason == TETHER_REASON_EXPIRED) {
+		/* Not kept as the socket's answer (see tether_sock_check): recorded once per socket
+		 * and expiry. */
+		if (!(s->flags & TETHER_SOCK_EXPIRY_REPORTED)) {
+			s->flags |= TETHER_SOCK_EXPIRY_REPORTED;
+			tether_sock_event(&d, s, bpf_get_socket_uid(skb));
+		} else if (d.verdict == TETHER_VERDICT_DENY) {
+			tether_account(&d);
+		}
+		return d.verdict != TETHER_VERDICT_DENY;
+	}
 	if (fresh_answer || !(s->flags & TETHER_SOCK_REPORTED)) {
 		s->flags |= TETHER_SOCK_REPORTED;
 		tether_sock_event(&d, s, bpf_get_socket_uid(skb));

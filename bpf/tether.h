@@ -126,6 +126,9 @@ enum tether_reason {
 	TETHER_REASON_PTRACE = 18,	   /* ptrace of another agent or of a process outside agents */
 	TETHER_REASON_BIND = 19,	   /* a bind or listener on a port no listen rule names */
 	TETHER_REASON_BPF = 20,		   /* the bpf() system call */
+	/* The rule set in force has passed its expiry (struct tether_agent's expires): a task that
+	 * expired, a valid_until passed, DNS answers out of date; whether tetherd runs or not. */
+	TETHER_REASON_EXPIRED = 21,
 };
 
 enum tether_mode {
@@ -230,6 +233,12 @@ struct tether_agent {
 	/* The rule-set generation of each buffer: a socket checked at the generation in force
 	 * needs no check again (see struct tether_sock). */
 	__u64 generation[2];
+	/* When buffer i expires (CLOCK_BOOTTIME, so suspend counts and wall-clock steps do not move
+	 * it; 0: never): from then on every hook denies for the agent with TETHER_REASON_EXPIRED (a
+	 * would-deny in audit mode) until the daemon puts another rule set in force or moves the
+	 * expiry. The daemon writes it with the buffer's other fields before the flip, and moves the
+	 * expiry of the buffer in force in place (a task renewed). */
+	__u64 expires[2];
 };
 
 enum tether_sock_flags {
@@ -254,6 +263,8 @@ enum tether_sock_flags {
 	TETHER_SOCK_EXPIRED = 1 << 6,
 	/* verdict and reason are the check at generation (generations may start at 0). */
 	TETHER_SOCK_CHECKED = 1 << 7,
+	/* A drop because the agent's rule set expired was recorded. */
+	TETHER_SOCK_EXPIRY_REPORTED = 1 << 8,
 };
 
 /* tether_socks value (socket local storage): what the programs know of a socket of an agent.

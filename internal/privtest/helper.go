@@ -244,13 +244,25 @@ func socketOf(kind string) error {
 	return syscall.Close(fd)
 }
 
-// helperDial: args are network, address pairs; prints one result per pair.
+// helperDial: args are network, address pairs; prints one result per pair. The pair "sleep
+// DURATION" waits (and prints "slept"): the dials after it come from a process that was already
+// running, as an agent's are.
 func helperDial(args []string) int {
 	if len(args)%2 != 0 {
 		fmt.Fprintln(os.Stderr, "dial: want network address pairs")
 		return 2
 	}
 	for i := 0; i < len(args); i += 2 {
+		if args[i] == "sleep" {
+			d, err := time.ParseDuration(args[i+1])
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "dial:", err)
+				return 2
+			}
+			time.Sleep(d)
+			fmt.Println("slept")
+			continue
+		}
 		fmt.Println(Result(dialOne(args[i], args[i+1])))
 	}
 	return 0

@@ -65,6 +65,7 @@ func (r *Registry) decideUnguarded(ctx context.Context, a *agent) (*dataplane.Ru
 		c.RuleSet.Mode = *a.info.ModeOverride
 	}
 	a.next = nextEvaluation(a, g, c)
+	c.RuleSet.Expires = ruleSetExpiry(a, g, c.RuleSet.Expires)
 	return c.RuleSet, c, err
 }
 
@@ -104,9 +105,12 @@ func (r *Registry) install(a *agent, rs *dataplane.RuleSet, c Compiled, evalErr 
 	r.schedule(a)
 	if a.rs != nil && a.synced {
 		same := *rs
-		same.Generation = a.rs.Generation
+		same.Generation, same.Expires = a.rs.Generation, a.rs.Expires
 		if reflect.DeepEqual(&same, a.rs) {
-			return nil // nothing changed for the kernel
+			if rs.Expires.Equal(a.rs.Expires) {
+				return nil // nothing changed for the kernel
+			}
+			return r.moveExpiry(a, rs.Expires)
 		}
 	}
 	a.info.Generation++
@@ -115,6 +119,40 @@ func (r *Registry) install(a *agent, rs *dataplane.RuleSet, c Compiled, evalErr 
 	if err := r.apply(a); err != nil {
 		return errors.Join(evalErr, err)
 	}
+	return nil
+}
+
+// ruleSetExpiry is when the kernel ends a's rule set by itself, whether tetherd runs or not: the
+// earliest of the task's expiry, the grants' valid_until and dns (when the DNS answers the rule
+// set holds expire; zero: none). tetherd evaluates again at that moment (nextEvaluation) and
+// installs what holds without them; the kernel denies with reason expired from it until then.
+// Approvals need none: their counted grants expire in the kernel one by one.
+func ruleSetExpiry(a *agent, g grants.Grants, dns time.Time) time.Time {
+	at := dns
+	earlier := func(t time.Time) {
+		if !t.IsZero() && (at.IsZero() || t.Before(at)) {
+			at = t
+		}
+	}
+	if g.ValidUntil != nil {
+		earlier(*g.ValidUntil)
+	}
+	if t := a.ctx.Task; t != nil {
+		earlier(t.ExpiresAt)
+	}
+	return at
+}
+
+// moveExpiry moves the expiry of a's rule set in force, which is otherwise what it was (a task
+// renewed): in place, without writing the rule set again. Call with r.mu held.
+func (r *Registry) moveExpiry(a *agent, expires time.Time) error {
+	err := r.write("moving the rule set's expiry", func() error { return r.opts.Dataplane.SetExpiry(a.slot, expires) })
+	if err != nil {
+		// The kernel keeps the old expiry: the next evaluation installs the whole rule set.
+		a.synced, a.err = false, err
+		return err
+	}
+	a.rs.Expires = expires
 	return nil
 }
 
@@ -176,7 +214,9 @@ func (r *Registry) schedule(a *agent) {
 		return
 	}
 	slot, at := a.slot, a.next
-	a.timer = time.AfterFunc(max(time.Until(at), 0), func() {
+	// at is a time of r.opts.Now's clock, not necessarily the wall clock's: the wait is their
+	// difference. After a suspend Go's timer fires late; the kernel ended what expired on time.
+	a.timer = time.AfterFunc(max(at.Sub(r.opts.Now()), 0), func() {
 		r.mu.Lock()
 		defer r.mu.Unlock()
 		cur, ok := r.live(slot)

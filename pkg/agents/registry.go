@@ -25,6 +25,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tether-sh/tether/pkg/bootclock"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/grants"
 	"github.com/tether-sh/tether/pkg/identity"
@@ -165,7 +166,7 @@ type Options struct {
 	// UIDsInUse returns the uids of the host's users and running processes, which a dynamic
 	// uid must not be; nil: read /etc/passwd and /proc.
 	UIDsInUse func() (map[uint32]bool, error)
-	// Now is the clock (tests); nil: time.Now.
+	// Now is the clock (tests); nil: bootclock.Now, the clock of the kernel's deadlines.
 	Now    func() time.Time
 	Logger *slog.Logger
 }
@@ -278,7 +279,7 @@ func New(opts Options) *Registry {
 		opts.Workers = 4
 	}
 	if opts.Now == nil {
-		opts.Now = time.Now
+		opts.Now = bootclock.Now
 	}
 	if opts.UIDsInUse == nil {
 		opts.UIDsInUse = hostUIDs

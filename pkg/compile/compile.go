@@ -25,6 +25,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/tether-sh/tether/pkg/bootclock"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/grants"
 )
@@ -40,7 +41,8 @@ type Options struct {
 	Files Files
 	// Resolver resolves fqdn rules; without one they are refused.
 	Resolver Resolver
-	// Now is when the rule set is compiled (for DNS expiry); zero means time.Now().
+	// Now is when the rule set is compiled (for DNS expiry), a time of pkg/bootclock; zero means
+	// bootclock.Now().
 	Now time.Time
 	// UnixAlways are socket paths every agent may connect to (tetherd's agent socket).
 	UnixAlways []string
@@ -69,7 +71,8 @@ type Result struct {
 	Refused  []Refusal
 	Warnings []string
 	// RefreshAt is when resolved DNS names expire and the grants should be compiled again
-	// (zero: never).
+	// (zero: never). RuleSet.Expires is dnsGrace after the earliest of them: the kernel drops
+	// the resolved addresses then if nobody resolved them again (tetherd stopped).
 	RefreshAt time.Time
 	// ExecFiles name the files the exec rules allow, as the grants name them (a glob expanded),
 	// sorted: `tetherctl run` mounts each read-only over itself in the agent's view.
@@ -90,7 +93,7 @@ func Compile(ctx context.Context, g grants.Grants, opts Options) *Result {
 	opts.Files = memoized(ctx, opts.Files)
 	c := compiler{opts: opts}
 	if c.opts.Now.IsZero() {
-		c.opts.Now = time.Now()
+		c.opts.Now = bootclock.Now()
 	}
 	switch g.Mode {
 	case "", "enforce":
@@ -279,10 +282,14 @@ func (c *compiler) egress(ctx context.Context, where string, e grants.Egress, ou
 	return out
 }
 
-// dnsFloor and dnsCeiling bound how soon and how late a resolved name is resolved again.
+// dnsFloor and dnsCeiling bound how soon and how late a resolved name is resolved again. An
+// address resolved holds until dnsGrace after that: long enough for tetherd to resolve it again
+// (two queries of up to 3 s each) and install the result, so that a name that still resolves to
+// it is never cut; past it, the kernel denies with reason expired whether tetherd runs or not.
 const (
 	dnsFloor   = 5 * time.Second
 	dnsCeiling = time.Hour
+	dnsGrace   = 15 * time.Second
 )
 
 // resolve returns the /32 and /128 prefixes of name's addresses and moves RefreshAt to their
@@ -300,10 +307,14 @@ func (c *compiler) resolve(ctx context.Context, where, name string) []netip.Pref
 		c.refreshIn(dnsFloor)
 		return nil
 	}
-	c.refreshIn(min(max(ttl, dnsFloor), dnsCeiling))
+	life := min(max(ttl, dnsFloor), dnsCeiling)
+	c.refreshIn(life)
 	if len(addrs) == 0 {
 		c.refuse(where, "fqdn %q has no A or AAAA records", name)
 		return nil
+	}
+	if at := c.opts.Now.Add(life + dnsGrace); c.res.RuleSet.Expires.IsZero() || at.Before(c.res.RuleSet.Expires) {
+		c.res.RuleSet.Expires = at
 	}
 	var out []netip.Prefix
 	for _, a := range addrs {

@@ -348,6 +348,17 @@ func TestFQDN(t *testing.T) {
 	if !res.RefreshAt.Equal(now.Add(dnsFloor)) {
 		t.Errorf("refresh at %v", res.RefreshAt)
 	}
+	// The resolved addresses hold in the kernel until a grace after their TTL (30 s), the failed
+	// name's retry aside: with tetherd stopped, they end then.
+	if want := now.Add(30*time.Second + dnsGrace); !res.RuleSet.Expires.Equal(want) {
+		t.Errorf("rule set expires %v, want %v", res.RuleSet.Expires, want)
+	}
+	// Nothing resolved: nothing expires.
+	res = Compile(context.Background(), grants.Grants{Egress: []grants.Egress{{CIDR: "10.0.0.0/8"}, {FQDN: "gone.example.com"}}},
+		Options{Files: files, Resolver: r, Now: now})
+	if !res.RuleSet.Expires.IsZero() {
+		t.Errorf("no name resolved: the rule set expires %v, want never", res.RuleSet.Expires)
+	}
 }
 
 func TestTooManyEntriesGrantsNothing(t *testing.T) {

@@ -158,6 +158,11 @@ type RuleSet struct {
 	// Listen are the ports an agent may bind to on addresses other than loopback, and accept
 	// connections on (Binary, Grant and MaxDuration unused). None: loopback only.
 	Listen []PortRule
+	// Expires is when the rule set stops holding (zero: never): from then on the kernel denies
+	// everything of the agent with ReasonExpired (a would-deny in audit mode), whether tetherd
+	// runs or not, until another rule set is installed or SetExpiry moves it. A time of
+	// pkg/bootclock.
+	Expires time.Time
 }
 
 // Entries is the number of kernel map entries the rule set needs (the header included).
@@ -291,9 +296,11 @@ const (
 	ReasonBind
 	// ReasonBPF: the bpf() system call.
 	ReasonBPF
+	// ReasonExpired: the rule set in force passed its expiry (RuleSet.Expires).
+	ReasonExpired
 )
 
-var reasonNames = [...]string{"rule", "no-rule", "killed", "unknown-cgroup", "no-ruleset", "socket-type", "binary-unknown", "audit-rule", "grant-spent", "revoked", "detour", "max-duration", "migration", "depth", "modified-file", "mount-ns", "family", "userns", "ptrace", "bind", "bpf"}
+var reasonNames = [...]string{"rule", "no-rule", "killed", "unknown-cgroup", "no-ruleset", "socket-type", "binary-unknown", "audit-rule", "grant-spent", "revoked", "detour", "max-duration", "migration", "depth", "modified-file", "mount-ns", "family", "userns", "ptrace", "bind", "bpf", "expired"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) {
@@ -418,6 +425,9 @@ type Dataplane interface {
 	// destination it no longer allows are terminated right after, and their packets dropped
 	// from the moment it is in force.
 	Install(slot Slot, rs *RuleSet) error
+	// SetExpiry moves the expiry of the rule set in force (see RuleSet.Expires) without writing
+	// it again: a task renewed.
+	SetExpiry(slot Slot, expires time.Time) error
 	// Clear removes everything the kernel holds for slot.
 	Clear(slot Slot) error
 	PutInfo(slot Slot, info Info) error

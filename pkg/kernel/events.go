@@ -15,6 +15,7 @@ import (
 	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
 
+	"github.com/tether-sh/tether/pkg/bootclock"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/panics"
 )
@@ -69,7 +70,7 @@ func (k *Kernel) NewEventReader() (*EventReader, error) {
 		rd.Close()
 		return nil, fmt.Errorf("opening event ring buffer: %w", err)
 	}
-	return &EventReader{rd: rd, boot: k.bootTime, file: f, raw: raw}, nil
+	return &EventReader{rd: rd, boot: bootclock.Epoch(), file: f, raw: raw}, nil
 }
 
 // Read blocks until the next event. After Close it returns ErrClosed.

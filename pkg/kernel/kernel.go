@@ -22,7 +22,6 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/bpffs"
 	"github.com/tether-sh/tether/pkg/dataplane"
@@ -104,7 +103,6 @@ type Kernel struct {
 	sweepShard    *ebpf.Map
 	sweeper       *sweeper
 	innerSpec     *ebpf.MapSpec
-	bootTime      time.Time
 
 	genMu sync.Mutex // serialises binding generation bumps
 
@@ -162,7 +160,6 @@ func Open(opts Options) (_ *Kernel, err error) {
 			k.Close()
 		}
 	}()
-	k.bootTime = bootTime()
 	k.features = probe(opts.Exec, opts.Logger)
 	if opts.NoSockDestroy && k.features.SockDestroy {
 		k.features.noSockDestroy()
@@ -343,14 +340,4 @@ func (k *Kernel) Close() error {
 		k.coll.Close()
 	}
 	return errors.Join(errs...)
-}
-
-// bootTime is the wall-clock time at which CLOCK_BOOTTIME was zero; events carry boot time.
-func bootTime() time.Time {
-	var ts unix.Timespec
-	now := time.Now()
-	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
-		return now
-	}
-	return now.Add(-time.Duration(ts.Nano()))
 }

@@ -8,11 +8,11 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/tether-sh/tether/pkg/bootclock"
 	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
@@ -46,7 +46,7 @@ func (k *Kernel) seedLineage(slot dataplane.Slot, path string) error {
 	if err != nil {
 		return fmt.Errorf("listing the processes of %s: %w", path, err)
 	}
-	now := bootNanos()
+	now := bootclock.Nanos()
 	var errs []error
 	for _, pid := range pids {
 		var old bpfTetherProc
@@ -101,13 +101,4 @@ func procLineage(pid int) (bpfTetherProc, bool) {
 		p.BinIno = stx.Ino
 	}
 	return p, true
-}
-
-// bootNanos is CLOCK_BOOTTIME in nanoseconds, the clock of the programs.
-func bootNanos() uint64 {
-	var ts unix.Timespec
-	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
-		return uint64(time.Now().UnixNano())
-	}
-	return uint64(ts.Nano())
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/tether-sh/tether/pkg/bootclock"
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
@@ -211,7 +212,7 @@ func (k *Kernel) SetGrant(i uint32, uses int64, expires time.Time) error {
 	}
 	v := bpfTetherGrantUses{Left: uses}
 	if !expires.IsZero() {
-		v.ExpiresNs = uint64(max(expires.Sub(k.bootTime), 1))
+		v.ExpiresNs = bootclock.Deadline(expires)
 	}
 	if err := k.grants.Put(i, v); err != nil {
 		return fmt.Errorf("writing counted grant %d: %w", i, err)

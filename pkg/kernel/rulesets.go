@@ -9,8 +9,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
 
+	"github.com/tether-sh/tether/pkg/bootclock"
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
@@ -51,6 +51,8 @@ type slotState struct {
 	// rule-set generation each buffer holds.
 	born uint64
 	gen  [2]uint64
+	// expires is each buffer's expiry, CLOCK_BOOTTIME nanoseconds (0: none).
+	expires [2]uint64
 	// mirror is what each buffer holds (its trie and its host rules); nil: unknown (read from
 	// the kernel when needed).
 	mirror [2]*trieImage
@@ -91,13 +93,13 @@ func (k *Kernel) loadSlot(st *slotState, slot dataplane.Slot) error {
 		return fmt.Errorf("reading state of slot %d: %w", slot, err)
 	}
 	st.flags, st.active, st.floor, st.bulk, st.trieMax, st.loaded = a.Flags, a.Active&1, a.Floor, a.Bulk, a.TrieMax, true
-	st.born, st.gen = a.Born, a.Generation
+	st.born, st.gen, st.expires = a.Born, a.Generation, a.Expires
 	return nil
 }
 
 // agentValue is the slot's tether_agents value with flags, active and floor.
 func (st *slotState) agentValue(flags, active uint32, floor [2]uint64) bpfTetherAgent {
-	return bpfTetherAgent{Flags: flags, Active: active, Floor: floor, Bulk: st.bulk, TrieMax: st.trieMax, Born: st.born, Generation: st.gen}
+	return bpfTetherAgent{Flags: flags, Active: active, Floor: floor, Bulk: st.bulk, TrieMax: st.trieMax, Born: st.born, Generation: st.gen, Expires: st.expires}
 }
 
 // writeAgent writes the whole agent value. Call with st.mu held.
@@ -223,6 +225,7 @@ func (k *Kernel) Install(slot dataplane.Slot, rs *dataplane.RuleSet) error {
 		st.mirror[target], st.loaded = nil, false
 		return fmt.Errorf("writing rule set of slot %d: %w", slot, err)
 	}
+	st.expires[target] = expiresNs(rs.Expires)
 	if err := k.writeAgent(st, slot, st.flags, target); err != nil {
 		return err
 	}
@@ -233,6 +236,36 @@ func (k *Kernel) Install(slot dataplane.Slot, rs *dataplane.RuleSet) error {
 	// on (tether_egress_skb); the sweep terminates them.
 	k.sweeper.request(slot)
 	return nil
+}
+
+// SetExpiry moves the expiry of the rule set in force in slot, in place: the buffer in force is
+// not written again. A hook that reads the value while it is written sees the old expiry or the
+// new one.
+func (k *Kernel) SetExpiry(slot dataplane.Slot, expires time.Time) error {
+	if err := checkSlot(slot); err != nil {
+		return err
+	}
+	st := k.slot(slot)
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if err := k.loadSlot(st, slot); err != nil {
+		return err
+	}
+	old := st.expires[st.active]
+	st.expires[st.active] = expiresNs(expires)
+	if err := k.writeAgent(st, slot, st.flags, st.active); err != nil {
+		st.expires[st.active] = old
+		return fmt.Errorf("moving the expiry of slot %d: %w", slot, err)
+	}
+	return nil
+}
+
+// expiresNs is struct tether_agent's expires for t (zero: 0, never).
+func expiresNs(t time.Time) uint64 {
+	if t.IsZero() {
+		return 0
+	}
+	return bootclock.Deadline(t)
 }
 
 // waitQuiet returns, with st.mu held as on entry, once no hook can be reading the buffer not in
@@ -528,13 +561,7 @@ func (k *Kernel) holds(st *slotState, slot dataplane.Slot, i uint32, img *trieIm
 
 // newBorn is a struct tether_agent born for a slot's new agent: CLOCK_BOOTTIME in nanoseconds,
 // which no earlier agent of the slot had (sockets live no longer than a boot).
-func newBorn() uint64 {
-	var ts unix.Timespec
-	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
-		return uint64(time.Now().UnixNano())
-	}
-	return uint64(ts.Nano())
-}
+func newBorn() uint64 { return bootclock.Nanos() }
 
 // buffer opens buffer i of slot, creating it (and its tether_rulesets entry) when missing; the
 // caller closes it. No descriptor of a buffer stays open between uses (tether_rulesets holds
@@ -759,7 +786,7 @@ func (k *Kernel) Clear(slot dataplane.Slot) error {
 	if _, err := k.Sweep(slot); err != nil {
 		errs = append(errs, err)
 	}
-	st.born, st.gen = 0, [2]uint64{}
+	st.born, st.gen, st.expires = 0, [2]uint64{}, [2]uint64{}
 	errs = append(errs, k.writeAgent(st, slot, 0, 0))
 	st.waitQuiet()
 	var hosts []bpfTetherHostKey

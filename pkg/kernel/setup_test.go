@@ -193,6 +193,11 @@ func (l *eventLog) wait(t *testing.T, what string, match func(dataplane.Event) b
 		l.mu.Unlock()
 		time.Sleep(10 * time.Millisecond)
 	}
+	l.mu.Lock()
+	for _, e := range l.events {
+		t.Logf("event: %s %s %s slot %d generation %d %s:%d", e.Kind, e.Verdict, e.Reason, e.Slot, e.Generation, e.Addr, e.Port)
+	}
+	l.mu.Unlock()
 	t.Fatalf("no event: %s", what)
 	return dataplane.Event{}
 }

@@ -23,6 +23,7 @@ type bpfTetherAgent struct {
 	Pad        uint32
 	Born       uint64
 	Generation [2]uint64
+	Expires    [2]uint64
 }
 
 type bpfTetherAgentAllows struct {
@@ -240,6 +241,7 @@ const (
 	bpfTetherReasonTETHER_REASON_PTRACE         bpfTetherReason = 18
 	bpfTetherReasonTETHER_REASON_BIND           bpfTetherReason = 19
 	bpfTetherReasonTETHER_REASON_BPF            bpfTetherReason = 20
+	bpfTetherReasonTETHER_REASON_EXPIRED        bpfTetherReason = 21
 )
 
 type bpfTetherRuleKey struct {
@@ -313,6 +315,7 @@ const (
 	bpfTetherSockFlagsTETHER_SOCK_DEADLINE_AUDIT  bpfTetherSockFlags = 32
 	bpfTetherSockFlagsTETHER_SOCK_EXPIRED         bpfTetherSockFlags = 64
 	bpfTetherSockFlagsTETHER_SOCK_CHECKED         bpfTetherSockFlags = 128
+	bpfTetherSockFlagsTETHER_SOCK_EXPIRY_REPORTED bpfTetherSockFlags = 256
 )
 
 type bpfTetherSweepSlot struct {

@@ -4,6 +4,7 @@ package dataplanetest
 
 import (
 	"errors"
+	"fmt"
 	"maps"
 	"sync"
 	"time"
@@ -132,6 +133,21 @@ func (f *Fake) Install(slot dataplane.Slot, rs *dataplane.RuleSet) error {
 		return err
 	}
 	f.rules[slot] = *rs
+	return nil
+}
+
+func (f *Fake) SetExpiry(slot dataplane.Slot, expires time.Time) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.call("SetExpiry"); err != nil {
+		return err
+	}
+	rs, ok := f.rules[slot]
+	if !ok {
+		return fmt.Errorf("slot %d has no rule set", slot)
+	}
+	rs.Expires = expires
+	f.rules[slot] = rs
 	return nil
 }
 

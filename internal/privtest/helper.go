@@ -89,6 +89,7 @@ func Main(m *testing.M, cleanups ...func()) {
 		os.Exit(f(os.Args[1:]))
 	}
 	code := m.Run()
+	writeFaults(os.Stdout)
 	for _, c := range cleanups {
 		c()
 	}

@@ -8,6 +8,7 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/url"
 	"os"
@@ -15,6 +16,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/goccy/go-yaml"
@@ -335,11 +337,40 @@ func Load(path string) (*Loaded, error) {
 	if path == "" {
 		return Parse("embedded defaults", DefaultYAML)
 	}
-	b, err := os.ReadFile(path)
+	b, err := readFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("reading configuration: %w", err)
 	}
 	return Parse(path, b)
+}
+
+// maxFileBytes bounds a configuration file: far above any real one, and a file that never ends
+// (a link to /dev/zero) is refused instead of read until memory runs out.
+const maxFileBytes = 4 << 20
+
+// readFile reads a configuration file: a regular file of at most maxFileBytes. It opens without
+// blocking, so a FIFO in its place is refused rather than waited on.
+func readFile(path string) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s: not a regular file (%s)", path, st.Mode().Type())
+	}
+	b, err := io.ReadAll(io.LimitReader(f, maxFileBytes+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > maxFileBytes {
+		return nil, fmt.Errorf("%s: larger than %d MiB", path, maxFileBytes>>20)
+	}
+	return b, nil
 }
 
 // Parse decodes and checks a configuration. Unknown keys are errors.

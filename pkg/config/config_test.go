@@ -1,7 +1,10 @@
 package config
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -122,5 +125,36 @@ func TestParseRefusesWhatCrashedTheDecoder(t *testing.T) {
 	}
 	if n := panics.Counts()[boundary]; n != 0 {
 		t.Errorf("the decoder still panicked %d times", n)
+	}
+}
+
+// A file that is not a regular file, or never ends, is refused without being waited on or read
+// into memory: a FIFO, a link to /dev/zero, a directory, a file past the size limit.
+func TestLoadRefusesWhatIsNotAConfigurationFile(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo.yaml")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	zero := filepath.Join(dir, "zero.yaml")
+	if err := os.Symlink("/dev/zero", zero); err != nil {
+		t.Fatal(err)
+	}
+	big := filepath.Join(dir, "big.yaml")
+	if err := os.WriteFile(big, append([]byte("# "), make([]byte, maxFileBytes)...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for path, want := range map[string]string{fifo: "not a regular file", zero: "not a regular file", dir: "not a regular file",
+		big: "larger than 4 MiB", filepath.Join(dir, "missing.yaml"): "no such file"} {
+		done := make(chan error, 1)
+		go func() { _, err := Load(path); done <- err }()
+		select {
+		case err := <-done:
+			if err == nil || !strings.Contains(err.Error(), want) {
+				t.Errorf("Load(%s): %v, want an error saying %q", filepath.Base(path), err, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("Load(%s) did not return", filepath.Base(path))
+		}
 	}
 }

@@ -48,7 +48,7 @@ func TestPrivilegedRuleSetExpires(t *testing.T) {
 	}
 	// One process dials before the expiry and again after it: an exec past the expiry is denied
 	// too (below).
-	dials := append(append(slices.Clone(targets), "sleep", (left + 100*time.Millisecond).String()), targets...)
+	dials := append(append(slices.Clone(targets), "sleep", (left+100*time.Millisecond).String()), targets...)
 	expect(t, "before and past the expiry", privtest.Dial(t, agent, dials...), []string{"ok", "ok", "slept", "eperm", "eperm"})
 
 	privtest.QuietAfter(t, "the live stream past the expiry", peer, at, 50*time.Millisecond)

@@ -1,6 +1,7 @@
 package events
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
@@ -23,6 +24,8 @@ type File struct {
 	size int64  // of the file, buffered bytes included
 	buf  []byte // records not yet written
 	held int    // how many
+	// torn: a short write left part of a record at the end of the file.
+	torn bool
 	line lineEncoder
 }
 
@@ -112,17 +115,40 @@ func (l *File) Flush() error {
 }
 
 // flush writes the buffer, cut at record boundaries only. Call with l.mu held.
+//
+// A short write (the disk is full) keeps the records it wrote whole and takes back the part of
+// the one it stopped in, so the log stays whole lines and a record is either in it or counted
+// lost. Should the file not shrink, the next write starts on a new line: the fragment stays a line
+// of its own, and the next record whole.
 func (l *File) flush() error {
 	if len(l.buf) == 0 {
 		return nil
 	}
-	_, err := l.f.Write(l.buf)
-	n := l.held
-	l.buf, l.held = l.buf[:0], 0
-	if err != nil {
-		return &FlushError{Records: n, Err: err}
+	if l.torn {
+		l.buf = append([]byte{'\n'}, l.buf...)
 	}
-	return nil
+	n, err := l.f.Write(l.buf)
+	held, wrote := l.held, l.buf[:n]
+	written := bytes.Count(wrote, []byte{'\n'})
+	if l.torn && n > 0 {
+		written-- // the line break that ended the fragment
+		l.torn = false
+	}
+	frag := n - (bytes.LastIndexByte(wrote, '\n') + 1)
+	l.buf, l.held = l.buf[:0], 0
+	if err == nil {
+		return nil
+	}
+	if frag > 0 {
+		l.torn = true
+		if st, serr := l.f.Stat(); serr == nil && l.f.Truncate(st.Size()-int64(frag)) == nil {
+			l.torn = false
+		}
+	}
+	if st, serr := l.f.Stat(); serr == nil {
+		l.size = st.Size()
+	}
+	return &FlushError{Records: held - written, Err: err}
 }
 
 // Close writes what is buffered and closes the file.

@@ -3,6 +3,7 @@ package events
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -10,6 +11,9 @@ import (
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/tether-sh/tether/internal/privtest"
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
@@ -105,4 +109,70 @@ func TestEmitIsWrittenAtOnce(t *testing.T) {
 	if b, _ := os.ReadFile(path); !strings.Contains(string(b), `"kind":"kill"`) {
 		t.Fatalf("after Emit the file holds %q", b)
 	}
+}
+
+// TestPrivilegedFileDiskFull: on a file system that fills up (a 64 KiB tmpfs), every record is
+// either a whole line of the log or counted lost by a FlushError, never half written; once space
+// returns, records are written again, each on its own line.
+func TestPrivilegedFileDiskFull(t *testing.T) {
+	privtest.Gate(t)
+	dir := t.TempDir()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=64k"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	filler := filepath.Join(dir, "filler")
+	if err := os.WriteFile(filler, make([]byte, 40<<10), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "decisions.jsonl")
+	l, err := OpenFile(path, 0, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	total, lost := 0, 0
+	write := func(n int) (failed bool) {
+		for range n {
+			// Flushed every 7 records: blocks that do not end where the space does.
+			err := l.Write(Decision{DecisionID: fmt.Sprintf("d%05d", total), Kind: "connect4", Verdict: "deny", Reason: strings.Repeat("x", 100)})
+			total++
+			if total%7 == 0 && err == nil {
+				err = l.Flush()
+			}
+			var fe *FlushError
+			if errors.As(err, &fe) {
+				lost += fe.Records
+				failed = true
+			} else if err != nil {
+				t.Fatal(err)
+			}
+		}
+		return failed
+	}
+	if !write(400) {
+		t.Fatal("400 records fit in 24 KiB: the test does not fill the disk")
+	}
+	os.Remove(filler)
+	if write(70) {
+		t.Fatal("a write failed after space returned")
+	}
+	if err := l.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
+	for i, line := range lines {
+		var d Decision
+		if err := json.Unmarshal([]byte(line), &d); err != nil {
+			t.Fatalf("line %d is not a whole record: %q", i+1, line)
+		}
+	}
+	if len(lines)+lost != total {
+		t.Errorf("%d records: %d in the log, %d counted lost (%d unaccounted)", total, len(lines), lost, total-len(lines)-lost)
+	}
+	t.Logf("%d records: %d in the log, %d counted lost", total, len(lines), lost)
 }

@@ -160,6 +160,17 @@ struct {
 	__type(value, __u64);
 } tether_counters SEC(".maps");
 
+/* tether_settled[0]: records of tether_events that daemons have settled (written to their sinks,
+ * or counted lost) since the pins were made. Only the daemon writes it: what a daemon read and
+ * had not settled when it was killed is the difference to TETHER_COUNTER_EVENTS_SUBMITTED less
+ * what the ring buffer still holds, which the next daemon counts lost. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} tether_settled SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, TETHER_MAX_AGENTS);
@@ -280,6 +291,13 @@ static __always_inline void tether_count(__u32 counter)
 	__u64 *v = bpf_map_lookup_elem(&tether_counters, &counter);
 	if (v)
 		*v += 1;
+}
+
+/* tether_submit hands a reserved record to the daemon and counts it. */
+static __always_inline void tether_submit(struct tether_event *e)
+{
+	bpf_ringbuf_submit(e, 0);
+	tether_count(TETHER_COUNTER_EVENTS_SUBMITTED);
 }
 
 /* tether_walk_slot binds the task to an agent: its own cgroup, else the nearest of
@@ -499,7 +517,7 @@ static __always_inline int tether_finish(struct tether_decision *d, void *rules)
 		}
 		struct tether_event *e = tether_event_reserve(d);
 		if (e)
-			bpf_ringbuf_submit(e, 0);
+			tether_submit(e);
 	}
 	return d->verdict != TETHER_VERDICT_DENY;
 }
@@ -1061,7 +1079,7 @@ static __always_inline int tether_unix_decide(struct tether_decision *d, const c
 	struct tether_event *e = tether_event_reserve(d);
 	if (e) {
 		tether_unix_target(e->target, &key);
-		bpf_ringbuf_submit(e, 0);
+		tether_submit(e);
 	}
 	return d->verdict != TETHER_VERDICT_DENY;
 }
@@ -1154,7 +1172,7 @@ int tether_sock_create(struct bpf_sock *sk)
 	if (d.verdict != TETHER_VERDICT_ALLOW) {
 		struct tether_event *e = tether_event_reserve(&d);
 		if (e)
-			bpf_ringbuf_submit(e, 0);
+			tether_submit(e);
 	}
 	return d.verdict != TETHER_VERDICT_DENY;
 }
@@ -1202,7 +1220,7 @@ static __always_inline int tether_bind(struct tether_decision *d)
 	if (d->verdict != TETHER_VERDICT_ALLOW || tether_should_emit(d)) {
 		struct tether_event *e = tether_event_reserve(d);
 		if (e)
-			bpf_ringbuf_submit(e, 0);
+			tether_submit(e);
 	}
 	return d->verdict != TETHER_VERDICT_DENY;
 }
@@ -1446,7 +1464,7 @@ __attribute__((noinline)) int tether_sock_event(struct tether_decision *d, struc
 	e->sock_type = d->proto == IPPROTO_TCP ? SOCK_STREAM : SOCK_DGRAM;
 	__builtin_memcpy(e->daddr, d->addr, sizeof(e->daddr));
 	if (!s) {
-		bpf_ringbuf_submit(e, 0);
+		tether_submit(e);
 		return 0;
 	}
 	e->pid = s->pid;
@@ -1455,7 +1473,7 @@ __attribute__((noinline)) int tether_sock_event(struct tether_decision *d, struc
 	struct tether_proc *p = tether_event_lineage(e, !s->bin_ino);
 	if (p)
 		__builtin_memcpy(e->comm, p->comm, sizeof(e->comm));
-	bpf_ringbuf_submit(e, 0);
+	tether_submit(e);
 	return 0;
 }
 
@@ -1836,7 +1854,7 @@ int tether_setsockopt(struct bpf_sockopt *ctx)
 	tether_account(&d);
 	struct tether_event *e = tether_event_reserve(&d);
 	if (e)
-		bpf_ringbuf_submit(e, 0);
+		tether_submit(e);
 	return d.verdict != TETHER_VERDICT_DENY;
 }
 
@@ -2048,7 +2066,7 @@ static __always_inline void tether_exec_event(struct tether_decision *d, void *r
 	if (!e)
 		return;
 	bpf_probe_read_kernel_str(e->target, sizeof(e->target), BPF_CORE_READ(bprm, filename));
-	bpf_ringbuf_submit(e, 0);
+	tether_submit(e);
 }
 
 /* tether_live_agent returns the agent a lineage entry belongs to while it is still that agent
@@ -2148,7 +2166,7 @@ static __always_inline int tether_migrated(struct task_struct *task, struct teth
 	tether_event_lineage(e, 1);
 	if (where)
 		bpf_probe_read_kernel_str(e->target, sizeof(e->target), where);
-	bpf_ringbuf_submit(e, 0);
+	tether_submit(e);
 	return signalled;
 }
 
@@ -2299,7 +2317,7 @@ static __always_inline int tether_guard_finish(struct tether_decision *d, const 
 	if (e) {
 		if (target)
 			bpf_probe_read_kernel_str(e->target, sizeof(e->target), target);
-		bpf_ringbuf_submit(e, 0);
+		tether_submit(e);
 	}
 	return d->verdict == TETHER_VERDICT_DENY ? -EPERM : 0;
 }

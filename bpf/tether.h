@@ -166,6 +166,9 @@ enum tether_counter {
 	/* Agent processes moved out of their agent, found by the exec program rather than when they
 	 * moved (bpf_send_signal_task is missing before Linux 6.13 for a move by another process). */
 	TETHER_COUNTER_MIGRATIONS_LATE = 6,
+	/* Records submitted to tether_events: each is read by a daemon, still in the ring buffer, or
+	 * was read by a daemon killed before it settled it (see tether_settled). */
+	TETHER_COUNTER_EVENTS_SUBMITTED = 7,
 	TETHER_COUNTER_MAX = 8,
 };
 

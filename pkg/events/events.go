@@ -206,6 +206,14 @@ type Source interface {
 	Read() (dataplane.Event, error)
 }
 
+// Settling is a source that keeps count of the events whose records were settled (flushed to
+// the sinks, or counted lost) where it outlives this process, and counted at its opening those an
+// earlier reader took and never settled (killed before it wrote them): lost.
+type Settling interface {
+	Ack(n int) error
+	Unsettled() uint64
+}
+
 // Buffering is a source that can tell whether more events are waiting; the pump then writes
 // them before it flushes the sinks.
 type Buffering interface {
@@ -230,9 +238,12 @@ type Stats struct {
 	// RecordsDropped are records tetherd made itself (Record: policy evaluations) dropped
 	// because their queue was full.
 	RecordsDropped uint64 `json:"records_dropped"`
-	DecodeErrors   uint64 `json:"decode_errors"`
-	SinkErrors     uint64 `json:"sink_errors"`
-	QueueCapacity  int    `json:"queue_capacity"`
+	// LostAtStart are kernel records the previous tetherd had read and not written when it
+	// ended without flushing (killed), counted at this one's start.
+	LostAtStart   uint64 `json:"lost_at_start"`
+	DecodeErrors  uint64 `json:"decode_errors"`
+	SinkErrors    uint64 `json:"sink_errors"`
+	QueueCapacity int    `json:"queue_capacity"`
 }
 
 // Pump moves events from a source to sinks through a bounded queue; a full queue stops the
@@ -253,12 +264,23 @@ type Pump struct {
 	mask   []Pointer
 
 	read, written, ownDropped, decodeErrors, sinkErrors atomic.Uint64
+	// unacked counts the kernel's events taken since the last Ack of a Settling source: written
+	// to the sinks (settled by the next flush) or not decoded.
+	unacked     atomic.Uint64
+	lostAtStart uint64
+	ackFailed   atomic.Bool
 }
 
 // NewPump returns a pump with a queue of about queueLen events.
 func NewPump(src Source, attr Attributor, queueLen int, log *slog.Logger, sinks ...Sink) *Pump {
-	return &Pump{src: src, attr: attr, sinks: sinks, log: log, queue: make(chan []dataplane.Event, max(queueLen/maxBatch, 1)),
+	p := &Pump{src: src, attr: attr, sinks: sinks, log: log, queue: make(chan []dataplane.Event, max(queueLen/maxBatch, 1)),
 		own: make(chan Decision, ownQueue)}
+	if s, ok := src.(Settling); ok {
+		if p.lostAtStart = s.Unsettled(); p.lostAtStart > 0 {
+			log.Warn("records the previous tetherd read from the kernel and had not written when it ended (killed): counted lost", "records", p.lostAtStart)
+		}
+	}
+	return p
 }
 
 // maxBatch bounds the events the reader hands over at once.
@@ -277,7 +299,7 @@ func (p *Pump) SetMask(mask []Pointer) {
 // Stats returns the pump's counters.
 func (p *Pump) Stats() Stats {
 	return Stats{Read: p.read.Load(), Written: p.written.Load(), RecordsDropped: p.ownDropped.Load(), DecodeErrors: p.decodeErrors.Load(),
-		SinkErrors: p.sinkErrors.Load(), QueueCapacity: cap(p.queue) * maxBatch}
+		SinkErrors: p.sinkErrors.Load(), QueueCapacity: cap(p.queue) * maxBatch, LostAtStart: p.lostAtStart}
 }
 
 // Emit writes a record tetherd made itself (not from the kernel: an agent lost its identity)
@@ -335,6 +357,7 @@ func (p *Pump) Run(closed error) error {
 			case batch, ok := <-p.queue:
 				if !ok {
 					p.drainOwn()
+					p.ack()
 					return
 				}
 				for _, e := range batch {
@@ -344,11 +367,13 @@ func (p *Pump) Run(closed error) error {
 					}
 					p.write(d)
 				}
+				p.unacked.Add(uint64(len(batch)))
 			case d := <-p.own:
 				p.write(d)
 			}
 			if len(p.queue) == 0 && len(p.own) == 0 && !p.pending() {
 				p.flush()
+				p.ack()
 			}
 		}
 	}()
@@ -367,6 +392,7 @@ func (p *Pump) Run(closed error) error {
 			}
 			return nil
 		case err != nil:
+			p.unacked.Add(1) // settled: counted
 			if p.decodeErrors.Add(1) == 1 {
 				p.log.Error("reading kernel event", "error", err)
 			}
@@ -383,6 +409,22 @@ func (p *Pump) Run(closed error) error {
 		if len(batch) == maxBatch || len(batch) > 0 && !p.pending() {
 			p.queue <- batch // when the sinks fall behind, events wait in the ring buffer
 			batch = nil
+		}
+	}
+}
+
+// ack tells a Settling source that the kernel's events taken so far are settled: written to the
+// sinks, which have just flushed, or counted lost. Call from the writer, after a flush.
+func (p *Pump) ack() {
+	s, ok := p.src.(Settling)
+	if !ok {
+		return
+	}
+	n := p.unacked.Swap(0)
+	if err := s.Ack(int(n)); err != nil {
+		p.unacked.Add(n) // with the next
+		if !p.ackFailed.Swap(true) {
+			p.log.Warn("recording settled records (a restart after a kill would count them lost)", "error", err)
 		}
 	}
 }

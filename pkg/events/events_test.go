@@ -270,3 +270,28 @@ func TestPumpBatchesWhatTheSourceHolds(t *testing.T) {
 		t.Errorf("%d flushes for 1000 events held by the source", sink.flushes)
 	}
 }
+
+// settlingSource is a sliceSource that records its acks.
+type settlingSource struct {
+	sliceSource
+	acked, unsettled uint64
+}
+
+func (s *settlingSource) Ack(n int) error  { s.acked += uint64(n); return nil }
+func (s *settlingSource) Unsettled() uint64 { return s.unsettled }
+
+// The pump settles with a Settling source every event it took, once its records are flushed (or
+// when it did not decode), and reports what an earlier reader left unsettled as lost at start.
+func TestPumpSettlesWhatItWrote(t *testing.T) {
+	src := &settlingSource{sliceSource: sliceSource{errs: []error{errors.New("short record")},
+		events: []dataplane.Event{{Slot: 1}, {Slot: 2}, {Slot: 3}}}, unsettled: 7}
+	var buf bytes.Buffer
+	p := NewPump(src, attr{}, 10, slog.New(slog.DiscardHandler), NewJSONLines(&buf))
+	p.Run(errClosed)
+	if src.acked != 4 {
+		t.Errorf("acked %d, want 4 (3 written, 1 not decoded)", src.acked)
+	}
+	if st := p.Stats(); st.LostAtStart != 7 {
+		t.Errorf("lost at start %d, want 7", st.LostAtStart)
+	}
+}

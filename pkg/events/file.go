@@ -91,19 +91,25 @@ func (l *File) Write(d Decision) error {
 	if err != nil {
 		return err
 	}
+	// A failed flush of what was buffered loses those records (counted by the FlushError), not
+	// this one: it is buffered all the same, for the next write.
+	var ferr *FlushError
 	if l.maxBytes > 0 && l.size > 0 && l.size+int64(len(b)) > l.maxBytes {
-		if err := l.rotate(); err != nil {
+		if err := l.rotate(); err != nil && !errors.As(err, &ferr) {
 			return err
 		}
 	}
 	if len(l.buf)+len(b) > fileBuffer {
-		if err := l.flush(); err != nil {
+		if err := l.flush(); err != nil && !errors.As(err, &ferr) {
 			return err
 		}
 	}
 	l.buf = append(l.buf, b...)
 	l.held++
 	l.size += int64(len(b))
+	if ferr != nil {
+		return ferr
+	}
 	return nil
 }
 

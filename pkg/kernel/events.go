@@ -32,6 +32,7 @@ var ErrClosed = errors.New("event reader closed")
 // the kernel wakes a reader only when it has caught up, so the events of that time are read in
 // one go, for one wake-up.
 type EventReader struct {
+	k        *Kernel
 	rd       *ringbuf.Reader
 	boot     time.Time
 	rec      ringbuf.Record
@@ -41,6 +42,9 @@ type EventReader struct {
 	mu       sync.RWMutex // Close waits for a Read in progress on the ring (mapped memory)
 	closed   bool
 	closing  atomic.Bool // set before the file is closed, so the wait it ends knows why
+	// settled is tether_settled's count, which this reader advances (Ack); unsettled is what
+	// earlier readers had read and not settled, counted at open.
+	settled, unsettled uint64
 }
 
 const (
@@ -70,8 +74,76 @@ func (k *Kernel) NewEventReader() (*EventReader, error) {
 		rd.Close()
 		return nil, fmt.Errorf("opening event ring buffer: %w", err)
 	}
-	return &EventReader{rd: rd, boot: bootclock.Epoch(), file: f, raw: raw}, nil
+	r := &EventReader{k: k, rd: rd, boot: bootclock.Epoch(), file: f, raw: raw}
+	if err := r.countUnsettled(); err != nil {
+		r.Close()
+		return nil, err
+	}
+	return r, nil
 }
+
+// ringRecord is the ring buffer's space for one record: a tether_event and the ring's 8-byte
+// header, in 8-byte units.
+var ringRecord = uint64((binary.Size(bpfTetherEvent{}) + 8 + 7) &^ 7)
+
+// countUnsettled finds what earlier readers read from the ring buffer and never settled (see
+// tether_settled): every record the programs submitted was settled, is still in the ring, or is
+// that. Programs that submit meanwhile move the count: it is taken when the submitted count reads
+// the same before and after the ring's fill. The unsettled records are then settled, as lost.
+func (r *EventReader) countUnsettled() error {
+	if err := r.k.settled.Lookup(uint32(0), &r.settled); err != nil {
+		return fmt.Errorf("reading the settled records count: %w", err)
+	}
+	for range 100 {
+		before, err := r.k.submitted()
+		if err != nil {
+			return err
+		}
+		inRing := uint64(r.rd.AvailableBytes()) / ringRecord
+		after, err := r.k.submitted()
+		if err != nil {
+			return err
+		}
+		if before == after {
+			if before > r.settled+inRing {
+				r.unsettled = before - r.settled - inRing
+			}
+			return r.Ack(int(r.unsettled))
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return nil // a ring this busy: counted at the next start
+}
+
+// submitted sums TETHER_COUNTER_EVENTS_SUBMITTED.
+func (k *Kernel) submitted() (uint64, error) {
+	var per []uint64
+	if err := k.counters.Lookup(uint32(bpfTetherCounterTETHER_COUNTER_EVENTS_SUBMITTED), &per); err != nil {
+		return 0, fmt.Errorf("reading the submitted records count: %w", err)
+	}
+	var n uint64
+	for _, v := range per {
+		n += v
+	}
+	return n, nil
+}
+
+// Ack records that n more of the records read are settled: written to the sinks (flushed) or
+// counted lost. The count lives in a pinned map, where the next reader finds it (Unsettled).
+func (r *EventReader) Ack(n int) error {
+	if n == 0 {
+		return nil
+	}
+	r.settled += uint64(n)
+	if err := r.k.settled.Put(uint32(0), r.settled); err != nil {
+		return fmt.Errorf("recording settled records: %w", err)
+	}
+	return nil
+}
+
+// Unsettled is how many records earlier readers of the ring buffer read and never settled (a
+// tetherd killed before it wrote them), counted when this reader opened: they are lost.
+func (r *EventReader) Unsettled() uint64 { return r.unsettled }
 
 // Read blocks until the next event. After Close it returns ErrClosed.
 func (r *EventReader) Read() (dataplane.Event, error) {

@@ -98,6 +98,7 @@ type Kernel struct {
 	slotCache     *ebpf.Map // per CPU
 	agentInfo     *ebpf.Map
 	grants        *ebpf.Map
+	settled       *ebpf.Map
 	config        *ebpf.Map
 	sweepMap      *ebpf.Map
 	sweepShard    *ebpf.Map
@@ -244,6 +245,7 @@ func (k *Kernel) load() error {
 	k.procs = coll.Maps[bpfMapTetherProcs]
 	k.events = coll.Maps[bpfMapTetherEvents]
 	k.counters = coll.Maps[bpfMapTetherCounters]
+	k.settled = coll.Maps[bpfMapTetherSettled]
 	k.agentCounters = coll.Maps[bpfMapTetherAgentCounters]
 	k.agentAllows = coll.Maps[bpfMapTetherAgentAllows]
 	k.slotCache = coll.Maps[bpfMapTetherSlotCache]

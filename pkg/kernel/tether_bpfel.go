@@ -81,6 +81,7 @@ const (
 	bpfTetherCounterTETHER_COUNTER_SOCK_STORAGE_ERRORS   bpfTetherCounter = 4
 	bpfTetherCounterTETHER_COUNTER_DESTROY_ERRORS        bpfTetherCounter = 5
 	bpfTetherCounterTETHER_COUNTER_MIGRATIONS_LATE       bpfTetherCounter = 6
+	bpfTetherCounterTETHER_COUNTER_EVENTS_SUBMITTED      bpfTetherCounter = 7
 	bpfTetherCounterTETHER_COUNTER_MAX                   bpfTetherCounter = 8
 )
 
@@ -352,6 +353,7 @@ const (
 	bpfMapTetherParents            = "tether_parents"
 	bpfMapTetherProcs              = "tether_procs"
 	bpfMapTetherRulesets           = "tether_rulesets"
+	bpfMapTetherSettled            = "tether_settled"
 	bpfMapTetherSlotCache          = "tether_slot_cache"
 	bpfMapTetherSocks              = "tether_socks"
 	bpfMapTetherSweep              = "tether_sweep"
@@ -479,6 +481,7 @@ type bpfMapSpecs struct {
 	TetherParents       *ebpf.MapSpec `ebpf:"tether_parents"`
 	TetherProcs         *ebpf.MapSpec `ebpf:"tether_procs"`
 	TetherRulesets      *ebpf.MapSpec `ebpf:"tether_rulesets"`
+	TetherSettled       *ebpf.MapSpec `ebpf:"tether_settled"`
 	TetherSlotCache     *ebpf.MapSpec `ebpf:"tether_slot_cache"`
 	TetherSocks         *ebpf.MapSpec `ebpf:"tether_socks"`
 	TetherSweep         *ebpf.MapSpec `ebpf:"tether_sweep"`
@@ -528,6 +531,7 @@ type bpfMaps struct {
 	TetherParents       *ebpf.Map `ebpf:"tether_parents"`
 	TetherProcs         *ebpf.Map `ebpf:"tether_procs"`
 	TetherRulesets      *ebpf.Map `ebpf:"tether_rulesets"`
+	TetherSettled       *ebpf.Map `ebpf:"tether_settled"`
 	TetherSlotCache     *ebpf.Map `ebpf:"tether_slot_cache"`
 	TetherSocks         *ebpf.Map `ebpf:"tether_socks"`
 	TetherSweep         *ebpf.Map `ebpf:"tether_sweep"`
@@ -549,6 +553,7 @@ func (m *bpfMaps) Close() error {
 		m.TetherParents,
 		m.TetherProcs,
 		m.TetherRulesets,
+		m.TetherSettled,
 		m.TetherSlotCache,
 		m.TetherSocks,
 		m.TetherSweep,

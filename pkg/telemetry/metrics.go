@@ -226,6 +226,7 @@ var (
 	descHTTPLog   = prometheus.NewDesc("tether_decision_log_http_records_total", "Decision records the HTTP sink delivered (result sent) or could not (dropped: queue full, refused, retries exhausted).", []string{"result"}, nil)
 	descHTTPRetry = prometheus.NewDesc("tether_decision_log_http_retries_total", "Batches the HTTP sink sent again after a failure.", nil, nil)
 	descOwnDrop   = prometheus.NewDesc("tether_records_dropped_total", "Records tetherd made itself (policy evaluations) dropped because their queue to the sinks was full.", nil, nil)
+	descLostStart = prometheus.NewDesc("tether_records_lost_at_start_total", "Kernel records the previous tetherd had read and not written when it ended without flushing (killed), counted at this one's start.", nil, nil)
 	descEvDecode  = prometheus.NewDesc("tether_events_decode_errors_total", "Ring buffer records that did not decode.", nil, nil)
 	descSinkErrs  = prometheus.NewDesc("tether_decision_sink_errors_total", "Decision records a sink failed to write.", nil, nil)
 	descSignalErr = prometheus.NewDesc("tether_exec_signal_errors_total", "Denied execs the kernel failed to signal (signal mode).", nil, nil)
@@ -243,7 +244,7 @@ var (
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descDecisions, descAgents, descKilled, descTasks, descFill, descEntries, descMemory, descMemSlot, descMemRules,
 		descStatsOn, descProgRuns, descProgTime, descProgMiss, descStatsErr, descEvals, descEvalErrs, descRefused,
-		descRefRules, descInstalls, descMapFail, descMapRetry, descRBLost, descEvRead, descEvWrite, descOwnDrop, descHTTPLog, descHTTPRetry, descEvDecode, descSinkErrs, descSignalErr, descIDLost, descEscSent, descEscDrop,
+		descRefRules, descInstalls, descMapFail, descMapRetry, descRBLost, descEvRead, descEvWrite, descOwnDrop, descLostStart, descHTTPLog, descHTTPRetry, descEvDecode, descSinkErrs, descSignalErr, descIDLost, descEscSent, descEscDrop,
 		descSweeps, descTermed, descSweepErr, descSweepLast, descSockStore, descPanics} {
 		ch <- d
 	}
@@ -339,6 +340,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descEvRead, st.Events.Read)
 	counter(descEvWrite, st.Events.Written)
 	counter(descOwnDrop, st.Events.RecordsDropped)
+	counter(descLostStart, st.Events.LostAtStart)
 	if h := st.DecisionLogHTTP; h != nil {
 		ch <- prometheus.MustNewConstMetric(descHTTPLog, prometheus.CounterValue, float64(h.Sent), "sent")
 		ch <- prometheus.MustNewConstMetric(descHTTPLog, prometheus.CounterValue, float64(h.Dropped), "dropped")

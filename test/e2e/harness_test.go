@@ -86,6 +86,11 @@ type tetherd struct {
 	logExtra string
 	// allowSample is bpf.allow_sample (1: every allow logged).
 	allowSample int
+	// ringBytes is bpf.ring_buffer_bytes (0: the default).
+	ringBytes int
+	// lostBefore: records counted lost by the tetherds this one replaced (their metrics ended
+	// with them; see carryLost).
+	lostBefore uint64
 	// wrap runs tetherd through a command (setpriv ... --), env is added to its environment,
 	// and cgroup, when set, is the cgroup tetherd starts in.
 	wrap   []string
@@ -212,13 +217,17 @@ func (d *tetherd) writeConfig() {
 	if d.policyConfig != "" {
 		policySection = d.policyConfig
 	}
+	ringBytes := ""
+	if d.ringBytes != 0 {
+		ringBytes = fmt.Sprintf("  ring_buffer_bytes: %d\n", d.ringBytes)
+	}
 	cfg := fmt.Sprintf(`cgroup:
   agent_parents: [%s]
   launch_parent: %s
 bpf:
   pin_dir: %s
   allow_sample: %d
-api:
+%sapi:
   socket: %s
   agent_socket: %s
 %s
@@ -234,7 +243,7 @@ credentials:
   key_file: %s
   ttl: 10s
 %s
-%s`, d.parent, d.parent, d.pin, d.allowSample, d.socket, filepath.Join(d.dir, "agent.sock"), policySection, d.decisions, d.logExtra, filepath.Join(d.dir, "kill-state.json"), filepath.Join(d.dir, "creds"), filepath.Join(d.dir, "credentials.key"), d.credExtra, d.extra)
+%s`, d.parent, d.parent, d.pin, d.allowSample, ringBytes, d.socket, filepath.Join(d.dir, "agent.sock"), policySection, d.decisions, d.logExtra, filepath.Join(d.dir, "kill-state.json"), filepath.Join(d.dir, "creds"), filepath.Join(d.dir, "credentials.key"), d.credExtra, d.extra)
 	if err := os.WriteFile(d.config, []byte(cfg), 0o600); err != nil {
 		d.t.Fatal(err)
 	}

@@ -277,7 +277,7 @@ type settlingSource struct {
 	acked, unsettled uint64
 }
 
-func (s *settlingSource) Ack(n int) error  { s.acked += uint64(n); return nil }
+func (s *settlingSource) Ack(n int) error   { s.acked += uint64(n); return nil }
 func (s *settlingSource) Unsettled() uint64 { return s.unsettled }
 
 // The pump settles with a Settling source every event it took, once its records are flushed (or

@@ -23,11 +23,17 @@ import (
 // sleeper starts an agent that sleeps until the test ends and returns its cgroup.
 func (d *tetherd) sleeper() string {
 	d.t.Helper()
+	return d.sleeperAs(agentID)
+}
+
+// sleeperAs is sleeper for the SPIFFE ID id.
+func (d *tetherd) sleeperAs(id string) string {
+	d.t.Helper()
 	before := map[string]bool{}
 	for _, a := range d.agents() {
 		before[a.Cgroup] = true
 	}
-	cmd := d.agentRun(agentID, "sleep")
+	cmd := d.agentRun(id, "sleep")
 	stdin, _ := cmd.StdinPipe()
 	if err := cmd.Start(); err != nil {
 		d.t.Fatal(err)

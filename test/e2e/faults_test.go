@@ -609,9 +609,9 @@ func TestFaultKilledDuringKill(t *testing.T) {
 	}
 	unaccounted, acct := d.accounting(t, mport)
 	privtest.RecordFault(t, privtest.Fault{
-		Case:     fmt.Sprintf("tetherd SIGKILLed during a kill (0 to 1 s into it, %d rounds)", len(killDelays)),
-		MustHold: "with tetherd dead the kill has begun (all denied) or not; restarted, tetherd finishes it or the agent is untouched",
-		Measured: fmt.Sprintf("%d kills had begun and finished after the restart, %d had not begun (agent untouched), %d half-applied; %s", begun, notBegun, halfway, acct),
+		Case:           fmt.Sprintf("tetherd SIGKILLed during a kill (0 to 1 s into it, %d rounds)", len(killDelays)),
+		MustHold:       "with tetherd dead the kill has begun (all denied) or not; restarted, tetherd finishes it or the agent is untouched",
+		Measured:       fmt.Sprintf("%d kills had begun and finished after the restart, %d had not begun (agent untouched), %d half-applied; %s", begun, notBegun, halfway, acct),
 		WronglyAllowed: wrong + halfway, Unaccounted: unaccounted,
 	})
 }
@@ -681,9 +681,9 @@ func TestFaultKilledDuringApproval(t *testing.T) {
 	l.stop()
 	unaccounted, acct := d.accounting(t, mport)
 	privtest.RecordFault(t, privtest.Fault{
-		Case:     fmt.Sprintf("tetherd SIGKILLed during a step-up approval (0 to 1 s into it, %d rounds)", len(killDelays)),
-		MustHold: "with tetherd dead the approval in force or not; restarted, the task and its approval rolled back: its destination denied",
-		Measured: fmt.Sprintf("with tetherd dead: approval in force %d times, not yet %d; production destination reached %d times after the restarts; %s", inForce, notYet, wrong, acct),
+		Case:           fmt.Sprintf("tetherd SIGKILLed during a step-up approval (0 to 1 s into it, %d rounds)", len(killDelays)),
+		MustHold:       "with tetherd dead the approval in force or not; restarted, the task and its approval rolled back: its destination denied",
+		Measured:       fmt.Sprintf("with tetherd dead: approval in force %d times, not yet %d; production destination reached %d times after the restarts; %s", inForce, notYet, wrong, acct),
 		WronglyAllowed: wrong, Unaccounted: unaccounted,
 	})
 }

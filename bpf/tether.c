@@ -142,7 +142,7 @@ struct {
 } tether_hosts SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, TETHER_MAX_PROCS);
 	__type(key, __u32);
 	__type(value, struct tether_proc);
@@ -1039,7 +1039,11 @@ static __always_inline int tether_other_mnt_ns(void)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct tether_proc *p = bpf_map_lookup_elem(&tether_procs, &tgid);
-	return p && p->mnt_ns && p->mnt_ns != tether_mnt_ns();
+	/* An agent process with no lineage (tether_procs was full when it forked, on a kernel that
+	 * cannot kill it then) has no namespace known to be the agent's: taken to be elsewhere. */
+	if (!p)
+		return 1;
+	return p->mnt_ns && p->mnt_ns != tether_mnt_ns();
 }
 
 /* tether_unix_decide decides a connect or send to the unix address whose n sun_path bytes are at
@@ -2080,8 +2084,9 @@ static __always_inline struct tether_agent *tether_live_agent(struct tether_proc
 	return a;
 }
 
-/* tether_exec_lineage records the binary an agent process now runs. */
-static __always_inline void tether_exec_lineage(struct task_struct *task, __u32 slot,
+/* tether_exec_lineage records the binary an agent process now runs: 0, or -1 when tether_procs
+ * has no room for it. */
+static __always_inline int tether_exec_lineage(struct task_struct *task, __u32 slot,
 						struct linux_binprm *bprm, struct tether_decision *d)
 {
 	__u32 tgid = BPF_CORE_READ(task, tgid);
@@ -2104,8 +2109,11 @@ static __always_inline void tether_exec_lineage(struct task_struct *task, __u32 
 	p.bin_ino = d->bin_ino;
 	bpf_get_current_comm(p.comm, sizeof(p.comm));
 	bpf_probe_read_kernel_str(p.path, sizeof(p.path), BPF_CORE_READ(bprm, filename));
-	if (bpf_map_update_elem(&tether_procs, &tgid, &p, BPF_ANY))
+	if (bpf_map_update_elem(&tether_procs, &tgid, &p, BPF_ANY)) {
 		tether_count(TETHER_COUNTER_LINEAGE_UPDATE_ERRORS);
+		return -1;
+	}
+	return 0;
 }
 
 /* tether_migrated records that the agent process tgid (lineage p) is found outside its agent
@@ -2203,8 +2211,21 @@ int BPF_PROG(tether_exec, struct task_struct *task, pid_t old_pid, struct linux_
 	}
 	if (!agent_exec)
 		return 0; /* not an agent: never touched */
-	if (d.slot != TETHER_NO_SLOT)
-		tether_exec_lineage(task, d.slot, bprm, &d);
+	if (d.slot != TETHER_NO_SLOT && tether_exec_lineage(task, d.slot, bprm, &d) && d.verdict != TETHER_VERDICT_DENY) {
+		/* No room to record what it runs: killed in either exec mode, not run untracked (the
+		 * LSM program allowed it before the lineage was known to be full). */
+		d.reason = TETHER_REASON_LINEAGE_FULL;
+		d.verdict = TETHER_VERDICT_DENY;
+		struct tether_rule_value *h = rules ? tether_header(rules) : NULL;
+		if (h && h->mode == TETHER_MODE_AUDIT)
+			d.verdict = TETHER_VERDICT_AUDIT;
+		if (!tether_exec_signal) {
+			if (d.verdict == TETHER_VERDICT_DENY && bpf_send_signal(SIGKILL))
+				tether_count(TETHER_COUNTER_SIGNAL_ERRORS);
+			tether_exec_event(&d, rules, bprm);
+			return 0;
+		}
+	}
 	if (!tether_exec_signal)
 		return 0; /* the LSM program decides and reports */
 
@@ -2269,8 +2290,14 @@ int BPF_PROG(tether_fork, struct task_struct *parent, struct task_struct *child)
 	struct tether_proc p = *pp;
 	p.ppid = ptgid;
 	p.start_ns = bpf_ktime_get_boot_ns();
-	if (bpf_map_update_elem(&tether_procs, &tgid, &p, BPF_ANY))
+	if (bpf_map_update_elem(&tether_procs, &tgid, &p, BPF_ANY)) {
 		tether_count(TETHER_COUNTER_LINEAGE_UPDATE_ERRORS);
+		/* No room for its lineage: where the kernel lets a program signal another task (6.13+),
+		 * the child is killed before it runs; elsewhere it runs untracked until its exec (killed
+		 * then) and its unix path connects are denied. */
+		if (bpf_ksym_exists(bpf_send_signal_task) && bpf_send_signal_task(child, SIGKILL, PIDTYPE_TGID, 0))
+			tether_count(TETHER_COUNTER_SIGNAL_ERRORS);
+	}
 	return 0;
 }
 

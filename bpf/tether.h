@@ -29,7 +29,10 @@ enum tether_limits {
 	TETHER_MAX_PORT_RULES = 16,
 	/* Bytes of a rule key after its kind byte: enough for a full sun_path. */
 	TETHER_RULE_DATA = 111,
-	/* Processes of agents whose lineage is tracked (LRU: the oldest entries go first). */
+	/* Live processes of agents whose lineage is tracked. Not an LRU: an entry is never dropped
+	 * to make room (a process whose lineage is gone could pass for one that entered the agent
+	 * from outside); a process that finds it full is killed where the kernel can (its exec; its
+	 * fork from Linux 6.13). */
 	TETHER_MAX_PROCS = 65536,
 	/* Counted grants (step-up approvals with a use count) in force at once, over all agents. */
 	TETHER_MAX_GRANTS = 4096,
@@ -129,6 +132,9 @@ enum tether_reason {
 	/* The rule set in force has passed its expiry (struct tether_agent's expires): a task that
 	 * expired, a valid_until passed, DNS answers out of date; whether tetherd runs or not. */
 	TETHER_REASON_EXPIRED = 21,
+	/* The process's lineage could not be recorded (tether_procs is full): it would run with no
+	 * binary, parent or mount namespace known, so it is killed at its exec. */
+	TETHER_REASON_LINEAGE_FULL = 22,
 };
 
 enum tether_mode {

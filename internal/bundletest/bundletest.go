@@ -37,6 +37,7 @@ type Server struct {
 	mu       sync.Mutex
 	body     []byte
 	etag     string
+	down     Outage
 	requests int // every GET of the bundle
 	served   int // GETs answered with the bundle (not 304)
 }
@@ -51,6 +52,22 @@ func NewServer(t testing.TB) *Server {
 	return s
 }
 
+// Outage is how the server fails while it is down.
+type Outage int
+
+const (
+	Up           Outage = iota
+	Unavailable         // 503 Service Unavailable
+	ResetsStream        // the connection is closed without an answer
+)
+
+// SetDown makes the server fail as o (Up: serve again).
+func (s *Server) SetDown(o Outage) {
+	s.mu.Lock()
+	s.down = o
+	s.mu.Unlock()
+}
+
 func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path != "/"+Resource {
 		http.NotFound(w, r)
@@ -59,6 +76,20 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.requests++
+	switch s.down {
+	case Unavailable:
+		http.Error(w, "down for the test", http.StatusServiceUnavailable)
+		return
+	case ResetsStream:
+		if hj, ok := w.(http.Hijacker); ok {
+			if c, _, err := hj.Hijack(); err == nil {
+				c.Close()
+				return
+			}
+		}
+		http.Error(w, "down for the test", http.StatusServiceUnavailable)
+		return
+	}
 	if s.body == nil {
 		http.NotFound(w, r)
 		return

@@ -30,6 +30,8 @@ type SPIRE struct {
 
 	procs []*exec.Cmd
 	logs  []*logBuffer
+	// agentConf is the agent's configuration with %s for its join token.
+	agentConf string
 }
 
 type logBuffer struct {
@@ -111,15 +113,7 @@ plugins {
 	if err := s.waitHealthy("spire-server", "-socketPath", s.ServerSock); err != nil {
 		return nil, err
 	}
-	out, err := s.Server("token", "generate", "-spiffeID", "spiffe://"+td+"/node", "-ttl", "600")
-	if err != nil {
-		return nil, err
-	}
-	token := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(out), "Token:"))
-	if token == "" || strings.ContainsAny(token, " \n") {
-		return nil, fmt.Errorf("join token from %q", out)
-	}
-	agent := fmt.Sprintf(`agent {
+	s.agentConf = fmt.Sprintf(`agent {
   data_dir = %q
   log_level = "WARN"
   server_address = "127.0.0.1"
@@ -128,7 +122,7 @@ plugins {
   admin_socket_path = %q
   trust_domain = %q
   insecure_bootstrap = true
-  join_token = %q
+  join_token = "%%s"
   authorized_delegates = [%q]
   experimental { sync_interval = "1s" }
 }
@@ -137,14 +131,66 @@ plugins {
   KeyManager "memory" { plugin_data {} }
   WorkloadAttestor "unix" { plugin_data { discover_workload_path = true } }
 }
-`, filepath.Join(dir, "agent"), port, s.PublicSock, s.AdminSock, td, token, delegate)
-	if err := s.start("spire-agent", "agent.conf", agent); err != nil {
-		return nil, err
-	}
-	if err := s.waitHealthy("spire-agent", "-socketPath", s.PublicSock); err != nil {
+`, filepath.Join(dir, "agent"), port, s.PublicSock, s.AdminSock, td, delegate)
+	if err := s.startAgent(); err != nil {
 		return nil, err
 	}
 	return s, nil
+}
+
+// startAgent starts the agent with a new join token (a token attests once) and a clean data
+// directory, and waits until it is healthy.
+func (s *SPIRE) startAgent() error {
+	out, err := s.Server("token", "generate", "-spiffeID", "spiffe://"+s.TrustDomain+"/node", "-ttl", "600")
+	if err != nil {
+		return err
+	}
+	token := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(out), "Token:"))
+	if token == "" || strings.ContainsAny(token, " \n\"") {
+		return fmt.Errorf("join token from %q", out)
+	}
+	data := filepath.Join(s.Dir, "agent")
+	os.RemoveAll(data)
+	if err := os.Mkdir(data, 0o750); err != nil {
+		return err
+	}
+	if err := s.start("spire-agent", "agent.conf", fmt.Sprintf(s.agentConf, token)); err != nil {
+		return err
+	}
+	return s.waitHealthy("spire-agent", "-socketPath", s.PublicSock)
+}
+
+// Stop stops the server and the agent (SIGTERM), keeping their data: Restart starts them again.
+func (s *SPIRE) Stop() {
+	for _, cmd := range s.procs {
+		if cmd.ProcessState == nil {
+			stop(cmd)
+		}
+	}
+}
+
+// Restart starts the server again on its data (its entries are kept), then the agent, which
+// attests anew, and waits until both are healthy.
+func (s *SPIRE) Restart() error {
+	if err := s.start("spire-server", "server.conf", ""); err != nil {
+		return err
+	}
+	if err := s.waitHealthy("spire-server", "-socketPath", s.ServerSock); err != nil {
+		return err
+	}
+	return s.startAgent()
+}
+
+func stop(cmd *exec.Cmd) {
+	cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		cmd.Process.Kill()
+		<-done
+	}
 }
 
 func freePort() (int, error) {
@@ -156,10 +202,14 @@ func freePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
+// start runs bin with the configuration confName, written first unless conf is empty (a
+// restart on the same one).
 func (s *SPIRE) start(bin, confName, conf string) error {
 	path := filepath.Join(s.Dir, confName)
-	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
-		return err
+	if conf != "" {
+		if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
+			return err
+		}
 	}
 	cmd := exec.Command(filepath.Join(s.Bin, bin), "run", "-config", path)
 	log := &logBuffer{}
@@ -198,17 +248,7 @@ func (s *SPIRE) Logs() string {
 
 // Close stops the server and the agent and removes their directory.
 func (s *SPIRE) Close() {
-	for _, cmd := range s.procs {
-		cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-	}
+	s.Stop()
 	os.RemoveAll(s.Dir)
 }
 

@@ -298,9 +298,12 @@ const (
 	ReasonBPF
 	// ReasonExpired: the rule set in force passed its expiry (RuleSet.Expires).
 	ReasonExpired
+	// ReasonLineageFull: the process's lineage could not be recorded (the lineage map is full):
+	// killed at its exec rather than run untracked.
+	ReasonLineageFull
 )
 
-var reasonNames = [...]string{"rule", "no-rule", "killed", "unknown-cgroup", "no-ruleset", "socket-type", "binary-unknown", "audit-rule", "grant-spent", "revoked", "detour", "max-duration", "migration", "depth", "modified-file", "mount-ns", "family", "userns", "ptrace", "bind", "bpf", "expired"}
+var reasonNames = [...]string{"rule", "no-rule", "killed", "unknown-cgroup", "no-ruleset", "socket-type", "binary-unknown", "audit-rule", "grant-spent", "revoked", "detour", "max-duration", "migration", "depth", "modified-file", "mount-ns", "family", "userns", "ptrace", "bind", "bpf", "expired", "lineage-full"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) {

@@ -53,14 +53,29 @@ func (k *Kernel) seedLineage(slot dataplane.Slot, path string) error {
 		if err := k.procs.Lookup(uint32(pid), &old); err == nil && old.Slot == uint32(slot) && old.Born == agent.Born {
 			continue
 		}
+		// The process itself, not its pid: one that ends while its entry is written leaves no
+		// entry behind for the next process of that pid (tether_procs keeps entries until
+		// their process exits).
+		pidfd, err := unix.PidfdOpen(pid, 0)
+		if err != nil {
+			continue // ended
+		}
 		p, ok := procLineage(pid)
 		if !ok {
+			unix.Close(pidfd)
 			continue // ended
 		}
 		p.Slot, p.Born, p.StartNs = uint32(slot), agent.Born, now
 		if err := k.procs.Update(uint32(pid), &p, ebpf.UpdateAny); err != nil {
 			errs = append(errs, fmt.Errorf("lineage of process %d: %w", pid, err))
+		} else if unix.PidfdSendSignal(pidfd, 0, nil, 0) != nil {
+			// Ended before its entry was written: the exit program had nothing to remove.
+			var cur bpfTetherProc
+			if k.procs.Lookup(uint32(pid), &cur) == nil && cur == p {
+				k.procs.Delete(uint32(pid))
+			}
 		}
+		unix.Close(pidfd)
 	}
 	return errors.Join(errs...)
 }

@@ -243,6 +243,7 @@ const (
 	bpfTetherReasonTETHER_REASON_BIND           bpfTetherReason = 19
 	bpfTetherReasonTETHER_REASON_BPF            bpfTetherReason = 20
 	bpfTetherReasonTETHER_REASON_EXPIRED        bpfTetherReason = 21
+	bpfTetherReasonTETHER_REASON_LINEAGE_FULL   bpfTetherReason = 22
 )
 
 type bpfTetherRuleKey struct {

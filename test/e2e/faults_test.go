@@ -21,6 +21,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/tether-sh/tether/internal/bundletest"
 	"github.com/tether-sh/tether/internal/privtest"
 	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/events"
@@ -765,5 +766,180 @@ func TestFaultKilledDuringRenewal(t *testing.T) {
 		Measured: fmt.Sprintf("task destination reached with tetherd dead in %d of %d rounds (the grants then in force); renewals accepted after the restart %d; task destination reached %d times after the restarts; %s",
 			taskReached, len(killDelays), renewedAfter, wrong, acct),
 		WronglyAllowed: wrong + renewedAfter, Unaccounted: unaccounted,
+	})
+}
+
+// TestFaultBundleServerFlapping: for 8 s the bundle server goes down (503, connections closed)
+// and comes back serving what must be refused: a bundle that does not compile, bytes that are not
+// a bundle, half a bundle, one signed by another key. The last good bundle stays in force, the
+// agent's rule set does not change (its generation stays), nothing it does not grant is reached,
+// and tetherd stays up; a good new bundle afterwards is taken.
+func TestFaultBundleServerFlapping(t *testing.T) {
+	privtest.FaultGate(t)
+	h := privtest.NewHost(t)
+	self := privtest.AgentBinary(t)
+	ok, no := listenStamped(t, h), listenStamped(t, h)
+	d := newTetherd(t, profile{})
+	key := bundletest.NewKey(t, "tether-faults")
+	srv := bundletest.NewServer(t)
+	files, _ := bundletest.Shipped(t)
+	p := profile{"egress": []any{ok.rule()}, "exec": []string{self}}
+	good := bundletest.Build(t, "good", files, policyData(p), &key)
+	srv.Set(good)
+	pub := filepath.Join(d.dir, "bundle.pub")
+	os.WriteFile(pub, []byte(key.PublicPEM), 0o644)
+	d.policyConfig = fmt.Sprintf(`policy:
+  bundle:
+    service: %s
+    resource: %s
+    min_delay: 1s
+    max_delay: 1s
+    public_key_file: %s
+    key_id: %s
+    algorithm: ES256`, srv.URL, bundletest.Resource, pub, key.ID)
+	mport := d.faultMetrics(t)
+	d.start()
+	waitFor(t, "the good bundle in force", func() bool { return strings.HasPrefix(d.policyStatus().Revision, "good+") })
+	cg := d.sleeper()
+	gen := d.agentAt(cg).Generation
+	l := startLoop(t, cg, ok.addr, no.addr)
+	start := time.Now()
+
+	broken := map[string]string{"tether/broken.rego": "package tether\n\nx := nosuch(1)\n"}
+	for k, v := range files {
+		broken[k] = v
+	}
+	wide := profile{"egress": []any{ok.rule(), no.rule()}, "exec": []string{self}}
+	other := bundletest.NewKey(t, key.ID)
+	bad := []struct {
+		name string
+		down bundletest.Outage
+		body []byte
+	}{
+		{"503", bundletest.Unavailable, nil},
+		{"a bundle that does not compile", bundletest.Up, bundletest.Build(t, "broken", broken, policyData(wide), &key)},
+		{"connections closed", bundletest.ResetsStream, nil},
+		{"bytes that are not a bundle", bundletest.Up, []byte("<html>maintenance</html>")},
+		{"half a bundle", bundletest.Up, good[:len(good)/2]},
+		{"a bundle signed by another key", bundletest.Up, bundletest.Build(t, "forged", files, policyData(wide), &other)},
+	}
+	var seen []string
+	for end := time.Now().Add(8 * time.Second); time.Now().Before(end); {
+		for _, b := range bad {
+			srv.SetDown(b.down)
+			if b.body != nil {
+				srv.Set(b.body)
+			}
+			seen = append(seen, b.name)
+			time.Sleep(1200 * time.Millisecond) // a download (every 1 s) sees each
+			if d.cmd.ProcessState != nil {
+				t.Fatalf("tetherd ended serving %s", b.name)
+			}
+			if time.Now().After(end) {
+				break
+			}
+		}
+	}
+	st := d.policyStatus()
+	if !strings.HasPrefix(st.Revision, "good+") {
+		t.Errorf("revision in force after the flapping: %+v", st)
+	}
+	if a := d.agentAt(cg); a.Generation != gen {
+		t.Errorf("the agent's generation moved from %d to %d", gen, a.Generation)
+	}
+	wrong := no.since(start)
+	// Back with a good new bundle that also grants the second listener: taken.
+	srv.SetDown(bundletest.Up)
+	srv.Set(bundletest.Build(t, "good2", files, policyData(wide), &key))
+	waitFor(t, "the good new bundle in force", func() bool { return strings.HasPrefix(d.policyStatus().Revision, "good2+") })
+	waitFor(t, "the agent granted the second listener", func() bool { return d.agentAt(cg).Generation > gen })
+	counts := l.stop()
+	unaccounted, acct := d.accounting(t, mport)
+	privtest.RecordFault(t, privtest.Fault{
+		Case:     "bundle server flapping for 8 s: down (503, connections closed) and serving broken, non-bundle, half and forged bundles",
+		MustHold: "the last good bundle in force, the agent's rule set unchanged, tetherd up; a good bundle afterwards taken",
+		Measured: fmt.Sprintf("served %d bad states; revision stayed %s; %d bundles refused by the compiler; generation stayed %d; denied listener got %d connects; loop %q; %s",
+			len(seen), strings.Split(st.Revision, "+")[0], st.Refused, gen, wrong, strings.ReplaceAll(counts, "\n", "; "), acct),
+		WronglyAllowed: wrong, Unaccounted: unaccounted,
+	})
+}
+
+// TestFaultSPIREOutage: the SPIRE server and agent are stopped for a minute and started again
+// (the agent attests anew). An agent SPIRE attested before keeps its identity and its rule set
+// all along; a cgroup that appears meanwhile gets no identity, so it is denied everything, and
+// the status says SPIRE is unreachable; once SPIRE is back, it gets its identity and its grants.
+// Neither reaches what its identity is not granted.
+func TestFaultSPIREOutage(t *testing.T) {
+	privtest.FaultGate(t)
+	h := privtest.NewHost(t)
+	self := privtest.AgentBinary(t)
+	ok, no := listenStamped(t, h), listenStamped(t, h)
+	d := newTetherd(t, profile{"egress": []any{ok.rule()}, "exec": []string{self}})
+	const delegate = "spiffe://test.local/tetherd"
+	sp := startSPIRE(t, "test.local", delegate)
+	sp.entry(delegate, "unix:uid:0", "unix:path:"+filepath.Join(d.bin, "tetherd"))
+	sp.entry(agentID, "unix:uid:0", "unix:path:"+self)
+	rel := relCgroup(t, d.parent)
+	d.extra = fmt.Sprintf(`identity:
+  trust_domains: [test.local]
+  spire:
+    admin_socket: %s
+    workload_socket: %s
+    cgroups: [%s/spire-*]
+`, sp.AdminSock, sp.PublicSock, rel)
+	mport := d.faultMetrics(t)
+	d.start()
+	before, _ := privtest.SubCgroup(t, d.parent, "spire-1")
+	startSleeper(t, before)
+	if a := d.agentAt(before); a.SpiffeID != agentID {
+		t.Fatalf("agent from SPIRE: %+v", a)
+	}
+	gen := d.agentAt(before).Generation
+	l := startLoop(t, before, ok.addr, no.addr)
+
+	sp.Stop()
+	down := time.Now()
+	during, _ := privtest.SubCgroup(t, d.parent, "spire-2")
+	startSleeper(t, during)
+	waitFor(t, "the status to say SPIRE is unreachable", func() bool {
+		return strings.Contains(d.status().Identity.SPIRE, "unreachable")
+	})
+	duringGot := privtest.Dial(t, during, "tcp", ok.addr, "tcp", no.addr)
+	if strings.Join(duringGot, " ") != "eperm eperm" {
+		t.Errorf("a SPIRE cgroup that appeared during the outage: %v, want eperm eperm", duringGot)
+	}
+	time.Sleep(time.Until(down.Add(time.Minute)))
+	if !reaches(ok) {
+		t.Error("the agent attested before the outage lost its grants during it")
+	}
+	if a := d.agentAt(before); a.Generation != gen || a.Revoked {
+		t.Errorf("the agent attested before the outage changed during it: generation %d (was %d), revoked %v", a.Generation, gen, a.Revoked)
+	}
+	if err := sp.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
+	waitForLong(t, 30*time.Second, "the cgroup that appeared during the outage attested", func() bool {
+		for _, a := range d.agents() {
+			if a.Cgroup == during && a.SpiffeID == agentID {
+				return true
+			}
+		}
+		return false
+	})
+	attested := time.Since(back)
+	afterGot := privtest.Dial(t, during, "tcp", ok.addr, "tcp", no.addr)
+	if strings.Join(afterGot, " ") != "ok eperm" {
+		t.Errorf("the cgroup that appeared during the outage, SPIRE back: %v, want ok eperm", afterGot)
+	}
+	counts := l.stop()
+	wrong := no.since(down.Add(-time.Hour))
+	unaccounted, acct := d.accounting(t, mport)
+	privtest.RecordFault(t, privtest.Fault{
+		Case:     "SPIRE server and agent stopped for a minute, then restarted (the agent attests anew)",
+		MustHold: "agents attested before keep identity and rules; a new SPIRE cgroup denied until SPIRE is back, then attested; nothing ungranted reached",
+		Measured: fmt.Sprintf("the agent from before kept generation %d; the new cgroup during the outage: %v, attested %s after SPIRE was back, then %v; denied listener got %d connects; loop %q; %s",
+			gen, duringGot, attested.Round(time.Millisecond), afterGot, wrong, strings.ReplaceAll(counts, "\n", "; "), acct),
+		WronglyAllowed: wrong, Unaccounted: unaccounted,
 	})
 }

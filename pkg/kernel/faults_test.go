@@ -85,9 +85,9 @@ func TestFaultLineageFull(t *testing.T) {
 	}
 	c, _ := f.k.Counters()
 	privtest.RecordFault(t, privtest.Fault{
-		Case:     fmt.Sprintf("the lineage map (tether_procs, %d entries) full", n),
-		MustHold: "no agent process runs or connects without lineage: a new program killed at its exec, a process without lineage denied its unix paths",
-		Measured: fmt.Sprintf("exec in the agent: %v (record: %s %s); unix connect of a process whose lineage went: %s; lineage update errors counted %d", err, e.Verdict, e.Reason, lost[len(lost)-1], c.LineageUpdateErrors),
+		Case:           fmt.Sprintf("the lineage map (tether_procs, %d entries) full", n),
+		MustHold:       "no agent process runs or connects without lineage: a new program killed at its exec, a process without lineage denied its unix paths",
+		Measured:       fmt.Sprintf("exec in the agent: %v (record: %s %s); unix connect of a process whose lineage went: %s; lineage update errors counted %d", err, e.Verdict, e.Reason, lost[len(lost)-1], c.LineageUpdateErrors),
 		WronglyAllowed: wrong,
 	})
 }
@@ -121,10 +121,9 @@ func TestFaultHostRulesFull(t *testing.T) {
 		t.Errorf("%d host rules went into the trie, want 1", inTrie)
 	}
 	privtest.RecordFault(t, privtest.Fault{
-		Case:     fmt.Sprintf("tether_hosts (%d entries) full", n),
-		MustHold: "an agent's host rules go into its trie and are enforced the same",
-		Measured: fmt.Sprintf("granted destination %s, the other %s; %d rule in the trie", got[0], got[1], inTrie),
+		Case:           fmt.Sprintf("tether_hosts (%d entries) full", n),
+		MustHold:       "an agent's host rules go into its trie and are enforced the same",
+		Measured:       fmt.Sprintf("granted destination %s, the other %s; %d rule in the trie", got[0], got[1], inTrie),
 		WronglyAllowed: wrong,
 	})
 }
-

@@ -44,6 +44,7 @@ var helpers = map[string]func(args []string) int{
 	"attack":       helperAttack,
 	"bind-connect": helperBindConnect,
 	"renew":        helperRenew,
+	"fork":         helperFork,
 }
 
 // Main runs the helper the environment names, or the tests and then cleanups. Call it from
@@ -586,5 +587,31 @@ func helperFlood(args []string) int {
 		}
 	}
 	fmt.Printf("eperm=%d other=%d\n", eperm, other)
+	return 0
+}
+
+// helperFork waits for a line on stdin, then forks a child that exits at once (no exec) and
+// prints how the child ended: "exited" or "killed" (SIGKILL before it ran).
+func helperFork(args []string) int {
+	bufio.NewReader(os.Stdin).ReadString('\n')
+	runtime.LockOSThread()
+	pid, _, errno := syscall.RawSyscall(syscall.SYS_FORK, 0, 0, 0)
+	if errno != 0 {
+		fmt.Fprintln(os.Stderr, "fork:", errno)
+		return 1
+	}
+	if pid == 0 {
+		syscall.RawSyscall(syscall.SYS_EXIT_GROUP, 0, 0, 0) // the child: nothing of Go runs
+	}
+	var ws syscall.WaitStatus
+	if _, err := syscall.Wait4(int(pid), &ws, 0, nil); err != nil {
+		fmt.Fprintln(os.Stderr, "fork: wait:", err)
+		return 1
+	}
+	if ws.Signaled() && ws.Signal() == syscall.SIGKILL {
+		fmt.Println("killed")
+	} else {
+		fmt.Println("exited")
+	}
 	return 0
 }

@@ -67,8 +67,27 @@ func TestFaultLineageFull(t *testing.T) {
 	lost := strings.Fields(out.String())
 	expect(t, "before and after its lineage went", lost, []string{"ok", "slept", "eperm"})
 
+	// An agent process (its lineage recorded at its exec) forks once the map is full.
+	forker := privtest.Command(t, agent, "fork")
+	var forked strings.Builder
+	forker.Stdout = &forked
+	go1, err := forker.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := forker.Start(); err != nil {
+		t.Fatal(err)
+	}
 	n := fillMap(t, f.k.procs, func(i int) uint32 { return uint32(1<<30 + i) }, bpfTetherProc{})
-	err := privtest.Command(t, agent, "dial", "unix", sock).Run()
+	go1.Write([]byte("fork\n"))
+	forker.Wait()
+	child := strings.TrimSpace(forked.String())
+	if child != "killed" {
+		t.Errorf("a child forked in the agent with the lineage map full: %q, want killed before it ran", child)
+	}
+	// The forker's exit made room: full again.
+	fillMap(t, f.k.procs, func(i int) uint32 { return uint32(1<<30 + 1<<20 + i) }, bpfTetherProc{})
+	err = privtest.Command(t, agent, "dial", "unix", sock).Run()
 	if err == nil || !strings.Contains(err.Error(), "killed") {
 		t.Errorf("a program started in the agent with the lineage map full: %v, want killed at its exec", err)
 	}
@@ -83,11 +102,15 @@ func TestFaultLineageFull(t *testing.T) {
 	if lost[len(lost)-1] != "eperm" {
 		wrong++
 	}
+	if child != "killed" {
+		wrong++
+	}
 	c, _ := f.k.Counters()
 	privtest.RecordFault(t, privtest.Fault{
-		Case:           fmt.Sprintf("the lineage map (tether_procs, %d entries) full", n),
-		MustHold:       "no agent process runs or connects without lineage: a new program killed at its exec, a process without lineage denied its unix paths",
-		Measured:       fmt.Sprintf("exec in the agent: %v (record: %s %s); unix connect of a process whose lineage went: %s; lineage update errors counted %d", err, e.Verdict, e.Reason, lost[len(lost)-1], c.LineageUpdateErrors),
+		Case:     fmt.Sprintf("the lineage map (tether_procs, %d entries) full", n),
+		MustHold: "no agent process runs or connects without lineage: a new program killed at its exec, a process without lineage denied its unix paths",
+		Measured: fmt.Sprintf("exec in the agent: %v (record: %s %s); fork in the agent: child %s; unix connect of a process whose lineage went: %s; lineage update errors counted %d",
+			err, e.Verdict, e.Reason, child, lost[len(lost)-1], c.LineageUpdateErrors),
 		WronglyAllowed: wrong,
 	})
 }

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/internal/bundletest"
+	"github.com/tether-sh/tether/internal/dnstest"
 	"github.com/tether-sh/tether/internal/privtest"
 	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/events"
@@ -940,6 +941,57 @@ func TestFaultSPIREOutage(t *testing.T) {
 		MustHold: "agents attested before keep identity and rules; a new SPIRE cgroup denied until SPIRE is back, then attested; nothing ungranted reached",
 		Measured: fmt.Sprintf("the agent from before kept generation %d; the new cgroup during the outage: %v, attested %s after SPIRE was back, then %v; denied listener got %d connects; loop %q; %s",
 			gen, duringGot, attested.Round(time.Millisecond), afterGot, wrong, strings.ReplaceAll(counts, "\n", "; "), acct),
+		WronglyAllowed: wrong, Unaccounted: unaccounted,
+	})
+}
+
+// TestFaultStoppedPastDNSTTL: an agent is granted a name whose DNS answer has a 5 s TTL (the
+// shortest tether honours); tetherd resolves it again every 5 s. SIGSTOPped, it resolves nothing
+// more: the kernel ends the rule set 15 s (tetherd's time to resolve again) after the TTL of the
+// last answer it installed, so the agent's connects to the address stop within 20 s of the stop,
+// with nobody acting. Resumed, tetherd resolves the name and the agent connects again.
+func TestFaultStoppedPastDNSTTL(t *testing.T) {
+	privtest.FaultGate(t)
+	h := privtest.NewHost(t)
+	self := privtest.AgentBinary(t)
+	svc := listenStamped(t, h)
+	dns := dnstest.Start(t)
+	dns.Set("svc.faults.test", 5, h.V4)
+	d := newTetherd(t, profile{
+		"egress": []any{map[string]any{"fqdn": "svc.faults.test", "ports": []int{int(svc.port)}, "protocol": "tcp"}},
+		"exec":   []string{self},
+	})
+	d.extra = fmt.Sprintf("dns:\n  server: %s\n", dns.Addr)
+	mport := d.faultMetrics(t)
+	d.start()
+	cg := d.sleeper()
+	l := startLoop(t, cg, svc.addr)
+	if !reaches(svc) {
+		t.Fatal("the agent does not reach the name's address")
+	}
+	d.cmd.Process.Signal(syscall.SIGSTOP)
+	stopped := time.Now()
+	time.Sleep(24 * time.Second)
+	var last time.Time
+	svc.mu.Lock()
+	for _, x := range svc.times {
+		if x.After(last) {
+			last = x
+		}
+	}
+	svc.mu.Unlock()
+	wrong := svc.since(stopped.Add(20*time.Second + 20*time.Millisecond))
+	resumed := time.Now()
+	d.cmd.Process.Signal(syscall.SIGCONT)
+	waitForLong(t, 30*time.Second, "the name resolved again after the resume", func() bool { return svc.since(resumed) > 0 })
+	back := time.Since(resumed)
+	counts := l.stop()
+	unaccounted, acct := d.accounting(t, mport)
+	privtest.RecordFault(t, privtest.Fault{
+		Case:     "tetherd SIGSTOPped past an FQDN rule's TTL (5 s answers, stopped 24 s)",
+		MustHold: "the resolved address denied by the kernel alone at most 20 s (TTL + 15 s) after the last answer installed",
+		Measured: fmt.Sprintf("last connect reached the address %s after the stop; %d after stop + 20 s; reached again %s after the resume; loop %q; %s",
+			last.Sub(stopped).Round(time.Millisecond), wrong, back.Round(time.Millisecond), counts, acct),
 		WronglyAllowed: wrong, Unaccounted: unaccounted,
 	})
 }

@@ -34,6 +34,7 @@ import (
 
 	"github.com/tether-sh/tether/internal/privtest"
 	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/bootclock"
 	"github.com/tether-sh/tether/pkg/compile"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/grants"
@@ -259,20 +260,35 @@ func (s stats) String() string {
 	return strings.Join(parts, ", ")
 }
 
-// testClockGrants hands the kernel an approval's expiry in real time: the registry and the policy
-// run on the test's clock (days away from now, and moved on by hours a round), the kernel on the
-// machine's, which would find an approval the test's clock has live long expired, or the
-// reverse.
+// testClockGrants hands the kernel an approval's and a rule set's expiry in real time: the
+// registry and the policy run on the test's clock (days away from now, and moved on by hours a
+// round), the kernel on the machine's, which would find an approval or a task the test's clock
+// has live long expired, or the reverse.
 type testClockGrants struct {
 	*kernel.Kernel
 	clock *clock
 }
 
-func (g testClockGrants) SetGrant(i uint32, uses int64, expires time.Time) error {
-	if !expires.IsZero() {
-		expires = time.Now().Add(expires.Sub(g.clock.Now()))
+// real is t, a time of the test's clock, as the same distance from now on the kernel's clock.
+func (g testClockGrants) real(t time.Time) time.Time {
+	if t.IsZero() {
+		return t
 	}
-	return g.Kernel.SetGrant(i, uses, expires)
+	return bootclock.Now().Add(t.Sub(g.clock.Now()))
+}
+
+func (g testClockGrants) SetGrant(i uint32, uses int64, expires time.Time) error {
+	return g.Kernel.SetGrant(i, uses, g.real(expires))
+}
+
+func (g testClockGrants) Install(slot dataplane.Slot, rs *dataplane.RuleSet) error {
+	real := *rs
+	real.Expires = g.real(rs.Expires)
+	return g.Kernel.Install(slot, &real)
+}
+
+func (g testClockGrants) SetExpiry(slot dataplane.Slot, expires time.Time) error {
+	return g.Kernel.SetExpiry(slot, g.real(expires))
 }
 
 // clock is the registry's and the policy's time.

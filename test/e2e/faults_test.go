@@ -73,6 +73,22 @@ func (s *stamped) rule() map[string]any {
 	return map[string]any{"cidr": strings.Split(s.addr, ":")[0] + "/32", "ports": []int{int(s.port)}, "protocol": "tcp"}
 }
 
+// faultScene starts a fault case: a test host with two listeners, ok and no, and a tetherd (not
+// started) whose agent identity is granted ok only (with grant false: nothing, for the case to
+// write its own policy).
+func faultScene(t *testing.T, grant bool) (*privtest.Host, string, *stamped, *stamped, *tetherd) {
+	t.Helper()
+	privtest.FaultGate(t)
+	h := privtest.NewHost(t)
+	self := privtest.AgentBinary(t)
+	ok, no := listenStamped(t, h), listenStamped(t, h)
+	p := profile{}
+	if grant {
+		p = profile{"egress": []any{ok.rule()}, "exec": []string{self}}
+	}
+	return h, self, ok, no, newTetherd(t, p)
+}
+
 // loop is an agent process that connects to each address in turn every 2 ms (privtest's tcploop).
 type loop struct {
 	cmd   *exec.Cmd
@@ -96,14 +112,15 @@ func startLoop(t *testing.T, cg string, addrs ...string) *loop {
 	return l
 }
 
-// stop ends the loop and returns its per-address counts (ADDRESS ok=N eperm=N other=N lines).
+// stop ends the loop and returns its per-address counts ("ADDRESS ok=N eperm=N other=N", joined
+// by "; ").
 func (l *loop) stop() string {
 	if l.stdin != nil {
 		l.stdin.Close()
 		l.stdin = nil
 		l.cmd.Wait()
 	}
-	return strings.TrimSpace(l.out.String())
+	return strings.ReplaceAll(strings.TrimSpace(l.out.String()), "\n", "; ")
 }
 
 // faultMetrics configures tetherd for a fault case: metrics on a free port, every deny (and no
@@ -277,7 +294,7 @@ func TestFaultStoppedPastTaskExpiry(t *testing.T) {
 		Case:     "tetherd SIGSTOPped past a task's expiry (4 s task, stopped 2 s past it)",
 		MustHold: "the task's destinations denied from the expiry, by the kernel alone; records accounted",
 		Measured: fmt.Sprintf("stopped %s before the expiry; task listener got %d connects and its stream %d bytes past the expiry; the baseline destination %d (denied until tetherd ran again; back %s after the resume); loop %q; %s",
-			expires.Sub(stopped).Round(time.Millisecond), wrongTask+wrongAfter, wrongBytes, baseStopped, baseBack.Round(time.Millisecond), strings.ReplaceAll(counts, "\n", "; "), acct),
+			expires.Sub(stopped).Round(time.Millisecond), wrongTask+wrongAfter, wrongBytes, baseStopped, baseBack.Round(time.Millisecond), counts, acct),
 		WronglyAllowed: wrong, Unaccounted: unaccounted,
 	})
 }
@@ -287,11 +304,7 @@ func TestFaultStoppedPastTaskExpiry(t *testing.T) {
 // answers, the denied one does not), counts every record it could not write as lost, leaves no
 // torn line, and writes records again once space returns.
 func TestFaultDecisionLogDiskFull(t *testing.T) {
-	privtest.FaultGate(t)
-	h := privtest.NewHost(t)
-	self := privtest.AgentBinary(t)
-	ok, no := listenStamped(t, h), listenStamped(t, h)
-	d := newTetherd(t, profile{"egress": []any{ok.rule()}, "exec": []string{self}})
+	h, _, ok, no, d := faultScene(t, true)
 	logfs := filepath.Join(d.dir, "logfs")
 	os.Mkdir(logfs, 0o755)
 	if err := unix.Mount("tmpfs", logfs, "tmpfs", 0, "size=256k"); err != nil {
@@ -346,7 +359,7 @@ func TestFaultDecisionLogDiskFull(t *testing.T) {
 		Case:     "decision log's disk full (256 KiB tmpfs filled), then space freed",
 		MustHold: "enforcing on; unwritten records counted lost; no torn line; writing again once freed",
 		Measured: fmt.Sprintf("while full: allowed listener %d connects, denied listener %d; %d records counted lost by the sink; %d deny records written after space returned; loop %q; %s",
-			okFull, noFull, sinkErrs, after, strings.ReplaceAll(counts, "\n", "; "), acct),
+			okFull, noFull, sinkErrs, after, counts, acct),
 		WronglyAllowed: noFull, Unaccounted: unaccounted,
 	})
 }
@@ -355,11 +368,7 @@ func TestFaultDecisionLogDiskFull(t *testing.T) {
 // place of its configuration: it says why, stays up, and the agent's enforcement and generation
 // do not change (its allowed destination answers, its denied one does not).
 func TestFaultReloadRefusedFiles(t *testing.T) {
-	privtest.FaultGate(t)
-	h := privtest.NewHost(t)
-	self := privtest.AgentBinary(t)
-	ok, no := listenStamped(t, h), listenStamped(t, h)
-	d := newTetherd(t, profile{"egress": []any{ok.rule()}, "exec": []string{self}})
+	_, _, ok, no, d := faultScene(t, true)
 	mport := d.faultMetrics(t)
 	good, err := os.ReadFile(d.config)
 	if err != nil {
@@ -425,7 +434,7 @@ func TestFaultReloadRefusedFiles(t *testing.T) {
 		Case:     "configuration reload (SIGHUP) with each refused-file kind",
 		MustHold: "refused with the reason; tetherd up; the agent's rules and generation unchanged",
 		Measured: fmt.Sprintf("refused: %s; generation stayed %d; denied listener got %d connects; loop %q; %s",
-			strings.Join(refused, ", "), gen, no.since(start), strings.ReplaceAll(counts, "\n", "; "), acct),
+			strings.Join(refused, ", "), gen, no.since(start), counts, acct),
 		WronglyAllowed: no.since(start), Unaccounted: unaccounted,
 	})
 }
@@ -776,28 +785,14 @@ func TestFaultKilledDuringRenewal(t *testing.T) {
 // agent's rule set does not change (its generation stays), nothing it does not grant is reached,
 // and tetherd stays up; a good new bundle afterwards is taken.
 func TestFaultBundleServerFlapping(t *testing.T) {
-	privtest.FaultGate(t)
-	h := privtest.NewHost(t)
-	self := privtest.AgentBinary(t)
-	ok, no := listenStamped(t, h), listenStamped(t, h)
-	d := newTetherd(t, profile{})
+	_, self, ok, no, d := faultScene(t, false)
 	key := bundletest.NewKey(t, "tether-faults")
 	srv := bundletest.NewServer(t)
 	files, _ := bundletest.Shipped(t)
 	p := profile{"egress": []any{ok.rule()}, "exec": []string{self}}
 	good := bundletest.Build(t, "good", files, policyData(p), &key)
 	srv.Set(good)
-	pub := filepath.Join(d.dir, "bundle.pub")
-	os.WriteFile(pub, []byte(key.PublicPEM), 0o644)
-	d.policyConfig = fmt.Sprintf(`policy:
-  bundle:
-    service: %s
-    resource: %s
-    min_delay: 1s
-    max_delay: 1s
-    public_key_file: %s
-    key_id: %s
-    algorithm: ES256`, srv.URL, bundletest.Resource, pub, key.ID)
+	d.useBundle(srv, key)
 	mport := d.faultMetrics(t)
 	d.start()
 	waitFor(t, "the good bundle in force", func() bool { return strings.HasPrefix(d.policyStatus().Revision, "good+") })
@@ -860,7 +855,7 @@ func TestFaultBundleServerFlapping(t *testing.T) {
 		Case:     "bundle server flapping for 8 s: down (503, connections closed) and serving broken, non-bundle, half and forged bundles",
 		MustHold: "the last good bundle in force, the agent's rule set unchanged, tetherd up; a good bundle afterwards taken",
 		Measured: fmt.Sprintf("served %d bad states; revision stayed %s; %d bundles refused by the compiler; generation stayed %d; denied listener got %d connects; loop %q; %s",
-			len(seen), strings.Split(st.Revision, "+")[0], st.Refused, gen, wrong, strings.ReplaceAll(counts, "\n", "; "), acct),
+			len(seen), strings.Split(st.Revision, "+")[0], st.Refused, gen, wrong, counts, acct),
 		WronglyAllowed: wrong, Unaccounted: unaccounted,
 	})
 }
@@ -871,23 +866,12 @@ func TestFaultBundleServerFlapping(t *testing.T) {
 // the status says SPIRE is unreachable; once SPIRE is back, it gets its identity and its grants.
 // Neither reaches what its identity is not granted.
 func TestFaultSPIREOutage(t *testing.T) {
-	privtest.FaultGate(t)
-	h := privtest.NewHost(t)
-	self := privtest.AgentBinary(t)
-	ok, no := listenStamped(t, h), listenStamped(t, h)
-	d := newTetherd(t, profile{"egress": []any{ok.rule()}, "exec": []string{self}})
+	_, self, ok, no, d := faultScene(t, true)
 	const delegate = "spiffe://test.local/tetherd"
 	sp := startSPIRE(t, "test.local", delegate)
 	sp.entry(delegate, "unix:uid:0", "unix:path:"+filepath.Join(d.bin, "tetherd"))
 	sp.entry(agentID, "unix:uid:0", "unix:path:"+self)
-	rel := relCgroup(t, d.parent)
-	d.extra = fmt.Sprintf(`identity:
-  trust_domains: [test.local]
-  spire:
-    admin_socket: %s
-    workload_socket: %s
-    cgroups: [%s/spire-*]
-`, sp.AdminSock, sp.PublicSock, rel)
+	d.extra = d.spireIdentity(sp)
 	mport := d.faultMetrics(t)
 	d.start()
 	before, _ := privtest.SubCgroup(t, d.parent, "spire-1")
@@ -940,7 +924,7 @@ func TestFaultSPIREOutage(t *testing.T) {
 		Case:     "SPIRE server and agent stopped for a minute, then restarted (the agent attests anew)",
 		MustHold: "agents attested before keep identity and rules; a new SPIRE cgroup denied until SPIRE is back, then attested; nothing ungranted reached",
 		Measured: fmt.Sprintf("the agent from before kept generation %d; the new cgroup during the outage: %v, attested %s after SPIRE was back, then %v; denied listener got %d connects; loop %q; %s",
-			gen, duringGot, attested.Round(time.Millisecond), afterGot, wrong, strings.ReplaceAll(counts, "\n", "; "), acct),
+			gen, duringGot, attested.Round(time.Millisecond), afterGot, wrong, counts, acct),
 		WronglyAllowed: wrong, Unaccounted: unaccounted,
 	})
 }

@@ -77,6 +77,25 @@ func (d *tetherd) policyStatus() api.PolicyStatus {
 	return st.Policy
 }
 
+// useBundle has tetherd take its policy from the bundle server srv, signed by key, checked every
+// second.
+func (d *tetherd) useBundle(srv *bundletest.Server, key bundletest.Key) {
+	d.t.Helper()
+	pub := filepath.Join(d.dir, "bundle.pub")
+	if err := os.WriteFile(pub, []byte(key.PublicPEM), 0o644); err != nil {
+		d.t.Fatal(err)
+	}
+	d.policyConfig = fmt.Sprintf(`policy:
+  bundle:
+    service: %s
+    resource: %s
+    min_delay: 1s
+    max_delay: 1s
+    public_key_file: %s
+    key_id: %s
+    algorithm: ES256`, srv.URL, bundletest.Resource, pub, key.ID)
+}
+
 // TestPrivilegedPolicyBundle runs tetherd on a signed OPA bundle from a bundle server on
 // loopback: the agent is granted what the bundle says, a new bundle revision is evaluated for it
 // (a new generation in the kernel), and a bundle that does not compile or is not signed by the
@@ -95,17 +114,7 @@ func TestPrivilegedPolicyBundle(t *testing.T) {
 	files, _ := bundletest.Shipped(t)
 	p := grantsFor(self, h, okPort)
 	srv.Set(bundletest.Build(t, "b1", files, policyData(p), &key))
-	pub := filepath.Join(d.dir, "bundle.pub")
-	os.WriteFile(pub, []byte(key.PublicPEM), 0o644)
-	d.policyConfig = fmt.Sprintf(`policy:
-  bundle:
-    service: %s
-    resource: %s
-    min_delay: 1s
-    max_delay: 1s
-    public_key_file: %s
-    key_id: %s
-    algorithm: ES256`, srv.URL, bundletest.Resource, pub, key.ID)
+	d.useBundle(srv, key)
 	d.writeConfig()
 	d.start()
 	waitFor(t, "bundle b1 in force", func() bool { return strings.HasPrefix(d.policyStatus().Revision, "b1+") })

@@ -30,6 +30,18 @@ type spire struct {
 	t *testing.T
 }
 
+// spireIdentity is the identity section that has SPIRE attest the agent parent's spire-*
+// cgroups, trust domain test.local.
+func (d *tetherd) spireIdentity(sp *spire) string {
+	return fmt.Sprintf(`identity:
+  trust_domains: [test.local]
+  spire:
+    admin_socket: %s
+    workload_socket: %s
+    cgroups: [%s/spire-*]
+`, sp.AdminSock, sp.PublicSock, relCgroup(d.t, d.parent))
+}
+
 // startSPIRE starts a SPIRE server and agent for trust domain td whose agent lets delegate
 // (tetherd's SPIFFE ID) use the Delegated Identity API; without the binaries it fails (skips
 // unless TETHER_REQUIRE_PRIVILEGED=1).
@@ -104,14 +116,7 @@ func TestPrivilegedSPIREIdentity(t *testing.T) {
 	sp.entry(delegate, "unix:uid:0", "unix:path:"+filepath.Join(d.bin, "tetherd"))
 	agentEntry := sp.entry(agentID, "unix:uid:0", "unix:path:"+self)
 
-	rel := relCgroup(t, d.parent)
-	d.extra = fmt.Sprintf(`identity:
-  trust_domains: [test.local]
-  spire:
-    admin_socket: %s
-    workload_socket: %s
-    cgroups: [%s/spire-*]
-`, sp.AdminSock, sp.PublicSock, rel)
+	d.extra = d.spireIdentity(sp)
 	d.writeConfig()
 	d.start()
 	ok := fmt.Sprintf("%s:%d", h.V4, okPort)

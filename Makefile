@@ -5,6 +5,11 @@ BPF_CLANG ?= clang-14
 BPF_STRIP ?= llvm-strip-14
 BPF_CFLAGS ?= -O2 -g -Wall -Werror
 BIN       := bin
+# Big builds (SPIRE, the Kubernetes binaries, test-vm's kernel) are cached outside the clone, under
+# a hash of what they are built from: a fresh clone reuses them, a change to tools/spire or
+# tools/k8s builds anew.
+TETHER_CACHE ?= $(HOME)/.cache/tether
+tools_hash = $(shell cat $(1)/go.mod $(1)/go.sum | sha256sum | cut -c1-12)
 
 .PHONY: all build generate check-generate test test-faults test-unit test-vm test-k8s k8s-bin manifests policy-test bench vet fuzz demo clean spire install
 
@@ -32,13 +37,17 @@ test: spire
 
 # SPIRE server and agent for the end-to-end tests, from tools/spire (a module of its own, so
 # SPIRE's dependencies stay out of tether's go.mod). About 9 minutes the first time (cgo, for
-# SPIRE's sqlite datastore); kept in .bin/ until tools/spire changes.
-SPIRE_BIN := .bin
-spire: $(SPIRE_BIN)/spire-server $(SPIRE_BIN)/spire-agent
+# SPIRE's sqlite datastore); cached in TETHER_CACHE, linked from .bin/ (where the tests look
+# without TETHER_SPIRE_BIN).
+SPIRE_BIN := $(TETHER_CACHE)/spire-$(call tools_hash,tools/spire)
+export TETHER_SPIRE_BIN ?= $(SPIRE_BIN)
+spire: $(SPIRE_BIN)/spire-agent
+	@mkdir -p .bin && ln -sf $(SPIRE_BIN)/spire-server $(SPIRE_BIN)/spire-agent .bin/
 
-$(SPIRE_BIN)/spire-server $(SPIRE_BIN)/spire-agent &: tools/spire/go.mod tools/spire/go.sum
-	cd tools/spire && $(GO) build -trimpath -ldflags="-s -w" -o ../../$(SPIRE_BIN)/ github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent
-	touch $(SPIRE_BIN)/spire-server $(SPIRE_BIN)/spire-agent
+$(SPIRE_BIN)/spire-agent:
+	rm -rf $(SPIRE_BIN).tmp && mkdir -p $(SPIRE_BIN).tmp
+	cd tools/spire && $(GO) build -trimpath -ldflags="-s -w" -o $(SPIRE_BIN).tmp/ github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent
+	rm -rf $(SPIRE_BIN) && mv $(SPIRE_BIN).tmp $(SPIRE_BIN)
 
 # The fault suite: tetherd stopped past expiries, killed in the middle of a change, its disk full,
 # SPIRE and the bundle server down or flapping, maps full, every refused configuration kind. Each
@@ -59,18 +68,19 @@ test-unit:
 # The Kubernetes deployment against a real API server: etcd and kube-apiserver on loopback,
 # `kubectl apply --dry-run=server` of deploy/kubernetes/ and of the chart in each value set
 # (test/k8s). The binaries come from tools/k8s (about 9 minutes to build the first time on 2
-# cores) and are kept in .bin/k8s-$(K8S_VERSION)/.
+# cores) and are cached in TETHER_CACHE.
 K8S_VERSION := v1.37.2
-K8S_BIN := .bin/k8s-$(K8S_VERSION)
+K8S_BIN := $(TETHER_CACHE)/k8s-$(K8S_VERSION)-$(call tools_hash,tools/k8s)
 test-k8s: k8s-bin
-	cd test/k8s && TETHER_K8S_BIN=$(CURDIR)/$(K8S_BIN) TETHER_REQUIRE_K8S=1 $(GO) test -count=1 -run TestAPIServerDryRun -v ./...
+	cd test/k8s && TETHER_K8S_BIN=$(K8S_BIN) TETHER_REQUIRE_K8S=1 $(GO) test -count=1 -run TestAPIServerDryRun -v ./...
 
-k8s-bin: $(K8S_BIN)/kube-apiserver $(K8S_BIN)/kubectl $(K8S_BIN)/etcd
+k8s-bin: $(K8S_BIN)/etcd
 
-$(K8S_BIN)/kube-apiserver $(K8S_BIN)/kubectl $(K8S_BIN)/etcd &: tools/k8s/go.mod tools/k8s/go.sum
-	cd tools/k8s && $(GO) build -trimpath -ldflags="-s -w" -o ../../$(K8S_BIN)/ k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl
-	cd tools/k8s && $(GO) build -trimpath -ldflags="-s -w" -o ../../$(K8S_BIN)/etcd go.etcd.io/etcd/server/v3
-	touch $(K8S_BIN)/kube-apiserver $(K8S_BIN)/kubectl $(K8S_BIN)/etcd
+$(K8S_BIN)/etcd:
+	rm -rf $(K8S_BIN).tmp && mkdir -p $(K8S_BIN).tmp
+	cd tools/k8s && $(GO) build -trimpath -ldflags="-s -w" -o $(K8S_BIN).tmp/ k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl
+	cd tools/k8s && $(GO) build -trimpath -ldflags="-s -w" -o $(K8S_BIN).tmp/etcd go.etcd.io/etcd/server/v3
+	rm -rf $(K8S_BIN) && mv $(K8S_BIN).tmp $(K8S_BIN)
 
 # deploy/kubernetes/ from the Helm chart (test/k8s checks they match).
 manifests:
@@ -85,7 +95,7 @@ policy-test:
 # (the LSM exec and unix paths), and once with BPF LSM off (tether must notice and fall back).
 # Needs root: apt-get install -y --no-install-recommends qemu-system-x86 cpio xz-utils.
 test-vm:
-	./test/vm/run.sh
+	TETHER_VM_CACHE=$${TETHER_VM_CACHE:-$(TETHER_CACHE)/vm} ./test/vm/run.sh
 
 # One table: tether against no tether, nftables and per-request OPA, measured in the same run
 # (see docs/performance.md). Needs root and nftables (apt-get install nftables). BENCH_FLAGS are

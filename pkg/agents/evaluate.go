@@ -129,16 +129,22 @@ func (r *Registry) install(a *agent, rs *dataplane.RuleSet, c Compiled, evalErr 
 // Approvals need none: their counted grants expire in the kernel one by one.
 func ruleSetExpiry(a *agent, g grants.Grants, dns time.Time) time.Time {
 	at := dns
-	earlier := func(t time.Time) {
+	if g.ValidUntil != nil {
+		at = earliest(at, *g.ValidUntil)
+	}
+	if t := a.ctx.Task; t != nil {
+		at = earliest(at, t.ExpiresAt)
+	}
+	return at
+}
+
+// earliest is the earliest of times that are set (zero: none is).
+func earliest(times ...time.Time) time.Time {
+	var at time.Time
+	for _, t := range times {
 		if !t.IsZero() && (at.IsZero() || t.Before(at)) {
 			at = t
 		}
-	}
-	if g.ValidUntil != nil {
-		earlier(*g.ValidUntil)
-	}
-	if t := a.ctx.Task; t != nil {
-		earlier(t.ExpiresAt)
 	}
 	return at
 }
@@ -159,20 +165,10 @@ func (r *Registry) moveExpiry(a *agent, expires time.Time) error {
 // nextEvaluation is the earliest moment the context or the grants call for: valid_until, the
 // expiry of DNS answers, of the task, of an approval.
 func nextEvaluation(a *agent, g grants.Grants, c Compiled) time.Time {
-	var next time.Time
-	consider := func(t time.Time) {
-		if !t.IsZero() && (next.IsZero() || t.Before(next)) {
-			next = t
-		}
-	}
-	if g.ValidUntil != nil {
-		consider(*g.ValidUntil)
-	}
-	consider(c.RefreshAt)
+	next := earliest(ruleSetExpiry(a, g, time.Time{}), c.RefreshAt)
 	if t := a.ctx.Task; t != nil {
-		consider(t.ExpiresAt)
 		for _, ap := range t.Approvals {
-			consider(ap.ExpiresAt)
+			next = earliest(next, ap.ExpiresAt)
 		}
 	}
 	return next

@@ -34,7 +34,6 @@ var ErrClosed = errors.New("event reader closed")
 type EventReader struct {
 	k        *Kernel
 	rd       *ringbuf.Reader
-	boot     time.Time
 	rec      ringbuf.Record
 	file     *os.File // the ring buffer's descriptor, in the poller
 	raw      syscall.RawConn
@@ -74,7 +73,7 @@ func (k *Kernel) NewEventReader() (*EventReader, error) {
 		rd.Close()
 		return nil, fmt.Errorf("opening event ring buffer: %w", err)
 	}
-	r := &EventReader{k: k, rd: rd, boot: bootclock.Epoch(), file: f, raw: raw}
+	r := &EventReader{k: k, rd: rd, file: f, raw: raw}
 	if err := r.countUnsettled(); err != nil {
 		r.Close()
 		return nil, err
@@ -95,12 +94,12 @@ func (r *EventReader) countUnsettled() error {
 		return fmt.Errorf("reading the settled records count: %w", err)
 	}
 	for range 100 {
-		before, err := r.k.submitted()
+		before, err := r.k.counter(bpfTetherCounterTETHER_COUNTER_EVENTS_SUBMITTED)
 		if err != nil {
 			return err
 		}
 		inRing := uint64(r.rd.AvailableBytes()) / ringRecord
-		after, err := r.k.submitted()
+		after, err := r.k.counter(bpfTetherCounterTETHER_COUNTER_EVENTS_SUBMITTED)
 		if err != nil {
 			return err
 		}
@@ -113,19 +112,6 @@ func (r *EventReader) countUnsettled() error {
 		time.Sleep(time.Millisecond)
 	}
 	return nil // a ring this busy: counted at the next start
-}
-
-// submitted sums TETHER_COUNTER_EVENTS_SUBMITTED.
-func (k *Kernel) submitted() (uint64, error) {
-	var per []uint64
-	if err := k.counters.Lookup(uint32(bpfTetherCounterTETHER_COUNTER_EVENTS_SUBMITTED), &per); err != nil {
-		return 0, fmt.Errorf("reading the submitted records count: %w", err)
-	}
-	var n uint64
-	for _, v := range per {
-		n += v
-	}
-	return n, nil
 }
 
 // Ack records that n more of the records read are settled: written to the sinks (flushed) or
@@ -170,7 +156,7 @@ func (r *EventReader) Read() (dataplane.Event, error) {
 		}
 		return dataplane.Event{}, fmt.Errorf("reading event ring buffer: %w", err)
 	}
-	return decodeEvent(r.rec.RawSample, r.boot)
+	return decodeEvent(r.rec.RawSample, bootclock.Epoch())
 }
 
 // BoundaryEvent counts the ring buffer records whose decoding panicked (see panics).

@@ -374,27 +374,29 @@ func (k *Kernel) Infos() (map[dataplane.Slot]dataplane.Info, error) {
 
 // Counters sums the kernel's global counters over CPUs.
 func (k *Kernel) Counters() (dataplane.Counters, error) {
-	sum := func(c bpfTetherCounter) (uint64, error) {
-		var per []uint64
-		if err := k.counters.Lookup(uint32(c), &per); err != nil {
-			return 0, fmt.Errorf("reading counter %d: %w", c, err)
-		}
-		var n uint64
-		for _, v := range per {
-			n += v
-		}
-		return n, nil
-	}
 	var c dataplane.Counters
 	var errs [7]error
-	c.RingBufferDrops, errs[0] = sum(bpfTetherCounterTETHER_COUNTER_RINGBUF_DROPS)
-	c.LineageUpdateErrors, errs[1] = sum(bpfTetherCounterTETHER_COUNTER_LINEAGE_UPDATE_ERRORS)
-	c.SignalErrors, errs[2] = sum(bpfTetherCounterTETHER_COUNTER_SIGNAL_ERRORS)
-	c.UnknownCgroup, errs[3] = sum(bpfTetherCounterTETHER_COUNTER_UNKNOWN_CGROUP)
-	c.SockStorageErrors, errs[4] = sum(bpfTetherCounterTETHER_COUNTER_SOCK_STORAGE_ERRORS)
-	c.DestroyErrors, errs[5] = sum(bpfTetherCounterTETHER_COUNTER_DESTROY_ERRORS)
-	c.MigrationsLate, errs[6] = sum(bpfTetherCounterTETHER_COUNTER_MIGRATIONS_LATE)
+	c.RingBufferDrops, errs[0] = k.counter(bpfTetherCounterTETHER_COUNTER_RINGBUF_DROPS)
+	c.LineageUpdateErrors, errs[1] = k.counter(bpfTetherCounterTETHER_COUNTER_LINEAGE_UPDATE_ERRORS)
+	c.SignalErrors, errs[2] = k.counter(bpfTetherCounterTETHER_COUNTER_SIGNAL_ERRORS)
+	c.UnknownCgroup, errs[3] = k.counter(bpfTetherCounterTETHER_COUNTER_UNKNOWN_CGROUP)
+	c.SockStorageErrors, errs[4] = k.counter(bpfTetherCounterTETHER_COUNTER_SOCK_STORAGE_ERRORS)
+	c.DestroyErrors, errs[5] = k.counter(bpfTetherCounterTETHER_COUNTER_DESTROY_ERRORS)
+	c.MigrationsLate, errs[6] = k.counter(bpfTetherCounterTETHER_COUNTER_MIGRATIONS_LATE)
 	return c, errors.Join(errs[:]...)
+}
+
+// counter sums global counter c over the CPUs.
+func (k *Kernel) counter(c bpfTetherCounter) (uint64, error) {
+	var per []uint64
+	if err := k.counters.Lookup(uint32(c), &per); err != nil {
+		return 0, fmt.Errorf("reading counter %d: %w", c, err)
+	}
+	var n uint64
+	for _, v := range per {
+		n += v
+	}
+	return n, nil
 }
 
 // AgentCounts reads the decisions of the agent in slot.

@@ -148,8 +148,9 @@ type Options struct {
 	Cgroups Cgroups
 	// Workers evaluate and install in parallel when every agent is evaluated (0: 4).
 	Workers int
-	// TaskEnded, if set, is told (from a goroutine of its own) that an agent's task ended: ended,
-	// expired, the identity revoked, or the agent unregistered.
+	// TaskEnded, if set, is told that an agent's task ended: ended, expired or the identity
+	// revoked (from a goroutine of its own), or the agent unregistered (with the registry
+	// locked, before Unregister returns). It must not call back.
 	TaskEnded func(slot dataplane.Slot, spiffeID string, task Task, reason string)
 	// Denied, if set, says whether a SPIFFE ID is on the kill path's deny list: an agent that
 	// has it is registered killed (everything denied).
@@ -157,8 +158,8 @@ type Options struct {
 	// Retiring, if set, is given the view (with the kernel's decision counts) of an agent about
 	// to be unregistered. It is called with the registry locked: it must not call back.
 	Retiring func(a Agent)
-	// Unregistered, if set, is told (after TaskEnded, from the same goroutine) that an agent
-	// was unregistered.
+	// Unregistered, if set, is told (after TaskEnded, with the registry locked, before
+	// Unregister returns) that an agent was unregistered. It must not call back.
 	Unregistered func(slot dataplane.Slot)
 	// UIDs are where launched agents without a user of their own get a uid, one no live agent
 	// has (UIDRange{}: none; such launches are refused).
@@ -594,17 +595,13 @@ func (r *Registry) Unregister(slot dataplane.Slot) error {
 	if a.ctx.Task != nil {
 		r.closeGrants(a.ctx.Task.Approvals)
 	}
-	if a.ctx.Task != nil || r.opts.Unregistered != nil {
-		id, task, gone := a.info.SpiffeID, a.ctx.Task, r.opts.Unregistered
-		ended := r.opts.TaskEnded
-		go func() {
-			if task != nil && ended != nil {
-				ended(slot, id, *task, "agent unregistered")
-			}
-			if gone != nil {
-				gone(slot)
-			}
-		}()
+	// Told with the registry locked, before Unregister returns and before the slot can be
+	// taken again: a later agent in the slot never loses its credentials to this one's end.
+	if a.ctx.Task != nil && r.opts.TaskEnded != nil {
+		r.opts.TaskEnded(slot, a.info.SpiffeID, *a.ctx.Task, "agent unregistered")
+	}
+	if r.opts.Unregistered != nil {
+		r.opts.Unregistered(slot)
 	}
 	r.retired[slot] = retiredAgent{id: a.info.SpiffeID}
 	if a.rs != nil {

@@ -823,3 +823,26 @@ func TestPolicyChangeWritesOnlyTheRuleSet(t *testing.T) {
 		t.Errorf("after a failed write: kernel calls %v, want everything written again", got)
 	}
 }
+
+// TestUnregisterTellsBeforeReturning: when Unregister returns, the task's end and the agent's
+// removal have been told (the credentials are revoked and the directory gone), so a later agent
+// in the same slot never loses its credentials to the earlier one's end.
+func TestUnregisterTellsBeforeReturning(t *testing.T) {
+	e := newEnv(t)
+	var told []string
+	e.reg = New(Options{Dataplane: e.dp, Evaluator: e.ev, Compile: compiler, Parents: []string{"/cg/tether"}, LaunchParent: "/cg/tether", Cgroups: e.cg,
+		TaskEnded: func(slot dataplane.Slot, id string, task Task, reason string) {
+			told = append(told, "ended "+reason)
+		},
+		Unregistered: func(slot dataplane.Slot) { told = append(told, "unregistered") }})
+	a := e.register(t, "spiffe://example.org/a")
+	if _, err := e.reg.StartTask(a.Slot, TaskSpec{Type: "coding", TTL: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.reg.Unregister(a.Slot); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(told, []string{"ended agent unregistered", "unregistered"}) {
+		t.Errorf("told by the time Unregister returned: %q", told)
+	}
+}

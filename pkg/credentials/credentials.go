@@ -469,7 +469,9 @@ func (i *Issuer) Verify(token string) (Claims, error) {
 }
 
 // Revoke ends the credentials of a task: every one that has not expired (or did so within Skew)
-// goes on the revocation list, and the agent's file is removed.
+// goes on the revocation list, and the agent's file is removed unless it already holds a later
+// task's credential (a task's end is told from a goroutine of its own, so the agent's next task
+// may have been issued one in between).
 func (i *Issuer) Revoke(slot uint32, taskID, reason string) {
 	now := i.opts.Now()
 	i.mu.Lock()
@@ -487,10 +489,22 @@ func (i *Issuer) Revoke(slot uint32, taskID, reason string) {
 	delete(i.st.Tasks, k)
 	i.prune(now)
 	i.save()
-	if err := os.Remove(filepath.Join(i.agentDir(slot), FileName)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		i.opts.Log.Error("removing a revoked credential file", "slot", slot, "error", err)
+	if !i.slotHasTask(slot) {
+		if err := os.Remove(filepath.Join(i.agentDir(slot), FileName)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			i.opts.Log.Error("removing a revoked credential file", "slot", slot, "error", err)
+		}
 	}
 	i.opts.Log.Info("task credentials revoked", "slot", slot, "spiffe_id", t.SpiffeID, "task", taskID, "reason", reason)
+}
+
+// slotHasTask says whether some task of the agent in slot holds credentials. Call with i.mu held.
+func (i *Issuer) slotHasTask(slot uint32) bool {
+	for _, t := range i.st.Tasks {
+		if t.Slot == slot {
+			return true
+		}
+	}
+	return false
 }
 
 // Forget removes the agent's directory (the agent is gone; its tasks were revoked).

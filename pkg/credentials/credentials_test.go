@@ -170,3 +170,31 @@ func TestKeysVerify(t *testing.T) {
 		t.Errorf("verifying with the published key: %v %+v", err, claims)
 	}
 }
+
+// A task's end is told late, after the agent's next task was issued its credential: the
+// revocation must leave the next task's file in place.
+func TestLateRevokeKeepsTheNextTasksFile(t *testing.T) {
+	dir := t.TempDir()
+	c := &clock{time.Date(2026, 11, 27, 10, 0, 0, 0, time.UTC)}
+	i := newIssuer(t, dir, c)
+	ctx := context.Background()
+	first := subject(c)
+	if _, err := i.Issue(ctx, first); err != nil {
+		t.Fatal(err)
+	}
+	next := first
+	next.TaskID = "task-2"
+	cred, err := i.Issue(ctx, next)
+	if err != nil {
+		t.Fatal(err)
+	}
+	i.Revoke(first.Slot, first.TaskID, "task expired")
+	b, err := os.ReadFile(cred.File)
+	if err != nil || strings.TrimSpace(string(b)) != cred.Token {
+		t.Fatalf("the next task's credential file after the first task's revocation: %q %v", b, err)
+	}
+	i.Revoke(next.Slot, next.TaskID, "task ended")
+	if _, err := os.Stat(cred.File); !os.IsNotExist(err) {
+		t.Errorf("the last task's file is left after its revocation: %v", err)
+	}
+}

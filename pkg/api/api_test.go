@@ -583,3 +583,42 @@ func TestRecoveringRefusesAPanic(t *testing.T) {
 	}()
 	abort.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/", nil))
 }
+
+// TestEveryRouteChecksItsAccess: the route table is the authorization. Every admin route refuses
+// a launcher and nobody; every launcher route refuses nobody and lets the agent's launcher
+// through; every route refuses a process inside an agent; and a refused call reaches no service
+// method.
+func TestEveryRouteChecksItsAccess(t *testing.T) {
+	launcher := Caller{PID: 3, UID: 1000} // launched agents 1 and 4
+	nobody := Caller{PID: 4, UID: 65534}
+	agent := Caller{PID: 666, UID: 0}
+	f := newFakeService()
+	pending, _ := f.pending()
+	routes := NewServer(f, func() *Policy { return testPolicy }, slog.New(slog.DiscardHandler)).routes()
+	for _, x := range routes {
+		method, path, _ := strings.Cut(x.pattern, " ")
+		path = strings.NewReplacer("{slot}", "1", "{id}", pending).Replace(path)
+		if x.status == streamed {
+			continue // the event stream: anyone's, and it does not end
+		}
+		for _, tc := range []struct {
+			who     string
+			c       Caller
+			refused bool
+		}{
+			{"nobody", nobody, x.access == admin || x.access == launcherOf},
+			{"the launcher", launcher, x.access == admin},
+			{"an agent", agent, true},
+		} {
+			f := newFakeService()
+			code, body := call(t, f, tc.c, method, path, "{}")
+			refused := code == http.StatusForbidden && (strings.Contains(body, "is not an admin") || strings.Contains(body, "may not use the control API"))
+			if refused != tc.refused {
+				t.Errorf("%s by %s: %d %s (refused: want %v)", x.pattern, tc.who, code, body, tc.refused)
+			}
+			if tc.refused && len(f.calls) != 0 {
+				t.Errorf("%s by %s reached the service: %v", x.pattern, tc.who, f.calls)
+			}
+		}
+	}
+}

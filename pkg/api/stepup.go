@@ -3,76 +3,31 @@ package api
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
 	"time"
 
-	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/dataplane"
-	"github.com/tether-sh/tether/pkg/stepup"
 )
 
 // Step-up approvals on the admin socket: list, approve once, deny.
 
-func (s *Server) approvals(w http.ResponseWriter, r *http.Request) {
-	if !s.admin(w, r) {
-		return
-	}
-	reply(w, http.StatusOK, s.svc.Stepups(nil))
-}
+func (s *Server) approvals(*request) (any, error) { return s.svc.Stepups(nil), nil }
 
-func (s *Server) approve(w http.ResponseWriter, r *http.Request) {
-	if !s.admin(w, r) {
-		return
-	}
-	var req ApproveRequest
-	if err := decode(r, &req); err != nil {
-		refuse(w, http.StatusBadRequest, err)
-		return
-	}
+func (s *Server) approve(c *request, req ApproveRequest) (any, error) {
 	var ttl time.Duration
 	if req.TTL != "" {
-		var ok bool
-		if ttl, ok = ttlOf(w, req.TTL); !ok {
-			return
+		var err error
+		if ttl, err = ttlOf(req.TTL); err != nil {
+			return nil, err
 		}
 	}
-	by := fmt.Sprintf("uid:%d", caller(r).UID)
-	stepupResult(w, func() (stepup.Request, error) { return s.svc.ApproveStepup(r.PathValue("id"), by, req.Uses, ttl) })
+	return s.svc.ApproveStepup(c.r.PathValue("id"), c.by(), req.Uses, ttl)
 }
 
-func (s *Server) deny(w http.ResponseWriter, r *http.Request) {
-	if !s.admin(w, r) {
-		return
-	}
-	var req DenyRequest
-	if err := decode(r, &req); err != nil {
-		refuse(w, http.StatusBadRequest, err)
-		return
-	}
-	by := fmt.Sprintf("uid:%d", caller(r).UID)
-	stepupResult(w, func() (stepup.Request, error) { return s.svc.DenyStepup(r.PathValue("id"), by, req.Why) })
-}
-
-// stepupResult answers with the request f returns, or with why it failed.
-func stepupResult(w http.ResponseWriter, f func() (stepup.Request, error)) {
-	req, err := f()
-	switch {
-	case errors.Is(err, stepup.ErrNotFound), errors.Is(err, agents.ErrNotFound):
-		refuse(w, http.StatusNotFound, err)
-	case errors.Is(err, stepup.ErrDecided), errors.Is(err, agents.ErrTask):
-		refuse(w, http.StatusConflict, err)
-	case errors.Is(err, agents.ErrInvalid):
-		refuse(w, http.StatusBadRequest, err)
-	case errors.Is(err, ErrRefused):
-		refuse(w, http.StatusForbidden, err)
-	case err != nil:
-		refuse(w, http.StatusInternalServerError, err)
-	default:
-		reply(w, http.StatusOK, req)
-	}
+func (s *Server) deny(c *request, req DenyRequest) (any, error) {
+	return s.svc.DenyStepup(c.r.PathValue("id"), c.by(), req.Why)
 }
 
 // AgentServer serves the agent socket: the verbs an agent may use on itself (its status, its
@@ -80,23 +35,27 @@ func stepupResult(w http.ResponseWriter, f func() (stepup.Request, error)) {
 // connecting process (SO_PEERCRED, checked against its pidfd), never what the request says;
 // processes outside agents are refused.
 type AgentServer struct {
-	svc     Service
+	router
 	agentOf func(pid int32) (dataplane.Slot, bool)
-	log     *slog.Logger
 	srv     *http.Server
 }
 
 // NewAgentServer returns the agent socket's server; agentOf finds the agent of a process.
 func NewAgentServer(svc Service, agentOf func(pid int32) (dataplane.Slot, bool), log *slog.Logger) *AgentServer {
-	s := &AgentServer{svc: svc, agentOf: agentOf, log: log}
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /v1/self", s.self)
-	mux.HandleFunc("PUT /v1/self/task", s.renew)
-	mux.HandleFunc("DELETE /v1/self/task", s.end)
-	mux.HandleFunc("POST /v1/self/stepup", s.request)
-	mux.HandleFunc("GET /v1/self/stepup", s.requests)
-	s.srv = socketServer(s.guard(mux), log)
+	s := &AgentServer{router: router{svc: svc, log: log}, agentOf: agentOf}
+	s.srv = socketServer(s.guard(s.mux(s.routes())), log)
 	return s
+}
+
+// routes is the agent socket's table: every verb is about the caller's own agent.
+func (s *AgentServer) routes() []route {
+	return []route{
+		{pattern: "GET /v1/self", access: self, serve: s.self},
+		{pattern: "PUT /v1/self/task", access: self, serve: withBody(s.renew)},
+		{pattern: "DELETE /v1/self/task", access: self, serve: s.end},
+		{pattern: "POST /v1/self/stepup", access: self, serve: withBody(s.request)},
+		{pattern: "GET /v1/self/stepup", access: self, serve: s.requests},
+	}
 }
 
 // Serve serves l until Shutdown.
@@ -138,60 +97,29 @@ func (s *AgentServer) guard(next http.Handler) http.Handler {
 
 func selfSlot(r *http.Request) dataplane.Slot { return r.Context().Value(slotKey{}).(dataplane.Slot) }
 
-func (s *AgentServer) self(w http.ResponseWriter, r *http.Request) {
-	a, ok := s.svc.Agent(selfSlot(r))
+func (s *AgentServer) self(c *request) (any, error) {
+	a, ok := s.svc.Agent(c.slot)
 	if !ok {
-		refuse(w, http.StatusNotFound, errors.New("the caller's agent is gone"))
-		return
+		return nil, withStatus(http.StatusNotFound, errors.New("the caller's agent is gone"))
 	}
-	reply(w, http.StatusOK, a)
+	return a, nil
 }
 
 // renew renews the agent's task as a heartbeat does: the agent presents its task's current
 // credential (the file TETHER_TASK_CREDENTIAL_FILE names) and gets the next one; the task never
 // lives past its NotAfter.
-func (s *AgentServer) renew(w http.ResponseWriter, r *http.Request) {
-	var req HeartbeatRequest
-	if err := decode(r, &req); err != nil {
-		refuse(w, http.StatusBadRequest, err)
-		return
-	}
-	ttl, ok := ttlOf(w, req.TTL)
-	if !ok {
-		return
-	}
-	if req.Credential == "" {
-		refuse(w, http.StatusBadRequest, errors.New("credential is required: a renewal presents the task's current credential"))
-		return
-	}
-	slot := selfSlot(r)
-	cred, err := s.svc.Heartbeat(r.Context(), slot, req.Credential, ttl)
-	if err != nil {
-		s.log.Warn("renewal refused", "slot", slot, "error", err)
-		refuse(w, credentialStatus(err), err)
-		return
-	}
-	reply(w, http.StatusOK, cred)
+func (s *AgentServer) renew(c *request, req HeartbeatRequest) (any, error) {
+	return heartbeat(s.router, c, req, "renewal", "a renewal presents the task's current credential")
 }
 
-func (s *AgentServer) end(w http.ResponseWriter, r *http.Request) {
-	result(w, func() (agents.Agent, error) { return s.svc.EndTask(selfSlot(r)) })
+func (s *AgentServer) end(c *request) (any, error) { return s.svc.EndTask(c.slot) }
+
+func (s *AgentServer) request(c *request, req StepupRequest) (any, error) {
+	s.log.Info("step-up request", "slot", c.slot, "action", req.Action, "resource", req.Resource)
+	return s.svc.RequestStepup(c.r.Context(), c.slot, req.Action, req.Resource, req.Reason)
 }
 
-func (s *AgentServer) request(w http.ResponseWriter, r *http.Request) {
-	var req StepupRequest
-	if err := decode(r, &req); err != nil {
-		refuse(w, http.StatusBadRequest, err)
-		return
-	}
-	slot := selfSlot(r)
-	s.log.Info("step-up request", "slot", slot, "action", req.Action, "resource", req.Resource)
-	stepupResult(w, func() (stepup.Request, error) {
-		return s.svc.RequestStepup(r.Context(), slot, req.Action, req.Resource, req.Reason)
-	})
-}
-
-func (s *AgentServer) requests(w http.ResponseWriter, r *http.Request) {
-	slot := uint32(selfSlot(r))
-	reply(w, http.StatusOK, s.svc.Stepups(&slot))
+func (s *AgentServer) requests(c *request) (any, error) {
+	slot := uint32(c.slot)
+	return s.svc.Stepups(&slot), nil
 }

@@ -15,7 +15,6 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -65,6 +64,8 @@ type Daemon struct {
 	bpfStats    bool // the kernel counts program runs for us
 	webhook     *escalation.Webhook
 	creds       *taskCreds
+	spire       *identity.SPIRE      // the SPIRE agent's admin API, or nil
+	serveErr    chan error           // the control API stopped serving
 	recompile   chan struct{}        // a granted executable changed: compile the grants again soon
 	learn       chan events.Decision // denied execs to check against rules by content (learnContents)
 
@@ -118,17 +119,60 @@ type Options struct {
 }
 
 // Run runs tetherd until ctx is done. Pinned enforcement stays in place when it returns.
+//
+// It starts tetherd in phases, each of which returns what closes it: the kernel side, the
+// pipeline of decision records, the registry with what it acts through (policy, credentials,
+// the kill path), identity discovery, and the sockets it serves. What a phase opened is closed,
+// in reverse order, when Run returns.
 func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
-	d := &Daemon{log: opts.Logger, version: opts.Version, started: time.Now(), reaper: newReaper(), stepups: stepup.New(stepupKeep, nil), recompile: make(chan struct{}, 1), learn: make(chan events.Decision, 64)}
-	defer d.reaper.close()
+	d := &Daemon{log: opts.Logger, version: opts.Version, started: time.Now(), reaper: newReaper(), stepups: stepup.New(stepupKeep, nil),
+		recompile: make(chan struct{}, 1), learn: make(chan events.Decision, 64), serveErr: make(chan error, 1)}
 	d.cfg.Store(cfg)
 	for _, w := range cfg.Warnings {
 		d.log.Warn("configuration", "warning", w)
 	}
-	if err := d.findCgroups(cfg); err != nil {
-		return err
+	var opened closers
+	defer opened.close()
+	opened.add(d.reaper.close)
+	for _, phase := range []func(context.Context, *config.Loaded) (func(), error){
+		d.startKernel, d.startPipeline, d.startRegistry, d.startIdentity, d.startServing,
+	} {
+		closer, err := phase(ctx, cfg)
+		opened.add(closer)
+		if err != nil {
+			return err
+		}
 	}
+	d.log.Info("tetherd ready", "socket", cfg.API.Socket, "agent_socket", cfg.API.AgentSocket, "agents", len(d.registry.List()), "config", cfg.Source)
+	d.lastTick.Store(time.Now().UnixNano())
+	d.ready.Store(true)
+	if opts.Started != nil {
+		opts.Started(d)
+	}
+	return d.loop(ctx)
+}
 
+// closers is what the phases opened, closed last first.
+type closers []func()
+
+// add adds f (nil: nothing).
+func (c *closers) add(f func()) {
+	if f != nil {
+		*c = append(*c, f)
+	}
+}
+
+func (c closers) close() {
+	for i := len(c) - 1; i >= 0; i-- {
+		c[i]()
+	}
+}
+
+// startKernel finds the cgroups, loads the programs and attaches them at the agent parents.
+func (d *Daemon) startKernel(_ context.Context, cfg *config.Loaded) (func(), error) {
+	if err := d.findCgroups(cfg); err != nil {
+		return nil, err
+	}
 	execMode, _ := kernel.ParseExecMode(cfg.BPF.ExecMode)
 	k, err := kernel.Open(kernel.Options{
 		PinDir:             cfg.BPF.PinDir,
@@ -140,16 +184,15 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		Logger:             d.log,
 	})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	d.kern = k
-	defer k.Close()
+	closeKernel := func() { k.Close() }
 	d.logFeatures()
-
 	keep := map[uint64]bool{}
 	for _, p := range d.parents {
 		if err := k.AttachParent(p); err != nil {
-			return err
+			return closeKernel, err
 		}
 		id, _ := cgroups.ID(p)
 		keep[id] = true
@@ -160,49 +203,51 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 	} else if len(gone) > 0 {
 		d.log.Info("detached programs from cgroups no longer configured", "cgroup_ids", gone)
 	}
+	return closeKernel, nil
+}
 
-	var spire *identity.SPIRE
-	if sp := cfg.Identity.SPIRE; sp != nil {
-		if spire, err = identity.DialSPIRE(sp.AdminSocket); err != nil {
-			return err
-		}
-		defer spire.Close()
-	}
-	if d.creds, err = newTaskCreds(cfg.Credentials, nodeName(cfg.Env.Node), spire, d.log); err != nil {
-		return err
-	}
-	if cfg.Credentials.Listen != "" {
-		stop, err := d.serveRelyingParties(ctx, cfg.Credentials.Listen)
-		if err != nil {
-			return err
-		}
-		defer stop()
-	}
-
+// startPipeline sets up what decision records go through: the kernel's ring buffer, the pump,
+// and its sinks (the API's stream, the escalation webhook, the decision log file and collector),
+// and the metrics.
+func (d *Daemon) startPipeline(_ context.Context, cfg *config.Loaded) (func(), error) {
+	var opened closers
 	d.metrics = telemetry.New(d, d.version)
 	if cfg.Telemetry.BPFStats {
 		if stats, err := kernel.EnableStats(); err != nil {
 			d.log.Warn("BPF program statistics stay off (telemetry.bpf_stats)", "error", err)
 		} else {
 			d.bpfStats = true
-			defer stats.Close()
+			opened.add(func() { stats.Close() })
 		}
 	}
+	sinks, closeSinks, err := d.sinks(cfg)
+	opened.add(closeSinks)
+	if err != nil {
+		return opened.close, err
+	}
+	if d.reader, err = d.kern.NewEventReader(); err != nil {
+		return opened.close, err
+	}
+	d.pump = events.NewPump(d.reader, attribution{d}, 8192, d.log, sinks...)
+	mask, _ := events.ParseMask(cfg.DecisionLog.Mask) // checked by config.Load
+	d.pump.SetMask(mask)
+	d.pump.Annotate = d.respond
+	return opened.close, nil
+}
+
+// sinks opens where decision records go besides the pump's own counts.
+func (d *Daemon) sinks(cfg *config.Loaded) ([]events.Sink, func(), error) {
+	var opened closers
 	sink, closeSink, err := decisionSink(cfg.DecisionLog)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
-	defer closeSink()
-	reader, err := k.NewEventReader()
-	if err != nil {
-		return err
-	}
-	d.reader = reader
+	opened.add(closeSink)
 	d.stream = events.NewStream()
 	sinks := []events.Sink{d.stream}
 	if url := cfg.Telemetry.EscalationWebhook; url != "" {
 		d.webhook = escalation.New(escalation.Options{URL: url, BurstDenials: cfg.Telemetry.DenyBurst, BurstWindow: cfg.Telemetry.DenyBurstWindow, Log: d.log})
-		defer d.webhook.Close()
+		opened.add(d.webhook.Close)
 		sinks = append(sinks, d.webhook)
 	}
 	if sink != nil {
@@ -212,29 +257,50 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		o := h.Options()
 		o.Log = d.log
 		if d.httpLog, err = events.NewHTTP(o); err != nil {
-			return err
+			return nil, opened.close, err
 		}
-		defer func() {
+		opened.add(func() {
 			// What is still queued gets a few seconds to reach the collector; the rest is counted.
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
 			if err := d.httpLog.Close(ctx); err != nil {
 				d.log.Warn("decision log collector", "error", err, "stats", d.httpLog.Stats())
 			}
-		}()
+		})
 		sinks = append(sinks, d.httpLog)
 	}
-	d.pump = events.NewPump(reader, attribution{d}, 8192, d.log, sinks...)
-	mask, _ := events.ParseMask(cfg.DecisionLog.Mask) // checked by config.Load
-	d.pump.SetMask(mask)
-	d.pump.Annotate = d.respond
+	return sinks, opened.close, nil
+}
 
+// startRegistry sets up the registry and what it acts through (task credentials, the policy,
+// the kill path), adopts the agents an earlier tetherd left pinned, and starts the pump.
+func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(), error) {
+	var opened closers
+	if sp := cfg.Identity.SPIRE; sp != nil {
+		spire, err := identity.DialSPIRE(sp.AdminSocket)
+		if err != nil {
+			return nil, err
+		}
+		d.spire = spire
+		opened.add(func() { spire.Close() })
+	}
+	var err error
+	if d.creds, err = newTaskCreds(cfg.Credentials, nodeName(cfg.Env.Node), d.spire, d.log); err != nil {
+		return opened.close, err
+	}
+	if cfg.Credentials.Listen != "" {
+		stop, err := d.serveRelyingParties(ctx, cfg.Credentials.Listen)
+		if err != nil {
+			return opened.close, err
+		}
+		opened.add(stop)
+	}
 	d.compileOpts = compile.Options{Files: compile.OS{}, Resolver: dnsResolver(cfg, d.log), UnixNever: sensitiveSockets(cfg), Integrity: compile.NewIntegrity()}
 	if cfg.API.AgentSocket != "" {
 		d.compileOpts.UnixAlways = []string{cfg.API.AgentSocket}
 	}
 	d.registry = agents.New(agents.Options{
-		Dataplane:    k,
+		Dataplane:    d.kern,
 		Evaluator:    d,
 		Compile:      agents.CompileOn(d.compileOpts),
 		Parents:      d.parents,
@@ -246,121 +312,133 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		UIDs:         launchUIDs(cfg),
 		Logger:       d.log,
 	})
-	defer d.registry.Close()
+	opened.add(d.registry.Close)
 	if err := d.startPolicy(ctx, cfg); err != nil {
-		return err
+		return opened.close, err
 	}
-	if d.pol.stop != nil {
-		defer d.pol.stop()
-	}
-	killOpts := killpath.Options{Registry: d.registry, StateFile: cfg.Kill.StateFile, FreezeTimeout: cfg.Kill.FreezeTimeout,
-		Emit: func(e events.Decision) {
-			d.pump.Emit(e)
-			d.metrics.ObserveKill(e)
-		}, Log: d.log}
-	if sp := cfg.Identity.SPIRE; sp != nil && sp.ServerSocket != "" {
-		server, err := identity.DialSPIREServer(sp.ServerSocket)
-		if err != nil {
-			return err
-		}
-		defer server.Close()
-		killOpts.DeleteEntries = server.DeleteEntries
-	}
-	if d.killer, err = killpath.New(killOpts); err != nil {
-		return err
+	opened.add(d.pol.stop)
+	closeKiller, err := d.startKillPath(cfg)
+	opened.add(closeKiller)
+	if err != nil {
+		return opened.close, err
 	}
 	if err := d.registry.Adopt(); err != nil {
 		d.log.Error("adopting pinned agents", "error", err)
 	}
 	d.setAccess(cfg)
 
-	var wg sync.WaitGroup
-	wg.Add(1)
+	pumped := make(chan struct{})
 	go func() {
-		defer wg.Done()
+		defer close(pumped)
 		d.pump.Run(kernel.ErrClosed)
 	}()
-	defer func() {
-		reader.Close()
-		wg.Wait()
-	}()
-
+	opened.add(func() {
+		d.reader.Close()
+		<-pumped
+	})
 	d.killer.Continue(ctx)
 	go d.learnContents(ctx)
-	if d.disc, err = newDiscovery(cfg.Identity, d.root, spire, d.registry, d.pump.Emit, d.log); err != nil {
-		return err
+	return opened.close, nil
+}
+
+// startKillPath sets up the kill path, with SPIRE's server to delete the entries of a killed
+// identity when configured.
+func (d *Daemon) startKillPath(cfg *config.Loaded) (func(), error) {
+	killOpts := killpath.Options{Registry: d.registry, StateFile: cfg.Kill.StateFile, FreezeTimeout: cfg.Kill.FreezeTimeout,
+		Emit: func(e events.Decision) {
+			d.pump.Emit(e)
+			d.metrics.ObserveKill(e)
+		}, Log: d.log}
+	var closer func()
+	if sp := cfg.Identity.SPIRE; sp != nil && sp.ServerSocket != "" {
+		server, err := identity.DialSPIREServer(sp.ServerSocket)
+		if err != nil {
+			return nil, err
+		}
+		closer = func() { server.Close() }
+		killOpts.DeleteEntries = server.DeleteEntries
+	}
+	var err error
+	d.killer, err = killpath.New(killOpts)
+	return closer, err
+}
+
+// startIdentity starts identity discovery: static rules, SPIRE, the Kubernetes pod watch.
+func (d *Daemon) startIdentity(ctx context.Context, cfg *config.Loaded) (func(), error) {
+	var err error
+	if d.disc, err = newDiscovery(cfg.Identity, d.root, d.spire, d.registry, d.pump.Emit, d.log); err != nil {
+		return nil, err
 	}
 	if kc := cfg.Identity.Kubernetes; kc != nil {
 		client, err := identity.KubeClient(kc.Kubeconfig)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if d.disc.k8s, err = identity.NewKubernetes(client, nodeName(kc.NodeName), kc.TrustDomain, d.disc.podDeleted); err != nil {
-			return err
+			return nil, err
 		}
 		d.disc.podSelector, _ = labels.Parse(kc.PodSelector) // checked with the configuration
 		d.disc.selfPod = os.Getenv("POD_UID")                // the DaemonSet passes metadata.uid
 	}
-	if d.disc.enabled() {
-		dctx, stop := context.WithCancel(ctx)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := d.disc.run(dctx, d.parents); err != nil {
-				d.log.Error("identity discovery stopped", "error", err)
-			}
-		}()
-		defer stop()
+	if !d.disc.enabled() {
+		return nil, nil
 	}
+	dctx, stop := context.WithCancel(ctx)
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		if err := d.disc.run(dctx, d.parents); err != nil {
+			d.log.Error("identity discovery stopped", "error", err)
+		}
+	}()
+	return func() { stop(); <-stopped }, nil
+}
 
+// startServing serves the metrics, the control API and the agents' socket.
+func (d *Daemon) startServing(_ context.Context, cfg *config.Loaded) (func(), error) {
+	var opened closers
 	if addr := cfg.Telemetry.MetricsAddress; addr != "" {
 		stop, err := d.metrics.Serve(addr, telemetry.Health{Live: d.live, Ready: d.readiness},
 			func(err error) { d.log.Error("serving metrics", "error", err) })
 		if err != nil {
-			return err
+			return nil, err
 		}
-		defer stop()
+		opened.add(stop)
 		d.log.Info("serving metrics", "address", addr)
 	}
-
 	l, err := api.Listen(cfg.API.Socket, cfg.API.Group)
 	if err != nil {
-		return err
+		return opened.close, err
 	}
 	srv := api.NewServer(d, func() *api.Policy { return d.access.Load() }, d.log)
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(l) }()
-	defer func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		srv.Shutdown(sctx)
-		os.Remove(cfg.API.Socket)
-	}()
+	go func() { d.serveErr <- srv.Serve(l) }()
+	opened.add(func() { shutdown(srv, cfg.API.Socket) })
 	if cfg.API.AgentSocket != "" {
 		al, err := api.Listen(cfg.API.AgentSocket, "")
 		if err != nil {
-			return err
+			return opened.close, err
 		}
 		if err := os.Chmod(cfg.API.AgentSocket, 0o666); err != nil { // whoever connects is checked by cgroup
 			al.Close()
-			return fmt.Errorf("agent socket: %w", err)
+			return opened.close, fmt.Errorf("agent socket: %w", err)
 		}
 		asrv := api.NewAgentServer(d, d.agentOf, d.log)
 		go asrv.Serve(al)
-		defer func() {
-			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			asrv.Shutdown(sctx)
-			os.Remove(cfg.API.AgentSocket)
-		}()
+		opened.add(func() { shutdown(asrv, cfg.API.AgentSocket) })
 	}
-	d.log.Info("tetherd ready", "socket", cfg.API.Socket, "agent_socket", cfg.API.AgentSocket, "agents", len(d.registry.List()), "config", cfg.Source)
-	d.lastTick.Store(time.Now().UnixNano())
-	d.ready.Store(true)
-	if opts.Started != nil {
-		opts.Started(d)
-	}
+	return opened.close, nil
+}
 
+// shutdown stops a socket's server (giving requests in flight 5 s) and removes the socket.
+func shutdown(srv interface{ Shutdown(context.Context) error }, socket string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	srv.Shutdown(ctx)
+	os.Remove(socket)
+}
+
+// loop keeps the kernel in step with the registry until ctx is done or the API fails.
+func (d *Daemon) loop(ctx context.Context) error {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	recheck := time.NewTicker(5 * time.Second)
@@ -370,7 +448,7 @@ func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
 		case <-ctx.Done():
 			d.log.Info("tetherd stopping; pinned enforcement stays in place")
 			return nil
-		case err := <-serveErr:
+		case err := <-d.serveErr:
 			return fmt.Errorf("serving the API: %w", err)
 		case <-tick.C:
 			d.lastTick.Store(time.Now().UnixNano())

@@ -476,12 +476,23 @@ func lineOf(file *ast.File, path string) string {
 }
 
 func (l *Loaded) check() []fieldError {
-	c := &l.Config
 	var errs []fieldError
 	bad := func(path, field, format string, args ...any) {
 		errs = append(errs, fieldError{path, field, fmt.Sprintf(format, args...)})
 	}
+	for _, check := range []func(*Config, badFunc){
+		checkCgroup, checkBPF, checkAPI, checkConfinement, checkIdentity, checkTelemetry, checkKill, checkPolicy, checkResolver,
+	} {
+		check(&l.Config, bad)
+	}
+	return errs
+}
 
+// badFunc records a field's problem: its JSON path, its name, what is wrong.
+type badFunc func(path, field, format string, args ...any)
+
+// checkCgroup checks the cgroups: root, agent parents, launch parent.
+func checkCgroup(c *Config, bad badFunc) {
 	if c.Cgroup.Root != "" && !filepath.IsAbs(c.Cgroup.Root) {
 		bad("$.cgroup.root", "cgroup.root", "%q: must be an absolute path", c.Cgroup.Root)
 	}
@@ -498,6 +509,10 @@ func (l *Loaded) check() []fieldError {
 	}) {
 		bad("$.cgroup.launch_parent", "cgroup.launch_parent", "%q is not an agent parent or below one, so launched agents would not be hooked", c.Cgroup.LaunchParent)
 	}
+}
+
+// checkBPF checks the kernel side.
+func checkBPF(c *Config, bad badFunc) {
 	if !filepath.IsAbs(c.BPF.PinDir) {
 		bad("$.bpf.pin_dir", "bpf.pin_dir", "%q: must be an absolute path", c.BPF.PinDir)
 	}
@@ -514,6 +529,10 @@ func (l *Loaded) check() []fieldError {
 	default:
 		bad("$.bpf.unknown_cgroup", "bpf.unknown_cgroup", "%q: want deny or allow", c.BPF.UnknownCgroup)
 	}
+}
+
+// checkAPI checks the sockets and who may launch.
+func checkAPI(c *Config, bad badFunc) {
 	if s := c.API.AgentSocket; s != "" && (!filepath.IsAbs(s) || len(s) > 107 || s == c.API.Socket) {
 		bad("$.api.agent_socket", "api.agent_socket", "%q: want an absolute path of at most 107 bytes, not the API socket", s)
 	}
@@ -538,6 +557,10 @@ func (l *Loaded) check() []fieldError {
 			}
 		}
 	}
+}
+
+// checkConfinement checks the launcher's sandbox.
+func checkConfinement(c *Config, bad badFunc) {
 	if _, _, err := c.Confinement.UIDRange(); err != nil {
 		bad("$.confinement.uids", "confinement.uids", "%v", err)
 	}
@@ -546,6 +569,10 @@ func (l *Loaded) check() []fieldError {
 			bad(fmt.Sprintf("$.confinement.hide[%d]", i), "confinement.hide", "%q: want an absolute path other than /", h)
 		}
 	}
+}
+
+// checkIdentity checks identity discovery.
+func checkIdentity(c *Config, bad badFunc) {
 	for i, td := range c.Identity.TrustDomains {
 		if _, err := identity.Parse("spiffe://" + td); err != nil || strings.Contains(td, "/") {
 			bad(fmt.Sprintf("$.identity.trust_domains[%d]", i), "identity.trust_domains", "%q: want a trust domain name (example.org)", td)
@@ -596,6 +623,10 @@ func (l *Loaded) check() []fieldError {
 			}
 		}
 	}
+}
+
+// checkTelemetry checks alerts, the decision log and metrics.
+func checkTelemetry(c *Config, bad badFunc) {
 	if u := c.Telemetry.EscalationWebhook; u != "" {
 		if pu, err := url.Parse(u); err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
 			bad("$.telemetry.escalation_webhook", "telemetry.escalation_webhook", "%q: want an http or https URL", u)
@@ -620,6 +651,10 @@ func (l *Loaded) check() []fieldError {
 			bad("$.telemetry.metrics_address", "telemetry.metrics_address", "%q: want host:port", a)
 		}
 	}
+}
+
+// checkKill checks the kill path and task credentials.
+func checkKill(c *Config, bad badFunc) {
 	if !filepath.IsAbs(c.Kill.StateFile) {
 		bad("$.kill.state_file", "kill.state_file", "%q: must be an absolute path", c.Kill.StateFile)
 	}
@@ -640,6 +675,10 @@ func (l *Loaded) check() []fieldError {
 			bad("$.credentials.listen", "credentials.listen", "%q: want host:port", l)
 		}
 	}
+}
+
+// checkPolicy checks the policy source and its clock.
+func checkPolicy(c *Config, bad badFunc) {
 	if c.Policy.Dir != "" && c.Policy.Bundle != nil {
 		bad("$.policy", "policy", "give a dir or a bundle, not both")
 	}
@@ -668,6 +707,10 @@ func (l *Loaded) check() []fieldError {
 	if _, err := time.LoadLocation(c.Policy.Timezone); err != nil {
 		bad("$.policy.timezone", "policy.timezone", "%q: %v", c.Policy.Timezone, err)
 	}
+}
+
+// checkResolver checks the DNS resolver and the log.
+func checkResolver(c *Config, bad badFunc) {
 	if c.DNS.Server != "" {
 		if _, _, err := net.SplitHostPort(c.DNS.Server); err != nil {
 			bad("$.dns.server", "dns.server", "%q: want host:port", c.DNS.Server)
@@ -683,7 +726,6 @@ func (l *Loaded) check() []fieldError {
 	default:
 		bad("$.log.format", "log.format", "%q: want text or json", c.Log.Format)
 	}
-	return errs
 }
 
 // CgroupPath resolves a configured cgroup (relative to root, or absolute) to a directory.

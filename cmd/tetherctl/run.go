@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 
+	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/confine"
 	"github.com/tether-sh/tether/pkg/dataplane"
@@ -103,19 +104,7 @@ func runAgent(c *api.Client, f *runFlags, args []string) error {
 			return err
 		}
 	}
-
-	req := api.RegisterRequest{SpiffeID: f.id, Launch: true, Labels: f.labels, AllowRoot: f.allowRoot, ShareUID: f.shareUID}
-	if cred != nil {
-		req.UID = &cred.Uid
-	}
-	var taskTTL time.Duration
-	if f.task.Type != "" {
-		req.Task = &f.task
-		if taskTTL, err = time.ParseDuration(f.task.TTL); err != nil {
-			return fmt.Errorf("--task-ttl: %w", err)
-		}
-	}
-	agent, err := c.Register(req)
+	agent, taskTTL, err := registerLaunch(c, f, cred)
 	if err != nil {
 		return err
 	}
@@ -124,10 +113,50 @@ func runAgent(c *api.Client, f *runFlags, args []string) error {
 			fmt.Fprintf(os.Stderr, "tetherctl: removing agent %d: %v (tetherd removes it once it sees it ended)\n", agent.Slot, err)
 		}
 	}
-	plan, err := c.Confinement(agent.Slot, f.keepCaps)
+	plan, err := launchPlan(c, f, agent, cred)
 	if err != nil {
 		unregister()
-		return fmt.Errorf("confinement of agent %d: %w", agent.Slot, err)
+		return err
+	}
+	stopHeartbeats := make(chan struct{})
+	defer close(stopHeartbeats)
+	env, err := agentEnv(c, agent, taskTTL, stopHeartbeats)
+	if err != nil {
+		unregister()
+		return err
+	}
+	waitErr, err := startAndWait(c, agent.Slot, plan, env, path, args)
+	unregister()
+	if err != nil {
+		return err
+	}
+	return exitStatus(args[0], waitErr)
+}
+
+// registerLaunch registers the agent to launch, with its task if --task-type names one.
+func registerLaunch(c *api.Client, f *runFlags, cred *syscall.Credential) (agents.Agent, time.Duration, error) {
+	req := api.RegisterRequest{SpiffeID: f.id, Launch: true, Labels: f.labels, AllowRoot: f.allowRoot, ShareUID: f.shareUID}
+	if cred != nil {
+		req.UID = &cred.Uid
+	}
+	var taskTTL time.Duration
+	if f.task.Type != "" {
+		req.Task = &f.task
+		var err error
+		if taskTTL, err = time.ParseDuration(f.task.TTL); err != nil {
+			return agents.Agent{}, 0, fmt.Errorf("--task-ttl: %w", err)
+		}
+	}
+	agent, err := c.Register(req)
+	return agent, taskTTL, err
+}
+
+// launchPlan asks tetherd how to confine the agent, and says what root can still do when it
+// runs as root.
+func launchPlan(c *api.Client, f *runFlags, agent agents.Agent, cred *syscall.Credential) (confine.Plan, error) {
+	plan, err := c.Confinement(agent.Slot, f.keepCaps)
+	if err != nil {
+		return plan, fmt.Errorf("confinement of agent %d: %w", agent.Slot, err)
 	}
 	if cred != nil && plan.UID == cred.Uid {
 		plan.GID, plan.Groups = cred.Gid, cred.Groups
@@ -138,41 +167,45 @@ func runAgent(c *api.Client, f *runFlags, args []string) error {
 			fmt.Fprintf(os.Stderr, "  - %s\n", what)
 		}
 	}
+	return plan, nil
+}
 
-	// The caller's environment, and tether's variables (set here, not inherited).
+// agentEnv is COMMAND's environment: the caller's, and tether's variables (set here, not
+// inherited). With a task it starts the heartbeats that renew it, until stop is closed.
+func agentEnv(c *api.Client, agent agents.Agent, taskTTL time.Duration, stop chan struct{}) ([]string, error) {
 	env := slices.DeleteFunc(os.Environ(), func(kv string) bool {
 		name, _, _ := strings.Cut(kv, "=")
 		return slices.Contains([]string{"TETHER_SPIFFE_ID", "TETHER_AGENT_SLOT", "TETHER_TASK_ID", "TETHER_TASK_CREDENTIAL_FILE"}, name)
 	})
 	env = append(env, "TETHER_SPIFFE_ID="+agent.SpiffeID, "TETHER_AGENT_SLOT="+strconv.Itoa(int(agent.Slot)))
-	stopHeartbeats := make(chan struct{})
-	defer close(stopHeartbeats)
 	if agent.Task != nil {
 		// The task's credential is in a file only COMMAND's uid can read; it renews only while
 		// this launcher sends heartbeats (or the agent renews it itself, presenting it).
 		taskCred, err := c.TaskCredential(agent.Slot)
 		if err != nil {
-			unregister()
-			return fmt.Errorf("task credential: %w", err)
+			return nil, fmt.Errorf("task credential: %w", err)
 		}
 		env = append(env, "TETHER_TASK_ID="+agent.Task.ID, "TETHER_TASK_CREDENTIAL_FILE="+taskCred.File)
-		go supervise(c, agent.Slot, taskCred, taskTTL, stopHeartbeats)
+		go supervise(c, agent.Slot, taskCred, taskTTL, stop)
 	}
+	return env, nil
+}
 
-	// tetherctl again, as the process that confines itself and becomes COMMAND (or, confined,
-	// the init of COMMAND's PID namespace); the plan comes on descriptor 3.
+// startAndWait starts tetherctl again, as the process that confines itself and becomes COMMAND
+// (or, confined, the init of COMMAND's PID namespace), hands it the plan on descriptor 3,
+// forwards signals to it, and waits for it and for the last refusals its filter reported. It
+// returns how COMMAND ended, or why it could not start.
+func startAndWait(c *api.Client, slot dataplane.Slot, plan confine.Plan, env []string, path string, args []string) (ended, err error) {
 	planR, planW, err := os.Pipe()
 	if err != nil {
-		unregister()
-		return err
+		return nil, err
 	}
 	// Descriptor 4: where the stage passes the listener of its seccomp filter's notifications.
 	refusalsOurs, refusalsTheirs, err := socketPair()
 	if err != nil {
 		planR.Close()
 		planW.Close()
-		unregister()
-		return err
+		return nil, err
 	}
 	defer refusalsOurs.Close()
 	supervised := make(chan struct{})
@@ -193,22 +226,20 @@ func runAgent(c *api.Client, f *runFlags, args []string) error {
 	err = cmd.Start()
 	planR.Close()
 	refusalsTheirs.Close()
-	if err == nil {
-		if plan.Confined() {
-			go superviseFilter(c, agent.Slot, refusalsOurs, supervised)
-		} else {
-			close(supervised)
-		}
-		// A plan can be larger than a pipe holds: written while the stage reads it.
-		go func() {
-			json.NewEncoder(planW).Encode(plan)
-			planW.Close()
-		}()
-	} else {
+	if err != nil {
 		planW.Close()
-		unregister()
-		return fmt.Errorf("starting %s: %w", args[0], err)
+		return nil, fmt.Errorf("starting %s: %w", args[0], err)
 	}
+	if plan.Confined() {
+		go superviseFilter(c, slot, refusalsOurs, supervised)
+	} else {
+		close(supervised)
+	}
+	// A plan can be larger than a pipe holds: written while the stage reads it.
+	go func() {
+		json.NewEncoder(planW).Encode(plan)
+		planW.Close()
+	}()
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
 	var waitErr error
@@ -227,15 +258,19 @@ func runAgent(c *api.Client, f *runFlags, args []string) error {
 	case <-supervised:
 	case <-time.After(5 * time.Second):
 	}
-	unregister()
+	return waitErr, nil
+}
 
+// exitStatus is tetherctl run's answer for how COMMAND (named name) ended: its exit code, or
+// 128 + the signal that ended it.
+func exitStatus(name string, waitErr error) error {
 	var ee *exec.ExitError
 	switch {
 	case waitErr == nil:
 		return nil
 	case errors.As(waitErr, &ee):
 		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			fmt.Fprintf(os.Stderr, "tetherctl: %s ended by signal %v\n", args[0], ws.Signal())
+			fmt.Fprintf(os.Stderr, "tetherctl: %s ended by signal %v\n", name, ws.Signal())
 			return exitCode(128 + int(ws.Signal()))
 		}
 		return exitCode(ee.ExitCode())

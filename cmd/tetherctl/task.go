@@ -11,6 +11,12 @@ import (
 
 func newTask(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "task", Short: "Start, renew and end an agent's task, and approve a step-up for it"}
+	cmd.AddCommand(newTaskStart(g), newTaskRenew(g), newTaskEnd(g), newTaskApprove(g), newTaskHandoff(g))
+	return cmd
+}
+
+// newTaskStart is `tetherctl task start`.
+func newTaskStart(g *globals) *cobra.Command {
 	var req api.TaskRequest
 	start := &cobra.Command{
 		Use:   "start SLOT|SPIFFE_ID --type TYPE [--sensitivity S] [--ttl D]",
@@ -27,7 +33,11 @@ func newTask(g *globals) *cobra.Command {
 	start.Flags().StringVar(&req.TTL, "ttl", "1h", "the task ends unless renewed within this")
 	start.Flags().StringVar(&req.ID, "id", "", "task id (default: made up)")
 	start.MarkFlagRequired("type")
+	return start
+}
 
+// newTaskRenew is `tetherctl task renew`.
+func newTaskRenew(g *globals) *cobra.Command {
 	var ttl string
 	renew := &cobra.Command{
 		Use:   "renew SLOT|SPIFFE_ID [--ttl D]",
@@ -40,7 +50,11 @@ func newTask(g *globals) *cobra.Command {
 		},
 	}
 	renew.Flags().StringVar(&ttl, "ttl", "1h", "the new remaining lifetime")
+	return renew
+}
 
+// newTaskEnd is `tetherctl task end`.
+func newTaskEnd(g *globals) *cobra.Command {
 	end := &cobra.Command{
 		Use:   "end SLOT|SPIFFE_ID",
 		Short: "End the agent's task: its grants are evaluated without it",
@@ -51,7 +65,11 @@ func newTask(g *globals) *cobra.Command {
 			})
 		},
 	}
+	return end
+}
 
+// newTaskApprove is `tetherctl task approve`.
+func newTaskApprove(g *globals) *cobra.Command {
 	var ap api.ApprovalRequest
 	approve := &cobra.Command{
 		Use:   "approve SLOT|SPIFFE_ID --action A --resource R [--ttl D]",
@@ -69,7 +87,11 @@ func newTask(g *globals) *cobra.Command {
 	approve.Flags().Int64Var(&ap.Uses, "uses", 0, "how many connects it allows, counted by the kernel (0: until it expires)")
 	approve.MarkFlagRequired("action")
 	approve.MarkFlagRequired("resource")
+	return approve
+}
 
+// newTaskHandoff is `tetherctl task handoff`.
+func newTaskHandoff(g *globals) *cobra.Command {
 	var ho api.HandoffRequest
 	var hoCred string
 	handoff := &cobra.Command{
@@ -107,9 +129,7 @@ credential proves the sender's task; the receiver gets a credential of its own.`
 	handoff.Flags().StringVarP(&g.output, "output", "o", "text", "output format: text or json")
 	handoff.MarkFlagRequired("to")
 	handoff.MarkFlagRequired("credential")
-
-	cmd.AddCommand(start, renew, end, approve, handoff)
-	return cmd
+	return handoff
 }
 
 func taskLine(a agents.Agent) string {

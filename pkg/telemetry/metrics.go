@@ -264,15 +264,27 @@ func kindOf(k string) string {
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	e := emitter{ch}
 	st := c.src.Status()
 	list := c.src.Agents()
-	counter := func(d *prometheus.Desc, v uint64) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v))
-	}
-	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
-	}
+	c.collectAgents(e, list)
+	c.collectKernel(e, len(list))
+	collectStatus(e, st)
+}
 
+// emitter sends constant metrics to a collection.
+type emitter struct{ ch chan<- prometheus.Metric }
+
+func (e emitter) counter(d *prometheus.Desc, v uint64, labels ...string) {
+	e.ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+}
+
+func (e emitter) gauge(d *prometheus.Desc, v float64, labels ...string) {
+	e.ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+}
+
+// collectAgents collects the agents, killed agents and tasks, and the decisions per agent.
+func (c *collector) collectAgents(e emitter, list []agents.Agent) {
 	c.mu.Lock()
 	now := map[slotKey]dataplaneCounts{}
 	killed, tasks := 0, 0
@@ -288,75 +300,83 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	c.seen = now
 	for k, n := range c.totals {
-		ch <- prometheus.MustNewConstMetric(descDecisions, prometheus.CounterValue, float64(n), k.kind, k.verdict, k.id)
+		e.counter(descDecisions, n, k.kind, k.verdict, k.id)
 	}
 	c.mu.Unlock()
 
-	gauge(descAgents, float64(len(list)))
-	gauge(descKilled, float64(killed))
-	gauge(descTasks, float64(tasks))
+	e.gauge(descAgents, float64(len(list)))
+	e.gauge(descKilled, float64(killed))
+	e.gauge(descTasks, float64(tasks))
+}
+
+// collectKernel collects the maps' fill and memory and the programs' statistics.
+func (c *collector) collectKernel(e emitter, agentCount int) {
 	ks := c.src.KernelStats()
-	fill := map[string]dataplane.MapFill{"agents": {Entries: len(list), Capacity: dataplane.MaxAgents}}
+	fill := map[string]dataplane.MapFill{"agents": {Entries: agentCount, Capacity: dataplane.MaxAgents}}
 	for m, f := range ks.Fill {
 		fill[m] = f
 	}
 	for m, f := range fill {
-		ch <- prometheus.MustNewConstMetric(descFill, prometheus.GaugeValue, f.Ratio(), m)
-		ch <- prometheus.MustNewConstMetric(descEntries, prometheus.GaugeValue, float64(f.Entries), m)
+		e.gauge(descFill, f.Ratio(), m)
+		e.gauge(descEntries, float64(f.Entries), m)
 	}
 	if mem := ks.Memory; mem != nil {
 		for m, n := range mem.Maps {
-			gauge(descMemory, float64(n), m)
+			e.gauge(descMemory, float64(n), m)
 		}
-		gauge(descMemory, float64(mem.Total), "total")
-		gauge(descMemSlot, float64(mem.PerSlot))
-		gauge(descMemRules, float64(mem.PerAgentRules))
+		e.gauge(descMemory, float64(mem.Total), "total")
+		e.gauge(descMemSlot, float64(mem.PerSlot))
+		e.gauge(descMemRules, float64(mem.PerAgentRules))
 	}
 	on := 0.0
 	if ks.StatsEnabled {
 		on = 1
 	}
-	gauge(descStatsOn, on)
+	e.gauge(descStatsOn, on)
 	for p, st := range ks.Programs {
-		ch <- prometheus.MustNewConstMetric(descProgRuns, prometheus.CounterValue, float64(st.Runs), p)
-		ch <- prometheus.MustNewConstMetric(descProgTime, prometheus.CounterValue, st.Time.Seconds(), p)
-		ch <- prometheus.MustNewConstMetric(descProgMiss, prometheus.CounterValue, float64(st.RecursionMisses), p)
+		e.counter(descProgRuns, st.Runs, p)
+		e.ch <- prometheus.MustNewConstMetric(descProgTime, prometheus.CounterValue, st.Time.Seconds(), p)
+		e.counter(descProgMiss, st.RecursionMisses, p)
 	}
 	if ks.Err != nil {
 		c.statsErrs.Add(1)
 	}
-	counter(descStatsErr, c.statsErrs.Load())
-	counter(descEvals, st.Registry.Evaluations)
-	counter(descEvalErrs, st.Registry.EvalErrors)
-	counter(descRefused, st.Policy.Refused)
-	counter(descRefRules, st.Registry.RefusedRules)
-	counter(descInstalls, st.Registry.Installs)
-	counter(descMapFail, st.Registry.MapWriteFailures)
-	counter(descMapRetry, st.Registry.MapWriteRetries)
+	e.counter(descStatsErr, c.statsErrs.Load())
+}
+
+// collectStatus collects the counters of tetherd's stages.
+func collectStatus(e emitter, st api.Status) {
+	e.counter(descEvals, st.Registry.Evaluations)
+	e.counter(descEvalErrs, st.Registry.EvalErrors)
+	e.counter(descRefused, st.Policy.Refused)
+	e.counter(descRefRules, st.Registry.RefusedRules)
+	e.counter(descInstalls, st.Registry.Installs)
+	e.counter(descMapFail, st.Registry.MapWriteFailures)
+	e.counter(descMapRetry, st.Registry.MapWriteRetries)
 	for b, n := range panics.Counts() {
-		ch <- prometheus.MustNewConstMetric(descPanics, prometheus.CounterValue, float64(n), b)
+		e.counter(descPanics, n, b)
 	}
-	counter(descRBLost, st.Kernel.RingBufferDrops)
-	counter(descEvRead, st.Events.Read)
-	counter(descEvWrite, st.Events.Written)
-	counter(descOwnDrop, st.Events.RecordsDropped)
-	counter(descLostStart, st.Events.LostAtStart)
+	e.counter(descRBLost, st.Kernel.RingBufferDrops)
+	e.counter(descEvRead, st.Events.Read)
+	e.counter(descEvWrite, st.Events.Written)
+	e.counter(descOwnDrop, st.Events.RecordsDropped)
+	e.counter(descLostStart, st.Events.LostAtStart)
 	if h := st.DecisionLogHTTP; h != nil {
-		ch <- prometheus.MustNewConstMetric(descHTTPLog, prometheus.CounterValue, float64(h.Sent), "sent")
-		ch <- prometheus.MustNewConstMetric(descHTTPLog, prometheus.CounterValue, float64(h.Dropped), "dropped")
-		counter(descHTTPRetry, h.Retries)
+		e.counter(descHTTPLog, h.Sent, "sent")
+		e.counter(descHTTPLog, h.Dropped, "dropped")
+		e.counter(descHTTPRetry, h.Retries)
 	}
-	counter(descEvDecode, st.Events.DecodeErrors)
-	counter(descSinkErrs, st.Events.SinkErrors)
-	counter(descSignalErr, st.Kernel.SignalErrors)
-	counter(descIDLost, st.Identity.Lost)
-	counter(descEscSent, st.Escalation.Sent)
-	counter(descEscDrop, st.Escalation.Dropped)
-	counter(descSweeps, st.Sockets.Sweeps.Sweeps)
-	counter(descTermed, st.Sockets.Sweeps.Terminated)
-	counter(descSweepErr, st.Sockets.Sweeps.Errors)
-	gauge(descSweepLast, st.Sockets.Sweeps.Last.Seconds())
-	counter(descSockStore, st.Kernel.SockStorageErrors)
+	e.counter(descEvDecode, st.Events.DecodeErrors)
+	e.counter(descSinkErrs, st.Events.SinkErrors)
+	e.counter(descSignalErr, st.Kernel.SignalErrors)
+	e.counter(descIDLost, st.Identity.Lost)
+	e.counter(descEscSent, st.Escalation.Sent)
+	e.counter(descEscDrop, st.Escalation.Dropped)
+	e.counter(descSweeps, st.Sockets.Sweeps.Sweeps)
+	e.counter(descTermed, st.Sockets.Sweeps.Terminated)
+	e.counter(descSweepErr, st.Sockets.Sweeps.Errors)
+	e.gauge(descSweepLast, st.Sockets.Sweeps.Last.Seconds())
+	e.counter(descSockStore, st.Kernel.SockStorageErrors)
 }
 
 // fold adds what a counted since it was last seen to the totals and returns its counts. Call

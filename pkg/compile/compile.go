@@ -187,6 +187,26 @@ type prefixRule struct {
 
 // egress appends the prefix rules of e to out.
 func (c *compiler) egress(ctx context.Context, where string, e grants.Egress, out []prefixRule) []prefixRule {
+	prefixes := c.destinations(ctx, where, e)
+	if prefixes == nil {
+		return out
+	}
+	rule, ports, ok := c.portRule(where, e)
+	if !ok {
+		return out
+	}
+	for _, p := range prefixes {
+		for _, r := range ports {
+			rule.Lo, rule.Hi = r.Lo, r.Hi
+			out = append(out, prefixRule{p, rule})
+		}
+	}
+	return out
+}
+
+// destinations are the prefixes an egress grant names (cidr, cidrs, or the addresses its fqdn
+// resolves to), or nil with the grant refused.
+func (c *compiler) destinations(ctx context.Context, where string, e grants.Egress) []netip.Prefix {
 	var prefixes []netip.Prefix
 	named := 0
 	for _, set := range []bool{e.CIDR != "", e.CIDRs != nil, e.FQDN != ""} {
@@ -197,25 +217,20 @@ func (c *compiler) egress(ctx context.Context, where string, e grants.Egress, ou
 	switch {
 	case named > 1:
 		c.refuse(where, "names more than one of cidr, cidrs and fqdn")
-		return out
+		return nil
 	case e.FQDN != "":
 		prefixes = c.resolve(ctx, where, e.FQDN)
-		if prefixes == nil {
-			return out
-		}
 	case e.CIDR != "":
 		p, err := parsePrefix(e.CIDR)
 		if err != nil {
 			c.refuse(where, "%v", err)
-			return out
+			return nil
 		}
-		var one [1]netip.Prefix
-		one[0] = p
-		prefixes = one[:]
+		prefixes = []netip.Prefix{p}
 	case e.CIDRs != nil:
 		if len(e.CIDRs) == 0 {
 			c.refuse(where, "cidrs is empty")
-			return out
+			return nil
 		}
 		// A malformed prefix is refused on its own; the others stand.
 		for i, s := range e.CIDRs {
@@ -226,16 +241,19 @@ func (c *compiler) egress(ctx context.Context, where string, e grants.Egress, ou
 			}
 			prefixes = append(prefixes, p)
 		}
-		if prefixes == nil {
-			return out
-		}
 	default:
 		c.refuse(where, "needs a cidr, cidrs or an fqdn")
-		return out
+		return nil
 	}
+	return prefixes
+}
+
+// portRule is the rule an egress grant gives each of its destinations (all but the port range)
+// and its port ranges, or false with the grant refused.
+func (c *compiler) portRule(where string, e grants.Egress) (dataplane.PortRule, []grants.PortRange, bool) {
 	proto, ok := c.protocol(where, e.Protocol)
 	if !ok {
-		return out
+		return dataplane.PortRule{}, nil, false
 	}
 	var bin dataplane.FileID
 	if e.Binary != "" {
@@ -243,14 +261,14 @@ func (c *compiler) egress(ctx context.Context, where string, e grants.Egress, ou
 		var ok bool
 		st, ok := c.file(where+": binary", e.Binary)
 		if !ok {
-			return out
+			return dataplane.PortRule{}, nil, false
 		}
 		bin = st.ID
 	}
 	ports := e.Ports
 	if ports != nil && len(ports) == 0 {
 		c.refuse(where, "ports is empty: omit ports to allow every port")
-		return out
+		return dataplane.PortRule{}, nil, false
 	}
 	if len(ports) == 0 {
 		ports = allPorts
@@ -258,28 +276,23 @@ func (c *compiler) egress(ctx context.Context, where string, e grants.Egress, ou
 	for _, r := range ports {
 		if r.Lo > r.Hi {
 			c.refuse(where, "port range %d-%d: start is above end", r.Lo, r.Hi)
-			return out
+			return dataplane.PortRule{}, nil, false
 		}
 	}
 	if e.Approval != "" && (e.Grant == 0 || e.Audit) {
 		c.refuse(where, "holds by approval %q, which is not in force as a counted grant (or the rule is an audit rule, which allows nothing to count)", e.Approval)
-		return out
+		return dataplane.PortRule{}, nil, false
 	}
 	var maxDur time.Duration
 	if e.MaxDuration != "" {
 		d, err := time.ParseDuration(e.MaxDuration)
 		if err != nil || d < time.Millisecond || d > dataplane.MaxRuleDuration || d%time.Millisecond != 0 {
 			c.refuse(where, "max_duration %q: want a duration of whole milliseconds from 1ms to %s, such as \"30m\"", e.MaxDuration, dataplane.MaxRuleDuration)
-			return out
+			return dataplane.PortRule{}, nil, false
 		}
 		maxDur = d
 	}
-	for _, p := range prefixes {
-		for _, r := range ports {
-			out = append(out, prefixRule{p, dataplane.PortRule{Proto: proto, Lo: r.Lo, Hi: r.Hi, Binary: bin, Audit: e.Audit, Grant: e.Grant, MaxDuration: maxDur}})
-		}
-	}
-	return out
+	return dataplane.PortRule{Proto: proto, Binary: bin, Audit: e.Audit, Grant: e.Grant, MaxDuration: maxDur}, ports, true
 }
 
 // dnsFloor and dnsCeiling bound how soon and how late a resolved name is resolved again. An

@@ -28,60 +28,16 @@ func decodeGrants(v ast.Value) (grants.Grants, error) {
 			d.array(v, func(v ast.Value) { g.Egress = append(g.Egress, d.egress(v)) })
 		case "exec":
 			g.Exec = alloc[grants.Exec](v)
-			d.array(v, func(v ast.Value) {
-				var e grants.Exec
-				d.object(v, func(k string, v ast.Value) {
-					switch k {
-					case "path":
-						e.Path = d.str(v)
-					case "sha256":
-						e.SHA256 = d.str(v)
-					case "audit":
-						e.Audit = d.bool(v)
-					default:
-						d.unknown()
-					}
-				})
-				g.Exec = append(g.Exec, e)
-			})
+			d.array(v, func(v ast.Value) { g.Exec = append(g.Exec, d.exec(v)) })
 		case "exec_deny":
 			g.ExecDeny = alloc[string](v)
 			d.array(v, func(v ast.Value) { g.ExecDeny = append(g.ExecDeny, d.str(v)) })
 		case "unix":
 			g.Unix = alloc[grants.Unix](v)
-			d.array(v, func(v ast.Value) {
-				var u grants.Unix
-				d.object(v, func(k string, v ast.Value) {
-					switch k {
-					case "path":
-						u.Path = d.str(v)
-					case "audit":
-						u.Audit = d.bool(v)
-					default:
-						d.unknown()
-					}
-				})
-				g.Unix = append(g.Unix, u)
-			})
+			d.array(v, func(v ast.Value) { g.Unix = append(g.Unix, d.unix(v)) })
 		case "listen":
 			g.Listen = alloc[grants.Listen](v)
-			d.array(v, func(v ast.Value) {
-				var l grants.Listen
-				d.object(v, func(k string, v ast.Value) {
-					switch k {
-					case "ports":
-						l.Ports = alloc[grants.PortRange](v)
-						d.array(v, func(v ast.Value) { l.Ports = append(l.Ports, d.port(v)) })
-					case "protocol":
-						l.Protocol = d.str(v)
-					case "audit":
-						l.Audit = d.bool(v)
-					default:
-						d.unknown()
-					}
-				})
-				g.Listen = append(g.Listen, l)
-			})
+			d.array(v, func(v ast.Value) { g.Listen = append(g.Listen, d.listen(v)) })
 		case "sandbox":
 			g.Sandbox = d.str(v)
 		case "max_lifetime":
@@ -104,6 +60,59 @@ func decodeGrants(v ast.Value) (grants.Grants, error) {
 		return grants.Grants{}, d.err
 	}
 	return g, nil
+}
+
+// exec decodes an exec grant.
+func (d *decoder) exec(v ast.Value) grants.Exec {
+	var e grants.Exec
+	d.object(v, func(k string, v ast.Value) {
+		switch k {
+		case "path":
+			e.Path = d.str(v)
+		case "sha256":
+			e.SHA256 = d.str(v)
+		case "audit":
+			e.Audit = d.bool(v)
+		default:
+			d.unknown()
+		}
+	})
+	return e
+}
+
+// unix decodes a unix socket grant.
+func (d *decoder) unix(v ast.Value) grants.Unix {
+	var u grants.Unix
+	d.object(v, func(k string, v ast.Value) {
+		switch k {
+		case "path":
+			u.Path = d.str(v)
+		case "audit":
+			u.Audit = d.bool(v)
+		default:
+			d.unknown()
+		}
+	})
+	return u
+}
+
+// listen decodes a listen grant.
+func (d *decoder) listen(v ast.Value) grants.Listen {
+	var l grants.Listen
+	d.object(v, func(k string, v ast.Value) {
+		switch k {
+		case "ports":
+			l.Ports = alloc[grants.PortRange](v)
+			d.array(v, func(v ast.Value) { l.Ports = append(l.Ports, d.port(v)) })
+		case "protocol":
+			l.Protocol = d.str(v)
+		case "audit":
+			l.Audit = d.bool(v)
+		default:
+			d.unknown()
+		}
+	})
+	return l
 }
 
 func isNull(v ast.Value) bool {

@@ -193,37 +193,9 @@ func checkRingBufferSize(n uint32) error {
 var replaceableMaps = map[string]bool{bpfMapTetherEvents: true, bpfMapTetherSlotCache: true}
 
 func (k *Kernel) load() error {
-	spec, err := loadBpf()
+	spec, err := k.spec()
 	if err != nil {
-		return fmt.Errorf("reading embedded BPF objects: %w", err)
-	}
-	sets := map[string]any{
-		bpfVarTetherAllowSample:        k.opts.AllowSample,
-		bpfVarTetherUnknownCgroupAllow: boolByte(k.opts.UnknownCgroupAllow),
-		bpfVarTetherExecSignal:         boolByte(k.features.ExecMode == ExecSignal),
-	}
-	for name, v := range sets {
-		if err := spec.Variables[name].Set(v); err != nil {
-			return fmt.Errorf("setting %s: %w", name, err)
-		}
-	}
-	spec.Maps[bpfMapTetherEvents].MaxEntries = k.opts.RingBufferSize
-	for name := range spec.Programs {
-		if !k.features.wantProgram(name) {
-			delete(spec.Programs, name)
-		}
-	}
-	if err := k.checkLayout(spec); err != nil {
 		return err
-	}
-	for name, m := range spec.Maps {
-		if !strings.HasPrefix(name, "tether_") || name == bpfMapTetherSweep || name == bpfMapTetherSweepShard {
-			continue // .rodata and the sweep's slots belong to this load of the programs
-		}
-		m.Pinning = ebpf.PinByName
-		if err := k.checkPinned(m); err != nil {
-			return err
-		}
 	}
 	k.innerSpec = spec.Maps[bpfMapTetherRulesets].InnerMap.Copy()
 
@@ -238,23 +210,7 @@ func (k *Kernel) load() error {
 		return fmt.Errorf("loading BPF programs: %w", err)
 	}
 	k.coll = coll
-	k.cgroups = coll.Maps[bpfMapTetherCgroups]
-	k.agents = coll.Maps[bpfMapTetherAgents]
-	k.rulesets = coll.Maps[bpfMapTetherRulesets]
-	k.hosts = coll.Maps[bpfMapTetherHosts]
-	k.procs = coll.Maps[bpfMapTetherProcs]
-	k.events = coll.Maps[bpfMapTetherEvents]
-	k.counters = coll.Maps[bpfMapTetherCounters]
-	k.settled = coll.Maps[bpfMapTetherSettled]
-	k.agentCounters = coll.Maps[bpfMapTetherAgentCounters]
-	k.agentAllows = coll.Maps[bpfMapTetherAgentAllows]
-	k.slotCache = coll.Maps[bpfMapTetherSlotCache]
-	k.agentInfo = coll.Maps[bpfMapTetherAgentInfo]
-	k.grants = coll.Maps[bpfMapTetherGrantUses]
-	k.config = coll.Maps[bpfMapTetherConfig]
-	k.sweepMap = coll.Maps[bpfMapTetherSweep]
-	k.sweepShard = coll.Maps[bpfMapTetherSweepShard]
-	k.parentsMap = coll.Maps[bpfMapTetherParents]
+	k.takeMaps(coll)
 	if k.graceMap, err = ebpf.NewMap(k.innerSpec); err != nil {
 		return fmt.Errorf("creating the grace-period trie: %w", err)
 	}
@@ -275,6 +231,65 @@ func (k *Kernel) load() error {
 	// Whatever a cache of an earlier load holds is from before this process: start a new
 	// generation.
 	return k.bindingsChanged()
+}
+
+// spec is the embedded collection as this kernel and configuration load it: the knobs set, the
+// programs this kernel runs, the maps pinned (each checked against what is pinned already).
+func (k *Kernel) spec() (*ebpf.CollectionSpec, error) {
+	spec, err := loadBpf()
+	if err != nil {
+		return nil, fmt.Errorf("reading embedded BPF objects: %w", err)
+	}
+	sets := map[string]any{
+		bpfVarTetherAllowSample:        k.opts.AllowSample,
+		bpfVarTetherUnknownCgroupAllow: boolByte(k.opts.UnknownCgroupAllow),
+		bpfVarTetherExecSignal:         boolByte(k.features.ExecMode == ExecSignal),
+	}
+	for name, v := range sets {
+		if err := spec.Variables[name].Set(v); err != nil {
+			return nil, fmt.Errorf("setting %s: %w", name, err)
+		}
+	}
+	spec.Maps[bpfMapTetherEvents].MaxEntries = k.opts.RingBufferSize
+	for name := range spec.Programs {
+		if !k.features.wantProgram(name) {
+			delete(spec.Programs, name)
+		}
+	}
+	if err := k.checkLayout(spec); err != nil {
+		return nil, err
+	}
+	for name, m := range spec.Maps {
+		if !strings.HasPrefix(name, "tether_") || name == bpfMapTetherSweep || name == bpfMapTetherSweepShard {
+			continue // .rodata and the sweep's slots belong to this load of the programs
+		}
+		m.Pinning = ebpf.PinByName
+		if err := k.checkPinned(m); err != nil {
+			return nil, err
+		}
+	}
+	return spec, nil
+}
+
+// takeMaps keeps the maps of coll that tetherd reads and writes.
+func (k *Kernel) takeMaps(coll *ebpf.Collection) {
+	k.cgroups = coll.Maps[bpfMapTetherCgroups]
+	k.agents = coll.Maps[bpfMapTetherAgents]
+	k.rulesets = coll.Maps[bpfMapTetherRulesets]
+	k.hosts = coll.Maps[bpfMapTetherHosts]
+	k.procs = coll.Maps[bpfMapTetherProcs]
+	k.events = coll.Maps[bpfMapTetherEvents]
+	k.counters = coll.Maps[bpfMapTetherCounters]
+	k.settled = coll.Maps[bpfMapTetherSettled]
+	k.agentCounters = coll.Maps[bpfMapTetherAgentCounters]
+	k.agentAllows = coll.Maps[bpfMapTetherAgentAllows]
+	k.slotCache = coll.Maps[bpfMapTetherSlotCache]
+	k.agentInfo = coll.Maps[bpfMapTetherAgentInfo]
+	k.grants = coll.Maps[bpfMapTetherGrantUses]
+	k.config = coll.Maps[bpfMapTetherConfig]
+	k.sweepMap = coll.Maps[bpfMapTetherSweep]
+	k.sweepShard = coll.Maps[bpfMapTetherSweepShard]
+	k.parentsMap = coll.Maps[bpfMapTetherParents]
 }
 
 // checkPinned refuses to start on a pinned map this build cannot use (its state would be lost),

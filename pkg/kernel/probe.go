@@ -112,9 +112,18 @@ func probe(want ExecMode, log *slog.Logger) Features {
 		}
 		f.Hooks = append(f.Hooks, hook)
 	}
-
 	f.ActiveLSMs, _ = activeLSMs()
 	lsmErr := probeLSM()
+	f.probeExec(want, lsmErr)
+	f.probeLSMHooks(lsmErr)
+	f.probeSockets()
+	log.Info("probed kernel", "exec_mode", f.ExecMode, "exec_reason", f.ExecReason, "active_lsms", f.ActiveLSMs, "sock_destroy", f.SockDestroy)
+	return f
+}
+
+// probeExec decides how exec is enforced: BPF LSM where it runs (lsmErr: why it cannot be
+// attached), else SIGKILL from the exec tracepoint, unless the configuration (want) says.
+func (f *Features) probeExec(want ExecMode, lsmErr error) {
 	switch {
 	case lsmErr != nil:
 		f.ExecReason = fmt.Sprintf("BPF LSM programs cannot be attached: %v", lsmErr)
@@ -124,7 +133,6 @@ func probe(want ExecMode, log *slog.Logger) Features {
 		f.LSMUsable = true
 		f.ExecReason = "BPF LSM is active"
 	}
-
 	switch {
 	case want == ExecOff:
 		f.ExecMode, f.ExecReason = ExecOff, "exec enforcement is turned off by configuration"
@@ -143,6 +151,10 @@ func probe(want ExecMode, log *slog.Logger) Features {
 	if !lsm.Active {
 		lsm.Reason = f.ExecReason
 	}
+}
+
+// probeLSMHooks decides the LSM programs besides exec's: the unix fallbacks and the guards.
+func (f *Features) probeLSMHooks(lsmErr error) {
 	// Unix rules fall back on the LSM socket hooks where the kernel has no cgroup unix hooks.
 	for _, pair := range [][2]string{{"connect_unix", "connect_unix_lsm"}, {"sendmsg_unix", "sendmsg_unix_lsm"}} {
 		cg, fallback := f.hook(pair[0]), f.hook(pair[1])
@@ -171,6 +183,12 @@ func probe(want ExecMode, log *slog.Logger) Features {
 			}
 		}
 	}
+}
+
+// probeSockets decides how live sockets follow their agent: terminated (bpf_sock_destroy from
+// the socket iterators) or only their packets dropped; and whether another task can be
+// signalled.
+func (f *Features) probeSockets() {
 	f.SignalTask = probeKfunc("bpf_send_signal_task") == nil
 	if err := probeSockDestroy(); err != nil {
 		f.SockDestroyReason = fmt.Sprintf("live sockets are not terminated, only their packets dropped (cgroup_skb/egress): %v", err)
@@ -185,8 +203,6 @@ func probe(want ExecMode, log *slog.Logger) Features {
 			h.Reason = f.SockDestroyReason
 		}
 	}
-	log.Info("probed kernel", "exec_mode", f.ExecMode, "exec_reason", f.ExecReason, "active_lsms", f.ActiveLSMs, "sock_destroy", f.SockDestroy)
-	return f
 }
 
 // guardFallback says what holds where an LSM guard does not run.

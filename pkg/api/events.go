@@ -3,6 +3,8 @@ package api
 import (
 	"encoding/json"
 	"net/http"
+
+	"github.com/tether-sh/tether/pkg/events"
 )
 
 // events streams decision records as JSON lines, from now on, until the caller goes away:
@@ -30,7 +32,7 @@ func (s *Server) events(c *request) (any, error) {
 				enc.Encode(map[string]uint64{"dropped": n - told})
 				told = n
 			}
-			if (id != "" && d.SpiffeID != id) || (verdict != "" && d.Verdict != verdict) {
+			if (id != "" && d.SpiffeID != id) || (verdict != "" && d.Verdict != events.Verdict(verdict)) {
 				continue
 			}
 			if err := enc.Encode(d); err != nil {

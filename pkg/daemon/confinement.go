@@ -56,12 +56,7 @@ func (d *Daemon) RecordRefusal(slot dataplane.Slot, r api.RefusalRequest) error 
 	if !a.Launched {
 		return fmt.Errorf("%w: agent %d was not launched by tetherctl run: no launcher filters its calls", agents.ErrInvalid, slot)
 	}
-	s := uint32(slot)
-	rec := events.Decision{Kind: "syscall", SpiffeID: a.SpiffeID, Slot: &s, CgroupID: a.CgroupID, PID: r.PID, UID: a.UID,
-		Syscall: r.Detail, Verdict: "deny", Reason: "sandbox-" + a.Sandbox + ": " + r.Errno}
-	if rec.Syscall == "" {
-		rec.Syscall = r.Syscall
-	}
+	rec := events.SyscallRefused(events.Agent{SpiffeID: a.SpiffeID, Slot: slot, CgroupID: a.CgroupID}, r.PID, a.UID, r.Syscall, r.Detail, a.Sandbox, r.Errno)
 	rec.DecisionID, rec.Timestamp = events.NewID(), time.Now().UTC()
 	d.respond(&rec) // the task, the revision, and what the respond policy says
 	d.pump.Emit(rec)

@@ -441,12 +441,11 @@ func (d *discovery) lose(cg string, t *workload, reason string) {
 	d.lost++
 	d.mu.Unlock()
 	d.log.Warn("agent lost its identity: it is granted nothing", "cgroup", cg, "spiffe_id", id, "slot", slot, "reason", reason)
-	s := uint32(slot)
-	var cgid uint64
-	if a, ok := d.reg.Get(slot); ok {
-		cgid = a.CgroupID
+	a := events.Agent{SpiffeID: id, Slot: slot}
+	if reg, ok := d.reg.Get(slot); ok {
+		a.CgroupID = reg.CgroupID
 	}
-	d.emit(events.Decision{SpiffeID: id, Slot: &s, CgroupID: cgid, Kind: "identity", Verdict: "deny", Reason: "identity_lost: " + reason})
+	d.emit(events.IdentityLost(a, reason))
 }
 
 func (d *discovery) conflicted(cg, why string) {

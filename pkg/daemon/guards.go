@@ -23,12 +23,12 @@ import (
 func (d *Daemon) guardFollowUp(rec *events.Decision) {
 	d.metrics.ObserveGuard(*rec)
 	switch {
-	case rec.Kind == dataplane.KindExec.String() && rec.Reason == dataplane.ReasonModifiedFile.String():
+	case rec.Kind == events.KernelKind(dataplane.KindExec) && rec.Reason == dataplane.ReasonModifiedFile.String():
 		select {
 		case d.recompile <- struct{}{}:
 		default: // one is pending already
 		}
-	case rec.Kind == dataplane.KindExec.String() && rec.Reason == dataplane.ReasonNoRule.String() &&
+	case rec.Kind == events.KernelKind(dataplane.KindExec) && rec.Reason == dataplane.ReasonNoRule.String() &&
 		rec.Executable != "" && d.compileOpts.Integrity.Wants():
 		// Maybe a file a rule grants by content alone: worth its digest (off the event path).
 		select {
@@ -36,7 +36,7 @@ func (d *Daemon) guardFollowUp(rec *events.Decision) {
 		default:
 			d.log.Warn("too many execs to check against the rules by content; this one is not", "executable", rec.Executable, "pid", rec.PID)
 		}
-	case rec.Kind == dataplane.KindMigrate.String() && rec.Verdict == dataplane.VerdictDeny.String() && !rec.Killed &&
+	case rec.Kind == events.KernelKind(dataplane.KindMigrate) && rec.Verdict == events.VerdictDeny && !rec.Killed &&
 		strings.HasPrefix(rec.Cgroup, "/"):
 		// A move that happened (the tracepoint's record names the cgroup's path; a BPF LSM
 		// refusal names a directory: nothing moved).

@@ -14,6 +14,7 @@ import (
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/killpath"
+	"github.com/tether-sh/tether/pkg/policy"
 )
 
 // targets are the slots of the agents a kill request names: by slot, SPIFFE ID (every agent
@@ -91,13 +92,13 @@ func (d *Daemon) Kills() api.KillStatus {
 
 // killByPolicy acts on a respond decision of freeze or kill: the kill path, once per agent
 // (an agent already killed is left alone), without halting for freeze.
-func (d *Daemon) killByPolicy(slot dataplane.Slot, response, reason string) {
+func (d *Daemon) killByPolicy(slot dataplane.Slot, response policy.Response, reason string) {
 	a, ok := d.registry.Get(slot)
 	if !ok || a.Killed {
 		return
 	}
 	go func() {
-		_, err := d.killer.Kill(context.Background(), killpath.Request{Slot: slot, Reason: reason, Requester: "policy:respond", Terminate: response == "kill"})
+		_, err := d.killer.Kill(context.Background(), killpath.Request{Slot: slot, Reason: reason, Requester: "policy:respond", Terminate: response == policy.RespondKill})
 		if err != nil {
 			d.log.Error("kill by the respond policy", "slot", slot, "error", err)
 		}

@@ -167,16 +167,11 @@ func (d *Daemon) recordEvaluation(query, revision string, c agents.Context, in p
 	if d.pump == nil || !d.cfg.Load().DecisionLog.Evaluations {
 		return
 	}
-	slot := uint32(c.Slot)
-	rec := events.Decision{Kind: "policy", SpiffeID: c.SpiffeID, Slot: &slot, Verdict: "evaluated", Reason: query,
-		PolicyRevision: revision, Policy: &events.Evaluation{Query: query, Input: in, Result: result, DurationNs: took.Nanoseconds()}}
+	a := events.Agent{SpiffeID: c.SpiffeID, Slot: c.Slot}
 	if c.Task != nil {
-		rec.TaskID, rec.TaskType = c.Task.ID, c.Task.Type
+		a.TaskID, a.TaskType = c.Task.ID, c.Task.Type
 	}
-	if err != nil {
-		rec.Verdict, rec.Policy.Error, rec.Policy.Result = "error", err.Error(), nil
-	}
-	d.pump.Record(rec)
+	d.pump.Record(events.PolicyRecord(a, query, revision, in, result, err, took))
 }
 
 // input is what the policy is told of an agent, now.
@@ -200,7 +195,7 @@ func (d *Daemon) respond(rec *events.Decision) {
 	if rev != nil {
 		rec.PolicyRevision = rev.ID
 	}
-	if rev == nil || rec.Verdict == dataplane.VerdictAllow.String() {
+	if rev == nil || rec.Verdict == events.VerdictAllow {
 		return
 	}
 	slot := dataplane.Slot(*rec.Slot)
@@ -215,7 +210,7 @@ func (d *Daemon) respond(rec *events.Decision) {
 	if resp == "" {
 		return // the agent is gone
 	}
-	rec.Response = string(resp)
+	rec.Response = events.Response(resp)
 	if !fresh {
 		return // the answer to the same event a moment ago: already logged and acted on
 	}
@@ -224,7 +219,7 @@ func (d *Daemon) respond(rec *events.Decision) {
 			"kind", rec.Kind, "verdict", rec.Verdict, "decision_id", rec.DecisionID)
 	}
 	if resp == policy.RespondFreeze || resp == policy.RespondKill {
-		d.killByPolicy(slot, string(resp), fmt.Sprintf("respond policy said %s after %s %s %s (decision %s)", resp, rec.Verdict, rec.Kind, rec.Target(), rec.DecisionID))
+		d.killByPolicy(slot, resp, fmt.Sprintf("respond policy said %s after %s %s %s (decision %s)", resp, rec.Verdict, rec.Kind, rec.Target(), rec.DecisionID))
 	}
 }
 

@@ -46,7 +46,12 @@ type agentPast struct {
 	memo map[memoKey]memoEntry
 }
 
-type memoKey struct{ task, revision, kind, verdict, target string }
+type memoKey struct {
+	task, revision string
+	kind           events.RecordKind
+	verdict        events.Verdict
+	target         string
+}
 
 type memoEntry struct {
 	resp policy.Response
@@ -66,7 +71,7 @@ func (r *recent) respond(rec *events.Decision, rev *policy.Revision, input func(
 		r.agents[slot] = p
 	}
 	key := memoKey{rec.TaskID, rev.ID, rec.Kind, rec.Verdict, rec.Target()}
-	p.count(rec.Kind+"/"+rec.Verdict, rec.Timestamp)
+	p.count(string(rec.Kind)+"/"+string(rec.Verdict), rec.Timestamp)
 	if m, ok := p.memo[key]; ok && now.Sub(m.at) < memoFor {
 		r.mu.Unlock()
 		return m.resp, false, nil

@@ -126,8 +126,7 @@ func (d *Daemon) recordStepup(r stepup.Request, state, by, why string) {
 	if d.pump == nil {
 		return
 	}
-	slot := r.Slot
-	d.pump.Emit(events.Decision{Kind: "stepup", SpiffeID: r.SpiffeID, Slot: &slot, TaskID: r.TaskID, Verdict: state, Reason: why,
-		Stepup: &events.Stepup{RequestID: r.ID, Action: r.Action, Resource: r.Resource, Reason: r.Reason, DecidedBy: by,
-			ApprovalID: r.ApprovalID, Uses: r.Uses}})
+	a := events.Agent{SpiffeID: r.SpiffeID, Slot: dataplane.Slot(r.Slot), TaskID: r.TaskID}
+	d.pump.Emit(events.StepupRecord(a, state, why, events.Stepup{RequestID: r.ID, Action: r.Action, Resource: r.Resource, Reason: r.Reason,
+		DecidedBy: by, ApprovalID: r.ApprovalID, Uses: r.Uses}))
 }

@@ -118,7 +118,7 @@ func (w *Webhook) Write(d events.Decision) error {
 }
 
 func (w *Webhook) alertFor(d events.Decision) (Alert, bool) {
-	labels := map[string]string{"spiffe_id": d.SpiffeID, "kind": d.Kind, "source": "tether"}
+	labels := map[string]string{"spiffe_id": d.SpiffeID, "kind": string(d.Kind), "source": "tether"}
 	ann := map[string]string{"decision_id": d.DecisionID, "reason": d.Reason}
 	if t := d.Target(); t != "" {
 		ann["target"] = t
@@ -129,21 +129,21 @@ func (w *Webhook) alertFor(d events.Decision) (Alert, bool) {
 		return Alert{Status: "firing", Labels: labels, Annotations: ann, StartsAt: d.Timestamp, Fingerprint: d.DecisionID}, true
 	}
 	switch {
-	case d.Kind == "kill" && d.Kill != nil:
+	case d.Kind == events.KindKill && d.Kill != nil:
 		return mk("TetherAgentKilled", "critical", fmt.Sprintf("agent %s killed by %s: %s (all steps done: %v)", d.SpiffeID, d.Kill.Requester, d.Reason, d.Kill.Done))
-	case d.Kind == "identity":
+	case d.Kind == events.KindIdentity:
 		return mk("TetherIdentityLost", "critical", fmt.Sprintf("agent %s lost its identity: %s", d.SpiffeID, d.Reason))
-	case d.Kind == "stepup" && d.Verdict == "pending" && d.Stepup != nil:
+	case d.Kind == events.KindStepup && d.Verdict == events.VerdictPending && d.Stepup != nil:
 		ann["request_id"], ann["target"] = d.Stepup.RequestID, d.Stepup.Action+" "+d.Stepup.Resource
 		return mk("TetherStepupRequested", "warning", fmt.Sprintf("agent %s asks to %s %s (task %s): %s; approve with tetherctl approve %s",
 			d.SpiffeID, d.Stepup.Action, d.Stepup.Resource, d.TaskID, d.Stepup.Reason, d.Stepup.RequestID))
-	case d.Response == "kill" || d.Response == "freeze" || d.Response == "alert":
+	case d.Response == events.ResponseKill || d.Response == events.ResponseFreeze || d.Response == events.ResponseAlert:
 		sev := "warning"
-		if d.Response != "alert" {
+		if d.Response != events.ResponseAlert {
 			sev = "critical"
 		}
-		return mk("TetherRespond"+title(d.Response), sev, fmt.Sprintf("the respond policy said %s for %s %s %s of %s", d.Response, d.Verdict, d.Kind, ann["target"], d.SpiffeID))
-	case d.Verdict == "deny" && d.SpiffeID != "":
+		return mk("TetherRespond"+title(string(d.Response)), sev, fmt.Sprintf("the respond policy said %s for %s %s %s of %s", d.Response, d.Verdict, d.Kind, ann["target"], d.SpiffeID))
+	case d.Verdict == events.VerdictDeny && d.SpiffeID != "":
 		if n, burst := w.burst(d); burst {
 			return mk("TetherDenyBurst", "warning", fmt.Sprintf("agent %s was denied %d times within %s", d.SpiffeID, n, w.opts.BurstWindow))
 		}

@@ -350,8 +350,7 @@ func (k *Killer) run(ctx context.Context, x *Kill) {
 	rec.Steps = slices.Clone(x.Steps)
 	k.mu.Unlock()
 	if k.opts.Emit != nil {
-		slot := x.Slot
-		k.opts.Emit(events.Decision{SpiffeID: x.SpiffeID, Slot: &slot, Kind: "kill", Verdict: "deny", Reason: x.Reason, Kill: toEvent(rec)})
+		k.opts.Emit(events.KillRecord(events.Agent{SpiffeID: x.SpiffeID, Slot: dataplane.Slot(x.Slot)}, x.Reason, toEvent(rec)))
 	}
 	if !all {
 		go func() {

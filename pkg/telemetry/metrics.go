@@ -108,8 +108,8 @@ var GuardReasons = []string{
 
 // ObserveGuard counts a decision record when a kernel guard denied (or would have).
 func (m *Metrics) ObserveGuard(rec events.Decision) {
-	if rec.Verdict != dataplane.VerdictAllow.String() && slices.Contains(GuardReasons, rec.Reason) {
-		m.guards.WithLabelValues(rec.Reason, rec.Verdict).Inc()
+	if rec.Verdict != events.VerdictAllow && slices.Contains(GuardReasons, rec.Reason) {
+		m.guards.WithLabelValues(rec.Reason, string(rec.Verdict)).Inc()
 	}
 }
 

@@ -173,7 +173,7 @@ func (d *tetherd) accounting(t *testing.T, mport int) (int, string) {
 	files, _ := filepath.Glob(d.decisions + "*")
 	for _, f := range files {
 		logged += uint64(countRecords(t, f, func(r events.Decision) bool {
-			return strings.HasPrefix(r.SpiffeID, agentID) && r.Verdict == "deny" && (strings.HasPrefix(r.Kind, "connect") || strings.HasPrefix(r.Kind, "sendmsg") || r.Kind == "socket")
+			return strings.HasPrefix(r.SpiffeID, agentID) && r.Verdict == "deny" && (strings.HasPrefix(string(r.Kind), "connect") || strings.HasPrefix(string(r.Kind), "sendmsg") || r.Kind == "socket")
 		}))
 	}
 	// The lost counters count records of every kind (a packet record lost in a full ring buffer

@@ -158,7 +158,7 @@ func TestPrivilegedKillResumeStaysCut(t *testing.T) {
 	privtest.Flowing(t, "the stream outside agents", control)
 	ts.Ended(t, "the killed agent's tcp stream, thawed", "tcp", terminate)
 	us.Ended(t, "the killed agent's udp stream, thawed", "udp", terminate)
-	kind := "packet"
+	kind := events.RecordKind("packet")
 	if terminate {
 		kind = "terminate"
 	}

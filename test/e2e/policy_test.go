@@ -236,9 +236,9 @@ func TestPrivilegedRespond(t *testing.T) {
 			spawnDial(t, cg, "udp4mapped", dest)
 		}
 		rec := d.decision("the denial of "+dest, func(r events.Decision) bool { return r.Destination == dest })
-		want := "none"
+		want := events.ResponseNone
 		if i == 3 {
-			want = "freeze"
+			want = events.ResponseFreeze
 		}
 		if rec.Response != want {
 			t.Errorf("denial %d (%s): response %q, want %q", i, dest, rec.Response, want)

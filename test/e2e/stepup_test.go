@@ -154,8 +154,8 @@ func TestPrivilegedStepupFlow(t *testing.T) {
 	if _, stderr, code := d.ctlRaw("approve", again.ID); code == 0 || !strings.Contains(stderr, "has ended") {
 		t.Errorf("approving for an ended task: exit %d %q", code, stderr)
 	}
-	for _, state := range []string{"pending", "approved"} {
-		rec := d.decision("the step-up "+state, func(r events.Decision) bool {
+	for _, state := range []events.Verdict{events.VerdictPending, "approved"} {
+		rec := d.decision("the step-up "+string(state), func(r events.Decision) bool {
 			return r.Kind == "stepup" && r.Verdict == state && r.Stepup != nil && r.Stepup.RequestID == req.ID
 		})
 		if state == "approved" && (rec.Stepup.DecidedBy != "uid:0" || rec.Stepup.Uses != 1 || rec.Stepup.ApprovalID == "") {

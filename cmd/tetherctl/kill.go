@@ -34,8 +34,7 @@ investigation; it stays denied until tetherctl readmit.`,
 				if err != nil {
 					return err
 				}
-				s := uint32(slot)
-				req.Slot = &s
+				req.Slot = &slot
 			}
 			req.TaskID, req.PID = task, pid
 			if req.Reason == "" {

@@ -122,7 +122,7 @@ credential proves the sender's task; the receiver gets a credential of its own.`
 			return nil
 		},
 	}
-	handoff.Flags().Uint32Var(&ho.To, "to", 0, "the receiving agent's slot")
+	handoff.Flags().Uint32Var((*uint32)(&ho.To), "to", 0, "the receiving agent's slot")
 	handoff.Flags().StringVar(&hoCred, "credential", "", "the sender's current task credential, or @FILE")
 	handoff.Flags().StringVar(&ho.Type, "type", "", "the receiver's task type (default: the sender's)")
 	handoff.Flags().StringVar(&ho.TTL, "ttl", "10m", "how long the handed task lasts (never past the sender's)")

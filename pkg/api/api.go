@@ -219,7 +219,7 @@ type Service interface {
 	Subscribe(n int) *events.Subscription
 	// RequestStepup asks for an extra right for the agent in slot (the caller's own).
 	RequestStepup(ctx context.Context, slot dataplane.Slot, action, resource, reason string) (stepup.Request, error)
-	Stepups(slot *uint32) []stepup.Request
+	Stepups(slot *dataplane.Slot) []stepup.Request
 	ApproveStepup(id, by string, uses int64, ttl time.Duration) (stepup.Request, error)
 	DenyStepup(id, by, why string) (stepup.Request, error)
 }
@@ -245,12 +245,12 @@ type DenyRequest struct {
 
 // KillRequest names the agents to kill (exactly one of Slot, SpiffeID, TaskID, PID) and why.
 type KillRequest struct {
-	Slot      *uint32 `json:"slot,omitempty"`
-	SpiffeID  string  `json:"spiffe_id,omitempty"`
-	TaskID    string  `json:"task_id,omitempty"`
-	PID       int32   `json:"pid,omitempty"`
-	Reason    string  `json:"reason"`
-	Terminate bool    `json:"terminate,omitempty"`
+	Slot      *dataplane.Slot `json:"slot,omitempty"`
+	SpiffeID  string          `json:"spiffe_id,omitempty"`
+	TaskID    string          `json:"task_id,omitempty"`
+	PID       int32           `json:"pid,omitempty"`
+	Reason    string          `json:"reason"`
+	Terminate bool            `json:"terminate,omitempty"`
 }
 
 // ReadmitRequest takes a SPIFFE ID off the kill path's deny list.
@@ -270,10 +270,10 @@ var ErrRefused = errors.New("refused")
 // HandoffRequest hands the agent's task to another agent. Credential is the sender's current
 // task credential.
 type HandoffRequest struct {
-	To         uint32 `json:"to"`
-	Credential string `json:"credential"`
-	Type       string `json:"type,omitempty"`
-	TTL        string `json:"ttl"`
+	To         dataplane.Slot `json:"to"`
+	Credential string         `json:"credential"`
+	Type       string         `json:"type,omitempty"`
+	TTL        string         `json:"ttl"`
 }
 
 // HandoffResult is the receiving agent and its task credential.

@@ -67,9 +67,9 @@ func (f *fakeService) RequestStepup(_ context.Context, s dataplane.Slot, action,
 	if action != "connect" {
 		return stepup.Request{}, fmt.Errorf("%w: the kernel enforces connect only", agents.ErrInvalid)
 	}
-	return f.stepups.Add(stepup.Request{Slot: uint32(s), Action: action, Resource: resource, Deadline: time.Now().Add(time.Hour)})
+	return f.stepups.Add(stepup.Request{Slot: s, Action: action, Resource: resource, Deadline: time.Now().Add(time.Hour)})
 }
-func (f *fakeService) Stepups(slot *uint32) []stepup.Request { return f.stepups.List(slot) }
+func (f *fakeService) Stepups(slot *dataplane.Slot) []stepup.Request { return f.stepups.List(slot) }
 func (f *fakeService) ApproveStepup(id, by string, uses int64, ttl time.Duration) (stepup.Request, error) {
 	f.record("approve " + by)
 	return f.stepups.Decide(id, func(r stepup.Request) (stepup.Request, error) {
@@ -157,14 +157,14 @@ func (f *fakeService) ReloadPolicy(ctx context.Context, why string) (PolicyStatu
 }
 func (f *fakeService) TaskCredential(s dataplane.Slot) (credentials.Credential, error) {
 	f.record("credential")
-	return credentials.Credential{Slot: uint32(s), Token: "tok"}, nil
+	return credentials.Credential{Slot: s, Token: "tok"}, nil
 }
 func (f *fakeService) Heartbeat(ctx context.Context, s dataplane.Slot, presented string, ttl time.Duration) (credentials.Credential, error) {
 	f.record("heartbeat " + presented + " " + ttl.String())
 	if presented == "old" {
 		return credentials.Credential{}, fmt.Errorf("%w: superseded", credentials.ErrReplayed)
 	}
-	return credentials.Credential{Slot: uint32(s), Token: "next"}, nil
+	return credentials.Credential{Slot: s, Token: "next"}, nil
 }
 func (f *fakeService) CredentialKeys() jose.JSONWebKeySet { return jose.JSONWebKeySet{} }
 func (f *fakeService) RevokedCredentials() []credentials.Revocation {

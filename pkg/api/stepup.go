@@ -120,6 +120,5 @@ func (s *AgentServer) request(c *request, req StepupRequest) (any, error) {
 }
 
 func (s *AgentServer) requests(c *request) (any, error) {
-	slot := uint32(c.slot)
-	return s.svc.Stepups(&slot), nil
+	return s.svc.Stepups(&c.slot), nil
 }

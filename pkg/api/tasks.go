@@ -8,7 +8,6 @@ import (
 
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/confine"
-	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
 // An agent's task and what its launcher does for it: start, renew, end, approvals, the task
@@ -120,7 +119,7 @@ func (s *Server) handoff(c *request, req HandoffRequest) (any, error) {
 	if req.Credential == "" {
 		return nil, badRequest(errors.New("credential is required: the sender's current task credential"))
 	}
-	to, found := s.svc.Agent(dataplane.Slot(req.To))
+	to, found := s.svc.Agent(req.To)
 	if !found {
 		return nil, withStatus(http.StatusNotFound, fmt.Errorf("no agent in slot %d (receiver)", req.To))
 	}

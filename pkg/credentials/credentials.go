@@ -28,6 +28,8 @@ import (
 
 	"github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
+
+	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
 // Kinds of credential.
@@ -75,7 +77,7 @@ type Options struct {
 
 // Subject is the agent and task a credential is for.
 type Subject struct {
-	Slot     uint32
+	Slot     dataplane.Slot
 	SpiffeID string
 	UID      uint32 // the agent's uid: the only one that can read the file
 	TaskID   string
@@ -92,24 +94,24 @@ type Subject struct {
 
 // Credential is an issued credential.
 type Credential struct {
-	Token     string    `json:"token"`
-	ID        string    `json:"id"` // jti; for a JWT-SVID, the SHA-256 of the token
-	Kind      string    `json:"kind"`
-	Slot      uint32    `json:"agent_slot"`
-	SpiffeID  string    `json:"spiffe_id"`
-	TaskID    string    `json:"task_id"`
-	Audience  string    `json:"audience"`
-	IssuedAt  time.Time `json:"issued_at"`
-	ExpiresAt time.Time `json:"expires_at"`
-	File      string    `json:"file,omitempty"`
+	Token     string         `json:"token"`
+	ID        string         `json:"id"` // jti; for a JWT-SVID, the SHA-256 of the token
+	Kind      string         `json:"kind"`
+	Slot      dataplane.Slot `json:"agent_slot"`
+	SpiffeID  string         `json:"spiffe_id"`
+	TaskID    string         `json:"task_id"`
+	Audience  string         `json:"audience"`
+	IssuedAt  time.Time      `json:"issued_at"`
+	ExpiresAt time.Time      `json:"expires_at"`
+	File      string         `json:"file,omitempty"`
 }
 
 // Claims are the claims of a tether-signed credential.
 type Claims struct {
 	jwt.Claims
-	Slot        uint32    `json:"agent_slot"`
-	Task        TaskClaim `json:"task"`
-	HandoffFrom string    `json:"handoff_from,omitempty"`
+	Slot        dataplane.Slot `json:"agent_slot"`
+	Task        TaskClaim      `json:"task"`
+	HandoffFrom string         `json:"handoff_from,omitempty"`
 }
 
 // TaskClaim is the task state a credential carries.
@@ -145,11 +147,11 @@ type issued struct {
 
 // taskState is what the issuer remembers of one task's credentials.
 type taskState struct {
-	Slot     uint32   `json:"slot"`
-	SpiffeID string   `json:"spiffe_id"`
-	TaskID   string   `json:"task_id"`
-	Current  string   `json:"current"`
-	Issued   []issued `json:"issued"` // unexpired, oldest first
+	Slot     dataplane.Slot `json:"slot"`
+	SpiffeID string         `json:"spiffe_id"`
+	TaskID   string         `json:"task_id"`
+	Current  string         `json:"current"`
+	Issued   []issued       `json:"issued"` // unexpired, oldest first
 }
 
 type state struct {
@@ -243,7 +245,7 @@ func loadKey(path string) (ed25519.PrivateKey, error) {
 
 func (i *Issuer) statePath() string { return filepath.Join(i.opts.Dir, ".state.json") }
 
-func taskKey(slot uint32, taskID string) string {
+func taskKey(slot dataplane.Slot, taskID string) string {
 	return strconv.FormatUint(uint64(slot), 10) + "/" + taskID
 }
 
@@ -341,13 +343,13 @@ func (i *Issuer) Issue(ctx context.Context, s Subject) (Credential, error) {
 }
 
 // Dir is the directory of the agent in slot.
-func (i *Issuer) agentDir(slot uint32) string {
+func (i *Issuer) agentDir(slot dataplane.Slot) string {
 	return filepath.Join(i.opts.Dir, "agent-"+strconv.FormatUint(uint64(slot), 10))
 }
 
 // Prepare makes the directory of the agent in slot, for uid only, before it has a credential
 // (the launcher binds it into a confined agent's view); it returns its path.
-func (i *Issuer) Prepare(slot, uid uint32) (string, error) {
+func (i *Issuer) Prepare(slot dataplane.Slot, uid uint32) (string, error) {
 	dir := i.agentDir(slot)
 	if err := os.Mkdir(dir, 0o500); err != nil && !errors.Is(err, os.ErrExist) {
 		return "", fmt.Errorf("credential directory of agent %d: %w", slot, err)
@@ -472,7 +474,7 @@ func (i *Issuer) Verify(token string) (Claims, error) {
 // goes on the revocation list, and the agent's file is removed unless it already holds a later
 // task's credential (a task's end is told from a goroutine of its own, so the agent's next task
 // may have been issued one in between).
-func (i *Issuer) Revoke(slot uint32, taskID, reason string) {
+func (i *Issuer) Revoke(slot dataplane.Slot, taskID, reason string) {
 	now := i.opts.Now()
 	i.mu.Lock()
 	defer i.mu.Unlock()
@@ -498,7 +500,7 @@ func (i *Issuer) Revoke(slot uint32, taskID, reason string) {
 }
 
 // slotHasTask says whether some task of the agent in slot holds credentials. Call with i.mu held.
-func (i *Issuer) slotHasTask(slot uint32) bool {
+func (i *Issuer) slotHasTask(slot dataplane.Slot) bool {
 	for _, t := range i.st.Tasks {
 		if t.Slot == slot {
 			return true
@@ -508,12 +510,12 @@ func (i *Issuer) slotHasTask(slot uint32) bool {
 }
 
 // Forget removes the agent's directory (the agent is gone; its tasks were revoked).
-func (i *Issuer) Forget(slot uint32) {
+func (i *Issuer) Forget(slot dataplane.Slot) {
 	os.RemoveAll(i.agentDir(slot))
 }
 
 // Current returns the current credential ID of a task, if any.
-func (i *Issuer) Current(slot uint32, taskID string) (string, bool) {
+func (i *Issuer) Current(slot dataplane.Slot, taskID string) (string, bool) {
 	i.mu.Lock()
 	defer i.mu.Unlock()
 	t := i.st.Tasks[taskKey(slot, taskID)]

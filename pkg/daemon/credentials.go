@@ -75,7 +75,7 @@ func subject(a agents.Agent) (credentials.Subject, error) {
 	if a.Task == nil {
 		return credentials.Subject{}, fmt.Errorf("%w: agent %d has no task", agents.ErrTask, a.Slot)
 	}
-	s := credentials.Subject{Slot: uint32(a.Slot), SpiffeID: a.SpiffeID, UID: a.UID, TaskID: a.Task.ID, TaskType: a.Task.Type,
+	s := credentials.Subject{Slot: a.Slot, SpiffeID: a.SpiffeID, UID: a.UID, TaskID: a.Task.ID, TaskType: a.Task.Type,
 		Sensitivity: a.Task.Sensitivity, TaskExpires: a.Task.ExpiresAt, HandoffFrom: a.Task.HandoffFrom}
 	for _, sel := range a.Selectors {
 		if rest, ok := strings.CutPrefix(sel, "spire:pid:"); ok {
@@ -111,7 +111,7 @@ func (c *taskCreds) get(slot dataplane.Slot) (credentials.Credential, bool) {
 
 // ended revokes the credentials of a task that ended.
 func (c *taskCreds) ended(slot dataplane.Slot, id string, t agents.Task, reason string) {
-	c.iss.Revoke(uint32(slot), t.ID, reason)
+	c.iss.Revoke(slot, t.ID, reason)
 	c.mu.Lock()
 	if cur, ok := c.current[slot]; ok && cur.TaskID == t.ID {
 		delete(c.current, slot)
@@ -120,7 +120,7 @@ func (c *taskCreds) ended(slot dataplane.Slot, id string, t agents.Task, reason 
 }
 
 // unregistered removes the directory of an agent that is gone.
-func (c *taskCreds) unregistered(slot dataplane.Slot) { c.iss.Forget(uint32(slot)) }
+func (c *taskCreds) unregistered(slot dataplane.Slot) { c.iss.Forget(slot) }
 
 // heartbeat renews agent slot's task for ttl, if presented is its current credential, and
 // issues the next credential. An old, expired, revoked or foreign credential renews nothing.

@@ -49,7 +49,7 @@ func (d *Daemon) targets(req api.KillRequest) ([]dataplane.Slot, error) {
 	}
 	for _, a := range d.registry.Idents() {
 		switch {
-		case req.Slot != nil && uint32(a.Slot) == *req.Slot,
+		case req.Slot != nil && a.Slot == *req.Slot,
 			req.SpiffeID != "" && a.SpiffeID == req.SpiffeID,
 			cg != "" && (cg == a.Cgroup || strings.HasPrefix(cg, a.Cgroup+"/")):
 			out = append(out, a.Slot)

@@ -13,7 +13,6 @@ import (
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/config"
-	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/grants"
 	"github.com/tether-sh/tether/pkg/policy"
@@ -189,7 +188,7 @@ func (d *Daemon) respond(rec *events.Decision) {
 		return
 	}
 	rev := d.pol.engine.Current()
-	if id, typ, ok := d.registry.TaskOf(dataplane.Slot(*rec.Slot)); ok {
+	if id, typ, ok := d.registry.TaskOf(*rec.Slot); ok {
 		rec.TaskID, rec.TaskType = id, typ
 	}
 	if rev != nil {
@@ -198,7 +197,7 @@ func (d *Daemon) respond(rec *events.Decision) {
 	if rev == nil || rec.Verdict == events.VerdictAllow {
 		return
 	}
-	slot := dataplane.Slot(*rec.Slot)
+	slot := *rec.Slot
 	resp, fresh, err := d.pol.recent.respond(rec, rev, func() (policy.Input, bool) {
 		c, ok := d.registry.ContextOf(slot)
 		return d.input(c), ok

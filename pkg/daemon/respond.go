@@ -62,7 +62,7 @@ type memoEntry struct {
 // or from evaluating rev with input(), completed with the agent's past (fresh true). It returns
 // "" when input says the agent is gone.
 func (r *recent) respond(rec *events.Decision, rev *policy.Revision, input func() (policy.Input, bool)) (policy.Response, bool, error) {
-	slot := dataplane.Slot(*rec.Slot)
+	slot := *rec.Slot
 	now := time.Now()
 	r.mu.Lock()
 	p := r.agents[slot]

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/policy"
 	"github.com/tether-sh/tether/policies"
@@ -28,7 +29,7 @@ func shippedWith(t *testing.T, freezeAfter int) *policy.Revision {
 }
 
 func deny(dest string, at time.Time) *events.Decision {
-	slot := uint32(1)
+	slot := dataplane.Slot(1)
 	return &events.Decision{DecisionID: fmt.Sprintf("%s-%d", dest, at.UnixNano()), Timestamp: at, SpiffeID: "spiffe://x/a",
 		Slot: &slot, Kind: "connect4", Verdict: "deny", Destination: dest}
 }

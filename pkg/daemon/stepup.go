@@ -53,7 +53,7 @@ func (d *Daemon) RequestStepup(ctx context.Context, slot dataplane.Slot, action,
 	if ttl <= 0 {
 		ttl = 15 * time.Minute
 	}
-	req := stepup.Request{Slot: uint32(slot), SpiffeID: a.SpiffeID, TaskID: a.Task.ID, Action: action, Resource: resource,
+	req := stepup.Request{Slot: slot, SpiffeID: a.SpiffeID, TaskID: a.Task.ID, Action: action, Resource: resource,
 		Reason: reason, Deadline: time.Now().Add(stepupDeadline), TTL: ttl}
 	switch {
 	case !dec.Allowed:
@@ -76,7 +76,7 @@ func (d *Daemon) RequestStepup(ctx context.Context, slot dataplane.Slot, action,
 }
 
 // Stepups lists the requests (of one agent when slot is set).
-func (d *Daemon) Stepups(slot *uint32) []stepup.Request { return d.stepups.List(slot) }
+func (d *Daemon) Stepups(slot *dataplane.Slot) []stepup.Request { return d.stepups.List(slot) }
 
 // ApproveStepup approves pending request id once: its agent's task gets an approval for uses
 // connects (0: until it expires) for ttl (0: what the policy said), which the kernel counts.
@@ -102,12 +102,12 @@ func (d *Daemon) DenyStepup(id, by, why string) (stepup.Request, error) {
 // approve turns request r into an approval on its agent's task, if the agent still runs the
 // task the request was made for.
 func (d *Daemon) approve(r stepup.Request, by string, uses int64, ttl time.Duration) (stepup.Request, error) {
-	a, ok := d.registry.Get(dataplane.Slot(r.Slot))
+	a, ok := d.registry.Get(r.Slot)
 	if !ok || a.SpiffeID != r.SpiffeID || a.Task == nil || a.Task.ID != r.TaskID {
 		return r, fmt.Errorf("%w: request %s was made by %s for task %s, which has ended", agents.ErrTask, r.ID, r.SpiffeID, r.TaskID)
 	}
 	before := len(a.Task.Approvals)
-	a, err := d.registry.AddApproval(dataplane.Slot(r.Slot), r.Action, r.Resource, by, ttl, uses)
+	a, err := d.registry.AddApproval(r.Slot, r.Action, r.Resource, by, ttl, uses)
 	if err != nil {
 		return r, err
 	}
@@ -126,7 +126,7 @@ func (d *Daemon) recordStepup(r stepup.Request, state, by, why string) {
 	if d.pump == nil {
 		return
 	}
-	a := events.Agent{SpiffeID: r.SpiffeID, Slot: dataplane.Slot(r.Slot), TaskID: r.TaskID}
+	a := events.Agent{SpiffeID: r.SpiffeID, Slot: r.Slot, TaskID: r.TaskID}
 	d.pump.Emit(events.StepupRecord(a, state, why, events.Stepup{RequestID: r.ID, Action: r.Action, Resource: r.Resource, Reason: r.Reason,
 		DecidedBy: by, ApprovalID: r.ApprovalID, Uses: r.Uses}))
 }

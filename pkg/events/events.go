@@ -27,29 +27,29 @@ import (
 
 // Decision is one kernel decision, attributed. Its JSON form is the decision log line.
 type Decision struct {
-	DecisionID   string     `json:"decision_id"`
-	Timestamp    time.Time  `json:"timestamp"`
-	SpiffeID     string     `json:"spiffe_id,omitempty"`
-	Slot         *uint32    `json:"agent_slot,omitempty"`
-	TaskID       string     `json:"task_id,omitempty"`
-	TaskType     string     `json:"task_type,omitempty"`
-	CgroupID     uint64     `json:"cgroup_id"`
-	PID          uint32     `json:"pid"`
-	TID          uint32     `json:"tid"`
-	UID          uint32     `json:"uid"`
-	Comm         string     `json:"comm"`
-	Binary       string     `json:"binary,omitempty"`
-	BinaryFile   string     `json:"binary_file,omitempty"` // dev:inode
-	ParentChain  []Parent   `json:"parent_chain,omitempty"`
-	Kind         RecordKind `json:"kind"`
-	Protocol     string     `json:"protocol,omitempty"`
-	Destination  string     `json:"destination,omitempty"`
-	Executable   string     `json:"executable,omitempty"`
-	SocketPath   string     `json:"socket_path,omitempty"`
-	SocketFamily uint16     `json:"socket_family,omitempty"`
-	SocketType   uint32     `json:"socket_type,omitempty"`
-	SocketOption string     `json:"socket_option,omitempty"` // kind sockopt: IPV6_RTHDR, IP_OPTIONS, ...
-	Syscall      string     `json:"syscall,omitempty"`       // kind syscall: the call the launcher's filter refused; kind guard: what the LSM guard refused
+	DecisionID   string          `json:"decision_id"`
+	Timestamp    time.Time       `json:"timestamp"`
+	SpiffeID     string          `json:"spiffe_id,omitempty"`
+	Slot         *dataplane.Slot `json:"agent_slot,omitempty"`
+	TaskID       string          `json:"task_id,omitempty"`
+	TaskType     string          `json:"task_type,omitempty"`
+	CgroupID     uint64          `json:"cgroup_id"`
+	PID          uint32          `json:"pid"`
+	TID          uint32          `json:"tid"`
+	UID          uint32          `json:"uid"`
+	Comm         string          `json:"comm"`
+	Binary       string          `json:"binary,omitempty"`
+	BinaryFile   string          `json:"binary_file,omitempty"` // dev:inode
+	ParentChain  []Parent        `json:"parent_chain,omitempty"`
+	Kind         RecordKind      `json:"kind"`
+	Protocol     string          `json:"protocol,omitempty"`
+	Destination  string          `json:"destination,omitempty"`
+	Executable   string          `json:"executable,omitempty"`
+	SocketPath   string          `json:"socket_path,omitempty"`
+	SocketFamily uint16          `json:"socket_family,omitempty"`
+	SocketType   uint32          `json:"socket_type,omitempty"`
+	SocketOption string          `json:"socket_option,omitempty"` // kind sockopt: IPV6_RTHDR, IP_OPTIONS, ...
+	Syscall      string          `json:"syscall,omitempty"`       // kind syscall: the call the launcher's filter refused; kind guard: what the LSM guard refused
 	// Cgroup is, for kind migrate, the cgroup the agent process was moved to, and Killed whether
 	// the kernel killed it then (else tetherd did, or the record says why not).
 	Cgroup         string  `json:"cgroup,omitempty"`
@@ -144,7 +144,7 @@ func Build(e dataplane.Event, attr Attributor) Decision {
 		d.BinaryFile = fileString(e.Binary)
 	}
 	if e.Slot != dataplane.NoSlot {
-		s := uint32(e.Slot)
+		s := e.Slot
 		d.Slot = &s
 		if id, mode, ok := attr.Identity(e.Slot); ok {
 			d.SpiffeID, d.Mode = id, mode.String()

@@ -215,7 +215,7 @@ func TestRecordDropsWhenFull(t *testing.T) {
 // TestLineIsEncodingJSON: the log's encoder writes exactly what encoding/json writes, for a
 // record with every field set, twice (the buffer is reused).
 func TestLineIsEncodingJSON(t *testing.T) {
-	slot := uint32(3)
+	slot := dataplane.Slot(3)
 	d := Decision{DecisionID: "x", Timestamp: time.Date(2026, 11, 27, 10, 0, 0, 123, time.UTC), SpiffeID: "spiffe://x/a\u2028<b>", Slot: &slot,
 		TaskID: "t", TaskType: "tt", CgroupID: 1 << 60, PID: 1, TID: 2, UID: 3, Comm: "c\"q", Binary: "/b", BinaryFile: "1:2",
 		ParentChain: []Parent{{PID: 9, Comm: "sh", BinaryFile: "1:3"}}, Kind: "connect4", Protocol: "tcp", Destination: "1.2.3.4:5",

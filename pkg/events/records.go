@@ -62,7 +62,7 @@ type Agent struct {
 
 // record is a record of tether's own about a.
 func (a Agent) record(kind RecordKind, verdict Verdict, reason string) Decision {
-	slot := uint32(a.Slot)
+	slot := a.Slot
 	return Decision{Kind: kind, SpiffeID: a.SpiffeID, Slot: &slot, CgroupID: a.CgroupID, TaskID: a.TaskID, TaskType: a.TaskType,
 		Verdict: verdict, Reason: reason}
 }

@@ -95,16 +95,16 @@ type StepResult struct {
 
 // Kill is one kill, as recorded.
 type Kill struct {
-	ID        string       `json:"id"`
-	SpiffeID  string       `json:"spiffe_id"`
-	Slot      uint32       `json:"agent_slot"`
-	Cgroup    string       `json:"cgroup"`
-	Reason    string       `json:"reason"`
-	Requester string       `json:"requester"`
-	Terminate bool         `json:"terminate"`
-	Requested time.Time    `json:"requested"`
-	Steps     []StepResult `json:"steps"`
-	Done      bool         `json:"done"`
+	ID        string         `json:"id"`
+	SpiffeID  string         `json:"spiffe_id"`
+	Slot      dataplane.Slot `json:"agent_slot"`
+	Cgroup    string         `json:"cgroup"`
+	Reason    string         `json:"reason"`
+	Requester string         `json:"requester"`
+	Terminate bool           `json:"terminate"`
+	Requested time.Time      `json:"requested"`
+	Steps     []StepResult   `json:"steps"`
+	Done      bool           `json:"done"`
 
 	start time.Time // Requested with the monotonic clock (not after a restart)
 }
@@ -247,7 +247,7 @@ func (k *Killer) Kill(ctx context.Context, req Request) (Kill, error) {
 	var id [8]byte
 	rand.Read(id[:])
 	start := time.Now()
-	x := &Kill{start: start, ID: "kill-" + hex.EncodeToString(id[:]), SpiffeID: a.SpiffeID, Slot: uint32(a.Slot), Cgroup: a.Cgroup,
+	x := &Kill{start: start, ID: "kill-" + hex.EncodeToString(id[:]), SpiffeID: a.SpiffeID, Slot: a.Slot, Cgroup: a.Cgroup,
 		Reason: req.Reason, Requester: req.Requester, Terminate: req.Terminate, Requested: start.UTC()}
 	for _, s := range k.steps(x) {
 		x.step(s)
@@ -306,7 +306,7 @@ func (k *Killer) snapshot(x *Kill) Kill {
 // ones after it (a freeze that times out must not keep the halt from happening). When every
 // step is done the kill is recorded and forgotten; otherwise it is retried later.
 func (k *Killer) run(ctx context.Context, x *Kill) {
-	lock := k.slotLock(dataplane.Slot(x.Slot))
+	lock := k.slotLock(x.Slot)
 	lock.Lock()
 	defer lock.Unlock()
 	for _, name := range k.steps(x) {
@@ -350,7 +350,7 @@ func (k *Killer) run(ctx context.Context, x *Kill) {
 	rec.Steps = slices.Clone(x.Steps)
 	k.mu.Unlock()
 	if k.opts.Emit != nil {
-		k.opts.Emit(events.KillRecord(events.Agent{SpiffeID: x.SpiffeID, Slot: dataplane.Slot(x.Slot)}, x.Reason, toEvent(rec)))
+		k.opts.Emit(events.KillRecord(events.Agent{SpiffeID: x.SpiffeID, Slot: x.Slot}, x.Reason, toEvent(rec)))
 	}
 	if !all {
 		go func() {
@@ -373,7 +373,7 @@ func toEvent(x Kill) *events.Kill {
 
 // live says whether x's agent is still in its slot (not a later agent in the slot).
 func (k *Killer) live(x *Kill) bool {
-	a, ok := k.opts.Registry.Peek(dataplane.Slot(x.Slot))
+	a, ok := k.opts.Registry.Peek(x.Slot)
 	return ok && a.Cgroup == x.Cgroup && a.SpiffeID == x.SpiffeID
 }
 
@@ -382,7 +382,7 @@ func (k *Killer) deny(x *Kill) (string, error) {
 	if !k.live(x) {
 		return "the agent is gone", nil
 	}
-	return "network and exec denied", k.opts.Registry.Deny(dataplane.Slot(x.Slot))
+	return "network and exec denied", k.opts.Registry.Deny(x.Slot)
 }
 
 // record makes the registry's state say killed too, so that its later writes keep the flag.
@@ -390,13 +390,13 @@ func (k *Killer) record(x *Kill) error {
 	if !k.live(x) {
 		return nil
 	}
-	_, err := k.opts.Registry.SetKilled(dataplane.Slot(x.Slot), true)
+	_, err := k.opts.Registry.SetKilled(x.Slot, true)
 	return err
 }
 
 // do runs one step.
 func (k *Killer) do(ctx context.Context, name string, x *Kill) (string, error) {
-	slot := dataplane.Slot(x.Slot)
+	slot := x.Slot
 	live := k.live(x)
 	switch name {
 	case StepDeny:

@@ -13,6 +13,8 @@ import (
 	"sort"
 	"sync"
 	"time"
+
+	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
 // States of a request.
@@ -38,14 +40,14 @@ const MaxPending = 8
 
 // Request is one agent's request for an extra right.
 type Request struct {
-	ID          string    `json:"id"`
-	Slot        uint32    `json:"agent_slot"`
-	SpiffeID    string    `json:"spiffe_id"`
-	TaskID      string    `json:"task_id"`
-	Action      string    `json:"action"`
-	Resource    string    `json:"resource"`
-	Reason      string    `json:"reason,omitempty"`
-	RequestedAt time.Time `json:"requested_at"`
+	ID          string         `json:"id"`
+	Slot        dataplane.Slot `json:"agent_slot"`
+	SpiffeID    string         `json:"spiffe_id"`
+	TaskID      string         `json:"task_id"`
+	Action      string         `json:"action"`
+	Resource    string         `json:"resource"`
+	Reason      string         `json:"reason,omitempty"`
+	RequestedAt time.Time      `json:"requested_at"`
 	// Deadline is when a pending request lapses.
 	Deadline time.Time `json:"deadline"`
 	// TTL is how long an approval lasts unless the approver says otherwise (the policy's).
@@ -110,7 +112,7 @@ func (s *Store) Get(id string) (Request, error) {
 }
 
 // List returns the requests, oldest first; of one agent only when slot is not nil.
-func (s *Store) List(slot *uint32) []Request {
+func (s *Store) List(slot *dataplane.Slot) []Request {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.sweep()

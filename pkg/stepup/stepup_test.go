@@ -4,6 +4,8 @@ import (
 	"errors"
 	"testing"
 	"time"
+
+	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
 // TestDecidedOnce: a pending request is decided once; deciding it again, deciding an unknown
@@ -40,7 +42,7 @@ func TestDecidedOnce(t *testing.T) {
 	if got, _ := s.Get(late.ID); got.State != Expired {
 		t.Errorf("lapsed request: %s", got.State)
 	}
-	two := uint32(2)
+	two := dataplane.Slot(2)
 	if l := s.List(&two); len(l) != 1 || l[0].ID != late.ID {
 		t.Errorf("list of agent 2: %+v", l)
 	}
@@ -64,7 +66,7 @@ func TestPendingBounded(t *testing.T) {
 	if _, err := s.Add(Request{Slot: 2, Deadline: time.Now().Add(time.Hour)}); err != nil {
 		t.Errorf("another agent: %v", err)
 	}
-	one := uint32(1)
+	one := dataplane.Slot(1)
 	if n := len(s.List(&one)); n != MaxPending {
 		t.Errorf("%d requests of agent 1 kept", n)
 	}

@@ -455,14 +455,13 @@ func killDuringStorm(e *env, t *tetherdProc, res *telemetryResults, stormAgent, 
 			cmd.Wait()
 			return err
 		}
-		slot := uint32(a.Slot)
-		kills, err := t.client.Kill(api.KillRequest{Slot: &slot, Reason: "bench", Terminate: true})
+		kills, err := t.client.Kill(api.KillRequest{Slot: &a.Slot, Reason: "bench", Terminate: true})
 		cmd.Wait()
 		if err != nil {
 			return err
 		}
 		if len(kills) != 1 {
-			return fmt.Errorf("kill of slot %d: %d records", slot, len(kills))
+			return fmt.Errorf("kill of slot %d: %d records", a.Slot, len(kills))
 		}
 		for _, s := range kills[0].Steps {
 			switch {

@@ -264,9 +264,6 @@ type KillStatus struct {
 	Denied  []killpath.Denied `json:"denied"`
 }
 
-// ErrRefused is returned (wrapped) for what the policy does not allow; the API answers 403.
-var ErrRefused = errors.New("refused")
-
 // HandoffRequest hands the agent's task to another agent. Credential is the sender's current
 // task credential.
 type HandoffRequest struct {

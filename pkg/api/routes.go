@@ -192,7 +192,7 @@ func statusOf(err error) int {
 		errors.Is(err, stepup.ErrDecided):
 		return http.StatusConflict
 	case errors.Is(err, credentials.ErrExpired), errors.Is(err, credentials.ErrRevoked), errors.Is(err, credentials.ErrInvalid),
-		errors.Is(err, ErrRefused):
+		errors.Is(err, stepup.ErrRefused):
 		return http.StatusForbidden
 	}
 	return http.StatusInternalServerError

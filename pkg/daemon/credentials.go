@@ -17,12 +17,12 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/agents"
-	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/config"
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/identity"
 	"github.com/tether-sh/tether/pkg/policy"
+	"github.com/tether-sh/tether/pkg/stepup"
 )
 
 // taskCreds issues, renews and revokes the agents' task credentials (pkg/credentials) as their
@@ -235,7 +235,7 @@ func (d *Daemon) Handoff(ctx context.Context, from, to dataplane.Slot, presented
 	if !dec.Allowed || dec.NeedsApproval {
 		d.log.Warn("handoff refused", "from", sender.SpiffeID, "to", receiver.SpiffeID, "task", sender.Task.ID, "reason", dec.Reason)
 		return agents.Agent{}, credentials.Credential{}, fmt.Errorf("%w: the policy does not allow %s to hand task %s to %s: %s",
-			api.ErrRefused, sender.SpiffeID, sender.Task.ID, receiver.SpiffeID, dec.Reason)
+			stepup.ErrRefused, sender.SpiffeID, sender.Task.ID, receiver.SpiffeID, dec.Reason)
 	}
 	a, err := d.registry.Handoff(from, to, spec)
 	if err != nil {

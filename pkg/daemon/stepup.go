@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/tether-sh/tether/pkg/agents"
-	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/policy"
@@ -58,7 +57,7 @@ func (d *Daemon) RequestStepup(ctx context.Context, slot dataplane.Slot, action,
 	switch {
 	case !dec.Allowed:
 		d.recordStepup(req, "refused", "policy", dec.Reason)
-		return req, fmt.Errorf("%w: the policy refuses %s %s for %s: %s", api.ErrRefused, action, resource, a.SpiffeID, dec.Reason)
+		return req, fmt.Errorf("%w: the policy refuses %s %s for %s: %s", stepup.ErrRefused, action, resource, a.SpiffeID, dec.Reason)
 	case !dec.NeedsApproval:
 		if req, err = d.stepups.Add(req); err != nil {
 			return req, fmt.Errorf("%w: %v", agents.ErrTask, err)

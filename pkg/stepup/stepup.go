@@ -32,6 +32,9 @@ var (
 	ErrDecided = errors.New("step-up request already decided")
 	// ErrTooMany: the agent has MaxPending requests waiting already.
 	ErrTooMany = errors.New("too many step-up requests waiting")
+	// ErrRefused: the policy does not allow what was asked (a step-up, a handoff); wrapped
+	// with the policy's reason. The API answers 403.
+	ErrRefused = errors.New("refused")
 )
 
 // MaxPending bounds one agent's waiting requests, so that an agent cannot flood the approvers

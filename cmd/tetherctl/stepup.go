@@ -106,39 +106,36 @@ func newApprovals(g *globals) *cobra.Command {
 
 func newApprove(g *globals) *cobra.Command {
 	var req api.ApproveRequest
-	cmd := &cobra.Command{
-		Use:   "approve REQUEST_ID [--uses N] [--ttl D]",
-		Short: "Approve a pending step-up request once (admins): the kernel allows N connects until the ttl",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			r, err := g.client().Approve(args[0], req)
-			if err != nil {
-				return err
-			}
-			return printStepups(cmd.OutOrStdout(), g, []stepup.Request{r})
-		},
-	}
+	cmd := newDecision(g, "approve REQUEST_ID [--uses N] [--ttl D]",
+		"Approve a pending step-up request once (admins): the kernel allows N connects until the ttl",
+		func(c *api.Client, id string) (stepup.Request, error) { return c.Approve(id, req) })
 	cmd.Flags().Int64Var(&req.Uses, "uses", 1, "connects the approval allows, counted by the kernel (0: until it expires)")
 	cmd.Flags().StringVar(&req.TTL, "ttl", "", "how long it holds (default: what the policy said)")
-	addOutput(cmd, g)
 	return cmd
 }
 
 func newDeny(g *globals) *cobra.Command {
 	var req api.DenyRequest
+	cmd := newDecision(g, "deny REQUEST_ID [--why TEXT]", "Deny a pending step-up request (admins)",
+		func(c *api.Client, id string) (stepup.Request, error) { return c.Deny(id, req) })
+	cmd.Flags().StringVar(&req.Why, "why", "", "the reason, for the agent's log")
+	return cmd
+}
+
+// newDecision is a verb that decides the step-up request its argument names and prints it.
+func newDecision(g *globals, use, short string, decide func(c *api.Client, id string) (stepup.Request, error)) *cobra.Command {
 	cmd := &cobra.Command{
-		Use:   "deny REQUEST_ID [--why TEXT]",
-		Short: "Deny a pending step-up request (admins)",
+		Use:   use,
+		Short: short,
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			r, err := g.client().Deny(args[0], req)
+			r, err := decide(g.client(), args[0])
 			if err != nil {
 				return err
 			}
 			return printStepups(cmd.OutOrStdout(), g, []stepup.Request{r})
 		},
 	}
-	cmd.Flags().StringVar(&req.Why, "why", "", "the reason, for the agent's log")
 	addOutput(cmd, g)
 	return cmd
 }

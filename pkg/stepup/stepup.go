@@ -106,12 +106,21 @@ func (s *Store) Add(r Request) (Request, error) {
 func (s *Store) Get(id string) (Request, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	r, err := s.find(id)
+	if err != nil {
+		return Request{}, err
+	}
+	return *r, nil
+}
+
+// find returns the request id, once lapsed requests are swept. Call with s.mu held.
+func (s *Store) find(id string) (*Request, error) {
 	s.sweep()
 	r, ok := s.reqs[id]
 	if !ok {
-		return Request{}, fmt.Errorf("%w: %q", ErrNotFound, id)
+		return nil, fmt.Errorf("%w: %q", ErrNotFound, id)
 	}
-	return *r, nil
+	return r, nil
 }
 
 // List returns the requests, oldest first; of one agent only when slot is not nil.
@@ -135,10 +144,9 @@ func (s *Store) List(slot *dataplane.Slot) []Request {
 func (s *Store) Decide(id string, decide func(Request) (Request, error)) (Request, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.sweep()
-	r, ok := s.reqs[id]
-	if !ok {
-		return Request{}, fmt.Errorf("%w: %q", ErrNotFound, id)
+	r, err := s.find(id)
+	if err != nil {
+		return Request{}, err
 	}
 	if r.State != Pending {
 		return *r, fmt.Errorf("%w: %s is %s", ErrDecided, id, r.State)

@@ -37,7 +37,7 @@ func (d *Daemon) Confinement(slot dataplane.Slot) (confine.Plan, error) {
 	}
 	cfg := d.cfg.Load()
 	plan := confine.Plan{Profile: profile, Cgroup: a.Cgroup, UID: a.UID, GID: a.UID, Hide: hiddenPaths(cfg), ReadOnly: d.registry.ExecFiles(slot)}
-	own, err := d.creds.iss.Prepare(slot, a.UID)
+	own, err := d.creds.Prepare(slot, a.UID)
 	if err != nil {
 		return confine.Plan{}, err
 	}

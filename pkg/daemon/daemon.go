@@ -25,6 +25,7 @@ import (
 	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/compile"
 	"github.com/tether-sh/tether/pkg/config"
+	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/escalation"
 	"github.com/tether-sh/tether/pkg/events"
@@ -63,7 +64,7 @@ type Daemon struct {
 	stepups     *stepup.Store
 	bpfStats    bool // the kernel counts program runs for us
 	webhook     *escalation.Webhook
-	creds       *taskCreds
+	creds       *credentials.Lifecycle
 	spire       *identity.SPIRE      // the SPIRE agent's admin API, or nil
 	serveErr    chan error           // the control API stopped serving
 	recompile   chan struct{}        // a granted executable changed: compile the grants again soon
@@ -289,7 +290,7 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 		return opened.close, err
 	}
 	if cfg.Credentials.Listen != "" {
-		stop, err := d.serveRelyingParties(ctx, cfg.Credentials.Listen)
+		stop, err := d.creds.ServeRelyingParties(cfg.Credentials.Listen)
 		if err != nil {
 			return opened.close, err
 		}
@@ -305,14 +306,15 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 		Compile:      agents.CompileOn(d.compileOpts),
 		Parents:      d.parents,
 		LaunchParent: d.launch,
-		TaskEnded:    d.creds.ended,
-		Unregistered: d.creds.unregistered,
+		TaskEnded:    d.creds.Ended,
+		Unregistered: d.creds.Unregistered,
 		Retiring:     func(a agents.Agent) { d.metrics.Retire(a) },
 		Denied:       func(id string) bool { return d.killer != nil && d.killer.IsDenied(id) },
 		UIDs:         launchUIDs(cfg),
 		Logger:       d.log,
 	})
 	opened.add(d.registry.Close)
+	d.creds.Tasks = d.registry
 	if err := d.startPolicy(ctx, cfg); err != nil {
 		return opened.close, err
 	}
@@ -705,7 +707,7 @@ func (d *Daemon) Register(r agents.Registration) (agents.Agent, error) {
 		d.reaper.watch(a.Slot, r.LauncherPID)
 	}
 	if a.Task != nil {
-		if _, err := d.creds.issue(context.Background(), a); err != nil {
+		if _, err := d.creds.IssueFor(context.Background(), a); err != nil {
 			d.log.Error("issuing a task credential", "slot", a.Slot, "error", err)
 			return a, fmt.Errorf("agent %d registered, but its task credential was not issued: %w", a.Slot, err)
 		}
@@ -728,7 +730,7 @@ func (d *Daemon) StartTask(slot dataplane.Slot, t agents.TaskSpec) (agents.Agent
 	if err != nil {
 		return a, err
 	}
-	if _, err := d.creds.issue(context.Background(), a); err != nil {
+	if _, err := d.creds.IssueFor(context.Background(), a); err != nil {
 		d.log.Error("issuing a task credential", "slot", a.Slot, "error", err)
 		return a, fmt.Errorf("task %s started, but its credential was not issued: %w", a.Task.ID, err)
 	}

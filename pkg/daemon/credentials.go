@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"time"
@@ -14,7 +13,6 @@ import (
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/identity"
-	"github.com/tether-sh/tether/pkg/policy"
 	"github.com/tether-sh/tether/pkg/stepup"
 )
 
@@ -71,16 +69,9 @@ func (d *Daemon) Handoff(ctx context.Context, from, to dataplane.Slot, presented
 	if err := d.creds.CheckAgent(sender, presented); err != nil {
 		return agents.Agent{}, credentials.Credential{}, fmt.Errorf("the sender's credential: %w", err)
 	}
-	rev := d.pol.engine.Current()
-	c, ok := d.registry.ContextOf(from)
-	if rev == nil || !ok {
-		return agents.Agent{}, credentials.Credential{}, errors.New("no policy revision is in force")
-	}
-	in := d.input(c)
-	in.Request = &policy.Request{Action: "handoff", Resource: receiver.SpiffeID, Reason: "handoff of task " + sender.Task.ID}
-	dec, err := rev.Stepup(ctx, in)
+	dec, err := d.stepupAnswer(ctx, from, "handoff", receiver.SpiffeID, "handoff of task "+sender.Task.ID)
 	if err != nil {
-		return agents.Agent{}, credentials.Credential{}, fmt.Errorf("asking the policy: %w", err)
+		return agents.Agent{}, credentials.Credential{}, err
 	}
 	if !dec.Allowed || dec.NeedsApproval {
 		d.log.Warn("handoff refused", "from", sender.SpiffeID, "to", receiver.SpiffeID, "task", sender.Task.ID, "reason", dec.Reason)

@@ -61,7 +61,7 @@ type Daemon struct {
 	stream      *events.Stream
 	reader      *kernel.EventReader
 	httpLog     *events.HTTP // decision_log.http, or nil
-	stepups     *stepup.Store
+	stepups     *stepup.Service
 	bpfStats    bool // the kernel counts program runs for us
 	webhook     *escalation.Webhook
 	creds       *credentials.Lifecycle
@@ -126,7 +126,7 @@ type Options struct {
 // the kill path), identity discovery, and the sockets it serves. What a phase opened is closed,
 // in reverse order, when Run returns.
 func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
-	d := &Daemon{log: opts.Logger, version: opts.Version, started: time.Now(), reaper: newReaper(), stepups: stepup.New(stepupKeep, nil),
+	d := &Daemon{log: opts.Logger, version: opts.Version, started: time.Now(), reaper: newReaper(),
 		recompile: make(chan struct{}, 1), learn: make(chan events.Decision, 64), serveErr: make(chan error, 1)}
 	d.cfg.Store(cfg)
 	for _, w := range cfg.Warnings {
@@ -315,6 +315,7 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 	})
 	opened.add(d.registry.Close)
 	d.creds.Tasks = d.registry
+	d.stepups = stepup.NewService(stepup.New(stepupKeep, nil), d.registry, d.stepupAnswer, d.pump.Emit, d.log)
 	if err := d.startPolicy(ctx, cfg); err != nil {
 		return opened.close, err
 	}

@@ -69,7 +69,7 @@ func (d *Daemon) Handoff(ctx context.Context, from, to dataplane.Slot, presented
 	if err := d.creds.CheckAgent(sender, presented); err != nil {
 		return agents.Agent{}, credentials.Credential{}, fmt.Errorf("the sender's credential: %w", err)
 	}
-	dec, err := d.stepupAnswer(ctx, from, "handoff", receiver.SpiffeID, "handoff of task "+sender.Task.ID)
+	dec, err := d.pol.decider.Stepup(ctx, from, "handoff", receiver.SpiffeID, "handoff of task "+sender.Task.ID)
 	if err != nil {
 		return agents.Agent{}, credentials.Credential{}, err
 	}

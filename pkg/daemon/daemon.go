@@ -300,9 +300,12 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 	if cfg.API.AgentSocket != "" {
 		d.compileOpts.UnixAlways = []string{cfg.API.AgentSocket}
 	}
+	if err := d.newPolicy(cfg); err != nil {
+		return opened.close, err
+	}
 	d.registry = agents.New(agents.Options{
 		Dataplane:    d.kern,
-		Evaluator:    d,
+		Evaluator:    d.pol.decider,
 		Compile:      agents.CompileOn(d.compileOpts),
 		Parents:      d.parents,
 		LaunchParent: d.launch,
@@ -315,7 +318,8 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 	})
 	opened.add(d.registry.Close)
 	d.creds.Tasks = d.registry
-	d.stepups = stepup.NewService(stepup.New(stepupKeep, nil), d.registry, d.stepupAnswer, d.pump.Emit, d.log)
+	d.pol.decider.Contexts = d.registry.ContextOf
+	d.stepups = stepup.NewService(stepup.New(stepupKeep, nil), d.registry, d.pol.decider.Stepup, d.pump.Emit, d.log)
 	if err := d.startPolicy(ctx, cfg); err != nil {
 		return opened.close, err
 	}
@@ -566,10 +570,8 @@ func (d *Daemon) Reload(ctx context.Context, cfg *config.Loaded) error {
 	d.setAccess(cfg)
 	envChanged := fmt.Sprint(old.Env) != fmt.Sprint(cfg.Env) || old.Policy.Timezone != cfg.Policy.Timezone
 	if envChanged {
-		d.pol.reloadMu.Lock()
-		d.pol.env = policy.Env{Node: nodeName(cfg.Env.Node), Cluster: cfg.Env.Cluster, Environment: cfg.Env.Environment, Labels: cfg.Env.Labels}
-		d.pol.loc, _ = time.LoadLocation(cfg.Policy.Timezone)
-		d.pol.reloadMu.Unlock()
+		loc, _ := time.LoadLocation(cfg.Policy.Timezone) // checked by config.Load
+		d.pol.decider.SetEnv(policy.Env{Node: nodeName(cfg.Env.Node), Cluster: cfg.Env.Cluster, Environment: cfg.Env.Environment, Labels: cfg.Env.Labels}, loc)
 	}
 	var errs []error
 	if cfg.Policy.Bundle == nil {

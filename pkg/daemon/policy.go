@@ -10,32 +10,26 @@ import (
 	"sync"
 	"time"
 
-	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/config"
 	"github.com/tether-sh/tether/pkg/events"
-	"github.com/tether-sh/tether/pkg/grants"
 	"github.com/tether-sh/tether/pkg/policy"
 	"github.com/tether-sh/tether/policies"
 )
 
-// policyState is the daemon's side of the policy: where revisions come from, what the policy
-// is told of the environment, and the agents' recent decisions for respond.
+// policyState is the daemon's side of the policy: where revisions come from, and the decider
+// that answers for the agents with the revision in force.
 type policyState struct {
-	engine *policy.Engine
-	env    policy.Env
-	loc    *time.Location
-	stop   func() // the bundle downloader
+	engine  *policy.Engine
+	decider *policy.Decider
+	stop    func() // the bundle downloader
 
 	reloadMu sync.Mutex // one reload at a time
-
-	recent *recent // what respond is told of each agent's recent decisions
 }
 
-// startPolicy puts the first revision in force (a directory or the shipped policies), or starts
-// the bundle downloader (agents are granted nothing until a bundle is in force), and starts
-// watching the directory.
-func (d *Daemon) startPolicy(ctx context.Context, cfg *config.Loaded) error {
+// newPolicy sets up the policy engine and the decider that answers for the agents with the
+// revision in force (none yet: startPolicy puts one in force).
+func (d *Daemon) newPolicy(cfg *config.Loaded) error {
 	schema, err := policies.FS.ReadFile("input.schema.json")
 	if err != nil {
 		return err
@@ -45,8 +39,19 @@ func (d *Daemon) startPolicy(ctx context.Context, cfg *config.Loaded) error {
 		return err
 	}
 	env := policy.Env{Node: nodeName(cfg.Env.Node), Cluster: cfg.Env.Cluster, Environment: cfg.Env.Environment, Labels: cfg.Env.Labels}
-	d.pol = &policyState{engine: policy.NewEngine(schema, d.log), env: env, loc: loc, recent: newRecent()}
+	engine := policy.NewEngine(schema, d.log)
+	dec := policy.NewDecider(engine, env, loc)
+	dec.Observe = d.metrics.ObserveEvaluation
+	dec.Record = d.pump.Record
+	dec.Evaluations = func() bool { return d.cfg.Load().DecisionLog.Evaluations }
+	d.pol = &policyState{engine: engine, decider: dec}
+	return nil
+}
 
+// startPolicy puts the first revision in force (a directory or the shipped policies), or starts
+// the bundle downloader (agents are granted nothing until a bundle is in force), and starts
+// watching the directory.
+func (d *Daemon) startPolicy(ctx context.Context, cfg *config.Loaded) error {
 	if b := cfg.Policy.Bundle; b != nil {
 		o := policy.BundleOptions{Service: b.Service, Resource: b.Resource, MinDelay: b.MinDelay, MaxDelay: b.MaxDelay,
 			KeyID: b.KeyID, Algorithm: b.Algorithm, Scope: b.Scope}
@@ -130,7 +135,7 @@ func (d *Daemon) offer(ctx context.Context, f *policy.Files, why string) error {
 	before := d.pol.engine.Current()
 	probes := policy.StandardProbes(time.Now())
 	for _, c := range d.registry.Contexts() {
-		probes = append(probes, d.input(c))
+		probes = append(probes, d.pol.decider.Input(c))
 	}
 	rev, err := d.pol.engine.Offer(ctx, f, probes)
 	if err != nil {
@@ -143,41 +148,6 @@ func (d *Daemon) offer(ctx context.Context, f *policy.Files, why string) error {
 	return d.registry.Refresh(ctx)
 }
 
-// Grants implements agents.Evaluator with the revision in force.
-func (d *Daemon) Grants(ctx context.Context, c agents.Context) (grants.Grants, error) {
-	rev := d.pol.engine.Current()
-	if rev == nil {
-		return grants.Grants{}, errors.New("no policy revision is in force yet")
-	}
-	in := d.input(c)
-	start := time.Now()
-	g, err := rev.Grants(ctx, in)
-	took := time.Since(start)
-	if d.metrics != nil {
-		d.metrics.ObserveEvaluation(took)
-	}
-	d.recordEvaluation(policy.QueryGrants, rev.ID, c, in, g, err, took)
-	return g, err
-}
-
-// recordEvaluation puts a policy evaluation in the decision log (input masked by the pump, off
-// this goroutine: the agent's lock is held here).
-func (d *Daemon) recordEvaluation(query, revision string, c agents.Context, in policy.Input, result any, err error, took time.Duration) {
-	if d.pump == nil || !d.cfg.Load().DecisionLog.Evaluations {
-		return
-	}
-	a := events.Agent{SpiffeID: c.SpiffeID, Slot: c.Slot}
-	if c.Task != nil {
-		a.TaskID, a.TaskType = c.Task.ID, c.Task.Type
-	}
-	d.pump.Record(events.PolicyRecord(a, query, revision, in, result, err, took))
-}
-
-// input is what the policy is told of an agent, now.
-func (d *Daemon) input(c agents.Context) policy.Input {
-	return policy.ContextInput(c, d.pol.env, policy.TimeAt(time.Now(), d.pol.loc))
-}
-
 // respond completes a decision record (the agent's task, the policy revision in force) and has
 // the policy say what to do about an agent's denied or audited decision, given its
 // decisions of the last minute, and writes the answer into the record. The kill path acts on it;
@@ -187,21 +157,11 @@ func (d *Daemon) respond(rec *events.Decision) {
 	if rec.Slot == nil {
 		return
 	}
-	rev := d.pol.engine.Current()
 	if id, typ, ok := d.registry.TaskOf(*rec.Slot); ok {
 		rec.TaskID, rec.TaskType = id, typ
 	}
-	if rev != nil {
-		rec.PolicyRevision = rev.ID
-	}
-	if rev == nil || rec.Verdict == events.VerdictAllow {
-		return
-	}
 	slot := *rec.Slot
-	resp, fresh, err := d.pol.recent.respond(rec, rev, func() (policy.Input, bool) {
-		c, ok := d.registry.ContextOf(slot)
-		return d.input(c), ok
-	})
+	resp, fresh, err := d.pol.decider.Respond(rec)
 	if err != nil {
 		d.log.Error("respond policy", "error", err)
 		return
@@ -222,20 +182,8 @@ func (d *Daemon) respond(rec *events.Decision) {
 	}
 }
 
-// toMap is v's JSON form.
-func toMap(v any) map[string]any {
-	b, _ := json.Marshal(v)
-	var m map[string]any
-	json.Unmarshal(b, &m)
-	return m
-}
-
 // EvalPolicy evaluates query (grants, allow, stepup or respond) for input with the revision in
 // force; for grants it also compiles the result, as the agent would get it.
 func (d *Daemon) EvalPolicy(ctx context.Context, query string, input json.RawMessage) (any, error) {
-	rev := d.pol.engine.Current()
-	if rev == nil {
-		return nil, errors.New("no policy revision is in force")
-	}
-	return policy.Eval(ctx, rev, query, input, d.compileOpts)
+	return d.pol.decider.Eval(ctx, query, input, d.compileOpts)
 }

@@ -1,4 +1,4 @@
-package daemon
+package policy
 
 import (
 	"context"
@@ -8,20 +8,19 @@ import (
 
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
-	"github.com/tether-sh/tether/pkg/policy"
 	"github.com/tether-sh/tether/policies"
 )
 
-func shippedWith(t *testing.T, freezeAfter int) *policy.Revision {
+func shippedWith(t *testing.T, freezeAfter int) *Revision {
 	t.Helper()
-	f, err := policy.FromFS(policies.FS, "shipped policies")
+	f, err := FromFS(policies.FS, "shipped policies")
 	if err != nil {
 		t.Fatal(err)
 	}
 	f.Data["tether_settings"].(map[string]any)["respond"] = map[string]any{"freeze_after_denied_egress": freezeAfter}
 	f.Revision = fmt.Sprintf("test-%d", freezeAfter)
 	schema, _ := policies.FS.ReadFile("input.schema.json")
-	rev, err := policy.Compile(context.Background(), f, schema)
+	rev, err := Compile(context.Background(), f, schema)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,27 +40,27 @@ func TestRespondCountsEveryDenial(t *testing.T) {
 	rev := shippedWith(t, 100)
 	r := newRecent()
 	evaluations := 0
-	input := func() (policy.Input, bool) {
+	input := func() (Input, bool) {
 		evaluations++
-		return policy.Input{Agent: policy.Agent{SpiffeID: "spiffe://x/a", TrustDomain: "x", Path: "/a"}, Time: policy.TimeAt(time.Now(), time.UTC)}, true
+		return Input{Agent: Agent{SpiffeID: "spiffe://x/a", TrustDomain: "x", Path: "/a"}, Time: TimeAt(time.Now(), time.UTC)}, true
 	}
 	now := time.Now()
 	// 99 distinct destinations: each is evaluated; no freeze below 100.
 	for i := range 99 {
 		resp, fresh, err := r.respond(deny(fmt.Sprintf("192.0.2.%d:443", i), now), rev, input)
-		if err != nil || !fresh || resp != policy.RespondNone {
+		if err != nil || !fresh || resp != RespondNone {
 			t.Fatalf("denial %d: %q fresh %v %v", i, resp, fresh, err)
 		}
 	}
 	// The same destination again within the second: the memo answers (none), not the policy,
 	// although it is the 100th denial.
 	resp, fresh, err := r.respond(deny("192.0.2.0:443", now), rev, input)
-	if err != nil || fresh || resp != policy.RespondNone || evaluations != 99 {
+	if err != nil || fresh || resp != RespondNone || evaluations != 99 {
 		t.Fatalf("repeat: %q fresh %v evaluations %d %v", resp, fresh, evaluations, err)
 	}
 	// A new destination: evaluated with all 101 counted, the records capped.
 	resp, fresh, err = r.respond(deny("198.51.100.1:443", now), rev, input)
-	if err != nil || !fresh || resp != policy.RespondFreeze {
+	if err != nil || !fresh || resp != RespondFreeze {
 		t.Fatalf("101st denial: %q fresh %v %v", resp, fresh, err)
 	}
 	p := r.agents[1]
@@ -73,7 +72,7 @@ func TestRespondCountsEveryDenial(t *testing.T) {
 	}
 	// A minute later the old denials no longer count.
 	resp, _, _ = r.respond(deny("203.0.113.1:443", now.Add(61*time.Second)), rev, input)
-	if resp != policy.RespondNone {
+	if resp != RespondNone {
 		t.Errorf("a minute later: %q, want none", resp)
 	}
 }

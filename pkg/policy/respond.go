@@ -1,13 +1,13 @@
-package daemon
+package policy
 
 import (
 	"context"
+	"encoding/json"
 	"sync"
 	"time"
 
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
-	"github.com/tether-sh/tether/pkg/policy"
 )
 
 // What the respond policy is told of an agent's past, and how often it is asked.
@@ -54,14 +54,14 @@ type memoKey struct {
 }
 
 type memoEntry struct {
-	resp policy.Response
+	resp Response
 	at   time.Time
 }
 
 // respond counts rec and returns the respond policy's answer for it: from the memo (fresh false)
 // or from evaluating rev with input(), completed with the agent's past (fresh true). It returns
 // "" when input says the agent is gone.
-func (r *recent) respond(rec *events.Decision, rev *policy.Revision, input func() (policy.Input, bool)) (policy.Response, bool, error) {
+func (r *recent) respond(rec *events.Decision, rev *Revision, input func() (Input, bool)) (Response, bool, error) {
 	slot := *rec.Slot
 	now := time.Now()
 	r.mu.Lock()
@@ -131,4 +131,12 @@ func (p *agentPast) window(t time.Time) map[string]int {
 		}
 	}
 	return out
+}
+
+// toMap is v's JSON form.
+func toMap(v any) map[string]any {
+	b, _ := json.Marshal(v)
+	var m map[string]any
+	json.Unmarshal(b, &m)
+	return m
 }

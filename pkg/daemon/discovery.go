@@ -38,7 +38,7 @@ type discovery struct {
 	podSelector labels.Selector
 	selfPod     string
 	cfg         config.Identity
-	reg         *agents.Registry
+	reg         registrar
 	emit        func(events.Decision)
 	log         *slog.Logger
 
@@ -52,6 +52,19 @@ type discovery struct {
 	selfExp  time.Time
 }
 
+// registrar is what discovery does with the agents it finds: it registers them, changes or
+// revokes their identity, and unregisters them when their cgroup goes; it never touches agents
+// under cgroups another part of tetherd covers (launched agents, the API's).
+type registrar interface {
+	Covers(cgroup string) bool
+	Register(agents.Registration) (agents.Agent, error)
+	Get(slot dataplane.Slot) (agents.Agent, bool)
+	Identity(slot dataplane.Slot) (string, dataplane.Mode, bool)
+	SetIdentity(slot dataplane.Slot, spiffeID string) (agents.Agent, error)
+	Revoke(slot dataplane.Slot) (agents.Agent, error)
+	Unregister(slot dataplane.Slot) error
+}
+
 // workload is a discovered cgroup.
 type workload struct {
 	slot       dataplane.Slot
@@ -63,7 +76,7 @@ type workload struct {
 	pids       chan int // processes that entered the cgroup after it was emptied (SPIRE only)
 }
 
-func newDiscovery(cfg config.Identity, root string, spire *identity.SPIRE, reg *agents.Registry, emit func(events.Decision), log *slog.Logger) (*discovery, error) {
+func newDiscovery(cfg config.Identity, root string, spire *identity.SPIRE, reg registrar, emit func(events.Decision), log *slog.Logger) (*discovery, error) {
 	rules := make([]identity.StaticRule, len(cfg.Static))
 	for i, r := range cfg.Static {
 		rules[i] = identity.StaticRule{ID: r.ID, Cgroup: r.Cgroup, Unit: r.Unit, UID: r.UID}

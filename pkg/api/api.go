@@ -211,7 +211,7 @@ type Service interface {
 	RevokedCredentials() []credentials.Revocation
 	VerifyCredential(token string) (credentials.Claims, error)
 	Handoff(ctx context.Context, from, to dataplane.Slot, presented string, spec agents.HandoffSpec) (agents.Agent, credentials.Credential, error)
-	Kill(ctx context.Context, req KillRequest, requester string) ([]killpath.Kill, error)
+	Kill(ctx context.Context, t killpath.Target, reason, requester string, terminate bool) ([]killpath.Kill, error)
 	Resume(slot dataplane.Slot) (agents.Agent, error)
 	Readmit(spiffeID string) ([]agents.Agent, error)
 	Kills() KillStatus

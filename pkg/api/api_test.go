@@ -180,9 +180,9 @@ func (f *fakeService) Handoff(ctx context.Context, from, to dataplane.Slot, pres
 	}
 	return agents.Agent{Slot: to}, credentials.Credential{Token: "handed"}, nil
 }
-func (f *fakeService) Kill(ctx context.Context, req KillRequest, requester string) ([]killpath.Kill, error) {
+func (f *fakeService) Kill(ctx context.Context, t killpath.Target, reason, requester string, terminate bool) ([]killpath.Kill, error) {
 	f.record("kill " + requester)
-	return []killpath.Kill{{ID: "k1", Reason: req.Reason, Requester: requester}}, nil
+	return []killpath.Kill{{ID: "k1", Reason: reason, Requester: requester}}, nil
 }
 func (f *fakeService) Resume(s dataplane.Slot) (agents.Agent, error) {
 	f.record("resume")

@@ -6,6 +6,7 @@ import (
 	"strings"
 
 	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/killpath"
 )
 
 // The kill path: kill, the kills in progress and the deny list, readmission.
@@ -14,7 +15,8 @@ func (s *Server) kill(c *request, req KillRequest) (any, error) {
 	if strings.TrimSpace(req.Reason) == "" {
 		return nil, badRequest(errors.New("reason is required: the kill record says why"))
 	}
-	kills, err := s.svc.Kill(c.r.Context(), req, c.by())
+	t := killpath.Target{Slot: req.Slot, SpiffeID: req.SpiffeID, TaskID: req.TaskID, PID: req.PID}
+	kills, err := s.svc.Kill(c.r.Context(), t, req.Reason, c.by(), req.Terminate)
 	if err != nil && (len(kills) == 0 || errors.Is(err, agents.ErrInvalid)) {
 		if !errors.Is(err, agents.ErrInvalid) && !errors.Is(err, agents.ErrNotFound) {
 			err = withStatus(http.StatusInternalServerError, err)

@@ -351,7 +351,7 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 // startKillPath sets up the kill path, with SPIRE's server to delete the entries of a killed
 // identity when configured.
 func (d *Daemon) startKillPath(cfg *config.Loaded) (func(), error) {
-	killOpts := killpath.Options{Registry: d.registry, StateFile: cfg.Kill.StateFile, FreezeTimeout: cfg.Kill.FreezeTimeout,
+	killOpts := killpath.Options{Registry: d.registry, Cgroup2: d.root, StateFile: cfg.Kill.StateFile, FreezeTimeout: cfg.Kill.FreezeTimeout,
 		Emit: func(e events.Decision) {
 			d.pump.Emit(e)
 			d.metrics.ObserveKill(e)

@@ -54,6 +54,8 @@ type Registry interface {
 	Deny(slot dataplane.Slot) error
 	Get(slot dataplane.Slot) (agents.Agent, bool)
 	List() []agents.Agent
+	// Idents is every agent's identity, without the lock Peek does not take either.
+	Idents() []agents.Ident
 	SetKilled(slot dataplane.Slot, killed bool) (agents.Agent, error)
 	EndTask(slot dataplane.Slot) (agents.Agent, error)
 }
@@ -61,6 +63,8 @@ type Registry interface {
 // Options configure a Killer.
 type Options struct {
 	Registry Registry
+	// Cgroup2 is the cgroup2 mount (a kill by PID finds the agent from the process's cgroup).
+	Cgroup2 string
 	// StateFile keeps kills in progress and the denied SPIFFE IDs across restarts.
 	StateFile string
 	// FreezeTimeout bounds the wait for cgroup.events to say frozen.

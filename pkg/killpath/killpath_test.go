@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"syscall"
 	"testing"
@@ -52,6 +53,14 @@ func (f *fakeRegistry) List() []agents.Agent {
 	var out []agents.Agent
 	for _, a := range f.agents {
 		out = append(out, a)
+	}
+	return out
+}
+
+func (f *fakeRegistry) Idents() []agents.Ident {
+	var out []agents.Ident
+	for _, a := range f.List() {
+		out = append(out, agents.Ident{Slot: a.Slot, SpiffeID: a.SpiffeID, Cgroup: a.Cgroup})
 	}
 	return out
 }
@@ -228,5 +237,38 @@ func TestPrivilegedFreezeForkBomb(t *testing.T) {
 	writeFreeze(bomb, false)
 	if err := cgroups.WaitEmpty(bomb, 5*time.Second); err != nil {
 		t.Errorf("after halt: %v", err)
+	}
+}
+
+// TestTargetsNameAgents: a kill names its agents by exactly one of slot, SPIFFE ID (every agent
+// with it), task ID or process; nothing else, and no agent, is an error.
+func TestTargetsNameAgents(t *testing.T) {
+	dir := t.TempDir()
+	reg := &fakeRegistry{agents: map[dataplane.Slot]agents.Agent{
+		2: {Slot: 2, SpiffeID: "spiffe://x.org/a", Cgroup: filepath.Join(dir, "a"), Task: &agents.Task{ID: "t1"}},
+		3: {Slot: 3, SpiffeID: "spiffe://x.org/a", Cgroup: filepath.Join(dir, "b")},
+		4: {Slot: 4, SpiffeID: "spiffe://x.org/c", Cgroup: filepath.Join(dir, "c")},
+	}}
+	k, err := New(Options{Registry: reg, StateFile: filepath.Join(dir, "state.json")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	four := dataplane.Slot(4)
+	for _, tc := range []struct {
+		t    Target
+		want []dataplane.Slot
+		err  error
+	}{
+		{Target{SpiffeID: "spiffe://x.org/a"}, []dataplane.Slot{2, 3}, nil},
+		{Target{TaskID: "t1"}, []dataplane.Slot{2}, nil},
+		{Target{Slot: &four}, []dataplane.Slot{4}, nil},
+		{Target{SpiffeID: "spiffe://x.org/none"}, nil, agents.ErrNotFound},
+		{Target{Slot: &four, TaskID: "t1"}, nil, agents.ErrInvalid},
+		{Target{}, nil, agents.ErrInvalid},
+	} {
+		got, err := k.targets(tc.t)
+		if !errors.Is(err, tc.err) || !slices.Equal(got, tc.want) {
+			t.Errorf("%+v: %v %v, want %v %v", tc.t, got, err, tc.want, tc.err)
+		}
 	}
 }

@@ -24,6 +24,7 @@ import (
 	"github.com/goccy/go-yaml/parser"
 	"k8s.io/apimachinery/pkg/labels"
 
+	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/identity"
 	"github.com/tether-sh/tether/pkg/panics"
@@ -110,7 +111,7 @@ type BPF struct {
 	// PinDir holds the pinned maps and links; it survives tetherd restarts.
 	PinDir string `json:"pin_dir"`
 	// ExecMode is auto, lsm, signal or off.
-	ExecMode string `json:"exec_mode"`
+	ExecMode dataplane.ExecMode `json:"exec_mode"`
 	// RingBufferBytes is the event ring buffer size: a power of two, at least a page.
 	RingBufferBytes uint32 `json:"ring_buffer_bytes"`
 	// AllowSample logs one allow in every AllowSample allows (0: none). Denies are all logged.
@@ -330,6 +331,11 @@ type Loaded struct {
 	Config
 	Source   string // file name, or "embedded defaults"
 	Warnings []string
+
+	// What the checks parsed, for the daemon to use as it is.
+	Location    *time.Location   // policy.timezone
+	Mask        []events.Pointer // decision_log.mask
+	PodSelector labels.Selector  // identity.kubernetes.pod_selector; nil without identity.kubernetes
 }
 
 // Load reads the file at path, or the embedded defaults when path is empty.
@@ -480,10 +486,10 @@ func (l *Loaded) check() []fieldError {
 	bad := func(path, field, format string, args ...any) {
 		errs = append(errs, fieldError{path, field, fmt.Sprintf(format, args...)})
 	}
-	for _, check := range []func(*Config, badFunc){
+	for _, check := range []func(*Loaded, badFunc){
 		checkCgroup, checkBPF, checkAPI, checkConfinement, checkIdentity, checkTelemetry, checkKill, checkPolicy, checkResolver,
 	} {
-		check(&l.Config, bad)
+		check(l, bad)
 	}
 	return errs
 }
@@ -492,7 +498,8 @@ func (l *Loaded) check() []fieldError {
 type badFunc func(path, field, format string, args ...any)
 
 // checkCgroup checks the cgroups: root, agent parents, launch parent.
-func checkCgroup(c *Config, bad badFunc) {
+func checkCgroup(l *Loaded, bad badFunc) {
+	c := &l.Config
 	if c.Cgroup.Root != "" && !filepath.IsAbs(c.Cgroup.Root) {
 		bad("$.cgroup.root", "cgroup.root", "%q: must be an absolute path", c.Cgroup.Root)
 	}
@@ -512,13 +519,12 @@ func checkCgroup(c *Config, bad badFunc) {
 }
 
 // checkBPF checks the kernel side.
-func checkBPF(c *Config, bad badFunc) {
+func checkBPF(l *Loaded, bad badFunc) {
+	c := &l.Config
 	if !filepath.IsAbs(c.BPF.PinDir) {
 		bad("$.bpf.pin_dir", "bpf.pin_dir", "%q: must be an absolute path", c.BPF.PinDir)
 	}
-	switch c.BPF.ExecMode {
-	case "auto", "lsm", "signal", "off":
-	default:
+	if _, err := dataplane.ParseExecMode(string(c.BPF.ExecMode)); err != nil {
 		bad("$.bpf.exec_mode", "bpf.exec_mode", "%q: want auto, lsm, signal or off", c.BPF.ExecMode)
 	}
 	if n := c.BPF.RingBufferBytes; n < 4096 || n&(n-1) != 0 {
@@ -532,7 +538,8 @@ func checkBPF(c *Config, bad badFunc) {
 }
 
 // checkAPI checks the sockets and who may launch.
-func checkAPI(c *Config, bad badFunc) {
+func checkAPI(l *Loaded, bad badFunc) {
+	c := &l.Config
 	if s := c.API.AgentSocket; s != "" && (!filepath.IsAbs(s) || len(s) > 107 || s == c.API.Socket) {
 		bad("$.api.agent_socket", "api.agent_socket", "%q: want an absolute path of at most 107 bytes, not the API socket", s)
 	}
@@ -560,7 +567,8 @@ func checkAPI(c *Config, bad badFunc) {
 }
 
 // checkConfinement checks the launcher's sandbox.
-func checkConfinement(c *Config, bad badFunc) {
+func checkConfinement(l *Loaded, bad badFunc) {
+	c := &l.Config
 	if _, _, err := c.Confinement.UIDRange(); err != nil {
 		bad("$.confinement.uids", "confinement.uids", "%v", err)
 	}
@@ -572,7 +580,8 @@ func checkConfinement(c *Config, bad badFunc) {
 }
 
 // checkIdentity checks identity discovery.
-func checkIdentity(c *Config, bad badFunc) {
+func checkIdentity(l *Loaded, bad badFunc) {
+	c := &l.Config
 	for i, td := range c.Identity.TrustDomains {
 		if _, err := identity.Parse("spiffe://" + td); err != nil || strings.Contains(td, "/") {
 			bad(fmt.Sprintf("$.identity.trust_domains[%d]", i), "identity.trust_domains", "%q: want a trust domain name (example.org)", td)
@@ -600,7 +609,8 @@ func checkIdentity(c *Config, bad badFunc) {
 		} else if err := c.Identity.CheckTrustDomain("spiffe://" + k.TrustDomain); err != nil {
 			bad("$.identity.kubernetes.trust_domain", "identity.kubernetes.trust_domain", "%v", err)
 		}
-		if _, err := labels.Parse(k.PodSelector); err != nil {
+		var err error
+		if l.PodSelector, err = labels.Parse(k.PodSelector); err != nil {
 			bad("$.identity.kubernetes.pod_selector", "identity.kubernetes.pod_selector", "%q: %v", k.PodSelector, err)
 		}
 	}
@@ -626,7 +636,8 @@ func checkIdentity(c *Config, bad badFunc) {
 }
 
 // checkTelemetry checks alerts, the decision log and metrics.
-func checkTelemetry(c *Config, bad badFunc) {
+func checkTelemetry(l *Loaded, bad badFunc) {
+	c := &l.Config
 	if u := c.Telemetry.EscalationWebhook; u != "" {
 		if pu, err := url.Parse(u); err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
 			bad("$.telemetry.escalation_webhook", "telemetry.escalation_webhook", "%q: want an http or https URL", u)
@@ -643,7 +654,8 @@ func checkTelemetry(c *Config, bad badFunc) {
 			bad("$.decision_log.http", "decision_log.http", "%v", err)
 		}
 	}
-	if _, err := events.ParseMask(c.DecisionLog.Mask); err != nil {
+	var err error
+	if l.Mask, err = events.ParseMask(c.DecisionLog.Mask); err != nil {
 		bad("$.decision_log.mask", "decision_log.mask", "%v", err)
 	}
 	if a := c.Telemetry.MetricsAddress; a != "" {
@@ -654,7 +666,8 @@ func checkTelemetry(c *Config, bad badFunc) {
 }
 
 // checkKill checks the kill path and task credentials.
-func checkKill(c *Config, bad badFunc) {
+func checkKill(l *Loaded, bad badFunc) {
+	c := &l.Config
 	if !filepath.IsAbs(c.Kill.StateFile) {
 		bad("$.kill.state_file", "kill.state_file", "%q: must be an absolute path", c.Kill.StateFile)
 	}
@@ -678,7 +691,8 @@ func checkKill(c *Config, bad badFunc) {
 }
 
 // checkPolicy checks the policy source and its clock.
-func checkPolicy(c *Config, bad badFunc) {
+func checkPolicy(l *Loaded, bad badFunc) {
+	c := &l.Config
 	if c.Policy.Dir != "" && c.Policy.Bundle != nil {
 		bad("$.policy", "policy", "give a dir or a bundle, not both")
 	}
@@ -704,13 +718,15 @@ func checkPolicy(c *Config, bad badFunc) {
 			}
 		}
 	}
-	if _, err := time.LoadLocation(c.Policy.Timezone); err != nil {
+	var err error
+	if l.Location, err = time.LoadLocation(c.Policy.Timezone); err != nil {
 		bad("$.policy.timezone", "policy.timezone", "%q: %v", c.Policy.Timezone, err)
 	}
 }
 
 // checkResolver checks the DNS resolver and the log.
-func checkResolver(c *Config, bad badFunc) {
+func checkResolver(l *Loaded, bad badFunc) {
+	c := &l.Config
 	if c.DNS.Server != "" {
 		if _, _, err := net.SplitHostPort(c.DNS.Server); err != nil {
 			bad("$.dns.server", "dns.server", "%q: want host:port", c.DNS.Server)

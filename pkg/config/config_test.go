@@ -158,3 +158,21 @@ func TestLoadRefusesWhatIsNotAConfigurationFile(t *testing.T) {
 		}
 	}
 }
+
+// TestLoadParsesOnce: what the checks parse (the time zone, the decision log's mask, the pod
+// selector, the exec mode) comes with the configuration, for the daemon to use as it is.
+func TestLoadParsesOnce(t *testing.T) {
+	l, err := Parse("test", []byte(`
+bpf: {exec_mode: signal}
+policy: {timezone: Europe/Paris}
+decision_log: {mask: [/input/agent/labels]}
+identity: {kubernetes: {trust_domain: cluster.local, pod_selector: "tether.dev/agent=true"}}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.Location == nil || l.Location.String() != "Europe/Paris" || len(l.Mask) != 1 || l.PodSelector == nil ||
+		l.PodSelector.String() != "tether.dev/agent=true" || l.BPF.ExecMode != "signal" {
+		t.Errorf("parsed: location %v, mask %v, selector %v, exec mode %q", l.Location, l.Mask, l.PodSelector, l.BPF.ExecMode)
+	}
+}

@@ -18,8 +18,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"k8s.io/apimachinery/pkg/labels"
-
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/cgroups"
@@ -174,13 +172,12 @@ func (d *Daemon) startKernel(_ context.Context, cfg *config.Loaded) (func(), err
 	if err := d.findCgroups(cfg); err != nil {
 		return nil, err
 	}
-	execMode, _ := kernel.ParseExecMode(cfg.BPF.ExecMode)
 	k, err := kernel.Open(kernel.Options{
 		PinDir:             cfg.BPF.PinDir,
 		RingBufferSize:     cfg.BPF.RingBufferBytes,
 		AllowSample:        cfg.BPF.AllowSample,
 		UnknownCgroupAllow: cfg.BPF.UnknownCgroup == "allow",
-		Exec:               execMode,
+		Exec:               cfg.BPF.ExecMode,
 		AllowRootAttach:    cfg.Cgroup.AllowRootAttach,
 		Logger:             d.log,
 	})
@@ -230,8 +227,7 @@ func (d *Daemon) startPipeline(_ context.Context, cfg *config.Loaded) (func(), e
 		return opened.close, err
 	}
 	d.pump = events.NewPump(d.reader, attribution{d}, 8192, d.log, sinks...)
-	mask, _ := events.ParseMask(cfg.DecisionLog.Mask) // checked by config.Load
-	d.pump.SetMask(mask)
+	d.pump.SetMask(cfg.Mask)
 	d.pump.Annotate = d.respond
 	return opened.close, nil
 }
@@ -384,8 +380,8 @@ func (d *Daemon) startIdentity(ctx context.Context, cfg *config.Loaded) (func(),
 		if d.disc.k8s, err = identity.NewKubernetes(client, nodeName(kc.NodeName), kc.TrustDomain, d.disc.podDeleted); err != nil {
 			return nil, err
 		}
-		d.disc.podSelector, _ = labels.Parse(kc.PodSelector) // checked with the configuration
-		d.disc.selfPod = os.Getenv("POD_UID")                // the DaemonSet passes metadata.uid
+		d.disc.podSelector = cfg.PodSelector
+		d.disc.selfPod = os.Getenv("POD_UID") // the DaemonSet passes metadata.uid
 	}
 	if !d.disc.enabled() {
 		return nil, nil
@@ -570,8 +566,7 @@ func (d *Daemon) Reload(ctx context.Context, cfg *config.Loaded) error {
 	d.setAccess(cfg)
 	envChanged := fmt.Sprint(old.Env) != fmt.Sprint(cfg.Env) || old.Policy.Timezone != cfg.Policy.Timezone
 	if envChanged {
-		loc, _ := time.LoadLocation(cfg.Policy.Timezone) // checked by config.Load
-		d.pol.decider.SetEnv(policy.Env{Node: nodeName(cfg.Env.Node), Cluster: cfg.Env.Cluster, Environment: cfg.Env.Environment, Labels: cfg.Env.Labels}, loc)
+		d.pol.decider.SetEnv(policy.Env{Node: nodeName(cfg.Env.Node), Cluster: cfg.Env.Cluster, Environment: cfg.Env.Environment, Labels: cfg.Env.Labels}, cfg.Location)
 	}
 	var errs []error
 	if cfg.Policy.Bundle == nil {

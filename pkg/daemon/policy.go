@@ -34,13 +34,9 @@ func (d *Daemon) newPolicy(cfg *config.Loaded) error {
 	if err != nil {
 		return err
 	}
-	loc, err := time.LoadLocation(cfg.Policy.Timezone)
-	if err != nil {
-		return err
-	}
 	env := policy.Env{Node: nodeName(cfg.Env.Node), Cluster: cfg.Env.Cluster, Environment: cfg.Env.Environment, Labels: cfg.Env.Labels}
 	engine := policy.NewEngine(schema, d.log)
-	dec := policy.NewDecider(engine, env, loc)
+	dec := policy.NewDecider(engine, env, cfg.Location)
 	dec.Observe = d.metrics.ObserveEvaluation
 	dec.Record = d.pump.Record
 	dec.Evaluations = func() bool { return d.cfg.Load().DecisionLog.Evaluations }

@@ -27,29 +27,15 @@ import (
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
-// ExecMode is how exec is enforced.
-type ExecMode string
+// ExecMode is how exec is enforced (see dataplane.ExecMode).
+type ExecMode = dataplane.ExecMode
 
 const (
-	// ExecAuto picks ExecLSM where BPF LSM works, else ExecSignal.
-	ExecAuto ExecMode = "auto"
-	// ExecLSM refuses a denied exec in lsm/bprm_check_security: the caller gets EPERM.
-	ExecLSM ExecMode = "lsm"
-	// ExecSignal kills a process with SIGKILL from tp_btf/sched_process_exec, after the point
-	// of no return of a denied exec and before the new image runs user code.
-	ExecSignal ExecMode = "signal"
-	// ExecOff enforces no exec rule (lineage is still tracked).
-	ExecOff ExecMode = "off"
+	ExecAuto   = dataplane.ExecAuto
+	ExecLSM    = dataplane.ExecLSM
+	ExecSignal = dataplane.ExecSignal
+	ExecOff    = dataplane.ExecOff
 )
-
-// ParseExecMode accepts auto, lsm, signal and off.
-func ParseExecMode(s string) (ExecMode, error) {
-	switch m := ExecMode(s); m {
-	case ExecAuto, ExecLSM, ExecSignal, ExecOff:
-		return m, nil
-	}
-	return "", fmt.Errorf("unknown exec mode %q (want auto, lsm, signal or off)", s)
-}
 
 // DefaultPinDir is where tetherd pins its maps and links.
 const DefaultPinDir = "/sys/fs/bpf/tether"

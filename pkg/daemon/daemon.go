@@ -689,6 +689,22 @@ func (d *Daemon) Status() api.Status {
 	return st
 }
 
+// Stats is what tetherd's stages count, for the metrics.
+func (d *Daemon) Stats() telemetry.Stats {
+	st := telemetry.Stats{Registry: d.registry.Stats(), PolicyRefused: d.pol.engine.Status().Refused, Events: d.pump.Stats(),
+		IdentityLost: d.disc.status().Lost, Sweeps: d.kern.SweepStats()}
+	esc := d.escalationStatus()
+	st.EscalationSent, st.EscalationDropped = esc.Sent, esc.Dropped
+	if c, err := d.kern.Counters(); err == nil {
+		st.Kernel = c
+	}
+	if d.httpLog != nil {
+		hs := d.httpLog.Stats()
+		st.DecisionLogHTTP = &hs
+	}
+	return st
+}
+
 func (d *Daemon) Agents() []agents.Agent { return d.registry.List() }
 
 func (d *Daemon) Agent(slot dataplane.Slot) (agents.Agent, bool) { return d.registry.Get(slot) }

@@ -20,7 +20,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/tether-sh/tether/pkg/agents"
-	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/panics"
@@ -28,10 +27,23 @@ import (
 
 // Source is what the metrics read at each scrape.
 type Source interface {
-	Status() api.Status
+	Stats() Stats
 	Agents() []agents.Agent
 	// KernelStats reads the programs' run statistics and how full the maps are.
 	KernelStats() KernelStats
+}
+
+// Stats is what tetherd's stages count, as the metrics read them.
+type Stats struct {
+	Registry          agents.Stats
+	PolicyRefused     uint64 // policy revisions refused
+	Kernel            dataplane.Counters
+	Events            events.Stats
+	DecisionLogHTTP   *events.HTTPStats // nil: no collector configured
+	IdentityLost      uint64
+	EscalationSent    uint64
+	EscalationDropped uint64
+	Sweeps            dataplane.SweepStats
 }
 
 // KernelStats is what the kernel says of tether's programs and maps.
@@ -265,7 +277,7 @@ func kindOf(k string) string {
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	e := emitter{ch}
-	st := c.src.Status()
+	st := c.src.Stats()
 	list := c.src.Agents()
 	c.collectAgents(e, list)
 	c.collectKernel(e, len(list))
@@ -345,10 +357,10 @@ func (c *collector) collectKernel(e emitter, agentCount int) {
 }
 
 // collectStatus collects the counters of tetherd's stages.
-func collectStatus(e emitter, st api.Status) {
+func collectStatus(e emitter, st Stats) {
 	e.counter(descEvals, st.Registry.Evaluations)
 	e.counter(descEvalErrs, st.Registry.EvalErrors)
-	e.counter(descRefused, st.Policy.Refused)
+	e.counter(descRefused, st.PolicyRefused)
 	e.counter(descRefRules, st.Registry.RefusedRules)
 	e.counter(descInstalls, st.Registry.Installs)
 	e.counter(descMapFail, st.Registry.MapWriteFailures)
@@ -369,13 +381,13 @@ func collectStatus(e emitter, st api.Status) {
 	e.counter(descEvDecode, st.Events.DecodeErrors)
 	e.counter(descSinkErrs, st.Events.SinkErrors)
 	e.counter(descSignalErr, st.Kernel.SignalErrors)
-	e.counter(descIDLost, st.Identity.Lost)
-	e.counter(descEscSent, st.Escalation.Sent)
-	e.counter(descEscDrop, st.Escalation.Dropped)
-	e.counter(descSweeps, st.Sockets.Sweeps.Sweeps)
-	e.counter(descTermed, st.Sockets.Sweeps.Terminated)
-	e.counter(descSweepErr, st.Sockets.Sweeps.Errors)
-	e.gauge(descSweepLast, st.Sockets.Sweeps.Last.Seconds())
+	e.counter(descIDLost, st.IdentityLost)
+	e.counter(descEscSent, st.EscalationSent)
+	e.counter(descEscDrop, st.EscalationDropped)
+	e.counter(descSweeps, st.Sweeps.Sweeps)
+	e.counter(descTermed, st.Sweeps.Terminated)
+	e.counter(descSweepErr, st.Sweeps.Errors)
+	e.gauge(descSweepLast, st.Sweeps.Last.Seconds())
 	e.counter(descSockStore, st.Kernel.SockStorageErrors)
 }
 

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/tether-sh/tether/pkg/agents"
-	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
 )
@@ -22,7 +21,7 @@ type fakeSource struct {
 	kernel KernelStats
 }
 
-func (f *fakeSource) Status() api.Status       { return api.Status{} }
+func (f *fakeSource) Stats() Stats             { return Stats{} }
 func (f *fakeSource) Agents() []agents.Agent   { return f.agents }
 func (f *fakeSource) KernelStats() KernelStats { return f.kernel }
 

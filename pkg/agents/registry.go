@@ -122,7 +122,7 @@ type Agent struct {
 	Refused      []string          `json:"refused_rules,omitempty"`
 	Warnings     []string          `json:"warnings,omitempty"`
 	Error        string            `json:"error,omitempty"`
-	Counts       map[string]uint64 `json:"counts,omitempty"`
+	Counts       Counts            `json:"counts,omitempty"`
 }
 
 // Stats count what the registry could not do at the first attempt, and its evaluations.
@@ -870,11 +870,11 @@ func (a *agent) context() Context {
 func (r *Registry) viewCounts(a *agent) Agent {
 	v := r.view(a)
 	if counts, err := r.opts.Dataplane.AgentCounts(a.slot); err == nil {
-		v.Counts = map[string]uint64{}
+		v.Counts = Counts{}
 		for k := range dataplane.NumKinds {
 			for verdict := range dataplane.NumVerdicts {
 				if n := counts[k][verdict]; n > 0 {
-					v.Counts[dataplane.Kind(k).String()+"/"+dataplane.Verdict(verdict).String()] = n
+					v.Counts[CountKey{dataplane.Kind(k), dataplane.Verdict(verdict)}] = n
 				}
 			}
 		}

@@ -395,9 +395,8 @@ func collectStatus(e emitter, st Stats) {
 // with c.mu held.
 func (c *collector) fold(key slotKey, a agents.Agent) dataplaneCounts {
 	cur := dataplaneCounts{}
-	for kv, n := range a.Counts {
-		kind, verdict := splitCount(kv)
-		cur[decisionKey{kindOf(kind), verdict, a.SpiffeID}] += n
+	for k, n := range a.Counts {
+		cur[decisionKey{kindOf(k.Kind.String()), k.Verdict.String(), a.SpiffeID}] += n
 	}
 	prev := c.seen[key]
 	for k, n := range cur {
@@ -407,13 +406,4 @@ func (c *collector) fold(key slotKey, a agents.Agent) dataplaneCounts {
 	}
 	c.seen[key] = cur
 	return cur
-}
-
-func splitCount(kv string) (string, string) {
-	for i := len(kv) - 1; i >= 0; i-- {
-		if kv[i] == '/' {
-			return kv[:i], kv[i+1:]
-		}
-	}
-	return kv, ""
 }

@@ -37,7 +37,9 @@ func scrape(t *testing.T, m *Metrics) string {
 // an agent counted after the last scrape (Retire), and the counter never decreases.
 func TestDecisionsNeverGoDown(t *testing.T) {
 	reg := time.Now()
-	a := agents.Agent{Slot: 1, SpiffeID: "spiffe://x.org/a", Registered: reg, CgroupID: 7, Counts: map[string]uint64{"connect4/deny": 2, "connect6/deny": 1, "exec/allow": 4}}
+	a := agents.Agent{Slot: 1, SpiffeID: "spiffe://x.org/a", Registered: reg, CgroupID: 7, Counts: agents.Counts{
+		{Kind: dataplane.KindConnect4, Verdict: dataplane.VerdictDeny}: 2, {Kind: dataplane.KindConnect6, Verdict: dataplane.VerdictDeny}: 1,
+		{Kind: dataplane.KindExec, Verdict: dataplane.VerdictAllow}: 4}}
 	src := &fakeSource{agents: []agents.Agent{a}}
 	m := New(src, "test")
 	out := scrape(t, m)
@@ -52,9 +54,9 @@ func TestDecisionsNeverGoDown(t *testing.T) {
 	}
 	// The agent counts two more denies, then is unregistered before the next scrape; a new agent
 	// with the same ID in the same slot starts from zero.
-	a.Counts["connect4/deny"] = 4
+	a.Counts[agents.CountKey{Kind: dataplane.KindConnect4, Verdict: dataplane.VerdictDeny}] = 4
 	m.Retire(a)
-	src.agents = []agents.Agent{{Slot: 1, SpiffeID: "spiffe://x.org/a", Registered: reg.Add(time.Second), CgroupID: 8, Counts: map[string]uint64{"connect4/deny": 1}}}
+	src.agents = []agents.Agent{{Slot: 1, SpiffeID: "spiffe://x.org/a", Registered: reg.Add(time.Second), CgroupID: 8, Counts: agents.Counts{{Kind: dataplane.KindConnect4, Verdict: dataplane.VerdictDeny}: 1}}}
 	if out := scrape(t, m); !strings.Contains(out, `tether_decisions_total{kind="connect",spiffe_id="spiffe://x.org/a",verdict="deny"} 6`) {
 		t.Errorf("after retire and a new agent, want 6 denies:\n%s", out)
 	}

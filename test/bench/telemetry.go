@@ -21,6 +21,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/bpffs"
 	"github.com/tether-sh/tether/pkg/cgroups"
@@ -196,7 +197,7 @@ func (t *tetherdProc) accounting(slot dataplane.Slot) (accounting, error) {
 	}
 	for _, a := range list {
 		if a.Slot == slot {
-			return accounting{denies: a.Counts["connect4/deny"], lost: st.Kernel.RingBufferDrops, written: st.Events.Written}, nil
+			return accounting{denies: a.Counts[agents.CountKey{Kind: dataplane.KindConnect4, Verdict: dataplane.VerdictDeny}], lost: st.Kernel.RingBufferDrops, written: st.Events.Written}, nil
 		}
 	}
 	return accounting{}, fmt.Errorf("the bench agent (slot %d) is gone", slot)

@@ -8,7 +8,6 @@ import (
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/killpath"
-	"github.com/tether-sh/tether/pkg/policy"
 )
 
 // Kill runs the kill path on every agent t names (see killpath.Killer.KillTarget). A SPIFFE ID
@@ -23,21 +22,6 @@ func (d *Daemon) Readmit(id string) ([]agents.Agent, error) { return d.killer.Re
 
 func (d *Daemon) Kills() api.KillStatus {
 	return api.KillStatus{Pending: d.killer.Pending(), Denied: d.killer.DeniedIDs()}
-}
-
-// killByPolicy acts on a respond decision of freeze or kill: the kill path, once per agent
-// (an agent already killed is left alone), without halting for freeze.
-func (d *Daemon) killByPolicy(slot dataplane.Slot, response policy.Response, reason string) {
-	a, ok := d.registry.Get(slot)
-	if !ok || a.Killed {
-		return
-	}
-	go func() {
-		_, err := d.killer.Kill(context.Background(), killpath.Request{Slot: slot, Reason: reason, Requester: "policy:respond", Terminate: response == policy.RespondKill})
-		if err != nil {
-			d.log.Error("kill by the respond policy", "slot", slot, "error", err)
-		}
-	}()
 }
 
 // Subscribe follows the decision records.

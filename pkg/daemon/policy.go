@@ -146,8 +146,7 @@ func (d *Daemon) offer(ctx context.Context, f *policy.Files, why string) error {
 
 // respond completes a decision record (the agent's task, the policy revision in force) and has
 // the policy say what to do about an agent's denied or audited decision, given its
-// decisions of the last minute, and writes the answer into the record. The kill path acts on it;
-// here it is logged and counted.
+// decisions of the last minute, and writes the answer into the record; the kill path acts on it.
 func (d *Daemon) respond(rec *events.Decision) {
 	d.guardFollowUp(rec) // a depth deny has no agent (no slot)
 	if rec.Slot == nil {
@@ -156,7 +155,6 @@ func (d *Daemon) respond(rec *events.Decision) {
 	if id, typ, ok := d.registry.TaskOf(*rec.Slot); ok {
 		rec.TaskID, rec.TaskType = id, typ
 	}
-	slot := *rec.Slot
 	resp, fresh, err := d.pol.decider.Respond(rec)
 	if err != nil {
 		d.log.Error("respond policy", "error", err)
@@ -173,9 +171,7 @@ func (d *Daemon) respond(rec *events.Decision) {
 		d.log.Warn("policy response", "response", resp, "slot", *rec.Slot, "spiffe_id", rec.SpiffeID,
 			"kind", rec.Kind, "verdict", rec.Verdict, "decision_id", rec.DecisionID)
 	}
-	if resp == policy.RespondFreeze || resp == policy.RespondKill {
-		d.killByPolicy(slot, resp, fmt.Sprintf("respond policy said %s after %s %s %s (decision %s)", resp, rec.Verdict, rec.Kind, rec.Target(), rec.DecisionID))
-	}
+	d.killer.Respond(*rec)
 }
 
 // EvalPolicy evaluates query (grants, allow, stepup or respond) for input with the revision in

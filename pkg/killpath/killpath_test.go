@@ -272,3 +272,39 @@ func TestTargetsNameAgents(t *testing.T) {
 		}
 	}
 }
+
+// TestRespondKillsOnce: a decision the respond policy answered with freeze or kill runs the kill
+// path on its agent (halting it for kill only); none does nothing, and an agent already killed
+// is left alone.
+func TestRespondKillsOnce(t *testing.T) {
+	dir := t.TempDir()
+	reg := &fakeRegistry{agents: map[dataplane.Slot]agents.Agent{
+		2: {Slot: 2, SpiffeID: "spiffe://x.org/a", Cgroup: filepath.Join(dir, "a")},
+		3: {Slot: 3, SpiffeID: "spiffe://x.org/b", Cgroup: filepath.Join(dir, "b"), Killed: true},
+	}}
+	kills := make(chan events.Decision, 4)
+	k, err := New(Options{Registry: reg, StateFile: filepath.Join(dir, "state.json"), Emit: func(e events.Decision) { kills <- e }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := func(slot dataplane.Slot, resp events.Response) events.Decision {
+		return events.Decision{Slot: &slot, Kind: "connect4", Verdict: events.VerdictDeny, Destination: "192.0.2.1:443", DecisionID: "d1", Response: resp}
+	}
+	k.Respond(rec(2, events.ResponseNone))
+	k.Respond(rec(3, events.ResponseKill))
+	k.Respond(rec(2, events.ResponseFreeze))
+	select {
+	case e := <-kills:
+		if *e.Slot != 2 || e.Kill == nil || e.Kill.Terminate || e.Kill.Requester != "policy:respond" ||
+			e.Reason != "respond policy said freeze after deny connect4 192.0.2.1:443 (decision d1)" {
+			t.Errorf("kill record %+v %+v", e, e.Kill)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no kill after a freeze response")
+	}
+	select {
+	case e := <-kills:
+		t.Errorf("another kill: %+v", e)
+	case <-time.After(200 * time.Millisecond):
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/events"
 )
 
 // Target names the agents a kill is for: exactly one of Slot, SpiffeID (every agent with it),
@@ -83,4 +84,24 @@ func (k *Killer) KillTarget(ctx context.Context, t Target, reason, requester str
 		out = append(out, x)
 	}
 	return out, errors.Join(errs...)
+}
+
+// Respond acts on what the respond policy said of a decision (rec.Response): freeze or kill runs
+// the kill path on the decision's agent, once (an agent already killed is left alone), halting it
+// for kill. It does not wait for the kill.
+func (k *Killer) Respond(rec events.Decision) {
+	if rec.Slot == nil || (rec.Response != events.ResponseFreeze && rec.Response != events.ResponseKill) {
+		return
+	}
+	slot := *rec.Slot
+	if a, ok := k.opts.Registry.Get(slot); !ok || a.Killed {
+		return
+	}
+	reason := fmt.Sprintf("respond policy said %s after %s %s %s (decision %s)", rec.Response, rec.Verdict, rec.Kind, rec.Target(), rec.DecisionID)
+	req := Request{Slot: slot, Reason: reason, Requester: "policy:respond", Terminate: rec.Response == events.ResponseKill}
+	go func() {
+		if _, err := k.Kill(context.Background(), req); err != nil {
+			k.opts.Log.Error("kill by the respond policy", "slot", slot, "error", err)
+		}
+	}()
 }

@@ -678,14 +678,9 @@ func (d *Daemon) Status() api.Status {
 	for _, h := range f.Hooks {
 		st.Hooks = append(st.Hooks, api.Hook{Name: h.Name, Section: h.Section, Active: h.Active, Reason: h.Reason})
 	}
-	st.Sockets = api.SocketStatus{Terminate: f.SockDestroy, Reason: f.SockDestroyReason, Sweeps: d.kern.SweepStats()}
-	if c, err := d.kern.Counters(); err == nil {
-		st.Kernel = c
-	}
-	if d.httpLog != nil {
-		hs := d.httpLog.Stats()
-		st.DecisionLogHTTP = &hs
-	}
+	counts := d.Stats()
+	st.Sockets = api.SocketStatus{Terminate: f.SockDestroy, Reason: f.SockDestroyReason, Sweeps: counts.Sweeps}
+	st.Kernel, st.DecisionLogHTTP = counts.Kernel, counts.DecisionLogHTTP
 	return st
 }
 

@@ -252,55 +252,77 @@ func (r *run) alu(ins asm.Instruction, is64 bool) error {
 	dst := r.regs[ins.Dst]
 	src := r.src(ins)
 	op := ins.OpCode.ALUOp()
-	if op == asm.Swap {
-		v := dst.V
-		if ins.OpCode.Endianness() == asm.BE {
-			switch ins.Constant {
-			case 16:
-				v = uint64(bits.ReverseBytes16(uint16(v)))
-			case 32:
-				v = uint64(bits.ReverseBytes32(uint32(v)))
-			case 64:
-				v = bits.ReverseBytes64(v)
-			}
-		} else {
-			switch ins.Constant {
-			case 16:
-				v = uint64(uint16(v))
-			case 32:
-				v = uint64(uint32(v))
-			}
+	switch {
+	case op == asm.Swap:
+		r.regs[ins.Dst] = Scalar(swap(dst.V, ins))
+		return nil
+	case dst.R != nil || src.R != nil:
+		// Pointer arithmetic: moves, and adding or subtracting a scalar.
+		v, err := pointerALU(op, is64, dst, src)
+		if err != nil {
+			return err
 		}
-		r.regs[ins.Dst] = Scalar(v)
+		r.regs[ins.Dst] = v
 		return nil
 	}
-	// Pointer arithmetic: moves, and adding or subtracting a scalar.
-	if dst.R != nil || src.R != nil {
-		switch {
-		case op == asm.Mov && is64:
-			r.regs[ins.Dst] = src
-			return nil
-		case op == asm.Mov:
-			r.regs[ins.Dst] = Scalar(uint64(uint32(src.V)))
-			return nil
-		case op == asm.Add && is64 && dst.R != nil && src.R == nil:
-			r.regs[ins.Dst] = Value{V: dst.V + src.V, R: dst.R}
-			return nil
-		case op == asm.Add && is64 && dst.R == nil && src.R != nil:
-			r.regs[ins.Dst] = Value{V: dst.V + src.V, R: src.R}
-			return nil
-		case op == asm.Sub && is64 && dst.R != nil && src.R == nil:
-			r.regs[ins.Dst] = Value{V: dst.V - src.V, R: dst.R}
-			return nil
-		case op == asm.Sub && is64 && dst.R != nil && src.R == dst.R:
-			r.regs[ins.Dst] = Scalar(dst.V - src.V)
-			return nil
-		}
-		return fmt.Errorf("%v on a pointer", op)
+	v, err := scalarALU(op, is64, dst.V, src.V)
+	if err != nil {
+		return err
 	}
-	a, b := dst.V, src.V
+	r.regs[ins.Dst] = Scalar(v)
+	return nil
+}
+
+// swap is a byte swap (to big endian) or a truncation (to little endian) of v.
+func swap(v uint64, ins asm.Instruction) uint64 {
+	if ins.OpCode.Endianness() == asm.BE {
+		switch ins.Constant {
+		case 16:
+			return uint64(bits.ReverseBytes16(uint16(v)))
+		case 32:
+			return uint64(bits.ReverseBytes32(uint32(v)))
+		case 64:
+			return bits.ReverseBytes64(v)
+		}
+		return v
+	}
+	switch ins.Constant {
+	case 16:
+		return uint64(uint16(v))
+	case 32:
+		return uint64(uint32(v))
+	}
+	return v
+}
+
+// pointerALU is op on a pointer: a move, or adding or subtracting a scalar, or the distance of
+// two pointers into the same region.
+func pointerALU(op asm.ALUOp, is64 bool, dst, src Value) (Value, error) {
+	switch {
+	case op == asm.Mov && is64:
+		return src, nil
+	case op == asm.Mov:
+		return Scalar(uint64(uint32(src.V))), nil
+	case op == asm.Add && is64 && dst.R != nil && src.R == nil:
+		return Value{V: dst.V + src.V, R: dst.R}, nil
+	case op == asm.Add && is64 && dst.R == nil && src.R != nil:
+		return Value{V: dst.V + src.V, R: src.R}, nil
+	case op == asm.Sub && is64 && dst.R != nil && src.R == nil:
+		return Value{V: dst.V - src.V, R: dst.R}, nil
+	case op == asm.Sub && is64 && dst.R != nil && src.R == dst.R:
+		return Scalar(dst.V - src.V), nil
+	}
+	return Value{}, fmt.Errorf("%v on a pointer", op)
+}
+
+// scalarALU is op on two scalars, in 64 or 32 bits.
+func scalarALU(op asm.ALUOp, is64 bool, a, b uint64) (uint64, error) {
 	if !is64 {
 		a, b = uint64(uint32(a)), uint64(uint32(b))
+	}
+	shift := uint64(31)
+	if is64 {
+		shift = 63
 	}
 	var v uint64
 	switch op {
@@ -330,17 +352,9 @@ func (r *run) alu(ins asm.Instruction, is64 bool) error {
 	case asm.Neg:
 		v = -a
 	case asm.LSh:
-		if is64 {
-			v = a << (b & 63)
-		} else {
-			v = a << (b & 31)
-		}
+		v = a << (b & shift)
 	case asm.RSh:
-		if is64 {
-			v = a >> (b & 63)
-		} else {
-			v = a >> (b & 31)
-		}
+		v = a >> (b & shift)
 	case asm.ArSh:
 		if is64 {
 			v = uint64(int64(a) >> (b & 63))
@@ -354,13 +368,12 @@ func (r *run) alu(ins asm.Instruction, is64 bool) error {
 	case asm.MovSX32:
 		v = uint64(int64(int32(b)))
 	default:
-		return fmt.Errorf("unsupported ALU operation %v", op)
+		return 0, fmt.Errorf("unsupported ALU operation %v", op)
 	}
 	if !is64 {
 		v = uint64(uint32(v))
 	}
-	r.regs[ins.Dst] = Scalar(v)
-	return nil
+	return v, nil
 }
 
 func (r *run) jump(pc int, ins asm.Instruction, is32 bool) (int, bool, error) {

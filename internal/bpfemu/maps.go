@@ -249,92 +249,113 @@ func mapAndKey(a [5]Value) (Map, []byte, error) {
 // MapHelpers are the helpers on maps: lookup, update, delete, ring buffers, socket storage.
 func MapHelpers() map[asm.BuiltinFunc]Helper {
 	return map[asm.BuiltinFunc]Helper{
-		asm.FnMapLookupElem: func(m *Machine, a [5]Value) (Value, error) {
-			mp, key, err := mapAndKey(a)
-			if err != nil {
-				return Value{}, err
-			}
-			v, err := mp.Lookup(key)
-			if err != nil || v == nil {
-				return Value{}, err
-			}
-			return Pointer(v, 0), nil
-		},
-		asm.FnMapUpdateElem: func(m *Machine, a [5]Value) (Value, error) {
-			mp, key, err := mapAndKey(a)
-			if err != nil {
-				return Value{}, err
-			}
-			val, err := a[2].Bytes(mp.ValueSize())
-			if err != nil {
-				return Value{}, err
-			}
-			if err := mp.Update(key, val, a[3].V); err != nil {
-				return Scalar(^uint64(0)), nil
-			}
-			return Scalar(0), nil
-		},
-		asm.FnMapDeleteElem: func(m *Machine, a [5]Value) (Value, error) {
-			mp, key, err := mapAndKey(a)
-			if err != nil {
-				return Value{}, err
-			}
-			if mp.Delete(key) != nil {
-				return Scalar(^uint64(1)), nil // -ENOENT
-			}
-			return Scalar(0), nil
-		},
-		asm.FnRingbufReserve: func(m *Machine, a [5]Value) (Value, error) {
-			mp, err := mapArg(a[0])
-			if err != nil {
-				return Value{}, err
-			}
-			rb, ok := mp.(*RingBuf)
-			if !ok {
-				return Value{}, errors.New("reserve in a map that is no ring buffer")
-			}
-			if rb.Full {
-				return Value{}, nil
-			}
-			return Pointer(NewRegion("ring buffer record", int(a[1].V)), 0), nil
-		},
-		asm.FnRingbufSubmit: func(m *Machine, a [5]Value) (Value, error) {
-			rb := m.ringOf(a[0])
-			if rb == nil || a[0].R == nil {
-				return Value{}, errors.New("submit of no reserved record")
-			}
-			rb.Submitted = append(rb.Submitted, append([]byte(nil), a[0].R.Mem...))
-			return Value{}, nil
-		},
-		asm.FnRingbufDiscard: func(m *Machine, a [5]Value) (Value, error) {
-			if rb := m.ringOf(a[0]); rb != nil {
-				rb.Discarded++
-			}
-			return Value{}, nil
-		},
-		asm.FnSkStorageGet: func(m *Machine, a [5]Value) (Value, error) {
-			mp, err := mapArg(a[0])
-			if err != nil {
-				return Value{}, err
-			}
-			st, ok := mp.(*SkStorage)
-			if !ok {
-				return Value{}, errors.New("socket storage get on another map")
-			}
-			if a[1].R == nil {
-				return Value{}, nil
-			}
-			v := st.Storage[a[1].R]
-			if v == nil && a[3].V&1 != 0 { // BPF_SK_STORAGE_GET_F_CREATE
-				v = NewRegion(st.Name+" value", st.value)
-				st.Storage[a[1].R] = v
-			}
-			if v == nil {
-				return Value{}, nil
-			}
-			return Pointer(v, 0), nil
-		},
+		asm.FnMapLookupElem:  mapLookup,
+		asm.FnMapUpdateElem:  mapUpdate,
+		asm.FnMapDeleteElem:  mapDelete,
+		asm.FnRingbufReserve: ringbufReserve,
+		asm.FnRingbufSubmit:  ringbufSubmit,
+		asm.FnRingbufDiscard: ringbufDiscard,
+		asm.FnSkStorageGet:   skStorageGet,
 	}
+}
+
+// mapLookup looks an element up.
+func mapLookup(m *Machine, a [5]Value) (Value, error) {
+	mp, key, err := mapAndKey(a)
+	if err != nil {
+		return Value{}, err
+	}
+	v, err := mp.Lookup(key)
+	if err != nil || v == nil {
+		return Value{}, err
+	}
+	return Pointer(v, 0), nil
+}
+
+// mapUpdate writes an element (-1 when the map refuses).
+func mapUpdate(m *Machine, a [5]Value) (Value, error) {
+	mp, key, err := mapAndKey(a)
+	if err != nil {
+		return Value{}, err
+	}
+	val, err := a[2].Bytes(mp.ValueSize())
+	if err != nil {
+		return Value{}, err
+	}
+	if err := mp.Update(key, val, a[3].V); err != nil {
+		return Scalar(^uint64(0)), nil
+	}
+	return Scalar(0), nil
+}
+
+// mapDelete deletes an element (-ENOENT when there is none).
+func mapDelete(m *Machine, a [5]Value) (Value, error) {
+	mp, key, err := mapAndKey(a)
+	if err != nil {
+		return Value{}, err
+	}
+	if mp.Delete(key) != nil {
+		return Scalar(^uint64(1)), nil // -ENOENT
+	}
+	return Scalar(0), nil
+}
+
+// ringbufReserve reserves a record (none when the ring buffer is full).
+func ringbufReserve(m *Machine, a [5]Value) (Value, error) {
+	mp, err := mapArg(a[0])
+	if err != nil {
+		return Value{}, err
+	}
+	rb, ok := mp.(*RingBuf)
+	if !ok {
+		return Value{}, errors.New("reserve in a map that is no ring buffer")
+	}
+	if rb.Full {
+		return Value{}, nil
+	}
+	return Pointer(NewRegion("ring buffer record", int(a[1].V)), 0), nil
+}
+
+// ringbufSubmit keeps a reserved record as submitted.
+func ringbufSubmit(m *Machine, a [5]Value) (Value, error) {
+	rb := m.ringOf(a[0])
+	if rb == nil || a[0].R == nil {
+		return Value{}, errors.New("submit of no reserved record")
+	}
+	rb.Submitted = append(rb.Submitted, append([]byte(nil), a[0].R.Mem...))
+	return Value{}, nil
+}
+
+// ringbufDiscard counts a discarded record.
+func ringbufDiscard(m *Machine, a [5]Value) (Value, error) {
+	if rb := m.ringOf(a[0]); rb != nil {
+		rb.Discarded++
+	}
+	return Value{}, nil
+}
+
+// skStorageGet is a socket's storage, created when asked.
+func skStorageGet(m *Machine, a [5]Value) (Value, error) {
+	mp, err := mapArg(a[0])
+	if err != nil {
+		return Value{}, err
+	}
+	st, ok := mp.(*SkStorage)
+	if !ok {
+		return Value{}, errors.New("socket storage get on another map")
+	}
+	if a[1].R == nil {
+		return Value{}, nil
+	}
+	v := st.Storage[a[1].R]
+	if v == nil && a[3].V&1 != 0 { // BPF_SK_STORAGE_GET_F_CREATE
+		v = NewRegion(st.Name+" value", st.value)
+		st.Storage[a[1].R] = v
+	}
+	if v == nil {
+		return Value{}, nil
+	}
+	return Pointer(v, 0), nil
 }
 
 // ringOf is the machine's ring buffer (records carry no reference to theirs).

@@ -148,97 +148,109 @@ func measurePolicy(e *env, o options) (*policyResults, error) {
 		return nil, err
 	}
 	defer closeKernel()
-	ctx := context.Background()
-
-	// 1. One agent's context changes, in production: a task starts, with a task type whose
-	// profile has n rules (three such types in turn, and the agent's own type without a task a
-	// fourth, so every rule is replaced); then a step-up approval adds the production rule.
-	// Each call returns once the kernel holds the result.
-	const id = "spiffe://bench.tether/agent/changes"
 	for _, n := range policyGrants {
-		rev, err := shippedRevision(func(s map[string]any) {
-			p := s["profiles"].(map[string]any)
-			p["bench-a"], p["bench-b"], p["bench-c"], p["bench-idle"] = egressProfile(n, 1, o.ranges), egressProfile(n, 2, o.ranges), egressProfile(n, 3, o.ranges), egressProfile(n, 4, o.ranges)
-			s["identities"] = map[string]any{id: map[string]any{"task_type": "bench-idle"}}
-		})
-		if err != nil {
-			return nil, err
-		}
-		ev.rev.Store(rev)
-		reg := newRegistry()
-		defer reg.Close()
-		cg := filepath.Join(e.parent, fmt.Sprintf("policy-%d", n))
-		defer os.Remove(cg)
-		if err := os.Mkdir(cg, 0o755); err != nil {
-			return nil, err
-		}
-		a, err := reg.Register(agents.Registration{SpiffeID: id, Cgroup: cg})
-		if err != nil {
-			return nil, err
-		}
-		check := func(view agents.Agent, err error) error {
-			if err != nil {
-				return err
-			}
-			if len(view.Refused) > 0 || view.Error != "" || !view.Synced {
-				return fmt.Errorf("context change with %d grants: refused %v, error %q, synced %v", n, view.Refused, view.Error, view.Synced)
-			}
-			return nil
-		}
-		// Changes of one agent come seconds apart in practice; one that comes within about
-		// 10 ms of the last waits for that one's RCU grace period (see pkg/kernel/rulesets.go).
-		// They are spaced so that each is measured on its own.
-		// timed returns the wall time of f and the CPU time the calling thread spent in it: a
-		// wall time far above the CPU time is time the thread waited (for the host to run the
-		// VM, for the runtime), not work.
-		timed := func(f func() (agents.Agent, error)) (sample, error) {
-			time.Sleep(changeGap)
-			runtime.LockOSThread()
-			defer runtime.UnlockOSThread()
-			cpu0 := threadCPU()
-			start := time.Now()
-			view, err := f()
-			took := time.Since(start)
-			cpu := threadCPU() - cpu0
-			return sample{wall: float64(took.Nanoseconds()), cpu: float64(cpu.Nanoseconds())}, check(view, err)
-		}
-		// 150 changes each; 450 for the size the goal is on, whose p99 (the 5th-slowest, not
-		// the 2nd) a single stall of this shared machine should not decide.
-		changes := 150
-		if n == policyGrants[len(policyGrants)-1] {
-			changes = 450
-		}
-		changes = max(20, int(float64(changes)*o.scale))
-		for i := range changes + 3 {
-			spec := agents.TaskSpec{Type: []string{"bench-a", "bench-b", "bench-c"}[i%3], TTL: time.Hour}
-			replace, err := timed(func() (agents.Agent, error) { return reg.StartTask(a.Slot, spec) })
-			if err != nil {
-				return nil, err
-			}
-			approve, err := timed(func() (agents.Agent, error) {
-				return reg.AddApproval(a.Slot, "connect", "production", "bench", time.Hour, 0)
-			})
-			if err != nil {
-				return nil, err
-			}
-			if i >= 3 { // the first few warm up OPA and the maps
-				res.replace[n] = append(res.replace[n], replace)
-				res.approve[n] = append(res.approve[n], approve)
-			}
-			if _, err := timed(func() (agents.Agent, error) { return reg.EndTask(a.Slot) }); err != nil {
-				return nil, err
-			}
-		}
-		if err := reg.Unregister(a.Slot); err != nil {
+		if err := measureChanges(e, o, ev, newRegistry, n, res); err != nil {
 			return nil, err
 		}
 	}
+	if err := measureFleet(e, o, ev, newRegistry, res); err != nil {
+		return nil, err
+	}
+	return res, nil
+}
 
-	// 2. A policy change evaluates every agent again: 10,000 agents (-scale scales them) on the
-	// shipped policy and data, their task types spread over the shipped ones, and two revisions
-	// that differ in one network, so that every agent's rule set changes each time. They are not
-	// unregistered one by one at the end (each would wait for a sweep of live sockets): the
-	// kernel state goes with the pins.
+// measureChanges measures, with n grants, one agent's context changes, in production: a task
+// starts, with a task type whose profile has n rules (three such types in turn, and the agent's
+// own type without a task a fourth, so every rule is replaced); then a step-up approval adds the
+// production rule. Each call returns once the kernel holds the result.
+func measureChanges(e *env, o options, ev *benchEvaluator, newRegistry func() *agents.Registry, n int, res *policyResults) error {
+	const id = "spiffe://bench.tether/agent/changes"
+	rev, err := shippedRevision(func(s map[string]any) {
+		p := s["profiles"].(map[string]any)
+		p["bench-a"], p["bench-b"], p["bench-c"], p["bench-idle"] = egressProfile(n, 1, o.ranges), egressProfile(n, 2, o.ranges), egressProfile(n, 3, o.ranges), egressProfile(n, 4, o.ranges)
+		s["identities"] = map[string]any{id: map[string]any{"task_type": "bench-idle"}}
+	})
+	if err != nil {
+		return err
+	}
+	ev.rev.Store(rev)
+	reg := newRegistry()
+	defer reg.Close()
+	cg := filepath.Join(e.parent, fmt.Sprintf("policy-%d", n))
+	defer os.Remove(cg)
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		return err
+	}
+	a, err := reg.Register(agents.Registration{SpiffeID: id, Cgroup: cg})
+	if err != nil {
+		return err
+	}
+	check := func(view agents.Agent, err error) error {
+		if err != nil {
+			return err
+		}
+		if len(view.Refused) > 0 || view.Error != "" || !view.Synced {
+			return fmt.Errorf("context change with %d grants: refused %v, error %q, synced %v", n, view.Refused, view.Error, view.Synced)
+		}
+		return nil
+	}
+	// Changes of one agent come seconds apart in practice; one that comes within about
+	// 10 ms of the last waits for that one's RCU grace period (see pkg/kernel/rulesets.go).
+	// They are spaced so that each is measured on its own.
+	// timed returns the wall time of f and the CPU time the calling thread spent in it: a
+	// wall time far above the CPU time is time the thread waited (for the host to run the
+	// VM, for the runtime), not work.
+	timed := func(f func() (agents.Agent, error)) (sample, error) {
+		time.Sleep(changeGap)
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		cpu0 := threadCPU()
+		start := time.Now()
+		view, err := f()
+		took := time.Since(start)
+		cpu := threadCPU() - cpu0
+		return sample{wall: float64(took.Nanoseconds()), cpu: float64(cpu.Nanoseconds())}, check(view, err)
+	}
+	// 150 changes each; 450 for the size the goal is on, whose p99 (the 5th-slowest, not
+	// the 2nd) a single stall of this shared machine should not decide.
+	changes := 150
+	if n == policyGrants[len(policyGrants)-1] {
+		changes = 450
+	}
+	changes = max(20, int(float64(changes)*o.scale))
+	for i := range changes + 3 {
+		spec := agents.TaskSpec{Type: []string{"bench-a", "bench-b", "bench-c"}[i%3], TTL: time.Hour}
+		replace, err := timed(func() (agents.Agent, error) { return reg.StartTask(a.Slot, spec) })
+		if err != nil {
+			return err
+		}
+		approve, err := timed(func() (agents.Agent, error) {
+			return reg.AddApproval(a.Slot, "connect", "production", "bench", time.Hour, 0)
+		})
+		if err != nil {
+			return err
+		}
+		if i >= 3 { // the first few warm up OPA and the maps
+			res.replace[n] = append(res.replace[n], replace)
+			res.approve[n] = append(res.approve[n], approve)
+		}
+		if _, err := timed(func() (agents.Agent, error) { return reg.EndTask(a.Slot) }); err != nil {
+			return err
+		}
+	}
+	if err := reg.Unregister(a.Slot); err != nil {
+		return err
+	}
+	return nil
+}
+
+// measureFleet measures how a policy change evaluates every agent again: 10,000 agents (-scale
+// scales them) on the shipped policy and data, their task types spread over the shipped ones,
+// and two revisions that differ in one network, so that every agent's rule set changes each
+// time. They are not unregistered one by one at the end (each would wait for a sweep of live
+// sockets): the kernel state goes with the pins.
+func measureFleet(e *env, o options, ev *benchEvaluator, newRegistry func() *agents.Registry, res *policyResults) error {
+	ctx := context.Background()
 	res.agents = min(max(100, int(fleetSize*o.scale)), dataplane.MaxAgents-1)
 	revs := make([]*policy.Revision, 2)
 	for i := range revs {
@@ -248,7 +260,7 @@ func measurePolicy(e *env, o options) (*policyResults, error) {
 			nets["dns"] = append(nets["dns"].([]any), fmt.Sprintf("100.%d.0.53/32", 64+i))
 		})
 		if err != nil {
-			return nil, err
+			return err
 		}
 		revs[i] = rev
 	}
@@ -262,15 +274,15 @@ func measurePolicy(e *env, o options) (*policyResults, error) {
 	for i := range res.agents {
 		cg := filepath.Join(fleet, fmt.Sprint(i))
 		if err := os.MkdirAll(cg, 0o755); err != nil {
-			return nil, err
+			return err
 		}
 		defer os.Remove(cg)
 		a, err := reg.Register(agents.Registration{SpiffeID: fmt.Sprintf("spiffe://bench.tether/fleet/%d", i), Cgroup: cg})
 		if err != nil {
-			return nil, fmt.Errorf("registering agent %d of %d: %w", i+1, res.agents, err)
+			return fmt.Errorf("registering agent %d of %d: %w", i+1, res.agents, err)
 		}
 		if _, err := reg.StartTask(a.Slot, agents.TaskSpec{Type: types[i%len(types)], Sensitivity: "internal", TTL: time.Hour}); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	res.register = time.Since(start)
@@ -279,17 +291,17 @@ func measurePolicy(e *env, o options) (*policyResults, error) {
 		before := reg.Stats().Installs
 		start := time.Now()
 		if err := reg.Refresh(ctx); err != nil {
-			return nil, err
+			return err
 		}
 		took := time.Since(start)
 		if got := reg.Stats().Installs - before; got < uint64(res.agents) {
-			return nil, fmt.Errorf("a policy change installed %d of %d rule sets", got, res.agents)
+			return fmt.Errorf("a policy change installed %d of %d rule sets", got, res.agents)
 		}
 		if round > 0 {
 			res.refresh = append(res.refresh, float64(took.Nanoseconds()))
 		}
 	}
-	return res, nil
+	return nil
 }
 
 // percentile of unsorted values.

@@ -47,31 +47,9 @@ type options struct {
 }
 
 func run() error {
-	var o options
-	var rules, cpuProfile string
-	flag.IntVar(&o.rounds, "rounds", 7, "samples of every configuration (the table shows their median and spread)")
-	flag.StringVar(&rules, "rules", "10,1000,10000", "rule counts to measure")
-	flag.Float64Var(&o.scale, "scale", 1, "operations per sample, relative to the default")
-	flag.BoolVar(&o.policy, "policy-only", false, "measure only the policy-to-kernel part")
-	flag.BoolVar(&o.kill, "kill-only", false, "measure only the kill path")
-	flag.BoolVar(&o.telem, "telemetry-only", false, "measure only the telemetry part (tetherd's events per second and CPU)")
-	flag.BoolVar(&o.hooks, "hooks-only", false, "measure only tether's overhead rows (in the agent against outside it) and the programs' run time")
-	flag.BoolVar(&o.sweep, "sweep-only", false, "measure only the live-socket part (rule removal to the last socket terminated, bulk throughput in and outside the agent)")
-	flag.BoolVar(&o.ranges, "grant-ranges", false, "make the policy part's egress grants /24 ranges (kept in the tries) instead of /32 hosts (kept in tether_hosts)")
-	flag.BoolVar(&o.launch, "launch-only", false, "measure only the launch latency of tetherctl run -- true with each sandbox profile, against true alone")
-	flag.BoolVar(&o.outside, "outside-only", false, "measure only what a process outside agents pays with tether loaded against nothing loaded (TCP connect, fork+exec)")
-	flag.BoolVar(&o.hotpath, "hotpath-only", false, "measure only the hot path: the instructions each socket hook executes per path, and its run time against an empty program")
-	flag.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof reads it)")
-	flag.Parse()
-	for _, r := range strings.Split(rules, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(r))
-		if err != nil || n < 1 {
-			return fmt.Errorf("-rules: %q is not a rule count", r)
-		}
-		o.rules = append(o.rules, n)
-	}
-	if o.rounds < 1 {
-		return fmt.Errorf("-rounds must be at least 1")
+	o, cpuProfile, err := parseFlags()
+	if err != nil {
+		return err
 	}
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("run as root (sudo make bench): it loads BPF programs and creates cgroups and network namespaces")
@@ -92,6 +70,43 @@ func run() error {
 		}
 		defer pprof.StopCPUProfile()
 	}
+	return measureAndReport(e, o)
+}
+
+// parseFlags reads the command line.
+func parseFlags() (options, string, error) {
+	var o options
+	var rules, cpuProfile string
+	flag.IntVar(&o.rounds, "rounds", 7, "samples of every configuration (the table shows their median and spread)")
+	flag.StringVar(&rules, "rules", "10,1000,10000", "rule counts to measure")
+	flag.Float64Var(&o.scale, "scale", 1, "operations per sample, relative to the default")
+	flag.BoolVar(&o.policy, "policy-only", false, "measure only the policy-to-kernel part")
+	flag.BoolVar(&o.kill, "kill-only", false, "measure only the kill path")
+	flag.BoolVar(&o.telem, "telemetry-only", false, "measure only the telemetry part (tetherd's events per second and CPU)")
+	flag.BoolVar(&o.hooks, "hooks-only", false, "measure only tether's overhead rows (in the agent against outside it) and the programs' run time")
+	flag.BoolVar(&o.sweep, "sweep-only", false, "measure only the live-socket part (rule removal to the last socket terminated, bulk throughput in and outside the agent)")
+	flag.BoolVar(&o.ranges, "grant-ranges", false, "make the policy part's egress grants /24 ranges (kept in the tries) instead of /32 hosts (kept in tether_hosts)")
+	flag.BoolVar(&o.launch, "launch-only", false, "measure only the launch latency of tetherctl run -- true with each sandbox profile, against true alone")
+	flag.BoolVar(&o.outside, "outside-only", false, "measure only what a process outside agents pays with tether loaded against nothing loaded (TCP connect, fork+exec)")
+	flag.BoolVar(&o.hotpath, "hotpath-only", false, "measure only the hot path: the instructions each socket hook executes per path, and its run time against an empty program")
+	flag.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof reads it)")
+	flag.Parse()
+	for _, r := range strings.Split(rules, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(r))
+		if err != nil || n < 1 {
+			return o, "", fmt.Errorf("-rules: %q is not a rule count", r)
+		}
+		o.rules = append(o.rules, n)
+	}
+	if o.rounds < 1 {
+		return o, "", fmt.Errorf("-rounds must be at least 1")
+	}
+	return o, cpuProfile, nil
+}
+
+// measureAndReport measures what o asks for (one part, or the hooks' table) and prints it with
+// its goals.
+func measureAndReport(e *env, o options) error {
 	if o.launch {
 		lr, err := measureLaunch(e)
 		if err != nil {
@@ -106,8 +121,7 @@ func run() error {
 			return err
 		}
 		reportHotPath(os.Stdout, hp)
-		fmt.Println("\nGOALS")
-		hotPathGoals(goalPrinter(os.Stdout), hp)
+		printGoals(func(g goalFunc) { hotPathGoals(g, hp) })
 		return nil
 	}
 	if o.telem {
@@ -116,8 +130,7 @@ func run() error {
 			return err
 		}
 		reportTelemetry(os.Stdout, tr)
-		fmt.Println("\nGOALS")
-		telemetryGoals(goalPrinter(os.Stdout), tr)
+		printGoals(func(g goalFunc) { telemetryGoals(g, tr) })
 		return nil
 	}
 	if o.sweep {
@@ -131,10 +144,7 @@ func run() error {
 		}
 		reportSweep(os.Stdout, sr)
 		reportBulk(os.Stdout, bulk)
-		fmt.Println("\nGOALS")
-		goal := goalPrinter(os.Stdout)
-		sweepGoals(goal, sr)
-		bulkGoals(goal, bulk)
+		printGoals(func(g goalFunc) { sweepGoals(g, sr); bulkGoals(g, bulk) })
 		return nil
 	}
 	if o.kill {
@@ -143,8 +153,7 @@ func run() error {
 			return err
 		}
 		reportKill(os.Stdout, kr)
-		fmt.Println("\nGOALS")
-		killGoals(goalPrinter(os.Stdout), kr)
+		printGoals(func(g goalFunc) { killGoals(g, kr) })
 		return nil
 	}
 	if o.policy {
@@ -153,8 +162,7 @@ func run() error {
 			return err
 		}
 		reportPolicy(os.Stdout, pr)
-		fmt.Println("\nGOALS")
-		policyGoals(goalPrinter(os.Stdout), pr)
+		printGoals(func(g goalFunc) { policyGoals(g, pr) })
 		return nil
 	}
 	res, err := measure(e, o)
@@ -171,4 +179,13 @@ func run() error {
 	}
 	report(os.Stdout, e, o, res)
 	return nil
+}
+
+// goalFunc says whether a goal is met, and what was measured against it.
+type goalFunc = func(ok bool, format string, args ...any)
+
+// printGoals prints a part's goals after its table.
+func printGoals(check func(goalFunc)) {
+	fmt.Println("\nGOALS")
+	check(goalPrinter(os.Stdout))
 }

@@ -149,16 +149,47 @@ func (e *env) sample(res *results, o options, pt part, s state, p probe, w where
 func measure(e *env, o options) (*results, error) {
 	res := &results{samples: map[sampleKey][]float64{}, bpf: map[int]map[string]hookCost{},
 		opa: map[int][]float64{}, compile: map[int]time.Duration{}, install: map[int]time.Duration{}}
-	top := slices.Max(o.rules)
-	progress := func(format string, args ...any) { fmt.Fprintf(os.Stderr, format+"\n", args...) }
-
-	for _, n := range o.rules {
-		if o.outside {
-			break // only part 2
+	if !o.outside {
+		if err := measureOverhead(e, o, res); err != nil {
+			return nil, err
 		}
+	}
+	if o.hooks {
+		progress("kernel BPF statistics")
+		if err := bpfCosts(e, o, res); err != nil {
+			return nil, err
+		}
+		progress("hot path: instructions per path, run time against an empty program, %d rounds", o.rounds)
+		var err error
+		res.hotpath, err = measureHotPath(e, o)
+		return res, err
+	}
+	if err := measureOutside(e, o, res); err != nil {
+		return nil, err
+	}
+	if o.outside {
+		return res, e.apply(state{})
+	}
+	if err := measureNft(e, o, res); err != nil {
+		return nil, err
+	}
+	if err := e.apply(state{}); err != nil {
+		return nil, err
+	}
+	return res, measureParts(e, o, res)
+}
+
+// progress says on stderr what the benchmark measures now.
+func progress(format string, args ...any) { fmt.Fprintf(os.Stderr, format+"\n", args...) }
+
+// measureOverhead is part 1: with tether loaded, each probe alternately in the agent and outside
+// the agent parent, round after round, for each rule count.
+func measureOverhead(e *env, o options, res *results) error {
+	top := slices.Max(o.rules)
+	for _, n := range o.rules {
 		s := state{tether: n}
 		if err := e.apply(s); err != nil {
-			return nil, err
+			return err
 		}
 		res.compile[n], res.install[n] = e.lastCompile, e.lastInstall
 		probes := []probe{tcpLo, udpConn}
@@ -177,40 +208,36 @@ func measure(e *env, o options) (*results, error) {
 				}
 				for _, w := range []where{first, second} {
 					if err := e.sample(res, o, partTether, s, p, w); err != nil {
-						return nil, err
+						return err
 					}
 				}
 			}
 		}
 	}
+	return nil
+}
 
-	if o.hooks {
-		progress("kernel BPF statistics")
-		if err := bpfCosts(e, o, res); err != nil {
-			return nil, err
-		}
-		progress("hot path: instructions per path, run time against an empty program, %d rounds", o.rounds)
-		var err error
-		res.hotpath, err = measureHotPath(e, o)
-		return res, err
-	}
+// measureOutside is part 2: a process outside agents, tether loaded and not, in turn.
+func measureOutside(e *env, o options, res *results) error {
 	progress("a process outside agents: tether loaded and not, %d rounds", o.rounds)
 	for range o.rounds {
-		for _, s := range []state{{}, {tether: top}} {
+		for _, s := range []state{{}, {tether: slices.Max(o.rules)}} {
 			if err := e.apply(s); err != nil {
-				return nil, err
+				return err
 			}
 			for _, p := range []probe{tcpLo, execP} {
 				if err := e.sample(res, o, partOutside, s, p, outside); err != nil {
-					return nil, err
+					return err
 				}
 			}
 		}
 	}
+	return nil
+}
 
-	if o.outside {
-		return res, e.apply(state{})
-	}
+// measureNft is part 3: nftables, each rule set and none, in turn.
+func measureNft(e *env, o options, res *results) error {
+	top := slices.Max(o.rules)
 	nftStates := []state{{}}
 	for _, n := range o.rules {
 		nftStates = append(nftStates, state{nft: n})
@@ -220,7 +247,7 @@ func measure(e *env, o options) (*results, error) {
 	for range o.rounds {
 		for _, s := range nftStates {
 			if err := e.apply(s); err != nil {
-				return nil, err
+				return err
 			}
 			probes := []probe{tcpLo}
 			if s.nft == top || s.nft == 0 {
@@ -228,51 +255,53 @@ func measure(e *env, o options) (*results, error) {
 			}
 			for _, p := range probes {
 				if err := e.sample(res, o, partNft, s, p, inAgent); err != nil {
-					return nil, err
+					return err
 				}
 			}
 		}
 	}
-	if err := e.apply(state{}); err != nil {
-		return nil, err
-	}
+	return nil
+}
 
+// measureParts measures the rest, part after part: the programs' run time, the hot path, OPA,
+// policy to kernel, live sockets, the kill path, telemetry.
+func measureParts(e *env, o options, res *results) error {
 	progress("kernel BPF statistics")
 	if err := bpfCosts(e, o, res); err != nil {
-		return nil, err
+		return err
 	}
 	progress("hot path: instructions per path, run time against an empty program, %d rounds", o.rounds)
 	var err error
 	if res.hotpath, err = measureHotPath(e, o); err != nil {
-		return nil, fmt.Errorf("hot path: %w", err)
+		return fmt.Errorf("hot path: %w", err)
 	}
 	progress("OPA")
 	for _, n := range o.rules {
 		for range o.rounds {
 			ns, err := opaEval(e, n)
 			if err != nil {
-				return nil, fmt.Errorf("OPA baseline: %w", err)
+				return fmt.Errorf("OPA baseline: %w", err)
 			}
 			res.opa[n] = append(res.opa[n], ns)
 		}
 	}
 	progress("policy to kernel: context changes with %v grants, a policy change for %d agents", policyGrants, min(max(100, int(fleetSize*o.scale)), dataplane.MaxAgents-1))
 	if res.policy, err = measurePolicy(e, o); err != nil {
-		return nil, fmt.Errorf("policy to kernel: %w", err)
+		return fmt.Errorf("policy to kernel: %w", err)
 	}
 	progress("live sockets: rule removal to the last of %v sockets terminated", sweepSizes)
 	if res.sweep, err = measureSweep(e, o); err != nil {
-		return nil, fmt.Errorf("live sockets: %w", err)
+		return fmt.Errorf("live sockets: %w", err)
 	}
 	progress("kill path: agents of %v processes and a fork bomb", killSizes)
 	if res.kill, err = measureKill(e, o); err != nil {
-		return nil, fmt.Errorf("kill path: %w", err)
+		return fmt.Errorf("kill path: %w", err)
 	}
 	progress("telemetry: tetherd's events per second and CPU")
 	if res.telemetry, err = measureTelemetry(e, o); err != nil {
-		return nil, fmt.Errorf("telemetry: %w", err)
+		return fmt.Errorf("telemetry: %w", err)
 	}
-	return res, nil
+	return nil
 }
 
 // bpfCosts runs one sample of each probe per rule count with the kernel's BPF statistics on, and

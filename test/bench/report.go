@@ -122,6 +122,22 @@ func report(w io.Writer, e *env, o options, res *results) {
 	fmt.Fprintf(w, "tether benchmark, %s: Linux %s, %s, %d CPUs; %d rounds (TCP: %d), median [25th, 75th percentile] of the rounds\n\n",
 		time.Now().UTC().Format("2006-01-02 15:04 MST"), unix.ByteSliceToString(u.Release[:]), cpuModel(), runtimeCPUs(), o.rounds, 3*o.rounds)
 
+	overhead := reportOverhead(w, o, res)
+	reportCosts(w, o, res)
+	reportHotPath(w, res.hotpath)
+
+	reportOPA(w, o, res)
+	reportPolicy(w, res.policy)
+	reportSweep(w, res.sweep)
+	reportKill(w, res.kill)
+	reportTelemetry(w, res.telemetry)
+
+	reportGoals(w, o, res, overhead)
+}
+
+// reportOverhead prints tether's and nftables' overhead per operation and returns them by row
+// ("tether NAME", "tether abs NAME", "nft abs NAME").
+func reportOverhead(w io.Writer, o options, res *results) map[string]stat {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "Tether's overhead is against the same loop run alternately by a process outside the agent parent")
 	fmt.Fprintln(w, "(no cgroup program runs for it; the last two rows show that costs what it costs with nothing loaded);")
@@ -166,11 +182,13 @@ func report(w io.Writer, e *env, o options, res *results) {
 	}
 	tw.Flush()
 
-	reportCosts(w, o, res)
-	reportHotPath(w, res.hotpath)
+	return overhead
+}
 
+// reportOPA prints OPA's evaluation of the same rules against tether's decision in the kernel.
+func reportOPA(w io.Writer, o options, res *results) {
 	fmt.Fprintln(w, "\nPER-REQUEST POLICY IN USERSPACE (OPA, the same rules, one connect decision) vs tether's decision in the kernel")
-	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "RULES\tOPA EVAL\tTETHER connect4 RUN\tOPA / TETHER\tCOMPILE + FIRST INSTALL (tether, new tries)")
 	for _, n := range o.rules {
 		op := summarize(res.opa[n])
@@ -180,11 +198,10 @@ func report(w io.Writer, e *env, o options, res *results) {
 	}
 	tw.Flush()
 
-	reportPolicy(w, res.policy)
-	reportSweep(w, res.sweep)
-	reportKill(w, res.kill)
-	reportTelemetry(w, res.telemetry)
+}
 
+// reportGoals prints every goal and whether it is met.
+func reportGoals(w io.Writer, o options, res *results, overhead map[string]stat) {
 	top := slices.Max(o.rules)
 	fmt.Fprintln(w, "\nGOALS")
 	goal := goalPrinter(w)

@@ -96,71 +96,14 @@ func measureTelemetry(e *env, o options) (*telemetryResults, error) {
 	}
 
 	for range o.rounds {
-		// 1. Events decoded and logged per second.
-		before, err := t.accounting(a.Slot)
-		if err != nil {
+		if err := measureDrain(t, a.Slot, res, run, denied); err != nil {
 			return nil, err
 		}
-		if err := t.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		if err := measureDaemonCPU(e, t, res, run, denied, window); err != nil {
 			return nil, err
-		}
-		err = run("udpdeny", denied, res.burst, time.Minute, 0)
-		t.cmd.Process.Signal(syscall.SIGCONT)
-		if err != nil {
-			return nil, err
-		}
-		start := time.Now()
-		var after accounting
-		for {
-			if after, err = t.accounting(a.Slot); err != nil {
-				return nil, err
-			}
-			if after.written-before.written >= after.denies-before.denies-(after.lost-before.lost) {
-				break
-			}
-			if time.Since(start) > time.Minute {
-				return nil, fmt.Errorf("tetherd did not log the burst within a minute: before %+v, after %+v", before, after)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-		took := time.Since(start)
-		denies := after.denies - before.denies
-		lost := after.lost - before.lost
-		res.drain = append(res.drain, float64(denies-lost)/took.Seconds())
-		res.lost = append(res.lost, lost)
-		if denies != uint64(res.burst) {
-			return nil, fmt.Errorf("the kernel counted %d denies of the agent's %d connects", denies, res.burst)
-		}
-
-		// 2. tetherd's CPU: idle, at 10,000 denied connects/s, at 10,000 allowed connects/s.
-		for _, c := range []struct {
-			name, mode, target string
-		}{
-			{"idle (baseline)", "", ""},
-			{"10,000 denied connects/s (an event each)", "udpdeny", denied},
-			{"10,000 allowed connects/s (1 event in 100)", "udpconnect", e.udpLo.String()},
-		} {
-			if len(res.cpu[c.name]) == 0 {
-				res.cases = append(res.cases, c.name)
-			}
-			cpu0, err := processCPU(t.cmd.Process.Pid)
-			if err != nil {
-				return nil, err
-			}
-			w0 := time.Now()
-			if c.mode == "" {
-				time.Sleep(window)
-			} else if err := run(c.mode, c.target, telemetryRate*int(window/time.Second), 2*window, telemetryRate); err != nil {
-				return nil, err
-			}
-			cpu1, err := processCPU(t.cmd.Process.Pid)
-			if err != nil {
-				return nil, err
-			}
-			res.cpu[c.name] = append(res.cpu[c.name], 100*float64(cpu1-cpu0)/float64(time.Since(w0)))
 		}
 	}
-	// 3. The kill path while tetherd handles a storm of denials.
+	// The kill path while tetherd handles a storm of denials.
 	if err := killDuringStorm(e, t, res, agent, parent, max(3*o.rounds, 21), func(d time.Duration) error {
 		return run("udpdeny", denied, telemetryRate*int(d/time.Second), d, telemetryRate)
 	}); err != nil {
@@ -177,6 +120,82 @@ func measureTelemetry(e *env, o options) (*telemetryResults, error) {
 	}
 	res.unaccounted = append(res.unaccounted, int64(final.denies)-int64(logged)-int64(final.lost))
 	return res, nil
+}
+
+// workerRun runs the bench worker in the agent: mode against target, ops operations, sampling
+// allows every sample, at rate operations per second (0: as fast as it can).
+type workerRun func(mode, target string, ops int, sample time.Duration, rate int) error
+
+// measureDrain measures the events tetherd decodes and logs per second: a burst of denials
+// while tetherd is stopped, then the time it takes to log them all.
+func measureDrain(t *tetherdProc, slot dataplane.Slot, res *telemetryResults, run workerRun, denied string) error {
+	before, err := t.accounting(slot)
+	if err != nil {
+		return err
+	}
+	if err := t.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		return err
+	}
+	err = run("udpdeny", denied, res.burst, time.Minute, 0)
+	t.cmd.Process.Signal(syscall.SIGCONT)
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	var after accounting
+	for {
+		if after, err = t.accounting(slot); err != nil {
+			return err
+		}
+		if after.written-before.written >= after.denies-before.denies-(after.lost-before.lost) {
+			break
+		}
+		if time.Since(start) > time.Minute {
+			return fmt.Errorf("tetherd did not log the burst within a minute: before %+v, after %+v", before, after)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	took := time.Since(start)
+	denies := after.denies - before.denies
+	lost := after.lost - before.lost
+	res.drain = append(res.drain, float64(denies-lost)/took.Seconds())
+	res.lost = append(res.lost, lost)
+	if denies != uint64(res.burst) {
+		return fmt.Errorf("the kernel counted %d denies of the agent's %d connects", denies, res.burst)
+	}
+	return nil
+}
+
+// measureDaemonCPU measures tetherd's CPU: idle, at 10,000 denied connects/s, at 10,000 allowed
+// connects/s.
+func measureDaemonCPU(e *env, t *tetherdProc, res *telemetryResults, run workerRun, denied string, window time.Duration) error {
+	for _, c := range []struct {
+		name, mode, target string
+	}{
+		{"idle (baseline)", "", ""},
+		{"10,000 denied connects/s (an event each)", "udpdeny", denied},
+		{"10,000 allowed connects/s (1 event in 100)", "udpconnect", e.udpLo.String()},
+	} {
+		if len(res.cpu[c.name]) == 0 {
+			res.cases = append(res.cases, c.name)
+		}
+		cpu0, err := processCPU(t.cmd.Process.Pid)
+		if err != nil {
+			return err
+		}
+		w0 := time.Now()
+		if c.mode == "" {
+			time.Sleep(window)
+		} else if err := run(c.mode, c.target, telemetryRate*int(window/time.Second), 2*window, telemetryRate); err != nil {
+			return err
+		}
+		cpu1, err := processCPU(t.cmd.Process.Pid)
+		if err != nil {
+			return err
+		}
+		res.cpu[c.name] = append(res.cpu[c.name], 100*float64(cpu1-cpu0)/float64(time.Since(w0)))
+	}
+	return nil
 }
 
 // accounting is what tetherd and the kernel say of the agent's denies.

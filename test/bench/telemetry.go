@@ -270,26 +270,9 @@ func processCPU(pid int) (int64, error) {
 	return sum, nil
 }
 
-// startTetherd runs tetherd with the shipped policy (its data give the bench agent exec of the
-// worker and UDP to the bench's loopback listener), a decision log file and a large ring buffer.
-// tetherdSetup adds to what startTetherd gives tetherd: more profiles and identities in the
-// policy's data, more configuration.
-type tetherdSetup struct {
-	profiles, identities map[string]any
-	config               string
-}
-
-func startTetherd(e *env, bin, parent string, more tetherdSetup) (_ *tetherdProc, err error) {
-	dir, err := os.MkdirTemp("", "tether-bench-tetherd")
-	if err != nil {
-		return nil, err
-	}
-	t := &tetherdProc{dir: dir, pin: e.pin + "-tetherd", log: filepath.Join(dir, "decisions.jsonl")}
-	defer func() {
-		if err != nil {
-			t.stop()
-		}
-	}()
+// writeBenchPolicy writes the shipped Rego and the bench's data (profiles and identities, more's
+// added) to dir/policy and returns that directory.
+func writeBenchPolicy(e *env, dir string, more tetherdSetup) (string, error) {
 	pol := filepath.Join(dir, "policy")
 	rego, _ := fs.Glob(policies.FS, "tether/*.rego")
 	os.MkdirAll(filepath.Join(pol, "tether"), 0o755)
@@ -299,7 +282,7 @@ func startTetherd(e *env, bin, parent string, more tetherdSetup) (_ *tetherdProc
 		}
 		b, _ := policies.FS.ReadFile(name)
 		if err := os.WriteFile(filepath.Join(pol, name), b, 0o644); err != nil {
-			return nil, err
+			return "", err
 		}
 	}
 	profile := map[string]any{
@@ -321,6 +304,33 @@ func startTetherd(e *env, bin, parent string, more tetherdSetup) (_ *tetherdProc
 	}}
 	b, _ := json.Marshal(data)
 	if err := os.WriteFile(filepath.Join(pol, "data.json"), b, 0o644); err != nil {
+		return "", err
+	}
+	return pol, nil
+}
+
+// startTetherd runs tetherd with the shipped policy (its data give the bench agent exec of the
+// worker and UDP to the bench's loopback listener), a decision log file and a large ring buffer.
+// tetherdSetup adds to what startTetherd gives tetherd: more profiles and identities in the
+// policy's data, more configuration.
+type tetherdSetup struct {
+	profiles, identities map[string]any
+	config               string
+}
+
+func startTetherd(e *env, bin, parent string, more tetherdSetup) (_ *tetherdProc, err error) {
+	dir, err := os.MkdirTemp("", "tether-bench-tetherd")
+	if err != nil {
+		return nil, err
+	}
+	t := &tetherdProc{dir: dir, pin: e.pin + "-tetherd", log: filepath.Join(dir, "decisions.jsonl")}
+	defer func() {
+		if err != nil {
+			t.stop()
+		}
+	}()
+	pol, err := writeBenchPolicy(e, dir, more)
+	if err != nil {
 		return nil, err
 	}
 	rel, err := filepath.Rel(e.root, parent)

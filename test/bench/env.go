@@ -102,10 +102,15 @@ func setup() (_ *env, err error) {
 	e.netns = os.NewFile(uintptr(nsfd), "netns")
 	e.closers = append(e.closers, e.netns)
 
-	// Listeners: TCP and UDP on loopback inside the client namespace, TCP on our side of the veth.
+	return e, e.listen()
+}
+
+// listen starts the listeners: TCP and UDP on loopback inside the client namespace, TCP on our
+// side of the veth.
+func (e *env) listen() error {
 	var tcpLo *net.TCPListener
 	var udpLo *net.UDPConn
-	err = e.host.In(func() (err error) {
+	err := e.host.In(func() (err error) {
 		if tcpLo, err = net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}); err != nil {
 			return err
 		}
@@ -113,19 +118,19 @@ func setup() (_ *env, err error) {
 		return err
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	tcpVeth, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.AddrPortFrom(e.host.Ours4, 0)))
 	if err != nil {
-		return nil, err
+		return err
 	}
 	tcpBulk, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.AddrPortFrom(e.host.Ours4, 0)))
 	if err != nil {
-		return nil, err
+		return err
 	}
 	tcpHold, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.AddrPortFrom(e.host.Ours4, 0)))
 	if err != nil {
-		return nil, err
+		return err
 	}
 	e.held = &heldConns{}
 	go drainLoop(tcpBulk)
@@ -141,7 +146,7 @@ func setup() (_ *env, err error) {
 	e.tcpLo = tcpLo.Addr().(*net.TCPAddr).AddrPort()
 	e.udpLo = udpLo.LocalAddr().(*net.UDPAddr).AddrPort()
 	e.tcpVeth = tcpVeth.Addr().(*net.TCPAddr).AddrPort()
-	return e, nil
+	return nil
 }
 
 func acceptLoop(l *net.TCPListener) {

@@ -135,21 +135,7 @@ func loop(mode, target string, ops int, deadline time.Time, rate int) (int, erro
 
 func runOps(mode, target string, more func() bool) error {
 	if mode == "exec" {
-		attr := &syscall.ProcAttr{Env: []string{}}
-		for ok := true; ok; ok = more() {
-			pid, err := syscall.ForkExec(target, []string{target}, attr)
-			if err != nil {
-				return err
-			}
-			var ws syscall.WaitStatus
-			if _, err := syscall.Wait4(pid, &ws, 0, nil); err != nil {
-				return err
-			}
-			if !ws.Exited() || ws.ExitStatus() != 0 {
-				return fmt.Errorf("%s: %v", target, ws)
-			}
-		}
-		return nil
+		return execOps(target, more)
 	}
 	ap, err := netip.ParseAddrPort(target)
 	if err != nil {
@@ -158,68 +144,99 @@ func runOps(mode, target string, more func() bool) error {
 	sa := &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
 	switch mode {
 	case "tcp":
-		linger := &unix.Linger{Onoff: 1, Linger: 0} // close with RST: no TIME_WAIT to run out of ports
-		for ok := true; ok; ok = more() {
-			fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-			if err != nil {
-				return err
-			}
-			if err := unix.Connect(fd, sa); err != nil {
-				unix.Close(fd)
-				return err
-			}
-			unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, linger)
-			unix.Close(fd)
-		}
+		return tcpOps(sa, more)
 	case "tcpbulk": // one connection, 64 KiB per write
+		return tcpBulkOps(sa, more)
+	case "udpdeny", "udpconnect", "udpsend":
+		return udpOps(mode, target, sa, more)
+	}
+	return fmt.Errorf("unknown mode %q", mode)
+}
+
+// execOps runs target (true) and waits for it, while more says so.
+func execOps(target string, more func() bool) error {
+	attr := &syscall.ProcAttr{Env: []string{}}
+	for ok := true; ok; ok = more() {
+		pid, err := syscall.ForkExec(target, []string{target}, attr)
+		if err != nil {
+			return err
+		}
+		var ws syscall.WaitStatus
+		if _, err := syscall.Wait4(pid, &ws, 0, nil); err != nil {
+			return err
+		}
+		if !ws.Exited() || ws.ExitStatus() != 0 {
+			return fmt.Errorf("%s: %v", target, ws)
+		}
+	}
+	return nil
+}
+
+// tcpOps connects to sa and closes the connection, while more says so.
+func tcpOps(sa *unix.SockaddrInet4, more func() bool) error {
+	linger := &unix.Linger{Onoff: 1, Linger: 0} // close with RST: no TIME_WAIT to run out of ports
+	for ok := true; ok; ok = more() {
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
 			return err
 		}
-		defer unix.Close(fd)
 		if err := unix.Connect(fd, sa); err != nil {
+			unix.Close(fd)
 			return err
 		}
-		buf := make([]byte, 64<<10)
-		for ok := true; ok; ok = more() {
-			for off := 0; off < len(buf); {
-				n, err := unix.Write(fd, buf[off:])
-				if err != nil {
-					return err
-				}
-				off += n
+		unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, linger)
+		unix.Close(fd)
+	}
+	return nil
+}
+
+// tcpBulkOps writes 64 KiB to one connection to sa, while more says so.
+func tcpBulkOps(sa *unix.SockaddrInet4, more func() bool) error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	if err := unix.Connect(fd, sa); err != nil {
+		return err
+	}
+	buf := make([]byte, 64<<10)
+	for ok := true; ok; ok = more() {
+		for off := 0; off < len(buf); {
+			n, err := unix.Write(fd, buf[off:])
+			if err != nil {
+				return err
 			}
+			off += n
 		}
-	case "udpdeny": // every connect must be denied
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		for ok := true; ok; ok = more() {
+	}
+	return nil
+}
+
+// udpOps connects a UDP socket to sa, target (udpdeny: every connect must be denied; udpconnect) or
+// sends it a datagram (udpsend), while more says so.
+func udpOps(mode, target string, sa *unix.SockaddrInet4, more func() bool) error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	msg := []byte("x")
+	for ok := true; ok; ok = more() {
+		switch mode {
+		case "udpdeny":
 			if err := unix.Connect(fd, sa); !errors.Is(err, unix.EPERM) {
 				return fmt.Errorf("connect %s: %v, want EPERM", target, err)
 			}
+			continue
+		case "udpconnect":
+			err = unix.Connect(fd, sa)
+		default:
+			err = unix.Sendto(fd, msg, 0, sa)
 		}
-	case "udpconnect", "udpsend":
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
+		if err != nil && !errors.Is(err, unix.ENOBUFS) {
 			return err
 		}
-		defer unix.Close(fd)
-		msg := []byte("x")
-		for ok := true; ok; ok = more() {
-			if mode == "udpconnect" {
-				err = unix.Connect(fd, sa)
-			} else {
-				err = unix.Sendto(fd, msg, 0, sa)
-			}
-			if err != nil && !errors.Is(err, unix.ENOBUFS) {
-				return err
-			}
-		}
-	default:
-		return fmt.Errorf("unknown mode %q", mode)
 	}
 	return nil
 }

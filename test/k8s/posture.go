@@ -51,6 +51,29 @@ func Posture(objs []Object, privileged bool) []string {
 	}
 	ds := dss[0]
 	spec := ds.Spec.Template.Spec
+	podPosture(ds, badf)
+	if len(spec.Containers) != 1 || len(spec.InitContainers) != 0 {
+		badf("%d containers and %d init containers, want tetherd alone", len(spec.Containers), len(spec.InitContainers))
+		return bad
+	}
+	containerPosture(spec, spec.Containers[0], privileged, badf)
+	for _, cr := range Find[*rbacv1.ClusterRole](objs) {
+		for _, r := range cr.Rules {
+			if !slices.Equal(r.APIGroups, []string{""}) || !slices.Equal(r.Resources, []string{"pods"}) || !slices.Equal(r.Verbs, []string{"get", "list", "watch"}) {
+				badf("ClusterRole %s grants %v on %v/%v: tetherd only reads pods", cr.Name, r.Verbs, r.APIGroups, r.Resources)
+			}
+		}
+	}
+	if n := len(Find[*rbacv1.Role](objs)); n > 0 {
+		badf("%d Roles: tetherd needs none", n)
+	}
+	return bad
+}
+
+// podPosture checks the DaemonSet's pod: host namespaces, seccomp, tolerations, updates, host
+// paths.
+func podPosture(ds *appsv1.DaemonSet, badf func(format string, args ...any)) {
+	spec := ds.Spec.Template.Spec
 	if spec.HostNetwork || spec.HostIPC {
 		badf("hostNetwork or hostIPC: tetherd needs neither")
 	}
@@ -75,15 +98,14 @@ func Posture(objs []Object, privileged bool) []string {
 			badf("host path %s is not one tetherd needs", v.HostPath.Path)
 		}
 	}
-	if len(spec.Containers) != 1 || len(spec.InitContainers) != 0 {
-		badf("%d containers and %d init containers, want tetherd alone", len(spec.Containers), len(spec.InitContainers))
-		return bad
-	}
-	c := spec.Containers[0]
+}
+
+// containerPosture checks tetherd's container: its security context, probes, resources, mounts.
+func containerPosture(spec corev1.PodSpec, c corev1.Container, privileged bool, badf func(format string, args ...any)) {
 	sc := c.SecurityContext
 	if sc == nil {
 		badf("tetherd has no security context")
-		return bad
+		return
 	}
 	if (sc.Privileged != nil && *sc.Privileged) != privileged {
 		badf("privileged is %v, but the values ask for %v", sc.Privileged != nil && *sc.Privileged, privileged)
@@ -119,18 +141,6 @@ func Posture(objs []Object, privileged bool) []string {
 			}
 		}
 	}
-
-	for _, cr := range Find[*rbacv1.ClusterRole](objs) {
-		for _, r := range cr.Rules {
-			if !slices.Equal(r.APIGroups, []string{""}) || !slices.Equal(r.Resources, []string{"pods"}) || !slices.Equal(r.Verbs, []string{"get", "list", "watch"}) {
-				badf("ClusterRole %s grants %v on %v/%v: tetherd only reads pods", cr.Name, r.Verbs, r.APIGroups, r.Resources)
-			}
-		}
-	}
-	if n := len(Find[*rbacv1.Role](objs)); n > 0 {
-		badf("%d Roles: tetherd needs none", n)
-	}
-	return bad
 }
 
 // Mounted reports the mount that holds path in tetherd's container, or an error when none does

@@ -223,112 +223,121 @@ func call(t *testing.T, svc Service, c Caller, method, path, body string) (int, 
 	return rec.Code, rec.Body.String()
 }
 
+// authCase is one request of TestAuthorization and its answer: status and a part of the body.
+type authCase struct {
+	name         string
+	c            Caller
+	method, path string
+	body         string
+	code         int
+	want         string
+}
+
+// The callers of TestAuthorization.
+var (
+	asRoot          = Caller{PID: 1, UID: 0}
+	asAdmin         = Caller{PID: 2, UID: 500}
+	asAdminGroup    = Caller{PID: 2, UID: 501, GID: 7, Groups: []uint32{600}}
+	asLauncher      = Caller{PID: 3, UID: 1000}
+	asGroupLauncher = Caller{PID: 3, UID: 1001, Groups: []uint32{2000}}
+	asNobody        = Caller{PID: 4, UID: 65534}
+	asAgent         = Caller{PID: 666, UID: 0}
+)
+
+// authCases are the requests TestAuthorization makes, by callers of every kind.
+var authCases = []authCase{
+	{"status for anyone", asNobody, "GET", "/v1/status", "", 200, `"version":"test"`},
+	{"nothing from inside an agent, even root", asAgent, "GET", "/v1/status", "", 403, "inside agents"},
+	{"root registers a cgroup", asRoot, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","cgroup":"/cg/tether/a"}`, 201, `"slot":3`},
+	{"admin uid registers a cgroup", asAdmin, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","cgroup":"/cg/tether/a"}`, 201, ""},
+	{"admin group registers a cgroup", asAdminGroup, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","cgroup":"/cg/tether/a"}`, 201, ""},
+	{"launcher may not bind cgroups", asLauncher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","cgroup":"/cg/tether/a"}`, 403, "not an admin"},
+	{"launcher launches its identities", asLauncher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true}`, 201, `"launcher_uid":1000`},
+	{"group launcher too", asGroupLauncher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true}`, 201, ""},
+	{"but not others", asLauncher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/admin","launch":true}`, 403, "may not launch spiffe://x/admin"},
+	{"launcher labels", asLauncher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"labels":{"team":"web"}}`, 201, ""},
+	{"but not tether's own", asLauncher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"labels":{"tether.dev/mode":"audit"}}`, 403, "labels under tether.dev/ are for admins"},
+	{"admins may", asRoot, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"labels":{"tether.dev/mode":"audit"}}`, 201, ""},
+	{"nobody launches nothing", asNobody, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true}`, 403, "no launch rule"},
+	{"launch and cgroup together", asRoot, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"cgroup":"/x"}`, 400, "either"},
+	{"neither", asRoot, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a"}`, 400, "either"},
+	{"missing id", asRoot, "POST", "/v1/agents", `{"launch":true}`, 400, "spiffe_id is required"},
+	{"unknown field", asRoot, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"admin":true}`, 400, "unknown field"},
+	{"trailing data", asRoot, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true} {}`, 400, "after the JSON"},
+	{"not JSON", asRoot, "POST", "/v1/agents", `spiffe_id=x`, 400, "request body"},
+	{"huge body", asRoot, "POST", "/v1/agents", `{"spiffe_id":"` + strings.Repeat("a", maxBody) + `"}`, 400, "over"},
+	{"service error is reported", asRoot, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/fail","launch":true}`, 400, "compile error"},
+	{"launcher ends its agent", asLauncher, "DELETE", "/v1/agents/1", "", 204, ""},
+	{"but not another", asLauncher, "DELETE", "/v1/agents/2", "", 403, "not an admin"},
+	{"admin ends any", asAdmin, "DELETE", "/v1/agents/2", "", 204, ""},
+	{"unknown slot", asRoot, "DELETE", "/v1/agents/9", "", 404, "no agent in slot 9"},
+	{"bad slot", asRoot, "DELETE", "/v1/agents/x", "", 400, "want a number"},
+	{"slot out of range", asRoot, "GET", "/v1/agents/99999", "", 400, "below 16384"},
+	{"mode by admin", asAdmin, "PUT", "/v1/agents/1/mode", `{"mode":"audit"}`, 200, ""},
+	{"mode cleared", asAdmin, "PUT", "/v1/agents/1/mode", `{"mode":null}`, 200, ""},
+	{"mode by launcher refused", asLauncher, "PUT", "/v1/agents/1/mode", `{"mode":"audit"}`, 403, ""},
+	{"bad mode", asAdmin, "PUT", "/v1/agents/1/mode", `{"mode":"off"}`, 400, "unknown mode"},
+	{"mode of unknown agent", asAdmin, "PUT", "/v1/agents/7/mode", `{"mode":"audit"}`, 404, "no such agent"},
+	{"killed needs a value", asAdmin, "PUT", "/v1/agents/1/killed", `{}`, 400, "required"},
+	{"killed by admin", asAdmin, "PUT", "/v1/agents/1/killed", `{"killed":true}`, 200, ""},
+	{"killed by nobody", asNobody, "PUT", "/v1/agents/1/killed", `{"killed":true}`, 403, ""},
+	{"launcher starts a task", asLauncher, "POST", "/v1/agents/1/task", `{"type":"coding","ttl":"1h"}`, 200, ""},
+	{"but not on another agent", asLauncher, "POST", "/v1/agents/2/task", `{"type":"coding","ttl":"1h"}`, 403, ""},
+	{"task ttl syntax", asRoot, "POST", "/v1/agents/1/task", `{"type":"coding","ttl":"soon"}`, 400, "ttl"},
+	{"second task", asRoot, "POST", "/v1/agents/1/task", `{"type":"busy","ttl":"1h"}`, 409, "already"},
+	{"renew", asLauncher, "PUT", "/v1/agents/1/task", `{"ttl":"30m"}`, 200, ""},
+	{"end", asAdmin, "DELETE", "/v1/agents/2/task", "", 200, ""},
+	{"approval by admin", asAdmin, "POST", "/v1/agents/1/task/approvals", `{"action":"connect","resource":"production","ttl":"15m"}`, 200, ""},
+	{"approval by the launcher refused", asLauncher, "POST", "/v1/agents/1/task/approvals", `{"action":"connect","resource":"production","ttl":"15m"}`, 403, "not an admin"},
+	{"policy reload by admin", asAdmin, "POST", "/v1/policy/reload", "", 200, `"revision":"r2"`},
+	{"policy reload by nobody", asNobody, "POST", "/v1/policy/reload", "", 403, ""},
+	{"policy eval", asRoot, "POST", "/v1/policy/eval", `{"query":"grants","input":{"agent":{}}}`, 200, `"query":"grants"`},
+	{"policy eval error", asRoot, "POST", "/v1/policy/eval", `{"query":"bad","input":{}}`, 422, "want grants"},
+	{"launcher reads its agent's credential", asLauncher, "GET", "/v1/agents/1/task/credential", "", 200, `"token":"tok"`},
+	{"nobody else does", asNobody, "GET", "/v1/agents/1/task/credential", "", 403, "not an admin"},
+	{"heartbeat", asLauncher, "POST", "/v1/agents/1/task/heartbeat", `{"credential":"cur","ttl":"1m"}`, 200, `"token":"next"`},
+	{"heartbeat replayed", asLauncher, "POST", "/v1/agents/1/task/heartbeat", `{"credential":"old","ttl":"1m"}`, 409, "credential replayed"},
+	{"heartbeat without a credential", asLauncher, "POST", "/v1/agents/1/task/heartbeat", `{"ttl":"1m"}`, 400, "presents the task's current credential"},
+	{"heartbeat of another's agent", asLauncher, "POST", "/v1/agents/2/task/heartbeat", `{"credential":"cur","ttl":"1m"}`, 403, ""},
+	{"revocation list for anyone", asNobody, "GET", "/v1/credentials/revoked", "", 200, `"id":"r1"`},
+	{"key set for anyone", asNobody, "GET", "/v1/credentials/keys", "", 200, `"keys"`},
+	{"verify says why", asNobody, "POST", "/v1/credentials/verify", `{"token":"x"}`, 403, "credential expired"},
+	{"launch as root needs --allow-root", asLauncher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"uid":0}`, 403, "needs --allow-root"},
+	{"launch as another uid refused", asLauncher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"uid":5}`, 403, "may not launch an agent running as uid 5"},
+	{"a launch gets a uid of its own", asLauncher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true}`, 201, `"dynamic_uid":true`},
+	{"even root's", asRoot, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true}`, 201, `"dynamic_uid":true`},
+	{"root agents need a rule, admins too", asRoot, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"allow_root":true}`, 403, "launch rule with root: true"},
+	{"and --allow-root", asRoot, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/root/a","launch":true,"uid":0}`, 403, "needs --allow-root"},
+	{"root agent with both", asRoot, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/root/a","launch":true,"allow_root":true}`, 201, `"uid":0`},
+	{"a rule for root is not for others", asLauncher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/root/a","launch":true,"allow_root":true}`, 403, ""},
+	{"another live agent's uid", asRoot, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"uid":4242}`, 409, "uid taken"},
+	{"shared on purpose", asRoot, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"uid":4242,"share_uid":true}`, 201, ""},
+	{"launcher reads its agent's confinement", asLauncher, "GET", "/v1/agents/1/confinement", "", 200, `"cgroup":"/cg/tether/a"`},
+	{"nobody else does", asNobody, "GET", "/v1/agents/1/confinement", "", 403, "not an admin"},
+	{"sandbox off needs an unconfined rule", asLauncher, "GET", "/v1/agents/4/confinement", "", 403, "sandbox: off"},
+	{"admins too", asRoot, "GET", "/v1/agents/4/confinement", "", 403, "unconfined: true"},
+	{"keep_caps is for root agents", asLauncher, "GET", "/v1/agents/1/confinement?keep_caps=true", "", 400, "--allow-root"},
+	{"keep_caps with a rule", asRoot, "GET", "/v1/agents/5/confinement?keep_caps=true", "", 200, `"keep_caps":true`},
+	{"confinement of nothing", asRoot, "GET", "/v1/agents/9/confinement", "", 404, ""},
+	{"launcher reports a refused call", asLauncher, "POST", "/v1/agents/1/refusals", `{"pid":7,"syscall":"bpf","errno":"EPERM"}`, 204, ""},
+	{"nobody else does", asNobody, "POST", "/v1/agents/1/refusals", `{"pid":7,"syscall":"bpf","errno":"EPERM"}`, 403, "not an admin"},
+	{"a refusal names its call", asLauncher, "POST", "/v1/agents/1/refusals", `{"pid":7,"errno":"EPERM"}`, 400, "names the refused"},
+	{"a name is a name", asLauncher, "POST", "/v1/agents/1/refusals", `{"pid":7,"syscall":"bpf\n<x>","errno":"EPERM"}`, 400, "not a system call"},
+	{"root launches as another uid", asRoot, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"uid":1000}`, 201, ""},
+	{"launcher hands over between its agents", asLauncher, "POST", "/v1/agents/1/task/handoff", `{"to":1,"credential":"cur","ttl":"10m"}`, 200, `"token":"handed"`},
+	{"but not to another's agent", asLauncher, "POST", "/v1/agents/1/task/handoff", `{"to":2,"credential":"cur","ttl":"10m"}`, 403, "neither launched agent 2"},
+	{"handoff with a replayed credential", asLauncher, "POST", "/v1/agents/1/task/handoff", `{"to":1,"credential":"old","ttl":"10m"}`, 409, "credential replayed"},
+	{"handoff to nobody", asRoot, "POST", "/v1/agents/1/task/handoff", `{"to":9,"credential":"cur","ttl":"10m"}`, 404, "receiver"},
+	{"kill by admin", asAdmin, "POST", "/v1/kill", `{"spiffe_id":"spiffe://x/a","reason":"exfiltration"}`, 200, `"requester":"uid:500"`},
+	{"kill needs a reason", asAdmin, "POST", "/v1/kill", `{"spiffe_id":"spiffe://x/a"}`, 400, "reason is required"},
+	{"kill by a launcher refused", asLauncher, "POST", "/v1/kill", `{"slot":1,"reason":"x"}`, 403, "not an admin"},
+	{"resume by admin", asAdmin, "POST", "/v1/agents/1/resume", "", 200, ""},
+	{"readmit by nobody refused", asNobody, "POST", "/v1/readmit", `{"spiffe_id":"spiffe://x/a"}`, 403, ""},
+	{"register with a task", asRoot, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"task":{"type":"coding","ttl":"x"}}`, 400, "task ttl"},
+}
+
 func TestAuthorization(t *testing.T) {
-	root := Caller{PID: 1, UID: 0}
-	admin := Caller{PID: 2, UID: 500}
-	adminGroup := Caller{PID: 2, UID: 501, GID: 7, Groups: []uint32{600}}
-	launcher := Caller{PID: 3, UID: 1000}
-	groupLauncher := Caller{PID: 3, UID: 1001, Groups: []uint32{2000}}
-	nobody := Caller{PID: 4, UID: 65534}
-	agent := Caller{PID: 666, UID: 0}
-	tests := []struct {
-		name         string
-		c            Caller
-		method, path string
-		body         string
-		code         int
-		want         string
-	}{
-		{"status for anyone", nobody, "GET", "/v1/status", "", 200, `"version":"test"`},
-		{"nothing from inside an agent, even root", agent, "GET", "/v1/status", "", 403, "inside agents"},
-		{"root registers a cgroup", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","cgroup":"/cg/tether/a"}`, 201, `"slot":3`},
-		{"admin uid registers a cgroup", admin, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","cgroup":"/cg/tether/a"}`, 201, ""},
-		{"admin group registers a cgroup", adminGroup, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","cgroup":"/cg/tether/a"}`, 201, ""},
-		{"launcher may not bind cgroups", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","cgroup":"/cg/tether/a"}`, 403, "not an admin"},
-		{"launcher launches its identities", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true}`, 201, `"launcher_uid":1000`},
-		{"group launcher too", groupLauncher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true}`, 201, ""},
-		{"but not others", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/admin","launch":true}`, 403, "may not launch spiffe://x/admin"},
-		{"launcher labels", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"labels":{"team":"web"}}`, 201, ""},
-		{"but not tether's own", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"labels":{"tether.dev/mode":"audit"}}`, 403, "labels under tether.dev/ are for admins"},
-		{"admins may", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"labels":{"tether.dev/mode":"audit"}}`, 201, ""},
-		{"nobody launches nothing", nobody, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true}`, 403, "no launch rule"},
-		{"launch and cgroup together", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"cgroup":"/x"}`, 400, "either"},
-		{"neither", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a"}`, 400, "either"},
-		{"missing id", root, "POST", "/v1/agents", `{"launch":true}`, 400, "spiffe_id is required"},
-		{"unknown field", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"admin":true}`, 400, "unknown field"},
-		{"trailing data", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true} {}`, 400, "after the JSON"},
-		{"not JSON", root, "POST", "/v1/agents", `spiffe_id=x`, 400, "request body"},
-		{"huge body", root, "POST", "/v1/agents", `{"spiffe_id":"` + strings.Repeat("a", maxBody) + `"}`, 400, "over"},
-		{"service error is reported", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/fail","launch":true}`, 400, "compile error"},
-		{"launcher ends its agent", launcher, "DELETE", "/v1/agents/1", "", 204, ""},
-		{"but not another", launcher, "DELETE", "/v1/agents/2", "", 403, "not an admin"},
-		{"admin ends any", admin, "DELETE", "/v1/agents/2", "", 204, ""},
-		{"unknown slot", root, "DELETE", "/v1/agents/9", "", 404, "no agent in slot 9"},
-		{"bad slot", root, "DELETE", "/v1/agents/x", "", 400, "want a number"},
-		{"slot out of range", root, "GET", "/v1/agents/99999", "", 400, "below 16384"},
-		{"mode by admin", admin, "PUT", "/v1/agents/1/mode", `{"mode":"audit"}`, 200, ""},
-		{"mode cleared", admin, "PUT", "/v1/agents/1/mode", `{"mode":null}`, 200, ""},
-		{"mode by launcher refused", launcher, "PUT", "/v1/agents/1/mode", `{"mode":"audit"}`, 403, ""},
-		{"bad mode", admin, "PUT", "/v1/agents/1/mode", `{"mode":"off"}`, 400, "unknown mode"},
-		{"mode of unknown agent", admin, "PUT", "/v1/agents/7/mode", `{"mode":"audit"}`, 404, "no such agent"},
-		{"killed needs a value", admin, "PUT", "/v1/agents/1/killed", `{}`, 400, "required"},
-		{"killed by admin", admin, "PUT", "/v1/agents/1/killed", `{"killed":true}`, 200, ""},
-		{"killed by nobody", nobody, "PUT", "/v1/agents/1/killed", `{"killed":true}`, 403, ""},
-		{"launcher starts a task", launcher, "POST", "/v1/agents/1/task", `{"type":"coding","ttl":"1h"}`, 200, ""},
-		{"but not on another agent", launcher, "POST", "/v1/agents/2/task", `{"type":"coding","ttl":"1h"}`, 403, ""},
-		{"task ttl syntax", root, "POST", "/v1/agents/1/task", `{"type":"coding","ttl":"soon"}`, 400, "ttl"},
-		{"second task", root, "POST", "/v1/agents/1/task", `{"type":"busy","ttl":"1h"}`, 409, "already"},
-		{"renew", launcher, "PUT", "/v1/agents/1/task", `{"ttl":"30m"}`, 200, ""},
-		{"end", admin, "DELETE", "/v1/agents/2/task", "", 200, ""},
-		{"approval by admin", admin, "POST", "/v1/agents/1/task/approvals", `{"action":"connect","resource":"production","ttl":"15m"}`, 200, ""},
-		{"approval by the launcher refused", launcher, "POST", "/v1/agents/1/task/approvals", `{"action":"connect","resource":"production","ttl":"15m"}`, 403, "not an admin"},
-		{"policy reload by admin", admin, "POST", "/v1/policy/reload", "", 200, `"revision":"r2"`},
-		{"policy reload by nobody", nobody, "POST", "/v1/policy/reload", "", 403, ""},
-		{"policy eval", root, "POST", "/v1/policy/eval", `{"query":"grants","input":{"agent":{}}}`, 200, `"query":"grants"`},
-		{"policy eval error", root, "POST", "/v1/policy/eval", `{"query":"bad","input":{}}`, 422, "want grants"},
-		{"launcher reads its agent's credential", launcher, "GET", "/v1/agents/1/task/credential", "", 200, `"token":"tok"`},
-		{"nobody else does", nobody, "GET", "/v1/agents/1/task/credential", "", 403, "not an admin"},
-		{"heartbeat", launcher, "POST", "/v1/agents/1/task/heartbeat", `{"credential":"cur","ttl":"1m"}`, 200, `"token":"next"`},
-		{"heartbeat replayed", launcher, "POST", "/v1/agents/1/task/heartbeat", `{"credential":"old","ttl":"1m"}`, 409, "credential replayed"},
-		{"heartbeat without a credential", launcher, "POST", "/v1/agents/1/task/heartbeat", `{"ttl":"1m"}`, 400, "presents the task's current credential"},
-		{"heartbeat of another's agent", launcher, "POST", "/v1/agents/2/task/heartbeat", `{"credential":"cur","ttl":"1m"}`, 403, ""},
-		{"revocation list for anyone", nobody, "GET", "/v1/credentials/revoked", "", 200, `"id":"r1"`},
-		{"key set for anyone", nobody, "GET", "/v1/credentials/keys", "", 200, `"keys"`},
-		{"verify says why", nobody, "POST", "/v1/credentials/verify", `{"token":"x"}`, 403, "credential expired"},
-		{"launch as root needs --allow-root", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"uid":0}`, 403, "needs --allow-root"},
-		{"launch as another uid refused", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"uid":5}`, 403, "may not launch an agent running as uid 5"},
-		{"a launch gets a uid of its own", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true}`, 201, `"dynamic_uid":true`},
-		{"even root's", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true}`, 201, `"dynamic_uid":true`},
-		{"root agents need a rule, admins too", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"allow_root":true}`, 403, "launch rule with root: true"},
-		{"and --allow-root", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/root/a","launch":true,"uid":0}`, 403, "needs --allow-root"},
-		{"root agent with both", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/root/a","launch":true,"allow_root":true}`, 201, `"uid":0`},
-		{"a rule for root is not for others", launcher, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/root/a","launch":true,"allow_root":true}`, 403, ""},
-		{"another live agent's uid", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"uid":4242}`, 409, "uid taken"},
-		{"shared on purpose", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"uid":4242,"share_uid":true}`, 201, ""},
-		{"launcher reads its agent's confinement", launcher, "GET", "/v1/agents/1/confinement", "", 200, `"cgroup":"/cg/tether/a"`},
-		{"nobody else does", nobody, "GET", "/v1/agents/1/confinement", "", 403, "not an admin"},
-		{"sandbox off needs an unconfined rule", launcher, "GET", "/v1/agents/4/confinement", "", 403, "sandbox: off"},
-		{"admins too", root, "GET", "/v1/agents/4/confinement", "", 403, "unconfined: true"},
-		{"keep_caps is for root agents", launcher, "GET", "/v1/agents/1/confinement?keep_caps=true", "", 400, "--allow-root"},
-		{"keep_caps with a rule", root, "GET", "/v1/agents/5/confinement?keep_caps=true", "", 200, `"keep_caps":true`},
-		{"confinement of nothing", root, "GET", "/v1/agents/9/confinement", "", 404, ""},
-		{"launcher reports a refused call", launcher, "POST", "/v1/agents/1/refusals", `{"pid":7,"syscall":"bpf","errno":"EPERM"}`, 204, ""},
-		{"nobody else does", nobody, "POST", "/v1/agents/1/refusals", `{"pid":7,"syscall":"bpf","errno":"EPERM"}`, 403, "not an admin"},
-		{"a refusal names its call", launcher, "POST", "/v1/agents/1/refusals", `{"pid":7,"errno":"EPERM"}`, 400, "names the refused"},
-		{"a name is a name", launcher, "POST", "/v1/agents/1/refusals", `{"pid":7,"syscall":"bpf\n<x>","errno":"EPERM"}`, 400, "not a system call"},
-		{"root launches as another uid", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/team/a","launch":true,"uid":1000}`, 201, ""},
-		{"launcher hands over between its agents", launcher, "POST", "/v1/agents/1/task/handoff", `{"to":1,"credential":"cur","ttl":"10m"}`, 200, `"token":"handed"`},
-		{"but not to another's agent", launcher, "POST", "/v1/agents/1/task/handoff", `{"to":2,"credential":"cur","ttl":"10m"}`, 403, "neither launched agent 2"},
-		{"handoff with a replayed credential", launcher, "POST", "/v1/agents/1/task/handoff", `{"to":1,"credential":"old","ttl":"10m"}`, 409, "credential replayed"},
-		{"handoff to nobody", root, "POST", "/v1/agents/1/task/handoff", `{"to":9,"credential":"cur","ttl":"10m"}`, 404, "receiver"},
-		{"kill by admin", admin, "POST", "/v1/kill", `{"spiffe_id":"spiffe://x/a","reason":"exfiltration"}`, 200, `"requester":"uid:500"`},
-		{"kill needs a reason", admin, "POST", "/v1/kill", `{"spiffe_id":"spiffe://x/a"}`, 400, "reason is required"},
-		{"kill by a launcher refused", launcher, "POST", "/v1/kill", `{"slot":1,"reason":"x"}`, 403, "not an admin"},
-		{"resume by admin", admin, "POST", "/v1/agents/1/resume", "", 200, ""},
-		{"readmit by nobody refused", nobody, "POST", "/v1/readmit", `{"spiffe_id":"spiffe://x/a"}`, 403, ""},
-		{"register with a task", root, "POST", "/v1/agents", `{"spiffe_id":"spiffe://x/a","launch":true,"task":{"type":"coding","ttl":"x"}}`, 400, "task ttl"},
-	}
-	for _, tt := range tests {
+	for _, tt := range authCases {
 		t.Run(tt.name, func(t *testing.T) {
 			code, body := call(t, newFakeService(), tt.c, tt.method, tt.path, tt.body)
 			if code != tt.code || !strings.Contains(body, tt.want) {

@@ -31,6 +31,49 @@ func subject(c *clock) Subject {
 		Sensitivity: "internal", TaskExpires: c.t.Add(time.Hour)}
 }
 
+// checkIssued checks the file and the claims of cred, issued by i for s, expiring at expiry.
+func checkIssued(t *testing.T, i *Issuer, s Subject, cred Credential, expiry time.Time) {
+	t.Helper()
+	b, err := os.ReadFile(cred.File)
+	if err != nil || strings.TrimSpace(string(b)) != cred.Token {
+		t.Fatalf("credential file %s: %q %v", cred.File, b, err)
+	}
+	if fi, _ := os.Stat(cred.File); fi.Mode().Perm() != 0o400 {
+		t.Errorf("file mode %v, want 0400", fi.Mode().Perm())
+	}
+	if fi, _ := os.Stat(filepath.Dir(cred.File)); fi.Mode().Perm() != 0o500 {
+		t.Errorf("directory mode %v, want 0500", fi.Mode().Perm())
+	}
+	claims, err := i.Verify(cred.Token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if claims.Subject != s.SpiffeID || claims.Audience[0] != "tether-task:task-1" || claims.Task.Type != "coding" || claims.Task.Sensitivity != "internal" ||
+		claims.Slot != 3 || !claims.Expiry.Time().Equal(expiry) {
+		t.Errorf("claims %+v", claims)
+	}
+}
+
+// checkForeignRefused: another task's credential, one another key signed and garbage renew
+// nothing (ErrInvalid).
+func checkForeignRefused(t *testing.T, i *Issuer, s Subject, current Credential, c *clock) {
+	t.Helper()
+	ctx := context.Background()
+	other := s
+	other.TaskID = "task-2"
+	if _, err := i.Renew(ctx, other, current.Token); !errors.Is(err, ErrInvalid) {
+		t.Errorf("credential of another task: %v", err)
+	}
+	forger := newIssuer(t, t.TempDir(), c)
+	forged, _ := forger.Issue(ctx, s)
+	if _, err := i.Renew(ctx, s, forged.Token); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "not signed by this tetherd") {
+		t.Errorf("credential signed by another key: %v", err)
+	}
+	if _, err := i.Renew(ctx, s, "not a token"); !errors.Is(err, ErrInvalid) {
+		t.Errorf("garbage: %v", err)
+	}
+}
+
 func TestIssueRenewRevoke(t *testing.T) {
 	dir := t.TempDir()
 	c := &clock{time.Date(2026, 11, 27, 10, 0, 0, 0, time.UTC)}
@@ -42,24 +85,7 @@ func TestIssueRenewRevoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := os.ReadFile(first.File)
-	if err != nil || strings.TrimSpace(string(b)) != first.Token {
-		t.Fatalf("credential file %s: %q %v", first.File, b, err)
-	}
-	if fi, _ := os.Stat(first.File); fi.Mode().Perm() != 0o400 {
-		t.Errorf("file mode %v, want 0400", fi.Mode().Perm())
-	}
-	if fi, _ := os.Stat(filepath.Dir(first.File)); fi.Mode().Perm() != 0o500 {
-		t.Errorf("directory mode %v, want 0500", fi.Mode().Perm())
-	}
-	claims, err := i.Verify(first.Token)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if claims.Subject != s.SpiffeID || claims.Audience[0] != "tether-task:task-1" || claims.Task.Type != "coding" || claims.Task.Sensitivity != "internal" ||
-		claims.Slot != 3 || !claims.Expiry.Time().Equal(c.t.Add(5*time.Minute)) {
-		t.Errorf("claims %+v", claims)
-	}
+	checkIssued(t, i, s, first, c.t.Add(5*time.Minute))
 
 	// A heartbeat presents the current credential and gets the next one.
 	c.t = c.t.Add(time.Minute)
@@ -74,20 +100,7 @@ func TestIssueRenewRevoke(t *testing.T) {
 	if _, err := i.Renew(ctx, s, first.Token); !errors.Is(err, ErrReplayed) {
 		t.Errorf("replayed credential: %v", err)
 	}
-	// Another task's, or a forged one: invalid.
-	other := s
-	other.TaskID = "task-2"
-	if _, err := i.Renew(ctx, other, second.Token); !errors.Is(err, ErrInvalid) {
-		t.Errorf("credential of another task: %v", err)
-	}
-	forger := newIssuer(t, t.TempDir(), c)
-	forged, _ := forger.Issue(ctx, s)
-	if _, err := i.Renew(ctx, s, forged.Token); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "not signed by this tetherd") {
-		t.Errorf("credential signed by another key: %v", err)
-	}
-	if _, err := i.Renew(ctx, s, "not a token"); !errors.Is(err, ErrInvalid) {
-		t.Errorf("garbage: %v", err)
-	}
+	checkForeignRefused(t, i, s, second, c)
 
 	// A restarted tetherd (same key and directory) knows which one is current.
 	i = newIssuer(t, dir, c)

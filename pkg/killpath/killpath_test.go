@@ -91,6 +91,38 @@ func (f *fakeRegistry) EndTask(s dataplane.Slot) (agents.Agent, error) {
 // unfinished; a new Killer (a restarted tetherd) on the same state file finishes it once SPIRE
 // answers; the SPIFFE ID stays denied; readmit lifts it. No cgroup is touched: the agent's cgroup
 // does not exist, so freeze and halt have nothing to do.
+// checkKilledButRevokePending: kill x of agent 2 denied, froze and halted it, ended its task and
+// denied its identity, recorded one kill record, and left the revoke step (SPIRE down) pending.
+func checkKilledButRevokePending(t *testing.T, k *Killer, reg *fakeRegistry, x Kill, recs []events.Decision) {
+	t.Helper()
+	steps := map[string]StepResult{}
+	for _, s := range x.Steps {
+		steps[s.Name] = s
+	}
+	if !steps[StepDeny].Done || !steps[StepFreeze].Done || steps[StepRevoke].Done || !steps[StepHalt].Done || x.Done {
+		t.Errorf("steps %+v", x.Steps)
+	}
+	if a, _ := reg.Get(2); !a.Killed || a.Task != nil {
+		t.Errorf("agent after kill: %+v", a)
+	}
+	// The kernel's flag went through Deny (no registry lock), before the registry recorded it.
+	if len(reg.denied) != 1 || reg.denied[0] != 2 {
+		t.Errorf("Deny calls %v, want [2]", reg.denied)
+	}
+	if b, _ := reg.Get(3); b.Killed {
+		t.Error("another agent was killed")
+	}
+	if !k.IsDenied("spiffe://x.org/a") || k.IsDenied("spiffe://x.org/b") {
+		t.Error("deny list")
+	}
+	if len(recs) != 1 || recs[0].Kind != "kill" || recs[0].Kill == nil || len(recs[0].Kill.Steps) != 4 || recs[0].Kill.Done {
+		t.Errorf("records %+v", recs)
+	}
+	if p := k.Pending(); len(p) != 1 || p[0].ID != x.ID {
+		t.Fatalf("pending %+v", p)
+	}
+}
+
 func TestKillPersistsAndContinues(t *testing.T) {
 	dir := t.TempDir()
 	reg := &fakeRegistry{agents: map[dataplane.Slot]agents.Agent{
@@ -119,32 +151,7 @@ func TestKillPersistsAndContinues(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	steps := map[string]StepResult{}
-	for _, s := range x.Steps {
-		steps[s.Name] = s
-	}
-	if !steps[StepDeny].Done || !steps[StepFreeze].Done || steps[StepRevoke].Done || !steps[StepHalt].Done || x.Done {
-		t.Errorf("steps %+v", x.Steps)
-	}
-	if a, _ := reg.Get(2); !a.Killed || a.Task != nil {
-		t.Errorf("agent after kill: %+v", a)
-	}
-	// The kernel's flag went through Deny (no registry lock), before the registry recorded it.
-	if len(reg.denied) != 1 || reg.denied[0] != 2 {
-		t.Errorf("Deny calls %v, want [2]", reg.denied)
-	}
-	if b, _ := reg.Get(3); b.Killed {
-		t.Error("another agent was killed")
-	}
-	if !k.IsDenied("spiffe://x.org/a") || k.IsDenied("spiffe://x.org/b") {
-		t.Error("deny list")
-	}
-	if len(recs) != 1 || recs[0].Kind != "kill" || recs[0].Kill == nil || len(recs[0].Kill.Steps) != 4 || recs[0].Kill.Done {
-		t.Errorf("records %+v", recs)
-	}
-	if p := k.Pending(); len(p) != 1 || p[0].ID != x.ID {
-		t.Fatalf("pending %+v", p)
-	}
+	checkKilledButRevokePending(t, k, reg, x, recs)
 
 	// tetherd dies; a new one starts with SPIRE back.
 	mu.Lock()

@@ -51,75 +51,85 @@ func verdict(t *testing.T, p Profile, archID uint32, name string, args ...uint64
 	return uint32(out)
 }
 
+// What the filter answers.
+var (
+	allow = uint32(unix.SECCOMP_RET_ALLOW)
+	eperm = errnoOf(unix.EPERM)
+)
+
+func errnoOf(e unix.Errno) uint32 { return unix.SECCOMP_RET_ERRNO | uint32(e) }
+
+// high is a bit above an int: a socket argument with it is no family the filter lets through.
+const high = 1 << 32
+
+// filterCases are the calls TestFilter asks the filter about, and what it must answer.
+var filterCases = []struct {
+	profile Profile
+	name    string
+	args    []uint64
+	want    uint32
+}{
+	{Default, "bpf", nil, eperm},
+	{Default, "mount", nil, eperm},
+	{Default, "umount2", nil, eperm},
+	{Default, "open_tree", nil, eperm},
+	{Default, "fsopen", nil, eperm},
+	{Default, "move_mount", nil, eperm},
+	{Default, "setns", nil, eperm},
+	{Default, "ptrace", nil, eperm},
+	{Default, "process_vm_readv", nil, eperm},
+	{Default, "process_vm_writev", nil, eperm},
+	{Default, "pidfd_getfd", nil, eperm},
+	{Default, "kexec_load", nil, eperm},
+	{Default, "kexec_file_load", nil, eperm},
+	{Default, "init_module", nil, eperm},
+	{Default, "finit_module", nil, eperm},
+	{Default, "open_by_handle_at", nil, eperm},
+	{Default, "perf_event_open", nil, eperm},
+	{Default, "userfaultfd", nil, eperm},
+	// Namespaces: unshare and clone with any namespace flag; clone3 cannot be read.
+	{Default, "unshare", []uint64{unix.CLONE_NEWUSER}, eperm},
+	{Default, "unshare", []uint64{unix.CLONE_NEWNS | unix.CLONE_FS}, eperm},
+	{Default, "unshare", []uint64{unix.CLONE_NEWTIME}, eperm},
+	{Default, "unshare", []uint64{unix.CLONE_FILES}, allow},
+	{Default, "clone", []uint64{unix.CLONE_NEWUSER | uint64(unix.SIGCHLD)}, eperm},
+	{Default, "clone", []uint64{unix.CLONE_NEWNET}, eperm},
+	{Default, "clone", []uint64{unix.CLONE_VM | unix.CLONE_VFORK | uint64(unix.SIGCHLD)}, allow},
+	{Default, "clone", []uint64{unix.CLONE_VM | unix.CLONE_THREAD | unix.CLONE_SIGHAND | unix.CLONE_FS | unix.CLONE_FILES | unix.CLONE_SYSVSEM | unix.CLONE_SETTLS | unix.CLONE_PARENT_SETTID | unix.CLONE_CHILD_CLEARTID}, allow},
+	{Default, "clone3", nil, errnoOf(unix.ENOSYS)},
+	// Sockets: the families the hooks see, netlink for routing only; bits above the int
+	// make any value foreign.
+	{Default, "socket", []uint64{unix.AF_INET, unix.SOCK_STREAM, 0}, allow},
+	{Default, "socket", []uint64{unix.AF_INET6, unix.SOCK_DGRAM, 0}, allow},
+	{Default, "socket", []uint64{unix.AF_UNIX, unix.SOCK_STREAM, 0}, allow},
+	{Default, "socket", []uint64{unix.AF_NETLINK, unix.SOCK_RAW, unix.NETLINK_ROUTE}, allow},
+	{Default, "socket", []uint64{unix.AF_NETLINK, unix.SOCK_RAW, unix.NETLINK_SOCK_DIAG}, errnoOf(unix.EAFNOSUPPORT)},
+	{Default, "socket", []uint64{unix.AF_NETLINK, unix.SOCK_RAW, high}, errnoOf(unix.EAFNOSUPPORT)},
+	{Default, "socket", []uint64{unix.AF_PACKET, unix.SOCK_RAW, 0}, errnoOf(unix.EAFNOSUPPORT)},
+	{Default, "socket", []uint64{unix.AF_VSOCK, unix.SOCK_STREAM, 0}, errnoOf(unix.EAFNOSUPPORT)},
+	{Default, "socket", []uint64{unix.AF_ALG, unix.SOCK_SEQPACKET, 0}, errnoOf(unix.EAFNOSUPPORT)},
+	{Default, "socket", []uint64{unix.AF_INET | high, unix.SOCK_STREAM, 0}, errnoOf(unix.EAFNOSUPPORT)},
+	// What programs need.
+	{Default, "openat", nil, allow},
+	{Default, "execve", nil, allow},
+	{Default, "connect", nil, allow},
+	{Default, "io_uring_setup", nil, allow},
+	{Default, "keyctl", nil, allow},
+	{Strict, "io_uring_setup", nil, eperm},
+	{Strict, "io_uring_enter", nil, eperm},
+	{Strict, "keyctl", nil, eperm},
+	{Strict, "personality", nil, eperm},
+	{Strict, "bpf", nil, eperm},
+	{Strict, "openat", nil, allow},
+}
+
 func TestFilter(t *testing.T) {
 	native, err := arch.GetInfo("")
 	if err != nil {
 		t.Skip(err)
 	}
 	id := uint32(native.ID)
-	allow := uint32(unix.SECCOMP_RET_ALLOW)
-	errnoOf := func(e unix.Errno) uint32 { return unix.SECCOMP_RET_ERRNO | uint32(e) }
-	eperm := errnoOf(unix.EPERM)
-	const high = 1 << 32
-	for _, tc := range []struct {
-		profile Profile
-		name    string
-		args    []uint64
-		want    uint32
-	}{
-		{Default, "bpf", nil, eperm},
-		{Default, "mount", nil, eperm},
-		{Default, "umount2", nil, eperm},
-		{Default, "open_tree", nil, eperm},
-		{Default, "fsopen", nil, eperm},
-		{Default, "move_mount", nil, eperm},
-		{Default, "setns", nil, eperm},
-		{Default, "ptrace", nil, eperm},
-		{Default, "process_vm_readv", nil, eperm},
-		{Default, "process_vm_writev", nil, eperm},
-		{Default, "pidfd_getfd", nil, eperm},
-		{Default, "kexec_load", nil, eperm},
-		{Default, "kexec_file_load", nil, eperm},
-		{Default, "init_module", nil, eperm},
-		{Default, "finit_module", nil, eperm},
-		{Default, "open_by_handle_at", nil, eperm},
-		{Default, "perf_event_open", nil, eperm},
-		{Default, "userfaultfd", nil, eperm},
-		// Namespaces: unshare and clone with any namespace flag; clone3 cannot be read.
-		{Default, "unshare", []uint64{unix.CLONE_NEWUSER}, eperm},
-		{Default, "unshare", []uint64{unix.CLONE_NEWNS | unix.CLONE_FS}, eperm},
-		{Default, "unshare", []uint64{unix.CLONE_NEWTIME}, eperm},
-		{Default, "unshare", []uint64{unix.CLONE_FILES}, allow},
-		{Default, "clone", []uint64{unix.CLONE_NEWUSER | uint64(unix.SIGCHLD)}, eperm},
-		{Default, "clone", []uint64{unix.CLONE_NEWNET}, eperm},
-		{Default, "clone", []uint64{unix.CLONE_VM | unix.CLONE_VFORK | uint64(unix.SIGCHLD)}, allow},
-		{Default, "clone", []uint64{unix.CLONE_VM | unix.CLONE_THREAD | unix.CLONE_SIGHAND | unix.CLONE_FS | unix.CLONE_FILES | unix.CLONE_SYSVSEM | unix.CLONE_SETTLS | unix.CLONE_PARENT_SETTID | unix.CLONE_CHILD_CLEARTID}, allow},
-		{Default, "clone3", nil, errnoOf(unix.ENOSYS)},
-		// Sockets: the families the hooks see, netlink for routing only; bits above the int
-		// make any value foreign.
-		{Default, "socket", []uint64{unix.AF_INET, unix.SOCK_STREAM, 0}, allow},
-		{Default, "socket", []uint64{unix.AF_INET6, unix.SOCK_DGRAM, 0}, allow},
-		{Default, "socket", []uint64{unix.AF_UNIX, unix.SOCK_STREAM, 0}, allow},
-		{Default, "socket", []uint64{unix.AF_NETLINK, unix.SOCK_RAW, unix.NETLINK_ROUTE}, allow},
-		{Default, "socket", []uint64{unix.AF_NETLINK, unix.SOCK_RAW, unix.NETLINK_SOCK_DIAG}, errnoOf(unix.EAFNOSUPPORT)},
-		{Default, "socket", []uint64{unix.AF_NETLINK, unix.SOCK_RAW, high}, errnoOf(unix.EAFNOSUPPORT)},
-		{Default, "socket", []uint64{unix.AF_PACKET, unix.SOCK_RAW, 0}, errnoOf(unix.EAFNOSUPPORT)},
-		{Default, "socket", []uint64{unix.AF_VSOCK, unix.SOCK_STREAM, 0}, errnoOf(unix.EAFNOSUPPORT)},
-		{Default, "socket", []uint64{unix.AF_ALG, unix.SOCK_SEQPACKET, 0}, errnoOf(unix.EAFNOSUPPORT)},
-		{Default, "socket", []uint64{unix.AF_INET | high, unix.SOCK_STREAM, 0}, errnoOf(unix.EAFNOSUPPORT)},
-		// What programs need.
-		{Default, "openat", nil, allow},
-		{Default, "execve", nil, allow},
-		{Default, "connect", nil, allow},
-		{Default, "io_uring_setup", nil, allow},
-		{Default, "keyctl", nil, allow},
-		{Strict, "io_uring_setup", nil, eperm},
-		{Strict, "io_uring_enter", nil, eperm},
-		{Strict, "keyctl", nil, eperm},
-		{Strict, "personality", nil, eperm},
-		{Strict, "bpf", nil, eperm},
-		{Strict, "openat", nil, allow},
-	} {
+	for _, tc := range filterCases {
 		if got := verdict(t, tc.profile, id, tc.name, tc.args...); got != tc.want {
 			t.Errorf("%s: %s(%#x): %#x, want %#x", tc.profile, tc.name, tc.args, got, tc.want)
 		}

@@ -763,7 +763,12 @@ func TestApprovalsAreCountedGrants(t *testing.T) {
 		t.Errorf("task ended, grants still in force: %v", e.dp.Grants())
 	}
 
-	// An approval that expires takes its grant with it.
+}
+
+// TestExpiredApprovalTakesItsGrant: an approval that expires takes its counted grant with it.
+func TestExpiredApprovalTakesItsGrant(t *testing.T) {
+	e := newEnv(t)
+	a := e.register(t, "spiffe://example.org/a")
 	if _, err := e.reg.StartTask(a.Slot, TaskSpec{Type: "coding", TTL: time.Hour}); err != nil {
 		t.Fatal(err)
 	}

@@ -45,7 +45,26 @@ func TestKindFiles(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// The values, and the policy files the script passes with --set-file.
+	values, files := kindValues(t, dir, string(src))
+	objs := render(t, values)
+	if bad := Posture(objs, false); len(bad) > 0 {
+		t.Errorf("posture:\n  %s", strings.Join(bad, "\n  "))
+	}
+	cfg := tetherdConfig(t, objs)
+	ds := Find[*appsv1.DaemonSet](objs)[0]
+	image := regexp.MustCompile(`(?m)^IMAGE=(\S+)$`).FindStringSubmatch(string(src))
+	if image == nil || ds.Spec.Template.Spec.Containers[0].Image != image[1] || ds.Spec.Template.Spec.Containers[0].ImagePullPolicy != corev1.PullNever {
+		t.Errorf("e2e.sh builds %v; the chart installs %s (pull policy %s)", image, ds.Spec.Template.Spec.Containers[0].Image, ds.Spec.Template.Spec.Containers[0].ImagePullPolicy)
+	}
+
+	id := kindAgentID(t, dir, string(src), cfg.Identity.Kubernetes.TrustDomain, cfg.Identity.Kubernetes.PodSelector)
+	checkKindPolicy(t, files, id, cfg.Env.Cluster, cfg.Env.Environment)
+}
+
+// kindValues are the chart values e2e.sh installs, with the policy files it passes with
+// --set-file (the shipped Rego without its tests, and test/kind/data.json).
+func kindValues(t *testing.T, dir, src string) (map[string]any, map[string]any) {
+	t.Helper()
 	var values map[string]any
 	b, err := os.ReadFile(filepath.Join(dir, "values.yaml"))
 	if err != nil {
@@ -54,8 +73,8 @@ func TestKindFiles(t *testing.T) {
 	if err := yaml.UnmarshalStrict(b, &values); err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(src), `for f in policies/tether/*.rego; do`) || !strings.Contains(string(src), `*_test.rego) continue`) ||
-		!strings.Contains(string(src), `policy.files.data\.json=test/kind/data.json`) {
+	if !strings.Contains(src, `for f in policies/tether/*.rego; do`) || !strings.Contains(src, `*_test.rego) continue`) ||
+		!strings.Contains(src, `policy.files.data\.json=test/kind/data.json`) {
 		t.Fatal("e2e.sh no longer passes the shipped Rego (without tests) and test/kind/data.json as policy.files: update this test with it")
 	}
 	files := map[string]any{}
@@ -74,17 +93,13 @@ func TestKindFiles(t *testing.T) {
 	files["data.json"] = string(data)
 	values["policy"] = map[string]any{"files": files}
 
-	objs := render(t, values)
-	if bad := Posture(objs, false); len(bad) > 0 {
-		t.Errorf("posture:\n  %s", strings.Join(bad, "\n  "))
-	}
-	cfg := tetherdConfig(t, objs)
-	ds := Find[*appsv1.DaemonSet](objs)[0]
-	image := regexp.MustCompile(`(?m)^IMAGE=(\S+)$`).FindStringSubmatch(string(src))
-	if image == nil || ds.Spec.Template.Spec.Containers[0].Image != image[1] || ds.Spec.Template.Spec.Containers[0].ImagePullPolicy != corev1.PullNever {
-		t.Errorf("e2e.sh builds %v; the chart installs %s (pull policy %s)", image, ds.Spec.Template.Spec.Containers[0].Image, ds.Spec.Template.Spec.Containers[0].ImagePullPolicy)
-	}
+	return values, files
+}
 
+// kindAgentID is the SPIFFE ID of the agent pod of workloads.yaml, which e2e.sh must look for;
+// it checks that the pod selector picks that pod alone.
+func kindAgentID(t *testing.T, dir, src, trustDomain, selector string) string {
+	t.Helper()
 	wl, err := os.ReadFile(filepath.Join(dir, "workloads.yaml"))
 	if err != nil {
 		t.Fatal(err)
@@ -99,12 +114,12 @@ func TestKindFiles(t *testing.T) {
 			agent = p
 		}
 	}
-	sel, err := labels.Parse(cfg.Identity.Kubernetes.PodSelector)
+	sel, err := labels.Parse(selector)
 	if err != nil || agent == nil || !sel.Matches(labels.Set(agent.Labels)) {
-		t.Fatalf("the agent pod %v is not selected by %q (%v)", agent, cfg.Identity.Kubernetes.PodSelector, err)
+		t.Fatalf("the agent pod %v is not selected by %q (%v)", agent, selector, err)
 	}
-	id := "spiffe://" + cfg.Identity.Kubernetes.TrustDomain + "/ns/" + agent.Namespace + "/sa/" + agent.Spec.ServiceAccountName
-	if !strings.Contains(string(src), "AGENT_ID="+id+"\n") {
+	id := "spiffe://" + trustDomain + "/ns/" + agent.Namespace + "/sa/" + agent.Spec.ServiceAccountName
+	if !strings.Contains(src, "AGENT_ID="+id+"\n") {
 		t.Errorf("e2e.sh does not look for %s", id)
 	}
 	for _, p := range Find[*corev1.Pod](wobjs) {
@@ -113,7 +128,13 @@ func TestKindFiles(t *testing.T) {
 		}
 	}
 
-	// The policy the script installs, in the engine tetherd embeds.
+	return id
+}
+
+// checkKindPolicy puts the policy files e2e.sh installs in force in the engine tetherd embeds,
+// and checks the agent id's grants: tcp 8080 and 53, not 8081, enforced.
+func checkKindPolicy(t *testing.T, files map[string]any, id, cluster, environment string) {
+	t.Helper()
 	pdir := t.TempDir()
 	for name, content := range files {
 		if err := os.WriteFile(filepath.Join(pdir, name), []byte(content.(string)), 0o644); err != nil {
@@ -132,7 +153,7 @@ func TestKindFiles(t *testing.T) {
 		t.Fatalf("the kind policy is refused: %v", err)
 	}
 	g, err := rev.Grants(context.Background(), policy.Input{Agent: policy.AgentOf(id, nil, nil),
-		Env: policy.Env{Node: "tether-e2e-control-plane", Cluster: cfg.Env.Cluster, Environment: cfg.Env.Environment}, Time: policy.TimeAt(now, time.UTC)})
+		Env: policy.Env{Node: "tether-e2e-control-plane", Cluster: cluster, Environment: environment}, Time: policy.TimeAt(now, time.UTC)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -110,33 +110,7 @@ func TestAPIServerDryRun(t *testing.T) {
 func startAPIServer(t *testing.T, bin, dir string) string {
 	t.Helper()
 	etcdClient, etcdPeer, apiPort := freePort(t), freePort(t), freePort(t)
-	start := func(name string, args ...string) <-chan struct{} {
-		t.Helper()
-		log, err := os.Create(filepath.Join(dir, name+".log"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		cmd := exec.Command(filepath.Join(bin, name), args...)
-		cmd.Stdout, cmd.Stderr = log, log
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		exited := make(chan struct{})
-		go func() { cmd.Wait(); close(exited) }()
-		t.Cleanup(func() {
-			cmd.Process.Kill()
-			<-exited
-			log.Close()
-			if t.Failed() {
-				b, _ := os.ReadFile(log.Name())
-				if len(b) > 8000 {
-					b = b[len(b)-8000:]
-				}
-				t.Logf("%s log (end):\n%s", name, b)
-			}
-		})
-		return exited
-	}
+	start := func(name string, args ...string) <-chan struct{} { return startLogged(t, bin, dir, name, args...) }
 	client := fmt.Sprintf("http://127.0.0.1:%d", etcdClient)
 	peer := fmt.Sprintf("http://127.0.0.1:%d", etcdPeer)
 	start("etcd", "--data-dir", filepath.Join(dir, "etcd"), "--listen-client-urls", client, "--advertise-client-urls", client,
@@ -160,6 +134,54 @@ func startAPIServer(t *testing.T, bin, dir string) string {
 		"--service-account-signing-key-file", keyFile, "--enable-priority-and-fairness=false")
 
 	server := fmt.Sprintf("https://127.0.0.1:%d", apiPort)
+	waitReady(t, server, token, apiExited)
+	kc := map[string]any{
+		"apiVersion": "v1", "kind": "Config", "current-context": "test",
+		"clusters": []any{map[string]any{"name": "test", "cluster": map[string]any{"server": server, "insecure-skip-tls-verify": true}}},
+		"users":    []any{map[string]any{"name": "admin", "user": map[string]any{"token": token}}},
+		"contexts": []any{map[string]any{"name": "test", "context": map[string]any{"cluster": "test", "user": "admin"}}},
+	}
+	b, _ := json.Marshal(kc)
+	path := filepath.Join(dir, "kubeconfig")
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// startLogged starts bin/name with args, its output in dir/name.log (the end of which is
+// logged if the test fails), and stops it when the test ends. The channel closes when it exits.
+func startLogged(t *testing.T, bin, dir, name string, args ...string) <-chan struct{} {
+	t.Helper()
+	log, err := os.Create(filepath.Join(dir, name+".log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(filepath.Join(bin, name), args...)
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-exited
+		log.Close()
+		if t.Failed() {
+			b, _ := os.ReadFile(log.Name())
+			if len(b) > 8000 {
+				b = b[len(b)-8000:]
+			}
+			t.Logf("%s log (end):\n%s", name, b)
+		}
+	})
+	return exited
+}
+
+// waitReady waits up to 2 minutes for the API server at server to say it is ready.
+func waitReady(t *testing.T, server, token string, exited <-chan struct{}) {
+	t.Helper()
 	hc := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -176,23 +198,11 @@ func startAPIServer(t *testing.T, bin, dir string) string {
 		select {
 		case <-ctx.Done():
 			t.Fatalf("kube-apiserver not ready after 2 minutes: %v", err)
-		case <-apiExited:
+		case <-exited:
 			t.Fatal("kube-apiserver exited")
 		case <-time.After(500 * time.Millisecond):
 		}
 	}
-	kc := map[string]any{
-		"apiVersion": "v1", "kind": "Config", "current-context": "test",
-		"clusters": []any{map[string]any{"name": "test", "cluster": map[string]any{"server": server, "insecure-skip-tls-verify": true}}},
-		"users":    []any{map[string]any{"name": "admin", "user": map[string]any{"token": token}}},
-		"contexts": []any{map[string]any{"name": "test", "context": map[string]any{"cluster": "test", "user": "admin"}}},
-	}
-	b, _ := json.Marshal(kc)
-	path := filepath.Join(dir, "kubeconfig")
-	if err := os.WriteFile(path, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return path
 }
 
 // serviceMonitorCRD fetches the ServiceMonitor CRD from the Prometheus operator's module (the

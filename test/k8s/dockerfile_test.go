@@ -51,7 +51,14 @@ func TestDockerfile(t *testing.T) {
 		t.Errorf("the image builds with Go %s, go.mod asks for another", goVersion)
 	}
 
-	final := stages[1]
+	checkFinalStage(t, stages[1])
+	checkBuildStep(t, stages[0])
+}
+
+// checkFinalStage checks the image's final stage: distroless, the two static binaries, a
+// non-root user, the entrypoint the DaemonSet runs.
+func checkFinalStage(t *testing.T, final instructions.Stage) {
+	t.Helper()
 	if !strings.HasPrefix(final.BaseName, "gcr.io/distroless/static") {
 		t.Errorf("final stage from %s, want distroless static (the binaries are static)", final.BaseName)
 	}
@@ -87,11 +94,15 @@ func TestDockerfile(t *testing.T) {
 	if cmd := ds.Spec.Template.Spec.Containers[0].Command; len(entrypoint) == 0 || !slices.Equal(cmd, entrypoint) {
 		t.Errorf("the DaemonSet runs %v, the image's entrypoint is %v", cmd, entrypoint)
 	}
+}
 
-	// The build step, run here as the build stage runs it.
+// checkBuildStep runs the build stage's go build here, as the stage runs it, and checks that
+// it makes static binaries that print the VERSION argument's default.
+func checkBuildStep(t *testing.T, stage instructions.Stage) {
+	t.Helper()
 	env := os.Environ()
 	var build string
-	for _, c := range stages[0].Commands {
+	for _, c := range stage.Commands {
 		switch c := c.(type) {
 		case *instructions.EnvCommand:
 			for _, kv := range c.Env {

@@ -4,8 +4,11 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -13,6 +16,7 @@ import (
 	"time"
 
 	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/escalation"
 	"github.com/tether-sh/tether/pkg/events"
@@ -30,19 +34,7 @@ func TestPrivilegedKill(t *testing.T) {
 	p := grantsFor(self, h, okPort)
 	p["egress"] = []any{map[string]any{"cidr": h.V4.String() + "/32", "ports": []int{int(okPort)}}} // tcp and udp: the loop connects UDP sockets
 	d := newTetherd(t, p)
-	// An escalation receiver on loopback, in Alertmanager's webhook format.
-	var alertMu sync.Mutex
-	var alerts []escalation.Alert
-	rcv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var pl escalation.Payload
-		if err := json.NewDecoder(r.Body).Decode(&pl); err != nil || pl.Version != "4" {
-			http.Error(w, "bad payload", http.StatusBadRequest)
-			return
-		}
-		alertMu.Lock()
-		alerts = append(alerts, pl.Alerts...)
-		alertMu.Unlock()
-	}))
+	rcv, alerts := escalationReceiver(t)
 	defer rcv.Close()
 	d.extra = fmt.Sprintf("telemetry:\n  escalation_webhook: %s/alerts\n", rcv.URL)
 	d.writeConfig()
@@ -65,6 +57,81 @@ func TestPrivilegedKill(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { stdin.Close(); run.Process.Kill(); run.Wait() })
+	await := agentPrints(t, stdout)
+	await("0 ok")
+	a := d.agentAt(d.agents()[0].Cgroup)
+
+	checkKilled(t, d, a, sibling, sib, alerts)
+
+	// The same identity in a new cgroup: everything denied, its first exec included.
+	if _, _, code := d.ctlRaw("run", "--id", agentID, "--", self); code == 0 {
+		t.Error("a new agent with the killed SPIFFE ID ran")
+	}
+	var st struct {
+		Denied []killpath.Denied `json:"denied"`
+	}
+	json.Unmarshal([]byte(d.ctl("kills")), &st)
+	if len(st.Denied) != 1 || st.Denied[0].SpiffeID != agentID {
+		t.Errorf("deny list %+v", st.Denied)
+	}
+
+	// Thawed for investigation: it runs again, and every connect is denied.
+	d.ctl("resume", fmt.Sprint(a.Slot))
+	await("0 eperm")
+
+	// Killing again is harmless, and --terminate halts it.
+	var kills []killpath.Kill
+	if err := json.Unmarshal([]byte(d.ctl("kill", fmt.Sprint(a.Slot), "--reason", "e2e: stop it", "--terminate", "-o", "json")), &kills); err != nil {
+		t.Fatal(err)
+	}
+	if len(kills) != 1 || !kills[0].Done || len(kills[0].Steps) != 4 {
+		t.Errorf("second kill %+v", kills)
+	}
+	done := make(chan error, 1)
+	go func() { done <- run.Wait() }()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "exit status 137") {
+			t.Errorf("the halted agent's tetherctl run: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the halted agent did not end")
+	}
+
+	// Readmitted, the identity runs again.
+	d.ctl("readmit", agentID)
+	if got := d.runDial(agentID, "tcp", ok); got != "ok" {
+		t.Errorf("after readmit: %q", got)
+	}
+
+	checkKillByPID(t, d)
+}
+
+// escalationReceiver is an escalation receiver on loopback, in Alertmanager's webhook format,
+// and what it received.
+func escalationReceiver(t *testing.T) (*httptest.Server, func() []escalation.Alert) {
+	var alertMu sync.Mutex
+	var alerts []escalation.Alert
+	rcv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var pl escalation.Payload
+		if err := json.NewDecoder(r.Body).Decode(&pl); err != nil || pl.Version != "4" {
+			http.Error(w, "bad payload", http.StatusBadRequest)
+			return
+		}
+		alertMu.Lock()
+		alerts = append(alerts, pl.Alerts...)
+		alertMu.Unlock()
+	}))
+	return rcv, func() []escalation.Alert {
+		alertMu.Lock()
+		defer alertMu.Unlock()
+		return slices.Clone(alerts)
+	}
+}
+
+// agentPrints reads the agent's lines from stdout; the function it returns waits up to 10 s for
+// the agent to print want.
+func agentPrints(t *testing.T, stdout io.Reader) func(want string) {
 	results := make(chan string, 1<<16)
 	go func() {
 		sc := bufio.NewScanner(stdout)
@@ -76,7 +143,7 @@ func TestPrivilegedKill(t *testing.T) {
 		}
 		close(results)
 	}()
-	await := func(want string) {
+	return func(want string) {
 		t.Helper()
 		deadline := time.After(10 * time.Second)
 		for {
@@ -93,9 +160,12 @@ func TestPrivilegedKill(t *testing.T) {
 			}
 		}
 	}
-	await("0 ok")
-	a := d.agentAt(d.agents()[0].Cgroup)
+}
 
+// checkKilled: kill of the agent a by SPIFFE ID took its three steps, froze it, left the
+// process outside the agent (sib, in sibling) alone, was recorded and escalated.
+func checkKilled(t *testing.T, d *tetherd, a agents.Agent, sibling string, sib *exec.Cmd, alerts func() []escalation.Alert) {
+	t.Helper()
 	var kills []killpath.Kill
 	if err := json.Unmarshal([]byte(d.ctl("kill", agentID, "--reason", "e2e: exfiltration suspected", "-o", "json")), &kills); err != nil {
 		t.Fatal(err)
@@ -120,9 +190,7 @@ func TestPrivilegedKill(t *testing.T) {
 		t.Errorf("kill record %+v %+v", rec, rec.Kill)
 	}
 	waitFor(t, "the kill escalated to the webhook", func() bool {
-		alertMu.Lock()
-		defer alertMu.Unlock()
-		for _, a := range alerts {
+		for _, a := range alerts() {
 			if a.Labels["alertname"] == "TetherAgentKilled" && a.Labels["spiffe_id"] == agentID && a.Labels["severity"] == "critical" {
 				return true
 			}
@@ -130,47 +198,12 @@ func TestPrivilegedKill(t *testing.T) {
 		return false
 	})
 
-	// The same identity in a new cgroup: everything denied, its first exec included.
-	if _, _, code := d.ctlRaw("run", "--id", agentID, "--", self); code == 0 {
-		t.Error("a new agent with the killed SPIFFE ID ran")
-	}
-	var st struct {
-		Denied []killpath.Denied `json:"denied"`
-	}
-	json.Unmarshal([]byte(d.ctl("kills")), &st)
-	if len(st.Denied) != 1 || st.Denied[0].SpiffeID != agentID {
-		t.Errorf("deny list %+v", st.Denied)
-	}
+}
 
-	// Thawed for investigation: it runs again, and every connect is denied.
-	d.ctl("resume", fmt.Sprint(a.Slot))
-	await("0 eperm")
-
-	// Killing again is harmless, and --terminate halts it.
-	if err := json.Unmarshal([]byte(d.ctl("kill", fmt.Sprint(a.Slot), "--reason", "e2e: stop it", "--terminate", "-o", "json")), &kills); err != nil {
-		t.Fatal(err)
-	}
-	if len(kills) != 1 || !kills[0].Done || len(kills[0].Steps) != 4 {
-		t.Errorf("second kill %+v", kills)
-	}
-	done := make(chan error, 1)
-	go func() { done <- run.Wait() }()
-	select {
-	case err := <-done:
-		if err == nil || !strings.Contains(err.Error(), "exit status 137") {
-			t.Errorf("the halted agent's tetherctl run: %v", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("the halted agent did not end")
-	}
-
-	// Readmitted, the identity runs again.
-	d.ctl("readmit", agentID)
-	if got := d.runDial(agentID, "tcp", ok); got != "ok" {
-		t.Errorf("after readmit: %q", got)
-	}
-
-	// By process, while the policy is reloaded over and over: the kill holds.
+// checkKillByPID: a kill by process, while the policy is reloaded over and over, holds.
+func checkKillByPID(t *testing.T, d *tetherd) {
+	t.Helper()
+	var kills []killpath.Kill
 	cg := d.sleeper()
 	waitFor(t, "the sleeper's process in its cgroup", func() bool { return len(cgroups.Procs(cg)) > 0 })
 	pid := cgroups.Procs(cg)[0]

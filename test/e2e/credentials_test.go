@@ -47,31 +47,7 @@ func TestPrivilegedTaskCredentials(t *testing.T) {
 	d.writeConfig()
 	d.start()
 
-	// The agent runs as nobody; the task lives 6 s between heartbeats (tetherctl run sends one
-	// every 2 s); a credential lives 10 s (credentials.ttl), never past the task.
-	run := d.ctlCmd("run", "--id", agentID, "--user", "nobody", "--task-type", "e2e", "--task-ttl", "6s", "--", self)
-	run.Env = append(os.Environ(), "TETHER_TEST_HELPER=credential")
-	stdin, err := run.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := run.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	run.Stderr = os.Stderr
-	if err := run.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { stdin.Close(); run.Process.Kill(); run.Wait() })
-	out := bufio.NewReader(stdout)
-	line := func() string {
-		s, err := out.ReadString('\n')
-		if err != nil {
-			t.Fatalf("agent output: %v", err)
-		}
-		return strings.TrimSpace(s)
-	}
+	run, stdin, line := startCredentialAgent(t, d, self)
 
 	// The agent reads its credential from the file.
 	first := line()
@@ -88,6 +64,54 @@ func TestPrivilegedTaskCredentials(t *testing.T) {
 		}
 		return false
 	})
+	cred := checkFirstCredential(t, d, self, a, first)
+	// Heartbeats bring new credentials.
+	var renewed string
+	waitFor(t, "a heartbeat to renew the credential", func() bool {
+		stdin.Write([]byte("\n"))
+		renewed = line()
+		return renewed != first && !strings.HasPrefix(renewed, "error:")
+	})
+	checkReplayRefused(t, d, a, first)
+	// The launcher stops (SIGSTOP: no more heartbeats): the task expires, its credentials are
+	// revoked and listed, and the file is removed.
+	run.Process.Signal(syscall.SIGSTOP)
+	defer run.Process.Signal(syscall.SIGCONT)
+	waitForLong(t, 15*time.Second, "the task to expire without heartbeats", func() bool { return d.agentAt(a.Cgroup).Task == nil })
+	waitFor(t, "the credential file removed", func() bool {
+		_, err := os.Stat(cred.File)
+		return os.IsNotExist(err)
+	})
+	checkExpiredRevoked(t, d, a, renewed)
+	// A task that ends early (here: ended by an admin) has its credentials revoked: they are
+	// listed until they would have expired.
+	d.ctl("task", "start", fmt.Sprint(a.Slot), "--type", "e2e", "--ttl", "1m")
+	b := d.agentAt(a.Cgroup)
+	if err := json.Unmarshal([]byte(d.ctl("credential", "show", fmt.Sprint(a.Slot))), &cred); err != nil {
+		t.Fatal(err)
+	}
+	d.ctl("task", "end", fmt.Sprint(a.Slot))
+	waitFor(t, "the ended task's credential revoked", func() bool {
+		_, stderr, code := d.ctlRaw("credential", "verify", cred.Token)
+		return code != 0 && strings.Contains(stderr, "credential revoked") && strings.Contains(stderr, "task ended")
+	})
+	checkRelyingParties(t, port, b.Task.ID, cred.ID)
+	// The launcher goes on: its heartbeat is refused (no task), it stops sending them, and the
+	// agent ends normally.
+	run.Process.Signal(syscall.SIGCONT)
+	stdin.Close()
+	if err := run.Wait(); err != nil {
+		t.Errorf("tetherctl run: %v", err)
+	}
+	if _, err := os.Stat(filepath.Dir(cred.File)); !os.IsNotExist(err) {
+		t.Errorf("the agent's credential directory is left: %v", err)
+	}
+}
+
+// checkFirstCredential: the agent's credential (which it read: first) is the task's, only its
+// uid (and root) can read it, and it verifies with the task state signed in it.
+func checkFirstCredential(t *testing.T, d *tetherd, self string, a agents.Agent, first string) credentials.Credential {
+	t.Helper()
 	var cred credentials.Credential
 	if err := json.Unmarshal([]byte(d.ctl("credential", "show", fmt.Sprint(a.Slot))), &cred); err != nil {
 		t.Fatal(err)
@@ -111,13 +135,13 @@ func TestPrivilegedTaskCredentials(t *testing.T) {
 		t.Errorf("claims %+v", claims)
 	}
 
-	// Heartbeats bring new credentials.
-	var renewed string
-	waitFor(t, "a heartbeat to renew the credential", func() bool {
-		stdin.Write([]byte("\n"))
-		renewed = line()
-		return renewed != first && !strings.HasPrefix(renewed, "error:")
-	})
+	return cred
+}
+
+// checkReplayRefused: the first credential again, presented as a heartbeat, is refused as
+// replayed and renews nothing; garbage is refused with why.
+func checkReplayRefused(t *testing.T, d *tetherd, a agents.Agent, first string) {
+	t.Helper()
 	// The first one again, presented as a heartbeat: replayed, refused, and nothing renewed.
 	before := d.agentAt(a.Cgroup).Task.ExpiresAt
 	_, stderr, code := d.ctlRaw("credential", "heartbeat", fmt.Sprint(a.Slot), "--credential", first, "--ttl", "1h")
@@ -132,18 +156,13 @@ func TestPrivilegedTaskCredentials(t *testing.T) {
 		t.Errorf("garbage: exit %d, %q", code, stderr)
 	}
 
-	// The launcher stops (SIGSTOP: no more heartbeats): the task expires, its credentials are
-	// revoked and listed, and the file is removed.
-	run.Process.Signal(syscall.SIGSTOP)
-	defer run.Process.Signal(syscall.SIGCONT)
-	waitForLong(t, 15*time.Second, "the task to expire without heartbeats", func() bool { return d.agentAt(a.Cgroup).Task == nil })
-	waitFor(t, "the credential file removed", func() bool {
-		_, err := os.Stat(cred.File)
-		return os.IsNotExist(err)
-	})
-	// Credentials never outlive their task: the last one expired with it, and is listed as
-	// revoked (for relying parties whose clocks run behind).
-	_, stderr, code = d.ctlRaw("credential", "verify", renewed)
+}
+
+// checkExpiredRevoked: credentials never outlive their task: the last one (renewed) expired with
+// it, and is listed as revoked (for relying parties whose clocks run behind).
+func checkExpiredRevoked(t *testing.T, d *tetherd, a agents.Agent, renewed string) {
+	t.Helper()
+	_, stderr, code := d.ctlRaw("credential", "verify", renewed)
 	if code == 0 || !strings.Contains(stderr, "credential expired") {
 		t.Errorf("verify after the task expired: exit %d, %q", code, stderr)
 	}
@@ -155,19 +174,12 @@ func TestPrivilegedTaskCredentials(t *testing.T) {
 		t.Errorf("the expired task's credentials are not on the revocation list: %+v", expiredList)
 	}
 
-	// A task that ends early (here: ended by an admin) has its credentials revoked: they are
-	// listed until they would have expired.
-	d.ctl("task", "start", fmt.Sprint(a.Slot), "--type", "e2e", "--ttl", "1m")
-	b := d.agentAt(a.Cgroup)
-	if err := json.Unmarshal([]byte(d.ctl("credential", "show", fmt.Sprint(a.Slot))), &cred); err != nil {
-		t.Fatal(err)
-	}
-	d.ctl("task", "end", fmt.Sprint(a.Slot))
-	waitFor(t, "the ended task's credential revoked", func() bool {
-		_, stderr, code := d.ctlRaw("credential", "verify", cred.Token)
-		return code != 0 && strings.Contains(stderr, "credential revoked") && strings.Contains(stderr, "task ended")
-	})
-	// Relying parties fetch the list (and the key set) over HTTP.
+}
+
+// checkRelyingParties: relying parties fetch the revocation list, which lists the ended task's
+// credential, and the key set over HTTP.
+func checkRelyingParties(t *testing.T, port int, taskID, credID string) {
+	t.Helper()
 	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/revoked", port))
 	if err != nil {
 		t.Fatal(err)
@@ -180,12 +192,12 @@ func TestPrivilegedTaskCredentials(t *testing.T) {
 	}
 	found := 0
 	for _, r := range list {
-		if r.TaskID == b.Task.ID && r.SpiffeID == agentID && r.ID == cred.ID && r.Reason == "task ended" {
+		if r.TaskID == taskID && r.SpiffeID == agentID && r.ID == credID && r.Reason == "task ended" {
 			found++
 		}
 	}
 	if found != 1 {
-		t.Errorf("/revoked does not list the ended task's credential %s: %s", cred.ID, body)
+		t.Errorf("/revoked does not list the ended task's credential %s: %s", credID, body)
 	}
 	resp, err = http.Get(fmt.Sprintf("http://127.0.0.1:%d/keys", port))
 	if err != nil {
@@ -197,16 +209,6 @@ func TestPrivilegedTaskCredentials(t *testing.T) {
 		t.Errorf("/keys: %s", body)
 	}
 
-	// The launcher goes on: its heartbeat is refused (no task), it stops sending them, and the
-	// agent ends normally.
-	run.Process.Signal(syscall.SIGCONT)
-	stdin.Close()
-	if err := run.Wait(); err != nil {
-		t.Errorf("tetherctl run: %v", err)
-	}
-	if _, err := os.Stat(filepath.Dir(cred.File)); !os.IsNotExist(err) {
-		t.Errorf("the agent's credential directory is left: %v", err)
-	}
 }
 
 func waitForLong(t *testing.T, d time.Duration, what string, cond func() bool) {
@@ -219,4 +221,35 @@ func waitForLong(t *testing.T, d time.Duration, what string, cond func() bool) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Fatalf("timed out after %s waiting for %s", d, what)
+}
+
+// startCredentialAgent launches the credential helper as an agent running as nobody; the task
+// lives 6 s between heartbeats (tetherctl run sends one every 2 s); a credential lives 10 s
+// (credentials.ttl), never past the task. line reads the next line the agent prints.
+func startCredentialAgent(t *testing.T, d *tetherd, self string) (run *exec.Cmd, stdin io.WriteCloser, line func() string) {
+	t.Helper()
+	run = d.ctlCmd("run", "--id", agentID, "--user", "nobody", "--task-type", "e2e", "--task-ttl", "6s", "--", self)
+	run.Env = append(os.Environ(), "TETHER_TEST_HELPER=credential")
+	stdin, err := run.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := run.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	run.Stderr = os.Stderr
+	if err := run.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); run.Process.Kill(); run.Wait() })
+	out := bufio.NewReader(stdout)
+	line = func() string {
+		s, err := out.ReadString('\n')
+		if err != nil {
+			t.Fatalf("agent output: %v", err)
+		}
+		return strings.TrimSpace(s)
+	}
+	return run, stdin, line
 }

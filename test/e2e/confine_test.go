@@ -295,90 +295,101 @@ func TestPrivilegedConfinement(t *testing.T) {
 		s.refused(t, "socket(family 17, type 3")
 	})
 
-	t.Run("across-agents", func(t *testing.T) {
-		// A victim with a task credential and descriptors; the attacker aims at them.
-		victim := func(id, taskType string, flags ...string) (pid int, cred string, stop func()) {
-			argv := append(append([]string{"run", "--id", id}, flags...), "--task-type", taskType, "--", s.self)
-			cmd := d.ctlCmd(argv...)
-			cmd.Env = append(os.Environ(), "TETHER_TEST_HELPER=credential")
-			in, _ := cmd.StdinPipe()
-			out, _ := cmd.StdoutPipe()
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
-			first, _ := bufio.NewReader(out).ReadString('\n')
-			if !strings.HasPrefix(first, "ey") {
-				t.Fatalf("victim's credential: %q", first)
-			}
-			stop = func() { in.Close(); cmd.Wait() }
-			var a struct {
-				Slot   int
-				Cgroup string
-			}
-			for _, ag := range d.agents() {
-				if ag.SpiffeID == id && ag.Task != nil {
-					a.Slot, a.Cgroup = int(ag.Slot), ag.Cgroup
-				}
-			}
-			b, _ := os.ReadFile(filepath.Join(a.Cgroup, "cgroup.procs"))
-			for _, f := range strings.Fields(string(b)) {
-				comm, _ := os.ReadFile("/proc/" + f + "/comm")
-				if strings.TrimSpace(string(comm)) == filepath.Base(s.self) {
-					pid, _ = strconv.Atoi(f)
-				}
-			}
-			if pid == 0 {
-				stop()
-				t.Fatalf("no victim process in %s (%s)", a.Cgroup, b)
-			}
-			return pid, filepath.Join(d.dir, "creds", fmt.Sprintf("agent-%d", a.Slot), "task.jwt"), stop
-		}
-		// The control: both unconfined and, as the README once showed, the same user.
-		pid, cred, stop := victim(openID, "open", "--user", "nobody")
-		for _, a := range [][]string{{"read", cred}, {"ptrace", strconv.Itoa(pid)}, {"pidfd-getfd", strconv.Itoa(pid), "1"}} {
-			if got := s.attack(t, openID, []string{"--user", "nobody", "--share-uid"}, a...); !strings.HasPrefix(got, "ok") && !s.guardStopped(t, got, "guard/ptrace") {
-				t.Errorf("control: %s: %q, want it to work", a[0], got)
-			}
-		}
-		stop()
-		pid, cred, stop = victim(confinedID, "confined")
-		defer stop()
-		for _, l := range launchers[1:] {
-			for _, a := range [][]string{{"read", cred}, {"ptrace", strconv.Itoa(pid)}, {"pidfd-getfd", strconv.Itoa(pid), "1"}} {
-				if got := s.attack(t, l.id, l.flags, a...); strings.HasPrefix(got, "ok") {
-					t.Errorf("%s: %s of another agent: %q", l.name, a[0], got)
-				}
-			}
-		}
-		s.refused(t, "ptrace")
-	})
+	t.Run("across-agents", s.acrossAgents)
 
 	// Last: the control's detach unhooks every agent of this tetherd.
-	t.Run("link-detach", func(t *testing.T) {
-		for _, l := range launchers[1:] {
-			if got := s.attack(t, l.id, l.flags, "link-detach", d.pin); strings.HasPrefix(got, "ok") {
-				t.Fatalf("%s: %q", l.name, got)
+	t.Run("link-detach", s.linkDetach)
+}
+
+// linkDetach: no confined agent detaches tether's links; the control's detach unhooks every
+// agent of this tetherd (unless BPF LSM keeps it off bpf()).
+func (s *confineScene) linkDetach(t *testing.T) {
+	for _, l := range launchers[1:] {
+		if got := s.attack(t, l.id, l.flags, "link-detach", s.d.pin); strings.HasPrefix(got, "ok") {
+			t.Fatalf("%s: %q", l.name, got)
+		}
+	}
+	if got := s.attack(t, confinedID, nil, "migrate", s.outside, "tcp", s.no); strings.HasPrefix(got, "ok") {
+		t.Fatalf("still hooked? %q", got)
+	}
+	cmd := s.d.agentRun(confinedID, "dial", "tcp", s.no)
+	if out, _ := cmd.Output(); strings.TrimSpace(string(out)) != "eperm" {
+		t.Fatalf("before the detach, a denied connect: %q", out)
+	}
+	got := s.attack(t, openID, []string{"--allow-root"}, "link-detach", s.d.pin)
+	if s.guardStopped(t, got, "guard/bpf") {
+		return // BPF LSM keeps even an unconfined agent off bpf(): the links stay
+	}
+	if !strings.HasPrefix(got, "ok detached") {
+		t.Fatalf("control: link detach: %q", got)
+	}
+	cmd = s.d.agentRun(confinedID, "dial", "tcp", s.no)
+	if out, _ := cmd.Output(); strings.TrimSpace(string(out)) != "ok" {
+		t.Errorf("after the control detached tether's links, a denied connect: %q, want ok (the attack's effect)", out)
+	}
+}
+
+// victim launches an agent with a task credential and descriptors for an attacker to aim at: its
+// pid, its credential file, and what stops it.
+func (s *confineScene) victim(t *testing.T, id, taskType string, flags ...string) (pid int, cred string, stop func()) {
+	t.Helper()
+	argv := append(append([]string{"run", "--id", id}, flags...), "--task-type", taskType, "--", s.self)
+	cmd := s.d.ctlCmd(argv...)
+	cmd.Env = append(os.Environ(), "TETHER_TEST_HELPER=credential")
+	in, _ := cmd.StdinPipe()
+	out, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	first, _ := bufio.NewReader(out).ReadString('\n')
+	if !strings.HasPrefix(first, "ey") {
+		t.Fatalf("victim's credential: %q", first)
+	}
+	stop = func() { in.Close(); cmd.Wait() }
+	var a struct {
+		Slot   int
+		Cgroup string
+	}
+	for _, ag := range s.d.agents() {
+		if ag.SpiffeID == id && ag.Task != nil {
+			a.Slot, a.Cgroup = int(ag.Slot), ag.Cgroup
+		}
+	}
+	b, _ := os.ReadFile(filepath.Join(a.Cgroup, "cgroup.procs"))
+	for _, f := range strings.Fields(string(b)) {
+		comm, _ := os.ReadFile("/proc/" + f + "/comm")
+		if strings.TrimSpace(string(comm)) == filepath.Base(s.self) {
+			pid, _ = strconv.Atoi(f)
+		}
+	}
+	if pid == 0 {
+		stop()
+		t.Fatalf("no victim process in %s (%s)", a.Cgroup, b)
+	}
+	return pid, filepath.Join(s.d.dir, "creds", fmt.Sprintf("agent-%d", a.Slot), "task.jwt"), stop
+}
+
+// acrossAgents: an agent reads another's credential, ptraces it or takes its descriptors: the
+// control (both unconfined, the same user) can; no confined agent can.
+func (s *confineScene) acrossAgents(t *testing.T) {
+	// The control: both unconfined and, as the README once showed, the same user.
+	pid, cred, stop := s.victim(t, openID, "open", "--user", "nobody")
+	for _, a := range [][]string{{"read", cred}, {"ptrace", strconv.Itoa(pid)}, {"pidfd-getfd", strconv.Itoa(pid), "1"}} {
+		if got := s.attack(t, openID, []string{"--user", "nobody", "--share-uid"}, a...); !strings.HasPrefix(got, "ok") && !s.guardStopped(t, got, "guard/ptrace") {
+			t.Errorf("control: %s: %q, want it to work", a[0], got)
+		}
+	}
+	stop()
+	pid, cred, stop = s.victim(t, confinedID, "confined")
+	defer stop()
+	for _, l := range launchers[1:] {
+		for _, a := range [][]string{{"read", cred}, {"ptrace", strconv.Itoa(pid)}, {"pidfd-getfd", strconv.Itoa(pid), "1"}} {
+			if got := s.attack(t, l.id, l.flags, a...); strings.HasPrefix(got, "ok") {
+				t.Errorf("%s: %s of another agent: %q", l.name, a[0], got)
 			}
 		}
-		if got := s.attack(t, confinedID, nil, "migrate", s.outside, "tcp", s.no); strings.HasPrefix(got, "ok") {
-			t.Fatalf("still hooked? %q", got)
-		}
-		cmd := d.agentRun(confinedID, "dial", "tcp", s.no)
-		if out, _ := cmd.Output(); strings.TrimSpace(string(out)) != "eperm" {
-			t.Fatalf("before the detach, a denied connect: %q", out)
-		}
-		got := s.attack(t, openID, []string{"--allow-root"}, "link-detach", d.pin)
-		if s.guardStopped(t, got, "guard/bpf") {
-			return // BPF LSM keeps even an unconfined agent off bpf(): the links stay
-		}
-		if !strings.HasPrefix(got, "ok detached") {
-			t.Fatalf("control: link detach: %q", got)
-		}
-		cmd = d.agentRun(confinedID, "dial", "tcp", s.no)
-		if out, _ := cmd.Output(); strings.TrimSpace(string(out)) != "ok" {
-			t.Errorf("after the control detached tether's links, a denied connect: %q, want ok (the attack's effect)", out)
-		}
-	})
+	}
+	s.refused(t, "ptrace")
 }
 
 // TestPrivilegedStrictAgentWorks: an agent that needs a shell, git and curl works under the

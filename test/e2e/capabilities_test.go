@@ -105,7 +105,15 @@ func enforceWithCaps(t *testing.T, caps []string, cgroupns bool) {
 		t.Errorf("denied exec: exit %d, stderr %q", code, stderr)
 	}
 
-	// An agent of another user with a task: its credential file is handed over to that user.
+	checkCredentialHandedOver(t, d, asNobody)
+	streamAsNobody(t, d, asNobody, peer)
+	checkKillWithCaps(t, d, peer)
+}
+
+// checkCredentialHandedOver: an agent of another user (nobody) with a task gets its credential
+// file, owned by that user, mode 0400.
+func checkCredentialHandedOver(t *testing.T, d *tetherd, asNobody string) {
+	t.Helper()
 	nobody := d.ctlCmd("run", "--id", agentID, "--user", "nobody", "--task-type", "e2e", "--", asNobody)
 	nobody.Env = append(os.Environ(), "TETHER_TEST_HELPER=sleep")
 	nobodyIn, err := nobody.StdinPipe()
@@ -132,7 +140,11 @@ func enforceWithCaps(t *testing.T, caps []string, cgroupns bool) {
 	nobodyIn.Close()
 	nobody.Wait()
 
-	// An agent of another user with a live connection.
+}
+
+// streamAsNobody starts an agent of another user (nobody) with a live connection to peer.
+func streamAsNobody(t *testing.T, d *tetherd, asNobody string, peer *privtest.Peer) {
+	t.Helper()
 	streamer := d.ctlCmd("run", "--id", agentID, "--user", "nobody", "--", asNobody, "tcp", peer.Addr.String())
 	streamer.Env = append(os.Environ(), "TETHER_TEST_HELPER=stream")
 	streamIn, err := streamer.StdinPipe()
@@ -153,6 +165,12 @@ func enforceWithCaps(t *testing.T, caps []string, cgroupns bool) {
 	}
 	peer.WaitReceiving(t)
 
+}
+
+// checkKillWithCaps: a kill of the identity (two agents: the one streaming and one sleeping)
+// freezes them, quiets the stream and, where sockets can be terminated, terminates it.
+func checkKillWithCaps(t *testing.T, d *tetherd, peer *privtest.Peer) {
+	t.Helper()
 	sleeper := d.agentRun(agentID, "sleep") // until its stdin closes
 	stdin, err := sleeper.StdinPipe()
 	if err != nil {

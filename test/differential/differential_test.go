@@ -387,31 +387,7 @@ func newWorld(t *testing.T) *world {
 	if err := json.Unmarshal(raw, &shipped); err != nil {
 		t.Fatal(err)
 	}
-	// Every executable the data names becomes a file of the test's own.
-	copyTo := func(orig, from string) {
-		if _, ok := w.tools[orig]; ok {
-			return
-		}
-		dst := filepath.Join(dir, "bin", strings.ReplaceAll(strings.TrimPrefix(orig, "/"), "/", "_"))
-		copyFile(t, from, dst)
-		w.tools[orig] = dst
-		w.execs = append(w.execs, dst)
-	}
-	copyTo(shipped.Settings.GitBinary, self)
-	w.git = w.tools[shipped.Settings.GitBinary]
-	for _, paths := range shipped.Settings.Tools {
-		for _, p := range paths {
-			copyTo(p, tool)
-		}
-	}
-	for _, p := range shipped.Settings.Profiles {
-		for _, e := range p.Exec {
-			copyTo(e, tool)
-		}
-	}
-	copyTo("/usr/local/bin/unnamed-tool", tool)
-	w.execs = append(w.execs, self)
-	slices.Sort(w.execs)
+	w.copyTools(t, shipped.Settings.GitBinary, shipped.Settings.Tools, shipped.Settings.Profiles, self, tool)
 
 	// Rename the paths in the data (as JSON strings, so /usr/bin/pip stays apart from pip3).
 	s := string(raw)
@@ -425,6 +401,66 @@ func newWorld(t *testing.T) *world {
 
 	// Networks: each gets a loopback twin; monitoring also reaches ::1.
 	networks := settings["networks"].(map[string]any)
+	names := loopbackTwins(networks)
+
+	// Unix sockets for the shipped profiles, and a profile of the test's own.
+	sock := filepath.Join(dir, "run", "docker.sock")
+	tools := filepath.Join(dir, "run", "tools") + "/*"
+	abstract := "@" + privtest.Name()
+	profiles := settings["profiles"].(map[string]any)
+	profiles["coding"].(map[string]any)["unix"] = []any{sock}
+	profiles["incident-response"].(map[string]any)["unix"] = []any{tools, sock}
+	profiles["customer-operations"].(map[string]any)["unix"] = []any{abstract}
+	profiles["difftest"] = w.testProfile(t, tools, abstract)
+	settings["identities"] = identitySettings
+
+	for _, name := range names {
+		for _, c := range networks[name].([]any) {
+			w.networks = append(w.networks, mustPrefix(c.(string)))
+		}
+	}
+	w.networks = append(w.networks, mustPrefix("127.1.0.0/16"), mustPrefix("127.1.2.0/24"), mustPrefix("127.1.2.128/25"),
+		mustPrefix("2001:db8::/32"), mustPrefix("127.1.3.0/24"), mustPrefix("127.9.9.9/32"), mustPrefix("127.1.4.0/24"))
+	w.unix = []string{sock, tools, abstract, abstract + "-test"}
+	return w
+}
+
+// copyTools makes every executable the data names (git, the tools, the profiles' execs, and an
+// unnamed tool) a file of the test's own: a copy of self for git, of tool for the others.
+func (w *world) copyTools(t *testing.T, git string, tools map[string][]string, profiles map[string]struct {
+	Exec []string `json:"exec"`
+}, self, tool string) {
+	t.Helper()
+	copyTo := func(orig, from string) {
+		if _, ok := w.tools[orig]; ok {
+			return
+		}
+		dst := filepath.Join(w.dir, "bin", strings.ReplaceAll(strings.TrimPrefix(orig, "/"), "/", "_"))
+		copyFile(t, from, dst)
+		w.tools[orig] = dst
+		w.execs = append(w.execs, dst)
+	}
+	copyTo(git, self)
+	w.git = w.tools[git]
+	for _, paths := range tools {
+		for _, p := range paths {
+			copyTo(p, tool)
+		}
+	}
+	for _, p := range profiles {
+		for _, e := range p.Exec {
+			copyTo(e, tool)
+		}
+	}
+	copyTo("/usr/local/bin/unnamed-tool", tool)
+	w.execs = append(w.execs, self)
+	slices.Sort(w.execs)
+
+}
+
+// loopbackTwins gives each network a loopback twin (127.30+i.0.0/16; monitoring also ::1) and
+// returns the networks' names, sorted.
+func loopbackTwins(networks map[string]any) []string {
 	names := slices.Sorted(func(yield func(string) bool) {
 		for n := range networks {
 			if !yield(n) {
@@ -441,15 +477,16 @@ func newWorld(t *testing.T) *world {
 		networks[name] = list
 	}
 
-	// Unix sockets for the shipped profiles, and a profile of the test's own.
-	sock := filepath.Join(dir, "run", "docker.sock")
-	tools := filepath.Join(dir, "run", "tools") + "/*"
-	abstract := "@" + privtest.Name()
-	profiles := settings["profiles"].(map[string]any)
-	profiles["coding"].(map[string]any)["unix"] = []any{sock}
-	profiles["incident-response"].(map[string]any)["unix"] = []any{tools, sock}
-	profiles["customer-operations"].(map[string]any)["unix"] = []any{abstract}
-	profiles["difftest"] = map[string]any{
+	return names
+}
+
+// testProfile is the test's own profile: exec by path, by pattern and by content (one file
+// pinned to its own digest, granted; one to another, refused), egress of every kind, unix
+// sockets, listen rules.
+func (w *world) testProfile(t *testing.T, tools, abstract string) map[string]any {
+	t.Helper()
+	dir := w.dir
+	profile := map[string]any{
 		"exec":      []any{w.tools["/usr/bin/git"], filepath.Join(dir, "bin", "usr_bin_a*"), filepath.Join(dir, "bin", "usr_bin_c*")},
 		"high_risk": []any{"cloud_clis", "package_managers"},
 		"egress": []any{
@@ -477,20 +514,10 @@ func newWorld(t *testing.T) *world {
 	copyFile(t, w.tools["/usr/bin/git"], pinned)
 	copyFile(t, w.tools["/usr/bin/git"], wrong)
 	other := sha256.Sum256([]byte("other content"))
-	profiles["difftest"].(map[string]any)["exec"] = append(profiles["difftest"].(map[string]any)["exec"].([]any),
+	profile["exec"] = append(profile["exec"].([]any),
 		map[string]any{"path": pinned, "sha256": w.digest(pinned)}, map[string]any{"path": wrong, "sha256": hex.EncodeToString(other[:])})
 	w.execs = append(w.execs, pinned, wrong)
-	settings["identities"] = identitySettings
-
-	for _, name := range names {
-		for _, c := range networks[name].([]any) {
-			w.networks = append(w.networks, mustPrefix(c.(string)))
-		}
-	}
-	w.networks = append(w.networks, mustPrefix("127.1.0.0/16"), mustPrefix("127.1.2.0/24"), mustPrefix("127.1.2.128/25"),
-		mustPrefix("2001:db8::/32"), mustPrefix("127.1.3.0/24"), mustPrefix("127.9.9.9/32"), mustPrefix("127.1.4.0/24"))
-	w.unix = []string{sock, tools, abstract, abstract + "-test"}
-	return w
+	return profile
 }
 
 // digest is the SHA-256 of the file at path, hex (empty when it cannot be read).

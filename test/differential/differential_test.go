@@ -120,40 +120,7 @@ func TestPrivilegedKernelAgreesWithPolicy(t *testing.T) {
 			t.Fatalf("round %d: refresh: %v", rounds, err)
 		}
 		for _, a := range as {
-			view, _ := reg.Get(a.slot)
-			// The rule pinned to another content than its file's is refused, as it must be.
-			refused := slices.DeleteFunc(slices.Clone(view.Refused), func(r string) bool { return strings.Contains(r, w.wrongDigest) })
-			if view.Error != "" || len(refused) > 0 || !view.Synced {
-				t.Fatalf("round %d, %s: the registry did not install the grants: error %q, refused %v, synced %v",
-					rounds, a.id, view.Error, view.Refused, view.Synced)
-			}
-			c, _ := reg.ContextOf(a.slot)
-			in := ev.input(c)
-			g, err := rev.Grants(ctx, in)
-			if err != nil {
-				t.Fatal(err)
-			}
-			for range perRound {
-				r := w.request(rng, g, a)
-				q := in
-				q.Request = &r.req
-				allow, err := rev.Allow(ctx, q)
-				if err != nil {
-					t.Fatal(err)
-				}
-				reply := r.probe.ask(t, r.line)
-				got, known := verdict(reply)
-				if !known {
-					t.Fatalf("round %d: %q gave %q, which says neither allowed nor denied", rounds, r.line, reply)
-				}
-				st.count(r.req.Kind, allow)
-				if got != allow {
-					b, _ := json.Marshal(q)
-					gb, _ := json.Marshal(g)
-					disagreements = append(disagreements, fmt.Sprintf("round %d: policy allow=%v, kernel %q for %q\n  input: %s\n  grants: %s",
-						rounds, allow, reply, r.line, b, gb))
-				}
-			}
+			w.sampleAgent(t, rng, reg, ev, rev, a, rounds, &st, &disagreements)
 		}
 	}
 	t.Logf("%d samples in %d rounds of %d agents: %s", st.total, rounds, len(as), st)
@@ -167,11 +134,59 @@ func TestPrivilegedKernelAgreesWithPolicy(t *testing.T) {
 	if len(disagreements) > 0 {
 		t.Fatalf("%d of %d samples disagree", len(disagreements), st.total)
 	}
-	// A generator that only ever produced one verdict would prove nothing.
+	checkBothVerdicts(t, st, want)
+}
+
+// checkBothVerdicts: a generator that only ever produced one verdict would prove nothing; each
+// kind needs at least min(100, want/100) of each.
+func checkBothVerdicts(t *testing.T, st stats, want int) {
+	t.Helper()
 	least := min(100, want/100)
 	for kind, v := range st.by {
 		if v[0] < least || v[1] < least {
 			t.Errorf("%s: only %d denied and %d allowed samples (want at least %d of each)", kind, v[0], v[1], least)
+		}
+	}
+}
+
+// sampleAgent checks that the registry installed agent a's grants, then asks the kernel (a's
+// probes) and the policy perRound requests each, counting the samples and the disagreements.
+func (w *world) sampleAgent(t *testing.T, rng *rand.Rand, reg *agents.Registry, ev *evaluator, rev *policy.Revision, a *agent, rounds int,
+	st *stats, disagreements *[]string) {
+	t.Helper()
+	ctx := context.Background()
+	view, _ := reg.Get(a.slot)
+	// The rule pinned to another content than its file's is refused, as it must be.
+	refused := slices.DeleteFunc(slices.Clone(view.Refused), func(r string) bool { return strings.Contains(r, w.wrongDigest) })
+	if view.Error != "" || len(refused) > 0 || !view.Synced {
+		t.Fatalf("round %d, %s: the registry did not install the grants: error %q, refused %v, synced %v",
+			rounds, a.id, view.Error, view.Refused, view.Synced)
+	}
+	c, _ := reg.ContextOf(a.slot)
+	in := ev.input(c)
+	g, err := rev.Grants(ctx, in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range perRound {
+		r := w.request(rng, g, a)
+		q := in
+		q.Request = &r.req
+		allow, err := rev.Allow(ctx, q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		reply := r.probe.ask(t, r.line)
+		got, known := verdict(reply)
+		if !known {
+			t.Fatalf("round %d: %q gave %q, which says neither allowed nor denied", rounds, r.line, reply)
+		}
+		st.count(r.req.Kind, allow)
+		if got != allow {
+			b, _ := json.Marshal(q)
+			gb, _ := json.Marshal(g)
+			*disagreements = append(*disagreements, fmt.Sprintf("round %d: policy allow=%v, kernel %q for %q\n  input: %s\n  grants: %s",
+				rounds, allow, reply, r.line, b, gb))
 		}
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/tether-sh/tether/internal/privtest"
 	"github.com/tether-sh/tether/internal/spiretest"
+	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/events"
@@ -142,7 +144,41 @@ func TestPrivilegedSPIREIdentity(t *testing.T) {
 		return st.Identity.Self == delegate && time.Until(st.Identity.SelfExpires) > 0
 	})
 
-	// A task on an agent SPIRE attested gets a JWT-SVID from SPIRE, with the task as audience.
+	cred := checkTaskSVID(t, d, a)
+
+	// The entry is deleted: SPIRE no longer issues the identity, so tether grants nothing.
+	sp.server("entry", "delete", "-entryID", agentEntry)
+	waitFor(t, "the identity revoked after its entry was deleted", func() bool {
+		for _, x := range d.agents() {
+			if x.Cgroup == cg {
+				return x.Revoked
+			}
+		}
+		return false
+	})
+	checkNothingGranted(t, d, cg, ok, okCount, cred)
+
+	// The entry comes back: so does the identity.
+	sp.entry(agentID, "unix:uid:0", "unix:path:"+self)
+	waitFor(t, "the identity back with a new entry", func() bool {
+		for _, x := range d.agents() {
+			if x.Cgroup == cg {
+				return !x.Revoked && x.SpiffeID == agentID
+			}
+		}
+		return false
+	})
+	if got := privtest.Dial(t, cg, "tcp", ok); strings.Join(got, " ") != "ok" {
+		t.Errorf("with the entry back: %v, want ok", got)
+	}
+
+	checkIdentityFollowsProcess(t, d, sp, cg, other, first)
+}
+
+// checkTaskSVID: a task on an agent SPIRE attested gets a JWT-SVID from SPIRE, with the task as
+// audience.
+func checkTaskSVID(t *testing.T, d *tetherd, a agents.Agent) credentials.Credential {
+	t.Helper()
 	d.ctl("task", "start", fmt.Sprint(a.Slot), "--type", "e2e", "--ttl", "1m")
 	var cred credentials.Credential
 	if err := json.Unmarshal([]byte(d.ctl("credential", "show", fmt.Sprint(a.Slot))), &cred); err != nil {
@@ -160,18 +196,14 @@ func TestPrivilegedSPIREIdentity(t *testing.T) {
 		t.Errorf("task credential of a SPIRE agent: %+v, claims %+v", cred, svid)
 	}
 
-	// The entry is deleted: SPIRE no longer issues the identity, so tether grants nothing.
-	sp.server("entry", "delete", "-entryID", agentEntry)
-	waitFor(t, "the identity revoked after its entry was deleted", func() bool {
-		for _, x := range d.agents() {
-			if x.Cgroup == cg {
-				return x.Revoked
-			}
-		}
-		return false
-	})
-	// Nothing is granted, not even an exec: a new process in the cgroup does not get to run
-	// (killed in signal mode; its exec fails under BPF LSM).
+	return cred
+}
+
+// checkNothingGranted: an agent whose identity was revoked is granted nothing, not even an exec
+// (a new process in its cgroup is killed in signal mode; its exec fails under BPF LSM); the loss
+// is recorded and counted, and the task's JWT-SVID (cred) is revoked with it.
+func checkNothingGranted(t *testing.T, d *tetherd, cg, ok string, okCount *counter, cred credentials.Credential) {
+	t.Helper()
 	out, err := privtest.Command(t, cg, "dial", "tcp", ok).Output()
 	var ee *exec.ExitError
 	killed := errors.As(err, &ee) && ee.Sys().(syscall.WaitStatus).Signal() == syscall.SIGKILL
@@ -197,23 +229,13 @@ func TestPrivilegedSPIREIdentity(t *testing.T) {
 		})
 	})
 
-	// The entry comes back: so does the identity.
-	sp.entry(agentID, "unix:uid:0", "unix:path:"+self)
-	waitFor(t, "the identity back with a new entry", func() bool {
-		for _, x := range d.agents() {
-			if x.Cgroup == cg {
-				return !x.Revoked && x.SpiffeID == agentID
-			}
-		}
-		return false
-	})
-	if got := privtest.Dial(t, cg, "tcp", ok); strings.Join(got, " ") != "ok" {
-		t.Errorf("with the entry back: %v, want ok", got)
-	}
+}
 
-	// The process SPIRE attested exits while another one (a different executable, which SPIRE
-	// gives another ID) stays in the cgroup: tetherd asks about that one, and the agent's
-	// identity follows.
+// checkIdentityFollowsProcess: the process SPIRE attested (first) exits while another one (a
+// different executable, which SPIRE gives another ID) stays in the cgroup: tetherd asks about
+// that one, and the agent's identity follows.
+func checkIdentityFollowsProcess(t *testing.T, d *tetherd, sp *spire, cg, other string, first io.Closer) {
+	t.Helper()
 	const agent2 = "spiffe://test.local/agent2"
 	sp.entry(agent2, "unix:uid:0", "unix:path:"+other)
 	second := privtest.Command(t, cg, "sleep")

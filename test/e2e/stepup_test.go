@@ -81,22 +81,7 @@ func TestPrivilegedStepupFlow(t *testing.T) {
 	if code != 0 || json.Unmarshal([]byte(out), &req) != nil || req.State != stepup.Pending || req.SpiffeID != agentID {
 		t.Fatalf("step-up request: exit %d %q %q", code, out, stderr)
 	}
-	// What the policy refuses is refused with its reason, and nothing waits.
-	if _, stderr, code := d.inAgent(cg, "stepup", "request", "--resource", "nosuchnet"); code == 0 || !strings.Contains(stderr, "no rule allows this request") {
-		t.Errorf("a step-up the policy refuses: exit %d %q", code, stderr)
-	}
-	// What the kernel cannot enforce is refused, with why.
-	if _, stderr, code := d.inAgent(cg, "stepup", "request", "--action", "read-secret", "--resource", "db"); code == 0 || !strings.Contains(stderr, "connect only") {
-		t.Errorf("a read-secret step-up: exit %d %q", code, stderr)
-	}
-	// The agent cannot reach the admin socket, even as root: the kernel refuses the connect.
-	if _, stderr, code := d.inAgent(cg, "--socket", d.socket, "approve", req.ID, "--uses", "100"); code == 0 || !strings.Contains(stderr, "operation not permitted") {
-		t.Fatalf("the agent approving itself: exit %d %q", code, stderr)
-	}
-	// A process outside agents is refused on the agent socket.
-	if _, stderr, code := d.ctlRaw("stepup", "request", "--resource", "prodnet", "--agent-socket", filepath.Join(d.dir, "agent.sock")); code == 0 || !strings.Contains(stderr, "only processes inside an agent") {
-		t.Errorf("a step-up from outside agents: exit %d %q", code, stderr)
-	}
+	checkStepupsRefused(t, d, cg, req)
 	if got := dial(prod); !slices.Equal(got, []string{"eperm"}) {
 		t.Fatalf("after the refused self-approval: %v", got)
 	}
@@ -129,8 +114,37 @@ func TestPrivilegedStepupFlow(t *testing.T) {
 	if a := d.agents()[0]; a.Task == nil || len(a.Task.Approvals) != 1 || a.Task.Approvals[0].UsesLeft == nil || *a.Task.Approvals[0].UsesLeft != 0 {
 		t.Errorf("the used-up approval: %+v, want it listed with no uses left", a.Task)
 	}
-	// A denied request stays denied; the agent sees why.
-	out, _, _ = d.inAgent(cg, "stepup", "request", "--resource", "prodnet", "-o", "json")
+	checkDeniedAndEnded(t, d, cg, func() []string { return dial(prod) })
+	checkStepupRecords(t, d, req)
+}
+
+// checkStepupsRefused: what the policy refuses is refused with its reason and nothing waits;
+// what the kernel cannot enforce is refused with why; the agent cannot reach the admin socket to
+// approve req itself; a process outside agents is refused on the agent socket.
+func checkStepupsRefused(t *testing.T, d *tetherd, cg string, req stepup.Request) {
+	t.Helper()
+	if _, stderr, code := d.inAgent(cg, "stepup", "request", "--resource", "nosuchnet"); code == 0 || !strings.Contains(stderr, "no rule allows this request") {
+		t.Errorf("a step-up the policy refuses: exit %d %q", code, stderr)
+	}
+	// What the kernel cannot enforce is refused, with why.
+	if _, stderr, code := d.inAgent(cg, "stepup", "request", "--action", "read-secret", "--resource", "db"); code == 0 || !strings.Contains(stderr, "connect only") {
+		t.Errorf("a read-secret step-up: exit %d %q", code, stderr)
+	}
+	// The agent cannot reach the admin socket, even as root: the kernel refuses the connect.
+	if _, stderr, code := d.inAgent(cg, "--socket", d.socket, "approve", req.ID, "--uses", "100"); code == 0 || !strings.Contains(stderr, "operation not permitted") {
+		t.Fatalf("the agent approving itself: exit %d %q", code, stderr)
+	}
+	// A process outside agents is refused on the agent socket.
+	if _, stderr, code := d.ctlRaw("stepup", "request", "--resource", "prodnet", "--agent-socket", filepath.Join(d.dir, "agent.sock")); code == 0 || !strings.Contains(stderr, "only processes inside an agent") {
+		t.Errorf("a step-up from outside agents: exit %d %q", code, stderr)
+	}
+}
+
+// checkDeniedAndEnded: a denied request stays denied and the agent sees why; a request is bound to
+// its task: once the task ends, it cannot be approved. dialProd dials the production port.
+func checkDeniedAndEnded(t *testing.T, d *tetherd, cg string, dialProd func() []string) {
+	t.Helper()
+	out, _, _ := d.inAgent(cg, "stepup", "request", "--resource", "prodnet", "-o", "json")
 	var denied stepup.Request
 	if err := json.Unmarshal([]byte(out), &denied); err != nil || denied.State != stepup.Pending {
 		t.Fatalf("request to deny: %q", out)
@@ -141,7 +155,7 @@ func TestPrivilegedStepupFlow(t *testing.T) {
 	if _, stderr, code := d.ctlRaw("approve", denied.ID); code == 0 || !strings.Contains(stderr, "already decided") {
 		t.Errorf("approving a denied request: exit %d %q", code, stderr)
 	}
-	if got := dial(prod); !slices.Equal(got, []string{"eperm"}) {
+	if got := dialProd(); !slices.Equal(got, []string{"eperm"}) {
 		t.Fatalf("after the denial: %v", got)
 	}
 	// A request is bound to its task: once the task ends, it cannot be approved.
@@ -154,6 +168,12 @@ func TestPrivilegedStepupFlow(t *testing.T) {
 	if _, stderr, code := d.ctlRaw("approve", again.ID); code == 0 || !strings.Contains(stderr, "has ended") {
 		t.Errorf("approving for an ended task: exit %d %q", code, stderr)
 	}
+}
+
+// checkStepupRecords: request req's steps (pending, approved) are in the decision log, the
+// approval with who decided, its uses and the approval it made.
+func checkStepupRecords(t *testing.T, d *tetherd, req stepup.Request) {
+	t.Helper()
 	for _, state := range []events.Verdict{events.VerdictPending, "approved"} {
 		rec := d.decision("the step-up "+string(state), func(r events.Decision) bool {
 			return r.Kind == "stepup" && r.Verdict == state && r.Stepup != nil && r.Stepup.RequestID == req.ID

@@ -35,30 +35,7 @@ func TestPrivilegedHandoff(t *testing.T) {
 		map[string]string{agentID: "idle", helper: "idle", stranger: "idle"})
 	d.start()
 
-	launch := func(id string) (agents.Agent, func()) {
-		cmd := d.ctlCmd("run", "--id", id, "--", self)
-		cmd.Env = append(os.Environ(), "TETHER_TEST_HELPER=sleep")
-		stdin, err := cmd.StdinPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		stop := func() { stdin.Close(); cmd.Wait() }
-		t.Cleanup(stop)
-		var a agents.Agent
-		waitFor(t, "agent "+id, func() bool {
-			for _, x := range d.agents() {
-				if x.SpiffeID == id {
-					a = x
-					return true
-				}
-			}
-			return false
-		})
-		return a, stop
-	}
+	launch := func(id string) (agents.Agent, func()) { return launchSleeper(t, d, self, id) }
 	sender, _ := launch(agentID)
 	receiver, _ := launch(helper)
 	other, _ := launch(stranger)
@@ -95,16 +72,7 @@ func TestPrivilegedHandoff(t *testing.T) {
 	if rec.TaskID != res.Agent.Task.ID || rec.TaskType != "wide" {
 		t.Errorf("the receiver's decision record names task %q (%q), want %q (wide)", rec.TaskID, rec.TaskType, res.Agent.Task.ID)
 	}
-	var claims credentials.Claims
-	if err := json.Unmarshal([]byte(d.ctl("credential", "verify", res.Credential.Token)), &claims); err != nil {
-		t.Fatal(err)
-	}
-	if claims.Subject != helper || claims.HandoffFrom != agentID {
-		t.Errorf("receiver's credential claims %+v", claims)
-	}
-	if !strings.Contains(d.stderr.String(), `msg=handoff`) || !strings.Contains(d.stderr.String(), "from="+agentID) {
-		t.Errorf("the log does not record the handoff with both identities")
-	}
+	checkHandoffRecorded(t, d, res.Credential.Token)
 
 	// Control: the same task type started directly (not handed over) gets the second listener.
 	d.ctl("task", "end", fmt.Sprint(receiver.Slot))
@@ -123,4 +91,49 @@ func TestPrivilegedHandoff(t *testing.T) {
 	if code == 0 || !strings.Contains(stderr, "credential replayed") {
 		t.Errorf("handoff with a superseded credential: exit %d, %q", code, stderr)
 	}
+}
+
+// launchSleeper launches an agent with id that sleeps until stopped; its view, and what stops it.
+func launchSleeper(t *testing.T, d *tetherd, self, id string) (agents.Agent, func()) {
+	t.Helper()
+	cmd := d.ctlCmd("run", "--id", id, "--", self)
+	cmd.Env = append(os.Environ(), "TETHER_TEST_HELPER=sleep")
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	stop := func() { stdin.Close(); cmd.Wait() }
+	t.Cleanup(stop)
+	var a agents.Agent
+	waitFor(t, "agent "+id, func() bool {
+		for _, x := range d.agents() {
+			if x.SpiffeID == id {
+				a = x
+				return true
+			}
+		}
+		return false
+	})
+	return a, stop
+}
+
+// checkHandoffRecorded: the receiver's credential (token) names it and the sender it came from,
+// and the log records the handoff with both identities.
+func checkHandoffRecorded(t *testing.T, d *tetherd, token string) {
+	t.Helper()
+	const helper = "spiffe://test.local/helper"
+	var claims credentials.Claims
+	if err := json.Unmarshal([]byte(d.ctl("credential", "verify", token)), &claims); err != nil {
+		t.Fatal(err)
+	}
+	if claims.Subject != helper || claims.HandoffFrom != agentID {
+		t.Errorf("receiver's credential claims %+v", claims)
+	}
+	if !strings.Contains(d.stderr.String(), `msg=handoff`) || !strings.Contains(d.stderr.String(), "from="+agentID) {
+		t.Errorf("the log does not record the handoff with both identities")
+	}
+
 }

@@ -39,26 +39,7 @@ func TestPrivilegedPrometheusScrapesDecisions(t *testing.T) {
 	d.writeConfig()
 	d.start()
 
-	dir := t.TempDir()
-	pport := freePort(t)
-	cfg := fmt.Sprintf("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tether\n    static_configs:\n      - targets: ['127.0.0.1:%d']\n", mport)
-	if err := os.WriteFile(filepath.Join(dir, "prometheus.yml"), []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	p := exec.Command(prom, "--config.file="+filepath.Join(dir, "prometheus.yml"), "--storage.tsdb.path="+filepath.Join(dir, "data"),
-		fmt.Sprintf("--web.listen-address=127.0.0.1:%d", pport))
-	plog := &lockedBuffer{}
-	p.Stdout, p.Stderr = plog, plog
-	if err := p.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		p.Process.Kill()
-		p.Wait()
-		if t.Failed() {
-			t.Logf("prometheus log:\n%s", plog.String())
-		}
-	})
+	pport := startPrometheus(t, prom, mport)
 
 	ok := fmt.Sprintf("%s:%d", h.V4, okPort)
 	no := fmt.Sprintf("%s:%d", h.V4, noPort)
@@ -67,26 +48,7 @@ func TestPrivilegedPrometheusScrapesDecisions(t *testing.T) {
 		t.Fatalf("agent: %v %q", err, out)
 	}
 
-	query := func(q string) (string, bool) {
-		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/api/v1/query?query=%s", pport, url.QueryEscape(q)))
-		if err != nil {
-			return "", false
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		var r struct {
-			Data struct {
-				Result []struct {
-					Value [2]any `json:"value"`
-				} `json:"result"`
-			} `json:"data"`
-		}
-		if json.Unmarshal(b, &r) != nil || len(r.Data.Result) != 1 {
-			return "", false
-		}
-		v, _ := r.Data.Result[0].Value[1].(string)
-		return v, true
-	}
+	query := func(q string) (string, bool) { return promQuery(pport, q) }
 	deny := fmt.Sprintf(`sum(tether_decisions_total{kind="connect",verdict="deny",spiffe_id=%q})`, agentID)
 	allow := fmt.Sprintf(`sum(tether_decisions_total{kind="connect",verdict="allow",spiffe_id=%q})`, agentID)
 	var got string
@@ -121,6 +83,56 @@ func TestPrivilegedPrometheusScrapesDecisions(t *testing.T) {
 			t.Errorf("no fill ratio of %s", m)
 		}
 	}
+}
+
+// startPrometheus runs the prometheus server at prom, scraping tether's metrics at mport every
+// second; it returns the port of its API.
+func startPrometheus(t *testing.T, prom string, mport int) int {
+	t.Helper()
+	dir := t.TempDir()
+	pport := freePort(t)
+	cfg := fmt.Sprintf("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tether\n    static_configs:\n      - targets: ['127.0.0.1:%d']\n", mport)
+	if err := os.WriteFile(filepath.Join(dir, "prometheus.yml"), []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p := exec.Command(prom, "--config.file="+filepath.Join(dir, "prometheus.yml"), "--storage.tsdb.path="+filepath.Join(dir, "data"),
+		fmt.Sprintf("--web.listen-address=127.0.0.1:%d", pport))
+	plog := &lockedBuffer{}
+	p.Stdout, p.Stderr = plog, plog
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		p.Process.Kill()
+		p.Wait()
+		if t.Failed() {
+			t.Logf("prometheus log:\n%s", plog.String())
+		}
+	})
+
+	return pport
+}
+
+// promQuery asks the prometheus server at pport for q, a query with one result: its value.
+func promQuery(pport int, q string) (string, bool) {
+	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/api/v1/query?query=%s", pport, url.QueryEscape(q)))
+	if err != nil {
+		return "", false
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	var r struct {
+		Data struct {
+			Result []struct {
+				Value [2]any `json:"value"`
+			} `json:"result"`
+		} `json:"data"`
+	}
+	if json.Unmarshal(b, &r) != nil || len(r.Data.Result) != 1 {
+		return "", false
+	}
+	v, _ := r.Data.Result[0].Value[1].(string)
+	return v, true
 }
 
 // TestPrivilegedEventsStream: tetherctl events follows the live stream, filtered by identity and

@@ -30,24 +30,7 @@ func TestPrivilegedDenyLoadAccounted(t *testing.T) {
 	self := privtest.AgentBinary(t)
 	d := newTetherd(t, grantsFor(self, h, okPort))
 
-	var mu sync.Mutex
-	collected := 0 // deny records of the agents the collector received
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var batch []events.Decision
-		if err := json.NewDecoder(r.Body).Decode(&batch); err != nil {
-			http.Error(w, err.Error(), http.StatusBadRequest)
-			return
-		}
-		n := 0
-		for _, rec := range batch {
-			if rec.SpiffeID == agentID && rec.Kind == "connect4" && rec.Verdict == "deny" {
-				n++
-			}
-		}
-		mu.Lock()
-		collected += n
-		mu.Unlock()
-	}))
+	srv, collected := denyCollector(t)
 	defer srv.Close()
 
 	mport := freePort(t)
@@ -78,8 +61,61 @@ func TestPrivilegedDenyLoadAccounted(t *testing.T) {
 	}
 	agentsSaw := seen[0] + seen[1]
 
-	// The pump has passed on everything once it reads nothing more and the HTTP sink has settled
-	// every record the file got.
+	st, logged := waitSettled(t, d)
+
+	metrics := scrapeMetrics(t, mport)
+	kernel := metrics[fmt.Sprintf(`tether_decisions_total{kind="connect",spiffe_id=%q,verdict="deny"}`, agentID)]
+	ringLost := metrics["tether_ring_buffer_lost_events_total"]
+	queueLost := metrics["tether_records_dropped_total"] // tetherd's own records (none here); events wait in the ring buffer
+	sinkErrs := metrics["tether_decision_sink_errors_total"]
+	lost := ringLost + queueLost + sinkErrs
+	t.Logf("agents saw %d denials in 10 s (%.0f/s); kernel counted %d; logged %d; lost %d (ring buffer %d, queue %d, sink errors %d); HTTP sink %+v, collector got %d",
+		agentsSaw, float64(agentsSaw)/10, kernel, logged, lost, ringLost, queueLost, sinkErrs, *st.DecisionLogHTTP, collected())
+	if kernel != uint64(agentsSaw) {
+		t.Errorf("the kernel counted %d denies, the agents saw %d", kernel, agentsSaw)
+	}
+	if uint64(logged)+lost != kernel {
+		t.Errorf("logged %d + lost %d = %d, the kernel counted %d", logged, lost, uint64(logged)+lost, kernel)
+	}
+	hs := st.DecisionLogHTTP
+	if collected := collected(); collected > logged || uint64(collected)+hs.Dropped < uint64(logged) {
+		t.Errorf("the collector got %d deny records, the file %d, the HTTP sink dropped %d", collected, logged, hs.Dropped)
+	}
+}
+
+// denyCollector is a decision log collector that counts the agent's connect4 deny records it
+// receives.
+func denyCollector(t *testing.T) (*httptest.Server, func() int) {
+	var mu sync.Mutex
+	collected := 0 // deny records of the agents the collector received
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var batch []events.Decision
+		if err := json.NewDecoder(r.Body).Decode(&batch); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		n := 0
+		for _, rec := range batch {
+			if rec.SpiffeID == agentID && rec.Kind == "connect4" && rec.Verdict == "deny" {
+				n++
+			}
+		}
+		mu.Lock()
+		collected += n
+		mu.Unlock()
+	}))
+	return srv, func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return collected
+	}
+}
+
+// waitSettled waits until the pump has passed on everything (it reads nothing more) and the HTTP
+// sink has settled every record the file got; it returns the status then and the deny records
+// in the file.
+func waitSettled(t *testing.T, d *tetherd) (api.Status, int) {
+	t.Helper()
 	var st api.Status
 	var logged, lines int
 	deadline := time.Now().Add(60 * time.Second)
@@ -99,26 +135,7 @@ func TestPrivilegedDenyLoadAccounted(t *testing.T) {
 		time.Sleep(time.Second)
 	}
 
-	metrics := scrapeMetrics(t, mport)
-	kernel := metrics[fmt.Sprintf(`tether_decisions_total{kind="connect",spiffe_id=%q,verdict="deny"}`, agentID)]
-	ringLost := metrics["tether_ring_buffer_lost_events_total"]
-	queueLost := metrics["tether_records_dropped_total"] // tetherd's own records (none here); events wait in the ring buffer
-	sinkErrs := metrics["tether_decision_sink_errors_total"]
-	lost := ringLost + queueLost + sinkErrs
-	t.Logf("agents saw %d denials in 10 s (%.0f/s); kernel counted %d; logged %d; lost %d (ring buffer %d, queue %d, sink errors %d); HTTP sink %+v, collector got %d",
-		agentsSaw, float64(agentsSaw)/10, kernel, logged, lost, ringLost, queueLost, sinkErrs, *st.DecisionLogHTTP, collected)
-	if kernel != uint64(agentsSaw) {
-		t.Errorf("the kernel counted %d denies, the agents saw %d", kernel, agentsSaw)
-	}
-	if uint64(logged)+lost != kernel {
-		t.Errorf("logged %d + lost %d = %d, the kernel counted %d", logged, lost, uint64(logged)+lost, kernel)
-	}
-	hs := st.DecisionLogHTTP
-	mu.Lock()
-	defer mu.Unlock()
-	if collected > logged || uint64(collected)+hs.Dropped < uint64(logged) {
-		t.Errorf("the collector got %d deny records, the file %d, the HTTP sink dropped %d", collected, logged, hs.Dropped)
-	}
+	return st, logged
 }
 
 // countDenies counts the agent's connect4 deny records in the decision log, and all its lines.

@@ -200,38 +200,7 @@ func TestPrivilegedReloadModeAndKill(t *testing.T) {
 		t.Errorf("agent cgroup.max.depth: %d %v %v", n, limited, err)
 	}
 
-	// A configuration that does not parse is refused; generation 1 stays.
-	os.WriteFile(d.config, []byte("grants: [\n"), 0o600)
-	d.cmd.Process.Signal(syscall.SIGHUP)
-	waitFor(t, "the refusal in tetherd's log", func() bool {
-		return strings.Contains(d.stderr.String(), "configuration refused")
-	})
-	if a := d.agents()[0]; a.Generation != 1 {
-		t.Errorf("generation after a refused reload: %d", a.Generation)
-	}
-	// The file on which the YAML decoder panicked (a SIGHUP with it in place ended tetherd) is
-	// refused like any other, with its line; tetherd goes on.
-	os.WriteFile(d.config, []byte("cgroup:\n  agent_parents: !00\n"), 0o600)
-	d.cmd.Process.Signal(syscall.SIGHUP)
-	waitFor(t, "the refusal of the file that crashed the decoder", func() bool {
-		return strings.Contains(d.stderr.String(), `:2: the YAML tag \"!00\"`)
-	})
-	if a := d.agents(); len(a) != 1 || a[0].Generation != 1 {
-		t.Errorf("tetherd after the file that crashed the decoder: %+v", a)
-	}
-	d.writeConfig()
-	// A policy that does not compile is refused, with the file and line, and changes nothing.
-	os.WriteFile(filepath.Join(d.policy, "tether", "broken.rego"), []byte("package tether\n\nx := nosuch(1)\n"), 0o644)
-	waitFor(t, "the policy refusal", func() bool {
-		return strings.Contains(d.stderr.String(), "broken.rego:3") && strings.Contains(d.stderr.String(), "policy revision refused")
-	})
-	if a := d.agents()[0]; a.Generation != 1 {
-		t.Errorf("generation after a refused policy: %d", a.Generation)
-	}
-	if !strings.Contains(d.ctl("status"), "1 revisions refused") {
-		t.Error("status does not count the refused revision")
-	}
-	os.Remove(filepath.Join(d.policy, "tether", "broken.rego"))
+	checkRefusedReloads(t, d)
 	// A changed policy (the file watch sees it) is evaluated for the agent: generation 2.
 	p := grantsFor(self, h, okPort)
 	p["egress"] = append(p["egress"].([]any), map[string]any{"cidr": "192.0.2.0/24", "ports": []int{443}, "protocol": "tcp"})
@@ -271,6 +240,44 @@ func TestPrivilegedReloadModeAndKill(t *testing.T) {
 	if code == 0 || !strings.Contains(stderr, "want enforce, audit or default") {
 		t.Errorf("bad mode: exit %d %q", code, stderr)
 	}
+}
+
+// checkRefusedReloads: a configuration that does not parse is refused, and so is the file on
+// which the YAML decoder panicked (a SIGHUP with it in place ended tetherd), with its line; a
+// policy that does not compile is refused with the file and line; none changes generation 1.
+func checkRefusedReloads(t *testing.T, d *tetherd) {
+	t.Helper()
+	os.WriteFile(d.config, []byte("grants: [\n"), 0o600)
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	waitFor(t, "the refusal in tetherd's log", func() bool {
+		return strings.Contains(d.stderr.String(), "configuration refused")
+	})
+	if a := d.agents()[0]; a.Generation != 1 {
+		t.Errorf("generation after a refused reload: %d", a.Generation)
+	}
+	// The file on which the YAML decoder panicked (a SIGHUP with it in place ended tetherd) is
+	// refused like any other, with its line; tetherd goes on.
+	os.WriteFile(d.config, []byte("cgroup:\n  agent_parents: !00\n"), 0o600)
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	waitFor(t, "the refusal of the file that crashed the decoder", func() bool {
+		return strings.Contains(d.stderr.String(), `:2: the YAML tag \"!00\"`)
+	})
+	if a := d.agents(); len(a) != 1 || a[0].Generation != 1 {
+		t.Errorf("tetherd after the file that crashed the decoder: %+v", a)
+	}
+	d.writeConfig()
+	// A policy that does not compile is refused, with the file and line, and changes nothing.
+	os.WriteFile(filepath.Join(d.policy, "tether", "broken.rego"), []byte("package tether\n\nx := nosuch(1)\n"), 0o644)
+	waitFor(t, "the policy refusal", func() bool {
+		return strings.Contains(d.stderr.String(), "broken.rego:3") && strings.Contains(d.stderr.String(), "policy revision refused")
+	})
+	if a := d.agents()[0]; a.Generation != 1 {
+		t.Errorf("generation after a refused policy: %d", a.Generation)
+	}
+	if !strings.Contains(d.ctl("status"), "1 revisions refused") {
+		t.Error("status does not count the refused revision")
+	}
+	os.Remove(filepath.Join(d.policy, "tether", "broken.rego"))
 }
 
 // TestPrivilegedReaper kills tetherctl run itself: tetherd notices when the orphaned agent ends

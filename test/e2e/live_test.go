@@ -99,16 +99,7 @@ func TestPrivilegedLiveSocketsFollowContext(t *testing.T) {
 		t.Errorf("record %+v: want a deny of %s at a generation after %d", rec, agentID, gen)
 	}
 
-	// An approval that expires.
-	d.ctl("task", "approve", agentID, "--action", "connect", "--resource", "prodnet", "--ttl", "2s")
-	a := d.agents()[0] // at once: a loaded machine may take the approval's 2 s to start the stream
-	if a.Task == nil || len(a.Task.Approvals) != 1 {
-		t.Fatalf("agent %+v: want one approval", a)
-	}
-	prodS := privtest.StartStream(t, cg, "tcp", prod.Addr.String())
-	prod.WaitReceiving(t)
-	privtest.QuietAfter(t, "the stream the expired approval opened", prod, a.Task.Approvals[0].ExpiresAt, 100*time.Millisecond)
-	prodS.Ended(t, "the approval's stream", "tcp", terminate)
+	checkApprovalStreamEnds(t, d, cg, prod, terminate)
 
 	// The task ends.
 	d.ctl("task", "end", agentID)
@@ -122,6 +113,21 @@ func TestPrivilegedLiveSocketsFollowContext(t *testing.T) {
 	if got := baseS.Next(t, 10*time.Millisecond); got != "none" {
 		t.Errorf("the stream still allowed says %q", got)
 	}
+}
+
+// checkApprovalStreamEnds: the stream an approval (of 2 s) opened to prod goes quiet, and ends,
+// when the approval expires.
+func checkApprovalStreamEnds(t *testing.T, d *tetherd, cg string, prod *privtest.Peer, terminate bool) {
+	t.Helper()
+	d.ctl("task", "approve", agentID, "--action", "connect", "--resource", "prodnet", "--ttl", "2s")
+	a := d.agents()[0] // at once: a loaded machine may take the approval's 2 s to start the stream
+	if a.Task == nil || len(a.Task.Approvals) != 1 {
+		t.Fatalf("agent %+v: want one approval", a)
+	}
+	prodS := privtest.StartStream(t, cg, "tcp", prod.Addr.String())
+	prod.WaitReceiving(t)
+	privtest.QuietAfter(t, "the stream the expired approval opened", prod, a.Task.Approvals[0].ExpiresAt, 100*time.Millisecond)
+	prodS.Ended(t, "the approval's stream", "tcp", terminate)
 }
 
 // TestPrivilegedKillResumeStaysCut: after tetherctl kill returns, not one byte of the agent's

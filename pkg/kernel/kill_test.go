@@ -64,18 +64,7 @@ func TestPrivilegedKillLatch(t *testing.T) {
 	// An install of the slot holds its lock: Kill does not wait for it.
 	st := f.k.slot(slot)
 	st.mu.Lock()
-	done := make(chan error, 1)
-	go func() { done <- f.k.Kill(slot) }()
-	select {
-	case err := <-done:
-		if err != nil {
-			st.mu.Unlock()
-			t.Fatal(err)
-		}
-	case <-time.After(5 * time.Second):
-		st.mu.Unlock()
-		t.Fatal("Kill waited for the slot's lock (an install in progress)")
-	}
+	killWithoutLock(t, f.k, slot, st)
 	dial("killed while the slot's lock is held", "eperm")
 	st.mu.Unlock()
 
@@ -98,4 +87,22 @@ func TestPrivilegedKillLatch(t *testing.T) {
 		t.Fatal(err)
 	}
 	dial("revived", "ok")
+}
+
+// killWithoutLock: Kill of slot returns within 5 s while st, the slot's lock, is held (by the
+// caller, as an install in progress holds it); the lock is released if it does not.
+func killWithoutLock(t *testing.T, k *Kernel, slot dataplane.Slot, st *slotState) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- k.Kill(slot) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			st.mu.Unlock()
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		st.mu.Unlock()
+		t.Fatal("Kill waited for the slot's lock (an install in progress)")
+	}
 }

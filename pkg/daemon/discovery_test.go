@@ -12,6 +12,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/tether-sh/tether/internal/privtest"
@@ -45,22 +46,7 @@ func TestPrivilegedKubernetesDiscovery(t *testing.T) {
 	other := filepath.Join(root, "kubepods", "burstable", "pod"+otherUID, "ctr")
 	self := filepath.Join(root, "kubepods", "burstable", "pod"+selfUID, "ctr")
 	ctr1, ctr2 := filepath.Join(pod, "ctr1"), filepath.Join(pod, "ctr2")
-	for _, p := range []string{other, self} {
-		if _, err := cgroups.Create(p); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cgroups.Remove(p, 5*time.Second); cgroups.Remove(filepath.Dir(p), 5*time.Second) })
-	}
-	for _, p := range []string{ctr1, ctr2} {
-		if _, err := cgroups.Create(p); err != nil {
-			t.Fatal(err)
-		}
-	}
-	t.Cleanup(func() {
-		for _, p := range []string{ctr1, ctr2, pod, filepath.Dir(pod), filepath.Dir(filepath.Dir(pod))} {
-			cgroups.Remove(p, 5*time.Second)
-		}
-	})
+	makePodCgroups(t, pod, ctr1, ctr2, other, self)
 
 	log := slog.New(slog.DiscardHandler)
 	reg := agents.New(agents.Options{Dataplane: dataplanetest.New(), Evaluator: noGrants{}, Compile: agents.CompileOn(compile.Options{Files: compile.OS{}}),
@@ -71,17 +57,7 @@ func TestPrivilegedKubernetesDiscovery(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	client := fake.NewClientset(&corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "coder-0", Namespace: "agents", UID: uid,
-			Labels: map[string]string{"team": "web", "tether.dev/mode": "audit", "tether.dev/agent": "true"}},
-		Spec: corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "coder"},
-	}, &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "web-0", Namespace: "agents", UID: otherUID, Labels: map[string]string{"team": "web"}},
-		Spec:       corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "coder"},
-	}, &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "tether-x", Namespace: "tether-system", UID: selfUID, Labels: map[string]string{"tether.dev/agent": "true"}},
-		Spec:       corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "tether"},
-	})
+	client := fakePods(uid, otherUID, selfUID)
 	if d.k8s, err = identity.NewKubernetes(client, "node-1", "cluster.local", d.podDeleted); err != nil {
 		t.Fatal(err)
 	}
@@ -102,15 +78,7 @@ func TestPrivilegedKubernetesDiscovery(t *testing.T) {
 		}
 		return agents.Agent{}, false
 	}
-	wait := func(what string, cond func() bool) {
-		t.Helper()
-		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-			if cond() {
-				return
-			}
-		}
-		t.Fatalf("timed out waiting for %s", what)
-	}
+	wait := func(what string, cond func() bool) { t.Helper(); waitCond(t, what, cond) }
 
 	p1 := privtest.Start(t, ctr1, "sleep", "60")
 	wait("the pod's agent", func() bool { _, ok := agentOf(); return ok })
@@ -148,4 +116,53 @@ func TestPrivilegedKubernetesDiscovery(t *testing.T) {
 		}
 	}
 	wait("the agent of the removed pod cgroup unregistered", func() bool { _, ok := agentOf(); return !ok })
+}
+
+// makePodCgroups makes the cgroups of the pods: the agent pod's two containers, another pod's
+// and tetherd's own pod's container; removed when the test ends.
+func makePodCgroups(t *testing.T, pod, ctr1, ctr2, other, self string) {
+	t.Helper()
+	for _, p := range []string{other, self} {
+		if _, err := cgroups.Create(p); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cgroups.Remove(p, 5*time.Second); cgroups.Remove(filepath.Dir(p), 5*time.Second) })
+	}
+	for _, p := range []string{ctr1, ctr2} {
+		if _, err := cgroups.Create(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for _, p := range []string{ctr1, ctr2, pod, filepath.Dir(pod), filepath.Dir(filepath.Dir(pod))} {
+			cgroups.Remove(p, 5*time.Second)
+		}
+	})
+}
+
+// fakePods is a clientset with three pods on node-1: the agent pod (selected), another pod of
+// the same service account (not selected), and tetherd's own (selected, but tetherd's).
+func fakePods(uid, otherUID, selfUID types.UID) *fake.Clientset {
+	return fake.NewClientset(&corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "coder-0", Namespace: "agents", UID: uid,
+			Labels: map[string]string{"team": "web", "tether.dev/mode": "audit", "tether.dev/agent": "true"}},
+		Spec: corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "coder"},
+	}, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "web-0", Namespace: "agents", UID: otherUID, Labels: map[string]string{"team": "web"}},
+		Spec:       corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "coder"},
+	}, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "tether-x", Namespace: "tether-system", UID: selfUID, Labels: map[string]string{"tether.dev/agent": "true"}},
+		Spec:       corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "tether"},
+	})
+}
+
+// waitCond waits up to 5 s for cond.
+func waitCond(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if cond() {
+			return
+		}
+	}
+	t.Fatalf("timed out waiting for %s", what)
 }

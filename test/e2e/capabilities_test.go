@@ -180,14 +180,18 @@ func checkKillWithCaps(t *testing.T, d *tetherd, peer *privtest.Peer) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { stdin.Close(); sleeper.Process.Kill(); sleeper.Wait() })
+	// Both agents registered (the streaming one was, the sleeping one may take a moment): a kill
+	// before that would find one agent only.
 	var cg string
-	waitFor(t, "the sleeping agent", func() bool {
+	waitFor(t, "the sleeping agent beside the streaming one", func() bool {
+		n := 0
 		for _, a := range d.agents() {
 			if len(cgroups.Procs(a.Cgroup)) > 0 {
 				cg = a.Cgroup
+				n++
 			}
 		}
-		return cg != ""
+		return n == 2
 	})
 	var kills []killpath.Kill
 	if err := json.Unmarshal([]byte(d.ctl("kill", agentID, "--reason", "e2e: capabilities", "-o", "json")), &kills); err != nil {

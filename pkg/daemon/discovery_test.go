@@ -99,7 +99,7 @@ func TestPrivilegedKubernetesDiscovery(t *testing.T) {
 	wait("the deleted pod's identity revoked", func() bool { a, _ := agentOf(); return a.Revoked })
 	select {
 	case rec := <-recs:
-		if rec.Kind != "identity" || !strings.Contains(rec.Reason, "pod deleted") {
+		if rec.Kind != "identity" || !strings.Contains(string(rec.Reason), "pod deleted") {
 			t.Errorf("record %+v", rec)
 		}
 	case <-time.After(time.Second):

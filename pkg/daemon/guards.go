@@ -23,12 +23,12 @@ import (
 func (d *Daemon) guardFollowUp(rec *events.Decision) {
 	d.metrics.ObserveGuard(*rec)
 	switch {
-	case rec.Kind == events.KernelKind(dataplane.KindExec) && rec.Reason == dataplane.ReasonModifiedFile.String():
+	case rec.Kind == events.KernelKind(dataplane.KindExec) && rec.Reason == events.KernelReason(dataplane.ReasonModifiedFile):
 		select {
 		case d.recompile <- struct{}{}:
 		default: // one is pending already
 		}
-	case rec.Kind == events.KernelKind(dataplane.KindExec) && rec.Reason == dataplane.ReasonNoRule.String() &&
+	case rec.Kind == events.KernelKind(dataplane.KindExec) && rec.Reason == events.KernelReason(dataplane.ReasonNoRule) &&
 		rec.Executable != "" && d.compileOpts.Integrity.Wants():
 		// Maybe a file a rule grants by content alone: worth its digest (off the event path).
 		select {

@@ -119,7 +119,7 @@ func (w *Webhook) Write(d events.Decision) error {
 
 func (w *Webhook) alertFor(d events.Decision) (Alert, bool) {
 	labels := map[string]string{"spiffe_id": d.SpiffeID, "kind": string(d.Kind), "source": "tether"}
-	ann := map[string]string{"decision_id": d.DecisionID, "reason": d.Reason}
+	ann := map[string]string{"decision_id": d.DecisionID, "reason": string(d.Reason)}
 	if t := d.Target(); t != "" {
 		ann["target"] = t
 	}

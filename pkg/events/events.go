@@ -55,7 +55,7 @@ type Decision struct {
 	Cgroup         string  `json:"cgroup,omitempty"`
 	Killed         bool    `json:"killed,omitempty"`
 	Verdict        Verdict `json:"verdict"`
-	Reason         string  `json:"reason"`
+	Reason         Reason  `json:"reason"`
 	Mode           string  `json:"mode,omitempty"`
 	RuleGeneration uint64  `json:"rule_generation"`
 	// PolicyRevision is the policy revision in force when tetherd wrote the record (the rule
@@ -137,7 +137,7 @@ func Build(e dataplane.Event, attr Attributor) Decision {
 		Binary:         e.BinaryPath,
 		Kind:           KernelKind(e.Kind),
 		Verdict:        KernelVerdict(e.Verdict),
-		Reason:         e.Reason.String(),
+		Reason:         KernelReason(e.Reason),
 		RuleGeneration: e.Generation,
 	}
 	if !e.Binary.IsZero() {

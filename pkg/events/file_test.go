@@ -135,7 +135,7 @@ func TestPrivilegedFileDiskFull(t *testing.T) {
 	write := func(n int) (failed bool) {
 		for range n {
 			// Flushed every 7 records: blocks that do not end where the space does.
-			err := l.Write(Decision{DecisionID: fmt.Sprintf("d%05d", total), Kind: "connect4", Verdict: "deny", Reason: strings.Repeat("x", 100)})
+			err := l.Write(Decision{DecisionID: fmt.Sprintf("d%05d", total), Kind: "connect4", Verdict: "deny", Reason: Reason(strings.Repeat("x", 100))})
 			total++
 			if total%7 == 0 && err == nil {
 				err = l.Flush()

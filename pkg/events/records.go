@@ -41,6 +41,14 @@ const (
 // KernelVerdict is the record verdict of a kernel verdict.
 func KernelVerdict(v dataplane.Verdict) Verdict { return Verdict(v.String()) }
 
+// Reason is why: the kernel's reasons (KernelReason of a dataplane reason: no-rule, killed,
+// expired, ...), or, for tether's own records, what they say of it (the policy query evaluated,
+// "sandbox-default: EPERM", "identity_lost: ..."). Its JSON is the text.
+type Reason string
+
+// KernelReason is the record reason of a kernel reason.
+func KernelReason(r dataplane.Reason) Reason { return Reason(r.String()) }
+
 // Response is what the respond policy said of a denied or audited decision (empty: nothing).
 type Response string
 
@@ -61,7 +69,7 @@ type Agent struct {
 }
 
 // record is a record of tether's own about a.
-func (a Agent) record(kind RecordKind, verdict Verdict, reason string) Decision {
+func (a Agent) record(kind RecordKind, verdict Verdict, reason Reason) Decision {
 	slot := a.Slot
 	return Decision{Kind: kind, SpiffeID: a.SpiffeID, Slot: &slot, CgroupID: a.CgroupID, TaskID: a.TaskID, TaskType: a.TaskType,
 		Verdict: verdict, Reason: reason}
@@ -70,7 +78,7 @@ func (a Agent) record(kind RecordKind, verdict Verdict, reason string) Decision 
 // PolicyRecord is a policy evaluation of query for a: its input, its result or err, how long it
 // took, and the revision that answered. The pump masks the input.
 func PolicyRecord(a Agent, query, revision string, input, result any, err error, took time.Duration) Decision {
-	rec := a.record(KindPolicy, VerdictEvaluated, query)
+	rec := a.record(KindPolicy, VerdictEvaluated, Reason(query))
 	rec.PolicyRevision = revision
 	rec.Policy = &Evaluation{Query: query, Input: input, Result: result, DurationNs: took.Nanoseconds()}
 	if err != nil {
@@ -82,19 +90,19 @@ func PolicyRecord(a Agent, query, revision string, input, result any, err error,
 // StepupRecord is a step of a step-up request of a: state is the request's state after it (the
 // record's verdict), why what the decider said.
 func StepupRecord(a Agent, state, why string, s Stepup) Decision {
-	rec := a.record(KindStepup, Verdict(state), why)
+	rec := a.record(KindStepup, Verdict(state), Reason(why))
 	rec.Stepup = &s
 	return rec
 }
 
 // IdentityLost is the record of an agent that lost its identity: it is granted nothing.
 func IdentityLost(a Agent, reason string) Decision {
-	return a.record(KindIdentity, VerdictDeny, "identity_lost: "+reason)
+	return a.record(KindIdentity, VerdictDeny, Reason("identity_lost: "+reason))
 }
 
 // KillRecord is the kill path's record of a kill of a, for reason.
 func KillRecord(a Agent, reason string, k *Kill) Decision {
-	rec := a.record(KindKill, VerdictDeny, reason)
+	rec := a.record(KindKill, VerdictDeny, Reason(reason))
 	rec.Kill = k
 	return rec
 }
@@ -103,7 +111,7 @@ func KillRecord(a Agent, reason string, k *Kill) Decision {
 // the launcher's seccomp filter refused to process pid of a, running as uid under the sandbox
 // profile, with errno.
 func SyscallRefused(a Agent, pid, uid uint32, call, detail, sandbox, errno string) Decision {
-	rec := a.record(KindSyscall, VerdictDeny, "sandbox-"+sandbox+": "+errno)
+	rec := a.record(KindSyscall, VerdictDeny, Reason("sandbox-"+sandbox+": "+errno))
 	rec.PID, rec.UID, rec.Syscall = pid, uid, detail
 	if rec.Syscall == "" {
 		rec.Syscall = call

@@ -87,7 +87,7 @@ func New(src Source, version string) *Metrics {
 		Help: "Denials (and audit-denials) of the kernel guards, as recorded, by reason: migration, depth, modified-file, mount-ns, family, userns, ptrace, bind, bpf.",
 	}, []string{"reason", "verdict"})
 	for _, r := range GuardReasons {
-		m.guards.WithLabelValues(r, "deny") // present at 0 from the start
+		m.guards.WithLabelValues(string(r), "deny") // present at 0 from the start
 	}
 	buildInfo := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "tether_build_info", Help: "tetherd's version and Go version."}, []string{"version", "goversion"})
 	buildInfo.WithLabelValues(version, runtime.Version()).Set(1)
@@ -112,16 +112,16 @@ func (m *Metrics) Retire(a agents.Agent) {
 func (m *Metrics) ObserveEvaluation(d time.Duration) { m.evalTime.Observe(d.Seconds()) }
 
 // GuardReasons are the reasons of the kernel guards' denials.
-var GuardReasons = []string{
-	dataplane.ReasonMigration.String(), dataplane.ReasonDepth.String(), dataplane.ReasonModifiedFile.String(),
-	dataplane.ReasonMountNS.String(), dataplane.ReasonFamily.String(), dataplane.ReasonUserNS.String(),
-	dataplane.ReasonPtrace.String(), dataplane.ReasonBind.String(), dataplane.ReasonBPF.String(),
+var GuardReasons = []events.Reason{
+	events.KernelReason(dataplane.ReasonMigration), events.KernelReason(dataplane.ReasonDepth), events.KernelReason(dataplane.ReasonModifiedFile),
+	events.KernelReason(dataplane.ReasonMountNS), events.KernelReason(dataplane.ReasonFamily), events.KernelReason(dataplane.ReasonUserNS),
+	events.KernelReason(dataplane.ReasonPtrace), events.KernelReason(dataplane.ReasonBind), events.KernelReason(dataplane.ReasonBPF),
 }
 
 // ObserveGuard counts a decision record when a kernel guard denied (or would have).
 func (m *Metrics) ObserveGuard(rec events.Decision) {
 	if rec.Verdict != events.VerdictAllow && slices.Contains(GuardReasons, rec.Reason) {
-		m.guards.WithLabelValues(rec.Reason, string(rec.Verdict)).Inc()
+		m.guards.WithLabelValues(string(rec.Reason), string(rec.Verdict)).Inc()
 	}
 }
 

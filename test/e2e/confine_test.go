@@ -185,7 +185,7 @@ func (s *confineScene) guardStopped(t *testing.T, got, record string) bool {
 		return false
 	}
 	s.d.decision(record+" of the control", func(d events.Decision) bool {
-		return d.SpiffeID == openID && string(d.Kind)+"/"+d.Reason == record && d.Verdict == "deny"
+		return d.SpiffeID == openID && string(d.Kind)+"/"+string(d.Reason) == record && d.Verdict == "deny"
 	})
 	return true
 }
@@ -209,7 +209,7 @@ func (s *confineScene) expectKernel(t *testing.T, kernelSays string, records []s
 		s.d.decision(strings.Join(records, " or ")+" of the control", func(d events.Decision) bool {
 			// A process too deep to attribute is no agent's in the record.
 			who := d.SpiffeID == openID || d.Reason == "depth" && d.Slot == nil
-			return who && slices.Contains(records, string(d.Kind)+"/"+d.Reason) && d.Verdict == "deny"
+			return who && slices.Contains(records, string(d.Kind)+"/"+string(d.Reason)) && d.Verdict == "deny"
 		})
 		if afterControl != nil {
 			afterControl()
@@ -224,7 +224,7 @@ func (s *confineScene) refused(t *testing.T, call string) {
 	rec := s.d.decision("refused "+call, func(d events.Decision) bool {
 		return d.Kind == "syscall" && strings.HasPrefix(d.Syscall, call)
 	})
-	if rec.SpiffeID != confinedID || rec.Verdict != "deny" || rec.PID == 0 || !strings.HasPrefix(rec.Reason, "sandbox-default: E") ||
+	if rec.SpiffeID != confinedID || rec.Verdict != "deny" || rec.PID == 0 || !strings.HasPrefix(string(rec.Reason), "sandbox-default: E") ||
 		rec.Response != "alert" || rec.PolicyRevision == "" {
 		t.Errorf("the record of the refused %s: %+v", call, rec)
 	}

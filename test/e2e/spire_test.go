@@ -214,7 +214,7 @@ func checkNothingGranted(t *testing.T, d *tetherd, cg, ok string, okCount *count
 		t.Errorf("the granted listener accepted %d connections, want 1 (none after the revocation)", okCount.get())
 	}
 	rec := d.decision("identity lost", func(r events.Decision) bool { return r.Kind == "identity" && r.Verdict == "deny" })
-	if rec.SpiffeID != agentID || !strings.Contains(rec.Reason, "identity_lost") {
+	if rec.SpiffeID != agentID || !strings.Contains(string(rec.Reason), "identity_lost") {
 		t.Errorf("identity record %+v", rec)
 	}
 	if st := d.status(); st.Identity.Lost != 1 {

@@ -423,14 +423,7 @@ func TestApprovals(t *testing.T) {
 	svc := newFakeService()
 	pending, approved := svc.pending()
 	admin := Caller{PID: 2, UID: 500}
-	for _, tt := range []struct {
-		name         string
-		c            Caller
-		method, path string
-		body         string
-		code         int
-		want         string
-	}{
+	for _, tt := range []authCase{
 		{"list by a non-admin", Caller{PID: 4, UID: 1000}, "GET", "/v1/approvals", "", 403, "not an admin"},
 		{"approve by a non-admin", Caller{PID: 4, UID: 1000}, "POST", "/v1/approvals/" + pending + "/approve", `{"uses":1}`, 403, "not an admin"},
 		{"approve from inside an agent, even as root", Caller{PID: 666, UID: 0}, "POST", "/v1/approvals/" + pending + "/approve", `{}`, 403, "inside agents"},

@@ -165,6 +165,10 @@ type Issuer struct {
 	key  ed25519.PrivateKey
 	kid  string
 
+	// issueMu makes an issue's file and its record one step: of two issues at once (a launcher's
+	// heartbeat and the agent's own renewal), the file holds the one recorded as current.
+	issueMu sync.Mutex
+
 	mu sync.Mutex
 	st state
 }
@@ -320,6 +324,8 @@ func (i *Issuer) Issue(ctx context.Context, s Subject) (Credential, error) {
 		}
 		c.Token, c.ID, c.Kind, c.ExpiresAt = tok, claims.ID, KindTether, exp
 	}
+	i.issueMu.Lock()
+	defer i.issueMu.Unlock()
 	file, err := i.deliver(s, c.Token)
 	if err != nil {
 		return Credential{}, err

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -209,5 +210,43 @@ func TestLateRevokeKeepsTheNextTasksFile(t *testing.T) {
 	i.Revoke(next.Slot, next.TaskID, "task ended")
 	if _, err := os.Stat(cred.File); !os.IsNotExist(err) {
 		t.Errorf("the last task's file is left after its revocation: %v", err)
+	}
+}
+
+// TestConcurrentIssuesLeaveTheCurrentInTheFile: a launcher's heartbeat and the agent's own
+// renewal can issue at the same moment; whatever the order, the file holds the credential the
+// issuer records as current, and no issue fails on the other's temporary file.
+func TestConcurrentIssuesLeaveTheCurrentInTheFile(t *testing.T) {
+	c := &clock{time.Date(2026, 11, 27, 10, 0, 0, 0, time.UTC)}
+	i := newIssuer(t, t.TempDir(), c)
+	s := subject(c)
+	ctx := context.Background()
+	for round := range 50 {
+		var wg sync.WaitGroup
+		errs, files := make([]error, 4), make([]string, 4)
+		for g := range errs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				cred, err := i.Issue(ctx, s)
+				errs[g], files[g] = err, cred.File
+			}()
+		}
+		wg.Wait()
+		file := files[0]
+		for _, err := range errs {
+			if err != nil {
+				t.Fatalf("round %d: an issue failed: %v", round, err)
+			}
+		}
+		b, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, err := i.idOf(strings.TrimSpace(string(b)), s)
+		current, _ := i.Current(s.Slot, s.TaskID)
+		if err != nil || id != current {
+			t.Fatalf("round %d: the file holds credential %s (%v), the issuer's current is %s", round, id, err, current)
+		}
 	}
 }

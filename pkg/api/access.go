@@ -86,12 +86,21 @@ type connKey struct{}
 
 func caller(r *http.Request) Caller { return r.Context().Value(callerKey{}).(Caller) }
 
+// knownCaller is the caller the kernel named for r's connection, or false with the request
+// refused when it could not be read.
+func knownCaller(w http.ResponseWriter, r *http.Request) (Caller, bool) {
+	c, ok := r.Context().Value(callerKey{}).(Caller)
+	if !ok {
+		refuse(w, http.StatusForbidden, errors.New("the caller's credentials could not be read"))
+	}
+	return c, ok
+}
+
 // guard refuses requests without credentials or from inside agents.
 func (s *Server) guard(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		c, ok := r.Context().Value(callerKey{}).(Caller)
+		c, ok := knownCaller(w, r)
 		if !ok {
-			refuse(w, http.StatusForbidden, errors.New("the caller's credentials could not be read"))
 			return
 		}
 		if p := s.policy(); p.Confined != nil && confined(r, c, p.Confined) {

@@ -84,9 +84,10 @@ func (rt *router) mux(routes []route) *http.ServeMux {
 
 // handle admits a request to x, runs it, and answers with its value or its error.
 func (rt *router) handle(x route) http.HandlerFunc {
+	slotted := strings.Contains(x.pattern, "{slot}")
 	return func(w http.ResponseWriter, r *http.Request) {
 		c := &request{w: w, r: r, caller: caller(r)}
-		v, err := any(nil), rt.admit(x, c)
+		v, err := any(nil), rt.admit(x, slotted, c)
 		if err == nil {
 			v, err = x.serve(c)
 		}
@@ -102,13 +103,14 @@ func (rt *router) handle(x route) http.HandlerFunc {
 	}
 }
 
-// admit reads the path's slot and agent and checks the caller's access.
-func (rt *router) admit(x route, c *request) error {
+// admit reads the path's slot (slotted: the pattern has one) and agent and checks the caller's
+// access.
+func (rt *router) admit(x route, slotted bool, c *request) error {
 	if x.access == self {
 		c.slot = selfSlot(c.r)
 		return nil
 	}
-	if strings.Contains(x.pattern, "{slot}") {
+	if slotted {
 		slot, err := pathSlot(c.r)
 		if err != nil {
 			return err

@@ -74,9 +74,8 @@ type slotKey struct{}
 // guard lets through only processes inside an agent, and names the agent for the handlers.
 func (s *AgentServer) guard(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		c, ok := r.Context().Value(callerKey{}).(Caller)
+		c, ok := knownCaller(w, r)
 		if !ok {
-			refuse(w, http.StatusForbidden, errors.New("the caller's credentials could not be read"))
 			return
 		}
 		// One look at the peer: the agent of its pid, and (its pidfd) whether that process is

@@ -41,14 +41,24 @@ type Context struct {
 	Task      *Task
 }
 
+// ReservedLabelPrefix marks the labels only admins may set (tether.dev/mode: audit steers tether
+// itself): the API refuses them from launchers, and discovery drops them from pod labels.
+const ReservedLabelPrefix = "tether.dev/"
+
+// TaskInfo is what the policy is told of a task (input.task; policy.Task) besides its
+// approvals and its sender.
+type TaskInfo struct {
+	ID          string    `json:"id"`
+	Type        string    `json:"type"`
+	Sensitivity string    `json:"sensitivity,omitempty"`
+	StartedAt   time.Time `json:"started_at"`
+	ExpiresAt   time.Time `json:"expires_at"`
+}
+
 // Task is what an agent is doing: at most one at a time.
 type Task struct {
-	ID          string     `json:"id"`
-	Type        string     `json:"type"`
-	Sensitivity string     `json:"sensitivity,omitempty"`
-	StartedAt   time.Time  `json:"started_at"`
-	ExpiresAt   time.Time  `json:"expires_at"`
-	Approvals   []Approval `json:"approvals,omitempty"`
+	TaskInfo
+	Approvals []Approval `json:"approvals,omitempty"`
 	// HandoffFrom is the SPIFFE ID of the agent that handed this task over; the grants for it
 	// are then at most what that agent had.
 	HandoffFrom string `json:"handoff_from,omitempty"`
@@ -63,13 +73,18 @@ type Task struct {
 	senderExpires time.Time
 }
 
-// Approval is a step-up a human approved for a task.
-type Approval struct {
+// ApprovalInfo is what the policy is told of an approval (input.task.approvals).
+type ApprovalInfo struct {
 	ID         string    `json:"id"`
 	Action     string    `json:"action"`
 	Resource   string    `json:"resource"`
 	ExpiresAt  time.Time `json:"expires_at"`
 	ApprovedBy string    `json:"approved_by,omitempty"`
+}
+
+// Approval is a step-up a human approved for a task.
+type Approval struct {
+	ApprovalInfo
 	// Uses bounds the connects the rules holding by the approval allow (0: until it expires);
 	// the kernel counts them (counted grant Grant). UsesLeft is what the kernel has left, in
 	// views.

@@ -46,7 +46,7 @@ func (r *Registry) newTask(s TaskSpec) (*Task, error) {
 		return nil, fmt.Errorf("%w: task id %q: want 1-128 letters, digits and ._:/-", ErrInvalid, id)
 	}
 	now := r.opts.Now()
-	return &Task{ID: id, Type: s.Type, Sensitivity: s.Sensitivity, StartedAt: now, ExpiresAt: now.Add(s.TTL)}, nil
+	return &Task{TaskInfo: TaskInfo{ID: id, Type: s.Type, Sensitivity: s.Sensitivity, StartedAt: now, ExpiresAt: now.Add(s.TTL)}}, nil
 }
 
 // ErrTask is returned for a task verb that does not fit the agent's task.
@@ -130,7 +130,7 @@ func (r *Registry) AddApproval(slot dataplane.Slot, action, resource, approvedBy
 		if err != nil {
 			return err
 		}
-		ap := Approval{ID: "approval-" + randomSuffix(), Action: action, Resource: resource, ExpiresAt: expires, ApprovedBy: approvedBy, Uses: uses, Grant: grant}
+		ap := Approval{ApprovalInfo: ApprovalInfo{ID: "approval-" + randomSuffix(), Action: action, Resource: resource, ExpiresAt: expires, ApprovedBy: approvedBy}, Uses: uses, Grant: grant}
 		t.Approvals = append(slices.Clone(t.Approvals), ap)
 		r.log.Info("approval added", "slot", slot, "task", t.ID, "approval", ap.ID, "action", action, "resource", resource, "by", approvedBy, "expires", ap.ExpiresAt, "uses", uses, "grant", grant)
 		return nil
@@ -220,7 +220,7 @@ func (r *Registry) Handoff(from, to dataplane.Slot, s HandoffSpec) (Agent, error
 		id = "handoff-" + randomSuffix()
 	}
 	ceiling := sender.grants // what the sender has now (itself attenuated if it was handed its task)
-	receiver.ctx.Task = &Task{ID: id, Type: typ, Sensitivity: st.Sensitivity, StartedAt: now, ExpiresAt: expires, HandoffFrom: sender.info.SpiffeID,
+	receiver.ctx.Task = &Task{TaskInfo: TaskInfo{ID: id, Type: typ, Sensitivity: st.Sensitivity, StartedAt: now, ExpiresAt: expires}, HandoffFrom: sender.info.SpiffeID,
 		fromSlot: from, fromTask: st.ID, senderExpires: st.ExpiresAt}
 	receiver.ceiling = &ceiling
 	r.log.Info("task handed over", "from_slot", from, "from", sender.info.SpiffeID, "from_task", st.ID,

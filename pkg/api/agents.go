@@ -12,13 +12,9 @@ import (
 
 // The agents: list, register (bind a cgroup or launch), unregister, mode, killed flag, resume.
 
-// ReservedLabelPrefix marks the labels only admins may set: the shipped policy reads
-// tether.dev/mode.
-const ReservedLabelPrefix = "tether.dev/"
-
 func (s *Server) status(*request) (any, error) { return s.svc.Status(), nil }
 
-func (s *Server) list(*request) (any, error) { return s.svc.Agents(), nil }
+func (s *Server) list(*request) (any, error) { return s.svc.Agents.List(), nil }
 
 func (s *Server) get(c *request) (any, error) { return c.agent, nil }
 
@@ -48,7 +44,7 @@ func (s *Server) register(c *request, req RegisterRequest) (any, error) {
 	} else if req.UID != nil {
 		reg.UID = *req.UID
 	}
-	a, err := s.svc.Register(reg)
+	a, err := s.svc.Agents.Register(reg)
 	if err != nil && !errors.Is(err, agents.ErrUIDTaken) {
 		err = badRequest(err)
 	}
@@ -75,8 +71,8 @@ func (s *Server) mayRegister(c *request, req RegisterRequest) error {
 	}
 	// Labels under tether.dev/ steer tether itself (tether.dev/mode: audit): admins only.
 	for k := range req.Labels {
-		if strings.HasPrefix(k, ReservedLabelPrefix) && !s.policy().IsAdmin(c.caller) {
-			return forbidden(fmt.Errorf("label %q: labels under %s are for admins", k, ReservedLabelPrefix))
+		if strings.HasPrefix(k, agents.ReservedLabelPrefix) && !s.policy().IsAdmin(c.caller) {
+			return forbidden(fmt.Errorf("label %q: labels under %s are for admins", k, agents.ReservedLabelPrefix))
 		}
 	}
 	return nil
@@ -104,7 +100,7 @@ func (s *Server) launchUID(c *request, req RegisterRequest, reg *agents.Registra
 }
 
 func (s *Server) unregister(c *request) (any, error) {
-	if err := s.svc.Unregister(c.slot); err != nil {
+	if err := s.svc.Agents.Unregister(c.slot); err != nil {
 		return nil, withStatus(http.StatusInternalServerError, err)
 	}
 	return nil, nil
@@ -119,7 +115,7 @@ func (s *Server) setMode(c *request, req ModeRequest) (any, error) {
 		}
 		mode = &m
 	}
-	return s.svc.SetMode(c.slot, mode)
+	return s.svc.Agents.SetMode(c.slot, mode)
 }
 
 func (s *Server) setKilled(c *request, req KilledRequest) (any, error) {
@@ -127,7 +123,7 @@ func (s *Server) setKilled(c *request, req KilledRequest) (any, error) {
 		return nil, badRequest(errors.New("killed (true or false) is required"))
 	}
 	s.log.Info("API killed flag", "slot", c.slot, "killed", *req.Killed, "caller_uid", c.caller.UID)
-	return s.svc.SetKilled(c.slot, *req.Killed)
+	return s.svc.Agents.SetKilled(c.slot, *req.Killed)
 }
 
-func (s *Server) resume(c *request) (any, error) { return s.svc.Resume(c.slot) }
+func (s *Server) resume(c *request) (any, error) { return s.svc.Kills.Resume(c.slot) }

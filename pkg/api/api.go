@@ -19,8 +19,10 @@ import (
 	"github.com/tether-sh/tether/pkg/confine"
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/discovery"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/killpath"
+	"github.com/tether-sh/tether/pkg/policy"
 	"github.com/tether-sh/tether/pkg/stepup"
 )
 
@@ -96,16 +98,6 @@ type PolicyEvalRequest struct {
 	Input json.RawMessage `json:"input"`
 }
 
-// PolicyStatus is the policy revision in force and what was refused.
-type PolicyStatus struct {
-	Revision  string    `json:"revision"`
-	Source    string    `json:"source"`
-	Loaded    time.Time `json:"loaded"`
-	Refused   uint64    `json:"refused_revisions"`
-	LastError string    `json:"last_error,omitempty"`
-	LastAt    time.Time `json:"last_error_at,omitzero"`
-}
-
 // ModeRequest sets an agent's mode: "enforce", "audit", or null to follow its grants again.
 type ModeRequest struct {
 	Mode *string `json:"mode"`
@@ -126,25 +118,25 @@ type Hook struct {
 
 // Status is what `tetherctl status` shows.
 type Status struct {
-	Version      string             `json:"version"`
-	Started      time.Time          `json:"started"`
-	ConfigSource string             `json:"config_source"`
-	PinDir       string             `json:"pin_dir"`
-	Cgroup2      string             `json:"cgroup2"`
-	AgentParents []string           `json:"agent_parents"`
-	LaunchParent string             `json:"launch_parent"`
-	ExecMode     string             `json:"exec_mode"`
-	ExecReason   string             `json:"exec_reason"`
-	ActiveLSMs   string             `json:"active_lsms"`
-	Hooks        []Hook             `json:"hooks"`
-	Sockets      SocketStatus       `json:"live_sockets"`
-	Agents       int                `json:"agents"`
-	Kernel       dataplane.Counters `json:"kernel_counters"`
-	Registry     agents.Stats       `json:"registry"`
-	Events       events.Stats       `json:"events"`
-	Policy       PolicyStatus       `json:"policy"`
-	Identity     IdentityStatus     `json:"identity"`
-	Escalation   EscalationStatus   `json:"escalation"`
+	Version      string              `json:"version"`
+	Started      time.Time           `json:"started"`
+	ConfigSource string              `json:"config_source"`
+	PinDir       string              `json:"pin_dir"`
+	Cgroup2      string              `json:"cgroup2"`
+	AgentParents []string            `json:"agent_parents"`
+	LaunchParent string              `json:"launch_parent"`
+	ExecMode     string              `json:"exec_mode"`
+	ExecReason   string              `json:"exec_reason"`
+	ActiveLSMs   string              `json:"active_lsms"`
+	Hooks        []Hook              `json:"hooks"`
+	Sockets      SocketStatus        `json:"live_sockets"`
+	Agents       int                 `json:"agents"`
+	Kernel       dataplane.Counters  `json:"kernel_counters"`
+	Registry     agents.Stats        `json:"registry"`
+	Events       events.Stats        `json:"events"`
+	Policy       policy.EngineStatus `json:"policy"`
+	Identity     discovery.Status    `json:"identity"`
+	Escalation   EscalationStatus    `json:"escalation"`
 	// DecisionLogHTTP counts the decision log's HTTP sink, when configured.
 	DecisionLogHTTP *events.HTTPStats `json:"decision_log_http,omitempty"`
 	Warnings        []string          `json:"warnings,omitempty"`
@@ -166,31 +158,32 @@ type EscalationStatus struct {
 	Failed  uint64 `json:"failed_attempts"`
 }
 
-// IdentityStatus is what identity discovery (static rules, SPIRE) is doing.
-type IdentityStatus struct {
-	Static int    `json:"static_rules"`
-	SPIRE  string `json:"spire,omitempty"` // answering, or why it cannot be asked
-	// Kubernetes is what the pod watch does, or why it does not.
-	Kubernetes string `json:"kubernetes,omitempty"`
-	// Self is tetherd's own SPIFFE ID from the Workload API (identity.spire.workload_socket),
-	// or why there is none.
-	Self        string    `json:"self,omitempty"`
-	SelfExpires time.Time `json:"self_expires,omitzero"`
-	Discovered  int       `json:"discovered_cgroups"`
-	Lost        uint64    `json:"identities_lost"`
-	Conflicts   uint64    `json:"conflicts"`
-}
-
 // Error is the body of every refused request.
 type Error struct {
 	Error string `json:"error"`
 }
 
-// Service is what the API serves; the daemon implements it.
-type Service interface {
-	Status() Status
-	Agents() []agents.Agent
-	Agent(slot dataplane.Slot) (agents.Agent, bool)
+// Backend is what the API serves, by resource: tetherd composes it from its domain services
+// (the agents' control, the credentials' lifecycle, the kill path, the step-up service, the
+// policy's revisions, the decision stream).
+type Backend struct {
+	// Status is tetherd's status as a whole.
+	Status      func() Status
+	Agents      AgentService
+	Credentials CredentialService
+	Kills       KillService
+	Stepups     StepupService
+	Policy      PolicyService
+	// Events follows the decision records from now on.
+	Events interface {
+		Subscribe(n int) *events.Subscription
+	}
+}
+
+// AgentService is the agents and their tasks.
+type AgentService interface {
+	List() []agents.Agent
+	Get(slot dataplane.Slot) (agents.Agent, bool)
 	Register(agents.Registration) (agents.Agent, error)
 	Unregister(slot dataplane.Slot) error
 	SetMode(slot dataplane.Slot, mode *dataplane.Mode) (agents.Agent, error)
@@ -199,29 +192,44 @@ type Service interface {
 	RenewTask(slot dataplane.Slot, ttl time.Duration) (agents.Agent, error)
 	EndTask(slot dataplane.Slot) (agents.Agent, error)
 	AddApproval(slot dataplane.Slot, action, resource, approvedBy string, ttl time.Duration, uses int64) (agents.Agent, error)
-	ReloadPolicy(ctx context.Context, why string) (PolicyStatus, error)
-	EvalPolicy(ctx context.Context, query string, input json.RawMessage) (any, error)
-	TaskCredential(slot dataplane.Slot) (credentials.Credential, error)
+	Handoff(ctx context.Context, from, to dataplane.Slot, presented string, spec agents.HandoffSpec) (agents.Agent, credentials.Credential, error)
 	// Confinement is what tetherctl run does to the launched agent in slot before its command runs.
 	Confinement(slot dataplane.Slot) (confine.Plan, error)
 	// RecordRefusal records a system call the launcher's filter refused to the agent in slot.
-	RecordRefusal(slot dataplane.Slot, r RefusalRequest) error
+	RecordRefusal(slot dataplane.Slot, pid uint32, syscall, detail, errno string) error
+}
+
+// CredentialService is the task credentials.
+type CredentialService interface {
+	TaskCredential(slot dataplane.Slot) (credentials.Credential, error)
 	Heartbeat(ctx context.Context, slot dataplane.Slot, presented string, ttl time.Duration) (credentials.Credential, error)
-	CredentialKeys() jose.JSONWebKeySet
-	RevokedCredentials() []credentials.Revocation
-	VerifyCredential(token string) (credentials.Claims, error)
-	Handoff(ctx context.Context, from, to dataplane.Slot, presented string, spec agents.HandoffSpec) (agents.Agent, credentials.Credential, error)
-	Kill(ctx context.Context, t killpath.Target, reason, requester string, terminate bool) ([]killpath.Kill, error)
+	Keys() jose.JSONWebKeySet
+	Revoked() []credentials.Revocation
+	Verify(token string) (credentials.Claims, error)
+}
+
+// KillService is the kill path.
+type KillService interface {
+	KillTarget(ctx context.Context, t killpath.Target, reason, requester string, terminate bool) ([]killpath.Kill, error)
 	Resume(slot dataplane.Slot) (agents.Agent, error)
 	Readmit(spiffeID string) ([]agents.Agent, error)
-	Kills() KillStatus
-	// Subscribe follows the decision records from now on.
-	Subscribe(n int) *events.Subscription
-	// RequestStepup asks for an extra right for the agent in slot (the caller's own).
-	RequestStepup(ctx context.Context, slot dataplane.Slot, action, resource, reason string) (stepup.Request, error)
-	Stepups(slot *dataplane.Slot) []stepup.Request
-	ApproveStepup(id, by string, uses int64, ttl time.Duration) (stepup.Request, error)
-	DenyStepup(id, by, why string) (stepup.Request, error)
+	Pending() []killpath.Kill
+	DeniedIDs() []killpath.Denied
+}
+
+// StepupService is the agents' requests for extra rights.
+type StepupService interface {
+	// Request asks for an extra right for the agent in slot (the caller's own).
+	Request(ctx context.Context, slot dataplane.Slot, action, resource, reason string) (stepup.Request, error)
+	List(slot *dataplane.Slot) []stepup.Request
+	Approve(id, by string, uses int64, ttl time.Duration) (stepup.Request, error)
+	Deny(id, by, why string) (stepup.Request, error)
+}
+
+// PolicyService is the policy's revisions.
+type PolicyService interface {
+	Reload(ctx context.Context, why string) (policy.EngineStatus, error)
+	Eval(ctx context.Context, query string, input []byte) (any, error)
 }
 
 // StepupRequest is an agent's request for an extra right (agent socket).

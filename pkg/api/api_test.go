@@ -3,7 +3,6 @@ package api
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -25,6 +24,7 @@ import (
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/killpath"
 	"github.com/tether-sh/tether/pkg/panics"
+	"github.com/tether-sh/tether/pkg/policy"
 	"github.com/tether-sh/tether/pkg/stepup"
 )
 
@@ -62,22 +62,22 @@ func (f *fakeService) pending() (pending, approved string) {
 	return pending, approved
 }
 
-func (f *fakeService) RequestStepup(_ context.Context, s dataplane.Slot, action, resource, reason string) (stepup.Request, error) {
+func (f fakeStepups) Request(_ context.Context, s dataplane.Slot, action, resource, reason string) (stepup.Request, error) {
 	f.record("stepup " + action)
 	if action != "connect" {
 		return stepup.Request{}, fmt.Errorf("%w: the kernel enforces connect only", agents.ErrInvalid)
 	}
 	return f.stepups.Add(stepup.Request{Slot: s, Action: action, Resource: resource, Deadline: time.Now().Add(time.Hour)})
 }
-func (f *fakeService) Stepups(slot *dataplane.Slot) []stepup.Request { return f.stepups.List(slot) }
-func (f *fakeService) ApproveStepup(id, by string, uses int64, ttl time.Duration) (stepup.Request, error) {
+func (f fakeStepups) List(slot *dataplane.Slot) []stepup.Request { return f.stepups.List(slot) }
+func (f fakeStepups) Approve(id, by string, uses int64, ttl time.Duration) (stepup.Request, error) {
 	f.record("approve " + by)
 	return f.stepups.Decide(id, func(r stepup.Request) (stepup.Request, error) {
 		r.State, r.DecidedBy, r.Uses = stepup.Approved, by, uses
 		return r, nil
 	})
 }
-func (f *fakeService) DenyStepup(id, by, why string) (stepup.Request, error) {
+func (f fakeStepups) Deny(id, by, why string) (stepup.Request, error) {
 	f.record("deny " + by)
 	return f.stepups.Decide(id, func(r stepup.Request) (stepup.Request, error) {
 		r.State, r.DecidedBy = stepup.Denied, by
@@ -85,13 +85,21 @@ func (f *fakeService) DenyStepup(id, by, why string) (stepup.Request, error) {
 	})
 }
 
+// fakeStepups is the fake's step-up requests (their List is not the agents').
+type fakeStepups struct{ *fakeService }
+
+// backend serves every resource from f.
+func (f *fakeService) backend() Backend {
+	return Backend{Status: f.status, Agents: f, Credentials: f, Kills: f, Stepups: fakeStepups{f}, Policy: f, Events: f}
+}
+
 func (f *fakeService) record(c string) { f.mu.Lock(); f.calls = append(f.calls, c); f.mu.Unlock() }
 
-func (f *fakeService) Status() Status { return Status{Version: "test", Agents: len(f.agents)} }
-func (f *fakeService) Agents() []agents.Agent {
+func (f *fakeService) status() Status { return Status{Version: "test", Agents: len(f.agents)} }
+func (f *fakeService) List() []agents.Agent {
 	return []agents.Agent{f.agents[1], f.agents[2]}
 }
-func (f *fakeService) Agent(s dataplane.Slot) (agents.Agent, bool) {
+func (f *fakeService) Get(s dataplane.Slot) (agents.Agent, bool) {
 	a, ok := f.agents[s]
 	return a, ok
 }
@@ -113,8 +121,8 @@ func (f *fakeService) Confinement(s dataplane.Slot) (confine.Plan, error) {
 	}
 	return confine.Plan{Profile: confine.Profile(a.Sandbox), Cgroup: "/cg/tether/a", UID: a.UID}, nil
 }
-func (f *fakeService) RecordRefusal(s dataplane.Slot, r RefusalRequest) error {
-	f.record(fmt.Sprintf("refusal %d %s %s", s, r.Syscall, r.Errno))
+func (f *fakeService) RecordRefusal(s dataplane.Slot, pid uint32, syscall, detail, errno string) error {
+	f.record(fmt.Sprintf("refusal %d %s %s", s, syscall, errno))
 	if _, ok := f.agents[s]; !ok {
 		return fmt.Errorf("%w: slot %d", agents.ErrNotFound, s)
 	}
@@ -151,9 +159,9 @@ func (f *fakeService) AddApproval(s dataplane.Slot, action, resource, by string,
 	f.record("approve " + action + " " + resource + " " + by + " " + ttl.String())
 	return f.agents[s], nil
 }
-func (f *fakeService) ReloadPolicy(ctx context.Context, why string) (PolicyStatus, error) {
+func (f *fakeService) Reload(ctx context.Context, why string) (policy.EngineStatus, error) {
 	f.record("reload")
-	return PolicyStatus{Revision: "r2"}, nil
+	return policy.EngineStatus{Revision: "r2"}, nil
 }
 func (f *fakeService) TaskCredential(s dataplane.Slot) (credentials.Credential, error) {
 	f.record("credential")
@@ -166,11 +174,11 @@ func (f *fakeService) Heartbeat(ctx context.Context, s dataplane.Slot, presented
 	}
 	return credentials.Credential{Slot: s, Token: "next"}, nil
 }
-func (f *fakeService) CredentialKeys() jose.JSONWebKeySet { return jose.JSONWebKeySet{} }
-func (f *fakeService) RevokedCredentials() []credentials.Revocation {
+func (f *fakeService) Keys() jose.JSONWebKeySet { return jose.JSONWebKeySet{} }
+func (f *fakeService) Revoked() []credentials.Revocation {
 	return []credentials.Revocation{{ID: "r1"}}
 }
-func (f *fakeService) VerifyCredential(token string) (credentials.Claims, error) {
+func (f *fakeService) Verify(token string) (credentials.Claims, error) {
 	return credentials.Claims{}, fmt.Errorf("%w at then", credentials.ErrExpired)
 }
 func (f *fakeService) Handoff(ctx context.Context, from, to dataplane.Slot, presented string, spec agents.HandoffSpec) (agents.Agent, credentials.Credential, error) {
@@ -180,7 +188,7 @@ func (f *fakeService) Handoff(ctx context.Context, from, to dataplane.Slot, pres
 	}
 	return agents.Agent{Slot: to}, credentials.Credential{Token: "handed"}, nil
 }
-func (f *fakeService) Kill(ctx context.Context, t killpath.Target, reason, requester string, terminate bool) ([]killpath.Kill, error) {
+func (f *fakeService) KillTarget(ctx context.Context, t killpath.Target, reason, requester string, terminate bool) ([]killpath.Kill, error) {
 	f.record("kill " + requester)
 	return []killpath.Kill{{ID: "k1", Reason: reason, Requester: requester}}, nil
 }
@@ -192,11 +200,12 @@ func (f *fakeService) Readmit(id string) ([]agents.Agent, error) {
 	f.record("readmit " + id)
 	return nil, nil
 }
-func (f *fakeService) Kills() KillStatus { return KillStatus{} }
+func (f *fakeService) Pending() []killpath.Kill     { return nil }
+func (f *fakeService) DeniedIDs() []killpath.Denied { return nil }
 func (f *fakeService) Subscribe(n int) *events.Subscription {
 	return events.NewStream().Subscribe(n)
 }
-func (f *fakeService) EvalPolicy(ctx context.Context, query string, input json.RawMessage) (any, error) {
+func (f *fakeService) Eval(ctx context.Context, query string, input []byte) (any, error) {
 	f.record("eval " + query)
 	if query == "bad" {
 		return nil, errors.New("query \"bad\": want grants, allow, stepup or respond")
@@ -213,9 +222,9 @@ var testPolicy = &Policy{
 }
 
 // call runs one request as caller c through the whole handler chain.
-func call(t *testing.T, svc Service, c Caller, method, path, body string) (int, string) {
+func call(t *testing.T, svc *fakeService, c Caller, method, path, body string) (int, string) {
 	t.Helper()
-	s := NewServer(svc, func() *Policy { return testPolicy }, slog.New(slog.DiscardHandler))
+	s := NewServer(svc.backend(), func() *Policy { return testPolicy }, slog.New(slog.DiscardHandler))
 	req := httptest.NewRequest(method, path, strings.NewReader(body))
 	req = req.WithContext(context.WithValue(req.Context(), callerKey{}, c))
 	rec := httptest.NewRecorder()
@@ -375,7 +384,7 @@ func TestSocket(t *testing.T) {
 	}
 	var seen Caller
 	pol := &Policy{Confined: func(pid int32) bool { return false }}
-	s := NewServer(newFakeService(), func() *Policy { return pol }, slog.New(slog.DiscardHandler))
+	s := NewServer(newFakeService().backend(), func() *Policy { return pol }, slog.New(slog.DiscardHandler))
 	inner := s.srv.Handler
 	s.srv.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		seen, _ = r.Context().Value(callerKey{}).(Caller)
@@ -473,9 +482,9 @@ func FuzzDecodeStepup(f *testing.F) {
 
 // callAgent runs one request on the agent socket's handlers as caller c; agentOf finds pid 666
 // in agent 2 and nobody else in any agent.
-func callAgent(t *testing.T, svc Service, c Caller, method, path, body string) (int, string) {
+func callAgent(t *testing.T, svc *fakeService, c Caller, method, path, body string) (int, string) {
 	t.Helper()
-	s := NewAgentServer(svc, func(pid int32) (dataplane.Slot, bool) { return 2, pid == 666 }, slog.New(slog.DiscardHandler))
+	s := NewAgentServer(svc.backend(), func(pid int32) (dataplane.Slot, bool) { return 2, pid == 666 }, slog.New(slog.DiscardHandler))
 	req := httptest.NewRequest(method, path, strings.NewReader(body))
 	req = req.WithContext(context.WithValue(req.Context(), callerKey{}, c))
 	rec := httptest.NewRecorder()
@@ -549,9 +558,9 @@ func FuzzAPIRequest(f *testing.F) {
 		before := panics.Counts()[BoundaryRequest]
 		var h http.Handler
 		if m&0x80 != 0 { // the agents' socket
-			h = NewAgentServer(newFakeService(), func(int32) (dataplane.Slot, bool) { return 1, uid != 0 }, slog.New(slog.DiscardHandler)).srv.Handler
+			h = NewAgentServer(newFakeService().backend(), func(int32) (dataplane.Slot, bool) { return 1, uid != 0 }, slog.New(slog.DiscardHandler)).srv.Handler
 		} else {
-			h = NewServer(newFakeService(), func() *Policy { return testPolicy }, slog.New(slog.DiscardHandler)).srv.Handler
+			h = NewServer(newFakeService().backend(), func() *Policy { return testPolicy }, slog.New(slog.DiscardHandler)).srv.Handler
 		}
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, req)
@@ -596,7 +605,7 @@ func TestEveryRouteChecksItsAccess(t *testing.T) {
 	agent := Caller{PID: 666, UID: 0}
 	f := newFakeService()
 	pending, _ := f.pending()
-	routes := NewServer(f, func() *Policy { return testPolicy }, slog.New(slog.DiscardHandler)).routes()
+	routes := NewServer(f.backend(), func() *Policy { return testPolicy }, slog.New(slog.DiscardHandler)).routes()
 	for _, x := range routes {
 		method, path, _ := strings.Cut(x.pattern, " ")
 		path = strings.NewReplacer("{slot}", "1", "{id}", pending).Replace(path)

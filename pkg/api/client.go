@@ -18,6 +18,7 @@ import (
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/killpath"
+	"github.com/tether-sh/tether/pkg/policy"
 	"github.com/tether-sh/tether/pkg/stepup"
 )
 
@@ -247,8 +248,8 @@ func (c *Client) AddApproval(slot dataplane.Slot, req ApprovalRequest) (agents.A
 }
 
 // ReloadPolicy has tetherd read its policy again.
-func (c *Client) ReloadPolicy() (PolicyStatus, error) {
-	var st PolicyStatus
+func (c *Client) ReloadPolicy() (policy.EngineStatus, error) {
+	var st policy.EngineStatus
 	return st, c.do(http.MethodPost, "/v1/policy/reload", struct{}{}, &st)
 }
 

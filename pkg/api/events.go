@@ -13,7 +13,7 @@ import (
 func (s *Server) events(c *request) (any, error) {
 	w, r := c.w, c.r
 	id, verdict := r.URL.Query().Get("spiffe_id"), r.URL.Query().Get("verdict")
-	sub := s.svc.Subscribe(4096)
+	sub := s.svc.Events.Subscribe(4096)
 	defer sub.Close()
 	flusher, _ := w.(http.Flusher)
 	w.Header().Set("Content-Type", "application/x-ndjson")

@@ -16,7 +16,7 @@ func (s *Server) kill(c *request, req KillRequest) (any, error) {
 		return nil, badRequest(errors.New("reason is required: the kill record says why"))
 	}
 	t := killpath.Target{Slot: req.Slot, SpiffeID: req.SpiffeID, TaskID: req.TaskID, PID: req.PID}
-	kills, err := s.svc.Kill(c.r.Context(), t, req.Reason, c.by(), req.Terminate)
+	kills, err := s.svc.Kills.KillTarget(c.r.Context(), t, req.Reason, c.by(), req.Terminate)
 	if err != nil && (len(kills) == 0 || errors.Is(err, agents.ErrInvalid)) {
 		if !errors.Is(err, agents.ErrInvalid) && !errors.Is(err, agents.ErrNotFound) {
 			err = withStatus(http.StatusInternalServerError, err)
@@ -29,10 +29,12 @@ func (s *Server) kill(c *request, req KillRequest) (any, error) {
 	return kills, nil
 }
 
-func (s *Server) kills(*request) (any, error) { return s.svc.Kills(), nil }
+func (s *Server) kills(*request) (any, error) {
+	return KillStatus{Pending: s.svc.Kills.Pending(), Denied: s.svc.Kills.DeniedIDs()}, nil
+}
 
 func (s *Server) readmit(c *request, req ReadmitRequest) (any, error) {
-	list, err := s.svc.Readmit(req.SpiffeID)
+	list, err := s.svc.Kills.Readmit(req.SpiffeID)
 	if err != nil {
 		return nil, badRequest(err)
 	}

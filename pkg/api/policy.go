@@ -8,7 +8,7 @@ import (
 // The policy in force: reload it, evaluate one of its decisions.
 
 func (s *Server) reloadPolicy(c *request) (any, error) {
-	st, err := s.svc.ReloadPolicy(c.r.Context(), fmt.Sprintf("tetherctl policy reload (uid %d)", c.caller.UID))
+	st, err := s.svc.Policy.Reload(c.r.Context(), fmt.Sprintf("tetherctl policy reload (uid %d)", c.caller.UID))
 	if err != nil {
 		return nil, withStatus(http.StatusUnprocessableEntity, err)
 	}
@@ -16,7 +16,7 @@ func (s *Server) reloadPolicy(c *request) (any, error) {
 }
 
 func (s *Server) evalPolicy(c *request, req PolicyEvalRequest) (any, error) {
-	res, err := s.svc.EvalPolicy(c.r.Context(), req.Query, req.Input)
+	res, err := s.svc.Policy.Eval(c.r.Context(), req.Query, req.Input)
 	if err != nil {
 		return nil, withStatus(http.StatusUnprocessableEntity, err)
 	}

@@ -67,7 +67,7 @@ func (c *request) by() string { return fmt.Sprintf("uid:%d", c.caller.UID) }
 
 // router serves a socket's routes.
 type router struct {
-	svc Service
+	svc Backend
 	log *slog.Logger
 	// policy is read per request (a reload swaps it); nil on the agent socket.
 	policy func() *Policy
@@ -117,7 +117,7 @@ func (rt *router) admit(x route, slotted bool, c *request) error {
 		}
 		c.slot = slot
 		if x.agent || x.access == launcherOf {
-			a, found := rt.svc.Agent(slot)
+			a, found := rt.svc.Agents.Get(slot)
 			if !found {
 				return withStatus(http.StatusNotFound, fmt.Errorf("no agent in slot %d", slot))
 			}

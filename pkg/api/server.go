@@ -24,7 +24,7 @@ type Server struct {
 }
 
 // NewServer returns a server for svc; policy is called for every request.
-func NewServer(svc Service, policy func() *Policy, log *slog.Logger) *Server {
+func NewServer(svc Backend, policy func() *Policy, log *slog.Logger) *Server {
 	s := &Server{router: router{svc: svc, policy: policy, log: log}}
 	s.srv = socketServer(s.guard(s.mux(s.routes())), log)
 	return s

@@ -13,7 +13,7 @@ import (
 
 // Step-up approvals on the admin socket: list, approve once, deny.
 
-func (s *Server) approvals(*request) (any, error) { return s.svc.Stepups(nil), nil }
+func (s *Server) approvals(*request) (any, error) { return s.svc.Stepups.List(nil), nil }
 
 func (s *Server) approve(c *request, req ApproveRequest) (any, error) {
 	var ttl time.Duration
@@ -23,11 +23,11 @@ func (s *Server) approve(c *request, req ApproveRequest) (any, error) {
 			return nil, err
 		}
 	}
-	return s.svc.ApproveStepup(c.r.PathValue("id"), c.by(), req.Uses, ttl)
+	return s.svc.Stepups.Approve(c.r.PathValue("id"), c.by(), req.Uses, ttl)
 }
 
 func (s *Server) deny(c *request, req DenyRequest) (any, error) {
-	return s.svc.DenyStepup(c.r.PathValue("id"), c.by(), req.Why)
+	return s.svc.Stepups.Deny(c.r.PathValue("id"), c.by(), req.Why)
 }
 
 // AgentServer serves the agent socket: the verbs an agent may use on itself (its status, its
@@ -41,7 +41,7 @@ type AgentServer struct {
 }
 
 // NewAgentServer returns the agent socket's server; agentOf finds the agent of a process.
-func NewAgentServer(svc Service, agentOf func(pid int32) (dataplane.Slot, bool), log *slog.Logger) *AgentServer {
+func NewAgentServer(svc Backend, agentOf func(pid int32) (dataplane.Slot, bool), log *slog.Logger) *AgentServer {
 	s := &AgentServer{router: router{svc: svc, log: log}, agentOf: agentOf}
 	s.srv = socketServer(s.guard(s.mux(s.routes())), log)
 	return s
@@ -97,7 +97,7 @@ func (s *AgentServer) guard(next http.Handler) http.Handler {
 func selfSlot(r *http.Request) dataplane.Slot { return r.Context().Value(slotKey{}).(dataplane.Slot) }
 
 func (s *AgentServer) self(c *request) (any, error) {
-	a, ok := s.svc.Agent(c.slot)
+	a, ok := s.svc.Agents.Get(c.slot)
 	if !ok {
 		return nil, withStatus(http.StatusNotFound, errors.New("the caller's agent is gone"))
 	}
@@ -111,13 +111,13 @@ func (s *AgentServer) renew(c *request, req HeartbeatRequest) (any, error) {
 	return heartbeat(s.router, c, req, "renewal", "a renewal presents the task's current credential")
 }
 
-func (s *AgentServer) end(c *request) (any, error) { return s.svc.EndTask(c.slot) }
+func (s *AgentServer) end(c *request) (any, error) { return s.svc.Agents.EndTask(c.slot) }
 
 func (s *AgentServer) request(c *request, req StepupRequest) (any, error) {
 	s.log.Info("step-up request", "slot", c.slot, "action", req.Action, "resource", req.Resource)
-	return s.svc.RequestStepup(c.r.Context(), c.slot, req.Action, req.Resource, req.Reason)
+	return s.svc.Stepups.Request(c.r.Context(), c.slot, req.Action, req.Resource, req.Reason)
 }
 
 func (s *AgentServer) requests(c *request) (any, error) {
-	return s.svc.Stepups(&c.slot), nil
+	return s.svc.Stepups.List(&c.slot), nil
 }

@@ -26,7 +26,7 @@ func (s *Server) startTask(c *request, req TaskRequest) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	return s.svc.StartTask(c.slot, spec)
+	return s.svc.Agents.StartTask(c.slot, spec)
 }
 
 func (s *Server) renewTask(c *request, req RenewRequest) (any, error) {
@@ -34,10 +34,10 @@ func (s *Server) renewTask(c *request, req RenewRequest) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	return s.svc.RenewTask(c.slot, ttl)
+	return s.svc.Agents.RenewTask(c.slot, ttl)
 }
 
-func (s *Server) endTask(c *request) (any, error) { return s.svc.EndTask(c.slot) }
+func (s *Server) endTask(c *request) (any, error) { return s.svc.Agents.EndTask(c.slot) }
 
 func (s *Server) addApproval(c *request, req ApprovalRequest) (any, error) {
 	ttl, err := ttlOf(req.TTL)
@@ -45,17 +45,19 @@ func (s *Server) addApproval(c *request, req ApprovalRequest) (any, error) {
 		return nil, err
 	}
 	s.log.Info("API approval", "slot", c.slot, "action", req.Action, "resource", req.Resource, "uses", req.Uses, "by", c.by())
-	return s.svc.AddApproval(c.slot, req.Action, req.Resource, c.by(), ttl, req.Uses)
+	return s.svc.Agents.AddApproval(c.slot, req.Action, req.Resource, c.by(), ttl, req.Uses)
 }
 
-func (s *Server) taskCredential(c *request) (any, error) { return s.svc.TaskCredential(c.slot) }
+func (s *Server) taskCredential(c *request) (any, error) {
+	return s.svc.Credentials.TaskCredential(c.slot)
+}
 
 // confinement is what tetherctl run does to a launched agent: its launcher (or an admin) asks
 // for it between registering the agent and starting its command. An unconfined agent (the
 // policy says sandbox: off, or ?keep_caps=true for a root agent) needs a launch rule with
 // unconfined: true.
 func (s *Server) confinement(c *request) (any, error) {
-	plan, err := s.svc.Confinement(c.slot)
+	plan, err := s.svc.Agents.Confinement(c.slot)
 	if err != nil {
 		return nil, err
 	}
@@ -82,7 +84,7 @@ func (s *Server) refusal(c *request, req RefusalRequest) (any, error) {
 	if err := req.check(); err != nil {
 		return nil, badRequest(err)
 	}
-	return nil, s.svc.RecordRefusal(c.slot, req)
+	return nil, s.svc.Agents.RecordRefusal(c.slot, req.PID, req.Syscall, req.Detail, req.Errno)
 }
 
 // heartbeat renews the task for the launcher, which presents the task's current credential and
@@ -100,7 +102,7 @@ func heartbeat(rt router, c *request, req HeartbeatRequest, what, needs string) 
 	if req.Credential == "" {
 		return nil, badRequest(errors.New("credential is required: " + needs))
 	}
-	cred, err := rt.svc.Heartbeat(c.r.Context(), c.slot, req.Credential, ttl)
+	cred, err := rt.svc.Credentials.Heartbeat(c.r.Context(), c.slot, req.Credential, ttl)
 	if err != nil {
 		rt.log.Warn(what+" refused", "slot", c.slot, "caller_uid", c.caller.UID, "error", err)
 		return nil, err
@@ -119,14 +121,14 @@ func (s *Server) handoff(c *request, req HandoffRequest) (any, error) {
 	if req.Credential == "" {
 		return nil, badRequest(errors.New("credential is required: the sender's current task credential"))
 	}
-	to, found := s.svc.Agent(req.To)
+	to, found := s.svc.Agents.Get(req.To)
 	if !found {
 		return nil, withStatus(http.StatusNotFound, fmt.Errorf("no agent in slot %d (receiver)", req.To))
 	}
 	if !launched(to, c.caller) && !s.policy().IsAdmin(c.caller) {
 		return nil, forbidden(fmt.Errorf("uid %d neither launched agent %d nor is an admin", c.caller.UID, req.To))
 	}
-	got, cred, err := s.svc.Handoff(c.r.Context(), c.slot, to.Slot, req.Credential, agents.HandoffSpec{Type: req.Type, TTL: ttl})
+	got, cred, err := s.svc.Agents.Handoff(c.r.Context(), c.slot, to.Slot, req.Credential, agents.HandoffSpec{Type: req.Type, TTL: ttl})
 	if err != nil {
 		s.log.Warn("handoff refused", "from", c.slot, "to", req.To, "caller_uid", c.caller.UID, "error", err)
 		return nil, err

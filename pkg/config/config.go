@@ -336,6 +336,8 @@ type Loaded struct {
 	Location    *time.Location   // policy.timezone
 	Mask        []events.Pointer // decision_log.mask
 	PodSelector labels.Selector  // identity.kubernetes.pod_selector; nil without identity.kubernetes
+	// LaunchUIDs are confinement.uids: the range dynamic agent uids come from.
+	LaunchUIDs struct{ First, Last uint32 }
 }
 
 // Load reads the file at path, or the embedded defaults when path is empty.
@@ -569,7 +571,8 @@ func checkAPI(l *Loaded, bad badFunc) {
 // checkConfinement checks the launcher's sandbox.
 func checkConfinement(l *Loaded, bad badFunc) {
 	c := &l.Config
-	if _, _, err := c.Confinement.UIDRange(); err != nil {
+	var err error
+	if l.LaunchUIDs.First, l.LaunchUIDs.Last, err = c.Confinement.UIDRange(); err != nil {
 		bad("$.confinement.uids", "confinement.uids", "%v", err)
 	}
 	for i, h := range c.Confinement.Hide {

@@ -3,6 +3,7 @@ package config
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -21,6 +22,9 @@ func TestEmbeddedDefaults(t *testing.T) {
 	}
 	if l.Policy.Dir != "" || l.Policy.Bundle != nil || l.Policy.Timezone != "UTC" {
 		t.Errorf("policy %+v: want the shipped policies", l.Policy)
+	}
+	if l.LaunchUIDs.First != 2130706432 || l.LaunchUIDs.Last != 2130771967 {
+		t.Errorf("launch uids %+v: want the parsed default range 2130706432-2130771967", l.LaunchUIDs)
 	}
 }
 
@@ -174,5 +178,23 @@ identity: {kubernetes: {trust_domain: cluster.local, pod_selector: "tether.dev/a
 	if l.Location == nil || l.Location.String() != "Europe/Paris" || len(l.Mask) != 1 || l.PodSelector == nil ||
 		l.PodSelector.String() != "tether.dev/agent=true" || l.BPF.ExecMode != "signal" {
 		t.Errorf("parsed: location %v, mask %v, selector %v, exec mode %q", l.Location, l.Mask, l.PodSelector, l.BPF.ExecMode)
+	}
+}
+
+// TestHiddenPaths: a launched agent does not see tether's admin socket, key, kill state,
+// configuration file, the SPIRE sockets or what confinement.hide adds; it does see its own
+// socket; relative and repeated paths are dropped.
+func TestHiddenPaths(t *testing.T) {
+	c := &Loaded{Source: "/etc/tether/tether.yaml"}
+	c.API.Socket, c.API.AgentSocket = "/run/tether/api.sock", "/run/tether/agent.sock"
+	c.API.SensitiveSockets = []string{"/run/docker.sock", "/run/tether/agent.sock"}
+	c.Credentials.KeyFile, c.Kill.StateFile = "/var/lib/tether/key.pem", "/var/lib/tether/kills.json"
+	c.Identity.SPIRE = &SPIRE{AdminSocket: "/run/spire/admin.sock", WorkloadSocket: "/run/spire/agent.sock"}
+	c.Confinement.Hide = []string{"/srv/secrets", "relative", "/run/docker.sock"}
+	got := c.HiddenPaths()
+	want := []string{"/run/tether/api.sock", "/var/lib/tether/key.pem", "/var/lib/tether/kills.json", "/run/docker.sock",
+		"/run/spire/admin.sock", "/run/spire/agent.sock", "/etc/tether/tether.yaml", "/srv/secrets"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("hidden %q\nwant   %q", got, want)
 	}
 }

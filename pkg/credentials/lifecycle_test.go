@@ -32,7 +32,7 @@ func (f *fakeTasks) RenewTask(slot dataplane.Slot, ttl time.Duration) (agents.Ag
 func TestLifecycleRenewsOnlyForTheCurrentCredential(t *testing.T) {
 	c := &clock{time.Date(2026, 12, 7, 10, 0, 0, 0, time.UTC)}
 	l := NewLifecycle(newIssuer(t, t.TempDir(), c), nil)
-	task := &agents.Task{ID: "task-1", Type: "coding", ExpiresAt: c.t.Add(time.Hour)}
+	task := &agents.Task{TaskInfo: agents.TaskInfo{ID: "task-1", Type: "coding", ExpiresAt: c.t.Add(time.Hour)}}
 	tasks := &fakeTasks{a: agents.Agent{Slot: 3, SpiffeID: "spiffe://x.org/agent", UID: uint32(os.Getuid()), Task: task}}
 	l.Tasks = tasks
 	ctx := context.Background()

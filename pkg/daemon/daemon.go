@@ -23,10 +23,13 @@ import (
 	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/compile"
 	"github.com/tether-sh/tether/pkg/config"
+	"github.com/tether-sh/tether/pkg/control"
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/discovery"
 	"github.com/tether-sh/tether/pkg/escalation"
 	"github.com/tether-sh/tether/pkg/events"
+	"github.com/tether-sh/tether/pkg/guards"
 	"github.com/tether-sh/tether/pkg/identity"
 	"github.com/tether-sh/tether/pkg/kernel"
 	"github.com/tether-sh/tether/pkg/killpath"
@@ -49,11 +52,12 @@ type Daemon struct {
 
 	kern        *kernel.Kernel
 	registry    *agents.Registry
-	pol         *policyState
+	policy      *policy.Revisions
+	responder   *policy.Responder
+	control     *control.Agents
 	compileOpts compile.Options
 	pump        *events.Pump
-	reaper      *reaper
-	disc        *discovery
+	disc        *discovery.Discovery
 	killer      *killpath.Killer
 	metrics     *telemetry.Metrics
 	stream      *events.Stream
@@ -63,26 +67,13 @@ type Daemon struct {
 	bpfStats    bool // the kernel counts program runs for us
 	webhook     *escalation.Webhook
 	creds       *credentials.Lifecycle
-	spire       *identity.SPIRE      // the SPIRE agent's admin API, or nil
-	serveErr    chan error           // the control API stopped serving
-	recompile   chan struct{}        // a granted executable changed: compile the grants again soon
-	learn       chan events.Decision // denied execs to check against rules by content (learnContents)
+	spire       *identity.SPIRE // the SPIRE agent's admin API, or nil
+	serveErr    chan error      // the control API stopped serving
+	recompile   chan struct{}   // a granted executable changed: compile the grants again soon
+	guards      *guards.Guards
 
 	ready    atomic.Bool  // the API serves and the programs are attached
 	lastTick atomic.Int64 // unix ns of the main loop's last round
-}
-
-// nodeName is the configured node name, else $NODE_NAME (the DaemonSet sets spec.nodeName), else
-// the host name (in a pod without the host's network, the pod's name: hence $NODE_NAME).
-func nodeName(configured string) string {
-	if configured != "" {
-		return configured
-	}
-	if n := os.Getenv("NODE_NAME"); n != "" {
-		return n
-	}
-	n, _ := os.Hostname()
-	return n
 }
 
 // stallLimit is how long the main loop may go without a round before /healthz fails.
@@ -124,15 +115,14 @@ type Options struct {
 // the kill path), identity discovery, and the sockets it serves. What a phase opened is closed,
 // in reverse order, when Run returns.
 func Run(ctx context.Context, cfg *config.Loaded, opts Options) error {
-	d := &Daemon{log: opts.Logger, version: opts.Version, started: time.Now(), reaper: newReaper(),
-		recompile: make(chan struct{}, 1), learn: make(chan events.Decision, 64), serveErr: make(chan error, 1)}
+	d := &Daemon{log: opts.Logger, version: opts.Version, started: time.Now(),
+		recompile: make(chan struct{}, 1), serveErr: make(chan error, 1)}
 	d.cfg.Store(cfg)
 	for _, w := range cfg.Warnings {
 		d.log.Warn("configuration", "warning", w)
 	}
 	var opened closers
 	defer opened.close()
-	opened.add(d.reaper.close)
 	for _, phase := range []func(context.Context, *config.Loaded) (func(), error){
 		d.startKernel, d.startPipeline, d.startRegistry, d.startIdentity, d.startServing,
 	} {
@@ -282,7 +272,7 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 		opened.add(func() { spire.Close() })
 	}
 	var err error
-	if d.creds, err = newTaskCreds(cfg.Credentials, nodeName(cfg.Env.Node), d.spire, d.log); err != nil {
+	if d.creds, err = newTaskCreds(cfg.Credentials, config.NodeName(cfg.Env.Node), d.spire, d.log); err != nil {
 		return opened.close, err
 	}
 	if cfg.Credentials.Listen != "" {
@@ -292,16 +282,17 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 		}
 		opened.add(stop)
 	}
-	d.compileOpts = compile.Options{Files: compile.OS{}, Resolver: dnsResolver(cfg, d.log), UnixNever: sensitiveSockets(cfg), Integrity: compile.NewIntegrity()}
+	d.compileOpts = compile.Options{Files: compile.OS{}, Resolver: dnsResolver(cfg, d.log), UnixNever: cfg.SensitiveSockets(), Integrity: compile.NewIntegrity()}
 	if cfg.API.AgentSocket != "" {
 		d.compileOpts.UnixAlways = []string{cfg.API.AgentSocket}
 	}
-	if err := d.newPolicy(cfg); err != nil {
+	d.guards = guards.New(d.compileOpts.Files, d.compileOpts.Integrity, d.compileSoon, d.metrics.ObserveGuard, d.log)
+	if err := d.newPolicy(); err != nil {
 		return opened.close, err
 	}
 	d.registry = agents.New(agents.Options{
 		Dataplane:    d.kern,
-		Evaluator:    d.pol.decider,
+		Evaluator:    d.policy.Decider,
 		Compile:      agents.CompileOn(d.compileOpts),
 		Parents:      d.parents,
 		LaunchParent: d.launch,
@@ -314,12 +305,17 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 	})
 	opened.add(d.registry.Close)
 	d.creds.Tasks = d.registry
-	d.pol.decider.Contexts = d.registry.ContextOf
-	d.stepups = stepup.NewService(stepup.New(stepupKeep, nil), d.registry, d.pol.decider.Stepup, d.pump.Emit, d.log)
-	if err := d.startPolicy(ctx, cfg); err != nil {
+	d.policy.Decider.Contexts = d.registry.ContextOf
+	d.policy.Agents, d.policy.Compile = d.registry, d.compileOpts
+	d.stepups = stepup.NewService(stepup.New(stepupKeep, nil), d.registry, d.policy.Decider.Stepup, d.pump.Emit, d.log)
+	d.control = control.New(control.Options{Registry: d.registry, Credentials: d.creds, Stepup: d.policy.Decider.Stepup,
+		Config: d.cfg.Load, Respond: d.respond, Emit: d.pump.Emit, Log: d.log})
+	opened.add(d.control.Close)
+	err = d.policy.Start(ctx)
+	opened.add(d.policy.Stop)
+	if err != nil {
 		return opened.close, err
 	}
-	opened.add(d.pol.stop)
 	closeKiller, err := d.startKillPath(cfg)
 	opened.add(closeKiller)
 	if err != nil {
@@ -340,7 +336,7 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 		<-pumped
 	})
 	d.killer.Continue(ctx)
-	go d.learnContents(ctx)
+	go d.guards.Run(ctx)
 	return opened.close, nil
 }
 
@@ -369,7 +365,7 @@ func (d *Daemon) startKillPath(cfg *config.Loaded) (func(), error) {
 // startIdentity starts identity discovery: static rules, SPIRE, the Kubernetes pod watch.
 func (d *Daemon) startIdentity(ctx context.Context, cfg *config.Loaded) (func(), error) {
 	var err error
-	if d.disc, err = newDiscovery(cfg.Identity, d.root, d.spire, d.registry, d.pump.Emit, d.log); err != nil {
+	if d.disc, err = discovery.New(cfg.Identity, d.root, d.spire, d.registry, d.pump.Emit, d.log); err != nil {
 		return nil, err
 	}
 	if kc := cfg.Identity.Kubernetes; kc != nil {
@@ -377,20 +373,19 @@ func (d *Daemon) startIdentity(ctx context.Context, cfg *config.Loaded) (func(),
 		if err != nil {
 			return nil, err
 		}
-		if d.disc.k8s, err = identity.NewKubernetes(client, nodeName(kc.NodeName), kc.TrustDomain, d.disc.podDeleted); err != nil {
+		// The DaemonSet passes its own pod's UID (metadata.uid): tetherd is no agent.
+		if err := d.disc.WatchPods(client, config.NodeName(kc.NodeName), kc.TrustDomain, cfg.PodSelector, os.Getenv("POD_UID")); err != nil {
 			return nil, err
 		}
-		d.disc.podSelector = cfg.PodSelector
-		d.disc.selfPod = os.Getenv("POD_UID") // the DaemonSet passes metadata.uid
 	}
-	if !d.disc.enabled() {
+	if !d.disc.Enabled() {
 		return nil, nil
 	}
 	dctx, stop := context.WithCancel(ctx)
 	stopped := make(chan struct{})
 	go func() {
 		defer close(stopped)
-		if err := d.disc.run(dctx, d.parents); err != nil {
+		if err := d.disc.Run(dctx, d.parents); err != nil {
 			d.log.Error("identity discovery stopped", "error", err)
 		}
 	}()
@@ -413,7 +408,7 @@ func (d *Daemon) startServing(_ context.Context, cfg *config.Loaded) (func(), er
 	if err != nil {
 		return opened.close, err
 	}
-	srv := api.NewServer(d, func() *api.Policy { return d.access.Load() }, d.log)
+	srv := api.NewServer(d.backend(), func() *api.Policy { return d.access.Load() }, d.log)
 	go func() { d.serveErr <- srv.Serve(l) }()
 	opened.add(func() { shutdown(srv, cfg.API.Socket) })
 	if cfg.API.AgentSocket != "" {
@@ -425,7 +420,7 @@ func (d *Daemon) startServing(_ context.Context, cfg *config.Loaded) (func(), er
 			al.Close()
 			return opened.close, fmt.Errorf("agent socket: %w", err)
 		}
-		asrv := api.NewAgentServer(d, d.agentOf, d.log)
+		asrv := api.NewAgentServer(d.backend(), d.agentOf, d.log)
 		go asrv.Serve(al)
 		opened.add(func() { shutdown(asrv, cfg.API.AgentSocket) })
 	}
@@ -456,12 +451,21 @@ func (d *Daemon) loop(ctx context.Context) error {
 		case <-tick.C:
 			d.lastTick.Store(time.Now().UnixNano())
 			d.registry.Reconcile()
-			d.reaper.sweep(d.registry, d.log)
+			d.control.Sweep()
 		case <-recheck.C:
 			d.registry.Recompile(ctx)
 		case <-d.recompile:
 			d.registry.Recompile(ctx)
 		}
+	}
+}
+
+// compileSoon has the agents' grants compiled again soon (by the main loop; one request pending
+// at most).
+func (d *Daemon) compileSoon() {
+	select {
+	case d.recompile <- struct{}{}:
+	default: // one is pending already
 	}
 }
 
@@ -566,11 +570,11 @@ func (d *Daemon) Reload(ctx context.Context, cfg *config.Loaded) error {
 	d.setAccess(cfg)
 	envChanged := fmt.Sprint(old.Env) != fmt.Sprint(cfg.Env) || old.Policy.Timezone != cfg.Policy.Timezone
 	if envChanged {
-		d.pol.decider.SetEnv(policy.Env{Node: nodeName(cfg.Env.Node), Cluster: cfg.Env.Cluster, Environment: cfg.Env.Environment, Labels: cfg.Env.Labels}, cfg.Location)
+		d.policy.Decider.SetEnv(policy.EnvOf(cfg), cfg.Location)
 	}
 	var errs []error
 	if cfg.Policy.Bundle == nil {
-		if _, err := d.ReloadPolicy(ctx, "configuration reloaded"); err != nil {
+		if _, err := d.policy.Reload(ctx, "configuration reloaded"); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -627,18 +631,9 @@ func (d *Daemon) agentOf(pid int32) (dataplane.Slot, bool) {
 	return d.registry.SlotOfCgroup(filepath.Join(d.root, rel))
 }
 
-// sensitiveSockets are the unix sockets no grant may reach: tetherd's API socket, the SPIRE
-// sockets, and api.sensitive_sockets.
-func sensitiveSockets(cfg *config.Loaded) []string {
-	out := append([]string{cfg.API.Socket}, cfg.API.SensitiveSockets...)
-	if sp := cfg.Identity.SPIRE; sp != nil {
-		for _, s := range []string{sp.AdminSocket, sp.ServerSocket, sp.WorkloadSocket} {
-			if s != "" {
-				out = append(out, s)
-			}
-		}
-	}
-	return out
+// launchUIDs is the range dynamic agent uids come from (confinement.uids).
+func launchUIDs(cfg *config.Loaded) agents.UIDRange {
+	return agents.UIDRange{First: cfg.LaunchUIDs.First, Last: cfg.LaunchUIDs.Last}
 }
 
 // attribution names the agents of the kernel's events from the registry (made after the pump).
@@ -662,17 +657,22 @@ func decisionSink(c config.DecisionLog) (events.Sink, func(), error) {
 	return f, func() { f.Close() }, nil
 }
 
-// api.Service
+// backend is what the API serves, from the stages that do it.
+func (d *Daemon) backend() api.Backend {
+	return api.Backend{Status: d.status, Agents: d.control, Credentials: d.creds, Kills: d.killer, Stepups: d.stepups,
+		Policy: d.policy, Events: d.stream}
+}
 
-func (d *Daemon) Status() api.Status {
+// status is tetherd's status, from every stage.
+func (d *Daemon) status() api.Status {
 	cfg := d.cfg.Load()
 	f := d.kern.Features()
 	st := api.Status{
 		Version: d.version, Started: d.started, ConfigSource: cfg.Source,
 		PinDir: d.kern.PinDir(), Cgroup2: d.root, AgentParents: d.parents, LaunchParent: d.launch,
 		ExecMode: string(f.ExecMode), ExecReason: f.ExecReason, ActiveLSMs: f.ActiveLSMs,
-		Agents: len(d.registry.List()), Registry: d.registry.Stats(), Events: d.pump.Stats(), Policy: d.policyStatus(),
-		Identity: d.disc.status(), Escalation: d.escalationStatus(),
+		Agents: len(d.registry.List()), Registry: d.registry.Stats(), Events: d.pump.Stats(), Policy: d.policy.Engine.Status(),
+		Identity: d.disc.Status(), Escalation: d.escalationStatus(),
 		Warnings: cfg.Warnings,
 	}
 	for _, h := range f.Hooks {
@@ -686,8 +686,8 @@ func (d *Daemon) Status() api.Status {
 
 // Stats is what tetherd's stages count, for the metrics.
 func (d *Daemon) Stats() telemetry.Stats {
-	st := telemetry.Stats{Registry: d.registry.Stats(), PolicyRefused: d.pol.engine.Status().Refused, Events: d.pump.Stats(),
-		IdentityLost: d.disc.status().Lost, Sweeps: d.kern.SweepStats()}
+	st := telemetry.Stats{Registry: d.registry.Stats(), PolicyRefused: d.policy.Engine.Status().Refused, Events: d.pump.Stats(),
+		IdentityLost: d.disc.Status().Lost, Sweeps: d.kern.SweepStats()}
 	esc := d.escalationStatus()
 	st.EscalationSent, st.EscalationDropped = esc.Sent, esc.Dropped
 	if c, err := d.kern.Counters(); err == nil {
@@ -700,61 +700,8 @@ func (d *Daemon) Stats() telemetry.Stats {
 	return st
 }
 
+// Agents are the registry's agents, for the metrics (telemetry.Source).
 func (d *Daemon) Agents() []agents.Agent { return d.registry.List() }
-
-func (d *Daemon) Agent(slot dataplane.Slot) (agents.Agent, bool) { return d.registry.Get(slot) }
-
-func (d *Daemon) Register(r agents.Registration) (agents.Agent, error) {
-	if err := d.cfg.Load().Identity.CheckTrustDomain(r.SpiffeID); err != nil {
-		return agents.Agent{}, err
-	}
-	a, err := d.registry.Register(r)
-	if err != nil {
-		return a, err
-	}
-	if r.Launch && r.LauncherPID > 0 {
-		d.reaper.watch(a.Slot, r.LauncherPID)
-	}
-	if a.Task != nil {
-		if _, err := d.creds.IssueFor(context.Background(), a); err != nil {
-			d.log.Error("issuing a task credential", "slot", a.Slot, "error", err)
-			return a, fmt.Errorf("agent %d registered, but its task credential was not issued: %w", a.Slot, err)
-		}
-	}
-	return a, nil
-}
-
-func (d *Daemon) Unregister(slot dataplane.Slot) error { return d.registry.Unregister(slot) }
-
-func (d *Daemon) SetMode(slot dataplane.Slot, mode *dataplane.Mode) (agents.Agent, error) {
-	return d.registry.SetMode(slot, mode)
-}
-
-func (d *Daemon) SetKilled(slot dataplane.Slot, killed bool) (agents.Agent, error) {
-	return d.registry.SetKilled(slot, killed)
-}
-
-func (d *Daemon) StartTask(slot dataplane.Slot, t agents.TaskSpec) (agents.Agent, error) {
-	a, err := d.registry.StartTask(slot, t)
-	if err != nil {
-		return a, err
-	}
-	if _, err := d.creds.IssueFor(context.Background(), a); err != nil {
-		d.log.Error("issuing a task credential", "slot", a.Slot, "error", err)
-		return a, fmt.Errorf("task %s started, but its credential was not issued: %w", a.Task.ID, err)
-	}
-	return a, nil
-}
-
-func (d *Daemon) RenewTask(slot dataplane.Slot, ttl time.Duration) (agents.Agent, error) {
-	return d.registry.RenewTask(slot, ttl)
-}
-
-func (d *Daemon) EndTask(slot dataplane.Slot) (agents.Agent, error) { return d.registry.EndTask(slot) }
-
-func (d *Daemon) AddApproval(slot dataplane.Slot, action, resource, by string, ttl time.Duration, uses int64) (agents.Agent, error) {
-	return d.registry.AddApproval(slot, action, resource, by, ttl, uses)
-}
 
 func (d *Daemon) escalationStatus() api.EscalationStatus {
 	if d.webhook == nil {

@@ -106,10 +106,10 @@ type Kill struct {
 
 // KillStep is one step of a kill.
 type KillStep struct {
-	Name   string `json:"name"`
-	Done   bool   `json:"done"`
-	TookNs int64  `json:"took_ns"`
-	Error  string `json:"error,omitempty"`
+	Name  string        `json:"name"`
+	Done  bool          `json:"done"`
+	Took  time.Duration `json:"took_ns"`
+	Error string        `json:"error,omitempty"`
 }
 
 // Parent is one process of the chain that led to the decision, nearest first.

@@ -221,7 +221,7 @@ func TestLineIsEncodingJSON(t *testing.T) {
 		ParentChain: []Parent{{PID: 9, Comm: "sh", BinaryFile: "1:3"}}, Kind: "connect4", Protocol: "tcp", Destination: "1.2.3.4:5",
 		Executable: "/e", SocketPath: "/s", SocketFamily: 2, SocketType: 1, Verdict: "deny", Reason: "no-rule", Mode: "enforce",
 		RuleGeneration: 7, PolicyRevision: "r", Response: "alert",
-		Kill:   &Kill{ID: "k", Requester: "admin", Terminate: true, Done: true, Steps: []KillStep{{Name: "deny", Done: true, TookNs: 5, Error: "e"}}},
+		Kill:   &Kill{ID: "k", Requester: "admin", Terminate: true, Done: true, Steps: []KillStep{{Name: "deny", Done: true, Took: 5, Error: "e"}}},
 		Policy: &Evaluation{Query: "q", Input: map[string]any{"a": []any{1.5, "x", nil, true}}, Result: map[string]any{"z": 1.0}, DurationNs: 9, Erased: []string{"/input/a"}}}
 	want, err := json.Marshal(d)
 	if err != nil {

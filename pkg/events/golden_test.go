@@ -21,7 +21,7 @@ func ownRecords() []Decision {
 			DecidedBy: "uid:0", ApprovalID: "ap-1", Uses: 2}),
 		IdentityLost(b, "entry deleted"),
 		KillRecord(Agent{SpiffeID: b.SpiffeID, Slot: b.Slot}, "exfiltration", &Kill{ID: "kill-1", Requester: "uid:0", Terminate: true, Done: true,
-			Steps: []KillStep{{Name: "network", Done: true, TookNs: 40}, {Name: "freeze", Error: "timeout"}}}),
+			Steps: []KillStep{{Name: "network", Done: true, Took: 40}, {Name: "freeze", Error: "timeout"}}}),
 		SyscallRefused(c, 9, 2000, "socket", "socket AF_PACKET", "default", "EPERM"),
 		SyscallRefused(c, 9, 2000, "bpf", "", "default", "EPERM"),
 	}

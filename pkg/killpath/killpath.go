@@ -86,15 +86,13 @@ type Request struct {
 	Terminate bool // also halt: cgroup.kill
 }
 
-// StepResult is what one step did.
+// StepResult is what one step did: what the kill's record says of it (name, done, how long it
+// took, the error), and since when and with what detail.
 type StepResult struct {
-	Name string        `json:"name"`
-	Done bool          `json:"done"`
-	Took time.Duration `json:"took_ns"`
+	events.KillStep
 	// Since is the time from the kill request to the end of the step (the last attempt).
 	Since  time.Duration `json:"since_request_ns"`
 	Detail string        `json:"detail,omitempty"`
-	Error  string        `json:"error,omitempty"`
 }
 
 // Kill is one kill, as recorded.
@@ -120,7 +118,7 @@ func (k *Kill) step(name string) *StepResult {
 			return &k.Steps[i]
 		}
 	}
-	k.Steps = append(k.Steps, StepResult{Name: name})
+	k.Steps = append(k.Steps, StepResult{KillStep: events.KillStep{Name: name}})
 	return &k.Steps[len(k.Steps)-1]
 }
 
@@ -370,7 +368,7 @@ func (k *Killer) run(ctx context.Context, x *Kill) {
 func toEvent(x Kill) *events.Kill {
 	e := &events.Kill{ID: x.ID, Requester: x.Requester, Terminate: x.Terminate, Done: x.Done}
 	for _, s := range x.Steps {
-		e.Steps = append(e.Steps, events.KillStep{Name: s.Name, Done: s.Done, TookNs: s.Took.Nanoseconds(), Error: s.Error})
+		e.Steps = append(e.Steps, s.KillStep)
 	}
 	return e
 }

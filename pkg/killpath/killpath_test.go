@@ -126,7 +126,7 @@ func checkKilledButRevokePending(t *testing.T, k *Killer, reg *fakeRegistry, x K
 func TestKillPersistsAndContinues(t *testing.T) {
 	dir := t.TempDir()
 	reg := &fakeRegistry{agents: map[dataplane.Slot]agents.Agent{
-		2: {Slot: 2, SpiffeID: "spiffe://x.org/a", Cgroup: filepath.Join(dir, "no-such-cgroup"), Task: &agents.Task{ID: "t1"}},
+		2: {Slot: 2, SpiffeID: "spiffe://x.org/a", Cgroup: filepath.Join(dir, "no-such-cgroup"), Task: &agents.Task{TaskInfo: agents.TaskInfo{ID: "t1"}}},
 		3: {Slot: 3, SpiffeID: "spiffe://x.org/b", Cgroup: filepath.Join(dir, "other")},
 	}}
 	var mu sync.Mutex
@@ -252,7 +252,7 @@ func TestPrivilegedFreezeForkBomb(t *testing.T) {
 func TestTargetsNameAgents(t *testing.T) {
 	dir := t.TempDir()
 	reg := &fakeRegistry{agents: map[dataplane.Slot]agents.Agent{
-		2: {Slot: 2, SpiffeID: "spiffe://x.org/a", Cgroup: filepath.Join(dir, "a"), Task: &agents.Task{ID: "t1"}},
+		2: {Slot: 2, SpiffeID: "spiffe://x.org/a", Cgroup: filepath.Join(dir, "a"), Task: &agents.Task{TaskInfo: agents.TaskInfo{ID: "t1"}}},
 		3: {Slot: 3, SpiffeID: "spiffe://x.org/a", Cgroup: filepath.Join(dir, "b")},
 		4: {Slot: 4, SpiffeID: "spiffe://x.org/c", Cgroup: filepath.Join(dir, "c")},
 	}}

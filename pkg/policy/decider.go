@@ -108,7 +108,7 @@ func (d *Decider) Stepup(ctx context.Context, slot dataplane.Slot, action, resou
 // (rec.Slot set), given the agent's decisions of the last minute: from a memo of the same event
 // a moment ago (fresh false: already acted on), or evaluated (fresh true). It also puts the
 // revision in force into rec. It returns "" when the agent is gone or no revision is in force.
-func (d *Decider) Respond(rec *events.Decision) (resp Response, fresh bool, err error) {
+func (d *Decider) Respond(rec *events.Decision) (resp events.Response, fresh bool, err error) {
 	rev := d.Engine.Current()
 	if rev == nil {
 		return "", false, nil

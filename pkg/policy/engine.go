@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/panics"
 )
 
@@ -92,7 +93,7 @@ func (e *Engine) Offer(ctx context.Context, f *Files, probes []Input) (*Revision
 func StandardProbes(now time.Time) []Input {
 	t := TimeAt(now, time.UTC)
 	agent := AgentOf("spiffe://probe.tether.invalid/agent", []string{"probe"}, nil)
-	task := &Task{ID: "probe", Type: "probe", Sensitivity: "restricted", StartedAt: now, ExpiresAt: now.Add(time.Hour),
+	task := &Task{TaskInfo: agents.TaskInfo{ID: "probe", Type: "probe", Sensitivity: "restricted", StartedAt: now, ExpiresAt: now.Add(time.Hour)},
 		Approvals: []Approval{{ID: "probe", Action: "connect", Resource: "probe", ExpiresAt: now.Add(time.Minute)}}}
 	return []Input{
 		{Agent: agent, Env: Env{Node: "probe"}, Time: t},

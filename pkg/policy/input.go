@@ -30,25 +30,16 @@ type Agent struct {
 	Labels      map[string]string `json:"labels,omitempty"`
 }
 
-// Task is what the agent is doing.
+// Task is what the agent is doing, as the policy is told: the registry's task without what
+// tether keeps for itself (the approvals' counts, the renewal bound).
 type Task struct {
-	ID          string     `json:"id"`
-	Type        string     `json:"type"`
-	Sensitivity string     `json:"sensitivity,omitempty"`
-	StartedAt   time.Time  `json:"started_at"`
-	ExpiresAt   time.Time  `json:"expires_at"`
+	agents.TaskInfo
 	Approvals   []Approval `json:"approvals,omitempty"`
 	HandoffFrom string     `json:"handoff_from,omitempty"`
 }
 
 // Approval is a step-up a human approved for the task.
-type Approval struct {
-	ID         string    `json:"id"`
-	Action     string    `json:"action"`
-	Resource   string    `json:"resource"`
-	ExpiresAt  time.Time `json:"expires_at"`
-	ApprovedBy string    `json:"approved_by,omitempty"`
-}
+type Approval = agents.ApprovalInfo
 
 // Env is where the agent runs.
 type Env struct {
@@ -99,9 +90,9 @@ func AgentOf(spiffeID string, selectors []string, labels map[string]string) Agen
 func ContextInput(c agents.Context, env Env, t Time) Input {
 	in := Input{Agent: AgentOf(c.SpiffeID, c.Selectors, c.Labels), Env: env, Time: t}
 	if ct := c.Task; ct != nil {
-		pt := &Task{ID: ct.ID, Type: ct.Type, Sensitivity: ct.Sensitivity, StartedAt: ct.StartedAt, ExpiresAt: ct.ExpiresAt, HandoffFrom: ct.HandoffFrom}
+		pt := &Task{TaskInfo: ct.TaskInfo, HandoffFrom: ct.HandoffFrom}
 		for _, a := range ct.Approvals {
-			pt.Approvals = append(pt.Approvals, Approval{ID: a.ID, Action: a.Action, Resource: a.Resource, ExpiresAt: a.ExpiresAt, ApprovedBy: a.ApprovedBy})
+			pt.Approvals = append(pt.Approvals, a.ApprovalInfo)
 		}
 		in.Task = pt
 	}

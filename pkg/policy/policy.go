@@ -30,6 +30,7 @@ import (
 	"github.com/open-policy-agent/opa/v1/topdown"
 	"github.com/open-policy-agent/opa/v1/util"
 
+	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/grants"
 )
 
@@ -255,25 +256,15 @@ func (r *Revision) Stepup(ctx context.Context, in Input) (StepupDecision, error)
 	return d, nil
 }
 
-// Response is data.tether.respond: what to do about an event.
-type Response string
-
-const (
-	RespondNone   Response = "none"
-	RespondAlert  Response = "alert"
-	RespondFreeze Response = "freeze"
-	RespondKill   Response = "kill"
-)
-
 // Respond evaluates data.tether.respond; in carries Event and Recent.
-func (r *Revision) Respond(ctx context.Context, in Input) (Response, error) {
+func (r *Revision) Respond(ctx context.Context, in Input) (events.Response, error) {
 	v, err := r.eval(ctx, QueryRespond, in)
 	if err != nil {
 		return "", err
 	}
 	s, _ := v.(string)
-	switch resp := Response(s); resp {
-	case RespondNone, RespondAlert, RespondFreeze, RespondKill:
+	switch resp := events.Response(s); resp {
+	case events.ResponseNone, events.ResponseAlert, events.ResponseFreeze, events.ResponseKill:
 		return resp, nil
 	}
 	return "", fmt.Errorf("%s (revision %s): %w: %v is not none, alert, freeze or kill", QueryRespond, r.ID, ErrWrongType, v)

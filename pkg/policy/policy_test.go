@@ -10,6 +10,7 @@ import (
 	"testing/fstest"
 	"time"
 
+	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/policies"
 )
 
@@ -69,7 +70,7 @@ func TestGrantsDecision(t *testing.T) {
 	}
 	now := time.Date(2026, 11, 25, 10, 30, 0, 0, time.UTC)
 	in := Input{Agent: AgentOf("spiffe://example.org/a", nil, nil), Env: Env{Node: "n"}, Time: TimeAt(now, time.UTC),
-		Task: &Task{ID: "t", Type: "customer-operations", Sensitivity: "internal", StartedAt: now, ExpiresAt: now.Add(time.Hour)}}
+		Task: &Task{TaskInfo: agents.TaskInfo{ID: "t", Type: "customer-operations", Sensitivity: "internal", StartedAt: now, ExpiresAt: now.Add(time.Hour)}}}
 	g, err := rev.Grants(context.Background(), in)
 	if err != nil {
 		t.Fatal(err)

@@ -54,14 +54,14 @@ type memoKey struct {
 }
 
 type memoEntry struct {
-	resp Response
+	resp events.Response
 	at   time.Time
 }
 
 // respond counts rec and returns the respond policy's answer for it: from the memo (fresh false)
 // or from evaluating rev with input(), completed with the agent's past (fresh true). It returns
 // "" when input says the agent is gone.
-func (r *recent) respond(rec *events.Decision, rev *Revision, input func() (Input, bool)) (Response, bool, error) {
+func (r *recent) respond(rec *events.Decision, rev *Revision, input func() (Input, bool)) (events.Response, bool, error) {
 	slot := *rec.Slot
 	now := time.Now()
 	r.mu.Lock()

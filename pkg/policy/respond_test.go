@@ -48,19 +48,19 @@ func TestRespondCountsEveryDenial(t *testing.T) {
 	// 99 distinct destinations: each is evaluated; no freeze below 100.
 	for i := range 99 {
 		resp, fresh, err := r.respond(deny(fmt.Sprintf("192.0.2.%d:443", i), now), rev, input)
-		if err != nil || !fresh || resp != RespondNone {
+		if err != nil || !fresh || resp != events.ResponseNone {
 			t.Fatalf("denial %d: %q fresh %v %v", i, resp, fresh, err)
 		}
 	}
 	// The same destination again within the second: the memo answers (none), not the policy,
 	// although it is the 100th denial.
 	resp, fresh, err := r.respond(deny("192.0.2.0:443", now), rev, input)
-	if err != nil || fresh || resp != RespondNone || evaluations != 99 {
+	if err != nil || fresh || resp != events.ResponseNone || evaluations != 99 {
 		t.Fatalf("repeat: %q fresh %v evaluations %d %v", resp, fresh, evaluations, err)
 	}
 	// A new destination: evaluated with all 101 counted, the records capped.
 	resp, fresh, err = r.respond(deny("198.51.100.1:443", now), rev, input)
-	if err != nil || !fresh || resp != RespondFreeze {
+	if err != nil || !fresh || resp != events.ResponseFreeze {
 		t.Fatalf("101st denial: %q fresh %v %v", resp, fresh, err)
 	}
 	p := r.agents[1]
@@ -72,7 +72,7 @@ func TestRespondCountsEveryDenial(t *testing.T) {
 	}
 	// A minute later the old denials no longer count.
 	resp, _, _ = r.respond(deny("203.0.113.1:443", now.Add(61*time.Second)), rev, input)
-	if resp != RespondNone {
+	if resp != events.ResponseNone {
 		t.Errorf("a minute later: %q, want none", resp)
 	}
 }

@@ -22,7 +22,7 @@ func (f *fakeRegistry) Get(slot dataplane.Slot) (agents.Agent, bool) { return f.
 func (f *fakeRegistry) AddApproval(slot dataplane.Slot, action, resource, by string, ttl time.Duration, uses int64) (agents.Agent, error) {
 	f.approvals = append(f.approvals, action+" "+resource+" by "+by)
 	t := *f.a.Task
-	t.Approvals = append(t.Approvals, agents.Approval{ID: "ap-" + resource})
+	t.Approvals = append(t.Approvals, agents.Approval{ApprovalInfo: agents.ApprovalInfo{ID: "ap-" + resource}})
 	f.a.Task = &t
 	return f.a, nil
 }
@@ -31,7 +31,7 @@ func (f *fakeRegistry) AddApproval(slot dataplane.Slot, action, resource, by str
 // allows outright is an approval at once; one that needs a human waits until an admin approves
 // it, and an approval for a task that has ended is refused. Every step is a record.
 func TestServiceFollowsThePolicy(t *testing.T) {
-	reg := &fakeRegistry{a: agents.Agent{Slot: 2, SpiffeID: "spiffe://x/a", Task: &agents.Task{ID: "task-1"}}}
+	reg := &fakeRegistry{a: agents.Agent{Slot: 2, SpiffeID: "spiffe://x/a", Task: &agents.Task{TaskInfo: agents.TaskInfo{ID: "task-1"}}}}
 	answers := map[string]Answer{
 		"forbidden":  {Reason: "no"},
 		"open":       {Allowed: true, TTL: time.Minute},
@@ -61,7 +61,7 @@ func TestServiceFollowsThePolicy(t *testing.T) {
 		t.Errorf("approved: %+v %v (approvals %v)", got, err, reg.approvals)
 	}
 	r, _ = s.Request(ctx, 2, "connect", "production", "again")
-	reg.a.Task = &agents.Task{ID: "task-2"}
+	reg.a.Task = &agents.Task{TaskInfo: agents.TaskInfo{ID: "task-2"}}
 	if _, err := s.Approve(r.ID, "uid:0", 1, 0); !errors.Is(err, agents.ErrTask) {
 		t.Errorf("approval for an ended task: %v", err)
 	}

@@ -140,7 +140,7 @@ func (m *Metrics) ObserveKill(rec events.Decision) {
 	}
 	m.kills.WithLabelValues(who, done).Inc()
 	for _, s := range rec.Kill.Steps {
-		m.killSteps.WithLabelValues(s.Name).Observe(time.Duration(s.TookNs).Seconds())
+		m.killSteps.WithLabelValues(s.Name).Observe(s.Took.Seconds())
 	}
 }
 

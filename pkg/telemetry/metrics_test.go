@@ -60,7 +60,7 @@ func TestDecisionsNeverGoDown(t *testing.T) {
 	if out := scrape(t, m); !strings.Contains(out, `tether_decisions_total{kind="connect",spiffe_id="spiffe://x.org/a",verdict="deny"} 6`) {
 		t.Errorf("after retire and a new agent, want 6 denies:\n%s", out)
 	}
-	m.ObserveKill(events.Decision{Kind: "kill", Kill: &events.Kill{Requester: "policy:respond", Done: true, Steps: []events.KillStep{{Name: "deny", Done: true, TookNs: 20000}}}})
+	m.ObserveKill(events.Decision{Kind: "kill", Kill: &events.Kill{Requester: "policy:respond", Done: true, Steps: []events.KillStep{{Name: "deny", Done: true, Took: 20000}}}})
 	if out := scrape(t, m); !strings.Contains(out, `tether_kills_total{done="true",requester="policy"} 1`) || !strings.Contains(out, `tether_kill_step_duration_seconds_count{step="deny"} 1`) {
 		t.Errorf("kill metrics missing:\n%s", out)
 	}

@@ -15,9 +15,9 @@ import (
 	"github.com/tether-sh/tether/internal/bundletest"
 	"github.com/tether-sh/tether/internal/dnstest"
 	"github.com/tether-sh/tether/internal/privtest"
-	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/events"
+	"github.com/tether-sh/tether/pkg/policy"
 )
 
 // sleeper starts an agent that sleeps until the test ends and returns its cgroup.
@@ -66,10 +66,10 @@ func (d *tetherd) sleeperAs(id string) string {
 	return cg
 }
 
-func (d *tetherd) policyStatus() api.PolicyStatus {
+func (d *tetherd) policyStatus() policy.EngineStatus {
 	d.t.Helper()
 	var st struct {
-		Policy api.PolicyStatus `json:"policy"`
+		Policy policy.EngineStatus `json:"policy"`
 	}
 	if err := json.Unmarshal([]byte(d.ctl("status", "-o", "json")), &st); err != nil {
 		d.t.Fatal(err)

@@ -18,9 +18,9 @@ const module = "github.com/tether-sh/tether/"
 var layers = [][]string{
 	{"pkg/dataplane", "pkg/bootclock", "pkg/panics", "pkg/grants", "pkg/cgroups", "pkg/bpffs", "pkg/version"},
 	{"pkg/dataplane/dataplanetest", "pkg/identity", "pkg/compile", "pkg/events", "pkg/confine", "pkg/kernel"},
-	{"pkg/agents", "pkg/escalation", "pkg/config"},
-	{"pkg/credentials", "pkg/stepup", "pkg/killpath", "pkg/telemetry"},
-	{"pkg/policy"},
+	{"pkg/agents", "pkg/escalation", "pkg/config", "pkg/guards"},
+	{"pkg/credentials", "pkg/stepup", "pkg/killpath", "pkg/telemetry", "pkg/discovery"},
+	{"pkg/policy", "pkg/control"},
 	{"pkg/api"},
 	{"pkg/daemon"},
 }

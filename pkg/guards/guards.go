@@ -1,9 +1,14 @@
-package daemon
+// Package guards finishes in user space what tether's kernel guards began: a granted executable
+// denied because it changed is granted again when its content is still the granted one; a file
+// a rule grants by content alone is learnt from its digest; an agent process moved out of its
+// agent that the kernel could not kill is killed here.
+package guards
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -11,53 +16,70 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/cgroups"
+	"github.com/tether-sh/tether/pkg/compile"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
 )
 
-// guardFollowUp counts a guard's denial (tether_guard_denials_total) and finishes in user space
-// what a kernel guard began: a granted executable denied
+// Guards follows up the kernel guards' denials.
+type Guards struct {
+	// Files and Integrity are the compiler's: the files a rule grants by content are learnt
+	// into Integrity.
+	Files     compile.Files
+	Integrity *compile.Integrity
+	// Recompile asks for the agents' grants to be compiled again soon (it must not block).
+	Recompile func()
+	// Observe counts a guard's denial (tether_guard_denials_total).
+	Observe func(events.Decision)
+	Log     *slog.Logger
+
+	learn chan events.Decision // denied execs to check against rules by content (Run)
+}
+
+// New returns the guards' follow-up; Run learns contents until its ctx ends.
+func New(files compile.Files, integrity *compile.Integrity, recompile func(), observe func(events.Decision), log *slog.Logger) *Guards {
+	return &Guards{Files: files, Integrity: integrity, Recompile: recompile, Observe: observe, Log: log, learn: make(chan events.Decision, 64)}
+}
+
+// FollowUp counts a guard's denial and finishes in user space what a kernel guard began: a granted executable denied
 // because it changed is granted again when its content is still the granted one (the agents'
 // grants are compiled again, which checks its digest); an agent process moved out of its agent
 // that the kernel could not kill (moved by another process, before Linux 6.13) is killed here.
-func (d *Daemon) guardFollowUp(rec *events.Decision) {
-	d.metrics.ObserveGuard(*rec)
+func (g *Guards) FollowUp(rec *events.Decision) {
+	g.Observe(*rec)
 	switch {
 	case rec.Kind == events.KernelKind(dataplane.KindExec) && rec.Reason == events.KernelReason(dataplane.ReasonModifiedFile):
-		select {
-		case d.recompile <- struct{}{}:
-		default: // one is pending already
-		}
+		g.Recompile()
 	case rec.Kind == events.KernelKind(dataplane.KindExec) && rec.Reason == events.KernelReason(dataplane.ReasonNoRule) &&
-		rec.Executable != "" && d.compileOpts.Integrity.Wants():
+		rec.Executable != "" && g.Integrity.Wants():
 		// Maybe a file a rule grants by content alone: worth its digest (off the event path).
 		select {
-		case d.learn <- *rec:
+		case g.learn <- *rec:
 		default:
-			d.log.Warn("too many execs to check against the rules by content; this one is not", "executable", rec.Executable, "pid", rec.PID)
+			g.Log.Warn("too many execs to check against the rules by content; this one is not", "executable", rec.Executable, "pid", rec.PID)
 		}
 	case rec.Kind == events.KernelKind(dataplane.KindMigrate) && rec.Verdict == events.VerdictDeny && !rec.Killed &&
 		strings.HasPrefix(rec.Cgroup, "/"):
 		// A move that happened (the tracepoint's record names the cgroup's path; a BPF LSM
 		// refusal names a directory: nothing moved).
 		if err := killMoved(int(rec.PID), rec.Cgroup); err != nil {
-			d.log.Error("an agent process left its agent and could not be killed", "pid", rec.PID, "cgroup", rec.Cgroup, "error", err)
+			g.Log.Error("an agent process left its agent and could not be killed", "pid", rec.PID, "cgroup", rec.Cgroup, "error", err)
 			return
 		}
 		rec.Killed = true
 	}
 }
 
-// learnContents takes the digest of each file an agent was denied executing while some rule grants
+// Run takes the digest of each file an agent was denied executing while some rule grants
 // by content alone, and compiles the grants again when one has such content: its next exec runs.
 // The file is found by the path the agent passed, in the view of the process (or of its parent,
 // when the kernel killed it), and must be the file the kernel saw.
-func (d *Daemon) learnContents(ctx context.Context) {
+func (g *Guards) Run(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case rec := <-d.learn:
+		case rec := <-g.learn:
 			id, ok := parseFileID(rec.BinaryFile)
 			if !ok {
 				continue
@@ -71,16 +93,13 @@ func (d *Daemon) learnContents(ctx context.Context) {
 				if !filepath.IsAbs(rec.Executable) {
 					path = fmt.Sprintf("/proc/%d/cwd/%s", pid, rec.Executable)
 				}
-				learnt, err := d.compileOpts.Integrity.Learn(d.compileOpts.Files, path, id)
+				learnt, err := g.Integrity.Learn(g.Files, path, id)
 				if err != nil {
 					continue // gone, or another file there: the next in the chain
 				}
 				if learnt {
-					d.log.Info("a file with content a rule grants: granting it", "executable", rec.Executable, "file", rec.BinaryFile)
-					select {
-					case d.recompile <- struct{}{}:
-					default:
-					}
+					g.Log.Info("a file with content a rule grants: granting it", "executable", rec.Executable, "file", rec.BinaryFile)
+					g.Recompile()
 				}
 				break
 			}

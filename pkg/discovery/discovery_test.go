@@ -1,4 +1,4 @@
-package daemon
+package discovery
 
 import (
 	"context"
@@ -23,7 +23,6 @@ import (
 	"github.com/tether-sh/tether/pkg/dataplane/dataplanetest"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/grants"
-	"github.com/tether-sh/tether/pkg/identity"
 )
 
 type noGrants struct{}
@@ -53,21 +52,20 @@ func TestPrivilegedKubernetesDiscovery(t *testing.T) {
 		Parents: []string{root}, LaunchParent: root, Logger: log})
 	defer reg.Close()
 	recs := make(chan events.Decision, 4)
-	d, err := newDiscovery(config.Identity{TrustDomains: []string{"cluster.local"}}, privtest.Cgroup2(t), nil, reg, func(e events.Decision) { recs <- e }, log)
+	d, err := New(config.Identity{TrustDomains: []string{"cluster.local"}}, privtest.Cgroup2(t), nil, reg, func(e events.Decision) { recs <- e }, log)
 	if err != nil {
 		t.Fatal(err)
 	}
 	client := fakePods(uid, otherUID, selfUID)
-	if d.k8s, err = identity.NewKubernetes(client, "node-1", "cluster.local", d.podDeleted); err != nil {
+	selector, _ := labels.Parse("tether.dev/agent=true")
+	if err := d.WatchPods(client, "node-1", "cluster.local", selector, selfUID); err != nil {
 		t.Fatal(err)
 	}
-	d.podSelector, _ = labels.Parse("tether.dev/agent=true")
-	d.selfPod = selfUID
 	privtest.Start(t, other, "sleep", "60")
 	privtest.Start(t, self, "sleep", "60")
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- d.run(ctx, []string{root}) }()
+	go func() { done <- d.Run(ctx, []string{root}) }()
 	defer func() { cancel(); <-done }()
 
 	agentOf := func() (agents.Agent, bool) {

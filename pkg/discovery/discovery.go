@@ -1,4 +1,7 @@
-package daemon
+// Package discovery gives identities to the agent cgroups tetherd finds without being told: by
+// the static rules, by SPIRE, and by the Kubernetes pod watch. It acts on the registry through
+// Registrar.
+package discovery
 
 import (
 	"context"
@@ -14,9 +17,9 @@ import (
 
 	"golang.org/x/sys/unix"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/tether-sh/tether/pkg/agents"
-	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/config"
 	"github.com/tether-sh/tether/pkg/dataplane"
@@ -24,12 +27,12 @@ import (
 	"github.com/tether-sh/tether/pkg/identity"
 )
 
-// discovery gives an identity to cgroups below the agent parents that get processes without
+// Discovery gives an identity to cgroups below the agent parents that get processes without
 // being launched through tetherctl: by the static rules, and by SPIRE where it is configured for
 // them. Until one answers, such a cgroup is no agent (bpf.unknown_cgroup says what it may do);
 // an answer that is lost later (a SPIRE entry deleted) revokes the agent's identity, so it is
 // granted nothing, and a record says so.
-type discovery struct {
+type Discovery struct {
 	root   string // cgroup2 mount
 	static *identity.Static
 	spire  *identity.SPIRE
@@ -38,7 +41,7 @@ type discovery struct {
 	podSelector labels.Selector
 	selfPod     string
 	cfg         config.Identity
-	reg         registrar
+	reg         Registrar
 	emit        func(events.Decision)
 	log         *slog.Logger
 
@@ -52,10 +55,10 @@ type discovery struct {
 	selfExp  time.Time
 }
 
-// registrar is what discovery does with the agents it finds: it registers them, changes or
+// Registrar is what discovery does with the agents it finds: it registers them, changes or
 // revokes their identity, and unregisters them when their cgroup goes; it never touches agents
 // under cgroups another part of tetherd covers (launched agents, the API's).
-type registrar interface {
+type Registrar interface {
 	Covers(cgroup string) bool
 	Register(agents.Registration) (agents.Agent, error)
 	Get(slot dataplane.Slot) (agents.Agent, bool)
@@ -76,7 +79,7 @@ type workload struct {
 	pids       chan int // processes that entered the cgroup after it was emptied (SPIRE only)
 }
 
-func newDiscovery(cfg config.Identity, root string, spire *identity.SPIRE, reg registrar, emit func(events.Decision), log *slog.Logger) (*discovery, error) {
+func New(cfg config.Identity, root string, spire *identity.SPIRE, reg Registrar, emit func(events.Decision), log *slog.Logger) (*Discovery, error) {
 	rules := make([]identity.StaticRule, len(cfg.Static))
 	for i, r := range cfg.Static {
 		rules[i] = identity.StaticRule{ID: r.ID, Cgroup: r.Cgroup, Unit: r.Unit, UID: r.UID}
@@ -85,14 +88,40 @@ func newDiscovery(cfg config.Identity, root string, spire *identity.SPIRE, reg r
 	if err != nil {
 		return nil, err
 	}
-	return &discovery{root: root, static: static, spire: spire, cfg: cfg, reg: reg, emit: emit, log: log, tracked: map[string]*workload{}}, nil
+	return &Discovery{root: root, static: static, spire: spire, cfg: cfg, reg: reg, emit: emit, log: log, tracked: map[string]*workload{}}, nil
 }
 
-// enabled reports whether anything can be discovered.
-func (d *discovery) enabled() bool { return len(d.cfg.Static) > 0 || d.spire != nil || d.k8s != nil }
+// Status is what identity discovery (static rules, SPIRE, the pod watch) is doing.
+type Status struct {
+	Static int    `json:"static_rules"`
+	SPIRE  string `json:"spire,omitempty"` // answering, or why it cannot be asked
+	// Kubernetes is what the pod watch does, or why it does not.
+	Kubernetes string `json:"kubernetes,omitempty"`
+	// Self is tetherd's own SPIFFE ID from the Workload API (identity.spire.workload_socket),
+	// or why there is none.
+	Self        string    `json:"self,omitempty"`
+	SelfExpires time.Time `json:"self_expires,omitzero"`
+	Discovered  int       `json:"discovered_cgroups"`
+	Lost        uint64    `json:"identities_lost"`
+	Conflicts   uint64    `json:"conflicts"`
+}
 
-// run follows the cgroups below parents until ctx ends.
-func (d *discovery) run(ctx context.Context, parents []string) error {
+// WatchPods has the agents among this node's pods found by the pod watch: the pods selector
+// picks (never tetherd's own, selfPod), under trustDomain. Call it before Run.
+func (d *Discovery) WatchPods(client kubernetes.Interface, node, trustDomain string, selector labels.Selector, selfPod string) error {
+	k, err := identity.NewKubernetes(client, node, trustDomain, d.podDeleted)
+	if err != nil {
+		return err
+	}
+	d.k8s, d.podSelector, d.selfPod = k, selector, selfPod
+	return nil
+}
+
+// Enabled reports whether anything can be discovered.
+func (d *Discovery) Enabled() bool { return len(d.cfg.Static) > 0 || d.spire != nil || d.k8s != nil }
+
+// Run follows the cgroups below parents until ctx ends.
+func (d *Discovery) Run(ctx context.Context, parents []string) error {
 	w, err := cgroups.Watch(parents...)
 	if err != nil {
 		return err
@@ -153,7 +182,7 @@ func (d *discovery) run(ctx context.Context, parents []string) error {
 }
 
 // appeared resolves a cgroup that got processes, unless it is (or is below) an agent already.
-func (d *discovery) appeared(ctx context.Context, c cgroups.Change) {
+func (d *Discovery) appeared(ctx context.Context, c cgroups.Change) {
 	d.mu.Lock()
 	t, known := d.tracked[c.Path]
 	d.mu.Unlock()
@@ -215,7 +244,7 @@ func (d *discovery) appeared(ctx context.Context, c cgroups.Change) {
 // appearedPod binds a pod's cgroup (all its containers) to its service account's SPIFFE ID,
 // once the pod watch knows the pod. A container cgroup of a pod that is bound already is left
 // alone: it is below the agent's cgroup.
-func (d *discovery) appearedPod(ctx context.Context, c cgroups.Change, podUID, pod string) {
+func (d *Discovery) appearedPod(ctx context.Context, c cgroups.Change, podUID, pod string) {
 	d.mu.Lock()
 	_, known := d.tracked[pod]
 	d.mu.Unlock()
@@ -265,7 +294,7 @@ func (d *discovery) appearedPod(ctx context.Context, c cgroups.Change, podUID, p
 		// not for whoever writes a pod spec).
 		labels := map[string]string{}
 		for k, v := range p.Labels {
-			if strings.HasPrefix(k, api.ReservedLabelPrefix) {
+			if strings.HasPrefix(k, agents.ReservedLabelPrefix) {
 				d.log.Warn("pod label under tether.dev/ ignored (admins set those)", "pod", p.Namespace+"/"+p.Name, "label", k)
 				continue
 			}
@@ -276,7 +305,7 @@ func (d *discovery) appearedPod(ctx context.Context, c cgroups.Change, podUID, p
 }
 
 // podDeleted revokes the identity of a deleted pod's agent (its cgroup goes soon after).
-func (d *discovery) podDeleted(uid string) {
+func (d *Discovery) podDeleted(uid string) {
 	d.mu.Lock()
 	var cg string
 	var t *workload
@@ -296,7 +325,7 @@ func (d *discovery) podDeleted(uid string) {
 // after the process is gone; so tetherd holds a pidfd of the process it asked about, and when
 // that process exits it asks again about another process of the cgroup (or, if none is left,
 // about the next one that enters it).
-func (d *discovery) followSPIRE(ctx context.Context, cg string, t *workload, pid int, staticID string, staticSel []string) {
+func (d *Discovery) followSPIRE(ctx context.Context, cg string, t *workload, pid int, staticID string, staticSel []string) {
 	for ctx.Err() == nil {
 		pidfd, err := d.pidfdIn(pid, cg)
 		if err == nil {
@@ -321,7 +350,7 @@ func (d *discovery) followSPIRE(ctx context.Context, cg string, t *workload, pid
 
 // nextPID is a process of cg other than old, waiting for one to enter it if needed; 0 when ctx
 // ends.
-func (d *discovery) nextPID(ctx context.Context, cg string, t *workload, old int) int {
+func (d *Discovery) nextPID(ctx context.Context, cg string, t *workload, old int) int {
 	for _, p := range cgroups.Procs(cg) {
 		if p != old {
 			return p
@@ -337,7 +366,7 @@ func (d *discovery) nextPID(ctx context.Context, cg string, t *workload, old int
 
 // pidfdIn opens a pidfd of pid and checks that pid is still in cg (or below it), so that a
 // reused PID is not mistaken for the process that was reported.
-func (d *discovery) pidfdIn(pid int, cg string) (int, error) {
+func (d *Discovery) pidfdIn(pid int, cg string) (int, error) {
 	fd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
 		return -1, err
@@ -362,7 +391,7 @@ func waitExit(ctx context.Context, pidfd int) {
 }
 
 // followPID binds the cgroup to the identity SPIRE issues pid until ctx ends.
-func (d *discovery) followPID(ctx context.Context, cg string, t *workload, pid int, staticID string, staticSel []string) {
+func (d *Discovery) followPID(ctx context.Context, cg string, t *workload, pid int, staticID string, staticSel []string) {
 	for u := range d.spire.Watch(ctx, pid) {
 		switch {
 		case u.Err != nil:
@@ -398,7 +427,7 @@ func (d *discovery) followPID(ctx context.Context, cg string, t *workload, pid i
 }
 
 // bind registers the cgroup with id, or gives the registered agent id again.
-func (d *discovery) bind(cg string, t *workload, id string, sel []string) {
+func (d *Discovery) bind(cg string, t *workload, id string, sel []string) {
 	d.mu.Lock()
 	registered, slot := t.registered, t.slot
 	d.mu.Unlock()
@@ -422,7 +451,7 @@ func (d *discovery) bind(cg string, t *workload, id string, sel []string) {
 	d.mu.Unlock()
 }
 
-func (d *discovery) register(cg string, t *workload, id string, sel []string, labels map[string]string) {
+func (d *Discovery) register(cg string, t *workload, id string, sel []string, labels map[string]string) {
 	a, err := d.reg.Register(agents.Registration{SpiffeID: id, Cgroup: cg, Selectors: sel, UID: t.uid, Labels: labels})
 	if err != nil {
 		d.log.Error("registering a discovered agent", "cgroup", cg, "spiffe_id", id, "error", err)
@@ -435,7 +464,7 @@ func (d *discovery) register(cg string, t *workload, id string, sel []string, la
 }
 
 // lose revokes the identity of a registered agent: it is granted nothing from now on.
-func (d *discovery) lose(cg string, t *workload, reason string) {
+func (d *Discovery) lose(cg string, t *workload, reason string) {
 	d.mu.Lock()
 	registered, slot, already := t.registered, t.slot, t.revoked
 	if registered {
@@ -461,7 +490,7 @@ func (d *discovery) lose(cg string, t *workload, reason string) {
 	d.emit(events.IdentityLost(a, reason))
 }
 
-func (d *discovery) conflicted(cg, why string) {
+func (d *Discovery) conflicted(cg, why string) {
 	d.mu.Lock()
 	d.conflict++
 	d.mu.Unlock()
@@ -469,7 +498,7 @@ func (d *discovery) conflicted(cg, why string) {
 }
 
 // removed forgets a cgroup that is gone, and the agent it was.
-func (d *discovery) removed(cg string) {
+func (d *Discovery) removed(cg string) {
 	d.mu.Lock()
 	t, ok := d.tracked[cg]
 	delete(d.tracked, cg)
@@ -487,10 +516,10 @@ func (d *discovery) removed(cg string) {
 	}
 }
 
-func (d *discovery) status() api.IdentityStatus {
+func (d *Discovery) Status() Status {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	s := api.IdentityStatus{Static: len(d.cfg.Static), Lost: d.lost, Conflicts: d.conflict, Discovered: len(d.tracked), Self: d.self, SelfExpires: d.selfExp}
+	s := Status{Static: len(d.cfg.Static), Lost: d.lost, Conflicts: d.conflict, Discovered: len(d.tracked), Self: d.self, SelfExpires: d.selfExp}
 	if d.k8s != nil {
 		s.Kubernetes = "watching pods"
 		if !d.k8s.Synced() {

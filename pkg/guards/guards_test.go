@@ -1,4 +1,4 @@
-package daemon
+package guards
 
 import (
 	"os/exec"

@@ -1,9 +1,9 @@
 package daemon
 
 import (
-	"github.com/tether-sh/tether/pkg/dataplane"
 	"time"
 
+	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/policy"
 )

@@ -75,8 +75,18 @@ func TestPrivilegedPrometheusScrapesDecisions(t *testing.T) {
 		t.Errorf("ring buffer losses: %q", v)
 	}
 	// The kernel's own statistics: the connect4 program ran for at least the agent's 7 connects.
-	if v, _ := query(`tether_bpf_program_runs_total{program="connect4"} >= 7 and tether_bpf_program_run_seconds_total{program="connect4"} > 0`); v == "" {
-		t.Errorf("connect4 program statistics: none, or fewer runs than the agent's connects")
+	// Polled like the counts above: the latest scrape is what an instant query sees.
+	deadline = time.Now().Add(30 * time.Second)
+	stats := `tether_bpf_program_runs_total{program="connect4"} >= 7 and tether_bpf_program_run_seconds_total{program="connect4"} > 0`
+	for v, _ := query(stats); v == ""; v, _ = query(stats) {
+		if time.Now().After(deadline) {
+			runs, _ := query(`tether_bpf_program_runs_total{program="connect4"}`)
+			secs, _ := query(`tether_bpf_program_run_seconds_total{program="connect4"}`)
+			on, _ := query(`tether_bpf_stats_enabled`)
+			t.Errorf("connect4 program statistics: %q runs in %q s (stats enabled: %q), want at least the agent's 7 connects", runs, secs, on)
+			break
+		}
+		time.Sleep(250 * time.Millisecond)
 	}
 	for _, m := range []string{"agents", "cgroups", "procs", "rules", "ring_buffer"} {
 		if v, ok := query(fmt.Sprintf(`tether_map_fill_ratio{map=%q}`, m)); !ok || v == "" {

@@ -51,21 +51,35 @@ func (OS) Stat(path string) (FileStat, error) {
 }
 
 func statx(dirfd int, path string, flags int) (FileStat, error) {
-	var stx unix.Statx_t
-	if err := unix.Statx(dirfd, path, flags, unix.STATX_TYPE|unix.STATX_INO|unix.STATX_CTIME|unix.STATX_MNT_ID, &stx); err != nil {
-		return FileStat{}, &os.PathError{Op: "stat", Path: path, Err: err}
-	}
-	id := dataplane.FileID{Dev: unix.Mkdev(stx.Dev_major, stx.Dev_minor), Ino: stx.Ino}
-	if stx.Mask&unix.STATX_MNT_ID != 0 {
-		if dev, ok := mounts.device(stx.Mnt_id); ok {
-			id.Dev = dev
+	st, err := statxRaw(dirfd, path, flags)
+	if err == nil && st.mntID != 0 {
+		if dev, ok := mounts.deviceIn("/proc/self/mountinfo", st.mntID); ok {
+			st.ID.Dev = dev
 		}
 	}
-	return FileStat{
-		ID:      id,
+	return st.FileStat, err
+}
+
+// rawStat is a file's statx, its device still stat's (mntID names its mount, 0 when unknown).
+type rawStat struct {
+	FileStat
+	mntID uint64
+}
+
+func statxRaw(dirfd int, path string, flags int) (rawStat, error) {
+	var stx unix.Statx_t
+	if err := unix.Statx(dirfd, path, flags, unix.STATX_TYPE|unix.STATX_INO|unix.STATX_CTIME|unix.STATX_MNT_ID, &stx); err != nil {
+		return rawStat{}, &os.PathError{Op: "stat", Path: path, Err: err}
+	}
+	st := rawStat{FileStat: FileStat{
+		ID:      dataplane.FileID{Dev: unix.Mkdev(stx.Dev_major, stx.Dev_minor), Ino: stx.Ino},
 		Regular: stx.Mode&unix.S_IFMT == unix.S_IFREG,
 		Changed: stx.Ctime.Sec*1e9 + int64(stx.Ctime.Nsec),
-	}, nil
+	}}
+	if stx.Mask&unix.STATX_MNT_ID != 0 {
+		st.mntID = stx.Mnt_id
+	}
+	return st, nil
 }
 
 func (OS) Digest(path string) (FileStat, [sha256.Size]byte, error) {
@@ -113,8 +127,8 @@ func (OS) WorldWritable(path string) bool {
 	return err == nil && fi.Mode().Perm()&0o002 != 0
 }
 
-// mountDevices maps mount ids to their superblock's device, from /proc/self/mountinfo; it is
-// read again when an id is not known.
+// mountDevices maps mount ids to their superblock's device, from a mount table (mountinfo); it
+// is read again when an id is not known.
 type mountDevices struct {
 	mu   sync.Mutex
 	devs map[uint64]uint64
@@ -122,13 +136,14 @@ type mountDevices struct {
 
 var mounts mountDevices
 
-func (m *mountDevices) device(mntID uint64) (uint64, bool) {
+// deviceIn is the device of mount mntID, as the mount table at mountinfo says.
+func (m *mountDevices) deviceIn(mountinfo string, mntID uint64) (uint64, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if dev, ok := m.devs[mntID]; ok {
 		return dev, true
 	}
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	b, err := os.ReadFile(mountinfo)
 	if err != nil {
 		return 0, false
 	}

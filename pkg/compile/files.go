@@ -83,26 +83,32 @@ func statxRaw(dirfd int, path string, flags int) (rawStat, error) {
 }
 
 func (OS) Digest(path string) (FileStat, [sha256.Size]byte, error) {
-	var sum [sha256.Size]byte
 	f, err := os.Open(path)
 	if err != nil {
-		return FileStat{}, sum, err
+		return FileStat{}, [sha256.Size]byte{}, err
 	}
 	defer f.Close()
-	before, err := statx(int(f.Fd()), "", unix.AT_EMPTY_PATH)
+	return digest(f, func(fd int) (FileStat, error) { return statx(fd, "", unix.AT_EMPTY_PATH) })
+}
+
+// digest is the SHA-256 of open file f's content, with the identity stat gives it: the same
+// before and after the read, or an error (it was written meanwhile).
+func digest(f *os.File, stat func(fd int) (FileStat, error)) (FileStat, [sha256.Size]byte, error) {
+	var sum [sha256.Size]byte
+	before, err := stat(int(f.Fd()))
 	if err != nil {
 		return before, sum, err
 	}
 	h := sha256.New()
 	if _, err := io.Copy(h, f); err != nil {
-		return before, sum, fmt.Errorf("reading %s: %w", path, err)
+		return before, sum, fmt.Errorf("reading %s: %w", f.Name(), err)
 	}
-	after, err := statx(int(f.Fd()), "", unix.AT_EMPTY_PATH)
+	after, err := stat(int(f.Fd()))
 	if err != nil {
 		return before, sum, err
 	}
 	if after != before {
-		return before, sum, fmt.Errorf("%s changed while its digest was taken", path)
+		return before, sum, fmt.Errorf("%s changed while its digest was taken", f.Name())
 	}
 	h.Sum(sum[:0])
 	return before, sum, nil

@@ -4,7 +4,6 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path"
 	"path/filepath"
@@ -81,26 +80,13 @@ func (r *InRoot) Stat(name string) (FileStat, error) {
 
 // Digest is the SHA-256 of the file's content, with the identity it had while it was read.
 func (r *InRoot) Digest(name string) (FileStat, [sha256.Size]byte, error) {
-	var sum [sha256.Size]byte
 	fd, err := r.openInRoot(name, unix.O_RDONLY)
 	if err != nil {
-		return FileStat{}, sum, err
+		return FileStat{}, [sha256.Size]byte{}, err
 	}
-	f := os.NewFile(uintptr(fd), name)
+	f := os.NewFile(uintptr(fd), name+" in "+r.Root)
 	defer f.Close()
-	before, err := r.stat(fd)
-	if err != nil {
-		return before, sum, err
-	}
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return before, sum, fmt.Errorf("reading %s in %s: %w", name, r.Root, err)
-	}
-	if after, err := r.stat(fd); err != nil || after != before {
-		return before, sum, fmt.Errorf("%s in %s changed while its digest was taken", name, r.Root)
-	}
-	h.Sum(sum[:0])
-	return before, sum, nil
+	return digest(f, r.stat)
 }
 
 // Glob expands pattern (filepath.Match syntax) inside the root, directory by directory, each

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -58,6 +59,8 @@ type Daemon struct {
 	compileOpts compile.Options
 	pump        *events.Pump
 	disc        *discovery.Discovery
+	ownPodOnce  sync.Once
+	ownPodPath  string
 	killer      *killpath.Killer
 	metrics     *telemetry.Metrics
 	stream      *events.Stream
@@ -585,19 +588,36 @@ func (d *Daemon) Reload(ctx context.Context, cfg *config.Loaded) error {
 	return errors.Join(errs...)
 }
 
-// confined reports whether pid lives below an agent parent.
+// confined reports whether pid lives below an agent parent, and not in tetherd's own pod.
 func (d *Daemon) confined(pid int32) bool {
 	rel, err := cgroups.PathOf(int(pid))
 	if err != nil {
 		return true // cannot tell: refuse
 	}
 	abs := filepath.Join(d.root, rel)
+	if own := d.ownPod(); own != "" && (abs == own || strings.HasPrefix(abs, own+"/")) {
+		return false // kubectl exec ds/tether -- tetherctl
+	}
 	for _, p := range d.parents {
 		if abs == p || strings.HasPrefix(abs, p+"/") {
 			return true
 		}
 	}
 	return false
+}
+
+// ownPod is the cgroup of the pod tetherd runs in (absolute), or "" outside Kubernetes. Under
+// the agent parents like every pod, it is still never an agent, and its containers may use the
+// control API.
+func (d *Daemon) ownPod() string {
+	d.ownPodOnce.Do(func() {
+		if rel, err := cgroups.PathOf(os.Getpid()); err == nil {
+			if _, pod, ok := identity.PodCgroup(filepath.Join(d.root, rel)); ok {
+				d.ownPodPath = pod
+			}
+		}
+	})
+	return d.ownPodPath
 }
 
 // KernelStats implements telemetry.Source.

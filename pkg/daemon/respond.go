@@ -28,9 +28,10 @@ func (d *Daemon) newPolicy() error {
 	return nil
 }
 
-// respond finishes in user space what a kernel guard began (guards.FollowUp), then completes the
-// record and has the respond policy answer it; the kill path acts on the answer.
+// respond names the record's pod and container (for a pod agent), finishes in user space what a
+// kernel guard began (guards.FollowUp), then completes the record and has the respond policy answer it; the kill path acts on the answer.
 func (d *Daemon) respond(rec *events.Decision) {
+	d.disc.Annotate(rec)
 	d.guards.FollowUp(rec)
 	d.responder.Annotate(rec)
 }

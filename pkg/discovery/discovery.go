@@ -77,6 +77,9 @@ type workload struct {
 	podUID     string // the pod's, for a pod cgroup
 	cancel     context.CancelFunc
 	pids       chan int // processes that entered the cgroup after it was emptied (SPIRE only)
+	// containers are the pod's container cgroups seen in records, by cgroup ID: the runtime's
+	// container ID.
+	containers map[uint64]string
 }
 
 func New(cfg config.Identity, root string, spire *identity.SPIRE, reg Registrar, emit func(events.Decision), log *slog.Logger) (*Discovery, error) {
@@ -302,6 +305,53 @@ func (d *Discovery) appearedPod(ctx context.Context, c cgroups.Change, podUID, p
 		}
 		d.register(pod, t, id, append(identity.Selectors(p), staticSel...), labels)
 	}()
+}
+
+// Annotate names the pod and container of a record's process, when its agent is a pod.
+func (d *Discovery) Annotate(rec *events.Decision) {
+	if d == nil || d.k8s == nil || rec.Slot == nil {
+		return
+	}
+	d.mu.Lock()
+	var cg string
+	var w *workload
+	for path, t := range d.tracked {
+		if t.podUID != "" && t.registered && t.slot == *rec.Slot {
+			cg, w = path, t
+			break
+		}
+	}
+	if w == nil {
+		d.mu.Unlock()
+		return
+	}
+	id, seen := w.containers[rec.CgroupID]
+	if !seen && rec.CgroupID != 0 {
+		// Looked up once per container cgroup: the pod cgroup's children, by inode (a cgroup's
+		// ID).
+		entries, _ := os.ReadDir(cg)
+		for _, e := range entries {
+			var st unix.Stat_t
+			if e.IsDir() && unix.Stat(filepath.Join(cg, e.Name()), &st) == nil && st.Ino == rec.CgroupID {
+				id = identity.ContainerID(e.Name())
+			}
+		}
+		if w.containers == nil {
+			w.containers = map[uint64]string{}
+		}
+		w.containers[rec.CgroupID] = id
+	}
+	uid := w.podUID
+	d.mu.Unlock()
+	p, ok := d.k8s.Cached(uid)
+	if !ok {
+		return
+	}
+	ref := &events.PodRef{Node: d.k8s.Node(), Namespace: p.Namespace, Pod: p.Name}
+	if id != "" {
+		ref.Container = identity.ContainerName(p, id)
+	}
+	rec.Kubernetes = ref
 }
 
 // podDeleted revokes the identity of a deleted pod's agent (its cgroup goes soon after).

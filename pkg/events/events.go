@@ -52,8 +52,10 @@ type Decision struct {
 	Syscall      string          `json:"syscall,omitempty"`       // kind syscall: the call the launcher's filter refused; kind guard: what the LSM guard refused
 	// Cgroup is, for kind migrate, the cgroup the agent process was moved to, and Killed whether
 	// the kernel killed it then (else tetherd did, or the record says why not).
-	Cgroup         string  `json:"cgroup,omitempty"`
-	Killed         bool    `json:"killed,omitempty"`
+	Cgroup string `json:"cgroup,omitempty"`
+	Killed bool   `json:"killed,omitempty"`
+	// Kubernetes names the pod and container of the process, for an agent that is a pod.
+	Kubernetes     *PodRef `json:"kubernetes,omitempty"`
 	Verdict        Verdict `json:"verdict"`
 	Reason         Reason  `json:"reason"`
 	Mode           string  `json:"mode,omitempty"`
@@ -117,6 +119,16 @@ type Parent struct {
 	PID        uint32 `json:"pid"`
 	Comm       string `json:"comm"`
 	BinaryFile string `json:"binary_file,omitempty"`
+}
+
+// PodRef is where on Kubernetes a record's process runs.
+type PodRef struct {
+	Node      string `json:"node"`
+	Namespace string `json:"namespace"`
+	Pod       string `json:"pod"`
+	// Container is empty for the pod's sandbox (and a container the pod's status does not list
+	// yet).
+	Container string `json:"container,omitempty"`
 }
 
 // Attributor names the agent in a kernel slot.

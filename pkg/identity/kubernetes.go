@@ -119,6 +119,47 @@ func (k *Kubernetes) Start(ctx context.Context) error {
 // Synced reports whether the pods were listed.
 func (k *Kubernetes) Synced() bool { return k.informer.HasSynced() }
 
+// Cached returns the pod with uid if the watch knows it, without waiting.
+func (k *Kubernetes) Cached(uid string) (*corev1.Pod, bool) {
+	objs, err := k.informer.GetIndexer().ByIndex(podUIDIndex, uid)
+	if err != nil {
+		return nil, false
+	}
+	for _, o := range objs {
+		if p, ok := o.(*corev1.Pod); ok && p.Spec.NodeName == k.node {
+			return p, true
+		}
+	}
+	return nil, false
+}
+
+// Node is the node whose pods are watched.
+func (k *Kubernetes) Node() string { return k.node }
+
+// ContainerName names the container of p whose runtime ID is id (the ID in its cgroup's name),
+// or returns "" (the pod's sandbox, or a container not in the pod's status yet).
+func ContainerName(p *corev1.Pod, id string) string {
+	for _, list := range [][]corev1.ContainerStatus{p.Status.ContainerStatuses, p.Status.InitContainerStatuses, p.Status.EphemeralContainerStatuses} {
+		for _, cs := range list {
+			if _, cid, ok := strings.Cut(cs.ContainerID, "://"); ok && cid == id {
+				return cs.Name
+			}
+		}
+	}
+	return ""
+}
+
+// ContainerID is the runtime's container ID in a container cgroup's name: the name itself with
+// the cgroupfs driver, cri-containerd-<id>.scope, crio-<id>.scope or docker-<id>.scope with the
+// systemd one.
+func ContainerID(cgroupName string) string {
+	name := strings.TrimSuffix(cgroupName, ".scope")
+	for _, prefix := range []string{"cri-containerd-", "crio-", "docker-"} {
+		name = strings.TrimPrefix(name, prefix)
+	}
+	return name
+}
+
 // Pod returns the pod with uid, waiting until the watch knows it or ctx ends.
 func (k *Kubernetes) Pod(ctx context.Context, uid string) (*corev1.Pod, error) {
 	for {

@@ -45,7 +45,7 @@ type Files struct {
 }
 
 // FromDir reads the .rego and data files below dir (OPA's loader: data.json in a subdirectory
-// lands at that path of data).
+// lands at that path of data), hidden directories left out.
 func FromDir(dir string) (*Files, error) {
 	return load(loader.NewFileLoader(), dir, []string{dir})
 }
@@ -58,9 +58,15 @@ func FromFS(fsys fs.FS, source string) (*Files, error) {
 func load(fl loader.FileLoader, source string, paths []string) (*Files, error) {
 	res, err := fl.WithRegoVersion(ast.RegoV1).WithProcessAnnotation(true).
 		Filtered(paths, func(abspath string, info fs.FileInfo, depth int) bool {
-			// Only Rego and data: the input schema and anything else stay out of data.
+			// Only Rego and data: the input schema and anything else stay out of data. Hidden
+			// directories too: a Kubernetes ConfigMap volume holds its files in ..<timestamp>/,
+			// with ..data and the files themselves symbolic links to them (each would be loaded
+			// three times).
 			name := info.Name()
-			return !info.IsDir() && !strings.HasSuffix(name, ".rego") && name != "data.json" && name != "data.yaml"
+			if info.IsDir() {
+				return depth > 0 && strings.HasPrefix(name, ".")
+			}
+			return !strings.HasSuffix(name, ".rego") && name != "data.json" && name != "data.yaml"
 		})
 	if err != nil {
 		return nil, fmt.Errorf("loading policy from %s: %s", source, loadError(err))

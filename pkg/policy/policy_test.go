@@ -150,3 +150,24 @@ func TestFromDirData(t *testing.T) {
 		t.Errorf("data %v, modules %d", f.Data, len(f.Modules))
 	}
 }
+
+// TestFromDirConfigMapVolume: a directory laid out as the kubelet mounts a ConfigMap (files in
+// ..<timestamp>/, ..data a link to it, each file a link through ..data) loads each file once;
+// without skipping hidden directories, the package annotation is declared three times.
+func TestFromDirConfigMapVolume(t *testing.T) {
+	dir := t.TempDir()
+	stamp := filepath.Join(dir, "..2026_12_07_09_54_53.54915634")
+	os.MkdirAll(stamp, 0o755)
+	os.WriteFile(filepath.Join(stamp, "p.rego"), []byte("# METADATA\n# title: p\npackage tether\nx := data.x\n"), 0o644)
+	os.WriteFile(filepath.Join(stamp, "data.json"), []byte(`{"x": 1}`), 0o644)
+	os.Symlink(filepath.Base(stamp), filepath.Join(dir, "..data"))
+	os.Symlink("..data/p.rego", filepath.Join(dir, "p.rego"))
+	os.Symlink("..data/data.json", filepath.Join(dir, "data.json"))
+	f, err := FromDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(f.Modules) != 1 || f.Data["x"] == nil {
+		t.Errorf("modules %v, data %v: want p.rego once and data.json", len(f.Modules), f.Data)
+	}
+}

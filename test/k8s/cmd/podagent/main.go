@@ -1,0 +1,97 @@
+// Command podagent is every program in make test-k8s's images: the pause container, the agent
+// container's main process, the test hosts outside the cluster, and what the test runs inside
+// the agent. Static, so an image is this file and nothing else.
+//
+//	podagent pause                 wait for SIGTERM, reaping children (a pod's sandbox)
+//	podagent serve ADDR            answer "tether-k8s" on ADDR until SIGTERM, reaping children
+//	podagent connect HOST:PORT     connect, print the answer; the error and exit 1 on failure
+//	podagent run PATH [ARG...]     run PATH, print how it ended
+//	podagent hello                 print "hello" (the agent image's allowed and denied copies)
+package main
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"syscall"
+	"time"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: podagent pause|serve ADDR|connect HOST:PORT|run PATH...|hello")
+		os.Exit(2)
+	}
+	switch os.Args[1] {
+	case "pause":
+		waitForTerm()
+	case "serve":
+		for _, addr := range os.Args[2:] {
+			l, err := net.Listen("tcp", addr)
+			if err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				os.Exit(1)
+			}
+			go answer(l)
+		}
+		fmt.Println("serving")
+		waitForTerm()
+	case "connect":
+		c, err := net.DialTimeout("tcp", os.Args[2], 5*time.Second)
+		if err != nil {
+			fmt.Println(err)
+			os.Exit(1)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		b, err := io.ReadAll(c)
+		if err != nil {
+			fmt.Println(err)
+			os.Exit(1)
+		}
+		fmt.Print(string(b))
+	case "run":
+		cmd := exec.Command(os.Args[2], os.Args[3:]...)
+		cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+		err := cmd.Run()
+		fmt.Printf("ended: %v\n", cmd.ProcessState)
+		if err != nil {
+			os.Exit(1)
+		}
+	case "hello":
+		fmt.Println("hello")
+	default:
+		fmt.Fprintln(os.Stderr, "podagent: unknown command", os.Args[1])
+		os.Exit(2)
+	}
+}
+
+func answer(l net.Listener) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		c.Write([]byte("tether-k8s\n"))
+		c.Close()
+	}
+}
+
+// waitForTerm reaps children (PID 1 of a container inherits orphans) until SIGTERM or SIGINT.
+func waitForTerm() {
+	sig := make(chan os.Signal, 4)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT, syscall.SIGCHLD)
+	for s := range sig {
+		if s != syscall.SIGCHLD {
+			return
+		}
+		for {
+			pid, err := syscall.Wait4(-1, nil, syscall.WNOHANG, nil)
+			if pid <= 0 || err != nil {
+				break
+			}
+		}
+	}
+}

@@ -1,0 +1,278 @@
+package k8s
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"helm.sh/helm/v3/pkg/action"
+	"helm.sh/helm/v3/pkg/chart/loader"
+	"k8s.io/cli-runtime/pkg/genericclioptions"
+)
+
+// The agent the node test runs: a pod in namespace agents with service account coder.
+const (
+	agentNS = "agents"
+	agentID = "spiffe://cluster.local/ns/agents/sa/coder"
+)
+
+// nodePolicyData is the shipped policy's data for the node test: the coder may connect to the
+// granted test host's port, listen on 8080 and run the agent image's podagent and /usr/bin/allowed.
+var nodePolicyData = map[string]any{
+	"tether_settings": map[string]any{
+		"networks": map[string]any{}, "internal_networks": []string{}, "git_binary": "/usr/bin/git", "tools": map[string]any{},
+		"profiles": map[string]any{
+			"k8s-test": map[string]any{
+				"exec":      []string{"/usr/local/bin/podagent", "/usr/bin/allowed"},
+				"high_risk": []string{}, "network_egress": []string{}, "unix": []string{},
+				"egress": []any{map[string]any{"cidr": grantedHost + "/32", "ports": []int{hostPort}, "protocol": "tcp"}},
+				// The agent container serves on 8080 (the kill test sees it stop answering).
+				"listen": []any{map[string]any{"ports": []int{8080}, "protocol": "tcp"}},
+			},
+		},
+		"identities": map[string]any{agentID: map[string]any{"task_type": "k8s-test"}},
+		"respond":    map[string]any{"freeze_after_denied_egress": 0},
+	},
+}
+
+// nodeWorkloads are the test's pods: the agent (labelled, service account coder) and a
+// bystander (not labelled: not an agent), both from the agent image.
+const nodeWorkloads = `apiVersion: v1
+kind: Namespace
+metadata:
+  name: agents
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: coder
+  namespace: agents
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: agent
+  namespace: agents
+  labels:
+    tether.dev/agent: "true"
+spec:
+  serviceAccountName: coder
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: coder
+      image: tether.test/agent:1
+      imagePullPolicy: Never
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: bystander
+  namespace: agents
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: idle
+      image: tether.test/agent:1
+      imagePullPolicy: Never
+`
+
+// TestNode: tether's chart on a real single-node cluster (cluster_test.go), installed with the
+// Helm SDK as `helm install` does, and what it must do there, from inside real pods.
+func TestNode(t *testing.T) {
+	bin := requireNodeParts(t)
+	start := time.Now()
+	dir := t.TempDir()
+	images := buildImages(t, dir)
+	c := startCluster(t, bin, images)
+	c.startHosts(filepath.Join(dir, "bin", "podagent"))
+	t.Logf("node Ready after %v", time.Since(start).Round(time.Second))
+
+	pinDir := "/sys/fs/bpf/tether-test-k8s-" + filepath.Base(c.hostsNetns)[len("tether-test-k8s-"):]
+	t.Cleanup(func() { os.RemoveAll(pinDir) })
+	c.installChart(pinDir)
+	t.Logf("tether Ready after %v", time.Since(start).Round(time.Second))
+
+	wl := filepath.Join(c.dir, "workloads.yaml")
+	os.WriteFile(wl, []byte(nodeWorkloads), 0o644)
+	c.mustKubectl("apply", "-f", wl)
+	c.mustKubectl("-n", agentNS, "wait", "--for=condition=Ready", "pod/agent", "pod/bystander", "--timeout=120s")
+
+	t.Run("agent", func(t *testing.T) {
+		waitFor(t, 60*time.Second, "tetherd to register "+agentID, func() error {
+			out, err := c.tetherctl("agents")
+			if err != nil || !strings.Contains(out, agentID) {
+				return fmt.Errorf("tetherctl agents: %v\n%s", err, out)
+			}
+			return nil
+		})
+		out, err := c.podExec("agent", "podagent", "connect", fmt.Sprintf("%s:%d", grantedHost, hostPort))
+		if err != nil || !strings.Contains(out, "tether-k8s") {
+			t.Errorf("the agent could not reach its granted host: %v\n%s", err, out)
+		}
+		out, err = c.podExec("agent", "podagent", "connect", fmt.Sprintf("%s:%d", deniedHost, hostPort))
+		if err == nil || !strings.Contains(out, "operation not permitted") {
+			t.Errorf("the agent's connect to the other host was not refused with EPERM: %v\n%s", err, out)
+		}
+		rec := c.waitRecord(t, func(r record) bool {
+			return r.Verdict == "deny" && r.SpiffeID == agentID && r.Destination == fmt.Sprintf("%s:%d", deniedHost, hostPort)
+		})
+		want := podRef{Node: nodeName, Namespace: agentNS, Pod: "agent", Container: "coder"}
+		if rec.Kubernetes == nil || *rec.Kubernetes != want {
+			t.Errorf("the denial names %+v, want %+v", rec.Kubernetes, want)
+		}
+	})
+
+	t.Run("not agents", func(t *testing.T) {
+		for _, host := range []string{grantedHost, deniedHost} {
+			out, err := c.podExec("bystander", "podagent", "connect", fmt.Sprintf("%s:%d", host, hostPort))
+			if err != nil || !strings.Contains(out, "tether-k8s") {
+				t.Errorf("the unlabelled pod could not reach %s: %v\n%s", host, err, out)
+			}
+		}
+		out, _ := c.tetherctl("agents")
+		if strings.Count(out, "spiffe://") != 1 {
+			t.Errorf("tetherd has agents other than the labelled pod (its own pod, the bystander?):\n%s", out)
+		}
+	})
+}
+
+// installChart installs deploy/helm/tether with the Helm SDK (as `helm install --wait` does)
+// for this node: the test's image, cgroups, paths and policy, and waits until its pod is Ready.
+func (c *cluster) installChart(pinDir string) {
+	t := c.t
+	ch, err := loader.Load(ChartDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := map[string]any{}
+	rego, _ := filepath.Glob(filepath.Join(Root(), "policies", "tether", "*.rego"))
+	for _, f := range rego {
+		if strings.HasSuffix(f, "_test.rego") {
+			continue
+		}
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files[filepath.Base(f)] = string(b)
+	}
+	data, _ := json.Marshal(nodePolicyData)
+	files["data.json"] = string(data)
+	values := map[string]any{
+		"image":                 map[string]any{"repository": "tether.test/tether", "tag": "1", "pullPolicy": "Never"},
+		"agentParent":           strings.TrimPrefix(c.cgroupRoot, "/") + "/kubepods",
+		"hostCgroupRoot":        c.cgroup2,
+		"kubernetesServiceHost": bridgeAddr,
+		"kubernetesServicePort": fmt.Sprint(c.apiPort),
+		"hostPaths":             map[string]any{"run": filepath.Join(c.dir, "tether-run"), "state": filepath.Join(c.dir, "tether-state")},
+		"bpf":                   map[string]any{"pinDir": pinDir, "allowSample": 1},
+		"log":                   map[string]any{"level": "debug"},
+		"env":                   map[string]any{"cluster": "tether-test", "environment": "test"},
+		"policy":                map[string]any{"files": files},
+		"resources":             map[string]any{"requests": map[string]any{"cpu": "10m", "memory": "32Mi"}},
+		"omitCapabilities":      c.missingCapabilities(),
+	}
+	// PID 1 of this machine is in a user namespace above the test's, so its namespaces cannot be
+	// read even as root; containerd gives containers a cgroup namespace of their own only on
+	// cgroup2-only nodes, so on a hybrid one tetherd is in the node's already (and refuses to
+	// start if it is not).
+	if _, err := os.Stat("/proc/1/ns/cgroup"); err != nil {
+		t.Logf("PID 1's cgroup namespace cannot be read here (%v): tetherd stays in its container's (cgroupNamespace: \"\")", err)
+		values["cgroupNamespace"] = ""
+	}
+	flags := genericclioptions.NewConfigFlags(false)
+	kc, ns := c.kubeconfig, Namespace
+	flags.KubeConfig, flags.Namespace = &kc, &ns
+	cfg := new(action.Configuration)
+	if err := cfg.Init(flags, Namespace, "secret", func(format string, v ...any) { t.Logf("helm: "+format, v...) }); err != nil {
+		t.Fatal(err)
+	}
+	install := action.NewInstall(cfg)
+	install.ReleaseName, install.Namespace, install.CreateNamespace = Release, Namespace, true
+	install.Wait, install.Timeout = true, 3*time.Minute
+	if _, err := install.Run(ch, values); err != nil {
+		out, _ := c.kubectl("-n", Namespace, "describe", "pods")
+		logs, _ := c.kubectl("-n", Namespace, "logs", "ds/tether", "--tail", "60")
+		t.Fatalf("helm install: %v\n%s\ntetherd:\n%s", err, out, logs)
+	}
+	// Helm's wait counts a DaemonSet ready with maxUnavailable pods not ready (here, its one pod):
+	// the pod itself must be Ready, which is tetherd's /readyz.
+	c.mustKubectl("-n", Namespace, "rollout", "status", "ds/tether", "--timeout=120s")
+	c.mustKubectl("-n", Namespace, "wait", "--for=condition=Ready", "pod", "-l", "app.kubernetes.io/name=tether", "--timeout=120s")
+}
+
+// missingCapabilities are the chart's capabilities the container runtime here cannot grant: those
+// missing from this machine's bounding set (CAP_SYS_RESOURCE here, which tetherd needs only
+// before Linux 5.11).
+func (c *cluster) missingCapabilities() []string {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	var bounding uint64
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapBnd:"); ok {
+			fmt.Sscanf(strings.TrimSpace(v), "%x", &bounding)
+		}
+	}
+	const capSysResource = 24
+	if bounding&(1<<capSysResource) == 0 {
+		c.t.Log("CAP_SYS_RESOURCE is not in this machine's bounding set: the chart is installed without it (omitCapabilities)")
+		return []string{"SYS_RESOURCE"}
+	}
+	return []string{}
+}
+
+// tetherctl runs tetherctl in tetherd's pod.
+func (c *cluster) tetherctl(args ...string) (string, error) {
+	return c.kubectl(append([]string{"-n", Namespace, "exec", "ds/tether", "--", "tetherctl"}, args...)...)
+}
+
+// podExec runs a command in a pod of the agents namespace.
+func (c *cluster) podExec(pod string, args ...string) (string, error) {
+	return c.kubectl(append([]string{"-n", agentNS, "exec", pod, "--"}, args...)...)
+}
+
+// record is what the node test reads of tetherd's decision records.
+type record struct {
+	Kind        string  `json:"kind"`
+	Verdict     string  `json:"verdict"`
+	Reason      string  `json:"reason"`
+	SpiffeID    string  `json:"spiffe_id"`
+	Destination string  `json:"destination"`
+	Executable  string  `json:"executable"`
+	Kubernetes  *podRef `json:"kubernetes"`
+}
+
+type podRef struct {
+	Node      string `json:"node"`
+	Namespace string `json:"namespace"`
+	Pod       string `json:"pod"`
+	Container string `json:"container"`
+}
+
+// waitRecord waits for a decision record in tetherd's log (its standard output) that match
+// accepts.
+func (c *cluster) waitRecord(t *testing.T, match func(record) bool) record {
+	t.Helper()
+	var found record
+	waitFor(t, 30*time.Second, "the record", func() error {
+		out, err := c.kubectl("-n", Namespace, "logs", "ds/tether")
+		if err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		for _, line := range strings.Split(out, "\n") {
+			var r record
+			if json.Unmarshal([]byte(line), &r) == nil && match(r) {
+				found = r
+				return nil
+			}
+		}
+		return fmt.Errorf("not in tetherd's log (%d lines)", strings.Count(out, "\n"))
+	})
+	return found
+}

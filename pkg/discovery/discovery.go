@@ -60,6 +60,7 @@ type Discovery struct {
 // under cgroups another part of tetherd covers (launched agents, the API's).
 type Registrar interface {
 	Covers(cgroup string) bool
+	List() []agents.Agent
 	Register(agents.Registration) (agents.Agent, error)
 	Get(slot dataplane.Slot) (agents.Agent, bool)
 	Identity(slot dataplane.Slot) (string, dataplane.Mode, bool)
@@ -199,6 +200,7 @@ func (d *Discovery) appeared(ctx context.Context, c cgroups.Change) {
 		return
 	}
 	if d.reg.Covers(c.Path) {
+		d.adoptPod(c.Path)
 		return
 	}
 	if d.k8s != nil {
@@ -242,6 +244,33 @@ func (d *Discovery) appeared(ctx context.Context, c cgroups.Change) {
 	d.mu.Unlock()
 	d.log.Info("asking SPIRE for the identity of a new agent cgroup", "cgroup", c.Path, "pid", wl.PID)
 	go d.followSPIRE(wctx, c.Path, t, wl.PID, staticID, sel)
+}
+
+// adoptPod takes back a pod agent an earlier tetherd discovered (this one adopted it from the
+// pins): from now on it follows the pod as if it had found it, so the agent goes when the pod's
+// cgroup does and loses its identity when the pod is deleted.
+func (d *Discovery) adoptPod(cg string) {
+	if d.k8s == nil {
+		return
+	}
+	uid, pod, ok := identity.PodCgroup(cg)
+	if !ok {
+		return
+	}
+	list := d.reg.List()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, known := d.tracked[pod]; known {
+		return
+	}
+	for _, a := range list {
+		// The pins keep no selectors: the pod cgroup (its name holds the pod's UID) says it.
+		if a.Cgroup == pod && !a.Launched {
+			d.tracked[pod] = &workload{slot: a.Slot, registered: true, podUID: uid, uid: a.UID}
+			d.log.Info("following an adopted pod agent", "cgroup", pod, "spiffe_id", a.SpiffeID, "slot", a.Slot)
+			return
+		}
+	}
 }
 
 // appearedPod binds a pod's cgroup (all its containers) to its service account's SPIFFE ID,

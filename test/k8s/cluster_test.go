@@ -66,6 +66,7 @@ type cluster struct {
 	bridge     string
 	hostsNetns string
 	sock       string // containerd's
+	podagent   string // test/k8s/cmd/podagent, built for this machine
 }
 
 // requireNodeParts fails (TETHER_REQUIRE_K8S=1) or skips when a part of the node is missing.
@@ -129,8 +130,14 @@ func startCluster(t *testing.T, bin string, images []string) *cluster {
 			t.Logf("events:\n%s", tail(out, 6000))
 			out, _ = c.kubectl("get", "pods", "-A", "-o", "wide")
 			t.Logf("pods:\n%s", out)
-			out, _ = c.kubectl("-n", Namespace, "logs", "ds/tether", "--tail", "80")
-			t.Logf("tetherd (last lines):\n%s", out)
+			out, _ = c.kubectl("-n", Namespace, "logs", "ds/tether")
+			var logs []string // tetherd's log without its decision records
+			for _, line := range strings.Split(out, "\n") {
+				if !strings.HasPrefix(line, `{"decision_id"`) {
+					logs = append(logs, line)
+				}
+			}
+			t.Logf("tetherd's log (records left out):\n%s", tail(strings.Join(logs, "\n"), 12000))
 		}
 	})
 	return c

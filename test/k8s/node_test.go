@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -78,6 +79,28 @@ spec:
     - name: idle
       image: tether.test/agent:1
       imagePullPolicy: Never
+---
+# Not an agent either, but it mounts tetherd's sockets from the node: the control API still
+# refuses it (only tetherd's own pod may use it).
+apiVersion: v1
+kind: Pod
+metadata:
+  name: intruder
+  namespace: agents
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: idle
+      image: tether.test/agent:1
+      imagePullPolicy: Never
+      volumeMounts:
+        - name: run
+          mountPath: /run/tether
+  volumes:
+    - name: run
+      hostPath:
+        path: %s
+        type: Directory
 `
 
 // TestNode: tether's chart on a real single-node cluster (cluster_test.go), installed with the
@@ -88,7 +111,8 @@ func TestNode(t *testing.T) {
 	dir := t.TempDir()
 	images := buildImages(t, dir)
 	c := startCluster(t, bin, images)
-	c.startHosts(filepath.Join(dir, "bin", "podagent"))
+	c.podagent = filepath.Join(dir, "bin", "podagent")
+	c.startHosts(c.podagent)
 	t.Logf("node Ready after %v", time.Since(start).Round(time.Second))
 
 	pinDir := "/sys/fs/bpf/tether-test-k8s-" + filepath.Base(c.hostsNetns)[len("tether-test-k8s-"):]
@@ -97,9 +121,9 @@ func TestNode(t *testing.T) {
 	t.Logf("tether Ready after %v", time.Since(start).Round(time.Second))
 
 	wl := filepath.Join(c.dir, "workloads.yaml")
-	os.WriteFile(wl, []byte(nodeWorkloads), 0o644)
+	os.WriteFile(wl, []byte(fmt.Sprintf(nodeWorkloads, c.tetherRun())), 0o644)
 	c.mustKubectl("apply", "-f", wl)
-	c.mustKubectl("-n", agentNS, "wait", "--for=condition=Ready", "pod/agent", "pod/bystander", "--timeout=120s")
+	c.mustKubectl("-n", agentNS, "wait", "--for=condition=Ready", "pod/agent", "pod/bystander", "pod/intruder", "--timeout=120s")
 
 	t.Run("agent", func(t *testing.T) {
 		waitFor(t, 60*time.Second, "tetherd to register "+agentID, func() error {
@@ -137,7 +161,152 @@ func TestNode(t *testing.T) {
 		if strings.Count(out, "spiffe://") != 1 {
 			t.Errorf("tetherd has agents other than the labelled pod (its own pod, the bystander?):\n%s", out)
 		}
+		// The attack: a pod that mounts the node's tether sockets asks the control API for the
+		// agents (a kill or a readmit would go the same way). tetherd's own pod was let in
+		// above (tetherctl agents).
+		out, err := c.podExec("intruder", "podagent", "api", "/run/tether/tether.sock", "/v1/agents")
+		if err == nil || !strings.Contains(out, "403") {
+			t.Errorf("a pod with the control socket mounted used the API: %v\n%s", err, out)
+		}
 	})
+
+	t.Run("tetherd restart", func(t *testing.T) {
+		old := strings.TrimSpace(c.mustKubectl("-n", Namespace, "get", "pods", "-l", "app.kubernetes.io/name=tether", "-o", "jsonpath={.items[0].metadata.name}"))
+		c.mustKubectl("-n", Namespace, "delete", "pod", old, "--wait=false")
+		// While the old pod stops and the new one starts, the pinned programs decide.
+		checks := 0
+		for gone := false; !gone; checks++ {
+			_, err := c.kubectl("-n", Namespace, "get", "pod", old)
+			gone = err != nil
+			c.checkVerdicts(t, "while tetherd restarts")
+		}
+		c.mustKubectl("-n", Namespace, "rollout", "status", "ds/tether", "--timeout=120s")
+		c.mustKubectl("-n", Namespace, "wait", "--for=condition=Ready", "pod", "-l", "app.kubernetes.io/name=tether", "--timeout=120s")
+		c.checkVerdicts(t, "after the restart")
+		logs := c.mustKubectl("-n", Namespace, "logs", "ds/tether")
+		if !strings.Contains(logs, `"msg":"adopted agent"`) || !strings.Contains(logs, agentID) {
+			t.Errorf("the new tetherd did not adopt the pinned agent:\n%s", tail(logs, 3000))
+		}
+		t.Logf("verdicts checked %d times while the old pod stopped", checks)
+	})
+
+	agentCgroup := c.podCgroup(t, "agent")
+	t.Run("kill", func(t *testing.T) {
+		podIP := strings.TrimSpace(c.mustKubectl("-n", agentNS, "get", "pod", "agent", "-o", "jsonpath={.status.podIP}"))
+		podCgroup := agentCgroup
+		answer := func() (string, error) {
+			out, err := exec.Command("ip", "netns", "exec", c.hostsNetns, c.podagent, "connect", podIP+":8080").CombinedOutput()
+			return string(out), err
+		}
+		if out, err := answer(); err != nil || !strings.Contains(out, "tether-k8s") {
+			t.Fatalf("before the kill, the agent's container does not answer: %v\n%s", err, out)
+		}
+		procs := c.cgroupProcs(t, podCgroup)
+		out, err := c.tetherctl("kill", agentID, "--reason", "test-k8s")
+		if err != nil || !strings.Contains(out, "done true") {
+			t.Fatalf("tetherctl kill: %v\n%s", err, out)
+		}
+		events, _ := os.ReadFile(filepath.Join(podCgroup, "cgroup.events"))
+		if !strings.Contains(string(events), "frozen 1") {
+			t.Errorf("after the kill, the pod's cgroup is not frozen:\n%s", events)
+		}
+		if out, err := answer(); err == nil {
+			t.Errorf("the killed agent's container still answers: %s", out)
+		}
+		out, err = c.tetherctl("kill", agentID, "--reason", "test-k8s", "--terminate")
+		if err != nil {
+			t.Fatalf("tetherctl kill --terminate: %v\n%s", err, out)
+		}
+		waitFor(t, 10*time.Second, "the agent's processes to end", func() error {
+			var left []int
+			for _, pid := range procs {
+				if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err == nil {
+					left = append(left, pid)
+				}
+			}
+			if len(left) > 0 {
+				return fmt.Errorf("still running: %v", left)
+			}
+			return nil
+		})
+	})
+
+	t.Run("deleted pod", func(t *testing.T) {
+		c.mustKubectl("-n", agentNS, "delete", "pod", "agent", "--timeout=90s")
+		waitFor(t, 60*time.Second, "the deleted pod's agent to go", func() error {
+			out, err := c.tetherctl("agents")
+			if err != nil || strings.Contains(out, agentID) {
+				return fmt.Errorf("tetherctl agents: %v\n%s\nthe pod's cgroup:\n%s", err, out, cgroupTree(agentCgroup))
+			}
+			return nil
+		})
+	})
+}
+
+// checkVerdicts checks the agent's two connects: the granted host answers, the other is refused
+// with EPERM.
+func (c *cluster) checkVerdicts(t *testing.T, when string) {
+	t.Helper()
+	out, err := c.podExec("agent", "podagent", "connect", fmt.Sprintf("%s:%d", grantedHost, hostPort))
+	if err != nil || !strings.Contains(out, "tether-k8s") {
+		t.Errorf("%s: the agent could not reach its granted host: %v\n%s", when, err, out)
+	}
+	out, err = c.podExec("agent", "podagent", "connect", fmt.Sprintf("%s:%d", deniedHost, hostPort))
+	if err == nil || !strings.Contains(out, "operation not permitted") {
+		t.Errorf("%s: the agent's connect to the other host was not refused with EPERM: %v\n%s", when, err, out)
+	}
+}
+
+// cgroupTree says what is in a cgroup tree: each cgroup's processes and events.
+func cgroupTree(dir string) string {
+	var b strings.Builder
+	filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			fmt.Fprintf(&b, "%v\n", err)
+			return nil
+		}
+		if d.IsDir() {
+			procs, _ := os.ReadFile(filepath.Join(p, "cgroup.procs"))
+			events, _ := os.ReadFile(filepath.Join(p, "cgroup.events"))
+			fmt.Fprintf(&b, "%s: procs %q events %q\n", p, procs, events)
+		}
+		return nil
+	})
+	return b.String()
+}
+
+// podCgroup is the cgroup2 directory of a pod in the agents namespace.
+func (c *cluster) podCgroup(t *testing.T, pod string) string {
+	t.Helper()
+	uid := strings.TrimSpace(c.mustKubectl("-n", agentNS, "get", "pod", pod, "-o", "jsonpath={.metadata.uid}"))
+	matches, _ := filepath.Glob(filepath.Join(c.cgroup2, c.cgroupRoot, "kubepods", "*", "pod"+uid))
+	more, _ := filepath.Glob(filepath.Join(c.cgroup2, c.cgroupRoot, "kubepods", "pod"+uid))
+	if matches = append(matches, more...); len(matches) != 1 {
+		t.Fatalf("the cgroup of pod %s (%s): found %v", pod, uid, matches)
+	}
+	return matches[0]
+}
+
+// cgroupProcs lists the processes of a cgroup tree.
+func (c *cluster) cgroupProcs(t *testing.T, dir string) []int {
+	t.Helper()
+	var pids []int
+	filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() || d.Name() != "cgroup.procs" {
+			return nil
+		}
+		b, _ := os.ReadFile(p)
+		for _, f := range strings.Fields(string(b)) {
+			var pid int
+			fmt.Sscan(f, &pid)
+			pids = append(pids, pid)
+		}
+		return nil
+	})
+	if len(pids) == 0 {
+		t.Fatalf("no processes in %s", dir)
+	}
+	return pids
 }
 
 // installChart installs deploy/helm/tether with the Helm SDK (as `helm install --wait` does)
@@ -168,7 +337,7 @@ func (c *cluster) installChart(pinDir string) {
 		"hostCgroupRoot":        c.cgroup2,
 		"kubernetesServiceHost": bridgeAddr,
 		"kubernetesServicePort": fmt.Sprint(c.apiPort),
-		"hostPaths":             map[string]any{"run": filepath.Join(c.dir, "tether-run"), "state": filepath.Join(c.dir, "tether-state")},
+		"hostPaths":             map[string]any{"run": c.tetherRun(), "state": filepath.Join(c.dir, "tether-state")},
 		"bpf":                   map[string]any{"pinDir": pinDir, "allowSample": 1},
 		"log":                   map[string]any{"level": "debug"},
 		"env":                   map[string]any{"cluster": "tether-test", "environment": "test"},
@@ -226,6 +395,9 @@ func (c *cluster) missingCapabilities() []string {
 	}
 	return []string{}
 }
+
+// tetherRun is the node directory of tetherd's sockets (the chart's hostPaths.run).
+func (c *cluster) tetherRun() string { return filepath.Join(c.dir, "tether-run") }
 
 // tetherctl runs tetherctl in tetherd's pod.
 func (c *cluster) tetherctl(args ...string) (string, error) {

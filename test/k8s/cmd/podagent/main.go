@@ -7,12 +7,15 @@
 //	podagent connect HOST:PORT     connect, print the answer; the error and exit 1 on failure
 //	podagent run PATH [ARG...]     run PATH, print how it ended
 //	podagent hello                 print "hello" (the agent image's allowed and denied copies)
+//	podagent api SOCKET PATH       GET PATH from the HTTP server on the unix socket SOCKET
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -62,6 +65,21 @@ func main() {
 		}
 	case "hello":
 		fmt.Println("hello")
+	case "api":
+		hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				return (&net.Dialer{}).DialContext(ctx, "unix", os.Args[2])
+			}}}
+		resp, err := hc.Get("http://tether" + os.Args[3])
+		if err != nil {
+			fmt.Println(err)
+			os.Exit(1)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		fmt.Printf("%s\n%s\n", resp.Status, b)
+		if resp.StatusCode != http.StatusOK {
+			os.Exit(1)
+		}
 	default:
 		fmt.Fprintln(os.Stderr, "podagent: unknown command", os.Args[1])
 		os.Exit(2)

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
@@ -35,7 +36,9 @@ func (noGrants) Grants(context.Context, agents.Context) (grants.Grants, error) {
 // driver), the pod watch on client-go's fake clientset (a kube-apiserver cannot be built here).
 // A process in a container cgroup makes the pod cgroup an agent with the service account's
 // SPIFFE ID and the pod's labels (not tether.dev/ ones); a second container joins the same
-// agent; a deleted pod loses its identity; the removed pod cgroup ends the agent. A pod that
+// agent; records name the pod and container; after a restart (a new discovery, the registry
+// keeping the agent as adopting the pins does) a deleted pod loses its identity and the removed
+// pod cgroup ends the agent. A pod that
 // identity.kubernetes.pod_selector does not select, and tetherd's own pod, never become agents.
 func TestPrivilegedKubernetesDiscovery(t *testing.T) {
 	privtest.Gate(t)
@@ -66,7 +69,13 @@ func TestPrivilegedKubernetesDiscovery(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- d.Run(ctx, []string{root}) }()
-	defer func() { cancel(); <-done }()
+	stopped := false
+	defer func() {
+		if !stopped {
+			cancel()
+			<-done
+		}
+	}()
 
 	agentOf := func() (agents.Agent, bool) {
 		for _, a := range reg.List() {
@@ -90,6 +99,40 @@ func TestPrivilegedKubernetesDiscovery(t *testing.T) {
 	if n := len(reg.List()); n != 1 {
 		t.Errorf("%d agents after a second container started, want 1 (the selected pod; not the unselected one nor tetherd's own): %+v", n, reg.List())
 	}
+
+	// Records name the pod, and the container whose cgroup the process is in.
+	ref := func(cg string) *events.PodRef {
+		var st unix.Stat_t
+		if err := unix.Stat(cg, &st); err != nil {
+			t.Fatal(err)
+		}
+		rec := events.Decision{Slot: &a.Slot, CgroupID: st.Ino}
+		d.Annotate(&rec)
+		return rec.Kubernetes
+	}
+	if got, want := ref(ctr1), (events.PodRef{Node: "node-1", Namespace: "agents", Pod: "coder-0", Container: "main"}); got == nil || *got != want {
+		t.Errorf("a record from the first container names %+v, want %+v", got, want)
+	}
+	if got := ref(ctr2); got == nil || got.Pod != "coder-0" || got.Container != "" {
+		t.Errorf("a record from a container the pod's status does not list names %+v, want the pod and no container", got)
+	}
+
+	// tetherd restarts: the registry keeps the agent (as adopting the pins does), a new
+	// discovery takes over, and must follow the pod from then on.
+	cancel()
+	<-done
+	if d, err = New(config.Identity{TrustDomains: []string{"cluster.local"}}, privtest.Cgroup2(t), nil, reg, func(e events.Decision) { recs <- e }, log); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.WatchPods(client, "node-1", "cluster.local", selector, selfUID); err != nil {
+		t.Fatal(err)
+	}
+	ctx2, cancel2 := context.WithCancel(context.Background())
+	defer cancel2()
+	go func() { done <- d.Run(ctx2, []string{root}) }()
+	defer func() { cancel2(); <-done }()
+	stopped = true
+	time.Sleep(200 * time.Millisecond) // the new discovery's first scan
 
 	if err := client.CoreV1().Pods("agents").Delete(ctx, "coder-0", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
@@ -144,7 +187,8 @@ func fakePods(uid, otherUID, selfUID types.UID) *fake.Clientset {
 	return fake.NewClientset(&corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "coder-0", Namespace: "agents", UID: uid,
 			Labels: map[string]string{"team": "web", "tether.dev/mode": "audit", "tether.dev/agent": "true"}},
-		Spec: corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "coder"},
+		Spec:   corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "coder"},
+		Status: corev1.PodStatus{ContainerStatuses: []corev1.ContainerStatus{{Name: "main", ContainerID: "containerd://ctr1"}}},
 	}, &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "web-0", Namespace: "agents", UID: otherUID, Labels: map[string]string{"team": "web"}},
 		Spec:       corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "coder"},

@@ -15,17 +15,31 @@ func newKill(g *globals) *cobra.Command {
 	var req api.KillRequest
 	var task string
 	var pid int32
+	var cl clusterKill
 	cmd := &cobra.Command{
-		Use:   "kill (SPIFFE_ID | SLOT | --task ID | --pid PID) --reason TEXT [--terminate]",
+		Use:   "kill (SPIFFE_ID | SLOT | --task ID | --pid PID) --reason TEXT [--terminate] [--cluster ...]",
 		Short: "Stop an agent: deny its network and exec, freeze it, revoke its identity (admins)",
 		Long: `kill runs the kill path on every agent the argument names, in order, each step timed:
 deny (the kernel denies every connect, sendmsg and exec of the agent), freeze (cgroup.freeze, until
 the kernel reports it frozen), revoke (task credentials revoked, the SPIFFE ID denied to any new
 agent, SPIRE entries deleted where identity.spire.server_socket is set; retried until done), and
 with --terminate halt (cgroup.kill of the whole subtree). tetherctl resume thaws the agent for
-investigation; it stays denied until tetherctl readmit.`,
+investigation; it stays denied until tetherctl readmit.
+
+With --cluster, kill on every node: an AgentKill is created through the Kubernetes API (the
+kubeconfig of --kubeconfig, $KUBECONFIG, ~/.kube/config, or the pod's service account), selecting
+the agents by SPIFFE_ID, --namespace (and --service-account) or --selector; every tetherd carries
+it out and reports under its status (kubectl get agentkill NAME -o yaml). kubectl delete agentkill
+NAME readmits.`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if cl.on {
+				if len(args) == 1 {
+					cl.spec.SpiffeID = args[0]
+				}
+				cl.spec.Reason, cl.spec.Terminate = req.Reason, req.Terminate
+				return cl.create(cmd)
+			}
 			switch {
 			case len(args) == 1 && strings.HasPrefix(args[0], "spiffe://"):
 				req.SpiffeID = args[0]
@@ -66,6 +80,7 @@ investigation; it stays denied until tetherctl readmit.`,
 	cmd.Flags().StringVar(&task, "task", "", "the agent with this task")
 	cmd.Flags().Int32Var(&pid, "pid", 0, "the agent this process belongs to")
 	cmd.Flags().StringVarP(&g.output, "output", "o", "text", "output format: text or json")
+	cl.flags(cmd)
 	return cmd
 }
 

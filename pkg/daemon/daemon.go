@@ -19,6 +19,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/api"
 	"github.com/tether-sh/tether/pkg/cgroups"
@@ -30,6 +33,7 @@ import (
 	"github.com/tether-sh/tether/pkg/discovery"
 	"github.com/tether-sh/tether/pkg/escalation"
 	"github.com/tether-sh/tether/pkg/events"
+	"github.com/tether-sh/tether/pkg/fleet"
 	"github.com/tether-sh/tether/pkg/guards"
 	"github.com/tether-sh/tether/pkg/identity"
 	"github.com/tether-sh/tether/pkg/kernel"
@@ -59,6 +63,7 @@ type Daemon struct {
 	compileOpts compile.Options
 	pump        *events.Pump
 	disc        *discovery.Discovery
+	fleet       atomic.Pointer[fleet.Fleet] // the cluster's kills, on Kubernetes
 	ownPodOnce  sync.Once
 	ownPodPath  string
 	killer      *killpath.Killer
@@ -302,7 +307,7 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 		TaskEnded:    d.creds.Ended,
 		Unregistered: d.creds.Unregistered,
 		Retiring:     func(a agents.Agent) { d.metrics.Retire(a) },
-		Denied:       func(id string) bool { return d.killer != nil && d.killer.IsDenied(id) },
+		Denied:       func(id string) bool { return d.killer != nil && d.killer.IsDenied(id) || d.fleet.Load().Denies(id) },
 		UIDs:         launchUIDs(cfg),
 		Logger:       d.log,
 	})
@@ -365,14 +370,23 @@ func (d *Daemon) startKillPath(cfg *config.Loaded) (func(), error) {
 	return closer, err
 }
 
+// fleetSyncWait bounds how long pod discovery waits for the AgentKills to be listed (the API
+// server answers the pod watch too; a missing CRD must not keep every pod unadmitted).
+const fleetSyncWait = 30 * time.Second
+
 // startIdentity starts identity discovery: static rules, SPIRE, the Kubernetes pod watch.
 func (d *Daemon) startIdentity(ctx context.Context, cfg *config.Loaded) (func(), error) {
 	var err error
 	if d.disc, err = discovery.New(cfg.Identity, d.root, d.spire, d.registry, d.pump.Emit, d.log); err != nil {
 		return nil, err
 	}
+	var fl *fleet.Fleet
 	if kc := cfg.Identity.Kubernetes; kc != nil {
-		client, err := identity.KubeClient(kc.Kubeconfig)
+		rc, err := identity.KubeConfig(kc.Kubeconfig)
+		if err != nil {
+			return nil, err
+		}
+		client, err := kubernetes.NewForConfig(rc)
 		if err != nil {
 			return nil, err
 		}
@@ -380,14 +394,33 @@ func (d *Daemon) startIdentity(ctx context.Context, cfg *config.Loaded) (func(),
 		if err := d.disc.WatchPods(client, config.NodeName(kc.NodeName), kc.TrustDomain, cfg.PodSelector, os.Getenv("POD_UID")); err != nil {
 			return nil, err
 		}
+		dyn, err := dynamic.NewForConfig(rc)
+		if err != nil {
+			return nil, err
+		}
+		fl = fleet.New(dyn, config.NodeName(kc.NodeName), kc.TrustDomain, d.killer, d.registry, d.log)
+		fl.PodName = d.disc.PodOf
+		d.fleet.Store(fl)
 	}
 	if !d.disc.Enabled() {
 		return nil, nil
 	}
 	dctx, stop := context.WithCancel(ctx)
 	stopped := make(chan struct{})
+	if fl != nil {
+		go fl.Run(dctx)
+	}
 	go func() {
 		defer close(stopped)
+		if fl != nil {
+			// The cluster's kills first: an identity an AgentKill names is denied before a pod
+			// with it is admitted (a node that was down when the kill was issued).
+			wctx, cancel := context.WithTimeout(dctx, fleetSyncWait)
+			if !fl.WaitSynced(wctx) && dctx.Err() == nil {
+				d.log.Error("the cluster's AgentKills are not listed; admitting pods without them", "waited", fleetSyncWait, "status", fl.Status())
+			}
+			cancel()
+		}
 		if err := d.disc.Run(dctx, d.parents); err != nil {
 			d.log.Error("identity discovery stopped", "error", err)
 		}

@@ -383,6 +383,25 @@ func (d *Discovery) Annotate(rec *events.Decision) {
 	rec.Kubernetes = ref
 }
 
+// PodOf names the pod of a pod agent (namespace/name), or returns "".
+func (d *Discovery) PodOf(slot dataplane.Slot) string {
+	if d == nil || d.k8s == nil {
+		return ""
+	}
+	d.mu.Lock()
+	var uid string
+	for _, t := range d.tracked {
+		if t.podUID != "" && t.registered && t.slot == slot {
+			uid = t.podUID
+		}
+	}
+	d.mu.Unlock()
+	if p, ok := d.k8s.Cached(uid); ok && uid != "" {
+		return p.Namespace + "/" + p.Name
+	}
+	return ""
+}
+
 // podDeleted revokes the identity of a deleted pod's agent (its cgroup goes soon after).
 func (d *Discovery) podDeleted(uid string) {
 	d.mu.Lock()

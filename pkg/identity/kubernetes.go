@@ -34,9 +34,9 @@ type Kubernetes struct {
 	deleted func(uid string)
 }
 
-// KubeClient returns a clientset from kubeconfig, or the in-cluster configuration when it is
-// empty (the DaemonSet's service account).
-func KubeClient(kubeconfig string) (kubernetes.Interface, error) {
+// KubeConfig is the client configuration from kubeconfig, or the in-cluster configuration when
+// it is empty (the DaemonSet's service account).
+func KubeConfig(kubeconfig string) (*rest.Config, error) {
 	var cfg *rest.Config
 	var err error
 	if kubeconfig == "" {
@@ -46,6 +46,15 @@ func KubeClient(kubeconfig string) (kubernetes.Interface, error) {
 	}
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes client: %w", err)
+	}
+	return cfg, nil
+}
+
+// KubeClient returns a clientset from kubeconfig (see KubeConfig).
+func KubeClient(kubeconfig string) (kubernetes.Interface, error) {
+	cfg, err := KubeConfig(kubeconfig)
+	if err != nil {
+		return nil, err
 	}
 	cs, err := kubernetes.NewForConfig(cfg)
 	if err != nil {

@@ -342,6 +342,11 @@ func (c *cluster) makeNetwork(suffix string) {
 			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
 		}
 	}
+	// The bridge's address must be nobody else's: another node test running, or one that was
+	// killed before its cleanup, would take the pods' and test hosts' traffic.
+	if out, _ := exec.Command("ip", "-br", "-4", "addr", "show", "to", bridgeAddr+"/32").Output(); len(strings.TrimSpace(string(out))) > 0 {
+		t.Fatalf("%s is already on this machine (another make test-k8s, or one killed before its cleanup: remove it with ip link del):\n%s", bridgeAddr, out)
+	}
 	run("link", "add", c.bridge, "type", "bridge")
 	t.Cleanup(func() { exec.Command("ip", "link", "del", c.bridge).Run() })
 	run("addr", "add", bridgeAddr+"/16", "dev", c.bridge)

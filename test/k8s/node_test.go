@@ -1,6 +1,7 @@
 package k8s
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -124,6 +125,7 @@ func TestNode(t *testing.T) {
 	os.WriteFile(wl, []byte(fmt.Sprintf(nodeWorkloads, c.tetherRun())), 0o644)
 	c.mustKubectl("apply", "-f", wl)
 	c.mustKubectl("-n", agentNS, "wait", "--for=condition=Ready", "pod/agent", "pod/bystander", "pod/intruder", "--timeout=120s")
+	agentCgroup := c.podCgroup(t, "agent")
 
 	t.Run("agent", func(t *testing.T) {
 		waitFor(t, 60*time.Second, "tetherd to register "+agentID, func() error {
@@ -170,6 +172,83 @@ func TestNode(t *testing.T) {
 		}
 	})
 
+	t.Run("cluster kill", func(t *testing.T) {
+		// tetherctl kill --cluster as an administrator runs it: with a kubeconfig.
+		out, err := exec.Command(filepath.Join(dir, "bin", "tetherctl"), "kill", "--cluster", agentID, "--reason", "test-k8s fleet kill",
+			"--kubeconfig", c.kubeconfig).CombinedOutput()
+		if err != nil {
+			t.Fatalf("tetherctl kill --cluster: %v\n%s", err, out)
+		}
+		name := strings.TrimPrefix(strings.Fields(string(out))[0], "agentkill/")
+		st := c.waitKillStatus(t, name, "True")
+		if len(st.Agents) != 1 || st.Agents[0].SpiffeID != agentID || st.Agents[0].Pod != agentNS+"/agent" || len(st.Agents[0].Steps) < 3 {
+			t.Errorf("the node's status names %+v, want the agent pod with its steps", st.Agents)
+		}
+		for _, step := range st.Agents[0].Steps {
+			if !step.Done || step.TookNs <= 0 {
+				t.Errorf("step %+v: not done, or not timed", step)
+			}
+		}
+		if !c.frozen(t, agentCgroup) {
+			t.Error("the AgentKill did not freeze the agent pod")
+		}
+		// Deleting it readmits and thaws.
+		c.mustKubectl("delete", "agentkill", name)
+		waitFor(t, 30*time.Second, "the agent readmitted and thawed", func() error {
+			if c.frozen(t, agentCgroup) {
+				return fmt.Errorf("still frozen")
+			}
+			if c.killedAgents(t)[filepath.Base(agentCgroup)] {
+				return fmt.Errorf("still killed")
+			}
+			return nil
+		})
+		c.checkVerdicts(t, "after the AgentKill was deleted")
+	})
+
+	t.Run("cluster kill while the node is down", func(t *testing.T) {
+		// tetherd is taken off the node, the kill is issued with kubectl for service account
+		// coder2, and a pod of it starts while no tetherd runs (not an agent yet: unknownCgroup
+		// allow). No agent of that identity is on the node when tetherd comes back: only the
+		// AgentKill says to deny it, and it must before the pod is admitted.
+		const lateID = "spiffe://cluster.local/ns/agents/sa/coder2"
+		c.mustKubectl("-n", Namespace, "patch", "ds/tether", "--type", "merge", "-p", `{"spec":{"template":{"spec":{"nodeSelector":{"tether-test/nowhere":"true"}}}}}`)
+		c.mustKubectl("-n", Namespace, "wait", "--for=delete", "pod", "-l", "app.kubernetes.io/name=tether", "--timeout=60s")
+		kill := filepath.Join(c.dir, "agentkill.yaml")
+		os.WriteFile(kill, []byte("apiVersion: tether.dev/v1alpha1\nkind: AgentKill\nmetadata:\n  name: coders\nspec:\n  namespace: agents\n  serviceAccount: coder2\n  reason: test-k8s while down\n"), 0o644)
+		c.mustKubectl("apply", "-f", kill)
+		c.mustKubectl("-n", agentNS, "create", "serviceaccount", "coder2")
+		late := filepath.Join(c.dir, "late.yaml")
+		pod := strings.Split(nodeWorkloads, "---")[2]
+		pod = strings.ReplaceAll(strings.ReplaceAll(pod, "name: agent\n", "name: late\n"), "serviceAccountName: coder\n", "serviceAccountName: coder2\n")
+		os.WriteFile(late, []byte(pod), 0o644)
+		c.mustKubectl("apply", "-f", late)
+		c.mustKubectl("-n", agentNS, "wait", "--for=condition=Ready", "pod/late", "--timeout=60s")
+		if out, err := c.podExec("late", "podagent", "connect", fmt.Sprintf("%s:%d", deniedHost, hostPort)); err != nil {
+			t.Fatalf("with no tetherd on the node, the new pod is not an agent yet and should connect: %v\n%s", err, out)
+		}
+		c.mustKubectl("-n", Namespace, "patch", "ds/tether", "--type", "json", "-p", `[{"op":"remove","path":"/spec/template/spec/nodeSelector/tether-test~1nowhere"}]`)
+		c.mustKubectl("-n", Namespace, "rollout", "status", "ds/tether", "--timeout=120s")
+		waitFor(t, 30*time.Second, "the late pod killed", func() error {
+			st := c.waitKillStatus(t, "coders", "True")
+			if len(st.Agents) != 1 || st.Agents[0].Pod != agentNS+"/late" || !st.Agents[0].Done {
+				return fmt.Errorf("the node killed %+v, want the late pod", st.Agents)
+			}
+			return nil
+		})
+		lateCgroup := c.podCgroup(t, "late")
+		if killed := c.killedAgents(t); !killed[filepath.Base(lateCgroup)] || !c.frozen(t, lateCgroup) || killed[filepath.Base(agentCgroup)] {
+			t.Errorf("the late pod: killed %v, frozen %v; the other agent killed %v", killed[filepath.Base(lateCgroup)], c.frozen(t, lateCgroup), killed[filepath.Base(agentCgroup)])
+		}
+		logs := c.mustKubectl("-n", Namespace, "logs", "ds/tether")
+		if !strings.Contains(logs, "registering an agent whose SPIFFE ID was killed") || !strings.Contains(logs, lateID) {
+			t.Errorf("the late pod was not registered killed (denied before it was admitted):\n%s", tail(logs, 3000))
+		}
+		c.mustKubectl("delete", "agentkill", "coders")
+		c.mustKubectl("-n", agentNS, "delete", "pod", "late", "--timeout=60s")
+		c.checkVerdicts(t, "after the AgentKill for another identity")
+	})
+
 	t.Run("tetherd restart", func(t *testing.T) {
 		old := strings.TrimSpace(c.mustKubectl("-n", Namespace, "get", "pods", "-l", "app.kubernetes.io/name=tether", "-o", "jsonpath={.items[0].metadata.name}"))
 		c.mustKubectl("-n", Namespace, "delete", "pod", old, "--wait=false")
@@ -190,7 +269,6 @@ func TestNode(t *testing.T) {
 		t.Logf("verdicts checked %d times while the old pod stopped", checks)
 	})
 
-	agentCgroup := c.podCgroup(t, "agent")
 	t.Run("kill", func(t *testing.T) {
 		podIP := strings.TrimSpace(c.mustKubectl("-n", agentNS, "get", "pod", "agent", "-o", "jsonpath={.status.podIP}"))
 		podCgroup := agentCgroup
@@ -241,6 +319,53 @@ func TestNode(t *testing.T) {
 			return nil
 		})
 	})
+}
+
+// nodeKillStatus is what the test reads of an AgentKill's status on this node.
+type nodeKillStatus struct {
+	Conditions []struct {
+		Type, Status, Reason, Message string
+	} `json:"conditions"`
+	Agents []struct {
+		SpiffeID string `json:"spiffeID"`
+		Pod      string `json:"pod"`
+		Done     bool   `json:"done"`
+		Steps    []struct {
+			Name   string `json:"name"`
+			Done   bool   `json:"done"`
+			TookNs int64  `json:"tookNs"`
+		} `json:"steps"`
+	} `json:"agents"`
+}
+
+// waitKillStatus waits until the node's Killed condition of AgentKill name has status.
+func (c *cluster) waitKillStatus(t *testing.T, name, status string) nodeKillStatus {
+	t.Helper()
+	var st nodeKillStatus
+	waitFor(t, 60*time.Second, "AgentKill "+name+" carried out on the node", func() error {
+		out, err := c.kubectl("get", "agentkill", name, "-o", "jsonpath={.status.nodes."+nodeName+"}")
+		if err != nil || strings.TrimSpace(out) == "" {
+			return fmt.Errorf("no status from the node: %v %s", err, out)
+		}
+		st = nodeKillStatus{}
+		if err := json.Unmarshal([]byte(out), &st); err != nil {
+			return err
+		}
+		if len(st.Conditions) == 0 || st.Conditions[0].Status != status {
+			return fmt.Errorf("status %s", out)
+		}
+		return nil
+	})
+	return st
+}
+
+// frozen reports whether a cgroup says it is frozen.
+func (c *cluster) frozen(t *testing.T, cgroup string) bool {
+	b, err := os.ReadFile(filepath.Join(cgroup, "cgroup.events"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Contains(string(b), "frozen 1")
 }
 
 // checkVerdicts checks the agent's two connects: the granted host answers, the other is refused
@@ -404,9 +529,35 @@ func (c *cluster) tetherctl(args ...string) (string, error) {
 	return c.kubectl(append([]string{"-n", Namespace, "exec", "ds/tether", "--", "tetherctl"}, args...)...)
 }
 
-// podExec runs a command in a pod of the agents namespace.
+// podExec runs a command in a pod of the agents namespace (never in a frozen one: runc's exec
+// would join the frozen cgroup and wait; a minute bounds it).
 func (c *cluster) podExec(pod string, args ...string) (string, error) {
-	return c.kubectl(append([]string{"-n", agentNS, "exec", pod, "--"}, args...)...)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(c.bin, "kubectl"), append([]string{"--kubeconfig", c.kubeconfig, "-n", agentNS, "exec", pod, "--"}, args...)...)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// killedAgents is tetherd's agents with their killed flags, by pod cgroup.
+func (c *cluster) killedAgents(t *testing.T) map[string]bool {
+	t.Helper()
+	out, err := c.tetherctl("agents", "-o", "json")
+	if err != nil {
+		t.Fatalf("tetherctl agents: %v\n%s", err, out)
+	}
+	var list []struct {
+		Cgroup string `json:"cgroup"`
+		Killed bool   `json:"killed"`
+	}
+	if err := json.Unmarshal([]byte(out), &list); err != nil {
+		t.Fatalf("tetherctl agents -o json: %v\n%s", err, out)
+	}
+	m := map[string]bool{}
+	for _, a := range list {
+		m[filepath.Base(a.Cgroup)] = a.Killed
+	}
+	return m
 }
 
 // record is what the node test reads of tetherd's decision records.

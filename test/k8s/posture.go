@@ -57,10 +57,20 @@ func Posture(objs []Object, privileged bool) []string {
 		return bad
 	}
 	containerPosture(spec, spec.Containers[0], privileged, badf)
+	// What tetherd may do through the API server, rule by rule: read pods and AgentKills, patch
+	// AgentKills' status.
+	allowed := []rbacv1.PolicyRule{
+		{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get", "list", "watch"}},
+		{APIGroups: []string{"tether.dev"}, Resources: []string{"agentkills"}, Verbs: []string{"get", "list", "watch"}},
+		{APIGroups: []string{"tether.dev"}, Resources: []string{"agentkills/status"}, Verbs: []string{"patch"}},
+	}
 	for _, cr := range Find[*rbacv1.ClusterRole](objs) {
 		for _, r := range cr.Rules {
-			if !slices.Equal(r.APIGroups, []string{""}) || !slices.Equal(r.Resources, []string{"pods"}) || !slices.Equal(r.Verbs, []string{"get", "list", "watch"}) {
-				badf("ClusterRole %s grants %v on %v/%v: tetherd only reads pods", cr.Name, r.Verbs, r.APIGroups, r.Resources)
+			if !slices.ContainsFunc(allowed, func(a rbacv1.PolicyRule) bool {
+				return slices.Equal(r.APIGroups, a.APIGroups) && slices.Equal(r.Resources, a.Resources) && slices.Equal(r.Verbs, a.Verbs) &&
+					len(r.ResourceNames) == 0 && len(r.NonResourceURLs) == 0
+			}) {
+				badf("ClusterRole %s grants %v on %v/%v: tetherd only reads pods and AgentKills and patches AgentKills' status", cr.Name, r.Verbs, r.APIGroups, r.Resources)
 			}
 		}
 	}

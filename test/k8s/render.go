@@ -16,6 +16,7 @@ import (
 	"helm.sh/helm/v3/pkg/action"
 	"helm.sh/helm/v3/pkg/chart/loader"
 	"helm.sh/helm/v3/pkg/chartutil"
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
@@ -57,6 +58,7 @@ func Render(chartDir string, values map[string]any) (string, error) {
 	install.DryRun, install.ClientOnly, install.Replace = true, true, true
 	install.ReleaseName, install.Namespace = Release, Namespace
 	install.KubeVersion = kv
+	install.IncludeCRDs = true // the AgentKill CRD (crds/), as `helm template --include-crds`
 	rel, err := install.Run(ch, values)
 	if err != nil {
 		return "", fmt.Errorf("rendering the chart: %w", err)
@@ -73,13 +75,17 @@ type Object struct {
 	Obj    k8sruntime.Object
 }
 
-// scheme knows the built-in API types and the Prometheus operator's (ServiceMonitor).
+// scheme knows the built-in API types, CustomResourceDefinitions and the Prometheus operator's
+// (ServiceMonitor).
 var scheme = func() *k8sruntime.Scheme {
 	s := k8sruntime.NewScheme()
 	if err := clientgoscheme.AddToScheme(s); err != nil {
 		panic(err)
 	}
 	if err := monitoringv1.AddToScheme(s); err != nil {
+		panic(err)
+	}
+	if err := apiextensionsv1.AddToScheme(s); err != nil {
 		panic(err)
 	}
 	return s

@@ -20,7 +20,7 @@ var layers = [][]string{
 	{"pkg/dataplane/dataplanetest", "pkg/identity", "pkg/compile", "pkg/events", "pkg/confine", "pkg/kernel"},
 	{"pkg/agents", "pkg/escalation", "pkg/config", "pkg/guards"},
 	{"pkg/credentials", "pkg/stepup", "pkg/killpath", "pkg/telemetry", "pkg/discovery"},
-	{"pkg/policy", "pkg/control"},
+	{"pkg/policy", "pkg/control", "pkg/fleet"},
 	{"pkg/api"},
 	{"pkg/daemon"},
 }

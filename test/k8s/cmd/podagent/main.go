@@ -38,7 +38,7 @@ func main() {
 				fmt.Fprintln(os.Stderr, err)
 				os.Exit(1)
 			}
-			go answer(l)
+			go answer(addr, l)
 		}
 		fmt.Println("serving")
 		waitForTerm()
@@ -86,11 +86,17 @@ func main() {
 	}
 }
 
-func answer(l net.Listener) {
+// answer serves on l; when the listener is taken away (a kill terminates the agent's sockets,
+// listeners included), it listens on addr again, once it may.
+func answer(addr string, l net.Listener) {
 	for {
 		c, err := l.Accept()
 		if err != nil {
-			return
+			l.Close()
+			for l, err = net.Listen("tcp", addr); err != nil; l, err = net.Listen("tcp", addr) {
+				time.Sleep(200 * time.Millisecond)
+			}
+			continue
 		}
 		c.Write([]byte("tether-k8s\n"))
 		c.Close()

@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/compile"
 	"github.com/tether-sh/tether/pkg/config"
+	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/dataplane/dataplanetest"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/grants"
@@ -55,27 +57,10 @@ func TestPrivilegedKubernetesDiscovery(t *testing.T) {
 		Parents: []string{root}, LaunchParent: root, Logger: log})
 	defer reg.Close()
 	recs := make(chan events.Decision, 4)
-	d, err := New(config.Identity{TrustDomains: []string{"cluster.local"}}, privtest.Cgroup2(t), nil, reg, func(e events.Decision) { recs <- e }, log)
-	if err != nil {
-		t.Fatal(err)
-	}
 	client := fakePods(uid, otherUID, selfUID)
-	selector, _ := labels.Parse("tether.dev/agent=true")
-	if err := d.WatchPods(client, "node-1", "cluster.local", selector, selfUID); err != nil {
-		t.Fatal(err)
-	}
 	privtest.Start(t, other, "sleep", "60")
 	privtest.Start(t, self, "sleep", "60")
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx, []string{root}) }()
-	stopped := false
-	defer func() {
-		if !stopped {
-			cancel()
-			<-done
-		}
-	}()
+	d, stop := runDiscovery(t, reg, client, selfUID, root, recs)
 
 	agentOf := func() (agents.Agent, bool) {
 		for _, a := range reg.List() {
@@ -100,41 +85,15 @@ func TestPrivilegedKubernetesDiscovery(t *testing.T) {
 		t.Errorf("%d agents after a second container started, want 1 (the selected pod; not the unselected one nor tetherd's own): %+v", n, reg.List())
 	}
 
-	// Records name the pod, and the container whose cgroup the process is in.
-	ref := func(cg string) *events.PodRef {
-		var st unix.Stat_t
-		if err := unix.Stat(cg, &st); err != nil {
-			t.Fatal(err)
-		}
-		rec := events.Decision{Slot: &a.Slot, CgroupID: st.Ino}
-		d.Annotate(&rec)
-		return rec.Kubernetes
-	}
-	if got, want := ref(ctr1), (events.PodRef{Node: "node-1", Namespace: "agents", Pod: "coder-0", Container: "main"}); got == nil || *got != want {
-		t.Errorf("a record from the first container names %+v, want %+v", got, want)
-	}
-	if got := ref(ctr2); got == nil || got.Pod != "coder-0" || got.Container != "" {
-		t.Errorf("a record from a container the pod's status does not list names %+v, want the pod and no container", got)
-	}
+	checkPodRefs(t, d, a.Slot, ctr1, ctr2)
 
 	// tetherd restarts: the registry keeps the agent (as adopting the pins does), a new
 	// discovery takes over, and must follow the pod from then on.
-	cancel()
-	<-done
-	if d, err = New(config.Identity{TrustDomains: []string{"cluster.local"}}, privtest.Cgroup2(t), nil, reg, func(e events.Decision) { recs <- e }, log); err != nil {
-		t.Fatal(err)
-	}
-	if err := d.WatchPods(client, "node-1", "cluster.local", selector, selfUID); err != nil {
-		t.Fatal(err)
-	}
-	ctx2, cancel2 := context.WithCancel(context.Background())
-	defer cancel2()
-	go func() { done <- d.Run(ctx2, []string{root}) }()
-	defer func() { cancel2(); <-done }()
-	stopped = true
+	stop()
+	d, _ = runDiscovery(t, reg, client, selfUID, root, recs)
 	time.Sleep(200 * time.Millisecond) // the new discovery's first scan
 
-	if err := client.CoreV1().Pods("agents").Delete(ctx, "coder-0", metav1.DeleteOptions{}); err != nil {
+	if err := client.CoreV1().Pods("agents").Delete(context.Background(), "coder-0", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	wait("the deleted pod's identity revoked", func() bool { a, _ := agentOf(); return a.Revoked })
@@ -157,6 +116,48 @@ func TestPrivilegedKubernetesDiscovery(t *testing.T) {
 		}
 	}
 	wait("the agent of the removed pod cgroup unregistered", func() bool { _, ok := agentOf(); return !ok })
+}
+
+// checkPodRefs checks that records name the pod, and the container whose cgroup the process is
+// in: ctr1 the pod's status lists, ctr2 it does not.
+func checkPodRefs(t *testing.T, d *Discovery, slot dataplane.Slot, ctr1, ctr2 string) {
+	t.Helper()
+	ref := func(cg string) *events.PodRef {
+		var st unix.Stat_t
+		if err := unix.Stat(cg, &st); err != nil {
+			t.Fatal(err)
+		}
+		rec := events.Decision{Slot: &slot, CgroupID: st.Ino}
+		d.Annotate(&rec)
+		return rec.Kubernetes
+	}
+	if got, want := ref(ctr1), (events.PodRef{Node: "node-1", Namespace: "agents", Pod: "coder-0", Container: "main"}); got == nil || *got != want {
+		t.Errorf("a record from the first container names %+v, want %+v", got, want)
+	}
+	if got := ref(ctr2); got == nil || got.Pod != "coder-0" || got.Container != "" {
+		t.Errorf("a record from a container the pod's status does not list names %+v, want the pod and no container", got)
+	}
+}
+
+// runDiscovery runs a discovery of the pods of node-1 (those labelled tether.dev/agent=true,
+// selfUID tetherd's own) below root until stop or the end of the test.
+func runDiscovery(t *testing.T, reg Registrar, client *fake.Clientset, selfUID types.UID, root string, recs chan events.Decision) (*Discovery, func()) {
+	t.Helper()
+	d, err := New(config.Identity{TrustDomains: []string{"cluster.local"}}, privtest.Cgroup2(t), nil, reg, func(e events.Decision) { recs <- e }, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	selector, _ := labels.Parse("tether.dev/agent=true")
+	if err := d.WatchPods(client, "node-1", "cluster.local", selector, string(selfUID)); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx, []string{root}) }()
+	var once sync.Once
+	stop := func() { once.Do(func() { cancel(); <-done }) }
+	t.Cleanup(stop)
+	return d, stop
 }
 
 // makePodCgroups makes the cgroups of the pods: the agent pod's two containers, another pod's

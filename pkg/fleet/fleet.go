@@ -307,7 +307,14 @@ func (f *Fleet) changed(obj any) {
 	if len(kills) == 0 && len(errs) == 0 && u.GetGeneration() == observed(u, f.node) {
 		return // nothing new
 	}
-	// The status names every agent this kill killed here, since tetherd started.
+	f.log.Warn("AgentKill carried out", "agentkill", name, "agents", len(kills), "errors", len(errs))
+	f.report(u, f.nodeStatus(u, errs))
+}
+
+// nodeStatus is this node's status of AgentKill u: every agent it killed here since tetherd
+// started, and whether all are killed.
+func (f *Fleet) nodeStatus(u *unstructured.Unstructured, errs []error) NodeStatus {
+	name := u.GetName()
 	st := NodeStatus{ObservedGeneration: u.GetGeneration()}
 	f.mu.Lock()
 	for slot, as := range f.status[name] {
@@ -332,8 +339,7 @@ func (f *Fleet) changed(obj any) {
 		}
 		st.Conditions = []metav1.Condition{cond(u, status, reason, fmt.Sprintf("%d agent(s) killed on this node", len(st.Agents)))}
 	}
-	f.log.Warn("AgentKill carried out", "agentkill", name, "agents", len(kills), "errors", len(errs))
-	f.report(u, st)
+	return st
 }
 
 // readmit readmits what the AgentKill name killed on this node; u, when it still exists, gets

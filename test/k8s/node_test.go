@@ -125,199 +125,221 @@ func TestNode(t *testing.T) {
 	os.WriteFile(wl, []byte(fmt.Sprintf(nodeWorkloads, c.tetherRun())), 0o644)
 	c.mustKubectl("apply", "-f", wl)
 	c.mustKubectl("-n", agentNS, "wait", "--for=condition=Ready", "pod/agent", "pod/bystander", "pod/intruder", "--timeout=120s")
-	agentCgroup := c.podCgroup(t, "agent")
+	n := &node{cluster: c, bin: filepath.Join(dir, "bin"), agentCgroup: c.podCgroup(t, "agent")}
 
-	t.Run("agent", func(t *testing.T) {
-		waitFor(t, 60*time.Second, "tetherd to register "+agentID, func() error {
-			out, err := c.tetherctl("agents")
-			if err != nil || !strings.Contains(out, agentID) {
-				return fmt.Errorf("tetherctl agents: %v\n%s", err, out)
-			}
-			return nil
-		})
-		out, err := c.podExec("agent", "podagent", "connect", fmt.Sprintf("%s:%d", grantedHost, hostPort))
+	t.Run("agent", n.nodeAgent)
+	t.Run("not agents", n.nodeNotAgents)
+	t.Run("cluster kill", n.nodeClusterKill)
+	t.Run("cluster kill while the node is down", n.nodeClusterKillWhileDown)
+	t.Run("tetherd restart", n.nodeRestart)
+	t.Run("kill", n.nodeKill)
+	t.Run("deleted pod", n.nodeDeletedPod)
+}
+
+// node is the cluster TestNode runs on, with what its parts share.
+type node struct {
+	*cluster
+	bin         string // the static binaries built for the images
+	agentCgroup string // the agent pod's cgroup2 directory
+}
+
+// nodeAgent is the "agent" part of TestNode.
+func (n *node) nodeAgent(t *testing.T) {
+	waitFor(t, 60*time.Second, "tetherd to register "+agentID, func() error {
+		out, err := n.tetherctl("agents")
+		if err != nil || !strings.Contains(out, agentID) {
+			return fmt.Errorf("tetherctl agents: %v\n%s", err, out)
+		}
+		return nil
+	})
+	out, err := n.podExec("agent", "podagent", "connect", fmt.Sprintf("%s:%d", grantedHost, hostPort))
+	if err != nil || !strings.Contains(out, "tether-k8s") {
+		t.Errorf("the agent could not reach its granted host: %v\n%s", err, out)
+	}
+	out, err = n.podExec("agent", "podagent", "connect", fmt.Sprintf("%s:%d", deniedHost, hostPort))
+	if err == nil || !strings.Contains(out, "operation not permitted") {
+		t.Errorf("the agent's connect to the other host was not refused with EPERM: %v\n%s", err, out)
+	}
+	rec := n.waitRecord(t, func(r record) bool {
+		return r.Verdict == "deny" && r.SpiffeID == agentID && r.Destination == fmt.Sprintf("%s:%d", deniedHost, hostPort)
+	})
+	want := podRef{Node: nodeName, Namespace: agentNS, Pod: "agent", Container: "coder"}
+	if rec.Kubernetes == nil || *rec.Kubernetes != want {
+		t.Errorf("the denial names %+v, want %+v", rec.Kubernetes, want)
+	}
+}
+
+// nodeNotAgents is the "not agents" part of TestNode.
+func (n *node) nodeNotAgents(t *testing.T) {
+	for _, host := range []string{grantedHost, deniedHost} {
+		out, err := n.podExec("bystander", "podagent", "connect", fmt.Sprintf("%s:%d", host, hostPort))
 		if err != nil || !strings.Contains(out, "tether-k8s") {
-			t.Errorf("the agent could not reach its granted host: %v\n%s", err, out)
+			t.Errorf("the unlabelled pod could not reach %s: %v\n%s", host, err, out)
 		}
-		out, err = c.podExec("agent", "podagent", "connect", fmt.Sprintf("%s:%d", deniedHost, hostPort))
-		if err == nil || !strings.Contains(out, "operation not permitted") {
-			t.Errorf("the agent's connect to the other host was not refused with EPERM: %v\n%s", err, out)
-		}
-		rec := c.waitRecord(t, func(r record) bool {
-			return r.Verdict == "deny" && r.SpiffeID == agentID && r.Destination == fmt.Sprintf("%s:%d", deniedHost, hostPort)
-		})
-		want := podRef{Node: nodeName, Namespace: agentNS, Pod: "agent", Container: "coder"}
-		if rec.Kubernetes == nil || *rec.Kubernetes != want {
-			t.Errorf("the denial names %+v, want %+v", rec.Kubernetes, want)
-		}
-	})
+	}
+	out, _ := n.tetherctl("agents")
+	if strings.Count(out, "spiffe://") != 1 {
+		t.Errorf("tetherd has agents other than the labelled pod (its own pod, the bystander?):\n%s", out)
+	}
+	// The attack: a pod that mounts the node's tether sockets asks the control API for the
+	// agents (a kill or a readmit would go the same way). tetherd's own pod was let in
+	// above (tetherctl agents).
+	out, err := n.podExec("intruder", "podagent", "api", "/run/tether/tether.sock", "/v1/agents")
+	if err == nil || !strings.Contains(out, "403") {
+		t.Errorf("a pod with the control socket mounted used the API: %v\n%s", err, out)
+	}
+}
 
-	t.Run("not agents", func(t *testing.T) {
-		for _, host := range []string{grantedHost, deniedHost} {
-			out, err := c.podExec("bystander", "podagent", "connect", fmt.Sprintf("%s:%d", host, hostPort))
-			if err != nil || !strings.Contains(out, "tether-k8s") {
-				t.Errorf("the unlabelled pod could not reach %s: %v\n%s", host, err, out)
-			}
+// nodeClusterKill is the "cluster kill" part of TestNode.
+func (n *node) nodeClusterKill(t *testing.T) {
+	// tetherctl kill --cluster as an administrator runs it: with a kubeconfig.
+	out, err := exec.Command(filepath.Join(n.bin, "tetherctl"), "kill", "--cluster", agentID, "--reason", "test-k8s fleet kill",
+		"--kubeconfig", n.kubeconfig).CombinedOutput()
+	if err != nil {
+		t.Fatalf("tetherctl kill --cluster: %v\n%s", err, out)
+	}
+	name := strings.TrimPrefix(strings.Fields(string(out))[0], "agentkill/")
+	st := n.waitKillStatus(t, name, "True")
+	if len(st.Agents) != 1 || st.Agents[0].SpiffeID != agentID || st.Agents[0].Pod != agentNS+"/agent" || len(st.Agents[0].Steps) < 3 {
+		t.Errorf("the node's status names %+v, want the agent pod with its steps", st.Agents)
+	}
+	for _, step := range st.Agents[0].Steps {
+		if !step.Done || step.TookNs <= 0 {
+			t.Errorf("step %+v: not done, or not timed", step)
 		}
-		out, _ := c.tetherctl("agents")
-		if strings.Count(out, "spiffe://") != 1 {
-			t.Errorf("tetherd has agents other than the labelled pod (its own pod, the bystander?):\n%s", out)
+	}
+	if !n.frozen(t, n.agentCgroup) {
+		t.Error("the AgentKill did not freeze the agent pod")
+	}
+	// Deleting it readmits and thaws.
+	n.mustKubectl("delete", "agentkill", name)
+	waitFor(t, 30*time.Second, "the agent readmitted and thawed", func() error {
+		if n.frozen(t, n.agentCgroup) {
+			return fmt.Errorf("still frozen")
 		}
-		// The attack: a pod that mounts the node's tether sockets asks the control API for the
-		// agents (a kill or a readmit would go the same way). tetherd's own pod was let in
-		// above (tetherctl agents).
-		out, err := c.podExec("intruder", "podagent", "api", "/run/tether/tether.sock", "/v1/agents")
-		if err == nil || !strings.Contains(out, "403") {
-			t.Errorf("a pod with the control socket mounted used the API: %v\n%s", err, out)
+		if n.killedAgents(t)[filepath.Base(n.agentCgroup)] {
+			return fmt.Errorf("still killed")
 		}
+		return nil
 	})
+	n.checkVerdicts(t, "after the AgentKill was deleted")
+}
 
-	t.Run("cluster kill", func(t *testing.T) {
-		// tetherctl kill --cluster as an administrator runs it: with a kubeconfig.
-		out, err := exec.Command(filepath.Join(dir, "bin", "tetherctl"), "kill", "--cluster", agentID, "--reason", "test-k8s fleet kill",
-			"--kubeconfig", c.kubeconfig).CombinedOutput()
-		if err != nil {
-			t.Fatalf("tetherctl kill --cluster: %v\n%s", err, out)
+// nodeClusterKillWhileDown is the "cluster kill while the node is down" part of TestNode.
+func (n *node) nodeClusterKillWhileDown(t *testing.T) {
+	// tetherd is taken off the node, the kill is issued with kubectl for service account
+	// coder2, and a pod of it starts while no tetherd runs (not an agent yet: unknownCgroup
+	// allow). No agent of that identity is on the node when tetherd comes back: only the
+	// AgentKill says to deny it, and it must before the pod is admitted.
+	const lateID = "spiffe://cluster.local/ns/agents/sa/coder2"
+	n.mustKubectl("-n", Namespace, "patch", "ds/tether", "--type", "merge", "-p", `{"spec":{"template":{"spec":{"nodeSelector":{"tether-test/nowhere":"true"}}}}}`)
+	n.mustKubectl("-n", Namespace, "wait", "--for=delete", "pod", "-l", "app.kubernetes.io/name=tether", "--timeout=60s")
+	kill := filepath.Join(n.dir, "agentkill.yaml")
+	os.WriteFile(kill, []byte("apiVersion: tether.dev/v1alpha1\nkind: AgentKill\nmetadata:\n  name: coders\nspec:\n  namespace: agents\n  serviceAccount: coder2\n  reason: test-k8s while down\n"), 0o644)
+	n.mustKubectl("apply", "-f", kill)
+	n.mustKubectl("-n", agentNS, "create", "serviceaccount", "coder2")
+	late := filepath.Join(n.dir, "late.yaml")
+	pod := strings.Split(nodeWorkloads, "---")[2]
+	pod = strings.ReplaceAll(strings.ReplaceAll(pod, "name: agent\n", "name: late\n"), "serviceAccountName: coder\n", "serviceAccountName: coder2\n")
+	os.WriteFile(late, []byte(pod), 0o644)
+	n.mustKubectl("apply", "-f", late)
+	n.mustKubectl("-n", agentNS, "wait", "--for=condition=Ready", "pod/late", "--timeout=60s")
+	if out, err := n.podExec("late", "podagent", "connect", fmt.Sprintf("%s:%d", deniedHost, hostPort)); err != nil {
+		t.Fatalf("with no tetherd on the node, the new pod is not an agent yet and should connect: %v\n%s", err, out)
+	}
+	n.mustKubectl("-n", Namespace, "patch", "ds/tether", "--type", "json", "-p", `[{"op":"remove","path":"/spec/template/spec/nodeSelector/tether-test~1nowhere"}]`)
+	n.mustKubectl("-n", Namespace, "rollout", "status", "ds/tether", "--timeout=120s")
+	waitFor(t, 30*time.Second, "the late pod killed", func() error {
+		st := n.waitKillStatus(t, "coders", "True")
+		if len(st.Agents) != 1 || st.Agents[0].Pod != agentNS+"/late" || !st.Agents[0].Done {
+			return fmt.Errorf("the node killed %+v, want the late pod", st.Agents)
 		}
-		name := strings.TrimPrefix(strings.Fields(string(out))[0], "agentkill/")
-		st := c.waitKillStatus(t, name, "True")
-		if len(st.Agents) != 1 || st.Agents[0].SpiffeID != agentID || st.Agents[0].Pod != agentNS+"/agent" || len(st.Agents[0].Steps) < 3 {
-			t.Errorf("the node's status names %+v, want the agent pod with its steps", st.Agents)
-		}
-		for _, step := range st.Agents[0].Steps {
-			if !step.Done || step.TookNs <= 0 {
-				t.Errorf("step %+v: not done, or not timed", step)
-			}
-		}
-		if !c.frozen(t, agentCgroup) {
-			t.Error("the AgentKill did not freeze the agent pod")
-		}
-		// Deleting it readmits and thaws.
-		c.mustKubectl("delete", "agentkill", name)
-		waitFor(t, 30*time.Second, "the agent readmitted and thawed", func() error {
-			if c.frozen(t, agentCgroup) {
-				return fmt.Errorf("still frozen")
-			}
-			if c.killedAgents(t)[filepath.Base(agentCgroup)] {
-				return fmt.Errorf("still killed")
-			}
-			return nil
-		})
-		c.checkVerdicts(t, "after the AgentKill was deleted")
+		return nil
 	})
+	lateCgroup := n.podCgroup(t, "late")
+	if killed := n.killedAgents(t); !killed[filepath.Base(lateCgroup)] || !n.frozen(t, lateCgroup) || killed[filepath.Base(n.agentCgroup)] {
+		t.Errorf("the late pod: killed %v, frozen %v; the other agent killed %v", killed[filepath.Base(lateCgroup)], n.frozen(t, lateCgroup), killed[filepath.Base(n.agentCgroup)])
+	}
+	logs := n.mustKubectl("-n", Namespace, "logs", "ds/tether")
+	if !strings.Contains(logs, "registering an agent whose SPIFFE ID was killed") || !strings.Contains(logs, lateID) {
+		t.Errorf("the late pod was not registered killed (denied before it was admitted):\n%s", tail(logs, 3000))
+	}
+	n.mustKubectl("delete", "agentkill", "coders")
+	n.mustKubectl("-n", agentNS, "delete", "pod", "late", "--timeout=60s")
+	n.checkVerdicts(t, "after the AgentKill for another identity")
+}
 
-	t.Run("cluster kill while the node is down", func(t *testing.T) {
-		// tetherd is taken off the node, the kill is issued with kubectl for service account
-		// coder2, and a pod of it starts while no tetherd runs (not an agent yet: unknownCgroup
-		// allow). No agent of that identity is on the node when tetherd comes back: only the
-		// AgentKill says to deny it, and it must before the pod is admitted.
-		const lateID = "spiffe://cluster.local/ns/agents/sa/coder2"
-		c.mustKubectl("-n", Namespace, "patch", "ds/tether", "--type", "merge", "-p", `{"spec":{"template":{"spec":{"nodeSelector":{"tether-test/nowhere":"true"}}}}}`)
-		c.mustKubectl("-n", Namespace, "wait", "--for=delete", "pod", "-l", "app.kubernetes.io/name=tether", "--timeout=60s")
-		kill := filepath.Join(c.dir, "agentkill.yaml")
-		os.WriteFile(kill, []byte("apiVersion: tether.dev/v1alpha1\nkind: AgentKill\nmetadata:\n  name: coders\nspec:\n  namespace: agents\n  serviceAccount: coder2\n  reason: test-k8s while down\n"), 0o644)
-		c.mustKubectl("apply", "-f", kill)
-		c.mustKubectl("-n", agentNS, "create", "serviceaccount", "coder2")
-		late := filepath.Join(c.dir, "late.yaml")
-		pod := strings.Split(nodeWorkloads, "---")[2]
-		pod = strings.ReplaceAll(strings.ReplaceAll(pod, "name: agent\n", "name: late\n"), "serviceAccountName: coder\n", "serviceAccountName: coder2\n")
-		os.WriteFile(late, []byte(pod), 0o644)
-		c.mustKubectl("apply", "-f", late)
-		c.mustKubectl("-n", agentNS, "wait", "--for=condition=Ready", "pod/late", "--timeout=60s")
-		if out, err := c.podExec("late", "podagent", "connect", fmt.Sprintf("%s:%d", deniedHost, hostPort)); err != nil {
-			t.Fatalf("with no tetherd on the node, the new pod is not an agent yet and should connect: %v\n%s", err, out)
-		}
-		c.mustKubectl("-n", Namespace, "patch", "ds/tether", "--type", "json", "-p", `[{"op":"remove","path":"/spec/template/spec/nodeSelector/tether-test~1nowhere"}]`)
-		c.mustKubectl("-n", Namespace, "rollout", "status", "ds/tether", "--timeout=120s")
-		waitFor(t, 30*time.Second, "the late pod killed", func() error {
-			st := c.waitKillStatus(t, "coders", "True")
-			if len(st.Agents) != 1 || st.Agents[0].Pod != agentNS+"/late" || !st.Agents[0].Done {
-				return fmt.Errorf("the node killed %+v, want the late pod", st.Agents)
+// nodeRestart is the "tetherd restart" part of TestNode.
+func (n *node) nodeRestart(t *testing.T) {
+	old := strings.TrimSpace(n.mustKubectl("-n", Namespace, "get", "pods", "-l", "app.kubernetes.io/name=tether", "-o", "jsonpath={.items[0].metadata.name}"))
+	n.mustKubectl("-n", Namespace, "delete", "pod", old, "--wait=false")
+	// While the old pod stops and the new one starts, the pinned programs decide.
+	checks := 0
+	for gone := false; !gone; checks++ {
+		_, err := n.kubectl("-n", Namespace, "get", "pod", old)
+		gone = err != nil
+		n.checkVerdicts(t, "while tetherd restarts")
+	}
+	n.mustKubectl("-n", Namespace, "rollout", "status", "ds/tether", "--timeout=120s")
+	n.mustKubectl("-n", Namespace, "wait", "--for=condition=Ready", "pod", "-l", "app.kubernetes.io/name=tether", "--timeout=120s")
+	n.checkVerdicts(t, "after the restart")
+	logs := n.mustKubectl("-n", Namespace, "logs", "ds/tether")
+	if !strings.Contains(logs, `"msg":"adopted agent"`) || !strings.Contains(logs, agentID) {
+		t.Errorf("the new tetherd did not adopt the pinned agent:\n%s", tail(logs, 3000))
+	}
+	t.Logf("verdicts checked %d times while the old pod stopped", checks)
+}
+
+// nodeKill is the "kill" part of TestNode.
+func (n *node) nodeKill(t *testing.T) {
+	podIP := strings.TrimSpace(n.mustKubectl("-n", agentNS, "get", "pod", "agent", "-o", "jsonpath={.status.podIP}"))
+	podCgroup := n.agentCgroup
+	answer := func() (string, error) {
+		out, err := exec.Command("ip", "netns", "exec", n.hostsNetns, n.podagent, "connect", podIP+":8080").CombinedOutput()
+		return string(out), err
+	}
+	if out, err := answer(); err != nil || !strings.Contains(out, "tether-k8s") {
+		t.Fatalf("before the kill, the agent's container does not answer: %v\n%s", err, out)
+	}
+	procs := n.cgroupProcs(t, podCgroup)
+	out, err := n.tetherctl("kill", agentID, "--reason", "test-k8s")
+	if err != nil || !strings.Contains(out, "done true") {
+		t.Fatalf("tetherctl kill: %v\n%s", err, out)
+	}
+	events, _ := os.ReadFile(filepath.Join(podCgroup, "cgroup.events"))
+	if !strings.Contains(string(events), "frozen 1") {
+		t.Errorf("after the kill, the pod's cgroup is not frozen:\n%s", events)
+	}
+	if out, err := answer(); err == nil {
+		t.Errorf("the killed agent's container still answers: %s", out)
+	}
+	out, err = n.tetherctl("kill", agentID, "--reason", "test-k8s", "--terminate")
+	if err != nil {
+		t.Fatalf("tetherctl kill --terminate: %v\n%s", err, out)
+	}
+	waitFor(t, 10*time.Second, "the agent's processes to end", func() error {
+		var left []int
+		for _, pid := range procs {
+			if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err == nil {
+				left = append(left, pid)
 			}
-			return nil
-		})
-		lateCgroup := c.podCgroup(t, "late")
-		if killed := c.killedAgents(t); !killed[filepath.Base(lateCgroup)] || !c.frozen(t, lateCgroup) || killed[filepath.Base(agentCgroup)] {
-			t.Errorf("the late pod: killed %v, frozen %v; the other agent killed %v", killed[filepath.Base(lateCgroup)], c.frozen(t, lateCgroup), killed[filepath.Base(agentCgroup)])
 		}
-		logs := c.mustKubectl("-n", Namespace, "logs", "ds/tether")
-		if !strings.Contains(logs, "registering an agent whose SPIFFE ID was killed") || !strings.Contains(logs, lateID) {
-			t.Errorf("the late pod was not registered killed (denied before it was admitted):\n%s", tail(logs, 3000))
+		if len(left) > 0 {
+			return fmt.Errorf("still running: %v", left)
 		}
-		c.mustKubectl("delete", "agentkill", "coders")
-		c.mustKubectl("-n", agentNS, "delete", "pod", "late", "--timeout=60s")
-		c.checkVerdicts(t, "after the AgentKill for another identity")
+		return nil
 	})
+}
 
-	t.Run("tetherd restart", func(t *testing.T) {
-		old := strings.TrimSpace(c.mustKubectl("-n", Namespace, "get", "pods", "-l", "app.kubernetes.io/name=tether", "-o", "jsonpath={.items[0].metadata.name}"))
-		c.mustKubectl("-n", Namespace, "delete", "pod", old, "--wait=false")
-		// While the old pod stops and the new one starts, the pinned programs decide.
-		checks := 0
-		for gone := false; !gone; checks++ {
-			_, err := c.kubectl("-n", Namespace, "get", "pod", old)
-			gone = err != nil
-			c.checkVerdicts(t, "while tetherd restarts")
+// nodeDeletedPod is the "deleted pod" part of TestNode.
+func (n *node) nodeDeletedPod(t *testing.T) {
+	n.mustKubectl("-n", agentNS, "delete", "pod", "agent", "--timeout=90s")
+	waitFor(t, 60*time.Second, "the deleted pod's agent to go", func() error {
+		out, err := n.tetherctl("agents")
+		if err != nil || strings.Contains(out, agentID) {
+			return fmt.Errorf("tetherctl agents: %v\n%s\nthe pod's cgroup:\n%s", err, out, cgroupTree(n.agentCgroup))
 		}
-		c.mustKubectl("-n", Namespace, "rollout", "status", "ds/tether", "--timeout=120s")
-		c.mustKubectl("-n", Namespace, "wait", "--for=condition=Ready", "pod", "-l", "app.kubernetes.io/name=tether", "--timeout=120s")
-		c.checkVerdicts(t, "after the restart")
-		logs := c.mustKubectl("-n", Namespace, "logs", "ds/tether")
-		if !strings.Contains(logs, `"msg":"adopted agent"`) || !strings.Contains(logs, agentID) {
-			t.Errorf("the new tetherd did not adopt the pinned agent:\n%s", tail(logs, 3000))
-		}
-		t.Logf("verdicts checked %d times while the old pod stopped", checks)
-	})
-
-	t.Run("kill", func(t *testing.T) {
-		podIP := strings.TrimSpace(c.mustKubectl("-n", agentNS, "get", "pod", "agent", "-o", "jsonpath={.status.podIP}"))
-		podCgroup := agentCgroup
-		answer := func() (string, error) {
-			out, err := exec.Command("ip", "netns", "exec", c.hostsNetns, c.podagent, "connect", podIP+":8080").CombinedOutput()
-			return string(out), err
-		}
-		if out, err := answer(); err != nil || !strings.Contains(out, "tether-k8s") {
-			t.Fatalf("before the kill, the agent's container does not answer: %v\n%s", err, out)
-		}
-		procs := c.cgroupProcs(t, podCgroup)
-		out, err := c.tetherctl("kill", agentID, "--reason", "test-k8s")
-		if err != nil || !strings.Contains(out, "done true") {
-			t.Fatalf("tetherctl kill: %v\n%s", err, out)
-		}
-		events, _ := os.ReadFile(filepath.Join(podCgroup, "cgroup.events"))
-		if !strings.Contains(string(events), "frozen 1") {
-			t.Errorf("after the kill, the pod's cgroup is not frozen:\n%s", events)
-		}
-		if out, err := answer(); err == nil {
-			t.Errorf("the killed agent's container still answers: %s", out)
-		}
-		out, err = c.tetherctl("kill", agentID, "--reason", "test-k8s", "--terminate")
-		if err != nil {
-			t.Fatalf("tetherctl kill --terminate: %v\n%s", err, out)
-		}
-		waitFor(t, 10*time.Second, "the agent's processes to end", func() error {
-			var left []int
-			for _, pid := range procs {
-				if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err == nil {
-					left = append(left, pid)
-				}
-			}
-			if len(left) > 0 {
-				return fmt.Errorf("still running: %v", left)
-			}
-			return nil
-		})
-	})
-
-	t.Run("deleted pod", func(t *testing.T) {
-		c.mustKubectl("-n", agentNS, "delete", "pod", "agent", "--timeout=90s")
-		waitFor(t, 60*time.Second, "the deleted pod's agent to go", func() error {
-			out, err := c.tetherctl("agents")
-			if err != nil || strings.Contains(out, agentID) {
-				return fmt.Errorf("tetherctl agents: %v\n%s\nthe pod's cgroup:\n%s", err, out, cgroupTree(agentCgroup))
-			}
-			return nil
-		})
+		return nil
 	})
 }
 

@@ -77,14 +77,9 @@ func kindValues(t *testing.T, dir, src string) (map[string]any, map[string]any) 
 		!strings.Contains(src, `policy.files.data\.json=test/kind/data.json`) {
 		t.Fatal("e2e.sh no longer passes the shipped Rego (without tests) and test/kind/data.json as policy.files: update this test with it")
 	}
-	files := map[string]any{}
-	rego, _ := filepath.Glob(filepath.Join(Root(), "policies", "tether", "*.rego"))
-	for _, f := range rego {
-		if strings.HasSuffix(f, "_test.rego") {
-			continue
-		}
-		b, _ := os.ReadFile(f)
-		files[filepath.Base(f)] = string(b)
+	files, err := ShippedPolicyFiles()
+	if err != nil {
+		t.Fatal(err)
 	}
 	data, err := os.ReadFile(filepath.Join(dir, "data.json"))
 	if err != nil {

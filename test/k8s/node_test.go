@@ -464,17 +464,9 @@ func (c *cluster) installChart(pinDir string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	files := map[string]any{}
-	rego, _ := filepath.Glob(filepath.Join(Root(), "policies", "tether", "*.rego"))
-	for _, f := range rego {
-		if strings.HasSuffix(f, "_test.rego") {
-			continue
-		}
-		b, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		files[filepath.Base(f)] = string(b)
+	files, err := ShippedPolicyFiles()
+	if err != nil {
+		t.Fatal(err)
 	}
 	data, _ := json.Marshal(nodePolicyData)
 	files["data.json"] = string(data)

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -64,6 +65,27 @@ func Render(chartDir string, values map[string]any) (string, error) {
 		return "", fmt.Errorf("rendering the chart: %w", err)
 	}
 	return rel.Manifest, nil
+}
+
+// ShippedPolicyFiles are the shipped policies (policies/tether/*.rego without the tests) as the
+// chart's policy.files value takes them: name -> content.
+func ShippedPolicyFiles() (map[string]any, error) {
+	files := map[string]any{}
+	rego, err := filepath.Glob(filepath.Join(Root(), "policies", "tether", "*.rego"))
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range rego {
+		if strings.HasSuffix(f, "_test.rego") {
+			continue
+		}
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return nil, err
+		}
+		files[filepath.Base(f)] = string(b)
+	}
+	return files, nil
 }
 
 // Object is one decoded manifest document.

@@ -92,6 +92,7 @@ type Killer interface {
 	Readmit(id string) ([]agents.Agent, error)
 	Resume(slot dataplane.Slot) (agents.Agent, error)
 	IsDenied(id string) bool
+	DeniedIDs() []killpath.Denied
 }
 
 // Agents lists the node's agents.
@@ -148,9 +149,15 @@ func New(client dynamic.Interface, node, trustDomain string, k Killer, a Agents,
 }
 
 // Run watches until ctx ends. Agents that appear later and an AgentKill selects are killed
-// within the resync period.
+// within the resync period. Once the AgentKills are listed, identities that one killed here and
+// that was deleted while this tetherd was not running are readmitted.
 func (f *Fleet) Run(ctx context.Context) {
 	go f.informer.Run(ctx.Done())
+	go func() {
+		if f.WaitSynced(ctx) {
+			f.readmitWithdrawn()
+		}
+	}()
 	t := time.NewTicker(f.resync)
 	defer t.Stop()
 	for {
@@ -285,7 +292,7 @@ func (f *Fleet) changed(obj any) {
 		if seen && a.Killed {
 			continue
 		}
-		ks, err := f.killer.KillTarget(context.Background(), killpath.Target{Slot: &a.Slot}, s.Reason, "AgentKill "+name, s.Terminate)
+		ks, err := f.killer.KillTarget(context.Background(), killpath.Target{Slot: &a.Slot}, s.Reason, requester(name), s.Terminate)
 		if err != nil {
 			errs = append(errs, err)
 		}
@@ -345,9 +352,19 @@ func (f *Fleet) nodeStatus(u *unstructured.Unstructured, errs []error) NodeStatu
 // readmit readmits what the AgentKill name killed on this node; u, when it still exists, gets
 // the status.
 func (f *Fleet) readmit(name string, u *unstructured.Unstructured) {
+	denied := f.killer.DeniedIDs()
 	f.mu.Lock()
 	_, wasActive := f.active[name]
 	ids := f.killed[name]
+	if ids == nil {
+		ids = map[string]struct{}{}
+	}
+	// What it killed before this tetherd started: the kill path's deny list says who asked.
+	for _, d := range denied {
+		if d.Requester == requester(name) {
+			ids[d.SpiffeID] = struct{}{}
+		}
+	}
 	delete(f.active, name)
 	delete(f.killed, name)
 	delete(f.status, name)
@@ -381,6 +398,25 @@ func (f *Fleet) readmit(name string, u *unstructured.Unstructured) {
 	}
 	f.report(u, NodeStatus{ObservedGeneration: u.GetGeneration(), Conditions: []metav1.Condition{c}})
 }
+
+// readmitWithdrawn readmits what AgentKills that no longer exist killed here (the kill path's
+// deny list says which AgentKill asked; its deletion was missed while tetherd was down).
+func (f *Fleet) readmitWithdrawn() {
+	names := map[string]bool{}
+	for _, d := range f.killer.DeniedIDs() {
+		if name, ok := strings.CutPrefix(d.Requester, requester("")); ok {
+			names[name] = true
+		}
+	}
+	for name := range names {
+		if _, exists, err := f.informer.GetStore().GetByKey(name); err == nil && !exists {
+			f.readmit(name, nil)
+		}
+	}
+}
+
+// requester is how the kill path records a kill an AgentKill asked for.
+func requester(name string) string { return "AgentKill " + name }
 
 // report writes this node's status of an AgentKill (a merge patch of status.nodes.<node>, so
 // nodes do not overwrite each other).

@@ -1,11 +1,18 @@
 package fleet
 
 import (
+	"context"
 	"log/slog"
+	"slices"
 	"strings"
 	"testing"
 
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/killpath"
 )
 
 func agentKill(spec map[string]any) *unstructured.Unstructured {
@@ -39,7 +46,8 @@ func TestDecodeRefuses(t *testing.T) {
 // and service account, by namespace alone) before any agent has them; one selecting by pod labels
 // does not (labels are not known from an ID), and a withdrawn one denies nothing.
 func TestDenies(t *testing.T) {
-	f := &Fleet{trustDomain: "cluster.local", active: map[string]Spec{}, killed: map[string]map[string]struct{}{}, log: slog.New(slog.DiscardHandler)}
+	f := &Fleet{trustDomain: "cluster.local", active: map[string]Spec{}, killed: map[string]map[string]struct{}{}, log: slog.New(slog.DiscardHandler),
+		killer: &fakeKiller{}}
 	const coder, other, elsewhere = "spiffe://cluster.local/ns/agents/sa/coder", "spiffe://cluster.local/ns/agents/sa/other", "spiffe://cluster.local/ns/web/sa/coder"
 	var nilFleet *Fleet
 	if nilFleet.Denies(coder) {
@@ -62,4 +70,74 @@ func TestDenies(t *testing.T) {
 	f.active["a"] = Spec{Namespace: "agents", PodSelector: nil, Reason: "x"}
 	f.readmit("a", nil)
 	check("withdrawn", map[string]bool{coder: false, other: false})
+}
+
+// fakeKiller is the kill path's deny list and the agents it readmits and thaws.
+type fakeKiller struct {
+	denied  []killpath.Denied
+	agents  []agents.Agent
+	resumed []dataplane.Slot
+}
+
+func (k *fakeKiller) KillTarget(context.Context, killpath.Target, string, string, bool) ([]killpath.Kill, error) {
+	return nil, nil
+}
+
+func (k *fakeKiller) Readmit(id string) ([]agents.Agent, error) {
+	k.denied = slices.DeleteFunc(k.denied, func(d killpath.Denied) bool { return d.SpiffeID == id })
+	var out []agents.Agent
+	for _, a := range k.agents {
+		if a.SpiffeID == id {
+			out = append(out, a)
+		}
+	}
+	return out, nil
+}
+
+func (k *fakeKiller) Resume(slot dataplane.Slot) (agents.Agent, error) {
+	k.resumed = append(k.resumed, slot)
+	return agents.Agent{}, nil
+}
+
+func (k *fakeKiller) IsDenied(id string) bool {
+	return slices.ContainsFunc(k.denied, func(d killpath.Denied) bool { return d.SpiffeID == id })
+}
+
+func (k *fakeKiller) DeniedIDs() []killpath.Denied { return slices.Clone(k.denied) }
+
+// TestReadmitAfterRestart: a tetherd that did not run the kill itself (it started after) still
+// readmits and thaws, when the AgentKill is withdrawn, what the kill path's deny list says that
+// AgentKill asked for, and nothing another requester killed. readmitWithdrawn does so for an
+// AgentKill deleted while tetherd was down (no event tells it), and keeps one that exists.
+func TestReadmitAfterRestart(t *testing.T) {
+	const coder, other = "spiffe://cluster.local/ns/agents/sa/coder", "spiffe://cluster.local/ns/agents/sa/other"
+	k := &fakeKiller{
+		denied: []killpath.Denied{{SpiffeID: coder, Requester: requester("coders")}, {SpiffeID: other, Requester: "uid:0"}},
+		agents: []agents.Agent{{Slot: 3, SpiffeID: coder}, {Slot: 4, SpiffeID: other}},
+	}
+	f := &Fleet{trustDomain: "cluster.local", active: map[string]Spec{}, killed: map[string]map[string]struct{}{}, status: map[string]map[dataplane.Slot]AgentStatus{},
+		log: slog.New(slog.DiscardHandler), killer: k}
+	f.readmit("coders", nil)
+	if k.IsDenied(coder) || !k.IsDenied(other) || !slices.Equal(k.resumed, []dataplane.Slot{3}) {
+		t.Errorf("deny list %+v, thawed %v: want the AgentKill's identity readmitted and its agent thawed, the other kept", k.denied, k.resumed)
+	}
+}
+
+func TestReadmitWithdrawn(t *testing.T) {
+	const coder, web = "spiffe://cluster.local/ns/agents/sa/coder", "spiffe://cluster.local/ns/web/sa/coder"
+	k := &fakeKiller{
+		denied: []killpath.Denied{{SpiffeID: coder, Requester: requester("gone")}, {SpiffeID: web, Requester: requester("kept")}},
+		agents: []agents.Agent{{Slot: 3, SpiffeID: coder}, {Slot: 4, SpiffeID: web}},
+	}
+	f := &Fleet{trustDomain: "cluster.local", active: map[string]Spec{}, killed: map[string]map[string]struct{}{}, status: map[string]map[dataplane.Slot]AgentStatus{},
+		log: slog.New(slog.DiscardHandler), killer: k, informer: cache.NewSharedIndexInformer(&cache.ListWatch{}, &unstructured.Unstructured{}, 0, cache.Indexers{})}
+	kept := agentKill(map[string]any{"spiffeID": web, "reason": "x"})
+	kept.SetName("kept")
+	if err := f.informer.GetStore().Add(kept); err != nil {
+		t.Fatal(err)
+	}
+	f.readmitWithdrawn()
+	if k.IsDenied(coder) || !k.IsDenied(web) || !slices.Equal(k.resumed, []dataplane.Slot{3}) {
+		t.Errorf("deny list %+v, thawed %v: want the deleted AgentKill's identity readmitted, the existing one's kept", k.denied, k.resumed)
+	}
 }

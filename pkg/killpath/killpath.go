@@ -128,6 +128,9 @@ type Denied struct {
 	Since    time.Time `json:"since"`
 	KillID   string    `json:"kill_id"`
 	Reason   string    `json:"reason"`
+	// Requester asked for the kill that put the identity here (a cluster kill: "AgentKill
+	// <name>", which withdrawing it readmits, also after a restart).
+	Requester string `json:"requester,omitempty"`
 }
 
 type state struct {
@@ -415,7 +418,7 @@ func (k *Killer) do(ctx context.Context, name string, x *Kill) (string, error) {
 	case StepRevoke:
 		k.mu.Lock()
 		if k.st.Denied[x.SpiffeID] == nil {
-			k.st.Denied[x.SpiffeID] = &Denied{SpiffeID: x.SpiffeID, Since: time.Now().UTC(), KillID: x.ID, Reason: x.Reason}
+			k.st.Denied[x.SpiffeID] = &Denied{SpiffeID: x.SpiffeID, Since: time.Now().UTC(), KillID: x.ID, Reason: x.Reason, Requester: x.Requester}
 		}
 		err := k.save()
 		k.mu.Unlock()

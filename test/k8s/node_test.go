@@ -127,13 +127,24 @@ func TestNode(t *testing.T) {
 	c.mustKubectl("-n", agentNS, "wait", "--for=condition=Ready", "pod/agent", "pod/bystander", "pod/intruder", "--timeout=120s")
 	n := &node{cluster: c, bin: filepath.Join(dir, "bin"), agentCgroup: c.podCgroup(t, "agent")}
 
-	t.Run("agent", n.nodeAgent)
-	t.Run("not agents", n.nodeNotAgents)
-	t.Run("cluster kill", n.nodeClusterKill)
-	t.Run("cluster kill while the node is down", n.nodeClusterKillWhileDown)
-	t.Run("tetherd restart", n.nodeRestart)
-	t.Run("kill", n.nodeKill)
-	t.Run("deleted pod", n.nodeDeletedPod)
+	// Each part starts from where the one before left the node: after a failure the rest would
+	// only wait out their timeouts on a wrong state.
+	for _, part := range []struct {
+		name string
+		run  func(*testing.T)
+	}{
+		{"agent", n.nodeAgent},
+		{"not agents", n.nodeNotAgents},
+		{"cluster kill", n.nodeClusterKill},
+		{"cluster kill while the node is down", n.nodeClusterKillWhileDown},
+		{"tetherd restart", n.nodeRestart},
+		{"kill", n.nodeKill},
+		{"deleted pod", n.nodeDeletedPod},
+	} {
+		if !t.Run(part.name, part.run) {
+			t.Fatalf("stopping after %q failed: the parts after it depend on it", part.name)
+		}
+	}
 }
 
 // node is the cluster TestNode runs on, with what its parts share.
@@ -211,8 +222,12 @@ func (n *node) nodeClusterKill(t *testing.T) {
 	if !n.frozen(t, n.agentCgroup) {
 		t.Error("the AgentKill did not freeze the agent pod")
 	}
-	// Deleting it readmits and thaws.
+	// Deleting it readmits and thaws, also when it is deleted while the node's tetherd is not
+	// running (no event will tell the next one): the kill path's deny list says which AgentKill
+	// asked, and the returning tetherd readmits what one that no longer exists killed.
+	n.tetherdOff(t)
 	n.mustKubectl("delete", "agentkill", name)
+	n.tetherdOn(t)
 	waitFor(t, 30*time.Second, "the agent readmitted and thawed", func() error {
 		if n.frozen(t, n.agentCgroup) {
 			return fmt.Errorf("still frozen")
@@ -232,8 +247,7 @@ func (n *node) nodeClusterKillWhileDown(t *testing.T) {
 	// allow). No agent of that identity is on the node when tetherd comes back: only the
 	// AgentKill says to deny it, and it must before the pod is admitted.
 	const lateID = "spiffe://cluster.local/ns/agents/sa/coder2"
-	n.mustKubectl("-n", Namespace, "patch", "ds/tether", "--type", "merge", "-p", `{"spec":{"template":{"spec":{"nodeSelector":{"tether-test/nowhere":"true"}}}}}`)
-	n.mustKubectl("-n", Namespace, "wait", "--for=delete", "pod", "-l", "app.kubernetes.io/name=tether", "--timeout=60s")
+	n.tetherdOff(t)
 	kill := filepath.Join(n.dir, "agentkill.yaml")
 	os.WriteFile(kill, []byte("apiVersion: tether.dev/v1alpha1\nkind: AgentKill\nmetadata:\n  name: coders\nspec:\n  namespace: agents\n  serviceAccount: coder2\n  reason: test-k8s while down\n"), 0o644)
 	n.mustKubectl("apply", "-f", kill)
@@ -247,8 +261,7 @@ func (n *node) nodeClusterKillWhileDown(t *testing.T) {
 	if out, err := n.podExec("late", "podagent", "connect", fmt.Sprintf("%s:%d", deniedHost, hostPort)); err != nil {
 		t.Fatalf("with no tetherd on the node, the new pod is not an agent yet and should connect: %v\n%s", err, out)
 	}
-	n.mustKubectl("-n", Namespace, "patch", "ds/tether", "--type", "json", "-p", `[{"op":"remove","path":"/spec/template/spec/nodeSelector/tether-test~1nowhere"}]`)
-	n.mustKubectl("-n", Namespace, "rollout", "status", "ds/tether", "--timeout=120s")
+	n.tetherdOn(t)
 	waitFor(t, 30*time.Second, "the late pod killed", func() error {
 		st := n.waitKillStatus(t, "coders", "True")
 		if len(st.Agents) != 1 || st.Agents[0].Pod != agentNS+"/late" || !st.Agents[0].Done {
@@ -388,6 +401,21 @@ func (c *cluster) frozen(t *testing.T, cgroup string) bool {
 		t.Fatal(err)
 	}
 	return strings.Contains(string(b), "frozen 1")
+}
+
+// tetherdOff takes tetherd off the node (a nodeSelector no node has) and waits until its pod is
+// gone; tetherdOn brings it back and waits until it is Ready.
+func (c *cluster) tetherdOff(t *testing.T) {
+	t.Helper()
+	c.mustKubectl("-n", Namespace, "patch", "ds/tether", "--type", "merge", "-p", `{"spec":{"template":{"spec":{"nodeSelector":{"tether-test/nowhere":"true"}}}}}`)
+	c.mustKubectl("-n", Namespace, "wait", "--for=delete", "pod", "-l", "app.kubernetes.io/name=tether", "--timeout=60s")
+}
+
+func (c *cluster) tetherdOn(t *testing.T) {
+	t.Helper()
+	c.mustKubectl("-n", Namespace, "patch", "ds/tether", "--type", "json", "-p", `[{"op":"remove","path":"/spec/template/spec/nodeSelector/tether-test~1nowhere"}]`)
+	c.mustKubectl("-n", Namespace, "rollout", "status", "ds/tether", "--timeout=120s")
+	c.mustKubectl("-n", Namespace, "wait", "--for=condition=Ready", "pod", "-l", "app.kubernetes.io/name=tether", "--timeout=120s")
 }
 
 // checkVerdicts checks the agent's two connects: the granted host answers, the other is refused
@@ -544,9 +572,9 @@ func (c *cluster) tetherctl(args ...string) (string, error) {
 }
 
 // podExec runs a command in a pod of the agents namespace (never in a frozen one: runc's exec
-// would join the frozen cgroup and wait; a minute bounds it).
+// would join the frozen cgroup and wait; 30 seconds bound it).
 func (c *cluster) podExec(pod string, args ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, filepath.Join(c.bin, "kubectl"), append([]string{"--kubeconfig", c.kubeconfig, "-n", agentNS, "exec", pod, "--"}, args...)...)
 	out, err := cmd.CombinedOutput()

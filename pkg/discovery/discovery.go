@@ -342,14 +342,7 @@ func (d *Discovery) Annotate(rec *events.Decision) {
 		return
 	}
 	d.mu.Lock()
-	var cg string
-	var w *workload
-	for path, t := range d.tracked {
-		if t.podUID != "" && t.registered && t.slot == *rec.Slot {
-			cg, w = path, t
-			break
-		}
-	}
+	cg, w := d.podAgent(*rec.Slot)
 	if w == nil {
 		d.mu.Unlock()
 		return
@@ -389,17 +382,25 @@ func (d *Discovery) PodOf(slot dataplane.Slot) string {
 		return ""
 	}
 	d.mu.Lock()
-	var uid string
-	for _, t := range d.tracked {
-		if t.podUID != "" && t.registered && t.slot == slot {
-			uid = t.podUID
-		}
-	}
+	_, w := d.podAgent(slot)
 	d.mu.Unlock()
-	if p, ok := d.k8s.Cached(uid); ok && uid != "" {
+	if w == nil {
+		return ""
+	}
+	if p, ok := d.k8s.Cached(w.podUID); ok {
 		return p.Namespace + "/" + p.Name
 	}
 	return ""
+}
+
+// podAgent is the registered pod agent in slot and its pod cgroup, or nil. Call with d.mu held.
+func (d *Discovery) podAgent(slot dataplane.Slot) (string, *workload) {
+	for path, t := range d.tracked {
+		if t.podUID != "" && t.registered && t.slot == slot {
+			return path, t
+		}
+	}
+	return "", nil
 }
 
 // podDeleted revokes the identity of a deleted pod's agent (its cgroup goes soon after).

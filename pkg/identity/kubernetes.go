@@ -172,17 +172,10 @@ func ContainerID(cgroupName string) string {
 // Pod returns the pod with uid, waiting until the watch knows it or ctx ends.
 func (k *Kubernetes) Pod(ctx context.Context, uid string) (*corev1.Pod, error) {
 	for {
-		k.mu.Lock()
-		objs, err := k.informer.GetIndexer().ByIndex(podUIDIndex, uid)
-		if err != nil {
+		k.mu.Lock() // held from the look to the wait's registration: no add is missed between
+		if p, ok := k.Cached(uid); ok {
 			k.mu.Unlock()
-			return nil, err
-		}
-		for _, o := range objs {
-			if p, ok := o.(*corev1.Pod); ok && p.Spec.NodeName == k.node {
-				k.mu.Unlock()
-				return p, nil
-			}
+			return p, nil
 		}
 		c := make(chan struct{})
 		k.waiters[uid] = append(k.waiters[uid], c)

@@ -15,6 +15,7 @@
  *                    a hash update costs a fraction of a trie update, and host rules (resolved
  *                    names among them) and ranges of one size are most of an agent's egress
  *   tether_procs     tgid -> lineage (binary, parent) of agent processes
+ *   tether_roots     container cgroup id -> the pod agent's exec rules are resolved in its root
  *
  * Cgroup programs are attached at the agent parent cgroups only, so processes outside agents never
  * run them. The global tracing programs (exec, fork, exit) return at once for a process that is not
@@ -431,6 +432,14 @@ int BPF_PROG(tether_exec, struct task_struct *task, pid_t old_pid, struct linux_
 			return 0;
 		}
 	}
+	if (tether_unresolved_root(&d)) {
+		/* Held, in either exec mode (the LSM program let it through): tetherd resolves the
+		 * container's root, then continues or kills it. An audit agent is not held. */
+		if (d.verdict == TETHER_VERDICT_DENY && bpf_send_signal(SIGSTOP))
+			tether_count(TETHER_COUNTER_SIGNAL_ERRORS);
+		tether_exec_event(&d, rules, bprm);
+		return 0;
+	}
 	if (!tether_exec_signal)
 		return 0; /* the LSM program decides and reports */
 
@@ -454,6 +463,8 @@ int BPF_PROG(tether_exec_lsm, struct linux_binprm *bprm, int ret)
 	tether_exec_decide(&d, bprm, &rules);
 	if (d.slot == TETHER_NO_SLOT && d.reason != TETHER_REASON_DEPTH)
 		return 0;
+	if (tether_unresolved_root(&d))
+		return 0; /* the tracepoint holds it and reports */
 	tether_exec_event(&d, rules, bprm);
 	return d.verdict == TETHER_VERDICT_DENY ? -EPERM : 0;
 }

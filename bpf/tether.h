@@ -34,6 +34,7 @@ enum tether_limits {
 	 * from outside); a process that finds it full is killed where the kernel can (its exec; its
 	 * fork from Linux 6.13). */
 	TETHER_MAX_PROCS = 65536,
+	TETHER_MAX_ROOTS = 16384, /* container cgroups of pod agents */
 	/* Counted grants (step-up approvals with a use count) in force at once, over all agents. */
 	TETHER_MAX_GRANTS = 4096,
 	/* Parent processes carried in an event. */
@@ -135,6 +136,11 @@ enum tether_reason {
 	/* The process's lineage could not be recorded (tether_procs is full): it would run with no
 	 * binary, parent or mount namespace known, so it is killed at its exec. */
 	TETHER_REASON_LINEAGE_FULL = 22,
+	/* An exec that no rule allows, in a container cgroup of an agent whose exec rules are
+	 * resolved per container root (TETHER_AGENT_CONTAINERS) before tetherd has resolved that
+	 * container's root (tether_roots): the process is stopped (SIGSTOP) until tetherd has
+	 * compiled the rules inside the container's root and decided the exec again. */
+	TETHER_REASON_UNRESOLVED_ROOT = 23,
 };
 
 enum tether_mode {
@@ -146,6 +152,9 @@ enum tether_agent_flags {
 	TETHER_AGENT_ACTIVE = 1 << 0,
 	TETHER_AGENT_KILLED = 1 << 1,
 	TETHER_AGENT_FROZEN = 1 << 2,
+	/* The agent is a pod: its exec rules name files inside its containers' roots, which tetherd
+	 * resolves for each container cgroup (tether_roots) at the container's first exec. */
+	TETHER_AGENT_CONTAINERS = 1 << 3,
 };
 
 enum tether_port_rule_flags {
@@ -361,6 +370,18 @@ struct tether_host_value {
 	__u32 count;
 	__u32 _pad;
 	struct tether_port_rule ports[TETHER_HOST_PORT_RULES];
+};
+
+/* tether_roots value: a container cgroup of an agent with TETHER_AGENT_CONTAINERS whose root
+ * tetherd has resolved the exec rules in. */
+struct tether_root {
+	__u64 born; /* tether_agents[slot].born of the agent it was resolved for */
+	__u32 slot;
+	__u32 _pad;
+	/* The container's root directory (kernel device encoding, inode), so that a restarted
+	 * tetherd can tell a process still in that root from one that changed its root. */
+	__u64 root_dev;
+	__u64 root_ino;
 };
 
 /* tether_procs value: lineage of one agent process (thread group). */

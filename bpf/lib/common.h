@@ -12,6 +12,7 @@
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 #define SIGKILL 9
+#define SIGSTOP 19
 #define EPERM 1
 #define TETHER_NO_SLOT 0xffffffff
 

@@ -68,6 +68,25 @@ static __always_inline void tether_exec_decide(struct tether_decision *d, struct
 	tether_entry_match(d, v);
 }
 
+/* tether_unresolved_root says whether an exec no rule allows comes from a container cgroup of a
+ * pod agent whose root tetherd has not resolved the exec rules in yet (see
+ * TETHER_REASON_UNRESOLVED_ROOT), and then gives d that reason. */
+static __always_inline int tether_unresolved_root(struct tether_decision *d)
+{
+	if (d->slot == TETHER_NO_SLOT || d->reason != TETHER_REASON_NO_RULE)
+		return 0;
+	__u32 slot = d->slot;
+	struct tether_agent *a = bpf_map_lookup_elem(&tether_agents, &slot);
+	if (!a || !(a->flags & TETHER_AGENT_CONTAINERS))
+		return 0;
+	__u64 id = d->cgroup_id;
+	struct tether_root *r = bpf_map_lookup_elem(&tether_roots, &id);
+	if (r && r->born == d->born)
+		return 0;
+	d->reason = TETHER_REASON_UNRESOLVED_ROOT;
+	return 1;
+}
+
 static __always_inline void tether_exec_event(struct tether_decision *d, void *rules,
 					      struct linux_binprm *bprm)
 {

@@ -89,6 +89,13 @@ struct {
 } tether_procs SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TETHER_MAX_ROOTS);
+	__type(key, __u64); /* a container cgroup's ID */
+	__type(value, struct tether_root);
+} tether_roots SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 4 << 20); /* the daemon sets the size from its config */
 } tether_events SEC(".maps");

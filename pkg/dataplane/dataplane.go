@@ -181,6 +181,10 @@ const (
 	AgentActive AgentFlags = 1 << 0
 	AgentKilled AgentFlags = 1 << 1
 	AgentFrozen AgentFlags = 1 << 2
+	// AgentContainers: the agent is a pod. Its exec rules name files inside its containers'
+	// roots; the kernel stops a container's first exec that no rule allows (ReasonUnresolvedRoot)
+	// until tetherd has resolved them in that container's root (see pkg/containers).
+	AgentContainers AgentFlags = 1 << 3
 )
 
 // Info is what the daemon records, in a pinned map, about the agent in a slot, so that a restarted
@@ -301,9 +305,13 @@ const (
 	// ReasonLineageFull: the process's lineage could not be recorded (the lineage map is full):
 	// killed at its exec rather than run untracked.
 	ReasonLineageFull
+	// ReasonUnresolvedRoot: an exec no rule allows in a container of a pod agent whose root
+	// tetherd has not resolved the exec rules in yet (see AgentContainers): the process is
+	// stopped until tetherd has, and then continued or killed.
+	ReasonUnresolvedRoot
 )
 
-var reasonNames = [...]string{"rule", "no-rule", "killed", "unknown-cgroup", "no-ruleset", "socket-type", "binary-unknown", "audit-rule", "grant-spent", "revoked", "detour", "max-duration", "migration", "depth", "modified-file", "mount-ns", "family", "userns", "ptrace", "bind", "bpf", "expired", "lineage-full"}
+var reasonNames = [...]string{"rule", "no-rule", "killed", "unknown-cgroup", "no-ruleset", "socket-type", "binary-unknown", "audit-rule", "grant-spent", "revoked", "detour", "max-duration", "migration", "depth", "modified-file", "mount-ns", "family", "userns", "ptrace", "bind", "bpf", "expired", "lineage-full", "unresolved-root"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) {

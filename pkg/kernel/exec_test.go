@@ -2,12 +2,14 @@ package kernel
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/tether-sh/tether/internal/privtest"
 	"github.com/tether-sh/tether/pkg/dataplane"
@@ -145,4 +147,79 @@ func TestPrivilegedExecScript(t *testing.T) {
 	if got := execResult(t, both, script); got != "ran" {
 		t.Errorf("script and interpreter granted: %s", got)
 	}
+}
+
+// TestPrivilegedExecHeldUntilRootResolved: in a pod agent (AgentContainers) an exec no rule
+// allows, in a container cgroup whose root tetherd has not resolved the rules in, is stopped
+// (SIGSTOP), in either exec mode, and reported with reason unresolved-root; once tetherd records
+// the root (SetRoot) the kernel decides the container's execs by the rules again. The negative
+// control, the same agent without the flag, denies at once.
+func TestPrivilegedExecHeldUntilRootResolved(t *testing.T) {
+	f := newFixture(t, Options{})
+	granted, other := privtest.SelfCopy(t), privtest.SelfCopy(t)
+	agent := f.agent(t, "pod", 18, dataplane.RuleSet{Exec: execs(fileID(t, granted))})
+	ctr, ctrID := privtest.SubCgroup(t, agent, "ctr")
+	events := f.events(t)
+
+	if got := execResult(t, ctr, other); got != f.denied() {
+		t.Fatalf("negative control, no AgentContainers: %s, want %s", got, f.denied())
+	}
+	if err := f.k.SetFlags(18, dataplane.AgentActive|dataplane.AgentContainers); err != nil {
+		t.Fatal(err)
+	}
+	if got := execResult(t, ctr, granted); got != "ran" {
+		t.Errorf("granted exec in an unresolved container: %s, want ran (only what no rule allows is held)", got)
+	}
+	cmd := privtest.Command(t, ctr, "exec", other, "7")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	waitStopped(t, cmd.Process.Pid)
+	e := events.wait(t, "unresolved-root event", func(e dataplane.Event) bool {
+		return e.Kind == dataplane.KindExec && e.Reason == dataplane.ReasonUnresolvedRoot && e.Slot == 18
+	})
+	if e.CgroupID != ctrID || e.PID != uint32(cmd.Process.Pid) || e.Binary != fileID(t, other) || e.Verdict != dataplane.VerdictDeny {
+		t.Errorf("event %+v: want cgroup %d, pid %d, binary %v, verdict deny", e, ctrID, cmd.Process.Pid, fileID(t, other))
+	}
+
+	// tetherd's part, by hand: the root is resolved, and the held exec let go.
+	if err := f.k.SetRoot(ctrID, Root{Slot: 18, Dir: dataplane.FileID{Dev: 1, Ino: 2}}); err != nil {
+		t.Fatal(err)
+	}
+	if roots, err := f.k.Roots(); err != nil || roots[ctrID] != (Root{Slot: 18, Dir: dataplane.FileID{Dev: 1, Ino: 2}}) {
+		t.Errorf("Roots: %v, %v", roots, err)
+	}
+	cmd.Process.Signal(syscall.SIGCONT)
+	var ee *exec.ExitError
+	if err := cmd.Wait(); !errors.As(err, &ee) || ee.ExitCode() != 7 {
+		t.Errorf("held exec continued: %v, want exit status 7", err)
+	}
+	if got := execResult(t, ctr, other); got != f.denied() {
+		t.Errorf("exec in a resolved container: %s, want %s", got, f.denied())
+	}
+	// A container gone: its record goes.
+	if err := f.k.ForgetRoot(ctrID); err != nil {
+		t.Fatal(err)
+	}
+	if roots, _ := f.k.Roots(); len(roots) != 0 {
+		t.Errorf("Roots after ForgetRoot: %v", roots)
+	}
+}
+
+// waitStopped waits until process pid is stopped (state T).
+func waitStopped(t *testing.T, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			t.Fatalf("process %d: %v", pid, err)
+		}
+		if i := strings.LastIndexByte(string(b), ')'); i > 0 && len(b) > i+2 && b[i+2] == 'T' {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("process %d was not stopped", pid)
 }

@@ -77,6 +77,7 @@ type Kernel struct {
 	rulesets      *ebpf.Map
 	hosts         *ebpf.Map
 	procs         *ebpf.Map
+	roots         *ebpf.Map
 	events        *ebpf.Map
 	counters      *ebpf.Map
 	agentCounters *ebpf.Map
@@ -264,6 +265,7 @@ func (k *Kernel) takeMaps(coll *ebpf.Collection) {
 	k.rulesets = coll.Maps[bpfMapTetherRulesets]
 	k.hosts = coll.Maps[bpfMapTetherHosts]
 	k.procs = coll.Maps[bpfMapTetherProcs]
+	k.roots = coll.Maps[bpfMapTetherRoots]
 	k.events = coll.Maps[bpfMapTetherEvents]
 	k.counters = coll.Maps[bpfMapTetherCounters]
 	k.settled = coll.Maps[bpfMapTetherSettled]

@@ -14,7 +14,7 @@ import (
 
 // stateMaps hold what must survive a restart; their layout decides whether pins can be adopted.
 var stateMaps = []string{bpfMapTetherCgroups, bpfMapTetherAgents, bpfMapTetherRulesets, bpfMapTetherHosts,
-	bpfMapTetherProcs, bpfMapTetherAgentCounters, bpfMapTetherAgentInfo, bpfMapTetherConfig, bpfMapTetherGrantUses, bpfMapTetherSocks}
+	bpfMapTetherProcs, bpfMapTetherAgentCounters, bpfMapTetherAgentInfo, bpfMapTetherConfig, bpfMapTetherGrantUses, bpfMapTetherSocks, bpfMapTetherRoots}
 
 const layoutPin = "tether_layout"
 

@@ -767,6 +767,7 @@ func (k *Kernel) Clear(slot dataplane.Slot) error {
 			errs = append(errs, k.Unbind(id))
 		}
 	}
+	errs = append(errs, k.forgetRootsOf(slot))
 	st := k.slot(slot)
 	st.mu.Lock()
 	defer st.mu.Unlock()

@@ -39,9 +39,10 @@ type bpfTetherAgentCounts struct {
 type bpfTetherAgentFlags uint32
 
 const (
-	bpfTetherAgentFlagsTETHER_AGENT_ACTIVE bpfTetherAgentFlags = 1
-	bpfTetherAgentFlagsTETHER_AGENT_KILLED bpfTetherAgentFlags = 2
-	bpfTetherAgentFlagsTETHER_AGENT_FROZEN bpfTetherAgentFlags = 4
+	bpfTetherAgentFlagsTETHER_AGENT_ACTIVE     bpfTetherAgentFlags = 1
+	bpfTetherAgentFlagsTETHER_AGENT_KILLED     bpfTetherAgentFlags = 2
+	bpfTetherAgentFlagsTETHER_AGENT_FROZEN     bpfTetherAgentFlags = 4
+	bpfTetherAgentFlagsTETHER_AGENT_CONTAINERS bpfTetherAgentFlags = 8
 )
 
 type bpfTetherAgentInfo struct {
@@ -182,6 +183,7 @@ const (
 	bpfTetherLimitsTETHER_MAX_PORT_RULES  bpfTetherLimits = 16
 	bpfTetherLimitsTETHER_RULE_DATA       bpfTetherLimits = 111
 	bpfTetherLimitsTETHER_MAX_PROCS       bpfTetherLimits = 65536
+	bpfTetherLimitsTETHER_MAX_ROOTS       bpfTetherLimits = 16384
 	bpfTetherLimitsTETHER_MAX_GRANTS      bpfTetherLimits = 4096
 	bpfTetherLimitsTETHER_CHAIN_LEN       bpfTetherLimits = 4
 	bpfTetherLimitsTETHER_PATH_LEN        bpfTetherLimits = 128
@@ -221,30 +223,40 @@ type bpfTetherProc struct {
 type bpfTetherReason uint32
 
 const (
-	bpfTetherReasonTETHER_REASON_RULE           bpfTetherReason = 0
-	bpfTetherReasonTETHER_REASON_NO_RULE        bpfTetherReason = 1
-	bpfTetherReasonTETHER_REASON_KILLED         bpfTetherReason = 2
-	bpfTetherReasonTETHER_REASON_UNKNOWN_CGROUP bpfTetherReason = 3
-	bpfTetherReasonTETHER_REASON_NO_RULESET     bpfTetherReason = 4
-	bpfTetherReasonTETHER_REASON_SOCKET_TYPE    bpfTetherReason = 5
-	bpfTetherReasonTETHER_REASON_BINARY_UNKNOWN bpfTetherReason = 6
-	bpfTetherReasonTETHER_REASON_AUDIT_RULE     bpfTetherReason = 7
-	bpfTetherReasonTETHER_REASON_GRANT_SPENT    bpfTetherReason = 8
-	bpfTetherReasonTETHER_REASON_REVOKED        bpfTetherReason = 9
-	bpfTetherReasonTETHER_REASON_DETOUR         bpfTetherReason = 10
-	bpfTetherReasonTETHER_REASON_MAX_DURATION   bpfTetherReason = 11
-	bpfTetherReasonTETHER_REASON_MIGRATION      bpfTetherReason = 12
-	bpfTetherReasonTETHER_REASON_DEPTH          bpfTetherReason = 13
-	bpfTetherReasonTETHER_REASON_MODIFIED_FILE  bpfTetherReason = 14
-	bpfTetherReasonTETHER_REASON_MOUNT_NS       bpfTetherReason = 15
-	bpfTetherReasonTETHER_REASON_FAMILY         bpfTetherReason = 16
-	bpfTetherReasonTETHER_REASON_USERNS         bpfTetherReason = 17
-	bpfTetherReasonTETHER_REASON_PTRACE         bpfTetherReason = 18
-	bpfTetherReasonTETHER_REASON_BIND           bpfTetherReason = 19
-	bpfTetherReasonTETHER_REASON_BPF            bpfTetherReason = 20
-	bpfTetherReasonTETHER_REASON_EXPIRED        bpfTetherReason = 21
-	bpfTetherReasonTETHER_REASON_LINEAGE_FULL   bpfTetherReason = 22
+	bpfTetherReasonTETHER_REASON_RULE            bpfTetherReason = 0
+	bpfTetherReasonTETHER_REASON_NO_RULE         bpfTetherReason = 1
+	bpfTetherReasonTETHER_REASON_KILLED          bpfTetherReason = 2
+	bpfTetherReasonTETHER_REASON_UNKNOWN_CGROUP  bpfTetherReason = 3
+	bpfTetherReasonTETHER_REASON_NO_RULESET      bpfTetherReason = 4
+	bpfTetherReasonTETHER_REASON_SOCKET_TYPE     bpfTetherReason = 5
+	bpfTetherReasonTETHER_REASON_BINARY_UNKNOWN  bpfTetherReason = 6
+	bpfTetherReasonTETHER_REASON_AUDIT_RULE      bpfTetherReason = 7
+	bpfTetherReasonTETHER_REASON_GRANT_SPENT     bpfTetherReason = 8
+	bpfTetherReasonTETHER_REASON_REVOKED         bpfTetherReason = 9
+	bpfTetherReasonTETHER_REASON_DETOUR          bpfTetherReason = 10
+	bpfTetherReasonTETHER_REASON_MAX_DURATION    bpfTetherReason = 11
+	bpfTetherReasonTETHER_REASON_MIGRATION       bpfTetherReason = 12
+	bpfTetherReasonTETHER_REASON_DEPTH           bpfTetherReason = 13
+	bpfTetherReasonTETHER_REASON_MODIFIED_FILE   bpfTetherReason = 14
+	bpfTetherReasonTETHER_REASON_MOUNT_NS        bpfTetherReason = 15
+	bpfTetherReasonTETHER_REASON_FAMILY          bpfTetherReason = 16
+	bpfTetherReasonTETHER_REASON_USERNS          bpfTetherReason = 17
+	bpfTetherReasonTETHER_REASON_PTRACE          bpfTetherReason = 18
+	bpfTetherReasonTETHER_REASON_BIND            bpfTetherReason = 19
+	bpfTetherReasonTETHER_REASON_BPF             bpfTetherReason = 20
+	bpfTetherReasonTETHER_REASON_EXPIRED         bpfTetherReason = 21
+	bpfTetherReasonTETHER_REASON_LINEAGE_FULL    bpfTetherReason = 22
+	bpfTetherReasonTETHER_REASON_UNRESOLVED_ROOT bpfTetherReason = 23
 )
+
+type bpfTetherRoot struct {
+	_       structs.HostLayout
+	Born    uint64
+	Slot    uint32
+	Pad     uint32
+	RootDev uint64
+	RootIno uint64
+}
 
 type bpfTetherRuleKey struct {
 	_         structs.HostLayout
@@ -353,6 +365,7 @@ const (
 	bpfMapTetherHosts              = "tether_hosts"
 	bpfMapTetherParents            = "tether_parents"
 	bpfMapTetherProcs              = "tether_procs"
+	bpfMapTetherRoots              = "tether_roots"
 	bpfMapTetherRulesets           = "tether_rulesets"
 	bpfMapTetherSettled            = "tether_settled"
 	bpfMapTetherSlotCache          = "tether_slot_cache"
@@ -481,6 +494,7 @@ type bpfMapSpecs struct {
 	TetherHosts         *ebpf.MapSpec `ebpf:"tether_hosts"`
 	TetherParents       *ebpf.MapSpec `ebpf:"tether_parents"`
 	TetherProcs         *ebpf.MapSpec `ebpf:"tether_procs"`
+	TetherRoots         *ebpf.MapSpec `ebpf:"tether_roots"`
 	TetherRulesets      *ebpf.MapSpec `ebpf:"tether_rulesets"`
 	TetherSettled       *ebpf.MapSpec `ebpf:"tether_settled"`
 	TetherSlotCache     *ebpf.MapSpec `ebpf:"tether_slot_cache"`
@@ -531,6 +545,7 @@ type bpfMaps struct {
 	TetherHosts         *ebpf.Map `ebpf:"tether_hosts"`
 	TetherParents       *ebpf.Map `ebpf:"tether_parents"`
 	TetherProcs         *ebpf.Map `ebpf:"tether_procs"`
+	TetherRoots         *ebpf.Map `ebpf:"tether_roots"`
 	TetherRulesets      *ebpf.Map `ebpf:"tether_rulesets"`
 	TetherSettled       *ebpf.Map `ebpf:"tether_settled"`
 	TetherSlotCache     *ebpf.Map `ebpf:"tether_slot_cache"`
@@ -553,6 +568,7 @@ func (m *bpfMaps) Close() error {
 		m.TetherHosts,
 		m.TetherParents,
 		m.TetherProcs,
+		m.TetherRoots,
 		m.TetherRulesets,
 		m.TetherSettled,
 		m.TetherSlotCache,

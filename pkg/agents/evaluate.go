@@ -60,13 +60,25 @@ func (r *Registry) decideUnguarded(ctx context.Context, a *agent) (*dataplane.Ru
 		}
 	}
 	a.grants = g
-	c := r.opts.Compile(ctx, g)
+	c := r.compile(ctx, a, g)
 	if a.info.ModeOverride != nil {
 		c.RuleSet.Mode = *a.info.ModeOverride
 	}
 	a.next = nextEvaluation(a, g, c)
 	c.RuleSet.Expires = ruleSetExpiry(a, g, c.RuleSet.Expires)
 	return c.RuleSet, c, err
+}
+
+// compile compiles a's grants g; a pod's exec rules in its containers' roots.
+func (r *Registry) compile(ctx context.Context, a *agent, g grants.Grants) Compiled {
+	if a.flags&dataplane.AgentContainers != 0 {
+		var roots []compile.Files
+		if r.opts.ExecRoots != nil {
+			roots = r.opts.ExecRoots(a.slot)
+		}
+		ctx = compile.WithExecRoots(ctx, roots)
+	}
+	return r.opts.Compile(ctx, g)
 }
 
 // grantsOf has the policy decide a's grants for its current context (nothing when it errs).
@@ -274,7 +286,7 @@ func (r *Registry) Recompile(ctx context.Context) {
 		if a.removing || a.rs == nil || a.ctx.Revoked {
 			continue
 		}
-		c := r.opts.Compile(ctx, a.grants)
+		c := r.compile(ctx, a, a.grants)
 		if a.info.ModeOverride != nil {
 			c.RuleSet.Mode = *a.info.ModeOverride
 		}
@@ -288,6 +300,12 @@ func (r *Registry) Recompile(ctx context.Context) {
 			r.log.Warn("installing the recompiled rule set", "slot", a.slot, "error", err)
 		}
 	}
+}
+
+// Reevaluate evaluates the agent in slot again and installs the result before it returns: what
+// its grants name on the host changed (a pod's container root was resolved).
+func (r *Registry) Reevaluate(slot dataplane.Slot) (Agent, error) {
+	return r.change(slot, func(*agent) error { return nil })
 }
 
 // SetMode overrides the mode the grants give (nil removes the override) and installs the result.
@@ -316,6 +334,10 @@ func (r *Registry) change(slot dataplane.Slot, f func(*agent) error) (Agent, err
 // CompileOn is the Compiler that compiles with opts.
 func CompileOn(opts compile.Options) Compiler {
 	return func(ctx context.Context, g grants.Grants) Compiled {
+		opts := opts
+		if roots, ok := compile.ExecRootsOf(ctx); ok {
+			opts.ExecRoots = roots
+		}
 		res := compile.Compile(ctx, g, opts)
 		c := Compiled{RuleSet: &res.RuleSet, Warnings: res.Warnings, RefreshAt: res.RefreshAt, ExecFiles: res.ExecFiles}
 		for _, f := range res.Refused {
@@ -323,4 +345,21 @@ func CompileOn(opts compile.Options) Compiler {
 		}
 		return c
 	}
+}
+
+// ExecRule returns the exec rule the rule set in force of the agent in slot has for file, and
+// whether it has one and is in audit mode: what the kernel decides an exec of file by.
+func (r *Registry) ExecRule(slot dataplane.Slot, file dataplane.FileID) (rule dataplane.ExecRule, found, audit bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a, ok := r.agents[slot]
+	if !ok || a.rs == nil {
+		return dataplane.ExecRule{}, false, false
+	}
+	for _, e := range a.rs.Exec {
+		if e.File == file {
+			return e, true, a.rs.Mode == dataplane.ModeAudit
+		}
+	}
+	return dataplane.ExecRule{}, false, a.rs.Mode == dataplane.ModeAudit
 }

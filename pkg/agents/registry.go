@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/tether-sh/tether/pkg/bootclock"
+	"github.com/tether-sh/tether/pkg/compile"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/grants"
 	"github.com/tether-sh/tether/pkg/identity"
@@ -182,6 +183,9 @@ type Options struct {
 	// UIDsInUse returns the uids of the host's users and running processes, which a dynamic
 	// uid must not be; nil: read /etc/passwd and /proc.
 	UIDsInUse func() (map[uint32]bool, error)
+	// ExecRoots returns the container roots a pod agent's exec rules are compiled in (see
+	// Registration.Containers); nil: none.
+	ExecRoots func(slot dataplane.Slot) []compile.Files
 	// Now is the clock (tests); nil: bootclock.Now, the clock of the kernel's deadlines.
 	Now    func() time.Time
 	Logger *slog.Logger
@@ -362,6 +366,10 @@ type Registration struct {
 	Labels    map[string]string
 	// Task, when set, starts with the agent.
 	Task *TaskSpec
+	// Containers marks a pod: its exec rules name files inside its containers' roots
+	// (Options.ExecRoots), and the kernel holds a container's first exec no rule allows until
+	// they are resolved there (dataplane.AgentContainers).
+	Containers bool
 }
 
 // Register binds a cgroup to an identity and installs its rule set before returning.
@@ -478,6 +486,9 @@ func (r *Registry) register(c Context, path string, req Registration) (Agent, er
 		return Agent{}, fmt.Errorf("no free agent slot: the kernel holds %d agents", dataplane.MaxAgents)
 	}
 	flags := dataplane.AgentActive
+	if req.Containers {
+		flags |= dataplane.AgentContainers
+	}
 	if r.opts.Denied != nil && r.opts.Denied(c.SpiffeID) {
 		flags |= dataplane.AgentKilled
 		r.log.Warn("registering an agent whose SPIFFE ID was killed: everything is denied until it is readmitted", "spiffe_id", c.SpiffeID, "cgroup", path)

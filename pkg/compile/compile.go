@@ -50,10 +50,33 @@ type Options struct {
 	// tetherd's admin socket, the SPIRE sockets, container runtimes. The kernel's default deny
 	// then keeps agents off them, whatever the policy says.
 	UnixNever []string
+	// ExecRoots, when not nil, are where exec rules name files instead of Files: the roots of a
+	// pod's containers. A path names the file at that path in each root that has it; a rule is
+	// refused only when every root refuses it. Empty (a pod none of whose containers is
+	// resolved yet): no exec rule.
+	ExecRoots []Files
 	// Integrity records the content of granted executables, so that one modified in place is
 	// granted again only with the content it was granted with (see Integrity). Nil: every
 	// compile grants files as they are then (the kernel still denies a file changed after it).
 	Integrity *Integrity
+}
+
+// execRootsKey is the context key of WithExecRoots.
+type execRootsKey struct{}
+
+// WithExecRoots returns ctx carrying roots for Options.ExecRoots (nil: none resolved yet, which
+// grants no exec rule): the compile of one pod agent, under a Compiler shared by every agent.
+func WithExecRoots(ctx context.Context, roots []Files) context.Context {
+	if roots == nil {
+		roots = []Files{}
+	}
+	return context.WithValue(ctx, execRootsKey{}, roots)
+}
+
+// ExecRootsOf returns the roots WithExecRoots put in ctx, and whether it did.
+func ExecRootsOf(ctx context.Context) ([]Files, bool) {
+	roots, ok := ctx.Value(execRootsKey{}).([]Files)
+	return roots, ok
 }
 
 // Refusal is a rule the kernel cannot enforce, and why.
@@ -115,11 +138,10 @@ func Compile(ctx context.Context, g grants.Grants, opts Options) *Result {
 		egress = c.egress(ctx, "egress["+strconv.Itoa(i)+"]", e, egress)
 	}
 	c.res.RuleSet.Egress = c.merge(egress)
-	for i, d := range g.ExecDeny {
-		c.deny("exec_deny["+strconv.Itoa(i)+"]", d)
-	}
-	for i, e := range g.Exec {
-		c.exec("exec["+strconv.Itoa(i)+"]", e)
+	if opts.ExecRoots != nil {
+		c.execInRoots(g, opts.ExecRoots)
+	} else {
+		c.execRules(g)
 	}
 	slices.SortFunc(c.res.RuleSet.Exec, func(a, b dataplane.ExecRule) int {
 		return cmp.Or(cmp.Compare(a.File.Dev, b.File.Dev), cmp.Compare(a.File.Ino, b.File.Ino), compareBool(a.Audit, b.Audit))
@@ -150,6 +172,48 @@ func Compile(ctx context.Context, g grants.Grants, opts Options) *Result {
 		c.res.RuleSet = dataplane.RuleSet{Mode: c.res.RuleSet.Mode}
 	}
 	return &c.res
+}
+
+// execRules compiles the exec and exec_deny rules of g.
+func (c *compiler) execRules(g grants.Grants) {
+	for i, d := range g.ExecDeny {
+		c.deny("exec_deny["+strconv.Itoa(i)+"]", d)
+	}
+	for i, e := range g.Exec {
+		c.exec("exec["+strconv.Itoa(i)+"]", e)
+	}
+}
+
+// execInRoots compiles the exec and exec_deny rules of g in each of roots (see
+// Options.ExecRoots) and keeps the union. A refusal or warning stands when every root gave it.
+func (c *compiler) execInRoots(g grants.Grants, roots []Files) {
+	refused := map[string][]Refusal{}
+	warned := map[string]int{}
+	for _, root := range roots {
+		in := compiler{opts: c.opts}
+		in.opts.Files = root
+		in.execRules(g)
+		c.res.RuleSet.Exec = append(c.res.RuleSet.Exec, in.res.RuleSet.Exec...)
+		c.res.ExecFiles = append(c.res.ExecFiles, in.res.ExecFiles...)
+		for _, r := range in.res.Refused {
+			refused[r.Rule] = append(refused[r.Rule], r)
+		}
+		for _, w := range in.res.Warnings {
+			warned[w]++
+		}
+	}
+	for _, rs := range refused {
+		if len(rs) == len(roots) {
+			c.res.Refused = append(c.res.Refused, Refusal{Rule: rs[0].Rule, Reason: rs[0].Reason + " (in every container of the pod)"})
+		}
+	}
+	slices.SortFunc(c.res.Refused, func(a, b Refusal) int { return strings.Compare(a.Rule, b.Rule) })
+	for w, n := range warned {
+		if n == len(roots) {
+			c.warnf("%s", w)
+		}
+	}
+	slices.Sort(c.res.Warnings)
 }
 
 func compareBool(a, b bool) int {

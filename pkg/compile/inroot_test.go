@@ -2,16 +2,21 @@ package compile
 
 import (
 	"bufio"
+	"cmp"
+	"context"
 	"crypto/sha256"
 	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 
 	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/grants"
 )
 
 var _ Files = (*InRoot)(nil)
@@ -128,5 +133,51 @@ func TestPrivilegedInRootOfAnotherMountNamespace(t *testing.T) {
 		t.Errorf("Stat in the process's root: %+v, want the tmpfs's device %d", got, dev)
 	} else if !slices.Contains(slices.Collect(maps.Values(in.mounts.devs)), dev) {
 		t.Errorf("the tmpfs's device %d was not found in the process's mount table %s", dev, in.MountInfo)
+	}
+}
+
+// TestExecInRoots: with ExecRoots, an exec rule names the file at its path in each root (a pod's
+// containers), the union is granted, and a rule is refused only when no root has its file. The
+// host's files (Files) are not looked at: the negative control compiles the same grants on the
+// host, where none of the paths exists.
+func TestExecInRoots(t *testing.T) {
+	a, b := t.TempDir(), t.TempDir()
+	for root, name := range map[string]string{a: "tether-test-a", b: "tether-test-b"} {
+		if err := os.MkdirAll(filepath.Join(root, "usr/bin"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(root, "usr/bin", name), []byte(name), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	g := grants.Grants{Exec: []grants.Exec{{Path: "/usr/bin/tether-test-a"}, {Path: "/usr/bin/tether-test-b"}, {Path: "/usr/bin/tether-test-c"}}}
+	host := Compile(context.Background(), g, Options{Files: OS{}})
+	if len(host.RuleSet.Exec) != 0 || len(host.Refused) != 3 {
+		t.Fatalf("negative control on the host: %d rules, refused %v", len(host.RuleSet.Exec), host.Refused)
+	}
+	roots := []Files{&InRoot{Root: a, MountInfo: "/proc/self/mountinfo"}, &InRoot{Root: b, MountInfo: "/proc/self/mountinfo"}}
+	res := Compile(context.Background(), g, Options{Files: OS{}, ExecRoots: roots})
+	var want []dataplane.FileID
+	for _, p := range []string{filepath.Join(a, "usr/bin/tether-test-a"), filepath.Join(b, "usr/bin/tether-test-b")} {
+		st, err := OS{}.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, st.ID)
+	}
+	var got []dataplane.FileID
+	for _, r := range res.RuleSet.Exec {
+		got = append(got, r.File)
+	}
+	slices.SortFunc(want, func(x, y dataplane.FileID) int { return cmp.Compare(x.Ino, y.Ino) })
+	slices.SortFunc(got, func(x, y dataplane.FileID) int { return cmp.Compare(x.Ino, y.Ino) })
+	if !slices.Equal(got, want) {
+		t.Errorf("granted %v, want the two roots' files %v", got, want)
+	}
+	if len(res.Refused) != 1 || !strings.HasPrefix(res.Refused[0].Rule, "exec[2]") {
+		t.Errorf("refused %v, want exec[2] only (no root has it)", res.Refused)
+	}
+	if none := Compile(context.Background(), g, Options{Files: OS{}, ExecRoots: []Files{}}); len(none.RuleSet.Exec) != 0 || len(none.Refused) != 0 {
+		t.Errorf("no container resolved yet: %d rules, refused %v; want none of either", len(none.RuleSet.Exec), none.Refused)
 	}
 }

@@ -27,6 +27,7 @@ import (
 	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/compile"
 	"github.com/tether-sh/tether/pkg/config"
+	"github.com/tether-sh/tether/pkg/containers"
 	"github.com/tether-sh/tether/pkg/control"
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
@@ -79,6 +80,7 @@ type Daemon struct {
 	serveErr    chan error      // the control API stopped serving
 	recompile   chan struct{}   // a granted executable changed: compile the grants again soon
 	guards      *guards.Guards
+	roots       *containers.Roots // pod agents' container roots, where their exec rules are resolved
 
 	ready    atomic.Bool  // the API serves and the programs are attached
 	lastTick atomic.Int64 // unix ns of the main loop's last round
@@ -298,19 +300,7 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 	if err := d.newPolicy(); err != nil {
 		return opened.close, err
 	}
-	d.registry = agents.New(agents.Options{
-		Dataplane:    d.kern,
-		Evaluator:    d.policy.Decider,
-		Compile:      agents.CompileOn(d.compileOpts),
-		Parents:      d.parents,
-		LaunchParent: d.launch,
-		TaskEnded:    d.creds.Ended,
-		Unregistered: d.creds.Unregistered,
-		Retiring:     func(a agents.Agent) { d.metrics.Retire(a) },
-		Denied:       func(id string) bool { return d.killer != nil && d.killer.IsDenied(id) || d.fleet.Load().Denies(id) },
-		UIDs:         launchUIDs(cfg),
-		Logger:       d.log,
-	})
+	d.newRegistry(cfg)
 	opened.add(d.registry.Close)
 	d.creds.Tasks = d.registry
 	d.policy.Decider.Contexts = d.registry.ContextOf
@@ -329,6 +319,9 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 	if err != nil {
 		return opened.close, err
 	}
+	if infos, err := d.kern.Infos(); err == nil {
+		d.roots.Preload(infos)
+	}
 	if err := d.registry.Adopt(); err != nil {
 		d.log.Error("adopting pinned agents", "error", err)
 	}
@@ -346,6 +339,29 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 	d.killer.Continue(ctx)
 	go d.guards.Run(ctx)
 	return opened.close, nil
+}
+
+// newRegistry makes the agent registry, and the container roots a pod agent's exec rules are
+// compiled in.
+func (d *Daemon) newRegistry(cfg *config.Loaded) {
+	d.registry = agents.New(agents.Options{
+		Dataplane:    d.kern,
+		Evaluator:    d.policy.Decider,
+		Compile:      agents.CompileOn(d.compileOpts),
+		Parents:      d.parents,
+		LaunchParent: d.launch,
+		TaskEnded:    d.creds.Ended,
+		Unregistered: func(slot dataplane.Slot) { d.creds.Unregistered(slot); d.roots.Forget(slot) },
+		ExecRoots:    func(slot dataplane.Slot) []compile.Files { return d.roots.Files(slot) },
+		Retiring:     func(a agents.Agent) { d.metrics.Retire(a) },
+		Denied:       func(id string) bool { return d.killer != nil && d.killer.IsDenied(id) || d.fleet.Load().Denies(id) },
+		UIDs:         launchUIDs(cfg),
+		Logger:       d.log,
+	})
+	d.roots = containers.New(d.root, d.kern, d.registry, func(rec events.Decision) {
+		d.responder.Annotate(&rec)
+		d.pump.Emit(rec)
+	}, d.log)
 }
 
 // startKillPath sets up the kill path, with SPIRE's server to delete the entries of a killed
@@ -380,6 +396,7 @@ func (d *Daemon) startIdentity(ctx context.Context, cfg *config.Loaded) (func(),
 	if d.disc, err = discovery.New(cfg.Identity, d.root, d.spire, d.registry, d.pump.Emit, d.log); err != nil {
 		return nil, err
 	}
+	d.disc.OnPod = d.roots.Adopt
 	var fl *fleet.Fleet
 	if kc := cfg.Identity.Kubernetes; kc != nil {
 		rc, err := identity.KubeConfig(kc.Kubeconfig)

@@ -28,10 +28,14 @@ func (d *Daemon) newPolicy() error {
 	return nil
 }
 
-// respond names the record's pod and container (for a pod agent), finishes in user space what a
+// respond names the record's pod and container (for a pod agent), hands an exec the kernel held
+// for its container's root to containers.Roots, finishes in user space what a
 // kernel guard began (guards.FollowUp), then completes the record and has the respond policy answer it; the kill path acts on the answer.
 func (d *Daemon) respond(rec *events.Decision) {
 	d.disc.Annotate(rec)
+	if d.roots.Held(rec) {
+		return // a container's first exec, held: decided once its root is resolved (its own record)
+	}
 	d.guards.FollowUp(rec)
 	d.responder.Annotate(rec)
 }

@@ -44,6 +44,9 @@ type Discovery struct {
 	reg         Registrar
 	emit        func(events.Decision)
 	log         *slog.Logger
+	// OnPod, if set, is told of each pod agent registered or adopted (from a goroutine of its
+	// own): its containers' roots are resolved for its exec rules (containers.Roots.Adopt).
+	OnPod func(slot dataplane.Slot)
 
 	mu       sync.Mutex
 	tracked  map[string]*workload // by cgroup path (absolute)
@@ -268,6 +271,9 @@ func (d *Discovery) adoptPod(cg string) {
 		if a.Cgroup == pod && !a.Launched {
 			d.tracked[pod] = &workload{slot: a.Slot, registered: true, podUID: uid, uid: a.UID}
 			d.log.Info("following an adopted pod agent", "cgroup", pod, "spiffe_id", a.SpiffeID, "slot", a.Slot)
+			if d.OnPod != nil {
+				go d.OnPod(a.Slot)
+			}
 			return
 		}
 	}
@@ -551,7 +557,8 @@ func (d *Discovery) bind(cg string, t *workload, id string, sel []string) {
 }
 
 func (d *Discovery) register(cg string, t *workload, id string, sel []string, labels map[string]string) {
-	a, err := d.reg.Register(agents.Registration{SpiffeID: id, Cgroup: cg, Selectors: sel, UID: t.uid, Labels: labels})
+	// A pod's exec rules name files in its containers (agents.Registration.Containers).
+	a, err := d.reg.Register(agents.Registration{SpiffeID: id, Cgroup: cg, Selectors: sel, UID: t.uid, Labels: labels, Containers: t.podUID != ""})
 	if err != nil {
 		d.log.Error("registering a discovered agent", "cgroup", cg, "spiffe_id", id, "error", err)
 		return
@@ -560,6 +567,9 @@ func (d *Discovery) register(cg string, t *workload, id string, sel []string, la
 	t.slot, t.registered = a.Slot, true
 	d.mu.Unlock()
 	d.log.Info("agent discovered", "cgroup", cg, "spiffe_id", id, "slot", a.Slot, "selectors", sel)
+	if t.podUID != "" && d.OnPod != nil {
+		go d.OnPod(a.Slot)
+	}
 }
 
 // lose revokes the identity of a registered agent: it is granted nothing from now on.

@@ -7,7 +7,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -134,6 +137,7 @@ func TestNode(t *testing.T) {
 		run  func(*testing.T)
 	}{
 		{"agent", n.nodeAgent},
+		{"exec", n.nodeExec},
 		{"not agents", n.nodeNotAgents},
 		{"cluster kill", n.nodeClusterKill},
 		{"cluster kill while the node is down", n.nodeClusterKillWhileDown},
@@ -178,6 +182,91 @@ func (n *node) nodeAgent(t *testing.T) {
 	if rec.Kubernetes == nil || *rec.Kubernetes != want {
 		t.Errorf("the denial names %+v, want %+v", rec.Kubernetes, want)
 	}
+}
+
+// nodeExec is the "exec" part of TestNode: exec rules name files inside the agent pod's image.
+func (n *node) nodeExec(t *testing.T) {
+	out, err := n.podExec("agent", "podagent", "run", "/usr/bin/allowed", "hello")
+	if err != nil || !strings.Contains(out, "hello") {
+		t.Errorf("the agent could not run its image's /usr/bin/allowed: %v\n%s", err, out)
+	}
+	out, err = n.podExec("agent", "podagent", "run", "/usr/bin/denied", "hello")
+	if err == nil || strings.Contains(out, "hello") || !strings.Contains(out, "signal: killed") {
+		t.Errorf("the agent ran its image's /usr/bin/denied (same content as allowed, not granted): %v\n%s", err, out)
+	}
+	// The attack: a copy of the granted file is another file.
+	if out, err := n.podExec("agent", "podagent", "copy", "/usr/bin/allowed", "/tmp/mine"); err != nil {
+		t.Fatalf("copy: %v\n%s", err, out)
+	}
+	if out, err = n.podExec("agent", "podagent", "run", "/tmp/mine", "hello"); err == nil || strings.Contains(out, "hello") {
+		t.Errorf("the agent ran a copy of a granted file: %v\n%s", err, out)
+	}
+	// Not an agent: the same file runs.
+	if out, err = n.podExec("bystander", "podagent", "run", "/usr/bin/denied", "hello"); err != nil || !strings.Contains(out, "hello") {
+		t.Errorf("the unlabelled pod could not run /usr/bin/denied: %v\n%s", err, out)
+	}
+	rec := n.waitRecord(t, func(r record) bool {
+		return r.Kind == "exec" && r.Verdict == "deny" && r.SpiffeID == agentID && r.Executable == "/usr/bin/denied"
+	})
+	if want := (podRef{Node: nodeName, Namespace: agentNS, Pod: "agent", Container: "coder"}); rec.Kubernetes == nil || *rec.Kubernetes != want {
+		t.Errorf("the exec denial names %+v, want %+v", rec.Kubernetes, want)
+	}
+
+	// A container started while the pod is an agent: its first exec (the image's entrypoint)
+	// is held until tetherd has resolved the rules in its root, then let go. The container's
+	// main process is ended (by its PID: the test started the pod), and the kubelet starts it
+	// again in a new container cgroup.
+	restarts := func() string {
+		return strings.TrimSpace(n.mustKubectl("-n", agentNS, "get", "pod", "agent", "-o", "jsonpath={.status.containerStatuses[0].restartCount}"))
+	}
+	before, _ := strconv.Atoi(restarts())
+	if err := syscall.Kill(n.containerMain(t, "coder"), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 90*time.Second, "the coder container started again and Ready", func() error {
+		out, err := n.kubectl("-n", agentNS, "get", "pod", "agent", "-o", "jsonpath={.status.containerStatuses[0].restartCount} {.status.containerStatuses[0].ready}")
+		if err != nil || out != fmt.Sprintf("%d true", before+1) {
+			return fmt.Errorf("restarts and ready: %q %v", out, err)
+		}
+		return nil
+	})
+	main := uint32(n.containerMain(t, "coder"))
+	n.waitRecord(t, func(r record) bool {
+		return r.Kind == "exec" && r.Reason == "unresolved-root" && r.PID == main && r.Executable == "/usr/local/bin/podagent"
+	})
+	n.waitRecord(t, func(r record) bool {
+		return r.Kind == "exec" && r.Verdict == "allow" && r.Reason == "rule" && r.PID == main && r.Executable == "/usr/local/bin/podagent"
+	})
+	if out, err := n.podExec("agent", "podagent", "run", "/usr/bin/denied", "hello"); err == nil || strings.Contains(out, "hello") {
+		t.Errorf("the restarted container ran /usr/bin/denied: %v\n%s", err, out)
+	}
+	n.checkVerdicts(t, "after the container restarted")
+}
+
+// containerMain is the PID, on the node, of the agent pod's container's main process: the
+// process in the container's cgroup whose parent is outside it.
+func (n *node) containerMain(t *testing.T, container string) int {
+	t.Helper()
+	id := strings.TrimSpace(n.mustKubectl("-n", agentNS, "get", "pod", "agent", "-o", "jsonpath={.status.containerStatuses[?(@.name=='"+container+"')].containerID}"))
+	_, id, _ = strings.Cut(id, "://")
+	b, err := os.ReadFile(filepath.Join(n.agentCgroup, id, "cgroup.procs"))
+	if err != nil {
+		t.Fatalf("container %s of the agent pod: %v", container, err)
+	}
+	procs := strings.Fields(string(b))
+	for _, f := range procs {
+		st, err := os.ReadFile("/proc/" + f + "/stat")
+		if err != nil {
+			continue
+		}
+		fields := strings.Fields(string(st[strings.LastIndexByte(string(st), ')')+1:]))
+		if len(fields) > 1 && !slices.Contains(procs, fields[1]) {
+			pid, _ := strconv.Atoi(f)
+			return pid
+		}
+	}
+	t.Fatalf("no main process in container %s of the agent pod", container)
+	return 0
 }
 
 // nodeNotAgents is the "not agents" part of TestNode.
@@ -610,6 +699,7 @@ type record struct {
 	SpiffeID    string  `json:"spiffe_id"`
 	Destination string  `json:"destination"`
 	Executable  string  `json:"executable"`
+	PID         uint32  `json:"pid"`
 	Kubernetes  *podRef `json:"kubernetes"`
 }
 

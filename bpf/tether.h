@@ -378,7 +378,7 @@ struct tether_root {
 	__u64 born; /* tether_agents[slot].born of the agent it was resolved for */
 	__u32 slot;
 	__u32 _pad;
-	/* The container's root directory (kernel device encoding, inode), so that a restarted
+	/* The container's root directory (stat's device, inode), so that a restarted
 	 * tetherd can tell a process still in that root from one that changed its root. */
 	__u64 root_dev;
 	__u64 root_ino;

@@ -35,6 +35,7 @@ var helpers = map[string]func(args []string) int{
 	"exit":         helperExit,
 	"exec":         helperExec,
 	"sleep":        helperSleep,
+	"chroot":       helperChroot,
 	"probe":        helperProbe,
 	"credential":   helperCredential,
 	"flood":        helperFlood,
@@ -463,6 +464,20 @@ func helperCredential([]string) int {
 }
 
 // helperSleep blocks until stdin closes.
+// helperChroot changes its root to args[0] (a container's root, or an agent's chroot), then
+// waits as helperSleep does.
+func helperChroot(args []string) int {
+	if err := syscall.Chroot(args[0]); err != nil {
+		fmt.Fprintln(os.Stderr, "chroot:", err)
+		return 1
+	}
+	if err := os.Chdir("/"); err != nil {
+		return 1
+	}
+	fmt.Println("ready")
+	return helperSleep(nil)
+}
+
 func helperSleep([]string) int {
 	bufio.NewReader(os.Stdin).ReadString('\n')
 	return 0

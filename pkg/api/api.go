@@ -17,6 +17,7 @@ import (
 
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/confine"
+	"github.com/tether-sh/tether/pkg/containers"
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/discovery"
@@ -136,7 +137,10 @@ type Status struct {
 	Events       events.Stats        `json:"events"`
 	Policy       policy.EngineStatus `json:"policy"`
 	Identity     discovery.Status    `json:"identity"`
-	Escalation   EscalationStatus    `json:"escalation"`
+	// Containers counts pod agents' container execs held until their container's root was
+	// resolved, and the roots resolved or not.
+	Containers containers.Stats `json:"containers"`
+	Escalation EscalationStatus `json:"escalation"`
 	// DecisionLogHTTP counts the decision log's HTTP sink, when configured.
 	DecisionLogHTTP *events.HTTPStats `json:"decision_log_http,omitempty"`
 	Warnings        []string          `json:"warnings,omitempty"`

@@ -35,14 +35,13 @@ import (
 	"github.com/tether-sh/tether/pkg/compile"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
-	"github.com/tether-sh/tether/pkg/kernel"
 )
 
 // Kernel is what Roots needs of the kernel layer.
 type Kernel interface {
-	SetRoot(cgroupID uint64, r kernel.Root) error
+	SetRoot(cgroupID uint64, r dataplane.ContainerRoot) error
 	ForgetRoot(cgroupID uint64) error
-	Roots() (map[uint64]kernel.Root, error)
+	Roots() (map[uint64]dataplane.ContainerRoot, error)
 }
 
 // Registry is what Roots needs of the agents.
@@ -105,6 +104,9 @@ type Stats struct {
 }
 
 func (r *Roots) Stats() Stats {
+	if r == nil {
+		return Stats{}
+	}
 	return Stats{Held: r.held.Load(), Resolved: r.resolved.Load(), Failed: r.failed.Load()}
 }
 
@@ -229,7 +231,7 @@ func (r *Roots) resolveHeld(slot dataplane.Slot, pid int, cgroupID uint64, binar
 	if _, err := r.reg.Reevaluate(slot); err != nil {
 		return "", "", fmt.Errorf("compiling the grants with the container's root: %w", err)
 	}
-	file, ok := parseFileID(binary)
+	file, ok := events.ParseFileID(binary)
 	if !ok {
 		return "", "", fmt.Errorf("the record names no binary (%q)", binary)
 	}
@@ -270,13 +272,13 @@ func (r *Roots) resolve(slot dataplane.Slot, pod, leaf string, id uint64, pid in
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if c, ok := r.bySlot[slot][id]; ok {
-		return c.sandbox, r.k.SetRoot(id, kernel.Root{Slot: slot, Dir: c.dir})
+		return c.sandbox, r.k.SetRoot(id, dataplane.ContainerRoot{Slot: slot, Dir: c.dir})
 	}
 	c, err := r.open(pod, leaf, id, pid)
 	if err != nil {
 		return false, err
 	}
-	if err := r.k.SetRoot(id, kernel.Root{Slot: slot, Dir: c.dir}); err != nil {
+	if err := r.k.SetRoot(id, dataplane.ContainerRoot{Slot: slot, Dir: c.dir}); err != nil {
 		c.close()
 		return false, err
 	}
@@ -378,7 +380,7 @@ func (r *Roots) Preload(infos map[dataplane.Slot]dataplane.Info) {
 
 // adoptPod resolves the containers of the pod agent in slot (cgroup pod): those the kernel
 // recorded, through a process with the recorded root, and with unrecorded too the others.
-func (r *Roots) adoptPod(slot dataplane.Slot, pod string, recorded map[uint64]kernel.Root, unrecorded bool) {
+func (r *Roots) adoptPod(slot dataplane.Slot, pod string, recorded map[uint64]dataplane.ContainerRoot, unrecorded bool) {
 	entries, _ := os.ReadDir(pod)
 	for _, e := range entries {
 		if !e.IsDir() {
@@ -402,7 +404,7 @@ func (r *Roots) adoptPod(slot dataplane.Slot, pod string, recorded map[uint64]ke
 
 // adoptOne resolves one container of a pod agent from a process in it: one whose root is the
 // recorded directory, or (none recorded) the container's first process.
-func (r *Roots) adoptOne(slot dataplane.Slot, pod, leaf string, id uint64, rec kernel.Root) error {
+func (r *Roots) adoptOne(slot dataplane.Slot, pod, leaf string, id uint64, rec dataplane.ContainerRoot) error {
 	r.mu.Lock()
 	_, known := r.bySlot[slot][id]
 	r.mu.Unlock()
@@ -492,12 +494,4 @@ func parentOf(pid int) (int, bool) {
 	}
 	ppid, err := strconv.Atoi(f[1])
 	return ppid, err == nil
-}
-
-// parseFileID reads a record's binary_file ("dev:inode").
-func parseFileID(s string) (dataplane.FileID, bool) {
-	dev, ino, ok := strings.Cut(s, ":")
-	d, err1 := strconv.ParseUint(dev, 10, 64)
-	i, err2 := strconv.ParseUint(ino, 10, 64)
-	return dataplane.FileID{Dev: d, Ino: i}, ok && err1 == nil && err2 == nil
 }

@@ -742,7 +742,7 @@ func (d *Daemon) status() api.Status {
 		PinDir: d.kern.PinDir(), Cgroup2: d.root, AgentParents: d.parents, LaunchParent: d.launch,
 		ExecMode: string(f.ExecMode), ExecReason: f.ExecReason, ActiveLSMs: f.ActiveLSMs,
 		Agents: len(d.registry.List()), Registry: d.registry.Stats(), Events: d.pump.Stats(), Policy: d.policy.Engine.Status(),
-		Identity: d.disc.Status(), Escalation: d.escalationStatus(),
+		Identity: d.disc.Status(), Containers: d.roots.Stats(), Escalation: d.escalationStatus(),
 		Warnings: cfg.Warnings,
 	}
 	for _, h := range f.Hooks {

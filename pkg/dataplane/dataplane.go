@@ -187,6 +187,16 @@ const (
 	AgentContainers AgentFlags = 1 << 3
 )
 
+// ContainerRoot is a container cgroup of a pod agent (AgentContainers) whose root tetherd has
+// resolved the agent's exec rules in: from then on the kernel decides its execs by the rules, and
+// stops none of them to wait for tetherd (ReasonUnresolvedRoot).
+type ContainerRoot struct {
+	Slot Slot
+	// Dir identifies the container's root directory (stat's device, inode): a restarted tetherd
+	// resolves the rules again only through a process whose root is still this one.
+	Dir FileID
+}
+
 // Info is what the daemon records, in a pinned map, about the agent in a slot, so that a restarted
 // daemon knows whom the kernel state belongs to.
 type Info struct {

@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -198,6 +199,14 @@ func Build(e dataplane.Event, attr Attributor) Decision {
 func fileString(f dataplane.FileID) string {
 	var b [41]byte
 	return string(strconv.AppendUint(append(strconv.AppendUint(b[:0], uint64(f.Dev), 10), ':'), f.Ino, 10))
+}
+
+// ParseFileID reads a record's binary_file ("dev:inode").
+func ParseFileID(s string) (dataplane.FileID, bool) {
+	dev, ino, ok := strings.Cut(s, ":")
+	d, err1 := strconv.ParseUint(dev, 10, 64)
+	i, err2 := strconv.ParseUint(ino, 10, 64)
+	return dataplane.FileID{Dev: d, Ino: i}, ok && err1 == nil && err2 == nil
 }
 
 // Target is what the record is about: its destination, executable, socket path, socket option,

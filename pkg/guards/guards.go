@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
-	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -80,7 +79,7 @@ func (g *Guards) Run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case rec := <-g.learn:
-			id, ok := parseFileID(rec.BinaryFile)
+			id, ok := events.ParseFileID(rec.BinaryFile)
 			if !ok {
 				continue
 			}
@@ -105,14 +104,6 @@ func (g *Guards) Run(ctx context.Context) {
 			}
 		}
 	}
-}
-
-// parseFileID reads a decision record's binary_file ("dev:inode").
-func parseFileID(s string) (dataplane.FileID, bool) {
-	dev, ino, ok := strings.Cut(s, ":")
-	d, err1 := strconv.ParseUint(dev, 10, 64)
-	i, err2 := strconv.ParseUint(ino, 10, 64)
-	return dataplane.FileID{Dev: d, Ino: i}, ok && err1 == nil && err2 == nil
 }
 
 // killMoved kills process pid if it is still in the cgroup it was moved to (relative to the

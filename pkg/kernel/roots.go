@@ -9,15 +9,9 @@ import (
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
-// Root is a container cgroup of a pod agent (dataplane.AgentContainers) whose root tetherd has
-// resolved the agent's exec rules in: from then on the kernel decides its execs by the rules, and
-// stops none of them to wait for tetherd (dataplane.ReasonUnresolvedRoot).
-type Root struct {
-	Slot dataplane.Slot
-	// Dir identifies the container's root directory (kernel device encoding, inode): a restarted
-	// tetherd resolves the rules again only through a process whose root is still this one.
-	Dir dataplane.FileID
-}
+// Root is dataplane.ContainerRoot: a container cgroup whose root a pod agent's exec rules are
+// resolved in (tether_roots).
+type Root = dataplane.ContainerRoot
 
 // SetRoot records that the exec rules of the agent in slot are resolved in the root of the
 // container cgroup cgroupID. It holds for that agent only: a new agent in the slot, or the cgroup

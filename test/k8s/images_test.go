@@ -59,8 +59,10 @@ func buildImages(t *testing.T, dir string) []string {
 	}{
 		{pauseImage, []imageFile{{"/pause", agent, 0o755}}, []string{"/pause", "pause"}},
 		// /usr/bin/allowed and /usr/bin/denied are two files with the same content: exec grants
-		// name files, so only the granted one may run.
-		{agentImage, []imageFile{{"/usr/local/bin/podagent", agent, 0o755}, {"/usr/bin/allowed", agent, 0o755}, {"/usr/bin/denied", agent, 0o755}},
+		// name files, so only the granted one may run. /usr/bin/victim is granted too, and the
+		// test changes it.
+		{agentImage, []imageFile{{"/usr/local/bin/podagent", agent, 0o755}, {"/usr/bin/allowed", agent, 0o755}, {"/usr/bin/denied", agent, 0o755},
+			{"/usr/bin/victim", agent, 0o755}},
 			[]string{"/usr/local/bin/podagent", "serve", ":8080"}},
 		// What the Dockerfile builds, without its distroless base.
 		{tetherImage, []imageFile{{"/usr/local/bin/tetherd", filepath.Join(bin, "tetherd"), 0o755},

@@ -26,13 +26,14 @@ const (
 )
 
 // nodePolicyData is the shipped policy's data for the node test: the coder may connect to the
-// granted test host's port, listen on 8080 and run the agent image's podagent and /usr/bin/allowed.
+// granted test host's port, listen on 8080 and run the agent image's podagent, /usr/bin/allowed
+// and /usr/bin/victim.
 var nodePolicyData = map[string]any{
 	"tether_settings": map[string]any{
 		"networks": map[string]any{}, "internal_networks": []string{}, "git_binary": "/usr/bin/git", "tools": map[string]any{},
 		"profiles": map[string]any{
 			"k8s-test": map[string]any{
-				"exec":      []string{"/usr/local/bin/podagent", "/usr/bin/allowed"},
+				"exec":      []string{"/usr/local/bin/podagent", "/usr/bin/allowed", "/usr/bin/victim"},
 				"high_risk": []string{}, "network_egress": []string{}, "unix": []string{},
 				"egress": []any{map[string]any{"cidr": grantedHost + "/32", "ports": []int{hostPort}, "protocol": "tcp"}},
 				// The agent container serves on 8080 (the kill test sees it stop answering).
@@ -186,13 +187,11 @@ func (n *node) nodeAgent(t *testing.T) {
 
 // nodeExec is the "exec" part of TestNode: exec rules name files inside the agent pod's image.
 func (n *node) nodeExec(t *testing.T) {
-	out, err := n.podExec("agent", "podagent", "run", "/usr/bin/allowed", "hello")
-	if err != nil || !strings.Contains(out, "hello") {
-		t.Errorf("the agent could not run its image's /usr/bin/allowed: %v\n%s", err, out)
-	}
-	out, err = n.podExec("agent", "podagent", "run", "/usr/bin/denied", "hello")
-	if err == nil || strings.Contains(out, "hello") || !strings.Contains(out, "signal: killed") {
-		t.Errorf("the agent ran its image's /usr/bin/denied (same content as allowed, not granted): %v\n%s", err, out)
+	n.checkExec(t, "in the running pod")
+	// Killed, not failed: /usr/bin/denied has the content of /usr/bin/allowed.
+	out, err := n.podExec("agent", "podagent", "run", "/usr/bin/denied", "hello")
+	if err == nil || !strings.Contains(out, "signal: killed") {
+		t.Errorf("/usr/bin/denied was not killed: %v\n%s", err, out)
 	}
 	// The attack: a copy of the granted file is another file.
 	if out, err := n.podExec("agent", "podagent", "copy", "/usr/bin/allowed", "/tmp/mine"); err != nil {
@@ -200,6 +199,17 @@ func (n *node) nodeExec(t *testing.T) {
 	}
 	if out, err = n.podExec("agent", "podagent", "run", "/tmp/mine", "hello"); err == nil || strings.Contains(out, "hello") {
 		t.Errorf("the agent ran a copy of a granted file: %v\n%s", err, out)
+	}
+	// The attack: a granted file changed in place (in the container: copied up from the image's
+	// layer) is another program under the same name. Negative control: it ran before.
+	if out, err := n.podExec("agent", "podagent", "run", "/usr/bin/victim", "hello"); err != nil || !strings.Contains(out, "hello") {
+		t.Errorf("the granted /usr/bin/victim did not run: %v\n%s", err, out)
+	}
+	if out, err := n.podExec("agent", "podagent", "append", "/usr/bin/victim"); err != nil {
+		t.Fatalf("append: %v\n%s", err, out)
+	}
+	if out, err = n.podExec("agent", "podagent", "run", "/usr/bin/victim", "hello"); err == nil || strings.Contains(out, "hello") {
+		t.Errorf("the agent ran a granted file it had changed: %v\n%s", err, out)
 	}
 	// Not an agent: the same file runs.
 	if out, err = n.podExec("bystander", "podagent", "run", "/usr/bin/denied", "hello"); err != nil || !strings.Contains(out, "hello") {
@@ -237,10 +247,20 @@ func (n *node) nodeExec(t *testing.T) {
 	n.waitRecord(t, func(r record) bool {
 		return r.Kind == "exec" && r.Verdict == "allow" && r.Reason == "rule" && r.PID == main && r.Executable == "/usr/local/bin/podagent"
 	})
-	if out, err := n.podExec("agent", "podagent", "run", "/usr/bin/denied", "hello"); err == nil || strings.Contains(out, "hello") {
-		t.Errorf("the restarted container ran /usr/bin/denied: %v\n%s", err, out)
-	}
+	n.checkExec(t, "after the container restarted")
 	n.checkVerdicts(t, "after the container restarted")
+}
+
+// checkExec checks that the agent runs its image's granted /usr/bin/allowed and not
+// /usr/bin/denied.
+func (n *node) checkExec(t *testing.T, when string) {
+	t.Helper()
+	if out, err := n.podExec("agent", "podagent", "run", "/usr/bin/allowed", "hello"); err != nil || !strings.Contains(out, "hello") {
+		t.Errorf("%s: the agent could not run its image's /usr/bin/allowed: %v\n%s", when, err, out)
+	}
+	if out, err := n.podExec("agent", "podagent", "run", "/usr/bin/denied", "hello"); err == nil || strings.Contains(out, "hello") {
+		t.Errorf("%s: the agent ran /usr/bin/denied: %v\n%s", when, err, out)
+	}
 }
 
 // containerMain is the PID, on the node, of the agent pod's container's main process: the
@@ -376,6 +396,7 @@ func (n *node) nodeRestart(t *testing.T) {
 	old := strings.TrimSpace(n.mustKubectl("-n", Namespace, "get", "pods", "-l", "app.kubernetes.io/name=tether", "-o", "jsonpath={.items[0].metadata.name}"))
 	n.mustKubectl("-n", Namespace, "delete", "pod", old, "--wait=false")
 	// While the old pod stops and the new one starts, the pinned programs decide.
+	n.checkExec(t, "while tetherd restarts")
 	checks := 0
 	for gone := false; !gone; checks++ {
 		_, err := n.kubectl("-n", Namespace, "get", "pod", old)
@@ -385,6 +406,10 @@ func (n *node) nodeRestart(t *testing.T) {
 	n.mustKubectl("-n", Namespace, "rollout", "status", "ds/tether", "--timeout=120s")
 	n.mustKubectl("-n", Namespace, "wait", "--for=condition=Ready", "pod", "-l", "app.kubernetes.io/name=tether", "--timeout=120s")
 	n.checkVerdicts(t, "after the restart")
+	// The new tetherd compiles the pod's exec rules in its containers' roots from the start
+	// (found again through a process with the recorded root), or the granted file would be
+	// killed.
+	n.checkExec(t, "after the restart")
 	logs := n.mustKubectl("-n", Namespace, "logs", "ds/tether")
 	if !strings.Contains(logs, `"msg":"adopted agent"`) || !strings.Contains(logs, agentID) {
 		t.Errorf("the new tetherd did not adopt the pinned agent:\n%s", tail(logs, 3000))

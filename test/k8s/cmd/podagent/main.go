@@ -8,11 +8,13 @@
 //	podagent run PATH [ARG...]     run PATH, print how it ended
 //	podagent hello                 print "hello" (the agent image's allowed and denied copies)
 //	podagent copy SRC DST          copy file SRC to a new executable file DST
+//	podagent append PATH           append a byte to file PATH (it still runs)
 //	podagent api SOCKET PATH       GET PATH from the HTTP server on the unix socket SOCKET
 package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -66,6 +68,16 @@ func main() {
 		}
 	case "hello":
 		fmt.Println("hello")
+	case "append":
+		f, err := os.OpenFile(os.Args[2], os.O_WRONLY|os.O_APPEND, 0)
+		if err == nil {
+			_, err = f.Write([]byte{0})
+			err = errors.Join(err, f.Close())
+		}
+		if err != nil {
+			fmt.Println(err)
+			os.Exit(1)
+		}
 	case "copy":
 		b, err := os.ReadFile(os.Args[2])
 		if err == nil {

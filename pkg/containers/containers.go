@@ -236,6 +236,9 @@ func (r *Roots) resolveHeld(slot dataplane.Slot, pid int, cgroupID uint64, binar
 		return "", "", fmt.Errorf("the record names no binary (%q)", binary)
 	}
 	rule, found, _ := r.reg.ExecRule(slot, file)
+	if a, ok := r.reg.Get(slot); ok && a.Killed {
+		return events.VerdictDeny, events.KernelReason(dataplane.ReasonKilled), nil // killed meanwhile
+	}
 	switch {
 	case !found:
 		return events.VerdictDeny, events.KernelReason(dataplane.ReasonNoRule), nil

@@ -144,8 +144,10 @@ int tether_sock_create(struct bpf_sock *sk)
 	tether_account(&d);
 	if (d.verdict != TETHER_VERDICT_ALLOW) {
 		struct tether_event *e = tether_event_reserve(&d);
-		if (e)
+		if (e) {
+			e->sock_proto = proto;
 			tether_submit(e);
+		}
 	}
 	return d.verdict != TETHER_VERDICT_DENY;
 }

@@ -426,7 +426,9 @@ struct tether_event {
 	__u16 family;
 	__u8 daddr[16]; /* IPv6, or IPv4 as ::ffff:a.b.c.d */
 	__u32 bin_dev;	/* the calling binary; for exec, the executable */
-	__u32 _pad;
+	/* Socket kind: the socket's protocol in full; proto holds its low byte only, and
+	 * IPPROTO_MPTCP is 262 (Go 1.24 and later try it first for every TCP listener). */
+	__u32 sock_proto;
 	__u64 bin_ino;
 	__u32 chain_len;
 	__u32 sock_type; /* socket kind: SOCK_STREAM ... */

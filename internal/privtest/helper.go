@@ -227,7 +227,8 @@ func dialMapped(network, address string) error {
 	return syscall.Connect(fd, &syscall.SockaddrInet6{Port: int(ap.Port()), Addr: mapped.As16()})
 }
 
-// socketOf creates (and closes) a socket of the kind named: raw4, packet, icmp4, tcp4, udp6.
+// socketOf creates (and closes) a socket of the kind named: raw4, packet, icmp4, tcp4, udp6,
+// mptcp4 (IPPROTO_MPTCP, which Go's listeners try first).
 func socketOf(kind string) error {
 	args := map[string][3]int{
 		"raw4":   {syscall.AF_INET, syscall.SOCK_RAW, syscall.IPPROTO_ICMP},
@@ -235,6 +236,7 @@ func socketOf(kind string) error {
 		"icmp4":  {syscall.AF_INET, syscall.SOCK_DGRAM, syscall.IPPROTO_ICMP},
 		"tcp4":   {syscall.AF_INET, syscall.SOCK_STREAM, 0},
 		"udp6":   {syscall.AF_INET6, syscall.SOCK_DGRAM, 0},
+		"mptcp4": {syscall.AF_INET, syscall.SOCK_STREAM, 262},
 	}
 	a, ok := args[kind]
 	if !ok {

@@ -354,6 +354,9 @@ type Event struct {
 	Proto      Proto
 	Family     uint16
 	SockType   uint32
+	// SockProto is, for KindSocket, the socket's protocol in full (Proto has its low byte
+	// only: IPPROTO_MPTCP is 262).
+	SockProto  uint32
 	Addr       netip.Addr // connect, sendmsg, packet and terminate; IPv4 unmapped
 	Port       uint16
 	Comm       string

@@ -184,7 +184,11 @@ func Build(e dataplane.Event, attr Attributor) Decision {
 	case dataplane.KindExec:
 		d.Executable = e.Target
 	case dataplane.KindSocket:
-		d.SocketFamily, d.SocketType, d.Protocol = e.Family, e.SockType, strconv.Itoa(int(e.Proto))
+		proto := uint32(e.Proto)
+		if e.SockProto != 0 {
+			proto = e.SockProto // IPPROTO_MPTCP (262) does not fit Proto
+		}
+		d.SocketFamily, d.SocketType, d.Protocol = e.Family, e.SockType, strconv.Itoa(int(proto))
 	case dataplane.KindMigrate:
 		d.Cgroup, d.Killed = e.Target, e.Killed
 	case dataplane.KindGuard:

@@ -3,6 +3,7 @@ package kernel
 import (
 	"net"
 	"net/netip"
+	"syscall"
 	"testing"
 
 	"github.com/tether-sh/tether/internal/privtest"
@@ -208,15 +209,33 @@ func TestPrivilegedBinaryRule(t *testing.T) {
 // TestPrivilegedSocketTypes checks that agents cannot open IP sockets whose traffic the address
 // hooks do not see (raw, ICMP). cgroup/sock_create runs for AF_INET and AF_INET6 only: packet
 // sockets are kept from agents by dropping CAP_NET_RAW (tetherctl run does).
+//
+// MPTCP is refused too (the kernel opens its further subflows to addresses the peer announces,
+// past the connect hooks), and its record names protocol 262, not its low byte 6, which read as
+// TCP (Go 1.24 and later try MPTCP first for every listener, then fall back to TCP).
 func TestPrivilegedSocketTypes(t *testing.T) {
 	f := newFixture(t, Options{})
 	agent := f.agent(t, "agent", 9, dataplane.RuleSet{})
-	got := privtest.Dial(t, agent, "socket", "raw4", "socket", "icmp4", "socket", "tcp4", "socket", "udp6")
+	events := f.events(t)
+	got := privtest.Dial(t, agent, "socket", "raw4", "socket", "icmp4", "socket", "tcp4", "socket", "udp6", "socket", "mptcp4")
 	// An ICMP datagram socket may already fail with EACCES (net.ipv4.ping_group_range).
 	if got[1] == "error:permission_denied" {
 		got[1] = "eperm"
 	}
-	expect(t, "socket kinds", got, []string{"eperm", "eperm", "ok", "ok"})
+	mptcp := got[4] != "error:protocol_not_supported"
+	if !mptcp {
+		t.Logf("this kernel has no MPTCP (%s): its socket is not checked", got[4])
+		got[4] = "eperm"
+	}
+	expect(t, "socket kinds", got, []string{"eperm", "eperm", "ok", "ok", "eperm"})
+	if mptcp {
+		e := events.wait(t, "the MPTCP socket's record", func(e dataplane.Event) bool {
+			return e.Kind == dataplane.KindSocket && e.Slot == 9 && e.Family == syscall.AF_INET && e.SockType == syscall.SOCK_STREAM && e.Proto == 262&0xff
+		})
+		if e.SockProto != 262 || e.Verdict != dataplane.VerdictDeny || e.Reason != dataplane.ReasonSocketType {
+			t.Errorf("MPTCP socket record: protocol %d, %v %v; want 262, deny socket-type", e.SockProto, e.Verdict, e.Reason)
+		}
+	}
 }
 
 // TestPrivilegedRebindInvalidatesCache checks that the programs' per-CPU cache of cgroup -> slot

@@ -239,6 +239,7 @@ func DecodeEvent(raw []byte, boot time.Time) (dataplane.Event, error) {
 		Proto:      dataplane.Proto(e.Proto),
 		Family:     e.Family,
 		SockType:   e.SockType,
+		SockProto:  e.SockProto,
 		Port:       e.Dport,
 		Comm:       cString(e.Comm[:]),
 		BinaryPath: cString(e.Binary[:]),

@@ -103,7 +103,7 @@ type bpfTetherEvent struct {
 	Family     uint16
 	Daddr      [16]uint8
 	BinDev     uint32
-	Pad        uint32
+	SockProto  uint32
 	BinIno     uint64
 	ChainLen   uint32
 	SockType   uint32

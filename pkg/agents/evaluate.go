@@ -290,6 +290,8 @@ func (r *Registry) Recompile(ctx context.Context) {
 		if a.info.ModeOverride != nil {
 			c.RuleSet.Mode = *a.info.ModeOverride
 		}
+		// When the kernel ends it, as an evaluation gives it: the task's expiry, valid_until.
+		c.RuleSet.Expires = ruleSetExpiry(a, a.grants, c.RuleSet.Expires)
 		same := *c.RuleSet
 		same.Generation = a.rs.Generation
 		if reflect.DeepEqual(&same, a.rs) {

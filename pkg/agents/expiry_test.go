@@ -1,6 +1,8 @@
 package agents
 
 import (
+	"context"
+	"os"
 	"slices"
 	"testing"
 	"time"
@@ -74,5 +76,43 @@ func TestRuleSetCarriesItsExpiry(t *testing.T) {
 	rs, _ = e.dp.RuleSet(a.Slot)
 	if !slices.Contains(e.dp.Calls[calls:], "Install") || !rs.Expires.Equal(renewed.Task.ExpiresAt) {
 		t.Errorf("the renewal after a failed move: calls %v, expires %v; want an Install with %v", e.dp.Calls[calls:], rs.Expires, renewed.Task.ExpiresAt)
+	}
+}
+
+// TestRecompileKeepsTheExpiry: compiling the grants again without the policy (a file a rule
+// names changed on the host) keeps the rule set's expiry. Without it the recompiled rule set
+// never expired: the kernel allowed a task's destinations past the task's expiry until tetherd
+// evaluated the agent again (seen when a stopped tetherd came back just past a task's expiry).
+func TestRecompileKeepsTheExpiry(t *testing.T) {
+	dir := t.TempDir()
+	bin := dir + "/tool"
+	os.WriteFile(bin, []byte("#!/bin/sh\n"), 0o755)
+	e := newEnv(t)
+	c := newClock()
+	e.reg = e.withClock(c)
+	e.ev.set("spiffe://example.org/a", grants.Grants{Exec: []grants.Exec{{Path: bin}}})
+	a := e.register(t, "spiffe://example.org/a")
+	started, err := e.reg.StartTask(a.Slot, TaskSpec{Type: "coding", TTL: 10 * time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// What the grants name changes: the recompiled rule set differs and is installed.
+	os.WriteFile(bin+".new", []byte("#!/bin/sh\n"), 0o755)
+	os.Rename(bin+".new", bin)
+	gen := func() uint64 { rs, _ := e.dp.RuleSet(a.Slot); return rs.Generation }
+	before := gen()
+	e.reg.Recompile(context.Background())
+	rs, _ := e.dp.RuleSet(a.Slot)
+	if rs.Generation == before {
+		t.Fatal("the recompiled rule set was not installed: the test checks nothing")
+	}
+	if !rs.Expires.Equal(started.Task.ExpiresAt) {
+		t.Errorf("recompiled: the rule set expires %v, want the task's expiry %v", rs.Expires, started.Task.ExpiresAt)
+	}
+	// Recompiling again with nothing changed installs nothing (the expiry is not a change).
+	before = gen()
+	e.reg.Recompile(context.Background())
+	if gen() != before {
+		t.Error("recompiling with nothing changed installed a new generation")
 	}
 }

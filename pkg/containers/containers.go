@@ -27,6 +27,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -194,7 +195,8 @@ func (r *Roots) decideHeld(rec events.Decision) {
 	}
 	r.log.Info("held exec decided", "slot", slot, "pid", pid, "executable", rec.Executable, "binary", rec.BinaryFile, "verdict", verdict, "reason", reason)
 	out := rec
-	out.DecisionID, out.Timestamp, out.Verdict, out.Reason = "", rec.Timestamp, verdict, reason
+	// Stamped when tetherd decided: the hold record's stamp is when the kernel held it.
+	out.DecisionID, out.Timestamp, out.Verdict, out.Reason = "", time.Now().UTC(), verdict, reason
 	out.Killed = verdict == events.VerdictDeny
 	r.emit(out)
 }

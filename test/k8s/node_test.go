@@ -241,12 +241,13 @@ func (n *node) nodeExec(t *testing.T) {
 		return nil
 	})
 	main := uint32(n.containerMain(t, "coder"))
-	n.waitRecord(t, func(r record) bool {
+	held := n.waitRecord(t, func(r record) bool {
 		return r.Kind == "exec" && r.Reason == "unresolved-root" && r.PID == main && r.Executable == "/usr/local/bin/podagent"
 	})
-	n.waitRecord(t, func(r record) bool {
+	let := n.waitRecord(t, func(r record) bool {
 		return r.Kind == "exec" && r.Verdict == "allow" && r.Reason == "rule" && r.PID == main && r.Executable == "/usr/local/bin/podagent"
 	})
+	t.Logf("the restarted container's first exec was held %v (kernel's record to tetherd's decision)", let.Timestamp.Sub(held.Timestamp))
 	n.checkExec(t, "after the container restarted")
 	n.checkVerdicts(t, "after the container restarted")
 }
@@ -718,14 +719,15 @@ func (c *cluster) killedAgents(t *testing.T) map[string]bool {
 
 // record is what the node test reads of tetherd's decision records.
 type record struct {
-	Kind        string  `json:"kind"`
-	Verdict     string  `json:"verdict"`
-	Reason      string  `json:"reason"`
-	SpiffeID    string  `json:"spiffe_id"`
-	Destination string  `json:"destination"`
-	Executable  string  `json:"executable"`
-	PID         uint32  `json:"pid"`
-	Kubernetes  *podRef `json:"kubernetes"`
+	Kind        string    `json:"kind"`
+	Verdict     string    `json:"verdict"`
+	Reason      string    `json:"reason"`
+	SpiffeID    string    `json:"spiffe_id"`
+	Destination string    `json:"destination"`
+	Executable  string    `json:"executable"`
+	PID         uint32    `json:"pid"`
+	Timestamp   time.Time `json:"timestamp"`
+	Kubernetes  *podRef   `json:"kubernetes"`
 }
 
 type podRef struct {

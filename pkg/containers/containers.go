@@ -32,6 +32,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/agents"
+	"github.com/tether-sh/tether/pkg/bootclock"
 	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/compile"
 	"github.com/tether-sh/tether/pkg/dataplane"
@@ -119,9 +120,10 @@ func (r *Roots) Held(rec *events.Decision) bool {
 		return false
 	}
 	r.held.Add(1)
+	handed := bootclock.Now()
 	go func() {
 		r.Prune()
-		r.decideHeld(*rec)
+		r.decideHeld(*rec, handed)
 	}()
 	return true
 }
@@ -165,7 +167,8 @@ func (r *Roots) Prune() {
 }
 
 // decideHeld resolves the root of the held exec's container and continues or kills it.
-func (r *Roots) decideHeld(rec events.Decision) {
+func (r *Roots) decideHeld(rec events.Decision, handed time.Time) {
+	start := time.Now()
 	slot, pid := *rec.Slot, int(rec.PID)
 	pidfd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
@@ -193,10 +196,12 @@ func (r *Roots) decideHeld(rec events.Decision) {
 			r.log.Error("continuing a held exec", "pid", pid, "error", err)
 		}
 	}
-	r.log.Info("held exec decided", "slot", slot, "pid", pid, "executable", rec.Executable, "binary", rec.BinaryFile, "verdict", verdict, "reason", reason)
+	r.log.Info("held exec decided", "slot", slot, "pid", pid, "executable", rec.Executable, "binary", rec.BinaryFile, "verdict", verdict, "reason", reason,
+		"took", time.Since(start), "since_held", bootclock.Now().Sub(rec.Timestamp), "handed_after", handed.Sub(rec.Timestamp))
 	out := rec
-	// Stamped when tetherd decided: the hold record's stamp is when the kernel held it.
-	out.DecisionID, out.Timestamp, out.Verdict, out.Reason = "", time.Now().UTC(), verdict, reason
+	// Stamped when tetherd decided, on the clock of the hold record's stamp (when the kernel
+	// held it), so that the two tell how long it was held.
+	out.DecisionID, out.Timestamp, out.Verdict, out.Reason = "", bootclock.Now().UTC(), verdict, reason
 	out.Killed = verdict == events.VerdictDeny
 	r.emit(out)
 }

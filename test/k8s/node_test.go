@@ -248,6 +248,11 @@ func (n *node) nodeExec(t *testing.T) {
 		return r.Kind == "exec" && r.Verdict == "allow" && r.Reason == "rule" && r.PID == main && r.Executable == "/usr/local/bin/podagent"
 	})
 	t.Logf("the restarted container's first exec was held %v (kernel's record to tetherd's decision)", let.Timestamp.Sub(held.Timestamp))
+	for _, line := range strings.Split(n.mustKubectl("-n", Namespace, "logs", "ds/tether"), "\n") {
+		if strings.Contains(line, `"held exec decided"`) && strings.Contains(line, fmt.Sprintf(`"pid":%d,`, main)) {
+			t.Logf("tetherd: %s", line)
+		}
+	}
 	n.checkExec(t, "after the container restarted")
 	n.checkVerdicts(t, "after the container restarted")
 }

@@ -17,6 +17,11 @@
  *   tether_procs     tgid -> lineage (binary, parent) of agent processes
  *   tether_roots     container cgroup id -> the pod agent's exec rules are resolved in its root
  *
+ * One exception waits for the daemon: in a pod agent, the first exec that no rule allows in a
+ * container cgroup not in tether_roots is stopped (SIGSTOP) until the daemon has resolved the exec
+ * rules inside that container's root, which exists only once the runtime has built it; the daemon
+ * then continues or kills it (pkg/containers).
+ *
  * Cgroup programs are attached at the agent parent cgroups only, so processes outside agents never
  * run them. The global tracing programs (exec, fork, exit) return at once for a process that is not
  * in a registered agent; they are the only programs that can signal a process, and they do so only

@@ -29,6 +29,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/procfs"
 	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/agents"
@@ -260,20 +261,32 @@ func (r *Roots) resolveHeld(slot dataplane.Slot, pid int, cgroupID uint64, binar
 // runtimePhase says whether process pid is the runtime on its way into a container: its parent is
 // outside the pod and has the same root.
 func runtimePhase(pid int, pod, mount string) bool {
-	ppid, ok := parentOf(pid)
-	if !ok {
-		return false
-	}
-	prel, err := cgroups.PathOf(ppid)
-	if err != nil {
-		return false
-	}
-	if p := filepath.Join(mount, prel); p == pod || strings.HasPrefix(p, pod+"/") {
+	ppid, outside := parentOutside(pid, pod, mount)
+	if !outside {
 		return false
 	}
 	a, err1 := rootID(pid)
 	b, err2 := rootID(ppid)
 	return err1 == nil && err2 == nil && a == b
+}
+
+// parentOutside returns the parent of process pid, and whether that parent is outside the cgroup
+// directory dir (absolute, below mount) and its descendants. False when either cannot be read.
+func parentOutside(pid int, dir, mount string) (int, bool) {
+	proc, err := procfs.NewProc(pid)
+	if err != nil {
+		return 0, false
+	}
+	st, err := proc.Stat()
+	if err != nil {
+		return 0, false
+	}
+	prel, err := cgroups.PathOf(st.PPID)
+	if err != nil {
+		return 0, false
+	}
+	p := filepath.Join(mount, prel)
+	return st.PPID, p != dir && !strings.HasPrefix(p, dir+"/")
 }
 
 // resolve records the root of container cgroup leaf (ID id) of the pod agent in slot, from
@@ -430,8 +443,8 @@ func (r *Roots) adoptOne(slot dataplane.Slot, pod, leaf string, id uint64, rec d
 			if dir, err := rootID(pid); err != nil || dir != rec.Dir {
 				continue
 			}
-		} else if !firstOf(pid, leaf) {
-			continue
+		} else if _, first := parentOutside(pid, leaf, r.mount); !first {
+			continue // not the container's first process
 		}
 		_, err := r.resolve(slot, pod, leaf, id, pid)
 		return err
@@ -440,17 +453,6 @@ func (r *Roots) adoptOne(slot dataplane.Slot, pod, leaf string, id uint64, rec d
 		return errors.New("no process in it has the recorded root any more")
 	}
 	return errors.New("no process in it")
-}
-
-// firstOf says whether process pid is the first of container cgroup leaf: its parent is outside.
-func firstOf(pid int, leaf string) bool {
-	ppid, ok := parentOf(pid)
-	if !ok {
-		return false
-	}
-	prel, err := cgroups.PathOf(ppid)
-	rel, err2 := cgroups.PathOf(pid)
-	return err == nil && err2 == nil && prel != rel && !strings.HasPrefix(prel, rel+"/")
 }
 
 // lowestChild is the lowest cgroup ID among the cgroups directly below pod (0: none): the
@@ -485,23 +487,4 @@ func changed(pid int) int64 {
 		return -1
 	}
 	return stx.Ctime.Sec*1e9 + int64(stx.Ctime.Nsec)
-}
-
-// parentOf is the parent of process pid.
-func parentOf(pid int) (int, bool) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, false
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0, false
-	}
-	f := strings.Fields(s[i+1:])
-	if len(f) < 2 {
-		return 0, false
-	}
-	ppid, err := strconv.Atoi(f[1])
-	return ppid, err == nil
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	delegatedidentityv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
@@ -31,11 +32,27 @@ type SPIRE struct {
 // DialSPIRE returns a client of the admin socket at path. It does not connect yet: a SPIRE
 // agent that is not up is reported by Watch, for each process asked about, until it answers.
 func DialSPIRE(path string) (*SPIRE, error) {
-	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := dialLocal(path)
 	if err != nil {
 		return nil, fmt.Errorf("SPIRE agent admin socket %s: %w", path, err)
 	}
 	return &SPIRE{conn: conn, client: delegatedidentityv1.NewDelegatedIdentityClient(conn), Retry: time.Second}, nil
+}
+
+// LocalReconnect is the longest wait between two attempts to reconnect to a SPIRE socket.
+// gRPC's default grows to 120 s, so after a SPIRE outage of a minute an agent that appeared
+// during it would wait up to half a minute more for its identity, and a kill's revoke would fail
+// fast all that while; a local socket costs nothing to try again.
+const LocalReconnect = 2 * time.Second
+
+// dialLocal is a gRPC client of the unix socket at path, without transport security (the socket's
+// peer is checked by SPIRE itself), reconnecting at most LocalReconnect apart.
+func dialLocal(path string) (*grpc.ClientConn, error) {
+	bo := backoff.DefaultConfig
+	bo.MaxDelay = LocalReconnect
+	return grpc.NewClient("unix://"+path,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: 5 * time.Second}))
 }
 
 // Close closes the connection.

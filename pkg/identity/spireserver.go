@@ -10,7 +10,6 @@ import (
 	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 )
 
 // SPIREServer deletes registration entries through the SPIRE Server API on the server's local
@@ -22,7 +21,7 @@ type SPIREServer struct {
 
 // DialSPIREServer returns a client of the server socket at path; it connects when first used.
 func DialSPIREServer(path string) (*SPIREServer, error) {
-	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := dialLocal(path)
 	if err != nil {
 		return nil, fmt.Errorf("SPIRE server socket %s: %w", path, err)
 	}

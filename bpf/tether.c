@@ -43,6 +43,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #include "lib/attribution.h"
 #include "lib/events.h"
 #include "lib/egress.h"
+#include "lib/dns.h"
 #include "lib/unix.h"
 #include "lib/bind.h"
 #include "lib/skb.h"
@@ -72,6 +73,36 @@ SEC("cgroup/sendmsg6")
 int tether_sendmsg6(struct bpf_sock_addr *ctx)
 {
 	return tether_inet6(ctx, TETHER_KIND_SENDMSG6);
+}
+
+/* A datagram from tetherd's DNS proxy, and the peer name of a socket whose DNS went there, say
+ * the resolver the agent asked (see lib/dns.h). */
+SEC("cgroup/recvmsg4")
+int tether_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	tether_dns_unredirect(ctx, 0);
+	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int tether_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	tether_dns_unredirect(ctx, 1);
+	return 1;
+}
+
+SEC("cgroup/getpeername4")
+int tether_getpeername4(struct bpf_sock_addr *ctx)
+{
+	tether_dns_unredirect(ctx, 0);
+	return 1;
+}
+
+SEC("cgroup/getpeername6")
+int tether_getpeername6(struct bpf_sock_addr *ctx)
+{
+	tether_dns_unredirect(ctx, 1);
+	return 1;
 }
 
 SEC("cgroup/connect_unix")
@@ -205,6 +236,8 @@ int tether_egress_skb(struct __sk_buff *skb)
 		return 1; /* a request or time-wait socket: a handshake reply or a final ACK */
 
 	struct tether_sock *s = bpf_sk_storage_get(&tether_socks, sk, 0, 0);
+	if (s && (s->flags & TETHER_SOCK_DNS))
+		tether_dns_peer_note(skb, sk, s);
 	/* The common cases, with no decision to build (see above). */
 	if (s && s->slot == TETHER_NO_SLOT && !(s->flags & TETHER_SOCK_OUTBOUND)) {
 		__u32 zero = 0;

@@ -35,6 +35,8 @@ enum tether_limits {
 	 * fork from Linux 6.13). */
 	TETHER_MAX_PROCS = 65536,
 	TETHER_MAX_ROOTS = 16384, /* container cgroups of pod agents */
+	/* Sockets of agents whose DNS went to tetherd's DNS proxy lately (an LRU map). */
+	TETHER_MAX_DNS_PEERS = 65536,
 	/* Counted grants (step-up approvals with a use count) in force at once, over all agents. */
 	TETHER_MAX_GRANTS = 4096,
 	/* Parent processes carried in an event. */
@@ -141,6 +143,19 @@ enum tether_reason {
 	 * container's root (tether_roots): the process is stopped (SIGSTOP) until tetherd has
 	 * compiled the rules inside the container's root and decided the exec again. */
 	TETHER_REASON_UNRESOLVED_ROOT = 23,
+	/* DNS (port 53, UDP or TCP, to any address) of an agent, sent to tetherd's DNS proxy
+	 * instead (tether_config's dns_*): allowed here, decided by name there. */
+	TETHER_REASON_DNS_PROXY = 24,
+	/* DNS over TLS (port 853), which the proxy cannot read: denied while the proxy is on and
+	 * configured to (TETHER_DNS_DENY_DOT). */
+	TETHER_REASON_DNS_OVER_TLS = 25,
+};
+
+enum tether_dns_flags {
+	/* Agents' DNS goes to the proxy at dns_ip4/dns_ip6 and dns_port. */
+	TETHER_DNS_REDIRECT = 1 << 0,
+	/* Agents' port 853 is denied. */
+	TETHER_DNS_DENY_DOT = 1 << 1,
 };
 
 enum tether_mode {
@@ -206,7 +221,15 @@ struct tether_config_entry {
 	 * walk reaches, bound to nothing found, is denied (TETHER_REASON_DEPTH). */
 	__u32 parent_level;
 	__u32 _pad;
-	__u64 _reserved[5];
+	/* tetherd's DNS proxy (enum tether_dns_flags says whether it is on): agents' DNS from
+	 * sockets in the network namespace dns_netns (tetherd's) goes to dns_ip4 (network order) or
+	 * dns_ip6, at dns_port (host order). */
+	__u32 dns_ip4;
+	__u16 dns_port;
+	__u16 dns_flags;
+	__u8 dns_ip6[16];
+	__u64 dns_netns;
+	__u64 _reserved[1];
 };
 
 /* tether_slot_cache value: the last cgroup -> slot answer on this CPU. Programs on one CPU can
@@ -283,6 +306,10 @@ enum tether_sock_flags {
 	TETHER_SOCK_CHECKED = 1 << 7,
 	/* A drop because the agent's rule set expired was recorded. */
 	TETHER_SOCK_EXPIRY_REPORTED = 1 << 8,
+	/* The connect or sendmsg hook sent the socket's DNS to tetherd's proxy: its destination is
+	 * the proxy (allowed), received datagrams and its peer name say dns_addr and dns_port
+	 * instead, and its packets tell the proxy whose they are (tether_dns_peers). */
+	TETHER_SOCK_DNS = 1 << 9,
 };
 
 /* tether_socks value (socket local storage): what the programs know of a socket of an agent.
@@ -303,6 +330,28 @@ struct tether_sock {
 	__u16 flags; /* enum tether_sock_flags */
 	__u8 verdict;
 	__u8 reason;
+	__u8 dns_addr[16]; /* TETHER_SOCK_DNS: the resolver the agent asked (IPv4 as ::ffff:a.b.c.d) */
+	__u16 dns_port;	   /* and its port (host order) */
+	__u16 _pad[3];
+};
+
+/* tether_dns_peers key: a socket that sent DNS to the proxy, as the proxy sees its peer: the
+ * packet's source address (IPv4 as ::ffff:a.b.c.d) and port (host order), and protocol. */
+struct tether_dns_peer_key {
+	__u8 addr[16];
+	__u16 port;
+	__u8 proto;
+	__u8 _pad;
+	__u32 _pad2;
+};
+
+/* tether_dns_peers value: whose that socket is, and the resolver it asked. */
+struct tether_dns_peer {
+	__u64 born; /* tether_agents[slot].born */
+	__u32 slot;
+	__u16 dns_port;
+	__u16 _pad;
+	__u8 dns_addr[16];
 };
 
 /* tether_sweep value: one slot in a sweep of live sockets (see the iter programs). */

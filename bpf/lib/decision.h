@@ -28,6 +28,9 @@ struct tether_decision {
 	__u8 caller;
 	/* A check of a live socket, not a new connect: counted grants take no use. */
 	__u8 recheck;
+	/* TETHER_DNS_REDIRECT: DNS that goes to the proxy (allowed); TETHER_DNS_DENY_DOT: DNS over
+	 * TLS, denied. */
+	__u8 dns;
 	__u32 caller_dev;
 	__u64 caller_ino;
 	__u32 max_ms;	 /* max_duration of the rule that allowed (0: none) */

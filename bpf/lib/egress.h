@@ -290,6 +290,12 @@ static __always_inline void tether_connected(struct bpf_sock_addr *ctx, struct t
 	s->reason = d->reason;
 }
 
+#define TETHER_DNS_PORT 53
+#define TETHER_DOT_PORT 853
+
+/* See lib/dns.h: a connect or datagram to port 53 or 853, which the DNS proxy may take. */
+static __always_inline int tether_inet_dns(struct bpf_sock_addr *ctx, struct tether_decision *d, int v6);
+
 static __always_inline int tether_inet4(struct bpf_sock_addr *ctx, __u8 kind)
 {
 	struct tether_decision d = {};
@@ -300,6 +306,8 @@ static __always_inline int tether_inet4(struct bpf_sock_addr *ctx, __u8 kind)
 	d.sock_type = ctx->type;
 	d.dport = bpf_ntohs((__u16)ctx->user_port);
 	tether_addr4(d.addr, ctx->user_ip4);
+	if (d.dport == TETHER_DNS_PORT || d.dport == TETHER_DOT_PORT)
+		return tether_inet_dns(ctx, &d, 0);
 	int ok = tether_egress(&d);
 	if (kind == TETHER_KIND_CONNECT4)
 		tether_connected(ctx, &d);
@@ -321,6 +329,8 @@ static __always_inline int tether_inet6(struct bpf_sock_addr *ctx, __u8 kind)
 	addr[1] = ctx->user_ip6[1];
 	addr[2] = ctx->user_ip6[2];
 	addr[3] = ctx->user_ip6[3];
+	if (d.dport == TETHER_DNS_PORT || d.dport == TETHER_DOT_PORT)
+		return tether_inet_dns(ctx, &d, 1);
 	int ok = tether_egress(&d);
 	if (kind == TETHER_KIND_CONNECT6)
 		tether_connected(ctx, &d);

@@ -61,6 +61,9 @@ struct tether_btf_anchor {
 	enum tether_sock_flags sock_flags;
 	struct tether_config_entry config;
 	struct tether_slot_cache_entry slot_cache;
+	struct tether_dns_peer_key dns_peer_key;
+	struct tether_dns_peer dns_peer;
+	enum tether_dns_flags dns_flags;
 };
 const struct tether_btf_anchor *const tether_btf_anchor __attribute__((unused)) = 0;
 
@@ -94,6 +97,15 @@ struct {
 	__type(key, __u64); /* a container cgroup's ID */
 	__type(value, struct tether_root);
 } tether_roots SEC(".maps");
+
+/* Written by the egress program for each packet of a socket whose DNS goes to the proxy (see
+ * TETHER_SOCK_DNS); the proxy reads whose a query is from its peer address. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, TETHER_MAX_DNS_PEERS);
+	__type(key, struct tether_dns_peer_key);
+	__type(value, struct tether_dns_peer);
+} tether_dns_peers SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);

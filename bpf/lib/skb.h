@@ -149,6 +149,37 @@ static __always_inline int tether_skb_slot(struct __sk_buff *skb, __u64 *cgroup_
 	return found;
 }
 
+/* tether_dns_peer_note records, for the proxy, whose socket sent this packet of DNS: the packet's
+ * source address and port, as the proxy will see them, to the agent and the resolver asked. */
+static __always_inline void tether_dns_peer_note(struct __sk_buff *skb, struct bpf_sock *sk, struct tether_sock *s)
+{
+	struct tether_dns_peer_key k = {};
+	if (skb->protocol == bpf_htons(TETHER_ETH_P_IP)) {
+		__u32 a;
+		if (bpf_skb_load_bytes(skb, 12, &a, 4))
+			return;
+		k.addr[10] = 0xff;
+		k.addr[11] = 0xff;
+		__builtin_memcpy(k.addr + 12, &a, 4);
+	} else if (skb->protocol == bpf_htons(TETHER_ETH_P_IPV6)) {
+		if (bpf_skb_load_bytes(skb, 8, k.addr, 16))
+			return;
+	} else {
+		return;
+	}
+	k.port = (__u16)sk->src_port;
+	k.proto = (__u8)sk->protocol;
+	struct tether_dns_peer v = {};
+	v.born = s->born;
+	v.slot = s->slot;
+	v.dns_port = s->dns_port;
+	__builtin_memcpy(v.dns_addr, s->dns_addr, 16);
+	struct tether_dns_peer *old = bpf_map_lookup_elem(&tether_dns_peers, &k);
+	if (old && old->born == v.born && old->slot == v.slot && old->dns_port == v.dns_port)
+		return; /* the same socket's packet, most likely: no write */
+	bpf_map_update_elem(&tether_dns_peers, &k, &v, BPF_ANY);
+}
+
 /* tether_sock_current says whether socket storage s still belongs to the agent (or, for a socket
  * of no agent, to the bindings) it was attributed to; agent gets that agent. */
 static __always_inline int tether_sock_current(struct tether_sock *s, struct tether_agent **agent)
@@ -172,7 +203,7 @@ static __always_inline void tether_sock_attribute(struct tether_sock *s, __u32 s
 
 	s->slot = slot;
 	s->generation = 0;
-	s->flags &= TETHER_SOCK_OUTBOUND;
+	s->flags &= TETHER_SOCK_OUTBOUND | TETHER_SOCK_DNS;
 	s->born = 0;
 	if (slot == TETHER_NO_SLOT) {
 		struct tether_config_entry *cfg = bpf_map_lookup_elem(&tether_config, &zero);
@@ -242,6 +273,8 @@ __attribute__((noinline)) int tether_sock_check(struct tether_decision *d, struc
 {
 	if (!d || !s)
 		return 0;
+	if (s->flags & TETHER_SOCK_DNS)
+		d->dns = TETHER_DNS_REDIRECT; /* its destination is the proxy */
 	__u32 slot = d->slot;
 	struct tether_agent *agent = bpf_map_lookup_elem(&tether_agents, &slot);
 	if (agent) {
@@ -282,7 +315,9 @@ __attribute__((noinline)) int tether_sock_check(struct tether_decision *d, struc
 		}
 	}
 	void *rules = tether_begin_slot(d, &slot);
-	if (rules)
+	if (rules && d->dns)
+		tether_dns_verdict(d, rules);
+	else if (rules)
 		tether_egress_rules(d, rules, 0);
 	if (d->verdict != TETHER_VERDICT_ALLOW && d->reason != TETHER_REASON_KILLED && d->reason != TETHER_REASON_EXPIRED)
 		d->reason = TETHER_REASON_REVOKED;

@@ -1,5 +1,6 @@
-// Package dnstest is a DNS server on loopback for tests: it answers A and AAAA questions from a
-// table the test changes, with the TTL the test sets, and counts the questions.
+// Package dnstest is a DNS server on loopback for tests (UDP and TCP, one port): it answers A and
+// AAAA questions from a table the test changes, with the TTL the test sets, and counts the
+// questions.
 package dnstest
 
 import (
@@ -20,6 +21,7 @@ type Server struct {
 	ttl     uint32
 	queries atomic.Int64
 	srv     *dns.Server
+	tcp     *dns.Server
 }
 
 // Start serves on 127.0.0.1 until the test ends.
@@ -30,12 +32,19 @@ func Start(t testing.TB) *Server {
 		t.Fatal(err)
 	}
 	s := &Server{Addr: pc.LocalAddr().String(), records: map[string][]netip.Addr{}, ttl: 60}
+	l, err := net.Listen("tcp", s.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
 	s.srv = &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(s.answer)}
-	started := make(chan struct{})
-	s.srv.NotifyStartedFunc = func() { close(started) }
-	go s.srv.ActivateAndServe()
-	<-started
-	t.Cleanup(func() { s.srv.Shutdown() })
+	s.tcp = &dns.Server{Listener: l, Handler: dns.HandlerFunc(s.answer)}
+	for _, srv := range []*dns.Server{s.srv, s.tcp} {
+		started := make(chan struct{})
+		srv.NotifyStartedFunc = func() { close(started) }
+		go srv.ActivateAndServe()
+		<-started
+		t.Cleanup(func() { srv.Shutdown() })
+	}
 	return s
 }
 
@@ -58,6 +67,9 @@ func (s *Server) answer(w dns.ResponseWriter, r *dns.Msg) {
 	s.queries.Add(1)
 	m := new(dns.Msg)
 	m.SetReply(r)
+	if o := r.IsEdns0(); o != nil {
+		m.SetEdns0(o.UDPSize(), false)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	q := r.Question[0]

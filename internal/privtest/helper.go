@@ -46,6 +46,7 @@ var helpers = map[string]func(args []string) int{
 	"bind-connect": helperBindConnect,
 	"renew":        helperRenew,
 	"fork":         helperFork,
+	"dns":          helperDNS,
 }
 
 // Main runs the helper the environment names, or the tests and then cleanups. Call it from

@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"slices"
 	"sync"
 	"time"
 
 	"github.com/tether-sh/tether/pkg/compile"
 	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/grants"
 	"github.com/tether-sh/tether/pkg/panics"
 )
@@ -78,7 +80,64 @@ func (r *Registry) compile(ctx context.Context, a *agent, g grants.Grants) Compi
 		}
 		ctx = compile.WithExecRoots(ctx, roots)
 	}
+	if r.opts.Names != nil {
+		ctx = compile.WithNames(ctx, r.opts.Names(a.slot))
+	}
 	return r.opts.Compile(ctx, g)
+}
+
+// DNSView is what the DNS proxy needs of an agent to decide a query of it.
+type DNSView struct {
+	Agent events.Agent
+	// Names are the fqdn rules of its grants in force (exact names and *.domain patterns).
+	Names []string
+	// Audit: its rule set is in audit mode (a name no rule covers is answered and reported).
+	Audit bool
+}
+
+// DNS returns what the DNS proxy needs of the agent in slot; false when there is none.
+func (r *Registry) DNS(slot dataplane.Slot) (DNSView, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a, ok := r.live(slot)
+	if !ok {
+		return DNSView{}, false
+	}
+	v := DNSView{Agent: events.Agent{SpiffeID: a.info.SpiffeID, Slot: slot, CgroupID: a.info.CgroupID}}
+	if t := a.ctx.Task; t != nil {
+		v.Agent.TaskID, v.Agent.TaskType = t.ID, t.Type
+	}
+	if a.rs != nil {
+		v.Audit = a.rs.Mode == dataplane.ModeAudit
+	}
+	for _, e := range a.grants.Egress {
+		if e.FQDN != "" && !slices.Contains(v.Names, e.FQDN) {
+			v.Names = append(v.Names, e.FQDN)
+		}
+	}
+	return v, true
+}
+
+// Relearn compiles the agent in slot again from the grants in force, without evaluating the
+// policy (what the agent learnt through the DNS proxy changed), and installs the result before
+// it returns. Nothing is written when the rule set is the same.
+func (r *Registry) Relearn(slot dataplane.Slot) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a, ok := r.live(slot)
+	if !ok {
+		return fmt.Errorf("%w: slot %d", ErrNotFound, slot)
+	}
+	if a.rs == nil || a.ctx.Revoked {
+		return nil
+	}
+	c := r.compile(context.Background(), a, a.grants)
+	if a.info.ModeOverride != nil {
+		c.RuleSet.Mode = *a.info.ModeOverride
+	}
+	a.next = nextEvaluation(a, a.grants, c)
+	c.RuleSet.Expires = ruleSetExpiry(a, a.grants, c.RuleSet.Expires)
+	return r.install(a, c.RuleSet, c, a.err)
 }
 
 // grantsOf has the policy decide a's grants for its current context (nothing when it errs).

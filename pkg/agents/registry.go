@@ -186,6 +186,10 @@ type Options struct {
 	// ExecRoots returns the container roots a pod agent's exec rules are compiled in (see
 	// Registration.Containers); nil: none.
 	ExecRoots func(slot dataplane.Slot) []compile.Files
+	// Names returns what an agent learnt through the DNS proxy, which its fqdn rules are
+	// compiled from (nil: the proxy is off, and fqdn rules are resolved by the compiler's
+	// Resolver).
+	Names func(slot dataplane.Slot) compile.Names
 	// Now is the clock (tests); nil: bootclock.Now, the clock of the kernel's deadlines.
 	Now    func() time.Time
 	Logger *slog.Logger

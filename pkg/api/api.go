@@ -21,6 +21,7 @@ import (
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/discovery"
+	"github.com/tether-sh/tether/pkg/dnsproxy"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/killpath"
 	"github.com/tether-sh/tether/pkg/policy"
@@ -140,6 +141,8 @@ type Status struct {
 	// Containers counts pod agents' container execs held until their container's root was
 	// resolved, and the roots resolved or not.
 	Containers containers.Stats `json:"containers"`
+	// DNSProxy counts what the DNS proxy answered agents; absent when it is off.
+	DNSProxy   *dnsproxy.Stats  `json:"dns_proxy,omitempty"`
 	Escalation EscalationStatus `json:"escalation"`
 	// DecisionLogHTTP counts the decision log's HTTP sink, when configured.
 	DecisionLogHTTP *events.HTTPStats `json:"decision_log_http,omitempty"`

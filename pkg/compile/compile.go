@@ -25,6 +25,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/miekg/dns"
+
 	"github.com/tether-sh/tether/pkg/bootclock"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/grants"
@@ -72,6 +74,32 @@ func WithExecRoots(ctx context.Context, roots []Files) context.Context {
 	}
 	return context.WithValue(ctx, execRootsKey{}, roots)
 }
+
+// Names are the addresses an agent's own DNS answers gave it, through tetherd's DNS proxy. With
+// them in the context (WithNames), an fqdn rule takes its addresses from there, not from the
+// Resolver: the addresses the agent was answered, whichever its resolver's answer was.
+type Names interface {
+	// Addrs returns the addresses learnt for the names pattern covers (NameCovers) that still
+	// hold at now, and the first moment after now when what it returns changes (zero: never).
+	Addrs(pattern string, now time.Time) ([]netip.Addr, time.Time)
+}
+
+type namesKey struct{}
+
+// WithNames returns ctx carrying an agent's learnt names for the compile of its grants.
+func WithNames(ctx context.Context, n Names) context.Context {
+	return context.WithValue(ctx, namesKey{}, n)
+}
+
+// NamesOf returns the Names WithNames put in ctx.
+func NamesOf(ctx context.Context) (Names, bool) {
+	n, ok := ctx.Value(namesKey{}).(Names)
+	return n, ok && n != nil
+}
+
+// NameMargin is how long after the last learnt address of a rule set stops holding the kernel
+// stops allowing the whole rule set, if tetherd has not installed one without it by then.
+const NameMargin = 5 * time.Second
 
 // ExecRootsOf returns the roots WithExecRoots put in ctx, and whether it did.
 func ExecRootsOf(ctx context.Context) ([]Files, bool) {
@@ -373,6 +401,17 @@ const (
 // expiry. The addresses are those tether resolves; an agent resolving the name itself may get
 // others (round-robin, geo DNS): grant those names' address ranges as cidr where that matters.
 func (c *compiler) resolve(ctx context.Context, where, name string) []netip.Prefix {
+	if err := CheckName(name); err != nil {
+		c.refuse(where, "fqdn %q: %v", name, err)
+		return nil
+	}
+	if names, ok := NamesOf(ctx); ok {
+		return c.learnt(names, name)
+	}
+	if strings.HasPrefix(name, "*.") {
+		c.refuse(where, "fqdn %q: a wildcard name is resolved only by what agents are answered, through the DNS proxy (dns_proxy.enabled)", name)
+		return nil
+	}
 	if c.opts.Resolver == nil {
 		c.refuse(where, "fqdn %q: no DNS resolver is configured", name)
 		return nil
@@ -393,6 +432,25 @@ func (c *compiler) resolve(ctx context.Context, where, name string) []netip.Pref
 	if at := c.opts.Now.Add(life + dnsGrace); c.res.RuleSet.Expires.IsZero() || at.Before(c.res.RuleSet.Expires) {
 		c.res.RuleSet.Expires = at
 	}
+	return hostPrefixes(addrs)
+}
+
+// learnt returns the /128 prefixes of the addresses the agent was answered for the names pattern
+// covers, none (not a refusal) before it asked; the rule set is compiled again when one of them
+// stops holding, and ends NameMargin after that if tetherd does not.
+func (c *compiler) learnt(names Names, pattern string) []netip.Prefix {
+	addrs, next := names.Addrs(pattern, c.opts.Now)
+	if !next.IsZero() {
+		c.refreshIn(next.Sub(c.opts.Now))
+		if at := next.Add(NameMargin); c.res.RuleSet.Expires.IsZero() || at.Before(c.res.RuleSet.Expires) {
+			c.res.RuleSet.Expires = at
+		}
+	}
+	return append([]netip.Prefix{}, hostPrefixes(addrs)...)
+}
+
+// hostPrefixes are the /128 prefixes (16-byte form) of addrs.
+func hostPrefixes(addrs []netip.Addr) []netip.Prefix {
 	var out []netip.Prefix
 	for _, a := range addrs {
 		a = a.Unmap()
@@ -403,6 +461,30 @@ func (c *compiler) resolve(ctx context.Context, where, name string) []netip.Pref
 		}
 	}
 	return out
+}
+
+// CheckName says whether an fqdn rule's name is one: a domain name, or *. and a domain name (a
+// wildcard: every name below the domain, not the domain itself).
+func CheckName(name string) error {
+	base := strings.TrimPrefix(name, "*.")
+	if base == "" || strings.Contains(base, "*") {
+		return errors.New("want a domain name, or *. and a domain name")
+	}
+	if _, ok := dns.IsDomainName(base); !ok {
+		return errors.New("not a domain name")
+	}
+	return nil
+}
+
+// NameCovers says whether the fqdn rule pattern (exact, or *.domain) covers the queried name;
+// both are compared without case and trailing dot.
+func NameCovers(pattern, name string) bool {
+	pattern = strings.ToLower(strings.TrimSuffix(pattern, "."))
+	name = strings.ToLower(strings.TrimSuffix(name, "."))
+	if base, ok := strings.CutPrefix(pattern, "*."); ok {
+		return strings.HasSuffix(name, "."+base)
+	}
+	return name == pattern
 }
 
 func (c *compiler) refreshIn(d time.Duration) {

@@ -87,6 +87,27 @@ type Env struct {
 // DNS resolves the fqdn rules of grants.
 type DNS struct {
 	Server string `json:"server"` // host:port; empty: the first nameserver of /etc/resolv.conf
+	// Proxy sends agents' DNS through tetherd, which answers only names their fqdn rules cover
+	// and grants the addresses they were answered.
+	Proxy DNSProxy `json:"proxy"`
+}
+
+// DNSProxy configures tetherd's DNS proxy (pkg/dnsproxy). The kernel sends the DNS (port 53, UDP
+// and TCP, to any address) of agents in tetherd's network namespace to it; agents in other
+// network namespaces (pods) keep theirs, judged by the egress rules.
+type DNSProxy struct {
+	Enabled bool `json:"enabled"`
+	// Port of its listeners on 127.0.0.1 and ::1; 0: one the kernel picks.
+	Port uint16 `json:"port"`
+	// Refuse is the answer to a name no rule covers: "refused" (the default) or "nxdomain".
+	Refuse string `json:"refuse"`
+	// DenyDoT denies agents port 853 (DNS over TLS, which the proxy cannot read).
+	DenyDoT bool `json:"deny_dot"`
+	// MinTTL and MaxTTL bound how long an answer's addresses are granted (default 5s and 1h);
+	// Grace is how long after that connections in progress keep them (default 10s).
+	MinTTL time.Duration `json:"min_ttl"`
+	MaxTTL time.Duration `json:"max_ttl"`
+	Grace  time.Duration `json:"grace"`
 }
 
 // Cgroup says where agents live.
@@ -734,6 +755,23 @@ func checkResolver(l *Loaded, bad badFunc) {
 		if _, _, err := net.SplitHostPort(c.DNS.Server); err != nil {
 			bad("$.dns.server", "dns.server", "%q: want host:port", c.DNS.Server)
 		}
+	}
+	p := c.DNS.Proxy
+	switch p.Refuse {
+	case "", "refused", "nxdomain":
+	default:
+		bad("$.dns.proxy.refuse", "dns.proxy.refuse", "%q: want refused or nxdomain", p.Refuse)
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{{"min_ttl", p.MinTTL}, {"max_ttl", p.MaxTTL}, {"grace", p.Grace}} {
+		if d.v != 0 && (d.v < time.Second || d.v > 24*time.Hour) {
+			bad("$.dns.proxy."+d.name, "dns.proxy."+d.name, "%s: want 1s to 24h", d.v)
+		}
+	}
+	if p.MinTTL != 0 && p.MaxTTL != 0 && p.MinTTL > p.MaxTTL {
+		bad("$.dns.proxy.min_ttl", "dns.proxy.min_ttl", "%s is above max_ttl %s", p.MinTTL, p.MaxTTL)
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -32,6 +33,7 @@ import (
 	"github.com/tether-sh/tether/pkg/credentials"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/discovery"
+	"github.com/tether-sh/tether/pkg/dnsproxy"
 	"github.com/tether-sh/tether/pkg/escalation"
 	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/fleet"
@@ -81,6 +83,7 @@ type Daemon struct {
 	recompile   chan struct{}   // a granted executable changed: compile the grants again soon
 	guards      *guards.Guards
 	roots       *containers.Roots // pod agents' container roots, where their exec rules are resolved
+	dns         *dnsproxy.Proxy   // agents' DNS; nil: off
 
 	ready    atomic.Bool  // the API serves and the programs are attached
 	lastTick atomic.Int64 // unix ns of the main loop's last round
@@ -300,8 +303,16 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 	if err := d.newPolicy(); err != nil {
 		return opened.close, err
 	}
+	closeDNS, err := d.openDNSProxy(cfg)
+	opened.add(closeDNS)
+	if err != nil {
+		return opened.close, err
+	}
 	d.newRegistry(cfg)
 	opened.add(d.registry.Close)
+	if err := d.startDNSProxy(cfg); err != nil {
+		return opened.close, err
+	}
 	d.creds.Tasks = d.registry
 	d.policy.Decider.Contexts = d.registry.ContextOf
 	d.policy.Agents, d.policy.Compile = d.registry, d.compileOpts
@@ -351,12 +362,19 @@ func (d *Daemon) newRegistry(cfg *config.Loaded) {
 		Parents:      d.parents,
 		LaunchParent: d.launch,
 		TaskEnded:    d.creds.Ended,
-		Unregistered: func(slot dataplane.Slot) { d.creds.Unregistered(slot); d.roots.Forget(slot) },
-		ExecRoots:    func(slot dataplane.Slot) []compile.Files { return d.roots.Files(slot) },
-		Retiring:     func(a agents.Agent) { d.metrics.Retire(a) },
-		Denied:       func(id string) bool { return d.killer != nil && d.killer.IsDenied(id) || d.fleet.Load().Denies(id) },
-		UIDs:         launchUIDs(cfg),
-		Logger:       d.log,
+		Unregistered: func(slot dataplane.Slot) {
+			d.creds.Unregistered(slot)
+			d.roots.Forget(slot)
+			if d.dns != nil {
+				d.dns.Forget(slot)
+			}
+		},
+		ExecRoots: func(slot dataplane.Slot) []compile.Files { return d.roots.Files(slot) },
+		Names:     d.learntNames(),
+		Retiring:  func(a agents.Agent) { d.metrics.Retire(a) },
+		Denied:    func(id string) bool { return d.killer != nil && d.killer.IsDenied(id) || d.fleet.Load().Denies(id) },
+		UIDs:      launchUIDs(cfg),
+		Logger:    d.log,
 	})
 	d.roots = containers.New(d.root, d.kern, d.registry, func(rec events.Decision) {
 		d.responder.Annotate(&rec)
@@ -568,6 +586,57 @@ func (d *Daemon) logFeatures() {
 	d.log.Info("live sockets", "terminate", f.SockDestroy, "reason", f.SockDestroyReason)
 }
 
+// openDNSProxy opens the DNS proxy's listeners when it is on (the registry compiles agents'
+// fqdn rules from what it learns).
+func (d *Daemon) openDNSProxy(cfg *config.Loaded) (func(), error) {
+	pc := cfg.DNS.Proxy
+	if !pc.Enabled {
+		// A redirect an earlier tetherd left in the pinned configuration ends.
+		return func() {}, d.kern.ClearDNSProxy()
+	}
+	server := cfg.DNS.Server
+	if server == "" {
+		var err error
+		if server, err = compile.SystemDNS(); err != nil {
+			return func() {}, fmt.Errorf("dns.proxy: no server to ask: %w (set dns.server)", err)
+		}
+	}
+	p, err := dnsproxy.New(d.kern, dnsproxy.Options{Port: pc.Port, Upstream: server, NXDomain: pc.Refuse == "nxdomain",
+		MinTTL: pc.MinTTL, MaxTTL: pc.MaxTTL, Grace: pc.Grace, Log: d.log,
+		Emit: func(rec events.Decision) {
+			d.responder.Annotate(&rec)
+			d.pump.Emit(rec)
+		}})
+	if err != nil {
+		return func() {}, err
+	}
+	d.dns = p
+	return p.Close, nil
+}
+
+// learntNames is the registry's Options.Names: what agents learnt through the DNS proxy (nil
+// when it is off).
+func (d *Daemon) learntNames() func(dataplane.Slot) compile.Names {
+	if d.dns == nil {
+		return nil
+	}
+	return d.dns.Names
+}
+
+// startDNSProxy answers agents' DNS and has the kernel send it there.
+func (d *Daemon) startDNSProxy(cfg *config.Loaded) error {
+	if d.dns == nil {
+		return nil
+	}
+	d.dns.Serve(d.registry)
+	err := d.kern.SetDNSProxy(kernel.DNSProxy{IP4: netip.MustParseAddr("127.0.0.1"), IP6: netip.IPv6Loopback(), Port: d.dns.Port(), DenyDoT: cfg.DNS.Proxy.DenyDoT})
+	if err != nil {
+		return err
+	}
+	d.log.Info("DNS proxy answering agents' DNS", "port", d.dns.Port(), "upstream", cfg.DNS.Server, "deny_dot", cfg.DNS.Proxy.DenyDoT)
+	return nil
+}
+
 // dnsResolver resolves the fqdn rules of grants: the configured server, else the system's.
 func dnsResolver(cfg *config.Loaded, log *slog.Logger) compile.Resolver {
 	server := cfg.DNS.Server
@@ -742,7 +811,7 @@ func (d *Daemon) status() api.Status {
 		PinDir: d.kern.PinDir(), Cgroup2: d.root, AgentParents: d.parents, LaunchParent: d.launch,
 		ExecMode: string(f.ExecMode), ExecReason: f.ExecReason, ActiveLSMs: f.ActiveLSMs,
 		Agents: len(d.registry.List()), Registry: d.registry.Stats(), Events: d.pump.Stats(), Policy: d.policy.Engine.Status(),
-		Identity: d.disc.Status(), Containers: d.roots.Stats(), Escalation: d.escalationStatus(),
+		Identity: d.disc.Status(), Containers: d.roots.Stats(), DNSProxy: d.dnsStats(), Escalation: d.escalationStatus(),
 		Warnings: cfg.Warnings,
 	}
 	for _, h := range f.Hooks {
@@ -752,6 +821,15 @@ func (d *Daemon) status() api.Status {
 	st.Sockets = api.SocketStatus{Terminate: f.SockDestroy, Reason: f.SockDestroyReason, Sweeps: counts.Sweeps}
 	st.Kernel, st.DecisionLogHTTP = counts.Kernel, counts.DecisionLogHTTP
 	return st
+}
+
+// dnsStats is the DNS proxy's counts; nil when it is off.
+func (d *Daemon) dnsStats() *dnsproxy.Stats {
+	if d.dns == nil {
+		return nil
+	}
+	s := d.dns.Stats()
+	return &s
 }
 
 // Stats is what tetherd's stages count, for the metrics.

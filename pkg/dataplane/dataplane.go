@@ -319,9 +319,14 @@ const (
 	// tetherd has not resolved the exec rules in yet (see AgentContainers): the process is
 	// stopped until tetherd has, and then continued or killed.
 	ReasonUnresolvedRoot
+	// ReasonDNSProxy: an agent's DNS (port 53) sent to tetherd's DNS proxy, which decides by
+	// name (allowed in the kernel).
+	ReasonDNSProxy
+	// ReasonDNSOverTLS: port 853 while the DNS proxy is on and configured to deny it.
+	ReasonDNSOverTLS
 )
 
-var reasonNames = [...]string{"rule", "no-rule", "killed", "unknown-cgroup", "no-ruleset", "socket-type", "binary-unknown", "audit-rule", "grant-spent", "revoked", "detour", "max-duration", "migration", "depth", "modified-file", "mount-ns", "family", "userns", "ptrace", "bind", "bpf", "expired", "lineage-full", "unresolved-root"}
+var reasonNames = [...]string{"rule", "no-rule", "killed", "unknown-cgroup", "no-ruleset", "socket-type", "binary-unknown", "audit-rule", "grant-spent", "revoked", "detour", "max-duration", "migration", "depth", "modified-file", "mount-ns", "family", "userns", "ptrace", "bind", "bpf", "expired", "lineage-full", "unresolved-root", "dns-proxy", "dns-over-tls"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) {

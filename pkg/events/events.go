@@ -73,6 +73,28 @@ type Decision struct {
 	// Stepup is a step of a step-up request (kind "stepup"; verdict pending, approved, denied
 	// or refused).
 	Stepup *Stepup `json:"stepup,omitempty"`
+	// DNS is a query an agent sent and what the DNS proxy did with it (kind "dns": verdict
+	// allow with reason rule, deny or audit-deny with reason no-rule, or error).
+	DNS *DNSQuery `json:"dns,omitempty"`
+}
+
+// DNSQuery is what a dns record says of a query and its answer.
+type DNSQuery struct {
+	Name     string `json:"name"`
+	Type     string `json:"type"`               // A, AAAA, ...
+	Protocol string `json:"protocol"`           // udp or tcp
+	Resolver string `json:"resolver,omitempty"` // where the agent sent it (the proxy took it)
+	// Grant is the fqdn of the agent's grant that covers the name (exact, or *.domain).
+	Grant string `json:"grant,omitempty"`
+	// Rcode is the answer's response code (NOERROR, NXDOMAIN, REFUSED, SERVFAIL, ...).
+	Rcode string `json:"rcode"`
+	// Answers are the answer's addresses, installed as the agent's host rules for TTL seconds
+	// (the answer's shortest, bounded) before the agent got it.
+	Answers []string `json:"answers,omitempty"`
+	TTL     uint32   `json:"ttl,omitempty"`
+	// InstallNs is how long installing them took.
+	InstallNs int64  `json:"install_ns,omitempty"`
+	Error     string `json:"error,omitempty"`
 }
 
 // Stepup is what a step-up record says of the request.

@@ -17,6 +17,7 @@ const (
 	KindIdentity RecordKind = "identity" // an agent lost its identity
 	KindKill     RecordKind = "kill"     // what the kill path did
 	KindSyscall  RecordKind = "syscall"  // a system call the launcher's seccomp filter refused
+	KindDNS      RecordKind = "dns"      // a query an agent sent, as the DNS proxy decided it
 )
 
 // KernelKind is the record kind of a kernel decision.
@@ -92,6 +93,15 @@ func PolicyRecord(a Agent, query, revision string, input, result any, err error,
 func StepupRecord(a Agent, state, why string, s Stepup) Decision {
 	rec := a.record(KindStepup, Verdict(state), Reason(why))
 	rec.Stepup = &s
+	return rec
+}
+
+// DNSRecord is the record of a query of a that the DNS proxy decided: verdict and reason as the
+// kernel's (allow/rule, deny/no-rule, audit-deny/no-rule), or error with the reason.
+func DNSRecord(a Agent, verdict Verdict, reason Reason, q DNSQuery) Decision {
+	rec := a.record(KindDNS, verdict, reason)
+	rec.Protocol, rec.Destination = q.Protocol, q.Name
+	rec.DNS = &q
 	return rec
 }
 

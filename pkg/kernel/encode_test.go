@@ -41,7 +41,8 @@ func TestLimitsMatchC(t *testing.T) {
 	if dataplane.KindExec != dataplane.Kind(bpfTetherKindTETHER_KIND_EXEC) || dataplane.VerdictAudit != dataplane.Verdict(bpfTetherVerdictTETHER_VERDICT_AUDIT) ||
 		dataplane.ReasonBinaryUnknown != dataplane.Reason(bpfTetherReasonTETHER_REASON_BINARY_UNKNOWN) ||
 		dataplane.AgentKilled != dataplane.AgentFlags(bpfTetherAgentFlagsTETHER_AGENT_KILLED) ||
-		dataplane.KindGuard != dataplane.Kind(bpfTetherKindTETHER_KIND_GUARD) || dataplane.ReasonBPF != dataplane.Reason(bpfTetherReasonTETHER_REASON_BPF) {
+		dataplane.KindGuard != dataplane.Kind(bpfTetherKindTETHER_KIND_GUARD) || dataplane.ReasonBPF != dataplane.Reason(bpfTetherReasonTETHER_REASON_BPF) ||
+		dataplane.ReasonDNSOverTLS != dataplane.Reason(bpfTetherReasonTETHER_REASON_DNS_OVER_TLS) {
 		t.Error("enum values differ from C")
 	}
 }

@@ -78,6 +78,7 @@ type Kernel struct {
 	hosts         *ebpf.Map
 	procs         *ebpf.Map
 	roots         *ebpf.Map
+	dnsPeers      *ebpf.Map
 	events        *ebpf.Map
 	counters      *ebpf.Map
 	agentCounters *ebpf.Map
@@ -266,6 +267,7 @@ func (k *Kernel) takeMaps(coll *ebpf.Collection) {
 	k.hosts = coll.Maps[bpfMapTetherHosts]
 	k.procs = coll.Maps[bpfMapTetherProcs]
 	k.roots = coll.Maps[bpfMapTetherRoots]
+	k.dnsPeers = coll.Maps[bpfMapTetherDnsPeers]
 	k.events = coll.Maps[bpfMapTetherEvents]
 	k.counters = coll.Maps[bpfMapTetherCounters]
 	k.settled = coll.Maps[bpfMapTetherSettled]

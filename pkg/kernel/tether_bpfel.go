@@ -69,7 +69,12 @@ type bpfTetherConfigEntry struct {
 	Parents     uint32
 	ParentLevel uint32
 	Pad         uint32
-	Reserved    [5]uint64
+	DnsIp4      uint32
+	DnsPort     uint16
+	DnsFlags    uint16
+	DnsIp6      [16]uint8
+	DnsNetns    uint64
+	Reserved    [1]uint64
 }
 
 type bpfTetherCounter uint32
@@ -85,6 +90,31 @@ const (
 	bpfTetherCounterTETHER_COUNTER_EVENTS_SUBMITTED      bpfTetherCounter = 7
 	bpfTetherCounterTETHER_COUNTER_MAX                   bpfTetherCounter = 8
 )
+
+type bpfTetherDnsFlags uint32
+
+const (
+	bpfTetherDnsFlagsTETHER_DNS_REDIRECT bpfTetherDnsFlags = 1
+	bpfTetherDnsFlagsTETHER_DNS_DENY_DOT bpfTetherDnsFlags = 2
+)
+
+type bpfTetherDnsPeer struct {
+	_       structs.HostLayout
+	Born    uint64
+	Slot    uint32
+	DnsPort uint16
+	Pad     uint16
+	DnsAddr [16]uint8
+}
+
+type bpfTetherDnsPeerKey struct {
+	_     structs.HostLayout
+	Addr  [16]uint8
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+	Pad2  uint32
+}
 
 type bpfTetherEvent struct {
 	_          structs.HostLayout
@@ -184,6 +214,7 @@ const (
 	bpfTetherLimitsTETHER_RULE_DATA       bpfTetherLimits = 111
 	bpfTetherLimitsTETHER_MAX_PROCS       bpfTetherLimits = 65536
 	bpfTetherLimitsTETHER_MAX_ROOTS       bpfTetherLimits = 16384
+	bpfTetherLimitsTETHER_MAX_DNS_PEERS   bpfTetherLimits = 65536
 	bpfTetherLimitsTETHER_MAX_GRANTS      bpfTetherLimits = 4096
 	bpfTetherLimitsTETHER_CHAIN_LEN       bpfTetherLimits = 4
 	bpfTetherLimitsTETHER_PATH_LEN        bpfTetherLimits = 128
@@ -247,6 +278,8 @@ const (
 	bpfTetherReasonTETHER_REASON_EXPIRED         bpfTetherReason = 21
 	bpfTetherReasonTETHER_REASON_LINEAGE_FULL    bpfTetherReason = 22
 	bpfTetherReasonTETHER_REASON_UNRESOLVED_ROOT bpfTetherReason = 23
+	bpfTetherReasonTETHER_REASON_DNS_PROXY       bpfTetherReason = 24
+	bpfTetherReasonTETHER_REASON_DNS_OVER_TLS    bpfTetherReason = 25
 )
 
 type bpfTetherRoot struct {
@@ -316,6 +349,9 @@ type bpfTetherSock struct {
 	Flags      uint16
 	Verdict    uint8
 	Reason     uint8
+	DnsAddr    [16]uint8
+	DnsPort    uint16
+	Pad        [3]uint16
 }
 
 type bpfTetherSockFlags uint32
@@ -330,6 +366,7 @@ const (
 	bpfTetherSockFlagsTETHER_SOCK_EXPIRED         bpfTetherSockFlags = 64
 	bpfTetherSockFlagsTETHER_SOCK_CHECKED         bpfTetherSockFlags = 128
 	bpfTetherSockFlagsTETHER_SOCK_EXPIRY_REPORTED bpfTetherSockFlags = 256
+	bpfTetherSockFlagsTETHER_SOCK_DNS             bpfTetherSockFlags = 512
 )
 
 type bpfTetherSweepSlot struct {
@@ -360,6 +397,7 @@ const (
 	bpfMapTetherCgroups            = "tether_cgroups"
 	bpfMapTetherConfig             = "tether_config"
 	bpfMapTetherCounters           = "tether_counters"
+	bpfMapTetherDnsPeers           = "tether_dns_peers"
 	bpfMapTetherEvents             = "tether_events"
 	bpfMapTetherGrantUses          = "tether_grant_uses"
 	bpfMapTetherHosts              = "tether_hosts"
@@ -385,9 +423,13 @@ const (
 	bpfProgTetherExecLsm           = "tether_exec_lsm"
 	bpfProgTetherExit              = "tether_exit"
 	bpfProgTetherFork              = "tether_fork"
+	bpfProgTetherGetpeername4      = "tether_getpeername4"
+	bpfProgTetherGetpeername6      = "tether_getpeername6"
 	bpfProgTetherIngressSkb        = "tether_ingress_skb"
 	bpfProgTetherMigrate           = "tether_migrate"
 	bpfProgTetherPtraceLsm         = "tether_ptrace_lsm"
+	bpfProgTetherRecvmsg4          = "tether_recvmsg4"
+	bpfProgTetherRecvmsg6          = "tether_recvmsg6"
 	bpfProgTetherSendmsg4          = "tether_sendmsg4"
 	bpfProgTetherSendmsg6          = "tether_sendmsg6"
 	bpfProgTetherSendmsgUnix       = "tether_sendmsg_unix"
@@ -461,9 +503,13 @@ type bpfProgramSpecs struct {
 	TetherExecLsm        *ebpf.ProgramSpec `ebpf:"tether_exec_lsm"`
 	TetherExit           *ebpf.ProgramSpec `ebpf:"tether_exit"`
 	TetherFork           *ebpf.ProgramSpec `ebpf:"tether_fork"`
+	TetherGetpeername4   *ebpf.ProgramSpec `ebpf:"tether_getpeername4"`
+	TetherGetpeername6   *ebpf.ProgramSpec `ebpf:"tether_getpeername6"`
 	TetherIngressSkb     *ebpf.ProgramSpec `ebpf:"tether_ingress_skb"`
 	TetherMigrate        *ebpf.ProgramSpec `ebpf:"tether_migrate"`
 	TetherPtraceLsm      *ebpf.ProgramSpec `ebpf:"tether_ptrace_lsm"`
+	TetherRecvmsg4       *ebpf.ProgramSpec `ebpf:"tether_recvmsg4"`
+	TetherRecvmsg6       *ebpf.ProgramSpec `ebpf:"tether_recvmsg6"`
 	TetherSendmsg4       *ebpf.ProgramSpec `ebpf:"tether_sendmsg4"`
 	TetherSendmsg6       *ebpf.ProgramSpec `ebpf:"tether_sendmsg6"`
 	TetherSendmsgUnix    *ebpf.ProgramSpec `ebpf:"tether_sendmsg_unix"`
@@ -489,6 +535,7 @@ type bpfMapSpecs struct {
 	TetherCgroups       *ebpf.MapSpec `ebpf:"tether_cgroups"`
 	TetherConfig        *ebpf.MapSpec `ebpf:"tether_config"`
 	TetherCounters      *ebpf.MapSpec `ebpf:"tether_counters"`
+	TetherDnsPeers      *ebpf.MapSpec `ebpf:"tether_dns_peers"`
 	TetherEvents        *ebpf.MapSpec `ebpf:"tether_events"`
 	TetherGrantUses     *ebpf.MapSpec `ebpf:"tether_grant_uses"`
 	TetherHosts         *ebpf.MapSpec `ebpf:"tether_hosts"`
@@ -540,6 +587,7 @@ type bpfMaps struct {
 	TetherCgroups       *ebpf.Map `ebpf:"tether_cgroups"`
 	TetherConfig        *ebpf.Map `ebpf:"tether_config"`
 	TetherCounters      *ebpf.Map `ebpf:"tether_counters"`
+	TetherDnsPeers      *ebpf.Map `ebpf:"tether_dns_peers"`
 	TetherEvents        *ebpf.Map `ebpf:"tether_events"`
 	TetherGrantUses     *ebpf.Map `ebpf:"tether_grant_uses"`
 	TetherHosts         *ebpf.Map `ebpf:"tether_hosts"`
@@ -563,6 +611,7 @@ func (m *bpfMaps) Close() error {
 		m.TetherCgroups,
 		m.TetherConfig,
 		m.TetherCounters,
+		m.TetherDnsPeers,
 		m.TetherEvents,
 		m.TetherGrantUses,
 		m.TetherHosts,
@@ -605,9 +654,13 @@ type bpfPrograms struct {
 	TetherExecLsm        *ebpf.Program `ebpf:"tether_exec_lsm"`
 	TetherExit           *ebpf.Program `ebpf:"tether_exit"`
 	TetherFork           *ebpf.Program `ebpf:"tether_fork"`
+	TetherGetpeername4   *ebpf.Program `ebpf:"tether_getpeername4"`
+	TetherGetpeername6   *ebpf.Program `ebpf:"tether_getpeername6"`
 	TetherIngressSkb     *ebpf.Program `ebpf:"tether_ingress_skb"`
 	TetherMigrate        *ebpf.Program `ebpf:"tether_migrate"`
 	TetherPtraceLsm      *ebpf.Program `ebpf:"tether_ptrace_lsm"`
+	TetherRecvmsg4       *ebpf.Program `ebpf:"tether_recvmsg4"`
+	TetherRecvmsg6       *ebpf.Program `ebpf:"tether_recvmsg6"`
 	TetherSendmsg4       *ebpf.Program `ebpf:"tether_sendmsg4"`
 	TetherSendmsg6       *ebpf.Program `ebpf:"tether_sendmsg6"`
 	TetherSendmsgUnix    *ebpf.Program `ebpf:"tether_sendmsg_unix"`
@@ -637,9 +690,13 @@ func (p *bpfPrograms) Close() error {
 		p.TetherExecLsm,
 		p.TetherExit,
 		p.TetherFork,
+		p.TetherGetpeername4,
+		p.TetherGetpeername6,
 		p.TetherIngressSkb,
 		p.TetherMigrate,
 		p.TetherPtraceLsm,
+		p.TetherRecvmsg4,
+		p.TetherRecvmsg6,
 		p.TetherSendmsg4,
 		p.TetherSendmsg6,
 		p.TetherSendmsgUnix,

@@ -19,7 +19,7 @@ var layers = [][]string{
 	{"pkg/dataplane", "pkg/bootclock", "pkg/panics", "pkg/grants", "pkg/cgroups", "pkg/bpffs", "pkg/version"},
 	{"pkg/dataplane/dataplanetest", "pkg/identity", "pkg/compile", "pkg/events", "pkg/confine", "pkg/kernel"},
 	{"pkg/agents", "pkg/escalation", "pkg/config", "pkg/guards"},
-	{"pkg/credentials", "pkg/stepup", "pkg/killpath", "pkg/telemetry", "pkg/discovery", "pkg/containers"},
+	{"pkg/credentials", "pkg/stepup", "pkg/killpath", "pkg/telemetry", "pkg/discovery", "pkg/containers", "pkg/dnsproxy"},
 	{"pkg/policy", "pkg/control", "pkg/fleet"},
 	{"pkg/api"},
 	{"pkg/daemon"},

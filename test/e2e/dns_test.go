@@ -1,0 +1,144 @@
+package e2e
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/tether-sh/tether/internal/dnstest"
+	"github.com/tether-sh/tether/internal/privtest"
+	"github.com/tether-sh/tether/pkg/events"
+)
+
+// dnsScene is a tetherd with its DNS proxy on, asking a test DNS server, whose agent is granted
+// svc.e2e.test on the first host's port and *.wild.e2e.test on the second's.
+type dnsScene struct {
+	d          *tetherd
+	dns        *dnstest.Server
+	h1, h2     *privtest.Host
+	cg         string
+	svc1, svc2 string // svc.e2e.test's port on each host
+	wild2      string // the wildcard's port on the second host
+}
+
+func newDNSScene(t *testing.T, proxy string) *dnsScene {
+	s := &dnsScene{h1: privtest.NewHost(t), h2: privtest.NewHost(t)}
+	p1, _ := tcpPort(t, s.h1)
+	p2, _ := tcpPort(t, s.h2)
+	p2svc, _ := tcpPort(t, s.h2) // svc.e2e.test's port on the second host
+	s.svc1 = netip.AddrPortFrom(s.h1.V4, p1).String()
+	s.svc2 = netip.AddrPortFrom(s.h2.V4, p2svc).String()
+	s.wild2 = netip.AddrPortFrom(s.h2.V4, p2).String()
+	s.dns = dnstest.Start(t)
+	s.dns.Set("svc.e2e.test", 0, s.h1.V4) // TTL 0: the proxy keeps no answer, each query asks
+	s.dns.Set("a.wild.e2e.test", 0, s.h2.V4)
+	s.dns.Set("evil.e2e.test", 0, s.h2.V4)
+	self := privtest.AgentBinary(t)
+	s.d = newTetherd(t, profile{
+		"egress": []any{
+			map[string]any{"fqdn": "svc.e2e.test", "ports": []int{int(p1), int(p2svc)}, "protocol": "tcp"},
+			map[string]any{"fqdn": "*.wild.e2e.test", "ports": []int{int(p2)}, "protocol": "tcp"},
+		},
+		"exec": []string{self},
+	})
+	s.d.extra = fmt.Sprintf("dns:\n  server: %s\n  proxy:\n    enabled: true\n    deny_dot: true\n%s", s.dns.Addr, proxy)
+	s.d.writeConfig()
+	s.d.start()
+	s.cg = s.d.sleeper()
+	return s
+}
+
+// TestPrivilegedDNSProxy: an agent's DNS goes to tetherd's proxy whatever resolver it asks, over
+// UDP and TCP, with EDNS0; the answer comes from the resolver it asked; a granted name's answer
+// is its grant before it is its answer, even when the server answers differently each time; an
+// ungranted name never reaches the server, and its address, learnt elsewhere, stays denied;
+// DNS over TLS is denied; every query is a record; learnt addresses end with their TTL and grace.
+func TestPrivilegedDNSProxy(t *testing.T) {
+	s := newDNSScene(t, "    min_ttl: 5s\n    grace: 2s\n")
+	d, cg := s.d, s.cg
+	if got := privtest.Dial(t, cg, "tcp", s.svc1); !slices.Equal(got, []string{"eperm"}) {
+		t.Fatalf("before any query, svc.e2e.test's address: %v, want eperm", got)
+	}
+
+	// Any resolver address: 192.0.2.53 (TEST-NET-1) exists nowhere.
+	a := privtest.AskDNS(t, cg, "udp", "192.0.2.53:53", "svc.e2e.test", "A", false)
+	if a.Rcode != "NOERROR" || !slices.Equal(a.Answers, []string{s.h1.V4.String()}) || a.From != "192.0.2.53:53" {
+		t.Fatalf("svc.e2e.test over UDP from 192.0.2.53: %+v", a)
+	}
+	// The answer's address is granted by the time the agent has the answer: no wait.
+	if got := privtest.Dial(t, cg, "tcp", s.svc1); !slices.Equal(got, []string{"ok"}) {
+		t.Fatalf("svc.e2e.test's answered address right after the answer: %v", got)
+	}
+
+	// The server now answers the name with another address (round robin, geo DNS): the agent's
+	// answer is what is granted. Over TCP, with EDNS0, through an IPv6 resolver address.
+	s.dns.Set("svc.e2e.test", 0, s.h2.V4)
+	a = privtest.AskDNS(t, cg, "tcp", "[2001:db8::53]:53", "svc.e2e.test", "A", true)
+	if a.Rcode != "NOERROR" || !slices.Equal(a.Answers, []string{s.h2.V4.String()}) || a.From != "[2001:db8::53]:53" || !a.EDNS {
+		t.Fatalf("svc.e2e.test over TCP (EDNS0) from [2001:db8::53]: %+v", a)
+	}
+	if got := privtest.Dial(t, cg, "tcp", s.svc2, "tcp", s.svc1); !slices.Equal(got, []string{"ok", "ok"}) {
+		t.Fatalf("both answered addresses of svc.e2e.test within their TTL: %v", got)
+	}
+
+	// An ungranted name: refused, and the query (data in its name) never reaches the server.
+	asked := s.dns.Queries()
+	a = privtest.AskDNS(t, cg, "udp", "192.0.2.53:53", "c2VjcmV0.evil.e2e.test", "A", false)
+	if a.Rcode != "REFUSED" || len(a.Answers) != 0 {
+		t.Errorf("an ungranted name: %+v, want REFUSED", a)
+	}
+	a = privtest.AskDNS(t, cg, "tcp", "192.0.2.53:53", "evil.e2e.test", "AAAA", false)
+	if a.Rcode != "REFUSED" {
+		t.Errorf("an ungranted name over TCP: %+v, want REFUSED", a)
+	}
+	if n := s.dns.Queries() - asked; n != 0 {
+		t.Errorf("the server got %d queries for ungranted names", n)
+	}
+	// evil.e2e.test's address, learnt elsewhere, on the wildcard's port: denied until a name
+	// the wildcard covers answers it.
+	if got := privtest.Dial(t, cg, "tcp", s.wild2); !slices.Equal(got, []string{"eperm"}) {
+		t.Errorf("the second host's wildcard port before the wildcard answered it: %v", got)
+	}
+	a = privtest.AskDNS(t, cg, "udp", "192.0.2.53:53", "a.wild.e2e.test", "A", false)
+	if a.Rcode != "NOERROR" || !slices.Equal(a.Answers, []string{s.h2.V4.String()}) {
+		t.Fatalf("a.wild.e2e.test: %+v", a)
+	}
+	if got := privtest.Dial(t, cg, "tcp", s.wild2); !slices.Equal(got, []string{"ok"}) {
+		t.Errorf("the wildcard's answer: %v", got)
+	}
+	// DNS over TLS is denied outright.
+	if got := privtest.Dial(t, cg, "tcp", netip.AddrPortFrom(s.h1.V4, 853).String()); !slices.Equal(got, []string{"eperm"}) {
+		t.Errorf("port 853: %v, want eperm", got)
+	}
+
+	checkDNSRecords(t, d)
+
+	// Not asked again, the answers end with their TTL (5 s) and grace (2 s).
+	asked1 := time.Now()
+	waitForLong(t, 20*time.Second, "the learnt addresses to end", func() bool {
+		return slices.Equal(privtest.Dial(t, cg, "tcp", s.svc1, "tcp", s.wild2), []string{"eperm", "eperm"})
+	})
+	t.Logf("learnt addresses ended %s after the last answer (TTL 5 s + grace 2 s)", time.Since(asked1).Round(time.Millisecond))
+}
+
+// checkDNSRecords checks the records and counts of TestPrivilegedDNSProxy's queries.
+func checkDNSRecords(t *testing.T, d *tetherd) {
+	allowed := d.decision("a dns record of the answered name", func(r events.Decision) bool {
+		return r.Kind == events.KindDNS && r.DNS != nil && r.DNS.Name == "svc.e2e.test" && r.Verdict == events.VerdictAllow
+	})
+	if allowed.DNS.Grant != "svc.e2e.test" || allowed.DNS.Resolver == "" || len(allowed.DNS.Answers) != 1 || allowed.DNS.TTL != 5 || allowed.SpiffeID != agentID {
+		t.Errorf("the record of an answered query: %+v %+v", allowed, allowed.DNS)
+	}
+	refused := d.decision("a dns record of the refused name", func(r events.Decision) bool {
+		return r.Kind == events.KindDNS && r.DNS != nil && r.DNS.Name == "c2VjcmV0.evil.e2e.test"
+	})
+	if refused.Verdict != events.VerdictDeny || refused.Reason != "no-rule" || refused.DNS.Rcode != "REFUSED" {
+		t.Errorf("the record of a refused query: %+v %+v", refused, refused.DNS)
+	}
+	st := d.status().DNSProxy
+	if st == nil || st.Refused != 2 || st.Answered < 3 {
+		t.Errorf("proxy status: %+v", st)
+	}
+}

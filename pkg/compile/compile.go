@@ -470,8 +470,13 @@ func CheckName(name string) error {
 	if base == "" || strings.Contains(base, "*") {
 		return errors.New("want a domain name, or *. and a domain name")
 	}
-	if _, ok := dns.IsDomainName(base); !ok {
+	if _, ok := dns.IsDomainName(base); !ok || len(base) > 253 {
 		return errors.New("not a domain name")
+	}
+	for _, label := range strings.Split(strings.TrimSuffix(base, "."), ".") {
+		if label == "" || len(label) > 63 || strings.Trim(label, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_") != "" {
+			return fmt.Errorf("label %q: want letters, digits, hyphens and underscores", label)
+		}
 	}
 	return nil
 }

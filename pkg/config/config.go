@@ -108,6 +108,8 @@ type DNSProxy struct {
 	MinTTL time.Duration `json:"min_ttl"`
 	MaxTTL time.Duration `json:"max_ttl"`
 	Grace  time.Duration `json:"grace"`
+	// StateFile keeps what agents were answered across restarts of tetherd.
+	StateFile string `json:"state_file"`
 }
 
 // Cgroup says where agents live.
@@ -341,6 +343,7 @@ func Defaults() Config {
 		Log:         Log{Level: "info", Format: "text"},
 		Credentials: Credentials{Dir: "/run/tether/credentials", KeyFile: "/var/lib/tether/credentials.key", TTL: 5 * time.Minute},
 		Kill:        Kill{StateFile: "/var/lib/tether/kill-state.json", FreezeTimeout: 5 * time.Second},
+		DNS:         DNS{Proxy: DNSProxy{StateFile: "/var/lib/tether/dns-state.json"}},
 		// 0x7f000000 and up: outside the ranges distributions give users, systemd's dynamic and
 		// container uids and the usual subordinate ranges, and below 2^31.
 		Confinement: Confinement{UIDs: "2130706432-2130771967"},
@@ -769,6 +772,9 @@ func checkResolver(l *Loaded, bad badFunc) {
 		if d.v != 0 && (d.v < time.Second || d.v > 24*time.Hour) {
 			bad("$.dns.proxy."+d.name, "dns.proxy."+d.name, "%s: want 1s to 24h", d.v)
 		}
+	}
+	if p.Enabled && !filepath.IsAbs(p.StateFile) {
+		bad("$.dns.proxy.state_file", "dns.proxy.state_file", "%q: must be an absolute path", p.StateFile)
 	}
 	if p.MinTTL != 0 && p.MaxTTL != 0 && p.MinTTL > p.MaxTTL {
 		bad("$.dns.proxy.min_ttl", "dns.proxy.min_ttl", "%s is above max_ttl %s", p.MinTTL, p.MaxTTL)

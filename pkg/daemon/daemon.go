@@ -336,6 +336,12 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 	if err := d.registry.Adopt(); err != nil {
 		d.log.Error("adopting pinned agents", "error", err)
 	}
+	if d.dns != nil {
+		d.dns.Adopted(func(slot dataplane.Slot) (uint64, bool) {
+			a, ok := d.registry.Get(slot)
+			return a.CgroupID, ok
+		})
+	}
 	d.setAccess(cfg)
 
 	pumped := make(chan struct{})
@@ -601,12 +607,25 @@ func (d *Daemon) openDNSProxy(cfg *config.Loaded) (func(), error) {
 			return func() {}, fmt.Errorf("dns.proxy: no server to ask: %w (set dns.server)", err)
 		}
 	}
-	p, err := dnsproxy.New(d.kern, dnsproxy.Options{Port: pc.Port, Upstream: server, NXDomain: pc.Refuse == "nxdomain",
-		MinTTL: pc.MinTTL, MaxTTL: pc.MaxTTL, Grace: pc.Grace, Log: d.log,
+	if err := os.MkdirAll(filepath.Dir(pc.StateFile), 0o700); err != nil {
+		return func() {}, fmt.Errorf("dns.proxy.state_file: %w", err)
+	}
+	opts := dnsproxy.Options{Port: pc.Port, Upstream: server, NXDomain: pc.Refuse == "nxdomain",
+		MinTTL: pc.MinTTL, MaxTTL: pc.MaxTTL, Grace: pc.Grace, StateFile: pc.StateFile, Log: d.log,
 		Emit: func(rec events.Decision) {
 			d.responder.Annotate(&rec)
 			d.pump.Emit(rec)
-		}})
+		}}
+	if opts.Port == 0 {
+		// The port an earlier tetherd's proxy had, where the kernel sends agents' DNS until this
+		// one says otherwise: DNS works again as soon as this one listens.
+		opts.Port = d.kern.DNSProxyPort()
+	}
+	p, err := dnsproxy.New(d.kern, opts)
+	if err != nil && pc.Port == 0 && opts.Port != 0 {
+		opts.Port = 0 // taken since: another one
+		p, err = dnsproxy.New(d.kern, opts)
+	}
 	if err != nil {
 		return func() {}, err
 	}

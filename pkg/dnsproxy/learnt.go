@@ -3,6 +3,7 @@ package dnsproxy
 import (
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -16,6 +17,9 @@ type learnt struct {
 	grace time.Duration
 	mu    sync.Mutex
 	slots map[dataplane.Slot]map[nameAddr]time.Time
+	// cgroups are the cgroup IDs of the agents the slots held when they learnt: a restarted
+	// tetherd keeps a slot's names only for the same agent.
+	cgroups map[dataplane.Slot]uint64
 }
 
 type nameAddr struct {
@@ -24,15 +28,19 @@ type nameAddr struct {
 }
 
 func newLearnt(grace time.Duration) *learnt {
-	return &learnt{grace: grace, slots: map[dataplane.Slot]map[nameAddr]time.Time{}}
+	return &learnt{grace: grace, slots: map[dataplane.Slot]map[nameAddr]time.Time{}, cgroups: map[dataplane.Slot]uint64{}}
 }
 
 // add records that slot was answered addrs for name, holding until until. It says whether the
 // agent's rules change: an address that was not held (new, or lapsed with its grace) is.
-func (l *learnt) add(slot dataplane.Slot, name string, addrs []netip.Addr, until, now time.Time) bool {
+func (l *learnt) add(slot dataplane.Slot, cgroupID uint64, name string, addrs []netip.Addr, until, now time.Time) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	m := l.slots[slot]
+	if l.cgroups[slot] != cgroupID {
+		m = nil // another agent's, from before a restart
+	}
+	l.cgroups[slot] = cgroupID
 	if m == nil {
 		m = map[nameAddr]time.Time{}
 		l.slots[slot] = m
@@ -56,6 +64,24 @@ func (l *learnt) forget(slot dataplane.Slot) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	delete(l.slots, slot)
+	delete(l.cgroups, slot)
+}
+
+// keepOnly drops the slots whose agent is not the one that learnt (after a restart: agents that
+// went meanwhile); it returns the slots kept.
+func (l *learnt) keepOnly(cgroupOf func(dataplane.Slot) (uint64, bool)) []dataplane.Slot {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var kept []dataplane.Slot
+	for slot := range l.slots {
+		if id, ok := cgroupOf(slot); ok && id == l.cgroups[slot] {
+			kept = append(kept, slot)
+			continue
+		}
+		delete(l.slots, slot)
+		delete(l.cgroups, slot)
+	}
+	return kept
 }
 
 // of is slot's learnt names as the compiler reads them.
@@ -100,6 +126,62 @@ func (l *learnt) size() int {
 	n := 0
 	for _, m := range l.slots {
 		n += len(m)
+	}
+	return n
+}
+
+// savedName is one learnt (name, address) in the state file; Until is on pkg/bootclock's clock
+// (CLOCK_BOOTTIME, which a restart of tetherd does not reset).
+type savedName struct {
+	Slot     dataplane.Slot `json:"slot"`
+	CgroupID uint64         `json:"cgroup_id"`
+	Name     string         `json:"name"`
+	Addr     netip.Addr     `json:"addr"`
+	UntilNs  int64          `json:"until_ns"`
+}
+
+// snapshot is what is learnt and still held at now, for the state file.
+func (l *learnt) snapshot(now time.Time) []savedName {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []savedName
+	for slot, m := range l.slots {
+		for k, until := range m {
+			if until.Add(l.grace).After(now) {
+				out = append(out, savedName{Slot: slot, CgroupID: l.cgroups[slot], Name: k.name, Addr: k.addr, UntilNs: until.UnixNano()})
+			}
+		}
+	}
+	slices.SortFunc(out, func(a, b savedName) int {
+		if a.Slot != b.Slot {
+			return int(a.Slot) - int(b.Slot)
+		}
+		if a.Name != b.Name {
+			return strings.Compare(a.Name, b.Name)
+		}
+		return a.Addr.Compare(b.Addr)
+	})
+	return out
+}
+
+// restore takes back what a state file held that still holds at now.
+func (l *learnt) restore(saved []savedName, now time.Time) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for _, s := range saved {
+		until := time.Unix(0, s.UntilNs)
+		if !until.Add(l.grace).After(now) || !s.Addr.IsValid() {
+			continue
+		}
+		m := l.slots[s.Slot]
+		if m == nil {
+			m = map[nameAddr]time.Time{}
+			l.slots[s.Slot] = m
+		}
+		m[nameAddr{s.Name, s.Addr.Unmap()}] = until
+		l.cgroups[s.Slot] = s.CgroupID
+		n++
 	}
 	return n
 }

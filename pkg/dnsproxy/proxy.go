@@ -11,12 +11,15 @@ package dnsproxy
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -57,6 +60,9 @@ type Options struct {
 	MinTTL, MaxTTL, Grace time.Duration
 	// Timeout of one exchange upstream (3 s when unset).
 	Timeout time.Duration
+	// StateFile keeps what agents learnt across restarts of tetherd (none: it is not kept, and a
+	// restarted tetherd's rules hold none of it until the agents ask again).
+	StateFile string
 	// Emit writes a record.
 	Emit func(events.Decision)
 	Log  *slog.Logger
@@ -74,6 +80,7 @@ type Proxy struct {
 	servers []*dns.Server
 	port    uint16
 	stats   counters
+	saveMu  sync.Mutex
 }
 
 type counters struct {
@@ -121,11 +128,75 @@ func New(k Kernel, opts Options) (*Proxy, error) {
 		opts.Emit = func(events.Decision) {}
 	}
 	p := &Proxy{opts: opts, k: k, up: newUpstream(opts.Upstream, opts.Timeout, opts.Now), learnt: newLearnt(opts.Grace)}
+	if err := p.load(); err != nil {
+		return nil, err
+	}
 	if err := p.listen(); err != nil {
 		p.Close()
 		return nil, err
 	}
 	return p, nil
+}
+
+// load takes back what the state file says agents learnt.
+func (p *Proxy) load() error {
+	if p.opts.StateFile == "" {
+		return nil
+	}
+	b, err := os.ReadFile(p.opts.StateFile)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("DNS proxy state: %w", err)
+	}
+	var saved []savedName
+	if err := json.Unmarshal(b, &saved); err != nil {
+		// A file this tetherd cannot read holds nothing it can use: the agents ask again.
+		p.opts.Log.Error("DNS proxy state file unreadable: what agents learnt before is dropped", "file", p.opts.StateFile, "error", err)
+		return nil
+	}
+	n := p.learnt.restore(saved, p.opts.Now())
+	p.opts.Log.Info("DNS proxy: names agents learnt before the restart", "held", n, "file", p.opts.StateFile)
+	return nil
+}
+
+// save writes what agents learnt to the state file (a new file renamed over the old: a reader
+// sees the old or the new one whole).
+func (p *Proxy) save() error {
+	if p.opts.StateFile == "" {
+		return nil
+	}
+	p.saveMu.Lock()
+	defer p.saveMu.Unlock()
+	b, err := json.Marshal(p.learnt.snapshot(p.opts.Now()))
+	if err != nil {
+		return err
+	}
+	tmp := p.opts.StateFile + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return fmt.Errorf("DNS proxy state: %w", err)
+	}
+	if err := os.Rename(tmp, p.opts.StateFile); err != nil {
+		return fmt.Errorf("DNS proxy state: %w", err)
+	}
+	return nil
+}
+
+// Adopted drops what agents that went while tetherd was away learnt, and has the registry
+// compile those that are still here with what they learnt (call after the registry adopted the
+// pinned agents). cgroupOf says which agent a slot holds now.
+func (p *Proxy) Adopted(cgroupOf func(dataplane.Slot) (uint64, bool)) {
+	for _, slot := range p.learnt.keepOnly(cgroupOf) {
+		if p.reg != nil {
+			if err := p.reg.Relearn(slot); err != nil {
+				p.opts.Log.Warn("DNS proxy: compiling an adopted agent with what it learnt", "slot", slot, "error", err)
+			}
+		}
+	}
+	if err := p.save(); err != nil {
+		p.opts.Log.Warn("DNS proxy: writing the state file", "error", err)
+	}
 }
 
 func orDefault(d, def time.Duration) time.Duration {
@@ -190,7 +261,12 @@ func (p *Proxy) Close() {
 func (p *Proxy) Names(slot dataplane.Slot) compile.Names { return p.learnt.of(slot) }
 
 // Forget drops what the agent in slot learnt (it is unregistered).
-func (p *Proxy) Forget(slot dataplane.Slot) { p.learnt.forget(slot) }
+func (p *Proxy) Forget(slot dataplane.Slot) {
+	p.learnt.forget(slot)
+	if err := p.save(); err != nil {
+		p.opts.Log.Warn("DNS proxy: writing the state file", "error", err)
+	}
+}
 
 // Stats returns the proxy's counts.
 func (p *Proxy) Stats() Stats {
@@ -306,13 +382,16 @@ func (p *Proxy) install(q query, resp *dns.Msg, d *events.DNSQuery) error {
 	d.TTL = uint32(hold / time.Second)
 	capTTL(resp, uint32(p.opts.MaxTTL/time.Second))
 	now := p.opts.Now()
-	if !p.learnt.add(q.slot, strings.ToLower(strings.TrimSuffix(q.req.Question[0].Name, ".")), addrs, now.Add(hold), now) {
+	if !p.learnt.add(q.slot, q.view.Agent.CgroupID, strings.ToLower(strings.TrimSuffix(q.req.Question[0].Name, ".")), addrs, now.Add(hold), now) {
 		return nil // held already: the rules have them
 	}
 	start := time.Now()
 	err := p.reg.Relearn(q.slot)
 	d.InstallNs = time.Since(start).Nanoseconds()
 	p.stats.installs.Add(1)
+	if serr := p.save(); serr != nil {
+		p.opts.Log.Warn("DNS proxy: writing the state file (a restarted tetherd would not hold this answer)", "error", serr)
+	}
 	return err
 }
 

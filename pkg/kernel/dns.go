@@ -44,6 +44,15 @@ func (k *Kernel) SetDNSProxy(p DNSProxy) error {
 	})
 }
 
+// DNSProxyPort is the port the kernel sends agents' DNS to now (0: none).
+func (k *Kernel) DNSProxyPort() uint16 {
+	var c bpfTetherConfigEntry
+	if err := k.config.Lookup(uint32(0), &c); err != nil || c.DnsFlags&uint16(bpfTetherDnsFlagsTETHER_DNS_REDIRECT) == 0 {
+		return 0
+	}
+	return c.DnsPort
+}
+
 // ClearDNSProxy stops sending agents' DNS to the proxy: it goes where the agent sends it, judged
 // by the egress rules.
 func (k *Kernel) ClearDNSProxy() error {

@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"testing"
 	"time"
@@ -43,7 +44,8 @@ func newDNSScene(t *testing.T, proxy string) *dnsScene {
 		},
 		"exec": []string{self},
 	})
-	s.d.extra = fmt.Sprintf("dns:\n  server: %s\n  proxy:\n    enabled: true\n    deny_dot: true\n%s", s.dns.Addr, proxy)
+	s.d.extra = fmt.Sprintf("dns:\n  server: %s\n  proxy:\n    enabled: true\n    deny_dot: true\n    state_file: %s\n%s",
+		s.dns.Addr, filepath.Join(s.d.dir, "dns-state.json"), proxy)
 	s.d.writeConfig()
 	s.d.start()
 	s.cg = s.d.sleeper()
@@ -140,5 +142,50 @@ func checkDNSRecords(t *testing.T, d *tetherd) {
 	st := d.status().DNSProxy
 	if st == nil || st.Refused != 2 || st.Answered < 3 {
 		t.Errorf("proxy status: %+v", st)
+	}
+}
+
+// TestPrivilegedDNSProxyRestart: tetherd killed (SIGKILL) and started again. Agents' DNS works
+// again as soon as it is ready (the same port, where the kernel still sends it); an address an
+// agent was answered before is still granted, and ends with its TTL and grace as if tetherd had
+// not gone.
+func TestPrivilegedDNSProxyRestart(t *testing.T) {
+	s := newDNSScene(t, "    min_ttl: 8s\n    grace: 2s\n")
+	d, cg := s.d, s.cg
+	a := privtest.AskDNS(t, cg, "udp", "192.0.2.53:53", "svc.e2e.test", "A", false)
+	answered := time.Now()
+	if a.Rcode != "NOERROR" || !slices.Equal(privtest.Dial(t, cg, "tcp", s.svc1), []string{"ok"}) {
+		t.Fatalf("svc.e2e.test before the restart: %+v", a)
+	}
+	port := d.status().DNSProxy.Listen
+	d.kill9()
+	d.start()
+	ready := time.Now()
+	for {
+		a = privtest.AskDNS(t, cg, "udp", "192.0.2.53:53", "a.wild.e2e.test", "A", false)
+		if a.Rcode == "NOERROR" {
+			break
+		}
+		if time.Since(ready) > 5*time.Second {
+			t.Fatalf("no DNS 5 s after tetherd was ready again: %+v", a)
+		}
+	}
+	if took := time.Since(ready); took > time.Second {
+		t.Errorf("DNS answered again %s after tetherd was ready, want within a second", took)
+	}
+	if got := d.status().DNSProxy.Listen; got != port {
+		t.Errorf("the proxy listens on %s after the restart, before on %s", got, port)
+	}
+	if got := privtest.Dial(t, cg, "tcp", s.svc1); !slices.Equal(got, []string{"ok"}) {
+		t.Errorf("the address answered before the restart, within its TTL: %v", got)
+	}
+	waitForLong(t, 30*time.Second, "the address answered before the restart to end", func() bool {
+		return slices.Equal(privtest.Dial(t, cg, "tcp", s.svc1), []string{"eperm"})
+	})
+	// TTL 8 s and grace 2 s; a second of slack for the test's own dials.
+	if held := time.Since(answered); held > 11*time.Second {
+		t.Errorf("the address answered before the restart held %s, past its TTL and grace (10 s)", held)
+	} else {
+		t.Logf("the address answered before the restart held %s (TTL 8 s + grace 2 s)", held.Round(time.Millisecond))
 	}
 }

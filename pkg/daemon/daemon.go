@@ -330,18 +330,7 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 	if err != nil {
 		return opened.close, err
 	}
-	if infos, err := d.kern.Infos(); err == nil {
-		d.roots.Preload(infos)
-	}
-	if err := d.registry.Adopt(); err != nil {
-		d.log.Error("adopting pinned agents", "error", err)
-	}
-	if d.dns != nil {
-		d.dns.Adopted(func(slot dataplane.Slot) (uint64, bool) {
-			a, ok := d.registry.Get(slot)
-			return a.CgroupID, ok
-		})
-	}
+	d.adopt()
 	d.setAccess(cfg)
 
 	pumped := make(chan struct{})
@@ -356,6 +345,23 @@ func (d *Daemon) startRegistry(ctx context.Context, cfg *config.Loaded) (func(),
 	d.killer.Continue(ctx)
 	go d.guards.Run(ctx)
 	return opened.close, nil
+}
+
+// adopt takes over the agents an earlier tetherd left pinned: their containers' roots first, so
+// that their first compile has them, and what they learnt through the DNS proxy.
+func (d *Daemon) adopt() {
+	if infos, err := d.kern.Infos(); err == nil {
+		d.roots.Preload(infos)
+	}
+	if err := d.registry.Adopt(); err != nil {
+		d.log.Error("adopting pinned agents", "error", err)
+	}
+	if d.dns != nil {
+		d.dns.Adopted(func(slot dataplane.Slot) (uint64, bool) {
+			a, ok := d.registry.Get(slot)
+			return a.CgroupID, ok
+		})
+	}
 }
 
 // newRegistry makes the agent registry, and the container roots a pod agent's exec rules are

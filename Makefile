@@ -114,6 +114,7 @@ bench: spire
 	$(GO) build -o $(BIN)/bench ./test/bench
 	$(GO) build -o $(BIN)/ ./cmd/tetherd ./cmd/tetherctl
 	$(GO) test -run XXX -bench . -benchtime 3x ./pkg/compile
+	$(GO) test -run XXX -bench . -benchtime 1x ./pkg/dnsproxy
 	./$(BIN)/bench $(BENCH_FLAGS)
 
 # Installs tetherd and tetherctl, the systemd unit, and (when there is none) the default

@@ -130,6 +130,10 @@ func checkDNSRecords(t *testing.T, d *tetherd) {
 	allowed := d.decision("a dns record of the answered name", func(r events.Decision) bool {
 		return r.Kind == events.KindDNS && r.DNS != nil && r.DNS.Name == "svc.e2e.test" && r.Verdict == events.VerdictAllow
 	})
+	t.Logf("answer to rule installed (the first answer of svc.e2e.test): %s", time.Duration(allowed.DNS.InstallNs))
+	if allowed.DNS.InstallNs <= 0 {
+		t.Errorf("the first answer of a name installed nothing: %+v", allowed.DNS)
+	}
 	if allowed.DNS.Grant != "svc.e2e.test" || allowed.DNS.Resolver == "" || len(allowed.DNS.Answers) != 1 || allowed.DNS.TTL != 5 || allowed.SpiffeID != agentID {
 		t.Errorf("the record of an answered query: %+v %+v", allowed, allowed.DNS)
 	}

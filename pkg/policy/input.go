@@ -64,13 +64,14 @@ type Request struct {
 	Resource string `json:"resource,omitempty"`
 	Reason   string `json:"reason,omitempty"`
 	// allow
-	Kind     string `json:"kind,omitempty"` // connect, exec, unix or bind
+	Kind     string `json:"kind,omitempty"` // connect, exec, unix, bind or dns
 	IP       string `json:"ip,omitempty"`
 	Port     int    `json:"port,omitempty"`
 	Protocol string `json:"protocol,omitempty"`
 	Path     string `json:"path,omitempty"`
 	Binary   string `json:"binary,omitempty"`
 	SHA256   string `json:"sha256,omitempty"` // exec: the file's content
+	Name     string `json:"name,omitempty"`   // dns: the name queried
 }
 
 // TimeAt is t in loc, the way the policy sees it.

@@ -3,7 +3,8 @@
 # Whether the kernel lets one request through, defined from grants: a connect, an exec, a
 # unix socket connect or a bind by an agent in the given context. Used by tests (the kernel must agree
 # with it) and by `tetherctl policy eval`. In audit mode everything goes through (denials are only reported).
-# fqdn rules are not resolved here, so they never match.
+# fqdn rules are not resolved here, so they never match a connect; a dns request (a query the DNS
+# proxy decides) is allowed when an fqdn rule names the name, or a domain above it (*.domain).
 package tether
 
 default allow := false
@@ -26,6 +27,25 @@ allow if {
 	path_allows(e)
 	digest_allows(e)
 	not exec_denied(input.request.path)
+}
+
+allow if {
+	input.request.kind == "dns"
+	some r in grants.egress
+	name_covers(object.get(r, "fqdn", ""), input.request.name)
+}
+
+# name_covers: an fqdn rule's name p covers the queried name n: the same name, or, for *.domain,
+# any name below the domain (not the domain itself); without case or a trailing dot.
+name_covers(p, n) if {
+	p != ""
+	not startswith(p, "*.")
+	lower(trim_suffix(p, ".")) == lower(trim_suffix(n, "."))
+}
+
+name_covers(p, n) if {
+	startswith(p, "*.")
+	endswith(lower(trim_suffix(n, ".")), lower(trim_suffix(substring(p, 1, -1), ".")))
 }
 
 # A rule by sha256 alone allows any file with that content. (The kernel learns such a file from

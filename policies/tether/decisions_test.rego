@@ -13,6 +13,16 @@ test_allow_follows_grants if {
 	not tether.allow with input as req({"kind": "exec", "path": "/usr/bin/bash"})
 }
 
+test_allow_dns_names if {
+	profiles := {"d": {"exec": [], "high_risk": [], "unix": [], "egress": [{"fqdn": "api.example.com", "ports": [443]}, {"fqdn": "*.cdn.example.net"}]}}
+	i := ctx(task("d", "public"), dev, morning)
+	allowed := {n |
+		some n in ["api.example.com", "API.example.com.", "x.api.example.com", "a.cdn.example.net", "a.b.cdn.example.net", "cdn.example.net", "evil.example.org"]
+		tether.allow with input as object.union(i, {"request": {"kind": "dns", "name": n}}) with data.tether_settings.profiles as profiles
+	}
+	allowed == {"api.example.com", "API.example.com.", "a.cdn.example.net", "a.b.cdn.example.net"}
+}
+
 test_allow_everything_in_audit_mode if {
 	a := object.union(agent("spiffe://example.org/agents/a"), {"labels": {"tether.dev/mode": "audit"}})
 	tether.allow with input as {"agent": a, "env": dev, "time": morning, "request": {"kind": "exec", "path": "/usr/bin/bash"}}

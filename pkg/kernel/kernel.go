@@ -177,8 +177,9 @@ func checkRingBufferSize(n uint32) error {
 }
 
 // replaceableMaps hold nothing that must survive an incompatible change (a new ring buffer
-// size): a pinned one that does not fit is replaced instead of refusing to start.
-var replaceableMaps = map[string]bool{bpfMapTetherEvents: true, bpfMapTetherSlotCache: true}
+// size): a pinned one that does not fit is replaced instead of refusing to start. The DNS peers
+// are written again by every packet of DNS an agent sends.
+var replaceableMaps = map[string]bool{bpfMapTetherEvents: true, bpfMapTetherSlotCache: true, bpfMapTetherDnsPeers: true}
 
 func (k *Kernel) load() error {
 	spec, err := k.spec()

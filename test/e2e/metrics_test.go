@@ -83,7 +83,9 @@ func TestPrivilegedPrometheusScrapesDecisions(t *testing.T) {
 			runs, _ := query(`tether_bpf_program_runs_total{program="connect4"}`)
 			secs, _ := query(`tether_bpf_program_run_seconds_total{program="connect4"}`)
 			on, _ := query(`tether_bpf_stats_enabled`)
-			t.Errorf("connect4 program statistics: %q runs in %q s (stats enabled: %q), want at least the agent's 7 connects", runs, secs, on)
+			all, _ := query(`sum(tether_bpf_program_runs_total)`)
+			t.Errorf("connect4 program statistics: %q runs in %q s (stats enabled: %q; every program's runs: %q; /proc/sys/kernel/bpf_stats_enabled %q), want at least the agent's 7 connects",
+				runs, secs, on, all, readTrim("/proc/sys/kernel/bpf_stats_enabled"))
 			break
 		}
 		time.Sleep(250 * time.Millisecond)
@@ -231,4 +233,10 @@ func TestPrivilegedDecisionLogEvaluations(t *testing.T) {
 	if strings.Contains(string(b), "acme") {
 		t.Error("the masked value is in the decision log")
 	}
+}
+
+// readTrim is the content of a file without surrounding space ("" when unreadable), for messages.
+func readTrim(path string) string {
+	b, _ := os.ReadFile(path)
+	return strings.TrimSpace(string(b))
 }

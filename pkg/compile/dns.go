@@ -92,22 +92,30 @@ func readAnswer(server string, r *dns.Msg, addrs []netip.Addr, ttl uint32) ([]ne
 		return nil, 0, fmt.Errorf("%s answered %s", server, dns.RcodeToString[r.Rcode])
 	}
 	for _, rr := range r.Answer {
-		if rr == nil || rr.Header() == nil {
-			continue
+		if rr != nil && rr.Header() != nil {
+			ttl = min(ttl, rr.Header().Ttl)
 		}
-		ttl = min(ttl, rr.Header().Ttl)
+	}
+	return append(addrs, AnswerAddrs(r)...), ttl, nil
+}
+
+// AnswerAddrs are the A and AAAA addresses of the answer section of m (those at the end of a
+// CNAME chain included: they are what the asked name resolves to), IPv6 ones unmapped.
+func AnswerAddrs(m *dns.Msg) []netip.Addr {
+	var out []netip.Addr
+	for _, rr := range m.Answer {
 		switch rr := rr.(type) {
 		case *dns.A:
 			if a, ok := netip.AddrFromSlice(rr.A.To4()); ok {
-				addrs = append(addrs, a)
+				out = append(out, a)
 			}
 		case *dns.AAAA:
 			if a, ok := netip.AddrFromSlice(rr.AAAA.To16()); ok {
-				addrs = append(addrs, a)
+				out = append(out, a.Unmap())
 			}
 		}
 	}
-	return addrs, ttl, nil
+	return out
 }
 
 var _ Resolver = (*DNS)(nil)

@@ -352,7 +352,7 @@ func (p *Proxy) decide(w dns.ResponseWriter, q query) {
 	d := events.DNSQuery{Rcode: dns.RcodeToString[resp.Rcode]}
 	if q.grant == "" {
 		p.stats.audited.Add(1)
-		d.Answers = addrStrings(answerAddrs(resp))
+		d.Answers = addrStrings(compile.AnswerAddrs(resp))
 		p.record(q, events.VerdictAuditDeny, events.KernelReason(dataplane.ReasonNoRule), d)
 		p.reply(w, q.req, resp)
 		return
@@ -372,7 +372,7 @@ func (p *Proxy) decide(w dns.ResponseWriter, q query) {
 // install makes the answer's addresses the agent's host rules (its fqdn rules compiled again)
 // before the agent gets the answer, whose TTLs say at most MaxTTL.
 func (p *Proxy) install(q query, resp *dns.Msg, d *events.DNSQuery) error {
-	addrs := answerAddrs(resp)
+	addrs := compile.AnswerAddrs(resp)
 	d.Answers = addrStrings(addrs)
 	if len(addrs) == 0 {
 		return nil
@@ -434,25 +434,6 @@ func failure(req *dns.Msg, rcode int) *dns.Msg {
 		m.SetEdns0(o.UDPSize(), o.Do())
 	}
 	return m
-}
-
-// answerAddrs are the A and AAAA addresses of the answer section (those of the CNAME chain's
-// end included: they are what the asked name resolves to).
-func answerAddrs(m *dns.Msg) []netip.Addr {
-	var out []netip.Addr
-	for _, rr := range m.Answer {
-		switch rr := rr.(type) {
-		case *dns.A:
-			if a, ok := netip.AddrFromSlice(rr.A.To4()); ok {
-				out = append(out, a)
-			}
-		case *dns.AAAA:
-			if a, ok := netip.AddrFromSlice(rr.AAAA.To16()); ok {
-				out = append(out, a.Unmap())
-			}
-		}
-	}
-	return out
 }
 
 func addrStrings(addrs []netip.Addr) []string {

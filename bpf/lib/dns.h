@@ -51,11 +51,12 @@ static __always_inline void tether_dns_verdict(struct tether_decision *d, void *
 	}
 }
 
-/* tether_dns_redirect points the connect or datagram of ctx, which the egress decision d let go
- * to the proxy, at the proxy, and keeps the resolver it was for in the socket's storage. */
+/* tether_dns_redirect points the connect or datagram of ctx, DNS of an agent that d lets through
+ * (to the proxy, or anywhere: an audit-mode agent whose rule set expired), at the proxy, and keeps
+ * the resolver it was for in the socket's storage. */
 static __always_inline void tether_dns_redirect(struct bpf_sock_addr *ctx, struct tether_decision *d, int v6)
 {
-	if (d->dns != TETHER_DNS_REDIRECT || d->reason != TETHER_REASON_DNS_PROXY || d->verdict == TETHER_VERDICT_DENY)
+	if (d->dns != TETHER_DNS_REDIRECT || d->verdict == TETHER_VERDICT_DENY)
 		return;
 	if (d->slot == TETHER_NO_SLOT || !ctx->sk)
 		return;

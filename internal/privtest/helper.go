@@ -494,6 +494,7 @@ func helperSleep([]string) int {
 //	unix PATH|@NAME                       connect a unix stream socket
 //	bindtcp|bindudp ADDRESS:PORT          bind (and listen, tcp) and close
 //	exec PATH                                     run PATH (a copy of the test binary runs the exit helper)
+//	dns NAME                                      ask for NAME's A records (ok: answered, eperm: REFUSED)
 func helperProbe([]string) int {
 	in := bufio.NewScanner(os.Stdin)
 	out := bufio.NewWriter(os.Stdout)
@@ -509,6 +510,8 @@ func helperProbe([]string) int {
 			res = Result(dialOne(kind, arg))
 		case "bindtcp", "bindudp": // bind, and close at once
 			res = Result(bindOne(strings.TrimPrefix(kind, "bind"), arg))
+		case "dns": // a query for arg to a resolver that exists nowhere: only tether's proxy answers
+			res = dnsResult(arg)
 		case "tcp", "tcp4mapped", "udpsend":
 			// These send: only ever to loopback.
 			if ap, err := netip.ParseAddrPort(arg); err != nil || !ap.Addr().IsLoopback() {

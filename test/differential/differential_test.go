@@ -9,7 +9,9 @@
 // and one more profile with port ranges, IPv6 and an explicit binary rule.
 //
 // The chain under test is the daemon's: registry -> policy -> compile -> kernel maps; only the
-// clock (and so the time the policy sees) is the test's.
+// clock (and so the time the policy sees) is the test's. DNS queries go the daemon's way too: the
+// kernel sends them to tether's DNS proxy (pkg/dnsproxy), which answers or refuses them by the
+// registry's grants, asking a test server on loopback (internal/dnstest).
 package differential
 
 import (
@@ -32,11 +34,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tether-sh/tether/internal/dnstest"
 	"github.com/tether-sh/tether/internal/privtest"
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/bootclock"
 	"github.com/tether-sh/tether/pkg/compile"
 	"github.com/tether-sh/tether/pkg/dataplane"
+	"github.com/tether-sh/tether/pkg/dnsproxy"
 	"github.com/tether-sh/tether/pkg/grants"
 	"github.com/tether-sh/tether/pkg/kernel"
 	"github.com/tether-sh/tether/pkg/policy"
@@ -88,11 +92,13 @@ func TestPrivilegedKernelAgreesWithPolicy(t *testing.T) {
 
 	clk := &clock{now: time.Date(2026, 11, 23, 9, 0, 0, 0, time.UTC)}
 	ev := &evaluator{rev: rev, clock: clk, bootstrap: true, bootExec: []string{w.self, w.git}}
+	proxy := startDNSProxy(t, k)
 	reg := agents.New(agents.Options{
 		Dataplane: testClockGrants{k, clk}, Evaluator: ev, Compile: agents.CompileOn(compile.Options{Files: compile.OS{}, Integrity: compile.NewIntegrity()}),
-		Parents: []string{parent}, LaunchParent: parent, Now: clk.Now, Logger: quiet(),
+		Parents: []string{parent}, LaunchParent: parent, Now: clk.Now, Logger: quiet(), Names: proxy.Names,
 	})
 	t.Cleanup(reg.Close)
+	proxy.Serve(reg)
 
 	// Each agent is registered with grants that let its probes start (as the test binary and as
 	// git), so the kernel records which binary each probe runs; then the policy takes over.
@@ -136,6 +142,30 @@ func TestPrivilegedKernelAgreesWithPolicy(t *testing.T) {
 	}
 	checkBothVerdicts(t, st, want)
 }
+
+// startDNSProxy has k send agents' DNS to a DNS proxy asking a test server. The server answers
+// every name NXDOMAIN: what is checked is which queries the proxy answers and which it refuses.
+// An answer's addresses would become rules whose expiry the compiler reckons on the machine's
+// clock, while this test's registry runs days away from it; test/e2e's TestPrivilegedDNSProxy
+// checks those.
+func startDNSProxy(t *testing.T, k *kernel.Kernel) *dnsproxy.Proxy {
+	t.Helper()
+	up := dnstest.Start(t)
+	p, err := dnsproxy.New(k, dnsproxy.Options{Upstream: up.Addr, Log: quiet()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	if err := k.SetDNSProxy(kernel.DNSProxy{IP4: netip.MustParseAddr("127.0.0.1"), IP6: netip.IPv6Loopback(), Port: p.Port()}); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// dnsNames are the names the DNS requests ask: those the test profile's fqdn rules name, below
+// and beside them, and others.
+var dnsNames = []string{"api.diff.test", "API.diff.test", "x.api.diff.test", "diff.test", "a.cdn.diff.test", "a.b.cdn.diff.test",
+	"cdn.diff.test", "cdn.diff.test.evil.example", "evil.example", "github.com", "c2VjcmV0.exfil.example"}
 
 // checkBothVerdicts: a generator that only ever produced one verdict would prove nothing; each
 // kind needs at least min(100, want/100) of each.
@@ -512,6 +542,8 @@ func (w *world) testProfile(t *testing.T, tools, abstract string) map[string]any
 			map[string]any{"cidrs": []any{"2001:db8::/32", "127.1.3.0/24"}, "ports": []any{"1-1024"}, "protocol": "udp"},
 			map[string]any{"cidr": "127.9.9.9", "ports": []any{9999}},
 			map[string]any{"cidr": "127.1.4.0/24", "ports": []any{"5000-5010"}, "protocol": "tcp", "audit": true},
+			map[string]any{"fqdn": "api.diff.test", "ports": []any{443}, "protocol": "tcp"},
+			map[string]any{"fqdn": "*.cdn.diff.test"},
 		},
 		"network_egress": []any{
 			map[string]any{"network": "git_hosting", "ports": []any{443}, "protocol": "tcp"},
@@ -634,6 +666,9 @@ func (w *world) request(rng *rand.Rand, g grants.Grants, a *agent) sample {
 		p, bin = a.git, w.git
 	}
 	switch n := rng.IntN(100); {
+	case n < 8:
+		name := pick(rng, dnsNames)
+		return sample{req: policy.Request{Kind: "dns", Name: name}, probe: p, line: "dns " + name}
 	case n < 25:
 		path := w.unixPath(rng, g)
 		return sample{req: policy.Request{Kind: "unix", Path: path}, probe: p, line: "unix " + path}
@@ -705,10 +740,10 @@ func (w *world) destination(rng *rand.Rand, g grants.Grants) (netip.Addr, uint16
 	if rng.IntN(3) != 0 && len(ports) > 0 {
 		port = pick(rng, ports)
 	} else {
-		port = pick(rng, []uint16{22, 53, 80, 443, 3000, 5432, 6443, 8080, 9090, uint16(1 + rng.IntN(65535))})
+		port = pick(rng, []uint16{22, 5353, 80, 443, 3000, 5432, 6443, 8080, 9090, uint16(1 + rng.IntN(65535))})
 	}
-	if port == 0 {
-		port = 1 // port 0 is not a destination
+	if port == 0 || port == 53 {
+		port++ // port 0 is not a destination; port 53 goes to the DNS proxy (the dns requests)
 	}
 	// Addresses a connect refuses on its own (no destination, or an IPv6 link-local one, which
 	// needs a scope id: EINVAL) say nothing about tether; aim those at a documentation address.

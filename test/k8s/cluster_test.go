@@ -349,6 +349,16 @@ func (c *cluster) makeNetwork(suffix string) {
 	}
 	run("link", "add", c.bridge, "type", "bridge")
 	t.Cleanup(func() { exec.Command("ip", "link", "del", c.bridge).Run() })
+	// The pods' network namespaces (cni-*) outlive containerd, which is stopped before the CNI
+	// plugin tears them down: those that appeared during the test go when it ends.
+	before := cniNetns()
+	t.Cleanup(func() {
+		for n := range cniNetns() {
+			if !before[n] {
+				exec.Command("ip", "netns", "del", n).Run()
+			}
+		}
+	})
 	run("addr", "add", bridgeAddr+"/16", "dev", c.bridge)
 	run("link", "set", c.bridge, "up")
 	run("netns", "add", c.hostsNetns)
@@ -648,4 +658,16 @@ func waitFor(t *testing.T, timeout time.Duration, what string, check func() erro
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
+}
+
+// cniNetns are the named network namespaces the CNI plugin made (cni-*).
+func cniNetns() map[string]bool {
+	out := map[string]bool{}
+	entries, _ := os.ReadDir("/run/netns")
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), "cni-") {
+			out[e.Name()] = true
+		}
+	}
+	return out
 }

@@ -19,21 +19,21 @@ static __always_inline struct tether_config_entry *tether_dns_config(struct bpf_
 	return cfg;
 }
 
-/* tether_dns_wanted sets d->dns for a connect or datagram of ctx that the proxy takes (DNS) or
- * that is denied while it is on (DNS over TLS, if configured). Two compares for anything else. */
-static __always_inline void tether_dns_wanted(struct bpf_sock_addr *ctx, struct tether_decision *d)
+/* tether_dns_wanted sets d->dns for a connect or datagram of ctx (to port 53 or 853) that the
+ * proxy takes (DNS) or that is denied while it is on (DNS over TLS, if configured), and returns
+ * the configuration that says where the proxy is (NULL: it is off, or not for this socket). */
+static __always_inline struct tether_config_entry *tether_dns_wanted(struct bpf_sock_addr *ctx, struct tether_decision *d)
 {
-	if (d->dport != TETHER_DNS_PORT && d->dport != TETHER_DOT_PORT)
-		return;
 	if (d->proto != IPPROTO_UDP && d->proto != IPPROTO_TCP)
-		return;
+		return NULL;
 	struct tether_config_entry *cfg = tether_dns_config(ctx);
 	if (!cfg)
-		return;
+		return NULL;
 	if (d->dport == TETHER_DNS_PORT)
 		d->dns = TETHER_DNS_REDIRECT;
 	else if (cfg->dns_flags & TETHER_DNS_DENY_DOT)
 		d->dns = TETHER_DNS_DENY_DOT;
+	return cfg;
 }
 
 /* tether_dns_verdict decides d, DNS the proxy takes (allowed: the proxy decides by name) or DNS
@@ -54,14 +54,12 @@ static __always_inline void tether_dns_verdict(struct tether_decision *d, void *
 /* tether_dns_redirect points the connect or datagram of ctx, DNS of an agent that d lets through
  * (to the proxy, or anywhere: an audit-mode agent whose rule set expired), at the proxy, and keeps
  * the resolver it was for in the socket's storage. */
-static __always_inline void tether_dns_redirect(struct bpf_sock_addr *ctx, struct tether_decision *d, int v6)
+static __always_inline void tether_dns_redirect(struct bpf_sock_addr *ctx, struct tether_decision *d,
+						struct tether_config_entry *cfg, int v6)
 {
-	if (d->dns != TETHER_DNS_REDIRECT || d->verdict == TETHER_VERDICT_DENY)
+	if (!cfg || d->dns != TETHER_DNS_REDIRECT || d->verdict == TETHER_VERDICT_DENY)
 		return;
 	if (d->slot == TETHER_NO_SLOT || !ctx->sk)
-		return;
-	struct tether_config_entry *cfg = tether_dns_config(ctx);
-	if (!cfg)
 		return;
 	struct tether_sock *s = bpf_sk_storage_get(&tether_socks, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!s) {
@@ -137,7 +135,7 @@ static __always_inline void tether_dns_unredirect(struct bpf_sock_addr *ctx, int
  * takes it (then sent to it), else by the egress rules as any other. */
 static __always_inline int tether_inet_dns(struct bpf_sock_addr *ctx, struct tether_decision *d, int v6)
 {
-	tether_dns_wanted(ctx, d);
+	struct tether_config_entry *cfg = tether_dns_wanted(ctx, d);
 	void *rules = NULL;
 	if (tether_begin_agent(d)) {
 		if (!d->dns) {
@@ -151,8 +149,7 @@ static __always_inline int tether_inet_dns(struct bpf_sock_addr *ctx, struct tet
 	int ok = tether_finish(d, rules);
 	if (d->kind == TETHER_KIND_CONNECT4 || d->kind == TETHER_KIND_CONNECT6)
 		tether_connected(ctx, d);
-	if (d->dns)
-		tether_dns_redirect(ctx, d, v6);
+	tether_dns_redirect(ctx, d, cfg, v6);
 	return ok;
 }
 

@@ -131,13 +131,20 @@ func (r *Registry) Relearn(slot dataplane.Slot) error {
 	if a.rs == nil || a.ctx.Revoked {
 		return nil
 	}
-	c := r.compile(context.Background(), a, a.grants)
+	c := r.recompile(context.Background(), a)
+	a.next = nextEvaluation(a, a.grants, c)
+	return r.install(a, c.RuleSet, c, a.err)
+}
+
+// recompile compiles a's grants in force again (no policy evaluation), with the mode override
+// and the expiry an evaluation gives (the task's, valid_until). Call with r.mu held.
+func (r *Registry) recompile(ctx context.Context, a *agent) Compiled {
+	c := r.compile(ctx, a, a.grants)
 	if a.info.ModeOverride != nil {
 		c.RuleSet.Mode = *a.info.ModeOverride
 	}
-	a.next = nextEvaluation(a, a.grants, c)
 	c.RuleSet.Expires = ruleSetExpiry(a, a.grants, c.RuleSet.Expires)
-	return r.install(a, c.RuleSet, c, a.err)
+	return c
 }
 
 // grantsOf has the policy decide a's grants for its current context (nothing when it errs).
@@ -345,12 +352,7 @@ func (r *Registry) Recompile(ctx context.Context) {
 		if a.removing || a.rs == nil || a.ctx.Revoked {
 			continue
 		}
-		c := r.compile(ctx, a, a.grants)
-		if a.info.ModeOverride != nil {
-			c.RuleSet.Mode = *a.info.ModeOverride
-		}
-		// When the kernel ends it, as an evaluation gives it: the task's expiry, valid_until.
-		c.RuleSet.Expires = ruleSetExpiry(a, a.grants, c.RuleSet.Expires)
+		c := r.recompile(ctx, a)
 		same := *c.RuleSet
 		same.Generation = a.rs.Generation
 		if reflect.DeepEqual(&same, a.rs) {

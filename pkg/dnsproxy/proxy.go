@@ -285,6 +285,7 @@ type query struct {
 	resolver netip.AddrPort
 	view     agents.DNSView
 	slot     dataplane.Slot
+	name     string // the question's name: lower case, no trailing dot
 	grant    string
 }
 
@@ -323,9 +324,9 @@ func (p *Proxy) serveDNS(w dns.ResponseWriter, req *dns.Msg) {
 
 // decide answers a well-formed query of an agent.
 func (p *Proxy) decide(w dns.ResponseWriter, q query) {
-	name := strings.ToLower(strings.TrimSuffix(q.req.Question[0].Name, "."))
+	q.name = strings.ToLower(strings.TrimSuffix(q.req.Question[0].Name, "."))
 	for _, pattern := range q.view.Names {
-		if compile.NameCovers(pattern, name) {
+		if compile.NameCovers(pattern, q.name) {
 			q.grant = pattern
 			break
 		}
@@ -382,7 +383,7 @@ func (p *Proxy) install(q query, resp *dns.Msg, d *events.DNSQuery) error {
 	d.TTL = uint32(hold / time.Second)
 	capTTL(resp, uint32(p.opts.MaxTTL/time.Second))
 	now := p.opts.Now()
-	if !p.learnt.add(q.slot, q.view.Agent.CgroupID, strings.ToLower(strings.TrimSuffix(q.req.Question[0].Name, ".")), addrs, now.Add(hold), now) {
+	if !p.learnt.add(q.slot, q.view.Agent.CgroupID, q.name, addrs, now.Add(hold), now) {
 		return nil // held already: the rules have them
 	}
 	start := time.Now()

@@ -156,6 +156,9 @@ enum tether_dns_flags {
 	TETHER_DNS_REDIRECT = 1 << 0,
 	/* Agents' port 853 is denied. */
 	TETHER_DNS_DENY_DOT = 1 << 1,
+	/* Agents in other network namespaces (pods) send their DNS to the proxy at dns_remote_ip4 /
+	 * dns_remote_ip6 (an address of tetherd's network namespace they reach). */
+	TETHER_DNS_REMOTE = 1 << 2,
 };
 
 enum tether_mode {
@@ -223,12 +226,17 @@ struct tether_config_entry {
 	__u32 _pad;
 	/* tetherd's DNS proxy (enum tether_dns_flags says whether it is on): agents' DNS from
 	 * sockets in the network namespace dns_netns (tetherd's) goes to dns_ip4 (network order) or
-	 * dns_ip6, at dns_port (host order). */
+	 * dns_ip6, at dns_port (host order); from sockets in other network namespaces, to
+	 * dns_remote_ip4 or dns_remote_ip6 (when TETHER_DNS_REMOTE; a zero one: that family's DNS is
+	 * not redirected, and judged by the egress rules). */
 	__u32 dns_ip4;
 	__u16 dns_port;
 	__u16 dns_flags;
 	__u8 dns_ip6[16];
 	__u64 dns_netns;
+	__u32 dns_remote_ip4;
+	__u32 _pad2;
+	__u8 dns_remote_ip6[16];
 	__u64 _reserved[1];
 };
 

@@ -6,27 +6,53 @@
 #ifndef TETHER_LIB_DNS_H
 #define TETHER_LIB_DNS_H
 
-/* tether_dns_config is tether_config when the proxy is on and the socket of ctx is in tetherd's
- * network namespace (a proxy on loopback is reachable from there only), else NULL. */
-static __always_inline struct tether_config_entry *tether_dns_config(struct bpf_sock_addr *ctx)
+/* tether_is4 says whether addr (16 bytes) is an IPv4 address (::ffff:a.b.c.d). */
+static __always_inline int tether_is4(const __u8 *addr)
+{
+	const __u32 *a = (const __u32 *)addr;
+	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
+}
+
+/* tether_dns_config is tether_config when the proxy takes DNS of the socket of ctx, to d->addr,
+ * else NULL. A socket in tetherd's network namespace reaches the proxy on loopback (*remote =
+ * 0); one in another (a pod) at the remote address of d->addr's family (*remote = 1), when one
+ * is configured. */
+static __always_inline struct tether_config_entry *tether_dns_config(struct bpf_sock_addr *ctx,
+								     struct tether_decision *d, int *remote)
 {
 	__u32 zero = 0;
 	struct tether_config_entry *cfg = bpf_map_lookup_elem(&tether_config, &zero);
 	if (!cfg || !(cfg->dns_flags & TETHER_DNS_REDIRECT))
 		return NULL;
-	if (bpf_get_netns_cookie(ctx) != cfg->dns_netns)
+	if (bpf_get_netns_cookie(ctx) == cfg->dns_netns) {
+		*remote = 0;
+		return cfg;
+	}
+	if (!(cfg->dns_flags & TETHER_DNS_REMOTE))
 		return NULL;
+	if (tether_is4(d->addr)) {
+		if (!cfg->dns_remote_ip4)
+			return NULL;
+	} else {
+		__u32 ip6[4];
+		__builtin_memcpy(ip6, cfg->dns_remote_ip6, 16);
+		if (!(ip6[0] | ip6[1] | ip6[2] | ip6[3]))
+			return NULL;
+	}
+	*remote = 1;
 	return cfg;
 }
 
 /* tether_dns_wanted sets d->dns for a connect or datagram of ctx (to port 53 or 853) that the
  * proxy takes (DNS) or that is denied while it is on (DNS over TLS, if configured), and returns
- * the configuration that says where the proxy is (NULL: it is off, or not for this socket). */
-static __always_inline struct tether_config_entry *tether_dns_wanted(struct bpf_sock_addr *ctx, struct tether_decision *d)
+ * the configuration that says where the proxy is (NULL: it is off, or not for this socket), and
+ * in *remote which of its addresses. */
+static __always_inline struct tether_config_entry *tether_dns_wanted(struct bpf_sock_addr *ctx, struct tether_decision *d,
+								     int *remote)
 {
 	if (d->proto != IPPROTO_UDP && d->proto != IPPROTO_TCP)
 		return NULL;
-	struct tether_config_entry *cfg = tether_dns_config(ctx);
+	struct tether_config_entry *cfg = tether_dns_config(ctx, d, remote);
 	if (!cfg)
 		return NULL;
 	if (d->dport == TETHER_DNS_PORT)
@@ -52,10 +78,10 @@ static __always_inline void tether_dns_verdict(struct tether_decision *d, void *
 }
 
 /* tether_dns_redirect points the connect or datagram of ctx, DNS of an agent that d lets through
- * (to the proxy, or anywhere: an audit-mode agent whose rule set expired), at the proxy, and keeps
- * the resolver it was for in the socket's storage. */
+ * (to the proxy, or anywhere: an audit-mode agent whose rule set expired), at the proxy (its
+ * remote address when remote), and keeps the resolver it was for in the socket's storage. */
 static __always_inline void tether_dns_redirect(struct bpf_sock_addr *ctx, struct tether_decision *d,
-						struct tether_config_entry *cfg, int v6)
+						struct tether_config_entry *cfg, int v6, int remote)
 {
 	if (!cfg || d->dns != TETHER_DNS_REDIRECT || d->verdict == TETHER_VERDICT_DENY)
 		return;
@@ -74,24 +100,46 @@ static __always_inline void tether_dns_redirect(struct bpf_sock_addr *ctx, struc
 	s->flags |= TETHER_SOCK_DNS;
 	__builtin_memcpy(s->dns_addr, d->addr, 16);
 	s->dns_port = d->dport;
-	__u32 *a = (__u32 *)d->addr;
-	int mapped = a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
-	if (!v6) {
-		ctx->user_ip4 = cfg->dns_ip4;
-	} else if (mapped) {
-		ctx->user_ip6[0] = 0;
-		ctx->user_ip6[1] = 0;
-		ctx->user_ip6[2] = bpf_htonl(0xffff);
-		ctx->user_ip6[3] = cfg->dns_ip4;
+	__u32 ip4 = cfg->dns_ip4;
+	__u32 ip6[4];
+	if (remote) {
+		ip4 = cfg->dns_remote_ip4;
+		__builtin_memcpy(ip6, cfg->dns_remote_ip6, 16);
 	} else {
-		__u32 ip6[4];
 		__builtin_memcpy(ip6, cfg->dns_ip6, 16);
+	}
+	if (!v6) {
+		ctx->user_ip4 = ip4;
+	} else {
+		if (tether_is4(d->addr)) {
+			ip6[0] = 0;
+			ip6[1] = 0;
+			ip6[2] = bpf_htonl(0xffff);
+			ip6[3] = ip4;
+		}
+		/* One store per field: the verifier refuses a store the compiler merged from two
+		 * branches (through a modified ctx pointer). */
 		ctx->user_ip6[0] = ip6[0];
 		ctx->user_ip6[1] = ip6[1];
 		ctx->user_ip6[2] = ip6[2];
 		ctx->user_ip6[3] = ip6[3];
 	}
 	ctx->user_port = bpf_htons(cfg->dns_port);
+}
+
+/* tether_dns_proxy6 says whether peer (an IPv6 socket's, maybe ::ffff:a.b.c.d) is one of the
+ * proxy's addresses. */
+static __always_inline int tether_dns_proxy6(struct tether_config_entry *cfg, __u32 peer[4])
+{
+	if (peer[0] == 0 && peer[1] == 0 && peer[2] == bpf_htonl(0xffff))
+		return peer[3] && (peer[3] == cfg->dns_ip4 || peer[3] == cfg->dns_remote_ip4);
+	__u32 ip6[4];
+	__builtin_memcpy(ip6, cfg->dns_ip6, 16);
+	if (peer[0] == ip6[0] && peer[1] == ip6[1] && peer[2] == ip6[2] && peer[3] == ip6[3])
+		return 1;
+	__builtin_memcpy(ip6, cfg->dns_remote_ip6, 16);
+	return peer[0] == ip6[0] && peer[1] == ip6[1] && peer[2] == ip6[2] && peer[3] == ip6[3] &&
+	       (ip6[0] | ip6[1] | ip6[2] | ip6[3]);
 }
 
 /* tether_dns_unredirect gives a datagram received from the proxy (recvmsg) or the peer name
@@ -111,17 +159,13 @@ static __always_inline void tether_dns_unredirect(struct bpf_sock_addr *ctx, int
 	__u32 orig[4];
 	__builtin_memcpy(orig, s->dns_addr, 16);
 	if (!v6) {
-		if (ctx->user_ip4 != cfg->dns_ip4)
+		__u32 ip4 = ctx->user_ip4;
+		if (!ip4 || (ip4 != cfg->dns_ip4 && ip4 != cfg->dns_remote_ip4))
 			return;
 		ctx->user_ip4 = orig[3];
 	} else {
-		__u32 ip6[4];
-		__builtin_memcpy(ip6, cfg->dns_ip6, 16);
-		int proxy4 = ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 && ctx->user_ip6[2] == bpf_htonl(0xffff) &&
-			     ctx->user_ip6[3] == cfg->dns_ip4;
-		int proxy6 = ctx->user_ip6[0] == ip6[0] && ctx->user_ip6[1] == ip6[1] && ctx->user_ip6[2] == ip6[2] &&
-			     ctx->user_ip6[3] == ip6[3];
-		if (!proxy4 && !proxy6)
+		__u32 peer[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+		if (!tether_dns_proxy6(cfg, peer))
 			return;
 		ctx->user_ip6[0] = orig[0];
 		ctx->user_ip6[1] = orig[1];
@@ -135,7 +179,8 @@ static __always_inline void tether_dns_unredirect(struct bpf_sock_addr *ctx, int
  * takes it (then sent to it), else by the egress rules as any other. */
 static __always_inline int tether_inet_dns(struct bpf_sock_addr *ctx, struct tether_decision *d, int v6)
 {
-	struct tether_config_entry *cfg = tether_dns_wanted(ctx, d);
+	int remote = 0;
+	struct tether_config_entry *cfg = tether_dns_wanted(ctx, d, &remote);
 	void *rules = NULL;
 	if (tether_begin_agent(d)) {
 		if (!d->dns) {
@@ -149,7 +194,7 @@ static __always_inline int tether_inet_dns(struct bpf_sock_addr *ctx, struct tet
 	int ok = tether_finish(d, rules);
 	if (d->kind == TETHER_KIND_CONNECT4 || d->kind == TETHER_KIND_CONNECT6)
 		tether_connected(ctx, d);
-	tether_dns_redirect(ctx, d, cfg, v6);
+	tether_dns_redirect(ctx, d, cfg, v6, remote);
 	return ok;
 }
 

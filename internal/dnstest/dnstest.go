@@ -1,4 +1,4 @@
-// Package dnstest is a DNS server on loopback for tests (UDP and TCP, one port): it answers A and
+// Package dnstest is a DNS server on loopback (or an address the test gives) for tests (UDP and TCP, one port): it answers A and
 // AAAA questions from a table the test changes, with the TTL the test sets, and counts the
 // questions.
 package dnstest
@@ -27,7 +27,13 @@ type Server struct {
 // Start serves on 127.0.0.1 until the test ends.
 func Start(t testing.TB) *Server {
 	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	return StartAt(t, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 0))
+}
+
+// StartAt serves on addr (port 0: one the kernel picks) until the test ends.
+func StartAt(t testing.TB, addr netip.AddrPort) *Server {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", addr.String())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -24,7 +25,18 @@ type DNSAnswer struct {
 // (A or AAAA) over network (udp or tcp); edns adds an EDNS0 record with a 4096-byte buffer.
 func AskDNS(t testing.TB, cgroupPath, network, resolver, name, qtype string, edns bool) DNSAnswer {
 	t.Helper()
-	out, err := Command(t, cgroupPath, "dns", network, resolver, name, qtype, fmt.Sprint(edns)).Output()
+	return askDNS(t, Command(t, cgroupPath, "dns", network, resolver, name, qtype, fmt.Sprint(edns)))
+}
+
+// AskDNSIn is AskDNS from inside the network namespace of host h (as a pod's process).
+func AskDNSIn(t testing.TB, h *Host, cgroupPath, network, resolver, name, qtype string, edns bool) DNSAnswer {
+	t.Helper()
+	return askDNS(t, InHost(t, h, Command(t, cgroupPath, "dns", network, resolver, name, qtype, fmt.Sprint(edns))))
+}
+
+func askDNS(t testing.TB, cmd *exec.Cmd) DNSAnswer {
+	t.Helper()
+	out, err := cmd.Output()
 	if err != nil {
 		t.Fatalf("helper dns: %v", err)
 	}

@@ -155,6 +155,30 @@ func Dial(t testing.TB, cgroupPath string, targets ...string) []string {
 	return Run(t, cgroupPath, "dial", targets...)
 }
 
+// DialIn is Dial from inside the network namespace of host h (as a pod's process).
+func DialIn(t testing.TB, h *Host, cgroupPath string, targets ...string) []string {
+	t.Helper()
+	out, err := InHost(t, h, Command(t, cgroupPath, "dial", targets...)).Output()
+	if err != nil {
+		t.Fatalf("helper dial %v in %v's namespace: %v", targets, h.V4, err)
+	}
+	return strings.Fields(strings.TrimSpace(string(out)))
+}
+
+// InHost has the helper cmd run inside the network namespace of host h, and returns it.
+func InHost(t testing.TB, h *Host, cmd *exec.Cmd) *exec.Cmd {
+	t.Helper()
+	ns, err := unix.Dup(h.NetNS())
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(ns), "netns")
+	t.Cleanup(func() { f.Close() })
+	cmd.ExtraFiles = []*os.File{f}
+	cmd.Env = append(cmd.Env, netnsEnv+"=1")
+	return cmd
+}
+
 // Result classifies the outcome of a connect or send.
 func Result(err error) string {
 	switch {

@@ -20,6 +20,7 @@ type Host struct {
 	ns        netns.NsHandle
 	V4, V6    netip.Addr // the host's addresses
 	Ours4     netip.Addr // our side of the veth pair
+	Ours6     netip.Addr
 	veth      netlink.Link
 	peer      string // the name of the host's end of the veth pair, in its namespace
 	closeOnce sync.Once
@@ -50,6 +51,7 @@ func StartHost() (_ *Host, err error) {
 	v6 := [16]byte{0xfd, 0x74, 0x65, 0x74, r[0], r[1], r[2], r[3]}
 	v6[15] = 1
 	ours6 := netip.AddrFrom16(v6)
+	h.Ours6 = ours6
 	v6[15] = 2
 	h.V6 = netip.AddrFrom16(v6)
 	h.peer = fmt.Sprintf("tp%x", r)

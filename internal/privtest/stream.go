@@ -206,15 +206,8 @@ func StartStreamInThread(t testing.TB, h *Host, cgroupPath, network, address str
 
 func startStreamIn(t testing.TB, h *Host, cgroupPath, network, address, how string) *Stream {
 	t.Helper()
-	cmd := Command(t, cgroupPath, "stream", network, address)
-	ns, err := unix.Dup(h.NetNS())
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := os.NewFile(uintptr(ns), "netns")
-	t.Cleanup(func() { f.Close() })
-	cmd.ExtraFiles = []*os.File{f}
-	cmd.Env = append(cmd.Env, netnsEnv+"="+how)
+	cmd := InHost(t, h, Command(t, cgroupPath, "stream", network, address))
+	cmd.Env[len(cmd.Env)-1] = netnsEnv + "=" + how
 	return startStream(t, cmd, network, address, cgroupPath)
 }
 

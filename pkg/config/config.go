@@ -93,12 +93,18 @@ type DNS struct {
 }
 
 // DNSProxy configures tetherd's DNS proxy (pkg/dnsproxy). The kernel sends the DNS (port 53, UDP
-// and TCP, to any address) of agents in tetherd's network namespace to it; agents in other
-// network namespaces (pods) keep theirs, judged by the egress rules.
+// and TCP, to any address) of agents in tetherd's network namespace to it on loopback, and that
+// of agents in other network namespaces (pods) to its remote addresses; without one, theirs is
+// judged by the egress rules.
 type DNSProxy struct {
 	Enabled bool `json:"enabled"`
-	// Port of its listeners on 127.0.0.1 and ::1; 0: one the kernel picks.
+	// Port of its listeners on 127.0.0.1 and ::1 (and the remote addresses); 0: one the kernel
+	// picks.
 	Port uint16 `json:"port"`
+	// RemoteAddresses are addresses of tetherd's network namespace (at most one IPv4 and one
+	// IPv6) that agents in other network namespaces reach: the proxy listens there too. Empty:
+	// $TETHER_DNS_REMOTE_ADDRESSES (comma-separated; the chart sets the pod's addresses).
+	RemoteAddresses []string `json:"remote_addresses"`
 	// Refuse is the answer to a name no rule covers: "refused" (the default) or "nxdomain".
 	Refuse string `json:"refuse"`
 	// DenyDoT denies agents port 853 (DNS over TLS, which the proxy cannot read).
@@ -775,6 +781,9 @@ func checkResolver(l *Loaded, bad badFunc) {
 	}
 	if p.Enabled && !filepath.IsAbs(p.StateFile) {
 		bad("$.dns.proxy.state_file", "dns.proxy.state_file", "%q: must be an absolute path", p.StateFile)
+	}
+	if _, _, err := RemoteAddresses(p.RemoteAddresses); err != nil {
+		bad("$.dns.proxy.remote_addresses", "dns.proxy.remote_addresses", "%v", err)
 	}
 	if p.MinTTL != 0 && p.MaxTTL != 0 && p.MinTTL > p.MaxTTL {
 		bad("$.dns.proxy.min_ttl", "dns.proxy.min_ttl", "%s is above max_ttl %s", p.MinTTL, p.MaxTTL)

@@ -59,6 +59,9 @@ func TestParseErrors(t *testing.T) {
 		{"pod selector", "identity:\n  trust_domains: [cluster.local]\n  kubernetes:\n    trust_domain: cluster.local\n    pod_selector: \"a in (b\"\n", "identity.kubernetes.pod_selector"},
 		{"timezone", "policy:\n  timezone: Mars/Olympus\n", "policy.timezone"},
 		{"dns server", "dns:\n  server: 127.0.0.1\n", "dns.server"},
+		{"dns remote loopback", "dns:\n  proxy:\n    remote_addresses: [127.0.0.1]\n", "cfg.yaml:3: dns.proxy.remote_addresses: 127.0.0.1: want an address"},
+		{"dns remote two v4", "dns:\n  proxy:\n    remote_addresses: [10.0.0.1, 10.0.0.2]\n", "at most one IPv4 and one IPv6"},
+		{"dns remote not an address", "dns:\n  proxy:\n    remote_addresses: [node]\n", `"node" is not an IP address`},
 		{"trust domain", "identity:\n  trust_domains: [Example.org]\n", "cfg.yaml:2: identity.trust_domains"},
 		{"static id", "identity:\n  static:\n    - id: agent\n      uid: 1000\n", "cfg.yaml:3: identity.static[0].id"},
 		{"static selects nothing", "identity:\n  static:\n    - id: spiffe://x.org/a\n", "needs a cgroup, unit or uid"},
@@ -196,5 +199,21 @@ func TestHiddenPaths(t *testing.T) {
 		"/run/spire/admin.sock", "/run/spire/agent.sock", "/etc/tether/tether.yaml", "/srv/secrets"}
 	if !slices.Equal(got, want) {
 		t.Fatalf("hidden %q\nwant   %q", got, want)
+	}
+}
+
+func TestRemoteAddresses(t *testing.T) {
+	t.Setenv(RemoteAddressesEnv, "10.1.2.3,fd00::7")
+	v4, v6, err := RemoteAddresses(nil)
+	if err != nil || v4.String() != "10.1.2.3" || v6.String() != "fd00::7" {
+		t.Fatalf("from the environment: %v %v %v", v4, v6, err)
+	}
+	v4, v6, err = RemoteAddresses([]string{"::ffff:10.9.9.9"})
+	if err != nil || v4.String() != "10.9.9.9" || v6.IsValid() {
+		t.Fatalf("configured (the environment unused): %v %v %v", v4, v6, err)
+	}
+	t.Setenv(RemoteAddressesEnv, "0.0.0.0")
+	if _, _, err := RemoteAddresses(nil); err == nil || !strings.Contains(err.Error(), "$"+RemoteAddressesEnv) {
+		t.Fatalf("an unspecified address from the environment: %v", err)
 	}
 }

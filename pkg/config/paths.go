@@ -1,9 +1,44 @@
 package config
 
 import (
+	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 )
+
+// RemoteAddressesEnv lists the DNS proxy's remote addresses when dns.proxy.remote_addresses does
+// not (the chart sets it to the pod's addresses, status.podIPs).
+const RemoteAddressesEnv = "TETHER_DNS_REMOTE_ADDRESSES"
+
+// RemoteAddresses are the DNS proxy's remote addresses: the configured ones, else those of
+// $TETHER_DNS_REMOTE_ADDRESSES; at most one IPv4 and one IPv6 address, neither unspecified nor
+// loopback.
+func RemoteAddresses(configured []string) (v4, v6 netip.Addr, err error) {
+	list, from := configured, "" // the configuration's errors name where they are
+	if len(list) == 0 {
+		if env := strings.TrimSpace(os.Getenv(RemoteAddressesEnv)); env != "" {
+			list, from = strings.Split(env, ","), "$"+RemoteAddressesEnv+": "
+		}
+	}
+	for _, s := range list {
+		a, perr := netip.ParseAddr(strings.TrimSpace(s))
+		switch {
+		case perr != nil:
+			return v4, v6, fmt.Errorf("%s%q is not an IP address", from, s)
+		case a.IsUnspecified() || a.IsLoopback():
+			return v4, v6, fmt.Errorf("%s%v: want an address agents in other network namespaces reach (not unspecified or loopback)", from, a)
+		case a.Unmap().Is4() && !v4.IsValid():
+			v4 = a.Unmap()
+		case a.Is6() && !a.Is4In6() && !v6.IsValid():
+			v6 = a.WithZone("")
+		default:
+			return v4, v6, fmt.Errorf("%s%v: at most one IPv4 and one IPv6 address", from, a)
+		}
+	}
+	return v4, v6, nil
+}
 
 // NodeName is the configured node name, else $NODE_NAME (the DaemonSet sets spec.nodeName), else
 // the host name (in a pod without the host's network, the pod's name: hence $NODE_NAME).

@@ -84,6 +84,7 @@ type Daemon struct {
 	guards      *guards.Guards
 	roots       *containers.Roots // pod agents' container roots, where their exec rules are resolved
 	dns         *dnsproxy.Proxy   // agents' DNS; nil: off
+	dnsRemote   [2]netip.Addr     // the proxy's addresses for agents in other network namespaces (IPv4, IPv6)
 
 	ready    atomic.Bool  // the API serves and the programs are attached
 	lastTick atomic.Int64 // unix ns of the main loop's last round
@@ -616,9 +617,21 @@ func (d *Daemon) openDNSProxy(cfg *config.Loaded) (func(), error) {
 	if err := os.MkdirAll(filepath.Dir(pc.StateFile), 0o700); err != nil {
 		return func() {}, fmt.Errorf("dns.proxy.state_file: %w", err)
 	}
-	opts := dnsproxy.Options{Port: pc.Port, Upstream: server, NXDomain: pc.Refuse == "nxdomain",
+	remote4, remote6, err := config.RemoteAddresses(pc.RemoteAddresses)
+	if err != nil {
+		return func() {}, err
+	}
+	listen := []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.IPv6Loopback()}
+	for _, a := range []netip.Addr{remote4, remote6} {
+		if a.IsValid() {
+			listen = append(listen, a)
+		}
+	}
+	d.dnsRemote = [2]netip.Addr{remote4, remote6}
+	opts := dnsproxy.Options{Listen: listen, Port: pc.Port, Upstream: server, NXDomain: pc.Refuse == "nxdomain",
 		MinTTL: pc.MinTTL, MaxTTL: pc.MaxTTL, Grace: pc.Grace, StateFile: pc.StateFile, Log: d.log,
 		Emit: func(rec events.Decision) {
+			d.disc.Annotate(&rec) // a pod agent's query names its pod
 			d.responder.Annotate(&rec)
 			d.pump.Emit(rec)
 		}}
@@ -654,11 +667,13 @@ func (d *Daemon) startDNSProxy(cfg *config.Loaded) error {
 		return nil
 	}
 	d.dns.Serve(d.registry)
-	err := d.kern.SetDNSProxy(kernel.DNSProxy{IP4: netip.MustParseAddr("127.0.0.1"), IP6: netip.IPv6Loopback(), Port: d.dns.Port(), DenyDoT: cfg.DNS.Proxy.DenyDoT})
+	err := d.kern.SetDNSProxy(kernel.DNSProxy{IP4: netip.MustParseAddr("127.0.0.1"), IP6: netip.IPv6Loopback(), Port: d.dns.Port(),
+		Remote4: d.dnsRemote[0], Remote6: d.dnsRemote[1], DenyDoT: cfg.DNS.Proxy.DenyDoT})
 	if err != nil {
 		return err
 	}
-	d.log.Info("DNS proxy answering agents' DNS", "port", d.dns.Port(), "upstream", cfg.DNS.Server, "deny_dot", cfg.DNS.Proxy.DenyDoT)
+	d.log.Info("DNS proxy answering agents' DNS", "port", d.dns.Port(), "upstream", cfg.DNS.Server, "deny_dot", cfg.DNS.Proxy.DenyDoT,
+		"listen", d.dns.Stats().Listen)
 	return nil
 }
 
@@ -701,7 +716,7 @@ func (d *Daemon) Reload(ctx context.Context, cfg *config.Loaded) error {
 	if !reflect.DeepEqual(old.DecisionLog, cfg.DecisionLog) {
 		restart = append(restart, "decision_log")
 	}
-	if (old.Policy.Bundle == nil) != (cfg.Policy.Bundle == nil) || fmt.Sprint(old.Policy.Bundle) != fmt.Sprint(cfg.Policy.Bundle) || old.DNS != cfg.DNS {
+	if (old.Policy.Bundle == nil) != (cfg.Policy.Bundle == nil) || fmt.Sprint(old.Policy.Bundle) != fmt.Sprint(cfg.Policy.Bundle) || !reflect.DeepEqual(old.DNS, cfg.DNS) {
 		restart = append(restart, "policy.bundle", "dns")
 	}
 	if old.Confinement.UIDs != cfg.Confinement.UIDs {

@@ -46,10 +46,10 @@ type Registry interface {
 
 // Options configure a Proxy.
 type Options struct {
-	// Listen4 and Listen6 are the listeners' addresses (127.0.0.1 and ::1 when unset), Port
-	// their port (0: one the kernel picks).
-	Listen4, Listen6 netip.Addr
-	Port             uint16
+	// Listen are the listeners' addresses (127.0.0.1 and ::1 when unset), Port their port (0:
+	// one the kernel picks).
+	Listen []netip.Addr
+	Port   uint16
 	// Upstream is the DNS server asked (host:port).
 	Upstream string
 	// NXDomain answers a name no rule covers with NXDOMAIN instead of REFUSED.
@@ -108,11 +108,8 @@ func New(k Kernel, opts Options) (*Proxy, error) {
 	if opts.Upstream == "" {
 		return nil, errors.New("DNS proxy: no upstream server")
 	}
-	if !opts.Listen4.IsValid() {
-		opts.Listen4 = netip.MustParseAddr("127.0.0.1")
-	}
-	if !opts.Listen6.IsValid() {
-		opts.Listen6 = netip.IPv6Loopback()
+	if len(opts.Listen) == 0 {
+		opts.Listen = []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.IPv6Loopback()}
 	}
 	opts.MinTTL = orDefault(opts.MinTTL, 5*time.Second)
 	opts.MaxTTL = orDefault(opts.MaxTTL, time.Hour)
@@ -206,10 +203,10 @@ func orDefault(d, def time.Duration) time.Duration {
 	return d
 }
 
-// listen opens UDP and TCP on both addresses, all at one port.
+// listen opens UDP and TCP on every address, all at one port.
 func (p *Proxy) listen() error {
 	port := p.opts.Port
-	for _, a := range []netip.Addr{p.opts.Listen4, p.opts.Listen6} {
+	for _, a := range p.opts.Listen {
 		ap := netip.AddrPortFrom(a, port)
 		pc, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(ap))
 		if err != nil {
@@ -272,7 +269,7 @@ func (p *Proxy) Forget(slot dataplane.Slot) {
 func (p *Proxy) Stats() Stats {
 	asked, cachedN := p.up.stats()
 	s := &p.stats
-	return Stats{Listen: fmt.Sprintf("%v, %v port %d", p.opts.Listen4, p.opts.Listen6, p.port),
+	return Stats{Listen: fmt.Sprintf("%v port %d", p.opts.Listen, p.port),
 		Queries: s.queries.Load(), Answered: s.answered.Load(), Refused: s.refused.Load(), Audited: s.audited.Load(),
 		Failed: s.failed.Load(), Unattributed: s.unattributed.Load(), Upstream: asked, Cached: cachedN, Learnt: p.learnt.size(),
 		Installs: s.installs.Load(), InstallFails: s.installFailures.Load()}

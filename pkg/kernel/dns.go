@@ -18,14 +18,25 @@ type DNSProxy struct {
 	IP4  netip.Addr
 	IP6  netip.Addr
 	Port uint16
+	// Remote4 and Remote6 (either, both or none) are the proxy's listeners, at Port, for agents
+	// in other network namespaces (pods): addresses of this network namespace they reach. An
+	// agent's DNS to a resolver of a family without one is not sent to the proxy.
+	Remote4, Remote6 netip.Addr
 	// DenyDoT denies agents port 853 (DNS over TLS, which the proxy cannot read).
 	DenyDoT bool
 }
 
-// SetDNSProxy sends the DNS of agents in this process's network namespace to p from now on.
+// SetDNSProxy sends the DNS of agents in this process's network namespace (and in others, when
+// p has remote addresses) to p from now on.
 func (k *Kernel) SetDNSProxy(p DNSProxy) error {
 	if !p.IP4.Is4() || !p.IP6.Is6() || p.IP6.Is4In6() || p.Port == 0 {
 		return fmt.Errorf("DNS proxy %v / %v port %d: want an IPv4 and an IPv6 address and a port", p.IP4, p.IP6, p.Port)
+	}
+	if p.Remote4.IsValid() && (!p.Remote4.Is4() || p.Remote4.IsUnspecified()) {
+		return fmt.Errorf("DNS proxy remote address %v: want an IPv4 address", p.Remote4)
+	}
+	if p.Remote6.IsValid() && (!p.Remote6.Is6() || p.Remote6.Is4In6() || p.Remote6.IsUnspecified()) {
+		return fmt.Errorf("DNS proxy remote address %v: want an IPv6 address", p.Remote6)
 	}
 	netns, err := netnsCookie()
 	if err != nil {
@@ -38,6 +49,17 @@ func (k *Kernel) SetDNSProxy(p DNSProxy) error {
 		c.DnsPort = p.Port
 		c.DnsNetns = netns
 		c.DnsFlags = uint16(bpfTetherDnsFlagsTETHER_DNS_REDIRECT)
+		c.DnsRemoteIp4, c.DnsRemoteIp6 = 0, [16]uint8{}
+		if p.Remote4.IsValid() {
+			r4 := p.Remote4.As4()
+			c.DnsRemoteIp4 = binary.NativeEndian.Uint32(r4[:])
+		}
+		if p.Remote6.IsValid() {
+			c.DnsRemoteIp6 = p.Remote6.As16()
+		}
+		if p.Remote4.IsValid() || p.Remote6.IsValid() {
+			c.DnsFlags |= uint16(bpfTetherDnsFlagsTETHER_DNS_REMOTE)
+		}
 		if p.DenyDoT {
 			c.DnsFlags |= uint16(bpfTetherDnsFlagsTETHER_DNS_DENY_DOT)
 		}
@@ -58,6 +80,7 @@ func (k *Kernel) DNSProxyPort() uint16 {
 func (k *Kernel) ClearDNSProxy() error {
 	return k.updateConfig("turning off the DNS proxy", func(c *bpfTetherConfigEntry) {
 		c.DnsFlags, c.DnsPort, c.DnsIp4, c.DnsIp6, c.DnsNetns = 0, 0, 0, [16]uint8{}, 0
+		c.DnsRemoteIp4, c.DnsRemoteIp6 = 0, [16]uint8{}
 	})
 }
 

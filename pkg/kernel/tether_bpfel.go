@@ -63,18 +63,21 @@ type bpfTetherBinding struct {
 }
 
 type bpfTetherConfigEntry struct {
-	_           structs.HostLayout
-	BindingsGen uint64
-	DaemonTgid  uint32
-	Parents     uint32
-	ParentLevel uint32
-	Pad         uint32
-	DnsIp4      uint32
-	DnsPort     uint16
-	DnsFlags    uint16
-	DnsIp6      [16]uint8
-	DnsNetns    uint64
-	Reserved    [1]uint64
+	_            structs.HostLayout
+	BindingsGen  uint64
+	DaemonTgid   uint32
+	Parents      uint32
+	ParentLevel  uint32
+	Pad          uint32
+	DnsIp4       uint32
+	DnsPort      uint16
+	DnsFlags     uint16
+	DnsIp6       [16]uint8
+	DnsNetns     uint64
+	DnsRemoteIp4 uint32
+	Pad2         uint32
+	DnsRemoteIp6 [16]uint8
+	Reserved     [1]uint64
 }
 
 type bpfTetherCounter uint32
@@ -96,6 +99,7 @@ type bpfTetherDnsFlags uint32
 const (
 	bpfTetherDnsFlagsTETHER_DNS_REDIRECT bpfTetherDnsFlags = 1
 	bpfTetherDnsFlagsTETHER_DNS_DENY_DOT bpfTetherDnsFlags = 2
+	bpfTetherDnsFlagsTETHER_DNS_REMOTE   bpfTetherDnsFlags = 4
 )
 
 type bpfTetherDnsPeer struct {

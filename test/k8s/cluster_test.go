@@ -20,6 +20,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tether-sh/tether/internal/dnstest"
 )
 
 // A single-node cluster from real parts, what kind gives without Docker: etcd, kube-apiserver,
@@ -45,6 +47,7 @@ const (
 	bridgeAddr  = "198.18.0.1"
 	grantedHost = "198.18.2.1"
 	deniedHost  = "198.18.2.2"
+	namedHost   = "198.18.2.3" // what svc.k8s.test resolves to (the DNS proxy's part)
 	hostPort    = 8080
 	serviceCIDR = "198.19.0.0/16"
 	serviceIP   = "198.19.0.1"
@@ -67,6 +70,7 @@ type cluster struct {
 	hostsNetns string
 	sock       string // containerd's
 	podagent   string // test/k8s/cmd/podagent, built for this machine
+	dns        *dnstest.Server
 }
 
 // requireNodeParts fails (TETHER_REQUIRE_K8S=1) or skips when a part of the node is missing.
@@ -367,14 +371,15 @@ func (c *cluster) makeNetwork(suffix string) {
 	run("link", "set", hostVeth, "master", c.bridge, "up")
 	run("-n", c.hostsNetns, "addr", "add", grantedHost+"/16", "dev", nsVeth)
 	run("-n", c.hostsNetns, "addr", "add", deniedHost+"/16", "dev", nsVeth)
+	run("-n", c.hostsNetns, "addr", "add", namedHost+"/16", "dev", nsVeth)
 	run("-n", c.hostsNetns, "link", "set", nsVeth, "up")
 	run("-n", c.hostsNetns, "link", "set", "lo", "up")
 }
 
-// startHosts serves on the granted and the denied test host (podagent serve in their network
-// namespace).
+// startHosts serves on the granted, the denied and the named test host (podagent serve in their
+// network namespace).
 func (c *cluster) startHosts(podagent string) {
-	addrs := []string{fmt.Sprintf("%s:%d", grantedHost, hostPort), fmt.Sprintf("%s:%d", deniedHost, hostPort)}
+	addrs := []string{fmt.Sprintf("%s:%d", grantedHost, hostPort), fmt.Sprintf("%s:%d", deniedHost, hostPort), fmt.Sprintf("%s:%d", namedHost, hostPort)}
 	ip, _ := exec.LookPath("ip")
 	startLogged(c.t, filepath.Dir(ip), c.dir, "ip", append([]string{"netns", "exec", c.hostsNetns, podagent, "serve"}, addrs...)...)
 	for _, a := range addrs {

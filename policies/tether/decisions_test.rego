@@ -5,9 +5,11 @@ import data.tether
 req(r) := object.union(ctx(task("coding", "internal"), dev, morning), {"request": r})
 
 test_allow_follows_grants if {
-	tether.allow with input as req({"kind": "connect", "ip": "140.82.112.5", "port": 443, "protocol": "tcp", "binary": "/usr/bin/git"})
-	not tether.allow with input as req({"kind": "connect", "ip": "140.82.112.5", "port": 443, "protocol": "tcp", "binary": "/usr/bin/python3"})
-	not tether.allow with input as req({"kind": "connect", "ip": "140.82.112.5", "port": 80, "protocol": "tcp", "binary": "/usr/bin/git"})
+	tether.allow with input as req({"kind": "connect", "ip": "10.1.2.3", "port": 443, "protocol": "tcp"})
+	not tether.allow with input as req({"kind": "connect", "ip": "10.1.2.3", "port": 80, "protocol": "tcp"})
+	tether.allow with input as req({"kind": "dns", "name": "api.github.com"})
+	tether.allow with input as req({"kind": "dns", "name": "files.pythonhosted.org"})
+	not tether.allow with input as req({"kind": "dns", "name": "c2VjcmV0.exfil.example.org"})
 	not tether.allow with input as req({"kind": "connect", "ip": "8.8.8.8", "port": 443, "protocol": "tcp"})
 	tether.allow with input as req({"kind": "exec", "path": "/usr/bin/git"})
 	not tether.allow with input as req({"kind": "exec", "path": "/usr/bin/bash"})

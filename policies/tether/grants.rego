@@ -136,7 +136,7 @@ in_window(w) if {
 	input.time.hour < w.end_hour
 }
 
-# Tool chain: only git may reach the git hosting range; without a git_binary setting, nothing
+# Tool chain: only git may reach the git hosting service; without a git_binary setting, nothing
 # may.
 default chain(_) := {}
 
@@ -148,15 +148,24 @@ chain_holds(r) if settings.git_binary
 
 network_rules := object.get(profile, "network_egress", [])
 
-# A network settings.networks does not list gets no cidrs: tether refuses the rule, and says so.
+# Where a network rule goes: a service of settings.services is its DNS names, one fqdn rule each
+# (exact, or *.domain: every name below it, which needs tether's DNS proxy; with the proxy, what
+# the agent was answered is granted, else what tether resolves); a network of settings.networks
+# is its cidrs. A name in neither gets no cidrs: tether refuses the rule, and says so.
+services := object.get(settings, "services", {})
+
+destinations(r) := [{"fqdn": name} | some name in services[r.network]] if services[r.network]
+
+destinations(r) := [{"cidrs": object.get(settings.networks, r.network, [])}] if not services[r.network]
+
 network_egress contains rule if {
 	some r in network_rules
 	chain_holds(r)
 	sensitivity_allows(r)
 	window_allows(r)
 	some held in holds(r)
-	cidrs := {"cidrs": object.get(settings.networks, r.network, [])}
-	rule := object.union(object.union(object.union(object.remove(r, {"network", "production", "window"}), cidrs), chain(r)), held)
+	some dest in destinations(r)
+	rule := object.union(object.union(object.union(object.remove(r, {"network", "production", "window"}), dest), chain(r)), held)
 }
 
 egress := array.concat(written_egress, [r | some r in network_egress])

@@ -12,14 +12,20 @@ agent(id) := {"spiffe_id": id, "trust_domain": "example.org", "path": "/agents/a
 
 ctx(task, env, t) := {"agent": agent("spiffe://example.org/agents/a"), "task": task, "env": env, "time": t}
 
-task(type, sensitivity) := {"id": "t1", "type": type, "sensitivity": sensitivity,
-	"started_at": "2026-11-25T10:00:00Z", "expires_at": "2026-11-25T12:00:00Z", "approvals": []}
+task(type, sensitivity) := {
+	"id": "t1", "type": type, "sensitivity": sensitivity,
+	"started_at": "2026-11-25T10:00:00Z", "expires_at": "2026-11-25T12:00:00Z", "approvals": [],
+}
 
 dev := {"node": "n1", "environment": "development"}
 
 prod := {"node": "n1", "environment": "production"}
 
-egress_to(g, network) := {r | some r in g.egress; r.cidrs == data.tether_settings.networks[network]}
+egress_to(g, network) := {r | some r in g.egress; goes_to(r, network)}
+
+goes_to(r, network) if r.cidrs == data.tether_settings.networks[network]
+
+goes_to(r, network) if r.fqdn in data.tether_settings.services[network]
 
 test_deny_by_default if {
 	g := tether.grants with input as {"agent": agent("spiffe://example.org/nobody"), "env": dev, "time": morning}
@@ -45,6 +51,16 @@ test_coding_gets_git_and_registries if {
 	count(egress_to(g, "git_hosting")) > 0
 	count(egress_to(g, "package_registries")) > 0
 	{"path": "/usr/bin/git"} in g.exec
+}
+
+test_public_services_by_name if {
+	g := tether.grants with input as ctx(task("coding", "internal"), dev, morning)
+	names := {r.fqdn | some r in egress_to(g, "package_registries")}
+	names == {n | some n in data.tether_settings.services.package_registries}
+	every r in egress_to(g, "git_hosting") {
+		not r.cidrs
+		r.ports == [22, 443]
+	}
 }
 
 test_only_git_reaches_git_hosting if {
@@ -98,6 +114,7 @@ test_production_needs_approved_stepup if {
 	every r in egress_to(g2, "production") {
 		r.approval == "a1" # the kernel counts the approval's uses on it
 	}
+
 	# Two approvals: a rule for each, each counted on its own.
 	t3 := object.union(t, {"approvals": array.concat(t.approvals, [{"id": "a2", "action": "connect", "resource": "production", "expires_at": "2026-11-25T11:00:00Z"}])})
 	g3 := tether.grants with input as ctx(t3, prod, morning)
@@ -118,6 +135,7 @@ test_production_rule_outside_production_needs_nothing if {
 test_window_open_and_its_edge if {
 	g := tether.grants with input as ctx(task("customer-operations", "internal"), dev, morning)
 	count(egress_to(g, "crm")) > 0
+
 	# The window ends at 19:00, the ssh window of nothing else: valid_until is 19:00 today.
 	g.valid_until == "2026-11-25T19:00:00Z"
 }
@@ -125,6 +143,7 @@ test_window_open_and_its_edge if {
 test_window_closed_and_next_opening if {
 	g := tether.grants with input as ctx(task("customer-operations", "internal"), dev, night)
 	count(egress_to(g, "crm")) == 0
+
 	# Next evaluation at the next 07:00.
 	g.valid_until == "2026-11-29T07:00:00Z"
 }

@@ -162,9 +162,9 @@ func startDNSProxy(t *testing.T, k *kernel.Kernel) *dnsproxy.Proxy {
 	return p
 }
 
-// dnsNames are the names the DNS requests ask: those the test profile's fqdn rules name, below
-// and beside them, and others.
-var dnsNames = []string{"api.diff.test", "API.diff.test", "x.api.diff.test", "diff.test", "a.cdn.diff.test", "a.b.cdn.diff.test",
+// dnsNames are the names the DNS requests ask: those the test profile's fqdn rules and the shipped
+// coding profile's services name, below and beside them, and others.
+var dnsNames = []string{"api.github.com", "gist.github.com", "api.diff.test", "API.diff.test", "x.api.diff.test", "diff.test", "a.cdn.diff.test", "a.b.cdn.diff.test",
 	"cdn.diff.test", "cdn.diff.test.evil.example", "evil.example", "github.com", "c2VjcmV0.exfil.example"}
 
 // checkBothVerdicts: a generator that only ever produced one verdict would prove nothing; each

@@ -44,6 +44,7 @@ type options struct {
 	// outside: only what a process outside agents pays with tether loaded (the bystander rows)
 	outside bool
 	hotpath bool // only the hot path: instructions per path and run time against an empty program
+	dns     bool // only the DNS part
 }
 
 func run() error {
@@ -89,6 +90,7 @@ func parseFlags() (options, string, error) {
 	flag.BoolVar(&o.launch, "launch-only", false, "measure only the launch latency of tetherctl run -- true with each sandbox profile, against true alone")
 	flag.BoolVar(&o.outside, "outside-only", false, "measure only what a process outside agents pays with tether loaded against nothing loaded (TCP connect, fork+exec)")
 	flag.BoolVar(&o.hotpath, "hotpath-only", false, "measure only the hot path: the instructions each socket hook executes per path, and its run time against an empty program")
+	flag.BoolVar(&o.dns, "dns-only", false, "measure only the DNS part: an agent's queries through tetherd's DNS proxy against straight to the server, and answer to rule installed")
 	flag.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof reads it)")
 	flag.Parse()
 	for _, r := range strings.Split(rules, ",") {
@@ -145,6 +147,15 @@ func measureAndReport(e *env, o options) error {
 		reportSweep(os.Stdout, sr)
 		reportBulk(os.Stdout, bulk)
 		printGoals(func(g goalFunc) { sweepGoals(g, sr); bulkGoals(g, bulk) })
+		return nil
+	}
+	if o.dns {
+		dr, err := measureDNS(e, o)
+		if err != nil {
+			return err
+		}
+		reportDNS(os.Stdout, dr)
+		printGoals(func(g goalFunc) { dnsGoals(g, dr) })
 		return nil
 	}
 	if o.kill {

@@ -90,6 +90,7 @@ type results struct {
 	hotpath          *hotPathResults
 	telemetry        *telemetryResults
 	sweep            *sweepResults
+	dns              *dnsResults
 }
 
 func (r *results) add(k sampleKey, ns float64) { r.samples[k] = append(r.samples[k], ns) }
@@ -300,6 +301,10 @@ func measureParts(e *env, o options, res *results) error {
 	progress("telemetry: tetherd's events per second and CPU")
 	if res.telemetry, err = measureTelemetry(e, o); err != nil {
 		return fmt.Errorf("telemetry: %w", err)
+	}
+	progress("DNS: an agent's queries through the DNS proxy against straight to the server")
+	if res.dns, err = measureDNS(e, o); err != nil {
+		return fmt.Errorf("DNS: %w", err)
 	}
 	return nil
 }

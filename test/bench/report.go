@@ -131,6 +131,7 @@ func report(w io.Writer, e *env, o options, res *results) {
 	reportSweep(w, res.sweep)
 	reportKill(w, res.kill)
 	reportTelemetry(w, res.telemetry)
+	reportDNS(w, res.dns)
 
 	reportGoals(w, o, res, overhead)
 }
@@ -240,6 +241,9 @@ func reportGoals(w io.Writer, o options, res *results, overhead map[string]stat)
 	sweepGoals(goal, res.sweep)
 	killGoals(goal, res.kill)
 	telemetryGoals(goal, res.telemetry)
+	if res.dns != nil {
+		dnsGoals(goal, res.dns)
+	}
 }
 
 // ratio says how many times a is b, where b may be zero or negative (within noise).

@@ -23,9 +23,18 @@ const workerEnv = "TETHER_BENCH_WORKER"
 // runWorker runs one sample: the worker is born in cgroup (CLONE_INTO_CGROUP).
 // extraEnv is added to the worker's environment (sampleEnv, rateEnv).
 func (e *env) runWorker(cgroup, mode, target string, ops int, extraEnv ...string) (float64, error) {
-	dir, err := os.Open(cgroup)
+	out, err := e.runWorkerOut(cgroup, mode, target, ops, extraEnv...)
 	if err != nil {
 		return 0, err
+	}
+	return strconv.ParseFloat(out, 64)
+}
+
+// runWorkerOut is runWorker, returning what the worker printed.
+func (e *env) runWorkerOut(cgroup, mode, target string, ops int, extraEnv ...string) (string, error) {
+	dir, err := os.Open(cgroup)
+	if err != nil {
+		return "", err
 	}
 	defer dir.Close()
 	cmd := exec.Command(e.self, mode, target, strconv.Itoa(ops))
@@ -36,11 +45,11 @@ func (e *env) runWorker(cgroup, mode, target string, ops int, extraEnv ...string
 	if err != nil {
 		var ee *exec.ExitError
 		if errors.As(err, &ee) {
-			return 0, fmt.Errorf("worker %s %s in %s: %v: %s", mode, target, cgroup, err, ee.Stderr)
+			return "", fmt.Errorf("worker %s %s in %s: %v: %s", mode, target, cgroup, err, ee.Stderr)
 		}
-		return 0, err
+		return "", err
 	}
-	return strconv.ParseFloat(strings.TrimSpace(string(out)), 64)
+	return strings.TrimSpace(string(out)), nil
 }
 
 func worker(args []string) int {
@@ -60,6 +69,13 @@ func worker(args []string) int {
 	}
 	if args[0] == "hold" {
 		return hold(args[1], ops)
+	}
+	if args[0] == "dnslat" || args[0] == "dnslearn" {
+		if err := dnsWorker(args[0], args[1], ops); err != nil {
+			fmt.Fprintf(os.Stderr, "%s %s: %v\n", args[0], args[1], err)
+			return 1
+		}
+		return 0
 	}
 	// One CPU for the loop: no migrations in the middle of a sample.
 	if _, last, ok := cpuRange(); ok {

@@ -117,64 +117,8 @@ func measureAndReport(e *env, o options) error {
 		reportLaunch(os.Stdout, lr)
 		return nil
 	}
-	if o.hotpath {
-		hp, err := measureHotPath(e, o)
-		if err != nil {
-			return err
-		}
-		reportHotPath(os.Stdout, hp)
-		printGoals(func(g goalFunc) { hotPathGoals(g, hp) })
-		return nil
-	}
-	if o.telem {
-		tr, err := measureTelemetry(e, o)
-		if err != nil {
-			return err
-		}
-		reportTelemetry(os.Stdout, tr)
-		printGoals(func(g goalFunc) { telemetryGoals(g, tr) })
-		return nil
-	}
-	if o.sweep {
-		sr, err := measureSweep(e, o)
-		if err != nil {
-			return err
-		}
-		bulk, err := measureBulk(e, o)
-		if err != nil {
-			return err
-		}
-		reportSweep(os.Stdout, sr)
-		reportBulk(os.Stdout, bulk)
-		printGoals(func(g goalFunc) { sweepGoals(g, sr); bulkGoals(g, bulk) })
-		return nil
-	}
-	if o.dns {
-		dr, err := measureDNS(e, o)
-		if err != nil {
-			return err
-		}
-		reportDNS(os.Stdout, dr)
-		printGoals(func(g goalFunc) { dnsGoals(g, dr) })
-		return nil
-	}
-	if o.kill {
-		kr, err := measureKill(e, o)
-		if err != nil {
-			return err
-		}
-		reportKill(os.Stdout, kr)
-		printGoals(func(g goalFunc) { killGoals(g, kr) })
-		return nil
-	}
-	if o.policy {
-		pr, err := measurePolicy(e, o)
-		if err != nil {
-			return err
-		}
-		reportPolicy(os.Stdout, pr)
-		printGoals(func(g goalFunc) { policyGoals(g, pr) })
-		return nil
+	if done, err := measureOnePart(e, o); done || err != nil {
+		return err
 	}
 	res, err := measure(e, o)
 	if err != nil {
@@ -190,6 +134,70 @@ func measureAndReport(e *env, o options) error {
 	}
 	report(os.Stdout, e, o, res)
 	return nil
+}
+
+// measureOnePart measures and reports the one part o asks for, if it asks for one.
+func measureOnePart(e *env, o options) (bool, error) {
+	if o.hotpath {
+		hp, err := measureHotPath(e, o)
+		if err != nil {
+			return true, err
+		}
+		reportHotPath(os.Stdout, hp)
+		printGoals(func(g goalFunc) { hotPathGoals(g, hp) })
+		return true, nil
+	}
+	if o.telem {
+		tr, err := measureTelemetry(e, o)
+		if err != nil {
+			return true, err
+		}
+		reportTelemetry(os.Stdout, tr)
+		printGoals(func(g goalFunc) { telemetryGoals(g, tr) })
+		return true, nil
+	}
+	if o.sweep {
+		sr, err := measureSweep(e, o)
+		if err != nil {
+			return true, err
+		}
+		bulk, err := measureBulk(e, o)
+		if err != nil {
+			return true, err
+		}
+		reportSweep(os.Stdout, sr)
+		reportBulk(os.Stdout, bulk)
+		printGoals(func(g goalFunc) { sweepGoals(g, sr); bulkGoals(g, bulk) })
+		return true, nil
+	}
+	if o.dns {
+		dr, err := measureDNS(e, o)
+		if err != nil {
+			return true, err
+		}
+		reportDNS(os.Stdout, dr)
+		printGoals(func(g goalFunc) { dnsGoals(g, dr) })
+		return true, nil
+	}
+	if o.kill {
+		kr, err := measureKill(e, o)
+		if err != nil {
+			return true, err
+		}
+		reportKill(os.Stdout, kr)
+		printGoals(func(g goalFunc) { killGoals(g, kr) })
+		return true, nil
+	}
+	if o.policy {
+		pr, err := measurePolicy(e, o)
+		if err != nil {
+			return true, err
+		}
+		reportPolicy(os.Stdout, pr)
+		printGoals(func(g goalFunc) { policyGoals(g, pr) })
+		return true, nil
+	}
+	return false, nil
 }
 
 // goalFunc says whether a goal is met, and what was measured against it.

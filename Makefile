@@ -117,8 +117,8 @@ bench: spire
 	$(GO) test -run XXX -bench . -benchtime 1x ./pkg/dnsproxy
 	./$(BIN)/bench $(BENCH_FLAGS)
 
-# Installs tetherd and tetherctl, the systemd unit, and (when there is none) the default
-# configuration in /etc/tether. DESTDIR and PREFIX as usual. Then: systemctl daemon-reload &&
+# Installs tetherd and tetherctl, the systemd unit, and (when there is none) the production
+# configuration (deploy/systemd/tetherd.yaml) in /etc/tether. DESTDIR and PREFIX as usual. Then: systemctl daemon-reload &&
 # systemctl enable --now tetherd.
 PREFIX ?= /usr/local
 install: build
@@ -126,7 +126,7 @@ install: build
 	install -D -m 0644 deploy/systemd/tetherd.service $(DESTDIR)/etc/systemd/system/tetherd.service
 	sed -i 's#/usr/local/bin/#$(PREFIX)/bin/#g' $(DESTDIR)/etc/systemd/system/tetherd.service
 	install -d -m 0755 $(DESTDIR)/etc/tether
-	test -e $(DESTDIR)/etc/tether/tetherd.yaml || $(BIN)/tetherd --print-default-config > $(DESTDIR)/etc/tether/tetherd.yaml
+	test -e $(DESTDIR)/etc/tether/tetherd.yaml || install -m 0644 deploy/systemd/tetherd.yaml $(DESTDIR)/etc/tether/tetherd.yaml
 
 vet:
 	$(GO) vet ./...

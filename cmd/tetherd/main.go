@@ -5,7 +5,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"log/slog"
 	"os"
@@ -15,13 +14,11 @@ import (
 	"syscall"
 
 	"github.com/cilium/ebpf/rlimit"
+	sddaemon "github.com/coreos/go-systemd/v22/daemon"
 	"golang.org/x/sys/unix"
 
-	"github.com/tether-sh/tether/pkg/bpffs"
-	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/config"
 	"github.com/tether-sh/tether/pkg/daemon"
-	"github.com/tether-sh/tether/pkg/kernel"
 	"github.com/tether-sh/tether/pkg/panics"
 	"github.com/tether-sh/tether/pkg/version"
 )
@@ -39,37 +36,19 @@ func main() {
 	}
 }
 
+// run runs the tetherd command line args: a subcommand, or the daemon (run) when there is none.
 func run(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("tetherd", flag.ContinueOnError)
-	configPath := fs.String("config", "", "configuration file (YAML); the embedded defaults when empty")
-	removePins := fs.Bool("remove-pins", false, "detach tether's programs, remove its pins (enforcement stops) and exit")
-	printDefaults := fs.Bool("print-default-config", false, "print the embedded default configuration and exit")
-	showVersion := fs.Bool("version", false, "print the version and exit")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	probe := fs.NArg() == 1 && fs.Arg(0) == "probe"
-	if fs.NArg() > 0 && !probe {
-		return fmt.Errorf("unexpected arguments %q (the one command is probe)", fs.Args())
-	}
-	switch {
-	case *showVersion:
-		fmt.Println(version.String())
-		return nil
-	case *printDefaults:
-		_, err := os.Stdout.Write(config.DefaultYAML)
-		return err
-	}
+	root := newRoot()
+	root.SetArgs(args)
+	return root.ExecuteContext(ctx)
+}
 
-	cfg, err := config.Load(*configPath)
+// runDaemon runs tetherd on the configuration at configPath (the embedded defaults when empty)
+// until ctx ends.
+func runDaemon(ctx context.Context, configPath string) error {
+	cfg, err := config.Load(configPath)
 	if err != nil {
 		return err
-	}
-	if probe {
-		return probeNode(cfg.Cgroup.Root, cfg.BPF.PinDir)
-	}
-	if *removePins {
-		return bpffs.RemovePins(cfg.BPF.PinDir)
 	}
 	log := newLogger(cfg.Log)
 	daemon.TuneGC()
@@ -90,7 +69,7 @@ func run(ctx context.Context, args []string) error {
 				log.Warn("SIGHUP before tetherd was ready; ignored")
 				continue
 			}
-			next, err := config.Load(*configPath)
+			next, err := config.Load(configPath)
 			if err != nil {
 				log.Error("configuration refused; the running one stays in force", "error", err)
 				continue
@@ -100,11 +79,26 @@ func run(ctx context.Context, args []string) error {
 			}
 		}
 	}()
-	err = daemon.Run(ctx, cfg, daemon.Options{Version: version.String(), Logger: log, Started: running.Store})
+	started := func(d *daemon.Daemon) {
+		running.Store(d)
+		notify(log, sddaemon.SdNotifyReady+"\nSTATUS=enforcing")
+	}
+	err = daemon.Run(ctx, cfg, daemon.Options{Version: version.String(), Logger: log, Started: started})
+	notify(log, sddaemon.SdNotifyStopping)
 	if errors.Is(err, context.Canceled) {
 		return nil
 	}
 	return err
+}
+
+// notify tells systemd (a Type=notify unit: $NOTIFY_SOCKET) how tetherd is: READY=1 once the
+// programs are attached, every pin is in place and the API serves, so units ordered after
+// tetherd start only when enforcement is up; STOPPING=1 when it stops (enforcement stays pinned).
+// Without $NOTIFY_SOCKET it does nothing.
+func notify(log *slog.Logger, state string) {
+	if _, err := sddaemon.SdNotify(false, state); err != nil {
+		log.Warn("telling systemd (sd_notify)", "state", state, "error", err)
+	}
 }
 
 // reloadBoundary counts the configuration reloads that panicked (see panics).
@@ -145,34 +139,6 @@ func enterCgroupNamespace() error {
 	}
 	unix.Close(fd)
 	return unix.Exec("/proc/self/exe", os.Args, os.Environ())
-}
-
-// probeNode prints what tetherd needs from this node and whether it is there, and fails when a
-// requirement is missing.
-func probeNode(cgroupRoot, pinDir string) error {
-	var cgErr error
-	if cgroupRoot == "" {
-		cgroupRoot, cgErr = cgroups.Mount()
-	}
-	missing := 0
-	for _, r := range kernel.Requirements(cgroupRoot, cgErr, pinDir) {
-		status := "ok"
-		switch {
-		case !r.OK && r.Required:
-			status, missing = "MISSING", missing+1
-		case !r.OK:
-			status = "absent (optional)"
-		}
-		fmt.Printf("%-54s %-18s %s\n", r.Name, status, r.Detail)
-		if r.Fix != "" {
-			fmt.Printf("%-54s %-18s fix: %s\n", "", "", r.Fix)
-		}
-	}
-	if missing > 0 {
-		return fmt.Errorf("%d requirement(s) missing: tether cannot run on this node", missing)
-	}
-	fmt.Println("tether can run on this node")
-	return nil
 }
 
 func newLogger(c config.Log) *slog.Logger {

@@ -118,6 +118,32 @@ func (r *Revisions) load(cfg *config.Loaded) (*Files, error) {
 	return FromFS(policies.FS, "shipped policies")
 }
 
+// CheckConfigured checks, offline, the policy cfg names (policy.dir, or the shipped policies) as
+// Start would put it in force: compiled, type-checked against the input schema, and every decision
+// evaluated for the standard probe inputs. A bundle is downloaded at run time: not checked here.
+func CheckConfigured(ctx context.Context, cfg *config.Loaded) (string, error) {
+	if b := cfg.Policy.Bundle; b != nil {
+		return fmt.Sprintf("policy: from the bundle service %s (%s), downloaded at run time: not checked here", b.Service, b.Resource), nil
+	}
+	schema, err := policies.FS.ReadFile("input.schema.json")
+	if err != nil {
+		return "", err
+	}
+	f, err := (&Revisions{}).load(cfg)
+	if err != nil {
+		return "", err
+	}
+	rev, err := Compile(ctx, f, schema)
+	if err != nil {
+		return "", err
+	}
+	probes := StandardProbes(time.Now())
+	if err := Check(ctx, rev, probes); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("policy: revision %s from %s compiles and decides %d probe inputs", rev.ID, f.Source, len(probes)), nil
+}
+
 // Reload reads the policy source again and, when a new revision goes into force, evaluates
 // every agent again. A revision that is refused changes nothing.
 func (r *Revisions) Reload(ctx context.Context, why string) (EngineStatus, error) {

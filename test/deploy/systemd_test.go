@@ -49,9 +49,16 @@ func TestSystemdUnit(t *testing.T) {
 		}
 	}
 	conf := filepath.Join(dest, "etc/tether/tetherd.yaml")
-	want, _ := exec.Command(filepath.Join(dest, "opt/tether/bin/tetherd"), "--print-default-config").Output()
+	want, _ := os.ReadFile("../../deploy/systemd/tetherd.yaml")
 	if got, err := os.ReadFile(conf); err != nil || !bytes.Equal(got, want) || len(want) == 0 {
-		t.Errorf("installed configuration: %v, %d bytes, want the %d of the defaults", err, len(got), len(want))
+		t.Errorf("installed configuration: %v, %d bytes, want the %d of deploy/systemd/tetherd.yaml", err, len(got), len(want))
+	}
+	// Production settings, not the demonstration's, and valid as tetherd checks it offline.
+	if !bytes.Contains(want, []byte("allow_sample: 100")) || !bytes.Contains(want, []byte("metrics_address: 127.0.0.1:")) {
+		t.Errorf("the installed configuration is not the production one:\n%s", want)
+	}
+	if out, err := exec.Command(filepath.Join(dest, "opt/tether/bin/tetherd"), "check-config", conf).CombinedOutput(); err != nil || !strings.Contains(string(out), conf+": valid") {
+		t.Errorf("tetherd check-config %s: %v\n%s", conf, err, out)
 	}
 	os.WriteFile(conf, []byte("# edited\n"), 0o644)
 	install()
@@ -64,7 +71,7 @@ func TestSystemdUnit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(b), "ExecStart=/opt/tether/bin/tetherd --config /etc/tether/tetherd.yaml") {
+	if !strings.Contains(string(b), "ExecStart=/opt/tether/bin/tetherd run --config /etc/tether/tetherd.yaml") || !strings.Contains(string(b), "Type=notify") {
 		t.Fatalf("the installed unit does not run the installed tetherd:\n%s", b)
 	}
 	// Verified in this host's context: the binary it names is the one installed under DESTDIR.

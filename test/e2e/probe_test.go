@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -111,6 +112,45 @@ func TestPrivilegedProbeCommand(t *testing.T) {
 	if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(string(out), "bpffs") || !strings.Contains(string(out), "MISSING") ||
 		!strings.Contains(string(out), "1 requirement(s) missing") {
 		t.Fatalf("tetherd probe with the pins off bpffs: %v\n%s", err, out)
+	}
+	checkProbeJSON(t, bin, cfg)
+}
+
+// checkProbeJSON: `tetherd probe -o json` says the same, for a program, with the same exit status:
+// ok on this machine, and with a configuration whose pins are off bpffs (cfg) the missing
+// requirement with its fix.
+func checkProbeJSON(t *testing.T, bin, cfg string) {
+	for _, c := range []struct {
+		args []string
+		ok   bool
+	}{{[]string{"probe", "-o", "json"}, true}, {[]string{"--config", cfg, "probe", "-o", "json"}, false}} {
+		cmd := exec.Command(filepath.Join(bin, "tetherd"), c.args...)
+		cmd.Stderr = io.Discard
+		out, err := cmd.Output()
+		var rep struct {
+			OK           bool `json:"ok"`
+			Requirements []struct {
+				Name     string `json:"name"`
+				OK       bool   `json:"ok"`
+				Required bool   `json:"required"`
+				Fix      string `json:"fix"`
+			} `json:"requirements"`
+		}
+		if jerr := json.Unmarshal(out, &rep); jerr != nil || rep.OK != c.ok || (err == nil) != c.ok || len(rep.Requirements) < 5 {
+			t.Fatalf("tetherd %v: %v, %v\n%s", c.args, err, jerr, out)
+		}
+		missing := 0
+		for _, r := range rep.Requirements {
+			if r.Required && !r.OK {
+				missing++
+				if r.Fix == "" || !strings.Contains(r.Name+r.Fix, "bpf") {
+					t.Errorf("tetherd %v: a missing requirement without its fix: %+v", c.args, r)
+				}
+			}
+		}
+		if (missing == 0) != c.ok {
+			t.Errorf("tetherd %v: %d missing, ok %v", c.args, missing, rep.OK)
+		}
 	}
 }
 

@@ -121,8 +121,10 @@ func TestPolicyEval(t *testing.T) {
 	}
 
 	for request, want := range map[string]string{
-		`, "request": {"kind": "connect", "ip": "140.82.112.5", "port": 443, "protocol": "tcp", "binary": "/usr/bin/git"}`:  `"result": true`,
-		`, "request": {"kind": "connect", "ip": "140.82.112.5", "port": 443, "protocol": "tcp", "binary": "/usr/bin/curl"}`: `"result": false`,
+		`, "request": {"kind": "connect", "ip": "10.1.2.3", "port": 443, "protocol": "tcp"}`: `"result": true`,
+		`, "request": {"kind": "connect", "ip": "10.1.2.3", "port": 80, "protocol": "tcp"}`:  `"result": false`,
+		`, "request": {"kind": "dns", "name": "api.github.com"}`:                             `"result": true`,
+		`, "request": {"kind": "dns", "name": "c2VjcmV0.exfil.example"}`:                     `"result": false`,
 	} {
 		out, err := tetherctl(t, "policy", "eval", "--policy", "../../policies", "--query", "allow", "--input", input(request))
 		if err != nil || !strings.Contains(out, want) {

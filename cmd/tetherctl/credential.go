@@ -137,15 +137,16 @@ func supervise(c *api.Client, slot dataplane.Slot, cur credentials.Credential, t
 		}
 		// The agent renewed its task itself (agent socket), which superseded the credential
 		// this launcher held: carry on from the current one.
-		if strings.Contains(err.Error(), credentials.ErrReplayed.Error()) {
+		code := api.CodeOf(err)
+		if code == api.CodeCredentialReplayed {
 			if now, err := c.TaskCredential(slot); err == nil && now.Token != cur.Token {
 				cur = now
 				continue
 			}
 		}
 		fmt.Fprintf(os.Stderr, "tetherctl: heartbeat for agent %d: %v\n", slot, err)
-		if msg := err.Error(); strings.Contains(msg, "has no task") || strings.Contains(msg, credentials.ErrRevoked.Error()) ||
-			strings.Contains(msg, credentials.ErrReplayed.Error()) || strings.Contains(msg, credentials.ErrExpired.Error()) {
+		switch code {
+		case api.CodeNoTask, api.CodeCredentialRevoked, api.CodeCredentialReplayed, api.CodeCredentialExpired:
 			return
 		}
 	}

@@ -165,10 +165,30 @@ type EscalationStatus struct {
 	Failed  uint64 `json:"failed_attempts"`
 }
 
-// Error is the body of every refused request.
+// Error is the body of every refused request: why, and a code (Code*) a client acts on instead
+// of matching the text.
 type Error struct {
 	Error string `json:"error"`
+	Code  string `json:"code"`
 }
+
+// The codes of a refused request: one per error a client may act on, else the HTTP status's.
+const (
+	CodeBadRequest         = "bad_request"
+	CodeForbidden          = "forbidden"
+	CodeNotFound           = "not_found"
+	CodeConflict           = "conflict"
+	CodeInternal           = "internal"
+	CodeNoTask             = "no_task"   // the agent has no task (or it ended)
+	CodeUIDTaken           = "uid_taken" // another live agent runs as that uid
+	CodeInvalid            = "invalid"   // a request the agent's state refuses
+	CodeCredentialExpired  = "credential_expired"
+	CodeCredentialRevoked  = "credential_revoked"
+	CodeCredentialReplayed = "credential_replayed" // superseded by a newer one
+	CodeCredentialInvalid  = "credential_invalid"
+	CodeStepupDecided      = "stepup_decided" // approved or denied already
+	CodeStepupRefused      = "stepup_refused" // the policy refuses to ask for it
+)
 
 // Backend is what the API serves, by resource: tetherd composes it from its domain services
 // (the agents' control, the credentials' lifecycle, the kill path, the step-up service, the

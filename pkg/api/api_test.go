@@ -3,6 +3,7 @@ package api
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -404,8 +405,40 @@ func TestSocket(t *testing.T) {
 		t.Errorf("second listener: %v", err)
 	}
 	_, err = NewClient(path).SetMode(7, nil)
-	if err == nil || !strings.Contains(err.Error(), "tetherd: ") {
-		t.Errorf("error from the server: %v", err)
+	if err == nil || !strings.Contains(err.Error(), "tetherd: ") || CodeOf(err) != CodeNotFound {
+		t.Errorf("error from the server: %v (code %q)", err, CodeOf(err))
+	}
+	// No tetherd there: where it was looked for and how to point elsewhere, no code.
+	_, err = NewClient(filepath.Join(dir, "none.sock")).Status()
+	if err == nil || !strings.Contains(err.Error(), "cannot reach tetherd at "+filepath.Join(dir, "none.sock")) ||
+		!strings.Contains(err.Error(), "TETHER_SOCKET") || CodeOf(err) != "" {
+		t.Errorf("no tetherd: %v", err)
+	}
+}
+
+// TestErrorCodes: a refused request carries a code a client acts on, from the error's kind or
+// else its HTTP status.
+func TestErrorCodes(t *testing.T) {
+	for _, c := range []struct {
+		err    error
+		status int
+		want   string
+	}{
+		{fmt.Errorf("heartbeat: %w", credentials.ErrReplayed), http.StatusConflict, CodeCredentialReplayed},
+		{fmt.Errorf("%w: agent 3 has no task", agents.ErrTask), http.StatusConflict, CodeNoTask},
+		{credentials.ErrExpired, http.StatusForbidden, CodeCredentialExpired},
+		{stepup.ErrDecided, http.StatusConflict, CodeStepupDecided},
+		{errors.New("no such agent"), http.StatusNotFound, CodeNotFound},
+		{errors.New("the caller's credentials could not be read"), http.StatusForbidden, CodeForbidden},
+		{errors.New("ttl: bad"), http.StatusBadRequest, CodeBadRequest},
+		{errors.New("boom"), http.StatusInternalServerError, CodeInternal},
+	} {
+		rec := httptest.NewRecorder()
+		refuse(rec, c.status, c.err)
+		var body Error
+		if err := json.Unmarshal(rec.Body.Bytes(), &body); err != nil || body.Code != c.want || body.Error != c.err.Error() {
+			t.Errorf("%v: %s, want code %s", c.err, rec.Body.String(), c.want)
+		}
 	}
 }
 

@@ -22,6 +22,38 @@ import (
 	"github.com/tether-sh/tether/pkg/stepup"
 )
 
+// RemoteError is a request tetherd refused: the HTTP status, the code (Code*) and why.
+type RemoteError struct {
+	Status  int
+	Code    string
+	Message string
+}
+
+func (e *RemoteError) Error() string { return "tetherd: " + e.Message }
+
+// CodeOf is the code of a request tetherd refused, "" for any other error.
+func CodeOf(err error) string {
+	var re *RemoteError
+	if errors.As(err, &re) {
+		return re.Code
+	}
+	return ""
+}
+
+func remoteError(resp *http.Response, body []byte) error {
+	e := &RemoteError{Status: resp.StatusCode, Message: resp.Status}
+	var b Error
+	if json.Unmarshal(body, &b) == nil && b.Error != "" {
+		e.Message, e.Code = b.Error, b.Code
+	}
+	return e
+}
+
+// unreachable says that tetherd did not answer at all, and where it was looked for.
+func (c *Client) unreachable(err error) error {
+	return fmt.Errorf("cannot reach tetherd at %s (is it running? the socket is --socket or $TETHER_SOCKET): %w", c.socket, err)
+}
+
 // Client calls a tetherd over its unix socket.
 type Client struct {
 	socket string
@@ -54,7 +86,7 @@ func (c *Client) do(method, path string, body, out any) error {
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return fmt.Errorf("reaching tetherd at %s: %w", c.socket, err)
+		return c.unreachable(err)
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
@@ -62,11 +94,7 @@ func (c *Client) do(method, path string, body, out any) error {
 		return fmt.Errorf("reading tetherd's answer: %w", err)
 	}
 	if resp.StatusCode >= 300 {
-		var e Error
-		if json.Unmarshal(b, &e) == nil && e.Error != "" {
-			return fmt.Errorf("tetherd: %s", e.Error)
-		}
-		return fmt.Errorf("tetherd: %s", resp.Status)
+		return remoteError(resp, b)
 	}
 	if out != nil {
 		if err := json.Unmarshal(b, out); err != nil {
@@ -172,16 +200,12 @@ func (c *Client) Events(ctx context.Context, spiffeID, verdict string, f func(ev
 	stream := &http.Client{Transport: c.http.Transport} // no timeout: it streams
 	resp, err := stream.Do(req)
 	if err != nil {
-		return fmt.Errorf("reaching tetherd at %s: %w", c.socket, err)
+		return c.unreachable(err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode >= 300 {
-		var e Error
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-		if json.Unmarshal(b, &e) == nil && e.Error != "" {
-			return fmt.Errorf("tetherd: %s", e.Error)
-		}
-		return fmt.Errorf("tetherd: %s", resp.Status)
+		return remoteError(resp, b)
 	}
 	dec := json.NewDecoder(resp.Body)
 	for {

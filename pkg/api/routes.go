@@ -245,5 +245,33 @@ func reply(w http.ResponseWriter, code int, v any) {
 }
 
 func refuse(w http.ResponseWriter, code int, err error) {
-	reply(w, code, Error{Error: err.Error()})
+	reply(w, code, Error{Error: err.Error(), Code: codeOf(err, code)})
+}
+
+// codeOf is the Error code of err, refused with HTTP status.
+func codeOf(err error, status int) string {
+	for _, c := range []struct {
+		err  error
+		code string
+	}{
+		{credentials.ErrReplayed, CodeCredentialReplayed}, {credentials.ErrExpired, CodeCredentialExpired},
+		{credentials.ErrRevoked, CodeCredentialRevoked}, {credentials.ErrInvalid, CodeCredentialInvalid},
+		{agents.ErrTask, CodeNoTask}, {agents.ErrUIDTaken, CodeUIDTaken}, {agents.ErrInvalid, CodeInvalid},
+		{stepup.ErrDecided, CodeStepupDecided}, {stepup.ErrRefused, CodeStepupRefused},
+	} {
+		if errors.Is(err, c.err) {
+			return c.code
+		}
+	}
+	switch {
+	case status == http.StatusNotFound:
+		return CodeNotFound
+	case status == http.StatusForbidden:
+		return CodeForbidden
+	case status == http.StatusConflict:
+		return CodeConflict
+	case status >= 500:
+		return CodeInternal
+	}
+	return CodeBadRequest
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"sigs.k8s.io/yaml"
 
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/api"
@@ -34,6 +35,8 @@ func newRoot() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		Version:       version.String(),
+		// Flags are checked here, before any call to tetherd.
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error { return checkFlags(cmd) },
 	}
 	socket := os.Getenv("TETHER_SOCKET")
 	if socket == "" {
@@ -41,17 +44,33 @@ func newRoot() *cobra.Command {
 	}
 	root.PersistentFlags().StringVar(&g.socket, "socket", socket, "tetherd's control socket (env TETHER_SOCKET)")
 	root.AddCommand(newRun(g), newStatus(g), newAgents(g), newMode(g), newSetKilled(g), newUnregister(g), newTask(g), newCredential(g), newKill(g), newResume(g), newReadmit(g), newKills(g), newEvents(g), newPolicy(g), newStepup(g), newApprovals(g), newApprove(g), newDeny(g))
+	addCompletion(root, g)
+	addExamples(root)
 	return root
 }
 
 func addOutput(cmd *cobra.Command, g *globals) {
-	cmd.Flags().StringVarP(&g.output, "output", "o", "text", "output format: text or json")
+	cmd.Flags().StringVarP(&g.output, "output", "o", "text", "output format: text, json or yaml")
 }
 
 func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
+}
+
+// print writes v in the output format asked for (json, or yaml: the same fields, by their JSON
+// names); text is each command's own.
+func (g *globals) print(w io.Writer, v any) error {
+	if g.output != "yaml" {
+		return printJSON(w, v)
+	}
+	b, err := yaml.Marshal(v)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(b)
+	return err
 }
 
 func newStatus(g *globals) *cobra.Command {
@@ -65,8 +84,8 @@ func newStatus(g *globals) *cobra.Command {
 				return err
 			}
 			w := cmd.OutOrStdout()
-			if g.output == "json" {
-				return printJSON(w, st)
+			if g.output != "text" {
+				return g.print(w, st)
 			}
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 			fmt.Fprintf(tw, "version\t%s\n", st.Version)
@@ -137,8 +156,8 @@ func newAgents(g *globals) *cobra.Command {
 				return err
 			}
 			w := cmd.OutOrStdout()
-			if g.output == "json" {
-				return printJSON(w, list)
+			if g.output != "text" {
+				return g.print(w, list)
 			}
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 			fmt.Fprintf(tw, "SLOT\tSPIFFE ID\tTASK\tMODE\tKILLED\tGEN\tSYNCED\tREFUSED\tCGROUP\n")
@@ -165,8 +184,8 @@ func resolve(c *api.Client, selector string) ([]agents.Agent, error) {
 		}
 		return []agents.Agent{a}, nil
 	}
-	if !strings.HasPrefix(selector, "spiffe://") {
-		return nil, fmt.Errorf("%q: name an agent by slot number or SPIFFE ID", selector)
+	if err := checkSelector(selector); err != nil {
+		return nil, err
 	}
 	list, err := c.Agents()
 	if err != nil {

@@ -57,6 +57,7 @@ func newCredential(g *globals) *cobra.Command {
 	heartbeat.Flags().StringVar(&presented, "credential", "", "the current credential, or @FILE to read it from a file")
 	heartbeat.Flags().StringVar(&ttl, "ttl", "2m", "renew the task for this long")
 	heartbeat.MarkFlagRequired("credential")
+	expect(heartbeat, "ttl", kindDuration)
 	verify := &cobra.Command{
 		Use:   "verify TOKEN|@FILE|-",
 		Short: "Check a tether task credential (signature, expiry, revocation) and print its claims",

@@ -18,7 +18,7 @@ func newEvents(g *globals) *cobra.Command {
 	var follow bool
 	var count int
 	cmd := &cobra.Command{
-		Use:   "events [--follow] [--id SPIFFE_ID] [--verdict deny] [--count N] [-o json]",
+		Use:   "events [--follow] [--id SPIFFE_ID] [--verdict deny] [--count N] [-o text|json|yaml]",
 		Short: "Follow the live stream of decision records",
 		Long: `events prints the decision records tetherd writes from now on (the same records as the
 decision log), filtered by SPIFFE ID and verdict, until interrupted (--follow, the default) or
@@ -31,9 +31,13 @@ until --count records. A reader that does not keep up loses records; tetherctl s
 			enc := json.NewEncoder(w)
 			n := 0
 			return g.client().Events(ctx, id, verdict, func(d events.Decision) bool {
-				if g.output == "json" {
+				switch g.output {
+				case "json":
 					enc.Encode(d)
-				} else {
+				case "yaml":
+					fmt.Fprintln(w, "---")
+					g.print(w, d)
+				default:
 					fmt.Fprintf(w, "%s  %-10s %-12s %-28s %s (pid %d %s)\n", d.Timestamp.Format("15:04:05.000"), d.Verdict, d.Kind, d.Target(), d.SpiffeID, d.PID, d.Comm)
 				}
 				n++
@@ -47,6 +51,8 @@ until --count records. A reader that does not keep up loses records; tetherctl s
 	cmd.Flags().StringVar(&id, "id", "", "only this SPIFFE ID")
 	cmd.Flags().StringVar(&verdict, "verdict", "", "only this verdict (allow, deny, audit-deny)")
 	cmd.Flags().IntVar(&count, "count", 0, "stop after this many records")
-	cmd.Flags().StringVarP(&g.output, "output", "o", "text", "output format: text or json")
+	addOutput(cmd, g)
+	expect(cmd, "id", kindSPIFFEID)
+	expect(cmd, "verdict", "allow", "deny", "audit-deny")
 	return cmd
 }

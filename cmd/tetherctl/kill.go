@@ -42,6 +42,9 @@ NAME readmits.`,
 			}
 			switch {
 			case len(args) == 1 && strings.HasPrefix(args[0], "spiffe://"):
+				if err := checkSPIFFEID(args[0]); err != nil {
+					return err
+				}
 				req.SpiffeID = args[0]
 			case len(args) == 1:
 				slot, err := slotArg(args[0])
@@ -58,8 +61,8 @@ NAME readmits.`,
 			if err != nil {
 				return err
 			}
-			if g.output == "json" {
-				return printJSON(cmd.OutOrStdout(), kills)
+			if g.output != "text" {
+				return g.print(cmd.OutOrStdout(), kills)
 			}
 			w := cmd.OutOrStdout()
 			for _, k := range kills {
@@ -79,7 +82,7 @@ NAME readmits.`,
 	cmd.Flags().BoolVar(&req.Terminate, "terminate", false, "also kill every process of the agent (cgroup.kill)")
 	cmd.Flags().StringVar(&task, "task", "", "the agent with this task")
 	cmd.Flags().Int32Var(&pid, "pid", 0, "the agent this process belongs to")
-	cmd.Flags().StringVarP(&g.output, "output", "o", "text", "output format: text or json")
+	addOutput(cmd, g)
 	cl.flags(cmd)
 	return cmd
 }
@@ -110,6 +113,9 @@ func newReadmit(g *globals) *cobra.Command {
 		Short: "Take a killed SPIFFE ID off the deny list and lift the kill of its agents (admins)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := checkSPIFFEID(args[0]); err != nil {
+				return err
+			}
 			list, err := g.client().Readmit(args[0])
 			if err != nil {
 				return err

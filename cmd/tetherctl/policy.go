@@ -64,6 +64,7 @@ evaluates every decision for the standard probe inputs (and each --input file), 
 	eval.Flags().StringVar(&query, "query", "grants", "grants, allow, stepup or respond")
 	eval.Flags().StringVar(&inputFile, "input", "", "the input document (JSON, see policies/input.schema.json)")
 	eval.MarkFlagRequired("input")
+	expect(eval, "query", "grants", "allow", "stepup", "respond")
 
 	reload := &cobra.Command{
 		Use:   "reload",

@@ -138,7 +138,7 @@ func TestPolicyEval(t *testing.T) {
 		t.Errorf("misspelt input field: %v", err)
 	}
 	_, err = tetherctl(t, "policy", "eval", "--policy", "../../policies", "--query", "everything", "--input", input(""))
-	if err == nil || !strings.Contains(err.Error(), "want grants, allow, stepup or respond") {
+	if err == nil || !strings.Contains(err.Error(), `--query "everything": want grants, allow, stepup, respond`) {
 		t.Errorf("unknown query: %v", err)
 	}
 }

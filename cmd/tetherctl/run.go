@@ -86,6 +86,10 @@ reach COMMAND directly; tetherctl itself does not stop for them.`,
 	cmd.Flags().StringVar(&f.task.Sensitivity, "sensitivity", "", "the task's data sensitivity")
 	cmd.Flags().StringVar(&f.task.TTL, "ttl", "2m", "the task (and its credential) ends unless a heartbeat renews it within this; run sends one every third of it")
 	cmd.Flags().StringVar(&f.task.TTL, "task-ttl", "2m", "the same as --ttl")
+	expect(cmd, "id", kindSPIFFEID)
+	expect(cmd, "ttl", kindDuration)
+	expect(cmd, "task-ttl", kindDuration)
+	expect(cmd, "sensitivity", "public", "internal", "confidential", "restricted")
 	return cmd
 }
 

@@ -111,6 +111,7 @@ func newApprove(g *globals) *cobra.Command {
 		func(c *api.Client, id string) (stepup.Request, error) { return c.Approve(id, req) })
 	cmd.Flags().Int64Var(&req.Uses, "uses", 1, "connects the approval allows, counted by the kernel (0: until it expires)")
 	cmd.Flags().StringVar(&req.TTL, "ttl", "", "how long it holds (default: what the policy said)")
+	expect(cmd, "ttl", kindDuration)
 	return cmd
 }
 
@@ -141,9 +142,12 @@ func newDecision(g *globals, use, short string, decide func(c *api.Client, id st
 }
 
 func printStepups(w io.Writer, g *globals, l []stepup.Request) error {
-	if g.output == "json" {
+	if g.output != "text" {
 		for _, r := range l {
-			if err := printJSON(w, r); err != nil {
+			if g.output == "yaml" {
+				fmt.Fprintln(w, "---")
+			}
+			if err := g.print(w, r); err != nil {
 				return err
 			}
 		}

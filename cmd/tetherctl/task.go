@@ -33,6 +33,8 @@ func newTaskStart(g *globals) *cobra.Command {
 	start.Flags().StringVar(&req.TTL, "ttl", "1h", "the task ends unless renewed within this")
 	start.Flags().StringVar(&req.ID, "id", "", "task id (default: made up)")
 	start.MarkFlagRequired("type")
+	expect(start, "ttl", kindDuration)
+	expect(start, "sensitivity", "public", "internal", "confidential", "restricted")
 	return start
 }
 
@@ -50,6 +52,7 @@ func newTaskRenew(g *globals) *cobra.Command {
 		},
 	}
 	renew.Flags().StringVar(&ttl, "ttl", "1h", "the new remaining lifetime")
+	expect(renew, "ttl", kindDuration)
 	return renew
 }
 
@@ -87,6 +90,7 @@ func newTaskApprove(g *globals) *cobra.Command {
 	approve.Flags().Int64Var(&ap.Uses, "uses", 0, "how many connects it allows, counted by the kernel (0: until it expires)")
 	approve.MarkFlagRequired("action")
 	approve.MarkFlagRequired("resource")
+	expect(approve, "ttl", kindDuration)
 	return approve
 }
 
@@ -114,8 +118,8 @@ credential proves the sender's task; the receiver gets a credential of its own.`
 			if err != nil {
 				return err
 			}
-			if g.output == "json" {
-				return printJSON(cmd.OutOrStdout(), res)
+			if g.output != "text" {
+				return g.print(cmd.OutOrStdout(), res)
 			}
 			a := res.Agent
 			fmt.Fprintf(cmd.OutOrStdout(), "agent %d (%s): %s from %s, credential %s in %s\n", a.Slot, a.SpiffeID, taskLine(a), a.Task.HandoffFrom, res.Credential.ID, res.Credential.File)
@@ -126,7 +130,8 @@ credential proves the sender's task; the receiver gets a credential of its own.`
 	handoff.Flags().StringVar(&hoCred, "credential", "", "the sender's current task credential, or @FILE")
 	handoff.Flags().StringVar(&ho.Type, "type", "", "the receiver's task type (default: the sender's)")
 	handoff.Flags().StringVar(&ho.TTL, "ttl", "10m", "how long the handed task lasts (never past the sender's)")
-	handoff.Flags().StringVarP(&g.output, "output", "o", "text", "output format: text or json")
+	expect(handoff, "ttl", kindDuration)
+	addOutput(handoff, g)
 	handoff.MarkFlagRequired("to")
 	handoff.MarkFlagRequired("credential")
 	return handoff

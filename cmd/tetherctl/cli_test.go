@@ -119,7 +119,7 @@ func TestCompletion(t *testing.T) {
 		return out
 	}
 	for _, c := range []struct {
-		args       []string
+		args      []string
 		want, not []string
 	}{
 		{[]string{"mode", ""}, []string{"3\tspiffe://example.org/agent/coder", "5\t", "spiffe://example.org/agent/coder\n"}, nil},

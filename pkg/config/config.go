@@ -257,9 +257,14 @@ type SPIRE struct {
 type Telemetry struct {
 	// MetricsAddress, when set (host:port), serves Prometheus metrics at /metrics.
 	MetricsAddress string `json:"metrics_address"`
-	// EscalationWebhook, when set (http or https URL), receives high-severity decisions in
-	// Alertmanager's webhook format.
+	// EscalationWebhook, when set (http or https URL), receives high-severity decisions as
+	// alerts: Alertmanager's URL (its API, /api/v2/alerts) or a webhook receiver's.
 	EscalationWebhook string `json:"escalation_webhook"`
+	// EscalationFormat is alertmanager (the default: Alertmanager's API, an array of alerts) or
+	// webhook (Alertmanager's webhook payload, version 4, for webhook receivers).
+	EscalationFormat string `json:"escalation_format"`
+	// EscalationResolveAfter is when an alert ends (endsAt) unless sent again (default 1h).
+	EscalationResolveAfter time.Duration `json:"escalation_resolve_after"`
 	// DenyBurst is how many denials of one agent within DenyBurstWindow make an alert.
 	DenyBurst       int           `json:"deny_burst"`
 	DenyBurstWindow time.Duration `json:"deny_burst_window"`
@@ -675,6 +680,14 @@ func checkTelemetry(l *Loaded, bad badFunc) {
 		if pu, err := url.Parse(u); err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
 			bad("$.telemetry.escalation_webhook", "telemetry.escalation_webhook", "%q: want an http or https URL", u)
 		}
+	}
+	switch c.Telemetry.EscalationFormat {
+	case "", "alertmanager", "webhook":
+	default:
+		bad("$.telemetry.escalation_format", "telemetry.escalation_format", "%q: want alertmanager or webhook", c.Telemetry.EscalationFormat)
+	}
+	if r := c.Telemetry.EscalationResolveAfter; r != 0 && (r < time.Minute || r > 7*24*time.Hour) {
+		bad("$.telemetry.escalation_resolve_after", "telemetry.escalation_resolve_after", "%s: want 1m to 168h", r)
 	}
 	if c.Telemetry.DenyBurst < 0 || c.Telemetry.DenyBurstWindow < 0 {
 		bad("$.telemetry", "telemetry.deny_burst", "deny_burst and deny_burst_window must not be negative")

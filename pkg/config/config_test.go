@@ -73,6 +73,8 @@ func TestParseErrors(t *testing.T) {
 		{"credential ttl", "credentials:\n  ttl: 1s\n", "cfg.yaml:2: credentials.ttl"},
 		{"credential dir", "credentials:\n  dir: creds\n", "credentials.dir"},
 		{"credential listen", "credentials:\n  listen: 8474\n", "credentials.listen"},
+		{"escalation format", "telemetry:\n  escalation_webhook: http://am:9093\n  escalation_format: slack\n", "cfg.yaml:3: telemetry.escalation_format"},
+		{"escalation resolve", "telemetry:\n  escalation_resolve_after: 1s\n", "telemetry.escalation_resolve_after: 1s: want 1m to 168h"},
 		{"log level", "log:\n  level: loud\n", "log.level"},
 		{"all errors at once", "log:\n  level: loud\n  format: xml\n", "log.format"},
 	}

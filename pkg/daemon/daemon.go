@@ -247,7 +247,8 @@ func (d *Daemon) sinks(cfg *config.Loaded) ([]events.Sink, func(), error) {
 	d.stream = events.NewStream()
 	sinks := []events.Sink{d.stream}
 	if url := cfg.Telemetry.EscalationWebhook; url != "" {
-		d.webhook = escalation.New(escalation.Options{URL: url, BurstDenials: cfg.Telemetry.DenyBurst, BurstWindow: cfg.Telemetry.DenyBurstWindow, Log: d.log})
+		d.webhook = escalation.New(escalation.Options{URL: url, Format: cfg.Telemetry.EscalationFormat, ResolveAfter: cfg.Telemetry.EscalationResolveAfter,
+			BurstDenials: cfg.Telemetry.DenyBurst, BurstWindow: cfg.Telemetry.DenyBurstWindow, Log: d.log})
 		opened.add(d.webhook.Close)
 		sinks = append(sinks, d.webhook)
 	}

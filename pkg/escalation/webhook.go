@@ -1,8 +1,10 @@
-// Package escalation sends high-severity decisions to a webhook: what the respond policy said to
-// alert, freeze or kill for, kill-path records, lost identities, and bursts of denials. The
-// payload is Alertmanager's webhook format (version 4), which Alertmanager webhook receivers and
-// generic HTTP receivers accept. Sending never blocks the decision pipeline: a bounded queue, a
-// sender that batches and retries with backoff, and a count of what was dropped.
+// Package escalation sends high-severity decisions as alerts: what the respond policy said to
+// alert, freeze or kill for, kill-path records, lost identities, and bursts of denials. By default
+// they go to Alertmanager's API (POST /api/v2/alerts: an array of alerts, each ending at endsAt,
+// when Alertmanager resolves it); FormatWebhook sends Alertmanager's webhook payload (version 4)
+// instead, which webhook receivers (the receivers Alertmanager itself notifies) and generic HTTP
+// receivers accept. Sending never blocks the decision pipeline: a bounded queue, a sender that
+// batches and retries with backoff, and a count of what was dropped.
 package escalation
 
 import (
@@ -12,6 +14,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,9 +22,22 @@ import (
 	"github.com/tether-sh/tether/pkg/events"
 )
 
+// The formats alerts are sent in.
+const (
+	// FormatAlertmanager posts an array of alerts to Alertmanager's API: URL is Alertmanager's
+	// base URL (/api/v2/alerts is added when its path is empty) or the full path.
+	FormatAlertmanager = "alertmanager"
+	// FormatWebhook posts Alertmanager's webhook payload (version 4) to URL.
+	FormatWebhook = "webhook"
+)
+
 // Options configure a Webhook.
 type Options struct {
-	URL string
+	URL    string
+	Format string // FormatAlertmanager (when empty) or FormatWebhook
+	// ResolveAfter is how long after it an alert ends (endsAt), unless sent again (1 h when
+	// unset).
+	ResolveAfter time.Duration
 	// BurstDenials within BurstWindow from one agent make one "deny burst" alert (per window).
 	BurstDenials int
 	BurstWindow  time.Duration
@@ -39,6 +55,15 @@ type Alert struct {
 	StartsAt    time.Time         `json:"startsAt"`
 	EndsAt      time.Time         `json:"endsAt"`
 	Fingerprint string            `json:"fingerprint"`
+}
+
+// PostableAlert is one alert of Alertmanager's API (POST /api/v2/alerts takes an array).
+type PostableAlert struct {
+	Labels       map[string]string `json:"labels"`
+	Annotations  map[string]string `json:"annotations"`
+	StartsAt     time.Time         `json:"startsAt"`
+	EndsAt       time.Time         `json:"endsAt"`
+	GeneratorURL string            `json:"generatorURL,omitempty"`
 }
 
 // Payload is Alertmanager's webhook payload (version 4).
@@ -87,6 +112,16 @@ func New(opts Options) *Webhook {
 	if opts.Backoff <= 0 {
 		opts.Backoff = 500 * time.Millisecond
 	}
+	if opts.ResolveAfter <= 0 {
+		opts.ResolveAfter = time.Hour
+	}
+	if opts.Format == "" {
+		opts.Format = FormatAlertmanager
+	}
+	if u, err := url.Parse(opts.URL); err == nil && opts.Format == FormatAlertmanager && (u.Path == "" || u.Path == "/") {
+		u.Path = "/api/v2/alerts"
+		opts.URL = u.String()
+	}
 	w := &Webhook{opts: opts, client: &http.Client{Timeout: 10 * time.Second}, queue: make(chan Alert, 1024), done: make(chan struct{}),
 		denies: map[string][]time.Time{}, fired: map[string]time.Time{}}
 	w.wg.Add(1)
@@ -126,7 +161,8 @@ func (w *Webhook) alertFor(d events.Decision) (Alert, bool) {
 	mk := func(name, severity, summary string) (Alert, bool) {
 		labels["alertname"], labels["severity"] = name, severity
 		ann["summary"] = summary
-		return Alert{Status: "firing", Labels: labels, Annotations: ann, StartsAt: d.Timestamp, Fingerprint: d.DecisionID}, true
+		return Alert{Status: "firing", Labels: labels, Annotations: ann, StartsAt: d.Timestamp, EndsAt: d.Timestamp.Add(w.opts.ResolveAfter),
+			Fingerprint: d.DecisionID}, true
 	}
 	switch {
 	case d.Kind == events.KindKill && d.Kill != nil:
@@ -208,10 +244,25 @@ func (w *Webhook) run() {
 	}
 }
 
+// body is what batch is sent as, in the configured format.
+func (w *Webhook) body(batch []Alert) []byte {
+	var v any
+	if w.opts.Format == FormatWebhook {
+		v = Payload{Version: "4", GroupKey: "tether", Status: "firing", Receiver: "tether", GroupLabels: map[string]string{},
+			CommonLabels: map[string]string{"source": "tether"}, CommonAnnotations: map[string]string{}, Alerts: batch}
+	} else {
+		alerts := make([]PostableAlert, len(batch))
+		for i, a := range batch {
+			alerts[i] = PostableAlert{Labels: a.Labels, Annotations: a.Annotations, StartsAt: a.StartsAt, EndsAt: a.EndsAt}
+		}
+		v = alerts
+	}
+	b, _ := json.Marshal(v)
+	return b
+}
+
 func (w *Webhook) send(batch []Alert, attempts int) {
-	p := Payload{Version: "4", GroupKey: "tether", Status: "firing", Receiver: "tether", GroupLabels: map[string]string{},
-		CommonLabels: map[string]string{"source": "tether"}, CommonAnnotations: map[string]string{}, Alerts: batch}
-	body, _ := json.Marshal(p)
+	body := w.body(batch)
 	wait := w.opts.Backoff
 	for i := range attempts {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

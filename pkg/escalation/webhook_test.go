@@ -50,7 +50,7 @@ func TestWebhookEscalatesAndRetries(t *testing.T) {
 	rcv := &receiver{fail: 2}
 	srv := httptest.NewServer(rcv)
 	defer srv.Close()
-	w := New(Options{URL: srv.URL, BurstDenials: 3, BurstWindow: time.Minute, Backoff: 10 * time.Millisecond})
+	w := New(Options{URL: srv.URL, Format: FormatWebhook, BurstDenials: 3, BurstWindow: time.Minute, Backoff: 10 * time.Millisecond})
 	now := time.Now()
 	deny := func(i int) events.Decision {
 		return events.Decision{DecisionID: "d", Timestamp: now.Add(time.Duration(i) * time.Millisecond), SpiffeID: "spiffe://x.org/a", Kind: "connect4", Verdict: "deny", Destination: "192.0.2.1:443"}
@@ -90,7 +90,7 @@ func TestWebhookDropsAndCountsWhenTheReceiverIsDown(t *testing.T) {
 	rcv := &receiver{fail: 1 << 30}
 	srv := httptest.NewServer(rcv)
 	defer srv.Close()
-	w := New(Options{URL: srv.URL, Retries: 2, Backoff: time.Millisecond})
+	w := New(Options{URL: srv.URL, Format: FormatWebhook, Retries: 2, Backoff: time.Millisecond})
 	w.Write(events.Decision{Timestamp: time.Now(), SpiffeID: "spiffe://x.org/a", Kind: "identity", Verdict: "deny"})
 	deadline := time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) {

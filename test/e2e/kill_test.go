@@ -36,7 +36,7 @@ func TestPrivilegedKill(t *testing.T) {
 	d := newTetherd(t, p)
 	rcv, alerts := escalationReceiver(t)
 	defer rcv.Close()
-	d.extra = fmt.Sprintf("telemetry:\n  escalation_webhook: %s/alerts\n", rcv.URL)
+	d.extra = fmt.Sprintf("telemetry:\n  escalation_webhook: %s\n", rcv.URL)
 	d.writeConfig()
 	d.start()
 	ok := fmt.Sprintf("%s:%d", h.V4, okPort)
@@ -107,19 +107,27 @@ func TestPrivilegedKill(t *testing.T) {
 	checkKillByPID(t, d)
 }
 
-// escalationReceiver is an escalation receiver on loopback, in Alertmanager's webhook format,
-// and what it received.
+// escalationReceiver is an escalation receiver on loopback that takes what Alertmanager's API
+// takes (POST /api/v2/alerts, an array of alerts with their end), and what it received.
 func escalationReceiver(t *testing.T) (*httptest.Server, func() []escalation.Alert) {
 	var alertMu sync.Mutex
 	var alerts []escalation.Alert
 	rcv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var pl escalation.Payload
-		if err := json.NewDecoder(r.Body).Decode(&pl); err != nil || pl.Version != "4" {
+		var batch []escalation.PostableAlert
+		if err := json.NewDecoder(r.Body).Decode(&batch); err != nil || r.URL.Path != "/api/v2/alerts" {
 			http.Error(w, "bad payload", http.StatusBadRequest)
 			return
 		}
+		for _, a := range batch {
+			if !a.EndsAt.After(a.StartsAt) {
+				http.Error(w, "an alert without its end", http.StatusBadRequest)
+				return
+			}
+		}
 		alertMu.Lock()
-		alerts = append(alerts, pl.Alerts...)
+		for _, a := range batch {
+			alerts = append(alerts, escalation.Alert{Labels: a.Labels, Annotations: a.Annotations, StartsAt: a.StartsAt, EndsAt: a.EndsAt})
+		}
 		alertMu.Unlock()
 	}))
 	return rcv, func() []escalation.Alert {

@@ -47,6 +47,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $telemetry := dict "metrics_address" (printf ":%d" (int $v.telemetry.port)) -}}
 {{- with $v.telemetry.escalationWebhook -}}
 {{- $_ := set $telemetry "escalation_webhook" . -}}
+{{- $_ := set $telemetry "escalation_format" $v.telemetry.escalationFormat -}}
+{{- $_ := set $telemetry "escalation_resolve_after" $v.telemetry.escalationResolveAfter -}}
 {{- end -}}
 {{- $log := dict "path" "-" "evaluations" $v.decisionLog.evaluations "mask" $v.decisionLog.mask -}}
 {{- if $v.decisionLog.http.enabled -}}

@@ -59,6 +59,9 @@ type Config struct {
 type Policy struct {
 	Dir    string        `json:"dir"`
 	Bundle *PolicyBundle `json:"bundle"`
+	// DataDir, without dir or bundle, replaces the shipped policies' data (data.json or
+	// data.yaml files, as in a policy directory) and keeps their Rego.
+	DataDir string `json:"data_dir"`
 	// Timezone is the zone of input.time (weekday, hour); an IANA name.
 	Timezone string `json:"timezone"`
 }
@@ -744,6 +747,14 @@ func checkPolicy(l *Loaded, bad badFunc) {
 	}
 	if c.Policy.Dir != "" && !filepath.IsAbs(c.Policy.Dir) {
 		bad("$.policy.dir", "policy.dir", "%q: must be an absolute path", c.Policy.Dir)
+	}
+	if d := c.Policy.DataDir; d != "" {
+		switch {
+		case c.Policy.Dir != "" || c.Policy.Bundle != nil:
+			bad("$.policy.data_dir", "policy.data_dir", "replaces the shipped policies' data: not with a dir or a bundle (put the data there)")
+		case !filepath.IsAbs(d):
+			bad("$.policy.data_dir", "policy.data_dir", "%q: must be an absolute path", d)
+		}
 	}
 	if b := c.Policy.Bundle; b != nil {
 		if u, err := url.Parse(b.Service); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {

@@ -52,6 +52,8 @@ func TestParseErrors(t *testing.T) {
 		{"grants moved to policy", "grants:\n  spiffe://x.org/a:\n    mode: audit\n", `unknown field "grants"`},
 		{"policy dir and bundle", "policy:\n  dir: /etc/p\n  bundle:\n    service: http://x\n    resource: /b\n", "cfg.yaml:2: policy: give a dir or a bundle"},
 		{"relative policy dir", "policy:\n  dir: p\n", "policy.dir"},
+		{"data dir with a dir", "policy:\n  dir: /etc/p\n  data_dir: /etc/d\n", "policy.data_dir: replaces the shipped policies' data"},
+		{"relative data dir", "policy:\n  data_dir: d\n", `policy.data_dir: "d": must be an absolute path`},
 		{"bundle URL", "policy:\n  bundle:\n    service: ftp://x\n    resource: /b\n", "cfg.yaml:3: policy.bundle.service"},
 		{"bundle delay", "policy:\n  bundle:\n    service: http://x\n    resource: /b\n    min_delay: 1m\n    max_delay: 10s\n", "shorter than min_delay"},
 		{"bundle delay syntax", "policy:\n  bundle:\n    service: http://x\n    resource: /b\n    min_delay: soon\n", `invalid duration "soon"`},

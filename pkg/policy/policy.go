@@ -94,6 +94,26 @@ func load(fl loader.FileLoader, source string, paths []string) (*Files, error) {
 	return f, nil
 }
 
+// WithDataOf is f's Rego with the data of dir (its data.json and data.yaml files, as FromDir
+// reads them) in place of f's: a revision of its own. dir holding Rego is an error (that is a
+// policy directory).
+func (f *Files) WithDataOf(dir string) (*Files, error) {
+	d, err := FromDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	if len(d.Modules)+len(d.Tests) > 0 {
+		return nil, fmt.Errorf("policy data in %s: it holds Rego; a policy of its own is policy.dir", dir)
+	}
+	if len(d.Data) == 0 {
+		return nil, fmt.Errorf("policy data in %s: no data.json or data.yaml", dir)
+	}
+	out := &Files{Modules: f.Modules, Tests: f.Tests, Data: d.Data, Source: f.Source + " with the data of " + dir}
+	h := sha256.Sum256([]byte(f.Revision + d.Revision))
+	out.Revision = hex.EncodeToString(h[:])[:12]
+	return out, nil
+}
+
 // FromBundle takes the modules and data of an OPA bundle.
 func FromBundle(b *bundle.Bundle, source string) *Files {
 	f := &Files{Modules: map[string]*ast.Module{}, Tests: map[string]*ast.Module{}, Data: b.Data, Source: source}

@@ -72,10 +72,14 @@ func (r *Revisions) Start(ctx context.Context) error {
 	if _, err := r.Engine.Offer(ctx, f, StandardProbes(time.Now())); err != nil {
 		return fmt.Errorf("no policy can be put in force: %w", err)
 	}
-	if cfg.Policy.Dir == "" {
+	watch := cfg.Policy.Dir
+	if watch == "" {
+		watch = cfg.Policy.DataDir
+	}
+	if watch == "" {
 		return nil
 	}
-	return WatchDir(ctx, cfg.Policy.Dir, 300*time.Millisecond, r.log, func() {
+	return WatchDir(ctx, watch, 300*time.Millisecond, r.log, func() {
 		r.Reload(ctx, "policy files changed")
 	})
 }
@@ -115,7 +119,11 @@ func (r *Revisions) load(cfg *config.Loaded) (*Files, error) {
 	if cfg.Policy.Dir != "" {
 		return FromDir(cfg.Policy.Dir)
 	}
-	return FromFS(policies.FS, "shipped policies")
+	f, err := FromFS(policies.FS, "shipped policies")
+	if err != nil || cfg.Policy.DataDir == "" {
+		return f, err
+	}
+	return f.WithDataOf(cfg.Policy.DataDir)
 }
 
 // CheckConfigured checks, offline, the policy cfg names (policy.dir, or the shipped policies) as

@@ -10,10 +10,11 @@ import (
 	"github.com/tether-sh/tether/pkg/dataplane"
 )
 
-// TestDashboardUsesOnlyTetherMetrics: every metric the Grafana dashboard (deploy/grafana)
-// queries is one this registry serves (histograms by their _bucket series).
+// TestDashboardUsesOnlyTetherMetrics: every metric the Grafana dashboard (the chart's
+// dashboards/tether.json) and the alerting rules (its rules/tether.rules.yaml) query is one this
+// registry serves (histograms by their _bucket series).
 func TestDashboardUsesOnlyTetherMetrics(t *testing.T) {
-	b, err := os.ReadFile("../../deploy/grafana/tether.json")
+	b, err := os.ReadFile("../../deploy/helm/tether/dashboards/tether.json")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,5 +58,24 @@ func TestDashboardUsesOnlyTetherMetrics(t *testing.T) {
 	}
 	if n == 0 || !strings.Contains(string(b), "tether_decisions_total") {
 		t.Fatal("the dashboard queries no tether metric")
+	}
+	rules, err := os.ReadFile("../../deploy/helm/tether/rules/tether.rules.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	exprs := regexp.MustCompile(`(?m)^\s+expr: (.*)$`).FindAllStringSubmatch(string(rules), -1)
+	for _, e := range exprs {
+		names := metric.FindAllString(e[1], -1)
+		if len(names) == 0 {
+			t.Errorf("the rule %q queries no tether metric", e[1])
+		}
+		for _, name := range names {
+			if !served[name] {
+				t.Errorf("the rule %q queries %s, which tether does not serve", e[1], name)
+			}
+		}
+	}
+	if len(exprs) < 5 {
+		t.Fatalf("%d rules in the rule file", len(exprs))
 	}
 }

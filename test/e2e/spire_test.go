@@ -298,8 +298,7 @@ func TestPrivilegedSPIREUnreachable(t *testing.T) {
 // server (tetherd is pointed at a socket nobody serves), so the kill stays pending; tetherd is
 // SIGKILLed; started again with the real server's socket, it finishes the kill: the agent's
 // registration entries are deleted from SPIRE (within two seconds of the restarted tetherd being
-// ready), and the agent
-// stays killed.
+// ready), and the agent stays killed.
 func TestPrivilegedKillFinishesAfterRestart(t *testing.T) {
 	h := privtest.NewHost(t)
 	okPort, _ := tcpPort(t, h)

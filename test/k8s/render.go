@@ -47,6 +47,11 @@ func ChartDir() string { return filepath.Join(Root(), "deploy", "helm", "tether"
 // Render renders the chart with values over its values.yaml, as `helm template tether
 // deploy/helm/tether -n tether-system` does, and returns the manifest (YAML documents).
 func Render(chartDir string, values map[string]any) (string, error) {
+	return RenderRelease(chartDir, Release, values)
+}
+
+// RenderRelease is Render with another release name.
+func RenderRelease(chartDir, release string, values map[string]any) (string, error) {
 	ch, err := loader.Load(chartDir)
 	if err != nil {
 		return "", fmt.Errorf("loading the chart: %w", err)
@@ -57,7 +62,7 @@ func Render(chartDir string, values map[string]any) (string, error) {
 	}
 	install := action.NewInstall(&action.Configuration{Log: func(string, ...any) {}})
 	install.DryRun, install.ClientOnly, install.Replace = true, true, true
-	install.ReleaseName, install.Namespace = Release, Namespace
+	install.ReleaseName, install.Namespace = release, Namespace
 	install.KubeVersion = kv
 	install.IncludeCRDs = true // the AgentKill CRD (crds/), as `helm template --include-crds`
 	rel, err := install.Run(ch, values)

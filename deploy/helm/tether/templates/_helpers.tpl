@@ -2,6 +2,30 @@
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* The objects' names: the release's name, qualified by the chart's unless it holds it already
+     (release "tether": tether; release "canary": canary-tether), so that two releases never
+     share a cluster-scoped object. */}}
+{{- define "tether.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tether.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "tether.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "tether.labels" -}}
 app.kubernetes.io/name: {{ include "tether.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -35,6 +59,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $policy := dict "timezone" $v.policy.timezone -}}
 {{- if and $v.policy.bundle.enabled $v.policy.files -}}
 {{- fail "policy.bundle and policy.files: give one, not both" -}}
+{{- end -}}
+{{- if and $v.policy.data (or $v.policy.files $v.policy.bundle.enabled) -}}
+{{- fail "policy.data replaces the embedded policy's data: not with policy.files or policy.bundle (put the data there)" -}}
+{{- end -}}
+{{- if $v.policy.data -}}
+{{- $_ := set $policy "data_dir" "/etc/tether/policy-data" -}}
 {{- end -}}
 {{- if $v.policy.bundle.enabled -}}
 {{- if not $v.policy.bundle.service -}}

@@ -40,6 +40,23 @@ type Server struct {
 	down     Outage
 	requests int // every GET of the bundle
 	served   int // GETs answered with the bundle (not 304)
+	token    string
+	refused  int // GETs without the token
+}
+
+// RequireToken makes the server answer 401 to a request without "Authorization: Bearer token"
+// (a private bundle server).
+func (s *Server) RequireToken(token string) {
+	s.mu.Lock()
+	s.token = token
+	s.mu.Unlock()
+}
+
+// Unauthorized counts the requests refused for want of the token.
+func (s *Server) Unauthorized() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.refused
 }
 
 // NewServer starts a server on loopback; it stops when the test ends. Until Set, it answers 404.
@@ -75,6 +92,11 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.token != "" && r.Header.Get("Authorization") != "Bearer "+s.token {
+		s.refused++
+		http.Error(w, "a bearer token is required", http.StatusUnauthorized)
+		return
+	}
 	s.requests++
 	switch s.down {
 	case Unavailable:

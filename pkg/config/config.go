@@ -77,7 +77,17 @@ type PolicyBundle struct {
 	KeyID         string `json:"key_id"`
 	Algorithm     string `json:"algorithm"`
 	Scope         string `json:"scope"`
+	// Credentials, TLS and Headers are OPA's service configuration, as in OPA's own
+	// services.<name>: credentials of one kind (bearer, client_tls, oauth2, s3_signing,
+	// gcp_metadata, azure_managed_identity), e.g. {bearer: {token_path: /run/secrets/token}};
+	// tls, e.g. {ca_cert: /etc/tether/bundle-ca.pem}; headers sent with every request.
+	Credentials map[string]any    `json:"credentials"`
+	TLS         map[string]any    `json:"tls"`
+	Headers     map[string]string `json:"headers"`
 }
+
+// bundleCredentials are the kinds of credentials OPA's REST client takes.
+var bundleCredentials = []string{"bearer", "client_tls", "oauth2", "s3_signing", "gcp_metadata", "azure_managed_identity"}
 
 // Env is what the policy knows of where agents run (input.env).
 type Env struct {
@@ -765,6 +775,14 @@ func checkPolicy(l *Loaded, bad badFunc) {
 		}
 		if b.MaxDelay < b.MinDelay {
 			bad("$.policy.bundle.max_delay", "policy.bundle.max_delay", "shorter than min_delay")
+		}
+		if len(b.Credentials) > 1 {
+			bad("$.policy.bundle.credentials", "policy.bundle.credentials", "give one kind of credentials, not %d", len(b.Credentials))
+		}
+		for kind := range b.Credentials {
+			if !slices.Contains(bundleCredentials, kind) {
+				bad("$.policy.bundle.credentials", "policy.bundle.credentials", "%q: want one of %s (OPA's)", kind, strings.Join(bundleCredentials, ", "))
+			}
 		}
 		if b.PublicKeyFile != "" {
 			if _, err := os.ReadFile(b.PublicKeyFile); err != nil {

@@ -57,6 +57,8 @@ func TestParseErrors(t *testing.T) {
 		{"bundle URL", "policy:\n  bundle:\n    service: ftp://x\n    resource: /b\n", "cfg.yaml:3: policy.bundle.service"},
 		{"bundle delay", "policy:\n  bundle:\n    service: http://x\n    resource: /b\n    min_delay: 1m\n    max_delay: 10s\n", "shorter than min_delay"},
 		{"bundle delay syntax", "policy:\n  bundle:\n    service: http://x\n    resource: /b\n    min_delay: soon\n", `invalid duration "soon"`},
+		{"bundle two credentials", "policy:\n  bundle:\n    service: https://x\n    resource: /b\n    credentials:\n      bearer: {token: a}\n      client_tls: {cert: /c}\n", "give one kind of credentials, not 2"},
+		{"bundle unknown credentials", "policy:\n  bundle:\n    service: https://x\n    resource: /b\n    credentials:\n      beerer: {token: a}\n", `"beerer": want one of bearer, client_tls`},
 		{"bundle key file", "policy:\n  bundle:\n    service: http://x\n    resource: /b\n    public_key_file: /nonexistent\n    key_id: k\n", "public_key_file"},
 		{"pod selector", "identity:\n  trust_domains: [cluster.local]\n  kubernetes:\n    trust_domain: cluster.local\n    pod_selector: \"a in (b\"\n", "identity.kubernetes.pod_selector"},
 		{"timezone", "policy:\n  timezone: Mars/Olympus\n", "policy.timezone"},

@@ -3,6 +3,8 @@ package policy
 import (
 	"context"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -100,5 +102,40 @@ func refused(t *testing.T, ch <-chan bundleResult, want string) {
 			t.Logf("refused: %v", r.err)
 			return
 		}
+	}
+}
+
+// TestBundleServiceWithBearerToken: a private bundle server that wants a bearer token. Without
+// credentials every download is refused (401) and nothing is delivered; with OPA's own credentials
+// configuration ({"bearer": {"token_path": FILE}}) the bundle arrives. (pkg/config refuses two
+// kinds of credentials at once and unknown kinds, which OPA's client would not.)
+func TestBundleServiceWithBearerToken(t *testing.T) {
+	files, data := bundletest.Shipped(t)
+	srv := bundletest.NewServer(t)
+	srv.RequireToken("s3cret-token")
+	srv.Set(bundletest.Build(t, "private", files, data, nil))
+	start := func(creds map[string]any) (<-chan bundleResult, func()) {
+		ch := make(chan bundleResult, 16)
+		ctx, cancel := context.WithCancel(context.Background())
+		stop, err := StartBundle(ctx, BundleOptions{Service: srv.URL, Resource: bundletest.Resource, MinDelay: time.Second, MaxDelay: time.Second,
+			Credentials: creds}, slog.New(slog.DiscardHandler), func(f *Files, err error) { ch <- bundleResult{f, err} })
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ch, func() { stop(); cancel() }
+	}
+	ch, stop := start(nil)
+	refused(t, ch, "Unauthorized")
+	stop()
+	if srv.Unauthorized() == 0 {
+		t.Fatal("the server refused nothing")
+	}
+
+	token := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(token, []byte("s3cret-token\n"), 0o600)
+	ch, stop = start(map[string]any{"bearer": map[string]any{"token_path": token}})
+	defer stop()
+	if r := next(t, ch, "the private bundle"); r.err != nil || !strings.HasPrefix(r.f.Revision, "private+") {
+		t.Fatalf("with the token: %+v", r)
 	}
 }

@@ -84,9 +84,14 @@ func (r *Revisions) Start(ctx context.Context) error {
 	})
 }
 
+// bundleOptions are the downloader's options of the configured bundle.
+func bundleOptions(b *config.PolicyBundle) BundleOptions {
+	return BundleOptions{Service: b.Service, Resource: b.Resource, MinDelay: b.MinDelay, MaxDelay: b.MaxDelay,
+		KeyID: b.KeyID, Algorithm: b.Algorithm, Scope: b.Scope, Credentials: b.Credentials, TLS: b.TLS, Headers: b.Headers}
+}
+
 func (r *Revisions) startBundle(ctx context.Context, b *config.PolicyBundle) error {
-	o := BundleOptions{Service: b.Service, Resource: b.Resource, MinDelay: b.MinDelay, MaxDelay: b.MaxDelay,
-		KeyID: b.KeyID, Algorithm: b.Algorithm, Scope: b.Scope}
+	o := bundleOptions(b)
 	if b.MinDelay == 0 {
 		o.MinDelay, o.MaxDelay = 10*time.Second, max(b.MaxDelay, 30*time.Second)
 	}
@@ -131,7 +136,10 @@ func (r *Revisions) load(cfg *config.Loaded) (*Files, error) {
 // evaluated for the standard probe inputs. A bundle is downloaded at run time: not checked here.
 func CheckConfigured(ctx context.Context, cfg *config.Loaded) (string, error) {
 	if b := cfg.Policy.Bundle; b != nil {
-		return fmt.Sprintf("policy: from the bundle service %s (%s), downloaded at run time: not checked here", b.Service, b.Resource), nil
+		if _, err := BundleClient(bundleOptions(b)); err != nil {
+			return "", err
+		}
+		return fmt.Sprintf("policy: from the bundle service %s (%s), its client configuration valid; the bundle is downloaded at run time: not checked here", b.Service, b.Resource), nil
 	}
 	schema, err := policies.FS.ReadFile("input.schema.json")
 	if err != nil {

@@ -84,15 +84,45 @@ type BundleOptions struct {
 	KeyID     string
 	Algorithm string // RS256, ES256, HS256, ...
 	Scope     string
+	// Credentials, TLS and Headers are OPA's own service configuration (its REST client's:
+	// credentials such as {"bearer": {"token_path": ...}} or {"client_tls": {"cert": ...,
+	// "private_key": ...}}, oauth2, s3_signing, gcp_metadata, azure_managed_identity; tls such
+	// as {"ca_cert": ...}), so a private bundle server works as it does for OPA.
+	Credentials map[string]any
+	TLS         map[string]any
+	Headers     map[string]string
+}
+
+// BundleClient is the REST client of o's bundle service, its configuration checked as OPA checks
+// it.
+func BundleClient(o BundleOptions) (rest.Client, error) {
+	svc := map[string]any{"name": "tether", "url": o.Service}
+	if o.Credentials != nil {
+		svc["credentials"] = o.Credentials
+	}
+	if o.TLS != nil {
+		svc["tls"] = o.TLS
+	}
+	if o.Headers != nil {
+		svc["headers"] = o.Headers
+	}
+	cfg, err := json.Marshal(svc)
+	if err != nil {
+		return rest.Client{}, err
+	}
+	client, err := rest.New(cfg, nil)
+	if err != nil {
+		return rest.Client{}, fmt.Errorf("bundle service %s: %w", o.Service, err)
+	}
+	return client, nil
 }
 
 // StartBundle downloads the bundle now and then whenever it changes, handing each one (or the
 // reason it could not be had) to got. Stop it with the returned function.
 func StartBundle(ctx context.Context, o BundleOptions, log *slog.Logger, got func(*Files, error)) (func(), error) {
-	cfg, _ := json.Marshal(map[string]any{"name": "tether", "url": o.Service})
-	client, err := rest.New(cfg, nil)
+	client, err := BundleClient(o)
 	if err != nil {
-		return nil, fmt.Errorf("bundle service %s: %w", o.Service, err)
+		return nil, err
 	}
 	minS, maxS := int64(o.MinDelay.Seconds()), int64(o.MaxDelay.Seconds())
 	if minS < 1 {

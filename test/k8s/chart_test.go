@@ -22,7 +22,8 @@ var valueSets = map[string]map[string]any{
 	"plain":          PlainValues(),
 	"servicemonitor": {"serviceMonitor": map[string]any{"enabled": true}},
 	"spire":          {"identity": map[string]any{"spire": map[string]any{"enabled": true}}},
-	"bundle":         {"policy": map[string]any{"bundle": map[string]any{"enabled": true, "service": "https://bundles.example.com"}}},
+	"bundle": {"policy": map[string]any{"bundle": map[string]any{"enabled": true, "service": "https://bundles.example.com",
+		"credentials": map[string]any{"bearer": map[string]any{"token_path": "/var/run/secrets/bundle/token"}}, "tls": map[string]any{"ca_cert": "/etc/tether/bundle-ca/ca.pem"}}}},
 	"files": {"policy": map[string]any{"files": map[string]any{
 		"tether.rego": "package tether\n\ngrants := {}\n",
 		"data.json":   "{}\n",

@@ -70,7 +70,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if not $v.policy.bundle.service -}}
 {{- fail "policy.bundle.enabled needs policy.bundle.service (the bundle server's URL)" -}}
 {{- end -}}
-{{- $_ := set $policy "bundle" (dict "service" $v.policy.bundle.service "resource" $v.policy.bundle.resource "min_delay" $v.policy.bundle.minDelay "max_delay" $v.policy.bundle.maxDelay) -}}
+{{- $bundle := dict "service" $v.policy.bundle.service "resource" $v.policy.bundle.resource "min_delay" $v.policy.bundle.minDelay "max_delay" $v.policy.bundle.maxDelay -}}
+{{- range $k := list "credentials" "tls" "headers" -}}
+{{- with index $v.policy.bundle $k -}}
+{{- $_ := set $bundle $k . -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $policy "bundle" $bundle -}}
 {{- else if $v.policy.files -}}
 {{- $_ := set $policy "dir" "/etc/tether/policy" -}}
 {{- end -}}

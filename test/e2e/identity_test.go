@@ -129,8 +129,8 @@ func TestPrivilegedStaticIdentity(t *testing.T) {
 		return !slices.ContainsFunc(d.agents(), func(a agents.Agent) bool { return a.Cgroup == cg })
 	})
 
-	// A SPIFFE ID that is not one is refused with why.
-	if _, stderr, code := d.ctlRaw("run", "--id", "agent-7", "--", self); code == 0 || !strings.Contains(stderr, `SPIFFE ID "agent-7"`) {
+	// A SPIFFE ID that is not one is refused with why (by tetherctl, before tetherd is asked).
+	if _, stderr, code := d.ctlRaw("run", "--id", "agent-7", "--", self); code == 0 || !strings.Contains(stderr, `--id "agent-7" is not a SPIFFE ID`) {
 		t.Errorf("launch with a malformed SPIFFE ID: exit %d, %q", code, stderr)
 	}
 	// A launch in a trust domain that is not configured is refused with why.

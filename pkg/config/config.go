@@ -334,12 +334,14 @@ type DecisionLogHTTP struct {
 	Queue         int           `json:"queue"`          // records waiting, default 10000
 	MaxRetries    int           `json:"max_retries"`    // default 5
 	Gzip          bool          `json:"gzip"`
+	// Format is json (a JSON array per batch, the default) or ndjson (one record per line).
+	Format string `json:"format"`
 }
 
 // Options are the sink's options (without a logger).
 func (h DecisionLogHTTP) Options() events.HTTPOptions {
 	return events.HTTPOptions{URL: h.URL, BatchSize: h.BatchSize, FlushInterval: h.FlushInterval, Queue: h.Queue,
-		MaxRetries: h.MaxRetries, Gzip: h.Gzip}
+		MaxRetries: h.MaxRetries, Gzip: h.Gzip, NDJSON: h.Format == "ndjson"}
 }
 
 // Log configures tetherd's own log (standard error).
@@ -711,6 +713,9 @@ func checkTelemetry(l *Loaded, bad badFunc) {
 	if h := c.DecisionLog.HTTP; h != nil {
 		if _, err := h.Options().Check(); err != nil {
 			bad("$.decision_log.http", "decision_log.http", "%v", err)
+		}
+		if h.Format != "" && h.Format != "json" && h.Format != "ndjson" {
+			bad("$.decision_log.http.format", "decision_log.http.format", "%q: want json or ndjson", h.Format)
 		}
 	}
 	var err error

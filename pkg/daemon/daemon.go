@@ -231,6 +231,7 @@ func (d *Daemon) startPipeline(_ context.Context, cfg *config.Loaded) (func(), e
 		return opened.close, err
 	}
 	d.pump = events.NewPump(d.reader, attribution{d}, 8192, d.log, sinks...)
+	d.pump.Node = config.NodeName(cfg.Env.Node)
 	d.pump.SetMask(cfg.Mask)
 	d.pump.Annotate = d.respond
 	return opened.close, nil

@@ -55,6 +55,8 @@ type Decision struct {
 	// the kernel killed it then (else tetherd did, or the record says why not).
 	Cgroup string `json:"cgroup,omitempty"`
 	Killed bool   `json:"killed,omitempty"`
+	// Node is the node (host) whose tetherd wrote the record: every record has it.
+	Node string `json:"node,omitempty"`
 	// Kubernetes names the pod and container of the process, for an agent that is a pod.
 	Kubernetes     *PodRef `json:"kubernetes,omitempty"`
 	Verdict        Verdict `json:"verdict"`
@@ -300,6 +302,8 @@ type Pump struct {
 	// Annotate, if set, completes each record before the sinks get it (off the ring buffer's
 	// reader, so it may take its time: the queue absorbs it, or drops and counts).
 	Annotate func(*Decision)
+	// Node is written into every record that names none (set before Run).
+	Node string
 
 	src    Source
 	attr   Attributor
@@ -384,6 +388,9 @@ func (p *Pump) write(d Decision) {
 	defer p.sinkMu.Unlock()
 	if d.Policy != nil {
 		d.Policy = p.prepare(*d.Policy)
+	}
+	if d.Node == "" {
+		d.Node = p.Node
 	}
 	p.written.Add(1)
 	for _, s := range p.sinks {

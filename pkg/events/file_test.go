@@ -2,6 +2,7 @@ package events
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -175,4 +176,17 @@ func TestPrivilegedFileDiskFull(t *testing.T) {
 		t.Errorf("%d records: %d in the log, %d counted lost (%d unaccounted)", total, len(lines), lost, total-len(lines)-lost)
 	}
 	t.Logf("%d records: %d in the log, %d counted lost", total, len(lines), lost)
+}
+
+// Every record names the node whose tetherd wrote it, unless it names one already.
+func TestRecordsNameTheNode(t *testing.T) {
+	var buf bytes.Buffer
+	p := NewPump(&sliceSource{}, attr{}, 10, slog.New(slog.DiscardHandler), NewJSONLines(&buf))
+	p.Node = "node-7"
+	p.Emit(Decision{Kind: "kill"})
+	p.Emit(Decision{Kind: "identity", Node: "elsewhere"})
+	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+	if len(lines) != 2 || !strings.Contains(lines[0], `"node":"node-7"`) || !strings.Contains(lines[1], `"node":"elsewhere"`) {
+		t.Fatalf("records:\n%s", buf.String())
+	}
 }

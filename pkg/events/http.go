@@ -42,6 +42,9 @@ type HTTPOptions struct {
 	Timeout time.Duration
 	// Gzip compresses each body (Content-Encoding: gzip).
 	Gzip bool
+	// NDJSON sends each batch as one record per line (application/x-ndjson: Vector, Fluent Bit,
+	// Loki's push gateways) instead of a JSON array.
+	NDJSON bool
 	// Client, if set, sends the requests (TLS settings, a proxy); its own Timeout applies too.
 	Client *http.Client
 	Log    *slog.Logger
@@ -292,7 +295,7 @@ func (h *HTTP) deliver(batch []Decision) {
 	}
 }
 
-// encode makes batch one JSON array, gzipped if asked.
+// encode makes batch one JSON array (or one record per line), gzipped if asked.
 func (h *HTTP) encode(batch []Decision) ([]byte, error) {
 	var buf bytes.Buffer
 	var w io.Writer = &buf
@@ -301,7 +304,14 @@ func (h *HTTP) encode(batch []Decision) ([]byte, error) {
 		zw = gzip.NewWriter(&buf)
 		w = zw
 	}
-	if err := json.NewEncoder(w).Encode(batch); err != nil {
+	enc := json.NewEncoder(w)
+	if h.opts.NDJSON {
+		for i := range batch {
+			if err := enc.Encode(&batch[i]); err != nil {
+				return nil, fmt.Errorf("encoding decision record: %w", err)
+			}
+		}
+	} else if err := enc.Encode(batch); err != nil {
 		return nil, fmt.Errorf("encoding decision batch: %w", err)
 	}
 	if zw != nil {
@@ -322,6 +332,9 @@ func (h *HTTP) post(body []byte) (retry bool, after time.Duration, err error) {
 		return false, -1, err
 	}
 	req.Header.Set("Content-Type", "application/json")
+	if h.opts.NDJSON {
+		req.Header.Set("Content-Type", "application/x-ndjson")
+	}
 	req.Header.Set("User-Agent", "tether")
 	if h.opts.Gzip {
 		req.Header.Set("Content-Encoding", "gzip")

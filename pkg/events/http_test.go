@@ -1,6 +1,7 @@
 package events
 
 import (
+	"bufio"
 	"bytes"
 	"compress/gzip"
 	"context"
@@ -65,7 +66,20 @@ func (r *httpReceiver) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		body = zr
 	}
 	var batch []Decision
-	if err := json.NewDecoder(body).Decode(&batch); err != nil {
+	if req.Header.Get("Content-Type") == "application/x-ndjson" {
+		// One record per line, each a whole JSON object on its own line.
+		sc := bufio.NewScanner(body)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for sc.Scan() {
+			var d Decision
+			if err := json.Unmarshal(sc.Bytes(), &d); err != nil {
+				r.bad = append(r.bad, "ndjson line: "+err.Error())
+				http.Error(w, "bad line", http.StatusBadRequest)
+				return
+			}
+			batch = append(batch, d)
+		}
+	} else if err := json.NewDecoder(body).Decode(&batch); err != nil {
 		r.bad = append(r.bad, err.Error())
 		http.Error(w, "bad batch", http.StatusBadRequest)
 		return
@@ -205,6 +219,25 @@ func TestHTTPBatchesBySize(t *testing.T) {
 		}
 	}
 	wantHTTPStats(t, h, HTTPStats{Sent: 1050, Batches: 3})
+}
+
+// TestHTTPNDJSON: with NDJSON each batch is one record per line (application/x-ndjson, gzipped
+// too), and every record arrives once, in order.
+func TestHTTPNDJSON(t *testing.T) {
+	rcv := &httpReceiver{}
+	h := startHTTP(t, rcv, HTTPOptions{BatchSize: 100, FlushInterval: time.Hour, NDJSON: true, Gzip: true})
+	writeHTTP(t, h, 0, 250)
+	closeHTTP(t, h)
+	rcv.checkBodies(t)
+	ids, sizes := rcv.received()
+	if !reflect.DeepEqual(sizes, []int{100, 100, 50}) || !reflect.DeepEqual(ids, httpIDs(0, 250)) {
+		t.Errorf("batch sizes %v, %d records", sizes, len(ids))
+	}
+	for _, hdr := range rcv.headerList() {
+		if hdr.Get("Content-Type") != "application/x-ndjson" || hdr.Get("Content-Encoding") != "gzip" {
+			t.Errorf("headers %v", hdr)
+		}
+	}
 }
 
 // TestHTTPFlushesByInterval: a batch that does not fill goes FlushInterval after its first

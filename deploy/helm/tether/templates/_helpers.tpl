@@ -88,7 +88,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- $log := dict "path" "-" "evaluations" $v.decisionLog.evaluations "mask" $v.decisionLog.mask -}}
 {{- if $v.decisionLog.http.enabled -}}
-{{- $_ := set $log "http" (dict "url" $v.decisionLog.http.url) -}}
+{{- $_ := set $log "http" (dict "url" $v.decisionLog.http.url "format" $v.decisionLog.http.format) -}}
 {{- end -}}
 {{- $dns := dict "proxy" (dict "enabled" $v.dns.proxy.enabled "refuse" $v.dns.proxy.refuse "deny_dot" $v.dns.proxy.denyDoT "max_ttl" $v.dns.proxy.maxTTL "state_file" "/var/lib/tether/dns-state.json") -}}
 {{- with $v.dns.server -}}

@@ -281,6 +281,11 @@ type Telemetry struct {
 	// DenyBurst is how many denials of one agent within DenyBurstWindow make an alert.
 	DenyBurst       int           `json:"deny_burst"`
 	DenyBurstWindow time.Duration `json:"deny_burst_window"`
+	// SpiffeIDLabel is how tether_decisions_total's spiffe_id label names an agent: full (the
+	// default), trust_domain or none; MaxSpiffeIDs bounds its values (0: any number; past it,
+	// "other"), for nodes of many short-lived identities.
+	SpiffeIDLabel string `json:"spiffe_id_label"`
+	MaxSpiffeIDs  int    `json:"max_spiffe_ids"`
 	// BPFStats turns on the kernel's run count and run time of BPF programs (BPF_ENABLE_STATS,
 	// host-wide while tetherd runs; it costs two clock reads per program run) for the metrics.
 	BPFStats bool `json:"bpf_stats"`
@@ -695,6 +700,14 @@ func checkTelemetry(l *Loaded, bad badFunc) {
 		if pu, err := url.Parse(u); err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
 			bad("$.telemetry.escalation_webhook", "telemetry.escalation_webhook", "%q: want an http or https URL", u)
 		}
+	}
+	switch c.Telemetry.SpiffeIDLabel {
+	case "", "full", "trust_domain", "none":
+	default:
+		bad("$.telemetry.spiffe_id_label", "telemetry.spiffe_id_label", "%q: want full, trust_domain or none", c.Telemetry.SpiffeIDLabel)
+	}
+	if c.Telemetry.MaxSpiffeIDs < 0 {
+		bad("$.telemetry.max_spiffe_ids", "telemetry.max_spiffe_ids", "%d: must not be negative", c.Telemetry.MaxSpiffeIDs)
 	}
 	switch c.Telemetry.EscalationFormat {
 	case "", "alertmanager", "webhook":

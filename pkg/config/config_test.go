@@ -80,6 +80,7 @@ func TestParseErrors(t *testing.T) {
 		{"escalation format", "telemetry:\n  escalation_webhook: http://am:9093\n  escalation_format: slack\n", "cfg.yaml:3: telemetry.escalation_format"},
 		{"escalation resolve", "telemetry:\n  escalation_resolve_after: 1s\n", "telemetry.escalation_resolve_after: 1s: want 1m to 168h"},
 		{"http sink format", "decision_log:\n  http:\n    url: https://logs.example\n    format: csv\n", `decision_log.http.format: "csv": want json or ndjson`},
+		{"spiffe id label", "telemetry:\n  spiffe_id_label: short\n", `telemetry.spiffe_id_label: "short": want full, trust_domain or none`},
 		{"log level", "log:\n  level: loud\n", "log.level"},
 		{"all errors at once", "log:\n  level: loud\n  format: xml\n", "log.format"},
 	}

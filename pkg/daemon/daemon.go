@@ -214,6 +214,7 @@ func (d *Daemon) startKernel(_ context.Context, cfg *config.Loaded) (func(), err
 func (d *Daemon) startPipeline(_ context.Context, cfg *config.Loaded) (func(), error) {
 	var opened closers
 	d.metrics = telemetry.New(d, d.version)
+	d.metrics.LabelSpiffeIDs(cfg.Telemetry.SpiffeIDLabel, cfg.Telemetry.MaxSpiffeIDs)
 	if cfg.Telemetry.BPFStats {
 		if stats, err := kernel.EnableStats(); err != nil {
 			d.log.Warn("BPF program statistics stay off (telemetry.bpf_stats)", "error", err)

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/tether-sh/tether/pkg/agents"
@@ -208,6 +209,54 @@ type collector struct {
 	seen      map[slotKey]dataplaneCounts
 	totals    map[decisionKey]uint64
 	statsErrs atomic.Uint64
+	ids       idLabels
+}
+
+// The spiffe_id label of tether_decisions_total, as telemetry.spiffe_id_label says.
+const (
+	IDLabelFull        = "full"         // the SPIFFE ID
+	IDLabelTrustDomain = "trust_domain" // spiffe://<trust domain> only
+	IDLabelNone        = "none"         // "": one series per kind and verdict
+)
+
+// idLabels maps SPIFFE IDs to the values of the spiffe_id label: by mode, and at most max values
+// (0: any number); the IDs past max share the value "other". Nodes of many short-lived identities
+// bound their series so.
+type idLabels struct {
+	mode string
+	max  int
+	kept map[string]bool
+}
+
+func (l *idLabels) of(id string) string {
+	switch l.mode {
+	case IDLabelNone:
+		return ""
+	case IDLabelTrustDomain:
+		if sid, err := spiffeid.FromString(id); err == nil {
+			id = sid.TrustDomain().IDString()
+		}
+	}
+	if l.max <= 0 || l.kept[id] {
+		return id
+	}
+	if len(l.kept) >= l.max {
+		return "other"
+	}
+	if l.kept == nil {
+		l.kept = map[string]bool{}
+	}
+	l.kept[id] = true
+	return id
+}
+
+// LabelSpiffeIDs sets how tether_decisions_total's spiffe_id label names an agent: mode (full,
+// trust_domain or none) and at most max values (0: any number; past it, "other"). Set it before
+// the first scrape.
+func (m *Metrics) LabelSpiffeIDs(mode string, max int) {
+	m.coll.mu.Lock()
+	m.coll.ids = idLabels{mode: mode, max: max}
+	m.coll.mu.Unlock()
 }
 
 var (
@@ -216,7 +265,8 @@ var (
 	descKilled    = prometheus.NewDesc("tether_agents_killed", "Registered agents whose killed flag is set.", nil, nil)
 	descTasks     = prometheus.NewDesc("tether_tasks", "Agents with an active task.", nil, nil)
 	descFill      = prometheus.NewDesc("tether_map_fill_ratio", "How full a kernel map is: agents (slots), cgroups (bindings), procs (process lineage, an LRU), host_rules (tether_hosts: host rules and bulk-length ranges of all agents; when full they go into the tries), rules (the fullest agent rule set), ring_buffer (unread bytes).", []string{"map"}, nil)
-	descEntries   = prometheus.NewDesc("tether_map_entries", "Entries in a kernel map (bytes for ring_buffer), as in tether_map_fill_ratio.", []string{"map"}, nil)
+	descEntries   = prometheus.NewDesc("tether_map_entries", "Entries in a kernel map, as in tether_map_fill_ratio (the ring buffer's unread bytes are tether_ring_buffer_unread_bytes).", []string{"map"}, nil)
+	descRBUnread  = prometheus.NewDesc("tether_ring_buffer_unread_bytes", "Bytes of decision events in the kernel's ring buffer that tetherd has not read yet.", nil, nil)
 	descMemory    = prometheus.NewDesc("tether_map_memory_bytes", "Kernel memory of each of tether's maps as the kernel charges it (memlock); rule_set_tries are all agents' rule-set tries together, total all of them.", []string{"map"}, nil)
 	descMemSlot   = prometheus.NewDesc("tether_map_memory_per_agent_slot_bytes", "Kernel memory each agent slot costs whether used or not (the per-slot maps over their capacity); per-CPU maps count every possible CPU.", nil, nil)
 	descMemRules  = prometheus.NewDesc("tether_map_memory_per_agent_rules_bytes", "Kernel memory of an agent's rule-set tries, on average over the agents that hold one.", nil, nil)
@@ -254,7 +304,7 @@ var (
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descDecisions, descAgents, descKilled, descTasks, descFill, descEntries, descMemory, descMemSlot, descMemRules,
+	for _, d := range []*prometheus.Desc{descDecisions, descAgents, descKilled, descTasks, descFill, descEntries, descRBUnread, descMemory, descMemSlot, descMemRules,
 		descStatsOn, descProgRuns, descProgTime, descProgMiss, descStatsErr, descEvals, descEvalErrs, descRefused,
 		descRefRules, descInstalls, descMapFail, descMapRetry, descRBLost, descEvRead, descEvWrite, descOwnDrop, descLostStart, descHTTPLog, descHTTPRetry, descEvDecode, descSinkErrs, descSignalErr, descIDLost, descEscSent, descEscDrop,
 		descSweeps, descTermed, descSweepErr, descSweepLast, descSockStore, descPanics} {
@@ -330,6 +380,10 @@ func (c *collector) collectKernel(e emitter, agentCount int) {
 	}
 	for m, f := range fill {
 		e.gauge(descFill, f.Ratio(), m)
+		if m == "ring_buffer" {
+			e.gauge(descRBUnread, float64(f.Entries)) // bytes, not entries
+			continue
+		}
 		e.gauge(descEntries, float64(f.Entries), m)
 	}
 	if mem := ks.Memory; mem != nil {
@@ -396,7 +450,7 @@ func collectStatus(e emitter, st Stats) {
 func (c *collector) fold(key slotKey, a agents.Agent) dataplaneCounts {
 	cur := dataplaneCounts{}
 	for k, n := range a.Counts {
-		cur[decisionKey{kindOf(k.Kind.String()), k.Verdict.String(), a.SpiffeID}] += n
+		cur[decisionKey{kindOf(k.Kind.String()), k.Verdict.String(), c.ids.of(a.SpiffeID)}] += n
 	}
 	prev := c.seen[key]
 	for k, n := range cur {

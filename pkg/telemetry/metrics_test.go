@@ -78,7 +78,7 @@ func TestDecisionsNeverGoDown(t *testing.T) {
 func TestKernelStats(t *testing.T) {
 	src := &fakeSource{agents: []agents.Agent{{Slot: 1}}, kernel: KernelStats{StatsEnabled: true,
 		Programs: map[string]dataplane.ProgramStat{"connect4": {Runs: 10, Time: 2 * time.Microsecond}},
-		Fill:     map[string]dataplane.MapFill{"procs": {Entries: 4096, Capacity: 16384}},
+		Fill:     map[string]dataplane.MapFill{"procs": {Entries: 4096, Capacity: 16384}, "ring_buffer": {Entries: 8192, Capacity: 1 << 22}},
 		Memory: &dataplane.MapMemory{Maps: map[string]uint64{"tether_hosts": 1 << 20, "rule_set_tries": 4096}, Total: 1<<20 + 4096,
 			PerSlot: 1024, Agents: 1, PerAgentRules: 4096}}}
 	m := New(src, "test")
@@ -88,6 +88,7 @@ func TestKernelStats(t *testing.T) {
 		`tether_bpf_program_run_seconds_total{program="connect4"} 2e-06`,
 		`tether_map_fill_ratio{map="procs"} 0.25`,
 		`tether_map_entries{map="procs"} 4096`,
+		`tether_ring_buffer_unread_bytes 8192`,
 		`tether_map_fill_ratio{map="agents"} 6.103515625e-05`,
 		`tether_map_memory_bytes{map="tether_hosts"} 1.048576e+06`,
 		`tether_map_memory_bytes{map="total"} 1.052672e+06`,
@@ -99,6 +100,9 @@ func TestKernelStats(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("scrape lacks %q:\n%s", want, out)
 		}
+	}
+	if strings.Contains(out, `tether_map_entries{map="ring_buffer"}`) {
+		t.Errorf("tether_map_entries mixes bytes with entries:\n%s", out)
 	}
 	src.kernel = KernelStats{Err: io.ErrUnexpectedEOF}
 	if out := scrape(t, m); !strings.Contains(out, `tether_kernel_stats_errors_total 1`) || !strings.Contains(out, `tether_bpf_stats_enabled 0`) {
@@ -150,5 +154,38 @@ func TestServeProbes(t *testing.T) {
 	}
 	if code, body := get("/metrics"); code != 200 || !strings.Contains(body, "tether_build_info") {
 		t.Errorf("/metrics: %d", code)
+	}
+}
+
+// TestSpiffeIDLabel: the spiffe_id label of tether_decisions_total can be the trust domain only,
+// dropped, or bounded to a number of values (the rest "other"), for nodes of many short-lived
+// identities; the counts add up either way.
+func TestSpiffeIDLabel(t *testing.T) {
+	agent := func(slot dataplane.Slot, id string) agents.Agent {
+		return agents.Agent{Slot: slot, SpiffeID: id, CgroupID: uint64(slot), Counts: agents.Counts{{Kind: dataplane.KindConnect4, Verdict: dataplane.VerdictDeny}: 2}}
+	}
+	list := []agents.Agent{agent(1, "spiffe://x.org/a/1"), agent(2, "spiffe://x.org/a/2"), agent(3, "spiffe://y.org/b")}
+	for _, c := range []struct {
+		mode   string
+		max    int
+		want   []string
+		series int
+	}{
+		{IDLabelFull, 0, []string{`spiffe_id="spiffe://x.org/a/1",verdict="deny"} 2`, `spiffe_id="spiffe://y.org/b",verdict="deny"} 2`}, 3},
+		{IDLabelTrustDomain, 0, []string{`spiffe_id="spiffe://x.org",verdict="deny"} 4`, `spiffe_id="spiffe://y.org",verdict="deny"} 2`}, 2},
+		{IDLabelNone, 0, []string{`tether_decisions_total{kind="connect",spiffe_id="",verdict="deny"} 6`}, 1},
+		{IDLabelFull, 1, []string{`spiffe_id="spiffe://x.org/a/1",verdict="deny"} 2`, `spiffe_id="other",verdict="deny"} 4`}, 2},
+	} {
+		m := New(&fakeSource{agents: list}, "test")
+		m.LabelSpiffeIDs(c.mode, c.max)
+		out := scrape(t, m)
+		for _, w := range c.want {
+			if !strings.Contains(out, w) {
+				t.Errorf("%s, at most %d: no %q in\n%s", c.mode, c.max, w, out)
+			}
+		}
+		if n := strings.Count(out, "tether_decisions_total{"); n != c.series {
+			t.Errorf("%s, at most %d: %d series, want %d", c.mode, c.max, n, c.series)
+		}
 	}
 }

@@ -80,7 +80,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- else if $v.policy.files -}}
 {{- $_ := set $policy "dir" "/etc/tether/policy" -}}
 {{- end -}}
-{{- $telemetry := dict "metrics_address" (printf ":%d" (int $v.telemetry.port)) -}}
+{{- $telemetry := dict "metrics_address" (printf ":%d" (int $v.telemetry.port)) "spiffe_id_label" $v.telemetry.spiffeIDLabel "max_spiffe_ids" (int $v.telemetry.maxSpiffeIDs) -}}
 {{- with $v.telemetry.escalationWebhook -}}
 {{- $_ := set $telemetry "escalation_webhook" . -}}
 {{- $_ := set $telemetry "escalation_format" $v.telemetry.escalationFormat -}}

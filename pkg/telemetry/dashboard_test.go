@@ -20,11 +20,21 @@ func TestDashboardUsesOnlyTetherMetrics(t *testing.T) {
 	}
 	var dash struct {
 		Panels []struct {
-			Title   string `json:"title"`
+			Title       string `json:"title"`
+			FieldConfig struct {
+				Defaults struct {
+					Unit string `json:"unit"`
+				} `json:"defaults"`
+			} `json:"fieldConfig"`
 			Targets []struct {
 				Expr string `json:"expr"`
 			} `json:"targets"`
 		} `json:"panels"`
+		Templating struct {
+			List []struct {
+				Name string `json:"name"`
+			} `json:"list"`
+		} `json:"templating"`
 	}
 	if err := json.Unmarshal(b, &dash); err != nil {
 		t.Fatal(err)
@@ -44,10 +54,27 @@ func TestDashboardUsesOnlyTetherMetrics(t *testing.T) {
 	for _, name := range []string{"tether_decisions_total", "tether_kill_step_duration_seconds_bucket", "tether_kills_total"} {
 		served[name] = true
 	}
+	// Variables for the cluster, the node and the SPIFFE ID, which every query follows; one unit
+	// per panel (a panel of seconds and counts misreads one of them).
+	vars := map[string]bool{}
+	for _, v := range dash.Templating.List {
+		vars[v.Name] = true
+	}
+	for _, v := range []string{"datasource", "cluster", "node", "spiffe_id"} {
+		if !vars[v] {
+			t.Errorf("the dashboard has no $%s variable", v)
+		}
+	}
 	metric := regexp.MustCompile(`\btether_[a-z_]+`)
 	n := 0
 	for _, p := range dash.Panels {
+		if p.FieldConfig.Defaults.Unit == "" {
+			t.Errorf("panel %q has no unit", p.Title)
+		}
 		for _, tg := range p.Targets {
+			if !strings.Contains(tg.Expr, `node=~"$node"`) || (strings.Contains(tg.Expr, "tether_decisions_total") && !strings.Contains(tg.Expr, `spiffe_id=~"$spiffe_id"`)) {
+				t.Errorf("panel %q: %s does not follow the variables", p.Title, tg.Expr)
+			}
 			for _, name := range metric.FindAllString(tg.Expr, -1) {
 				n++
 				if !served[name] {

@@ -11,7 +11,7 @@ BIN       := bin
 TETHER_CACHE ?= $(HOME)/.cache/tether
 tools_hash = $(shell cat $(1)/go.mod $(1)/go.sum | sha256sum | cut -c1-12)
 
-.PHONY: all build generate check-generate test test-faults test-unit test-vm test-k8s k8s-bin manifests policy-test bench vet fuzz demo clean spire install
+.PHONY: all build generate check-generate test test-faults test-unit test-vm test-k8s k8s-bin manifests policy-test bench vet fuzz demo clean spire spire-bin install
 
 all: build
 
@@ -41,13 +41,23 @@ test: spire
 # without TETHER_SPIRE_BIN).
 SPIRE_BIN := $(TETHER_CACHE)/spire-$(call tools_hash,tools/spire)
 export TETHER_SPIRE_BIN ?= $(SPIRE_BIN)
-spire: $(SPIRE_BIN)/spire-agent
+spire: spire-bin
 	@mkdir -p .bin && ln -sf $(SPIRE_BIN)/spire-server $(SPIRE_BIN)/spire-agent .bin/
 
+spire-bin: $(SPIRE_BIN)/spire-agent
+
+# Long builds say what they do and how long each step took (STEP prints "== [elapsed] what").
+STEP = echo "== [$$(( $$(date +%s) - $$start ))s]"
+
 $(SPIRE_BIN)/spire-agent:
-	rm -rf $(SPIRE_BIN).tmp && mkdir -p $(SPIRE_BIN).tmp
-	cd tools/spire && $(GO) build -trimpath -ldflags="-s -w" -o $(SPIRE_BIN).tmp/ github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent
-	rm -rf $(SPIRE_BIN) && mv $(SPIRE_BIN).tmp $(SPIRE_BIN)
+	@start=$$(date +%s); \
+	$(STEP) "spire: SPIRE's modules from the module proxy (tools/spire; the first time only)"; \
+	(cd tools/spire && $(GO) mod download) && \
+	$(STEP) "spire: building spire-server and spire-agent (cgo, sqlite: about 9 minutes cold, seconds with Go's build cache)" && \
+	rm -rf $(SPIRE_BIN).tmp && mkdir -p $(SPIRE_BIN).tmp && \
+	(cd tools/spire && $(GO) build -trimpath -ldflags="-s -w" -o $(SPIRE_BIN).tmp/ github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent) && \
+	rm -rf $(SPIRE_BIN) && mv $(SPIRE_BIN).tmp $(SPIRE_BIN) && \
+	$(STEP) "spire: done, in $(SPIRE_BIN)"
 
 # The fault suite: tetherd stopped past expiries, killed in the middle of a change, its disk full,
 # SPIRE and the bundle server down or flapping, maps full, every refused configuration kind. Each
@@ -84,11 +94,17 @@ test-k8s: k8s-bin
 k8s-bin: $(K8S_BIN)/etcd
 
 $(K8S_BIN)/etcd:
-	rm -rf $(K8S_BIN).tmp && mkdir -p $(K8S_BIN).tmp
-	cd tools/k8s && $(GO) build -trimpath -ldflags="$(K8S_LDFLAGS)" -o $(K8S_BIN).tmp/ k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-		k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kubectl
-	cd tools/k8s && $(GO) build -trimpath -ldflags="-s -w" -o $(K8S_BIN).tmp/etcd go.etcd.io/etcd/server/v3
-	rm -rf $(K8S_BIN) && mv $(K8S_BIN).tmp $(K8S_BIN)
+	@start=$$(date +%s); \
+	$(STEP) "k8s-bin: Kubernetes' and etcd's modules from the module proxy (tools/k8s; the first time only)"; \
+	(cd tools/k8s && $(GO) mod download) && \
+	$(STEP) "k8s-bin: building kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl (about 12 minutes cold)" && \
+	rm -rf $(K8S_BIN).tmp && mkdir -p $(K8S_BIN).tmp && \
+	(cd tools/k8s && $(GO) build -trimpath -ldflags="$(K8S_LDFLAGS)" -o $(K8S_BIN).tmp/ k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+		k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kubectl) && \
+	$(STEP) "k8s-bin: building etcd (about 1 minute cold)" && \
+	(cd tools/k8s && $(GO) build -trimpath -ldflags="-s -w" -o $(K8S_BIN).tmp/etcd go.etcd.io/etcd/server/v3) && \
+	rm -rf $(K8S_BIN) && mv $(K8S_BIN).tmp $(K8S_BIN) && \
+	$(STEP) "k8s-bin: done, in $(K8S_BIN)"
 
 # deploy/kubernetes/ from the Helm chart (test/k8s checks they match).
 manifests:

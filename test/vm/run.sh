@@ -10,6 +10,9 @@
 # fails in seconds instead of hanging until the timeout.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+start=$(date +%s)
+# step prints what the script does now, after how long (the boots take minutes each).
+step() { echo "== [$(($(date +%s) - start))s] $*"; }
 export PATH="$PATH:/usr/local/go/bin"
 cache=${TETHER_VM_CACHE:-$PWD/.cache/vm}
 timeout_s=${TETHER_VM_TIMEOUT:-2400} # per boot; the BPF LSM boot runs every privileged test (about 18 min)
@@ -23,7 +26,7 @@ pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print 
 ver=$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')
 kdir="$cache/$pkg-$ver"
 if [ ! -s "$kdir/vmlinux" ]; then
-	echo "== fetching $pkg $ver"
+	step "fetching $pkg $ver (Debian's kernel, cached in $kdir afterwards)"
 	tmp=$(mktemp -d)
 	(cd "$tmp" && apt-get download "$pkg=$ver" 2>/dev/null && dpkg -x ./*.deb x)
 	vmlinuz=$(ls "$tmp"/x/boot/vmlinuz-*)
@@ -40,7 +43,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 root="$work/root"
 mkdir -p "$root"/{bin,vm,etc,lib/modules,proc,sys,dev,tmp,run}
-echo "== building the guest's binaries"
+step "building the guest's binaries and test binaries"
 export CGO_ENABLED=0
 go build -o "$root/init" ./test/vm/init
 go build -o "$root/bin/" ./cmd/tetherd ./cmd/tetherctl
@@ -57,7 +60,7 @@ boot() {
 	local name=$1 lsms=$2 plan=$3
 	echo "$plan" >"$root/vm/plan.json"
 	(cd "$root" && find . | cpio -o -H newc --quiet) >"$work/payload.cpio"
-	echo "== boot $name: lsm=$lsms"
+	step "boot $name: lsm=$lsms (software emulation: about 20 minutes for every privileged test)"
 	local log="$work/$name.log"
 	timeout "$timeout_s" qemu-system-x86_64 -nodefaults -no-user-config -accel tcg -cpu max -smp 2 -m 2G \
 		-kernel "$kdir/vmlinux" -initrd "$work/payload.cpio" -display none -serial stdio -no-reboot \
@@ -65,10 +68,10 @@ boot() {
 	local result
 	result=$(tr -d '\r' <"$log" | awk '/^TETHER-VM-RESULT/ {print $2}' | tail -1)
 	if [ -z "$result" ]; then
-		echo "== boot $name: the guest printed no result (crash or timeout)"
+		step "boot $name: the guest printed no result (crash or timeout)"
 		return 1
 	fi
-	echo "== boot $name: guest exit status $result"
+	step "boot $name: guest exit status $result"
 	return "$result"
 }
 

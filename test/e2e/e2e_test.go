@@ -70,7 +70,7 @@ func TestPrivilegedRunEndToEnd(t *testing.T) {
 	if got := lines(string(out)); !slices.Equal(got, []string{"ok", "eperm", "eperm"}) {
 		t.Errorf("agent verdicts %v, want ok (granted), eperm (not granted), eperm (tetherd's socket)", got)
 	}
-	if okCount.get() != 1 || noCount.get() != 0 {
+	if okCount.await(1) != 1 || noCount.get() != 0 {
 		t.Errorf("listeners accepted %d (granted) and %d (not granted)", okCount.get(), noCount.get())
 	}
 

@@ -395,6 +395,16 @@ type counter struct {
 
 func (c *counter) get() int { c.mu.Lock(); defer c.mu.Unlock(); return c.n }
 
+// await returns the count once it reaches want, or what it is after 5 s: a connect returns once
+// the kernel has the connection, before the listener's goroutine has accepted it.
+func (c *counter) await(want int) int {
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if n := c.get(); n >= want || time.Now().After(deadline) {
+			return n
+		}
+	}
+}
+
 func accept(l net.Listener) *counter {
 	c := &counter{}
 	go func() {

@@ -94,7 +94,7 @@ func TestPrivilegedStaticIdentity(t *testing.T) {
 	if got := privtest.Dial(t, cg, "tcp", ok, "tcp", no); !slices.Equal(got, []string{"ok", "eperm"}) {
 		t.Errorf("static agent verdicts %v, want ok (granted), eperm", got)
 	}
-	if okCount.get() != 1 || noCount.get() != 0 {
+	if okCount.await(1) != 1 || noCount.get() != 0 {
 		t.Errorf("listeners accepted %d (granted) and %d (not granted)", okCount.get(), noCount.get())
 	}
 

@@ -133,7 +133,7 @@ func TestPrivilegedSPIREIdentity(t *testing.T) {
 	if got := privtest.Dial(t, cg, "tcp", ok, "tcp", no); strings.Join(got, " ") != "ok eperm" {
 		t.Errorf("SPIRE agent verdicts %v, want ok (granted), eperm", got)
 	}
-	if okCount.get() != 1 || noCount.get() != 0 {
+	if okCount.await(1) != 1 || noCount.get() != 0 {
 		t.Errorf("listeners accepted %d (granted) and %d (not granted)", okCount.get(), noCount.get())
 	}
 	if st := d.status(); st.Identity.SPIRE != "answering" {
@@ -210,7 +210,7 @@ func checkNothingGranted(t *testing.T, d *tetherd, cg, ok string, okCount *count
 	if !killed && !errors.Is(err, syscall.EPERM) {
 		t.Errorf("after the entry was deleted, a new process in the cgroup ran: %q, %v", out, err)
 	}
-	if okCount.get() != 1 {
+	if okCount.await(1) != 1 {
 		t.Errorf("the granted listener accepted %d connections, want 1 (none after the revocation)", okCount.get())
 	}
 	rec := d.decision("identity lost", func(r events.Decision) bool { return r.Kind == "identity" && r.Verdict == "deny" })

@@ -11,8 +11,8 @@ import (
 )
 
 // TestDashboardUsesOnlyTetherMetrics: every metric the Grafana dashboard (the chart's
-// dashboards/tether.json) and the alerting rules (its rules/tether.rules.yaml) query is one this
-// registry serves (histograms by their _bucket series).
+// dashboards/tether.json) queries is one this registry serves, every query follows its variables,
+// and every panel has one unit.
 func TestDashboardUsesOnlyTetherMetrics(t *testing.T) {
 	b, err := os.ReadFile("../../deploy/helm/tether/dashboards/tether.json")
 	if err != nil {
@@ -39,21 +39,7 @@ func TestDashboardUsesOnlyTetherMetrics(t *testing.T) {
 	if err := json.Unmarshal(b, &dash); err != nil {
 		t.Fatal(err)
 	}
-	m := New(&fakeSource{kernel: KernelStats{Programs: map[string]dataplane.ProgramStat{"connect4": {}}}}, "test")
-	m.ObserveEvaluation(0)
-	served := map[string]bool{}
-	families, err := m.reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range families {
-		served[f.GetName()] = true
-		served[f.GetName()+"_bucket"] = true
-	}
-	// Collected only once observed or labelled: describe them from the collector's descriptors.
-	for _, name := range []string{"tether_decisions_total", "tether_kill_step_duration_seconds_bucket", "tether_kills_total"} {
-		served[name] = true
-	}
+	served := servedMetrics(t)
 	// Variables for the cluster, the node and the SPIFFE ID, which every query follows; one unit
 	// per panel (a panel of seconds and counts misreads one of them).
 	vars := map[string]bool{}
@@ -86,6 +72,13 @@ func TestDashboardUsesOnlyTetherMetrics(t *testing.T) {
 	if n == 0 || !strings.Contains(string(b), "tether_decisions_total") {
 		t.Fatal("the dashboard queries no tether metric")
 	}
+}
+
+// TestAlertRulesUseOnlyTetherMetrics: every expression of the chart's alerting rules
+// (rules/tether.rules.yaml) queries metrics this registry serves.
+func TestAlertRulesUseOnlyTetherMetrics(t *testing.T) {
+	served := servedMetrics(t)
+	metric := regexp.MustCompile(`\btether_[a-z_]+`)
 	rules, err := os.ReadFile("../../deploy/helm/tether/rules/tether.rules.yaml")
 	if err != nil {
 		t.Fatal(err)
@@ -105,4 +98,25 @@ func TestDashboardUsesOnlyTetherMetrics(t *testing.T) {
 	if len(exprs) < 5 {
 		t.Fatalf("%d rules in the rule file", len(exprs))
 	}
+}
+
+// servedMetrics are the names this registry serves (histograms by their _bucket series too).
+func servedMetrics(t *testing.T) map[string]bool {
+	t.Helper()
+	m := New(&fakeSource{kernel: KernelStats{Programs: map[string]dataplane.ProgramStat{"connect4": {}}}}, "test")
+	m.ObserveEvaluation(0)
+	served := map[string]bool{}
+	families, err := m.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		served[f.GetName()] = true
+		served[f.GetName()+"_bucket"] = true
+	}
+	// Collected only once observed or labelled: describe them from the collector's descriptors.
+	for _, name := range []string{"tether_decisions_total", "tether_kill_step_duration_seconds_bucket", "tether_kills_total"} {
+		served[name] = true
+	}
+	return served
 }

@@ -5,12 +5,14 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/tether-sh/tether/pkg/bpffs"
 	"github.com/tether-sh/tether/pkg/cgroups"
 	"github.com/tether-sh/tether/pkg/config"
+	"github.com/tether-sh/tether/pkg/events"
 	"github.com/tether-sh/tether/pkg/kernel"
 	"github.com/tether-sh/tether/pkg/policy"
 	"github.com/tether-sh/tether/pkg/version"
@@ -62,6 +64,7 @@ talks to. Without a command it runs the daemon, as "tetherd run" does.`,
 		},
 		newProbe(&configPath),
 		newCheckConfig(&configPath),
+		newTailLog(),
 		&cobra.Command{
 			Use:     "remove-pins",
 			Short:   "Detach tether's programs and remove its pins (enforcement stops), then exit",
@@ -230,4 +233,23 @@ func checkConfig(ctx context.Context, w io.Writer, path string) error {
 	}
 	fmt.Fprintln(w, summary)
 	return nil
+}
+
+func newTailLog() *cobra.Command {
+	var fromStart bool
+	cmd := &cobra.Command{
+		Use:   "tail-log FILE [--from-start]",
+		Short: "Copy the decision log FILE to standard output as it grows, following its rotation",
+		Long: `tail-log follows a decision log file tetherd writes (decision_log.path) and copies each record to
+standard output as it is written, across rotations (FILE.1, ...), until it is stopped: the chart's
+decisions container runs it, so the records are that container's log and tetherd's own log stays
+off the decision stream.`,
+		Example: "  tetherd tail-log /var/log/tether/decisions.jsonl",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return events.Follow(cmd.Context(), args[0], fromStart, cmd.OutOrStdout(), 100*time.Millisecond)
+		},
+	}
+	cmd.Flags().BoolVar(&fromStart, "from-start", false, "copy what the file holds already too (default: only what comes after)")
+	return cmd
 }

@@ -32,13 +32,13 @@ func TestHelpListsEveryCommand(t *testing.T) {
 		if err != nil {
 			t.Fatalf("tetherd %v: %v", args, err)
 		}
-		for _, want := range []string{"run", "probe", "check-config", "version", "remove-pins", "default-config", "--config", "Examples:"} {
+		for _, want := range []string{"run", "probe", "check-config", "tail-log", "version", "remove-pins", "default-config", "--config", "Examples:"} {
 			if !strings.Contains(out, want) {
 				t.Errorf("tetherd %v does not list %q:\n%s", args, want, out)
 			}
 		}
 	}
-	for _, sub := range []string{"run", "probe", "check-config", "version", "remove-pins", "default-config"} {
+	for _, sub := range []string{"run", "probe", "check-config", "tail-log", "version", "remove-pins", "default-config"} {
 		out, err := tetherd(t, sub, "--help")
 		if err != nil || !strings.Contains(out, "Usage:") || !strings.Contains(out, "Examples:") {
 			t.Errorf("tetherd %s --help: %v\n%s", sub, err, out)

@@ -28,10 +28,11 @@ var valueSets = map[string]map[string]any{
 		"tether.rego": "package tether\n\ngrants := {}\n",
 		"data.json":   "{}\n",
 	}}},
-	"privileged":     {"privileged": true},
-	"policydata":     {"policy": map[string]any{"data": map[string]any{"tether_settings": map[string]any{"profiles": map[string]any{}}}}},
-	"monitoring":     {"grafanaDashboard": map[string]any{"enabled": true}, "prometheusRule": map[string]any{"enabled": true, "labels": map[string]any{"release": "kube-prometheus-stack"}}},
-	"serviceaccount": {"serviceAccount": map[string]any{"create": false, "name": "agents-enforcer"}},
+	"privileged":      {"privileged": true},
+	"policydata":      {"policy": map[string]any{"data": map[string]any{"tether_settings": map[string]any{"profiles": map[string]any{}}}}},
+	"monitoring":      {"grafanaDashboard": map[string]any{"enabled": true}, "prometheusRule": map[string]any{"enabled": true, "labels": map[string]any{"release": "kube-prometheus-stack"}}},
+	"serviceaccount":  {"serviceAccount": map[string]any{"create": false, "name": "agents-enforcer"}},
+	"exportcontainer": {"decisionLog": map[string]any{"export": "container"}},
 	"extras": {"extraEnv": []any{map[string]any{"name": "GODEBUG", "value": "madvdontneed=1"}},
 		"extraVolumes":      []any{map[string]any{"name": "ca", "configMap": map[string]any{"name": "bundle-ca"}}},
 		"extraVolumeMounts": []any{map[string]any{"name": "ca", "mountPath": "/etc/tether/ca", "readOnly": true}},
@@ -91,6 +92,9 @@ func TestChartRendersStrictly(t *testing.T) {
 			paths := []use{
 				{cfg.API.Socket, true}, {cfg.API.AgentSocket, true}, {cfg.BPF.PinDir, true}, {cfg.Cgroup.Root, true},
 				{cfg.Kill.StateFile, true}, {cfg.Credentials.Dir, true}, {cfg.Credentials.KeyFile, true},
+			}
+			if p := cfg.DecisionLog.Path; p != "-" && p != "" {
+				paths = append(paths, use{p, true})
 			}
 			for _, dir := range []string{cfg.Policy.Dir, cfg.Policy.DataDir} {
 				if dir != "" {

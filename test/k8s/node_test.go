@@ -675,6 +675,8 @@ func (c *cluster) installChart(pinDir string) {
 		"policy":                map[string]any{"files": files},
 		"resources":             map[string]any{"requests": map[string]any{"cpu": "10m", "memory": "32Mi"}},
 		"omitCapabilities":      c.missingCapabilities(),
+		// The records in a container of their own: every record the test waits for is read there.
+		"decisionLog": map[string]any{"export": "container"},
 	}
 	if c.dns != nil {
 		values["dns"] = map[string]any{"server": c.dns.Addr, "proxy": map[string]any{"enabled": true}}
@@ -793,13 +795,13 @@ type podRef struct {
 	Container string `json:"container"`
 }
 
-// waitRecord waits for a decision record in tetherd's log (its standard output) that match
-// accepts.
+// waitRecord waits for a decision record that match accepts in the decisions container's log
+// (decisionLog.export: container: tetherd's records alone, copied from its decision log file).
 func (c *cluster) waitRecord(t *testing.T, match func(record) bool) record {
 	t.Helper()
 	var found record
 	waitFor(t, 30*time.Second, "the record", func() error {
-		out, err := c.kubectl("-n", Namespace, "logs", "ds/tether")
+		out, err := c.kubectl("-n", Namespace, "logs", "ds/tether", "-c", "decisions")
 		if err != nil {
 			return fmt.Errorf("%v: %s", err, out)
 		}
@@ -810,7 +812,7 @@ func (c *cluster) waitRecord(t *testing.T, match func(record) bool) record {
 				return nil
 			}
 		}
-		return fmt.Errorf("not in tetherd's log (%d lines)", strings.Count(out, "\n"))
+		return fmt.Errorf("not in the decisions container's log (%d lines)", strings.Count(out, "\n"))
 	})
 	return found
 }

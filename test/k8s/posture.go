@@ -52,11 +52,14 @@ func Posture(objs []Object, privileged bool) []string {
 	ds := dss[0]
 	spec := ds.Spec.Template.Spec
 	podPosture(ds, badf)
-	if len(spec.Containers) != 1 || len(spec.InitContainers) != 0 {
-		badf("%d containers and %d init containers, want tetherd alone", len(spec.Containers), len(spec.InitContainers))
+	if len(spec.Containers) < 1 || spec.Containers[0].Name != "tetherd" || len(spec.Containers) > 2 || len(spec.InitContainers) != 0 {
+		badf("containers %d and %d init containers, want tetherd (and the decisions container)", len(spec.Containers), len(spec.InitContainers))
 		return bad
 	}
 	containerPosture(spec, spec.Containers[0], privileged, badf)
+	if len(spec.Containers) == 2 {
+		decisionsPosture(spec.Containers[1], badf)
+	}
 	// What tetherd may do through the API server, rule by rule: read pods and AgentKills, patch
 	// AgentKills' status.
 	allowed := []rbacv1.PolicyRule{
@@ -170,4 +173,26 @@ func Mounted(ds *appsv1.DaemonSet, path string, write bool) error {
 		return fmt.Errorf("%s is on the read-only mount %s", path, best.MountPath)
 	}
 	return nil
+}
+
+// decisionsPosture checks the decisions container (decisionLog.export: container): it only reads
+// the decision log, so it gets no capability, no privilege escalation, a read-only root and only
+// read-only mounts.
+func decisionsPosture(c corev1.Container, badf func(format string, args ...any)) {
+	sc := c.SecurityContext
+	switch {
+	case c.Name != "decisions":
+		badf("a second container %q: only the decisions container may run beside tetherd", c.Name)
+	case sc == nil || sc.Capabilities == nil || !slices.Contains(sc.Capabilities.Drop, "ALL") || len(sc.Capabilities.Add) > 0:
+		badf("the decisions container keeps capabilities")
+	case sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation || sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem:
+		badf("the decisions container may escalate privileges or write its root")
+	case c.Resources.Limits.Memory().IsZero():
+		badf("the decisions container has no memory limit")
+	}
+	for _, m := range c.VolumeMounts {
+		if !m.ReadOnly {
+			badf("the decisions container mounts %s writable", m.MountPath)
+		}
+	}
 }

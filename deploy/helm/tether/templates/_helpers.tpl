@@ -87,6 +87,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $_ := set $telemetry "escalation_resolve_after" $v.telemetry.escalationResolveAfter -}}
 {{- end -}}
 {{- $log := dict "path" "-" "evaluations" $v.decisionLog.evaluations "mask" $v.decisionLog.mask -}}
+{{- if eq $v.decisionLog.export "container" -}}
+{{- $log = dict "path" "/var/log/tether/decisions.jsonl" "max_bytes" 10485760 "max_files" 2 "evaluations" $v.decisionLog.evaluations "mask" $v.decisionLog.mask -}}
+{{- end -}}
 {{- if $v.decisionLog.http.enabled -}}
 {{- $_ := set $log "http" (dict "url" $v.decisionLog.http.url "format" $v.decisionLog.http.format) -}}
 {{- end -}}

@@ -10,7 +10,8 @@ import (
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/tether-sh/tether/pkg/identity"
 )
 
 // What a flag expects, checked before anything reaches tetherd: a kind, or one of a set of
@@ -52,7 +53,7 @@ func checkFlags(cmd *cobra.Command) error {
 func checkValue(name, v string, want []string) error {
 	switch want[0] {
 	case kindSPIFFEID:
-		if _, err := spiffeid.FromString(v); err != nil {
+		if _, err := spiffeID(v); err != nil {
 			return fmt.Errorf("--%s %q is not a SPIFFE ID (%v)", name, v, err)
 		}
 	case kindDuration:
@@ -67,12 +68,25 @@ func checkValue(name, v string, want []string) error {
 	return nil
 }
 
+// spiffeID parses s as a SPIFFE ID (pkg/identity: go-spiffe's spiffeid), with go-spiffe's reason
+// when it is not one.
+func spiffeID(s string) (string, error) {
+	id, err := identity.Parse(s)
+	if err != nil {
+		if inner := errors.Unwrap(err); inner != nil {
+			return "", inner
+		}
+		return "", err
+	}
+	return id, nil
+}
+
 // checkSelector checks an argument that names agents: a slot number or a SPIFFE ID.
 func checkSelector(s string) error {
 	if _, err := strconv.ParseUint(s, 10, 32); err == nil {
 		return nil
 	}
-	if _, err := spiffeid.FromString(s); err != nil {
+	if _, err := spiffeID(s); err != nil {
 		return fmt.Errorf("%q: name an agent by slot number or SPIFFE ID (%v)", s, err)
 	}
 	return nil
@@ -80,7 +94,7 @@ func checkSelector(s string) error {
 
 // checkSPIFFEID checks an argument that must be a SPIFFE ID.
 func checkSPIFFEID(s string) error {
-	if _, err := spiffeid.FromString(s); err != nil {
+	if _, err := spiffeID(s); err != nil {
 		return fmt.Errorf("%q is not a SPIFFE ID (%v)", s, err)
 	}
 	return nil

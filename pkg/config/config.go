@@ -871,15 +871,12 @@ func CgroupPath(root, p string) string {
 // CheckTrustDomain refuses id when it is no SPIFFE ID, or when trust domains are configured and
 // its trust domain is not one of them.
 func (c Identity) CheckTrustDomain(id string) error {
-	if _, err := identity.Parse(id); err != nil {
+	td, _, err := identity.Split(id)
+	if err != nil {
 		return err
 	}
 	if len(c.TrustDomains) == 0 {
 		return nil
-	}
-	td := strings.TrimPrefix(id, "spiffe://")
-	if i := strings.IndexByte(td, '/'); i >= 0 {
-		td = td[:i]
 	}
 	if !slices.Contains(c.TrustDomains, td) {
 		return fmt.Errorf("SPIFFE ID %s: trust domain %q is not configured (identity.trust_domains: %s)", id, td, strings.Join(c.TrustDomains, ", "))

@@ -18,6 +18,15 @@ func Parse(s string) (string, error) {
 	return id.String(), nil
 }
 
+// Split returns the trust domain and the path ("/a/b", or "" for none) of the SPIFFE ID s.
+func Split(s string) (trustDomain, path string, err error) {
+	id, err := spiffeid.FromString(s)
+	if err != nil {
+		return "", "", fmt.Errorf("SPIFFE ID %q: %w", s, err)
+	}
+	return id.TrustDomain().Name(), id.Path(), nil
+}
+
 // Match reports whether id matches pattern, a SPIFFE ID in which path.Match wildcards may stand
 // for path segments ("spiffe://example.org/agents/*").
 func Match(pattern, id string) bool {

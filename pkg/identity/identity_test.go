@@ -19,6 +19,23 @@ func TestParse(t *testing.T) {
 	}
 }
 
+func TestSplit(t *testing.T) {
+	for _, c := range []struct{ id, td, path string }{
+		{"spiffe://example.org/ns/a/sa/b", "example.org", "/ns/a/sa/b"},
+		{"spiffe://example.org", "example.org", ""},
+	} {
+		td, path, err := Split(c.id)
+		if err != nil || td != c.td || path != c.path {
+			t.Errorf("Split(%q) = %q, %q, %v", c.id, td, path, err)
+		}
+	}
+	for _, bad := range []string{"example.org/a", "spiffe://Example.org/a", "spiffe://x.org/a/../b", ""} {
+		if _, _, err := Split(bad); err == nil {
+			t.Errorf("Split(%q): no error", bad)
+		}
+	}
+}
+
 func TestMatch(t *testing.T) {
 	if !Match("spiffe://x.org/agents/*", "spiffe://x.org/agents/a") || Match("spiffe://x.org/agents/*", "spiffe://x.org/agents/a/b") || Match("spiffe://x.org/agents/*", "spiffe://y.org/agents/a") {
 		t.Error("pattern matching")

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 
 	entryv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/server/entry/v1"
 	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
@@ -33,15 +32,18 @@ func (s *SPIREServer) Close() error { return s.conn.Close() }
 
 // DeleteEntries deletes every registration entry whose SPIFFE ID is id and returns how many.
 func (s *SPIREServer) DeleteEntries(ctx context.Context, id string) (int, error) {
-	td, path, ok := strings.Cut(strings.TrimPrefix(id, "spiffe://"), "/")
-	if !ok {
+	td, path, err := Split(id)
+	if err != nil {
+		return 0, err
+	}
+	if path == "" {
 		return 0, fmt.Errorf("SPIFFE ID %q has no path", id)
 	}
 	var ids []string
 	token := ""
 	for {
 		resp, err := s.client.ListEntries(ctx, &entryv1.ListEntriesRequest{
-			Filter:    &entryv1.ListEntriesRequest_Filter{BySpiffeId: &types.SPIFFEID{TrustDomain: td, Path: "/" + path}},
+			Filter:    &entryv1.ListEntriesRequest_Filter{BySpiffeId: &types.SPIFFEID{TrustDomain: td, Path: path}},
 			PageToken: token,
 		})
 		if err != nil {

@@ -18,11 +18,11 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/tether-sh/tether/pkg/agents"
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/events"
+	"github.com/tether-sh/tether/pkg/identity"
 	"github.com/tether-sh/tether/pkg/panics"
 )
 
@@ -233,8 +233,8 @@ func (l *idLabels) of(id string) string {
 	case IDLabelNone:
 		return ""
 	case IDLabelTrustDomain:
-		if sid, err := spiffeid.FromString(id); err == nil {
-			id = sid.TrustDomain().IDString()
+		if td, _, err := identity.Split(id); err == nil {
+			id = "spiffe://" + td
 		}
 	}
 	if l.max <= 0 || l.kept[id] {

@@ -26,8 +26,8 @@ const (
 	RequireK8sEnv = "TETHER_REQUIRE_K8S"
 )
 
-// ServiceMonitorCRD is the Prometheus operator release whose ServiceMonitor CRD the API server
-// learns (the same version as the Go types the chart is decoded with).
+// ServiceMonitorCRD is the Prometheus operator release whose ServiceMonitor and PrometheusRule
+// CRDs the API server learns (the same version as the Go types the chart is decoded with).
 const ServiceMonitorCRD = "github.com/prometheus-operator/prometheus-operator@v0.85.0"
 
 // TestAPIServerDryRun: a real etcd and kube-apiserver on loopback; `kubectl apply
@@ -54,12 +54,13 @@ func TestAPIServerDryRun(t *testing.T) {
 	if out, err := kubectl("create", "namespace", Namespace, "--save-config"); err != nil {
 		t.Fatalf("kubectl create namespace: %v\n%s", err, out)
 	}
-	crd := serviceMonitorCRD(t)
-	if out, err := kubectl("apply", "--server-side", "-f", crd); err != nil {
-		t.Fatalf("installing the ServiceMonitor CRD: %v\n%s", err, out)
-	}
-	if out, err := kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/servicemonitors.monitoring.coreos.com"); err != nil {
-		t.Fatalf("ServiceMonitor CRD: %v\n%s", err, out)
+	for _, kind := range []string{"servicemonitors", "prometheusrules"} {
+		if out, err := kubectl("apply", "--server-side", "-f", operatorCRD(t, kind)); err != nil {
+			t.Fatalf("installing the %s CRD: %v\n%s", kind, err, out)
+		}
+		if out, err := kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/"+kind+".monitoring.coreos.com"); err != nil {
+			t.Fatalf("the %s CRD: %v\n%s", kind, err, out)
+		}
 	}
 
 	for _, name := range []string{"tether.yaml", "servicemonitor.yaml"} {
@@ -205,9 +206,9 @@ func waitReady(t *testing.T, server, token string, exited <-chan struct{}) {
 	}
 }
 
-// serviceMonitorCRD fetches the ServiceMonitor CRD from the Prometheus operator's module (the
-// Go module proxy) and returns its path.
-func serviceMonitorCRD(t *testing.T) string {
+// operatorCRD fetches the CRD of kind (servicemonitors, prometheusrules) from the Prometheus
+// operator's module (the Go module proxy) and returns its path.
+func operatorCRD(t *testing.T, kind string) string {
 	t.Helper()
 	out, err := exec.Command("go", "mod", "download", "-json", ServiceMonitorCRD).Output()
 	if err != nil {
@@ -217,7 +218,7 @@ func serviceMonitorCRD(t *testing.T) string {
 	if err := json.Unmarshal(out, &mod); err != nil || mod.Dir == "" {
 		t.Fatalf("go mod download %s: %v %s", ServiceMonitorCRD, err, mod.Error)
 	}
-	return filepath.Join(mod.Dir, "example", "prometheus-operator-crd", "monitoring.coreos.com_servicemonitors.yaml")
+	return filepath.Join(mod.Dir, "example", "prometheus-operator-crd", "monitoring.coreos.com_"+kind+".yaml")
 }
 
 func freePort(t *testing.T) int {

@@ -674,7 +674,7 @@ func (c *cluster) installChart(pinDir string) {
 		"env":                   map[string]any{"cluster": "tether-test", "environment": "test"},
 		"policy":                map[string]any{"files": files},
 		"resources":             map[string]any{"requests": map[string]any{"cpu": "10m", "memory": "32Mi"}},
-		"omitCapabilities":      c.missingCapabilities(),
+		"omitCapabilities":      toAny(c.missingCapabilities()),
 		// The records in a container of their own: every record the test waits for is read there.
 		"decisionLog": map[string]any{"export": "container"},
 	}
@@ -708,6 +708,16 @@ func (c *cluster) installChart(pinDir string) {
 	// the pod itself must be Ready, which is tetherd's /readyz.
 	c.mustKubectl("-n", Namespace, "rollout", "status", "ds/tether", "--timeout=120s")
 	c.mustKubectl("-n", Namespace, "wait", "--for=condition=Ready", "pod", "-l", "app.kubernetes.io/name=tether", "--timeout=120s")
+}
+
+// toAny is a list as values decoded from YAML hold it ([]any): the chart's schema check refuses a
+// typed Go slice.
+func toAny(list []string) []any {
+	out := make([]any, len(list))
+	for i, v := range list {
+		out[i] = v
+	}
+	return out
 }
 
 // missingCapabilities are the chart's capabilities the container runtime here cannot grant: those

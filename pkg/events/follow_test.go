@@ -30,9 +30,9 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// TestFollowAcrossRotations: Follow copies every record of a decision log that rotates many times
-// while it is read (the file sink's rotation, 300-byte files), each once and in order; it waits
-// for a log that does not exist yet.
+// TestFollowAcrossRotations: Follow copies every record of a decision log that rotates at every
+// record while it is read (the file sink's rotation, 300-byte files: several rotations between
+// two of Follow's looks), each once and in order; it waits for a log that does not exist yet.
 func TestFollowAcrossRotations(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "decisions.jsonl")
 	var out syncBuffer
@@ -40,7 +40,7 @@ func TestFollowAcrossRotations(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- Follow(ctx, path, true, &out, 2*time.Millisecond) }()
 	time.Sleep(20 * time.Millisecond) // the log does not exist yet
-	l, err := OpenFile(path, 300, 5)
+	l, err := OpenFile(path, 300, 20)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,7 +51,9 @@ func TestFollowAcrossRotations(t *testing.T) {
 			t.Fatal(err)
 		}
 		l.Flush()
-		time.Sleep(3 * time.Millisecond)
+		if i%10 != 0 {
+			time.Sleep(time.Millisecond) // and now and then several at once
+		}
 	}
 	l.Close()
 	deadline := time.Now().Add(5 * time.Second)

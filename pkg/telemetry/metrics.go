@@ -449,8 +449,9 @@ func collectStatus(e emitter, st Stats) {
 // with c.mu held.
 func (c *collector) fold(key slotKey, a agents.Agent) dataplaneCounts {
 	cur := dataplaneCounts{}
+	id := c.ids.of(a.SpiffeID) // once per agent: it may parse the ID
 	for k, n := range a.Counts {
-		cur[decisionKey{kindOf(k.Kind.String()), k.Verdict.String(), c.ids.of(a.SpiffeID)}] += n
+		cur[decisionKey{kindOf(k.Kind.String()), k.Verdict.String(), id}] += n
 	}
 	prev := c.seen[key]
 	for k, n := range cur {

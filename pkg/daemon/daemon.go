@@ -84,7 +84,6 @@ type Daemon struct {
 	guards      *guards.Guards
 	roots       *containers.Roots // pod agents' container roots, where their exec rules are resolved
 	dns         *dnsproxy.Proxy   // agents' DNS; nil: off
-	dnsRemote   [2]netip.Addr     // the proxy's addresses for agents in other network namespaces (IPv4, IPv6)
 
 	ready    atomic.Bool  // the API serves and the programs are attached
 	lastTick atomic.Int64 // unix ns of the main loop's last round
@@ -630,7 +629,6 @@ func (d *Daemon) openDNSProxy(cfg *config.Loaded) (func(), error) {
 			listen = append(listen, a)
 		}
 	}
-	d.dnsRemote = [2]netip.Addr{remote4, remote6}
 	opts := dnsproxy.Options{Listen: listen, Port: pc.Port, Upstream: server, NXDomain: pc.Refuse == "nxdomain",
 		MinTTL: pc.MinTTL, MaxTTL: pc.MaxTTL, Grace: pc.Grace, StateFile: pc.StateFile, Log: d.log,
 		Emit: func(rec events.Decision) {
@@ -670,8 +668,12 @@ func (d *Daemon) startDNSProxy(cfg *config.Loaded) error {
 		return nil
 	}
 	d.dns.Serve(d.registry)
-	err := d.kern.SetDNSProxy(kernel.DNSProxy{IP4: netip.MustParseAddr("127.0.0.1"), IP6: netip.IPv6Loopback(), Port: d.dns.Port(),
-		Remote4: d.dnsRemote[0], Remote6: d.dnsRemote[1], DenyDoT: cfg.DNS.Proxy.DenyDoT})
+	remote4, remote6, err := config.RemoteAddresses(cfg.DNS.Proxy.RemoteAddresses) // checked by openDNSProxy
+	if err != nil {
+		return err
+	}
+	err = d.kern.SetDNSProxy(kernel.DNSProxy{IP4: netip.MustParseAddr("127.0.0.1"), IP6: netip.IPv6Loopback(), Port: d.dns.Port(),
+		Remote4: remote4, Remote6: remote6, DenyDoT: cfg.DNS.Proxy.DenyDoT})
 	if err != nil {
 		return err
 	}

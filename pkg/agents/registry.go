@@ -25,6 +25,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cenkalti/backoff/v5"
+
 	"github.com/tether-sh/tether/pkg/bootclock"
 	"github.com/tether-sh/tether/pkg/compile"
 	"github.com/tether-sh/tether/pkg/dataplane"
@@ -330,21 +332,25 @@ func (r *Registry) Stats() Stats {
 		Installs: r.installs.Load()}
 }
 
-// write runs one kernel write, retrying a few times with a short backoff, counting failures.
+// write runs one kernel write, tried 4 times 5, 15 and 45 ms apart (a kernel write fails for a
+// moment: memory pressure, a map being replaced), counting failures and retries.
 func (r *Registry) write(what string, f func() error) error {
-	var err error
-	for attempt := range 4 {
-		if attempt > 0 {
-			r.retries.Add(1)
-			time.Sleep(time.Duration(attempt*attempt) * 5 * time.Millisecond)
+	try := 0
+	waits := &backoff.ExponentialBackOff{InitialInterval: 5 * time.Millisecond, Multiplier: 3, MaxInterval: time.Second}
+	_, err := backoff.Retry(context.Background(), func() (struct{}, error) {
+		try++
+		err := f()
+		if err != nil {
+			r.failures.Add(1)
+			r.log.Warn("kernel write failed", "what", what, "attempt", try, "error", err)
 		}
-		if err = f(); err == nil {
-			return nil
-		}
-		r.failures.Add(1)
-		r.log.Warn("kernel write failed", "what", what, "attempt", attempt+1, "error", err)
+		return struct{}{}, err
+	}, backoff.WithBackOff(waits), backoff.WithMaxTries(4), backoff.WithMaxElapsedTime(0),
+		backoff.WithNotify(func(error, time.Duration) { r.retries.Add(1) }))
+	if err != nil {
+		return fmt.Errorf("%s: %w", what, err)
 	}
-	return fmt.Errorf("%s: %w", what, err)
+	return nil
 }
 
 // Registration asks to make a cgroup an agent.

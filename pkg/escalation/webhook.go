@@ -19,6 +19,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cenkalti/backoff/v5"
+
 	"github.com/tether-sh/tether/pkg/events"
 )
 
@@ -41,10 +43,11 @@ type Options struct {
 	// BurstDenials within BurstWindow from one agent make one "deny burst" alert (per window).
 	BurstDenials int
 	BurstWindow  time.Duration
-	// Retries of a batch before it is dropped (and counted).
-	Retries int
-	Backoff time.Duration
-	Log     *slog.Logger
+	// Attempts at a batch before it is dropped and counted (5 when unset). Backoff is the first
+	// wait between two (500 ms when unset), doubled after each failure, ±20%.
+	Attempts int
+	Backoff  time.Duration
+	Log      *slog.Logger
 }
 
 // Alert is one alert of Alertmanager's webhook payload.
@@ -85,8 +88,10 @@ type Webhook struct {
 	opts   Options
 	client *http.Client
 	queue  chan Alert
-	done   chan struct{}
-	wg     sync.WaitGroup
+	// closing ends when Close is called: it cuts a wait between two attempts short.
+	closing context.Context
+	close   context.CancelFunc
+	wg      sync.WaitGroup
 
 	mu     sync.Mutex
 	denies map[string][]time.Time // by SPIFFE ID, within the window
@@ -106,8 +111,8 @@ func New(opts Options) *Webhook {
 	if opts.BurstWindow <= 0 {
 		opts.BurstWindow = 10 * time.Second
 	}
-	if opts.Retries <= 0 {
-		opts.Retries = 5
+	if opts.Attempts <= 0 {
+		opts.Attempts = 5
 	}
 	if opts.Backoff <= 0 {
 		opts.Backoff = 500 * time.Millisecond
@@ -122,8 +127,9 @@ func New(opts Options) *Webhook {
 		u.Path = "/api/v2/alerts"
 		opts.URL = u.String()
 	}
-	w := &Webhook{opts: opts, client: &http.Client{Timeout: 10 * time.Second}, queue: make(chan Alert, 1024), done: make(chan struct{}),
+	w := &Webhook{opts: opts, client: &http.Client{Timeout: 10 * time.Second}, queue: make(chan Alert, 1024),
 		denies: map[string][]time.Time{}, fired: map[string]time.Time{}}
+	w.closing, w.close = context.WithCancel(context.Background())
 	w.wg.Add(1)
 	go w.run()
 	return w
@@ -136,7 +142,7 @@ func (w *Webhook) Stats() (sent, dropped, failed uint64) {
 
 // Close sends what is queued (one attempt each) and stops.
 func (w *Webhook) Close() {
-	close(w.done)
+	w.close()
 	w.wg.Wait()
 }
 
@@ -230,8 +236,8 @@ func (w *Webhook) run() {
 					break more
 				}
 			}
-			w.send(batch, w.opts.Retries)
-		case <-w.done:
+			w.send(batch, w.opts.Attempts)
+		case <-w.closing.Done():
 			for {
 				select {
 				case a := <-w.queue:
@@ -261,34 +267,43 @@ func (w *Webhook) body(batch []Alert) []byte {
 	return b
 }
 
+// send tries batch up to attempts times, Backoff doubled (±20%) between two, and counts it once in
+// sent or dropped. Close cuts a wait short and ends the tries.
 func (w *Webhook) send(batch []Alert, attempts int) {
 	body := w.body(batch)
-	wait := w.opts.Backoff
-	for i := range attempts {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, w.opts.URL, bytes.NewReader(body))
-		req.Header.Set("Content-Type", "application/json")
-		resp, err := w.client.Do(req)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode < 300 {
-				cancel()
-				w.sent.Add(uint64(len(batch)))
-				return
-			}
-			err = fmt.Errorf("%s", resp.Status)
+	try := 0
+	waits := &backoff.ExponentialBackOff{InitialInterval: w.opts.Backoff, RandomizationFactor: 0.2, Multiplier: 2,
+		MaxInterval: time.Minute}
+	_, err := backoff.Retry(w.closing, func() (struct{}, error) {
+		try++
+		err := w.post(body)
+		if err != nil {
+			w.failed.Add(1)
+			w.opts.Log.Warn("escalation webhook", "attempt", try, "alerts", len(batch), "error", err)
 		}
-		cancel()
-		w.failed.Add(1)
-		w.opts.Log.Warn("escalation webhook", "attempt", i+1, "alerts", len(batch), "error", err)
-		if i+1 < attempts {
-			select {
-			case <-time.After(wait):
-			case <-w.done:
-			}
-			wait *= 2
-		}
+		return struct{}{}, err
+	}, backoff.WithBackOff(waits), backoff.WithMaxTries(uint(attempts)), backoff.WithMaxElapsedTime(0))
+	if err == nil {
+		w.sent.Add(uint64(len(batch)))
+		return
 	}
 	w.dropped.Add(uint64(len(batch)))
-	w.opts.Log.Error("escalation webhook: alerts dropped after retries", "alerts", len(batch))
+	w.opts.Log.Error("escalation webhook: alerts dropped", "alerts", len(batch), "attempts", try, "error", err)
+}
+
+// post makes one request, which Close does not cut short.
+func (w *Webhook) post(body []byte) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, w.opts.URL, bytes.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := w.client.Do(req)
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		return fmt.Errorf("%s", resp.Status)
+	}
+	return nil
 }

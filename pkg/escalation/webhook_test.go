@@ -90,7 +90,7 @@ func TestWebhookDropsAndCountsWhenTheReceiverIsDown(t *testing.T) {
 	rcv := &receiver{fail: 1 << 30}
 	srv := httptest.NewServer(rcv)
 	defer srv.Close()
-	w := New(Options{URL: srv.URL, Format: FormatWebhook, Retries: 2, Backoff: time.Millisecond})
+	w := New(Options{URL: srv.URL, Format: FormatWebhook, Attempts: 2, Backoff: time.Millisecond})
 	w.Write(events.Decision{Timestamp: time.Now(), SpiffeID: "spiffe://x.org/a", Kind: "identity", Verdict: "deny"})
 	deadline := time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) {

@@ -5,6 +5,7 @@ import (
 	"compress/gzip"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -15,6 +16,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/cenkalti/backoff/v5"
 )
 
 const (
@@ -34,8 +37,8 @@ type HTTPOptions struct {
 	// are dropped and counted.
 	Queue int
 	// MaxRetries of a batch after a network error, a 5xx or a 429 (default 5). Backoff is the
-	// first wait (default 200ms), doubled after each retry up to 10s; a Retry-After header in
-	// seconds replaces the wait (at most 30s).
+	// first wait (default 200ms), doubled after each retry up to 10s, ±20%; a Retry-After header
+	// in seconds replaces the wait (at most 30s), and the doubling starts again after it.
 	MaxRetries int
 	Backoff    time.Duration
 	// Timeout of each request (default 10s).
@@ -248,51 +251,41 @@ func (h *HTTP) deliver(batch []Decision) {
 		h.trouble("decision log batch dropped", "records", n, "error", err)
 		return
 	}
-	wait := h.opts.Backoff
-	for attempt := 0; ; attempt++ {
-		if h.ctx.Err() != nil {
-			h.dropped.Add(n)
-			return
-		}
-		retry, after, err := h.post(body)
-		if err == nil {
-			h.sent.Add(n)
-			h.batches.Add(1)
-			if !congested {
-				h.recovered()
-			}
-			return
-		}
-		if h.ctx.Err() != nil {
-			h.dropped.Add(n) // Close gave up; its cancel is not the receiver's failure
-			return
-		}
-		if !retry {
-			h.dropped.Add(n)
-			h.trouble("decision log receiver refused a batch; dropped, not retried", "records", n, "error", err)
-			return
-		}
-		if attempt == h.opts.MaxRetries {
-			h.dropped.Add(n)
-			h.trouble("decision log batch dropped after retries", "records", n, "retries", attempt, "error", err)
-			return
-		}
-		h.trouble("decision log receiver failing; retrying", "records", n, "error", err)
-		pause := wait
-		if after >= 0 {
-			pause = after
-		}
-		wait = min(wait*2, maxBackoff)
-		t := time.NewTimer(pause)
-		select {
-		case <-t.C:
-		case <-h.ctx.Done():
-			t.Stop()
-		}
-		if h.ctx.Err() == nil {
+	refused := false
+	_, err = backoff.Retry(h.ctx, func() (struct{}, error) {
+		err := h.post(body)
+		var permanent *backoff.PermanentError
+		refused = errors.As(err, &permanent)
+		return struct{}{}, err
+	}, backoff.WithBackOff(h.waits()), backoff.WithMaxTries(uint(h.opts.MaxRetries)+1), backoff.WithMaxElapsedTime(0),
+		backoff.WithNotify(func(err error, wait time.Duration) {
 			h.retries.Add(1)
+			h.trouble("decision log receiver failing; retrying", "records", n, "wait", wait, "error", err)
+		}))
+	switch {
+	case err == nil:
+		h.sent.Add(n)
+		h.batches.Add(1)
+		if !congested {
+			h.recovered()
 		}
+	case h.ctx.Err() != nil:
+		h.dropped.Add(n) // Close gave up; its cancel is not the receiver's failure
+	case refused:
+		h.dropped.Add(n)
+		h.trouble("decision log receiver refused a batch; dropped, not retried", "records", n, "error", err)
+	default:
+		h.dropped.Add(n)
+		h.trouble("decision log batch dropped after retries", "records", n, "retries", h.opts.MaxRetries, "error", err)
 	}
+}
+
+// waits are the waits between the tries of a batch: Backoff, doubled after each retry up to
+// maxBackoff, with ±20% jitter so that the nodes of a fleet whose receiver came back do not all
+// send again at the same instant.
+func (h *HTTP) waits() backoff.BackOff {
+	return &backoff.ExponentialBackOff{InitialInterval: h.opts.Backoff, RandomizationFactor: 0.2, Multiplier: 2,
+		MaxInterval: maxBackoff}
 }
 
 // encode makes batch one JSON array (or one record per line), gzipped if asked.
@@ -322,14 +315,15 @@ func (h *HTTP) encode(batch []Decision) ([]byte, error) {
 	return buf.Bytes(), nil
 }
 
-// post makes one request. A nil error means the receiver took the batch. retry says whether the
-// failure may pass (network errors, 5xx, 429); after is the wait a Retry-After asked for, or -1.
-func (h *HTTP) post(body []byte) (retry bool, after time.Duration, err error) {
+// post makes one request. A nil error means the receiver took the batch. A failure that may pass
+// (network errors, 5xx, 429) is returned as it is, with the wait a Retry-After asked for;
+// any other is backoff.Permanent.
+func (h *HTTP) post(body []byte) error {
 	ctx, cancel := context.WithTimeout(h.ctx, h.opts.Timeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, h.opts.URL, bytes.NewReader(body))
 	if err != nil {
-		return false, -1, err
+		return backoff.Permanent(err)
 	}
 	req.Header.Set("Content-Type", "application/json")
 	if h.opts.NDJSON {
@@ -341,7 +335,7 @@ func (h *HTTP) post(body []byte) (retry bool, after time.Duration, err error) {
 	}
 	resp, err := h.client.Do(req)
 	if err != nil {
-		return true, -1, err
+		return err
 	}
 	defer resp.Body.Close()
 	// A short piece of the answer says why, when the receiver refuses; the rest is read so the
@@ -350,11 +344,14 @@ func (h *HTTP) post(body []byte) (retry bool, after time.Duration, err error) {
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	switch code := resp.StatusCode; {
 	case code >= 200 && code < 300:
-		return false, 0, nil
+		return nil
 	case code >= 500 || code == http.StatusTooManyRequests:
-		return true, retryAfter(resp.Header), statusError(resp, why)
+		if after := retryAfter(resp.Header); after >= 0 {
+			return fmt.Errorf("%w (%w)", statusError(resp, why), &backoff.RetryAfterError{Duration: after})
+		}
+		return statusError(resp, why)
 	default:
-		return false, -1, statusError(resp, why)
+		return backoff.Permanent(statusError(resp, why))
 	}
 }
 

@@ -25,7 +25,10 @@ import (
 type SPIRE struct {
 	conn   *grpc.ClientConn
 	client delegatedidentityv1.DelegatedIdentityClient
-	// Retry is the wait before asking again after SPIRE did not answer.
+	// Retry is the wait before asking again after SPIRE did not answer. It does not grow: the
+	// connection's own reconnects already back off (gRPC's backoff, at most LocalReconnect apart),
+	// and a growing wait here would only add to how long an agent stays without its identity
+	// after SPIRE comes back.
 	Retry time.Duration
 }
 

@@ -72,7 +72,9 @@ type Options struct {
 	// DeleteEntries deletes the SPIRE registration entries of a SPIFFE ID (nil: SPIRE is not
 	// configured). The revoke step retries it until it succeeds.
 	DeleteEntries func(ctx context.Context, spiffeID string) (int, error)
-	// Retry is the wait between attempts of a step that failed (SPIRE unreachable).
+	// Retry is the wait between attempts of a step that failed (SPIRE unreachable). It does not
+	// grow, unlike the library backoff of the decision log and the webhook: a kill's revoke must
+	// land as soon as SPIRE answers again, and an attempt at a local socket costs nothing.
 	Retry time.Duration
 	Emit  func(events.Decision)
 	Log   *slog.Logger

@@ -7,6 +7,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"github.com/prometheus/procfs"
 )
 
 // UIDRange is an inclusive range of uids; the zero value is empty.
@@ -82,27 +84,17 @@ func hostUIDs() (map[uint32]bool, error) {
 		}
 		f.Close()
 	}
-	procs, err := os.ReadDir("/proc")
+	procs, err := procfs.AllProcs()
 	if err != nil {
 		return nil, err
 	}
 	for _, p := range procs {
-		if p.Name()[0] < '0' || p.Name()[0] > '9' {
-			continue
-		}
-		b, err := os.ReadFile("/proc/" + p.Name() + "/status")
+		st, err := p.NewStatus()
 		if err != nil {
 			continue // gone meanwhile
 		}
-		for _, line := range strings.Split(string(b), "\n") {
-			if rest, ok := strings.CutPrefix(line, "Uid:"); ok {
-				for _, f := range strings.Fields(rest) {
-					if n, err := strconv.ParseUint(f, 10, 32); err == nil {
-						taken[uint32(n)] = true
-					}
-				}
-				break
-			}
+		for _, uid := range st.UIDs {
+			taken[uint32(uid)] = true
 		}
 	}
 	return taken, nil

@@ -4,11 +4,9 @@
 package cgroups
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -17,23 +15,18 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/procfs"
 	"golang.org/x/sys/unix"
 )
+
+// proc is the proc file system at /proc, read through prometheus/procfs. Tests read one of their
+// own making instead.
+var proc = func() (procfs.FS, error) { return procfs.NewDefaultFS() }
 
 // Mount returns the mount point of the cgroup2 hierarchy, read from /proc/self/mountinfo. On a
 // hybrid host it is where the unified hierarchy is mounted (often /sys/fs/cgroup/unified).
 func Mount() (string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	return parseMountInfo(f)
-}
-
-// parseMountInfo returns the first cgroup2 mount point listed in r (mountinfo format).
-func parseMountInfo(r io.Reader) (string, error) {
-	mounts, err := parseMountPoints(r)
+	mounts, err := MountPoints()
 	if err != nil {
 		return "", err
 	}
@@ -45,83 +38,84 @@ func parseMountInfo(r io.Reader) (string, error) {
 	return "", errors.New("no cgroup2 hierarchy is mounted (tether needs cgroup v2; mount it with `mount -t cgroup2 none /sys/fs/cgroup`)")
 }
 
-// A MountPoint is one line of /proc/self/mountinfo: where, and the file system type.
+// A MountPoint is one line of /proc/self/mountinfo: where, the file system type, and the super
+// block's options.
 type MountPoint struct {
 	Path, FSType string
+	SuperOptions map[string]string
 }
 
 // MountPoints lists the calling process's mounts in mountinfo's order (a mount after the one it
 // is mounted on).
 func MountPoints() ([]MountPoint, error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	fs, err := proc()
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	return parseMountPoints(f)
-}
-
-func parseMountPoints(r io.Reader) ([]MountPoint, error) {
-	var out []MountPoint
-	err := eachMount(r, func(path, fsType, _ string) {
-		out = append(out, MountPoint{Path: path, FSType: fsType})
-	})
-	return out, err
-}
-
-// eachMount calls f with the mount point, file system type and super options of each line of a
-// mountinfo.
-func eachMount(r io.Reader, f func(path, fsType, superOpts string)) error {
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		// 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw
-		line := sc.Text()
-		pre, post, ok := strings.Cut(line, " - ")
-		if !ok {
-			continue
-		}
-		fields, after := strings.Fields(pre), strings.Fields(post)
-		if len(fields) < 5 || len(after) == 0 {
-			return fmt.Errorf("malformed mountinfo line %q", line)
-		}
-		superOpts := ""
-		if len(after) > 2 {
-			superOpts = after[2]
-		}
-		f(unescapeMountPath(fields[4]), after[0], superOpts)
+	infos, err := fs.GetMounts()
+	if err != nil {
+		return nil, fmt.Errorf("reading this process's mountinfo: %w", err)
 	}
-	return sc.Err()
+	out := make([]MountPoint, 0, len(infos))
+	for _, m := range infos {
+		// procfs keeps mountinfo's octal escapes (\040 for a space) in the path.
+		out = append(out, MountPoint{Path: unescapeMountPath(m.MountPoint), FSType: m.FSType, SuperOptions: m.SuperOptions})
+	}
+	return out, nil
 }
 
 // V1Hierarchy finds the cgroup v1 hierarchy that holds controller (a hybrid layout keeps cpu
 // there): its mount point, and the calling process's cgroup in it. Both are "" when no v1
 // hierarchy holds it.
 func V1Hierarchy(controller string) (mount, own string, err error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	mounts, err := MountPoints()
 	if err != nil {
 		return "", "", err
 	}
-	defer f.Close()
-	err = eachMount(f, func(path, fsType, superOpts string) {
-		if fsType == "cgroup" && mount == "" && slices.Contains(strings.Split(superOpts, ","), controller) {
-			mount = path
-		}
+	i := slices.IndexFunc(mounts, func(m MountPoint) bool {
+		_, holds := m.SuperOptions[controller]
+		return m.FSType == "cgroup" && holds
 	})
-	if err != nil || mount == "" {
-		return "", "", err
+	if i < 0 {
+		return "", "", nil
 	}
-	b, err := os.ReadFile("/proc/self/cgroup")
+	mount = mounts[i].Path
+	cgs, err := cgroupsOf(0)
 	if err != nil {
 		return "", "", err
 	}
-	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-		// 1:cpu,cpuacct:/user.slice
-		if parts := strings.SplitN(line, ":", 3); len(parts) == 3 && slices.Contains(strings.Split(parts[1], ","), controller) {
-			return mount, parts[2], nil
+	for _, cg := range cgs {
+		if slices.Contains(cg.Controllers, controller) {
+			return mount, cg.Path, nil
 		}
 	}
 	return "", "", fmt.Errorf("this process is in no cgroup of the v1 %s hierarchy at %s", controller, mount)
+}
+
+// cgroupsOf lists the cgroups of process pid (0: this process), one per hierarchy.
+func cgroupsOf(pid int) ([]procfs.Cgroup, error) {
+	fs, err := proc()
+	if err != nil {
+		return nil, err
+	}
+	if pid == 0 {
+		pid = os.Getpid()
+	}
+	p, err := fs.Proc(pid)
+	if err != nil {
+		return nil, err
+	}
+	return p.Cgroups()
+}
+
+// v2Path is the cgroup2 line's path among cgs.
+func v2Path(cgs []procfs.Cgroup) (string, error) {
+	for _, cg := range cgs {
+		if cg.HierarchyID == 0 {
+			return cg.Path, nil
+		}
+	}
+	return "", errors.New("process is in no cgroup2 cgroup")
 }
 
 // unescapeMountPath undoes mountinfo's octal escapes (\040 for a space, ...).
@@ -309,40 +303,28 @@ func Remove(path string, timeout time.Duration) error {
 
 // PathOf returns the cgroup2 path of process pid, relative to the hierarchy's root.
 func PathOf(pid int) (string, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	cgs, err := cgroupsOf(pid)
 	if err != nil {
 		return "", err
 	}
-	return parseProcCgroup(b)
-}
-
-func parseProcCgroup(b []byte) (string, error) {
-	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "0::"); ok {
-			return rest, nil
-		}
-	}
-	return "", errors.New("process is in no cgroup2 cgroup")
+	return v2Path(cgs)
 }
 
 // CheckNamespace reports whether /proc/self/cgroup names this process's cgroup from the root of
 // the cgroup2 mount at root, as it does in the host's cgroup namespace: in a namespace of its
 // own, it names the namespace's root ("/"), whose cgroup.procs does not list this process.
 func CheckNamespace(root string) error {
-	b, err := os.ReadFile("/proc/self/cgroup")
+	cgs, err := cgroupsOf(0)
 	if err != nil {
 		return err
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		rel, ok := strings.CutPrefix(line, "0::")
-		if !ok {
-			continue
-		}
-		procs, err := os.ReadFile(filepath.Join(root, rel, "cgroup.procs"))
-		if err == nil && slices.Contains(strings.Fields(string(procs)), strconv.Itoa(os.Getpid())) {
-			return nil
-		}
-		return fmt.Errorf("/proc/self/cgroup says %s, but %s does not hold this process: tetherd is in a cgroup namespace of its own", rel, filepath.Join(root, rel))
+	rel, err := v2Path(cgs)
+	if err != nil {
+		return errors.New("/proc/self/cgroup has no cgroup2 line")
 	}
-	return errors.New("/proc/self/cgroup has no cgroup2 line")
+	procs, err := os.ReadFile(filepath.Join(root, rel, "cgroup.procs"))
+	if err == nil && slices.Contains(strings.Fields(string(procs)), strconv.Itoa(os.Getpid())) {
+		return nil
+	}
+	return fmt.Errorf("/proc/self/cgroup says %s, but %s does not hold this process: tetherd is in a cgroup namespace of its own", rel, filepath.Join(root, rel))
 }

@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/procfs"
+
 	"github.com/tether-sh/tether/pkg/dataplane"
 	"github.com/tether-sh/tether/pkg/grants"
 )
@@ -400,8 +402,8 @@ func FuzzCompile(f *testing.F) {
 	})
 }
 
-func TestParseMountDevices(t *testing.T) {
-	got := parseMountDevices("22 1 254:0 / / rw - ext4 /dev/vda rw\n41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\nbad line\n")
+func TestMountDevicesOf(t *testing.T) {
+	got := mountDevicesOf([]*procfs.MountInfo{{MountID: 22, MajorMinorVer: "254:0"}, {MountID: 41, MajorMinorVer: "0:38"}, {MountID: 7, MajorMinorVer: "bad"}})
 	if got[22] != 0xfe00 || got[41] != 38 || len(got) != 2 {
 		t.Errorf("got %v", got)
 	}

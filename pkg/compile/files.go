@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/prometheus/procfs"
 	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/dataplane"
@@ -53,7 +54,7 @@ func (OS) Stat(path string) (FileStat, error) {
 func statx(dirfd int, path string, flags int) (FileStat, error) {
 	st, err := statxRaw(dirfd, path, flags)
 	if err == nil && st.mntID != 0 {
-		if dev, ok := mounts.deviceIn("/proc/self/mountinfo", st.mntID); ok {
+		if dev, ok := mounts.deviceIn(0, st.mntID); ok {
 			st.ID.Dev = dev
 		}
 	}
@@ -142,36 +143,37 @@ type mountDevices struct {
 
 var mounts mountDevices
 
-// deviceIn is the device of mount mntID, as the mount table at mountinfo says.
-func (m *mountDevices) deviceIn(mountinfo string, mntID uint64) (uint64, bool) {
+// deviceIn is the device of mount mntID, as the mount table of process pid says (0: tetherd's).
+func (m *mountDevices) deviceIn(pid int, mntID uint64) (uint64, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if dev, ok := m.devs[mntID]; ok {
 		return dev, true
 	}
-	b, err := os.ReadFile(mountinfo)
+	var infos []*procfs.MountInfo
+	var err error
+	if pid == 0 {
+		infos, err = procfs.GetMounts()
+	} else {
+		infos, err = procfs.GetProcMounts(pid)
+	}
 	if err != nil {
 		return 0, false
 	}
-	m.devs = parseMountDevices(string(b))
+	m.devs = mountDevicesOf(infos)
 	dev, ok := m.devs[mntID]
 	return dev, ok
 }
 
-// parseMountDevices reads "ID PARENT MAJOR:MINOR ..." lines.
-func parseMountDevices(mountinfo string) map[uint64]uint64 {
-	out := map[uint64]uint64{}
-	for _, line := range strings.Split(mountinfo, "\n") {
-		f := strings.Fields(line)
-		if len(f) < 3 {
-			continue
-		}
-		id, err1 := strconv.ParseUint(f[0], 10, 64)
-		maj, min, ok := strings.Cut(f[2], ":")
-		major, err2 := strconv.ParseUint(maj, 10, 32)
-		minor, err3 := strconv.ParseUint(min, 10, 32)
-		if err1 == nil && err2 == nil && err3 == nil && ok {
-			out[id] = unix.Mkdev(uint32(major), uint32(minor))
+// mountDevicesOf maps the mount ids of infos to their MAJOR:MINOR device.
+func mountDevicesOf(infos []*procfs.MountInfo) map[uint64]uint64 {
+	out := make(map[uint64]uint64, len(infos))
+	for _, m := range infos {
+		maj, min, ok := strings.Cut(m.MajorMinorVer, ":")
+		major, err1 := strconv.ParseUint(maj, 10, 32)
+		minor, err2 := strconv.ParseUint(min, 10, 32)
+		if ok && err1 == nil && err2 == nil && m.MountID >= 0 {
+			out[uint64(m.MountID)] = unix.Mkdev(uint32(major), uint32(minor))
 		}
 	}
 	return out

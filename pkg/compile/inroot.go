@@ -18,18 +18,18 @@ import (
 // links and ".." stay inside the root (openat2 RESOLVE_IN_ROOT), so "/usr/bin/git" is the
 // container's git even when it is a link to "/usr/lib/git-core/git"; going through
 // /proc/PID/root with a plain open would follow such a link on tetherd's own root. Files are
-// identified by the device of their mount's superblock, from MountInfo (the process's
-// /proc/PID/mountinfo: its mounts are not tetherd's).
+// identified by the device of their mount's superblock, from the mount table of process MountsOf
+// (its /proc/PID/mountinfo: its mounts are not tetherd's).
 type InRoot struct {
-	Root      string // the root directory: /proc/PID/root
-	MountInfo string // the mount table of that root's mount namespace: /proc/PID/mountinfo
+	Root     string // the root directory: /proc/PID/root
+	MountsOf int    // a process in that root's mount namespace (0: tetherd, in its own)
 
 	mounts mountDevices
 }
 
 // NewInRoot resolves paths in the root of process pid.
 func NewInRoot(pid int) *InRoot {
-	return &InRoot{Root: fmt.Sprintf("/proc/%d/root", pid), MountInfo: fmt.Sprintf("/proc/%d/mountinfo", pid)}
+	return &InRoot{Root: fmt.Sprintf("/proc/%d/root", pid), MountsOf: pid}
 }
 
 // openInRoot opens name (absolute, as seen inside the root) with flags, resolving it inside the
@@ -54,14 +54,14 @@ func (r *InRoot) openInRoot(name string, flags uint64) (int, error) {
 	return -1, &os.PathError{Op: "open", Path: name + " in " + r.Root, Err: unix.EAGAIN}
 }
 
-// stat identifies the open file fd by its mount's device (MountInfo) and inode.
+// stat identifies the open file fd by its mount's device (the table of MountsOf) and inode.
 func (r *InRoot) stat(fd int) (FileStat, error) {
 	st, err := statxRaw(fd, "", unix.AT_EMPTY_PATH)
 	if err != nil {
 		return FileStat{}, err
 	}
 	if st.mntID != 0 {
-		if dev, ok := r.mounts.deviceIn(r.MountInfo, st.mntID); ok {
+		if dev, ok := r.mounts.deviceIn(r.MountsOf, st.mntID); ok {
 			st.FileStat.ID.Dev = dev
 		}
 	}

@@ -357,7 +357,7 @@ func (r *Roots) open(pod, leaf string, id uint64, pid int) (*root, error) {
 	}
 	c.fd = fd
 	c.dir = dataplane.FileID{Dev: unix.Mkdev(stx.Dev_major, stx.Dev_minor), Ino: stx.Ino}
-	c.files = &compile.InRoot{Root: "/proc/self/fd/" + strconv.Itoa(fd), MountInfo: fmt.Sprintf("/proc/%d/mountinfo", pid)}
+	c.files = &compile.InRoot{Root: "/proc/self/fd/" + strconv.Itoa(fd), MountsOf: pid}
 	return c, nil
 }
 

@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/procfs"
 	"golang.org/x/sys/unix"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/kubernetes"
@@ -659,17 +660,13 @@ func matchAny(patterns []string, rel string) bool {
 
 // uidOf is the real uid of pid; false when it cannot be read (the process is gone).
 func uidOf(pid int) (uint32, bool) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	p, err := procfs.NewProc(pid)
 	if err != nil {
 		return 0, false
 	}
-	for line := range strings.Lines(string(b)) {
-		if rest, ok := strings.CutPrefix(line, "Uid:"); ok {
-			if f := strings.Fields(rest); len(f) > 0 {
-				n, err := strconv.ParseUint(f[0], 10, 32)
-				return uint32(n), err == nil
-			}
-		}
+	st, err := p.NewStatus()
+	if err != nil {
+		return 0, false
 	}
-	return 0, false
+	return uint32(st.UIDs[0]), true
 }

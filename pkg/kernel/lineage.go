@@ -4,12 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 
 	"github.com/cilium/ebpf"
+	"github.com/prometheus/procfs"
 	"golang.org/x/sys/unix"
 
 	"github.com/tether-sh/tether/pkg/bootclock"
@@ -83,35 +81,25 @@ func (k *Kernel) seedLineage(slot dataplane.Slot, path string) error {
 // procLineage reads what a lineage entry holds of a running process: its parent, binary, command.
 func procLineage(pid int) (bpfTetherProc, bool) {
 	var p bpfTetherProc
-	dir := "/proc/" + strconv.Itoa(pid)
-	stat, err := os.ReadFile(dir + "/stat")
+	proc, err := procfs.NewProc(pid)
 	if err != nil {
 		return p, false
 	}
-	// pid (comm) state ppid ...: comm may hold spaces and parentheses; it ends at the last ')'.
-	s := string(stat)
-	open, end := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
-	if open < 0 || end < open {
+	stat, err := proc.Stat()
+	if err != nil {
 		return p, false
 	}
-	fields := strings.Fields(s[end+1:])
-	if len(fields) < 2 {
-		return p, false
-	}
-	ppid, _ := strconv.Atoi(fields[1])
-	p.Ppid = uint32(ppid)
-	putCString(p.Comm[:], s[open+1:end])
-	if exe, err := os.Readlink(dir + "/exe"); err == nil {
+	p.Ppid = uint32(stat.PPID)
+	putCString(p.Comm[:], stat.Comm)
+	if exe, err := proc.Executable(); err == nil {
 		putCString(p.Path[:], exe)
 	}
 	// The agent's mount namespace is the one its processes run in when the cgroup is bound.
-	if ns, err := os.Readlink(dir + "/ns/mnt"); err == nil {
-		if n, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(ns, "mnt:["), "]"), 10, 32); err == nil {
-			p.MntNs = uint32(n)
-		}
+	if ns, err := proc.Namespaces(); err == nil {
+		p.MntNs = ns["mnt"].Inode
 	}
 	var stx unix.Statx_t
-	if unix.Statx(unix.AT_FDCWD, dir+"/exe", 0, unix.STATX_INO, &stx) == nil {
+	if unix.Statx(unix.AT_FDCWD, fmt.Sprintf("/proc/%d/exe", pid), 0, unix.STATX_INO, &stx) == nil {
 		p.BinDev = kernelDev(unix.Mkdev(stx.Dev_major, stx.Dev_minor))
 		p.BinIno = stx.Ino
 	}

@@ -14,6 +14,12 @@ import (
 // buffer that is written when it is full and whenever the pump has nothing more to write
 // (Flush), so a busy log costs one write per fileBuffer bytes and a quiet one shows each record
 // at once; a record is never split between two writes.
+//
+// The rotation is not lumberjack's (the well-kept rotator): it would make three things worse.
+// Its limit is whole megabytes, where max_bytes is bytes; it hides the file, so a short write on
+// a full disk could not be cut back to whole lines (flush) and the records lost counted exactly;
+// and its backups are named by time, where tetherctl's and tetherd's tail-log (Follow) and
+// logrotate-style consumers read the numbered path.1, path.2.
 type File struct {
 	path     string
 	maxBytes int64

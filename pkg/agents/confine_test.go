@@ -2,11 +2,14 @@ package agents
 
 import (
 	"errors"
+	"os/exec"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/tether-sh/tether/internal/privtest"
 	"github.com/tether-sh/tether/pkg/grants"
 )
 
@@ -185,6 +188,8 @@ func TestDynamicUIDs(t *testing.T) {
 	}
 }
 
+// TestHostUIDs: the uids in use are those of /etc/passwd and those of every running process, of
+// any of its four uids: a process running as a uid no account has makes that uid taken.
 func TestHostUIDs(t *testing.T) {
 	got, err := hostUIDs()
 	if err != nil {
@@ -192,5 +197,19 @@ func TestHostUIDs(t *testing.T) {
 	}
 	if !got[0] {
 		t.Error("root's uid is not in use on this host")
+	}
+	privtest.Gate(t)
+	const stray = 3999771 // in no /etc/passwd
+	if got[stray] {
+		t.Fatalf("uid %d is in use before the test's process runs", stray)
+	}
+	cmd := exec.Command("/bin/sh", "-c", "sleep 30")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: stray, Gid: 0, NoSetGroups: true}}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	if got, err = hostUIDs(); err != nil || !got[stray] {
+		t.Errorf("the uid %d of running process %d is not taken (%v)", stray, cmd.Process.Pid, err)
 	}
 }

@@ -3,6 +3,7 @@ package discovery
 import (
 	"context"
 	"log/slog"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -208,4 +209,18 @@ func waitCond(t *testing.T, what string, cond func() bool) {
 		}
 	}
 	t.Fatalf("timed out waiting for %s", what)
+}
+
+// TestUIDOf: a process's real uid, read through procfs; a process that is gone has none.
+func TestUIDOf(t *testing.T) {
+	if uid, ok := uidOf(os.Getpid()); !ok || uid != uint32(os.Getuid()) {
+		t.Errorf("this process: uid %d %v, want %d", uid, ok, os.Getuid())
+	}
+	cmd := exec.Command("true")
+	if err := cmd.Run(); err != nil {
+		t.Fatal(err)
+	}
+	if uid, ok := uidOf(cmd.Process.Pid); ok {
+		t.Errorf("process %d has ended, but its uid is %d", cmd.Process.Pid, uid)
+	}
 }
